@@ -1,0 +1,126 @@
+"""Shared pieces of the CLI: the store options, output formatting, and error translation.
+
+The CLI is a thin layer: every command calls one engine function that returns plain data, and
+formats it here as a table (on a terminal) or JSON (``--json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+DEFAULT_STORE = "./atlas-store"
+
+
+def store_options(f: Callable) -> Callable:
+    """Add ``--store`` and ``--db-url`` to a command; the command receives ``store_dir``, ``db_url``."""
+    f = click.option(
+        "--db-url",
+        envvar="ATLAS_DB_URL",
+        default=None,
+        help="SQLAlchemy URL of the metadata database (default: sqlite file atlas.db in the store). Env: ATLAS_DB_URL.",
+    )(f)
+    f = click.option(
+        "--store",
+        "store_dir",
+        envvar="ATLAS_STORE",
+        default=DEFAULT_STORE,
+        show_default=True,
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Store directory (database, vectors, indexes, maps). Env: ATLAS_STORE.",
+    )(f)
+    return f
+
+
+def json_option(f: Callable) -> Callable:
+    """Add ``--json``: print machine-readable JSON instead of a table."""
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table (for scripts).")(f)
+
+
+def open_store(store_dir: Path, db_url: str | None):
+    """Open an initialised store (errors become one-line CLI messages)."""
+    from engine.store import Store
+
+    return Store.open(store_dir, db_url=db_url)
+
+
+def to_plain(obj: Any) -> Any:
+    """Dataclasses, paths and numpy scalars → JSON-serialisable values."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {k: to_plain(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if hasattr(obj, "isoformat"):
+        return obj.isoformat()
+    return obj
+
+
+def print_json(obj: Any) -> None:
+    click.echo(json.dumps(to_plain(obj), indent=2, ensure_ascii=False))
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    s = str(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> None:
+    """Print rows (dicts) as an aligned plain-text table."""
+    if not rows:
+        click.echo("(none)")
+        return
+    cols = list(columns) if columns else list(rows[0].keys())
+    cells = [[_cell(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    click.echo("  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip())
+    click.echo("  ".join("-" * w for w in widths))
+    for row in cells:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+def emit(obj: Any, as_json: bool, columns: Sequence[str] | None = None) -> None:
+    """Print a dataclass / list of dataclasses as JSON or as a table."""
+    if as_json:
+        print_json(obj)
+        return
+    plain = to_plain(obj)
+    if isinstance(plain, dict):
+        width = max(len(k) for k in plain) if plain else 0
+        for k, v in plain.items():
+            click.echo(f"{k.ljust(width)}  {v if not isinstance(v, float) else f'{v:.4f}'}")
+    else:
+        print_table(plain, columns)
+
+
+def quiet_option(f: Callable) -> Callable:
+    """Add ``--quiet``: no progress bars."""
+
+    @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+    @functools.wraps(f)
+    def wrapper(*args, quiet: bool = False, **kwargs):
+        from engine.progress import set_quiet
+
+        set_quiet(quiet or not sys.stderr.isatty() or bool(os.environ.get("ATLAS_QUIET")))
+        return f(*args, **kwargs)
+
+    return wrapper

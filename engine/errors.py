@@ -1,0 +1,48 @@
+"""Named errors of the engine.
+
+Every error a user can cause (a wrong name, a wrong shape, a missing or damaged file) is an
+`AtlasError` subclass whose message says what was wrong and how to fix it. The CLI turns them
+into one-line messages with exit code 1; nothing else in the library should print.
+"""
+
+from __future__ import annotations
+
+
+class AtlasError(Exception):
+    """Base class of every error the engine raises for a user's input or store state."""
+
+
+class StoreNotFoundError(AtlasError):
+    """The store directory or its database does not exist or is not initialised."""
+
+
+class StoreOutdatedError(AtlasError):
+    """The store's database is at an older schema revision than this code expects."""
+
+
+class NotFoundError(AtlasError):
+    """A named object (atlas, concept, model, map, run) does not exist in the store."""
+
+
+class DuplicateError(AtlasError):
+    """An object with the same name already exists."""
+
+
+class ShapeError(AtlasError):
+    """An array has the wrong shape or dimension for where it is used."""
+
+
+class FormatError(AtlasError):
+    """An input file is unreadable, malformed, or not in the expected format."""
+
+
+class IndexIntegrityError(AtlasError):
+    """An index file is missing, corrupt, or out of date with the vectors it derives from."""
+
+
+class SiteMismatchError(AtlasError):
+    """An alignment map or direction is applied to another model, layer or dimension than its own."""
+
+
+class ArchitectureError(AtlasError):
+    """A model's architecture is not known to the layer resolver."""

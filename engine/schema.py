@@ -1,0 +1,165 @@
+"""SQLAlchemy models of the metadata database (DESIGN section 3).
+
+The schema is created only by Alembic revisions in ``migrations/``; a test checks that these
+models and the migrations agree. The MetaData has a naming convention so constraints can be
+altered later under SQLite's batch mode. The FTS5 table over concept labels lives outside the
+ORM (it is SQLite-specific) and is created by the migration with triggers that keep it in sync.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# Tables that exist in the database but not in the ORM (FTS5 and its shadow tables).
+FTS_TABLE = "concepts_fts"
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class ModelRow(Base):
+    """A language model known to the store (foundation or subject)."""
+
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    source: Mapped[str | None] = mapped_column(Text)  # local path or hub id
+    revision: Mapped[str | None] = mapped_column(String(200))
+    architecture: Mapped[str | None] = mapped_column(String(200))
+    d_model: Mapped[int | None] = mapped_column(Integer)
+    n_layers: Mapped[int | None] = mapped_column(Integer)
+    tokenizer_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    extra: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
+
+
+class AtlasRow(Base):
+    """A set of labelled concept directions at one foundation site, with its index."""
+
+    __tablename__ = "atlases"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), index=True)
+    layer: Mapped[int] = mapped_column(Integer)
+    hook: Mapped[str] = mapped_column(String(50), default="resid_post")
+    dim: Mapped[int] = mapped_column(Integer)
+    n_concepts: Mapped[int] = mapped_column(Integer)
+    metric: Mapped[str] = mapped_column(String(20), default="cosine")
+    raw_residuals: Mapped[bool] = mapped_column(Boolean, default=True)
+    source_kind: Mapped[str] = mapped_column(String(50))  # saelens, gemmascope, matrix, world, ...
+    source_ref: Mapped[str | None] = mapped_column(Text)
+    vector_file: Mapped[str] = mapped_column(Text)
+    vector_sha256: Mapped[str] = mapped_column(String(64))
+    index_file: Mapped[str] = mapped_column(Text)
+    index_spec: Mapped[str] = mapped_column(String(100), default="Flat")
+    index_sha256: Mapped[str | None] = mapped_column(String(64))
+    index_count: Mapped[int | None] = mapped_column(Integer)
+    extra: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
+
+
+class ConceptRow(Base):
+    """One labelled direction; ``ordinal`` is its row in the vector file and its FAISS id."""
+
+    __tablename__ = "concepts"
+    __table_args__ = (UniqueConstraint("atlas_id", "ordinal", name="uq_concepts_atlas_ordinal"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    atlas_id: Mapped[int] = mapped_column(ForeignKey("atlases.id", ondelete="CASCADE"), index=True)
+    ordinal: Mapped[int] = mapped_column(Integer)
+    label: Mapped[str] = mapped_column(Text)
+    description: Mapped[str | None] = mapped_column(Text)
+    labelled: Mapped[bool] = mapped_column(Boolean, default=True)
+    source_kind: Mapped[str | None] = mapped_column(String(50))
+    source_ref: Mapped[str | None] = mapped_column(Text)
+    density: Mapped[float | None] = mapped_column(Float)
+    extra: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class AlignmentMapRow(Base):
+    """A stored affine map from a subject site to an atlas site (tensors in ``maps/``)."""
+
+    __tablename__ = "alignment_maps"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    subject_model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), index=True)
+    subject_layer: Mapped[int] = mapped_column(Integer)
+    subject_hook: Mapped[str] = mapped_column(String(50), default="resid_post")
+    atlas_id: Mapped[int] = mapped_column(ForeignKey("atlases.id", ondelete="CASCADE"), index=True)
+    method: Mapped[str] = mapped_column(String(50))
+    pairing: Mapped[str | None] = mapped_column(String(20))
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    file: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    d_subject: Mapped[int] = mapped_column(Integer)
+    d_atlas: Mapped[int] = mapped_column(Integer)
+    n_pairs: Mapped[int] = mapped_column(Integer)
+    corpus_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
+
+
+class LabelRunRow(Base):
+    """A bulk labelling run of many subject features through one map; resumable."""
+
+    __tablename__ = "label_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    map_id: Mapped[int] = mapped_column(ForeignKey("alignment_maps.id", ondelete="CASCADE"), index=True)
+    feature_source: Mapped[str] = mapped_column(Text)
+    feature_fingerprint: Mapped[str] = mapped_column(String(64))
+    n_features: Mapped[int] = mapped_column(Integer)
+    k: Mapped[int] = mapped_column(Integer)
+    batch_size: Mapped[int] = mapped_column(Integer, default=1024)
+    status: Mapped[str] = mapped_column(String(20), default="pending")  # pending|running|done|failed
+    n_done: Mapped[int] = mapped_column(Integer, default=0)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now, onupdate=_now)
+
+
+class FeatureLabelRow(Base):
+    """One hit of one feature in a labelling run; (run, feature, rank) is unique."""
+
+    __tablename__ = "feature_labels"
+
+    run_id: Mapped[int] = mapped_column(
+        ForeignKey("label_runs.id", ondelete="CASCADE"), primary_key=True
+    )
+    feature_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    concept_id: Mapped[int] = mapped_column(ForeignKey("concepts.id", ondelete="CASCADE"))
+    score: Mapped[float] = mapped_column(Float)

@@ -1,0 +1,584 @@
+"""The store: one directory holding the metadata database, atlas vectors, indexes and maps.
+
+Why writes are ordered the way they are: the vector file is the source of truth and the index is
+derived from it, so an atlas is written files-first (each file to a temporary name, fsync'd,
+then renamed) and committed to the database last, in one transaction. A crash at any point leaves
+either no atlas (stray files are overwritten by the next import of that name) or a complete one.
+The database holds the checksum and count of every file, so a stale or corrupt index is detected
+when it is opened, and `Store.rebuild_index` restores it from the vectors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+from sqlalchemy import create_engine, event, insert, inspect, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+import indexes
+from engine import layout, migrate
+from engine.errors import (
+    AtlasError,
+    DuplicateError,
+    IndexIntegrityError,
+    NotFoundError,
+    ShapeError,
+    StoreNotFoundError,
+    StoreOutdatedError,
+)
+from engine.schema import AtlasRow, ConceptRow, ModelRow
+from indexes.base import write_atomic
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    source: str | None
+    revision: str | None
+    architecture: str | None
+    d_model: int | None
+    n_layers: int | None
+    tokenizer_fingerprint: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class AtlasInfo:
+    name: str
+    model: str
+    layer: int
+    hook: str
+    dim: int
+    n_concepts: int
+    n_labelled: int
+    metric: str
+    source_kind: str
+    source_ref: str | None
+    index_spec: str
+    raw_residuals: bool
+    revision: str | None = None
+    has_encoder: bool = False
+
+    @property
+    def site(self) -> str:
+        return f"{self.model}@{self.layer}/{self.hook}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Concept:
+    atlas: str
+    ordinal: int
+    label: str
+    description: str | None
+    labelled: bool
+    source_kind: str | None = None
+    source_ref: str | None = None
+    density: float | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def ref(self) -> str:
+        """The concept's id on the command line: ``<atlas>/<ordinal>``."""
+        return f"{self.atlas}/{self.ordinal}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Hit:
+    """A search result: a concept, its cosine score and its 1-based rank."""
+
+    ref: str
+    atlas: str
+    ordinal: int
+    label: str
+    score: float
+    rank: int
+    labelled: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexStatus:
+    atlas: str
+    ok: bool
+    problem: str | None
+    spec: str
+    expected_count: int
+    index_count: int | None
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero), as float32."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.where(norms > 0, norms, 1.0)
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
+
+
+def make_engine(url: str) -> Engine:
+    engine = create_engine(url)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+class Store:
+    """An opened store. Use `Store.init` to create one and `Store.open` to open an existing one."""
+
+    def __init__(self, path: Path, engine: Engine) -> None:
+        self.path = Path(path)
+        self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._indexes: dict[tuple[str, str], indexes.VectorIndex] = {}
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def init(cls, path: str | Path, db_url: str | None = None) -> Store:
+        """Create the store's folders and bring its database to the newest schema revision."""
+        root = Path(path)
+        root.mkdir(parents=True, exist_ok=True)
+        for d in layout.STORE_DIRS:
+            (root / d).mkdir(exist_ok=True)
+        engine = make_engine(db_url or layout.sqlite_url(root))
+        migrate.upgrade(engine)
+        return cls(root, engine)
+
+    @classmethod
+    def open(cls, path: str | Path, db_url: str | None = None, check_revision: bool = True) -> Store:
+        """Open an initialised store; raises if it is missing or at an older schema revision."""
+        root = Path(path)
+        hint = f"`atlas init --store {root}` creates one"
+        if not root.is_dir():
+            raise StoreNotFoundError(f"no store at {root}; {hint}")
+        if db_url is None and not (root / layout.DB_FILE).is_file():
+            raise StoreNotFoundError(f"{root} has no {layout.DB_FILE}; {hint}")
+        engine = make_engine(db_url or layout.sqlite_url(root))
+        if check_revision:
+            try:
+                current = migrate.current_revision(engine)
+            except OperationalError as e:
+                raise StoreNotFoundError(f"cannot read the store database at {engine.url}: {e.orig}") from None
+            head = migrate.head_revision()
+            if current is None:
+                raise StoreNotFoundError(f"{root} is not an initialised store; {hint}")
+            if current != head:
+                if current in migrate.known_revisions():
+                    raise StoreOutdatedError(
+                        f"the store database is at revision {current}, this version needs {head}; "
+                        f"run `atlas db upgrade --store {root}`"
+                    )
+                raise StoreOutdatedError(
+                    f"the store database is at revision {current}, unknown to this version "
+                    f"(newest known: {head}); upgrade concept-atlas"
+                )
+        return cls(root, engine)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        """A database session that commits on success and rolls back on any error."""
+        with self._sessions() as s:
+            try:
+                yield s
+                s.commit()
+            except BaseException:
+                s.rollback()
+                raise
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ models
+
+    def add_model(
+        self,
+        name: str,
+        source: str | None = None,
+        architecture: str | None = None,
+        d_model: int | None = None,
+        n_layers: int | None = None,
+        revision: str | None = None,
+        tokenizer_fingerprint: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> ModelInfo:
+        """Register a model, or update the fields given for one already registered."""
+        with self.session() as s:
+            row = self._get_or_create_model(s, name)
+            for key, value in dict(
+                source=source, architecture=architecture, d_model=d_model, n_layers=n_layers,
+                revision=revision, tokenizer_fingerprint=tokenizer_fingerprint,
+            ).items():
+                if value is not None:
+                    setattr(row, key, value)
+            if extra:
+                row.extra = {**(row.extra or {}), **extra}
+            s.flush()
+            return _model_info(row)
+
+    def get_model(self, name: str) -> ModelInfo:
+        with self.session() as s:
+            return _model_info(self._model_row(s, name))
+
+    def models(self) -> list[ModelInfo]:
+        with self.session() as s:
+            return [_model_info(r) for r in s.scalars(select(ModelRow).order_by(ModelRow.name))]
+
+    def _model_row(self, s: Session, name: str) -> ModelRow:
+        row = s.scalar(select(ModelRow).where(ModelRow.name == name))
+        if row is None:
+            raise NotFoundError(f"no model named {name!r}; `atlas models` lists them")
+        return row
+
+    @staticmethod
+    def _get_or_create_model(s: Session, name: str) -> ModelRow:
+        row = s.scalar(select(ModelRow).where(ModelRow.name == name))
+        if row is None:
+            row = ModelRow(name=name, extra={})
+            s.add(row)
+            s.flush()
+        return row
+
+    # ------------------------------------------------------------------ atlases
+
+    def add_atlas(
+        self,
+        name: str,
+        vectors: np.ndarray,
+        labels: Sequence[str | None] | None = None,
+        descriptions: Sequence[str | None] | None = None,
+        *,
+        model: str,
+        layer: int,
+        hook: str = "resid_post",
+        source_kind: str = "matrix",
+        source_ref: str | None = None,
+        revision: str | None = None,
+        raw_residuals: bool = True,
+        index_spec: str = "Flat",
+        encoder: dict[str, np.ndarray] | None = None,
+        densities: Sequence[float | None] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> AtlasInfo:
+        """Create an atlas from ``vectors`` (n, d), one label per row (``None`` = unlabelled).
+
+        Unlabelled concepts keep their ordinal as label and are marked ``labelled=False``.
+        """
+        _check_name(name, "atlas")
+        x = np.asarray(vectors)
+        if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+            raise ShapeError(f"atlas vectors must be a non-empty 2-D matrix (n_concepts, d), got {x.shape}")
+        if not np.isfinite(x).all():
+            raise ShapeError("atlas vectors contain NaN or infinite values")
+        n, d = x.shape
+        labels = list(labels) if labels is not None else [None] * n
+        descriptions = list(descriptions) if descriptions is not None else [None] * n
+        for what, seq in (("labels", labels), ("descriptions", descriptions), ("densities", densities)):
+            if seq is not None and len(seq) != n:
+                raise ShapeError(f"{len(seq)} {what} for {n} vectors: one per concept (row) is needed")
+        with self.session() as s:
+            if s.scalar(select(AtlasRow.id).where(AtlasRow.name == name)) is not None:
+                raise DuplicateError(f"an atlas named {name!r} exists; pick another --name or remove it first")
+
+        tensors = {layout.DIRECTIONS_KEY: np.ascontiguousarray(x, dtype=np.float32)}
+        for key, value in (encoder or {}).items():
+            if value is not None:
+                tensors[key] = np.ascontiguousarray(value, dtype=np.float32)
+        vec_bytes = st_save(tensors, metadata={"atlas": name, "model": model, "layer": str(layer), "hook": hook})
+        written = [self.path / layout.vector_file(name), self.path / layout.index_file(name)]
+        try:
+            write_atomic(written[0], vec_bytes)
+            index = indexes.create_index(d, index_spec)
+            index.add(unit_rows(x), np.arange(n, dtype=np.int64))
+            idx_bytes = index.save(written[1])
+            with self.session() as s:
+                model_row = self._get_or_create_model(s, model)
+                if model_row.d_model is None:
+                    model_row.d_model = d
+                atlas = AtlasRow(
+                    name=name, model_id=model_row.id, layer=layer, hook=hook, dim=d, n_concepts=n,
+                    metric="cosine", raw_residuals=raw_residuals, source_kind=source_kind,
+                    source_ref=source_ref, vector_file=layout.vector_file(name),
+                    vector_sha256=sha256_bytes(vec_bytes), index_file=layout.index_file(name),
+                    index_spec=index_spec, index_sha256=sha256_bytes(idx_bytes), index_count=index.count(),
+                    extra={**(extra or {}), "revision": revision, "has_encoder": len(tensors) > 1},
+                )
+                s.add(atlas)
+                s.flush()
+                rows = []
+                for i in range(n):
+                    label = labels[i]
+                    rows.append(
+                        dict(
+                            atlas_id=atlas.id, ordinal=i,
+                            label=str(label) if label not in (None, "") else str(i),
+                            description=descriptions[i], labelled=label not in (None, ""),
+                            source_kind=source_kind, source_ref=source_ref,
+                            density=None if densities is None else densities[i], extra={},
+                        )
+                    )
+                s.execute(insert(ConceptRow), rows)
+                self._indexes[(name, atlas.index_sha256)] = index
+        except BaseException:
+            for p in written:
+                p.unlink(missing_ok=True)
+            raise
+        return self.atlas(name)
+
+    def atlases(self) -> list[AtlasInfo]:
+        with self.session() as s:
+            return [self._atlas_info(s, r) for r in s.scalars(select(AtlasRow).order_by(AtlasRow.name))]
+
+    def atlas(self, name: str | None = None) -> AtlasInfo:
+        """The named atlas; with ``None``, the only atlas of the store."""
+        with self.session() as s:
+            return self._atlas_info(s, self._atlas_row(s, name))
+
+    def _atlas_row(self, s: Session, name: str | None) -> AtlasRow:
+        if name is None:
+            rows = list(s.scalars(select(AtlasRow).limit(2)))
+            if len(rows) == 1:
+                return rows[0]
+            if not rows:
+                raise NotFoundError("the store has no atlas yet; `atlas import-sae` or `atlas import` adds one")
+            raise NotFoundError("the store has several atlases; name one (`atlas atlases` lists them)")
+        row = s.scalar(select(AtlasRow).where(AtlasRow.name == name))
+        if row is None:
+            raise NotFoundError(f"no atlas named {name!r}; `atlas atlases` lists them")
+        return row
+
+    def _atlas_info(self, s: Session, row: AtlasRow) -> AtlasInfo:
+        from sqlalchemy import func
+
+        n_labelled = s.scalar(
+            select(func.count()).select_from(ConceptRow).where(ConceptRow.atlas_id == row.id, ConceptRow.labelled)
+        )
+        model = s.get(ModelRow, row.model_id)
+        extra = row.extra or {}
+        return AtlasInfo(
+            name=row.name, model=model.name if model else "?", layer=row.layer, hook=row.hook, dim=row.dim,
+            n_concepts=row.n_concepts, n_labelled=int(n_labelled or 0), metric=row.metric,
+            source_kind=row.source_kind, source_ref=row.source_ref, index_spec=row.index_spec,
+            raw_residuals=row.raw_residuals, revision=extra.get("revision"),
+            has_encoder=bool(extra.get("has_encoder")),
+        )
+
+    def remove_atlas(self, name: str) -> None:
+        """Delete an atlas, its concepts and its files (maps and runs on it go too)."""
+        with self.session() as s:
+            row = self._atlas_row(s, name)
+            files = [row.vector_file, row.index_file, layout.label_index_file(name)]
+            s.delete(row)
+        for f in files:
+            (self.path / f).unlink(missing_ok=True)
+        self._indexes = {k: v for k, v in self._indexes.items() if k[0] != name}
+
+    # ------------------------------------------------------------------ vectors and index
+
+    def atlas_tensors(self, name: str) -> dict[str, np.ndarray]:
+        """All tensors of the atlas vector file, checked against the stored checksum."""
+        with self.session() as s:
+            row = self._atlas_row(s, name)
+            path, sha = self.path / row.vector_file, row.vector_sha256
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise IndexIntegrityError(
+                f"the vector file of atlas {name!r} is missing ({path}); it is the source of truth "
+                "and cannot be rebuilt: re-import the atlas"
+            ) from None
+        if sha256_bytes(data) != sha:
+            raise IndexIntegrityError(
+                f"the vector file of atlas {name!r} ({path}) does not match its checksum; re-import the atlas"
+            )
+        return st_load(data)
+
+    def atlas_vectors(self, name: str, normalized: bool = False) -> np.ndarray:
+        """The atlas directions (n_concepts, d) as imported, or unit-norm with ``normalized``."""
+        x = self.atlas_tensors(name)[layout.DIRECTIONS_KEY]
+        return unit_rows(x) if normalized else x
+
+    def index(self, name: str | None = None) -> indexes.VectorIndex:
+        """The atlas's vector index, verified against its checksum and count before use."""
+        with self.session() as s:
+            row = self._atlas_row(s, name)
+            key = (row.name, row.index_sha256 or "")
+            if key in self._indexes:
+                return self._indexes[key]
+            path, spec, expected = self.path / row.index_file, row.index_spec, row.n_concepts
+            atlas_name = row.name
+        fix = f"`atlas index rebuild {atlas_name}` restores it from the vectors"
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise IndexIntegrityError(f"the index of atlas {atlas_name!r} is missing ({path}); {fix}") from None
+        if sha256_bytes(data) != key[1]:
+            raise IndexIntegrityError(
+                f"the index of atlas {atlas_name!r} ({path}) is corrupt or stale (checksum mismatch); {fix}"
+            )
+        try:
+            index = indexes.load_index(data, spec)
+        except indexes.IndexCorruptError as e:
+            raise IndexIntegrityError(f"the index of atlas {atlas_name!r} cannot be read ({e}); {fix}") from None
+        if index.count() != expected:
+            raise IndexIntegrityError(
+                f"the index of atlas {atlas_name!r} holds {index.count()} vectors, the atlas has {expected}; {fix}"
+            )
+        self._indexes[key] = index
+        return index
+
+    def verify_index(self, name: str) -> IndexStatus:
+        """Check an atlas's vector file and index without raising; says what is wrong."""
+        info = self.atlas(name)
+        count = None
+        try:
+            self.atlas_tensors(name)
+            self._indexes = {k: v for k, v in self._indexes.items() if k[0] != name}
+            count = self.index(name).count()
+        except IndexIntegrityError as e:
+            return IndexStatus(name, False, str(e), info.index_spec, info.n_concepts, count)
+        return IndexStatus(name, True, None, info.index_spec, info.n_concepts, count)
+
+    def rebuild_index(self, name: str, spec: str | None = None) -> IndexStatus:
+        """Rebuild the index from the vector file (optionally with another spec), atomically."""
+        info = self.atlas(name)
+        spec = spec or info.index_spec
+        x = unit_rows(self.atlas_vectors(name))
+        index = indexes.create_index(info.dim, spec)
+        index.add(x, np.arange(x.shape[0], dtype=np.int64))
+        data = index.save(self.path / layout.index_file(name))
+        with self.session() as s:
+            row = self._atlas_row(s, name)
+            row.index_spec, row.index_sha256, row.index_count = spec, sha256_bytes(data), index.count()
+        self._indexes = {k: v for k, v in self._indexes.items() if k[0] != name}
+        self._indexes[(name, sha256_bytes(data))] = index
+        return self.verify_index(name)
+
+    # ------------------------------------------------------------------ concepts and search
+
+    def concept(self, ref: str | int, atlas: str | None = None) -> Concept:
+        """A concept by ``"<atlas>/<ordinal>"``, or by ordinal within ``atlas`` (or the only atlas)."""
+        atlas_name, ordinal = parse_concept_ref(ref, atlas)
+        with self.session() as s:
+            arow = self._atlas_row(s, atlas_name)
+            row = s.scalar(select(ConceptRow).where(ConceptRow.atlas_id == arow.id, ConceptRow.ordinal == ordinal))
+            if row is None:
+                raise NotFoundError(
+                    f"atlas {arow.name!r} has no concept {ordinal} (ordinals run 0..{arow.n_concepts - 1})"
+                )
+            return _concept(arow.name, row)
+
+    def concepts(self, atlas: str | None = None, ordinals: Sequence[int] | None = None) -> list[Concept]:
+        """Concepts of an atlas, all or those at ``ordinals`` (in that order)."""
+        with self.session() as s:
+            arow = self._atlas_row(s, atlas)
+            q = select(ConceptRow).where(ConceptRow.atlas_id == arow.id)
+            if ordinals is None:
+                return [_concept(arow.name, r) for r in s.scalars(q.order_by(ConceptRow.ordinal))]
+            wanted = [int(o) for o in ordinals]
+            by_ord: dict[int, ConceptRow] = {}
+            for chunk in range(0, len(wanted), 900):  # SQLite's bound-parameter limit
+                part = wanted[chunk : chunk + 900]
+                by_ord.update((r.ordinal, r) for r in s.scalars(q.where(ConceptRow.ordinal.in_(part))))
+            missing = [o for o in wanted if o not in by_ord]
+            if missing:
+                raise NotFoundError(f"atlas {arow.name!r} has no concepts {missing[:5]}")
+            return [_concept(arow.name, by_ord[o]) for o in wanted]
+
+    def labels(self, atlas: str | None = None) -> list[str]:
+        """Labels of all concepts in ordinal order (cheap: no full rows)."""
+        with self.session() as s:
+            arow = self._atlas_row(s, atlas)
+            q = select(ConceptRow.label).where(ConceptRow.atlas_id == arow.id).order_by(ConceptRow.ordinal)
+            return list(s.scalars(q))
+
+    def search_vectors(self, atlas: str | None, vectors: np.ndarray, k: int = 10) -> list[list[Hit]]:
+        """Nearest atlas concepts (cosine) of each vector (n, d) already in atlas coordinates."""
+        info = self.atlas(atlas)
+        q = np.asarray(vectors, dtype=np.float32)
+        if q.ndim == 1:
+            q = q[None, :]
+        if q.ndim != 2 or q.shape[1] != info.dim:
+            raise ShapeError(
+                f"query vectors have shape {tuple(np.shape(vectors))}; atlas {info.name!r} needs (n, {info.dim})"
+            )
+        scores, ids = self.index(info.name).search(unit_rows(q), k)
+        return self.hits(info.name, scores, ids)
+
+    def hits(self, atlas: str, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
+        """Join index results (scores, ids) with concept labels into `Hit` lists."""
+        flat = sorted({int(i) for i in np.asarray(ids).ravel() if i >= 0})
+        by_ord = {c.ordinal: c for c in self.concepts(atlas, flat)} if flat else {}
+        out = []
+        for srow, irow in zip(scores, ids):
+            hits = []
+            for rank, (sc, i) in enumerate(((float(a), int(b)) for a, b in zip(srow, irow) if b >= 0), start=1):
+                c = by_ord[i]
+                hits.append(Hit(c.ref, atlas, i, c.label, sc, rank, c.labelled))
+            out.append(hits)
+        return out
+
+    def neighbors(self, ref: str | int, k: int = 10, atlas: str | None = None) -> list[Hit]:
+        """The ``k`` concepts nearest to a concept's direction (itself excluded)."""
+        c = self.concept(ref, atlas)
+        vec = self.atlas_vectors(c.atlas)[c.ordinal]
+        hits = self.search_vectors(c.atlas, vec, k + 1)[0]
+        hits = [h for h in hits if h.ordinal != c.ordinal][:k]
+        return [dataclasses.replace(h, rank=r) for r, h in enumerate(hits, start=1)]
+
+    def schema_tables(self) -> list[str]:
+        return sorted(inspect(self.engine).get_table_names())
+
+
+def parse_concept_ref(ref: str | int, atlas: str | None = None) -> tuple[str | None, int]:
+    """``"atlas/12"`` → ("atlas", 12); ``"12"`` or ``12`` → (atlas, 12)."""
+    text = str(ref).strip()
+    name, sep, ordinal = text.rpartition("/")
+    if not sep:
+        name = atlas
+    if not ordinal.lstrip("-").isdigit():
+        raise NotFoundError(f"bad concept id {text!r}; use <atlas>/<ordinal>, e.g. my-atlas/12")
+    return (name or atlas), int(ordinal)
+
+
+def _check_name(name: str, what: str) -> None:
+    if not name or "/" in name or name.startswith(".") or os.sep in name or len(name) > 200:
+        raise AtlasError(f"bad {what} name {name!r}: use letters, digits, '-', '_' or '.' (no '/')")
+
+
+def _model_info(row: ModelRow) -> ModelInfo:
+    return ModelInfo(
+        row.name, row.source, row.revision, row.architecture, row.d_model, row.n_layers,
+        row.tokenizer_fingerprint,
+    )
+
+
+def _concept(atlas: str, row: ConceptRow) -> Concept:
+    return Concept(
+        atlas, row.ordinal, row.label, row.description, row.labelled, row.source_kind, row.source_ref,
+        row.density, row.extra or {},
+    )

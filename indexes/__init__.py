@@ -1,0 +1,28 @@
+"""Vector-index backends behind one small interface.
+
+``indexes`` knows nothing of the engine: it stores float32 vectors under integer ids and answers
+inner-product nearest-neighbour queries. Backends register themselves by name; the engine picks
+one by name and a spec string.
+"""
+
+from indexes.base import (
+    IndexCorruptError,
+    IndexSpecError,
+    VectorIndex,
+    backends,
+    create_index,
+    load_index,
+    register_backend,
+)
+from indexes.faiss_backend import FaissIndex
+
+__all__ = [
+    "FaissIndex",
+    "IndexCorruptError",
+    "IndexSpecError",
+    "VectorIndex",
+    "backends",
+    "create_index",
+    "load_index",
+    "register_backend",
+]

@@ -1,0 +1,114 @@
+"""The `VectorIndex` interface and the backend registry."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+
+
+class IndexSpecError(ValueError):
+    """An index spec string is not understood by the backend."""
+
+
+class IndexCorruptError(RuntimeError):
+    """An index file cannot be read back (truncated, corrupt, or not an index)."""
+
+
+class VectorIndex(ABC):
+    """Inner-product nearest-neighbour search over float32 vectors with int64 ids.
+
+    Vectors are expected unit-norm, so scores are cosines. ``spec`` is the backend's
+    description of the structure (``Flat``, ``HNSW32``, ``IVF1024,Flat`` ...).
+    """
+
+    backend: str = ""
+
+    def __init__(self, dim: int, spec: str) -> None:
+        self.dim = dim
+        self.spec = spec
+
+    @abstractmethod
+    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        """Add ``vectors`` (n, dim) under ``ids`` (n,); trains the index first if it needs it."""
+
+    @abstractmethod
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` by inner product: (scores (n, k) float32, ids (n, k) int64; -1 where none)."""
+
+    @abstractmethod
+    def count(self) -> int:
+        """Number of vectors held."""
+
+    @abstractmethod
+    def to_bytes(self) -> bytes:
+        """Serialise the index."""
+
+    @classmethod
+    @abstractmethod
+    def from_bytes(cls, data: bytes, spec: str | None = None) -> VectorIndex:
+        """Read an index serialised by `to_bytes` (``spec`` restores search parameters).
+
+        Raises `IndexCorruptError` when the bytes are not a readable index."""
+
+    def save(self, path: str | Path) -> bytes:
+        """Write the index atomically (temporary file, fsync, rename); returns the bytes written."""
+        data = self.to_bytes()
+        write_atomic(Path(path), data)
+        return data
+
+    def _check_queries(self, queries: np.ndarray) -> np.ndarray:
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        if q.ndim == 1:
+            q = q[None, :]
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"queries must have shape (n, {self.dim}), got {tuple(queries.shape)}")
+        return q
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+_BACKENDS: dict[str, type[VectorIndex]] = {}
+
+
+def register_backend(name: str, cls: type[VectorIndex]) -> None:
+    """Register an index backend under ``name``; a name can be registered once."""
+    if name in _BACKENDS:
+        raise ValueError(f"index backend {name!r} is already registered")
+    cls.backend = name
+    _BACKENDS[name] = cls
+
+
+def backends() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def _backend(name: str) -> type[VectorIndex]:
+    try:
+        return _BACKENDS[name]
+    except KeyError:
+        raise IndexSpecError(f"unknown index backend {name!r}; known: {', '.join(backends())}") from None
+
+
+def create_index(dim: int, spec: str = "Flat", backend: str = "faiss") -> VectorIndex:
+    return _backend(backend)(dim, spec)
+
+
+def load_index(data: bytes, spec: str | None = None, backend: str = "faiss") -> VectorIndex:
+    return _backend(backend).from_bytes(data, spec)
