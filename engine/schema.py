@@ -37,6 +37,11 @@ NAMING_CONVENTION = {
 FTS_TABLE = "concepts_fts"
 
 
+def include_object(obj, name, type_, reflected, compare_to) -> bool:
+    """Alembic filter: the FTS5 table and its shadow tables are created by hand in the migration."""
+    return not (type_ == "table" and name and name.startswith(FTS_TABLE))
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 

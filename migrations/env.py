@@ -10,17 +10,10 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-from engine.schema import FTS_TABLE, Base
+from engine.schema import Base, include_object
 
 config = context.config
 target_metadata = Base.metadata
-
-
-def include_object(obj, name, type_, reflected, compare_to):
-    # The FTS5 table and its shadow tables are created by hand in the migration.
-    if type_ == "table" and name and name.startswith(FTS_TABLE):
-        return False
-    return True
 
 
 def _configure(connection) -> None:

@@ -1,4 +1,4 @@
-"""Store commands: init, db, atlases, import, lookup, neighbors, show, index."""
+"""Store commands: init, db, models, atlases, import-sae, lookup, neighbors, show, index."""
 
 from __future__ import annotations
 
@@ -6,18 +6,249 @@ from pathlib import Path
 
 import click
 
-from engine.cli.common import store_options
+from engine.cli.common import emit, json_option, open_store, print_json, quiet_option, store_options
 
 
 def register(cli: click.Group) -> None:
-    cli.add_command(init)
+    for cmd in (init, db, models, atlases, import_sae, lookup, neighbors, show, index):
+        cli.add_command(cmd)
 
 
 @click.command()
 @store_options
-def init(store_dir: Path, db_url: str | None) -> None:
-    """Create a store: folders and a database at the newest schema revision."""
+@json_option
+def init(store_dir: Path, db_url: str | None, as_json: bool) -> None:
+    """Create a store: its folders and a database at the newest schema revision.
+
+    Running it on an existing store is safe: it only upgrades the database if needed.
+    """
+    from engine import migrate
     from engine.store import Store
 
-    Store.init(store_dir, db_url=db_url)
-    click.echo(f"initialised store at {store_dir}")
+    store = Store.init(store_dir, db_url=db_url)
+    result = {"store": str(store_dir), "db": str(store.engine.url), "revision": migrate.current_revision(store.engine)}
+    if as_json:
+        print_json(result)
+    else:
+        click.echo(f"initialised store at {store_dir} (schema revision {result['revision']})")
+
+
+# ---------------------------------------------------------------------- db
+
+
+@click.group()
+def db() -> None:
+    """Database schema migrations (Alembic): upgrade, current, downgrade."""
+
+
+def _raw_engine(store_dir: Path, db_url: str | None):
+    from engine import layout
+    from engine.errors import StoreNotFoundError
+    from engine.store import make_engine
+
+    if db_url is None and not (store_dir / layout.DB_FILE).is_file():
+        raise StoreNotFoundError(f"{store_dir} has no {layout.DB_FILE}; `atlas init --store {store_dir}` creates one")
+    return make_engine(db_url or layout.sqlite_url(store_dir))
+
+
+@db.command("upgrade")
+@click.argument("revision", default="head")
+@store_options
+def db_upgrade(revision: str, store_dir: Path, db_url: str | None) -> None:
+    """Upgrade the store database to REVISION (default: the newest, head)."""
+    from engine import migrate
+
+    engine = _raw_engine(store_dir, db_url)
+    migrate.upgrade(engine, revision)
+    click.echo(f"database at revision {migrate.current_revision(engine)}")
+
+
+@db.command("downgrade")
+@click.argument("revision")
+@store_options
+def db_downgrade(revision: str, store_dir: Path, db_url: str | None) -> None:
+    """Downgrade the store database to REVISION (`base` removes every table)."""
+    from engine import migrate
+
+    engine = _raw_engine(store_dir, db_url)
+    migrate.downgrade(engine, revision)
+    click.echo(f"database at revision {migrate.current_revision(engine) or 'base'}")
+
+
+@db.command("current")
+@store_options
+@json_option
+def db_current(store_dir: Path, db_url: str | None, as_json: bool) -> None:
+    """Show the database's schema revision and the newest one this version knows."""
+    from engine import migrate
+
+    engine = _raw_engine(store_dir, db_url)
+    current, head = migrate.current_revision(engine), migrate.head_revision()
+    emit({"current": current, "head": head, "up_to_date": current == head}, as_json)
+
+
+# ---------------------------------------------------------------------- listing
+
+
+@click.command()
+@store_options
+@json_option
+def models(store_dir: Path, db_url: str | None, as_json: bool) -> None:
+    """List the models registered in the store."""
+    emit(open_store(store_dir, db_url).models(), as_json,
+         ["name", "architecture", "d_model", "n_layers", "source"])
+
+
+@click.command()
+@store_options
+@json_option
+def atlases(store_dir: Path, db_url: str | None, as_json: bool) -> None:
+    """List atlases with their site (model, layer, hook), size and index."""
+    emit(open_store(store_dir, db_url).atlases(), as_json,
+         ["name", "model", "layer", "hook", "dim", "n_concepts", "n_labelled", "index_spec", "source_kind"])
+
+
+@click.command("import-sae")
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("--name", required=True, help="Name of the new atlas.")
+@click.option("--model", help="Model the directions live in (read from cfg.json when there).")
+@click.option("--layer", type=int, help="Layer of the site (read from cfg.json or the path when there).")
+@click.option("--hook", help="Hook point of the site (default: resid_post).")
+@click.option("--revision", help="Model revision (commit or tag) the directions were made on.")
+@click.option("--labels", type=click.Path(exists=True, path_type=Path),
+              help="Labels: CSV (index,label,description), JSONL, or a Neuronpedia export (.jsonl/.jsonl.gz).")
+@click.option("--index-spec", default="Flat", show_default=True,
+              help="FAISS index: Flat (exact), HNSW32, IVF{n},Flat, IVF{n},PQ{m}; search params after '|'.")
+@click.option("--key", help="Tensor name inside a .safetensors matrix holding several.")
+@store_options
+@json_option
+def import_sae(source: Path, name: str, model, layer, hook, revision, labels, index_spec, key,
+               store_dir: Path, db_url: str | None, as_json: bool) -> None:
+    """Import concept directions from SOURCE as a new atlas.
+
+    SOURCE is a SAELens SAE folder (cfg.json + sae_weights.safetensors; decoder rows become
+    concepts, the encoder is kept), a Gemma Scope params.npz, or a plain .npy / .safetensors
+    matrix (one direction per row). The import is one transaction: a failure leaves no atlas.
+    """
+    from engine.atlas import import_atlas
+
+    store = open_store(store_dir, db_url)
+    info = import_atlas(store, name, source, labels=labels, model=model, layer=layer, hook=hook,
+                        revision=revision, index_spec=index_spec, key=key)
+    if as_json:
+        print_json(info)
+    else:
+        click.echo(f"imported atlas {info.name}: {info.n_concepts} concepts ({info.n_labelled} labelled), "
+                   f"d={info.dim}, site {info.site}, index {info.index_spec}")
+
+
+# ---------------------------------------------------------------------- lookup
+
+
+@click.command()
+@click.argument("query")
+@click.option("-k", default=10, show_default=True, help="How many concepts to return.")
+@click.option("--atlas", help="Only this atlas (default: all).")
+@click.option("--semantic/--no-semantic", default=None,
+              help="Use the label-embedding index (default: when installed and built).")
+@store_options
+@json_option
+def lookup(query: str, k: int, atlas: str | None, semantic, store_dir: Path, db_url: str | None, as_json: bool) -> None:
+    """Find concepts whose label or description matches QUERY, ranked.
+
+    Full-text search (bm25) over labels and descriptions, merged with semantic search over label
+    embeddings where the `semantic` extra is installed and `atlas index embed` was run.
+    """
+    from engine.lookup import lookup as run_lookup
+
+    hits = run_lookup(open_store(store_dir, db_url), query, k=k, atlas=atlas, semantic=semantic)
+    emit(hits, as_json, ["rank", "ref", "label", "score", "text_rank", "semantic_rank"])
+
+
+@click.command()
+@click.argument("concept")
+@click.option("-k", default=10, show_default=True, help="How many neighbours.")
+@click.option("--atlas", help="Atlas of CONCEPT when it is given as a bare ordinal.")
+@store_options
+@json_option
+def neighbors(concept: str, k: int, atlas, store_dir: Path, db_url: str | None, as_json: bool) -> None:
+    """The concepts nearest to CONCEPT (<atlas>/<ordinal>) by direction (cosine)."""
+    hits = open_store(store_dir, db_url).neighbors(concept, k=k, atlas=atlas)
+    emit(hits, as_json, ["rank", "ref", "label", "score"])
+
+
+@click.command()
+@click.argument("concept")
+@click.option("--atlas", help="Atlas of CONCEPT when it is given as a bare ordinal.")
+@store_options
+@json_option
+def show(concept: str, atlas, store_dir: Path, db_url: str | None, as_json: bool) -> None:
+    """Show one concept: label, description, provenance, direction stats."""
+    import dataclasses
+
+    import numpy as np
+
+    store = open_store(store_dir, db_url)
+    c = store.concept(concept, atlas)
+    info = store.atlas(c.atlas)
+    vec = store.atlas_vectors(c.atlas)[c.ordinal]
+    out = {
+        "ref": c.ref, **dataclasses.asdict(c), "site": info.site, "model": info.model,
+        "layer": info.layer, "hook": info.hook, "dim": info.dim, "source": info.source_ref,
+        "norm": float(np.linalg.norm(vec)),
+    }
+    emit(out, as_json)
+
+
+# ---------------------------------------------------------------------- index
+
+
+@click.group()
+def index() -> None:
+    """Index integrity: verify, rebuild; build the label-embedding index."""
+
+
+@index.command("verify")
+@click.argument("atlas", required=False)
+@store_options
+@json_option
+def index_verify(atlas, store_dir: Path, db_url: str | None, as_json: bool) -> None:
+    """Check ATLAS's (or every atlas's) vectors and index against their checksums; exit 1 on a problem."""
+    store = open_store(store_dir, db_url)
+    names = [atlas] if atlas else [a.name for a in store.atlases()]
+    results = [store.verify_index(n) for n in names]
+    if as_json:
+        print_json(results)
+    else:
+        for r in results:
+            click.echo(f"{r.atlas}: {'ok' if r.ok else 'PROBLEM'} ({r.spec}, {r.index_count}/{r.expected_count})"
+                       + (f" - {r.problem}" if r.problem else ""))
+    if not all(r.ok for r in results):
+        raise SystemExit(1)
+
+
+@index.command("rebuild")
+@click.argument("atlas")
+@click.option("--spec", help="Rebuild with another FAISS spec (e.g. HNSW32); default: the current one.")
+@store_options
+@json_option
+def index_rebuild(atlas: str, spec, store_dir: Path, db_url: str | None, as_json: bool) -> None:
+    """Rebuild ATLAS's index from its vector file (the source of truth), atomically."""
+    status = open_store(store_dir, db_url).rebuild_index(atlas, spec)
+    if as_json:
+        print_json(status)
+    else:
+        click.echo(f"rebuilt index of {atlas}: {status.spec}, {status.index_count} vectors, "
+                   f"{'ok' if status.ok else status.problem}")
+
+
+@index.command("embed")
+@click.argument("atlas")
+@store_options
+@quiet_option
+def index_embed(atlas: str, store_dir: Path, db_url: str | None) -> None:
+    """Embed ATLAS's labels for semantic lookup (needs the `semantic` extra)."""
+    from engine.lookup import build_label_index
+
+    n = build_label_index(open_store(store_dir, db_url), atlas)
+    click.echo(f"embedded {n} labels of {atlas}")

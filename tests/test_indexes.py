@@ -1,0 +1,83 @@
+"""The FAISS backend against exact numpy search on seeded data (ties allowed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import indexes
+from indexes.base import IndexCorruptError, IndexSpecError
+from tests.conftest import clustered_directions
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _exact(x, q, k):
+    s = q @ x.T
+    order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(s, order, 1), order
+
+
+@pytest.mark.parametrize("backend", indexes.backends())
+def test_flat_matches_exact_search_allowing_ties(backend):
+    rng = np.random.default_rng(0)
+    x = _unit(rng.normal(size=(500, 24)).astype(np.float32))
+    q = _unit(rng.normal(size=(40, 24)).astype(np.float32))
+    ids = np.arange(500, dtype=np.int64) * 3 + 7  # ids are the caller's, not positions
+    ix = indexes.create_index(24, "Flat", backend)
+    ix.add(x, ids)
+    scores, got = ix.search(q, 10)
+    want_s, want_pos = _exact(x, q, 10)
+    np.testing.assert_allclose(scores, want_s, rtol=1e-5, atol=1e-5)
+    # each returned id's true score equals the reported one (ties may reorder equal scores)
+    pos = (got - 7) // 3
+    np.testing.assert_allclose(np.take_along_axis(q @ x.T, pos, 1), scores, atol=1e-5)
+    assert ix.count() == 500
+
+
+@pytest.mark.parametrize("spec", ["HNSW32", "IVF16,Flat", "HNSW16|efSearch=64", "IVF16,Flat|nprobe=16"])
+def test_ann_specs_reach_high_recall_on_structured_vectors(spec):
+    x = _unit(clustered_directions(2000, 32, seed=3))
+    q = x[:100] + 0.01
+    ix = indexes.create_index(32, spec)
+    ix.add(x, np.arange(2000))
+    _, got = ix.search(q, 10)
+    _, want = _exact(x, _unit(q), 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, want)])
+    assert recall >= 0.9, recall
+
+
+def test_round_trip_bytes_and_corruption_detected(tmp_path):
+    x = _unit(np.random.default_rng(1).normal(size=(100, 8)).astype(np.float32))
+    ix = indexes.create_index(8, "HNSW16")
+    ix.add(x, np.arange(100))
+    data = ix.save(tmp_path / "a.faiss")
+    assert (tmp_path / "a.faiss").read_bytes() == data
+    assert not list(tmp_path.glob(".*tmp"))  # the temporary file was renamed away
+    back = indexes.load_index(data, "HNSW16")
+    np.testing.assert_array_equal(back.search(x[:5], 3)[1], ix.search(x[:5], 3)[1])
+    with pytest.raises(IndexCorruptError):
+        indexes.load_index(data[: len(data) // 2])
+    with pytest.raises(IndexCorruptError):
+        indexes.load_index(b"not an index at all")
+
+
+def test_bad_spec_and_shapes_are_clear_errors():
+    with pytest.raises(IndexSpecError, match="Bogus"):
+        indexes.create_index(8, "Bogus99")
+    with pytest.raises(IndexSpecError, match="name=int"):
+        indexes.create_index(8, "HNSW16|efSearch")
+    with pytest.raises(IndexSpecError, match="unknown index backend"):
+        indexes.create_index(8, "Flat", backend="nope")
+    ix = indexes.create_index(8, "Flat")
+    with pytest.raises(ValueError, match=r"\(n, 8\)"):
+        ix.add(np.zeros((3, 7), np.float32), np.arange(3))
+    with pytest.raises(ValueError, match=r"\(n, 8\)"):
+        ix.search(np.zeros((1, 9), np.float32), 1)
+
+
+def test_registry_refuses_duplicates():
+    with pytest.raises(ValueError, match="already registered"):
+        indexes.register_backend("faiss", indexes.FaissIndex)

@@ -1,0 +1,169 @@
+"""The store on a real SQLite file and real FAISS index: atlases, concepts, search, integrity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sqlalchemy import func, select
+
+from engine import migrate
+from engine.errors import (
+    DuplicateError,
+    IndexIntegrityError,
+    NotFoundError,
+    ShapeError,
+    StoreNotFoundError,
+    StoreOutdatedError,
+)
+from engine.schema import AtlasRow, ConceptRow
+from engine.store import Store, unit_rows
+from tests.conftest import clustered_directions
+
+
+def _add(store, name="a", n=60, d=16, **kw):
+    x = clustered_directions(n, d, seed=2)
+    labels = [f"concept {i}" if i % 3 else None for i in range(n)]
+    return x, store.add_atlas(name, x, labels, model="m", layer=2, **kw)
+
+
+def test_add_atlas_records_provenance_and_labels(store):
+    x, info = _add(store, revision="abc123", hook="resid_pre")
+    assert (info.name, info.model, info.layer, info.hook, info.dim, info.n_concepts) == ("a", "m", 2, "resid_pre", 16, 60)
+    assert info.n_labelled == 40 and info.revision == "abc123"
+    c0, c1 = store.concept("a/0"), store.concept(1, atlas="a")
+    assert (c0.label, c0.labelled) == ("0", False)  # unlabelled keeps its index as label
+    assert (c1.label, c1.labelled) == ("concept 1", True)
+    np.testing.assert_array_equal(store.atlas_vectors("a"), x)
+    assert store.get_model("m").d_model == 16
+
+
+def test_search_matches_exact_cosine(store):
+    x, _ = _add(store)
+    q = np.random.default_rng(5).normal(size=(7, 16)).astype(np.float32)
+    hits = store.search_vectors("a", q * 3.0, k=5)  # scale does not matter: cosine
+    exact = unit_rows(q) @ unit_rows(x).T
+    for row, h in zip(exact, hits):
+        np.testing.assert_allclose([x.score for x in h], np.sort(row)[::-1][:5], atol=1e-5)
+        assert [x.rank for x in h] == [1, 2, 3, 4, 5]
+        for hit in h:
+            assert abs(row[hit.ordinal] - hit.score) < 1e-5
+
+
+def test_neighbors_exclude_the_concept_itself(store):
+    x, _ = _add(store)
+    hits = store.neighbors("a/4", k=5)
+    assert len(hits) == 5 and all(h.ordinal != 4 for h in hits)
+    sims = unit_rows(x) @ unit_rows(x)[4]
+    sims[4] = -np.inf
+    assert hits[0].ordinal == int(np.argmax(sims))
+
+
+def test_errors_are_named_and_say_the_fix(store, tmp_path):
+    _add(store)
+    with pytest.raises(DuplicateError, match="exists"):
+        _add(store)
+    with pytest.raises(NotFoundError, match="atlas atlases"):
+        store.atlas("nope")
+    with pytest.raises(NotFoundError, match="ordinals run 0..59"):
+        store.concept("a/99")
+    with pytest.raises(ShapeError, match="3 labels for 60 vectors"):
+        store.add_atlas("b", np.ones((60, 4)), ["x"] * 3, model="m", layer=0)
+    with pytest.raises(ShapeError, match="NaN"):
+        store.add_atlas("b", np.full((2, 4), np.nan), model="m", layer=0)
+    with pytest.raises(ShapeError, match=r"needs \(n, 16\)"):
+        store.search_vectors("a", np.ones((1, 15)), 3)
+    with pytest.raises(StoreNotFoundError, match="atlas init"):
+        Store.open(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StoreNotFoundError, match="atlas init"):
+        Store.open(tmp_path / "empty")
+
+
+def test_uninitialised_or_outdated_database_says_what_to_run(store, monkeypatch):
+    # A newer code version (head 0002) opening this store (at 0001) asks for `atlas db upgrade`.
+    current = migrate.head_revision()
+    monkeypatch.setattr(migrate, "head_revision", lambda: "0002")
+    monkeypatch.setattr(migrate, "known_revisions", lambda: {current, "0002"})
+    with pytest.raises(StoreOutdatedError, match="atlas db upgrade"):
+        Store.open(store.path)
+    monkeypatch.undo()
+    # A database from a newer version than this code: upgrade the package.
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = 'ffff-future'")
+    with pytest.raises(StoreOutdatedError, match="upgrade concept-atlas"):
+        Store.open(store.path)
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql(f"UPDATE alembic_version SET version_num = '{current}'")
+    migrate.downgrade(store.engine, "base")
+    with pytest.raises(StoreNotFoundError, match="not an initialised store"):
+        Store.open(store.path)
+
+
+def test_failed_import_leaves_no_atlas_and_no_files(store, monkeypatch):
+    from engine import store as store_mod
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(store_mod, "insert", boom)  # fail inside the DB transaction, after files
+    with pytest.raises(RuntimeError, match="disk full"):
+        _add(store)
+    with store.session() as s:
+        assert s.scalar(select(func.count()).select_from(AtlasRow)) == 0
+        assert s.scalar(select(func.count()).select_from(ConceptRow)) == 0
+    assert not any((store.path / "vectors").iterdir()) and not any((store.path / "indexes").iterdir())
+    monkeypatch.undo()
+    _add(store)  # the name is free again
+    assert store.atlas("a").n_concepts == 60
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "stale"])
+def test_damaged_index_is_detected_and_rebuild_restores_identical_results(store, damage):
+    x, _ = _add(store)
+    q = np.random.default_rng(9).normal(size=(5, 16)).astype(np.float32)
+    before = store.search_vectors("a", q, 7)
+    path = store.path / "indexes" / "a.faiss"
+    data = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) // 3])
+    elif damage == "flip":
+        path.write_bytes(data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
+    elif damage == "delete":
+        path.unlink()
+    else:  # a valid index of other vectors: stale
+        import indexes
+
+        other = indexes.create_index(16, "Flat")
+        other.add(unit_rows(x[:10]), np.arange(10))
+        other.save(path)
+    fresh = Store.open(store.path)  # a new process would see the damage on open
+    status = fresh.verify_index("a")
+    assert not status.ok and "atlas index rebuild a" in status.problem
+    with pytest.raises(IndexIntegrityError, match="atlas index rebuild a"):
+        fresh.search_vectors("a", q, 7)
+    assert fresh.rebuild_index("a").ok
+    assert Store.open(store.path).search_vectors("a", q, 7) == before
+
+
+def test_corrupt_vector_file_cannot_be_rebuilt_and_says_so(store):
+    _add(store)
+    (store.path / "vectors" / "a.safetensors").write_bytes(b"garbage")
+    with pytest.raises(IndexIntegrityError, match="re-import"):
+        store.rebuild_index("a")
+    assert not store.verify_index("a").ok
+
+
+def test_rebuild_with_another_spec(store):
+    _add(store, n=300)
+    status = store.rebuild_index("a", "HNSW16")
+    assert status.ok and status.spec == "HNSW16"
+    assert Store.open(store.path).atlas("a").index_spec == "HNSW16"
+
+
+def test_remove_atlas_deletes_rows_and_files(store):
+    _add(store)
+    store.remove_atlas("a")
+    assert store.atlases() == []
+    assert not (store.path / "vectors" / "a.safetensors").exists()
+    with store.session() as s:
+        assert s.scalar(select(func.count()).select_from(ConceptRow)) == 0
