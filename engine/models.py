@@ -5,13 +5,25 @@ transformer blocks. Block ``L``'s output is ``resid_post`` of layer ``L`` (and `
 ``L+1``); its input is ``resid_pre`` of ``L``. We read and edit through our own forward hooks on
 those blocks, never through ``output_hidden_states`` (in transformers 5.x those are gathered by
 the library's own hooks, and the last one has the final norm applied).
+
+Models are loaded offline whenever ``name_or_path`` is a local folder, so a store built on a
+machine without internet (ConceptWorld, copied checkpoints) never reaches for the hub.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
 import torch
 
-from engine.errors import ArchitectureError
+from engine.errors import ArchitectureError, NotFoundError
+
+ModelKind = Literal["causal", "encoder"]
+MODEL_KINDS: tuple[str, ...] = ("causal", "encoder")
 
 # Attribute paths of the block list, tried in order. Covers GPT-2 / GPT-J (transformer.h),
 # GPT-NeoX (gpt_neox.layers), Llama / Mistral / Qwen2 / Gemma / Gemma2 / Phi (model.layers),
@@ -30,6 +42,20 @@ BLOCK_PATHS: tuple[str, ...] = (
     "distilbert.transformer.layer",
     "h",
 )
+
+# Config attributes that hold the residual width, by family (hidden_size: most; n_embd: GPT-2;
+# d_model: T5/BART-style; dim: DistilBERT).
+_WIDTH_ATTRS: tuple[str, ...] = ("hidden_size", "n_embd", "d_model", "dim")
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+}
 
 
 def _get_attr_path(obj: object, path: str) -> object | None:
@@ -53,8 +79,128 @@ def resolve_blocks(model: torch.nn.Module, layer_module: str | None = None) -> t
             return blocks
     arch = type(model).__name__
     if layer_module:
-        raise ArchitectureError(f"{arch} has no ModuleList of blocks at {layer_module!r}")
+        found = [n for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
+        hint = f"; ModuleLists in this model: {', '.join(found[:6])}" if found else ""
+        raise ArchitectureError(f"{arch} has no ModuleList of blocks at {layer_module!r}{hint}")
     raise ArchitectureError(
         f"cannot find the transformer blocks of {arch}; name the block list by hand with "
         "--layer-module (e.g. --layer-module model.layers)"
+    )
+
+
+def resolve_layer(model: torch.nn.Module, layer: int, layer_module: str | None = None) -> int:
+    """Normalise a layer index (negative counts from the end) and check it is in range."""
+    n = len(resolve_blocks(model, layer_module))
+    idx = layer + n if layer < 0 else layer
+    if not 0 <= idx < n:
+        raise ArchitectureError(f"layer {layer} is out of range for {type(model).__name__} with {n} layers (0..{n - 1})")
+    return idx
+
+
+def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``"bfloat16"``/``"bf16"``/torch dtype → torch dtype (None stays None)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}") from None
+
+
+def load_model(
+    name_or_path: str | Path,
+    kind: ModelKind = "causal",
+    dtype: torch.dtype | str | None = torch.float32,
+    revision: str | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.nn.Module, Any]:
+    """Load ``(model, tokenizer)`` from a local folder or a hub id, in eval mode.
+
+    ``kind="causal"`` loads the LM head (``AutoModelForCausalLM``); ``kind="encoder"`` loads the
+    bare encoder (``AutoModel``, e.g. BERT). A local folder is read with ``local_files_only``.
+    """
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"kind must be one of {MODEL_KINDS}, got {kind!r}")
+    local = Path(name_or_path).expanduser().exists()
+    src = str(Path(name_or_path).expanduser()) if local else str(name_or_path)
+    kwargs: dict[str, Any] = {"revision": revision, "local_files_only": local}
+    auto = AutoModelForCausalLM if kind == "causal" else AutoModel
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src, revision=revision, local_files_only=local)
+        if dtype is not None:
+            kwargs["dtype"] = as_dtype(dtype)
+        model = auto.from_pretrained(src, **kwargs)
+    except (OSError, ValueError) as e:
+        where = "folder" if local else "hub id (no internet here? pass a local folder)"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise NotFoundError(f"cannot load {kind} model from {where} {src!r}: {first}") from e
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def d_model_of(model: torch.nn.Module) -> int:
+    """Width of the residual stream."""
+    cfg = getattr(model, "config", None)
+    for attr in _WIDTH_ATTRS:
+        v = getattr(cfg, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and hasattr(emb, "embedding_dim"):
+        return int(emb.embedding_dim)
+    raise ArchitectureError(f"cannot tell the residual width of {type(model).__name__}")
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of the tokenizer's vocabulary (token → id, added tokens included).
+
+    Two tokenizers with the same fingerprint turn text into the same ids, which is what
+    ``token`` pairing needs.
+    """
+    vocab = tokenizer.get_vocab()
+    blob = json.dumps(sorted(vocab.items(), key=lambda kv: (kv[1], kv[0])), ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over the config and a checksum of every parameter (cheap next to one forward pass
+    over a corpus); identifies cached activations with the weights that produced them."""
+    h = hashlib.sha256()
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        h.update(cfg.to_json_string(use_diff=True).encode())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+            h.update(f"{p.double().sum().item():.10e}{p.double().abs().sum().item():.10e}".encode())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """What the store records about a model."""
+
+    architecture: str  # class name, e.g. "LlamaForCausalLM"
+    model_type: str  # config.model_type, e.g. "llama"
+    d_model: int
+    n_layers: int
+    vocab_size: int | None
+    source: str  # local path or hub id it was loaded from
+    tokenizer_fingerprint: str | None = None
+
+
+def model_info(model: torch.nn.Module, tokenizer: Any = None, layer_module: str | None = None) -> ModelSummary:
+    """Architecture, residual width, number of blocks (and tokenizer fingerprint when given)."""
+    cfg = getattr(model, "config", None)
+    return ModelSummary(
+        architecture=type(model).__name__,
+        model_type=str(getattr(cfg, "model_type", "") or ""),
+        d_model=d_model_of(model),
+        n_layers=len(resolve_blocks(model, layer_module)),
+        vocab_size=getattr(cfg, "vocab_size", None),
+        source=str(getattr(cfg, "_name_or_path", "") or getattr(model, "name_or_path", "") or ""),
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer) if tokenizer is not None else None,
     )

@@ -1,0 +1,367 @@
+"""Residual-stream activations: hooks, batched collection, and subject/foundation pairing.
+
+Why our own hooks: in transformers 5.x ``output_hidden_states`` is gathered by the library's own
+forward hooks, attached at the first forward pass, and does not show edits made by hooks
+registered later (DESIGN §10). A forward hook on block ``L`` sees exactly what block ``L+1``
+will read, so ``resid_post`` of ``L`` is the block's output and ``resid_pre`` of ``L`` its input.
+
+Why flat token records: a batch is padded, but padding and special tokens (``<bos>``, ``[CLS]``,
+``[SEP]``, ...) must never become pairs. `collect` drops them at the source and yields only the
+real tokens of each batch as rows ``(n_tokens, d)`` with their text index, position and character
+offsets; pairing (`token`, `span`, `text`, DESIGN §5) is then a pure function of two such records
+over the same texts, and several pairings can be drawn from one forward pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from engine.errors import ShapeError
+from engine.models import as_dtype, model_fingerprint, resolve_blocks, resolve_layer, tokenizer_fingerprint
+from engine.progress import progress
+
+Site = Literal["resid_post", "resid_pre"]
+SITES: tuple[str, ...] = ("resid_post", "resid_pre")
+
+
+class _StopForward(Exception):
+    """Raised by the last needed hook to skip the rest of the forward pass."""
+
+
+# ----------------------------------------------------------------------------- hooks
+
+
+@dataclass
+class ResidualCapture:
+    """What `read_residuals` fills: ``acts[layer]`` is the last forward's residual ``(B, T, d)``."""
+
+    layers: tuple[int, ...]
+    site: str
+    acts: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def clear(self) -> None:
+        self.acts.clear()
+
+
+def _hidden_of_output(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _hidden_of_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    if args:
+        return args[0]
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    raise ShapeError("cannot find the hidden states among the block's inputs")
+
+
+@contextlib.contextmanager
+def read_residuals(
+    model: torch.nn.Module,
+    layers: Sequence[int],
+    site: str = "resid_post",
+    *,
+    layer_module: str | None = None,
+    prepend: bool = True,
+    stop_after_last: bool = False,
+) -> Iterator[ResidualCapture]:
+    """Install hooks that read the residual stream at ``site`` of ``layers``; removed on exit.
+
+    ``prepend=True`` puts the reader before hooks already on the block (the library's own and
+    any edit registered earlier), so it reads the stream as the block produced it; pass
+    ``prepend=False`` to read after edits that were installed before this reader. With
+    ``stop_after_last`` the deepest hook ends the forward pass (use `forward_to_layers`): the
+    later blocks and the LM head are never run.
+    """
+    if site not in SITES:
+        raise ValueError(f"site must be one of {SITES}, got {site!r}")
+    blocks = resolve_blocks(model, layer_module)
+    idx = sorted({resolve_layer(model, layer, layer_module) for layer in layers})
+    capture = ResidualCapture(tuple(idx), site)
+    last = idx[-1]
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def make_post(layer: int):
+        def hook(_module, _args, output):
+            capture.acts[layer] = _hidden_of_output(output).detach()
+            if stop_after_last and layer == last:
+                raise _StopForward
+
+        return hook
+
+    def make_pre(layer: int):
+        def hook(_module, args, kwargs):
+            capture.acts[layer] = _hidden_of_input(args, kwargs).detach()
+            if stop_after_last and layer == last:
+                raise _StopForward
+
+        return hook
+
+    try:
+        for layer in idx:
+            if site == "resid_post":
+                handles.append(blocks[layer].register_forward_hook(make_post(layer), prepend=prepend))
+            else:
+                handles.append(
+                    blocks[layer].register_forward_pre_hook(make_pre(layer), prepend=prepend, with_kwargs=True)
+                )
+        yield capture
+    finally:
+        for h in handles:
+            h.remove()  # idempotent
+
+
+def forward_to_layers(model: torch.nn.Module, **inputs: torch.Tensor) -> None:
+    """Run a forward pass that may be cut short by a reader with ``stop_after_last``."""
+    try:
+        with torch.inference_mode():
+            model(**inputs, use_cache=False) if _takes_use_cache(model) else model(**inputs)
+    except _StopForward:
+        pass
+
+
+def _takes_use_cache(model: torch.nn.Module) -> bool:
+    return hasattr(getattr(model, "config", None), "use_cache") and not getattr(
+        getattr(model, "config", None), "is_encoder_decoder", False
+    )
+
+
+# ----------------------------------------------------------------------------- collection
+
+
+@dataclass
+class TokenBatch:
+    """The real tokens of a batch of whole texts, one row each (padding and specials dropped).
+
+    ``acts[layer]`` is ``(n_tokens, d)``; ``text_index``, ``position`` and ``token_id`` are
+    ``(n_tokens,)``; ``offsets`` is ``(n_tokens, 2)`` character spans into the text (``-1`` when
+    the tokenizer gives none). ``texts`` is the half-open range of text indices in the batch.
+    """
+
+    texts: tuple[int, int]
+    text_index: np.ndarray
+    position: np.ndarray
+    token_id: np.ndarray
+    offsets: np.ndarray
+    acts: dict[int, torch.Tensor]
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.text_index.shape[0])
+
+
+def _encode(tokenizer: Any, texts: Sequence[str], max_length: int | None) -> list[dict[str, list]]:
+    """Tokenise texts one by one (no padding), with offsets and special-token masks."""
+    kw: dict[str, Any] = dict(add_special_tokens=True, return_special_tokens_mask=True)
+    if max_length:
+        kw.update(truncation=True, max_length=max_length)
+    offsets = bool(getattr(tokenizer, "is_fast", False))
+    enc = tokenizer(list(texts), return_offsets_mapping=offsets, **kw)
+    special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    out = []
+    for i in range(len(texts)):
+        ids = list(enc["input_ids"][i])
+        special = list(enc["special_tokens_mask"][i]) if "special_tokens_mask" in enc else [0] * len(ids)
+        offs = list(enc["offset_mapping"][i]) if offsets else [(-1, -1)] * len(ids)
+        keep = [not s and t not in special_ids for t, s in zip(ids, special, strict=True)]
+        out.append({"ids": ids, "keep": keep, "offsets": offs})
+    return out
+
+
+def default_max_length(model: torch.nn.Module, tokenizer: Any) -> int:
+    """The longest sequence both the tokenizer and the model's position table accept."""
+    cfg = getattr(model, "config", None)
+    limits = [getattr(cfg, a, None) for a in ("max_position_embeddings", "n_positions")]
+    limits.append(getattr(tokenizer, "model_max_length", None))
+    limits = [int(v) for v in limits if isinstance(v, int) and 0 < v < 10**7]
+    return min(limits) if limits else 512
+
+
+def _cache_key(model, tokenizer, texts, layers, site, dtype, batch_size, max_length, max_tokens) -> str:
+    h = hashlib.sha256()
+    h.update(model_fingerprint(model).encode())
+    h.update(tokenizer_fingerprint(tokenizer).encode())
+    h.update(corpus_fingerprint(texts).encode())
+    h.update(json.dumps([list(layers), site, str(dtype), batch_size, max_length, max_tokens]).encode())
+    return h.hexdigest()
+
+
+def corpus_fingerprint(texts: Sequence[str]) -> str:
+    """sha256 of the texts in order (records which corpus a map was fitted on)."""
+    h = hashlib.sha256()
+    for t in texts:
+        b = t.encode("utf-8")
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return h.hexdigest()
+
+
+def collect(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    layers: Sequence[int],
+    site: str = "resid_post",
+    batch_size: int = 16,
+    max_tokens: int | None = None,
+    *,
+    max_length: int | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    layer_module: str | None = None,
+    shard_dir: str | Path | None = None,
+    desc: str | None = "activations",
+    quiet: bool = False,
+) -> Iterator[TokenBatch]:
+    """Stream the residuals at ``site`` of ``layers`` over ``texts``, batch by batch.
+
+    Texts are right-padded per batch (positions start at 0 for every text, which absolute
+    position embeddings need); only real, non-special tokens come out. ``max_tokens`` stops after
+    the batch that reaches that many tokens. With ``shard_dir`` the batches are written to
+    safetensors shards and a later call with the same model, texts and settings reads them back
+    instead of running the model.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out_dtype = as_dtype(dtype) or torch.float32
+    layer_idx = sorted({resolve_layer(model, layer, layer_module) for layer in layers})
+    max_length = max_length or default_max_length(model, tokenizer)
+    cache = None
+    if shard_dir is not None:
+        key = _cache_key(model, tokenizer, texts, layer_idx, site, out_dtype, batch_size, max_length, max_tokens)
+        cache = _ShardCache(Path(shard_dir), key)
+        if cache.complete():
+            yield from cache.read()
+            return
+        cache.start()
+    yield from _collect(
+        model, tokenizer, texts, layer_idx, site, batch_size, max_tokens, max_length, out_dtype,
+        layer_module, desc, quiet, cache,
+    )
+    if cache is not None:  # reached only when the consumer read every batch
+        cache.mark_done()
+
+
+def _collect(model, tokenizer, texts, layer_idx, site, batch_size, max_tokens, max_length, out_dtype,
+             layer_module, desc, quiet, cache) -> Iterator[TokenBatch]:
+    device = next(model.parameters()).device
+    n_seen = 0
+    bar = progress(total=len(texts), desc=desc, unit="text", quiet=quiet or desc is None)
+    try:
+        with read_residuals(model, layer_idx, site, layer_module=layer_module, stop_after_last=True) as cap:
+            for start in range(0, len(texts), batch_size):
+                chunk = texts[start : start + batch_size]
+                enc = _encode(tokenizer, chunk, max_length)
+                T = max(len(e["ids"]) for e in enc)
+                ids = torch.zeros(len(enc), T, dtype=torch.long)  # pad id is irrelevant: masked out
+                mask = torch.zeros(len(enc), T, dtype=torch.long)
+                for i, e in enumerate(enc):
+                    ids[i, : len(e["ids"])] = torch.tensor(e["ids"], dtype=torch.long)
+                    mask[i, : len(e["ids"])] = 1
+                cap.clear()
+                forward_to_layers(model, input_ids=ids.to(device), attention_mask=mask.to(device))
+                rows_b, rows_t = [], []
+                offs, tok = [], []
+                for i, e in enumerate(enc):
+                    for t, k in enumerate(e["keep"]):
+                        if k:
+                            rows_b.append(i)
+                            rows_t.append(t)
+                            offs.append(e["offsets"][t])
+                            tok.append(e["ids"][t])
+                b = torch.tensor(rows_b, dtype=torch.long)
+                t = torch.tensor(rows_t, dtype=torch.long)
+                acts = {L: cap.acts[L][b.to(device), t.to(device)].to("cpu", out_dtype) for L in layer_idx}
+                batch = TokenBatch(
+                    texts=(start, start + len(chunk)),
+                    text_index=np.asarray(rows_b, dtype=np.int64) + start,
+                    position=np.asarray(rows_t, dtype=np.int64),
+                    token_id=np.asarray(tok, dtype=np.int64),
+                    offsets=np.asarray(offs, dtype=np.int64).reshape(-1, 2),
+                    acts=acts,
+                )
+                if cache is not None:
+                    cache.write(batch)
+                bar.update(len(chunk))
+                yield batch
+                n_seen += batch.n_tokens
+                if max_tokens is not None and n_seen >= max_tokens:
+                    break
+    finally:
+        bar.close()
+
+
+class _ShardCache:
+    """Activation shards in one folder: ``shard-00000.safetensors``..., and ``manifest.json``
+    written last (a cache without a manifest for this key is incomplete and rewritten)."""
+
+    def __init__(self, root: Path, key: str) -> None:
+        self.root, self.key, self.n = root, key, 0
+
+    def complete(self) -> bool:
+        m = self.root / "manifest.json"
+        return m.is_file() and json.loads(m.read_text()).get("key") == self.key
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "manifest.json").unlink(missing_ok=True)
+        for p in self.root.glob("shard-*.safetensors"):
+            p.unlink()
+
+    def write(self, batch: TokenBatch) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {f"acts.{L}": a.contiguous() for L, a in batch.acts.items()}
+        for name in ("text_index", "position", "token_id", "offsets"):
+            tensors[name] = torch.from_numpy(np.ascontiguousarray(getattr(batch, name)))
+        tensors["texts"] = torch.tensor(batch.texts, dtype=torch.long)
+        save_file(tensors, str(self.root / f"shard-{self.n:05d}.safetensors"))
+        self.n += 1
+
+    def mark_done(self) -> None:
+        from indexes.base import write_atomic
+
+        write_atomic(self.root / "manifest.json", json.dumps({"key": self.key, "n_shards": self.n}).encode())
+
+    def read(self) -> Iterator[TokenBatch]:
+        from safetensors.torch import load_file
+
+        n = json.loads((self.root / "manifest.json").read_text())["n_shards"]
+        for i in range(n):
+            d = load_file(str(self.root / f"shard-{i:05d}.safetensors"))
+            acts = {int(k.split(".", 1)[1]): v for k, v in d.items() if k.startswith("acts.")}
+            lo, hi = (int(v) for v in d["texts"])
+            yield TokenBatch(
+                texts=(lo, hi), text_index=d["text_index"].numpy(), position=d["position"].numpy(),
+                token_id=d["token_id"].numpy(), offsets=d["offsets"].numpy(), acts=acts,
+            )
+
+
+# Pairing lives in engine.pairing (it only needs the records above); re-exported here because
+# callers think of "collect and pair" as one thing.
+from engine.pairing import (  # noqa: E402
+    PAIRINGS,
+    SPAN_POOLS,
+    TEXT_POOLS,
+    PairChunk,
+    default_pool,
+    iter_batch_pairs,
+    iter_pairs,
+    pair_batches,
+    token_words,
+    word_spans,
+)
+
+__all__ = [
+    "PAIRINGS", "SITES", "SPAN_POOLS", "TEXT_POOLS", "PairChunk", "ResidualCapture", "TokenBatch",
+    "collect", "corpus_fingerprint", "default_max_length", "default_pool", "forward_to_layers",
+    "iter_batch_pairs", "iter_pairs", "pair_batches", "read_residuals", "token_words", "word_spans",
+]

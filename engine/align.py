@@ -1,0 +1,284 @@
+"""Alignment maps: fit from sufficient statistics, store with provenance, load, list.
+
+The pieces live in three modules re-exported here: `engine.align_stats` (`SufficientStats`, the
+one-pass float64 accumulator), `engine.align_methods` (the method registry: ``procrustes``,
+``ridge``, ``correlation``) and `engine.align_map` (`AlignmentMap`, applied both ways).
+
+Maps are stored as ``maps/<name>.safetensors`` (written to a temporary file, renamed atomically,
+checksum in the ``alignment_maps`` row, committed last), with the provenance also in the file's
+metadata so a map file describes itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from engine.align_map import AlignmentMap, MapSites, plain_json
+from engine.align_methods import METHODS, LinearFit, get_method, heldout_r2, register_method
+from engine.align_stats import SufficientStats
+from engine.errors import (
+    AtlasError,
+    DuplicateError,
+    FormatError,
+    NotFoundError,
+    ShapeError,
+    SiteMismatchError,
+)
+
+__all__ = [
+    "METHODS", "AlignmentMap", "CorpusTooSmallError", "MapInfo", "MapSites", "SufficientStats", "fit_map",
+    "fit_metrics", "list_maps", "load_map", "map_info", "register_method", "remove_map", "save_map",
+]
+
+
+class CorpusTooSmallError(AtlasError):
+    """Fewer pairs than dimensions: the fit would be underdetermined."""
+
+
+# ----------------------------------------------------------------------------- fitting
+
+
+def fit_map(
+    stats: SufficientStats,
+    method: str = "procrustes",
+    heldout: SufficientStats | None = None,
+    *,
+    sites: MapSites | None = None,
+    pairing: str | None = None,
+    corpus_fingerprint: str | None = None,
+    **params: Any,
+) -> AlignmentMap:
+    """Fit an `AlignmentMap` from training statistics with a registered method.
+
+    ``heldout`` statistics (pairs from texts not in the training set) choose hyper-parameters
+    (ridge's λ) and give the fit metrics: held-out R² both ways and, from their reservoir sample,
+    the mean cosine between mapped and true atlas activations.
+    """
+    m = get_method(method)
+    n, d_x, d_y = stats.count, stats.d_x, stats.d_y
+    if n < max(d_x, d_y):
+        raise CorpusTooSmallError(
+            f"only {n} pairs for d_subject={d_x}, d_atlas={d_y}: a fit needs at least as many pairs as "
+            f"dimensions ({max(d_x, d_y)}); use a larger corpus or raise --max-tokens"
+        )
+    if heldout is not None and (heldout.d_x, heldout.d_y, heldout.normalize) != (d_x, d_y, stats.normalize):
+        raise ShapeError("held-out statistics must have the training statistics' dimensions and normalisation")
+    fit: LinearFit = m.fit(stats, heldout, **params)
+    metrics = fit_metrics(fit, stats, heldout)
+    s = sites
+    return AlignmentMap(
+        weight=fit.A, inverse_weight=fit.B, subject_mean=fit.mean_x, atlas_mean=fit.mean_y, method=method,
+        subject_model=s.subject_model if s else "", subject_layer=s.subject_layer if s else -1,
+        subject_hook=s.subject_hook if s else "resid_post", atlas=s.atlas if s else "",
+        atlas_model=s.atlas_model if s else "", atlas_layer=s.atlas_layer if s else -1,
+        atlas_hook=s.atlas_hook if s else "resid_post", pairing=pairing,
+        params=plain_json(fit.params), n_pairs=n, corpus_fingerprint=corpus_fingerprint, metrics=metrics,
+    )
+
+
+def fit_metrics(fit: LinearFit, train: SufficientStats, heldout: SufficientStats | None) -> dict[str, Any]:
+    """Typical norms of both sites, train R², and held-out R² (both ways) and mean cosines."""
+    out: dict[str, Any] = {
+        "subject_resid_norm": train.mean_norm_x,
+        "atlas_resid_norm": train.mean_norm_y,
+        "train_r2": heldout_r2(fit, train),
+    }
+    if heldout is None or heldout.count == 0:
+        return out
+    out["n_heldout"] = heldout.count
+    out["heldout_r2"] = heldout_r2(fit, heldout)
+    out["heldout_r2_inverse"] = heldout_r2(fit, heldout, inverse=True)
+    X, Y = heldout.sample()
+    if len(X):
+        pred = (X.astype(np.float64) - fit.mean_x) @ fit.A + fit.mean_y  # (k, d_y)
+        out["heldout_cosine"] = _mean_cosine(pred, Y)
+        out["heldout_cosine_centred"] = _mean_cosine(pred - fit.mean_y, Y - fit.mean_y)
+        out["n_cosine_sample"] = int(len(X))
+    return out
+
+
+def _mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    num = np.sum(a * b, axis=1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return float(np.mean(num / np.maximum(den, 1e-30)))
+
+
+# ----------------------------------------------------------------------------- persistence
+
+
+@dataclass(frozen=True)
+class MapInfo:
+    """A stored map as the store lists it."""
+
+    name: str
+    subject_model: str
+    subject_layer: int
+    subject_hook: str
+    atlas: str
+    atlas_layer: int
+    method: str
+    pairing: str | None
+    d_subject: int
+    d_atlas: int
+    n_pairs: int
+    heldout_r2: float | None
+    heldout_cosine: float | None
+    corpus_fingerprint: str | None
+    file: str
+    sha256: str
+    params: dict[str, Any]
+    metrics: dict[str, Any]
+    created_at: dt.datetime | None
+
+
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
+
+
+def _check_map_name(name: str) -> None:
+    if not _NAME.match(name or "") or name.startswith("."):
+        raise AtlasError(f"bad map name {name!r}: use letters, digits, '-', '_' or '.' (no '/')")
+
+
+def default_map_name(amap: AlignmentMap) -> str:
+    name = f"{amap.subject_model}-L{amap.subject_layer}-{amap.atlas}-{amap.method}"
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", name).lstrip(".")
+
+
+def save_map(store: Any, amap: AlignmentMap, name: str | None = None, overwrite: bool = False) -> MapInfo:
+    """Store ``amap`` as ``name``: tensors to ``maps/`` (atomic), then the database row.
+
+    The subject model and the atlas must be in the store. With ``overwrite`` an existing map of
+    that name is replaced: the new file gets a new name, the row is switched in one transaction,
+    and only then is the old file removed, so a crash leaves the old map or the new one.
+    """
+    from sqlalchemy import select
+
+    from engine import layout
+    from engine.schema import AlignmentMapRow, AtlasRow, ModelRow
+    from indexes.base import write_atomic
+
+    name = name or amap.name or default_map_name(amap)
+    _check_map_name(name)
+    with store.session() as s:
+        model = s.scalar(select(ModelRow).where(ModelRow.name == amap.subject_model))
+        if model is None:
+            raise NotFoundError(f"no model named {amap.subject_model!r} in the store; register the subject first")
+        atlas = s.scalar(select(AtlasRow).where(AtlasRow.name == amap.atlas))
+        if atlas is None:
+            raise NotFoundError(f"no atlas named {amap.atlas!r}; `atlas atlases` lists them")
+        if atlas.dim != amap.d_atlas:
+            raise SiteMismatchError(f"atlas {amap.atlas!r} has d={atlas.dim}, the map maps into d={amap.d_atlas}")
+        old = s.scalar(select(AlignmentMapRow).where(AlignmentMapRow.name == name))
+        if old is not None and not overwrite:
+            raise DuplicateError(f"a map named {name!r} exists; pick another --name or pass --overwrite")
+        old_file = old.file if old is not None else None
+    amap = dataclasses.replace(amap, name=name, _torch_cache={})
+    data = amap.to_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    rel = layout.map_file(name) if old_file is None else f"{layout.MAPS_DIR}/{name}.{sha[:12]}.safetensors"
+    path = store.path / rel
+    write_atomic(path, data)
+    try:
+        with store.session() as s:
+            model = s.scalar(select(ModelRow).where(ModelRow.name == amap.subject_model))
+            atlas = s.scalar(select(AtlasRow).where(AtlasRow.name == amap.atlas))
+            row = s.scalar(select(AlignmentMapRow).where(AlignmentMapRow.name == name))
+            if row is None:
+                row = AlignmentMapRow(name=name)
+                s.add(row)
+            row.subject_model_id, row.subject_layer, row.subject_hook = model.id, amap.subject_layer, amap.subject_hook
+            row.atlas_id, row.method, row.pairing = atlas.id, amap.method, amap.pairing
+            row.params, row.file, row.sha256 = plain_json(amap.params), rel, sha
+            row.d_subject, row.d_atlas, row.n_pairs = amap.d_subject, amap.d_atlas, amap.n_pairs
+            row.corpus_fingerprint, row.metrics = amap.corpus_fingerprint, plain_json(amap.metrics)
+    except BaseException:
+        if rel != old_file:
+            path.unlink(missing_ok=True)
+        raise
+    if old_file is not None and old_file != rel:
+        (store.path / old_file).unlink(missing_ok=True)
+    return map_info(store, name)
+
+
+def _rows(store: Any, name: str | None = None) -> list[MapInfo]:
+    from sqlalchemy import select
+
+    from engine.schema import AlignmentMapRow, AtlasRow, ModelRow
+
+    q = (
+        select(AlignmentMapRow, ModelRow.name, AtlasRow.name, AtlasRow.layer)
+        .join(ModelRow, AlignmentMapRow.subject_model_id == ModelRow.id)
+        .join(AtlasRow, AlignmentMapRow.atlas_id == AtlasRow.id)
+        .order_by(AlignmentMapRow.name)
+    )
+    if name is not None:
+        q = q.where(AlignmentMapRow.name == name)
+    out = []
+    with store.session() as s:
+        for r, model, atlas, atlas_layer in s.execute(q):
+            m = r.metrics or {}
+            out.append(MapInfo(
+                name=r.name, subject_model=model, subject_layer=r.subject_layer, subject_hook=r.subject_hook,
+                atlas=atlas, atlas_layer=atlas_layer, method=r.method, pairing=r.pairing, d_subject=r.d_subject,
+                d_atlas=r.d_atlas, n_pairs=r.n_pairs, heldout_r2=m.get("heldout_r2"),
+                heldout_cosine=m.get("heldout_cosine"), corpus_fingerprint=r.corpus_fingerprint, file=r.file,
+                sha256=r.sha256, params=dict(r.params or {}), metrics=dict(m), created_at=r.created_at,
+            ))
+    return out
+
+
+def list_maps(store: Any) -> list[MapInfo]:
+    """Every stored map, by name."""
+    return _rows(store)
+
+
+def map_info(store: Any, name: str) -> MapInfo:
+    rows = _rows(store, name)
+    if not rows:
+        raise NotFoundError(f"no map named {name!r}; `atlas maps` lists them")
+    return rows[0]
+
+
+def load_map(store: Any, name: str) -> AlignmentMap:
+    """A stored map, its file checked against the checksum in the database."""
+    info = map_info(store, name)
+    path = store.path / info.file
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise NotFoundError(f"the file of map {name!r} is missing ({path}); refit it with `atlas align`") from None
+    if hashlib.sha256(data).hexdigest() != info.sha256:
+        raise FormatError(f"the file of map {name!r} ({path}) does not match its checksum; refit it with `atlas align`")
+    atlas = store.atlas(info.atlas)
+    amap = AlignmentMap.from_bytes(
+        data, name=name, subject_model=info.subject_model, subject_layer=info.subject_layer,
+        subject_hook=info.subject_hook, atlas=info.atlas, atlas_model=atlas.model, atlas_layer=atlas.layer,
+        atlas_hook=atlas.hook, method=info.method, pairing=info.pairing, params=info.params,
+        n_pairs=info.n_pairs, corpus_fingerprint=info.corpus_fingerprint, metrics=info.metrics,
+    )
+    if (amap.d_subject, amap.d_atlas) != (info.d_subject, info.d_atlas):
+        raise FormatError(f"map {name!r}: file has {amap.weight.shape}, database says "
+                          f"({info.d_subject}, {info.d_atlas})")
+    return amap
+
+
+def remove_map(store: Any, name: str) -> None:
+    """Delete a map's row, then its file."""
+    from sqlalchemy import select
+
+    from engine.schema import AlignmentMapRow
+
+    with store.session() as s:
+        row = s.scalar(select(AlignmentMapRow).where(AlignmentMapRow.name == name))
+        if row is None:
+            raise NotFoundError(f"no map named {name!r}; `atlas maps` lists them")
+        rel = row.file
+        s.delete(row)
+    (store.path / rel).unlink(missing_ok=True)

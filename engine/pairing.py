@@ -1,0 +1,226 @@
+"""Pairing subject and foundation activations of the same content (DESIGN §5).
+
+Pairs are drawn from two `TokenBatch` records of the same texts, so pairing is a pure function of
+arrays and several pairings can share one forward pass:
+
+- ``token``: one pair per token; needs the same tokenizer (checked by fingerprint and per batch).
+- ``span``: one pair per word (run of word characters) that both tokenizations cover, each side
+  pooled over its pieces of that word by character offsets — ``last`` piece (default: in a causal
+  model the last piece has read the whole word) or ``mean``. Works across tokenizers.
+- ``text``: one pair per text, ``mean``- or ``max``-pooled over its tokens.
+
+Special tokens and padding never reach this module: `engine.activations.collect` drops them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from engine.errors import ShapeError, SiteMismatchError
+from engine.models import resolve_layer, tokenizer_fingerprint
+
+if TYPE_CHECKING:
+    from engine.activations import TokenBatch
+
+PAIRINGS: tuple[str, ...] = ("token", "span", "text")
+# How a span (word) or a text is pooled into one vector.
+SPAN_POOLS: tuple[str, ...] = ("last", "mean")
+TEXT_POOLS: tuple[str, ...] = ("mean", "max")
+WORD_PATTERN = re.compile(r"\w+")  # a "span" is a run of word characters
+
+@dataclass
+class PairChunk:
+    """Paired activations of the same content: ``x[layer]`` (n, d_subject) per subject layer and
+    ``y`` (n, d_foundation), row ``i`` of each from the same token / word / text."""
+
+    x: dict[int, torch.Tensor]
+    y: torch.Tensor
+
+    @property
+    def n(self) -> int:
+        return int(self.y.shape[0])
+
+    def head(self, n: int) -> PairChunk:
+        return PairChunk({k: v[:n] for k, v in self.x.items()}, self.y[:n])
+
+
+def word_spans(text: str) -> np.ndarray:
+    """Character spans ``(n_words, 2)`` of the words (runs of word characters) of a text."""
+    spans = [m.span() for m in WORD_PATTERN.finditer(text)]
+    return np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+
+
+def token_words(batch: TokenBatch, texts: Sequence[str]) -> np.ndarray:
+    """For each token, the key ``text_index << 32 | word`` of the word holding its last word
+    character, or -1 (punctuation, whitespace, no offsets)."""
+    keys = np.full(batch.n_tokens, -1, dtype=np.int64)
+    if batch.n_tokens == 0:
+        return keys
+    for ti in np.unique(batch.text_index):
+        sel = np.nonzero(batch.text_index == ti)[0]
+        text = texts[int(ti)]
+        spans = word_spans(text)
+        if len(spans) == 0:
+            continue
+        char_word = np.full(len(text), -1, dtype=np.int64)
+        for w, (a, b) in enumerate(spans):
+            char_word[a:b] = w
+        # last word character at or before each position, and its word
+        pos = np.where(char_word >= 0, np.arange(len(text)), -1)
+        last_pos = np.maximum.accumulate(pos)
+        s, e = batch.offsets[sel, 0], batch.offsets[sel, 1]
+        ok = (s >= 0) & (e > s) & (e <= len(text))
+        lp = np.where(ok, last_pos[np.clip(e - 1, 0, len(text) - 1)], -1)
+        ok &= lp >= s
+        w = np.where(ok, char_word[np.clip(lp, 0, None)], -1)
+        keys[sel] = np.where(w >= 0, (int(ti) << 32) | w, -1)
+    return keys
+
+
+def _pool(acts: dict[int, torch.Tensor], keys: np.ndarray, pool: str) -> tuple[np.ndarray, dict[int, torch.Tensor]]:
+    """Pool rows that share a key (keys < 0 are dropped): ``last`` row, ``mean`` or ``max``."""
+    valid = np.nonzero(keys >= 0)[0]
+    k = keys[valid]
+    uniq, inverse = np.unique(k, return_inverse=True)
+    out: dict[int, torch.Tensor] = {}
+    if pool == "last":
+        # rows are in token order, so the last occurrence of a key is its last piece
+        last = len(k) - 1 - np.unique(k[::-1], return_index=True)[1]
+        rows = torch.from_numpy(valid[last])
+        return uniq, {L: a[rows] for L, a in acts.items()}
+    inv = torch.from_numpy(inverse)
+    rows = torch.from_numpy(valid)
+    for L, a in acts.items():
+        a = a[rows]
+        if pool == "mean":
+            acc = torch.zeros(len(uniq), a.shape[1], dtype=torch.float64)
+            acc.index_add_(0, inv, a.double())
+            counts = torch.bincount(inv, minlength=len(uniq)).clamp(min=1).double()
+            out[L] = (acc / counts[:, None]).to(a.dtype)  # (n_keys, d)
+        elif pool == "max":
+            acc = torch.full((len(uniq), a.shape[1]), float("-inf"), dtype=a.dtype)
+            out[L] = acc.scatter_reduce(0, inv[:, None].expand_as(a), a, reduce="amax")
+        else:
+            raise ValueError(f"unknown pool {pool!r}")
+    return uniq, out
+
+
+def default_pool(pairing: str) -> str | None:
+    return {"token": None, "span": "last", "text": "mean"}[pairing]
+
+
+def pair_batches(
+    sub: TokenBatch,
+    fnd: TokenBatch,
+    texts: Sequence[str],
+    pairing: str,
+    subject_layers: Sequence[int],
+    foundation_layer: int,
+    pool: str | None = None,
+) -> PairChunk:
+    """Pair the subject's and the foundation's tokens of the same texts (DESIGN §5).
+
+    ``token``: one pair per token (the tokenizers must agree token for token). ``span``: one pair
+    per word present in both, each side pooled over its pieces of the word (``last`` piece or
+    ``mean``). ``text``: one pair per text, pooled over its tokens (``mean`` or ``max``).
+    """
+    if sub.texts != fnd.texts:
+        raise ShapeError(f"batches cover different texts: {sub.texts} vs {fnd.texts}")
+    if pairing not in PAIRINGS:
+        raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+    pool = pool or default_pool(pairing)
+    xs = {L: sub.acts[L] for L in subject_layers}
+    y = fnd.acts[foundation_layer]
+    if pairing == "token":
+        if sub.n_tokens != fnd.n_tokens or not np.array_equal(sub.token_id, fnd.token_id):
+            raise SiteMismatchError(
+                "token pairing needs the same tokenizer in both models and the two tokenised the corpus "
+                "differently; use --pairing span (or text)"
+            )
+        return PairChunk(xs, y)
+    if pairing == "span":
+        if pool not in SPAN_POOLS:
+            raise ValueError(f"span pooling must be one of {SPAN_POOLS}, got {pool!r}")
+        kx, ky = token_words(sub, texts), token_words(fnd, texts)
+    else:
+        if pool not in TEXT_POOLS:
+            raise ValueError(f"text pooling must be one of {TEXT_POOLS}, got {pool!r}")
+        kx, ky = sub.text_index.copy(), fnd.text_index.copy()
+    ux, px = _pool(xs, kx, pool)
+    uy, py = _pool({-1: y}, ky, pool)
+    _, ix, iy = np.intersect1d(ux, uy, assume_unique=True, return_indices=True)
+    ix_t, iy_t = torch.from_numpy(ix), torch.from_numpy(iy)
+    return PairChunk({L: v[ix_t] for L, v in px.items()}, py[-1][iy_t])
+
+
+def iter_batch_pairs(
+    subject: tuple[torch.nn.Module, Any],
+    foundation: tuple[torch.nn.Module, Any],
+    texts: Sequence[str],
+    subject_layers: Sequence[int],
+    foundation_layer: int,
+    *,
+    subject_site: str = "resid_post",
+    foundation_site: str = "resid_post",
+    batch_size: int = 16,
+    max_length: int | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    subject_layer_module: str | None = None,
+    foundation_layer_module: str | None = None,
+    desc: str | None = "pairs",
+    quiet: bool = False,
+) -> Iterator[tuple[TokenBatch, TokenBatch]]:
+    """Run both models over the same batches of texts, yielding their token records in step.
+
+    Both sides truncate at the same ``max_length`` (the smaller of the two models' limits by
+    default), so ``token`` pairing sees the same tokens on both sides.
+    """
+    from engine.activations import collect, default_max_length
+
+    (sm, stok), (fm, ftok) = subject, foundation
+    if max_length is None:
+        max_length = min(default_max_length(sm, stok), default_max_length(fm, ftok))
+    gen_s = collect(sm, stok, texts, subject_layers, subject_site, batch_size, max_length=max_length,
+                    dtype=dtype, layer_module=subject_layer_module, desc=desc, quiet=quiet)
+    gen_f = collect(fm, ftok, texts, [foundation_layer], foundation_site, batch_size, max_length=max_length,
+                    dtype=dtype, layer_module=foundation_layer_module, desc=None)
+    yield from zip(gen_s, gen_f, strict=True)
+
+
+def iter_pairs(
+    subject: tuple[torch.nn.Module, Any],
+    foundation: tuple[torch.nn.Module, Any],
+    texts: Sequence[str],
+    subject_layers: Sequence[int],
+    foundation_layer: int,
+    pairing: str = "token",
+    pool: str | None = None,
+    max_pairs: int | None = None,
+    **kwargs: Any,
+) -> Iterator[PairChunk]:
+    """Stream paired (subject, foundation) activations, ``max_pairs`` at most.
+
+    ``subject`` and ``foundation`` are ``(model, tokenizer)``; other keyword arguments go to
+    `iter_batch_pairs`. ``token`` pairing checks up front that the tokenizers are the same.
+    """
+    if pairing == "token" and tokenizer_fingerprint(subject[1]) != tokenizer_fingerprint(foundation[1]):
+        raise SiteMismatchError(
+            "token pairing needs the same tokenizer in both models (their vocabulary fingerprints differ); "
+            "use --pairing span"
+        )
+    s_layers = [resolve_layer(subject[0], L, kwargs.get("subject_layer_module")) for L in subject_layers]
+    f_layer = resolve_layer(foundation[0], foundation_layer, kwargs.get("foundation_layer_module"))
+    n = 0
+    for sb, fb in iter_batch_pairs(subject, foundation, texts, s_layers, f_layer, **kwargs):
+        chunk = pair_batches(sb, fb, texts, pairing, s_layers, f_layer, pool)
+        if max_pairs is not None and n + chunk.n >= max_pairs:
+            yield chunk.head(max_pairs - n)
+            return
+        n += chunk.n
+        yield chunk
