@@ -1,0 +1,97 @@
+"""Subject features to label: directions read from a source named on the command line.
+
+A source is what `atlas label --features SOURCE` names: a subject SAE folder (SAELens, or Gemma
+Scope ``params.npz``; the decoder rows are the features), a plain ``.npy`` / ``.safetensors``
+matrix (one direction per row), or ``native:`` directions of ConceptWorld's subject model. The
+readers are those of `engine.atlas`; this module adds what a labelling run needs on top of them:
+a canonical spec string that can be re-opened on resume, and a fingerprint of the exact vectors,
+so a run resumed on a source that changed in the meantime stops with a clear error instead of
+mixing labels of two different feature sets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from engine.errors import FormatError, ShapeError
+
+NATIVE_PREFIX = "native:"
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSource:
+    """Subject feature directions ``vectors`` (n_features, d_subject), with where they came from."""
+
+    spec: str  # canonical: an absolute path (``path#key`` for a named tensor) or ``native:...``
+    kind: str  # saelens | gemmascope | matrix | native
+    vectors: np.ndarray  # (n_features, d_subject) float32
+    fingerprint: str  # sha256 of the shape and float32 bytes of ``vectors``
+    model: str | None = None  # the site recorded by the source, when it records one
+    layer: int | None = None
+    hook: str | None = None
+
+    @property
+    def n_features(self) -> int:
+        return int(self.vectors.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+
+def fingerprint(vectors: np.ndarray) -> str:
+    """sha256 over the shape and the float32 bytes of ``vectors`` (what a run actually labels)."""
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    h = hashlib.sha256(f"{x.shape[0]}x{x.shape[1]}:float32:".encode())
+    h.update(memoryview(x).cast("B"))
+    return h.hexdigest()
+
+
+def canonical_spec(source: str | Path, key: str | None = None) -> str:
+    """The spec stored with a run: absolute paths, so a resume from another folder finds the file."""
+    text = str(source)
+    if text.startswith(NATIVE_PREFIX):
+        return text
+    path, _, inline_key = text.partition("#")
+    key = key or (inline_key or None)
+    resolved = str(Path(path).expanduser().resolve())
+    return f"{resolved}#{key}" if key else resolved
+
+
+def open_feature_source(source: str | Path, *, key: str | None = None, store=None, amap=None) -> FeatureSource:
+    """Read the features named by ``source`` (see the module docstring for the forms).
+
+    ``key`` names the tensor inside a ``.safetensors`` holding several (also ``file#key``).
+    ``native:`` sources need the ``store`` and the alignment map ``amap`` whose subject site they
+    are computed at.
+    """
+    spec = canonical_spec(source, key)
+    if spec.startswith(NATIVE_PREFIX):
+        from engine.native_features import native_directions  # torch and the world: only when asked
+
+        if store is None or amap is None:
+            raise FormatError(f"{spec}: native directions need the store and the map's subject site")
+        vectors, model, layer, hook = native_directions(store, amap, spec[len(NATIVE_PREFIX):])
+        return _source(spec, "native", vectors, model, layer, hook)
+
+    from engine.atlas import read_directions, read_matrix
+
+    path, _, inline_key = spec.partition("#")
+    if not Path(path).exists():
+        raise FormatError(f"{path}: no such file or folder (features are an SAE folder, params.npz, .npy or .safetensors)")
+    sae = read_matrix(path, inline_key) if inline_key else read_directions(path)
+    return _source(spec, sae.source_kind, sae.W_dec, sae.model, sae.layer, sae.hook)
+
+
+def _source(spec: str, kind: str, vectors: np.ndarray, model, layer, hook) -> FeatureSource:
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    if x.ndim != 2 or 0 in x.shape:
+        raise ShapeError(f"{spec}: features must be a non-empty (n_features, d) matrix, got {x.shape}")
+    if not np.isfinite(x).all():
+        bad = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
+        raise FormatError(f"{spec}: feature {bad} has NaN or infinite values")
+    return FeatureSource(spec, kind, x, fingerprint(x), model, None if layer is None else int(layer), hook)

@@ -1,0 +1,187 @@
+"""Search through a map: subject vectors → alignment map → unit norm → atlas index → hits.
+
+Two kinds of subject vector go through a map differently (DESIGN §5). *Directions* (SAE decoder
+rows, concept directions) have no origin: they go through the linear part only and are
+re-normalised. *Activations* (residuals) are points: they go through the whole affine map, and by
+default the atlas centre is then subtracted again, so the cosine compares what is specific to the
+token with the concept directions rather than the large offset every residual shares (with the
+offset kept, every token ranks the same few concepts first). ``centre=False`` searches the raw
+mapped activation.
+
+The array functions (`project`, `search_arrays`) take and return plain arrays in large batches,
+so labelling and scripts reuse them and a distributed runner can call them per shard; `search`
+joins labels from the database into `Hit` lists. `choose_index_spec` is the engine's rule for an
+atlas's index structure by size, used for ``--index-spec auto``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+from engine.errors import ShapeError
+from engine.store import Hit, Store, unit_rows
+
+VectorKind = Literal["directions", "activations"]
+VECTOR_KINDS: tuple[str, ...] = ("directions", "activations")
+
+DEFAULT_SEARCH_BATCH = 8192  # queries per FAISS call: large enough to run at GEMM speed, ~25 MB at d=768
+
+# Below this many concepts exact search is fast enough (d=768: ~1,000 queries/s at 100k on two
+# cores) and needs no recall figure; above it the ANN spec measured by benchmarks/bench_ann_scale.py.
+FLAT_MAX_CONCEPTS = 200_000
+ANN_SPEC = "HNSW32|efSearch=128"
+
+
+def choose_index_spec(n_concepts: int, dim: int) -> str:
+    """The index spec the engine uses for an atlas of ``n_concepts`` directions of width ``dim``.
+
+    Exact ``Flat`` up to `FLAT_MAX_CONCEPTS`; above, HNSW (``ANN_SPEC``): on 1M SAE-like
+    directions (d=768) it kept recall@10 ≥ 0.95 against exact search at many times its speed
+    (figures in benchmarks/bench_ann_scale.py's report).
+    """
+    if n_concepts < 0 or dim <= 0:
+        raise ShapeError(f"an atlas needs n_concepts >= 0 and dim > 0, got {n_concepts} and {dim}")
+    return "Flat" if n_concepts <= FLAT_MAX_CONCEPTS else ANN_SPEC
+
+
+# ---------------------------------------------------------------------- projection
+
+
+def project(amap: Any, vectors: np.ndarray, kind: VectorKind = "directions", centre: bool = True) -> np.ndarray:
+    """Subject vectors (n, d_subject) → unit atlas-space queries (n, d_atlas) float32.
+
+    ``kind="directions"``: linear part, re-normalised. ``kind="activations"``: the affine map,
+    minus the atlas centre unless ``centre=False``, then unit norm.
+    """
+    x = _as_matrix(vectors, amap.d_subject, "subject vectors")
+    if kind == "directions":
+        y = amap.map_directions(x)  # (n, d_atlas)
+    elif kind == "activations":
+        y = amap.map_activations(x)  # (n, d_atlas)
+        if centre:
+            y = y - atlas_centre(amap)
+    else:
+        raise ValueError(f"kind must be one of {VECTOR_KINDS}, got {kind!r}")
+    return unit_rows(y)
+
+
+def atlas_centre(amap: Any) -> np.ndarray:
+    """Where the map sends the subject's mean residual: the atlas-side centre (d_atlas,)."""
+    scale = amap.atlas_resid_norm if getattr(amap, "normalize", False) else 1.0
+    return (np.asarray(amap.atlas_mean, dtype=np.float64) * scale).astype(np.float32)
+
+
+def _as_matrix(vectors: np.ndarray, d: int, what: str) -> np.ndarray:
+    x = np.asarray(vectors)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2 or x.shape[1] != d:
+        raise ShapeError(f"{what} have shape {np.shape(vectors)}; the map needs (n, {d})")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+# ---------------------------------------------------------------------- search
+
+
+def search_arrays(
+    store: Store, amap: Any, vectors: np.ndarray, k: int = 10, *, kind: VectorKind = "directions",
+    centre: bool = True, batch_size: int = DEFAULT_SEARCH_BATCH,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` atlas concepts of each subject vector: (scores (n, k) float32, ordinals (n, k) int64).
+
+    Ordinals are ``-1`` (score ``-inf``) where the index returns fewer than ``k``.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    info = store.atlas(amap.atlas)
+    amap.check_atlas(info.name, info.dim)
+    x = _as_matrix(vectors, amap.d_subject, "subject vectors")
+    index = store.index(info.name)
+    n = x.shape[0]
+    scores = np.full((n, k), -np.inf, dtype=np.float32)
+    ids = np.full((n, k), -1, dtype=np.int64)
+    for lo in range(0, n, batch_size):
+        hi = min(n, lo + batch_size)
+        s, i = index.search(project(amap, x[lo:hi], kind, centre), k)
+        scores[lo:hi, : s.shape[1]], ids[lo:hi, : i.shape[1]] = s, i
+    return scores, ids
+
+
+def search(
+    store: Store, amap: Any, vectors: np.ndarray, k: int = 10, *, kind: VectorKind = "directions",
+    centre: bool = True, batch_size: int = DEFAULT_SEARCH_BATCH,
+) -> list[list[Hit]]:
+    """Top-``k`` hits (labels joined from the database) of each subject vector, through ``amap``."""
+    scores, ids = search_arrays(store, amap, vectors, k, kind=kind, centre=centre, batch_size=batch_size)
+    return store.hits(amap.atlas, scores, ids)
+
+
+# ---------------------------------------------------------------------- explain
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenHits:
+    """The top concepts of one token of a text, through a map."""
+
+    position: int  # token position in the model's input (specials included)
+    token: str  # the text the token covers (or its decoded piece when offsets are unknown)
+    start: int  # character span in the text; -1 when unknown
+    end: int
+    hits: list[Hit]
+
+
+def explain(
+    store: Store, amap: Any, text: str, k: int = 5, *, centre: bool = True, model: Any = None,
+    tokenizer: Any = None,
+) -> list[TokenHits]:
+    """Per token of ``text`` in the map's subject model: the top-``k`` atlas concepts.
+
+    The residual at the map's subject site is read with forward hooks, mapped as an activation and
+    searched. ``model``/``tokenizer`` default to the subject model registered in the store.
+    """
+    import torch
+
+    from engine.activations import collect
+
+    if model is None or tokenizer is None:
+        model, tokenizer = load_subject_model(store, amap)
+    batches = list(collect(model, tokenizer, [text], [amap.subject_layer], site=amap.subject_hook,
+                           batch_size=1, desc=None, dtype=torch.float32))
+    if not batches or batches[0].n_tokens == 0:
+        return []
+    b = batches[0]
+    acts = next(iter(b.acts.values())).numpy()  # (n_tokens, d_subject)
+    amap.check_site(None, None, acts.shape[1], amap.subject_hook)
+    hits = search(store, amap, acts, k, kind="activations", centre=centre)
+    out = []
+    for j, row in enumerate(hits):
+        s, e = (int(v) for v in b.offsets[j])
+        piece = text[s:e] if 0 <= s < e else tokenizer.decode([int(b.token_id[j])])
+        out.append(TokenHits(int(b.position[j]), piece, s, e, row))
+    return out
+
+
+def load_subject_model(store: Store, amap: Any):
+    """The map's subject model and tokenizer, from the source recorded in the store."""
+    from engine.errors import NotFoundError
+    from engine.models import load_model
+
+    info = store.get_model(amap.subject_model)
+    if not info.source:
+        raise NotFoundError(
+            f"model {info.name!r} has no recorded source (local folder or hub id) to load it from; "
+            "register it with its path"
+        )
+    return load_model(info.source, revision=info.revision)
+
+
+def hits_table(rows: Sequence[Sequence[Hit]]) -> list[dict[str, Any]]:
+    """Flat rows (query, rank, ref, label, score) of hit lists, for tables, JSON and CSV."""
+    return [
+        {"query": q, "rank": h.rank, "ref": h.ref, "label": h.label, "score": h.score}
+        for q, row in enumerate(rows) for h in row
+    ]
