@@ -1,0 +1,364 @@
+"""The steering executor: residual-stream edits as forward hooks, and generation under them.
+
+An edit is a unit direction at one subject layer with a strength in units of that site's
+typical residual norm (DESIGN §6): ``add`` moves every edited position by
+``strength × norm × u``; ``clamp`` sets the projection onto ``u`` to ``strength × norm``.
+Strength in norm units is what makes one number mean the same thing at every layer and in every
+model (a prototype here found 0.5–2 × norm steers and ≥ 4 × norm breaks the text).
+
+Why hooks on block outputs, registered with ``prepend=True``: block ``L``'s output is the
+residual ``resid_post`` of ``L`` that block ``L+1`` reads, in every architecture
+`engine.models.resolve_blocks` knows; putting the edit first means the library's own hooks (and
+any reader installed later) see the edited stream (DESIGN §10).
+
+Why positions are counted from the KV cache: with ``positions="new"`` only positions at or after
+the prompt length are edited. Without the cache every forward pass sees the whole sequence; with
+it, a step sees one new token whose absolute position is the cache length. A pre-hook on the
+model reads that length before each forward pass, so both paths edit the same positions by the
+same vectors and greedy decoding gives the same token ids with and without the cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from engine.errors import ShapeError, SiteMismatchError
+from engine.models import d_model_of, resolve_blocks, resolve_layer
+
+Mode = Literal["add", "clamp"]
+MODES: tuple[str, ...] = ("add", "clamp")
+Positions = Literal["all", "new"]
+POSITIONS: tuple[str, ...] = ("all", "new")
+
+
+@dataclass(frozen=True)
+class SteeringEdit:
+    """One edit at one subject layer: ``direction`` (d,) is scaled to unit norm on creation.
+
+    ``norm`` is the site's typical residual norm (mean L2 norm of residuals at the layer), so
+    ``strength=1`` adds (or clamps the projection to) one typical residual's length.
+    """
+
+    layer: int
+    direction: np.ndarray  # (d_subject,), unit norm
+    strength: float
+    norm: float
+    mode: Mode = "add"
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        u = np.asarray(self.direction, dtype=np.float64)
+        if u.ndim != 1 or u.shape[0] == 0:
+            raise ShapeError(f"a steering direction must be a vector (d,), got shape {u.shape}")
+        n = float(np.linalg.norm(u))
+        if not math.isfinite(n) or n == 0.0:
+            raise ShapeError(f"steering direction {self.label or self.layer!r} is zero or not finite")
+        if not (math.isfinite(self.norm) and self.norm > 0):
+            raise ValueError(f"norm must be a positive number (the site's typical residual norm), got {self.norm}")
+        object.__setattr__(self, "direction", (u / n).astype(np.float32))
+
+    @property
+    def target(self) -> float:
+        """Length added (``add``) or projection set (``clamp``): ``strength × norm``."""
+        return float(self.strength * self.norm)
+
+
+@dataclass
+class _LayerEdit:
+    """The edits of one layer, precomputed for the hot path: one summed vector for all ``add``
+    edits, and (direction, target) pairs for ``clamp`` edits, applied in order after the sum."""
+
+    delta: torch.Tensor | None  # (d,)
+    clamps: list[tuple[torch.Tensor, float]]  # [(u (d,), target)]
+    _cast: dict[tuple[torch.dtype, torch.device], tuple[Any, list]] = field(default_factory=dict)
+
+    def cast(self, like: torch.Tensor) -> tuple[torch.Tensor | None, list[tuple[torch.Tensor, float]]]:
+        key = (like.dtype, like.device)
+        if key not in self._cast:
+            delta = None if self.delta is None else self.delta.to(like.device, like.dtype)
+            clamps = [(u.to(like.device, like.dtype), t) for u, t in self.clamps]
+            self._cast[key] = (delta, clamps)
+        return self._cast[key]
+
+    def apply(self, h: torch.Tensor) -> torch.Tensor:
+        """``h`` (B, t, d) edited out of place."""
+        delta, clamps = self.cast(h)
+        if delta is not None:
+            h = h + delta
+        for u, target in clamps:
+            proj = h @ u  # (B, t)
+            h = h + (target - proj).unsqueeze(-1) * u
+        return h
+
+
+class SteeringHooks:
+    """Installed edits; `remove` takes every hook off and may be called any number of times."""
+
+    def __init__(self) -> None:
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.offset = 0  # absolute position of the first token of the current forward pass
+        self.calls = 0  # edited block outputs (for tests and benchmarks)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.handles)
+
+    def remove(self) -> None:
+        while self.handles:
+            self.handles.pop().remove()
+
+
+def _cache_length(kwargs: dict[str, Any]) -> int:
+    """Tokens already in the KV cache of this forward pass (0 without a cache)."""
+    cache = kwargs.get("past_key_values")
+    if cache is not None and hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    if isinstance(cache, (tuple, list)) and cache and cache[0] is not None:  # legacy tuple cache
+        return int(cache[0][0].shape[-2])
+    pos = kwargs.get("cache_position")
+    return int(pos[0]) if isinstance(pos, torch.Tensor) and pos.numel() else 0
+
+
+def check_edits(model: torch.nn.Module, edits: Sequence[SteeringEdit], layer_module: str | None = None) -> None:
+    """Raise `SiteMismatchError` when an edit's direction does not fit the model's residual width."""
+    d = d_model_of(model)
+    for e in edits:
+        if e.direction.shape[0] != d:
+            raise SiteMismatchError(
+                f"steering direction {e.label or ''} has dimension {e.direction.shape[0]}, but "
+                f"{type(model).__name__} has a residual stream of width {d}: the direction (or its "
+                "map) belongs to another model"
+            )
+        resolve_layer(model, e.layer, layer_module)
+
+
+@contextlib.contextmanager
+def steer(
+    model: torch.nn.Module,
+    edits: Sequence[SteeringEdit],
+    positions: Positions = "all",
+    prompt_length: int = 0,
+    *,
+    layer_module: str | None = None,
+) -> Iterator[SteeringHooks]:
+    """Install ``edits`` as forward hooks on the model's blocks; always removed on exit.
+
+    ``positions="new"`` edits only positions ``>= prompt_length`` (the generated tokens).
+    With no edits this installs nothing, so unsteered runs pay nothing.
+    """
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+    check_edits(model, edits, layer_module)
+    blocks = resolve_blocks(model, layer_module)
+    by_layer: dict[int, list[SteeringEdit]] = {}
+    for e in edits:
+        by_layer.setdefault(resolve_layer(model, e.layer, layer_module), []).append(e)
+    hooks = SteeringHooks()
+
+    def make_hook(le: _LayerEdit):
+        def hook(_module, _args, output):
+            h = output[0] if isinstance(output, (tuple, list)) else output  # (B, t, d)
+            hooks.calls += 1
+            if positions == "new":
+                first = prompt_length - hooks.offset  # index of the first position to edit
+                if first >= h.shape[1]:
+                    return None
+                if first > 0:
+                    h = torch.cat([h[:, :first], le.apply(h[:, first:])], dim=1)
+                else:
+                    h = le.apply(h)
+            else:
+                h = le.apply(h)
+            if isinstance(output, tuple):
+                return (h, *output[1:])
+            if isinstance(output, list):
+                return [h, *output[1:]]
+            return h
+
+        return hook
+
+    def track_offset(_module, _args, kwargs):
+        hooks.offset = _cache_length(kwargs)
+
+    try:
+        if positions == "new" and by_layer:
+            hooks.handles.append(model.register_forward_pre_hook(track_offset, with_kwargs=True, prepend=True))
+        for layer, group in sorted(by_layer.items()):
+            adds = [e for e in group if e.mode == "add"]
+            delta = None
+            if adds:
+                delta = torch.from_numpy(sum(e.target * e.direction.astype(np.float64) for e in adds).astype(np.float32))
+            clamps = [(torch.from_numpy(e.direction), e.target) for e in group if e.mode == "clamp"]
+            hooks.handles.append(blocks[layer].register_forward_hook(make_hook(_LayerEdit(delta, clamps)), prepend=True))
+        yield hooks
+    finally:
+        hooks.remove()
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One continuation: the prompt, the generated text and its token ids (prompt excluded)."""
+
+    prompt: str
+    text: str
+    token_ids: list[int]
+
+
+def special_token_ids(tokenizer: Any) -> list[int]:
+    """Every special token id of the tokenizer (the end-of-document token among them)."""
+    return sorted({int(i) for i in (getattr(tokenizer, "all_special_ids", None) or []) if i is not None})
+
+
+def _group_by_length(tokenizer: Any, prompts: Sequence[str]) -> tuple[list[list[int]], dict[int, list[int]]]:
+    enc = [list(ids) for ids in tokenizer(list(prompts))["input_ids"]]
+    groups: dict[int, list[int]] = {}
+    for i, ids in enumerate(enc):
+        if not ids:
+            raise ShapeError(f"prompt {prompts[i]!r} tokenises to nothing; give a non-empty prompt")
+        groups.setdefault(len(ids), []).append(i)
+    return enc, groups
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    edits: Sequence[SteeringEdit] = (),
+    *,
+    positions: Positions = "all",
+    max_new_tokens: int = 20,
+    seed: int = 0,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    use_cache: bool = True,
+    blocked: Sequence[int] | None = None,
+    batch_size: int = 64,
+    layer_module: str | None = None,
+) -> list[Generation]:
+    """Continue each prompt under ``edits`` (none: unsteered) with ``model.generate``.
+
+    Prompts are batched by token length, so no padding enters the model and ``positions="new"``
+    has one prompt length per batch. Greedy by default; with ``do_sample`` each batch draws from
+    a generator seeded with ``seed`` (the global RNG is restored afterwards), so a steered and an
+    unsteered run with the same seed are comparable. ``blocked`` token ids are never generated
+    (pass `special_token_ids` to keep the end-of-document token out).
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    enc, groups = _group_by_length(tokenizer, prompts)
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
+    stop = {int(eos)} if eos is not None and int(eos) not in set(blocked or ()) else set()
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=use_cache, pad_token_id=pad,
+        num_beams=1,
+    )
+    if do_sample:
+        kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
+    if blocked:
+        kwargs["suppress_tokens"] = [int(t) for t in blocked]
+    if not stop:
+        kwargs["eos_token_id"] = None
+    out: list[Generation | None] = [None] * len(prompts)
+    devices = [device] if device.type == "cuda" else []
+    for length, idx in sorted(groups.items()):
+        for start in range(0, len(idx), batch_size):
+            chunk = idx[start : start + batch_size]
+            ids = torch.tensor([enc[i] for i in chunk], device=device)  # (B, T)
+            with torch.random.fork_rng(devices=devices), steer(
+                model, edits, positions, prompt_length=length, layer_module=layer_module
+            ):
+                torch.manual_seed(seed)
+                seqs = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+            for row, i in enumerate(chunk):
+                new = seqs[row, length:].tolist()
+                cut = next((j for j, t in enumerate(new) if t in stop), None)
+                new = new if cut is None else new[:cut]
+                text = tokenizer.decode(new, skip_special_tokens=True)
+                out[i] = Generation(prompts[i], text, new)
+    return [g for g in out if g is not None]
+
+
+@dataclass(frozen=True)
+class SidePair:
+    """A steered and an unsteered continuation of one prompt, from the same seed."""
+
+    prompt: str
+    unsteered: str
+    steered: str
+    unsteered_ids: list[int]
+    steered_ids: list[int]
+
+
+def generate_pair(
+    model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], edits: Sequence[SteeringEdit], **kwargs: Any
+) -> list[SidePair]:
+    """Unsteered and steered continuations of ``prompts`` side by side (same seed and settings)."""
+    base = generate(model, tokenizer, prompts, (), **kwargs)
+    steered = generate(model, tokenizer, prompts, edits, **kwargs)
+    return [SidePair(p, b.text, s.text, b.token_ids, s.token_ids) for p, b, s in zip(prompts, base, steered)]
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+@torch.no_grad()
+def continuation_nll(
+    model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], continuations: Sequence[Sequence[int]],
+) -> tuple[float, int]:
+    """Summed negative log-likelihood of ``continuations`` (token ids) after their prompts, under
+    ``model`` as it is (no edits), and the number of tokens scored."""
+    enc = [list(ids) for ids in tokenizer(list(prompts))["input_ids"]]
+    device = next(model.parameters()).device
+    nll, n = 0.0, 0
+    for ids, cont in zip(enc, continuations):
+        if not cont:
+            continue
+        seq = torch.tensor([ids + list(cont)], device=device)  # (1, T)
+        logits = model(input_ids=seq, use_cache=False).logits[0, len(ids) - 1 : -1].float()  # (n_cont, V)
+        target = torch.tensor(list(cont), device=device)
+        nll -= float(torch.log_softmax(logits, -1).gather(-1, target[:, None]).sum())
+        n += len(cont)
+    return nll, n
+
+
+def perplexity(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str],
+               continuations: Sequence[Sequence[int]]) -> float:
+    """exp(mean NLL per token) of the continuations under the unsteered ``model`` (fluency guard)."""
+    nll, n = continuation_nll(model, tokenizer, prompts, continuations)
+    return math.exp(nll / n) if n else float("nan")
+
+
+@torch.no_grad()
+def typical_norm(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], layer: int,
+                 batch_size: int = 16, layer_module: str | None = None) -> float:
+    """Mean L2 norm of ``resid_post`` at ``layer`` over the real tokens of ``texts``.
+
+    The maps store this figure for their subject site; this measures it for a direction that
+    comes without a map (a native direction, a direction from a file).
+    """
+    from engine.activations import collect
+
+    total, n = 0.0, 0
+    for batch in collect(model, tokenizer, list(texts), [layer], batch_size=batch_size, desc=None,
+                         layer_module=layer_module):
+        a = next(iter(batch.acts.values()))  # (n_tokens, d)
+        total += float(torch.linalg.vector_norm(a.double(), dim=-1).sum())
+        n += batch.n_tokens
+    if n == 0:
+        raise ShapeError("no tokens to measure the residual norm on; give non-empty texts")
+    return total / n
