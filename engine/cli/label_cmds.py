@@ -1,0 +1,199 @@
+"""Labelling and search commands: label, runs, export, explain, search, eval labelling."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from engine.cli.common import (
+    emit,
+    json_option,
+    open_store,
+    print_json,
+    print_table,
+    quiet_option,
+    store_options,
+)
+
+EVAL_HELP = "Evaluate the engine against ConceptWorld's ground truth (retrieval, labelling)."
+
+
+def register(cli: click.Group) -> None:
+    for cmd in (label, runs, export, explain, search):
+        cli.add_command(cmd)
+    # `atlas eval` is shared with the alignment commands: join the group whichever module registers first.
+    group = cli.commands.get("eval")
+    if group is None:
+        group = type(cli)("eval", help=EVAL_HELP)
+        cli.add_command(group)
+    group.add_command(eval_labelling)
+
+
+# ---------------------------------------------------------------------- label
+
+
+@click.command()
+@click.argument("map_name", metavar="MAP", required=False)
+@click.option("--features", "-f", metavar="SOURCE",
+              help="Subject features: an SAE folder (SAELens / Gemma Scope), a .npy / .safetensors matrix "
+                   "(one direction per row; FILE#KEY names a tensor), or native: (ConceptWorld).")
+@click.option("-k", default=5, show_default=True, help="Concepts kept per feature.")
+@click.option("--name", help="Name of the run (default: MAP.SOURCE.kK).")
+@click.option("--batch", "batch_size", default=4096, show_default=True,
+              help="Features per batch: one search and one transaction each (the unit of resume).")
+@click.option("--resume", metavar="RUN", help="Continue an interrupted or failed run where it stopped.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run of the same name.")
+@click.option("--no-site-check", is_flag=True,
+              help="Do not compare the model and layer the features record with the map's subject site "
+                   "(their width is always checked).")
+@store_options
+@json_option
+@quiet_option
+def label(map_name, features, k, name, batch_size, resume, overwrite, no_site_check, store_dir: Path,
+          db_url, as_json: bool) -> None:
+    """Label many subject features through MAP: the top-k atlas concepts of each, stored as a run.
+
+    Rows are committed batch by batch; a run stopped by Ctrl-C or a kill is continued with
+    `atlas label --resume RUN` and ends with exactly the rows of an uninterrupted run.
+    `atlas runs` lists runs, `atlas export RUN` writes their labels.
+    """
+    from engine import labelling
+
+    store = open_store(store_dir, db_url)
+    if resume:
+        if map_name or features:
+            raise click.UsageError("--resume RUN takes no MAP or --features: the run records them")
+        run_name = resume
+    else:
+        if not map_name or not features:
+            raise click.UsageError("give MAP and --features SOURCE (or --resume RUN)")
+        run_name = labelling.create_run(
+            store, map_name, features, k=k, name=name, batch_size=batch_size, site_check=not no_site_check,
+            overwrite=overwrite,
+        ).name
+    try:
+        run = labelling.run_labelling(store, run_name)
+    except KeyboardInterrupt:
+        run = labelling.get_run(store, run_name)
+        click.echo(f"interrupted at {run.n_done}/{run.n_features} features; "
+                   f"`atlas label --resume {run_name}` continues", err=True)
+        sys.exit(130)
+    if as_json:
+        print_json(run)
+    else:
+        click.echo(f"run {run.name}: {run.n_done}/{run.n_features} features labelled with top-{run.k} "
+                   f"concepts of {run.atlas} through {run.map} ({run.status})")
+
+
+@click.command()
+@store_options
+@json_option
+def runs(store_dir: Path, db_url, as_json: bool) -> None:
+    """List labelling runs with their status and progress (a killed run shows as interrupted)."""
+    from engine.labelling import list_runs
+
+    items = list_runs(open_store(store_dir, db_url))
+    if as_json:
+        print_json(items)
+        return
+    print_table([{"name": r.name, "map": r.map, "status": r.status, "done": f"{r.n_done}/{r.n_features}",
+                  "k": r.k, "features": r.feature_source, "updated": r.updated_at} for r in items])
+
+
+@click.command()
+@click.argument("run_name", metavar="RUN")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="File (default: stdout).")
+@click.option("--partial", is_flag=True, help="Export the finished part of an unfinished run.")
+@store_options
+def export(run_name: str, fmt: str, output: Path | None, partial: bool, store_dir: Path, db_url) -> None:
+    """Write the labels of RUN with their scores and the margin between the top two hits.
+
+    JSONL: one object per feature (label, concept, score, margin, hits). CSV: one row per
+    (feature, rank). A small margin means the transferred label is uncertain.
+    """
+    from engine.labelling import export_run
+
+    store = open_store(store_dir, db_url)
+    if output is None:
+        export_run(store, run_name, sys.stdout, fmt, partial=partial)
+        return
+    tmp = output.with_name(f".{output.name}.tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        n = export_run(store, run_name, f, fmt, partial=partial)
+    tmp.replace(output)
+    click.echo(f"wrote {n} features to {output}", err=True)
+
+
+# ---------------------------------------------------------------------- explain and search
+
+
+@click.command()
+@click.argument("map_name", metavar="MAP")
+@click.argument("text")
+@click.option("-k", default=3, show_default=True, help="Concepts per token.")
+@click.option("--raw", is_flag=True, help="Search the mapped activation as is (default: minus the atlas centre).")
+@store_options
+@json_option
+def explain(map_name: str, text: str, k: int, raw: bool, store_dir: Path, db_url, as_json: bool) -> None:
+    """Per token of TEXT in MAP's subject model: the top atlas concepts, with cosine scores."""
+    from engine.align import load_map
+    from engine.search import explain as run_explain
+
+    store = open_store(store_dir, db_url)
+    tokens = run_explain(store, load_map(store, map_name), text, k, centre=not raw)
+    if as_json:
+        print_json(tokens)
+        return
+    print_table([{"pos": t.position, "token": t.token,
+                  **{f"#{h.rank}": f"{h.label} ({h.score:.2f})" for h in t.hits}} for t in tokens])
+
+
+@click.command()
+@click.argument("map_name", metavar="MAP")
+@click.option("--vectors", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Subject vectors, one per row: .npy or .safetensors (FILE with --key for one of several).")
+@click.option("--key", help="Tensor name inside a .safetensors holding several.")
+@click.option("-k", default=10, show_default=True, help="Concepts per vector.")
+@click.option("--kind", type=click.Choice(["directions", "activations"]), default="directions", show_default=True,
+              help="directions: linear part of the map; activations: the affine map, minus the atlas centre.")
+@store_options
+@json_option
+def search(map_name: str, vectors: Path, key, k: int, kind: str, store_dir: Path, db_url, as_json: bool) -> None:
+    """Raw vector search through MAP: the top-k atlas concepts of each subject vector in FILE."""
+    from engine.align import load_map
+    from engine.atlas import read_matrix
+    from engine.search import hits_table
+    from engine.search import search as run_search
+
+    store = open_store(store_dir, db_url)
+    x = read_matrix(vectors, key).W_dec
+    emit(hits_table(run_search(store, load_map(store, map_name), x, k, kind=kind)), as_json,
+         ["query", "rank", "ref", "label", "score"])
+
+
+# ---------------------------------------------------------------------- eval
+
+
+@click.command("labelling")
+@click.option("--world", "use_world", is_flag=True, required=True,
+              help="Evaluate on ConceptWorld (the only ground truth the engine ships).")
+@click.option("--size", type=click.Choice(["tiny", "small"]), default="small", show_default=True)
+@click.option("--seed", default=0, show_default=True, help="World seed.")
+@click.option("--map", "map_names", multiple=True, help="Only these maps (default: every map on the world atlas).")
+@store_options
+@json_option
+@quiet_option
+def eval_labelling(use_world: bool, size: str, seed: int, map_names, store_dir: Path, db_url, as_json: bool) -> None:
+    """Top-1 / top-5 accuracy of labelling each subject's native concept directions through its maps.
+
+    The features are the subject model's own concept directions (centred topic means); the
+    right label of feature i is the world's concept i. Maps come from `atlas align`; where the
+    store has none for a subject, a Procrustes map is fitted first.
+    """
+    from engine.labelling_eval import evaluate_world_labelling
+
+    rows = evaluate_world_labelling(open_store(store_dir, db_url), size=size, seed=seed, maps=list(map_names) or None)
+    emit(rows, as_json, ["subject", "method", "map", "n", "top1", "top5"])
