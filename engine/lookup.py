@@ -22,6 +22,9 @@ from engine.errors import AtlasError, IndexIntegrityError
 from engine.schema import AtlasRow
 from engine.store import Store, sha256_bytes
 
+# A word in more than this share of concepts (and at least COMMON_MIN_DOCS) is "common".
+COMMON_FRACTION = 0.05
+COMMON_MIN_DOCS = 500
 RRF_K = 60  # reciprocal-rank-fusion constant (Cormack et al. 2009)
 SEMANTIC_MODEL = "all-MiniLM-L6-v2"
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -46,7 +49,7 @@ class LookupHit:
 
 
 def fts_query(query: str) -> str | None:
-    """A safe FTS5 query: every word quoted, OR-ed, so any matching word counts (bm25 ranks)."""
+    """A safe FTS5 query: every content word quoted, OR-ed."""
     words = _query_words(query)
     return " OR ".join(f'"{w}"' for w in words) or None
 
@@ -58,33 +61,59 @@ def _query_words(query: str) -> list[str]:
 
 
 def text_search(store: Store, query: str, k: int = 10, atlas: str | None = None) -> list[tuple[str, int]]:
-    """Full-text ranking: [(atlas, ordinal)] best first."""
-    q = fts_query(query)
-    if q is None:
+    """Full-text ranking: [(atlas, ordinal)] best first.
+
+    Concepts matching every query word come first (bm25 order), then those matching some. Why the
+    extra steps: bm25 scores every matching row, so an OR with a word present in most concepts
+    costs a scan of the atlas. Such words carry almost no weight in bm25 (their IDF is near
+    zero), so a cheap capped count finds them first and they are left out of the query whenever
+    a rarer word is present (the pruning idea of MaxScore/WAND retrieval).
+    """
+    words = _query_words(query)
+    if not words:
         return []
+    if store.engine.dialect.name != "sqlite":
+        return _like_search(store, words, k, atlas)
+    sql = (
+        "SELECT a.name, c.ordinal FROM concepts_fts f JOIN concepts c ON c.id = f.rowid "
+        "JOIN atlases a ON a.id = c.atlas_id WHERE concepts_fts MATCH :q "
+        + ("AND a.name = :atlas " if atlas else "")
+        + "ORDER BY bm25(concepts_fts, 4.0, 1.0) LIMIT :k"
+    )
+    found: list[tuple[str, int]] = []
     with store.session() as s:
-        if store.engine.dialect.name == "sqlite":
-            sql = (
-                "SELECT a.name, c.ordinal FROM concepts_fts f JOIN concepts c ON c.id = f.rowid "
-                "JOIN atlases a ON a.id = c.atlas_id WHERE concepts_fts MATCH :q "
-                + ("AND a.name = :atlas " if atlas else "")
-                + "ORDER BY bm25(concepts_fts, 4.0, 1.0) LIMIT :k"
-            )
+        n_total = s.execute(text("SELECT count(*) FROM concepts")).scalar() or 0
+        cap = max(COMMON_MIN_DOCS, int(n_total * COMMON_FRACTION))
+        probe = text("SELECT count(*) FROM (SELECT rowid FROM concepts_fts WHERE concepts_fts MATCH :q LIMIT :cap)")
+        rare = [w for w in words if s.execute(probe, {"q": f'"{w}"', "cap": cap}).scalar() < cap]
+        words = rare or words
+        queries = [" AND ".join(f'"{w}"' for w in words)]
+        if len(words) > 1:
+            queries.append(" OR ".join(f'"{w}"' for w in words))
+        for q in queries:
+            if len(found) >= k:
+                break
+            seen = set(found)
             rows = s.execute(text(sql), {"q": q, "atlas": atlas, "k": k}).all()
-        else:  # portable fallback: count matching words (PostgreSQL etc.)
-            words = _query_words(query)
-            score = " + ".join(
-                f"(CASE WHEN lower(c.label) LIKE :w{i} THEN 4 ELSE 0 END"
-                f" + CASE WHEN lower(coalesce(c.description, '')) LIKE :w{i} THEN 1 ELSE 0 END)"
-                for i in range(len(words))
-            )
-            sql = (
-                f"SELECT a.name, c.ordinal FROM concepts c JOIN atlases a ON a.id = c.atlas_id "
-                f"WHERE ({score}) > 0 " + ("AND a.name = :atlas " if atlas else "")
-                + f"ORDER BY ({score}) DESC, c.id LIMIT :k"
-            )
-            params = {f"w{i}": f"%{w}%" for i, w in enumerate(words)}
-            rows = s.execute(text(sql), {**params, "atlas": atlas, "k": k}).all()
+            found += [key for key in ((r[0], int(r[1])) for r in rows) if key not in seen]
+    return found[:k]
+
+
+def _like_search(store: Store, words: list[str], k: int, atlas: str | None) -> list[tuple[str, int]]:
+    """Portable fallback for databases without FTS5 (PostgreSQL etc.): count matching words."""
+    score = " + ".join(
+        f"(CASE WHEN lower(c.label) LIKE :w{i} THEN 4 ELSE 0 END"
+        f" + CASE WHEN lower(coalesce(c.description, '')) LIKE :w{i} THEN 1 ELSE 0 END)"
+        for i in range(len(words))
+    )
+    sql = (
+        f"SELECT a.name, c.ordinal FROM concepts c JOIN atlases a ON a.id = c.atlas_id "
+        f"WHERE ({score}) > 0 " + ("AND a.name = :atlas " if atlas else "")
+        + f"ORDER BY ({score}) DESC, c.id LIMIT :k"
+    )
+    params = {f"w{i}": f"%{w}%" for i, w in enumerate(words)}
+    with store.session() as s:
+        rows = s.execute(text(sql), {**params, "atlas": atlas, "k": k}).all()
     return [(r[0], int(r[1])) for r in rows]
 
 
