@@ -57,7 +57,7 @@ def project(amap: Any, vectors: np.ndarray, kind: VectorKind = "directions", cen
     ``kind="directions"``: linear part, re-normalised. ``kind="activations"``: the affine map,
     minus the atlas centre unless ``centre=False``, then unit norm.
     """
-    x = _as_matrix(vectors, amap.d_subject, "subject vectors")
+    x = _as_matrix(vectors, amap, "subject vectors")
     if kind == "directions":
         y = amap.map_directions(x)  # (n, d_atlas)
     elif kind == "activations":
@@ -75,12 +75,13 @@ def atlas_centre(amap: Any) -> np.ndarray:
     return (np.asarray(amap.atlas_mean, dtype=np.float64) * scale).astype(np.float32)
 
 
-def _as_matrix(vectors: np.ndarray, d: int, what: str) -> np.ndarray:
+def _as_matrix(vectors: np.ndarray, amap: Any, what: str) -> np.ndarray:
     x = np.asarray(vectors)
     if x.ndim == 1:
         x = x[None, :]
-    if x.ndim != 2 or x.shape[1] != d:
-        raise ShapeError(f"{what} have shape {np.shape(vectors)}; the map needs (n, {d})")
+    if x.ndim != 2:
+        raise ShapeError(f"{what} have shape {np.shape(vectors)}; the map needs (n, {amap.d_subject})")
+    amap.check_site(None, None, x.shape[1])  # another width: SiteMismatchError naming the map's site
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
@@ -99,7 +100,7 @@ def search_arrays(
         raise ValueError(f"k must be >= 1, got {k}")
     info = store.atlas(amap.atlas)
     amap.check_atlas(info.name, info.dim)
-    x = _as_matrix(vectors, amap.d_subject, "subject vectors")
+    x = _as_matrix(vectors, amap, "subject vectors")
     index = store.index(info.name)
     n = x.shape[0]
     scores = np.full((n, k), -np.inf, dtype=np.float32)

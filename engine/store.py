@@ -295,6 +295,7 @@ class Store:
         if not np.isfinite(x).all():
             raise ShapeError("atlas vectors contain NaN or infinite values")
         n, d = x.shape
+        index_spec = resolve_index_spec(index_spec, n, d)
         labels = list(labels) if labels is not None else [None] * n
         descriptions = list(descriptions) if descriptions is not None else [None] * n
         for what, seq in (("labels", labels), ("descriptions", descriptions), ("densities", densities)):
@@ -466,7 +467,7 @@ class Store:
     def rebuild_index(self, name: str, spec: str | None = None) -> IndexStatus:
         """Rebuild the index from the vector file (optionally with another spec), atomically."""
         info = self.atlas(name)
-        spec = spec or info.index_spec
+        spec = resolve_index_spec(spec or info.index_spec, info.n_concepts, info.dim)
         x = unit_rows(self.atlas_vectors(name))
         index = indexes.create_index(info.dim, spec)
         index.add(x, np.arange(x.shape[0], dtype=np.int64))
@@ -552,6 +553,15 @@ class Store:
 
     def schema_tables(self) -> list[str]:
         return sorted(inspect(self.engine).get_table_names())
+
+
+def resolve_index_spec(spec: str, n_concepts: int, dim: int) -> str:
+    """``"auto"`` → the engine's spec for an atlas of this size (`engine.search.choose_index_spec`)."""
+    if spec != "auto":
+        return spec
+    from engine.search import choose_index_spec  # engine.search imports this module
+
+    return choose_index_spec(n_concepts, dim)
 
 
 def parse_concept_ref(ref: str | int, atlas: str | None = None) -> tuple[str | None, int]:
