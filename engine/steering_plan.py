@@ -1,0 +1,323 @@
+"""Steering plans: which concepts, how strong, where, how — resolved through alignment maps.
+
+A `SteeringPlan` is plain data (saved and reloaded as JSON): concepts given by id
+(``<atlas>/<ordinal>``), by label, or by a free-text query resolved with `engine.lookup`;
+strengths in units of the subject site's typical residual norm; one or several subject layers;
+mode ``add`` or ``clamp``; positions ``all`` or ``new``; and generation settings. `resolve_plan`
+turns it into `SteeringEdit`s: each concept's atlas direction goes through the inverse map of the
+layer (linear part, re-normalised) and is scaled by the norm stored with that map.
+
+Why a plan names one map but may steer several layers: a map is fitted at one subject layer, so
+each further layer uses the map the store holds for the same subject model and atlas at that
+layer; a layer without one is an error rather than a direction applied where it was not fitted.
+
+Why ``combine``: the paper found single directions brittle; the mean of a concept's unit atlas
+direction and those of its K nearest atlas neighbours is a steadier direction for a theme that
+several concepts share. The mean is taken in atlas space (the inverse map is linear, so this is
+the mean of the mapped directions up to their norms) and re-normalised after mapping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from engine.errors import FormatError, NotFoundError, SiteMismatchError
+from engine.steering import MODES, POSITIONS, Mode, Positions, SteeringEdit
+
+Direction = Literal["transferred", "native"]
+DIRECTIONS: tuple[str, ...] = ("transferred", "native")
+PLAN_VERSION = 1
+
+# Native directions for a concept label at a subject layer (None: the model has none for it).
+NativeSource = Callable[[str, int], "np.ndarray | None"]
+
+
+@dataclass
+class PlanConcept:
+    """One concept of a plan; ``strength`` None means the plan's strength."""
+
+    query: str  # as given: "<atlas>/<ordinal>", a label, or free text
+    strength: float | None = None
+    ref: str | None = None  # the resolved concept id, filled by `resolve_plan` (a saved plan keeps it)
+
+    def __post_init__(self) -> None:
+        if not str(self.query).strip():
+            raise ValueError("concept query must be a non-empty string (an id, a label or free text)")
+
+
+@dataclass
+class SteeringPlan:
+    """Concepts + strengths + subject layers + mode, and how to generate under them."""
+
+    map: str
+    concepts: list[PlanConcept]
+    strength: float = 1.0  # × typical residual norm: 0.5–2 steered a prototype, ≥ 4 breaks the text
+    layers: list[int] | None = None  # None: the map's own subject layer
+    mode: Mode = "add"
+    positions: Positions = "all"
+    combine: int = 0  # K nearest atlas neighbours averaged into each concept's direction
+    direction: Direction = "transferred"  # "native": the subject's own direction (where known)
+    max_new_tokens: int = 30
+    seed: int = 0
+    do_sample: bool = False  # greedy by default: steered and unsteered differ only by the edit
+    temperature: float = 1.0
+    block_special: bool = True  # never generate special tokens (the end-of-document token among them)
+    version: int = PLAN_VERSION
+
+    def __post_init__(self) -> None:
+        self.concepts = [c if isinstance(c, PlanConcept) else PlanConcept(**c) if isinstance(c, dict)
+                         else PlanConcept(str(c)) for c in self.concepts]
+        if not self.concepts:
+            raise ValueError("a steering plan needs at least one concept")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}")
+        if self.combine < 0:
+            raise ValueError(f"combine must be >= 0 (neighbours to average), got {self.combine}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.layers is not None:
+            self.layers = [int(v) for v in self.layers]
+            if not self.layers:
+                raise ValueError("layers must name at least one layer (or be None for the map's layer)")
+        if self.version != PLAN_VERSION:
+            raise FormatError(f"steering plan version {self.version} is not supported (this version reads {PLAN_VERSION})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SteeringPlan:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise FormatError(f"unknown steering-plan fields {unknown}; known: {sorted(known)}")
+        try:
+            return cls(**d)
+        except (TypeError, ValueError) as e:
+            raise FormatError(f"bad steering plan: {e}") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> SteeringPlan:
+        try:
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise FormatError(f"cannot read steering plan {path}: {e}") from None
+        if not isinstance(d, dict):
+            raise FormatError(f"steering plan {path} must be a JSON object")
+        return cls.from_dict(d)
+
+
+@dataclass(frozen=True)
+class ResolvedConcept:
+    """A plan concept as resolved: its atlas concept and the neighbours averaged in."""
+
+    query: str
+    ref: str
+    label: str
+    strength: float
+    neighbours: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ResolvedPlan:
+    """A plan turned into edits on a subject model."""
+
+    plan: SteeringPlan
+    subject_model: str
+    concepts: list[ResolvedConcept]
+    layers: list[int]
+    maps: dict[int, str]  # layer -> map name
+    norms: dict[int, float]  # layer -> typical residual norm of the subject site
+    edits: list[SteeringEdit]
+    alignment: dict[int, Any] = field(default_factory=dict, repr=False)  # layer -> AlignmentMap
+
+
+def resolve_concept(store: Any, atlas: str, query: str) -> tuple[str, str]:
+    """``(ref, label)`` of the concept a query names in ``atlas``: an id, an exact label, or the
+    best text-lookup hit."""
+    from engine.lookup import lookup
+    from engine.store import parse_concept_ref
+
+    q = query.strip()
+    name, sep, ordinal = q.rpartition("/")
+    if ordinal.lstrip("-").isdigit() and (sep or q.lstrip("-").isdigit()):
+        atlas_name, idx = parse_concept_ref(q, atlas)
+        if atlas_name != atlas:
+            raise SiteMismatchError(f"concept {q!r} is in atlas {atlas_name!r}, but the map maps into atlas {atlas!r}")
+        c = store.concept(idx, atlas)
+        return c.ref, c.label
+    labels = store.labels(atlas)
+    exact = [i for i, label in enumerate(labels) if label.lower() == q.lower()]
+    if exact:
+        return f"{atlas}/{exact[0]}", labels[exact[0]]
+    hits = lookup(store, q, k=1, atlas=atlas)
+    if not hits:
+        raise NotFoundError(f"no concept of atlas {atlas!r} matches {q!r}; `atlas lookup {q!r}` shows what does")
+    return hits[0].ref, hits[0].label
+
+
+def layer_maps(store: Any, map_name: str, layers: Sequence[int] | None) -> dict[int, Any]:
+    """The map to use at each requested subject layer (the named map for its own layer, the
+    store's map of the same subject and atlas for the others)."""
+    from engine.align import list_maps, load_map
+
+    base = load_map(store, map_name)
+    wanted = [base.subject_layer] if layers is None else list(dict.fromkeys(layers))
+    out: dict[int, Any] = {}
+    siblings = None
+    for layer in wanted:
+        if layer == base.subject_layer:
+            out[layer] = base
+            continue
+        if siblings is None:
+            siblings = [m for m in list_maps(store) if m.subject_model == base.subject_model
+                        and m.atlas == base.atlas and m.subject_hook == base.subject_hook]
+        cands = [m for m in siblings if m.subject_layer == layer]
+        if not cands:
+            have = sorted({m.subject_layer for m in siblings})
+            raise SiteMismatchError(
+                f"no map of {base.subject_model!r} at layer {layer} into atlas {base.atlas!r} "
+                f"(maps exist at layers {have}); fit one with `atlas align` at that layer"
+            )
+        cands.sort(key=lambda m: (m.method != base.method, m.pairing != base.pairing, m.name))
+        out[layer] = load_map(store, cands[0].name)
+    return out
+
+
+def _concept_vector(store: Any, atlas: str, ref: str, combine: int) -> tuple[np.ndarray, list[str]]:
+    """Unit atlas direction of ``ref``, or the mean with its ``combine`` nearest neighbours."""
+    from engine.store import unit_rows
+
+    vectors = store.atlas_vectors(atlas)
+    ordinal = int(ref.rsplit("/", 1)[1])
+    neighbours = store.neighbors(ref, k=combine) if combine else []
+    rows = [ordinal] + [h.ordinal for h in neighbours]
+    v = unit_rows(vectors[rows]).mean(0)  # (d_atlas,)
+    return v, [h.ref for h in neighbours]
+
+
+def resolve_plan(store: Any, plan: SteeringPlan, native: NativeSource | None = None) -> ResolvedPlan:
+    """Resolve concepts, pick a map per layer and build one `SteeringEdit` per concept and layer.
+
+    ``native`` gives the subject's own direction of a concept label at a layer; it is required
+    for ``plan.direction == "native"`` (ConceptWorld knows them; a real model does not).
+    """
+    maps = layer_maps(store, plan.map, plan.layers)
+    base = maps[plan.layers[0] if plan.layers else next(iter(maps))]
+    atlas = base.atlas
+    concepts: list[ResolvedConcept] = []
+    vectors: list[np.ndarray] = []
+    for c in plan.concepts:
+        ref, label = resolve_concept(store, atlas, c.ref or c.query)
+        c.ref = ref
+        v, neigh = _concept_vector(store, atlas, ref, plan.combine)
+        concepts.append(ResolvedConcept(c.query, ref, label,
+                                        plan.strength if c.strength is None else float(c.strength), neigh))
+        vectors.append(v)
+    edits: list[SteeringEdit] = []
+    norms: dict[int, float] = {}
+    for layer, amap in maps.items():
+        norm = amap.subject_resid_norm
+        if not np.isfinite(norm) or norm <= 0:
+            raise FormatError(f"map {amap.name!r} has no typical residual norm of its subject site; refit it")
+        norms[layer] = norm
+        for rc, v in zip(concepts, vectors):
+            if plan.direction == "native":
+                if native is None:
+                    raise NotFoundError("native directions are known only for ConceptWorld subjects")
+                u = native(rc.label, layer)
+                if u is None:
+                    raise NotFoundError(f"no native direction of {rc.label!r} at layer {layer} of {amap.subject_model!r}")
+                u = np.asarray(u, dtype=np.float32)
+                if u.shape != (amap.d_subject,):
+                    raise SiteMismatchError(f"native direction of {rc.label!r} has shape {u.shape}, "
+                                            f"the subject site has d={amap.d_subject}")
+            else:
+                u = amap.inverse_directions(v)  # (d_subject,), unit
+            edits.append(SteeringEdit(layer, u, rc.strength, norm, plan.mode, rc.label))
+    return ResolvedPlan(plan, base.subject_model, concepts, list(maps), {k: m.name for k, m in maps.items()},
+                        norms, edits, maps)
+
+
+# ----------------------------------------------------------------------------- running
+
+
+@dataclass
+class SteeringRun:
+    """Steered and unsteered continuations side by side, with what produced them."""
+
+    plan: dict[str, Any]
+    subject_model: str
+    concepts: list[ResolvedConcept]
+    layers: list[int]
+    maps: dict[int, str]
+    norms: dict[int, float]
+    outputs: list[Any]  # [SidePair]
+    perplexity_unsteered: float
+    perplexity_steered: float
+
+
+def load_subject(store: Any, model_name: str) -> tuple[Any, Any]:
+    """Load a subject model registered in the store from its recorded source."""
+    from engine.models import load_model
+
+    info = store.get_model(model_name)
+    if not info.source:
+        raise NotFoundError(f"model {model_name!r} has no recorded source (path or hub id); register it again with one")
+    return load_model(info.source, revision=info.revision)
+
+
+def check_subject(resolved: ResolvedPlan, model: Any, model_name: str | None = None) -> None:
+    """Raise `SiteMismatchError` when ``model`` is not the subject the plan's maps were fitted on."""
+    from engine.models import d_model_of, resolve_layer
+
+    d = d_model_of(model)
+    for layer, amap in resolved.alignment.items():
+        amap.check_site(model_name, layer, d)
+        resolve_layer(model, layer)
+
+
+def run_plan(store: Any, plan: SteeringPlan, prompts: Sequence[str], *, model: Any = None, tokenizer: Any = None,
+             model_name: str | None = None, native: NativeSource | None = None, use_cache: bool = True) -> SteeringRun:
+    """Resolve ``plan`` and generate steered and unsteered continuations of ``prompts`` from the same seed.
+
+    Without ``model`` the subject model is loaded from the store (its registered source). A model
+    passed in is checked against the maps' subject site (``model_name`` as the store names it,
+    when known, and always its residual width).
+    """
+    from engine.steering import generate_pair, perplexity, special_token_ids
+
+    resolved = resolve_plan(store, plan, native)
+    if model is None:
+        model, tokenizer = load_subject(store, resolved.subject_model)
+        model_name = resolved.subject_model
+    elif tokenizer is None:
+        raise ValueError("pass the tokenizer with the model")
+    check_subject(resolved, model, model_name)
+    blocked = special_token_ids(tokenizer) if plan.block_special else None
+    pairs = generate_pair(model, tokenizer, prompts, resolved.edits, positions=plan.positions,
+                          max_new_tokens=plan.max_new_tokens, seed=plan.seed, do_sample=plan.do_sample,
+                          temperature=plan.temperature, use_cache=use_cache, blocked=blocked)
+    ps = [p.prompt for p in pairs]
+    return SteeringRun(
+        plan=plan.to_dict(), subject_model=resolved.subject_model, concepts=resolved.concepts,
+        layers=resolved.layers, maps=resolved.maps, norms=resolved.norms, outputs=pairs,
+        perplexity_unsteered=perplexity(model, tokenizer, ps, [p.unsteered_ids for p in pairs]),
+        perplexity_steered=perplexity(model, tokenizer, ps, [p.steered_ids for p in pairs]),
+    )
