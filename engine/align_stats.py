@@ -56,9 +56,9 @@ class SufficientStats:
             raise ShapeError(f"dimensions must be positive, got d_x={d_x}, d_y={d_y}")
         self.d_x, self.d_y, self.normalize, self.chunk_rows = d_x, d_y, normalize, chunk_rows
         self.gemm_dtype = gemm_dtype
-        self.n = 0
-        self.mean_x = np.zeros(d_x)  # (d_x,) float64
-        self.mean_y = np.zeros(d_y)  # (d_y,)
+        self._n = 0
+        self._mx = np.zeros(d_x)  # (d_x,) float64
+        self._my = np.zeros(d_y)  # (d_y,)
         self._cxx = np.zeros((d_x, d_x))  # Σ (x−μx)ᵀ(x−μx)
         self._cxy = np.zeros((d_x, d_y))  # Σ (x−μx)ᵀ(y−μy)
         self._cyy = np.zeros((d_y, d_y))  # Σ (y−μy)ᵀ(y−μy)
@@ -132,18 +132,18 @@ class SufficientStats:
                     cyy - c * np.outer(ey, ey))
 
     def _merge(self, c: int, mx: np.ndarray, my: np.ndarray, cxx, cxy, cyy) -> None:
-        n = self.n + c
-        dx, dy = mx - self.mean_x, my - self.mean_y
-        w = self.n * c / n
+        n = self._n + c
+        dx, dy = mx - self._mx, my - self._my
+        w = self._n * c / n
         self._cxx += cxx
         self._cxx += w * np.outer(dx, dx)
         self._cxy += cxy
         self._cxy += w * np.outer(dx, dy)
         self._cyy += cyy
         self._cyy += w * np.outer(dy, dy)
-        self.mean_x += dx * (c / n)
-        self.mean_y += dy * (c / n)
-        self.n = n
+        self._mx += dx * (c / n)
+        self._my += dy * (c / n)
+        self._n = n
 
     def _offer_sample(self, X: torch.Tensor, Y: torch.Tensor) -> None:
         """Reservoir sampling (algorithm R, vectorised: later rows win a slot, as in sequence)."""
@@ -166,8 +166,8 @@ class SufficientStats:
             raise ShapeError("cannot merge statistics of different dimensions or normalisation")
         self.flush()
         other.flush()
-        if other.n:
-            self._merge(other.n, other.mean_x, other.mean_y, other._cxx, other._cxy, other._cyy)
+        if other._n:
+            self._merge(other._n, other._mx, other._my, other._cxx, other._cxy, other._cyy)
             self.sum_norm_x += other.sum_norm_x
             self.sum_norm_y += other.sum_norm_y
 
@@ -193,19 +193,33 @@ class SufficientStats:
 
     @property
     def count(self) -> int:
+        """Number of pairs counted."""
         self.flush()
-        return self.n
+        return self._n
+
+    n = count
+
+    @property
+    def mean_x(self) -> np.ndarray:
+        """Mean of x, (d_x,) float64."""
+        self.flush()
+        return self._mx
+
+    @property
+    def mean_y(self) -> np.ndarray:
+        self.flush()
+        return self._my
 
     @property
     def mean_norm_x(self) -> float:
         """Mean raw L2 norm of x (the subject site's typical residual norm)."""
         self.flush()
-        return self.sum_norm_x / self.n if self.n else float("nan")
+        return self.sum_norm_x / self._n if self._n else float("nan")
 
     @property
     def mean_norm_y(self) -> float:
         self.flush()
-        return self.sum_norm_y / self.n if self.n else float("nan")
+        return self.sum_norm_y / self._n if self._n else float("nan")
 
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
         """The reservoir sample ``(X (k, d_x), Y (k, d_y))`` (normalised rows if ``normalize``)."""
@@ -218,7 +232,7 @@ class SufficientStats:
         self.flush()
         t = SufficientStats(self.d_y, self.d_x, normalize=self.normalize, chunk_rows=self.chunk_rows,
                             gemm_dtype=self.gemm_dtype)
-        t.n, t.mean_x, t.mean_y = self.n, self.mean_y, self.mean_x
+        t._n, t._mx, t._my = self._n, self._my, self._mx
         t._cxx, t._cxy, t._cyy = self._cyy, self._cxy.T, self._cxx
         t.sum_norm_x, t.sum_norm_y = self.sum_norm_y, self.sum_norm_x
         t._sample_x, t._sample_y = self._sample_y, self._sample_x

@@ -1,0 +1,87 @@
+"""Loading models by path and finding their residual stream, for every architecture family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import ALL_ARCHS, D, bpe_tokenizer, save_tiny, word_tokenizer
+
+from engine.activations import read_residuals
+from engine.errors import ArchitectureError, NotFoundError
+from engine.models import load_model, model_info, resolve_blocks, resolve_layer, tokenizer_fingerprint
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_load_and_resolve_every_architecture(tmp_path, arch):
+    folder = save_tiny(tmp_path / arch, arch, n_layers=3)
+    kind = "encoder" if arch == "bert" else "causal"
+    model, tok = load_model(folder, kind=kind)
+    assert not model.training
+    blocks = resolve_blocks(model)
+    assert len(blocks) == 3
+    info = model_info(model, tok)
+    assert (info.d_model, info.n_layers) == (D, 3)
+    assert info.tokenizer_fingerprint == tokenizer_fingerprint(tok)
+    assert info.architecture == type(model).__name__
+    # The block outputs are the residual stream: resid_post of L is resid_pre of L+1, and (below the
+    # last layer, where some models apply a final norm) the library's hidden_states agree.
+    enc = tok(["the red fox jumps over the lazy dog."], return_tensors="pt")
+    with torch.no_grad():
+        model(**enc, output_hidden_states=True)  # the library attaches its own hooks on first use
+    library_hooks = [(len(b._forward_hooks), len(b._forward_pre_hooks)) for b in blocks]
+    with read_residuals(model, [0, 1], "resid_post") as post, read_residuals(model, [1, 2], "resid_pre") as pre:
+        with torch.no_grad():
+            out = model(**enc, output_hidden_states=True)
+    torch.testing.assert_close(post.acts[0], pre.acts[1])
+    torch.testing.assert_close(post.acts[1], pre.acts[2])
+    torch.testing.assert_close(post.acts[0], out.hidden_states[1])
+    assert post.acts[0].shape == (1, enc["input_ids"].shape[1], D)
+    assert [(len(b._forward_hooks), len(b._forward_pre_hooks)) for b in blocks] == library_hooks
+
+
+def test_dtype_control(tmp_path):
+    folder = save_tiny(tmp_path / "m", "llama")
+    model, _ = load_model(folder, dtype="bfloat16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+
+class _Odd(torch.nn.Module):
+    """A model whose blocks sit where no known architecture keeps them."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack = torch.nn.Module()
+        self.stack.blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(2)])
+
+
+def test_unknown_architecture_says_how_to_name_the_layer_module():
+    with pytest.raises(ArchitectureError, match="--layer-module"):
+        resolve_blocks(_Odd())
+    assert len(resolve_blocks(_Odd(), "stack.blocks")) == 2
+    with pytest.raises(ArchitectureError, match="stack.blocks"):
+        resolve_blocks(_Odd(), "stack.nope")
+
+
+def test_layer_index_checks(tmp_path):
+    model, _ = load_model(save_tiny(tmp_path / "m", "gpt2", n_layers=2))
+    assert resolve_layer(model, -1) == 1
+    with pytest.raises(ArchitectureError, match="out of range"):
+        resolve_layer(model, 2)
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    with pytest.raises(NotFoundError, match="cannot load"):
+        load_model(tmp_path / "nothing-here")
+
+
+def test_tokenizer_fingerprint_tells_tokenizers_apart():
+    assert tokenizer_fingerprint(word_tokenizer()) == tokenizer_fingerprint(word_tokenizer())
+    assert tokenizer_fingerprint(word_tokenizer()) != tokenizer_fingerprint(bpe_tokenizer())
+
+
+def test_hub_id_that_cannot_be_fetched_is_a_clear_error(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network retries in tests
+    with pytest.raises(NotFoundError, match="hub id"):
+        load_model("no-such-org/no-such-model-xyz")
