@@ -44,6 +44,7 @@ def cli() -> None:
 _COMMAND_MODULES = [
     "engine.cli.store_cmds",
     "engine.cli.label_cmds",
+    "engine.cli.steer_cmds",
 ]
 
 

@@ -1,0 +1,200 @@
+"""Steering commands: `atlas steer` (steered and unsteered text side by side) and `atlas eval steering`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from engine.cli.common import emit, json_option, open_store, print_json, quiet_option, store_options
+
+EVAL_HELP = "Evaluate the engine against ConceptWorld's ground truth (retrieval, labelling, steering)."
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(steer)
+    # `atlas eval` is shared with other command modules: join the group whichever registers first.
+    group = cli.commands.get("eval")
+    if group is None:
+        group = type(cli)("eval", help=EVAL_HELP)
+        cli.add_command(group)
+    group.add_command(eval_steering)
+
+
+def _quiet_transformers() -> None:
+    """The library's own weight-loading bars would mix into our output; our progress bars suffice."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
+def _int_list(_ctx, _param, value):
+    """``"1,2" ("3",)`` → ``[1, 2, 3]``; nothing → None."""
+    if not value:
+        return None
+    try:
+        return [int(v) for chunk in value for v in str(chunk).split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected layer numbers like 2 or 1,3, got {' '.join(value)!r}") from None
+
+
+def _float_list(_ctx, _param, value):
+    if not value:
+        return None
+    try:
+        return [float(v) for chunk in value for v in str(chunk).split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected numbers like 1 or 0.5,1,2, got {' '.join(value)!r}") from None
+
+
+# Plan fields a command-line option sets (option name → SteeringPlan field).
+_PLAN_OPTIONS = {
+    "strength": "strength", "layers": "layers", "mode": "mode", "positions": "positions", "combine": "combine",
+    "max_new_tokens": "max_new_tokens", "seed": "seed", "sample": "do_sample", "temperature": "temperature",
+}
+
+
+@click.command()
+@click.argument("map_name", metavar="MAP", required=False)
+@click.option("--concept", "-c", "concepts", multiple=True,
+              help="Concept to steer towards: an id (<atlas>/<ordinal>), a label, or free text (best lookup hit). "
+                   "Repeat for several.")
+@click.option("--prompt", "-p", "prompts", multiple=True, required=True, help="Prompt to continue. Repeat for several.")
+@click.option("--strength", "-s", type=float, default=1.0, show_default=True,
+              help="Strength in units of the subject site's typical residual norm (negative steers away).")
+@click.option("--layers", "-l", multiple=True, callback=_int_list,
+              help="Subject layer(s), e.g. 2 or 1,2 (default: the map's layer; others need their own maps).")
+@click.option("--mode", type=click.Choice(["add", "clamp"]), default="add", show_default=True,
+              help="add: h += s·norm·u; clamp: set the projection of h on u to s·norm.")
+@click.option("--positions", type=click.Choice(["all", "new"]), default="all", show_default=True,
+              help="Edit every position, or only generated ones (after the prompt).")
+@click.option("--combine", type=int, default=0, show_default=True,
+              help="Average each concept with its K nearest atlas neighbours (steadier than one direction).")
+@click.option("--max-new-tokens", "-n", type=int, default=30, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of sampling (same for both runs).")
+@click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="Sampling temperature.")
+@click.option("--native", is_flag=True,
+              help="Steer along the subject's own concept direction instead of the transferred one "
+                   "(ConceptWorld subjects, whose ground truth is known).")
+@click.option("--model", "model_path", type=click.Path(exists=True, path_type=Path),
+              help="Subject model folder (default: the map's subject as registered in the store).")
+@click.option("--plan", "plan_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Read the plan from this JSON file (options given explicitly override it).")
+@click.option("--save-plan", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the plan (with resolved concept ids) to this JSON file.")
+@store_options
+@json_option
+@quiet_option
+def steer(map_name, concepts, prompts, strength, layers, mode, positions, combine, max_new_tokens, seed, sample,
+          temperature, native, model_path, plan_file, save_plan, store_dir: Path, db_url, as_json: bool) -> None:
+    """Generate steered and unsteered continuations side by side, from the same seed.
+
+    Each concept's atlas direction is mapped into the subject model through MAP's inverse (linear
+    part, unit norm) and added at the subject layer(s) with STRENGTH x the site's typical
+    residual norm, inside hooks that are always removed afterwards.
+    """
+    from engine.steering_plan import PlanConcept, SteeringPlan, run_plan
+
+    ctx = click.get_current_context()
+    given = {name for name in _PLAN_OPTIONS if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    values = dict(strength=strength, layers=layers, mode=mode, positions=positions, combine=combine,
+                  max_new_tokens=max_new_tokens, seed=seed, sample=sample, temperature=temperature)
+    try:
+        if plan_file is not None:
+            plan = SteeringPlan.load(plan_file)
+            d = plan.to_dict() | {_PLAN_OPTIONS[k]: values[k] for k in given}
+            if map_name:
+                d["map"] = map_name
+            if concepts:
+                d["concepts"] = [{"query": c} for c in concepts]
+            if native:
+                d["direction"] = "native"
+            plan = SteeringPlan.from_dict(d)
+        else:
+            if not map_name or not concepts:
+                raise click.UsageError("give MAP and at least one --concept (or --plan FILE)")
+            plan = SteeringPlan(map_name, [PlanConcept(c) for c in concepts],
+                                direction="native" if native else "transferred",
+                                **{_PLAN_OPTIONS[k]: v for k, v in values.items()})
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    _quiet_transformers()
+    store = open_store(store_dir, db_url)
+    model = tokenizer = model_name = None
+    if model_path is not None:
+        from engine.models import load_model
+
+        model, tokenizer = load_model(model_path)
+        resolved_path = str(model_path.resolve())
+        model_name = next((m.name for m in store.models() if m.source and Path(m.source).expanduser().exists()
+                           and str(Path(m.source).expanduser().resolve()) == resolved_path), None)
+    native_source = None
+    if plan.direction == "native":
+        from engine.steering_eval import native_source_for
+
+        native_source = native_source_for(store, plan.map)
+    run = run_plan(store, plan, list(prompts), model=model, tokenizer=tokenizer, model_name=model_name,
+                   native=native_source)
+    if save_plan is not None:
+        plan.save(save_plan)
+    if as_json:
+        print_json(run)
+        return
+    for c in run.concepts:
+        extra = f" + neighbours {', '.join(c.neighbours)}" if c.neighbours else ""
+        click.echo(f"concept {c.ref} {c.label!r} (query {c.query!r}){extra}, strength {c.strength:g} x norm")
+    sites = ", ".join(f"layer {layer} (map {run.maps[layer]}, norm {run.norms[layer]:.3g})" for layer in run.layers)
+    click.echo(f"subject {run.subject_model}: {sites}; {plan.mode}, positions {plan.positions}, "
+               f"{plan.direction} direction")
+    for p in run.outputs:
+        click.echo("")
+        click.echo(f"prompt:    {p.prompt}")
+        click.echo(f"unsteered: {p.unsteered}")
+        click.echo(f"steered:   {p.steered}")
+    click.echo("")
+    click.echo(f"perplexity under the unsteered model: unsteered {run.perplexity_unsteered:.2f}, "
+               f"steered {run.perplexity_steered:.2f}")
+    if save_plan is not None:
+        click.echo(f"plan saved to {save_plan}")
+
+
+@click.command("steering")
+@click.option("--world", "use_world", is_flag=True, required=True,
+              help="Evaluate on ConceptWorld (the only ground truth the engine ships).")
+@click.option("--size", type=click.Choice(["tiny", "small"]), default="small", show_default=True)
+@click.option("--seed", default=0, show_default=True, help="World seed.")
+@click.option("--strengths", multiple=True, callback=_float_list,
+              help="Strengths (x typical residual norm) to sweep, e.g. 0.5,1,2,4 (default: 0.5,1,2,4).")
+@click.option("--layers", "-l", multiple=True, callback=_int_list,
+              help="Subject layers to evaluate (default: every layer with a map).")
+@click.option("--map", "map_name", help="Map of the subject to the world atlas (default: found or fitted).")
+@click.option("--max-new-tokens", "-n", type=int, default=20, show_default=True)
+@store_options
+@json_option
+@quiet_option
+def eval_steering(use_world: bool, size: str, seed: int, strengths, layers, map_name, max_new_tokens: int,
+                  store_dir: Path, db_url, as_json: bool) -> None:
+    """Steering faithfulness on ConceptWorld: unsteered, transferred and native directions.
+
+    Faithfulness (DESIGN section 8): the share of (concept, neutral prompt) trials whose greedy
+    continuation has the target concept as its strict plurality concept; the perplexity of the
+    steered text under the unsteered subject is the fluency guard. The layer and strength are
+    chosen on held-out prompts (never the evaluation prompts); prompts about another topic are
+    reported beside.
+    """
+    from engine.steering_eval import evaluate_world_steering
+
+    _quiet_transformers()
+    report = evaluate_world_steering(open_store(store_dir, db_url), size=size, seed=seed, strengths=strengths,
+                                     layers=layers, map_name=map_name, max_new_tokens=max_new_tokens)
+    if as_json:
+        print_json(report)
+        return
+    emit(report.rows, False, ["direction", "prompts", "layer", "strength", "faithfulness", "perplexity", "n"])
+    click.echo("")
+    c = report.chosen
+    click.echo(f"chosen on held-out prompts: layer {c['layer']}, strength {c['strength']:g} "
+               f"(held-out faithfulness {c['heldout_faithfulness']:.3f})")
+    for line in report.summary:
+        click.echo(line)

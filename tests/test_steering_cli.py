@@ -1,0 +1,53 @@
+"""`atlas steer` through click's CliRunner against a real store with a tiny subject and a map."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+from test_steering import save_tiny_model
+from test_steering_plan import steer_store, subject_folder  # noqa: F401  (fixtures)
+
+from engine.cli import cli
+
+
+def invoke(store, *args):
+    return CliRunner().invoke(cli, [*args, "--store", str(store.path)], catch_exceptions=False)
+
+
+def test_steer_prints_both_outputs(steer_store):  # noqa: F811
+    r = invoke(steer_store, "steer", "m1", "--concept", "weather", "--prompt", "the", "--prompt", "it was the",
+               "--strength", "3", "-n", "5")
+    assert r.exit_code == 0, r.output
+    assert "concept fdn/0 'weather'" in r.output
+    assert r.output.count("unsteered: ") == 2 and r.output.count("steered:   ") == 2
+    assert "layer 1 (map m1, norm 5)" in r.output and "perplexity" in r.output
+
+
+def test_steer_json_and_plan_reuse(steer_store, tmp_path):  # noqa: F811
+    plan = tmp_path / "plan.json"
+    r = invoke(steer_store, "steer", "m1", "-c", "songs and instruments", "-p", "the", "-s", "2", "-l", "1,2",
+               "--mode", "clamp", "-n", "4", "--json", "--save-plan", str(plan))
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["concepts"][0]["ref"] == "fdn/1" and out["layers"] == [1, 2]
+    assert set(out["outputs"][0]) >= {"prompt", "unsteered", "steered"}
+    saved = json.loads(plan.read_text())
+    assert saved["concepts"][0]["ref"] == "fdn/1" and saved["mode"] == "clamp" and saved["layers"] == [1, 2]
+    again = json.loads(invoke(steer_store, "steer", "--plan", str(plan), "-p", "the", "--json").stdout)
+    assert again["outputs"] == out["outputs"]
+    weaker = json.loads(invoke(steer_store, "steer", "--plan", str(plan), "-p", "the", "-s", "0", "--json").stdout)
+    assert weaker["plan"]["strength"] == 0.0 and weaker["plan"]["mode"] == "clamp"
+
+
+def test_steer_errors_are_one_line(steer_store, tmp_path):  # noqa: F811
+    r = invoke(steer_store, "steer", "nope", "-c", "weather", "-p", "the")
+    assert r.exit_code == 1 and r.output.strip() == "Error: no map named 'nope'; `atlas maps` lists them"
+    r = invoke(steer_store, "steer", "m1", "-c", "weather", "-p", "the", "-l", "0")
+    assert r.exit_code == 1 and "no map of 'subj' at layer 0" in r.output
+    other = save_tiny_model("gpt2", tmp_path / "other", seed=1)
+    steer_store.add_model("other-gpt2", source=str(other))
+    r = invoke(steer_store, "steer", "m1", "-c", "weather", "-p", "the", "--model", str(other))
+    assert r.exit_code == 1 and "fitted at subj@1/resid_post, not at model 'other-gpt2'" in r.output
+    r = invoke(steer_store, "steer", "m1", "-p", "the")
+    assert r.exit_code == 2 and "--concept" in r.output
