@@ -21,6 +21,7 @@ same vectors and greedy decoding gives the same token ids with and without the c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -40,14 +41,16 @@ POSITIONS: tuple[str, ...] = ("all", "new")
 
 @dataclass(frozen=True)
 class SteeringEdit:
-    """One edit at one subject layer: ``direction`` (d,) is scaled to unit norm on creation.
+    """One edit at one subject layer; ``direction`` is scaled to unit norm on creation.
 
-    ``norm`` is the site's typical residual norm (mean L2 norm of residuals at the layer), so
-    ``strength=1`` adds (or clamps the projection to) one typical residual's length.
+    ``direction`` is one vector ``(d,)`` for every sequence, or one per batch row ``(n_rows, d)``
+    (row ``i`` steers prompt ``i`` of a `generate` call: many trials, one batch). ``norm`` is the
+    site's typical residual norm (mean L2 norm of residuals at the layer), so ``strength=1`` adds
+    (or clamps the projection to) one typical residual's length.
     """
 
     layer: int
-    direction: np.ndarray  # (d_subject,), unit norm
+    direction: np.ndarray  # (d_subject,) or (n_rows, d_subject), unit rows
     strength: float
     norm: float
     mode: Mode = "add"
@@ -57,29 +60,62 @@ class SteeringEdit:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         u = np.asarray(self.direction, dtype=np.float64)
-        if u.ndim != 1 or u.shape[0] == 0:
-            raise ShapeError(f"a steering direction must be a vector (d,), got shape {u.shape}")
-        n = float(np.linalg.norm(u))
-        if not math.isfinite(n) or n == 0.0:
+        if u.ndim not in (1, 2) or 0 in u.shape:
+            raise ShapeError(f"a steering direction must be (d,) or (n_rows, d), got shape {u.shape}")
+        n = np.linalg.norm(u, axis=-1, keepdims=True)
+        if not np.all(np.isfinite(n)) or np.any(n == 0.0):
             raise ShapeError(f"steering direction {self.label or self.layer!r} is zero or not finite")
         if not (math.isfinite(self.norm) and self.norm > 0):
             raise ValueError(f"norm must be a positive number (the site's typical residual norm), got {self.norm}")
         object.__setattr__(self, "direction", (u / n).astype(np.float32))
 
     @property
+    def dim(self) -> int:
+        return int(self.direction.shape[-1])
+
+    @property
+    def n_rows(self) -> int | None:
+        """Rows of a per-row edit (None: one direction for every row)."""
+        return int(self.direction.shape[0]) if self.direction.ndim == 2 else None
+
+    @property
     def target(self) -> float:
         """Length added (``add``) or projection set (``clamp``): ``strength × norm``."""
         return float(self.strength * self.norm)
+
+    def rows(self, index: Sequence[int]) -> SteeringEdit:
+        """The edit for a subset of rows (itself when it is not per-row)."""
+        if self.n_rows is None:
+            return self
+        return dataclasses.replace(self, direction=self.direction[list(index)])
 
 
 @dataclass
 class _LayerEdit:
     """The edits of one layer, precomputed for the hot path: one summed vector for all ``add``
-    edits, and (direction, target) pairs for ``clamp`` edits, applied in order after the sum."""
+    edits, and (direction, target) pairs for ``clamp`` edits, applied in order after the sum.
+    Per-row directions are stored as ``(n_rows, 1, d)`` so they broadcast over positions."""
 
-    delta: torch.Tensor | None  # (d,)
-    clamps: list[tuple[torch.Tensor, float]]  # [(u (d,), target)]
+    delta: torch.Tensor | None  # (d,) or (n_rows, 1, d)
+    clamps: list[tuple[torch.Tensor, float]]  # [(u (d,) or (n_rows, 1, d), target)]
+    n_rows: int | None = None
     _cast: dict[tuple[torch.dtype, torch.device], tuple[Any, list]] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, edits: Sequence[SteeringEdit]) -> _LayerEdit:
+        rows = {e.n_rows for e in edits} - {None}
+        if len(rows) > 1:
+            raise ShapeError(f"per-row edits at one layer disagree on the number of rows: {sorted(rows)}")
+        n_rows = rows.pop() if rows else None
+
+        def as_tensor(u: np.ndarray) -> torch.Tensor:
+            t = torch.from_numpy(np.ascontiguousarray(u, dtype=np.float32))
+            return t.unsqueeze(1) if t.ndim == 2 else t  # (n_rows, 1, d) or (d,)
+
+        adds = [e for e in edits if e.mode == "add"]
+        delta = as_tensor(sum(e.target * e.direction.astype(np.float64) for e in adds)) if adds else None
+        clamps = [(as_tensor(e.direction), e.target) for e in edits if e.mode == "clamp"]
+        return cls(delta, clamps, n_rows)
 
     def cast(self, like: torch.Tensor) -> tuple[torch.Tensor | None, list[tuple[torch.Tensor, float]]]:
         key = (like.dtype, like.device)
@@ -91,12 +127,14 @@ class _LayerEdit:
 
     def apply(self, h: torch.Tensor) -> torch.Tensor:
         """``h`` (B, t, d) edited out of place."""
+        if self.n_rows is not None and h.shape[0] != self.n_rows:
+            raise ShapeError(f"a per-row edit has {self.n_rows} rows, the batch has {h.shape[0]}")
         delta, clamps = self.cast(h)
         if delta is not None:
             h = h + delta
         for u, target in clamps:
-            proj = h @ u  # (B, t)
-            h = h + (target - proj).unsqueeze(-1) * u
+            proj = (h * u).sum(-1, keepdim=True)  # (B, t, 1)
+            h = h + (target - proj) * u
         return h
 
 
@@ -132,9 +170,9 @@ def check_edits(model: torch.nn.Module, edits: Sequence[SteeringEdit], layer_mod
     """Raise `SiteMismatchError` when an edit's direction does not fit the model's residual width."""
     d = d_model_of(model)
     for e in edits:
-        if e.direction.shape[0] != d:
+        if e.dim != d:
             raise SiteMismatchError(
-                f"steering direction {e.label or ''} has dimension {e.direction.shape[0]}, but "
+                f"steering direction {e.label or ''} has dimension {e.dim}, but "
                 f"{type(model).__name__} has a residual stream of width {d}: the direction (or its "
                 "map) belongs to another model"
             )
@@ -193,12 +231,7 @@ def steer(
         if positions == "new" and by_layer:
             hooks.handles.append(model.register_forward_pre_hook(track_offset, with_kwargs=True, prepend=True))
         for layer, group in sorted(by_layer.items()):
-            adds = [e for e in group if e.mode == "add"]
-            delta = None
-            if adds:
-                delta = torch.from_numpy(sum(e.target * e.direction.astype(np.float64) for e in adds).astype(np.float32))
-            clamps = [(torch.from_numpy(e.direction), e.target) for e in group if e.mode == "clamp"]
-            hooks.handles.append(blocks[layer].register_forward_hook(make_hook(_LayerEdit(delta, clamps)), prepend=True))
+            hooks.handles.append(blocks[layer].register_forward_hook(make_hook(_LayerEdit.build(group)), prepend=True))
         yield hooks
     finally:
         hooks.remove()
@@ -258,6 +291,9 @@ def generate(
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    for e in edits:
+        if e.n_rows is not None and e.n_rows != len(prompts):
+            raise ShapeError(f"a per-row edit has {e.n_rows} rows for {len(prompts)} prompts: one per prompt is needed")
     enc, groups = _group_by_length(tokenizer, prompts)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -279,8 +315,9 @@ def generate(
         for start in range(0, len(idx), batch_size):
             chunk = idx[start : start + batch_size]
             ids = torch.tensor([enc[i] for i in chunk], device=device)  # (B, T)
+            chunk_edits = [e.rows(chunk) for e in edits]
             with torch.random.fork_rng(devices=devices), steer(
-                model, edits, positions, prompt_length=length, layer_module=layer_module
+                model, chunk_edits, positions, prompt_length=length, layer_module=layer_module
             ):
                 torch.manual_seed(seed)
                 seqs = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from engine.activations import read_residuals
-from engine.errors import SiteMismatchError
+from engine.errors import ShapeError, SiteMismatchError
 from engine.models import load_model, resolve_blocks
 from engine.steering import (
     SteeringEdit,
@@ -73,6 +73,15 @@ def save_tiny_model(arch: str, folder: Path, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and far faster on a busy shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -237,3 +246,16 @@ def test_wrong_width_is_a_clear_error(tiny):
         with steer(model, [SteeringEdit(0, np.ones(16), 1.0, 1.0, label="weather")]):
             pass
     assert n_hooks(model) == n_hooks(model)  # nothing installed
+
+
+@pytest.mark.parametrize("mode", ["add", "clamp"])
+def test_per_row_edits_match_one_edit_per_prompt(tiny, mode):
+    _, model, tok = tiny
+    prompts = ["the", "there was a", "the", "and then the"]
+    dirs = np.stack([unit(10 + i) for i in range(len(prompts))])  # (4, d)
+    kw = dict(max_new_tokens=6, blocked=special_token_ids(tok))
+    batched = generate(model, tok, prompts, [SteeringEdit(1, dirs, 2.0, 5.0, mode)], **kw)
+    single = [generate(model, tok, [p], [SteeringEdit(1, d, 2.0, 5.0, mode)], **kw)[0] for p, d in zip(prompts, dirs)]
+    assert [g.token_ids for g in batched] == [g.token_ids for g in single]
+    with pytest.raises(ShapeError, match="3 rows for 4 prompts"):
+        generate(model, tok, prompts, [SteeringEdit(1, dirs[:3], 2.0, 5.0)], **kw)

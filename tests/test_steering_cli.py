@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from click.testing import CliRunner
-from test_steering import save_tiny_model
+from test_steering import one_thread, save_tiny_model  # noqa: F401  (one_thread: autouse fixture)
 from test_steering_plan import steer_store, subject_folder  # noqa: F401  (fixtures)
 
 from engine.cli import cli

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_steering import D, save_tiny_model
+from test_steering import D, one_thread, save_tiny_model  # noqa: F401  (one_thread: autouse fixture)
 
 from engine.align import AlignmentMap, save_map
 from engine.errors import FormatError, NotFoundError, SiteMismatchError
