@@ -33,7 +33,7 @@ DEFAULT_SEARCH_BATCH = 8192  # queries per FAISS call: large enough to run at GE
 # Below this many concepts exact search is fast enough (d=768: ~1,000 queries/s at 100k on two
 # cores) and needs no recall figure; above it the ANN spec measured by benchmarks/bench_ann_scale.py.
 FLAT_MAX_CONCEPTS = 200_000
-ANN_SPEC = "HNSW32|efSearch=128"
+ANN_SPEC = "HNSW32|efSearch=256"  # chosen on validation queries (bench_ann_scale.py --sweep)
 
 
 def choose_index_spec(n_concepts: int, dim: int) -> str:

@@ -22,7 +22,8 @@ from tests.conftest import clustered_directions
 D_SUBJECT, D_ATLAS, N_CONCEPTS = 32, 48, 400
 
 
-def make_mapped_store(store, n=N_CONCEPTS, d_s=D_SUBJECT, d_a=D_ATLAS, seed=0, map_name="m"):
+def make_mapped_store(store, n=N_CONCEPTS, d_s=D_SUBJECT, d_a=D_ATLAS, seed=0, map_name="m", subject_layer=2,
+                      subject_source="/nonexistent/subj"):
     """An atlas ``at`` (clustered directions), a subject model ``subj`` and an affine map ``m`` between them.
 
     The map's linear part is a random (d_s, d_a) matrix, its means are non-zero: every term of the
@@ -31,10 +32,10 @@ def make_mapped_store(store, n=N_CONCEPTS, d_s=D_SUBJECT, d_a=D_ATLAS, seed=0, m
     rng = np.random.default_rng(seed)
     x = clustered_directions(n, d_a, seed=seed)
     store.add_atlas("at", x, [f"concept {i}" for i in range(n)], model="found", layer=3)
-    store.add_model("subj", d_model=d_s, source="/nonexistent/subj")
+    store.add_model("subj", d_model=d_s, source=subject_source)
     w = rng.normal(size=(d_s, d_a)) / np.sqrt(d_s)
     amap = AlignmentMap(w, np.linalg.pinv(w), rng.normal(size=d_s), rng.normal(size=d_a), "procrustes",
-                        subject_model="subj", subject_layer=2, atlas="at", atlas_model="found", atlas_layer=3)
+                        subject_model="subj", subject_layer=subject_layer, atlas="at", atlas_model="found", atlas_layer=3)
     save_map(store, amap, map_name)
     return x, load_map(store, map_name)
 
@@ -135,3 +136,72 @@ def test_auto_index_spec_in_the_store(store):
     info = store.add_atlas("small", clustered_directions(50, 8), model="m", layer=0, index_spec="auto")
     assert info.index_spec == "Flat"
     assert store.rebuild_index("small", "auto").spec == "Flat"
+
+
+# ---------------------------------------------------------------------- explain
+
+
+@pytest.fixture
+def tiny_subject(tmp_path):
+    """A randomly initialised 2-layer Llama (d=32) with a word-level tokenizer, saved to a folder."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = ["[UNK]", "[PAD]", "<s>", "the", "cat", "sat", "on", "mat", "rain", "falls"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(words), hidden_size=D_SUBJECT, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    folder = tmp_path / "subject-model"
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+def test_explain_gives_each_token_the_top_concepts_of_its_mapped_residual(store, tiny_subject):
+    import torch
+
+    from engine.models import load_model
+    from engine.search import explain
+
+    atlas, amap = make_mapped_store(store, subject_layer=1, subject_source=str(tiny_subject))
+    text = "the cat sat on the mat"
+    tokens = explain(store, amap, text, k=3)
+    assert [t.token for t in tokens] == text.split()
+    assert [(t.start, t.end) for t in tokens[:2]] == [(0, 3), (4, 7)]
+
+    model, tok = load_model(tiny_subject)
+    seen = {}
+    handle = model.model.layers[1].register_forward_hook(lambda m, a, out: seen.update(h=out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        model(**tok(text, return_tensors="pt"))
+    handle.remove()
+    acts = seen["h"][0].numpy()  # (n_tokens, d) — this tokenizer adds no special tokens
+    q = project(amap, acts, "activations")
+    exact, _ = brute_force(q, atlas, 3)
+    sims = unit_rows(q) @ unit_rows(atlas).T
+    got = np.array([[h.score for h in t.hits] for t in tokens])
+    np.testing.assert_allclose(got, exact, atol=1e-4)
+    for t, row in zip(tokens, sims):
+        np.testing.assert_allclose([row[h.ordinal] for h in t.hits], [h.score for h in t.hits], atol=1e-4)
+
+
+def test_explain_cli_table_and_json(store, tiny_subject):
+    import json
+
+    from click.testing import CliRunner
+
+    from engine.cli import cli
+
+    make_mapped_store(store, subject_layer=1, subject_source=str(tiny_subject))
+    args = ["explain", "m", "rain falls on the cat", "-k", "2", "--store", str(store.path)]
+    r = CliRunner().invoke(cli, [*args, "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)  # stdout only: transformers reports loading on stderr
+    assert [t["token"] for t in out] == ["rain", "falls", "on", "the", "cat"]
+    assert all(len(t["hits"]) == 2 and t["hits"][0]["label"].startswith("concept ") for t in out)
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0 and "rain" in r.output and "#2" in r.output

@@ -137,6 +137,7 @@ def export(run_name: str, fmt: str, output: Path | None, partial: bool, store_di
 @click.option("--raw", is_flag=True, help="Search the mapped activation as is (default: minus the atlas centre).")
 @store_options
 @json_option
+@quiet_option
 def explain(map_name: str, text: str, k: int, raw: bool, store_dir: Path, db_url, as_json: bool) -> None:
     """Per token of TEXT in MAP's subject model: the top atlas concepts, with cosine scores."""
     from engine.align import load_map
