@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -71,12 +72,12 @@ def open_feature_source(source: str | Path, *, key: str | None = None, store=Non
     """
     spec = canonical_spec(source, key)
     if spec.startswith(NATIVE_PREFIX):
-        from engine.native_features import native_directions  # torch and the world: only when asked
-
         if store is None or amap is None:
             raise FormatError(f"{spec}: native directions need the store and the map's subject site")
-        vectors, model, layer, hook = native_directions(store, amap, spec[len(NATIVE_PREFIX):])
-        return _source(spec, "native", vectors, model, layer, hook)
+        size, seed = _native_world(spec, amap.subject_model)
+        spec = f"{NATIVE_PREFIX}{size}:{seed}"
+        vectors = _native_directions(store, amap, size, seed)
+        return _source(spec, "native", vectors, amap.subject_model, amap.subject_layer, "resid_post")
 
     from engine.atlas import read_directions, read_matrix
 
@@ -85,6 +86,42 @@ def open_feature_source(source: str | Path, *, key: str | None = None, store=Non
         raise FormatError(f"{path}: no such file or folder (features are an SAE folder, params.npz, .npy or .safetensors)")
     sae = read_matrix(path, inline_key) if inline_key else read_directions(path)
     return _source(spec, sae.source_kind, sae.W_dec, sae.model, sae.layer, sae.hook)
+
+
+_WORLD_MODEL = re.compile(r"^world-(tiny|small)(?:-s(\d+))?-")
+
+
+def _native_world(spec: str, subject_model: str) -> tuple[str, int]:
+    """``native:``, ``native:SIZE`` or ``native:SIZE:SEED`` → (size, seed); the bare form reads
+    them from the subject's store name (``world-<size>[-s<seed>]-...``)."""
+    parts = [p for p in spec[len(NATIVE_PREFIX):].split(":") if p]
+    m = _WORLD_MODEL.match(subject_model)
+    if not parts and m is None:
+        raise FormatError(
+            f"{spec}: model {subject_model!r} is not a ConceptWorld model, so it has no native concept directions; "
+            "native: works for maps of world subjects (e.g. world-small-subject_a)"
+        )
+    size = parts[0] if parts else m.group(1)
+    if size not in ("tiny", "small") or len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+        raise FormatError(f"{spec}: write native:, native:SIZE or native:SIZE:SEED (SIZE tiny or small)")
+    seed = int(parts[1]) if len(parts) == 2 else int(m.group(2) or 0) if m else 0
+    return size, seed
+
+
+def _native_directions(store, amap, size: str, seed: int) -> np.ndarray:
+    """The map's subject's own concept directions at its layer: ConceptWorld's ground truth."""
+    from engine.align_fit import load_world  # torch and the world: only when asked
+
+    if amap.subject_hook != "resid_post":
+        raise FormatError(f"native directions are read at resid_post; map {amap.name!r} is at {amap.subject_hook}")
+    world = load_world(store, size, seed)
+    keys = [k for k, wm in world.models.items() if wm.name == amap.subject_model]
+    if not keys:
+        names = ", ".join(wm.name for wm in world.models.values())
+        raise FormatError(
+            f"native:{size}:{seed}: map {amap.name!r} is on {amap.subject_model!r}, not a model of this world ({names})"
+        )
+    return np.asarray(world.concept_directions(keys[0], amap.subject_layer), dtype=np.float32)
 
 
 def _source(spec: str, kind: str, vectors: np.ndarray, model, layer, hook) -> FeatureSource:
