@@ -120,6 +120,30 @@ def read_residuals(
             h.remove()  # idempotent
 
 
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` intra-op torch threads (None: leave as is); restored on exit.
+
+    Small models (d ≲ 256) run fastest on one thread, and on a shared machine whose cores are
+    busy, many times faster: each tiny kernel otherwise waits for a second thread to be scheduled.
+    """
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n:
+            torch.set_num_threads(old)
+
+
+def auto_threads(*models: torch.nn.Module, small_width: int = 256) -> int | None:
+    """1 when every model is narrow (d <= ``small_width``), else None (torch's default)."""
+    from engine.models import d_model_of
+
+    return 1 if all(d_model_of(m) <= small_width for m in models) else None
+
+
 def forward_to_layers(model: torch.nn.Module, **inputs: torch.Tensor) -> None:
     """Run a forward pass that may be cut short by a reader with ``stop_after_last``."""
     try:
@@ -362,6 +386,6 @@ from engine.pairing import (  # noqa: E402
 
 __all__ = [
     "PAIRINGS", "SITES", "SPAN_POOLS", "TEXT_POOLS", "PairChunk", "ResidualCapture", "TokenBatch",
-    "collect", "corpus_fingerprint", "default_max_length", "default_pool", "forward_to_layers",
-    "iter_batch_pairs", "iter_pairs", "pair_batches", "read_residuals", "token_words", "word_spans",
+    "auto_threads", "collect", "corpus_fingerprint", "default_max_length", "default_pool", "forward_to_layers",
+    "iter_batch_pairs", "iter_pairs", "pair_batches", "read_residuals", "token_words", "torch_threads", "word_spans",
 ]

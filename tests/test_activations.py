@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_models import CORPUS, bpe_tokenizer, save_tiny, word_tokenizer
+from tiny_models import (
+    CORPUS,
+    bpe_tokenizer,
+    one_thread,  # noqa: F401  (autouse fixture)
+    save_tiny,
+    word_tokenizer,
+)
 
 from engine.activations import (
     collect,

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import ALL_ARCHS, D, bpe_tokenizer, save_tiny, word_tokenizer
+from tiny_models import (
+    ALL_ARCHS,
+    D,
+    bpe_tokenizer,
+    one_thread,  # noqa: F401  (autouse fixture)
+    save_tiny,
+    word_tokenizer,
+)
 
 from engine.activations import read_residuals
 from engine.errors import ArchitectureError, NotFoundError

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import transformers as T
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
@@ -100,3 +101,13 @@ def save_tiny(folder: Path, arch: str, tokenizer=None, d: int = D, n_layers: int
     model.save_pretrained(folder)
     (tokenizer or word_tokenizer(bert=arch == "bert")).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one torch thread, and many times faster on a busy shared machine.
+    (Import it into a test module to apply it there.)"""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
