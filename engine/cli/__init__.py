@@ -43,6 +43,7 @@ def cli() -> None:
 # Modules that register commands on `cli` (each defines `register(cli)`).
 _COMMAND_MODULES = [
     "engine.cli.store_cmds",
+    "engine.cli.align_cmds",
     "engine.cli.label_cmds",
     "engine.cli.steer_cmds",
 ]
