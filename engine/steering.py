@@ -356,20 +356,26 @@ def generate_pair(
 @torch.no_grad()
 def continuation_nll(
     model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], continuations: Sequence[Sequence[int]],
+    batch_size: int = 64,
 ) -> tuple[float, int]:
     """Summed negative log-likelihood of ``continuations`` (token ids) after their prompts, under
-    ``model`` as it is (no edits), and the number of tokens scored."""
+    ``model`` as it is (no edits), and the number of tokens scored. Sequences of equal prompt
+    and continuation lengths are scored in one batch (no padding)."""
     enc = [list(ids) for ids in tokenizer(list(prompts))["input_ids"]]
     device = next(model.parameters()).device
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, cont in enumerate(continuations):
+        if len(cont):
+            groups.setdefault((len(enc[i]), len(cont)), []).append(i)
     nll, n = 0.0, 0
-    for ids, cont in zip(enc, continuations):
-        if not cont:
-            continue
-        seq = torch.tensor([ids + list(cont)], device=device)  # (1, T)
-        logits = model(input_ids=seq, use_cache=False).logits[0, len(ids) - 1 : -1].float()  # (n_cont, V)
-        target = torch.tensor(list(cont), device=device)
-        nll -= float(torch.log_softmax(logits, -1).gather(-1, target[:, None]).sum())
-        n += len(cont)
+    for (n_prompt, n_cont), idx in groups.items():
+        for start in range(0, len(idx), batch_size):
+            chunk = idx[start : start + batch_size]
+            seq = torch.tensor([enc[i] + list(continuations[i]) for i in chunk], device=device)  # (B, T)
+            logits = model(input_ids=seq, use_cache=False).logits[:, n_prompt - 1 : -1].float()  # (B, n_cont, V)
+            target = seq[:, n_prompt:]  # (B, n_cont)
+            nll -= float(torch.log_softmax(logits, -1).gather(-1, target.unsqueeze(-1)).sum())
+            n += len(chunk) * n_cont
     return nll, n
 
 

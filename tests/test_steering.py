@@ -227,6 +227,13 @@ def test_pair_and_perplexity(tiny):
     assert any(p.steered_ids != p.unsteered_ids for p in pairs)
     ppl = perplexity(model, tok, [p.prompt for p in pairs], [p.unsteered_ids for p in pairs])
     assert 1.0 <= ppl < len(tok) * 10
+    nll = 0.0  # the batched figure equals a token-by-token computation
+    for p in pairs:
+        ids = tok([p.prompt])["input_ids"][0] + p.unsteered_ids
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], -1)
+        nll -= sum(float(logp[t - 1, ids[t]]) for t in range(len(ids) - len(p.unsteered_ids), len(ids)))
+    assert ppl == pytest.approx(np.exp(nll / sum(len(p.unsteered_ids) for p in pairs)), rel=1e-4)
 
 
 def test_typical_norm_matches_a_direct_measurement(tiny):
