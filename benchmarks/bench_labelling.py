@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine import labelling  # noqa: E402
+from engine import labelling, labelling_export  # noqa: E402
 from engine.align import AlignmentMap, save_map  # noqa: E402
 from engine.search import project  # noqa: E402
 from engine.store import Store  # noqa: E402
@@ -88,7 +88,7 @@ def main() -> None:
                                            batch_size=args.batch, name="bench", quiet=True)
             assert run.status == "done" and run.n_done == args.features
             t_label = time.perf_counter() - t0
-            n_rows = labelling.count_labels(fresh, "bench")
+            n_rows = labelling_export.count_labels(fresh, "bench")
         print(f"labelling end to end: {t_label:.1f}s ({n_rows} rows)", flush=True)
 
         t_bare_2 = bare_search(index, queries, args.k, args.batch)

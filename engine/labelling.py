@@ -15,18 +15,15 @@ atlas index is searched with the whole batch, and the rows go in with one ``exec
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import datetime as dt
-import json
 import os
 import re
 import socket
-from collections.abc import Iterator
-from typing import Any, Literal, TextIO
+from typing import Any, Literal
 
 import numpy as np
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 
 from engine.errors import AtlasError, DuplicateError, NotFoundError
@@ -34,13 +31,11 @@ from engine.feature_sources import FeatureSource, open_feature_source
 from engine.progress import progress
 from engine.schema import AlignmentMapRow, AtlasRow, ConceptRow, FeatureLabelRow, LabelRunRow
 from engine.search import project
-from engine.store import Hit, Store
+from engine.store import Store
 
 DEFAULT_K = 5
 DEFAULT_BATCH = 4096  # features per transaction: a few seconds of search on a 100k atlas
 RunStatus = Literal["pending", "running", "interrupted", "failed", "done"]
-ExportFormat = Literal["jsonl", "csv"]
-EXPORT_FORMATS: tuple[str, ...] = ("jsonl", "csv")
 
 
 class SourceChangedError(AtlasError):
@@ -73,18 +68,6 @@ class LabellingRun:
     @property
     def progress(self) -> float:
         return self.n_done / self.n_features if self.n_features else 1.0
-
-
-@dataclasses.dataclass(frozen=True)
-class FeatureLabels:
-    """The hits of one feature, with the margin between its top two scores (a confidence signal)."""
-
-    feature: int
-    hits: list[Hit]
-
-    @property
-    def margin(self) -> float | None:
-        return self.hits[0].score - self.hits[1].score if len(self.hits) > 1 else None
 
 
 # ---------------------------------------------------------------------- runs
@@ -366,76 +349,3 @@ def _set_status(store: Store, run_id: int, status: str, **fields: Any) -> None:
     with store.engine.begin() as conn:
         conn.execute(update(LabelRunRow.__table__).where(LabelRunRow.id == run_id)
                      .values(status=status, updated_at=_now(), **fields))
-
-
-# ---------------------------------------------------------------------- reading and export
-
-
-def iter_labels(store: Store, name: str, *, chunk: int = 20_000) -> Iterator[FeatureLabels]:
-    """The labels of a run, feature by feature in order (streamed from the database)."""
-    run = get_run(store, name)
-    with store.session() as s:
-        run_id = s.scalar(select(LabelRunRow.id).where(LabelRunRow.name == name))
-    q = (
-        select(FeatureLabelRow.feature_index, FeatureLabelRow.rank, FeatureLabelRow.score,
-               ConceptRow.ordinal, ConceptRow.label, ConceptRow.labelled)
-        .join(ConceptRow, FeatureLabelRow.concept_id == ConceptRow.id)
-        .where(FeatureLabelRow.run_id == run_id)
-        .order_by(FeatureLabelRow.feature_index, FeatureLabelRow.rank)
-    )
-    current, hits = None, []
-    for lo in range(0, run.n_done, chunk):  # keyset chunks: bounded memory and no long read cursor
-        with store.session() as s:
-            rows = s.execute(q.where(FeatureLabelRow.feature_index >= lo,
-                                     FeatureLabelRow.feature_index < lo + chunk)).all()
-        for f, rank, score, ordinal, label, labelled in rows:
-            if f != current:
-                if current is not None:
-                    yield FeatureLabels(current, hits)
-                current, hits = f, []
-            hits.append(Hit(f"{run.atlas}/{ordinal}", run.atlas, ordinal, label, float(score), rank, labelled))
-    if current is not None:
-        yield FeatureLabels(current, hits)
-
-
-def count_labels(store: Store, name: str) -> int:
-    with store.session() as s:
-        run_id = s.scalar(select(LabelRunRow.id).where(LabelRunRow.name == name))
-        return int(s.scalar(select(func.count()).select_from(FeatureLabelRow)
-                            .where(FeatureLabelRow.run_id == run_id)) or 0)
-
-
-def export_run(store: Store, name: str, out: TextIO, fmt: ExportFormat = "jsonl", *, partial: bool = False) -> int:
-    """Write a run's labels to ``out``; returns the number of features written.
-
-    JSONL: one object per feature (top label, score, margin, and all hits). CSV: one row per
-    (feature, rank) with the feature's margin on each row. An unfinished run is refused unless
-    ``partial`` (then its finished prefix is written).
-    """
-    if fmt not in EXPORT_FORMATS:
-        raise AtlasError(f"unknown export format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}")
-    run = get_run(store, name)
-    if run.status != "done" and not partial:
-        raise AtlasError(
-            f"run {name!r} is {run.status} at {run.n_done}/{run.n_features} features; "
-            f"`atlas label --resume {name}` finishes it, or pass --partial to export what is done"
-        )
-    writer = csv.writer(out, lineterminator="\n") if fmt == "csv" else None
-    if writer:
-        writer.writerow(["feature", "rank", "concept", "label", "score", "margin"])
-    n = 0
-    for fl in iter_labels(store, name):
-        margin = fl.margin
-        if writer:
-            for h in fl.hits:
-                writer.writerow([fl.feature, h.rank, h.ref, h.label, repr(h.score),
-                                 "" if margin is None else repr(margin)])
-        else:
-            top = fl.hits[0]
-            out.write(json.dumps({
-                "feature": fl.feature, "label": top.label, "concept": top.ref, "score": top.score,
-                "margin": margin,
-                "hits": [{"rank": h.rank, "concept": h.ref, "label": h.label, "score": h.score} for h in fl.hits],
-            }, ensure_ascii=False) + "\n")
-        n += 1
-    return n

@@ -40,7 +40,8 @@ def evaluate_world_labelling(store: Any, size: str = "small", seed: int = 0, map
     """Top-1 / top-5 labelling accuracy of each world subject's native directions, per map."""
     from engine.align import list_maps
     from engine.align_fit import load_world
-    from engine.labelling import iter_labels, label_features
+    from engine.labelling import label_features
+    from engine.labelling_export import iter_labels
 
     world = load_world(store, size, seed)
     _ensure_registered(store, world)

@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import select
 
-from engine import labelling
+from engine import labelling, labelling_export
 from engine.align import save_map
 from engine.cli import cli
 from engine.errors import AtlasError, DuplicateError, SiteMismatchError
@@ -153,9 +153,9 @@ def test_site_recorded_by_an_sae_is_checked(store, saelens_folder):
 def test_export_jsonl_and_csv_with_margins(mapped):
     store, _, _, _, path = mapped
     labelling.label_features(store, "m", str(path), k=3, name="r", batch_size=100, quiet=True)
-    feats = list(labelling.iter_labels(store, "r"))
+    feats = list(labelling_export.iter_labels(store, "r"))
     buf = io.StringIO()
-    assert labelling.export_run(store, "r", buf, "jsonl") == 230
+    assert labelling_export.export_run(store, "r", buf, "jsonl") == 230
     lines = [json.loads(line) for line in buf.getvalue().splitlines()]
     assert [d["feature"] for d in lines] == list(range(230))
     first = lines[0]
@@ -163,7 +163,7 @@ def test_export_jsonl_and_csv_with_margins(mapped):
     assert first["margin"] == pytest.approx(first["hits"][0]["score"] - first["hits"][1]["score"])
     assert first["margin"] >= 0 and len(first["hits"]) == 3
     buf = io.StringIO()
-    labelling.export_run(store, "r", buf, "csv")
+    labelling_export.export_run(store, "r", buf, "csv")
     rows = list(csv.DictReader(io.StringIO(buf.getvalue())))
     assert len(rows) == 230 * 3 and rows[0].keys() == {"feature", "rank", "concept", "label", "score", "margin"}
     assert float(rows[0]["score"]) == first["score"] and float(rows[2]["margin"]) == pytest.approx(first["margin"])
@@ -174,9 +174,9 @@ def test_export_of_an_unfinished_run_needs_partial(mapped):
     labelling.create_run(store, "m", str(path), k=2, batch_size=100, name="r")
     labelling.run_labelling(store, "r", max_batches=1, quiet=True)
     with pytest.raises(AtlasError, match="--resume r"):
-        labelling.export_run(store, "r", io.StringIO())
+        labelling_export.export_run(store, "r", io.StringIO())
     buf = io.StringIO()
-    assert labelling.export_run(store, "r", buf, partial=True) == 100
+    assert labelling_export.export_run(store, "r", buf, partial=True) == 100
 
 
 # ---------------------------------------------------------------------- CLI

@@ -114,7 +114,7 @@ def export(run_name: str, fmt: str, output: Path | None, partial: bool, store_di
     JSONL: one object per feature (label, concept, score, margin, hits). CSV: one row per
     (feature, rank). A small margin means the transferred label is uncertain.
     """
-    from engine.labelling import export_run
+    from engine.labelling_export import export_run
 
     store = open_store(store_dir, db_url)
     if output is None:
