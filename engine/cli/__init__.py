@@ -46,6 +46,7 @@ _COMMAND_MODULES = [
     "engine.cli.align_cmds",
     "engine.cli.label_cmds",
     "engine.cli.steer_cmds",
+    "engine.cli.demo_cmds",
 ]
 
 

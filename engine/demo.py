@@ -1,0 +1,194 @@
+"""The whole mission on ConceptWorld, end to end: ``atlas demo``.
+
+Build (or reuse) the world, register its foundation atlas, align both subjects (subject A shares
+the foundation's tokenizer: ``token`` pairing; subject B does not: ``span`` pairing), evaluate
+retrieval per method and layer, bulk-label the subjects' native concept directions, run text
+lookups, and steer subject A toward three concepts beside its unsteered text. Every figure comes
+from the engine functions the CLI commands call (`atlas eval retrieval`, `atlas eval labelling`,
+`atlas eval steering`, `atlas lookup`, `atlas steer`), so the report can be reproduced piece by
+piece. The demo writes ``report.md`` and PNG figures to ``out``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from engine.store import Store
+
+DEMO_LOOKUPS = 3  # text lookups shown
+DEMO_STEER_CONCEPTS = 3  # concepts subject A is steered toward, side by side with unsteered text
+
+
+@dataclasses.dataclass
+class DemoResult:
+    """What the demo measured, in plain data (also written as ``report.json``)."""
+
+    size: str
+    seed: int
+    store: str
+    out: str
+    world: dict[str, Any]
+    retrieval: list[dict[str, Any]]
+    labelling: list[dict[str, Any]]
+    lookups: list[dict[str, Any]]
+    steering: dict[str, Any]
+    examples: list[dict[str, Any]]
+    timings: dict[str, float]
+    files: list[str]
+
+    def headline(self) -> dict[str, Any]:
+        """The figures the issues promise, one line each."""
+        def best(subject_key: str, method: str, pairing: str | None = None) -> float | None:
+            rows = [r for r in self.retrieval if r["subject"].endswith(subject_key) and r["method"] == method
+                    and (pairing is None or r["pairing"] == pairing)]
+            return max((r["mrr"] for r in rows), default=None)
+
+        lab = [r for r in self.labelling if r["subject"].endswith("subject_a")]
+        chosen = self.steering.get("chosen", {})
+        return {
+            "retrieval_mrr_subject_a_procrustes": best("subject_a", "procrustes", "token"),
+            "retrieval_mrr_subject_b_procrustes_span": best("subject_b", "procrustes", "span"),
+            "labelling_top1_subject_a": max((r["top1"] for r in lab), default=None),
+            "steering_transferred_faithfulness": self.steering.get("transferred_faithfulness"),
+            "steering_native_faithfulness": self.steering.get("native_faithfulness"),
+            "steering_unsteered_faithfulness": self.steering.get("unsteered_faithfulness"),
+            "steering_layer": chosen.get("layer"),
+            "steering_strength": chosen.get("strength"),
+        }
+
+
+def _plain(obj: Any) -> Any:
+    from engine.cli.common import to_plain
+
+    return to_plain(obj)
+
+
+def run_demo(store_dir: str | Path, size: str = "small", seed: int = 0, out: str | Path = "demo-out",
+             quiet: bool = False) -> DemoResult:
+    """Run the mission on ConceptWorld into the store at ``store_dir``; write the report to ``out``."""
+    from engine.align_fit import ensure_world_registered, evaluate_world_retrieval
+    from engine.labelling_eval import evaluate_world_labelling
+    from engine.steering_eval import evaluate_world_steering, world_maps
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = Store.init(store_dir)  # creates the store, or upgrades an existing one
+    timings: dict[str, float] = {}
+
+    def timed(name: str, fn, *a, **kw):
+        t0 = time.perf_counter()
+        result = fn(*a, **kw)
+        timings[name] = round(time.perf_counter() - t0, 1)
+        return result
+
+    world = timed("world", ensure_world_registered, store, size, seed)
+    for key in ("subject_a", "subject_b"):  # the maps a user would use: every layer, Procrustes and ridge
+        timed(f"align_{key}", world_maps, store, world, key, quiet=quiet)
+    retrieval = timed("eval_retrieval", evaluate_world_retrieval, store, size, seed, world=world, quiet=quiet)
+    labelling = timed("eval_labelling", evaluate_world_labelling, store, size, seed, quiet=quiet)
+    lookups = timed("lookups", _lookups, store, world)
+    steering = timed("eval_steering", evaluate_world_steering, store, size, seed, subject="a", quiet=quiet)
+    examples = timed("steer_examples", _steer_examples, store, world, steering.chosen)
+
+    result = DemoResult(
+        size=size, seed=seed, store=str(store_dir), out=str(out), world=_world_summary(world),
+        retrieval=_plain(retrieval), labelling=_plain(labelling), lookups=lookups,
+        steering=_steering_summary(steering), examples=examples, timings=timings, files=[],
+    )
+    from engine.demo_report import write_report
+
+    result.files = write_report(result, out)
+    return result
+
+
+def _world_summary(world: Any) -> dict[str, Any]:
+    models = {k: {"name": m.name, "architecture": m.architecture, "d_model": m.d_model, "n_layers": m.n_layers,
+                  "tokenizer": m.tokenizer_kind} for k, m in world.models.items()}
+    gates = world.report.to_dict()["models"] if world.report is not None else []
+    return {"name": world.name, "atlas": world.atlas_name, "n_concepts": len(world.concepts),
+            "atlas_layer": world.foundation.atlas_layer, "models": models, "gates": gates,
+            "reused": world.reused, "n_train_docs": len(world.train_docs)}
+
+
+def _lookups(store: Store, world: Any) -> list[dict[str, Any]]:
+    """Text lookups with queries that are not labels: two member words of a concept."""
+    from engine.lookup import lookup
+
+    out = []
+    step = max(1, len(world.concepts) // DEMO_LOOKUPS)
+    for c in world.concepts[::step][:DEMO_LOOKUPS]:
+        query = " ".join(c.members[:2])
+        hits = lookup(store, query, k=3, atlas=world.atlas_name)
+        out.append({"query": query, "expected": c.label,
+                    "hits": [{"ref": h.ref, "label": h.label, "score": round(h.score, 4)} for h in hits]})
+    return out
+
+
+def _steering_summary(report: Any) -> dict[str, Any]:
+    rows = _plain(report.rows)
+
+    def chosen_row(kind: str, prompts: str = "neutral") -> dict[str, Any] | None:
+        return next((r for r in rows if r["direction"] == kind and r["prompts"] == prompts
+                     and (r["chosen"] or kind == "unsteered")), None)
+
+    summary: dict[str, Any] = {"chosen": _plain(report.chosen), "rows": rows, "summary": list(report.summary),
+                               "settings": _plain(report.settings)}
+    for kind in ("unsteered", "transferred", "native"):
+        r = chosen_row(kind)
+        summary[f"{kind}_faithfulness"] = r["faithfulness"] if r else None
+        summary[f"{kind}_perplexity"] = r["perplexity"] if r else None
+        o = chosen_row(kind, "other_topic")
+        summary[f"{kind}_other_topic_faithfulness"] = o["faithfulness"] if o else None
+    return summary
+
+
+def _steer_examples(store: Store, world: Any, chosen: dict[str, Any]) -> list[dict[str, Any]]:
+    """Subject A steered toward a few concepts through the chosen map, beside the unsteered text."""
+    from engine.steering_plan import PlanConcept, SteeringPlan, run_plan
+
+    model, tok = world.load("subject_a")
+    prompt = world.neutral_prompts[0]
+    step = max(1, len(world.concepts) // DEMO_STEER_CONCEPTS)
+    out = []
+    for c in world.concepts[1::step][:DEMO_STEER_CONCEPTS]:
+        plan = SteeringPlan(map=chosen["map"], concepts=[PlanConcept(c.label)], strength=chosen["strength"],
+                            max_new_tokens=20)
+        run = run_plan(store, plan, [prompt], model=model, tokenizer=tok, model_name=world.subject_a.name)
+        pair = run.outputs[0]
+        out.append({"concept": c.label, "ref": run.concepts[0].ref, "prompt": prompt, "layer": chosen["layer"],
+                    "strength": chosen["strength"], "unsteered": pair.unsteered, "steered": pair.steered,
+                    "steered_topic": _label_of(world, pair.steered), "unsteered_topic": _label_of(world, pair.unsteered)})
+    return out
+
+
+def _label_of(world: Any, text: str) -> str | None:
+    k = world.plurality_concept(text)
+    return None if k is None else world.concepts[k].label
+
+
+def result_json(result: DemoResult) -> str:
+    return json.dumps(_plain(result), indent=2, ensure_ascii=False)
+
+
+def format_summary(result: DemoResult) -> Sequence[str]:
+    """The short summary the CLI prints."""
+    h = result.headline()
+
+    def f(v: Any) -> str:
+        return "n/a" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    return [
+        f"ConceptWorld {result.size} (seed {result.seed}): {result.world['n_concepts']} concepts, atlas {result.world['atlas']}",
+        f"retrieval MRR, subject A (Procrustes, token pairing, best layer): {f(h['retrieval_mrr_subject_a_procrustes'])}",
+        f"retrieval MRR, subject B (Procrustes, span pairing across tokenizers): {f(h['retrieval_mrr_subject_b_procrustes_span'])}",
+        f"labelling top-1, subject A native directions: {f(h['labelling_top1_subject_a'])}",
+        f"steering faithfulness (neutral prompts): transferred {f(h['steering_transferred_faithfulness'])}, "
+        f"native {f(h['steering_native_faithfulness'])}, unsteered {f(h['steering_unsteered_faithfulness'])} "
+        f"(layer {f(h['steering_layer'])}, strength {f(h['steering_strength'])} x norm)",
+        f"report: {Path(result.out) / 'report.md'}  ({sum(result.timings.values()):.0f} s)",
+    ]

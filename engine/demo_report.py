@@ -1,0 +1,186 @@
+"""The demo's report: ``report.md``, ``report.json`` and PNG figures, from a `DemoResult`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+FIG_RETRIEVAL = "retrieval_mrr.png"
+FIG_STEERING = "steering_faithfulness.png"
+
+# How this project defines its figures (DESIGN section 8); printed with every report.
+METRIC_DEFINITIONS = {
+    "MRR": "per concept, the query is the subject's own direction for it (centred topic mean) mapped into "
+           "the atlas; rank = position of the true concept among all atlas concepts by cosine; mean of 1/rank",
+    "MPP": "mean of (rank - 1)/(N - 1): 0 is perfect, 0.5 is chance",
+    "top1/top5": "share of queries whose true concept ranks first / in the first five",
+    "faithfulness": "share of (concept, prompt) trials whose 20-token greedy continuation has the target concept "
+                    "as its strict plurality concept (member-word counts)",
+    "perplexity": "of the generated continuation under the unsteered subject model (fluency guard)",
+}
+
+
+def write_report(result: Any, out: Path) -> list[str]:
+    """Write every file of the report into ``out``; returns their paths."""
+    from engine.demo import result_json
+
+    files = [_fig_retrieval(result, out / FIG_RETRIEVAL), _fig_steering(result, out / FIG_STEERING)]
+    (out / "report.json").write_text(result_json(result) + "\n", encoding="utf-8")
+    (out / "report.md").write_text(render_markdown(result), encoding="utf-8")
+    return [str(out / "report.md"), str(out / "report.json"), *[str(f) for f in files if f]]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _fig_retrieval(result: Any, path: Path) -> Path | None:
+    rows = result.retrieval
+    if not rows:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    series: dict[tuple[str, str, str], list[tuple[int, float]]] = {}
+    for r in rows:
+        series.setdefault((r["subject"], r["pairing"], r["method"]), []).append((r["layer"], r["mrr"]))
+    for (subject, pairing, method), pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                linestyle="-" if subject.endswith("subject_a") else "--",
+                label=f"{subject.rsplit('-', 1)[-1]} / {pairing} / {method}")
+    ax.set_xlabel("subject layer (resid_post)")
+    ax.set_ylabel("retrieval MRR")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"ConceptWorld {result.size}: retrieval MRR per layer and method")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _fig_steering(result: Any, path: Path) -> Path | None:
+    s = result.steering
+    rows = [r for r in s.get("rows", []) if r["prompts"] == "neutral"]
+    chosen = s.get("chosen", {})
+    if not rows or not chosen:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    picks = {
+        "transferred": [r for r in rows if r["direction"] == "transferred" and r["map"] == chosen.get("map")],
+        "native": [r for r in rows if r["direction"] == "native" and r["layer"] == chosen.get("native_layer")],
+    }
+    for kind, sel in picks.items():
+        sel = sorted(sel, key=lambda r: r["strength"])
+        if sel:
+            ax.plot([r["strength"] for r in sel], [r["faithfulness"] for r in sel], marker="o",
+                    label=f"{kind} (layer {sel[0]['layer']})")
+    base = next((r for r in rows if r["direction"] == "unsteered"), None)
+    if base is not None:
+        ax.axhline(base["faithfulness"], color="grey", linestyle=":", label="unsteered")
+    ax.set_xlabel("strength (x typical residual norm)")
+    ax.set_ylabel("faithfulness (neutral prompts)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"ConceptWorld {result.size}: steering subject A")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _f(v: Any, nd: int = 3) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def _table(rows: list[dict[str, Any]], cols: list[str]) -> list[str]:
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(_f(r.get(c)) for c in cols) + " |" for r in rows]
+    return out
+
+
+def render_markdown(result: Any) -> str:
+    h = result.headline()
+    w = result.world
+    lines = [
+        f"# Concept Atlas demo: ConceptWorld `{result.size}` (seed {result.seed})",
+        "",
+        f"Reproduce: `atlas demo --size {result.size} --seed {result.seed} --store {result.store} "
+        f"--out {result.out}`; each section names the command that gives its figures alone.",
+        "",
+        "## Headline",
+        "",
+        *_table([{"figure": k, "value": v} for k, v in h.items()], ["figure", "value"]),
+        "",
+        "## The world",
+        "",
+        f"{w['n_concepts']} concepts; atlas `{w['atlas']}` at foundation layer {w['atlas_layer']}; "
+        f"{w['n_train_docs']} training documents{' (reused from the store)' if w['reused'] else ''}.",
+        "",
+        *_table([{"key": k, **m} for k, m in w["models"].items()],
+                ["key", "name", "architecture", "d_model", "n_layers", "tokenizer"]),
+        "",
+    ]
+    if w["gates"]:
+        lines += ["Learnability gates (`atlas world build`):", "",
+                  *_table(w["gates"], ["model", "heldout_perplexity", "unigram_perplexity", "probe_accuracy",
+                                       "persistence"]), ""]
+    lines += [
+        "## Retrieval (`atlas eval retrieval --world`)",
+        "",
+        f"![MRR per layer]({FIG_RETRIEVAL})",
+        "",
+        *_table(result.retrieval, ["subject", "pairing", "method", "layer", "mrr", "mpp", "top1", "top5", "n_pairs"]),
+        "",
+        "## Bulk labelling (`atlas eval labelling --world`)",
+        "",
+        *_table(result.labelling, ["subject", "method", "layer", "n", "top1", "top5", "run"]),
+        "",
+        "## Text lookup (`atlas lookup`)",
+        "",
+    ]
+    for lk in result.lookups:
+        hits = "; ".join(f"{x['label']} ({x['ref']})" for x in lk["hits"]) or "(no hits)"
+        lines.append(f"- `{lk['query']}` (concept *{lk['expected']}*): {hits}")
+    s = result.steering
+    lines += [
+        "",
+        "## Steering subject A (`atlas eval steering --world`)",
+        "",
+        f"![faithfulness against strength]({FIG_STEERING})",
+        "",
+        "Chosen on held-out prompts (never the evaluation prompts): " + ", ".join(
+            f"{k} {_f(v)}" for k, v in s.get("chosen", {}).items() if k != "shortlist"),
+        "",
+        *[f"- {line}" for line in s.get("summary", [])],
+        "",
+        *_table([r for r in s.get("rows", []) if r["chosen"] or r["direction"] == "unsteered"],
+                ["direction", "prompts", "layer", "strength", "faithfulness", "perplexity", "n", "map"]),
+        "",
+        "### Side by side (`atlas steer MAP --concept LABEL --prompt ...`)",
+        "",
+    ]
+    for ex in result.examples:
+        lines += [
+            f"**{ex['concept']}** ({ex['ref']}, layer {ex['layer']}, strength {_f(ex['strength'], 2)} x norm)",
+            "",
+            f"- prompt: `{ex['prompt']}`",
+            f"- unsteered: {ex['unsteered']}  — topic: {ex['unsteered_topic'] or 'none'}",
+            f"- steered: {ex['steered']}  — topic: {ex['steered_topic'] or 'none'}",
+            "",
+        ]
+    lines += ["## Definitions", "", *[f"- **{k}**: {v}" for k, v in METRIC_DEFINITIONS.items()], "",
+              "## Timings (s)", "", *_table([result.timings], list(result.timings)), ""]
+    return "\n".join(lines)
