@@ -60,8 +60,9 @@ _PLAN_OPTIONS = {
               help="Concept to steer towards: an id (<atlas>/<ordinal>), a label, or free text (best lookup hit). "
                    "Repeat for several.")
 @click.option("--prompt", "-p", "prompts", multiple=True, required=True, help="Prompt to continue. Repeat for several.")
-@click.option("--strength", "-s", type=float, default=1.0, show_default=True,
-              help="Strength in units of the subject site's typical residual norm (negative steers away).")
+@click.option("--strength", "-s", type=float, default=0.5, show_default=True,
+              help="Strength in units of the subject site's typical residual norm (negative steers away); "
+                   "`atlas eval steering` measures which strengths steer without breaking the text.")
 @click.option("--layers", "-l", multiple=True, callback=_int_list,
               help="Subject layer(s), e.g. 2 or 1,2 (default: the map's layer; others need their own maps).")
 @click.option("--mode", type=click.Choice(["add", "clamp"]), default="add", show_default=True,
@@ -131,7 +132,7 @@ def steer(map_name, concepts, prompts, strength, layers, mode, positions, combin
                            and str(Path(m.source).expanduser().resolve()) == resolved_path), None)
     native_source = None
     if plan.direction == "native":
-        from engine.steering_eval import native_source_for
+        from engine.steering_world import native_source_for
 
         native_source = native_source_for(store, plan.map)
     run = run_plan(store, plan, list(prompts), model=model, tokenizer=tokenizer, model_name=model_name,
@@ -164,37 +165,45 @@ def steer(map_name, concepts, prompts, strength, layers, mode, positions, combin
               help="Evaluate on ConceptWorld (the only ground truth the engine ships).")
 @click.option("--size", type=click.Choice(["tiny", "small"]), default="small", show_default=True)
 @click.option("--seed", default=0, show_default=True, help="World seed.")
+@click.option("--subject", type=click.Choice(["a", "b"]), default="a", show_default=True,
+              help="World subject: a (Llama, the foundation's tokenizer) or b (GPT-NeoX, its own BPE).")
 @click.option("--strengths", multiple=True, callback=_float_list,
-              help="Strengths (x typical residual norm) to sweep, e.g. 0.5,1,2,4 (default: 0.5,1,2,4).")
+              help="Strengths (x typical residual norm) to sweep, e.g. 0.5,1,2 (default: 0.25,0.5,0.75,1,2).")
 @click.option("--layers", "-l", multiple=True, callback=_int_list,
-              help="Subject layers to evaluate (default: every layer with a map).")
-@click.option("--map", "map_name", help="Map of the subject to the world atlas (default: found or fitted).")
+              help="Subject layers to evaluate, e.g. 1,2 (default: every layer).")
+@click.option("--map", "map_name", help="Evaluate this map only (default: every map of the subject onto the "
+                                        "world atlas; Procrustes and ridge maps are fitted where missing).")
 @click.option("--max-new-tokens", "-n", type=int, default=20, show_default=True)
 @store_options
 @json_option
 @quiet_option
-def eval_steering(use_world: bool, size: str, seed: int, strengths, layers, map_name, max_new_tokens: int,
-                  store_dir: Path, db_url, as_json: bool) -> None:
+def eval_steering(use_world: bool, size: str, seed: int, subject: str, strengths, layers, map_name,
+                  max_new_tokens: int, store_dir: Path, db_url, as_json: bool) -> None:
     """Steering faithfulness on ConceptWorld: unsteered, transferred and native directions.
 
     Faithfulness (DESIGN section 8): the share of (concept, neutral prompt) trials whose greedy
     continuation has the target concept as its strict plurality concept; the perplexity of the
-    steered text under the unsteered subject is the fluency guard. The layer and strength are
-    chosen on held-out prompts (never the evaluation prompts); prompts about another topic are
-    reported beside.
+    continuation under the unsteered subject is the fluency guard. Each direction's map, layer
+    and strength are chosen on held-out prompts (never the evaluation prompts), among the maps
+    that fit best on held-out pairs, as the most faithful cell within 2x the unsteered
+    perplexity; rows marked `chosen` are those cells. Prompts about another topic are reported
+    at the chosen cells. --json prints every row, the held-out ones with prompts=heldout.
     """
-    from engine.steering_eval import evaluate_world_steering
+    from engine.steering_world import evaluate_world_steering
 
     _quiet_transformers()
-    report = evaluate_world_steering(open_store(store_dir, db_url), size=size, seed=seed, strengths=strengths,
-                                     layers=layers, map_name=map_name, max_new_tokens=max_new_tokens)
+    report = evaluate_world_steering(open_store(store_dir, db_url), size=size, seed=seed, subject=subject,
+                                     strengths=strengths, layers=layers, map_name=map_name,
+                                     max_new_tokens=max_new_tokens)
     if as_json:
-        print_json(report)
+        print_json(report.rows + report.calibration)
         return
-    emit(report.rows, False, ["direction", "prompts", "layer", "strength", "faithfulness", "perplexity", "n"])
+    emit(report.rows, False, ["direction", "prompts", "method", "layer", "strength", "faithfulness", "perplexity",
+                              "n", "chosen"])
     click.echo("")
     c = report.chosen
-    click.echo(f"chosen on held-out prompts: layer {c['layer']}, strength {c['strength']:g} "
-               f"(held-out faithfulness {c['heldout_faithfulness']:.3f})")
+    click.echo(f"chosen on held-out prompts: {c['map']} (layer {c['layer']}), strength {c['strength']:g} "
+               f"(held-out faithfulness {c['heldout_faithfulness']:.3f}); native: layer {c['native_layer']}, "
+               f"strength {c['native_strength']:g}")
     for line in report.summary:
         click.echo(line)

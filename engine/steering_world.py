@@ -1,0 +1,167 @@
+"""Steering evaluation on ConceptWorld: maps found or fitted, directions, prompts, the report.
+
+Glue between a built world (`engine.world`) and the world-agnostic evaluation in
+`engine.steering_eval`: transferred directions are the world atlas's concept vectors sent
+through each stored map of the subject; native directions are the subject's own centred topic
+means (the world's ground truth); faithfulness is scored by the world's plurality-concept
+reader. Site choice uses `template_prompts`, topic-free prompts that are not the evaluation
+prompts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from engine.errors import ShapeError
+from engine.steering_eval import DirectionSet, SteeringReport, evaluate_steering
+
+
+def template_prompts(exclude: Sequence[str] = ()) -> list[str]:
+    """Topic-free held-out prompts for choosing the site: the words of ConceptWorld's body
+    templates before their first slot ("i saw a", "we looked at the", ...), minus ``exclude``
+    (the evaluation prompts)."""
+    from engine.world.corpus import BODY_TEMPLATES, OPENING_TEMPLATES
+
+    skip = {p.strip() for p in exclude}
+    out = []
+    for t in BODY_TEMPLATES + OPENING_TEMPLATES:
+        head = t.split("{", 1)[0].strip()
+        if head and head not in skip and head not in out:
+            out.append(head)
+    return out
+
+
+SUBJECT_KEYS = {"a": "subject_a", "b": "subject_b"}
+DEFAULT_STRENGTHS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 2.0)  # × typical residual norm
+DEFAULT_METHODS: tuple[str, ...] = ("procrustes", "ridge")  # maps fitted when the store has none
+
+
+def concept_ordinals(store: Any, world: Any) -> np.ndarray:
+    """Atlas ordinal of each world concept, matched by label (the world atlas's labels are the
+    concept labels; by position where a label is missing)."""
+    by_label = {label: i for i, label in enumerate(store.labels(world.atlas_name))}
+    return np.asarray([by_label.get(c.label, i) for i, c in enumerate(world.concepts)], dtype=np.int64)
+
+
+def world_maps(store: Any, world: Any, key: str, layers: Sequence[int] | None = None, map_name: str | None = None,
+               methods: Sequence[str] = DEFAULT_METHODS, quiet: bool = False) -> list[Any]:
+    """The stored maps of a world subject onto the world atlas at ``layers`` (default: all).
+
+    With ``map_name``, that map only. Otherwise every (layer, method) of ``methods`` the store
+    lacks is fitted first, from one pass over the world's training texts, and stored.
+    """
+    from engine.align import fit_map, list_maps, load_map, save_map
+    from engine.align_fit import accumulate_pairs, world_texts
+    from engine.align_map import MapSites
+    from engine.errors import NotFoundError
+    from engine.models import load_model
+
+    wm = world.model(key)
+    on_world = [m for m in list_maps(store) if m.atlas == world.atlas_name and m.subject_model == wm.name]
+    if map_name is not None:
+        if map_name not in {m.name for m in on_world}:
+            raise NotFoundError(f"no map {map_name!r} from {wm.name!r} onto atlas {world.atlas_name!r}; "
+                                "`atlas maps` lists them")
+        return [load_map(store, map_name)]
+    wanted = list(range(wm.n_layers)) if layers is None else [int(v) for v in layers]
+    bad = [v for v in wanted if not 0 <= v < wm.n_layers]
+    if bad:
+        raise ShapeError(f"layers {bad} are out of range for {wm.name} ({wm.n_layers} layers: 0..{wm.n_layers - 1})")
+    have = {(m.subject_layer, m.method) for m in on_world}
+    todo = [(L, meth) for L in wanted for meth in methods if (L, meth) not in have]
+    if todo:
+        atlas = store.atlas(world.atlas_name)
+        subject, foundation = load_model(wm.path), load_model(world.foundation.path)
+        pairing = "token" if wm.tokenizer_fingerprint == world.foundation.tokenizer_fingerprint else "span"
+        train, held = world_texts(world)
+        fit_layers = sorted({L for L, _ in todo})
+        stats = accumulate_pairs(subject, foundation, train, held, fit_layers, atlas.layer, [pairing], quiet=quiet)
+        taken = {m.name for m in list_maps(store)}
+        for L, meth in todo:
+            sites = MapSites(wm.name, L, atlas.name, atlas.model, atlas.layer)
+            amap = fit_map(stats.train[(pairing, L)], meth, heldout=stats.heldout[(pairing, L)], sites=sites,
+                           pairing=pairing, corpus_fingerprint=stats.corpus_fingerprint)
+            name = f"{wm.name}-L{L}-{meth}"
+            if name in taken:
+                name = f"{name}-{pairing}"
+            save_map(store, amap, name)
+        on_world = [m for m in list_maps(store) if m.atlas == world.atlas_name and m.subject_model == wm.name]
+    return [load_map(store, m.name) for m in on_world if m.subject_layer in wanted]
+
+
+def world_sites(store: Any, world: Any, key: str, maps: Sequence[Any]) -> list[DirectionSet]:
+    """Transferred directions through each map, and the subject's native directions at each of
+    their layers, one row per world concept."""
+    atlas = store.atlas_vectors(world.atlas_name)[concept_ordinals(store, world)]  # (K, d_atlas)
+    sites = [DirectionSet("transferred", m.subject_layer, m.inverse_directions(atlas), m.subject_resid_norm,
+                          m.name, m.method, dict(m.metrics)) for m in maps]
+    norms: dict[int, float] = {}
+    for m in maps:  # one norm per layer: every map of a layer measured the same site
+        norms.setdefault(m.subject_layer, m.subject_resid_norm)
+    sites += [DirectionSet("native", L, np.asarray(world.concept_directions(key, L), dtype=np.float32), norm)
+              for L, norm in sorted(norms.items())]
+    return sites
+
+
+def evaluate_world_steering(
+    store: Any, size: str = "small", seed: int = 0, *, subject: str = "a", strengths: Sequence[float] | None = None,
+    layers: Sequence[int] | None = None, map_name: str | None = None, max_new_tokens: int = 20,
+    mode: str = "add", quiet: bool = False,
+) -> SteeringReport:
+    """Steering faithfulness on ConceptWorld (`atlas eval steering --world`).
+
+    The world is built (or reused) and registered; maps of the subject onto the world atlas are
+    found or fitted (Procrustes and ridge at every layer); evaluation prompts are the world's
+    neutral prompts, site choice uses `template_prompts` (never the evaluation prompts), and the
+    world's other-topic prompts are reported at the chosen cells.
+    """
+    from engine.activations import auto_threads, torch_threads
+    from engine.align_fit import ensure_world_registered
+    from engine.errors import NotFoundError
+    from engine.models import load_model
+
+    key = SUBJECT_KEYS.get(subject.lower().removeprefix("subject_"))
+    if key is None:
+        raise NotFoundError(f"unknown world subject {subject!r}; use a or b")
+    world = ensure_world_registered(store, size, seed)
+    maps = world_maps(store, world, key, layers, map_name, quiet=quiet)
+    model, tok = load_model(world.model(key).path)
+    with torch_threads(auto_threads(model)):
+        report = evaluate_steering(
+            model, tok, world.plurality_concept, world_sites(store, world, key, maps),
+            neutral_prompts=world.neutral_prompts, heldout_prompts=template_prompts(world.neutral_prompts),
+            other_topic_prompts=world.other_topic_prompts, strengths=tuple(strengths or DEFAULT_STRENGTHS),
+            max_new_tokens=max_new_tokens, mode=mode, quiet=quiet,
+        )
+    report.settings.update(world=world.name, subject=world.model(key).name, atlas=world.atlas_name)
+    return report
+
+
+def native_source_for(store: Any, map_name: str) -> Callable[[str, int], np.ndarray | None]:
+    """Native directions of a ConceptWorld subject, by concept label and layer (for `atlas steer --native`).
+
+    The subject is found through the folder it was registered from (``<world>/<model key>``)."""
+    from pathlib import Path
+
+    from engine.align import map_info
+    from engine.errors import NotFoundError
+    from engine.world.build import load_world
+
+    info = map_info(store, map_name)
+    source = store.get_model(info.subject_model).source
+    folder = Path(source).expanduser() if source else None
+    if folder is None or not (folder.parent / "manifest.json").is_file():
+        raise NotFoundError(f"{info.subject_model!r} is not a ConceptWorld model: its native concept directions are "
+                            "unknown (--native works for world subjects)")
+    world = load_world(folder.parent)
+    key = folder.name
+    index = {c.label.lower(): i for i, c in enumerate(world.concepts)} | {c.name: i for i, c in enumerate(world.concepts)}
+
+    def native(label: str, layer: int) -> np.ndarray | None:
+        i = index.get(label.lower())
+        return None if i is None else np.asarray(world.concept_directions(key, layer)[i], dtype=np.float32)
+
+    return native
