@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -33,10 +33,37 @@ import torch
 from engine.errors import ShapeError, SiteMismatchError
 from engine.models import d_model_of, resolve_blocks, resolve_layer
 
-Mode = Literal["add", "clamp"]
-MODES: tuple[str, ...] = ("add", "clamp")
+Mode = str  # a name in STEERING_MODES: "add", "clamp", or one registered with `register_mode`
+# fn(h (B, t, d), u (d,) or (B, 1, d) unit, target) -> edited h, out of place
+ModeFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+STEERING_MODES: dict[str, ModeFn] = {}
 Positions = Literal["all", "new"]
 POSITIONS: tuple[str, ...] = ("all", "new")
+
+
+def register_mode(name: str) -> Callable[[ModeFn], ModeFn]:
+    """Register ``fn(h, u, target) -> h`` as steering mode ``name`` (once)."""
+
+    def deco(fn: ModeFn) -> ModeFn:
+        if name in STEERING_MODES:
+            raise ValueError(f"steering mode {name!r} is already registered")
+        STEERING_MODES[name] = fn
+        return fn
+
+    return deco
+
+
+@register_mode("add")
+def _add(h: torch.Tensor, u: torch.Tensor, target: float) -> torch.Tensor:
+    """h + target·u at every edited position."""
+    return h + target * u
+
+
+@register_mode("clamp")
+def _clamp(h: torch.Tensor, u: torch.Tensor, target: float) -> torch.Tensor:
+    """Set the projection of h on u to ``target``; the rest of h is unchanged."""
+    proj = (h * u).sum(-1, keepdim=True)  # (B, t, 1)
+    return h + (target - proj) * u
 
 
 @dataclass(frozen=True)
@@ -57,8 +84,8 @@ class SteeringEdit:
     label: str = ""
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode not in STEERING_MODES:
+            raise ValueError(f"mode must be one of {sorted(STEERING_MODES)}, got {self.mode!r}")
         u = np.asarray(self.direction, dtype=np.float64)
         if u.ndim not in (1, 2) or 0 in u.shape:
             raise ShapeError(f"a steering direction must be (d,) or (n_rows, d), got shape {u.shape}")
@@ -92,49 +119,37 @@ class SteeringEdit:
 
 @dataclass
 class _LayerEdit:
-    """The edits of one layer, precomputed for the hot path: one summed vector for all ``add``
-    edits, and (direction, target) pairs for ``clamp`` edits, applied in order after the sum.
-    Per-row directions are stored as ``(n_rows, 1, d)`` so they broadcast over positions."""
+    """The edits of one layer, ready for the hot path: (mode function, direction, target) in
+    order, directions cast once per dtype and device. Per-row directions are stored as
+    ``(n_rows, 1, d)`` so they broadcast over positions."""
 
-    delta: torch.Tensor | None  # (d,) or (n_rows, 1, d)
-    clamps: list[tuple[torch.Tensor, float]]  # [(u (d,) or (n_rows, 1, d), target)]
+    edits: list[tuple[ModeFn, torch.Tensor, float]]  # [(fn, u (d,) or (n_rows, 1, d), target)]
     n_rows: int | None = None
-    _cast: dict[tuple[torch.dtype, torch.device], tuple[Any, list]] = field(default_factory=dict)
+    _cast: dict[tuple[torch.dtype, torch.device], list[tuple[ModeFn, torch.Tensor, float]]] = field(
+        default_factory=dict)
 
     @classmethod
     def build(cls, edits: Sequence[SteeringEdit]) -> _LayerEdit:
         rows = {e.n_rows for e in edits} - {None}
         if len(rows) > 1:
             raise ShapeError(f"per-row edits at one layer disagree on the number of rows: {sorted(rows)}")
-        n_rows = rows.pop() if rows else None
 
         def as_tensor(u: np.ndarray) -> torch.Tensor:
             t = torch.from_numpy(np.ascontiguousarray(u, dtype=np.float32))
             return t.unsqueeze(1) if t.ndim == 2 else t  # (n_rows, 1, d) or (d,)
 
-        adds = [e for e in edits if e.mode == "add"]
-        delta = as_tensor(sum(e.target * e.direction.astype(np.float64) for e in adds)) if adds else None
-        clamps = [(as_tensor(e.direction), e.target) for e in edits if e.mode == "clamp"]
-        return cls(delta, clamps, n_rows)
-
-    def cast(self, like: torch.Tensor) -> tuple[torch.Tensor | None, list[tuple[torch.Tensor, float]]]:
-        key = (like.dtype, like.device)
-        if key not in self._cast:
-            delta = None if self.delta is None else self.delta.to(like.device, like.dtype)
-            clamps = [(u.to(like.device, like.dtype), t) for u, t in self.clamps]
-            self._cast[key] = (delta, clamps)
-        return self._cast[key]
+        return cls([(STEERING_MODES[e.mode], as_tensor(e.direction), e.target) for e in edits],
+                   rows.pop() if rows else None)
 
     def apply(self, h: torch.Tensor) -> torch.Tensor:
         """``h`` (B, t, d) edited out of place."""
         if self.n_rows is not None and h.shape[0] != self.n_rows:
             raise ShapeError(f"a per-row edit has {self.n_rows} rows, the batch has {h.shape[0]}")
-        delta, clamps = self.cast(h)
-        if delta is not None:
-            h = h + delta
-        for u, target in clamps:
-            proj = (h * u).sum(-1, keepdim=True)  # (B, t, 1)
-            h = h + (target - proj) * u
+        key = (h.dtype, h.device)
+        if key not in self._cast:
+            self._cast[key] = [(fn, u.to(h.device, h.dtype), t) for fn, u, t in self.edits]
+        for fn, u, target in self._cast[key]:
+            h = fn(h, u, target)
         return h
 
 
@@ -144,7 +159,6 @@ class SteeringHooks:
     def __init__(self) -> None:
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.offset = 0  # absolute position of the first token of the current forward pass
-        self.calls = 0  # edited block outputs (for tests and benchmarks)
 
     @property
     def active(self) -> bool:
@@ -205,7 +219,6 @@ def steer(
     def make_hook(le: _LayerEdit):
         def hook(_module, _args, output):
             h = output[0] if isinstance(output, (tuple, list)) else output  # (B, t, d)
-            hooks.calls += 1
             if positions == "new":
                 first = prompt_length - hooks.offset  # index of the first position to edit
                 if first >= h.shape[1]:

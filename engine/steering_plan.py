@@ -29,7 +29,7 @@ from typing import Any, Literal
 import numpy as np
 
 from engine.errors import FormatError, NotFoundError, SiteMismatchError
-from engine.steering import MODES, POSITIONS, Mode, Positions, SteeringEdit
+from engine.steering import POSITIONS, STEERING_MODES, Mode, Positions, SteeringEdit
 
 Direction = Literal["transferred", "native"]
 DIRECTIONS: tuple[str, ...] = ("transferred", "native")
@@ -76,8 +76,8 @@ class SteeringPlan:
                          else PlanConcept(str(c)) for c in self.concepts]
         if not self.concepts:
             raise ValueError("a steering plan needs at least one concept")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode not in STEERING_MODES:
+            raise ValueError(f"mode must be one of {sorted(STEERING_MODES)}, got {self.mode!r}")
         if self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
         if self.direction not in DIRECTIONS:

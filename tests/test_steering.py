@@ -19,6 +19,7 @@ from engine.activations import read_residuals
 from engine.errors import ShapeError, SiteMismatchError
 from engine.models import load_model, resolve_blocks
 from engine.steering import (
+    STEERING_MODES,
     SteeringEdit,
     generate,
     generate_pair,
@@ -194,7 +195,8 @@ def test_several_edits_and_layers_combine(tiny):
 # ----------------------------------------------------------------------------- generation
 
 
-@pytest.mark.parametrize(("mode", "positions"), [("add", "all"), ("add", "new"), ("clamp", "new")])
+@pytest.mark.parametrize("positions", ["all", "new"])
+@pytest.mark.parametrize("mode", sorted(STEERING_MODES))
 def test_cache_on_and_off_give_identical_tokens(tiny, positions, mode):
     _, model, tok = tiny
     prompts = ["the", "there was a", "and then the", "it is a"]
@@ -247,6 +249,15 @@ def test_typical_norm_matches_a_direct_measurement(tiny):
     assert n == pytest.approx(float(torch.cat(norms).mean()), rel=1e-5)
 
 
+def test_mode_registry_refuses_duplicates_and_unknown_modes():
+    from engine.steering import register_mode
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_mode("add")(lambda h, u, t: h)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        SteeringEdit(0, unit(0), 1.0, 1.0, mode="multiply")
+
+
 def test_wrong_width_is_a_clear_error(tiny):
     _, model, tok = tiny
     with pytest.raises(SiteMismatchError, match="dimension 16.*width 32"):
@@ -255,7 +266,7 @@ def test_wrong_width_is_a_clear_error(tiny):
     assert n_hooks(model) == n_hooks(model)  # nothing installed
 
 
-@pytest.mark.parametrize("mode", ["add", "clamp"])
+@pytest.mark.parametrize("mode", sorted(STEERING_MODES))
 def test_per_row_edits_match_one_edit_per_prompt(tiny, mode):
     _, model, tok = tiny
     prompts = ["the", "there was a", "the", "and then the"]

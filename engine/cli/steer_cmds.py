@@ -65,8 +65,8 @@ _PLAN_OPTIONS = {
                    "`atlas eval steering` measures which strengths steer without breaking the text.")
 @click.option("--layers", "-l", multiple=True, callback=_int_list,
               help="Subject layer(s), e.g. 2 or 1,2 (default: the map's layer; others need their own maps).")
-@click.option("--mode", type=click.Choice(["add", "clamp"]), default="add", show_default=True,
-              help="add: h += s·norm·u; clamp: set the projection of h on u to s·norm.")
+@click.option("--mode", default="add", show_default=True,
+              help="add: h += s·norm·u; clamp: set the projection of h on u to s·norm (or a registered mode).")
 @click.option("--positions", type=click.Choice(["all", "new"]), default="all", show_default=True,
               help="Edit every position, or only generated ones (after the prompt).")
 @click.option("--combine", type=int, default=0, show_default=True,
