@@ -250,8 +250,9 @@ def collect(
     Texts are right-padded per batch (positions start at 0 for every text, which absolute
     position embeddings need); only real, non-special tokens come out. ``max_tokens`` stops after
     the batch that reaches that many tokens. With ``shard_dir`` the batches are written to
-    safetensors shards and a later call with the same model, texts and settings reads them back
-    instead of running the model.
+    safetensors shards in ``shard_dir/<key>/`` (the key hashes the model's weights, the tokenizer,
+    the texts and these settings), and a later call with the same key reads them back instead of
+    running the model; a pass that was not read to its end leaves no reusable cache.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -261,7 +262,7 @@ def collect(
     cache = None
     if shard_dir is not None:
         key = _cache_key(model, tokenizer, texts, layer_idx, site, out_dtype, batch_size, max_length, max_tokens)
-        cache = _ShardCache(Path(shard_dir), key)
+        cache = _ShardCache(Path(shard_dir) / key[:32], key)
         if cache.complete():
             yield from cache.read()
             return

@@ -104,6 +104,8 @@ def accumulate_pairs(
     foundation_site: str = "resid_post",
     subject_layer_module: str | None = None,
     foundation_layer_module: str | None = None,
+    cache_dir: str | Path | None = None,
+    dtype: Any = torch.float32,
     threads: int | str | None = "auto",
     quiet: bool = False,
 ) -> PairedStats:
@@ -111,7 +113,9 @@ def accumulate_pairs(
 
     ``max_pairs`` caps the training pairs of each pairing (the pass stops once every pairing has
     them); held-out texts are used whole. ``threads="auto"`` runs narrow models on one torch
-    thread (see `engine.activations.torch_threads`).
+    thread (see `engine.activations.torch_threads`). ``cache_dir`` caches both models'
+    activations as shards for the next fit on the same texts; ``dtype`` is the activations' dtype
+    (statistics are float32 GEMMs into float64 whatever it is).
     """
     if threads == "auto":
         threads = auto_threads(subject[0], foundation[0])
@@ -119,13 +123,13 @@ def accumulate_pairs(
         return _accumulate_pairs(
             subject, foundation, train_texts, heldout_texts, subject_layers, foundation_layer, pairings, pools,
             normalize, max_pairs, batch_size, subject_site, foundation_site, subject_layer_module,
-            foundation_layer_module, quiet,
+            foundation_layer_module, cache_dir, dtype, quiet,
         )
 
 
 def _accumulate_pairs(subject, foundation, train_texts, heldout_texts, subject_layers, foundation_layer, pairings,
                       pools, normalize, max_pairs, batch_size, subject_site, foundation_site, subject_layer_module,
-                      foundation_layer_module, quiet) -> PairedStats:
+                      foundation_layer_module, cache_dir, dtype, quiet) -> PairedStats:
     pools = pools or {}
     sm, fm = subject[0], foundation[0]
     s_layers = [resolve_layer(sm, L, subject_layer_module) for L in subject_layers]
@@ -149,7 +153,8 @@ def _accumulate_pairs(subject, foundation, train_texts, heldout_texts, subject_l
         for sb, fb in iter_batch_pairs(
             subject, foundation, texts, s_layers, f_layer, subject_site=subject_site,
             foundation_site=foundation_site, batch_size=batch_size, subject_layer_module=subject_layer_module,
-            foundation_layer_module=foundation_layer_module, desc=f"pairs ({split})", quiet=quiet,
+            foundation_layer_module=foundation_layer_module, cache_dir=cache_dir if cap is None else None,
+            dtype=dtype, desc=f"pairs ({split})", quiet=quiet,
         ):
             for p in pairings:
                 if cap is not None and counts[p] >= cap:
@@ -196,7 +201,7 @@ def resolve_subject(store: Any, subject: str, kind: str = "causal", revision: st
     return name, model, tok
 
 
-def load_atlas_model(store: Any, atlas: Any, dtype: Any = torch.float32):
+def load_atlas_model(store: Any, atlas: Any, dtype: Any = torch.float32, kind: str | None = None):
     """The foundation model of an atlas, loaded from the source recorded in the store."""
     from engine.models import load_model
 
@@ -206,7 +211,19 @@ def load_atlas_model(store: Any, atlas: Any, dtype: Any = torch.float32):
             f"atlas {atlas.name!r} is on model {atlas.model!r}, which has no recorded source to load it from; "
             "register the model with its path"
         )
-    return load_model(info.source, dtype=dtype, revision=info.revision)
+    kind = kind or (store_extra(store, atlas.model).get("kind") or "causal")
+    return load_model(info.source, kind=kind, dtype=dtype, revision=info.revision)
+
+
+def store_extra(store: Any, model_name: str) -> dict[str, Any]:
+    """The ``extra`` JSON of a registered model (e.g. ``kind``), empty when none."""
+    from sqlalchemy import select
+
+    from engine.schema import ModelRow
+
+    with store.session() as s:
+        row = s.scalar(select(ModelRow).where(ModelRow.name == model_name))
+        return dict(row.extra or {}) if row is not None else {}
 
 
 def align_subject(
@@ -226,6 +243,8 @@ def align_subject(
     hook: str = "resid_post",
     layer_module: str | None = None,
     kind: str = "causal",
+    dtype: Any = torch.float32,
+    cache: bool = False,
     name: str | None = None,
     overwrite: bool = False,
     quiet: bool = False,
@@ -234,11 +253,14 @@ def align_subject(
     """Fit and store the map of ``subject`` at ``layer`` onto ``atlas`` (the ``atlas align`` command).
 
     Without ``heldout_texts`` a tenth of ``texts`` (by hash) is held out. ``pairing="auto"`` is
-    ``token`` when the two tokenizers are the same and ``span`` otherwise.
+    ``token`` when the two tokenizers are the same and ``span`` otherwise. ``dtype`` loads both
+    models in that dtype; ``cache`` keeps their activations under the store's ``activations/``.
     """
+    from engine import layout
+
     ainfo = store.atlas(atlas)
-    s_name, sm, stok = resolve_subject(store, subject, kind=kind, layer_module=layer_module)
-    fm, ftok = load_atlas_model(store, ainfo)
+    s_name, sm, stok = resolve_subject(store, subject, kind=kind, dtype=dtype, layer_module=layer_module)
+    fm, ftok = load_atlas_model(store, ainfo, dtype=dtype)
     if d_model_of(fm) != ainfo.dim:
         raise SiteMismatchError(
             f"atlas {ainfo.name!r} has d={ainfo.dim} but its model {ainfo.model!r} has d={d_model_of(fm)}"
@@ -251,7 +273,8 @@ def align_subject(
     stats = accumulate_pairs(
         (sm, stok), (fm, ftok), texts, heldout_texts, [L], ainfo.layer, [pairing], pools={pairing: pool},
         normalize=normalize, max_pairs=max_pairs, batch_size=batch_size, subject_site=hook,
-        foundation_site=ainfo.hook, subject_layer_module=layer_module, quiet=quiet,
+        foundation_site=ainfo.hook, subject_layer_module=layer_module,
+        cache_dir=Path(store.path) / layout.ACTIVATIONS_DIR if cache else None, quiet=quiet,
     )
     sites = MapSites(s_name, L, ainfo.name, ainfo.model, ainfo.layer, hook, ainfo.hook)
     try:

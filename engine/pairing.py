@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -173,13 +174,15 @@ def iter_batch_pairs(
     dtype: torch.dtype | str = torch.float32,
     subject_layer_module: str | None = None,
     foundation_layer_module: str | None = None,
+    cache_dir: str | Path | None = None,
     desc: str | None = "pairs",
     quiet: bool = False,
 ) -> Iterator[tuple[TokenBatch, TokenBatch]]:
     """Run both models over the same batches of texts, yielding their token records in step.
 
     Both sides truncate at the same ``max_length`` (the smaller of the two models' limits by
-    default), so ``token`` pairing sees the same tokens on both sides.
+    default), so ``token`` pairing sees the same tokens on both sides. With ``cache_dir`` each
+    side's activations are cached as shards there (see `engine.activations.collect`).
     """
     from engine.activations import collect, default_max_length
 
@@ -187,9 +190,9 @@ def iter_batch_pairs(
     if max_length is None:
         max_length = min(default_max_length(sm, stok), default_max_length(fm, ftok))
     gen_s = collect(sm, stok, texts, subject_layers, subject_site, batch_size, max_length=max_length,
-                    dtype=dtype, layer_module=subject_layer_module, desc=desc, quiet=quiet)
+                    dtype=dtype, layer_module=subject_layer_module, shard_dir=cache_dir, desc=desc, quiet=quiet)
     gen_f = collect(fm, ftok, texts, [foundation_layer], foundation_site, batch_size, max_length=max_length,
-                    dtype=dtype, layer_module=foundation_layer_module, desc=None)
+                    dtype=dtype, layer_module=foundation_layer_module, shard_dir=cache_dir, desc=None)
     yield from zip(gen_s, gen_f, strict=True)
 
 

@@ -92,8 +92,12 @@ def test_early_stop_skips_the_rest_of_the_model(models):
 def test_shards_are_written_and_reused(models, tmp_path, monkeypatch):
     model, tok = models["a"]
     first = _all(collect(model, tok, CORPUS, [1], batch_size=3, shard_dir=tmp_path / "c", quiet=True))
-    assert (tmp_path / "c" / "manifest.json").is_file()
-    assert len(list((tmp_path / "c").glob("shard-*.safetensors"))) == len(first)
+    (folder,) = (tmp_path / "c").iterdir()
+    assert (folder / "manifest.json").is_file()
+    assert len(list(folder.glob("shard-*.safetensors"))) == len(first)
+    # other settings: another cache beside it
+    _all(collect(model, tok, CORPUS, [0], batch_size=3, shard_dir=tmp_path / "c", quiet=True))
+    assert len(list((tmp_path / "c").iterdir())) == 2
 
     def boom(*a, **k):
         raise AssertionError("the model ran although the shards were complete")
@@ -112,7 +116,7 @@ def test_an_abandoned_pass_leaves_no_manifest(models, tmp_path):
     gen = collect(model, tok, CORPUS, [1], batch_size=2, shard_dir=tmp_path / "c", quiet=True)
     next(gen)
     gen.close()
-    assert not (tmp_path / "c" / "manifest.json").exists()
+    assert not list((tmp_path / "c").glob("*/manifest.json"))
 
 
 def test_read_residuals_removes_hooks_on_error(models):

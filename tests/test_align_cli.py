@@ -82,9 +82,15 @@ def test_align_then_list_and_show(setup, folders):
 def test_across_tokenizers_auto_picks_span(setup, folders):
     store, corpus = setup
     res = run("align", str(folders["subj-bpe"]), "-l", "1", "--atlas", "atl", "--corpus", str(corpus), "--json",
-              "-q", "--store", str(store.path))
+              "-q", "--cache", "--store", str(store.path))
     assert res.exit_code == 0, res.output
-    assert json.loads(res.output)["pairing"] == "span"
+    first = json.loads(res.output)
+    assert first["pairing"] == "span"
+    # activations of both models, training and held-out texts, cached for the next fit
+    assert len(list((store.path / "activations").glob("*/manifest.json"))) == 4
+    res = run("align", "subj-bpe", "-l", "1", "--atlas", "atl", "--corpus", str(corpus), "--json", "-q", "--cache",
+              "--name", "again", "--store", str(store.path))
+    assert json.loads(res.output)["metrics"]["heldout_r2"] == pytest.approx(first["metrics"]["heldout_r2"])
     res = run("align", "subj-bpe", "-l", "1", "--atlas", "atl", "--corpus", str(corpus), "--pairing", "token",
               "--name", "x", "-q", "--store", str(store.path))
     assert res.exit_code == 1 and "--pairing span" in res.output

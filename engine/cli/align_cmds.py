@@ -83,13 +83,17 @@ def _quiet_transformers() -> None:
 @click.option("--lam", type=float, help="Ridge λ (default: chosen on held-out pairs).")
 @click.option("--layer-module", help="Attribute path of the subject's block list, for architectures not known (e.g. model.layers).")
 @click.option("--encoder", is_flag=True, help="The subject is an encoder (BERT-style), not a causal LM.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="Load both models in this dtype (statistics are accumulated in float64 either way).")
+@click.option("--cache", is_flag=True, help="Cache activations as safetensors shards under the store's activations/.")
 @click.option("--name", help="Map name (default: <subject>-L<layer>-<atlas>-<method>).")
 @click.option("--overwrite", is_flag=True, help="Replace a map of the same name.")
 @store_options
 @json_option
 @quiet_option
 def align(subject, layer, atlas_name, corpus, use_world, size, seed, method, pairing, pool, max_tokens, batch_size,
-          hook, normalize, no_scale, lam, layer_module, encoder, name, overwrite, store_dir, db_url, as_json):
+          hook, normalize, no_scale, lam, layer_module, encoder, dtype, cache, name, overwrite, store_dir, db_url,
+          as_json):
     """Fit an alignment map from SUBJECT's LAYER to an atlas, and store it.
 
     SUBJECT is a model in the store, or a local folder / hub id (registered on first use); with
@@ -127,7 +131,7 @@ def align(subject, layer, atlas_name, corpus, use_world, size, seed, method, pai
     info = align_subject(
         store, subject, layer, atlas_name, texts, heldout, method=method, pairing=pairing, pool=pool,
         max_pairs=max_tokens, batch_size=batch_size, normalize=normalize, hook=hook, layer_module=layer_module,
-        kind="encoder" if encoder else "causal", name=name, overwrite=overwrite, **params,
+        kind="encoder" if encoder else "causal", dtype=dtype, cache=cache, name=name, overwrite=overwrite, **params,
     )
     _show(info, as_json)
 
