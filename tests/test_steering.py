@@ -146,6 +146,21 @@ def test_add_moves_the_residual_by_exactly_the_vector(tiny):
         torch.testing.assert_close(cap.acts[layer], base[layer])
 
 
+def test_prepended_edit_also_shows_in_hidden_states(tiny):
+    """transformers 5.x gathers hidden_states with its own hooks (DESIGN §10); the edit is
+    prepended, so they see it too: hidden_states[L + 1] is block L's edited output."""
+    _, model, tok = tiny
+    u, layer = unit(9), 1
+    ids = tok([TEXTS[0]], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        base = model(input_ids=ids, output_hidden_states=True).hidden_states
+        with steer(model, [SteeringEdit(layer, u, 1.0, 3.0)]):
+            steered = model(input_ids=ids, output_hidden_states=True).hidden_states
+    diff = (steered[layer + 1] - base[layer + 1])[0].numpy()
+    np.testing.assert_allclose(diff, np.broadcast_to(3.0 * u, diff.shape), atol=1e-5)
+    torch.testing.assert_close(steered[layer], base[layer])
+
+
 def test_add_positions_new_leaves_the_prompt_alone(tiny):
     _, model, tok = tiny
     u, layer = unit(2), 0
