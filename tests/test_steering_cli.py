@@ -51,3 +51,51 @@ def test_steer_errors_are_one_line(steer_store, tmp_path):  # noqa: F811
     assert r.exit_code == 1 and "fitted at subj@1/resid_post, not at model 'other-gpt2'" in r.output
     r = invoke(steer_store, "steer", "m1", "-p", "the")
     assert r.exit_code == 2 and "--concept" in r.output
+
+
+def _report():
+    from engine.steering_eval import FaithfulnessRow, SteeringReport
+
+    rows = [FaithfulnessRow("unsteered", "neutral", None, 0.0, 0.1, 2.8, 160),
+            FaithfulnessRow("transferred", "neutral", 2, 0.5, 0.88, 5.2, 160, "m2", "ridge", True),
+            FaithfulnessRow("native", "neutral", 2, 0.5, 0.98, 5.3, 160, chosen=True)]
+    cal = [FaithfulnessRow("transferred", "heldout", 2, 0.5, 0.87, 4.6, 330, "m2", "ridge")]
+    chosen = {"map": "m2", "layer": 2, "strength": 0.5, "heldout_faithfulness": 0.87, "native_layer": 2,
+              "native_strength": 0.5}
+    return SteeringReport(rows, chosen, cal, ["neutral prompts, chosen cells: ..."])
+
+
+def test_eval_steering_table_and_json(store, monkeypatch):
+    import engine.steering_world
+
+    seen = {}
+
+    def fake(store, **kw):
+        seen.update(kw)
+        return _report()
+
+    monkeypatch.setattr(engine.steering_world, "evaluate_world_steering", fake)
+    r = invoke(store, "eval", "steering", "--world", "--size", "tiny", "--strengths", "0.5,1", "-l", "2")
+    assert r.exit_code == 0, r.output
+    assert seen["strengths"] == [0.5, 1.0] and seen["layers"] == [2] and seen["size"] == "tiny"
+    assert "chosen on held-out prompts: m2 (layer 2), strength 0.5" in r.output and "0.8800" in r.output
+    rows = json.loads(invoke(store, "eval", "steering", "--world", "--json").stdout)
+    assert [(x["direction"], x["prompts"]) for x in rows] == [
+        ("unsteered", "neutral"), ("transferred", "neutral"), ("native", "neutral"), ("transferred", "heldout")]
+    assert {"direction", "layer", "strength", "faithfulness", "perplexity", "chosen", "map"} <= set(rows[1])
+
+
+def test_eval_group_works_in_any_registration_order():
+    import click
+
+    from engine.cli import AtlasGroup, steer_cmds
+
+    root = AtlasGroup("atlas")
+    steer_cmds.register(root)
+    assert "steering" in root.commands["eval"].commands
+    other = AtlasGroup("atlas")
+    existing = click.Group("eval")
+    existing.add_command(click.Command("retrieval"))
+    other.add_command(existing)
+    steer_cmds.register(other)
+    assert other.commands["eval"] is existing and set(existing.commands) == {"retrieval", "steering"}
