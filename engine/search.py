@@ -156,7 +156,7 @@ def explain(
         return []
     b = batches[0]
     acts = next(iter(b.acts.values())).numpy()  # (n_tokens, d_subject)
-    amap.check_site(None, None, acts.shape[1], amap.subject_hook)
+    amap.check_site(None, None, acts.shape[1])  # the loaded model has the map's width
     hits = search(store, amap, acts, k, kind="activations", centre=centre)
     out = []
     for j, row in enumerate(hits):

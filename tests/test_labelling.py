@@ -254,3 +254,11 @@ def test_store_reopened_sees_runs(mapped):
     labelling.label_features(store, "m", str(path), k=2, name="r", quiet=True)
     with Store.open(store.path) as again:
         assert [r.name for r in labelling.list_runs(again)] == ["r"]
+
+
+def test_native_features_need_a_world_subject(mapped):
+    store = mapped[0]
+    with pytest.raises(AtlasError, match="not a ConceptWorld model"):
+        labelling.create_run(store, "m", "native:")
+    with pytest.raises(AtlasError, match="native:SIZE"):
+        labelling.create_run(store, "m", "native:huge")
