@@ -155,7 +155,7 @@ def resolve_concept(store: Any, atlas: str, query: str) -> tuple[str, str]:
     from engine.store import parse_concept_ref
 
     q = query.strip()
-    name, sep, ordinal = q.rpartition("/")
+    _, sep, ordinal = q.rpartition("/")
     if ordinal.lstrip("-").isdigit() and (sep or q.lstrip("-").isdigit()):
         atlas_name, idx = parse_concept_ref(q, atlas)
         if atlas_name != atlas:
@@ -178,7 +178,12 @@ def layer_maps(store: Any, map_name: str, layers: Sequence[int] | None) -> dict[
     from engine.align import list_maps, load_map
 
     base = load_map(store, map_name)
-    wanted = [base.subject_layer] if layers is None else list(dict.fromkeys(layers))
+    n_layers = store.get_model(base.subject_model).n_layers if layers and min(layers) < 0 else None
+    if n_layers is None and layers and min(layers) < 0:
+        raise SiteMismatchError(f"negative layers need the number of layers of {base.subject_model!r}, "
+                                "which the store does not record; give layers from 0")
+    wanted = [base.subject_layer] if layers is None else list(dict.fromkeys(
+        v + n_layers if v < 0 and n_layers else v for v in layers))
     out: dict[int, Any] = {}
     siblings = None
     for layer in wanted:
@@ -200,11 +205,11 @@ def layer_maps(store: Any, map_name: str, layers: Sequence[int] | None) -> dict[
     return out
 
 
-def _concept_vector(store: Any, atlas: str, ref: str, combine: int) -> tuple[np.ndarray, list[str]]:
-    """Unit atlas direction of ``ref``, or the mean with its ``combine`` nearest neighbours."""
+def _concept_vector(store: Any, vectors: np.ndarray, ref: str, combine: int) -> tuple[np.ndarray, list[str]]:
+    """Unit atlas direction of ``ref`` (a row of ``vectors``), or the mean with its ``combine``
+    nearest neighbours."""
     from engine.store import unit_rows
 
-    vectors = store.atlas_vectors(atlas)
     ordinal = int(ref.rsplit("/", 1)[1])
     neighbours = store.neighbors(ref, k=combine) if combine else []
     rows = [ordinal] + [h.ordinal for h in neighbours]
@@ -219,14 +224,15 @@ def resolve_plan(store: Any, plan: SteeringPlan, native: NativeSource | None = N
     for ``plan.direction == "native"`` (ConceptWorld knows them; a real model does not).
     """
     maps = layer_maps(store, plan.map, plan.layers)
-    base = maps[plan.layers[0] if plan.layers else next(iter(maps))]
+    base = next(iter(maps.values()))  # every map of the plan maps into the same atlas
     atlas = base.atlas
+    atlas_vectors = store.atlas_vectors(atlas)  # (n_concepts, d_atlas): read and checked once
     concepts: list[ResolvedConcept] = []
     vectors: list[np.ndarray] = []
     for c in plan.concepts:
         ref, label = resolve_concept(store, atlas, c.ref or c.query)
-        c.ref = ref
-        v, neigh = _concept_vector(store, atlas, ref, plan.combine)
+        c.ref = ref  # a saved plan names the concept it steered, whatever the query matches later
+        v, neigh = _concept_vector(store, atlas_vectors, ref, plan.combine)
         concepts.append(ResolvedConcept(c.query, ref, label,
                                         plan.strength if c.strength is None else float(c.strength), neigh))
         vectors.append(v)

@@ -88,6 +88,7 @@ def test_resolved_edits_follow_the_inverse_map(steer_store):
 def test_several_layers_use_the_map_of_each_layer(steer_store):
     r = resolve_plan(steer_store, SteeringPlan("m1", ["music"], layers=[1, 2]))
     assert r.maps == {1: "m1", 2: "m2"}
+    assert resolve_plan(steer_store, SteeringPlan("m1", ["music"], layers=[-1])).maps == {2: "m2"}  # 3 layers
     assert not np.allclose(r.edits[0].direction, r.edits[1].direction)
     with pytest.raises(SiteMismatchError, match=r"layer 0 .*layers \[1, 2\]"):
         resolve_plan(steer_store, SteeringPlan("m1", ["music"], layers=[0]))
