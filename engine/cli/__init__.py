@@ -47,6 +47,7 @@ _COMMAND_MODULES = [
     "engine.cli.label_cmds",
     "engine.cli.steer_cmds",
     "engine.cli.demo_cmds",
+    "engine.cli.world_cmds",
 ]
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from engine.world.concepts import Concept, member_index
@@ -140,15 +140,18 @@ def generate_document(rng: random.Random, concept: int, concepts: Sequence[Conce
 
 
 def generate_documents(concepts: Sequence[Concept], n_docs: int, seed: int, stream: str,
-                       max_tokens: int, mix_prob: float) -> list[Document]:
+                       max_tokens: int, mix_prob: float,
+                       wrap: Callable[[Iterable[int]], Iterable[int]] | None = None) -> list[Document]:
     """``n_docs`` documents, concepts balanced (round robin, then shuffled), from one seeded stream.
 
     ``stream`` names an independent random stream of the same seed ("train", "heldout", ...).
+    ``wrap`` wraps the loop over documents (a progress bar); it does not change the output.
     """
     rng = random.Random(f"conceptworld/{seed}/{stream}")
     order = [i % len(concepts) for i in range(n_docs)]
     rng.shuffle(order)
-    return [(generate_document(rng, k, concepts, max_tokens, mix_prob), k) for k in order]
+    loop = wrap(order) if wrap is not None else order
+    return [(generate_document(rng, k, concepts, max_tokens, mix_prob), k) for k in loop]
 
 
 @dataclass(frozen=True)
@@ -159,22 +162,27 @@ class Corpus:
     heldout: list[Document]
 
 
-def make_corpus(concepts: Sequence[Concept], n_train: int, n_heldout: int, seed: int,
-                max_tokens: int, mix_prob: float) -> Corpus:
-    """Generate the training and held-out documents; held-out documents never occur in training."""
-    train = generate_documents(concepts, n_train, seed, "train", max_tokens, mix_prob)
+def make_corpus(concepts: Sequence[Concept], n_train: int, n_heldout_per_concept: int, seed: int,
+                max_tokens: int, mix_prob: float,
+                wrap: Callable[[Iterable[int], str], Iterable[int]] | None = None) -> Corpus:
+    """Training and held-out documents; the held-out split is balanced and shares no text with training.
+
+    ``wrap(iterable, stream_name)`` wraps each generation loop (a progress bar).
+    """
+    def w(stream: str):
+        return None if wrap is None else (lambda it: wrap(it, stream))
+
+    train = generate_documents(concepts, n_train, seed, "train", max_tokens, mix_prob, w("train"))
     seen = {t for t, _ in train}
-    heldout = [d for d in generate_documents(concepts, 2 * n_heldout, seed, "heldout", max_tokens, mix_prob)
-               if d[0] not in seen]
-    # Keep the held-out split balanced: take the first n_heldout / K of each concept.
-    per = n_heldout // len(concepts)
+    candidates = generate_documents(concepts, 2 * n_heldout_per_concept * len(concepts), seed, "heldout",
+                                    max_tokens, mix_prob, w("heldout"))
     taken = [0] * len(concepts)
-    balanced = []
-    for text, k in heldout:
-        if taken[k] < per:
-            balanced.append((text, k))
+    heldout = []
+    for text, k in candidates:
+        if text not in seen and taken[k] < n_heldout_per_concept:
+            heldout.append((text, k))
             taken[k] += 1
-    return Corpus(train=train, heldout=balanced)
+    return Corpus(train=train, heldout=heldout)
 
 
 def documents_to_text(docs: Sequence[Document]) -> str:

@@ -1,0 +1,105 @@
+"""ConceptWorld commands: ``atlas world build``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from engine.cli.common import json_option, print_json, print_table, quiet_option, store_options
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(world)
+
+
+@click.group()
+def world() -> None:
+    """ConceptWorld: the built-in world of small trained models with known concepts."""
+
+
+def _open_or_init(store_dir: Path, db_url: str | None):
+    """Open the store, creating it first when there is none yet (a fresh clone needs no `atlas init`)."""
+    from engine import layout
+    from engine.store import Store
+
+    if db_url is None and not (store_dir / layout.DB_FILE).is_file():
+        return Store.init(store_dir), True
+    return Store.open(store_dir, db_url=db_url), False
+
+
+@world.command("build")
+@click.option("--size", type=click.Choice(["tiny", "small"]), default="tiny", show_default=True,
+              help="tiny: 10 concepts, trains in about a minute (tests); small: 32 concepts, minutes (demo).")
+@click.option("--seed", default=0, show_default=True, help="World seed: same seed, same world.")
+@click.option("--replace-atlas", is_flag=True, help="Re-register the world atlas even if the store has one.")
+@store_options
+@json_option
+@quiet_option
+def build(size: str, seed: int, replace_atlas: bool, store_dir: Path, db_url: str | None, as_json: bool) -> None:
+    """Build (or reuse) a ConceptWorld in the store and register its models and atlas.
+
+    Generates the corpus, trains two tokenizers and three models (GPT-2 foundation, Llama
+    subject A on the same tokenizer, GPT-NeoX subject B on a BPE tokenizer), derives the
+    foundation atlas (one direction per concept) and measures the learnability gates. A world
+    already built with the same configuration (by fingerprint) is reused. The store is created
+    if it does not exist.
+    """
+    from engine import layout
+    from engine.world import build_world, register_world
+
+    store, created = _open_or_init(store_dir, db_url)
+    w = build_world(size=size, seed=seed, root=Path(store.path) / layout.MODELS_DIR, progress=True)
+    reg = register_world(store, w, replace=replace_atlas)
+    report = w.report
+    result = {
+        "world": w.name,
+        "size": w.size,
+        "seed": w.seed,
+        "fingerprint": w.fingerprint,
+        "path": str(w.path),
+        "reused": w.reused,
+        "store_created": created,
+        "concepts": len(w.concepts),
+        "train_docs": len(w.train_docs),
+        "heldout_docs": len(w.heldout_docs),
+        "atlas": {"name": reg["atlas"], "model": w.foundation.name, "layer": w.foundation.atlas_layer,
+                  "n_concepts": len(w.concepts), "already_registered": reg["atlas_existed"]},
+        "models": [
+            {"key": m.key, "name": m.name, "architecture": m.architecture, "n_layers": m.n_layers,
+             "d_model": m.d_model, "tokenizer": m.tokenizer_kind, "default_layer": m.default_layer,
+             "path": str(m.path)}
+            for m in w.models.values()
+        ],
+        "gates": report.to_dict() if report else None,
+        "gate_failures": report.failures() if report else None,
+        "timings": w.timings,
+    }
+    if as_json:
+        print_json(result)
+        return
+    verb = "reused" if w.reused else "built"
+    click.echo(f"{verb} {w.name} ({len(w.concepts)} concepts, seed {w.seed}, fingerprint {w.fingerprint})")
+    click.echo(f"  at {w.path}")
+    if not w.reused and w.timings:
+        t = w.timings
+        train = sum(v for k, v in t.items() if k.startswith("train_"))
+        click.echo(f"  build {t.get('total_s', 0):.1f} s (training {train:.1f} s)")
+    click.echo(f"  corpus: {len(w.train_docs)} training and {len(w.heldout_docs)} held-out documents")
+    click.echo("")
+    print_table(result["models"], ["key", "name", "architecture", "n_layers", "d_model", "tokenizer", "default_layer"])
+    click.echo("")
+    where = "already registered" if reg["atlas_existed"] else "registered"
+    click.echo(f"atlas {reg['atlas']} {where}: {len(w.concepts)} concepts on {w.foundation.name} "
+               f"layer {w.foundation.atlas_layer} (resid_post)")
+    if report:
+        click.echo("")
+        rows = [{"model": g.model, "heldout_ppl": g.heldout_perplexity, "unigram_ppl": g.unigram_perplexity,
+                 "probe_acc": g.probe_accuracy, "persistence": g.persistence} for g in report.models]
+        print_table(rows)
+        th = report.thresholds
+        click.echo(f"gates: probe >= {th.min_probe_accuracy}, persistence >= {th.min_persistence}, "
+                   f"perplexity <= {th.max_ppl_ratio} x unigram: "
+                   + ("all pass" if report.passed else "FAILED"))
+        for line in report.failures():
+            click.echo(f"  {line}")

@@ -1,0 +1,140 @@
+"""Configurations of the ConceptWorld sizes, and their fingerprint.
+
+A world is a pure function of its `WorldConfig` and seed: the fingerprint hashes both, with the
+concept table, the templates and `WORLD_FORMAT`, and names the folder the world is built in, so
+any change to what would be built builds a new world instead of reusing a stale one. Bump
+`WORLD_FORMAT` when the generator or the training loop changes what comes out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from engine.world.concepts import concept_table
+from engine.world.corpus import BODY_TEMPLATES, NEUTRAL_PROMPTS, OPENING_TEMPLATES
+from engine.world.train import ModelSpec
+
+WORLD_FORMAT = 1
+Size = Literal["tiny", "small"]
+SIZES: tuple[str, ...] = ("tiny", "small")
+MODEL_KEYS: tuple[str, ...] = ("foundation", "subject_a", "subject_b")
+
+# File names inside a world folder.
+MANIFEST = "manifest.json"
+TRAIN_DOCS = "corpus/train.tsv"
+HELDOUT_DOCS = "corpus/heldout.tsv"
+DIRECTIONS_DIR = "directions"
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """Everything that decides what a world contains (with the seed)."""
+
+    size: Size
+    n_concepts: int
+    n_train_docs: int
+    n_heldout_per_concept: int  # held-out documents: gates and ground-truth directions
+    n_probe_per_concept: int  # training documents the linear probe is fitted on
+    max_words: int  # word-level tokens per document: with <bos> and <eos> it fits 64 positions
+    mix_prob: float  # chance that a slot holds a word of another concept
+    bpe_vocab_size: int  # second tokenizer: below the word count, so member words split
+    foundation: ModelSpec
+    subject_a: ModelSpec
+    subject_b: ModelSpec
+    min_persistence: float  # the gate this size must pass
+
+    def __post_init__(self) -> None:
+        if self.size not in SIZES:
+            raise ValueError(f"size must be one of {SIZES}, got {self.size!r}")
+        concept_table(self.n_concepts)  # validates n_concepts
+        if not 0 <= self.mix_prob < 0.5:
+            raise ValueError(f"mix_prob must be in [0, 0.5) so the dominant concept dominates, got {self.mix_prob}")
+        if self.max_words + 2 > self.foundation.max_length:
+            raise ValueError(f"max_words={self.max_words} + <bos>/<eos> exceeds the foundation's "
+                             f"max_length={self.foundation.max_length}")
+
+    def spec(self, key: str) -> ModelSpec:
+        if key not in MODEL_KEYS:
+            raise ValueError(f"model key must be one of {MODEL_KEYS}, got {key!r}")
+        return getattr(self, key)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> WorldConfig:
+        d = dict(d)
+        for key in MODEL_KEYS:
+            d[key] = ModelSpec.from_dict(d[key])
+        return cls(**d)
+
+
+def tiny_config() -> WorldConfig:
+    """`tiny`: 10 concepts, three models trained in well under two minutes on 2 cores (tests)."""
+    return WorldConfig(
+        size="tiny",
+        n_concepts=10,  # fewer concepts learn in fewer steps (the issue allows 8-12)
+        n_train_docs=4000,  # generation is instant; more documents than the 800x16 the models see
+        n_heldout_per_concept=30,  # 300 held-out documents: gate figures to within a few points
+        n_probe_per_concept=40,
+        max_words=62,
+        mix_prob=0.1,
+        bpe_vocab_size=500,  # ~half of the 120 member words split into several pieces
+        # 2x64 GPT-2 at lr 5e-3 learns the topic in ~600 steps (DESIGN §7); 800 gives a margin.
+        foundation=ModelSpec("gpt2", d_model=64, n_layers=2, n_heads=4, seed=0, steps=800, batch_size=16,
+                             lr=5e-3, max_length=64),
+        # Deeper and narrower than the foundation: at lr 5e-3 a 3x48 Llama still has not found the
+        # topic at 600 steps (persistence 0.0); at 1e-2 it has (1.0).
+        subject_a=ModelSpec("llama", d_model=48, n_layers=3, n_heads=4, seed=1, steps=800, batch_size=16,
+                            lr=1e-2, max_length=64),
+        # BPE documents are ~1.2x longer in tokens: 128 positions hold the longest.
+        subject_b=ModelSpec("gpt_neox", d_model=64, n_layers=2, n_heads=4, seed=2, steps=800, batch_size=16,
+                            lr=5e-3, max_length=128),
+        min_persistence=0.6,
+    )
+
+
+def small_config() -> WorldConfig:
+    """`small`: 32 concepts, three larger models trained in under ten minutes (demo, benchmarks)."""
+    return WorldConfig(
+        size="small",
+        n_concepts=32,  # DESIGN's default K
+        n_train_docs=20000,
+        n_heldout_per_concept=25,  # 800 held-out documents
+        n_probe_per_concept=40,
+        max_words=62,
+        mix_prob=0.1,
+        bpe_vocab_size=800,  # ~half of the 384 member words split
+        foundation=ModelSpec("gpt2", d_model=128, n_layers=4, n_heads=4, seed=0, steps=3000, batch_size=32,
+                             lr=3e-3, max_length=64),
+        subject_a=ModelSpec("llama", d_model=96, n_layers=3, n_heads=4, seed=1, steps=3000, batch_size=32,
+                            lr=5e-3, max_length=64),
+        subject_b=ModelSpec("gpt_neox", d_model=96, n_layers=3, n_heads=4, seed=2, steps=3000, batch_size=32,
+                            lr=5e-3, max_length=128),
+        min_persistence=0.8,
+    )
+
+
+def config_for(size: str) -> WorldConfig:
+    """The default configuration of a world size."""
+    if size == "tiny":
+        return tiny_config()
+    if size == "small":
+        return small_config()
+    raise ValueError(f"unknown world size {size!r}; choose one of {SIZES}")
+
+
+def fingerprint(config: WorldConfig, seed: int) -> str:
+    """12 hex digits that change whenever anything that decides the world's content changes."""
+    concepts = [[c.name, c.label, c.description, list(c.members)] for c in concept_table(config.n_concepts)]
+    payload = {
+        "format": WORLD_FORMAT,
+        "seed": seed,
+        "config": config.to_dict(),
+        "concepts": concepts,
+        "templates": [OPENING_TEMPLATES, BODY_TEMPLATES, NEUTRAL_PROMPTS],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]

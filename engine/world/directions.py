@@ -1,0 +1,103 @@
+"""Concept directions of ConceptWorld: centred topic means of the residual stream, in any model.
+
+A concept is a document's topic, so its direction at a layer is the mean residual over all
+(non-special) token positions of the documents on that topic, minus the mean of the K topic
+means (DESIGN §7). Centring removes what every document shares (template words, position), which
+"member-word tokens minus other tokens" does not: those directions share one "slot word vs
+template word" component and align poorly.
+
+Residuals are read with our own forward hooks on the blocks found by
+`engine.models.resolve_blocks` (layer ``L`` = output of block ``L``, i.e. ``resid_post``),
+never through ``output_hidden_states``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from engine.errors import ShapeError
+from engine.models import resolve_blocks
+
+
+@contextmanager
+def read_resid_post(model: torch.nn.Module, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Capture ``resid_post`` of ``layers`` on every forward pass inside the block.
+
+    Yields a dict that each forward fills with ``layer -> (batch, seq, d_model)``. The hooks are
+    removed on exit, also on error.
+    """
+    blocks = resolve_blocks(model)
+    for layer in layers:
+        if not 0 <= layer < len(blocks):
+            raise ShapeError(f"layer {layer} is out of range: the model has {len(blocks)} blocks (0..{len(blocks) - 1})")
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def hook_for(layer: int):
+        def hook(_module, _inputs, output):
+            captured[layer] = (output[0] if isinstance(output, tuple) else output).detach()
+
+        return hook
+
+    try:
+        for layer in layers:
+            handles.append(blocks[layer].register_forward_hook(hook_for(layer)))
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def document_means(model: torch.nn.Module, tokenizer, texts: Sequence[str], layers: Sequence[int],
+                   batch_size: int = 32) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    """Mean ``resid_post`` per document at each layer, over its non-special tokens.
+
+    Returns ``({layer: (n_docs, d_model) float32}, token counts (n_docs,))``. Padding, ``<bos>``
+    and ``<eos>`` never enter a mean.
+    """
+    model.eval()
+    sums: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
+    counts: list[np.ndarray] = []
+    with read_resid_post(model, layers) as captured:
+        for start in range(0, len(texts), batch_size):
+            enc = tokenizer(list(texts[start : start + batch_size]), padding=True, truncation=True,
+                            return_special_tokens_mask=True, return_tensors="pt")
+            keep = enc["attention_mask"].bool() & ~enc["special_tokens_mask"].bool()  # (B, T)
+            model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+            w = keep.unsqueeze(-1).float()  # (B, T, 1)
+            n = keep.sum(1)  # (B,)
+            counts.append(n.numpy())
+            for layer in layers:
+                h = captured[layer].float()  # (B, T, d_model)
+                sums[layer].append(((h * w).sum(1) / n.clamp(min=1).unsqueeze(-1)).numpy())
+    return {layer: np.concatenate(v).astype(np.float32) for layer, v in sums.items()}, np.concatenate(counts)
+
+
+def centred_topic_means(doc_means: np.ndarray, doc_counts: np.ndarray, doc_concepts: Sequence[int],
+                        n_concepts: int) -> np.ndarray:
+    """Token-weighted mean residual of each topic, minus the mean of the topic means: ``(K, d)``."""
+    if doc_means.ndim != 2 or len(doc_means) != len(doc_concepts) or len(doc_counts) != len(doc_concepts):
+        raise ShapeError(f"doc_means {doc_means.shape}, doc_counts {doc_counts.shape} and "
+                         f"{len(doc_concepts)} concepts must agree on the number of documents")
+    y = np.asarray(doc_concepts)
+    w = doc_counts.astype(np.float64)[:, None]  # (n_docs, 1)
+    means = np.zeros((n_concepts, doc_means.shape[1]), dtype=np.float64)  # (K, d)
+    for k in range(n_concepts):
+        sel = y == k
+        if not sel.any():
+            raise ShapeError(f"no document on concept {k}: every concept needs documents for its direction")
+        means[k] = (doc_means[sel] * w[sel]).sum(0) / w[sel].sum()
+    return (means - means.mean(0, keepdims=True)).astype(np.float32)
+
+
+def concept_directions(model: torch.nn.Module, tokenizer, docs: Sequence[tuple[str, int]], n_concepts: int,
+                       layers: Sequence[int], batch_size: int = 32) -> dict[int, np.ndarray]:
+    """Concept directions ``(K, d_model)`` at each of ``layers`` from documents ``(text, concept)``."""
+    means, counts = document_means(model, tokenizer, [t for t, _ in docs], layers, batch_size)
+    ys = [k for _, k in docs]
+    return {layer: centred_topic_means(m, counts, ys, n_concepts) for layer, m in means.items()}
