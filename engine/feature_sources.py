@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.errors import FormatError, ShapeError
+from engine.errors import FormatError, NotFoundError, ShapeError
 
 NATIVE_PREFIX = "native:"
 
@@ -109,12 +109,14 @@ def _native_world(spec: str, subject_model: str) -> tuple[str, int]:
 
 
 def _native_directions(store, amap, size: str, seed: int) -> np.ndarray:
-    """The map's subject's own concept directions at its layer: ConceptWorld's ground truth."""
-    from engine.align_fit import load_world  # torch and the world: only when asked
+    """The map's subject's own concept directions at its layer: ConceptWorld's ground truth.
 
+    The world is the one the subject model was registered from (its folder holds the model), else
+    the world of that size and seed cached in the store (built if missing).
+    """
     if amap.subject_hook != "resid_post":
         raise FormatError(f"native directions are read at resid_post; map {amap.name!r} is at {amap.subject_hook}")
-    world = load_world(store, size, seed)
+    world = _world_of(store, amap.subject_model, size, seed)
     keys = [k for k, wm in world.models.items() if wm.name == amap.subject_model]
     if not keys:
         names = ", ".join(wm.name for wm in world.models.values())
@@ -122,6 +124,23 @@ def _native_directions(store, amap, size: str, seed: int) -> np.ndarray:
             f"native:{size}:{seed}: map {amap.name!r} is on {amap.subject_model!r}, not a model of this world ({names})"
         )
     return np.asarray(world.concept_directions(keys[0], amap.subject_layer), dtype=np.float32)
+
+
+def _world_of(store, model_name: str, size: str, seed: int):
+    from engine.world.build import load_world
+    from engine.world.config import MANIFEST
+
+    try:
+        source = store.get_model(model_name).source
+    except NotFoundError:
+        source = None
+    if source and (Path(source).parent / MANIFEST).is_file():
+        world = load_world(Path(source).parent)
+        if (world.size, world.seed) == (size, seed):
+            return world
+    from engine.align_fit import load_world as store_world  # builds under <store>/models if missing
+
+    return store_world(store, size, seed)
 
 
 def _source(spec: str, kind: str, vectors: np.ndarray, model, layer, hook) -> FeatureSource:
