@@ -77,3 +77,22 @@ def neuronpedia_export(tmp_path: Path) -> Path:
         # a second explanation of feature 0: the first one is kept
         f.write(json.dumps({"modelId": "gemma-2-2b", "layer": "12", "index": "0", "description": "other"}) + "\n")
     return path
+
+
+# ---------------------------------------------------------------------- ConceptWorld (engine.world)
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """The `tiny` ConceptWorld, really built and trained once per test session.
+
+    Built under a session temporary folder, or under ``$ATLAS_TEST_CACHE`` when set, where it is
+    reused across sessions (by configuration fingerprint, like the store does).
+    """
+    import os
+
+    from engine.world import build_world
+
+    cache = os.environ.get("ATLAS_TEST_CACHE")
+    root = Path(cache) / "worlds" if cache else tmp_path_factory.mktemp("worlds")
+    return build_world("tiny", seed=0, root=root, progress=False)

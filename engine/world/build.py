@@ -9,6 +9,7 @@ A world folder that has a manifest is reused as it is.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -183,7 +184,7 @@ def build_world(size: str = "tiny", seed: int = 0, root: Path | None = None, pro
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        with _reproducible():
+        with _reproducible(), _no_transformers_bars():
             _build_into(tmp, config, seed, evaluate, quiet=not progress)
         try:
             os.rename(tmp, path)
@@ -203,7 +204,6 @@ def _write_text(path: Path, text: str) -> None:
 
 def _build_into(path: Path, config: WorldConfig, seed: int, evaluate: bool, quiet: bool) -> None:
     from engine.world import gates
-    from engine.world.directions import document_means
     from engine.world.tokenizers import tokenizer_fingerprint, train_bpe_tokenizer, train_word_tokenizer
     from engine.world.train import encode_documents, make_model, train_model
 
@@ -247,20 +247,8 @@ def _build_into(path: Path, config: WorldConfig, seed: int, evaluate: bool, quie
         }
         if evaluate:
             t = time.perf_counter()
-            heldout_ids = encode_documents([d for d, _ in corpus.heldout], tok, spec.max_length)
-            tr, _ = document_means(model, tok, [d for d, _ in probe_docs], [layer])
-            te, _ = document_means(model, tok, [d for d, _ in corpus.heldout], [layer])
-            results.append(gates.ModelGates(
-                model=key,
-                heldout_perplexity=gates.heldout_perplexity(model, heldout_ids, tok.pad_token_id),
-                unigram_perplexity=gates.unigram_perplexity(train_ids, heldout_ids, len(tok)),
-                probe_accuracy=gates.probe_accuracy(tr[layer], [k for _, k in probe_docs],
-                                                    te[layer], [k for _, k in corpus.heldout]),
-                persistence=gates.persistence(model, tok, corpus.heldout, concepts),
-                probe_layer=layer,
-                n_heldout=len(corpus.heldout),
-                n_persistence=len(corpus.heldout),
-            ))
+            results.append(gates.measure_model(key, model, tok, corpus.train, corpus.heldout, probe_docs, concepts,
+                                               layer, spec.max_length))
             timings[f"gates_{key}_s"] = time.perf_counter() - t
 
     report = (WorldReport(results, gates.GateThresholds(min_persistence=config.min_persistence))
@@ -302,6 +290,20 @@ class _reproducible:
     def __exit__(self, *exc):
         torch.use_deterministic_algorithms(self._deterministic)
         torch.set_num_threads(self._threads)
+
+
+@contextlib.contextmanager
+def _no_transformers_bars():
+    """Hide the bars `transformers` shows while saving weights: the build has its own."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def load_world(path: Path) -> World:

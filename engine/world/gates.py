@@ -158,3 +158,27 @@ def persistence(model: torch.nn.Module, tokenizer, heldout: Sequence[Document], 
     """Share of held-out documents whose first sentence's greedy continuation keeps the document's concept."""
     conts = greedy_continuations(model, tokenizer, [first_sentence(t) for t, _ in heldout], n_new)
     return float(np.mean([plurality_concept(c, concepts) == k for c, (_, k) in zip(conts, heldout)]))
+
+
+def measure_model(name: str, model: torch.nn.Module, tokenizer, train_docs: Sequence[Document],
+                  heldout: Sequence[Document], probe_docs: Sequence[Document], concepts: Sequence[Concept],
+                  layer: int, max_length: int) -> ModelGates:
+    """All gate figures of one model: perplexities on ``heldout``, a probe fitted on ``probe_docs``
+    at ``layer`` and scored on ``heldout``, and persistence on ``heldout``."""
+    from engine.world.directions import document_means
+    from engine.world.train import encode_documents
+
+    train_ids = encode_documents([t for t, _ in train_docs], tokenizer, max_length)
+    heldout_ids = encode_documents([t for t, _ in heldout], tokenizer, max_length)
+    tr, _ = document_means(model, tokenizer, [t for t, _ in probe_docs], [layer])
+    te, _ = document_means(model, tokenizer, [t for t, _ in heldout], [layer])
+    return ModelGates(
+        model=name,
+        heldout_perplexity=heldout_perplexity(model, heldout_ids, tokenizer.pad_token_id),
+        unigram_perplexity=unigram_perplexity(train_ids, heldout_ids, len(tokenizer)),
+        probe_accuracy=probe_accuracy(tr[layer], [k for _, k in probe_docs], te[layer], [k for _, k in heldout]),
+        persistence=persistence(model, tokenizer, heldout, concepts),
+        probe_layer=layer,
+        n_heldout=len(heldout),
+        n_persistence=len(heldout),
+    )
