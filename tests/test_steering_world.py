@@ -1,0 +1,72 @@
+"""Steering on the tiny ConceptWorld: `atlas eval steering --world` and `atlas steer --native` (slow).
+
+The world is the session's `tiny_world` where conftest provides one (linked into this test's
+store, so nothing is trained twice), else built here. The figures asserted are the issue's
+bars, which the tiny world clears with room to spare (transferred 0.89, native 0.98 measured
+with the default settings; chance is 0.1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from click.testing import CliRunner
+from test_steering import one_thread  # noqa: F401  (autouse fixture)
+
+from engine import layout
+from engine.cli import cli
+from engine.store import Store
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def world_store(request, tmp_path_factory):
+    from engine.align_fit import ensure_world_registered
+
+    store = Store.init(tmp_path_factory.mktemp("steer-world") / "store")
+    try:
+        world = request.getfixturevalue("tiny_world")
+    except pytest.FixtureLookupError:
+        world = None
+    path = getattr(world, "path", None)
+    if path is not None:  # reuse the session's world: build_world finds it by folder name
+        os.symlink(path, store.path / layout.MODELS_DIR / path.name)
+    ensure_world_registered(store, "tiny", 0)
+    yield store
+    store.close()
+
+
+def invoke(store, *args):
+    return CliRunner().invoke(cli, [*args, "--store", str(store.path)], catch_exceptions=False)
+
+
+def test_eval_steering_on_the_tiny_world(world_store):
+    r = invoke(world_store, "eval", "steering", "--world", "--size", "tiny", "--json")
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    neutral = [x for x in rows if x["prompts"] == "neutral"]
+    base = next(x for x in neutral if x["direction"] == "unsteered")
+    chosen = {x["direction"]: x for x in neutral if x["chosen"]}
+    t, n = chosen["transferred"], chosen["native"]
+    assert base["faithfulness"] < 0.25
+    assert t["faithfulness"] >= 0.6 and n["faithfulness"] >= 0.85
+    assert t["faithfulness"] >= 0.7 * n["faithfulness"]
+    assert t["perplexity"] <= 2 * base["perplexity"]
+    assert {x["direction"] for x in rows if x["prompts"] == "other_topic"} == {"unsteered", "transferred", "native"}
+    assert any(x["prompts"] == "heldout" for x in rows)
+
+
+def test_steer_native_and_transferred_on_a_world_subject(world_store):
+    from engine.align import list_maps
+
+    maps = [m.name for m in list_maps(world_store) if m.subject_model.endswith("subject-a")]
+    assert maps  # fitted by the evaluation above, or by the world's own alignment
+    for extra in ((), ("--native",)):
+        r = invoke(world_store, "steer", maps[-1], "-c", "Weather", "-p", "the", "-n", "8", "--json", *extra)
+        assert r.exit_code == 0, r.output
+        out = json.loads(r.stdout)
+        assert out["plan"]["direction"] == ("native" if extra else "transferred")
+        assert out["outputs"][0]["steered"] != out["outputs"][0]["unsteered"]
