@@ -377,6 +377,7 @@ from engine.pairing import (  # noqa: E402
     SPAN_POOLS,
     TEXT_POOLS,
     PairChunk,
+    check_pairing,
     default_pool,
     iter_batch_pairs,
     iter_pairs,
@@ -387,6 +388,6 @@ from engine.pairing import (  # noqa: E402
 
 __all__ = [
     "PAIRINGS", "SITES", "SPAN_POOLS", "TEXT_POOLS", "PairChunk", "ResidualCapture", "TokenBatch",
-    "auto_threads", "collect", "corpus_fingerprint", "default_max_length", "default_pool", "forward_to_layers",
+    "auto_threads", "check_pairing", "collect", "corpus_fingerprint", "default_max_length", "default_pool", "forward_to_layers",
     "iter_batch_pairs", "iter_pairs", "pair_batches", "read_residuals", "token_words", "torch_threads", "word_spans",
 ]

@@ -25,6 +25,7 @@ from engine.align_map import AlignmentMap
 from engine.errors import FormatError, NotFoundError, SiteMismatchError
 from engine.metrics import retrieval_metrics
 from engine.models import d_model_of, model_info, resolve_layer, tokenizer_fingerprint
+from engine.pairing import check_pairing
 
 HELDOUT_FRACTION = 0.1  # share of a corpus file's texts held out (by a hash of the text, not its position)
 COSINE_SAMPLE = 2000  # held-out pairs kept for the mean-cosine metric
@@ -135,11 +136,8 @@ def _accumulate_pairs(subject, foundation, train_texts, heldout_texts, subject_l
     s_layers = [resolve_layer(sm, L, subject_layer_module) for L in subject_layers]
     f_layer = resolve_layer(fm, foundation_layer, foundation_layer_module)
     d_s, d_f = d_model_of(sm), d_model_of(fm)
-    if "token" in pairings and tokenizer_fingerprint(subject[1]) != tokenizer_fingerprint(foundation[1]):
-        raise SiteMismatchError(
-            "token pairing needs the same tokenizer in both models (their vocabulary fingerprints differ); "
-            "use --pairing span"
-        )
+    for p in pairings:
+        check_pairing(p, subject[1], foundation[1])
     out = PairedStats(corpus_fingerprint=corpus_fingerprint([*train_texts, "\x00heldout\x00", *heldout_texts]))
     for split, texts, cap in (("train", train_texts, max_pairs), ("heldout", heldout_texts, None)):
         target = out.train if split == "train" else out.heldout

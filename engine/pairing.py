@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from engine.errors import ShapeError, SiteMismatchError
+from engine.errors import AtlasError, ShapeError, SiteMismatchError
 from engine.models import resolve_layer, tokenizer_fingerprint
 
 if TYPE_CHECKING:
@@ -160,6 +160,25 @@ def pair_batches(
     return PairChunk({L: v[ix_t] for L, v in px.items()}, py[-1][iy_t])
 
 
+def check_pairing(pairing: str, subject_tokenizer: Any, foundation_tokenizer: Any) -> None:
+    """Raise early when a pairing cannot work with these tokenizers."""
+    if pairing not in PAIRINGS:
+        raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+    if pairing == "token" and tokenizer_fingerprint(subject_tokenizer) != tokenizer_fingerprint(foundation_tokenizer):
+        raise SiteMismatchError(
+            "token pairing needs the same tokenizer in both models (their vocabulary fingerprints differ); "
+            "use --pairing span"
+        )
+    if pairing == "span":
+        slow = [w for w, t in (("subject", subject_tokenizer), ("foundation", foundation_tokenizer))
+                if not getattr(t, "is_fast", False)]
+        if slow:
+            raise AtlasError(
+                f"span pairing needs character offsets, which the {' and '.join(slow)} tokenizer (not a fast "
+                "tokenizer) does not give; use --pairing text"
+            )
+
+
 def iter_batch_pairs(
     subject: tuple[torch.nn.Module, Any],
     foundation: tuple[torch.nn.Module, Any],
@@ -212,11 +231,7 @@ def iter_pairs(
     ``subject`` and ``foundation`` are ``(model, tokenizer)``; other keyword arguments go to
     `iter_batch_pairs`. ``token`` pairing checks up front that the tokenizers are the same.
     """
-    if pairing == "token" and tokenizer_fingerprint(subject[1]) != tokenizer_fingerprint(foundation[1]):
-        raise SiteMismatchError(
-            "token pairing needs the same tokenizer in both models (their vocabulary fingerprints differ); "
-            "use --pairing span"
-        )
+    check_pairing(pairing, subject[1], foundation[1])
     s_layers = [resolve_layer(subject[0], L, kwargs.get("subject_layer_module")) for L in subject_layers]
     f_layer = resolve_layer(foundation[0], foundation_layer, kwargs.get("foundation_layer_module"))
     n = 0
