@@ -43,17 +43,19 @@ class DemoResult:
 
     def headline(self) -> dict[str, Any]:
         """The figures the issues promise, one line each."""
-        def best(subject_key: str, method: str, pairing: str | None = None) -> float | None:
-            rows = [r for r in self.retrieval if r["subject"].endswith(subject_key) and r["method"] == method
-                    and (pairing is None or r["pairing"] == pairing)]
+        names = {k: m["name"] for k, m in self.world["models"].items()}
+
+        def best(key: str, method: str, pairing: str) -> float | None:
+            rows = [r for r in self.retrieval
+                    if r["subject"] == names[key] and r["method"] == method and r["pairing"] == pairing]
             return max((r["mrr"] for r in rows), default=None)
 
-        lab = [r for r in self.labelling if r["subject"].endswith("subject_a")]
+        lab = [r for r in self.labelling if r["subject"] == names["subject_a"] and r["method"] == "procrustes"]
         chosen = self.steering.get("chosen", {})
         return {
             "retrieval_mrr_subject_a_procrustes": best("subject_a", "procrustes", "token"),
             "retrieval_mrr_subject_b_procrustes_span": best("subject_b", "procrustes", "span"),
-            "labelling_top1_subject_a": max((r["top1"] for r in lab), default=None),
+            "labelling_top1_subject_a_procrustes": max((r["top1"] for r in lab), default=None),
             "steering_transferred_faithfulness": self.steering.get("transferred_faithfulness"),
             "steering_native_faithfulness": self.steering.get("native_faithfulness"),
             "steering_unsteered_faithfulness": self.steering.get("unsteered_faithfulness"),
@@ -73,7 +75,7 @@ def run_demo(store_dir: str | Path, size: str = "small", seed: int = 0, out: str
     """Run the mission on ConceptWorld into the store at ``store_dir``; write the report to ``out``."""
     from engine.align_fit import ensure_world_registered, evaluate_world_retrieval
     from engine.labelling_eval import evaluate_world_labelling
-    from engine.steering_eval import evaluate_world_steering, world_maps
+    from engine.steering_world import evaluate_world_steering, world_maps
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -116,16 +118,25 @@ def _world_summary(world: Any) -> dict[str, Any]:
 
 
 def _lookups(store: Store, world: Any) -> list[dict[str, Any]]:
-    """Text lookups with queries that are not labels: two member words of a concept."""
-    from engine.lookup import lookup
+    """Text lookups whose queries are not in any label: two member words of a concept.
 
+    Words like "red blue" are not in the label "Colours" or its description, so full-text search
+    alone cannot find it; with the `semantic` extra the demo embeds the atlas labels first and the
+    fused ranking can (the report shows which ranking found each hit).
+    """
+    from engine.lookup import build_label_index, lookup, semantic_available
+
+    semantic = semantic_available()
+    if semantic:
+        build_label_index(store, world.atlas_name, quiet=True)
     out = []
     step = max(1, len(world.concepts) // DEMO_LOOKUPS)
     for c in world.concepts[::step][:DEMO_LOOKUPS]:
         query = " ".join(c.members[:2])
         hits = lookup(store, query, k=3, atlas=world.atlas_name)
-        out.append({"query": query, "expected": c.label,
-                    "hits": [{"ref": h.ref, "label": h.label, "score": round(h.score, 4)} for h in hits]})
+        out.append({"query": query, "expected": c.label, "semantic": semantic,
+                    "hits": [{"ref": h.ref, "label": h.label, "score": round(h.score, 4),
+                              "text_rank": h.text_rank, "semantic_rank": h.semantic_rank} for h in hits]})
     return out
 
 
@@ -186,7 +197,7 @@ def format_summary(result: DemoResult) -> Sequence[str]:
         f"ConceptWorld {result.size} (seed {result.seed}): {result.world['n_concepts']} concepts, atlas {result.world['atlas']}",
         f"retrieval MRR, subject A (Procrustes, token pairing, best layer): {f(h['retrieval_mrr_subject_a_procrustes'])}",
         f"retrieval MRR, subject B (Procrustes, span pairing across tokenizers): {f(h['retrieval_mrr_subject_b_procrustes_span'])}",
-        f"labelling top-1, subject A native directions: {f(h['labelling_top1_subject_a'])}",
+        f"labelling top-1, subject A native directions (Procrustes, best layer): {f(h['labelling_top1_subject_a_procrustes'])}",
         f"steering faithfulness (neutral prompts): transferred {f(h['steering_transferred_faithfulness'])}, "
         f"native {f(h['steering_native_faithfulness'])}, unsteered {f(h['steering_unsteered_faithfulness'])} "
         f"(layer {f(h['steering_layer'])}, strength {f(h['steering_strength'])} x norm)",

@@ -51,7 +51,7 @@ def _fig_retrieval(result: Any, path: Path) -> Path | None:
     for (subject, pairing, method), pts in sorted(series.items()):
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                linestyle="-" if subject.endswith("subject_a") else "--",
+                linestyle="-" if pairing == "token" else "--",
                 label=f"{subject.rsplit('-', 1)[-1]} / {pairing} / {method}")
     ax.set_xlabel("subject layer (resid_post)")
     ax.set_ylabel("retrieval MRR")
@@ -152,7 +152,9 @@ def render_markdown(result: Any) -> str:
         "",
     ]
     for lk in result.lookups:
-        hits = "; ".join(f"{x['label']} ({x['ref']})" for x in lk["hits"]) or "(no hits)"
+        hits = "; ".join(
+            f"{x['label']} ({x['ref']}; text rank {_f(x['text_rank'])}, semantic rank {_f(x['semantic_rank'])})"
+            for x in lk["hits"]) or "(no hits)"
         lines.append(f"- `{lk['query']}` (concept *{lk['expected']}*): {hits}")
     s = result.steering
     lines += [
