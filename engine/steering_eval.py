@@ -44,7 +44,8 @@ class FaithfulnessRow:
     n: int  # trials
     map: str | None = None  # the map a transferred direction went through
     method: str | None = None  # that map's method
-    chosen: bool = False  # the cell chosen on held-out prompts
+    chosen: bool = False  # the cell chosen on held-out prompts for its direction kind (the headline)
+    chosen_for_method: bool = False  # the cell chosen on held-out prompts among its map method's cells
 
 
 @dataclass(frozen=True)
@@ -175,9 +176,10 @@ def evaluate_steering(
 ) -> SteeringReport:
     """Faithfulness of no steering and of every candidate site (transferred and native) × strength.
 
-    Each direction kind's site and strength are chosen on ``heldout_prompts`` among its
-    `shortlist` (native: every layer); the neutral-prompt grid of all sites is evaluated beside,
-    and the other-topic prompts at the chosen cells.
+    A site and strength are chosen on ``heldout_prompts`` for each map method (among its
+    `shortlist`) and for the native directions (among every layer); the headline of each kind
+    is the most faithful of those choices on the held-out prompts. The neutral-prompt grid of
+    all sites is evaluated beside, and the other-topic prompts at each chosen cell.
     """
     from engine.progress import progress
 
@@ -192,43 +194,52 @@ def evaluate_steering(
     if len(n_concepts) != 1:
         raise ShapeError(f"every direction set needs one row per concept; got {sorted(n_concepts)} rows")
     k = n_concepts.pop()
-    candidates = {"transferred": shortlist(kinds["transferred"], n_shortlist), "native": kinds["native"]}
+    # One group per map method (each with its shortlist) and one of native directions.
+    groups: dict[tuple[str, str | None], list[DirectionSet]] = {}
+    for method in sorted({s.method or "" for s in kinds["transferred"]}):
+        groups[("transferred", method or None)] = shortlist(
+            [s for s in kinds["transferred"] if (s.method or "") == method], n_shortlist)
+    groups[("native", None)] = kinds["native"]
     heldout = Trials.every_concept(heldout_prompts, k)
     neutral = Trials.every_concept(neutral_prompts, k)
     other = Trials.towards_others(other_topic_prompts, k) if other_topic_prompts else None
-    n_cells = (2 + sum(len(v) for v in candidates.values()) * len(strengths) + len(sites) * len(strengths)
-               + (3 if other else 0))
+    n_cells = (2 + sum(len(v) for v in groups.values()) * len(strengths) + len(sites) * len(strengths)
+               + ((1 + len(groups)) if other else 0))
     bar = progress(total=n_cells, desc="steering eval", unit="cell", quiet=quiet)
     kw = dict(max_new_tokens=max_new_tokens, mode=mode)
 
-    def cell(trials: Trials, site: DirectionSet | None, s: float, name: str, chosen: bool = False) -> FaithfulnessRow:
+    def cell(trials: Trials, site: DirectionSet | None, s: float, name: str) -> FaithfulnessRow:
         row = run_cell(model, tokenizer, trials, scorer, site, s, prompts_name=name, **kw)
         bar.update(1)
-        return dataclasses.replace(row, chosen=chosen)
+        return row
 
     try:
         base_heldout = cell(heldout, None, 0.0, "heldout")
         calibration = [base_heldout]
-        chosen: dict[str, tuple[DirectionSet, FaithfulnessRow]] = {}
-        for kind, cands in candidates.items():
+        picks: dict[tuple[str, str | None], tuple[DirectionSet, FaithfulnessRow]] = {}
+        for group, cands in groups.items():
             cells = [(site, cell(heldout, site, s, "heldout")) for site in cands for s in strengths]
             calibration += [c for _, c in cells]
             best = choose_site([c for _, c in cells], base_heldout.perplexity, max_ppl_ratio)
-            chosen[kind] = next((site, c) for site, c in cells if c is best)
+            picks[group] = next((site, c) for site, c in cells if c is best)
+        headline = {kind: choose_site([c for (g, _), (_, c) in picks.items() if g == kind], base_heldout.perplexity,
+                                      max_ppl_ratio) for kind in kinds}
+
+        def mark(row: FaithfulnessRow, site: DirectionSet) -> FaithfulnessRow:
+            p_site, p_row = picks[(site.kind, site.method if site.kind == "transferred" else None)]
+            mine = site.key == p_site.key and row.strength == p_row.strength
+            return dataclasses.replace(row, chosen_for_method=mine, chosen=mine and p_row is headline[site.kind])
+
         rows = [cell(neutral, None, 0.0, "neutral")]
         for site in sorted(sites, key=lambda x: (x.kind != "transferred", x.method or "", x.layer)):
-            for s in strengths:
-                c_site, c_row = chosen[site.kind]
-                rows.append(cell(neutral, site, s, "neutral", chosen=site.key == c_site.key and s == c_row.strength))
+            rows += [mark(cell(neutral, site, s, "neutral"), site) for s in strengths]
         if other is not None:
             rows.append(cell(other, None, 0.0, "other_topic"))
-            for kind in candidates:
-                c_site, c_row = chosen[kind]
-                rows.append(cell(other, c_site, c_row.strength, "other_topic", chosen=True))
+            rows += [mark(cell(other, p_site, p_row.strength, "other_topic"), p_site) for p_site, p_row in picks.values()]
     finally:
         bar.close()
-    t_site, t_row = chosen["transferred"]
-    n_site, n_row = chosen["native"]
+    (t_site, t_row), (n_site, n_row) = (next(picks[g] for g in picks if picks[g][1] is headline[kind])
+                                        for kind in ("transferred", "native"))
     return SteeringReport(
         rows=rows,
         chosen={"map": t_site.map, "method": t_site.method, "layer": t_site.layer, "strength": t_row.strength,
@@ -236,7 +247,10 @@ def evaluate_steering(
                 "native_layer": n_site.layer, "native_strength": n_row.strength,
                 "native_heldout_faithfulness": n_row.faithfulness,
                 "heldout_unsteered_perplexity": base_heldout.perplexity,
-                "shortlist": [s.map for s in candidates["transferred"]]},
+                "by_method": {g[1]: {"map": site.map, "layer": site.layer, "strength": row.strength,
+                                     "heldout_faithfulness": row.faithfulness,
+                                     "shortlist": [x.map for x in groups[g]]}
+                              for g, (site, row) in picks.items() if g[0] == "transferred"}},
         calibration=calibration,
         summary=_summary(rows, max_ppl_ratio),
         settings={"strengths": list(strengths), "max_new_tokens": max_new_tokens, "mode": mode,
@@ -247,7 +261,8 @@ def evaluate_steering(
 
 
 def _summary(rows: Sequence[FaithfulnessRow], max_ppl_ratio: float = 2.0) -> list[str]:
-    """Headline lines: the chosen cells against the unsteered floor, and the best grid cells."""
+    """Headline lines: the cells chosen on held-out prompts (per map method) against the
+    unsteered floor, and the best grid cells (chosen on the evaluation prompts: optimistic)."""
     out = []
     for name in ("neutral", "other_topic"):
         sel = [r for r in rows if r.prompts == name]
@@ -255,17 +270,18 @@ def _summary(rows: Sequence[FaithfulnessRow], max_ppl_ratio: float = 2.0) -> lis
             continue
         base = next(r for r in sel if r.direction == "unsteered")
         parts = [f"unsteered {base.faithfulness:.3f} (ppl {base.perplexity:.2f})"]
-        for kind in ("transferred", "native"):
-            c = next((r for r in sel if r.direction == kind and r.chosen), None)
-            if c is not None:
-                via = f" via {c.map}" if c.map else ""
-                parts.append(f"{kind} {c.faithfulness:.3f} at layer {c.layer}, strength {c.strength:g}{via} "
-                             f"(ppl {c.perplexity:.2f})")
-        out.append(f"{name} prompts, chosen cells: " + "; ".join(parts))
+        for c in (r for r in sel if r.chosen_for_method):
+            kind = f"{c.direction} ({c.method})" if c.method else c.direction
+            star = " [headline]" if c.chosen else ""
+            parts.append(f"{kind}{star} {c.faithfulness:.3f} at layer {c.layer}, strength {c.strength:g} "
+                         f"(ppl {c.perplexity:.2f})")
+        out.append(f"{name} prompts, cells chosen on held-out prompts: " + "; ".join(parts))
+        if name != "neutral":
+            continue
         for kind in ("transferred", "native"):
             best = max((r for r in sel if r.direction == kind and r.perplexity <= max_ppl_ratio * base.perplexity),
                        key=lambda r: r.faithfulness, default=None)
-            if best is not None and name == "neutral":
+            if best is not None:
                 via = f" via {best.map}" if best.map else ""
                 out.append(f"{name} prompts, best {kind} cell of the grid within {max_ppl_ratio:g}x perplexity "
                            f"(chosen on evaluation prompts: optimistic): {best.faithfulness:.3f} at layer "

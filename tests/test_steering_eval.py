@@ -81,6 +81,7 @@ def test_choose_site_prefers_faithful_then_weak_within_the_fluency_bound():
 def test_shortlist_ranks_by_forward_fit(word_world):
     *_, sites = word_world
     assert [s.map for s in shortlist(sites[1:], 2)] == ["good", "poor"]
+    assert [s.map for s in shortlist(sites[:0:-1], 3)] == ["good", "poor", "worst"]
 
 
 def test_evaluate_steering(word_world):
@@ -91,14 +92,20 @@ def test_evaluate_steering(word_world):
     neutral = [r for r in rep.rows if r.prompts == "neutral"]
     assert len(neutral) == 1 + len(sites) * 3 and all(r.n in (9,) for r in neutral)
     assert {r.prompts for r in rep.calibration} == {"heldout"}
-    assert {r.map for r in rep.calibration if r.direction == "transferred"} == {"good", "poor"}  # the shortlist
+    # shortlists of two per method: the one ridge map, the two Procrustes maps
+    assert {r.map for r in rep.calibration if r.direction == "transferred"} == {"good", "poor", "worst"}
     chosen = {r.direction: r for r in neutral if r.chosen}
     assert set(chosen) == {"transferred", "native"} and sum(r.chosen for r in neutral) == 2
+    per_method = [(r.direction, r.method) for r in neutral if r.chosen_for_method]
+    assert sorted(per_method, key=str) == sorted([("transferred", "ridge"), ("transferred", "procrustes"),
+                                                  ("native", None)], key=str)
+    assert set(rep.chosen["by_method"]) == {"ridge", "procrustes"}
     assert rep.chosen["map"] == chosen["transferred"].map and rep.chosen["strength"] == chosen["transferred"].strength
     base = next(r for r in neutral if r.direction == "unsteered")
     best_native = max(r.faithfulness for r in neutral if r.direction == "native")
     assert best_native >= 0.6 > base.faithfulness  # the word directions do steer
-    assert [r.direction for r in rep.rows if r.prompts == "other_topic"] == ["unsteered", "transferred", "native"]
+    assert [r.direction for r in rep.rows if r.prompts == "other_topic"] == [
+        "unsteered", "transferred", "transferred", "native"]
     assert rep.summary and rep.settings["n_concepts"] == 3
     with pytest.raises(ValueError, match="held-out prompts must not be evaluation prompts"):
         evaluate_steering(model, tok, scorer, sites, neutral_prompts=NEUTRAL, heldout_prompts=NEUTRAL[:1])

@@ -184,10 +184,11 @@ def eval_steering(use_world: bool, size: str, seed: int, subject: str, strengths
     Faithfulness (DESIGN section 8): the share of (concept, neutral prompt) trials whose greedy
     continuation has the target concept as its strict plurality concept; the perplexity of the
     continuation under the unsteered subject is the fluency guard. Each direction's map, layer
-    and strength are chosen on held-out prompts (never the evaluation prompts), among the maps
-    that fit best on held-out pairs, as the most faithful cell within 2x the unsteered
-    perplexity; rows marked `chosen` are those cells. Prompts about another topic are reported
-    at the chosen cells. --json prints every row, the held-out ones with prompts=heldout.
+    and strength are chosen on held-out prompts (never the evaluation prompts), per map method
+    among the maps that fit best on held-out pairs, as the most faithful cell within 2x the
+    unsteered perplexity (`chosen_for_method`); the best of those on held-out prompts is the
+    headline (`chosen`). Prompts about another topic are reported at the chosen cells. --json
+    prints every row, the held-out ones with prompts=heldout.
     """
     from engine.steering_world import evaluate_world_steering
 
@@ -199,7 +200,7 @@ def eval_steering(use_world: bool, size: str, seed: int, subject: str, strengths
         print_json(report.rows + report.calibration)
         return
     emit(report.rows, False, ["direction", "prompts", "method", "layer", "strength", "faithfulness", "perplexity",
-                              "n", "chosen"])
+                              "n", "chosen_for_method", "chosen"])
     click.echo("")
     c = report.chosen
     click.echo(f"chosen on held-out prompts: {c['map']} (layer {c['layer']}), strength {c['strength']:g} "
