@@ -37,6 +37,7 @@ def template_prompts(exclude: Sequence[str] = ()) -> list[str]:
 SUBJECT_KEYS = {"a": "subject_a", "b": "subject_b"}
 DEFAULT_STRENGTHS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 2.0)  # × typical residual norm
 DEFAULT_METHODS: tuple[str, ...] = ("procrustes", "ridge")  # maps fitted when the store has none
+MAX_FIT_PAIRS = 200_000  # pairs per fitted map: ~1,000x the width of a world model, a fraction of the corpus
 
 
 def concept_ordinals(store: Any, world: Any) -> np.ndarray:
@@ -47,11 +48,13 @@ def concept_ordinals(store: Any, world: Any) -> np.ndarray:
 
 
 def world_maps(store: Any, world: Any, key: str, layers: Sequence[int] | None = None, map_name: str | None = None,
-               methods: Sequence[str] = DEFAULT_METHODS, quiet: bool = False) -> list[Any]:
+               methods: Sequence[str] = DEFAULT_METHODS, max_pairs: int | None = MAX_FIT_PAIRS,
+               quiet: bool = False) -> list[Any]:
     """The stored maps of a world subject onto the world atlas at ``layers`` (default: all).
 
     With ``map_name``, that map only. Otherwise every (layer, method) of ``methods`` the store
-    lacks is fitted first, from one pass over the world's training texts, and stored.
+    lacks is fitted first, from one pass over (at most ``max_pairs`` pairs of) the world's
+    training texts, and stored.
     """
     from engine.align import fit_map, list_maps, load_map, save_map
     from engine.align_fit import accumulate_pairs, world_texts
@@ -78,7 +81,8 @@ def world_maps(store: Any, world: Any, key: str, layers: Sequence[int] | None = 
         pairing = "token" if wm.tokenizer_fingerprint == world.foundation.tokenizer_fingerprint else "span"
         train, held = world_texts(world)
         fit_layers = sorted({L for L, _ in todo})
-        stats = accumulate_pairs(subject, foundation, train, held, fit_layers, atlas.layer, [pairing], quiet=quiet)
+        stats = accumulate_pairs(subject, foundation, train, held, fit_layers, atlas.layer, [pairing],
+                                 max_pairs=max_pairs, quiet=quiet)
         taken = {m.name for m in list_maps(store)}
         for L, meth in todo:
             sites = MapSites(wm.name, L, atlas.name, atlas.model, atlas.layer)
