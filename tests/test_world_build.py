@@ -157,3 +157,23 @@ def test_cli_world_build_reuses_the_world(tiny_world, tmp_path):
     res = CliRunner().invoke(cli, ["world", "build", "--store", str(store_dir)])
     assert res.exit_code == 0, res.output
     assert "reused world-tiny" in res.output and "already registered" in res.output and "all pass" in res.output
+
+
+def test_same_weights_in_parallel_and_in_one_process(tmp_path):
+    """Training in three processes or one after another gives identical weights (one thread each)."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from engine.world.config import tiny_config
+
+    c = tiny_config()
+    c = dataclasses.replace(c, n_train_docs=200, n_heldout_per_concept=2,
+                            **{k: dataclasses.replace(c.spec(k), steps=3, warmup_steps=1)
+                               for k in ("foundation", "subject_a", "subject_b")})
+    worlds = [build_world("tiny", 0, tmp_path / mode, progress=False, config=c, evaluate=False, parallel=par)
+              for mode, par in (("parallel", True), ("serial", False))]
+    assert worlds[0].fingerprint == worlds[1].fingerprint
+    for key in ("foundation", "subject_a", "subject_b"):
+        a, b = (load_file(str(w.path / key / "model.safetensors")) for w in worlds)
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), key

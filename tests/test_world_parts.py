@@ -29,7 +29,13 @@ from engine.world.corpus import (
 )
 from engine.world.directions import centred_topic_means, read_resid_post
 from engine.world.gates import greedy_continuations, probe_accuracy, unigram_perplexity
-from engine.world.tokenizers import tokenizer_fingerprint, train_bpe_tokenizer, train_word_tokenizer
+from engine.world.tokenizers import (
+    learn_bpe,
+    tokenizer_fingerprint,
+    train_bpe_tokenizer,
+    train_word_tokenizer,
+    word_counts,
+)
 from engine.world.train import ModelSpec, encode_documents, make_model, train_model
 
 K = 10
@@ -164,6 +170,20 @@ def test_bpe_tokenizer_differs_and_reloads_with_offsets(bpe_tok, word_tok, corpu
     assert tokenizer_fingerprint(tok) != tokenizer_fingerprint(word_tok)
     assert tokenizer_fingerprint(tok) == tokenizer_fingerprint(bpe_tok)
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (2, 3, 0)
+
+
+def test_tokenizers_are_a_function_of_the_corpus(corpus, word_tok, bpe_tok):
+    texts = [t for t, _ in corpus.train]
+    assert tokenizer_fingerprint(train_word_tokenizer(texts, 64)) == tokenizer_fingerprint(word_tok)
+    assert tokenizer_fingerprint(train_bpe_tokenizer(texts, 300, 128)) == tokenizer_fingerprint(bpe_tok)
+    assert tokenizer_fingerprint(train_bpe_tokenizer(list(reversed(texts)), 300, 128)) == tokenizer_fingerprint(bpe_tok)
+
+
+def test_learn_bpe_merges_most_frequent_pair_first_and_breaks_ties_by_spelling():
+    counts = word_counts(["ab ab ab cd cd cd xy"])
+    vocab, merges = learn_bpe(counts, vocab_size=len(counts) + 20, min_frequency=2)
+    assert merges == [("a", "##b"), ("c", "##d")]  # equal counts: alphabetical order
+    assert vocab["ab"] < vocab["cd"] and "xy" not in vocab  # "xy" occurs once: below min_frequency
 
 
 # ---------------------------------------------------------------------- config

@@ -9,19 +9,15 @@ A world folder that has a manifest is reused as it is.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from engine.errors import FormatError, NotFoundError
-from engine.progress import progress as progress_bar
 from engine.world.concepts import Concept, concept_table
 from engine.world.config import (
     DIRECTIONS_DIR,
@@ -38,14 +34,10 @@ from engine.world.corpus import (
     NEUTRAL_PROMPTS,
     Document,
     documents_from_text,
-    documents_to_text,
-    make_corpus,
     other_topic_prompts,
     plurality_concept,
 )
 from engine.world.gates import WorldReport
-
-_TOKENIZER_KIND = {"foundation": "word", "subject_a": "word", "subject_b": "bpe"}
 
 
 @dataclass(frozen=True)
@@ -164,12 +156,15 @@ def world_path(root: Path, size: str, seed: int, config: WorldConfig | None = No
 
 
 def build_world(size: str = "tiny", seed: int = 0, root: Path | None = None, progress: bool = True,
-                config: WorldConfig | None = None, evaluate: bool = True) -> World:
+                config: WorldConfig | None = None, evaluate: bool = True, parallel: bool = True) -> World:
     """Build the world of ``size`` and ``seed`` under ``root`` (or reuse it if already built).
 
     ``config`` overrides the size's default configuration (its ``size`` must match). With
     ``evaluate`` the learnability gates are measured and kept in the manifest as ``report``.
+    ``parallel`` trains the three models in three processes (same weights as one after another).
     """
+    from engine.world.pipeline import build_into
+
     if root is None:
         raise ValueError("build_world needs root, the cache folder (the store passes <store>/models)")
     config = config or config_for(size)
@@ -184,8 +179,7 @@ def build_world(size: str = "tiny", seed: int = 0, root: Path | None = None, pro
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        with _reproducible(), _no_transformers_bars():
-            _build_into(tmp, config, seed, evaluate, quiet=not progress)
+        build_into(tmp, config, seed, evaluate=evaluate, quiet=not progress, parallel=parallel)
         try:
             os.rename(tmp, path)
         except OSError:
@@ -195,115 +189,6 @@ def build_world(size: str = "tiny", seed: int = 0, root: Path | None = None, pro
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return load_world(path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-
-
-def _build_into(path: Path, config: WorldConfig, seed: int, evaluate: bool, quiet: bool) -> None:
-    from engine.world import gates
-    from engine.world.tokenizers import tokenizer_fingerprint, train_bpe_tokenizer, train_word_tokenizer
-    from engine.world.train import encode_documents, make_model, train_model
-
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    concepts = concept_table(config.n_concepts)
-    corpus = make_corpus(concepts, config.n_train_docs, config.n_heldout_per_concept, seed, config.max_words,
-                         config.mix_prob, wrap=lambda it, name: progress_bar(it, desc=f"corpus ({name})", unit="doc", quiet=quiet))
-    _write_text(path / TRAIN_DOCS, documents_to_text(corpus.train))
-    _write_text(path / HELDOUT_DOCS, documents_to_text(corpus.heldout))
-    texts = [t for t, _ in corpus.train]
-    timings["corpus_s"] = time.perf_counter() - t0
-
-    t = time.perf_counter()
-    tokenizers = {
-        "word": train_word_tokenizer(texts, max_length=config.foundation.max_length),
-        "bpe": train_bpe_tokenizer(texts, config.bpe_vocab_size, max_length=config.subject_b.max_length),
-    }
-    timings["tokenizers_s"] = time.perf_counter() - t
-
-    probe_docs = corpus.train[: config.n_probe_per_concept * config.n_concepts]
-    models_meta: dict[str, dict] = {}
-    results: list[gates.ModelGates] = []
-    for key in MODEL_KEYS:
-        spec = config.spec(key)
-        tok = tokenizers[_TOKENIZER_KIND[key]]
-        tok.model_max_length = spec.max_length
-        train_ids = encode_documents(texts, tok, spec.max_length)
-        t = time.perf_counter()
-        model = make_model(spec, tok, seed * 1000 + spec.seed)
-        losses = train_model(model, train_ids, spec, seed=seed * 1000 + spec.seed, pad_id=tok.pad_token_id,
-                             desc=f"train {key} ({spec.architecture} {spec.n_layers}x{spec.d_model})", quiet=quiet)
-        timings[f"train_{key}_s"] = time.perf_counter() - t
-        model.save_pretrained(path / key)
-        tok.save_pretrained(path / key)
-        layer = spec.n_layers - 1
-        models_meta[key] = {
-            "architecture": spec.architecture, "d_model": spec.d_model, "n_layers": spec.n_layers,
-            "default_layer": layer, "tokenizer_kind": _TOKENIZER_KIND[key],
-            "tokenizer_fingerprint": tokenizer_fingerprint(tok), "final_loss": float(np.mean(losses[-20:])),
-        }
-        if evaluate:
-            t = time.perf_counter()
-            results.append(gates.measure_model(key, model, tok, corpus.train, corpus.heldout, probe_docs, concepts,
-                                               layer, spec.max_length))
-            timings[f"gates_{key}_s"] = time.perf_counter() - t
-
-    report = (WorldReport(results, gates.GateThresholds(min_persistence=config.min_persistence))
-              if evaluate else None)
-    timings["total_s"] = time.perf_counter() - t0
-    manifest = {
-        "format": WORLD_FORMAT,
-        "size": config.size,
-        "seed": seed,
-        "fingerprint": fingerprint(config, seed),
-        "config": config.to_dict(),
-        "concepts": [c.name for c in concepts],
-        "models": models_meta,
-        "report": report.to_dict() if report else None,
-        "timings": timings,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }
-    tmp = path / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-    os.replace(tmp, path / MANIFEST)
-
-
-class _reproducible:
-    """One intra-op thread and deterministic kernels while building; previous settings restored after.
-
-    One thread makes the float reductions, hence the weights, independent of the machine's core
-    count, and on a shared machine it is also faster: measured here under load ~8 on 2 cores, a
-    2x64 GPT-2 step took 40 ms with one thread and 830 ms with two (threads spin-wait on each
-    other); on an idle machine two threads are only ~1.5x faster.
-    """
-
-    def __enter__(self):
-        self._deterministic = torch.are_deterministic_algorithms_enabled()
-        self._threads = torch.get_num_threads()
-        torch.use_deterministic_algorithms(True)
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        torch.use_deterministic_algorithms(self._deterministic)
-        torch.set_num_threads(self._threads)
-
-
-@contextlib.contextmanager
-def _no_transformers_bars():
-    """Hide the bars `transformers` shows while saving weights: the build has its own."""
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            hf_logging.enable_progress_bar()
 
 
 def load_world(path: Path) -> World:

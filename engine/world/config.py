@@ -17,7 +17,7 @@ from engine.world.concepts import concept_table
 from engine.world.corpus import BODY_TEMPLATES, NEUTRAL_PROMPTS, OPENING_TEMPLATES
 from engine.world.train import ModelSpec
 
-WORLD_FORMAT = 1
+WORLD_FORMAT = 2
 Size = Literal["tiny", "small"]
 SIZES: tuple[str, ...] = ("tiny", "small")
 MODEL_KEYS: tuple[str, ...] = ("foundation", "subject_a", "subject_b")

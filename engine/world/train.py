@@ -117,11 +117,13 @@ def _lr_at(step: int, spec: ModelSpec) -> float:
 
 def train_model(model: PreTrainedModel, docs: Sequence[Sequence[int]], spec: ModelSpec, seed: int,
                 pad_id: int, desc: str = "train", quiet: bool = False,
-                callback: Callable[[int, PreTrainedModel], None] | None = None, every: int = 0) -> list[float]:
+                callback: Callable[[int, PreTrainedModel], None] | None = None, every: int = 0,
+                on_steps: Callable[[int], None] | None = None) -> list[float]:
     """Train ``model`` in place for ``spec.steps`` AdamW steps on ``docs``; return the loss per step.
 
     Batches are drawn from seeded epoch permutations of ``docs``, so the run is deterministic
-    for a seed on a given machine. ``callback(step, model)`` runs every ``every`` steps (for
+    for a seed on a given machine. Progress goes to a bar, or to ``on_steps(n_new_steps)``
+    (every 10 steps) when given. ``callback(step, model)`` runs every ``every`` steps (for
     learning curves); it must leave the model as it found it.
     """
     gen = torch.Generator().manual_seed(seed)
@@ -130,7 +132,7 @@ def train_model(model: PreTrainedModel, docs: Sequence[Sequence[int]], spec: Mod
     losses: list[float] = []
     order = torch.randperm(len(docs), generator=gen).tolist()
     pos = 0
-    bar = progress(total=spec.steps, desc=desc, unit="step", quiet=quiet)
+    bar = progress(total=spec.steps, desc=desc, unit="step", quiet=quiet or on_steps is not None)
     for step in range(spec.steps):
         if pos + spec.batch_size > len(order):
             order, pos = torch.randperm(len(docs), generator=gen).tolist(), 0
@@ -149,6 +151,8 @@ def train_model(model: PreTrainedModel, docs: Sequence[Sequence[int]], spec: Mod
         opt.step()
         losses.append(float(loss.detach()))
         bar.update(1)
+        if on_steps is not None and ((step + 1) % 10 == 0 or step + 1 == spec.steps):
+            on_steps(10 if (step + 1) % 10 == 0 else (step + 1) % 10)
         if callback is not None and every and (step + 1) % every == 0:
             model.eval()
             callback(step + 1, model)
