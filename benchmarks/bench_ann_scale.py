@@ -95,8 +95,10 @@ def build_or_load(args, spec: str, x: np.ndarray, ids: np.ndarray):
     from ``--index-cache`` where an earlier run of the same atlas saved it with its figures."""
     import faiss
 
-    factory = spec.partition("|")[0]
-    key = f"ann-{factory.replace(',', '_')}-{args.n}x{args.d}-b{args.n_base}-k{args.k_active}-z{args.noise}"
+    factory, _, params = spec.partition("|")
+    build_params = sorted(p for p in params.split(",") if p.startswith("efConstruction"))  # shape the index
+    name = "_".join([factory, *build_params]).replace(",", "_").replace("=", "")
+    key = f"ann-{name}-{args.n}x{args.d}-b{args.n_base}-k{args.k_active}-z{args.noise}"
     cache = args.index_cache / f"{key}.faiss" if args.index_cache else None
     if cache is not None and cache.exists():
         index = indexes.FaissIndex(args.d, spec, _index=faiss.read_index(str(cache)))

@@ -127,20 +127,33 @@ def _native_directions(store, amap, size: str, seed: int) -> np.ndarray:
 
 
 def _world_of(store, model_name: str, size: str, seed: int):
+    world = _world_at(store, model_name)
+    return world if world is not None and (world.size, world.seed) == (size, seed) else world_for(store, size, seed)
+
+
+def _world_at(store, model_name: str):
+    """The world a registered world model was loaded from (its folder holds the model), if any."""
     from engine.world.build import load_world
     from engine.world.config import MANIFEST
 
     try:
         source = store.get_model(model_name).source
     except NotFoundError:
-        source = None
-    if source and (Path(source).parent / MANIFEST).is_file():
-        world = load_world(Path(source).parent)
-        if (world.size, world.seed) == (size, seed):
-            return world
-    from engine.align_fit import load_world as store_world  # builds under <store>/models if missing
+        return None
+    return load_world(Path(source).parent) if source and (Path(source).parent / MANIFEST).is_file() else None
 
-    return store_world(store, size, seed)
+
+def world_for(store, size: str, seed: int):
+    """The ConceptWorld of ``size`` and ``seed`` whose models the store has registered, else the one
+    cached (or built) under ``<store>/models``."""
+    from engine.world.build import world_name
+
+    world = _world_at(store, f"{world_name(size, seed)}-foundation")
+    if world is not None:
+        return world
+    from engine.align_fit import load_world as cached_world
+
+    return cached_world(store, size, seed)
 
 
 def _source(spec: str, kind: str, vectors: np.ndarray, model, layer, hook) -> FeatureSource:

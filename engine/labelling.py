@@ -176,9 +176,11 @@ def _create_run(store: Store, map_name: str, features: str, *, k: int, name: str
     if old is not None:
         if not overwrite:
             run = get_run(store, name)
+            then = (f"`atlas export {name}` writes its labels" if run.status == "done"
+                    else f"`atlas label --resume {name}` continues it")
             raise DuplicateError(
                 f"a labelling run named {name!r} exists ({run.status}, {run.n_done}/{run.n_features}); "
-                f"`atlas label --resume {name}` continues it, --name picks another, --overwrite replaces it"
+                f"{then}, --name picks another, --overwrite replaces it"
             )
         remove_run(store, name)
     with store.session() as s:

@@ -39,11 +39,11 @@ def evaluate_world_labelling(store: Any, size: str = "small", seed: int = 0, map
                              quiet: bool = False) -> list[LabellingEvalRow]:
     """Top-1 / top-5 labelling accuracy of each world subject's native directions, per map."""
     from engine.align import list_maps
-    from engine.align_fit import load_world
+    from engine.align_fit import world_of_store
     from engine.labelling import label_features
     from engine.labelling_export import iter_labels
 
-    world = load_world(store, size, seed)
+    world = world_of_store(store, size, seed)
     _ensure_registered(store, world)
     subjects = {getattr(world, k).name: k for k in SUBJECT_KEYS}
     on_world = [m for m in list_maps(store) if m.atlas == world.atlas_name and m.subject_model in subjects]

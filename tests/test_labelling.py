@@ -136,7 +136,7 @@ def test_two_workers_cannot_both_advance_a_run(mapped):
 def test_duplicate_names_and_overwrite(mapped):
     store, _, _, _, path = mapped
     labelling.label_features(store, "m", str(path), k=2, name="r", quiet=True)
-    with pytest.raises(DuplicateError, match="--resume r"):
+    with pytest.raises(DuplicateError, match="atlas export r"):
         labelling.create_run(store, "m", str(path), k=2, name="r")
     run = labelling.label_features(store, "m", str(path), k=3, name="r", overwrite=True, quiet=True)
     assert run.k == 3 and len(rows_of(store, "r")) == 230 * 3
@@ -206,7 +206,7 @@ def test_cli_label_runs_export_search(mapped, tmp_path):
     assert hits[0]["score"] == pytest.approx(exact[0, 0], abs=1e-5)
     # user mistakes are one line, exit 1 (or usage errors, exit 2)
     r = CliRunner().invoke(cli, ["label", "m", "--features", str(path), "--name", "r", *map(str, st)])
-    assert r.exit_code == 1 and "--resume r" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 1 and "--overwrite" in r.output and "Traceback" not in r.output
     assert CliRunner().invoke(cli, ["label", "--resume", "r", "m", *map(str, st)]).exit_code == 2
     r = CliRunner().invoke(cli, ["label", "--resume", "nope", *map(str, st)])
     assert r.exit_code == 1 and "atlas runs" in r.output
