@@ -83,8 +83,8 @@ def build(size: str, seed: int, replace_atlas: bool, store_dir: Path, db_url: st
     click.echo(f"  at {w.path}")
     if not w.reused and w.timings:
         t = w.timings
-        train = sum(v for k, v in t.items() if k.startswith("train_"))
-        click.echo(f"  build {t.get('total_s', 0):.1f} s (training {train:.1f} s)")
+        click.echo(f"  build {t.get('total_s', 0):.1f} s, of which training {t.get('training_wall_s', 0):.1f} s "
+                   "(three models side by side)")
     click.echo(f"  corpus: {len(w.train_docs)} training and {len(w.heldout_docs)} held-out documents")
     click.echo("")
     print_table(result["models"], ["key", "name", "architecture", "n_layers", "d_model", "tokenizer", "default_layer"])

@@ -62,7 +62,10 @@ class WorldModel:
         """``(model, tokenizer)``, the model in eval mode on CPU."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(self.path)
+        from engine.world.pipeline import quiet_transformers
+
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(self.path)
         model.eval()
         return model, AutoTokenizer.from_pretrained(self.path)
 
@@ -131,6 +134,7 @@ class World:
         from safetensors.numpy import load_file, save_file
 
         from engine.world.directions import concept_directions
+        from engine.world.pipeline import reproducible
 
         m = self.model(model_key)
         layer = m.default_layer if layer is None else layer
@@ -138,7 +142,8 @@ class World:
         if path.exists():
             return load_file(path)["directions"]
         model, tok = m.load()
-        dirs = concept_directions(model, tok, self.heldout_docs, len(self.concepts), [layer])[layer]
+        with reproducible():  # one thread: the same directions on any machine, and fast on a busy one
+            dirs = concept_directions(model, tok, self.heldout_docs, len(self.concepts), [layer])[layer]
         path.parent.mkdir(exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         save_file({"directions": np.ascontiguousarray(dirs)}, tmp)

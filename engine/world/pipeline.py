@@ -42,22 +42,31 @@ class WorldBuildError(AtlasError):
 
 
 @contextlib.contextmanager
-def reproducible():
-    """One intra-op thread, deterministic kernels, no `transformers` bars; settings restored after."""
+def quiet_transformers():
+    """No `transformers` progress bars (loading, saving weights) inside the block."""
     from transformers.utils import logging as hf_logging
 
-    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     bars = hf_logging.is_progress_bar_enabled()
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(1)
     hf_logging.disable_progress_bar()
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(deterministic)
-        torch.set_num_threads(threads)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def reproducible():
+    """One intra-op thread, deterministic kernels, no `transformers` bars; settings restored after."""
+    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
+    try:
+        with quiet_transformers():
+            yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(threads)
 
 
 def _write_text(path: Path, text: str) -> None:
