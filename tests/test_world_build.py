@@ -177,3 +177,15 @@ def test_same_weights_in_parallel_and_in_one_process(tmp_path):
     for key in ("foundation", "subject_a", "subject_b"):
         a, b = (load_file(str(w.path / key / "model.safetensors")) for w in worlds)
         assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), key
+
+
+def test_abandoned_build_folders_are_removed(tmp_path, tiny_world):
+    from engine.world.build import _remove_abandoned_builds
+
+    name = tiny_world.path.name
+    dead = tmp_path / f".{name}.tmp999999999"  # no such process
+    alive = tmp_path / f".{name}.tmp{__import__('os').getpid()}"
+    dead.mkdir()
+    alive.mkdir()
+    _remove_abandoned_builds(tmp_path, name)
+    assert not dead.exists() and alive.exists()

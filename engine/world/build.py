@@ -180,6 +180,7 @@ def build_world(size: str = "tiny", seed: int = 0, root: Path | None = None, pro
         world = load_world(path)
         world.reused = True
         return world
+    _remove_abandoned_builds(Path(root), path.name)
     tmp = Path(root) / f".{path.name}.tmp{os.getpid()}"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -194,6 +195,20 @@ def build_world(size: str = "tiny", seed: int = 0, root: Path | None = None, pro
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return load_world(path)
+
+
+def _remove_abandoned_builds(root: Path, name: str) -> None:
+    """Delete temporary build folders of ``name`` left by processes that no longer run (killed builds)."""
+    for tmp in root.glob(f".{name}.tmp*"):
+        pid = tmp.name.rsplit(".tmp", 1)[-1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:
+            pass  # a live process of another user
 
 
 def load_world(path: Path) -> World:
