@@ -43,11 +43,11 @@ class ModelGates:
 
 @dataclass
 class GateThresholds:
-    """What a model must reach (the issue's gates); perplexity must be below ``max_ppl_ratio`` × unigram."""
+    """What a model must reach (the issue's gates); perplexity must be below ``max_ppl_ratio`` x unigram."""
 
     min_probe_accuracy: float = 0.9
     min_persistence: float = 0.6
-    max_ppl_ratio: float = 0.5
+    max_ppl_ratio: float = 0.1  # "far below": at least ten times lower
 
 
 @dataclass
