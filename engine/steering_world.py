@@ -34,7 +34,6 @@ def template_prompts(exclude: Sequence[str] = ()) -> list[str]:
     return out
 
 
-SUBJECT_KEYS = {"a": "subject_a", "b": "subject_b"}
 DEFAULT_STRENGTHS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 2.0)  # × typical residual norm
 DEFAULT_METHODS: tuple[str, ...] = ("procrustes", "ridge")  # maps fitted when the store has none
 MAX_FIT_PAIRS = 200_000  # pairs per fitted map: ~1,000x the width of a world model, a fraction of the corpus
@@ -123,7 +122,7 @@ def evaluate_world_steering(
     world's other-topic prompts are reported at the chosen cells.
     """
     from engine.activations import auto_threads, torch_threads
-    from engine.align_fit import ensure_world_registered
+    from engine.align_fit import SUBJECT_KEYS, ensure_world_registered
     from engine.errors import NotFoundError
     from engine.models import load_model
 
