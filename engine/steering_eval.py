@@ -170,7 +170,7 @@ def choose_site(cells: Sequence[FaithfulnessRow], unsteered_ppl: float, max_ppl_
 def evaluate_steering(
     model: Any, tokenizer: Any, scorer: Scorer, sites: Sequence[DirectionSet], *,
     neutral_prompts: Sequence[str], heldout_prompts: Sequence[str],
-    other_topic_prompts: Sequence[tuple[str, int]] = (), strengths: Sequence[float] = (0.25, 0.5, 0.75, 1.0, 2.0),
+    other_topic_prompts: Sequence[tuple[str, int]] = (), strengths: Sequence[float] = (0.25, 0.5, 1.0, 2.0),
     n_shortlist: int = 2, max_ppl_ratio: float = 2.0, max_new_tokens: int = 20, mode: str = "add",
     quiet: bool = False,
 ) -> SteeringReport:

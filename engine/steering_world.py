@@ -34,7 +34,9 @@ def template_prompts(exclude: Sequence[str] = ()) -> list[str]:
     return out
 
 
-DEFAULT_STRENGTHS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 2.0)  # × typical residual norm
+# × typical residual norm, about √2 apart: on ConceptWorld the useful range is 0.25-0.75 (the
+# typical norm is many times a topic direction's natural length) and ≥ 1 breaks the text.
+DEFAULT_STRENGTHS: tuple[float, ...] = (0.125, 0.25, 0.35, 0.5, 0.7, 1.0, 2.0)
 DEFAULT_METHODS: tuple[str, ...] = ("procrustes", "ridge")  # maps fitted when the store has none
 MAX_FIT_PAIRS = 200_000  # pairs per fitted map: ~1,000x the width of a world model, a fraction of the corpus
 

@@ -168,7 +168,7 @@ def steer(map_name, concepts, prompts, strength, layers, mode, positions, combin
 @click.option("--subject", type=click.Choice(["a", "b"]), default="a", show_default=True,
               help="World subject: a (Llama, the foundation's tokenizer) or b (GPT-NeoX, its own BPE).")
 @click.option("--strengths", multiple=True, callback=_float_list,
-              help="Strengths (x typical residual norm) to sweep, e.g. 0.5,1,2 (default: 0.25,0.5,0.75,1,2).")
+              help="Strengths (x typical residual norm) to sweep, e.g. 0.5,1,2 (default: 0.125,0.25,0.35,0.5,0.7,1,2).")
 @click.option("--layers", "-l", multiple=True, callback=_int_list,
               help="Subject layers to evaluate, e.g. 1,2 (default: every layer).")
 @click.option("--map", "map_name", help="Evaluate this map only (default: every map of the subject onto the "
