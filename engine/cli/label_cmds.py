@@ -31,6 +31,13 @@ def register(cli: click.Group) -> None:
     group.add_command(eval_labelling)
 
 
+def _quiet_transformers() -> None:
+    """No weight-loading bars from transformers: the engine reports its own progress."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
 # ---------------------------------------------------------------------- label
 
 
@@ -143,6 +150,7 @@ def explain(map_name: str, text: str, k: int, raw: bool, store_dir: Path, db_url
     from engine.align import load_map
     from engine.search import explain as run_explain
 
+    _quiet_transformers()
     store = open_store(store_dir, db_url)
     tokens = run_explain(store, load_map(store, map_name), text, k, centre=not raw)
     if as_json:
@@ -196,5 +204,6 @@ def eval_labelling(use_world: bool, size: str, seed: int, map_names, store_dir: 
     """
     from engine.labelling_eval import evaluate_world_labelling
 
+    _quiet_transformers()
     rows = evaluate_world_labelling(open_store(store_dir, db_url), size=size, seed=seed, maps=list(map_names) or None)
     emit(rows, as_json, ["subject", "method", "map", "n", "top1", "top5"])
