@@ -93,10 +93,11 @@ def _true_ordinals(store: Any, world: Any) -> np.ndarray:
 
 
 def _fit_default_map(store: Any, world: Any, key: str, quiet: bool):
-    from engine.align_fit import align_subject
+    from engine.align_fit import align_subject, world_texts
 
     wm = getattr(world, key)
-    return align_subject(
-        store, wm.name, wm.default_layer, world.atlas_name, [t for t, _ in world.train_docs],
-        [t for t, _ in world.heldout_docs], method="procrustes", quiet=quiet,
-    )
+    # Validation texts come from the training documents: the world's held-out documents define the
+    # ground-truth directions being scored, so no fit (nor its metrics) may see them.
+    train, val = world_texts(world)
+    return align_subject(store, wm.name, wm.default_layer, world.atlas_name, train, val, method="procrustes",
+                         quiet=quiet)
