@@ -73,7 +73,7 @@ def main() -> None:
         "add, 1 layer": (edits("add", 1), "all"),
         "add, 1 layer, new positions": (edits("add", 1), "new"),
         "clamp, 1 layer": (edits("clamp", 1), "all"),
-        f"add, {min(2, args.layers - mid)} layers x 2 concepts": (
+        f"add, {min(2, args.layers - mid)} layer(s) x 2 concepts": (
             edits("add", min(2, args.layers - mid)) * 2, "all"),
     }
     times: dict[str, list[float]] = {name: [] for name in cases}
