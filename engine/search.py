@@ -31,17 +31,20 @@ VECTOR_KINDS: tuple[str, ...] = ("directions", "activations")
 DEFAULT_SEARCH_BATCH = 8192  # queries per FAISS call: large enough to run at GEMM speed, ~25 MB at d=768
 
 # Below this many concepts exact search is fast enough (d=768: ~1,000 queries/s at 100k on two
-# cores) and needs no recall figure; above it the ANN spec measured by benchmarks/bench_ann_scale.py.
+# cores) and needs no recall figure. Above it, HNSW built with efConstruction=200: with FAISS's
+# default (40) the graph of 1M SAE-like directions stayed below recall@10 0.96 even at
+# efSearch=2048, with 200 it reached 0.999 at efSearch=512 (validation queries; 1M x 768, see
+# benchmarks/bench_ann_scale.py). The build costs ~5x the default's (~40 min at 1M on the busy
+# two-core machine), searches run ~8x faster than exact at 1M.
 FLAT_MAX_CONCEPTS = 200_000
-ANN_SPEC = "HNSW32|efSearch=256"  # chosen on validation queries (bench_ann_scale.py --sweep)
+ANN_SPEC = "HNSW32|efConstruction=200,efSearch=512"
 
 
 def choose_index_spec(n_concepts: int, dim: int) -> str:
     """The index spec the engine uses for an atlas of ``n_concepts`` directions of width ``dim``.
 
-    Exact ``Flat`` up to `FLAT_MAX_CONCEPTS`; above, HNSW (``ANN_SPEC``): on 1M SAE-like
-    directions (d=768) it kept recall@10 ≥ 0.95 against exact search at many times its speed
-    (figures in benchmarks/bench_ann_scale.py's report).
+    Exact ``Flat`` up to `FLAT_MAX_CONCEPTS`, HNSW (`ANN_SPEC`) above. ``"auto"`` as an index
+    spec (import, ``atlas index rebuild --spec auto``) resolves through this function.
     """
     if n_concepts < 0 or dim <= 0:
         raise ShapeError(f"an atlas needs n_concepts >= 0 and dim > 0, got {n_concepts} and {dim}")

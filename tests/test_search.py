@@ -127,9 +127,20 @@ def test_choose_index_spec_by_size():
     assert choose_index_spec(1000, 768) == "Flat"
     assert choose_index_spec(FLAT_MAX_CONCEPTS, 768) == "Flat"
     assert choose_index_spec(1_000_000, 768) == ANN_SPEC
+
+
+def test_the_ann_spec_finds_the_exact_neighbours_on_structured_data():
     import indexes
 
-    indexes.create_index(16, ANN_SPEC)  # the spec is one the backend builds
+    x = unit_rows(clustered_directions(3000, 32, n_base=40, seed=3))
+    index = indexes.create_index(32, ANN_SPEC)
+    index.add(x, np.arange(len(x)))
+    noise = np.random.default_rng(4).normal(size=(200, 32)).astype(np.float32)
+    q = unit_rows(x[:200] + 0.1 * noise)  # held out: perturbed directions, not the indexed vectors
+    _, ids = index.search(q, 10)
+    _, exact = brute_force(q, x, 10)
+    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(ids, exact)])
+    assert recall >= 0.95
 
 
 def test_auto_index_spec_in_the_store(store):
