@@ -6,9 +6,17 @@ from pathlib import Path
 
 import click
 
-from engine.cli.common import emit, json_option, open_store, print_json, quiet_option, store_options
+from engine.cli.common import (
+    emit,
+    eval_group,
+    json_option,
+    open_store,
+    print_json,
+    quiet_option,
+    quiet_transformers,
+    store_options,
+)
 
-EVAL_HELP = "Evaluate the engine against ConceptWorld's ground truth (retrieval, labelling, steering)."
 METHOD_NAMES = ("procrustes", "ridge", "correlation")  # the registered methods (checked against the registry)
 MAP_COLUMNS = ["name", "subject_model", "subject_layer", "atlas", "method", "pairing", "n_pairs", "heldout_r2",
                "heldout_cosine"]
@@ -19,12 +27,7 @@ def register(cli: click.Group) -> None:
     cli.add_command(align)
     cli.add_command(maps)
     cli.add_command(map_group)
-    # `atlas eval` is shared with other command modules: join the group whichever registers first.
-    group = cli.commands.get("eval")
-    if group is None:
-        group = type(cli)("eval", help=EVAL_HELP)
-        cli.add_command(group)
-    group.add_command(eval_retrieval)
+    eval_group(cli).add_command(eval_retrieval)
 
 
 def _csv(_ctx, _param, value):
@@ -51,12 +54,6 @@ def _check_methods(methods):
     if unknown:
         raise click.BadParameter(f"unknown method {unknown[0]!r}; known: {', '.join(sorted(METHODS))}",
                                  param_hint="--method")
-
-
-def _quiet_transformers() -> None:
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
 
 
 @click.command()
@@ -109,7 +106,7 @@ def align(subject, layer, atlas_name, corpus, use_world, size, seed, method, pai
     _check_methods([method])
     if max_tokens is not None and max_tokens < 1:
         raise click.BadParameter("must be positive", param_hint="--max-tokens")
-    _quiet_transformers()
+    quiet_transformers()
     store = open_store(store_dir, db_url)
     if use_world:
         from engine.align_fit import ensure_world_registered, world_texts
@@ -223,7 +220,7 @@ def eval_retrieval(use_world, size, seed, methods, layers, pairings, subjects, m
 
     methods = methods or list(METHOD_NAMES)
     _check_methods(methods)
-    _quiet_transformers()
+    quiet_transformers()
     rows = evaluate_world_retrieval(open_store(store_dir, db_url), size=size, seed=seed, methods=methods,
                                     layers=layers, pairings=pairings, subjects=subjects, max_pairs=max_tokens)
     if as_json:

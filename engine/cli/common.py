@@ -124,3 +124,22 @@ def quiet_option(f: Callable) -> Callable:
         return f(*args, **kwargs)
 
     return wrapper
+
+
+EVAL_HELP = "Evaluate the engine against ConceptWorld's ground truth (retrieval, labelling, steering)."
+
+
+def eval_group(cli: click.Group) -> click.Group:
+    """The shared ``atlas eval`` group: created by whichever command module registers first."""
+    group = cli.commands.get("eval")
+    if group is None:
+        group = type(cli)("eval", help=EVAL_HELP)
+        cli.add_command(group)
+    return group
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' own weight-loading bars: the engine's bars say what is going on."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from engine.cli.common import json_option, quiet_option, store_options
+from engine.cli.common import json_option, quiet_option, quiet_transformers, store_options
 
 
 def register(cli: click.Group) -> None:
@@ -30,11 +30,9 @@ def demo(size: str, seed: int, out: Path, store_dir: Path, db_url: str | None, a
     concept directions, runs text lookups, and steers subject A toward three concepts beside its
     unsteered text. Prints a short summary; writes report.md, report.json and PNG figures to --out.
     """
-    from transformers.utils import logging as hf_logging
-
     from engine.demo import format_summary, result_json, run_demo
 
-    hf_logging.disable_progress_bar()  # our own bars say what is going on
+    quiet_transformers()
 
     if db_url is not None:
         raise click.UsageError("atlas demo uses the store's own SQLite database; drop --db-url")

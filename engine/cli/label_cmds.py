@@ -9,33 +9,21 @@ import click
 
 from engine.cli.common import (
     emit,
+    eval_group,
     json_option,
     open_store,
     print_json,
     print_table,
     quiet_option,
+    quiet_transformers,
     store_options,
 )
-
-EVAL_HELP = "Evaluate the engine against ConceptWorld's ground truth (retrieval, labelling)."
 
 
 def register(cli: click.Group) -> None:
     for cmd in (label, runs, export, explain, search):
         cli.add_command(cmd)
-    # `atlas eval` is shared with the alignment commands: join the group whichever module registers first.
-    group = cli.commands.get("eval")
-    if group is None:
-        group = type(cli)("eval", help=EVAL_HELP)
-        cli.add_command(group)
-    group.add_command(eval_labelling)
-
-
-def _quiet_transformers() -> None:
-    """No weight-loading bars from transformers: the engine reports its own progress."""
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
+    eval_group(cli).add_command(eval_labelling)
 
 
 # ---------------------------------------------------------------------- label
@@ -150,7 +138,7 @@ def explain(map_name: str, text: str, k: int, raw: bool, store_dir: Path, db_url
     from engine.align import load_map
     from engine.search import explain as run_explain
 
-    _quiet_transformers()
+    quiet_transformers()
     store = open_store(store_dir, db_url)
     tokens = run_explain(store, load_map(store, map_name), text, k, centre=not raw)
     if as_json:
@@ -204,6 +192,6 @@ def eval_labelling(use_world: bool, size: str, seed: int, map_names, store_dir: 
     """
     from engine.labelling_eval import evaluate_world_labelling
 
-    _quiet_transformers()
+    quiet_transformers()
     rows = evaluate_world_labelling(open_store(store_dir, db_url), size=size, seed=seed, maps=list(map_names) or None)
     emit(rows, as_json, ["subject", "method", "map", "n", "top1", "top5"])

@@ -6,26 +6,21 @@ from pathlib import Path
 
 import click
 
-from engine.cli.common import emit, json_option, open_store, print_json, quiet_option, store_options
-
-EVAL_HELP = "Evaluate the engine against ConceptWorld's ground truth (retrieval, labelling, steering)."
+from engine.cli.common import (
+    emit,
+    eval_group,
+    json_option,
+    open_store,
+    print_json,
+    quiet_option,
+    quiet_transformers,
+    store_options,
+)
 
 
 def register(cli: click.Group) -> None:
     cli.add_command(steer)
-    # `atlas eval` is shared with other command modules: join the group whichever registers first.
-    group = cli.commands.get("eval")
-    if group is None:
-        group = type(cli)("eval", help=EVAL_HELP)
-        cli.add_command(group)
-    group.add_command(eval_steering)
-
-
-def _quiet_transformers() -> None:
-    """The library's own weight-loading bars would mix into our output; our progress bars suffice."""
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
+    eval_group(cli).add_command(eval_steering)
 
 
 def _int_list(_ctx, _param, value):
@@ -120,7 +115,7 @@ def steer(map_name, concepts, prompts, strength, layers, mode, positions, combin
                                 **{_PLAN_OPTIONS[k]: v for k, v in values.items()})
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
-    _quiet_transformers()
+    quiet_transformers()
     store = open_store(store_dir, db_url)
     model = tokenizer = model_name = None
     if model_path is not None:
@@ -192,7 +187,7 @@ def eval_steering(use_world: bool, size: str, seed: int, subject: str, strengths
     """
     from engine.steering_world import evaluate_world_steering
 
-    _quiet_transformers()
+    quiet_transformers()
     report = evaluate_world_steering(open_store(store_dir, db_url), size=size, seed=seed, subject=subject,
                                      strengths=strengths, layers=layers, map_name=map_name,
                                      max_new_tokens=max_new_tokens)
