@@ -171,7 +171,10 @@ class SteeringHooks:
 
 def _cache_length(kwargs: dict[str, Any]) -> int:
     """Tokens already in the KV cache of this forward pass (0 without a cache)."""
+    # transformers <= 5.23 passes the cache as `past_key_values`; 5.24 renamed it `cache`.
     cache = kwargs.get("past_key_values")
+    if cache is None:
+        cache = kwargs.get("cache")
     if cache is not None and hasattr(cache, "get_seq_length"):
         return int(cache.get_seq_length())
     if isinstance(cache, (tuple, list)) and cache and cache[0] is not None:  # legacy tuple cache
