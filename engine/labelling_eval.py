@@ -58,7 +58,9 @@ def evaluate_world_labelling(store: Any, size: str = "small", seed: int = 0, map
             if not any(m.subject_model == name for m in on_world):
                 on_world.append(_fit_default_map(store, world, key, quiet))
 
-    truth = _true_ordinals(store, world)  # (K,) atlas ordinal of concept i
+    from engine.world.register import concept_ordinals
+
+    truth = concept_ordinals(store, world)  # (K,) atlas ordinal of concept i
     rows = []
     for m in sorted(on_world, key=lambda m: (m.subject_model, m.method, m.name)):
         run = label_features(store, m.name, f"native:{size}:{seed}", k=5, name=f"{EVAL_RUN_PREFIX}{m.name}",
@@ -83,13 +85,6 @@ def _ensure_registered(store: Any, world: Any) -> None:
         register_world(store, world)
 
 
-def _true_ordinals(store: Any, world: Any) -> np.ndarray:
-    """Atlas ordinal of each world concept, matched by label (the atlas labels are the concept labels)."""
-    by_label = {label: i for i, label in enumerate(store.labels(world.atlas_name))}
-    out = []
-    for i, c in enumerate(world.concepts):
-        out.append(by_label.get(c.label, i))
-    return np.asarray(out, dtype=np.int64)
 
 
 def _fit_default_map(store: Any, world: Any, key: str, quiet: bool):

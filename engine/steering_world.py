@@ -17,6 +17,7 @@ import numpy as np
 
 from engine.errors import ShapeError
 from engine.steering_eval import DirectionSet, SteeringReport, evaluate_steering
+from engine.world.register import concept_ordinals  # noqa: F401  (re-exported)
 
 
 def template_prompts(exclude: Sequence[str] = ()) -> list[str]:
@@ -39,13 +40,6 @@ def template_prompts(exclude: Sequence[str] = ()) -> list[str]:
 DEFAULT_STRENGTHS: tuple[float, ...] = (0.125, 0.25, 0.35, 0.5, 0.7, 1.0, 2.0)
 DEFAULT_METHODS: tuple[str, ...] = ("procrustes", "ridge")  # maps fitted when the store has none
 MAX_FIT_PAIRS = 200_000  # pairs per fitted map: ~1,000x the width of a world model, a fraction of the corpus
-
-
-def concept_ordinals(store: Any, world: Any) -> np.ndarray:
-    """Atlas ordinal of each world concept, matched by label (the world atlas's labels are the
-    concept labels; by position where a label is missing)."""
-    by_label = {label: i for i, label in enumerate(store.labels(world.atlas_name))}
-    return np.asarray([by_label.get(c.label, i) for i, c in enumerate(world.concepts)], dtype=np.int64)
 
 
 def world_maps(store: Any, world: Any, key: str, layers: Sequence[int] | None = None, map_name: str | None = None,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from engine.errors import NotFoundError
 from engine.world.build import World
 
@@ -65,3 +67,10 @@ def register_world(store: Any, world: World, replace: bool = False) -> dict[str,
                    "definition": "centred topic means of resid_post over held-out documents"},
         )
     return {"models": registered_models, "atlas": world.atlas_name, "atlas_existed": existing}
+
+
+def concept_ordinals(store: Any, world: Any) -> np.ndarray:
+    """Atlas ordinal of each world concept, matched by label (the world atlas's labels are the
+    concept labels; by position where a label is missing)."""
+    by_label = {label: i for i, label in enumerate(store.labels(world.atlas_name))}
+    return np.asarray([by_label.get(c.label, i) for i, c in enumerate(world.concepts)], dtype=np.int64)
