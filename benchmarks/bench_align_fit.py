@@ -27,7 +27,7 @@ import time
 import numpy as np
 import torch
 
-from engine.align import SufficientStats, fit_map
+from engine.store.maps import SufficientStats, fit_map
 
 
 def peak_rss_mb() -> float:

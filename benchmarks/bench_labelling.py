@@ -6,7 +6,7 @@ subject site (a random semi-orthogonal matrix: the map's values do not change th
 
 - ``bare``: the engine's atlas index searching the already projected, unit-norm queries, in the
   run's batch size: the floor any labelling run has to pay;
-- ``labelling``: `engine.labelling.label_features` end to end from a freshly opened store:
+- ``labelling``: `engine.labelling.run.label_features` end to end from a freshly opened store:
   load and check the map, read and fingerprint the features, load and verify the index, project
   (one GEMM per batch), search, and commit every batch's rows with the run's progress.
 
@@ -33,10 +33,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import indexes  # noqa: E402
-from engine import labelling, labelling_export  # noqa: E402
-from engine.align import AlignmentMap, save_map  # noqa: E402
+from engine.labelling import export as labelling_export
+from engine.labelling import run as labelling  # noqa: E402
 from engine.search import project  # noqa: E402
-from engine.store import Store  # noqa: E402
+from engine.store.maps import AlignmentMap, save_map  # noqa: E402
+from engine.store.store import Store  # noqa: E402
 
 
 class SearchClock:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.lookup import lookup
-from engine.store import Store
+from engine.atlas.lookup import lookup
+from engine.store.store import Store
 
 
 def make_labels(n: int, rng: np.random.Generator, vocab_size: int = 8000):

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.models import load_model
-from engine.steering import SteeringEdit, generate, special_token_ids
+from engine.models.loading import load_model
+from engine.steering.edits import SteeringEdit, generate, special_token_ids
 
 WORDS = "the a and then there was it is in with of we i think but so".split()
 

@@ -1,6 +1,6 @@
 """Concept Atlas: transferable interpretability for language models.
 
-The public entry point is :class:`engine.store.Store`; functions in the submodules take and return
+The public entry point is :class:`engine.store.store.Store`; functions in the submodules take and return
 plain data (numpy arrays, dataclasses), and the `atlas` CLI is a thin layer over them.
 """
 

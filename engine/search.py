@@ -23,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 
 from engine.errors import ShapeError
-from engine.store import Hit, Store, unit_rows
+from engine.store.store import Hit, Store, unit_rows
 
 VectorKind = Literal["directions", "activations"]
 VECTOR_KINDS: tuple[str, ...] = ("directions", "activations")
@@ -150,7 +150,7 @@ def explain(
     """
     import torch
 
-    from engine.activations import collect
+    from engine.models.activations import collect
 
     if model is None or tokenizer is None:
         model, tokenizer = load_subject_model(store, amap)
@@ -173,7 +173,7 @@ def explain(
 def load_subject_model(store: Store, amap: Any):
     """The map's subject model and tokenizer, from the source recorded in the store."""
     from engine.errors import NotFoundError
-    from engine.models import load_model
+    from engine.models.loading import load_model
 
     info = store.get_model(amap.subject_model)
     if not info.source:

@@ -1,6 +1,6 @@
 """Alembic environment of the Concept Atlas store.
 
-The library runs migrations programmatically (``engine.migrate``): it passes an open connection in
+The library runs migrations programmatically (``engine.store.migrate``): it passes an open connection in
 ``config.attributes["connection"]``. The ``alembic`` command line works too, with a URL set in
 the config (``-x url=...`` or ``sqlalchemy.url``).
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-from engine.schema import Base, include_object
+from engine.store.schema import Base, include_object
 
 config = context.config
 target_metadata = Base.metadata

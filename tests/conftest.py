@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.store import Store
+from engine.store.store import Store
 
 
 @pytest.fixture

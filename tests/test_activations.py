@@ -13,7 +13,8 @@ from tiny_models import (
     word_tokenizer,
 )
 
-from engine.activations import (
+from engine.errors import SiteMismatchError
+from engine.models.activations import (
     collect,
     iter_batch_pairs,
     iter_pairs,
@@ -22,8 +23,7 @@ from engine.activations import (
     token_words,
     word_spans,
 )
-from engine.errors import SiteMismatchError
-from engine.models import load_model
+from engine.models.loading import load_model
 
 
 @pytest.fixture(scope="module")

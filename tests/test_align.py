@@ -7,7 +7,9 @@ import pytest
 import scipy.linalg
 import torch
 
-from engine.align import (
+from engine.align.methods import heldout_sse
+from engine.errors import SiteMismatchError
+from engine.store.maps import (
     METHODS,
     AlignmentMap,
     CorpusTooSmallError,
@@ -16,8 +18,6 @@ from engine.align import (
     fit_map,
     register_method,
 )
-from engine.align_methods import heldout_sse
-from engine.errors import SiteMismatchError
 
 
 def _stream(stats: SufficientStats, X: np.ndarray, Y: np.ndarray, step: int) -> SufficientStats:

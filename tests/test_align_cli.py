@@ -16,9 +16,9 @@ from tiny_models import (
     word_tokenizer,
 )
 
-from engine.align import load_map
-from engine.align_fit import read_corpus, split_heldout
+from engine.align.fit import read_corpus, split_heldout
 from engine.cli import cli
+from engine.store.maps import load_map
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.align import (
+from engine.errors import DuplicateError, FormatError, NotFoundError, SiteMismatchError
+from engine.store.maps import (
     MapSites,
     SufficientStats,
     fit_map,
@@ -14,7 +15,6 @@ from engine.align import (
     remove_map,
     save_map,
 )
-from engine.errors import DuplicateError, FormatError, NotFoundError, SiteMismatchError
 
 
 def _fit(dx=12, dy=8, seed=0, method="procrustes"):

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from engine import layout
-from engine.atlas import import_atlas, read_gemmascope, read_labels, read_saelens
+from engine.atlas.importers import import_atlas, read_gemmascope, read_labels, read_saelens
 from engine.errors import FormatError, ShapeError
+from engine.store import layout
 from tests.conftest import NEURONPEDIA_LABELS
 
 

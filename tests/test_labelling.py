@@ -17,14 +17,15 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import select
 
-from engine import labelling, labelling_export
-from engine.align import save_map
 from engine.cli import cli
 from engine.errors import AtlasError, DuplicateError, SiteMismatchError
-from engine.labelling import RunConflictError, SourceChangedError
-from engine.schema import ConceptRow, FeatureLabelRow, LabelRunRow
+from engine.labelling import export as labelling_export
+from engine.labelling import run as labelling
+from engine.labelling.run import RunConflictError, SourceChangedError
 from engine.search import project
-from engine.store import Store, unit_rows
+from engine.store.maps import save_map
+from engine.store.schema import ConceptRow, FeatureLabelRow, LabelRunRow
+from engine.store.store import Store, unit_rows
 from tests.test_search import D_SUBJECT, brute_force, make_mapped_store
 
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from engine import labelling
 from engine.cli import cli
-from engine.feature_sources import open_feature_source
-from engine.labelling_eval import evaluate_world_labelling
-from engine.labelling_export import iter_labels
+from engine.labelling import run as labelling
+from engine.labelling.export import iter_labels
+from engine.labelling.sources import open_feature_source
+from engine.world.eval.labelling import evaluate_world_labelling
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +45,7 @@ def test_eval_labelling_fits_maps_and_reads_the_runs_it_wrote(world_store):
 
     # the features of that run are the subject's own directions at the map's layer
     run = labelling.get_run(store, a.run)
-    from engine.align import load_map
+    from engine.store.maps import load_map
 
     src = open_feature_source(run.feature_source, store=store, amap=load_map(store, a.map))
     assert src.kind == "native" and run.feature_source == "native:tiny:0"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.lookup import build_label_index, fts_query, lookup, semantic_available
+from engine.atlas.lookup import build_label_index, fts_query, lookup, semantic_available
 
 LABELS = [
     ("weather and rain", "rain, storms, clouds and the forecast"),

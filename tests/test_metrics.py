@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from engine.align.metrics import retrieval_metrics, retrieval_ranks
 from engine.errors import ShapeError
-from engine.metrics import retrieval_metrics, retrieval_ranks
 
 
 def test_perfect_retrieval():

@@ -6,9 +6,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
-from engine import migrate
-from engine.schema import Base, include_object
-from engine.store import make_engine
+from engine.store import migrate
+from engine.store.schema import Base, include_object
+from engine.store.store import make_engine
 
 TABLES = {"models", "atlases", "concepts", "alignment_maps", "label_runs", "feature_labels"}
 

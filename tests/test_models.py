@@ -13,9 +13,9 @@ from tiny_models import (
     word_tokenizer,
 )
 
-from engine.activations import read_residuals
 from engine.errors import ArchitectureError, NotFoundError
-from engine.models import load_model, model_info, resolve_blocks, resolve_layer, tokenizer_fingerprint
+from engine.models.activations import read_residuals
+from engine.models.loading import load_model, model_info, resolve_blocks, resolve_layer, tokenizer_fingerprint
 
 
 @pytest.mark.parametrize("arch", ALL_ARCHS)

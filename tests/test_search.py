@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.align import AlignmentMap, load_map, save_map
 from engine.errors import SiteMismatchError
 from engine.search import (
     ANN_SPEC,
@@ -16,7 +15,8 @@ from engine.search import (
     search,
     search_arrays,
 )
-from engine.store import unit_rows
+from engine.store.maps import AlignmentMap, load_map, save_map
+from engine.store.store import unit_rows
 from tests.conftest import clustered_directions
 
 D_SUBJECT, D_ATLAS, N_CONCEPTS = 32, 48, 400
@@ -175,7 +175,7 @@ def tiny_subject(tmp_path):
 def test_explain_gives_each_token_the_top_concepts_of_its_mapped_residual(store, tiny_subject):
     import torch
 
-    from engine.models import load_model
+    from engine.models.loading import load_model
     from engine.search import explain
 
     atlas, amap = make_mapped_store(store, subject_layer=1, subject_source=str(tiny_subject))

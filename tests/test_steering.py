@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine.activations import read_residuals
 from engine.errors import ShapeError, SiteMismatchError
-from engine.models import load_model, resolve_blocks
-from engine.steering import (
+from engine.models.activations import read_residuals
+from engine.models.loading import load_model, resolve_blocks
+from engine.steering.edits import (
     STEERING_MODES,
     SteeringEdit,
     generate,
@@ -265,7 +265,7 @@ def test_typical_norm_matches_a_direct_measurement(tiny):
 
 
 def test_mode_registry_refuses_duplicates_and_unknown_modes():
-    from engine.steering import register_mode
+    from engine.steering.edits import register_mode
 
     with pytest.raises(ValueError, match="already registered"):
         register_mode("add")(lambda h, u, t: h)

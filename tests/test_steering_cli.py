@@ -54,7 +54,7 @@ def test_steer_errors_are_one_line(steer_store, tmp_path):  # noqa: F811
 
 
 def _report():
-    from engine.steering_eval import FaithfulnessRow, SteeringReport
+    from engine.steering.faithfulness import FaithfulnessRow, SteeringReport
 
     rows = [FaithfulnessRow("unsteered", "neutral", None, 0.0, 0.1, 2.8, 160),
             FaithfulnessRow("transferred", "neutral", 2, 0.5, 0.88, 5.2, 160, "m2", "ridge", True),
@@ -66,7 +66,7 @@ def _report():
 
 
 def test_eval_steering_table_and_json(store, monkeypatch):
-    import engine.steering_world
+    import engine.world.eval.steering
 
     seen = {}
 
@@ -74,7 +74,7 @@ def test_eval_steering_table_and_json(store, monkeypatch):
         seen.update(kw)
         return _report()
 
-    monkeypatch.setattr(engine.steering_world, "evaluate_world_steering", fake)
+    monkeypatch.setattr(engine.world.eval.steering, "evaluate_world_steering", fake)
     r = invoke(store, "eval", "steering", "--world", "--size", "tiny", "--strengths", "0.5,1", "-l", "2")
     assert r.exit_code == 0, r.output
     assert seen["strengths"] == [0.5, 1.0] and seen["layers"] == [2] and seen["size"] == "tiny"

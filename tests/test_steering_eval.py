@@ -14,9 +14,9 @@ import torch
 from test_steering import one_thread, save_tiny_model  # noqa: F401  (one_thread: autouse fixture)
 
 from engine.errors import ShapeError
-from engine.models import load_model
-from engine.steering import typical_norm
-from engine.steering_eval import (
+from engine.models.loading import load_model
+from engine.steering.edits import typical_norm
+from engine.steering.faithfulness import (
     DirectionSet,
     FaithfulnessRow,
     Trials,
@@ -115,7 +115,7 @@ def test_evaluate_steering(word_world):
 
 def test_unsteered_cell_is_independent_of_the_sites(word_world):
     model, tok, scorer, sites = word_world
-    from engine.steering_eval import run_cell
+    from engine.steering.faithfulness import run_cell
 
     trials = Trials.every_concept(NEUTRAL, 3)
     a = run_cell(model, tok, trials, scorer, None, max_new_tokens=5)

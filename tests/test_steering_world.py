@@ -15,16 +15,16 @@ import pytest
 from click.testing import CliRunner
 from test_steering import one_thread  # noqa: F401  (autouse fixture)
 
-from engine import layout
 from engine.cli import cli
-from engine.store import Store
+from engine.store import layout
+from engine.store.store import Store
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def world_store(request, tmp_path_factory):
-    from engine.align_fit import ensure_world_registered
+    from engine.align.fit import ensure_world_registered
 
     store = Store.init(tmp_path_factory.mktemp("steer-world") / "store")
     try:
@@ -60,7 +60,7 @@ def test_eval_steering_on_the_tiny_world(world_store):
 
 
 def test_steer_native_and_transferred_on_a_world_subject(world_store):
-    from engine.align import list_maps
+    from engine.store.maps import list_maps
 
     maps = [m.name for m in list_maps(world_store) if m.subject_model.endswith("subject-a")]
     assert maps  # fitted by the evaluation above, or by the world's own alignment

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
-from engine import migrate
 from engine.errors import (
     DuplicateError,
     IndexIntegrityError,
@@ -15,8 +14,9 @@ from engine.errors import (
     StoreNotFoundError,
     StoreOutdatedError,
 )
-from engine.schema import AtlasRow, ConceptRow
-from engine.store import Store, unit_rows
+from engine.store import migrate
+from engine.store.schema import AtlasRow, ConceptRow
+from engine.store.store import Store, unit_rows
 from tests.conftest import clustered_directions
 
 
@@ -100,7 +100,7 @@ def test_uninitialised_or_outdated_database_says_what_to_run(store, monkeypatch)
 
 
 def test_failed_import_leaves_no_atlas_and_no_files(store, monkeypatch):
-    from engine import store as store_mod
+    from engine.store import store as store_mod
 
     def boom(*a, **k):
         raise RuntimeError("disk full")

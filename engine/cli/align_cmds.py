@@ -48,7 +48,7 @@ def _int_csv(ctx, param, value):
 
 
 def _check_methods(methods):
-    from engine.align_methods import METHODS
+    from engine.align.methods import METHODS
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -99,7 +99,7 @@ def align(subject, layer, atlas_name, corpus, use_world, size, seed, method, pai
     accumulated in one streaming pass and the map is fitted from their statistics. Held-out texts
     give the fit metrics (R² both ways, mean cosine) and choose ridge's λ.
     """
-    from engine.align_fit import align_subject, read_corpus
+    from engine.align.fit import align_subject, read_corpus
 
     if bool(corpus) == bool(use_world):
         raise click.UsageError("give exactly one of --corpus FILE or --world")
@@ -109,7 +109,7 @@ def align(subject, layer, atlas_name, corpus, use_world, size, seed, method, pai
     quiet_transformers()
     store = open_store(store_dir, db_url)
     if use_world:
-        from engine.align_fit import ensure_world_registered, world_texts
+        from engine.align.fit import ensure_world_registered, world_texts
 
         world = ensure_world_registered(store, size, seed)
         texts, heldout = world_texts(world)
@@ -156,7 +156,7 @@ def _show(info, as_json: bool) -> None:
 @json_option
 def maps(store_dir, db_url, as_json):
     """List the alignment maps of the store."""
-    from engine.align import list_maps
+    from engine.store.maps import list_maps
 
     rows = list_maps(open_store(store_dir, db_url))
     if as_json:
@@ -176,7 +176,7 @@ def map_group():
 @json_option
 def map_show(map_name, store_dir, db_url, as_json):
     """Show a map's provenance, parameters and fit metrics."""
-    from engine.align import map_info
+    from engine.store.maps import map_info
 
     _show(map_info(open_store(store_dir, db_url), map_name), as_json)
 
@@ -186,7 +186,7 @@ def map_show(map_name, store_dir, db_url, as_json):
 @store_options
 def map_remove(map_name, store_dir, db_url):
     """Delete a map (its row, then its file)."""
-    from engine.align import remove_map
+    from engine.store.maps import remove_map
 
     remove_map(open_store(store_dir, db_url), map_name)
     click.echo(f"removed map {map_name}")
@@ -216,7 +216,7 @@ def eval_retrieval(use_world, size, seed, methods, layers, pairings, subjects, m
     concepts by cosine (ties count against). MRR = mean 1/rank; MPP = mean (rank-1)/(N-1), 0 is
     perfect and 0.5 chance; top-1/top-5 = share ranked first / in the first five.
     """
-    from engine.align_fit import evaluate_world_retrieval
+    from engine.align.fit import evaluate_world_retrieval
 
     methods = methods or list(METHOD_NAMES)
     _check_methods(methods)

@@ -47,7 +47,7 @@ def json_option(f: Callable) -> Callable:
 
 def open_store(store_dir: Path, db_url: str | None):
     """Open an initialised store (errors become one-line CLI messages)."""
-    from engine.store import Store
+    from engine.store.store import Store
 
     return Store.open(store_dir, db_url=db_url)
 

@@ -54,7 +54,7 @@ def label(map_name, features, k, name, batch_size, resume, overwrite, no_site_ch
     `atlas label --resume RUN` and ends with exactly the rows of an uninterrupted run.
     `atlas runs` lists runs, `atlas export RUN` writes their labels.
     """
-    from engine import labelling
+    from engine.labelling import run as labelling
 
     store = open_store(store_dir, db_url)
     if resume:
@@ -87,7 +87,7 @@ def label(map_name, features, k, name, batch_size, resume, overwrite, no_site_ch
 @json_option
 def runs(store_dir: Path, db_url, as_json: bool) -> None:
     """List labelling runs with their status and progress (a killed run shows as interrupted)."""
-    from engine.labelling import list_runs
+    from engine.labelling.run import list_runs
 
     items = list_runs(open_store(store_dir, db_url))
     if as_json:
@@ -109,7 +109,7 @@ def export(run_name: str, fmt: str, output: Path | None, partial: bool, store_di
     JSONL: one object per feature (label, concept, score, margin, hits). CSV: one row per
     (feature, rank). A small margin means the transferred label is uncertain.
     """
-    from engine.labelling_export import export_run
+    from engine.labelling.export import export_run
 
     store = open_store(store_dir, db_url)
     if output is None:
@@ -135,8 +135,8 @@ def export(run_name: str, fmt: str, output: Path | None, partial: bool, store_di
 @quiet_option
 def explain(map_name: str, text: str, k: int, raw: bool, store_dir: Path, db_url, as_json: bool) -> None:
     """Per token of TEXT in MAP's subject model: the top atlas concepts, with cosine scores."""
-    from engine.align import load_map
     from engine.search import explain as run_explain
+    from engine.store.maps import load_map
 
     quiet_transformers()
     store = open_store(store_dir, db_url)
@@ -160,10 +160,10 @@ def explain(map_name: str, text: str, k: int, raw: bool, store_dir: Path, db_url
 @json_option
 def search(map_name: str, vectors: Path, key, k: int, kind: str, store_dir: Path, db_url, as_json: bool) -> None:
     """Raw vector search through MAP: the top-k atlas concepts of each subject vector in FILE."""
-    from engine.align import load_map
-    from engine.atlas import read_matrix
+    from engine.atlas.importers import read_matrix
     from engine.search import hits_table
     from engine.search import search as run_search
+    from engine.store.maps import load_map
 
     store = open_store(store_dir, db_url)
     x = read_matrix(vectors, key).W_dec
@@ -190,7 +190,7 @@ def eval_labelling(use_world: bool, size: str, seed: int, map_names, store_dir: 
     right label of feature i is the world's concept i. Maps come from `atlas align`; where the
     store has none for a subject, a Procrustes map is fitted first.
     """
-    from engine.labelling_eval import evaluate_world_labelling
+    from engine.world.eval.labelling import evaluate_world_labelling
 
     quiet_transformers()
     rows = evaluate_world_labelling(open_store(store_dir, db_url), size=size, seed=seed, maps=list(map_names) or None)

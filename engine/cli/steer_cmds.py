@@ -90,7 +90,7 @@ def steer(map_name, concepts, prompts, strength, layers, mode, positions, combin
     part, unit norm) and added at the subject layer(s) with STRENGTH x the site's typical
     residual norm, inside hooks that are always removed afterwards.
     """
-    from engine.steering_plan import PlanConcept, SteeringPlan, run_plan
+    from engine.steering.plan import PlanConcept, SteeringPlan, run_plan
 
     ctx = click.get_current_context()
     given = {name for name in _PLAN_OPTIONS if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
@@ -119,7 +119,7 @@ def steer(map_name, concepts, prompts, strength, layers, mode, positions, combin
     store = open_store(store_dir, db_url)
     model = tokenizer = model_name = None
     if model_path is not None:
-        from engine.models import load_model
+        from engine.models.loading import load_model
 
         model, tokenizer = load_model(model_path)
         resolved_path = str(model_path.resolve())
@@ -127,7 +127,7 @@ def steer(map_name, concepts, prompts, strength, layers, mode, positions, combin
                            and str(Path(m.source).expanduser().resolve()) == resolved_path), None)
     native_source = None
     if plan.direction == "native":
-        from engine.steering_world import native_source_for
+        from engine.world.eval.steering import native_source_for
 
         native_source = native_source_for(store, plan.map)
     run = run_plan(store, plan, list(prompts), model=model, tokenizer=tokenizer, model_name=model_name,
@@ -185,7 +185,7 @@ def eval_steering(use_world: bool, size: str, seed: int, subject: str, strengths
     headline (`chosen`). Prompts about another topic are reported at the chosen cells. --json
     prints every row, the held-out ones with prompts=heldout.
     """
-    from engine.steering_world import evaluate_world_steering
+    from engine.world.eval.steering import evaluate_world_steering
 
     quiet_transformers()
     report = evaluate_world_steering(open_store(store_dir, db_url), size=size, seed=seed, subject=subject,

@@ -22,8 +22,8 @@ def init(store_dir: Path, db_url: str | None, as_json: bool) -> None:
 
     Running it on an existing store is safe: it only upgrades the database if needed.
     """
-    from engine import migrate
-    from engine.store import Store
+    from engine.store import migrate
+    from engine.store.store import Store
 
     store = Store.init(store_dir, db_url=db_url)
     result = {"store": str(store_dir), "db": str(store.engine.url), "revision": migrate.current_revision(store.engine)}
@@ -42,9 +42,9 @@ def db() -> None:
 
 
 def _raw_engine(store_dir: Path, db_url: str | None):
-    from engine import layout
     from engine.errors import StoreNotFoundError
-    from engine.store import make_engine
+    from engine.store import layout
+    from engine.store.store import make_engine
 
     if db_url is None and not (store_dir / layout.DB_FILE).is_file():
         raise StoreNotFoundError(f"{store_dir} has no {layout.DB_FILE}; `atlas init --store {store_dir}` creates one")
@@ -56,7 +56,7 @@ def _raw_engine(store_dir: Path, db_url: str | None):
 @store_options
 def db_upgrade(revision: str, store_dir: Path, db_url: str | None) -> None:
     """Upgrade the store database to REVISION (default: the newest, head)."""
-    from engine import migrate
+    from engine.store import migrate
 
     engine = _raw_engine(store_dir, db_url)
     migrate.upgrade(engine, revision)
@@ -68,7 +68,7 @@ def db_upgrade(revision: str, store_dir: Path, db_url: str | None) -> None:
 @store_options
 def db_downgrade(revision: str, store_dir: Path, db_url: str | None) -> None:
     """Downgrade the store database to REVISION (`base` removes every table)."""
-    from engine import migrate
+    from engine.store import migrate
 
     engine = _raw_engine(store_dir, db_url)
     migrate.downgrade(engine, revision)
@@ -80,7 +80,7 @@ def db_downgrade(revision: str, store_dir: Path, db_url: str | None) -> None:
 @json_option
 def db_current(store_dir: Path, db_url: str | None, as_json: bool) -> None:
     """Show the database's schema revision and the newest one this version knows."""
-    from engine import migrate
+    from engine.store import migrate
 
     engine = _raw_engine(store_dir, db_url)
     current, head = migrate.current_revision(engine), migrate.head_revision()
@@ -130,7 +130,7 @@ def import_sae(source: Path, name: str, model, layer, hook, revision, labels, in
     concepts, the encoder is kept), a Gemma Scope params.npz, or a plain .npy / .safetensors
     matrix (one direction per row). The import is one transaction: a failure leaves no atlas.
     """
-    from engine.atlas import import_atlas
+    from engine.atlas.importers import import_atlas
 
     store = open_store(store_dir, db_url)
     info = import_atlas(store, name, source, labels=labels, model=model, layer=layer, hook=hook,
@@ -159,7 +159,7 @@ def lookup(query: str, k: int, atlas: str | None, semantic, store_dir: Path, db_
     Full-text search (bm25) over labels and descriptions, merged with semantic search over label
     embeddings where the `semantic` extra is installed and `atlas index embed` was run.
     """
-    from engine.lookup import lookup as run_lookup
+    from engine.atlas.lookup import lookup as run_lookup
 
     hits = run_lookup(open_store(store_dir, db_url), query, k=k, atlas=atlas, semantic=semantic)
     emit(hits, as_json, ["rank", "ref", "label", "score", "text_rank", "semantic_rank"])
@@ -248,7 +248,7 @@ def index_rebuild(atlas: str, spec, store_dir: Path, db_url: str | None, as_json
 @quiet_option
 def index_embed(atlas: str, store_dir: Path, db_url: str | None) -> None:
     """Embed ATLAS's labels for semantic lookup (needs the `semantic` extra)."""
-    from engine.lookup import build_label_index
+    from engine.atlas.lookup import build_label_index
 
     n = build_label_index(open_store(store_dir, db_url), atlas)
     click.echo(f"embedded {n} labels of {atlas}")

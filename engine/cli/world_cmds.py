@@ -20,8 +20,8 @@ def world() -> None:
 
 def _open_or_init(store_dir: Path, db_url: str | None):
     """Open the store, creating it first when there is none yet (a fresh clone needs no `atlas init`)."""
-    from engine import layout
-    from engine.store import Store
+    from engine.store import layout
+    from engine.store.store import Store
 
     if db_url is None and not (store_dir / layout.DB_FILE).is_file():
         return Store.init(store_dir), True
@@ -45,7 +45,7 @@ def build(size: str, seed: int, replace_atlas: bool, store_dir: Path, db_url: st
     already built with the same configuration (by fingerprint) is reused. The store is created
     if it does not exist.
     """
-    from engine import layout
+    from engine.store import layout
     from engine.world import build_world, register_world
 
     store, created = _open_or_init(store_dir, db_url)

@@ -7,7 +7,7 @@ means (DESIGN §7). Centring removes what every document shares (template words,
 template word" component and align poorly.
 
 Residuals are read with our own forward hooks on the blocks found by
-`engine.models.resolve_blocks` (layer ``L`` = output of block ``L``, i.e. ``resid_post``),
+`engine.models.loading.resolve_blocks` (layer ``L`` = output of block ``L``, i.e. ``resid_post``),
 never through ``output_hidden_states``.
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from engine.errors import ShapeError
-from engine.models import resolve_blocks
+from engine.models.loading import resolve_blocks
 
 
 @contextmanager

@@ -1,8 +1,8 @@
 """Alignment maps: fit from sufficient statistics, store with provenance, load, list.
 
-The pieces live in three modules re-exported here: `engine.align_stats` (`SufficientStats`, the
-one-pass float64 accumulator), `engine.align_methods` (the method registry: ``procrustes``,
-``ridge``, ``correlation``) and `engine.align_map` (`AlignmentMap`, applied both ways).
+The pieces live in three modules re-exported here: `engine.align.stats` (`SufficientStats`, the
+one-pass float64 accumulator), `engine.align.methods` (the method registry: ``procrustes``,
+``ridge``, ``correlation``) and `engine.align.map` (`AlignmentMap`, applied both ways).
 
 Maps are stored as ``maps/<name>.safetensors`` (written to a temporary file, renamed atomically,
 checksum in the ``alignment_maps`` row, committed last), with the provenance also in the file's
@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from engine.align_map import AlignmentMap, MapSites, plain_json
-from engine.align_methods import METHODS, LinearFit, get_method, heldout_r2, register_method
-from engine.align_stats import SufficientStats
+from engine.align.map import AlignmentMap, MapSites, plain_json
+from engine.align.methods import METHODS, LinearFit, get_method, heldout_r2, register_method
+from engine.align.stats import SufficientStats
 from engine.errors import (
     AtlasError,
     DuplicateError,
@@ -160,8 +160,8 @@ def save_map(store: Any, amap: AlignmentMap, name: str | None = None, overwrite:
     """
     from sqlalchemy import select
 
-    from engine import layout
-    from engine.schema import AlignmentMapRow, AtlasRow, ModelRow
+    from engine.store import layout
+    from engine.store.schema import AlignmentMapRow, AtlasRow, ModelRow
     from indexes.base import write_atomic
 
     name = name or amap.name or default_map_name(amap)
@@ -210,7 +210,7 @@ def save_map(store: Any, amap: AlignmentMap, name: str | None = None, overwrite:
 def _rows(store: Any, name: str | None = None) -> list[MapInfo]:
     from sqlalchemy import select
 
-    from engine.schema import AlignmentMapRow, AtlasRow, ModelRow
+    from engine.store.schema import AlignmentMapRow, AtlasRow, ModelRow
 
     q = (
         select(AlignmentMapRow, ModelRow.name, AtlasRow.name, AtlasRow.layer)
@@ -273,7 +273,7 @@ def remove_map(store: Any, name: str) -> None:
     """Delete a map's row, then its file."""
     from sqlalchemy import select
 
-    from engine.schema import AlignmentMapRow
+    from engine.store.schema import AlignmentMapRow
 
     with store.session() as s:
         row = s.scalar(select(AlignmentMapRow).where(AlignmentMapRow.name == name))

@@ -1,7 +1,7 @@
 """Steering evaluation on ConceptWorld: maps found or fitted, directions, prompts, the report.
 
 Glue between a built world (`engine.world`) and the world-agnostic evaluation in
-`engine.steering_eval`: transferred directions are the world atlas's concept vectors sent
+`engine.steering.faithfulness`: transferred directions are the world atlas's concept vectors sent
 through each stored map of the subject; native directions are the subject's own centred topic
 means (the world's ground truth); faithfulness is scored by the world's plurality-concept
 reader. Site choice uses `template_prompts`, topic-free prompts that are not the evaluation
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import ShapeError
-from engine.steering_eval import DirectionSet, SteeringReport, evaluate_steering
+from engine.steering.faithfulness import DirectionSet, SteeringReport, evaluate_steering
 from engine.world.register import concept_ordinals  # noqa: F401  (re-exported)
 
 
@@ -51,11 +51,11 @@ def world_maps(store: Any, world: Any, key: str, layers: Sequence[int] | None = 
     lacks is fitted first, from one pass over (at most ``max_pairs`` pairs of) the world's
     training texts, and stored.
     """
-    from engine.align import fit_map, list_maps, load_map, save_map
-    from engine.align_fit import accumulate_pairs, world_texts
-    from engine.align_map import MapSites
+    from engine.align.fit import accumulate_pairs, world_texts
+    from engine.align.map import MapSites
     from engine.errors import NotFoundError
-    from engine.models import load_model
+    from engine.models.loading import load_model
+    from engine.store.maps import fit_map, list_maps, load_map, save_map
 
     wm = world.model(key)
     on_world = [m for m in list_maps(store) if m.atlas == world.atlas_name and m.subject_model == wm.name]
@@ -117,10 +117,10 @@ def evaluate_world_steering(
     neutral prompts, site choice uses `template_prompts` (never the evaluation prompts), and the
     world's other-topic prompts are reported at the chosen cells.
     """
-    from engine.activations import auto_threads, torch_threads
-    from engine.align_fit import SUBJECT_KEYS, ensure_world_registered
+    from engine.align.fit import SUBJECT_KEYS, ensure_world_registered
     from engine.errors import NotFoundError
-    from engine.models import load_model
+    from engine.models.activations import auto_threads, torch_threads
+    from engine.models.loading import load_model
 
     key = SUBJECT_KEYS.get(subject.lower().removeprefix("subject_"))
     if key is None:
@@ -145,8 +145,8 @@ def native_source_for(store: Any, map_name: str) -> Callable[[str, int], np.ndar
     The subject is found through the folder it was registered from (``<world>/<model key>``)."""
     from pathlib import Path
 
-    from engine.align import map_info
     from engine.errors import NotFoundError
+    from engine.store.maps import map_info
     from engine.world.build import load_world
 
     info = map_info(store, map_name)

@@ -1,7 +1,7 @@
 """Steering plans: which concepts, how strong, where, how — resolved through alignment maps.
 
 A `SteeringPlan` is plain data (saved and reloaded as JSON): concepts given by id
-(``<atlas>/<ordinal>``), by label, or by a free-text query resolved with `engine.lookup`;
+(``<atlas>/<ordinal>``), by label, or by a free-text query resolved with `engine.atlas.lookup`;
 strengths in units of the subject site's typical residual norm; one or several subject layers;
 mode ``add`` or ``clamp``; positions ``all`` or ``new``; and generation settings. `resolve_plan`
 turns it into `SteeringEdit`s: each concept's atlas direction goes through the inverse map of the
@@ -29,7 +29,7 @@ from typing import Any, Literal
 import numpy as np
 
 from engine.errors import FormatError, NotFoundError, SiteMismatchError
-from engine.steering import POSITIONS, STEERING_MODES, Mode, Positions, SteeringEdit
+from engine.steering.edits import POSITIONS, STEERING_MODES, Mode, Positions, SteeringEdit
 
 Direction = Literal["transferred", "native"]
 DIRECTIONS: tuple[str, ...] = ("transferred", "native")
@@ -151,8 +151,8 @@ class ResolvedPlan:
 def resolve_concept(store: Any, atlas: str, query: str) -> tuple[str, str]:
     """``(ref, label)`` of the concept a query names in ``atlas``: an id, an exact label, or the
     best text-lookup hit."""
-    from engine.lookup import lookup
-    from engine.store import parse_concept_ref
+    from engine.atlas.lookup import lookup
+    from engine.store.store import parse_concept_ref
 
     q = query.strip()
     _, sep, ordinal = q.rpartition("/")
@@ -175,7 +175,7 @@ def resolve_concept(store: Any, atlas: str, query: str) -> tuple[str, str]:
 def layer_maps(store: Any, map_name: str, layers: Sequence[int] | None) -> dict[int, Any]:
     """The map to use at each requested subject layer (the named map for its own layer, the
     store's map of the same subject and atlas for the others)."""
-    from engine.align import list_maps, load_map
+    from engine.store.maps import list_maps, load_map
 
     base = load_map(store, map_name)
     n_layers = store.get_model(base.subject_model).n_layers if layers and min(layers) < 0 else None
@@ -208,7 +208,7 @@ def layer_maps(store: Any, map_name: str, layers: Sequence[int] | None) -> dict[
 def _concept_vector(store: Any, vectors: np.ndarray, ref: str, combine: int) -> tuple[np.ndarray, list[str]]:
     """Unit atlas direction of ``ref`` (a row of ``vectors``), or the mean with its ``combine``
     nearest neighbours."""
-    from engine.store import unit_rows
+    from engine.store.store import unit_rows
 
     ordinal = int(ref.rsplit("/", 1)[1])
     neighbours = store.neighbors(ref, k=combine) if combine else []
@@ -281,7 +281,7 @@ class SteeringRun:
 
 def load_subject(store: Any, model_name: str) -> tuple[Any, Any]:
     """Load a subject model registered in the store from its recorded source."""
-    from engine.models import load_model
+    from engine.models.loading import load_model
 
     info = store.get_model(model_name)
     if not info.source:
@@ -291,7 +291,7 @@ def load_subject(store: Any, model_name: str) -> tuple[Any, Any]:
 
 def check_subject(resolved: ResolvedPlan, model: Any, model_name: str | None = None) -> None:
     """Raise `SiteMismatchError` when ``model`` is not the subject the plan's maps were fitted on."""
-    from engine.models import d_model_of, resolve_layer
+    from engine.models.loading import d_model_of, resolve_layer
 
     d = d_model_of(model)
     for layer, amap in resolved.alignment.items():
@@ -307,7 +307,7 @@ def run_plan(store: Any, plan: SteeringPlan, prompts: Sequence[str], *, model: A
     passed in is checked against the maps' subject site (``model_name`` as the store names it,
     when known, and always its residual width).
     """
-    from engine.steering import generate_pair, perplexity, special_token_ids
+    from engine.steering.edits import generate_pair, perplexity, special_token_ids
 
     resolved = resolve_plan(store, plan, native)
     if model is None:

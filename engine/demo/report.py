@@ -22,7 +22,7 @@ METRIC_DEFINITIONS = {
 
 def write_report(result: Any, out: Path) -> list[str]:
     """Write every file of the report into ``out``; returns their paths."""
-    from engine.demo import result_json
+    from engine.demo.run import result_json
 
     files = [_fig_retrieval(result, out / FIG_RETRIEVAL), _fig_steering(result, out / FIG_STEERING)]
     (out / "report.json").write_text(result_json(result) + "\n", encoding="utf-8")

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from engine.store import Store
+from engine.store.store import Store
 
 DEMO_LOOKUPS = 3  # text lookups shown
 DEMO_STEER_CONCEPTS = 3  # concepts subject A is steered toward, side by side with unsteered text
@@ -73,9 +73,9 @@ def _plain(obj: Any) -> Any:
 def run_demo(store_dir: str | Path, size: str = "small", seed: int = 0, out: str | Path = "demo-out",
              quiet: bool = False) -> DemoResult:
     """Run the mission on ConceptWorld into the store at ``store_dir``; write the report to ``out``."""
-    from engine.align_fit import ensure_world_registered, evaluate_world_retrieval
-    from engine.labelling_eval import evaluate_world_labelling
-    from engine.steering_world import evaluate_world_steering, world_maps
+    from engine.align.fit import ensure_world_registered, evaluate_world_retrieval
+    from engine.world.eval.labelling import evaluate_world_labelling
+    from engine.world.eval.steering import evaluate_world_steering, world_maps
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -102,7 +102,7 @@ def run_demo(store_dir: str | Path, size: str = "small", seed: int = 0, out: str
         retrieval=_plain(retrieval), labelling=_plain(labelling), lookups=lookups,
         steering=_steering_summary(steering), examples=examples, timings=timings, files=[],
     )
-    from engine.demo_report import write_report
+    from engine.demo.report import write_report
 
     result.files = write_report(result, out)
     return result
@@ -124,7 +124,7 @@ def _lookups(store: Store, world: Any) -> list[dict[str, Any]]:
     alone cannot find it; with the `semantic` extra the demo embeds the atlas labels first and the
     fused ranking can (the report shows which ranking found each hit).
     """
-    from engine.lookup import build_label_index, lookup, semantic_available
+    from engine.atlas.lookup import build_label_index, lookup, semantic_available
 
     semantic = semantic_available()
     if semantic:
@@ -160,7 +160,7 @@ def _steering_summary(report: Any) -> dict[str, Any]:
 
 def _steer_examples(store: Store, world: Any, chosen: dict[str, Any]) -> list[dict[str, Any]]:
     """Subject A steered toward a few concepts through the chosen map, beside the unsteered text."""
-    from engine.steering_plan import PlanConcept, SteeringPlan, run_plan
+    from engine.steering.plan import PlanConcept, SteeringPlan, run_plan
 
     model, tok = world.load("subject_a")
     prompt = world.neutral_prompts[0]

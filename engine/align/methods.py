@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from engine.align_stats import SufficientStats
+from engine.align.stats import SufficientStats
 
 
 @dataclass

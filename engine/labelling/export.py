@@ -17,9 +17,9 @@ from typing import Literal, TextIO
 from sqlalchemy import func, select
 
 from engine.errors import AtlasError
-from engine.labelling import get_run
-from engine.schema import ConceptRow, FeatureLabelRow, LabelRunRow
-from engine.store import Hit, Store
+from engine.labelling.run import get_run
+from engine.store.schema import ConceptRow, FeatureLabelRow, LabelRunRow
+from engine.store.store import Hit, Store
 
 ExportFormat = Literal["jsonl", "csv"]
 EXPORT_FORMATS: tuple[str, ...] = ("jsonl", "csv")

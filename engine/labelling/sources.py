@@ -3,7 +3,7 @@
 A source is what `atlas label --features SOURCE` names: a subject SAE folder (SAELens, or Gemma
 Scope ``params.npz``; the decoder rows are the features), a plain ``.npy`` / ``.safetensors``
 matrix (one direction per row), or ``native:`` directions of ConceptWorld's subject model. The
-readers are those of `engine.atlas`; this module adds what a labelling run needs on top of them:
+readers are those of `engine.atlas.importers`; this module adds what a labelling run needs on top of them:
 a canonical spec string that can be re-opened on resume, and a fingerprint of the exact vectors,
 so a run resumed on a source that changed in the meantime stops with a clear error instead of
 mixing labels of two different feature sets.
@@ -79,7 +79,7 @@ def open_feature_source(source: str | Path, *, key: str | None = None, store=Non
         vectors = _native_directions(store, amap, size, seed)
         return _source(spec, "native", vectors, amap.subject_model, amap.subject_layer, "resid_post")
 
-    from engine.atlas import read_directions, read_matrix
+    from engine.atlas.importers import read_directions, read_matrix
 
     path, _, inline_key = spec.partition("#")
     if not Path(path).exists():
@@ -151,7 +151,7 @@ def world_for(store, size: str, seed: int):
     world = _world_at(store, f"{world_name(size, seed)}-foundation")
     if world is not None:
         return world
-    from engine.align_fit import load_world as cached_world
+    from engine.align.fit import load_world as cached_world
 
     return cached_world(store, size, seed)
 

@@ -17,10 +17,10 @@ import numpy as np
 from sqlalchemy import select, text
 
 import indexes
-from engine import layout
 from engine.errors import AtlasError, IndexIntegrityError
-from engine.schema import AtlasRow
-from engine.store import Store, sha256_bytes
+from engine.store import layout
+from engine.store.schema import AtlasRow
+from engine.store.store import Store, sha256_bytes
 
 # A word in more than this share of concepts (and at least COMMON_MIN_DOCS) is "common".
 COMMON_FRACTION = 0.05

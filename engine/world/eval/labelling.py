@@ -7,7 +7,7 @@ the world atlas and written as a labelling run; the run's stored labels are then
 truth, feature i being the world's concept i. Top-1 is the share of features whose first label is
 their concept; top-5 the share with it among the first five. Maps are the store's maps onto the
 world atlas from each subject; a subject with none gets a Procrustes map fitted on the world's
-training documents first (`engine.align_fit.align_subject`, held-out documents for its metrics).
+training documents first (`engine.align.fit.align_subject`, held-out documents for its metrics).
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ class LabellingEvalRow:
 def evaluate_world_labelling(store: Any, size: str = "small", seed: int = 0, maps: list[str] | None = None,
                              quiet: bool = False) -> list[LabellingEvalRow]:
     """Top-1 / top-5 labelling accuracy of each world subject's native directions, per map."""
-    from engine.align import list_maps
-    from engine.align_fit import world_of_store
-    from engine.labelling import label_features
-    from engine.labelling_export import iter_labels
+    from engine.align.fit import world_of_store
+    from engine.labelling.export import iter_labels
+    from engine.labelling.run import label_features
+    from engine.store.maps import list_maps
 
     world = world_of_store(store, size, seed)
     _ensure_registered(store, world)
@@ -88,7 +88,7 @@ def _ensure_registered(store: Any, world: Any) -> None:
 
 
 def _fit_default_map(store: Any, world: Any, key: str, quiet: bool):
-    from engine.align_fit import align_subject, world_texts
+    from engine.align.fit import align_subject, world_texts
 
     wm = getattr(world, key)
     # Validation texts come from the training documents: the world's held-out documents define the

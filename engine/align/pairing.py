@@ -9,7 +9,7 @@ arrays and several pairings can share one forward pass:
   model the last piece has read the whole word) or ``mean``. Works across tokenizers.
 - ``text``: one pair per text, ``mean``- or ``max``-pooled over its tokens.
 
-Special tokens and padding never reach this module: `engine.activations.collect` drops them.
+Special tokens and padding never reach this module: `engine.models.activations.collect` drops them.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from engine.errors import AtlasError, ShapeError, SiteMismatchError
-from engine.models import resolve_layer, tokenizer_fingerprint
+from engine.models.loading import resolve_layer, tokenizer_fingerprint
 
 if TYPE_CHECKING:
-    from engine.activations import TokenBatch
+    from engine.models.activations import TokenBatch
 
 PAIRINGS: tuple[str, ...] = ("token", "span", "text")
 # How a span (word) or a text is pooled into one vector.
@@ -201,9 +201,9 @@ def iter_batch_pairs(
 
     Both sides truncate at the same ``max_length`` (the smaller of the two models' limits by
     default), so ``token`` pairing sees the same tokens on both sides. With ``cache_dir`` each
-    side's activations are cached as shards there (see `engine.activations.collect`).
+    side's activations are cached as shards there (see `engine.models.activations.collect`).
     """
-    from engine.activations import collect, default_max_length
+    from engine.models.activations import collect, default_max_length
 
     (sm, stok), (fm, ftok) = subject, foundation
     if max_length is None:

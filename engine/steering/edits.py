@@ -8,7 +8,7 @@ model (a prototype here found 0.5–2 × norm steers and ≥ 4 × norm breaks th
 
 Why hooks on block outputs, registered with ``prepend=True``: block ``L``'s output is the
 residual ``resid_post`` of ``L`` that block ``L+1`` reads, in every architecture
-`engine.models.resolve_blocks` knows; putting the edit first means the library's own hooks (and
+`engine.models.loading.resolve_blocks` knows; putting the edit first means the library's own hooks (and
 any reader installed later) see the edited stream (DESIGN §10).
 
 Why positions are counted from the KV cache: with ``positions="new"`` only positions at or after
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from engine.errors import ShapeError, SiteMismatchError
-from engine.models import d_model_of, resolve_blocks, resolve_layer
+from engine.models.loading import d_model_of, resolve_blocks, resolve_layer
 
 Mode = str  # a name in STEERING_MODES: "add", "clamp", or one registered with `register_mode`
 # fn(h (B, t, d), u (d,) or (B, 1, d) unit, target) -> edited h, out of place
@@ -410,7 +410,7 @@ def typical_norm(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], l
     The maps store this figure for their subject site; this measures it for a direction that
     comes without a map (a native direction, a direction from a file).
     """
-    from engine.activations import collect
+    from engine.models.activations import collect
 
     total, n = 0.0, 0
     for batch in collect(model, tokenizer, list(texts), [layer], batch_size=batch_size, desc=None,

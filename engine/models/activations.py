@@ -26,7 +26,13 @@ import numpy as np
 import torch
 
 from engine.errors import ShapeError
-from engine.models import as_dtype, model_fingerprint, resolve_blocks, resolve_layer, tokenizer_fingerprint
+from engine.models.loading import (
+    as_dtype,
+    model_fingerprint,
+    resolve_blocks,
+    resolve_layer,
+    tokenizer_fingerprint,
+)
 from engine.progress import progress
 
 Site = Literal["resid_post", "resid_pre"]
@@ -139,7 +145,7 @@ def torch_threads(n: int | None) -> Iterator[None]:
 
 def auto_threads(*models: torch.nn.Module, small_width: int = 256) -> int | None:
     """1 when every model is narrow (d <= ``small_width``), else None (torch's default)."""
-    from engine.models import d_model_of
+    from engine.models.loading import d_model_of
 
     return 1 if all(d_model_of(m) <= small_width for m in models) else None
 
@@ -370,9 +376,9 @@ class _ShardCache:
             )
 
 
-# Pairing lives in engine.pairing (it only needs the records above); re-exported here because
+# Pairing lives in engine.align.pairing (it only needs the records above); re-exported here because
 # callers think of "collect and pair" as one thing.
-from engine.pairing import (  # noqa: E402
+from engine.align.pairing import (  # noqa: E402
     PAIRINGS,
     SPAN_POOLS,
     TEXT_POOLS,

@@ -27,11 +27,11 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 
 from engine.errors import AtlasError, DuplicateError, NotFoundError
-from engine.feature_sources import FeatureSource, open_feature_source
+from engine.labelling.sources import FeatureSource, open_feature_source
 from engine.progress import progress
-from engine.schema import AlignmentMapRow, AtlasRow, ConceptRow, FeatureLabelRow, LabelRunRow
 from engine.search import project
-from engine.store import Store
+from engine.store.schema import AlignmentMapRow, AtlasRow, ConceptRow, FeatureLabelRow, LabelRunRow
+from engine.store.store import Store
 
 DEFAULT_K = 5
 DEFAULT_BATCH = 4096  # features per transaction: a few seconds of search on a 100k atlas
@@ -149,7 +149,7 @@ def create_run(
     store: Store, map_name: str, features: str, *, k: int = DEFAULT_K, name: str | None = None,
     batch_size: int = DEFAULT_BATCH, key: str | None = None, site_check: bool = True, overwrite: bool = False,
 ) -> LabellingRun:
-    """Record a new run labelling ``features`` (see `engine.feature_sources`) through map ``map_name``.
+    """Record a new run labelling ``features`` (see `engine.labelling.sources`) through map ``map_name``.
 
     The features' width must be the map's subject width; where the source records its site
     (SAELens ``cfg.json``) the model and layer must be the map's too, unless ``site_check=False``.
@@ -160,7 +160,7 @@ def create_run(
 
 def _create_run(store: Store, map_name: str, features: str, *, k: int, name: str | None, batch_size: int,
                 key: str | None, site_check: bool, overwrite: bool) -> tuple[LabellingRun, FeatureSource]:
-    from engine.align import load_map, map_info
+    from engine.store.maps import load_map, map_info
 
     if k < 1:
         raise AtlasError(f"k must be >= 1, got {k}")
@@ -235,7 +235,7 @@ def run_labelling(store: Store, name: str, *, quiet: bool = False, max_batches: 
     Each batch is projected, searched and committed together with the advance of ``n_done``.
     Ctrl-C leaves the run ``interrupted``, an error ``failed`` (with its message); both resume.
     """
-    from engine.align import load_map, map_info
+    from engine.store.maps import load_map, map_info
 
     run = get_run(store, name)
     if run.status == "done":

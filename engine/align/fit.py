@@ -19,13 +19,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.activations import auto_threads, corpus_fingerprint, iter_batch_pairs, pair_batches, torch_threads
-from engine.align import CorpusTooSmallError, MapInfo, MapSites, SufficientStats, fit_map, save_map
-from engine.align_map import AlignmentMap
+from engine.align.map import AlignmentMap
+from engine.align.metrics import retrieval_metrics
+from engine.align.pairing import check_pairing
 from engine.errors import FormatError, NotFoundError, SiteMismatchError
-from engine.metrics import retrieval_metrics
-from engine.models import d_model_of, model_info, resolve_layer, tokenizer_fingerprint
-from engine.pairing import check_pairing
+from engine.models.activations import (
+    auto_threads,
+    corpus_fingerprint,
+    iter_batch_pairs,
+    pair_batches,
+    torch_threads,
+)
+from engine.models.loading import d_model_of, model_info, resolve_layer, tokenizer_fingerprint
+from engine.store.maps import CorpusTooSmallError, MapInfo, MapSites, SufficientStats, fit_map, save_map
 
 HELDOUT_FRACTION = 0.1  # share of a corpus file's texts held out (by a hash of the text, not its position)
 COSINE_SAMPLE = 2000  # held-out pairs kept for the mean-cosine metric
@@ -114,7 +120,7 @@ def accumulate_pairs(
 
     ``max_pairs`` caps the training pairs of each pairing (the pass stops once every pairing has
     them); held-out texts are used whole. ``threads="auto"`` runs narrow models on one torch
-    thread (see `engine.activations.torch_threads`). ``cache_dir`` caches both models'
+    thread (see `engine.models.activations.torch_threads`). ``cache_dir`` caches both models'
     activations as shards for the next fit on the same texts; ``dtype`` is the activations' dtype
     (statistics are float32 GEMMs into float64 whatever it is).
     """
@@ -178,7 +184,7 @@ def resolve_subject(store: Any, subject: str, kind: str = "causal", revision: st
     A model not yet in the store is registered under its folder name (or hub id) with its
     architecture, width, depth and tokenizer fingerprint.
     """
-    from engine.models import load_model
+    from engine.models.loading import load_model
 
     try:
         info = store.get_model(subject)
@@ -201,7 +207,7 @@ def resolve_subject(store: Any, subject: str, kind: str = "causal", revision: st
 
 def load_atlas_model(store: Any, atlas: Any, dtype: Any = torch.float32, kind: str | None = None):
     """The foundation model of an atlas, loaded from the source recorded in the store."""
-    from engine.models import load_model
+    from engine.models.loading import load_model
 
     info = store.get_model(atlas.model)
     if not info.source:
@@ -217,7 +223,7 @@ def store_extra(store: Any, model_name: str) -> dict[str, Any]:
     """The ``extra`` JSON of a registered model (e.g. ``kind``), empty when none."""
     from sqlalchemy import select
 
-    from engine.schema import ModelRow
+    from engine.store.schema import ModelRow
 
     with store.session() as s:
         row = s.scalar(select(ModelRow).where(ModelRow.name == model_name))
@@ -254,7 +260,7 @@ def align_subject(
     ``token`` when the two tokenizers are the same and ``span`` otherwise. ``dtype`` loads both
     models in that dtype; ``cache`` keeps their activations under the store's ``activations/``.
     """
-    from engine import layout
+    from engine.store import layout
 
     ainfo = store.atlas(atlas)
     s_name, sm, stok = resolve_subject(store, subject, kind=kind, dtype=dtype, layer_module=layer_module)
@@ -328,7 +334,7 @@ def evaluate_maps(
 
 def world_of_store(store: Any, size: str = "tiny", seed: int = 0):
     """The ConceptWorld of this size and seed, built (or found cached) under the store's models/."""
-    from engine import layout
+    from engine.store import layout
     from engine.world import build_world
 
     return build_world(size=size, seed=seed, root=Path(store.path) / layout.MODELS_DIR)
@@ -379,7 +385,7 @@ def evaluate_world_retrieval(
     shares the foundation's tokenizer (``token`` pairing by default); subject B does not
     (``span`` and ``text``).
     """
-    from engine.models import load_model
+    from engine.models.loading import load_model
 
     world = world or world_of_store(store, size, seed)
     atlas_layer = world.foundation.atlas_layer

@@ -27,7 +27,6 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 import indexes
-from engine import layout, migrate
 from engine.errors import (
     AtlasError,
     DuplicateError,
@@ -37,7 +36,8 @@ from engine.errors import (
     StoreNotFoundError,
     StoreOutdatedError,
 )
-from engine.schema import AtlasRow, ConceptRow, ModelRow
+from engine.store import layout, migrate
+from engine.store.schema import AtlasRow, ConceptRow, ModelRow
 from indexes.base import write_atomic
 
 

@@ -1,0 +1,1 @@
+"""The demo: the whole mission on ConceptWorld, and its report."""

@@ -1,0 +1,1 @@
+"""Bulk labelling: feature sources, the resumable run, exports."""

@@ -1,0 +1,1 @@
+"""Steering: residual-stream edits, generation under them, plans, and faithfulness evaluation."""

@@ -1,0 +1,1 @@
+"""Evaluations against ConceptWorld's ground truth: retrieval, labelling, steering."""
