@@ -27,7 +27,8 @@ import time
 import numpy as np
 import torch
 
-from engine.store.maps import SufficientStats, fit_map
+from engine.align.fit import fit_map
+from engine.align.stats import SufficientStats
 
 
 def peak_rss_mb() -> float:

@@ -29,8 +29,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import indexes  # noqa: E402
-from engine.search import FLAT_MAX_CONCEPTS, choose_index_spec  # noqa: E402
-from engine.store.store import unit_rows  # noqa: E402
+from engine.util import unit_rows  # noqa: E402
+from indexes.policy import FLAT_MAX_CONCEPTS, choose_index_spec  # noqa: E402
 
 
 def sae_like(n: int, base: np.ndarray, k_active: int, noise: float, rng: np.random.Generator,

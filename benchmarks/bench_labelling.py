@@ -33,10 +33,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import indexes  # noqa: E402
+from engine.align.map import AlignmentMap  # noqa: E402
 from engine.labelling import export as labelling_export
 from engine.labelling import run as labelling  # noqa: E402
 from engine.search import project  # noqa: E402
-from engine.store.maps import AlignmentMap, save_map  # noqa: E402
+from engine.store.maps import save_map  # noqa: E402
 from engine.store.store import Store  # noqa: E402
 
 

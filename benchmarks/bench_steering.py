@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from engine.models.loading import load_model
-from engine.steering.edits import SteeringEdit, generate, special_token_ids
+from engine.steering.edits import SteeringEdit
+from engine.steering.generate import generate, special_token_ids
 
 WORDS = "the a and then there was it is in with of we i think but so".split()
 

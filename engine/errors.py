@@ -35,6 +35,11 @@ class ShapeError(AtlasError):
 class FormatError(AtlasError):
     """An input file is unreadable, malformed, or not in the expected format."""
 
+    @classmethod
+    def at(cls, path: object, what: str) -> FormatError:
+        """``FormatError("<path>: <what>")``: the file first, then what is wrong with it."""
+        return cls(f"{path}: {what}")
+
 
 class IndexIntegrityError(AtlasError):
     """An index file is missing, corrupt, or out of date with the vectors it derives from."""

@@ -13,16 +13,10 @@ from tiny_models import (
     word_tokenizer,
 )
 
+from engine.align.pairing import iter_batch_pairs, iter_pairs, pair_batches, token_words, word_spans
 from engine.errors import SiteMismatchError
-from engine.models.activations import (
-    collect,
-    iter_batch_pairs,
-    iter_pairs,
-    pair_batches,
-    read_residuals,
-    token_words,
-    word_spans,
-)
+from engine.models.activations import collect
+from engine.models.hooks import read_residuals
 from engine.models.loading import load_model
 
 

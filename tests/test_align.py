@@ -7,17 +7,11 @@ import pytest
 import scipy.linalg
 import torch
 
-from engine.align.methods import heldout_sse
+from engine.align.fit import CorpusTooSmallError, fit_map
+from engine.align.map import AlignmentMap, MapSites
+from engine.align.methods import METHODS, heldout_sse, register_method
+from engine.align.stats import SufficientStats
 from engine.errors import SiteMismatchError
-from engine.store.maps import (
-    METHODS,
-    AlignmentMap,
-    CorpusTooSmallError,
-    MapSites,
-    SufficientStats,
-    fit_map,
-    register_method,
-)
 
 
 def _stream(stats: SufficientStats, X: np.ndarray, Y: np.ndarray, step: int) -> SufficientStats:

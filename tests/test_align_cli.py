@@ -16,7 +16,7 @@ from tiny_models import (
     word_tokenizer,
 )
 
-from engine.align.fit import read_corpus, split_heldout
+from engine.align.corpus import read_corpus, split_heldout
 from engine.cli import cli
 from engine.store.maps import load_map
 

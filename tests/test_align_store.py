@@ -5,16 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from engine.align.fit import fit_map
+from engine.align.map import MapSites
+from engine.align.stats import SufficientStats
 from engine.errors import DuplicateError, FormatError, NotFoundError, SiteMismatchError
-from engine.store.maps import (
-    MapSites,
-    SufficientStats,
-    fit_map,
-    list_maps,
-    load_map,
-    remove_map,
-    save_map,
-)
+from engine.store.maps import list_maps, load_map, remove_map, save_map
 
 
 def _fit(dx=12, dy=8, seed=0, method="procrustes"):

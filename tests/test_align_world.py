@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 from tiny_models import one_thread  # noqa: F401  (autouse fixture)
 
-from engine.align.fit import evaluate_world_retrieval
+from engine.world.eval.retrieval import evaluate_world_retrieval
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ def test_procrustes_retrieval_on_the_tiny_world(world):
 
 
 def test_eval_retrieval_cli_json(world, store, monkeypatch):
-    import engine.align.fit as af
+    import engine.world.eval.retrieval as af
 
     monkeypatch.setattr(af, "world_of_store", lambda *a, **k: world)
     res = CliRunner().invoke(

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from engine.atlas.importers import import_atlas, read_gemmascope, read_labels, read_saelens
+from engine.atlas.importers import import_atlas, read_gemmascope, read_saelens
+from engine.atlas.labels import read_labels
 from engine.errors import FormatError, ShapeError
 from engine.store import layout
 from tests.conftest import NEURONPEDIA_LABELS

@@ -25,7 +25,8 @@ from engine.labelling.run import RunConflictError, SourceChangedError
 from engine.search import project
 from engine.store.maps import save_map
 from engine.store.schema import ConceptRow, FeatureLabelRow, LabelRunRow
-from engine.store.store import Store, unit_rows
+from engine.store.store import Store
+from engine.util import unit_rows
 from tests.test_search import D_SUBJECT, brute_force, make_mapped_store
 
 

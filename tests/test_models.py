@@ -14,8 +14,8 @@ from tiny_models import (
 )
 
 from engine.errors import ArchitectureError, NotFoundError
-from engine.models.activations import read_residuals
-from engine.models.loading import load_model, model_info, resolve_blocks, resolve_layer, tokenizer_fingerprint
+from engine.models.hooks import read_residuals, resolve_blocks, resolve_layer
+from engine.models.loading import load_model, model_info, tokenizer_fingerprint
 
 
 @pytest.mark.parametrize("arch", ALL_ARCHS)

@@ -5,18 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from engine.align.map import AlignmentMap
 from engine.errors import SiteMismatchError
-from engine.search import (
-    ANN_SPEC,
-    FLAT_MAX_CONCEPTS,
-    atlas_centre,
-    choose_index_spec,
-    project,
-    search,
-    search_arrays,
-)
-from engine.store.maps import AlignmentMap, load_map, save_map
-from engine.store.store import unit_rows
+from engine.search import atlas_centre, project, search, search_arrays
+from engine.store.maps import load_map, save_map
+from engine.util import unit_rows
+from indexes.policy import ANN_SPEC, FLAT_MAX_CONCEPTS, choose_index_spec
 from tests.conftest import clustered_directions
 
 D_SUBJECT, D_ATLAS, N_CONCEPTS = 32, 48, 400

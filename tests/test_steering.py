@@ -16,18 +16,10 @@ import pytest
 import torch
 
 from engine.errors import ShapeError, SiteMismatchError
-from engine.models.activations import read_residuals
-from engine.models.loading import load_model, resolve_blocks
-from engine.steering.edits import (
-    STEERING_MODES,
-    SteeringEdit,
-    generate,
-    generate_pair,
-    perplexity,
-    special_token_ids,
-    steer,
-    typical_norm,
-)
+from engine.models.hooks import read_residuals, resolve_blocks
+from engine.models.loading import load_model
+from engine.steering.edits import STEERING_MODES, SteeringEdit, steer
+from engine.steering.generate import generate, generate_pair, perplexity, special_token_ids, typical_norm
 
 WORDS = ("the a and then there was it is in with of we i think but so red blue green lion tiger bear "
          "rain snow wind guitar piano drum apple pear plum . ,").split()

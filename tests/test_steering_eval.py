@@ -15,7 +15,6 @@ from test_steering import one_thread, save_tiny_model  # noqa: F401  (one_thread
 
 from engine.errors import ShapeError
 from engine.models.loading import load_model
-from engine.steering.edits import typical_norm
 from engine.steering.faithfulness import (
     DirectionSet,
     FaithfulnessRow,
@@ -24,6 +23,7 @@ from engine.steering.faithfulness import (
     evaluate_steering,
     shortlist,
 )
+from engine.steering.generate import typical_norm
 
 WORDS = ["red", "lion", "rain"]
 NEUTRAL = ["the", "it was the", "and then the"]

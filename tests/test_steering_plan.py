@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from test_steering import D, one_thread, save_tiny_model  # noqa: F401  (one_thread: autouse fixture)
 
+from engine.align.map import AlignmentMap
 from engine.errors import FormatError, NotFoundError, SiteMismatchError
 from engine.models.loading import load_model
 from engine.steering.plan import PlanConcept, SteeringPlan, resolve_concept, resolve_plan, run_plan
-from engine.store.maps import AlignmentMap, save_map
+from engine.store.maps import save_map
 
 D_ATLAS = 24
 LABELS = ["weather", "music", "animals", "fruit", "colours"]

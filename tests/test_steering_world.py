@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def world_store(request, tmp_path_factory):
-    from engine.align.fit import ensure_world_registered
+    from engine.world.eval.retrieval import ensure_world_registered
 
     store = Store.init(tmp_path_factory.mktemp("steer-world") / "store")
     try:

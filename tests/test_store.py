@@ -16,7 +16,8 @@ from engine.errors import (
 )
 from engine.store import migrate
 from engine.store.schema import AtlasRow, ConceptRow
-from engine.store.store import Store, unit_rows
+from engine.store.store import Store
+from engine.util import unit_rows
 from tests.conftest import clustered_directions
 
 

@@ -240,7 +240,7 @@ def test_probe_and_unigram():
 
 
 def test_hooks_read_block_outputs_and_are_removed(word_tok):
-    from engine.models.loading import resolve_blocks
+    from engine.models.hooks import resolve_blocks
 
     spec = ModelSpec("llama", d_model=32, n_layers=2, n_heads=2, seed=0, steps=1, batch_size=2, lr=1e-3, max_length=64)
     model = make_model(spec, word_tok, seed=0).eval()

@@ -1,16 +1,14 @@
-"""Fitting alignment maps from a corpus, and the retrieval evaluation (DESIGN §5, §8).
+"""Fitting alignment maps: from sufficient statistics, and from a corpus in one pass (DESIGN §5).
 
 One pass runs both models over the training texts (and one over the held-out texts), draws the
 requested pairings from the same forward passes, and accumulates one `SufficientStats` per
 (pairing, subject layer); every method and every layer is then fitted from those statistics
 without touching the models again. Held-out pairs come from texts the fit never saw: they choose
-hyper-parameters (ridge's λ) and give the fit metrics; the retrieval evaluation uses concept
-directions only, never to choose anything.
+hyper-parameters (ridge's λ) and give the fit metrics.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,67 +17,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.align.map import AlignmentMap
-from engine.align.metrics import retrieval_metrics
-from engine.align.pairing import check_pairing
-from engine.errors import FormatError, NotFoundError, SiteMismatchError
-from engine.models.activations import (
-    auto_threads,
-    corpus_fingerprint,
-    iter_batch_pairs,
-    pair_batches,
-    torch_threads,
-)
-from engine.models.loading import d_model_of, model_info, resolve_layer, tokenizer_fingerprint
-from engine.store.maps import CorpusTooSmallError, MapInfo, MapSites, SufficientStats, fit_map, save_map
+from engine.align.corpus import split_heldout
+from engine.align.map import AlignmentMap, MapSites, plain_json
+from engine.align.methods import LinearFit, get_method, heldout_r2
+from engine.align.pairing import check_pairing, iter_batch_pairs, pair_batches
+from engine.align.stats import SufficientStats
+from engine.errors import AtlasError, NotFoundError, ShapeError, SiteMismatchError
+from engine.models.activations import auto_threads, torch_threads
+from engine.models.hooks import resolve_layer
+from engine.models.loading import d_model_of, model_info, tokenizer_fingerprint
+from engine.store.maps import MapInfo, save_map
+from engine.util import corpus_fingerprint
 
-HELDOUT_FRACTION = 0.1  # share of a corpus file's texts held out (by a hash of the text, not its position)
 COSINE_SAMPLE = 2000  # held-out pairs kept for the mean-cosine metric
 
 
 # ----------------------------------------------------------------------------- corpus
-
-
-def read_corpus(path: str | Path) -> list[str]:
-    """Texts of a corpus file: JSONL with a ``text`` field, or one document per non-empty line
-    (a leading ``<number><TAB>``, as in ConceptWorld's document files, is dropped)."""
-    import json
-
-    p = Path(path)
-    try:
-        raw = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise FormatError(f"cannot read corpus {p}: {e}") from None
-    texts = []
-    for i, line in enumerate(raw.splitlines(), start=1):
-        if not line.strip():
-            continue
-        if p.suffix == ".jsonl":
-            try:
-                texts.append(str(json.loads(line)["text"]))
-            except (ValueError, KeyError, TypeError):
-                raise FormatError(f"{p}:{i}: expected a JSON object with a 'text' field") from None
-            continue
-        head, tab, rest = line.partition("\t")
-        texts.append(rest if tab and head.strip().isdigit() else line)
-    if not texts:
-        raise FormatError(f"corpus {p} has no texts")
-    return texts
-
-
-def split_heldout(texts: Sequence[str], fraction: float = HELDOUT_FRACTION) -> tuple[list[str], list[str]]:
-    """(train, held-out): a text is held out when a hash of it falls in ``fraction`` (stable under
-    reordering and appending). At least one text lands on each side when there are two."""
-    cut = int(fraction * 2**32)
-    train, held = [], []
-    for t in texts:
-        h = int.from_bytes(hashlib.sha256(t.encode("utf-8")).digest()[:4], "little")
-        (held if h < cut else train).append(t)
-    if not held and len(train) > 1:
-        held.append(train.pop())
-    if not train and len(held) > 1:
-        train.append(held.pop())
-    return train, held
 
 
 # ----------------------------------------------------------------------------- one pass
@@ -292,123 +245,73 @@ def align_subject(
 # ----------------------------------------------------------------------------- retrieval evaluation
 
 
-@dataclass(frozen=True)
-class RetrievalRow:
-    """One cell of the retrieval table (DESIGN §8)."""
-
-    subject: str
-    method: str
-    pairing: str
-    layer: int
-    mrr: float
-    mpp: float
-    top1: float
-    top5: float
-    n_queries: int
-    n_pairs: int
-    heldout_r2: float | None
-
-
-def evaluate_maps(
-    stats: PairedStats,
-    queries: dict[int, np.ndarray],
-    targets: np.ndarray,
-    true_index: np.ndarray,
-    methods: Sequence[str],
-    subject: str = "",
-) -> list[RetrievalRow]:
-    """Fit every method on every (pairing, layer) of ``stats`` and rank the mapped ``queries[layer]``
-    (the subject's own concept directions, (n, d_subject)) among ``targets`` (N, d_atlas)."""
-    rows = []
-    for (pairing, layer), train in sorted(stats.train.items()):
-        for method in methods:
-            amap: AlignmentMap = fit_map(train, method, heldout=stats.heldout.get((pairing, layer)))
-            m = retrieval_metrics(amap.map_directions(queries[layer]), targets, true_index)
-            rows.append(RetrievalRow(subject, method, pairing, layer, m.mrr, m.mpp, m.top1, m.top5, m.n,
-                                     amap.n_pairs, amap.metrics.get("heldout_r2")))
-    return rows
-
-
 # ----------------------------------------------------------------------------- ConceptWorld
 
 
-def world_of_store(store: Any, size: str = "tiny", seed: int = 0):
-    """The ConceptWorld of this size and seed, built (or found cached) under the store's models/."""
-    from engine.store import layout
-    from engine.world import build_world
-
-    return build_world(size=size, seed=seed, root=Path(store.path) / layout.MODELS_DIR)
+class CorpusTooSmallError(AtlasError):
+    """Fewer pairs than dimensions: the fit would be underdetermined."""
 
 
-def ensure_world_registered(store: Any, size: str = "tiny", seed: int = 0):
-    """The world, with its models and atlas registered in the store (once)."""
-    from engine.world import register_world
+def fit_map(
+    stats: SufficientStats,
+    method: str = "procrustes",
+    heldout: SufficientStats | None = None,
+    *,
+    sites: MapSites | None = None,
+    pairing: str | None = None,
+    corpus_fingerprint: str | None = None,
+    **params: Any,
+) -> AlignmentMap:
+    """Fit an `AlignmentMap` from training statistics with a registered method.
 
-    world = world_of_store(store, size, seed)
-    try:
-        store.atlas(world.atlas_name)
-    except NotFoundError:
-        register_world(store, world)
-    return world
-
-
-def world_texts(world: Any) -> tuple[list[str], list[str]]:
-    """(training texts, validation texts) for fitting maps on a world.
-
-    Both come from the world's training documents (a tenth held out by hash, for λ and the fit
-    metrics). The world's own held-out documents define the ground-truth concept directions the
-    retrieval evaluation ranks, so no fit ever sees them.
+    ``heldout`` statistics (pairs from texts not in the training set) choose hyper-parameters
+    (ridge's λ) and give the fit metrics: held-out R² both ways and, from their reservoir sample,
+    the mean cosine between mapped and true atlas activations.
     """
-    return split_heldout([t for t, _ in world.train_docs])
+    m = get_method(method)
+    n, d_x, d_y = stats.count, stats.d_x, stats.d_y
+    if n < max(d_x, d_y):
+        raise CorpusTooSmallError(
+            f"only {n} pairs for d_subject={d_x}, d_atlas={d_y}: a fit needs at least as many pairs as "
+            f"dimensions ({max(d_x, d_y)}); use a larger corpus or raise --max-tokens"
+        )
+    if heldout is not None and (heldout.d_x, heldout.d_y, heldout.normalize) != (d_x, d_y, stats.normalize):
+        raise ShapeError("held-out statistics must have the training statistics' dimensions and normalisation")
+    fit: LinearFit = m.fit(stats, heldout, **params)
+    metrics = fit_metrics(fit, stats, heldout)
+    s = sites
+    return AlignmentMap(
+        weight=fit.A, inverse_weight=fit.B, subject_mean=fit.mean_x, atlas_mean=fit.mean_y, method=method,
+        subject_model=s.subject_model if s else "", subject_layer=s.subject_layer if s else -1,
+        subject_hook=s.subject_hook if s else "resid_post", atlas=s.atlas if s else "",
+        atlas_model=s.atlas_model if s else "", atlas_layer=s.atlas_layer if s else -1,
+        atlas_hook=s.atlas_hook if s else "resid_post", pairing=pairing,
+        params=plain_json(fit.params), n_pairs=n, corpus_fingerprint=corpus_fingerprint, metrics=metrics,
+    )
 
 
-SUBJECT_KEYS = {"a": "subject_a", "b": "subject_b"}
+def fit_metrics(fit: LinearFit, train: SufficientStats, heldout: SufficientStats | None) -> dict[str, Any]:
+    """Typical norms of both sites, train R², and held-out R² (both ways) and mean cosines."""
+    out: dict[str, Any] = {
+        "subject_resid_norm": train.mean_norm_x,
+        "atlas_resid_norm": train.mean_norm_y,
+        "train_r2": heldout_r2(fit, train),
+    }
+    if heldout is None or heldout.count == 0:
+        return out
+    out["n_heldout"] = heldout.count
+    out["heldout_r2"] = heldout_r2(fit, heldout)
+    out["heldout_r2_inverse"] = heldout_r2(fit, heldout, inverse=True)
+    X, Y = heldout.sample()
+    if len(X):
+        pred = (X.astype(np.float64) - fit.mean_x) @ fit.A + fit.mean_y  # (k, d_y)
+        out["heldout_cosine"] = _mean_cosine(pred, Y)
+        out["heldout_cosine_centred"] = _mean_cosine(pred - fit.mean_y, Y - fit.mean_y)
+        out["n_cosine_sample"] = int(len(X))
+    return out
 
 
-def evaluate_world_retrieval(
-    store: Any,
-    size: str = "tiny",
-    seed: int = 0,
-    methods: Sequence[str] = ("procrustes", "ridge", "correlation"),
-    layers: Sequence[int] | None = None,
-    pairings: Sequence[str] | None = None,
-    subjects: Sequence[str] | None = None,
-    max_pairs: int | None = None,
-    batch_size: int = 16,
-    quiet: bool = False,
-    world: Any = None,
-) -> list[RetrievalRow]:
-    """Retrieval MRR / MPP / top-k per subject × pairing × layer × method on ConceptWorld.
-
-    Targets are the foundation's concept directions at the atlas layer (the world atlas's
-    vectors); queries are each subject's own concept directions at each of its layers. Subject A
-    shares the foundation's tokenizer (``token`` pairing by default); subject B does not
-    (``span`` and ``text``).
-    """
-    from engine.models.loading import load_model
-
-    world = world or world_of_store(store, size, seed)
-    atlas_layer = world.foundation.atlas_layer
-    foundation = load_model(world.foundation.path)
-    targets = np.asarray(world.concept_directions("foundation", atlas_layer))  # (K, d_f)
-    true_index = np.arange(targets.shape[0])
-    train, val = world_texts(world)
-    rows: list[RetrievalRow] = []
-    for s in subjects or ("a", "b"):
-        key = SUBJECT_KEYS.get(s.lower().removeprefix("subject_"))
-        if key is None:
-            raise NotFoundError(f"unknown world subject {s!r}; use a or b")
-        spec = world.model(key)
-        sub = load_model(spec.path)
-        same_tok = tokenizer_fingerprint(sub[1]) == tokenizer_fingerprint(foundation[1])
-        ps = list(pairings or (("token",) if same_tok else ("span", "text")))
-        if not same_tok and "token" in ps:
-            ps.remove("token")  # impossible across tokenizers; the table says so by its absence
-        if not ps:
-            continue
-        ls = [resolve_layer(sub[0], L) for L in (layers if layers is not None else range(spec.n_layers))]
-        stats = accumulate_pairs(sub, foundation, train, val, ls, atlas_layer, ps, max_pairs=max_pairs,
-                                 batch_size=batch_size, quiet=quiet)
-        queries = {L: np.asarray(world.concept_directions(key, L)) for L in ls}
-        rows += evaluate_maps(stats, queries, targets, true_index, methods, subject=spec.name)
-    return rows
+def _mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    num = np.sum(a * b, axis=1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return float(np.mean(num / np.maximum(den, 1e-30)))

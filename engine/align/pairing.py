@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from engine.errors import AtlasError, ShapeError, SiteMismatchError
-from engine.models.loading import resolve_layer, tokenizer_fingerprint
+from engine.models.hooks import resolve_layer
+from engine.models.loading import tokenizer_fingerprint
 
 if TYPE_CHECKING:
     from engine.models.activations import TokenBatch

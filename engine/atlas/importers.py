@@ -8,18 +8,15 @@ between labels and vectors raises `ShapeError`. `import_atlas` then hands the da
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import gzip
-import io
 import json
 import re
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from engine.errors import FormatError, ShapeError
+from engine.atlas.labels import read_labels
+from engine.errors import FormatError
 
 SAELENS_CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
@@ -53,31 +50,9 @@ class SAEWeights:
         }
 
 
-@dataclasses.dataclass
-class LabelTable:
-    """Labels by feature index; indices without a row stay unlabelled."""
-
-    labels: dict[int, str]
-    descriptions: dict[int, str]
-    source: str
-
-    def for_n(self, n: int) -> tuple[list[str | None], list[str | None]]:
-        bad = [i for i in self.labels if not 0 <= i < n]
-        if bad:
-            raise ShapeError(
-                f"{self.source} labels feature index {max(bad)} but the atlas has {n} vectors "
-                f"(indices 0..{n - 1}): labels and vectors do not match"
-            )
-        return [self.labels.get(i) for i in range(n)], [self.descriptions.get(i) for i in range(n)]
-
-
-def _fmt(path: Path, what: str) -> FormatError:
-    return FormatError(f"{path}: {what}")
-
-
 def _check_2d(name: str, path: Path, x: np.ndarray) -> np.ndarray:
     if x.ndim != 2 or 0 in x.shape:
-        raise _fmt(path, f"{name} must be a non-empty 2-D matrix, got shape {x.shape}")
+        raise FormatError.at(path, f"{name} must be a non-empty 2-D matrix, got shape {x.shape}")
     return x
 
 
@@ -99,20 +74,20 @@ def read_saelens(folder: str | Path) -> SAEWeights:
     try:
         cfg = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise _fmt(cfg_path, f"not valid JSON ({e})") from None
+        raise FormatError.at(cfg_path, f"not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
-        raise _fmt(cfg_path, "must hold a JSON object")
+        raise FormatError.at(cfg_path, "must hold a JSON object")
     try:
         t = load_file(str(w_path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise _fmt(w_path, f"not a readable safetensors file ({e})") from None
+        raise FormatError.at(w_path, f"not a readable safetensors file ({e})") from None
     if "W_dec" not in t:
-        raise _fmt(w_path, f"has no W_dec tensor (found: {', '.join(sorted(t)) or 'none'})")
+        raise FormatError.at(w_path, f"has no W_dec tensor (found: {', '.join(sorted(t)) or 'none'})")
     meta = {**cfg, **(cfg.get("metadata") or {})}  # SAELens >= 6 nests provenance in "metadata"
     w_dec = _check_2d("W_dec", w_path, t["W_dec"].astype(np.float32))
     d_sae, d_in = w_dec.shape
     if meta.get("d_in") not in (None, d_in) or meta.get("d_sae") not in (None, d_sae):
-        raise _fmt(folder, f"cfg.json says d_in={meta.get('d_in')}, d_sae={meta.get('d_sae')}; W_dec is {w_dec.shape}")
+        raise FormatError.at(folder, f"cfg.json says d_in={meta.get('d_in')}, d_sae={meta.get('d_sae')}; W_dec is {w_dec.shape}")
     hook_name = str(meta.get("hook_name") or "")
     m = _HOOK_RE.search(hook_name)
     layer = meta.get("hook_layer", int(m.group(1)) if m else None)
@@ -123,7 +98,7 @@ def read_saelens(folder: str | Path) -> SAEWeights:
             density = np.power(10.0, sp["sparsity"].astype(np.float64))  # stored as log10 density
     w_enc = t.get("W_enc")
     if w_enc is not None and w_enc.shape != (d_in, d_sae):
-        raise _fmt(w_path, f"W_enc has shape {w_enc.shape}, expected (d_in, d_sae) = {(d_in, d_sae)}")
+        raise FormatError.at(w_path, f"W_enc has shape {w_enc.shape}, expected (d_in, d_sae) = {(d_in, d_sae)}")
     return SAEWeights(
         W_dec=w_dec, W_enc=w_enc, b_enc=t.get("b_enc"), b_dec=t.get("b_dec"), threshold=t.get("threshold"),
         density=density, model=meta.get("model_name"), layer=None if layer is None else int(layer),
@@ -142,9 +117,9 @@ def read_gemmascope(path: str | Path) -> SAEWeights:
         with np.load(path) as z:
             t = {k: z[k] for k in z.files}
     except (OSError, ValueError, EOFError) as e:
-        raise _fmt(path, f"not a readable .npz file ({e})") from None
+        raise FormatError.at(path, f"not a readable .npz file ({e})") from None
     if "w_dec" not in t:
-        raise _fmt(path, f"has no w_dec array (found: {', '.join(sorted(t)) or 'none'})")
+        raise FormatError.at(path, f"has no w_dec array (found: {', '.join(sorted(t)) or 'none'})")
     w_dec = _check_2d("w_dec", path, t["w_dec"].astype(np.float32))
     # Gemma Scope folders are named like layer_12/width_16k/average_l0_71/params.npz
     m = re.search(r"layer_(\d+)", str(path))
@@ -163,7 +138,7 @@ def read_matrix(path: str | Path, key: str | None = None) -> SAEWeights:
         try:
             x = np.load(path, allow_pickle=False)
         except (OSError, ValueError, EOFError) as e:
-            raise _fmt(path, f"not a readable .npy file ({e})") from None
+            raise FormatError.at(path, f"not a readable .npy file ({e})") from None
     elif path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
@@ -171,17 +146,17 @@ def read_matrix(path: str | Path, key: str | None = None) -> SAEWeights:
         try:
             t = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
-            raise _fmt(path, f"not a readable safetensors file ({e})") from None
+            raise FormatError.at(path, f"not a readable safetensors file ({e})") from None
         if key is None:
             two_d = [k for k, v in t.items() if v.ndim == 2]
             if len(two_d) != 1:
-                raise _fmt(path, f"holds {len(two_d)} matrices ({', '.join(two_d)}); name one with --key")
+                raise FormatError.at(path, f"holds {len(two_d)} matrices ({', '.join(two_d)}); name one with --key")
             key = two_d[0]
         if key not in t:
-            raise _fmt(path, f"has no tensor {key!r} (found: {', '.join(sorted(t))})")
+            raise FormatError.at(path, f"has no tensor {key!r} (found: {', '.join(sorted(t))})")
         x = t[key]
     else:
-        raise _fmt(path, "unknown matrix format; use .npy or .safetensors")
+        raise FormatError.at(path, "unknown matrix format; use .npy or .safetensors")
     return SAEWeights(W_dec=_check_2d("the matrix", path, np.asarray(x, dtype=np.float32)), source_kind="matrix")
 
 
@@ -200,72 +175,6 @@ def read_directions(source: str | Path) -> SAEWeights:
 
 
 # ---------------------------------------------------------------------- labels
-
-
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8", newline="")
-
-
-def _index_of(value: Any, path: Path, where: str) -> int:
-    try:
-        return int(str(value).strip())
-    except (TypeError, ValueError):
-        raise _fmt(path, f"{where}: index {value!r} is not an integer") from None
-
-
-def read_labels(path: str | Path) -> LabelTable:
-    """Labels from CSV (``index,label,description``), JSONL, or a Neuronpedia export (JSONL[.gz]).
-
-    Neuronpedia rows carry ``index`` and ``description`` (the explanation); the description is the
-    label. Where a feature has several explanations, the first is kept.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FormatError(f"{path}: no such label file")
-    labels: dict[int, str] = {}
-    descriptions: dict[int, str] = {}
-    name = path.name.lower()
-    try:
-        with _open_text(path) as f:
-            if name.endswith((".csv", ".csv.gz")):
-                reader = csv.DictReader(f)
-                if not reader.fieldnames or "index" not in reader.fieldnames:
-                    raise _fmt(path, "a label CSV needs a header with index,label[,description]")
-                if "label" not in reader.fieldnames and "description" not in reader.fieldnames:
-                    raise _fmt(path, "a label CSV needs a label or description column")
-                for lineno, row in enumerate(reader, start=2):
-                    _add_label(labels, descriptions, _index_of(row.get("index"), path, f"line {lineno}"),
-                               row.get("label"), row.get("description"))
-            elif name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")):
-                for lineno, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise _fmt(path, f"line {lineno}: not valid JSON ({e.msg})") from None
-                    if not isinstance(row, dict) or "index" not in row:
-                        raise _fmt(path, f"line {lineno}: each row needs an 'index' (and 'label' or 'description')")
-                    _add_label(labels, descriptions, _index_of(row["index"], path, f"line {lineno}"),
-                               row.get("label"), row.get("description") or row.get("explanation"))
-            else:
-                raise _fmt(path, "unknown label format; use .csv, .jsonl or .jsonl.gz")
-    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, OSError) as e:
-        raise _fmt(path, f"cannot be read ({e})") from None
-    return LabelTable(labels, descriptions, str(path))
-
-
-def _add_label(labels: dict[int, str], descriptions: dict[int, str], i: int, label: Any, description: Any) -> None:
-    if i in labels:  # keep the first explanation of a feature
-        return
-    label = (str(label).strip() if label else "") or (str(description).strip() if description else "")
-    if not label:
-        return
-    labels[i] = label
-    if description:
-        descriptions[i] = str(description).strip()
 
 
 # ---------------------------------------------------------------------- import

@@ -20,7 +20,8 @@ import indexes
 from engine.errors import AtlasError, IndexIntegrityError
 from engine.store import layout
 from engine.store.schema import AtlasRow
-from engine.store.store import Store, sha256_bytes
+from engine.store.store import Store
+from engine.util import sha256_bytes
 
 # A word in more than this share of concepts (and at least COMMON_MIN_DOCS) is "common".
 COMMON_FRACTION = 0.05

@@ -99,7 +99,8 @@ def align(subject, layer, atlas_name, corpus, use_world, size, seed, method, pai
     accumulated in one streaming pass and the map is fitted from their statistics. Held-out texts
     give the fit metrics (R² both ways, mean cosine) and choose ridge's λ.
     """
-    from engine.align.fit import align_subject, read_corpus
+    from engine.align.corpus import read_corpus
+    from engine.align.fit import align_subject
 
     if bool(corpus) == bool(use_world):
         raise click.UsageError("give exactly one of --corpus FILE or --world")
@@ -109,7 +110,7 @@ def align(subject, layer, atlas_name, corpus, use_world, size, seed, method, pai
     quiet_transformers()
     store = open_store(store_dir, db_url)
     if use_world:
-        from engine.align.fit import ensure_world_registered, world_texts
+        from engine.world.eval.retrieval import ensure_world_registered, world_texts
 
         world = ensure_world_registered(store, size, seed)
         texts, heldout = world_texts(world)
@@ -216,7 +217,7 @@ def eval_retrieval(use_world, size, seed, methods, layers, pairings, subjects, m
     concepts by cosine (ties count against). MRR = mean 1/rank; MPP = mean (rank-1)/(N-1), 0 is
     perfect and 0.5 chance; top-1/top-5 = share ranked first / in the first five.
     """
-    from engine.align.fit import evaluate_world_retrieval
+    from engine.world.eval.retrieval import evaluate_world_retrieval
 
     methods = methods or list(METHOD_NAMES)
     _check_methods(methods)

@@ -6,7 +6,6 @@ formats it here as a table (on a terminal) or JSON (``--json``).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import click
+
+from engine.util import to_plain
 
 DEFAULT_STORE = "./atlas-store"
 
@@ -50,25 +51,6 @@ def open_store(store_dir: Path, db_url: str | None):
     from engine.store.store import Store
 
     return Store.open(store_dir, db_url=db_url)
-
-
-def to_plain(obj: Any) -> Any:
-    """Dataclasses, paths and numpy scalars → JSON-serialisable values."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {k: to_plain(v) for k, v in dataclasses.asdict(obj).items()}
-    if isinstance(obj, dict):
-        return {str(k): to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_plain(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
-        return obj.item()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if hasattr(obj, "isoformat"):
-        return obj.isoformat()
-    return obj
 
 
 def print_json(obj: Any) -> None:

@@ -30,7 +30,8 @@ def demo(size: str, seed: int, out: Path, store_dir: Path, db_url: str | None, a
     concept directions, runs text lookups, and steers subject A toward three concepts beside its
     unsteered text. Prints a short summary; writes report.md, report.json and PNG figures to --out.
     """
-    from engine.demo.run import format_summary, result_json, run_demo
+    from engine.demo.report import format_summary, result_json
+    from engine.demo.run import run_demo
 
     quiet_transformers()
 

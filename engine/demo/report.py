@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from engine.util import to_plain
 
 FIG_RETRIEVAL = "retrieval_mrr.png"
 FIG_STEERING = "steering_faithfulness.png"
@@ -22,8 +26,6 @@ METRIC_DEFINITIONS = {
 
 def write_report(result: Any, out: Path) -> list[str]:
     """Write every file of the report into ``out``; returns their paths."""
-    from engine.demo.run import result_json
-
     files = [_fig_retrieval(result, out / FIG_RETRIEVAL), _fig_steering(result, out / FIG_STEERING)]
     (out / "report.json").write_text(result_json(result) + "\n", encoding="utf-8")
     (out / "report.md").write_text(render_markdown(result), encoding="utf-8")
@@ -186,3 +188,26 @@ def render_markdown(result: Any) -> str:
     lines += ["## Definitions", "", *[f"- **{k}**: {v}" for k, v in METRIC_DEFINITIONS.items()], "",
               "## Timings (s)", "", *_table([result.timings], list(result.timings)), ""]
     return "\n".join(lines)
+
+
+def result_json(result: Any) -> str:
+    return json.dumps(to_plain(result), indent=2, ensure_ascii=False)
+
+
+def format_summary(result: Any) -> Sequence[str]:
+    """The short summary the CLI prints."""
+    h = result.headline()
+
+    def f(v: Any) -> str:
+        return "n/a" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    return [
+        f"ConceptWorld {result.size} (seed {result.seed}): {result.world['n_concepts']} concepts, atlas {result.world['atlas']}",
+        f"retrieval MRR, subject A (Procrustes, token pairing, best layer): {f(h['retrieval_mrr_subject_a_procrustes'])}",
+        f"retrieval MRR, subject B (Procrustes, span pairing across tokenizers): {f(h['retrieval_mrr_subject_b_procrustes_span'])}",
+        f"labelling top-1, subject A native directions (Procrustes, best layer): {f(h['labelling_top1_subject_a_procrustes'])}",
+        f"steering faithfulness (neutral prompts): transferred {f(h['steering_transferred_faithfulness'])}, "
+        f"native {f(h['steering_native_faithfulness'])}, unsteered {f(h['steering_unsteered_faithfulness'])} "
+        f"(layer {f(h['steering_layer'])}, strength {f(h['steering_strength'])} x norm)",
+        f"report: {Path(result.out) / 'report.md'}  ({sum(result.timings.values()):.0f} s)",
+    ]

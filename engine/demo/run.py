@@ -12,13 +12,12 @@ piece. The demo writes ``report.md`` and PNG figures to ``out``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from engine.store.store import Store
+from engine.util import to_plain
 
 DEMO_LOOKUPS = 3  # text lookups shown
 DEMO_STEER_CONCEPTS = 3  # concepts subject A is steered toward, side by side with unsteered text
@@ -64,17 +63,11 @@ class DemoResult:
         }
 
 
-def _plain(obj: Any) -> Any:
-    from engine.cli.common import to_plain
-
-    return to_plain(obj)
-
-
 def run_demo(store_dir: str | Path, size: str = "small", seed: int = 0, out: str | Path = "demo-out",
              quiet: bool = False) -> DemoResult:
     """Run the mission on ConceptWorld into the store at ``store_dir``; write the report to ``out``."""
-    from engine.align.fit import ensure_world_registered, evaluate_world_retrieval
     from engine.world.eval.labelling import evaluate_world_labelling
+    from engine.world.eval.retrieval import ensure_world_registered, evaluate_world_retrieval
     from engine.world.eval.steering import evaluate_world_steering, world_maps
 
     out = Path(out)
@@ -99,7 +92,7 @@ def run_demo(store_dir: str | Path, size: str = "small", seed: int = 0, out: str
 
     result = DemoResult(
         size=size, seed=seed, store=str(store_dir), out=str(out), world=_world_summary(world),
-        retrieval=_plain(retrieval), labelling=_plain(labelling), lookups=lookups,
+        retrieval=to_plain(retrieval), labelling=to_plain(labelling), lookups=lookups,
         steering=_steering_summary(steering), examples=examples, timings=timings, files=[],
     )
     from engine.demo.report import write_report
@@ -141,14 +134,14 @@ def _lookups(store: Store, world: Any) -> list[dict[str, Any]]:
 
 
 def _steering_summary(report: Any) -> dict[str, Any]:
-    rows = _plain(report.rows)
+    rows = to_plain(report.rows)
 
     def chosen_row(kind: str, prompts: str = "neutral") -> dict[str, Any] | None:
         return next((r for r in rows if r["direction"] == kind and r["prompts"] == prompts
                      and (r["chosen"] or kind == "unsteered")), None)
 
-    summary: dict[str, Any] = {"chosen": _plain(report.chosen), "rows": rows, "summary": list(report.summary),
-                               "settings": _plain(report.settings)}
+    summary: dict[str, Any] = {"chosen": to_plain(report.chosen), "rows": rows, "summary": list(report.summary),
+                               "settings": to_plain(report.settings)}
     for kind in ("unsteered", "transferred", "native"):
         r = chosen_row(kind)
         summary[f"{kind}_faithfulness"] = r["faithfulness"] if r else None
@@ -182,24 +175,3 @@ def _label_of(world: Any, text: str) -> str | None:
     return None if k is None else world.concepts[k].label
 
 
-def result_json(result: DemoResult) -> str:
-    return json.dumps(_plain(result), indent=2, ensure_ascii=False)
-
-
-def format_summary(result: DemoResult) -> Sequence[str]:
-    """The short summary the CLI prints."""
-    h = result.headline()
-
-    def f(v: Any) -> str:
-        return "n/a" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    return [
-        f"ConceptWorld {result.size} (seed {result.seed}): {result.world['n_concepts']} concepts, atlas {result.world['atlas']}",
-        f"retrieval MRR, subject A (Procrustes, token pairing, best layer): {f(h['retrieval_mrr_subject_a_procrustes'])}",
-        f"retrieval MRR, subject B (Procrustes, span pairing across tokenizers): {f(h['retrieval_mrr_subject_b_procrustes_span'])}",
-        f"labelling top-1, subject A native directions (Procrustes, best layer): {f(h['labelling_top1_subject_a_procrustes'])}",
-        f"steering faithfulness (neutral prompts): transferred {f(h['steering_transferred_faithfulness'])}, "
-        f"native {f(h['steering_native_faithfulness'])}, unsteered {f(h['steering_unsteered_faithfulness'])} "
-        f"(layer {f(h['steering_layer'])}, strength {f(h['steering_strength'])} x norm)",
-        f"report: {Path(result.out) / 'report.md'}  ({sum(result.timings.values()):.0f} s)",
-    ]

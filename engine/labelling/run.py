@@ -32,6 +32,7 @@ from engine.progress import progress
 from engine.search import project
 from engine.store.schema import AlignmentMapRow, AtlasRow, ConceptRow, FeatureLabelRow, LabelRunRow
 from engine.store.store import Store
+from engine.util import utcnow
 
 DEFAULT_K = 5
 DEFAULT_BATCH = 4096  # features per transaction: a few seconds of search on a 100k atlas
@@ -71,10 +72,6 @@ class LabellingRun:
 
 
 # ---------------------------------------------------------------------- runs
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
 
 def _run_query():
@@ -322,7 +319,7 @@ def _commit_batch(store: Store, run_id: int, lo: int, hi: int, ids: np.ndarray, 
         res = conn.execute(
             update(LabelRunRow.__table__)
             .where(LabelRunRow.id == run_id, LabelRunRow.n_done == lo)
-            .values(n_done=hi, status="done" if hi >= n else "running", updated_at=_now())
+            .values(n_done=hi, status="done" if hi >= n else "running", updated_at=utcnow())
         )
         if res.rowcount != 1:
             raise RunConflictError(f"another process advanced this labelling run past feature {lo}; stopped")
@@ -350,4 +347,4 @@ def _insert_sql(paramstyle: str) -> str:
 def _set_status(store: Store, run_id: int, status: str, **fields: Any) -> None:
     with store.engine.begin() as conn:
         conn.execute(update(LabelRunRow.__table__).where(LabelRunRow.id == run_id)
-                     .values(status=status, updated_at=_now(), **fields))
+                     .values(status=status, updated_at=utcnow(), **fields))

@@ -18,112 +18,19 @@ import contextlib
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
-from engine.errors import ShapeError
-from engine.models.loading import (
-    as_dtype,
-    model_fingerprint,
-    resolve_blocks,
-    resolve_layer,
-    tokenizer_fingerprint,
-)
+from engine.models.hooks import forward_to_layers, read_residuals, resolve_layer
+from engine.models.loading import as_dtype, model_fingerprint, tokenizer_fingerprint
 from engine.progress import progress
-
-Site = Literal["resid_post", "resid_pre"]
-SITES: tuple[str, ...] = ("resid_post", "resid_pre")
-
-
-class _StopForward(Exception):
-    """Raised by the last needed hook to skip the rest of the forward pass."""
-
+from engine.util import corpus_fingerprint, write_atomic
 
 # ----------------------------------------------------------------------------- hooks
-
-
-@dataclass
-class ResidualCapture:
-    """What `read_residuals` fills: ``acts[layer]`` is the last forward's residual ``(B, T, d)``."""
-
-    layers: tuple[int, ...]
-    site: str
-    acts: dict[int, torch.Tensor] = field(default_factory=dict)
-
-    def clear(self) -> None:
-        self.acts.clear()
-
-
-def _hidden_of_output(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-def _hidden_of_input(args: tuple, kwargs: dict) -> torch.Tensor:
-    if args:
-        return args[0]
-    if "hidden_states" in kwargs:
-        return kwargs["hidden_states"]
-    raise ShapeError("cannot find the hidden states among the block's inputs")
-
-
-@contextlib.contextmanager
-def read_residuals(
-    model: torch.nn.Module,
-    layers: Sequence[int],
-    site: str = "resid_post",
-    *,
-    layer_module: str | None = None,
-    prepend: bool = True,
-    stop_after_last: bool = False,
-) -> Iterator[ResidualCapture]:
-    """Install hooks that read the residual stream at ``site`` of ``layers``; removed on exit.
-
-    ``prepend=True`` puts the reader before hooks already on the block (the library's own and
-    any edit registered earlier), so it reads the stream as the block produced it; pass
-    ``prepend=False`` to read after edits that were installed before this reader. With
-    ``stop_after_last`` the deepest hook ends the forward pass (use `forward_to_layers`): the
-    later blocks and the LM head are never run.
-    """
-    if site not in SITES:
-        raise ValueError(f"site must be one of {SITES}, got {site!r}")
-    blocks = resolve_blocks(model, layer_module)
-    idx = sorted({resolve_layer(model, layer, layer_module) for layer in layers})
-    capture = ResidualCapture(tuple(idx), site)
-    last = idx[-1]
-    handles: list[torch.utils.hooks.RemovableHandle] = []
-
-    def make_post(layer: int):
-        def hook(_module, _args, output):
-            capture.acts[layer] = _hidden_of_output(output).detach()
-            if stop_after_last and layer == last:
-                raise _StopForward
-
-        return hook
-
-    def make_pre(layer: int):
-        def hook(_module, args, kwargs):
-            capture.acts[layer] = _hidden_of_input(args, kwargs).detach()
-            if stop_after_last and layer == last:
-                raise _StopForward
-
-        return hook
-
-    try:
-        for layer in idx:
-            if site == "resid_post":
-                handles.append(blocks[layer].register_forward_hook(make_post(layer), prepend=prepend))
-            else:
-                handles.append(
-                    blocks[layer].register_forward_pre_hook(make_pre(layer), prepend=prepend, with_kwargs=True)
-                )
-        yield capture
-    finally:
-        for h in handles:
-            h.remove()  # idempotent
 
 
 @contextlib.contextmanager
@@ -148,21 +55,6 @@ def auto_threads(*models: torch.nn.Module, small_width: int = 256) -> int | None
     from engine.models.loading import d_model_of
 
     return 1 if all(d_model_of(m) <= small_width for m in models) else None
-
-
-def forward_to_layers(model: torch.nn.Module, **inputs: torch.Tensor) -> None:
-    """Run a forward pass that may be cut short by a reader with ``stop_after_last``."""
-    try:
-        with torch.inference_mode():
-            model(**inputs, use_cache=False) if _takes_use_cache(model) else model(**inputs)
-    except _StopForward:
-        pass
-
-
-def _takes_use_cache(model: torch.nn.Module) -> bool:
-    return hasattr(getattr(model, "config", None), "use_cache") and not getattr(
-        getattr(model, "config", None), "is_encoder_decoder", False
-    )
 
 
 # ----------------------------------------------------------------------------- collection
@@ -222,16 +114,6 @@ def _cache_key(model, tokenizer, texts, layers, site, dtype, batch_size, max_len
     h.update(tokenizer_fingerprint(tokenizer).encode())
     h.update(corpus_fingerprint(texts).encode())
     h.update(json.dumps([list(layers), site, str(dtype), batch_size, max_length, max_tokens]).encode())
-    return h.hexdigest()
-
-
-def corpus_fingerprint(texts: Sequence[str]) -> str:
-    """sha256 of the texts in order (records which corpus a map was fitted on)."""
-    h = hashlib.sha256()
-    for t in texts:
-        b = t.encode("utf-8")
-        h.update(len(b).to_bytes(8, "little"))
-        h.update(b)
     return h.hexdigest()
 
 
@@ -358,8 +240,6 @@ class _ShardCache:
         self.n += 1
 
     def mark_done(self) -> None:
-        from indexes.base import write_atomic
-
         write_atomic(self.root / "manifest.json", json.dumps({"key": self.key, "n_shards": self.n}).encode())
 
     def read(self) -> Iterator[TokenBatch]:
@@ -374,26 +254,3 @@ class _ShardCache:
                 texts=(lo, hi), text_index=d["text_index"].numpy(), position=d["position"].numpy(),
                 token_id=d["token_id"].numpy(), offsets=d["offsets"].numpy(), acts=acts,
             )
-
-
-# Pairing lives in engine.align.pairing (it only needs the records above); re-exported here because
-# callers think of "collect and pair" as one thing.
-from engine.align.pairing import (  # noqa: E402
-    PAIRINGS,
-    SPAN_POOLS,
-    TEXT_POOLS,
-    PairChunk,
-    check_pairing,
-    default_pool,
-    iter_batch_pairs,
-    iter_pairs,
-    pair_batches,
-    token_words,
-    word_spans,
-)
-
-__all__ = [
-    "PAIRINGS", "SITES", "SPAN_POOLS", "TEXT_POOLS", "PairChunk", "ResidualCapture", "TokenBatch",
-    "auto_threads", "check_pairing", "collect", "corpus_fingerprint", "default_max_length", "default_pool", "forward_to_layers",
-    "iter_batch_pairs", "iter_pairs", "pair_batches", "read_residuals", "token_words", "torch_threads", "word_spans",
-]

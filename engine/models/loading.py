@@ -21,27 +21,11 @@ from typing import Any, Literal
 import torch
 
 from engine.errors import ArchitectureError, NotFoundError
+from engine.models.hooks import resolve_blocks
 
 ModelKind = Literal["causal", "encoder"]
 MODEL_KINDS: tuple[str, ...] = ("causal", "encoder")
 
-# Attribute paths of the block list, tried in order. Covers GPT-2 / GPT-J (transformer.h),
-# GPT-NeoX (gpt_neox.layers), Llama / Mistral / Qwen2 / Gemma / Gemma2 / Phi (model.layers),
-# BERT-style encoders (encoder.layer, bert.encoder.layer, ...).
-BLOCK_PATHS: tuple[str, ...] = (
-    "transformer.h",
-    "gpt_neox.layers",
-    "model.layers",
-    "model.decoder.layers",
-    "model.language_model.layers",
-    "layers",
-    "encoder.layer",
-    "bert.encoder.layer",
-    "roberta.encoder.layer",
-    "transformer.layer",
-    "distilbert.transformer.layer",
-    "h",
-)
 
 # Config attributes that hold the residual width, by family (hidden_size: most; n_embd: GPT-2;
 # d_model: T5/BART-style; dim: DistilBERT).
@@ -56,45 +40,6 @@ _DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
     "float64": torch.float64,
 }
-
-
-def _get_attr_path(obj: object, path: str) -> object | None:
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
-def resolve_blocks(model: torch.nn.Module, layer_module: str | None = None) -> torch.nn.ModuleList:
-    """Return the model's list of transformer blocks.
-
-    ``layer_module`` names the attribute path by hand (e.g. ``"model.layers"``) for an
-    architecture the resolver does not know.
-    """
-    paths = (layer_module,) if layer_module else BLOCK_PATHS
-    for path in paths:
-        blocks = _get_attr_path(model, path)
-        if isinstance(blocks, torch.nn.ModuleList) and len(blocks) > 0:
-            return blocks
-    arch = type(model).__name__
-    if layer_module:
-        found = [n for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
-        hint = f"; ModuleLists in this model: {', '.join(found[:6])}" if found else ""
-        raise ArchitectureError(f"{arch} has no ModuleList of blocks at {layer_module!r}{hint}")
-    raise ArchitectureError(
-        f"cannot find the transformer blocks of {arch}; name the block list by hand with "
-        "--layer-module (e.g. --layer-module model.layers)"
-    )
-
-
-def resolve_layer(model: torch.nn.Module, layer: int, layer_module: str | None = None) -> int:
-    """Normalise a layer index (negative counts from the end) and check it is in range."""
-    n = len(resolve_blocks(model, layer_module))
-    idx = layer + n if layer < 0 else layer
-    if not 0 <= idx < n:
-        raise ArchitectureError(f"layer {layer} is out of range for {type(model).__name__} with {n} layers (0..{n - 1})")
-    return idx
 
 
 def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

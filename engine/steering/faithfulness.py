@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from engine.errors import ShapeError
-from engine.steering.edits import SteeringEdit, continuation_nll, generate, special_token_ids
+from engine.steering.edits import SteeringEdit
+from engine.steering.generate import continuation_nll, generate, special_token_ids
 
 Scorer = Callable[[str], "int | None"]  # text -> index of its plurality concept (None: no strict plurality)
 

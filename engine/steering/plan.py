@@ -208,7 +208,7 @@ def layer_maps(store: Any, map_name: str, layers: Sequence[int] | None) -> dict[
 def _concept_vector(store: Any, vectors: np.ndarray, ref: str, combine: int) -> tuple[np.ndarray, list[str]]:
     """Unit atlas direction of ``ref`` (a row of ``vectors``), or the mean with its ``combine``
     nearest neighbours."""
-    from engine.store.store import unit_rows
+    from engine.util import unit_rows
 
     ordinal = int(ref.rsplit("/", 1)[1])
     neighbours = store.neighbors(ref, k=combine) if combine else []
@@ -291,7 +291,8 @@ def load_subject(store: Any, model_name: str) -> tuple[Any, Any]:
 
 def check_subject(resolved: ResolvedPlan, model: Any, model_name: str | None = None) -> None:
     """Raise `SiteMismatchError` when ``model`` is not the subject the plan's maps were fitted on."""
-    from engine.models.loading import d_model_of, resolve_layer
+    from engine.models.hooks import resolve_layer
+    from engine.models.loading import d_model_of
 
     d = d_model_of(model)
     for layer, amap in resolved.alignment.items():
@@ -307,7 +308,7 @@ def run_plan(store: Any, plan: SteeringPlan, prompts: Sequence[str], *, model: A
     passed in is checked against the maps' subject site (``model_name`` as the store names it,
     when known, and always its residual width).
     """
-    from engine.steering.edits import generate_pair, perplexity, special_token_ids
+    from engine.steering.generate import generate_pair, perplexity, special_token_ids
 
     resolved = resolve_plan(store, plan, native)
     if model is None:

@@ -1,12 +1,10 @@
-"""Alignment maps: fit from sufficient statistics, store with provenance, load, list.
+"""Stored alignment maps: the ``alignment_maps`` rows and the ``maps/`` files.
 
-The pieces live in three modules re-exported here: `engine.align.stats` (`SufficientStats`, the
-one-pass float64 accumulator), `engine.align.methods` (the method registry: ``procrustes``,
-``ridge``, ``correlation``) and `engine.align.map` (`AlignmentMap`, applied both ways).
-
-Maps are stored as ``maps/<name>.safetensors`` (written to a temporary file, renamed atomically,
-checksum in the ``alignment_maps`` row, committed last), with the provenance also in the file's
-metadata so a map file describes itself.
+A map is stored as ``maps/<name>.safetensors`` (written to a temporary file, renamed atomically)
+and committed to the database last, with its checksum, so a crash leaves the old map or the new
+one. The provenance is also in the file's metadata, so a map file describes itself. The map
+itself (`engine.align.map.AlignmentMap`) and how it is fitted (`engine.align.fit`) live in
+``engine.align``.
 """
 
 from __future__ import annotations
@@ -18,99 +16,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from engine.align.map import AlignmentMap, MapSites, plain_json
-from engine.align.methods import METHODS, LinearFit, get_method, heldout_r2, register_method
-from engine.align.stats import SufficientStats
-from engine.errors import (
-    AtlasError,
-    DuplicateError,
-    FormatError,
-    NotFoundError,
-    ShapeError,
-    SiteMismatchError,
-)
-
-__all__ = [
-    "METHODS", "AlignmentMap", "CorpusTooSmallError", "MapInfo", "MapSites", "SufficientStats", "fit_map",
-    "fit_metrics", "list_maps", "load_map", "map_info", "register_method", "remove_map", "save_map",
-]
-
-
-class CorpusTooSmallError(AtlasError):
-    """Fewer pairs than dimensions: the fit would be underdetermined."""
-
-
-# ----------------------------------------------------------------------------- fitting
-
-
-def fit_map(
-    stats: SufficientStats,
-    method: str = "procrustes",
-    heldout: SufficientStats | None = None,
-    *,
-    sites: MapSites | None = None,
-    pairing: str | None = None,
-    corpus_fingerprint: str | None = None,
-    **params: Any,
-) -> AlignmentMap:
-    """Fit an `AlignmentMap` from training statistics with a registered method.
-
-    ``heldout`` statistics (pairs from texts not in the training set) choose hyper-parameters
-    (ridge's λ) and give the fit metrics: held-out R² both ways and, from their reservoir sample,
-    the mean cosine between mapped and true atlas activations.
-    """
-    m = get_method(method)
-    n, d_x, d_y = stats.count, stats.d_x, stats.d_y
-    if n < max(d_x, d_y):
-        raise CorpusTooSmallError(
-            f"only {n} pairs for d_subject={d_x}, d_atlas={d_y}: a fit needs at least as many pairs as "
-            f"dimensions ({max(d_x, d_y)}); use a larger corpus or raise --max-tokens"
-        )
-    if heldout is not None and (heldout.d_x, heldout.d_y, heldout.normalize) != (d_x, d_y, stats.normalize):
-        raise ShapeError("held-out statistics must have the training statistics' dimensions and normalisation")
-    fit: LinearFit = m.fit(stats, heldout, **params)
-    metrics = fit_metrics(fit, stats, heldout)
-    s = sites
-    return AlignmentMap(
-        weight=fit.A, inverse_weight=fit.B, subject_mean=fit.mean_x, atlas_mean=fit.mean_y, method=method,
-        subject_model=s.subject_model if s else "", subject_layer=s.subject_layer if s else -1,
-        subject_hook=s.subject_hook if s else "resid_post", atlas=s.atlas if s else "",
-        atlas_model=s.atlas_model if s else "", atlas_layer=s.atlas_layer if s else -1,
-        atlas_hook=s.atlas_hook if s else "resid_post", pairing=pairing,
-        params=plain_json(fit.params), n_pairs=n, corpus_fingerprint=corpus_fingerprint, metrics=metrics,
-    )
-
-
-def fit_metrics(fit: LinearFit, train: SufficientStats, heldout: SufficientStats | None) -> dict[str, Any]:
-    """Typical norms of both sites, train R², and held-out R² (both ways) and mean cosines."""
-    out: dict[str, Any] = {
-        "subject_resid_norm": train.mean_norm_x,
-        "atlas_resid_norm": train.mean_norm_y,
-        "train_r2": heldout_r2(fit, train),
-    }
-    if heldout is None or heldout.count == 0:
-        return out
-    out["n_heldout"] = heldout.count
-    out["heldout_r2"] = heldout_r2(fit, heldout)
-    out["heldout_r2_inverse"] = heldout_r2(fit, heldout, inverse=True)
-    X, Y = heldout.sample()
-    if len(X):
-        pred = (X.astype(np.float64) - fit.mean_x) @ fit.A + fit.mean_y  # (k, d_y)
-        out["heldout_cosine"] = _mean_cosine(pred, Y)
-        out["heldout_cosine_centred"] = _mean_cosine(pred - fit.mean_y, Y - fit.mean_y)
-        out["n_cosine_sample"] = int(len(X))
-    return out
-
-
-def _mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    num = np.sum(a * b, axis=1)
-    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return float(np.mean(num / np.maximum(den, 1e-30)))
-
-
-# ----------------------------------------------------------------------------- persistence
+from engine.align.map import AlignmentMap, plain_json
+from engine.errors import AtlasError, DuplicateError, FormatError, NotFoundError, SiteMismatchError
+from engine.util import write_atomic
 
 
 @dataclass(frozen=True)
@@ -162,7 +70,6 @@ def save_map(store: Any, amap: AlignmentMap, name: str | None = None, overwrite:
 
     from engine.store import layout
     from engine.store.schema import AlignmentMapRow, AtlasRow, ModelRow
-    from indexes.base import write_atomic
 
     name = name or amap.name or default_map_name(amap)
     _check_map_name(name)

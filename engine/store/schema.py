@@ -25,6 +25,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from engine.util import utcnow
+
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -40,10 +42,6 @@ FTS_TABLE = "concepts_fts"
 def include_object(obj, name, type_, reflected, compare_to) -> bool:
     """Alembic filter: the FTS5 table and its shadow tables are created by hand in the migration."""
     return not (type_ == "table" and name and name.startswith(FTS_TABLE))
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
 
 class Base(DeclarativeBase):
@@ -64,7 +62,7 @@ class ModelRow(Base):
     n_layers: Mapped[int | None] = mapped_column(Integer)
     tokenizer_fingerprint: Mapped[str | None] = mapped_column(String(64))
     extra: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
 class AtlasRow(Base):
@@ -90,7 +88,7 @@ class AtlasRow(Base):
     index_sha256: Mapped[str | None] = mapped_column(String(64))
     index_count: Mapped[int | None] = mapped_column(Integer)
     extra: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
 class ConceptRow(Base):
@@ -132,7 +130,7 @@ class AlignmentMapRow(Base):
     n_pairs: Mapped[int] = mapped_column(Integer)
     corpus_fingerprint: Mapped[str | None] = mapped_column(String(64))
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
 class LabelRunRow(Base):
@@ -152,8 +150,8 @@ class LabelRunRow(Base):
     n_done: Mapped[int] = mapped_column(Integer, default=0)
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     error: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
-    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now, onupdate=_now)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
 
 
 class FeatureLabelRow(Base):

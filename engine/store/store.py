@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -38,7 +37,8 @@ from engine.errors import (
 )
 from engine.store import layout, migrate
 from engine.store.schema import AtlasRow, ConceptRow, ModelRow
-from indexes.base import write_atomic
+from engine.util import sha256_bytes, unit_rows, write_atomic
+from indexes.policy import resolve_index_spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,17 +113,6 @@ class IndexStatus:
     spec: str
     expected_count: int
     index_count: int | None
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (zero rows stay zero), as float32."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.where(norms > 0, norms, 1.0)
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
@@ -553,15 +542,6 @@ class Store:
 
     def schema_tables(self) -> list[str]:
         return sorted(inspect(self.engine).get_table_names())
-
-
-def resolve_index_spec(spec: str, n_concepts: int, dim: int) -> str:
-    """``"auto"`` → the engine's spec for an atlas of this size (`engine.search.choose_index_spec`)."""
-    if spec != "auto":
-        return spec
-    from engine.search import choose_index_spec  # engine.search imports this module
-
-    return choose_index_spec(n_concepts, dim)
 
 
 def parse_concept_ref(ref: str | int, atlas: str | None = None) -> tuple[str | None, int]:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from engine.errors import ShapeError
-from engine.models.loading import resolve_blocks
+from engine.models.hooks import resolve_blocks
 
 
 @contextmanager

@@ -38,10 +38,10 @@ class LabellingEvalRow:
 def evaluate_world_labelling(store: Any, size: str = "small", seed: int = 0, maps: list[str] | None = None,
                              quiet: bool = False) -> list[LabellingEvalRow]:
     """Top-1 / top-5 labelling accuracy of each world subject's native directions, per map."""
-    from engine.align.fit import world_of_store
     from engine.labelling.export import iter_labels
     from engine.labelling.run import label_features
     from engine.store.maps import list_maps
+    from engine.world.eval.retrieval import world_of_store
 
     world = world_of_store(store, size, seed)
     _ensure_registered(store, world)
@@ -88,7 +88,8 @@ def _ensure_registered(store: Any, world: Any) -> None:
 
 
 def _fit_default_map(store: Any, world: Any, key: str, quiet: bool):
-    from engine.align.fit import align_subject, world_texts
+    from engine.align.fit import align_subject
+    from engine.world.eval.retrieval import world_texts
 
     wm = getattr(world, key)
     # Validation texts come from the training documents: the world's held-out documents define the

@@ -51,11 +51,12 @@ def world_maps(store: Any, world: Any, key: str, layers: Sequence[int] | None = 
     lacks is fitted first, from one pass over (at most ``max_pairs`` pairs of) the world's
     training texts, and stored.
     """
-    from engine.align.fit import accumulate_pairs, world_texts
+    from engine.align.fit import accumulate_pairs, fit_map
     from engine.align.map import MapSites
     from engine.errors import NotFoundError
     from engine.models.loading import load_model
-    from engine.store.maps import fit_map, list_maps, load_map, save_map
+    from engine.store.maps import list_maps, load_map, save_map
+    from engine.world.eval.retrieval import world_texts
 
     wm = world.model(key)
     on_world = [m for m in list_maps(store) if m.atlas == world.atlas_name and m.subject_model == wm.name]
@@ -117,10 +118,10 @@ def evaluate_world_steering(
     neutral prompts, site choice uses `template_prompts` (never the evaluation prompts), and the
     world's other-topic prompts are reported at the chosen cells.
     """
-    from engine.align.fit import SUBJECT_KEYS, ensure_world_registered
     from engine.errors import NotFoundError
     from engine.models.activations import auto_threads, torch_threads
     from engine.models.loading import load_model
+    from engine.world.eval.retrieval import SUBJECT_KEYS, ensure_world_registered
 
     key = SUBJECT_KEYS.get(subject.lower().removeprefix("subject_"))
     if key is None:

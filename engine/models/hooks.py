@@ -1,0 +1,180 @@
+"""The residual stream of a model: its blocks, and the hooks that read it.
+
+Reading and editing the residual stream needs one thing from a model: the ``ModuleList`` of its
+transformer blocks. Block ``L``'s output is ``resid_post`` of layer ``L`` (and ``resid_pre`` of
+``L+1``); its input is ``resid_pre`` of ``L``. We read and edit through our own forward hooks on
+those blocks, never through ``output_hidden_states`` (in transformers 5.x those are gathered by
+the library's own hooks, attached at the first forward pass, and do not show edits made by hooks
+registered later; docs/design.md §10).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from engine.errors import ArchitectureError, ShapeError
+
+Site = Literal["resid_post", "resid_pre"]
+SITES: tuple[str, ...] = ("resid_post", "resid_pre")
+
+
+class _StopForward(Exception):
+    """Raised by the last needed hook to skip the rest of the forward pass."""
+
+
+@dataclass
+class ResidualCapture:
+    """What `read_residuals` fills: ``acts[layer]`` is the last forward's residual ``(B, T, d)``."""
+
+    layers: tuple[int, ...]
+    site: str
+    acts: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def clear(self) -> None:
+        self.acts.clear()
+
+
+def _hidden_of_output(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _hidden_of_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    if args:
+        return args[0]
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    raise ShapeError("cannot find the hidden states among the block's inputs")
+
+
+@contextlib.contextmanager
+def read_residuals(
+    model: torch.nn.Module,
+    layers: Sequence[int],
+    site: str = "resid_post",
+    *,
+    layer_module: str | None = None,
+    prepend: bool = True,
+    stop_after_last: bool = False,
+) -> Iterator[ResidualCapture]:
+    """Install hooks that read the residual stream at ``site`` of ``layers``; removed on exit.
+
+    ``prepend=True`` puts the reader before hooks already on the block (the library's own and
+    any edit registered earlier), so it reads the stream as the block produced it; pass
+    ``prepend=False`` to read after edits that were installed before this reader. With
+    ``stop_after_last`` the deepest hook ends the forward pass (use `forward_to_layers`): the
+    later blocks and the LM head are never run.
+    """
+    if site not in SITES:
+        raise ValueError(f"site must be one of {SITES}, got {site!r}")
+    blocks = resolve_blocks(model, layer_module)
+    idx = sorted({resolve_layer(model, layer, layer_module) for layer in layers})
+    capture = ResidualCapture(tuple(idx), site)
+    last = idx[-1]
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def make_post(layer: int):
+        def hook(_module, _args, output):
+            capture.acts[layer] = _hidden_of_output(output).detach()
+            if stop_after_last and layer == last:
+                raise _StopForward
+
+        return hook
+
+    def make_pre(layer: int):
+        def hook(_module, args, kwargs):
+            capture.acts[layer] = _hidden_of_input(args, kwargs).detach()
+            if stop_after_last and layer == last:
+                raise _StopForward
+
+        return hook
+
+    try:
+        for layer in idx:
+            if site == "resid_post":
+                handles.append(blocks[layer].register_forward_hook(make_post(layer), prepend=prepend))
+            else:
+                handles.append(
+                    blocks[layer].register_forward_pre_hook(make_pre(layer), prepend=prepend, with_kwargs=True)
+                )
+        yield capture
+    finally:
+        for h in handles:
+            h.remove()  # idempotent
+
+
+def forward_to_layers(model: torch.nn.Module, **inputs: torch.Tensor) -> None:
+    """Run a forward pass that may be cut short by a reader with ``stop_after_last``."""
+    try:
+        with torch.inference_mode():
+            model(**inputs, use_cache=False) if _takes_use_cache(model) else model(**inputs)
+    except _StopForward:
+        pass
+
+
+def _takes_use_cache(model: torch.nn.Module) -> bool:
+    return hasattr(getattr(model, "config", None), "use_cache") and not getattr(
+        getattr(model, "config", None), "is_encoder_decoder", False
+    )
+
+
+# Attribute paths of the block list, tried in order. Covers GPT-2 / GPT-J (transformer.h),
+# GPT-NeoX (gpt_neox.layers), Llama / Mistral / Qwen2 / Gemma / Gemma2 / Phi (model.layers),
+# BERT-style encoders (encoder.layer, bert.encoder.layer, ...).
+BLOCK_PATHS: tuple[str, ...] = (
+    "transformer.h",
+    "gpt_neox.layers",
+    "model.layers",
+    "model.decoder.layers",
+    "model.language_model.layers",
+    "layers",
+    "encoder.layer",
+    "bert.encoder.layer",
+    "roberta.encoder.layer",
+    "transformer.layer",
+    "distilbert.transformer.layer",
+    "h",
+)
+
+
+def _get_attr_path(obj: object, path: str) -> object | None:
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def resolve_blocks(model: torch.nn.Module, layer_module: str | None = None) -> torch.nn.ModuleList:
+    """Return the model's list of transformer blocks.
+
+    ``layer_module`` names the attribute path by hand (e.g. ``"model.layers"``) for an
+    architecture the resolver does not know.
+    """
+    paths = (layer_module,) if layer_module else BLOCK_PATHS
+    for path in paths:
+        blocks = _get_attr_path(model, path)
+        if isinstance(blocks, torch.nn.ModuleList) and len(blocks) > 0:
+            return blocks
+    arch = type(model).__name__
+    if layer_module:
+        found = [n for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
+        hint = f"; ModuleLists in this model: {', '.join(found[:6])}" if found else ""
+        raise ArchitectureError(f"{arch} has no ModuleList of blocks at {layer_module!r}{hint}")
+    raise ArchitectureError(
+        f"cannot find the transformer blocks of {arch}; name the block list by hand with "
+        "--layer-module (e.g. --layer-module model.layers)"
+    )
+
+
+def resolve_layer(model: torch.nn.Module, layer: int, layer_module: str | None = None) -> int:
+    """Normalise a layer index (negative counts from the end) and check it is in range."""
+    n = len(resolve_blocks(model, layer_module))
+    idx = layer + n if layer < 0 else layer
+    if not 0 <= idx < n:
+        raise ArchitectureError(f"layer {layer} is out of range for {type(model).__name__} with {n} layers (0..{n - 1})")
+    return idx

@@ -1,0 +1,182 @@
+"""Generation under steering edits, side by side with the unsteered text, and the fluency guard.
+
+Prompts are batched by token length, so no padding enters the model and ``positions="new"`` has
+one prompt length per batch; steered and unsteered runs share a seed, so they differ only by the
+edit. Perplexity of a continuation under the unsteered model is the fluency guard.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine.errors import ShapeError
+from engine.models.activations import collect
+from engine.steering.edits import Positions, SteeringEdit, steer
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One continuation: the prompt, the generated text and its token ids (prompt excluded)."""
+
+    prompt: str
+    text: str
+    token_ids: list[int]
+
+
+def special_token_ids(tokenizer: Any) -> list[int]:
+    """Every special token id of the tokenizer (the end-of-document token among them)."""
+    return sorted({int(i) for i in (getattr(tokenizer, "all_special_ids", None) or []) if i is not None})
+
+
+def _group_by_length(tokenizer: Any, prompts: Sequence[str]) -> tuple[list[list[int]], dict[int, list[int]]]:
+    enc = [list(ids) for ids in tokenizer(list(prompts))["input_ids"]]
+    groups: dict[int, list[int]] = {}
+    for i, ids in enumerate(enc):
+        if not ids:
+            raise ShapeError(f"prompt {prompts[i]!r} tokenises to nothing; give a non-empty prompt")
+        groups.setdefault(len(ids), []).append(i)
+    return enc, groups
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    edits: Sequence[SteeringEdit] = (),
+    *,
+    positions: Positions = "all",
+    max_new_tokens: int = 20,
+    seed: int = 0,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    use_cache: bool = True,
+    blocked: Sequence[int] | None = None,
+    batch_size: int = 64,
+    layer_module: str | None = None,
+) -> list[Generation]:
+    """Continue each prompt under ``edits`` (none: unsteered) with ``model.generate``.
+
+    Prompts are batched by token length, so no padding enters the model and ``positions="new"``
+    has one prompt length per batch. Greedy by default; with ``do_sample`` each batch draws from
+    a generator seeded with ``seed`` (the global RNG is restored afterwards), so a steered and an
+    unsteered run with the same seed are comparable. ``blocked`` token ids are never generated
+    (pass `special_token_ids` to keep the end-of-document token out).
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    for e in edits:
+        if e.n_rows is not None and e.n_rows != len(prompts):
+            raise ShapeError(f"a per-row edit has {e.n_rows} rows for {len(prompts)} prompts: one per prompt is needed")
+    enc, groups = _group_by_length(tokenizer, prompts)
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
+    stop = {int(eos)} if eos is not None and int(eos) not in set(blocked or ()) else set()
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=use_cache, pad_token_id=pad,
+        num_beams=1,
+    )
+    if do_sample:
+        kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
+    if blocked:
+        kwargs["suppress_tokens"] = [int(t) for t in blocked]
+    if not stop:
+        kwargs["eos_token_id"] = None
+    out: list[Generation | None] = [None] * len(prompts)
+    devices = [device] if device.type == "cuda" else []
+    for length, idx in sorted(groups.items()):
+        for start in range(0, len(idx), batch_size):
+            chunk = idx[start : start + batch_size]
+            ids = torch.tensor([enc[i] for i in chunk], device=device)  # (B, T)
+            chunk_edits = [e.rows(chunk) for e in edits]
+            with torch.random.fork_rng(devices=devices), steer(
+                model, chunk_edits, positions, prompt_length=length, layer_module=layer_module
+            ):
+                torch.manual_seed(seed)
+                seqs = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+            for row, i in enumerate(chunk):
+                new = seqs[row, length:].tolist()
+                cut = next((j for j, t in enumerate(new) if t in stop), None)
+                new = new if cut is None else new[:cut]
+                text = tokenizer.decode(new, skip_special_tokens=True)
+                out[i] = Generation(prompts[i], text, new)
+    return [g for g in out if g is not None]
+
+
+@dataclass(frozen=True)
+class SidePair:
+    """A steered and an unsteered continuation of one prompt, from the same seed."""
+
+    prompt: str
+    unsteered: str
+    steered: str
+    unsteered_ids: list[int]
+    steered_ids: list[int]
+
+
+def generate_pair(
+    model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], edits: Sequence[SteeringEdit], **kwargs: Any
+) -> list[SidePair]:
+    """Unsteered and steered continuations of ``prompts`` side by side (same seed and settings)."""
+    base = generate(model, tokenizer, prompts, (), **kwargs)
+    steered = generate(model, tokenizer, prompts, edits, **kwargs)
+    return [SidePair(p, b.text, s.text, b.token_ids, s.token_ids) for p, b, s in zip(prompts, base, steered)]
+
+
+@torch.no_grad()
+def continuation_nll(
+    model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], continuations: Sequence[Sequence[int]],
+    batch_size: int = 64,
+) -> tuple[float, int]:
+    """Summed negative log-likelihood of ``continuations`` (token ids) after their prompts, under
+    ``model`` as it is (no edits), and the number of tokens scored. Sequences of equal prompt
+    and continuation lengths are scored in one batch (no padding)."""
+    enc = [list(ids) for ids in tokenizer(list(prompts))["input_ids"]]
+    device = next(model.parameters()).device
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, cont in enumerate(continuations):
+        if len(cont):
+            groups.setdefault((len(enc[i]), len(cont)), []).append(i)
+    nll, n = 0.0, 0
+    for (n_prompt, n_cont), idx in groups.items():
+        for start in range(0, len(idx), batch_size):
+            chunk = idx[start : start + batch_size]
+            seq = torch.tensor([enc[i] + list(continuations[i]) for i in chunk], device=device)  # (B, T)
+            logits = model(input_ids=seq, use_cache=False).logits[:, n_prompt - 1 : -1].float()  # (B, n_cont, V)
+            target = seq[:, n_prompt:]  # (B, n_cont)
+            nll -= float(torch.log_softmax(logits, -1).gather(-1, target.unsqueeze(-1)).sum())
+            n += len(chunk) * n_cont
+    return nll, n
+
+
+def perplexity(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str],
+               continuations: Sequence[Sequence[int]]) -> float:
+    """exp(mean NLL per token) of the continuations under the unsteered ``model`` (fluency guard)."""
+    nll, n = continuation_nll(model, tokenizer, prompts, continuations)
+    return math.exp(nll / n) if n else float("nan")
+
+
+@torch.no_grad()
+def typical_norm(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], layer: int,
+                 batch_size: int = 16, layer_module: str | None = None) -> float:
+    """Mean L2 norm of ``resid_post`` at ``layer`` over the real tokens of ``texts``.
+
+    The maps store this figure for their subject site; this measures it for a direction that
+    comes without a map (a native direction, a direction from a file).
+    """
+
+    total, n = 0.0, 0
+    for batch in collect(model, tokenizer, list(texts), [layer], batch_size=batch_size, desc=None,
+                         layer_module=layer_module):
+        a = next(iter(batch.acts.values()))  # (n_tokens, d)
+        total += float(torch.linalg.vector_norm(a.double(), dim=-1).sum())
+        n += batch.n_tokens
+    if n == 0:
+        raise ShapeError("no tokens to measure the residual norm on; give non-empty texts")
+    return total / n

@@ -1,0 +1,104 @@
+"""Retrieval on ConceptWorld: MRR / MPP / top-k of each subject's concept directions through maps.
+
+One pass per subject runs both models over the world's training documents and accumulates
+statistics per (pairing, layer); every method is then fitted from them and scored with
+`engine.align.metrics.evaluate_maps` (docs/design.md §8). The world's held-out documents define
+the ground-truth directions, so no fit ever sees them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.align.corpus import split_heldout
+from engine.align.evaluate import RetrievalRow, evaluate_maps
+from engine.align.fit import accumulate_pairs
+from engine.errors import NotFoundError
+from engine.models.hooks import resolve_layer
+from engine.models.loading import tokenizer_fingerprint
+
+
+def world_of_store(store: Any, size: str = "tiny", seed: int = 0):
+    """The ConceptWorld of this size and seed, built (or found cached) under the store's models/."""
+    from engine.store import layout
+    from engine.world import build_world
+
+    return build_world(size=size, seed=seed, root=Path(store.path) / layout.MODELS_DIR)
+
+
+def ensure_world_registered(store: Any, size: str = "tiny", seed: int = 0):
+    """The world, with its models and atlas registered in the store (once)."""
+    from engine.world import register_world
+
+    world = world_of_store(store, size, seed)
+    try:
+        store.atlas(world.atlas_name)
+    except NotFoundError:
+        register_world(store, world)
+    return world
+
+
+def world_texts(world: Any) -> tuple[list[str], list[str]]:
+    """(training texts, validation texts) for fitting maps on a world.
+
+    Both come from the world's training documents (a tenth held out by hash, for λ and the fit
+    metrics). The world's own held-out documents define the ground-truth concept directions the
+    retrieval evaluation ranks, so no fit ever sees them.
+    """
+    return split_heldout([t for t, _ in world.train_docs])
+
+
+SUBJECT_KEYS = {"a": "subject_a", "b": "subject_b"}
+
+
+def evaluate_world_retrieval(
+    store: Any,
+    size: str = "tiny",
+    seed: int = 0,
+    methods: Sequence[str] = ("procrustes", "ridge", "correlation"),
+    layers: Sequence[int] | None = None,
+    pairings: Sequence[str] | None = None,
+    subjects: Sequence[str] | None = None,
+    max_pairs: int | None = None,
+    batch_size: int = 16,
+    quiet: bool = False,
+    world: Any = None,
+) -> list[RetrievalRow]:
+    """Retrieval MRR / MPP / top-k per subject × pairing × layer × method on ConceptWorld.
+
+    Targets are the foundation's concept directions at the atlas layer (the world atlas's
+    vectors); queries are each subject's own concept directions at each of its layers. Subject A
+    shares the foundation's tokenizer (``token`` pairing by default); subject B does not
+    (``span`` and ``text``).
+    """
+    from engine.models.loading import load_model
+
+    world = world or world_of_store(store, size, seed)
+    atlas_layer = world.foundation.atlas_layer
+    foundation = load_model(world.foundation.path)
+    targets = np.asarray(world.concept_directions("foundation", atlas_layer))  # (K, d_f)
+    true_index = np.arange(targets.shape[0])
+    train, val = world_texts(world)
+    rows: list[RetrievalRow] = []
+    for s in subjects or ("a", "b"):
+        key = SUBJECT_KEYS.get(s.lower().removeprefix("subject_"))
+        if key is None:
+            raise NotFoundError(f"unknown world subject {s!r}; use a or b")
+        spec = world.model(key)
+        sub = load_model(spec.path)
+        same_tok = tokenizer_fingerprint(sub[1]) == tokenizer_fingerprint(foundation[1])
+        ps = list(pairings or (("token",) if same_tok else ("span", "text")))
+        if not same_tok and "token" in ps:
+            ps.remove("token")  # impossible across tokenizers; the table says so by its absence
+        if not ps:
+            continue
+        ls = [resolve_layer(sub[0], L) for L in (layers if layers is not None else range(spec.n_layers))]
+        stats = accumulate_pairs(sub, foundation, train, val, ls, atlas_layer, ps, max_pairs=max_pairs,
+                                 batch_size=batch_size, quiet=quiet)
+        queries = {L: np.asarray(world.concept_directions(key, L)) for L in ls}
+        rows += evaluate_maps(stats, queries, targets, true_index, methods, subject=spec.name)
+    return rows
