@@ -33,10 +33,10 @@ def test_procrustes_retrieval_on_the_tiny_world(world):
         assert 0 < r.mrr <= 1 and 0 <= r.mpp <= 1 and r.n_queries == len(world.concepts)
 
 
-def test_eval_retrieval_cli_json(world, store, monkeypatch):
-    import engine.world.eval.retrieval as af
+def test_eval_retrieval_cli_json(world, store):
+    from engine.world import register_world
 
-    monkeypatch.setattr(af, "world_of_store", lambda *a, **k: world)
+    register_world(store, world)  # the store finds the world through its registered models
     res = CliRunner().invoke(
         __import__("engine.cli", fromlist=["cli"]).cli,
         ["eval", "retrieval", "--world", "--methods", "procrustes", "--subjects", "a", "--layers", "-1", "--json",

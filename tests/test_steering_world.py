@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def world_store(request, tmp_path_factory):
-    from engine.world.eval.retrieval import ensure_world_registered
+    from engine.world.locate import ensure_registered
 
     store = Store.init(tmp_path_factory.mktemp("steer-world") / "store")
     try:
@@ -34,7 +34,7 @@ def world_store(request, tmp_path_factory):
     path = getattr(world, "path", None)
     if path is not None:  # reuse the session's world: build_world finds it by folder name
         os.symlink(path, store.path / layout.MODELS_DIR / path.name)
-    ensure_world_registered(store, "tiny", 0)
+    ensure_registered(store, "tiny", 0)
     yield store
     store.close()
 

@@ -12,6 +12,7 @@ import importlib
 
 import click
 
+import engine.world  # noqa: F401  (installs ConceptWorld's feature source and native directions)
 from engine import __version__
 from engine.errors import AtlasError
 
@@ -48,6 +49,7 @@ _COMMAND_MODULES = [
     "engine.cli.steer_cmds",
     "engine.cli.demo_cmds",
     "engine.cli.world_cmds",
+    "engine.cli.eval_cmds",
 ]
 
 

@@ -1,4 +1,4 @@
-"""Alignment commands: `atlas align`, `atlas maps`, `atlas map show|remove`, `atlas eval retrieval`."""
+"""Alignment commands: `atlas align`, `atlas maps`, `atlas map show|remove`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import click
 
 from engine.cli.common import (
     emit,
-    eval_group,
     json_option,
     open_store,
     print_json,
@@ -20,34 +19,15 @@ from engine.cli.common import (
 METHOD_NAMES = ("procrustes", "ridge", "correlation")  # the registered methods (checked against the registry)
 MAP_COLUMNS = ["name", "subject_model", "subject_layer", "atlas", "method", "pairing", "n_pairs", "heldout_r2",
                "heldout_cosine"]
-RETRIEVAL_COLUMNS = ["subject", "pairing", "layer", "method", "mrr", "mpp", "top1", "top5", "n_queries", "n_pairs"]
 
 
 def register(cli: click.Group) -> None:
     cli.add_command(align)
     cli.add_command(maps)
     cli.add_command(map_group)
-    eval_group(cli).add_command(eval_retrieval)
 
 
-def _csv(_ctx, _param, value):
-    """``("a,b", "c")`` → ``["a", "b", "c"]``; nothing → None."""
-    if not value:
-        return None
-    return [v.strip() for chunk in value for v in str(chunk).split(",") if v.strip()]
-
-
-def _int_csv(ctx, param, value):
-    items = _csv(ctx, param, value)
-    if items is None:
-        return None
-    try:
-        return [int(v) for v in items]
-    except ValueError:
-        raise click.BadParameter(f"expected layer numbers like 2 or 1,3, got {' '.join(value)!r}") from None
-
-
-def _check_methods(methods):
+def check_methods(methods):
     from engine.align.methods import METHODS
 
     unknown = [m for m in methods if m not in METHODS]
@@ -104,15 +84,15 @@ def align(subject, layer, atlas_name, corpus, use_world, size, seed, method, pai
 
     if bool(corpus) == bool(use_world):
         raise click.UsageError("give exactly one of --corpus FILE or --world")
-    _check_methods([method])
+    check_methods([method])
     if max_tokens is not None and max_tokens < 1:
         raise click.BadParameter("must be positive", param_hint="--max-tokens")
     quiet_transformers()
     store = open_store(store_dir, db_url)
     if use_world:
-        from engine.world.eval.retrieval import ensure_world_registered, world_texts
+        from engine.world.locate import ensure_registered, world_texts
 
-        world = ensure_world_registered(store, size, seed)
+        world = ensure_registered(store, size, seed)
         texts, heldout = world_texts(world)
         atlas_name = atlas_name or world.atlas_name
         if subject.lower() in ("a", "b", "subject_a", "subject_b"):
@@ -193,42 +173,3 @@ def map_remove(map_name, store_dir, db_url):
     click.echo(f"removed map {map_name}")
 
 
-@click.command("retrieval")
-@click.option("--world", "use_world", is_flag=True, required=True,
-              help="Evaluate on ConceptWorld (the only ground truth the engine ships).")
-@click.option("--size", type=click.Choice(["tiny", "small"]), default="tiny", show_default=True)
-@click.option("--seed", default=0, show_default=True, help="World seed.")
-@click.option("--methods", "-m", multiple=True, callback=_csv,
-              help=f"Methods to compare, e.g. procrustes,ridge (default: {','.join(METHOD_NAMES)}).")
-@click.option("--layers", "-l", multiple=True, callback=_int_csv, help="Subject layers (default: all).")
-@click.option("--pairings", multiple=True, callback=_csv,
-              help="Pairings (default: token for subject A; span and text for subject B, whose tokenizer differs).")
-@click.option("--subjects", multiple=True, callback=_csv, help="Subjects: a, b (default: both).")
-@click.option("--max-tokens", type=int, help="Cap on training pairs per pairing.")
-@store_options
-@json_option
-@quiet_option
-def eval_retrieval(use_world, size, seed, methods, layers, pairings, subjects, max_tokens, store_dir, db_url, as_json):
-    """Concept retrieval through fitted maps on ConceptWorld (DESIGN section 8).
-
-    Maps are fitted on the world's training documents (hyper-parameters such as ridge's λ on its
-    held-out documents). Each query is a subject's own concept direction (centred topic mean at
-    its layer), mapped into the atlas; the rank is the true concept's position among all atlas
-    concepts by cosine (ties count against). MRR = mean 1/rank; MPP = mean (rank-1)/(N-1), 0 is
-    perfect and 0.5 chance; top-1/top-5 = share ranked first / in the first five.
-    """
-    from engine.world.eval.retrieval import evaluate_world_retrieval
-
-    methods = methods or list(METHOD_NAMES)
-    _check_methods(methods)
-    quiet_transformers()
-    rows = evaluate_world_retrieval(open_store(store_dir, db_url), size=size, seed=seed, methods=methods,
-                                    layers=layers, pairings=pairings, subjects=subjects, max_pairs=max_tokens)
-    if as_json:
-        print_json([{"subject": r.subject, "method": r.method, "pairing": r.pairing, "layer": r.layer,
-                     "mrr": r.mrr, "mpp": r.mpp, "top1": r.top1, "top5": r.top5, "n_queries": r.n_queries,
-                     "n_pairs": r.n_pairs, "heldout_r2": r.heldout_r2} for r in rows])
-        return
-    emit(rows, False, RETRIEVAL_COLUMNS)
-    click.echo("\nMRR = mean 1/rank of the true concept among all atlas concepts by cosine (ties count "
-               "against); MPP = mean (rank-1)/(N-1), 0 perfect, 0.5 chance.")

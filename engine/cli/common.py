@@ -108,16 +108,22 @@ def quiet_option(f: Callable) -> Callable:
     return wrapper
 
 
-EVAL_HELP = "Evaluate the engine against ConceptWorld's ground truth (retrieval, labelling, steering)."
+def comma_list(kind: Callable[[str], Any] = str, expected: str = "values like a,b") -> Callable:
+    """A click callback for a repeatable option: ``("1,2", "3")`` → ``[kind("1"), kind("2"), kind("3")]``;
+    nothing → None; a value ``kind`` rejects → a usage error saying what was ``expected``."""
+
+    def callback(_ctx: click.Context, _param: click.Parameter, value: Sequence[str]) -> list[Any] | None:
+        if not value:
+            return None
+        try:
+            return [kind(v.strip()) for chunk in value for v in str(chunk).split(",") if v.strip()]
+        except ValueError:
+            raise click.BadParameter(f"expected {expected}, got {' '.join(value)!r}") from None
+
+    return callback
 
 
-def eval_group(cli: click.Group) -> click.Group:
-    """The shared ``atlas eval`` group: created by whichever command module registers first."""
-    group = cli.commands.get("eval")
-    if group is None:
-        group = type(cli)("eval", help=EVAL_HELP)
-        cli.add_command(group)
-    return group
+LAYER_LIST = "layer numbers like 2 or 1,3"
 
 
 def quiet_transformers() -> None:

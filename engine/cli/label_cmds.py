@@ -9,7 +9,6 @@ import click
 
 from engine.cli.common import (
     emit,
-    eval_group,
     json_option,
     open_store,
     print_json,
@@ -23,7 +22,6 @@ from engine.cli.common import (
 def register(cli: click.Group) -> None:
     for cmd in (label, runs, export, explain, search):
         cli.add_command(cmd)
-    eval_group(cli).add_command(eval_labelling)
 
 
 # ---------------------------------------------------------------------- label
@@ -171,27 +169,5 @@ def search(map_name: str, vectors: Path, key, k: int, kind: str, store_dir: Path
          ["query", "rank", "ref", "label", "score"])
 
 
-# ---------------------------------------------------------------------- eval
 
 
-@click.command("labelling")
-@click.option("--world", "use_world", is_flag=True, required=True,
-              help="Evaluate on ConceptWorld (the only ground truth the engine ships).")
-@click.option("--size", type=click.Choice(["tiny", "small"]), default="small", show_default=True)
-@click.option("--seed", default=0, show_default=True, help="World seed.")
-@click.option("--map", "map_names", multiple=True, help="Only these maps (default: every map on the world atlas).")
-@store_options
-@json_option
-@quiet_option
-def eval_labelling(use_world: bool, size: str, seed: int, map_names, store_dir: Path, db_url, as_json: bool) -> None:
-    """Top-1 / top-5 accuracy of labelling each subject's native concept directions through its maps.
-
-    The features are the subject model's own concept directions (centred topic means); the
-    right label of feature i is the world's concept i. Maps come from `atlas align`; where the
-    store has none for a subject, a Procrustes map is fitted first.
-    """
-    from engine.world.eval.labelling import evaluate_world_labelling
-
-    quiet_transformers()
-    rows = evaluate_world_labelling(open_store(store_dir, db_url), size=size, seed=seed, maps=list(map_names) or None)
-    emit(rows, as_json, ["subject", "method", "map", "n", "top1", "top5"])

@@ -1,4 +1,4 @@
-"""Steering commands: `atlas steer` (steered and unsteered text side by side) and `atlas eval steering`."""
+"""Steering command: `atlas steer` (steered and unsteered text side by side)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 
 from engine.cli.common import (
-    emit,
-    eval_group,
+    LAYER_LIST,
+    comma_list,
     json_option,
     open_store,
     print_json,
@@ -20,26 +20,6 @@ from engine.cli.common import (
 
 def register(cli: click.Group) -> None:
     cli.add_command(steer)
-    eval_group(cli).add_command(eval_steering)
-
-
-def _int_list(_ctx, _param, value):
-    """``"1,2" ("3",)`` → ``[1, 2, 3]``; nothing → None."""
-    if not value:
-        return None
-    try:
-        return [int(v) for chunk in value for v in str(chunk).split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected layer numbers like 2 or 1,3, got {' '.join(value)!r}") from None
-
-
-def _float_list(_ctx, _param, value):
-    if not value:
-        return None
-    try:
-        return [float(v) for chunk in value for v in str(chunk).split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected numbers like 1 or 0.5,1,2, got {' '.join(value)!r}") from None
 
 
 # Plan fields a command-line option sets (option name → SteeringPlan field).
@@ -58,7 +38,7 @@ _PLAN_OPTIONS = {
 @click.option("--strength", "-s", type=float, default=0.5, show_default=True,
               help="Strength in units of the subject site's typical residual norm (negative steers away); "
                    "`atlas eval steering` measures which strengths steer without breaking the text.")
-@click.option("--layers", "-l", multiple=True, callback=_int_list,
+@click.option("--layers", "-l", multiple=True, callback=comma_list(int, LAYER_LIST),
               help="Subject layer(s), e.g. 2 or 1,2 (default: the map's layer; others need their own maps).")
 @click.option("--mode", default="add", show_default=True,
               help="add: h += s·norm·u; clamp: set the projection of h on u to s·norm (or a registered mode).")
@@ -125,13 +105,7 @@ def steer(map_name, concepts, prompts, strength, layers, mode, positions, combin
         resolved_path = str(model_path.resolve())
         model_name = next((m.name for m in store.models() if m.source and Path(m.source).expanduser().exists()
                            and str(Path(m.source).expanduser().resolve()) == resolved_path), None)
-    native_source = None
-    if plan.direction == "native":
-        from engine.world.eval.steering import native_source_for
-
-        native_source = native_source_for(store, plan.map)
-    run = run_plan(store, plan, list(prompts), model=model, tokenizer=tokenizer, model_name=model_name,
-                   native=native_source)
+    run = run_plan(store, plan, list(prompts), model=model, tokenizer=tokenizer, model_name=model_name)
     if save_plan is not None:
         plan.save(save_plan)
     if as_json:
@@ -155,51 +129,3 @@ def steer(map_name, concepts, prompts, strength, layers, mode, positions, combin
         click.echo(f"plan saved to {save_plan}")
 
 
-@click.command("steering")
-@click.option("--world", "use_world", is_flag=True, required=True,
-              help="Evaluate on ConceptWorld (the only ground truth the engine ships).")
-@click.option("--size", type=click.Choice(["tiny", "small"]), default="small", show_default=True)
-@click.option("--seed", default=0, show_default=True, help="World seed.")
-@click.option("--subject", type=click.Choice(["a", "b"]), default="a", show_default=True,
-              help="World subject: a (Llama, the foundation's tokenizer) or b (GPT-NeoX, its own BPE).")
-@click.option("--strengths", multiple=True, callback=_float_list,
-              help="Strengths (x typical residual norm) to sweep, e.g. 0.5,1,2 (default: 0.125,0.25,0.35,0.5,0.7,1,2).")
-@click.option("--layers", "-l", multiple=True, callback=_int_list,
-              help="Subject layers to evaluate, e.g. 1,2 (default: every layer).")
-@click.option("--map", "map_name", help="Evaluate this map only (default: every map of the subject onto the "
-                                        "world atlas; Procrustes and ridge maps are fitted where missing).")
-@click.option("--max-new-tokens", "-n", type=int, default=20, show_default=True)
-@store_options
-@json_option
-@quiet_option
-def eval_steering(use_world: bool, size: str, seed: int, subject: str, strengths, layers, map_name,
-                  max_new_tokens: int, store_dir: Path, db_url, as_json: bool) -> None:
-    """Steering faithfulness on ConceptWorld: unsteered, transferred and native directions.
-
-    Faithfulness (DESIGN section 8): the share of (concept, neutral prompt) trials whose greedy
-    continuation has the target concept as its strict plurality concept; the perplexity of the
-    continuation under the unsteered subject is the fluency guard. Each direction's map, layer
-    and strength are chosen on held-out prompts (never the evaluation prompts), per map method
-    among the maps that fit best on held-out pairs, as the most faithful cell within 2x the
-    unsteered perplexity (`chosen_for_method`); the best of those on held-out prompts is the
-    headline (`chosen`). Prompts about another topic are reported at the chosen cells. --json
-    prints every row, the held-out ones with prompts=heldout.
-    """
-    from engine.world.eval.steering import evaluate_world_steering
-
-    quiet_transformers()
-    report = evaluate_world_steering(open_store(store_dir, db_url), size=size, seed=seed, subject=subject,
-                                     strengths=strengths, layers=layers, map_name=map_name,
-                                     max_new_tokens=max_new_tokens)
-    if as_json:
-        print_json(report.rows + report.calibration)
-        return
-    emit(report.rows, False, ["direction", "prompts", "method", "layer", "strength", "faithfulness", "perplexity",
-                              "n", "chosen_for_method", "chosen"])
-    click.echo("")
-    c = report.chosen
-    click.echo(f"chosen on held-out prompts: {c['map']} (layer {c['layer']}), strength {c['strength']:g} "
-               f"(held-out faithfulness {c['heldout_faithfulness']:.3f}); native: layer {c['native_layer']}, "
-               f"strength {c['native_strength']:g}")
-    for line in report.summary:
-        click.echo(line)

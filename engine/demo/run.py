@@ -67,8 +67,9 @@ def run_demo(store_dir: str | Path, size: str = "small", seed: int = 0, out: str
              quiet: bool = False) -> DemoResult:
     """Run the mission on ConceptWorld into the store at ``store_dir``; write the report to ``out``."""
     from engine.world.eval.labelling import evaluate_world_labelling
-    from engine.world.eval.retrieval import ensure_world_registered, evaluate_world_retrieval
+    from engine.world.eval.retrieval import evaluate_world_retrieval
     from engine.world.eval.steering import evaluate_world_steering, world_maps
+    from engine.world.locate import ensure_registered
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -81,7 +82,7 @@ def run_demo(store_dir: str | Path, size: str = "small", seed: int = 0, out: str
         timings[name] = round(time.perf_counter() - t0, 1)
         return result
 
-    world = timed("world", ensure_world_registered, store, size, seed)
+    world = timed("world", ensure_registered, store, size, seed)
     for key in ("subject_a", "subject_b"):  # the maps a user would use: every layer, Procrustes and ridge
         timed(f"align_{key}", world_maps, store, world, key, quiet=quiet)
     retrieval = timed("eval_retrieval", evaluate_world_retrieval, store, size, seed, world=world, quiet=quiet)

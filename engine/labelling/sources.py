@@ -2,8 +2,10 @@
 
 A source is what `atlas label --features SOURCE` names: a subject SAE folder (SAELens, or Gemma
 Scope ``params.npz``; the decoder rows are the features), a plain ``.npy`` / ``.safetensors``
-matrix (one direction per row), or ``native:`` directions of ConceptWorld's subject model. The
-readers are those of `engine.atlas.importers`; this module adds what a labelling run needs on top of them:
+matrix (one direction per row), or ``<scheme>:...``, a source a plug-in registered with
+`register_feature_source` (ConceptWorld registers ``native:``, its subjects' own concept
+directions). The readers are those of `engine.atlas.importers`; this module adds what a
+labelling run needs on top of them:
 a canonical spec string that can be re-opened on resume, and a fingerprint of the exact vectors,
 so a run resumed on a source that changed in the meantime stops with a clear error instead of
 mixing labels of two different feature sets.
@@ -14,21 +16,26 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from engine.errors import FormatError, NotFoundError, ShapeError
+from engine.atlas.importers import read_directions, read_matrix
+from engine.errors import FormatError, ShapeError
 
-NATIVE_PREFIX = "native:"
+if TYPE_CHECKING:
+    from engine.align.map import AlignmentMap
+    from engine.store.store import Store
 
 
 @dataclasses.dataclass(frozen=True)
 class FeatureSource:
     """Subject feature directions ``vectors`` (n_features, d_subject), with where they came from."""
 
-    spec: str  # canonical: an absolute path (``path#key`` for a named tensor) or ``native:...``
-    kind: str  # saelens | gemmascope | matrix | native
+    spec: str  # canonical: an absolute path (``path#key`` for a named tensor) or ``<scheme>:...``
+    kind: str  # saelens | gemmascope | matrix | a registered scheme (native)
     vectors: np.ndarray  # (n_features, d_subject) float32
     fingerprint: str  # sha256 of the shape and float32 bytes of ``vectors``
     model: str | None = None  # the site recorded by the source, when it records one
@@ -55,7 +62,7 @@ def fingerprint(vectors: np.ndarray) -> str:
 def canonical_spec(source: str | Path, key: str | None = None) -> str:
     """The spec stored with a run: absolute paths, so a resume from another folder finds the file."""
     text = str(source)
-    if text.startswith(NATIVE_PREFIX):
+    if _scheme_of(text) is not None:
         return text
     path, _, inline_key = text.partition("#")
     key = key or (inline_key or None)
@@ -63,100 +70,54 @@ def canonical_spec(source: str | Path, key: str | None = None) -> str:
     return f"{resolved}#{key}" if key else resolved
 
 
-def open_feature_source(source: str | Path, *, key: str | None = None, store=None, amap=None) -> FeatureSource:
+# Openers of sources named ``<scheme>:...`` (e.g. ConceptWorld's ``native:``), by scheme.
+SourceOpener = Callable[[str, "Store | None", "AlignmentMap | None"], FeatureSource]
+_SCHEMES: dict[str, SourceOpener] = {}
+_SCHEME = re.compile(r"^([a-z][a-z0-9_]*):")
+
+
+def register_feature_source(scheme: str, opener: SourceOpener) -> None:
+    """Let ``atlas label --features <scheme>:...`` open features with ``opener(spec, store, amap)``.
+
+    Plug-ins register their sources this way (ConceptWorld registers ``native``); a scheme is
+    registered once.
+    """
+    if not _SCHEME.match(f"{scheme}:"):
+        raise ValueError(f"a feature source scheme is lower-case letters, digits and '_', got {scheme!r}")
+    if scheme in _SCHEMES:
+        raise ValueError(f"feature source scheme {scheme!r} is already registered")
+    _SCHEMES[scheme] = opener
+
+
+def _scheme_of(spec: str) -> str | None:
+    m = _SCHEME.match(spec)
+    return m.group(1) if m and m.group(1) in _SCHEMES else None
+
+
+def open_feature_source(source: str | Path, *, key: str | None = None, store: Store | None = None,
+                        amap: AlignmentMap | None = None) -> FeatureSource:
     """Read the features named by ``source`` (see the module docstring for the forms).
 
     ``key`` names the tensor inside a ``.safetensors`` holding several (also ``file#key``).
-    ``native:`` sources need the ``store`` and the alignment map ``amap`` whose subject site they
-    are computed at.
+    ``<scheme>:...`` sources go to the opener registered for the scheme, with the ``store`` and
+    the alignment map ``amap`` whose subject site they are read at.
     """
     spec = canonical_spec(source, key)
-    if spec.startswith(NATIVE_PREFIX):
-        if store is None or amap is None:
-            raise FormatError(f"{spec}: native directions need the store and the map's subject site")
-        size, seed = _native_world(spec, amap.subject_model)
-        spec = f"{NATIVE_PREFIX}{size}:{seed}"
-        vectors = _native_directions(store, amap, size, seed)
-        return _source(spec, "native", vectors, amap.subject_model, amap.subject_layer, "resid_post")
-
-    from engine.atlas.importers import read_directions, read_matrix
-
+    scheme = _scheme_of(spec)
+    if scheme is not None:
+        return _SCHEMES[scheme](spec, store, amap)
     path, _, inline_key = spec.partition("#")
     if not Path(path).exists():
-        raise FormatError(f"{path}: no such file or folder (features are an SAE folder, params.npz, .npy or .safetensors)")
+        known = "".join(f", {s}:" for s in sorted(_SCHEMES))
+        raise FormatError(f"{path}: no such file or folder (features are an SAE folder, params.npz, .npy, "
+                          f".safetensors{known})")
     sae = read_matrix(path, inline_key) if inline_key else read_directions(path)
-    return _source(spec, sae.source_kind, sae.W_dec, sae.model, sae.layer, sae.hook)
+    return make_source(spec, sae.source_kind, sae.W_dec, sae.model, sae.layer, sae.hook)
 
 
-_WORLD_MODEL = re.compile(r"^world-(tiny|small)(?:-s(\d+))?-")
-
-
-def _native_world(spec: str, subject_model: str) -> tuple[str, int]:
-    """``native:``, ``native:SIZE`` or ``native:SIZE:SEED`` → (size, seed); the bare form reads
-    them from the subject's store name (``world-<size>[-s<seed>]-...``)."""
-    parts = [p for p in spec[len(NATIVE_PREFIX):].split(":") if p]
-    m = _WORLD_MODEL.match(subject_model)
-    if not parts and m is None:
-        raise FormatError(
-            f"{spec}: model {subject_model!r} is not a ConceptWorld model, so it has no native concept directions; "
-            "native: works for maps of world subjects (e.g. world-small-subject_a)"
-        )
-    size = parts[0] if parts else m.group(1)
-    if size not in ("tiny", "small") or len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
-        raise FormatError(f"{spec}: write native:, native:SIZE or native:SIZE:SEED (SIZE tiny or small)")
-    seed = int(parts[1]) if len(parts) == 2 else int(m.group(2) or 0) if m else 0
-    return size, seed
-
-
-def _native_directions(store, amap, size: str, seed: int) -> np.ndarray:
-    """The map's subject's own concept directions at its layer: ConceptWorld's ground truth.
-
-    The world is the one the subject model was registered from (its folder holds the model), else
-    the world of that size and seed cached in the store (built if missing).
-    """
-    if amap.subject_hook != "resid_post":
-        raise FormatError(f"native directions are read at resid_post; map {amap.name!r} is at {amap.subject_hook}")
-    world = _world_of(store, amap.subject_model, size, seed)
-    keys = [k for k, wm in world.models.items() if wm.name == amap.subject_model]
-    if not keys:
-        names = ", ".join(wm.name for wm in world.models.values())
-        raise FormatError(
-            f"native:{size}:{seed}: map {amap.name!r} is on {amap.subject_model!r}, not a model of this world ({names})"
-        )
-    return np.asarray(world.concept_directions(keys[0], amap.subject_layer), dtype=np.float32)
-
-
-def _world_of(store, model_name: str, size: str, seed: int):
-    world = _world_at(store, model_name)
-    return world if world is not None and (world.size, world.seed) == (size, seed) else world_for(store, size, seed)
-
-
-def _world_at(store, model_name: str):
-    """The world a registered world model was loaded from (its folder holds the model), if any."""
-    from engine.world.build import load_world
-    from engine.world.config import MANIFEST
-
-    try:
-        source = store.get_model(model_name).source
-    except NotFoundError:
-        return None
-    return load_world(Path(source).parent) if source and (Path(source).parent / MANIFEST).is_file() else None
-
-
-def world_for(store, size: str, seed: int):
-    """The ConceptWorld of ``size`` and ``seed`` whose models the store has registered, else the one
-    cached (or built) under ``<store>/models``."""
-    from engine.world.build import world_name
-
-    world = _world_at(store, f"{world_name(size, seed)}-foundation")
-    if world is not None:
-        return world
-    from engine.align.fit import load_world as cached_world
-
-    return cached_world(store, size, seed)
-
-
-def _source(spec: str, kind: str, vectors: np.ndarray, model, layer, hook) -> FeatureSource:
+def make_source(spec: str, kind: str, vectors: np.ndarray, model: str | None = None, layer: int | None = None,
+                hook: str | None = None) -> FeatureSource:
+    """A checked `FeatureSource`: a non-empty finite (n_features, d) float32 matrix and its fingerprint."""
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     if x.ndim != 2 or 0 in x.shape:
         raise ShapeError(f"{spec}: features must be a non-empty (n_features, d) matrix, got {x.shape}")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,13 +30,12 @@ import numpy as np
 
 from engine.errors import FormatError, NotFoundError, SiteMismatchError
 from engine.steering.edits import POSITIONS, STEERING_MODES, Mode, Positions, SteeringEdit
+from engine.steering.native import NativeSource, native_directions
 
 Direction = Literal["transferred", "native"]
 DIRECTIONS: tuple[str, ...] = ("transferred", "native")
 PLAN_VERSION = 1
 
-# Native directions for a concept label at a subject layer (None: the model has none for it).
-NativeSource = Callable[[str, int], "np.ndarray | None"]
 
 
 @dataclass
@@ -220,8 +219,9 @@ def _concept_vector(store: Any, vectors: np.ndarray, ref: str, combine: int) -> 
 def resolve_plan(store: Any, plan: SteeringPlan, native: NativeSource | None = None) -> ResolvedPlan:
     """Resolve concepts, pick a map per layer and build one `SteeringEdit` per concept and layer.
 
-    ``native`` gives the subject's own direction of a concept label at a layer; it is required
-    for ``plan.direction == "native"`` (ConceptWorld knows them; a real model does not).
+    ``native`` gives the subject's own direction of a concept label at a layer, for
+    ``plan.direction == "native"``; by default a registered provider's (`engine.steering.native`:
+    ConceptWorld knows them for its subjects; a real model has none).
     """
     maps = layer_maps(store, plan.map, plan.layers)
     base = next(iter(maps.values()))  # every map of the plan maps into the same atlas
@@ -246,7 +246,7 @@ def resolve_plan(store: Any, plan: SteeringPlan, native: NativeSource | None = N
         for rc, v in zip(concepts, vectors):
             if plan.direction == "native":
                 if native is None:
-                    raise NotFoundError("native directions are known only for ConceptWorld subjects")
+                    native = native_directions(store, amap.subject_model)
                 u = native(rc.label, layer)
                 if u is None:
                     raise NotFoundError(f"no native direction of {rc.label!r} at layer {layer} of {amap.subject_model!r}")

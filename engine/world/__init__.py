@@ -6,7 +6,10 @@ concept (a topic), trains two tokenizers and three models on it (a GPT-2 foundat
 subjects of other architectures and widths, one with another tokenizer), and derives the
 foundation atlas and every model's ground-truth concept directions from topic means of the
 residual stream (DESIGN §7). `build_world` builds or reuses one; `register_world` puts its models
-and atlas into a store.
+and atlas into a store; `engine.world.locate` finds the world of a store.
+
+Importing this package installs ConceptWorld's plug-ins into the core's registries (the
+``native:`` feature source and native steering directions; `engine.world.plugin`).
 
 Heavy imports (torch, transformers) happen when the submodules are used, not on import here.
 """
@@ -14,6 +17,8 @@ Heavy imports (torch, transformers) happen when the submodules are used, not on 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
+
+from engine.world.plugin import install
 
 if TYPE_CHECKING:
     from engine.world.build import World, WorldModel, build_world, load_world
@@ -57,3 +62,6 @@ def __getattr__(name: str) -> Any:
 
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'engine.world' has no attribute {name!r}")
+
+
+install()

@@ -141,7 +141,7 @@ def train_one(path: str | Path, key: str, config_dict: dict, seed: int, evaluate
     """
     from transformers import AutoTokenizer
 
-    from engine.world import gates
+    import engine.world.gates as gates
     from engine.world.tokenizers import tokenizer_fingerprint
     from engine.world.train import encode_documents, make_model, train_model
 

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 
 from engine.errors import NotFoundError
+from engine.world.locate import ensure_registered, world_texts
+from engine.world.register import concept_ordinals
 
 EVAL_RUN_PREFIX = "eval-labelling."
 SUBJECT_KEYS = ("subject_a", "subject_b")
@@ -41,10 +43,8 @@ def evaluate_world_labelling(store: Any, size: str = "small", seed: int = 0, map
     from engine.labelling.export import iter_labels
     from engine.labelling.run import label_features
     from engine.store.maps import list_maps
-    from engine.world.eval.retrieval import world_of_store
 
-    world = world_of_store(store, size, seed)
-    _ensure_registered(store, world)
+    world = ensure_registered(store, size, seed)
     subjects = {getattr(world, k).name: k for k in SUBJECT_KEYS}
     on_world = [m for m in list_maps(store) if m.atlas == world.atlas_name and m.subject_model in subjects]
     if maps:
@@ -57,8 +57,6 @@ def evaluate_world_labelling(store: Any, size: str = "small", seed: int = 0, map
         for name, key in subjects.items():
             if not any(m.subject_model == name for m in on_world):
                 on_world.append(_fit_default_map(store, world, key, quiet))
-
-    from engine.world.register import concept_ordinals
 
     truth = concept_ordinals(store, world)  # (K,) atlas ordinal of concept i
     rows = []
@@ -76,20 +74,8 @@ def evaluate_world_labelling(store: Any, size: str = "small", seed: int = 0, map
     return rows
 
 
-def _ensure_registered(store: Any, world: Any) -> None:
-    try:
-        store.atlas(world.atlas_name)
-    except NotFoundError:
-        from engine.world import register_world
-
-        register_world(store, world)
-
-
-
-
 def _fit_default_map(store: Any, world: Any, key: str, quiet: bool):
     from engine.align.fit import align_subject
-    from engine.world.eval.retrieval import world_texts
 
     wm = getattr(world, key)
     # Validation texts come from the training documents: the world's held-out documents define the

@@ -9,54 +9,20 @@ the ground-truth directions, so no fit ever sees them.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from engine.align.corpus import split_heldout
 from engine.align.evaluate import RetrievalRow, evaluate_maps
 from engine.align.fit import accumulate_pairs
-from engine.errors import NotFoundError
 from engine.models.hooks import resolve_layer
 from engine.models.loading import tokenizer_fingerprint
-
-
-def world_of_store(store: Any, size: str = "tiny", seed: int = 0):
-    """The ConceptWorld of this size and seed, built (or found cached) under the store's models/."""
-    from engine.store import layout
-    from engine.world import build_world
-
-    return build_world(size=size, seed=seed, root=Path(store.path) / layout.MODELS_DIR)
-
-
-def ensure_world_registered(store: Any, size: str = "tiny", seed: int = 0):
-    """The world, with its models and atlas registered in the store (once)."""
-    from engine.world import register_world
-
-    world = world_of_store(store, size, seed)
-    try:
-        store.atlas(world.atlas_name)
-    except NotFoundError:
-        register_world(store, world)
-    return world
-
-
-def world_texts(world: Any) -> tuple[list[str], list[str]]:
-    """(training texts, validation texts) for fitting maps on a world.
-
-    Both come from the world's training documents (a tenth held out by hash, for λ and the fit
-    metrics). The world's own held-out documents define the ground-truth concept directions the
-    retrieval evaluation ranks, so no fit ever sees them.
-    """
-    return split_heldout([t for t, _ in world.train_docs])
-
-
-SUBJECT_KEYS = {"a": "subject_a", "b": "subject_b"}
+from engine.store.store import Store
+from engine.world.build import World
+from engine.world.locate import find_world, subject_key, world_texts
 
 
 def evaluate_world_retrieval(
-    store: Any,
+    store: Store | None,
     size: str = "tiny",
     seed: int = 0,
     methods: Sequence[str] = ("procrustes", "ridge", "correlation"),
@@ -66,7 +32,7 @@ def evaluate_world_retrieval(
     max_pairs: int | None = None,
     batch_size: int = 16,
     quiet: bool = False,
-    world: Any = None,
+    world: World | None = None,
 ) -> list[RetrievalRow]:
     """Retrieval MRR / MPP / top-k per subject × pairing × layer × method on ConceptWorld.
 
@@ -77,7 +43,7 @@ def evaluate_world_retrieval(
     """
     from engine.models.loading import load_model
 
-    world = world or world_of_store(store, size, seed)
+    world = world or find_world(store, size, seed)
     atlas_layer = world.foundation.atlas_layer
     foundation = load_model(world.foundation.path)
     targets = np.asarray(world.concept_directions("foundation", atlas_layer))  # (K, d_f)
@@ -85,9 +51,7 @@ def evaluate_world_retrieval(
     train, val = world_texts(world)
     rows: list[RetrievalRow] = []
     for s in subjects or ("a", "b"):
-        key = SUBJECT_KEYS.get(s.lower().removeprefix("subject_"))
-        if key is None:
-            raise NotFoundError(f"unknown world subject {s!r}; use a or b")
+        key = subject_key(s)
         spec = world.model(key)
         sub = load_model(spec.path)
         same_tok = tokenizer_fingerprint(sub[1]) == tokenizer_fingerprint(foundation[1])

@@ -10,14 +10,15 @@ prompts.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from engine.errors import ShapeError
 from engine.steering.faithfulness import DirectionSet, SteeringReport, evaluate_steering
-from engine.world.register import concept_ordinals  # noqa: F401  (re-exported)
+from engine.world.locate import ensure_registered, subject_key, world_texts
+from engine.world.register import concept_ordinals
 
 
 def template_prompts(exclude: Sequence[str] = ()) -> list[str]:
@@ -56,7 +57,6 @@ def world_maps(store: Any, world: Any, key: str, layers: Sequence[int] | None = 
     from engine.errors import NotFoundError
     from engine.models.loading import load_model
     from engine.store.maps import list_maps, load_map, save_map
-    from engine.world.eval.retrieval import world_texts
 
     wm = world.model(key)
     on_world = [m for m in list_maps(store) if m.atlas == world.atlas_name and m.subject_model == wm.name]
@@ -118,15 +118,11 @@ def evaluate_world_steering(
     neutral prompts, site choice uses `template_prompts` (never the evaluation prompts), and the
     world's other-topic prompts are reported at the chosen cells.
     """
-    from engine.errors import NotFoundError
     from engine.models.activations import auto_threads, torch_threads
     from engine.models.loading import load_model
-    from engine.world.eval.retrieval import SUBJECT_KEYS, ensure_world_registered
 
-    key = SUBJECT_KEYS.get(subject.lower().removeprefix("subject_"))
-    if key is None:
-        raise NotFoundError(f"unknown world subject {subject!r}; use a or b")
-    world = ensure_world_registered(store, size, seed)
+    key = subject_key(subject)
+    world = ensure_registered(store, size, seed)
     maps = world_maps(store, world, key, layers, map_name, quiet=quiet)
     model, tok = load_model(world.model(key).path)
     with torch_threads(auto_threads(model)):
@@ -138,30 +134,3 @@ def evaluate_world_steering(
         )
     report.settings.update(world=world.name, subject=world.model(key).name, atlas=world.atlas_name)
     return report
-
-
-def native_source_for(store: Any, map_name: str) -> Callable[[str, int], np.ndarray | None]:
-    """Native directions of a ConceptWorld subject, by concept label and layer (for `atlas steer --native`).
-
-    The subject is found through the folder it was registered from (``<world>/<model key>``)."""
-    from pathlib import Path
-
-    from engine.errors import NotFoundError
-    from engine.store.maps import map_info
-    from engine.world.build import load_world
-
-    info = map_info(store, map_name)
-    source = store.get_model(info.subject_model).source
-    folder = Path(source).expanduser() if source else None
-    if folder is None or not (folder.parent / "manifest.json").is_file():
-        raise NotFoundError(f"{info.subject_model!r} is not a ConceptWorld model: its native concept directions are "
-                            "unknown (--native works for world subjects)")
-    world = load_world(folder.parent)
-    key = folder.name
-    index = {c.label.lower(): i for i, c in enumerate(world.concepts)} | {c.name: i for i, c in enumerate(world.concepts)}
-
-    def native(label: str, layer: int) -> np.ndarray | None:
-        i = index.get(label.lower())
-        return None if i is None else np.asarray(world.concept_directions(key, layer)[i], dtype=np.float32)
-
-    return native

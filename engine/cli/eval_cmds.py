@@ -1,0 +1,152 @@
+"""`atlas eval`: the engine against ConceptWorld's ground truth (retrieval, labelling, steering).
+
+The evaluations live with the world (`engine.world.eval`); these commands only parse options and
+print their rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from engine.cli.align_cmds import METHOD_NAMES, check_methods
+from engine.cli.common import (
+    LAYER_LIST,
+    comma_list,
+    emit,
+    json_option,
+    open_store,
+    print_json,
+    quiet_option,
+    quiet_transformers,
+    store_options,
+)
+
+
+@click.group("eval")
+def eval_group() -> None:
+    """Evaluate the engine against ConceptWorld's ground truth (retrieval, labelling, steering)."""
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(eval_group)
+    for command in (eval_retrieval, eval_labelling, eval_steering):
+        eval_group.add_command(command)
+
+
+RETRIEVAL_COLUMNS = ["subject", "pairing", "layer", "method", "mrr", "mpp", "top1", "top5", "n_queries", "n_pairs"]
+
+
+@click.command("retrieval")
+@click.option("--world", "use_world", is_flag=True, required=True,
+              help="Evaluate on ConceptWorld (the only ground truth the engine ships).")
+@click.option("--size", type=click.Choice(["tiny", "small"]), default="tiny", show_default=True)
+@click.option("--seed", default=0, show_default=True, help="World seed.")
+@click.option("--methods", "-m", multiple=True, callback=comma_list(),
+              help=f"Methods to compare, e.g. procrustes,ridge (default: {','.join(METHOD_NAMES)}).")
+@click.option("--layers", "-l", multiple=True, callback=comma_list(int, LAYER_LIST), help="Subject layers (default: all).")
+@click.option("--pairings", multiple=True, callback=comma_list(),
+              help="Pairings (default: token for subject A; span and text for subject B, whose tokenizer differs).")
+@click.option("--subjects", multiple=True, callback=comma_list(), help="Subjects: a, b (default: both).")
+@click.option("--max-tokens", type=int, help="Cap on training pairs per pairing.")
+@store_options
+@json_option
+@quiet_option
+def eval_retrieval(use_world, size, seed, methods, layers, pairings, subjects, max_tokens, store_dir, db_url, as_json):
+    """Concept retrieval through fitted maps on ConceptWorld (DESIGN section 8).
+
+    Maps are fitted on the world's training documents (hyper-parameters such as ridge's λ on its
+    held-out documents). Each query is a subject's own concept direction (centred topic mean at
+    its layer), mapped into the atlas; the rank is the true concept's position among all atlas
+    concepts by cosine (ties count against). MRR = mean 1/rank; MPP = mean (rank-1)/(N-1), 0 is
+    perfect and 0.5 chance; top-1/top-5 = share ranked first / in the first five.
+    """
+    from engine.world.eval.retrieval import evaluate_world_retrieval
+
+    methods = methods or list(METHOD_NAMES)
+    check_methods(methods)
+    quiet_transformers()
+    rows = evaluate_world_retrieval(open_store(store_dir, db_url), size=size, seed=seed, methods=methods,
+                                    layers=layers, pairings=pairings, subjects=subjects, max_pairs=max_tokens)
+    if as_json:
+        print_json([{"subject": r.subject, "method": r.method, "pairing": r.pairing, "layer": r.layer,
+                     "mrr": r.mrr, "mpp": r.mpp, "top1": r.top1, "top5": r.top5, "n_queries": r.n_queries,
+                     "n_pairs": r.n_pairs, "heldout_r2": r.heldout_r2} for r in rows])
+        return
+    emit(rows, False, RETRIEVAL_COLUMNS)
+    click.echo("\nMRR = mean 1/rank of the true concept among all atlas concepts by cosine (ties count "
+               "against); MPP = mean (rank-1)/(N-1), 0 perfect, 0.5 chance.")
+
+
+@click.command("labelling")
+@click.option("--world", "use_world", is_flag=True, required=True,
+              help="Evaluate on ConceptWorld (the only ground truth the engine ships).")
+@click.option("--size", type=click.Choice(["tiny", "small"]), default="small", show_default=True)
+@click.option("--seed", default=0, show_default=True, help="World seed.")
+@click.option("--map", "map_names", multiple=True, help="Only these maps (default: every map on the world atlas).")
+@store_options
+@json_option
+@quiet_option
+def eval_labelling(use_world: bool, size: str, seed: int, map_names, store_dir: Path, db_url, as_json: bool) -> None:
+    """Top-1 / top-5 accuracy of labelling each subject's native concept directions through its maps.
+
+    The features are the subject model's own concept directions (centred topic means); the
+    right label of feature i is the world's concept i. Maps come from `atlas align`; where the
+    store has none for a subject, a Procrustes map is fitted first.
+    """
+    from engine.world.eval.labelling import evaluate_world_labelling
+
+    quiet_transformers()
+    rows = evaluate_world_labelling(open_store(store_dir, db_url), size=size, seed=seed, maps=list(map_names) or None)
+    emit(rows, as_json, ["subject", "method", "map", "n", "top1", "top5"])
+
+
+@click.command("steering")
+@click.option("--world", "use_world", is_flag=True, required=True,
+              help="Evaluate on ConceptWorld (the only ground truth the engine ships).")
+@click.option("--size", type=click.Choice(["tiny", "small"]), default="small", show_default=True)
+@click.option("--seed", default=0, show_default=True, help="World seed.")
+@click.option("--subject", type=click.Choice(["a", "b"]), default="a", show_default=True,
+              help="World subject: a (Llama, the foundation's tokenizer) or b (GPT-NeoX, its own BPE).")
+@click.option("--strengths", multiple=True, callback=comma_list(float, "numbers like 1 or 0.5,1,2"),
+              help="Strengths (x typical residual norm) to sweep, e.g. 0.5,1,2 (default: 0.125,0.25,0.35,0.5,0.7,1,2).")
+@click.option("--layers", "-l", multiple=True, callback=comma_list(int, LAYER_LIST),
+              help="Subject layers to evaluate, e.g. 1,2 (default: every layer).")
+@click.option("--map", "map_name", help="Evaluate this map only (default: every map of the subject onto the "
+                                        "world atlas; Procrustes and ridge maps are fitted where missing).")
+@click.option("--max-new-tokens", "-n", type=int, default=20, show_default=True)
+@store_options
+@json_option
+@quiet_option
+def eval_steering(use_world: bool, size: str, seed: int, subject: str, strengths, layers, map_name,
+                  max_new_tokens: int, store_dir: Path, db_url, as_json: bool) -> None:
+    """Steering faithfulness on ConceptWorld: unsteered, transferred and native directions.
+
+    Faithfulness (DESIGN section 8): the share of (concept, neutral prompt) trials whose greedy
+    continuation has the target concept as its strict plurality concept; the perplexity of the
+    continuation under the unsteered subject is the fluency guard. Each direction's map, layer
+    and strength are chosen on held-out prompts (never the evaluation prompts), per map method
+    among the maps that fit best on held-out pairs, as the most faithful cell within 2x the
+    unsteered perplexity (`chosen_for_method`); the best of those on held-out prompts is the
+    headline (`chosen`). Prompts about another topic are reported at the chosen cells. --json
+    prints every row, the held-out ones with prompts=heldout.
+    """
+    from engine.world.eval.steering import evaluate_world_steering
+
+    quiet_transformers()
+    report = evaluate_world_steering(open_store(store_dir, db_url), size=size, seed=seed, subject=subject,
+                                     strengths=strengths, layers=layers, map_name=map_name,
+                                     max_new_tokens=max_new_tokens)
+    if as_json:
+        print_json(report.rows + report.calibration)
+        return
+    emit(report.rows, False, ["direction", "prompts", "method", "layer", "strength", "faithfulness", "perplexity",
+                              "n", "chosen_for_method", "chosen"])
+    click.echo("")
+    c = report.chosen
+    click.echo(f"chosen on held-out prompts: {c['map']} (layer {c['layer']}), strength {c['strength']:g} "
+               f"(held-out faithfulness {c['heldout_faithfulness']:.3f}); native: layer {c['native_layer']}, "
+               f"strength {c['native_strength']:g}")
+    for line in report.summary:
+        click.echo(line)
