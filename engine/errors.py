@@ -28,6 +28,10 @@ class DuplicateError(AtlasError):
     """An object with the same name already exists."""
 
 
+class BadValueError(AtlasError, ValueError):
+    """A parameter is out of range or not one of the known names (a k, a method, a pairing, a spec)."""
+
+
 class ShapeError(AtlasError):
     """An array has the wrong shape or dimension for where it is used."""
 

@@ -16,7 +16,7 @@ from tiny_models import (
 from engine.align.pairing import iter_batch_pairs, iter_pairs, pair_batches, token_words, word_spans
 from engine.errors import SiteMismatchError
 from engine.models.activations import collect
-from engine.models.hooks import read_residuals
+from engine.models.hooks import Site, read_residuals
 from engine.models.loading import load_model
 
 
@@ -141,21 +141,21 @@ def test_prepend_reads_before_an_edit_and_append_after(models):
 
 
 def test_token_pairing_one_pair_per_token(models):
-    chunks = _all(iter_pairs(models["a"], models["f"], CORPUS, [0, 2], -1, "token", batch_size=3, quiet=True))
+    chunks = _all(iter_pairs(models["a"], models["f"], CORPUS, Site((0, 2)), Site((-1,)), "token", batch_size=3, quiet=True))
     n = sum(c.n for c in chunks)
     assert n == sum(b.n_tokens for b in collect(*models["a"], CORPUS, [0], quiet=True))
     assert chunks[0].x[2].shape[1] == 32 and chunks[0].y.shape[1] == 48
-    capped = _all(iter_pairs(models["a"], models["f"], CORPUS, [0], 1, "token", max_pairs=10, quiet=True))
+    capped = _all(iter_pairs(models["a"], models["f"], CORPUS, Site((0,)), Site((1,)), "token", max_pairs=10, quiet=True))
     assert sum(c.n for c in capped) == 10
 
 
 def test_token_pairing_refuses_different_tokenizers(models):
     with pytest.raises(SiteMismatchError, match="span"):
-        next(iter_pairs(models["b"], models["f"], CORPUS, [0], 1, "token"))
+        next(iter_pairs(models["b"], models["f"], CORPUS, Site((0,)), Site((1,)), "token"))
 
 
 def test_span_pairing_across_tokenizers(models):
-    (sb, fb), *_ = _all(iter_batch_pairs(models["b"], models["f"], CORPUS, [1], 1, batch_size=len(CORPUS),
+    (sb, fb), *_ = _all(iter_batch_pairs(models["b"], models["f"], CORPUS, Site((1,)), Site((1,)), batch_size=len(CORPUS),
                                           quiet=True))
     n_words = sum(len(word_spans(t)) for t in CORPUS)
     # BPE pieces really do split words here, so this is a cross-tokenizer test
@@ -178,7 +178,7 @@ def test_span_pairing_across_tokenizers(models):
 
 
 def test_text_pairing_pools_each_text(models):
-    (sb, fb), *_ = _all(iter_batch_pairs(models["b"], models["f"], CORPUS, [1], 1, batch_size=len(CORPUS),
+    (sb, fb), *_ = _all(iter_batch_pairs(models["b"], models["f"], CORPUS, Site((1,)), Site((1,)), batch_size=len(CORPUS),
                                           quiet=True))
     mean = pair_batches(sb, fb, CORPUS, "text", [1], 1, pool="mean")
     mx = pair_batches(sb, fb, CORPUS, "text", [1], 1, pool="max")

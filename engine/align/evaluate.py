@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.align.fit import PairedStats, fit_map
+from engine.align.fit import PairedStats
 from engine.align.map import AlignmentMap
 from engine.align.metrics import retrieval_metrics
 
@@ -45,9 +45,9 @@ def evaluate_maps(
     """Fit every method on every (pairing, layer) of ``stats`` and rank the mapped ``queries[layer]``
     (the subject's own concept directions, (n, d_subject)) among ``targets`` (N, d_atlas)."""
     rows = []
-    for (pairing, layer), train in sorted(stats.train.items()):
+    for pairing, layer in sorted(stats.train):
         for method in methods:
-            amap: AlignmentMap = fit_map(train, method, heldout=stats.heldout.get((pairing, layer)))
+            amap: AlignmentMap = stats.fit(pairing, layer, method)
             m = retrieval_metrics(amap.map_directions(queries[layer]), targets, true_index)
             rows.append(RetrievalRow(subject, method, pairing, layer, m.mrr, m.mpp, m.top1, m.top5, m.n,
                                      amap.n_pairs, amap.metrics.get("heldout_r2")))

@@ -9,6 +9,7 @@ hyper-parameters (ridge's λ) and give the fit metrics.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +21,11 @@ import torch
 from engine.align.corpus import split_heldout
 from engine.align.map import AlignmentMap, MapSites, plain_json
 from engine.align.methods import LinearFit, get_method, heldout_r2
-from engine.align.pairing import check_pairing, iter_batch_pairs, pair_batches
+from engine.align.pairing import PairingConfig, check_pairing, iter_batch_pairs, pair_batches
 from engine.align.stats import SufficientStats
 from engine.errors import AtlasError, NotFoundError, ShapeError, SiteMismatchError
 from engine.models.activations import auto_threads, torch_threads
-from engine.models.hooks import resolve_layer
+from engine.models.hooks import Site
 from engine.models.loading import d_model_of, model_info, tokenizer_fingerprint
 from engine.store.maps import MapInfo, save_map
 from engine.util import corpus_fingerprint
@@ -46,81 +47,70 @@ class PairedStats:
     heldout: dict[tuple[str, int], SufficientStats] = field(default_factory=dict)
     corpus_fingerprint: str = ""
 
+    def fit(self, pairing: str, layer: int, method: str, sites: MapSites | None = None,
+            **params: Any) -> AlignmentMap:
+        """The map of ``method`` fitted on (``pairing``, ``layer``): its held-out statistics choose
+        hyper-parameters and give the metrics; the corpus fingerprint is recorded with it."""
+        return fit_map(self.train[(pairing, layer)], method, heldout=self.heldout.get((pairing, layer)), sites=sites,
+                       pairing=pairing, corpus_fingerprint=self.corpus_fingerprint, **params)
+
 
 def accumulate_pairs(
     subject: tuple[torch.nn.Module, Any],
     foundation: tuple[torch.nn.Module, Any],
     train_texts: Sequence[str],
     heldout_texts: Sequence[str],
-    subject_layers: Sequence[int],
-    foundation_layer: int,
-    pairings: Sequence[str] = ("token",),
+    subject_site: Site,
+    foundation_site: Site,
+    config: PairingConfig = PairingConfig(),
     *,
-    pools: dict[str, str | None] | None = None,
-    normalize: bool = False,
-    max_pairs: int | None = None,
-    batch_size: int = 16,
-    subject_site: str = "resid_post",
-    foundation_site: str = "resid_post",
-    subject_layer_module: str | None = None,
-    foundation_layer_module: str | None = None,
-    cache_dir: str | Path | None = None,
-    dtype: Any = torch.float32,
-    threads: int | str | None = "auto",
     quiet: bool = False,
 ) -> PairedStats:
-    """Run both models over the texts once and accumulate statistics for every pairing and layer.
+    """Run both models over the texts once and accumulate statistics for every pairing of
+    ``config`` and every layer of ``subject_site`` (the foundation site has one layer).
 
-    ``max_pairs`` caps the training pairs of each pairing (the pass stops once every pairing has
-    them); held-out texts are used whole. ``threads="auto"`` runs narrow models on one torch
-    thread (see `engine.models.activations.torch_threads`). ``cache_dir`` caches both models'
-    activations as shards for the next fit on the same texts; ``dtype`` is the activations' dtype
-    (statistics are float32 GEMMs into float64 whatever it is).
+    ``config.max_pairs`` caps the training pairs of each pairing (the pass stops once every
+    pairing has them); held-out texts are used whole. ``threads="auto"`` runs narrow models on one
+    torch thread (see `engine.models.activations.torch_threads`).
     """
+    threads = config.threads
     if threads == "auto":
         threads = auto_threads(subject[0], foundation[0])
     with torch_threads(threads):  # type: ignore[arg-type]
-        return _accumulate_pairs(
-            subject, foundation, train_texts, heldout_texts, subject_layers, foundation_layer, pairings, pools,
-            normalize, max_pairs, batch_size, subject_site, foundation_site, subject_layer_module,
-            foundation_layer_module, cache_dir, dtype, quiet,
-        )
+        return _accumulate_pairs(subject, foundation, train_texts, heldout_texts,
+                                 subject_site.resolved(subject[0]), foundation_site.resolved(foundation[0]), config,
+                                 quiet)
 
 
-def _accumulate_pairs(subject, foundation, train_texts, heldout_texts, subject_layers, foundation_layer, pairings,
-                      pools, normalize, max_pairs, batch_size, subject_site, foundation_site, subject_layer_module,
-                      foundation_layer_module, cache_dir, dtype, quiet) -> PairedStats:
-    pools = pools or {}
-    sm, fm = subject[0], foundation[0]
-    s_layers = [resolve_layer(sm, L, subject_layer_module) for L in subject_layers]
-    f_layer = resolve_layer(fm, foundation_layer, foundation_layer_module)
-    d_s, d_f = d_model_of(sm), d_model_of(fm)
-    for p in pairings:
+def _accumulate_pairs(subject: tuple[torch.nn.Module, Any], foundation: tuple[torch.nn.Module, Any],
+                      train_texts: Sequence[str], heldout_texts: Sequence[str], s_site: Site, f_site: Site,
+                      config: PairingConfig, quiet: bool) -> PairedStats:
+    d_s, d_f = d_model_of(subject[0]), d_model_of(foundation[0])
+    for p in config.pairings:
         check_pairing(p, subject[1], foundation[1])
     out = PairedStats(corpus_fingerprint=corpus_fingerprint([*train_texts, "\x00heldout\x00", *heldout_texts]))
-    for split, texts, cap in (("train", train_texts, max_pairs), ("heldout", heldout_texts, None)):
+    for split, texts, cap in (("train", train_texts, config.max_pairs), ("heldout", heldout_texts, None)):
         target = out.train if split == "train" else out.heldout
-        for p in pairings:
-            for L in s_layers:
-                target[(p, L)] = SufficientStats(d_s, d_f, normalize=normalize,
+        for p in config.pairings:
+            for L in s_site.layers:
+                target[(p, L)] = SufficientStats(d_s, d_f, normalize=config.normalize,
                                                  sample_size=COSINE_SAMPLE if split == "heldout" else 0)
         if not texts:
             continue
-        counts = dict.fromkeys(pairings, 0)
+        counts = dict.fromkeys(config.pairings, 0)
         for sb, fb in iter_batch_pairs(
-            subject, foundation, texts, s_layers, f_layer, subject_site=subject_site,
-            foundation_site=foundation_site, batch_size=batch_size, subject_layer_module=subject_layer_module,
-            foundation_layer_module=foundation_layer_module, cache_dir=cache_dir if cap is None else None,
-            dtype=dtype, desc=f"pairs ({split})", quiet=quiet,
+            subject, foundation, texts, s_site, f_site, batch_size=config.batch_size,
+            cache_dir=config.cache_dir if cap is None else None, dtype=config.dtype, desc=f"pairs ({split})",
+            quiet=quiet,
         ):
-            for p in pairings:
+            for p in config.pairings:
                 if cap is not None and counts[p] >= cap:
                     continue
-                chunk = pair_batches(sb, fb, texts, p, s_layers, f_layer, pools.get(p))
+                chunk = pair_batches(sb, fb, texts, p, s_site.layers, f_site.layer, config.pools.get(p))
                 if cap is not None and counts[p] + chunk.n > cap:
                     chunk = chunk.head(cap - counts[p])
                 counts[p] += chunk.n
-                for L in s_layers:
+                for L in s_site.layers:
                     target[(p, L)].update(chunk.x[L], chunk.y)
             if cap is not None and all(c >= cap for c in counts.values()):
                 break
@@ -186,57 +176,46 @@ def store_extra(store: Any, model_name: str) -> dict[str, Any]:
 def align_subject(
     store: Any,
     subject: str,
-    layer: int,
+    site: Site,
     atlas: str,
     texts: Sequence[str],
     heldout_texts: Sequence[str] | None = None,
     *,
     method: str = "procrustes",
     pairing: str = "auto",
-    pool: str | None = None,
-    max_pairs: int | None = None,
-    batch_size: int = 16,
-    normalize: bool = False,
-    hook: str = "resid_post",
-    layer_module: str | None = None,
+    config: PairingConfig = PairingConfig(),
     kind: str = "causal",
-    dtype: Any = torch.float32,
-    cache: bool = False,
     name: str | None = None,
     overwrite: bool = False,
     quiet: bool = False,
     **params: Any,
 ) -> MapInfo:
-    """Fit and store the map of ``subject`` at ``layer`` onto ``atlas`` (the ``atlas align`` command).
+    """Fit and store the map of ``subject`` at ``site`` (one layer) onto ``atlas`` (``atlas align``).
 
     Without ``heldout_texts`` a tenth of ``texts`` (by hash) is held out. ``pairing="auto"`` is
-    ``token`` when the two tokenizers are the same and ``span`` otherwise. ``dtype`` loads both
-    models in that dtype; ``cache`` keeps their activations under the store's ``activations/``.
+    ``token`` when the two tokenizers are the same and ``span`` otherwise; ``config`` says how the
+    pass pairs (its pools, caps, batch size and dtype, in which both models are loaded); its
+    ``pairings`` are replaced by ``pairing``. ``params`` go to the method (e.g. ridge's ``lam``).
     """
-    from engine.store import layout
-
     ainfo = store.atlas(atlas)
-    s_name, sm, stok = resolve_subject(store, subject, kind=kind, dtype=dtype, layer_module=layer_module)
-    fm, ftok = load_atlas_model(store, ainfo, dtype=dtype)
+    s_name, sm, stok = resolve_subject(store, subject, kind=kind, dtype=config.dtype, layer_module=site.layer_module)
+    fm, ftok = load_atlas_model(store, ainfo, dtype=config.dtype)
     if d_model_of(fm) != ainfo.dim:
         raise SiteMismatchError(
             f"atlas {ainfo.name!r} has d={ainfo.dim} but its model {ainfo.model!r} has d={d_model_of(fm)}"
         )
-    L = resolve_layer(sm, layer, layer_module)
+    site = site.resolved(sm)
     if pairing == "auto":
         pairing = "token" if tokenizer_fingerprint(stok) == tokenizer_fingerprint(ftok) else "span"
     if heldout_texts is None:
         texts, heldout_texts = split_heldout(texts)
-    stats = accumulate_pairs(
-        (sm, stok), (fm, ftok), texts, heldout_texts, [L], ainfo.layer, [pairing], pools={pairing: pool},
-        normalize=normalize, max_pairs=max_pairs, batch_size=batch_size, subject_site=hook,
-        foundation_site=ainfo.hook, subject_layer_module=layer_module,
-        cache_dir=Path(store.path) / layout.ACTIVATIONS_DIR if cache else None, quiet=quiet,
-    )
-    sites = MapSites(s_name, L, ainfo.name, ainfo.model, ainfo.layer, hook, ainfo.hook)
+    pool = config.pools.get(pairing, config.pools.get("auto"))
+    config = dataclasses.replace(config, pairings=(pairing,), pools={pairing: pool} if pool else {})
+    stats = accumulate_pairs((sm, stok), (fm, ftok), texts, heldout_texts, site, Site((ainfo.layer,), ainfo.hook),
+                             config, quiet=quiet)
+    sites = MapSites(s_name, site.layer, ainfo.name, ainfo.model, ainfo.layer, site.hook, ainfo.hook)
     try:
-        amap = fit_map(stats.train[(pairing, L)], method, heldout=stats.heldout[(pairing, L)], sites=sites,
-                       pairing=pairing, corpus_fingerprint=stats.corpus_fingerprint, **params)
+        amap = stats.fit(pairing, site.layer, method, sites, **params)
     except CorpusTooSmallError as e:
         raise CorpusTooSmallError(f"{e} (pairing {pairing!r}, {len(texts)} training texts)") from None
     return save_map(store, amap, name, overwrite=overwrite)

@@ -16,19 +16,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from engine.errors import AtlasError, ShapeError, SiteMismatchError
-from engine.models.hooks import resolve_layer
+from engine.errors import AtlasError, BadValueError, ShapeError, SiteMismatchError
+from engine.models.activations import TokenBatch, collect, default_max_length
+from engine.models.hooks import Site
 from engine.models.loading import tokenizer_fingerprint
-
-if TYPE_CHECKING:
-    from engine.models.activations import TokenBatch
 
 PAIRINGS: tuple[str, ...] = ("token", "span", "text")
 # How a span (word) or a text is pooled into one vector.
@@ -180,20 +178,45 @@ def check_pairing(pairing: str, subject_tokenizer: Any, foundation_tokenizer: An
             )
 
 
+@dataclass(frozen=True)
+class PairingConfig:
+    """How one pass pairs and streams the activations of the same texts (docs/design.md §5)."""
+
+    pairings: tuple[str, ...] = ("token",)  # token | span | text; several share one forward pass
+    pools: dict[str, str | None] = field(default_factory=dict)  # pairing (or "auto") -> pool; default_pool if absent
+    max_pairs: int | None = None  # training pairs per pairing; held-out texts are used whole
+    batch_size: int = 16  # texts per forward pass
+    normalize: bool = False  # statistics of unit-norm rows (Procrustes --normalize)
+    dtype: str = "float32"  # dtype of the activations; statistics are float64 whatever it is
+    cache_dir: Path | None = None  # cache both models' activations as shards here
+    threads: int | str | None = "auto"  # torch threads; auto: one for narrow models (faster on small d)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pairings", (self.pairings,) if isinstance(self.pairings, str)
+                           else tuple(self.pairings))
+        for p in self.pairings:
+            if p not in PAIRINGS:
+                raise BadValueError(f"pairing must be one of {PAIRINGS}, got {p!r}")
+        for p, pool in self.pools.items():
+            allowed = {"span": SPAN_POOLS, "text": TEXT_POOLS, "auto": SPAN_POOLS + TEXT_POOLS}.get(p, ())
+            if pool is not None and pool not in allowed:
+                raise BadValueError(f"pool {pool!r} does not apply to {p} pairing (span: {SPAN_POOLS}; text: {TEXT_POOLS})")
+        if self.batch_size < 1:
+            raise BadValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_pairs is not None and self.max_pairs < 1:
+            raise BadValueError(f"max_pairs must be >= 1, got {self.max_pairs}")
+
+
 def iter_batch_pairs(
     subject: tuple[torch.nn.Module, Any],
     foundation: tuple[torch.nn.Module, Any],
     texts: Sequence[str],
-    subject_layers: Sequence[int],
-    foundation_layer: int,
+    subject_site: Site,
+    foundation_site: Site,
     *,
-    subject_site: str = "resid_post",
-    foundation_site: str = "resid_post",
     batch_size: int = 16,
     max_length: int | None = None,
     dtype: torch.dtype | str = torch.float32,
-    subject_layer_module: str | None = None,
-    foundation_layer_module: str | None = None,
     cache_dir: str | Path | None = None,
     desc: str | None = "pairs",
     quiet: bool = False,
@@ -204,15 +227,14 @@ def iter_batch_pairs(
     default), so ``token`` pairing sees the same tokens on both sides. With ``cache_dir`` each
     side's activations are cached as shards there (see `engine.models.activations.collect`).
     """
-    from engine.models.activations import collect, default_max_length
-
     (sm, stok), (fm, ftok) = subject, foundation
     if max_length is None:
         max_length = min(default_max_length(sm, stok), default_max_length(fm, ftok))
-    gen_s = collect(sm, stok, texts, subject_layers, subject_site, batch_size, max_length=max_length,
-                    dtype=dtype, layer_module=subject_layer_module, shard_dir=cache_dir, desc=desc, quiet=quiet)
-    gen_f = collect(fm, ftok, texts, [foundation_layer], foundation_site, batch_size, max_length=max_length,
-                    dtype=dtype, layer_module=foundation_layer_module, shard_dir=cache_dir, desc=None)
+    gen_s = collect(sm, stok, texts, subject_site.layers, subject_site.hook, batch_size, max_length=max_length,
+                    dtype=dtype, layer_module=subject_site.layer_module, shard_dir=cache_dir, desc=desc, quiet=quiet)
+    gen_f = collect(fm, ftok, texts, foundation_site.layers, foundation_site.hook, batch_size,
+                    max_length=max_length, dtype=dtype, layer_module=foundation_site.layer_module,
+                    shard_dir=cache_dir, desc=None)
     yield from zip(gen_s, gen_f, strict=True)
 
 
@@ -220,8 +242,8 @@ def iter_pairs(
     subject: tuple[torch.nn.Module, Any],
     foundation: tuple[torch.nn.Module, Any],
     texts: Sequence[str],
-    subject_layers: Sequence[int],
-    foundation_layer: int,
+    subject_site: Site,
+    foundation_site: Site,
     pairing: str = "token",
     pool: str | None = None,
     max_pairs: int | None = None,
@@ -229,15 +251,15 @@ def iter_pairs(
 ) -> Iterator[PairChunk]:
     """Stream paired (subject, foundation) activations, ``max_pairs`` at most.
 
-    ``subject`` and ``foundation`` are ``(model, tokenizer)``; other keyword arguments go to
-    `iter_batch_pairs`. ``token`` pairing checks up front that the tokenizers are the same.
+    ``subject`` and ``foundation`` are ``(model, tokenizer)``; the foundation site has one layer;
+    other keyword arguments go to `iter_batch_pairs`. ``token`` pairing checks up front that the
+    tokenizers are the same.
     """
     check_pairing(pairing, subject[1], foundation[1])
-    s_layers = [resolve_layer(subject[0], L, kwargs.get("subject_layer_module")) for L in subject_layers]
-    f_layer = resolve_layer(foundation[0], foundation_layer, kwargs.get("foundation_layer_module"))
+    s_site, f_site = subject_site.resolved(subject[0]), foundation_site.resolved(foundation[0])
     n = 0
-    for sb, fb in iter_batch_pairs(subject, foundation, texts, s_layers, f_layer, **kwargs):
-        chunk = pair_batches(sb, fb, texts, pairing, s_layers, f_layer, pool)
+    for sb, fb in iter_batch_pairs(subject, foundation, texts, s_site, f_site, **kwargs):
+        chunk = pair_batches(sb, fb, texts, pairing, s_site.layers, f_site.layer, pool)
         if max_pairs is not None and n + chunk.n >= max_pairs:
             yield chunk.head(max_pairs - n)
             return

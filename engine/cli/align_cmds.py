@@ -81,6 +81,9 @@ def align(subject, layer, atlas_name, corpus, use_world, size, seed, method, pai
     """
     from engine.align.corpus import read_corpus
     from engine.align.fit import align_subject
+    from engine.align.pairing import PairingConfig
+    from engine.models.hooks import Site
+    from engine.store import layout
 
     if bool(corpus) == bool(use_world):
         raise click.UsageError("give exactly one of --corpus FILE or --world")
@@ -106,10 +109,14 @@ def align(subject, layer, atlas_name, corpus, use_world, size, seed, method, pai
         params["scale"] = False
     if method == "ridge" and lam is not None:
         params["lam"] = lam
+    config = PairingConfig(
+        pools={pairing: pool} if pool else {}, max_pairs=max_tokens, batch_size=batch_size, normalize=normalize,
+        dtype=dtype, cache_dir=store.path / layout.ACTIVATIONS_DIR if cache else None,
+    )
     info = align_subject(
-        store, subject, layer, atlas_name, texts, heldout, method=method, pairing=pairing, pool=pool,
-        max_pairs=max_tokens, batch_size=batch_size, normalize=normalize, hook=hook, layer_module=layer_module,
-        kind="encoder" if encoder else "causal", dtype=dtype, cache=cache, name=name, overwrite=overwrite, **params,
+        store, subject, Site((layer,), hook, layer_module), atlas_name, texts, heldout, method=method,
+        pairing=pairing, config=config, kind="encoder" if encoder else "causal", name=name, overwrite=overwrite,
+        **params,
     )
     _show(info, as_json)
 

@@ -17,10 +17,43 @@ from typing import Any, Literal
 
 import torch
 
-from engine.errors import ArchitectureError, ShapeError
+from engine.errors import ArchitectureError, BadValueError, ShapeError
 
-Site = Literal["resid_post", "resid_pre"]
+Hook = Literal["resid_post", "resid_pre"]
 SITES: tuple[str, ...] = ("resid_post", "resid_pre")
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where activations are read in one model: block index(es), hook point, and the block list.
+
+    ``layers`` may count from the end (negative), resolved against the model when used;
+    ``layer_module`` names the block list by hand for an architecture `resolve_blocks` does not know.
+    """
+
+    layers: tuple[int, ...]
+    hook: str = "resid_post"  # resid_post: a block's output; resid_pre: its input
+    layer_module: str | None = None
+
+    def __post_init__(self) -> None:
+        layers = (self.layers,) if isinstance(self.layers, int) else tuple(int(v) for v in self.layers)
+        if not layers:
+            raise ShapeError("a site needs at least one layer")
+        if self.hook not in SITES:
+            raise BadValueError(f"hook must be one of {SITES}, got {self.hook!r}")
+        object.__setattr__(self, "layers", layers)
+
+    @property
+    def layer(self) -> int:
+        """The site's one layer (a site of several layers has none)."""
+        if len(self.layers) != 1:
+            raise ShapeError(f"this site has {len(self.layers)} layers, not one: {list(self.layers)}")
+        return self.layers[0]
+
+    def resolved(self, model: torch.nn.Module) -> Site:
+        """The same site with its layers as non-negative block indices of ``model`` (checked)."""
+        return Site(tuple(resolve_layer(model, L, self.layer_module) for L in self.layers), self.hook,
+                    self.layer_module)
 
 
 class _StopForward(Exception):

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import NotFoundError
+from engine.models.hooks import Site
 from engine.world.locate import ensure_registered, world_texts
 from engine.world.register import concept_ordinals
 
@@ -81,5 +82,5 @@ def _fit_default_map(store: Any, world: Any, key: str, quiet: bool):
     # Validation texts come from the training documents: the world's held-out documents define the
     # ground-truth directions being scored, so no fit (nor its metrics) may see them.
     train, val = world_texts(world)
-    return align_subject(store, wm.name, wm.default_layer, world.atlas_name, train, val, method="procrustes",
-                         quiet=quiet)
+    return align_subject(store, wm.name, Site((wm.default_layer,)), world.atlas_name, train, val,
+                         method="procrustes", quiet=quiet)

@@ -14,7 +14,8 @@ import numpy as np
 
 from engine.align.evaluate import RetrievalRow, evaluate_maps
 from engine.align.fit import accumulate_pairs
-from engine.models.hooks import resolve_layer
+from engine.align.pairing import PairingConfig
+from engine.models.hooks import Site, resolve_layer
 from engine.models.loading import tokenizer_fingerprint
 from engine.store.store import Store
 from engine.world.build import World
@@ -61,8 +62,8 @@ def evaluate_world_retrieval(
         if not ps:
             continue
         ls = [resolve_layer(sub[0], L) for L in (layers if layers is not None else range(spec.n_layers))]
-        stats = accumulate_pairs(sub, foundation, train, val, ls, atlas_layer, ps, max_pairs=max_pairs,
-                                 batch_size=batch_size, quiet=quiet)
+        stats = accumulate_pairs(sub, foundation, train, val, Site(tuple(ls)), Site((atlas_layer,)),
+                                 PairingConfig(tuple(ps), max_pairs=max_pairs, batch_size=batch_size), quiet=quiet)
         queries = {L: np.asarray(world.concept_directions(key, L)) for L in ls}
         rows += evaluate_maps(stats, queries, targets, true_index, methods, subject=spec.name)
     return rows

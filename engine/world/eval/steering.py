@@ -52,9 +52,11 @@ def world_maps(store: Any, world: Any, key: str, layers: Sequence[int] | None = 
     lacks is fitted first, from one pass over (at most ``max_pairs`` pairs of) the world's
     training texts, and stored.
     """
-    from engine.align.fit import accumulate_pairs, fit_map
+    from engine.align.fit import accumulate_pairs
     from engine.align.map import MapSites
+    from engine.align.pairing import PairingConfig
     from engine.errors import NotFoundError
+    from engine.models.hooks import Site
     from engine.models.loading import load_model
     from engine.store.maps import list_maps, load_map, save_map
 
@@ -77,13 +79,12 @@ def world_maps(store: Any, world: Any, key: str, layers: Sequence[int] | None = 
         pairing = "token" if wm.tokenizer_fingerprint == world.foundation.tokenizer_fingerprint else "span"
         train, held = world_texts(world)
         fit_layers = sorted({L for L, _ in todo})
-        stats = accumulate_pairs(subject, foundation, train, held, fit_layers, atlas.layer, [pairing],
-                                 max_pairs=max_pairs, quiet=quiet)
+        stats = accumulate_pairs(subject, foundation, train, held, Site(tuple(fit_layers)), Site((atlas.layer,)),
+                                 PairingConfig((pairing,), max_pairs=max_pairs), quiet=quiet)
         taken = {m.name for m in list_maps(store)}
         for L, meth in todo:
             sites = MapSites(wm.name, L, atlas.name, atlas.model, atlas.layer)
-            amap = fit_map(stats.train[(pairing, L)], meth, heldout=stats.heldout[(pairing, L)], sites=sites,
-                           pairing=pairing, corpus_fingerprint=stats.corpus_fingerprint)
+            amap = stats.fit(pairing, L, meth, sites)
             name = f"{wm.name}-L{L}-{meth}"
             if name in taken:
                 name = f"{name}-{pairing}"
