@@ -22,9 +22,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from engine.errors import ShapeError
+from engine.errors import BadValueError, ShapeError
 from engine.store.store import Hit, Store
-from engine.util import unit_rows
+from engine.util import check_k, unit_rows
 
 VectorKind = Literal["directions", "activations"]
 VECTOR_KINDS: tuple[str, ...] = ("directions", "activations")
@@ -49,7 +49,7 @@ def project(amap: Any, vectors: np.ndarray, kind: VectorKind = "directions", cen
         if centre:
             y = y - atlas_centre(amap)
     else:
-        raise ValueError(f"kind must be one of {VECTOR_KINDS}, got {kind!r}")
+        raise BadValueError(f"kind must be one of {VECTOR_KINDS}, got {kind!r}")
     return unit_rows(y)
 
 
@@ -80,8 +80,7 @@ def search_arrays(
 
     Ordinals are ``-1`` (score ``-inf``) where the index returns fewer than ``k``.
     """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    check_k(k)
     info = store.atlas(amap.atlas)
     amap.check_atlas(info.name, info.dim)
     x = _as_matrix(vectors, amap, "subject vectors")

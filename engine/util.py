@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from engine.errors import BadValueError
 from indexes.base import write_atomic
 
-__all__ = ["corpus_fingerprint", "sha256_bytes", "to_plain", "unit_rows", "utcnow", "write_atomic"]
+__all__ = ["check_k", "corpus_fingerprint", "sha256_bytes", "to_plain", "unit_rows", "utcnow", "write_atomic"]
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -29,6 +30,13 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     norms = np.linalg.norm(x, axis=-1, keepdims=True)
     return x / np.where(norms > 0, norms, 1.0)
+
+
+def check_k(k: int) -> int:
+    """``k`` (results per query) if it is at least 1, else a `BadValueError` saying so."""
+    if not isinstance(k, int) or k < 1:
+        raise BadValueError(f"k must be a whole number >= 1 (results per query), got {k!r}")
+    return k
 
 
 def utcnow() -> dt.datetime:

@@ -111,7 +111,7 @@ def test_user_errors_are_one_line_messages(setup, folders, tmp_path):
     res = run("align", str(folders["subj"]), "-l", "1", "--atlas", "atl", *s)
     assert res.exit_code == 2 and "--corpus" in res.output
     res = run("align", str(folders["subj"]), "-l", "1", "--atlas", "atl", "--corpus", str(corpus), "--method", "x", *s)
-    assert res.exit_code == 2 and "procrustes" in res.output
+    assert res.exit_code == 1 and "unknown alignment method" in res.output and "procrustes" in res.output
     res = run("map", "show", "nope", *s)
     assert res.exit_code == 1 and "atlas maps" in res.output
 

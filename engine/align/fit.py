@@ -197,6 +197,7 @@ def align_subject(
     pass pairs (its pools, caps, batch size and dtype, in which both models are loaded); its
     ``pairings`` are replaced by ``pairing``. ``params`` go to the method (e.g. ridge's ``lam``).
     """
+    get_method(method)  # an unknown method fails now, not after the pass over the corpus
     ainfo = store.atlas(atlas)
     s_name, sm, stok = resolve_subject(store, subject, kind=kind, dtype=config.dtype, layer_module=site.layer_module)
     fm, ftok = load_atlas_model(store, ainfo, dtype=config.dtype)

@@ -17,6 +17,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from engine.align.stats import SufficientStats
+from engine.errors import BadValueError
 
 
 @dataclass
@@ -60,7 +61,7 @@ def get_method(name: str) -> AlignMethod:
     try:
         return METHODS[name]
     except KeyError:
-        raise ValueError(f"unknown alignment method {name!r}; known: {', '.join(sorted(METHODS))}") from None
+        raise BadValueError(f"unknown alignment method {name!r}; known: {', '.join(sorted(METHODS))}") from None
 
 
 # ----------------------------------------------------------------------------- held-out error
@@ -121,7 +122,7 @@ def _ridge_one_way(train: SufficientStats, heldout: SufficientStats | None, lam:
     unit = float(evals.mean()) or 1.0
     if lam is None:
         if heldout is None or heldout.count == 0:
-            raise ValueError("ridge needs held-out pairs to choose λ (or pass lam=...)")
+            raise BadValueError("ridge needs held-out pairs to choose λ (or pass lam=...)")
         a = heldout.mean_x - train.mean_x
         b = heldout.mean_y - train.mean_y
         G = Q.T @ (heldout.cxx + heldout.n * np.outer(a, a)) @ Q  # held-out XᵀX about the train means
@@ -179,6 +180,6 @@ def fit_correlation(train: SufficientStats, heldout: SufficientStats | None = No
         j2 = np.abs(C).argmax(1)  # inverse: each subject unit from its best atlas unit
         B[j2, i2] = C[i2, j2] * sx[i2] / sy[j2]
     else:
-        raise ValueError(f"matching must be 'hungarian' or 'greedy', got {matching!r}")
+        raise BadValueError(f"matching must be 'hungarian' or 'greedy', got {matching!r}")
     return LinearFit(A=A, B=B, mean_x=train.mean_x.copy(), mean_y=train.mean_y.copy(),
                      params={"matching": matching, "normalize": train.normalize})

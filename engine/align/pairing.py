@@ -107,7 +107,7 @@ def _pool(acts: dict[int, torch.Tensor], keys: np.ndarray, pool: str) -> tuple[n
             acc = torch.full((len(uniq), a.shape[1]), float("-inf"), dtype=a.dtype)
             out[L] = acc.scatter_reduce(0, inv[:, None].expand_as(a), a, reduce="amax")
         else:
-            raise ValueError(f"unknown pool {pool!r}")
+            raise BadValueError(f"unknown pool {pool!r}")
     return uniq, out
 
 
@@ -133,7 +133,7 @@ def pair_batches(
     if sub.texts != fnd.texts:
         raise ShapeError(f"batches cover different texts: {sub.texts} vs {fnd.texts}")
     if pairing not in PAIRINGS:
-        raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+        raise BadValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
     pool = pool or default_pool(pairing)
     xs = {L: sub.acts[L] for L in subject_layers}
     y = fnd.acts[foundation_layer]
@@ -146,11 +146,11 @@ def pair_batches(
         return PairChunk(xs, y)
     if pairing == "span":
         if pool not in SPAN_POOLS:
-            raise ValueError(f"span pooling must be one of {SPAN_POOLS}, got {pool!r}")
+            raise BadValueError(f"span pooling must be one of {SPAN_POOLS}, got {pool!r}")
         kx, ky = token_words(sub, texts), token_words(fnd, texts)
     else:
         if pool not in TEXT_POOLS:
-            raise ValueError(f"text pooling must be one of {TEXT_POOLS}, got {pool!r}")
+            raise BadValueError(f"text pooling must be one of {TEXT_POOLS}, got {pool!r}")
         kx, ky = sub.text_index.copy(), fnd.text_index.copy()
     ux, px = _pool(xs, kx, pool)
     uy, py = _pool({-1: y}, ky, pool)
@@ -162,7 +162,7 @@ def pair_batches(
 def check_pairing(pairing: str, subject_tokenizer: Any, foundation_tokenizer: Any) -> None:
     """Raise early when a pairing cannot work with these tokenizers."""
     if pairing not in PAIRINGS:
-        raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+        raise BadValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
     if pairing == "token" and tokenizer_fingerprint(subject_tokenizer) != tokenizer_fingerprint(foundation_tokenizer):
         raise SiteMismatchError(
             "token pairing needs the same tokenizer in both models (their vocabulary fingerprints differ); "

@@ -21,7 +21,7 @@ from engine.errors import AtlasError, IndexIntegrityError
 from engine.store import layout
 from engine.store.schema import AtlasRow
 from engine.store.store import Store
-from engine.util import sha256_bytes
+from engine.util import check_k, sha256_bytes
 
 # A word in more than this share of concepts (and at least COMMON_MIN_DOCS) is "common".
 COMMON_FRACTION = 0.05
@@ -194,6 +194,7 @@ def semantic_search(store: Store, query: str, k: int, atlas: str | None = None) 
 
 def lookup(store: Store, query: str, k: int = 10, atlas: str | None = None, semantic: bool | None = None) -> list[LookupHit]:
     """Concepts matching a text query, best first (full-text, fused with semantic where available)."""
+    check_k(k)
     if atlas is not None:
         store.atlas(atlas)  # raises a clear error for an unknown atlas
     depth = max(k * 5, 50)

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from engine.cli.common import (
+    METHOD_NAMES,
     emit,
     json_option,
     open_store,
@@ -16,7 +17,6 @@ from engine.cli.common import (
     store_options,
 )
 
-METHOD_NAMES = ("procrustes", "ridge", "correlation")  # the registered methods (checked against the registry)
 MAP_COLUMNS = ["name", "subject_model", "subject_layer", "atlas", "method", "pairing", "n_pairs", "heldout_r2",
                "heldout_cosine"]
 
@@ -25,15 +25,6 @@ def register(cli: click.Group) -> None:
     cli.add_command(align)
     cli.add_command(maps)
     cli.add_command(map_group)
-
-
-def check_methods(methods):
-    from engine.align.methods import METHODS
-
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise click.BadParameter(f"unknown method {unknown[0]!r}; known: {', '.join(sorted(METHODS))}",
-                                 param_hint="--method")
 
 
 @click.command()
@@ -87,7 +78,6 @@ def align(subject, layer, atlas_name, corpus, use_world, size, seed, method, pai
 
     if bool(corpus) == bool(use_world):
         raise click.UsageError("give exactly one of --corpus FILE or --world")
-    check_methods([method])
     if max_tokens is not None and max_tokens < 1:
         raise click.BadParameter("must be positive", param_hint="--max-tokens")
     quiet_transformers()

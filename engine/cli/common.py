@@ -19,6 +19,8 @@ import click
 from engine.util import to_plain
 
 DEFAULT_STORE = "./atlas-store"
+# The registered alignment methods, for help texts (the engine checks names; a test keeps this in step).
+METHOD_NAMES = ("procrustes", "ridge", "correlation")
 
 
 def store_options(f: Callable) -> Callable:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import click
 
-from engine.cli.align_cmds import METHOD_NAMES, check_methods
 from engine.cli.common import (
     LAYER_LIST,
+    METHOD_NAMES,
     comma_list,
     emit,
     json_option,
@@ -65,7 +65,6 @@ def eval_retrieval(use_world, size, seed, methods, layers, pairings, subjects, m
     from engine.world.eval.retrieval import evaluate_world_retrieval
 
     methods = methods or list(METHOD_NAMES)
-    check_methods(methods)
     quiet_transformers()
     rows = evaluate_world_retrieval(open_store(store_dir, db_url), size=size, seed=seed, methods=methods,
                                     layers=layers, pairings=pairings, subjects=subjects, max_pairs=max_tokens)

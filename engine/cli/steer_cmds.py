@@ -76,25 +76,22 @@ def steer(map_name, concepts, prompts, strength, layers, mode, positions, combin
     given = {name for name in _PLAN_OPTIONS if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
     values = dict(strength=strength, layers=layers, mode=mode, positions=positions, combine=combine,
                   max_new_tokens=max_new_tokens, seed=seed, sample=sample, temperature=temperature)
-    try:
-        if plan_file is not None:
-            plan = SteeringPlan.load(plan_file)
-            d = plan.to_dict() | {_PLAN_OPTIONS[k]: values[k] for k in given}
-            if map_name:
-                d["map"] = map_name
-            if concepts:
-                d["concepts"] = [{"query": c} for c in concepts]
-            if native:
-                d["direction"] = "native"
-            plan = SteeringPlan.from_dict(d)
-        else:
-            if not map_name or not concepts:
-                raise click.UsageError("give MAP and at least one --concept (or --plan FILE)")
-            plan = SteeringPlan(map_name, [PlanConcept(c) for c in concepts],
-                                direction="native" if native else "transferred",
-                                **{_PLAN_OPTIONS[k]: v for k, v in values.items()})
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
+    if plan_file is not None:
+        plan = SteeringPlan.load(plan_file)
+        d = plan.to_dict() | {_PLAN_OPTIONS[k]: values[k] for k in given}
+        if map_name:
+            d["map"] = map_name
+        if concepts:
+            d["concepts"] = [{"query": c} for c in concepts]
+        if native:
+            d["direction"] = "native"
+        plan = SteeringPlan.from_dict(d)
+    else:
+        if not map_name or not concepts:
+            raise click.UsageError("give MAP and at least one --concept (or --plan FILE)")
+        plan = SteeringPlan(map_name, [PlanConcept(c) for c in concepts],
+                            direction="native" if native else "transferred",
+                            **{_PLAN_OPTIONS[k]: v for k, v in values.items()})
     quiet_transformers()
     store = open_store(store_dir, db_url)
     model = tokenizer = model_name = None

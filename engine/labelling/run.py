@@ -32,7 +32,7 @@ from engine.progress import progress
 from engine.search import project
 from engine.store.schema import AlignmentMapRow, AtlasRow, ConceptRow, FeatureLabelRow, LabelRunRow
 from engine.store.store import Store
-from engine.util import utcnow
+from engine.util import check_k, utcnow
 
 DEFAULT_K = 5
 DEFAULT_BATCH = 4096  # features per transaction: a few seconds of search on a 100k atlas
@@ -159,8 +159,7 @@ def _create_run(store: Store, map_name: str, features: str, *, k: int, name: str
                 key: str | None, site_check: bool, overwrite: bool) -> tuple[LabellingRun, FeatureSource]:
     from engine.store.maps import load_map, map_info
 
-    if k < 1:
-        raise AtlasError(f"k must be >= 1, got {k}")
+    check_k(k)
     if batch_size < 1:
         raise AtlasError(f"--batch must be >= 1, got {batch_size}")
     amap = load_map(store, map_name)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.errors import BadValueError
 from engine.models.hooks import forward_to_layers, read_residuals, resolve_layer
 from engine.models.loading import as_dtype, model_fingerprint, tokenizer_fingerprint
 from engine.progress import progress
@@ -143,7 +144,7 @@ def collect(
     running the model; a pass that was not read to its end leaves no reusable cache.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise BadValueError(f"batch_size must be >= 1, got {batch_size}")
     out_dtype = as_dtype(dtype) or torch.float32
     layer_idx = sorted({resolve_layer(model, layer, layer_module) for layer in layers})
     max_length = max_length or default_max_length(model, tokenizer)

@@ -103,7 +103,7 @@ def read_residuals(
     later blocks and the LM head are never run.
     """
     if site not in SITES:
-        raise ValueError(f"site must be one of {SITES}, got {site!r}")
+        raise BadValueError(f"site must be one of {SITES}, got {site!r}")
     blocks = resolve_blocks(model, layer_module)
     idx = sorted({resolve_layer(model, layer, layer_module) for layer in layers})
     capture = ResidualCapture(tuple(idx), site)

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import torch
 
-from engine.errors import ArchitectureError, NotFoundError
+from engine.errors import ArchitectureError, BadValueError, NotFoundError
 from engine.models.hooks import resolve_blocks
 
 ModelKind = Literal["causal", "encoder"]
@@ -49,7 +49,7 @@ def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     try:
         return _DTYPES[str(dtype).lower()]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}") from None
+        raise BadValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}") from None
 
 
 def load_model(
@@ -67,7 +67,7 @@ def load_model(
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     if kind not in MODEL_KINDS:
-        raise ValueError(f"kind must be one of {MODEL_KINDS}, got {kind!r}")
+        raise BadValueError(f"kind must be one of {MODEL_KINDS}, got {kind!r}")
     local = Path(name_or_path).expanduser().exists()
     src = str(Path(name_or_path).expanduser()) if local else str(name_or_path)
     kwargs: dict[str, Any] = {"revision": revision, "local_files_only": local}

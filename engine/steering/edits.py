@@ -30,7 +30,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from engine.errors import ShapeError, SiteMismatchError
+from engine.errors import BadValueError, ShapeError, SiteMismatchError
 from engine.models.hooks import resolve_blocks, resolve_layer
 from engine.models.loading import d_model_of
 
@@ -86,7 +86,7 @@ class SteeringEdit:
 
     def __post_init__(self) -> None:
         if self.mode not in STEERING_MODES:
-            raise ValueError(f"mode must be one of {sorted(STEERING_MODES)}, got {self.mode!r}")
+            raise BadValueError(f"mode must be one of {sorted(STEERING_MODES)}, got {self.mode!r}")
         u = np.asarray(self.direction, dtype=np.float64)
         if u.ndim not in (1, 2) or 0 in u.shape:
             raise ShapeError(f"a steering direction must be (d,) or (n_rows, d), got shape {u.shape}")
@@ -94,7 +94,7 @@ class SteeringEdit:
         if not np.all(np.isfinite(n)) or np.any(n == 0.0):
             raise ShapeError(f"steering direction {self.label or self.layer!r} is zero or not finite")
         if not (math.isfinite(self.norm) and self.norm > 0):
-            raise ValueError(f"norm must be a positive number (the site's typical residual norm), got {self.norm}")
+            raise BadValueError(f"norm must be a positive number (the site's typical residual norm), got {self.norm}")
         object.__setattr__(self, "direction", (u / n).astype(np.float32))
 
     @property
@@ -212,7 +212,7 @@ def steer(
     With no edits this installs nothing, so unsteered runs pay nothing.
     """
     if positions not in POSITIONS:
-        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+        raise BadValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
     check_edits(model, edits, layer_module)
     blocks = resolve_blocks(model, layer_module)
     by_layer: dict[int, list[SteeringEdit]] = {}

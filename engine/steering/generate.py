@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from engine.errors import ShapeError
+from engine.errors import BadValueError, ShapeError
 from engine.models.activations import collect
 from engine.steering.edits import Positions, SteeringEdit, steer
 
@@ -69,7 +69,7 @@ def generate(
     (pass `special_token_ids` to keep the end-of-document token out).
     """
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise BadValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     for e in edits:
         if e.n_rows is not None and e.n_rows != len(prompts):
             raise ShapeError(f"a per-row edit has {e.n_rows} rows for {len(prompts)} prompts: one per prompt is needed")

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from engine.errors import FormatError, NotFoundError, SiteMismatchError
+from engine.errors import BadValueError, FormatError, NotFoundError, SiteMismatchError
 from engine.steering.edits import POSITIONS, STEERING_MODES, Mode, Positions, SteeringEdit
 from engine.steering.native import NativeSource, native_directions
 
@@ -48,7 +48,7 @@ class PlanConcept:
 
     def __post_init__(self) -> None:
         if not str(self.query).strip():
-            raise ValueError("concept query must be a non-empty string (an id, a label or free text)")
+            raise BadValueError("concept query must be a non-empty string (an id, a label or free text)")
 
 
 @dataclass
@@ -74,23 +74,23 @@ class SteeringPlan:
         self.concepts = [c if isinstance(c, PlanConcept) else PlanConcept(**c) if isinstance(c, dict)
                          else PlanConcept(str(c)) for c in self.concepts]
         if not self.concepts:
-            raise ValueError("a steering plan needs at least one concept")
+            raise BadValueError("a steering plan needs at least one concept")
         if self.mode not in STEERING_MODES:
-            raise ValueError(f"mode must be one of {sorted(STEERING_MODES)}, got {self.mode!r}")
+            raise BadValueError(f"mode must be one of {sorted(STEERING_MODES)}, got {self.mode!r}")
         if self.positions not in POSITIONS:
-            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+            raise BadValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
         if self.direction not in DIRECTIONS:
-            raise ValueError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}")
+            raise BadValueError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}")
         if self.combine < 0:
-            raise ValueError(f"combine must be >= 0 (neighbours to average), got {self.combine}")
+            raise BadValueError(f"combine must be >= 0 (neighbours to average), got {self.combine}")
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise BadValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            raise BadValueError(f"temperature must be > 0, got {self.temperature}")
         if self.layers is not None:
             self.layers = [int(v) for v in self.layers]
             if not self.layers:
-                raise ValueError("layers must name at least one layer (or be None for the map's layer)")
+                raise BadValueError("layers must name at least one layer (or be None for the map's layer)")
         if self.version != PLAN_VERSION:
             raise FormatError(f"steering plan version {self.version} is not supported (this version reads {PLAN_VERSION})")
 

@@ -6,15 +6,18 @@ install; the connection is passed to ``env.py`` through ``config.attributes``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy.engine import Engine
 
 import migrations
+from engine.errors import BadValueError
 
 SCRIPT_LOCATION = str(Path(migrations.__file__).parent)
 
@@ -46,14 +49,18 @@ def current_revision(engine: Engine) -> str | None:
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    with engine.begin() as conn:
-        cfg = _config(engine)
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, revision)
+    _run(command.upgrade, engine, revision)
 
 
 def downgrade(engine: Engine, revision: str) -> None:
-    with engine.begin() as conn:
-        cfg = _config(engine)
-        cfg.attributes["connection"] = conn
-        command.downgrade(cfg, revision)
+    _run(command.downgrade, engine, revision)
+
+
+def _run(step: Callable[[Config, str], None], engine: Engine, revision: str) -> None:
+    try:
+        with engine.begin() as conn:
+            cfg = _config(engine)
+            cfg.attributes["connection"] = conn
+            step(cfg, revision)
+    except CommandError as e:  # an unknown revision, a downgrade past base
+        raise BadValueError(f"{e}; `atlas db current` shows the revisions") from None

@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 import indexes
 from engine.errors import (
     AtlasError,
+    BadValueError,
     DuplicateError,
     IndexIntegrityError,
     NotFoundError,
@@ -37,7 +38,7 @@ from engine.errors import (
 )
 from engine.store import layout, migrate
 from engine.store.schema import AtlasRow, ConceptRow, ModelRow
-from engine.util import sha256_bytes, unit_rows, write_atomic
+from engine.util import check_k, sha256_bytes, unit_rows, write_atomic
 from indexes.policy import resolve_index_spec
 
 
@@ -302,7 +303,7 @@ class Store:
         written = [self.path / layout.vector_file(name), self.path / layout.index_file(name)]
         try:
             write_atomic(written[0], vec_bytes)
-            index = indexes.create_index(d, index_spec)
+            index = _new_index(d, index_spec)
             index.add(unit_rows(x), np.arange(n, dtype=np.int64))
             idx_bytes = index.save(written[1])
             with self.session() as s:
@@ -458,7 +459,7 @@ class Store:
         info = self.atlas(name)
         spec = resolve_index_spec(spec or info.index_spec, info.n_concepts, info.dim)
         x = unit_rows(self.atlas_vectors(name))
-        index = indexes.create_index(info.dim, spec)
+        index = _new_index(info.dim, spec)
         index.add(x, np.arange(x.shape[0], dtype=np.int64))
         data = index.save(self.path / layout.index_file(name))
         with self.session() as s:
@@ -508,6 +509,7 @@ class Store:
 
     def search_vectors(self, atlas: str | None, vectors: np.ndarray, k: int = 10) -> list[list[Hit]]:
         """Nearest atlas concepts (cosine) of each vector (n, d) already in atlas coordinates."""
+        check_k(k)
         info = self.atlas(atlas)
         q = np.asarray(vectors, dtype=np.float32)
         if q.ndim == 1:
@@ -534,6 +536,7 @@ class Store:
 
     def neighbors(self, ref: str | int, k: int = 10, atlas: str | None = None) -> list[Hit]:
         """The ``k`` concepts nearest to a concept's direction (itself excluded)."""
+        check_k(k)
         c = self.concept(ref, atlas)
         vec = self.atlas_vectors(c.atlas)[c.ordinal]
         hits = self.search_vectors(c.atlas, vec, k + 1)[0]
@@ -572,3 +575,12 @@ def _concept(atlas: str, row: ConceptRow) -> Concept:
         atlas, row.ordinal, row.label, row.description, row.labelled, row.source_kind, row.source_ref,
         row.density, row.extra or {},
     )
+
+
+def _new_index(dim: int, spec: str) -> indexes.VectorIndex:
+    """An empty index of ``spec``; a spec the backend does not understand is the user's `BadValueError`."""
+    try:
+        return indexes.create_index(dim, spec)
+    except indexes.IndexSpecError as e:
+        raise BadValueError(f"{e}; use a FAISS factory string such as Flat, HNSW32 or IVF1024,Flat (search "
+                            "parameters after '|', e.g. HNSW32|efSearch=128), or auto") from None

@@ -14,6 +14,7 @@ import numpy as np
 
 from engine.align.evaluate import RetrievalRow, evaluate_maps
 from engine.align.fit import accumulate_pairs
+from engine.align.methods import get_method
 from engine.align.pairing import PairingConfig
 from engine.models.hooks import Site, resolve_layer
 from engine.models.loading import tokenizer_fingerprint
@@ -44,6 +45,8 @@ def evaluate_world_retrieval(
     """
     from engine.models.loading import load_model
 
+    for m in methods:
+        get_method(m)  # unknown names fail before the world is built or loaded
     world = world or find_world(store, size, seed)
     atlas_layer = world.foundation.atlas_layer
     foundation = load_model(world.foundation.path)
