@@ -14,7 +14,7 @@ from tiny_models import (
 )
 
 from engine.errors import ArchitectureError, NotFoundError
-from engine.models.hooks import read_residuals, resolve_blocks, resolve_layer
+from engine.models.hooks import read_residuals, residual_hooks, resolve_blocks, resolve_layer
 from engine.models.loading import load_model, model_info, tokenizer_fingerprint
 
 
@@ -44,6 +44,38 @@ def test_load_and_resolve_every_architecture(tmp_path, arch):
     torch.testing.assert_close(post.acts[0], out.hidden_states[1])
     assert post.acts[0].shape == (1, enc["input_ids"].shape[1], D)
     assert [(len(b._forward_hooks), len(b._forward_pre_hooks)) for b in blocks] == library_hooks
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_residual_hooks_edit_either_side_of_a_block_boundary(tmp_path, arch):
+    """resid_post of L and resid_pre of L+1 are one stream: the same edit on either side gives the
+    same downstream residual; a read-only fn (None) changes nothing; every hook comes off."""
+    model, tok = load_model(save_tiny(tmp_path / arch, arch, n_layers=3))
+    enc = tok(["the red fox jumps over the lazy dog."], return_tensors="pt")
+    v = torch.linspace(-1.0, 1.0, D)
+    blocks = resolve_blocks(model)
+    hooks_before = [(len(b._forward_hooks), len(b._forward_pre_hooks)) for b in blocks]
+
+    def run(site: str, layer: int, fn) -> torch.Tensor:
+        with residual_hooks(model, {layer: fn}, site) as handles, read_residuals(model, [2], prepend=False) as cap:
+            assert len(handles) == 1
+            with torch.no_grad():
+                model(**enc)
+        return cap.acts[2]
+
+    base = run("resid_post", 0, lambda layer, h: None)
+    post = run("resid_post", 0, lambda layer, h: h + v)
+    pre = run("resid_pre", -2, lambda layer, h: h + v)  # -2 is block 1: its input is block 0's output
+    assert not torch.allclose(post, base)
+    torch.testing.assert_close(pre, post)
+    assert [(len(b._forward_hooks), len(b._forward_pre_hooks)) for b in blocks] == hooks_before
+    with pytest.raises(ValueError, match="second time"):
+        with residual_hooks(model, {2: lambda layer, h: None, -1: lambda layer, h: None}):
+            pass
+    with pytest.raises(ArchitectureError, match="out of range"):
+        with residual_hooks(model, {3: lambda layer, h: None}):
+            pass
+    assert [(len(b._forward_hooks), len(b._forward_pre_hooks)) for b in blocks] == hooks_before
 
 
 def test_dtype_control(tmp_path):
