@@ -15,7 +15,13 @@ from tiny_models import (
 
 from engine.errors import ArchitectureError, NotFoundError
 from engine.models.hooks import read_residuals, residual_hooks, resolve_blocks, resolve_layer
-from engine.models.loading import load_model, model_info, tokenizer_fingerprint
+from engine.models.loading import (
+    load_model,
+    load_registered,
+    model_info,
+    resolve_model,
+    tokenizer_fingerprint,
+)
 
 
 @pytest.mark.parametrize("arch", ALL_ARCHS)
@@ -111,6 +117,26 @@ def test_layer_index_checks(tmp_path):
 def test_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(NotFoundError, match="cannot load"):
         load_model(tmp_path / "nothing-here")
+
+
+def test_registered_models_load_by_name_with_their_kind(tmp_path, store):
+    folder = save_tiny(tmp_path / "enc", "bert")
+    name, model, tok = resolve_model(store, str(folder), kind="encoder")  # a folder: registered on first use
+    assert name == "enc" and store.get_model("enc").source == str(folder.resolve())
+    assert store.model_extra("enc") == {"kind": "encoder"}
+    again, _, _ = resolve_model(store, "enc", kind="encoder")  # now by name
+    assert again == "enc"
+    loaded, _ = load_registered(store, "enc")  # the recorded kind: the bare encoder, as registered
+    assert type(loaded) is type(model)
+    with pytest.raises(NotFoundError, match="no model named"):
+        load_registered(store, "nope")
+
+
+def test_a_model_without_a_source_says_how_to_register_it(store):
+    store.add_model("bare", d_model=D)
+    for load in (lambda: load_registered(store, "bare"), lambda: resolve_model(store, "bare")):
+        with pytest.raises(NotFoundError, match=r"model 'bare' has no recorded source .*`atlas align PATH \.\.\.`"):
+            load()
 
 
 def test_tokenizer_fingerprint_tells_tokenizers_apart():
