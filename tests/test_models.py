@@ -19,6 +19,7 @@ from engine.models.loading import (
     load_model,
     load_registered,
     model_info,
+    quiet_transformers,
     resolve_model,
     tokenizer_fingerprint,
 )
@@ -137,6 +138,24 @@ def test_a_model_without_a_source_says_how_to_register_it(store):
     for load in (lambda: load_registered(store, "bare"), lambda: resolve_model(store, "bare")):
         with pytest.raises(NotFoundError, match=r"model 'bare' has no recorded source .*`atlas align PATH \.\.\.`"):
             load()
+
+
+def test_quiet_transformers_for_a_block_or_for_good():
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    try:
+        hf_logging.enable_progress_bar()
+        with quiet_transformers():
+            assert not hf_logging.is_progress_bar_enabled()
+            with quiet_transformers():  # nested: the outer block still owns the restore
+                pass
+            assert not hf_logging.is_progress_bar_enabled()
+        assert hf_logging.is_progress_bar_enabled()
+        quiet_transformers()  # called alone (the CLI): off for good
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
 
 
 def test_tokenizer_fingerprint_tells_tokenizers_apart():

@@ -13,7 +13,6 @@ from engine.cli.common import (
     open_store,
     print_json,
     quiet_option,
-    quiet_transformers,
     store_options,
 )
 
@@ -101,6 +100,7 @@ def align(subject, layer, atlas_name, corpus, use_world, size, seed, method, pai
     """
     from engine.align.corpus import read_corpus
     from engine.align.fit import align_subject
+    from engine.models.loading import quiet_transformers
 
     if bool(corpus) == bool(use_world):
         raise click.UsageError("give exactly one of --corpus FILE or --world")
@@ -217,6 +217,7 @@ def eval_retrieval(use_world, size, seed, methods, layers, pairings, subjects, m
     concepts by cosine (ties count against). MRR = mean 1/rank; MPP = mean (rank-1)/(N-1), 0 is
     perfect and 0.5 chance; top-1/top-5 = share ranked first / in the first five.
     """
+    from engine.models.loading import quiet_transformers
     from engine.world.eval.retrieval import evaluate_world_retrieval
 
     methods = methods or list(METHOD_NAMES)

@@ -118,10 +118,3 @@ def eval_group(cli: click.Group) -> click.Group:
         group = type(cli)("eval", help=EVAL_HELP)
         cli.add_command(group)
     return group
-
-
-def quiet_transformers() -> None:
-    """Silence transformers' own weight-loading bars: the engine's bars say what is going on."""
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from engine.cli.common import json_option, quiet_option, quiet_transformers, store_options
+from engine.cli.common import json_option, quiet_option, store_options
 
 
 def register(cli: click.Group) -> None:
@@ -32,6 +32,7 @@ def demo(size: str, seed: int, out: Path, store_dir: Path, db_url: str | None, a
     """
     from engine.demo.report import format_summary, result_json
     from engine.demo.run import run_demo
+    from engine.models.loading import quiet_transformers
 
     quiet_transformers()
 

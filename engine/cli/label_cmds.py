@@ -15,7 +15,6 @@ from engine.cli.common import (
     print_json,
     print_table,
     quiet_option,
-    quiet_transformers,
     store_options,
 )
 
@@ -135,6 +134,7 @@ def export(run_name: str, fmt: str, output: Path | None, partial: bool, store_di
 @quiet_option
 def explain(map_name: str, text: str, k: int, raw: bool, store_dir: Path, db_url, as_json: bool) -> None:
     """Per token of TEXT in MAP's subject model: the top atlas concepts, with cosine scores."""
+    from engine.models.loading import quiet_transformers
     from engine.search import explain as run_explain
     from engine.store.maps import load_map
 
@@ -190,6 +190,7 @@ def eval_labelling(use_world: bool, size: str, seed: int, map_names, store_dir: 
     right label of feature i is the world's concept i. Maps come from `atlas align`; where the
     store has none for a subject, a Procrustes map is fitted first.
     """
+    from engine.models.loading import quiet_transformers
     from engine.world.eval.labelling import evaluate_world_labelling
 
     quiet_transformers()

@@ -13,7 +13,6 @@ from engine.cli.common import (
     open_store,
     print_json,
     quiet_option,
-    quiet_transformers,
     store_options,
 )
 
@@ -90,6 +89,7 @@ def steer(map_name, concepts, prompts, strength, layers, mode, positions, combin
     part, unit norm) and added at the subject layer(s) with STRENGTH x the site's typical
     residual norm, inside hooks that are always removed afterwards.
     """
+    from engine.models.loading import quiet_transformers
     from engine.steering.plan import PlanConcept, SteeringPlan, run_plan
 
     ctx = click.get_current_context()
@@ -185,6 +185,7 @@ def eval_steering(use_world: bool, size: str, seed: int, subject: str, strengths
     headline (`chosen`). Prompts about another topic are reported at the chosen cells. --json
     prints every row, the held-out ones with prompts=heldout.
     """
+    from engine.models.loading import quiet_transformers
     from engine.world.eval.steering import evaluate_world_steering
 
     quiet_transformers()

@@ -12,6 +12,7 @@ machine without internet (ConceptWorld, copied checkpoints) never reaches for th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -88,6 +89,21 @@ def load_model(
     model.eval()
     return model, tokenizer
 
+
+def quiet_transformers() -> contextlib.ExitStack:
+    """Turn off `transformers`' own progress bars (loading and saving weights) now.
+
+    The engine's bars say what is going on. Like `torch.set_grad_enabled`, it takes effect at
+    the call: called alone it lasts for the process (the CLI); as ``with quiet_transformers():``
+    the bars come back at the end of the block if they were on before.
+    """
+    from transformers.utils import logging as hf_logging
+
+    restore = contextlib.ExitStack()
+    if hf_logging.is_progress_bar_enabled():
+        restore.callback(hf_logging.enable_progress_bar)
+    hf_logging.disable_progress_bar()
+    return restore
 
 def load_registered(
     store: Store,
