@@ -130,9 +130,10 @@ def explain(
     import torch
 
     from engine.models.activations import collect
+    from engine.models.loading import load_registered
 
     if model is None or tokenizer is None:
-        model, tokenizer = load_subject_model(store, amap)
+        model, tokenizer = load_registered(store, amap.subject_model)
     batches = list(collect(model, tokenizer, [text], [amap.subject_layer], site=amap.subject_hook,
                            batch_size=1, desc=None, dtype=torch.float32))
     if not batches or batches[0].n_tokens == 0:
@@ -147,20 +148,6 @@ def explain(
         piece = text[s:e] if 0 <= s < e else tokenizer.decode([int(b.token_id[j])])
         out.append(TokenHits(int(b.position[j]), piece, s, e, row))
     return out
-
-
-def load_subject_model(store: Store, amap: Any):
-    """The map's subject model and tokenizer, from the source recorded in the store."""
-    from engine.errors import NotFoundError
-    from engine.models.loading import load_model
-
-    info = store.get_model(amap.subject_model)
-    if not info.source:
-        raise NotFoundError(
-            f"model {info.name!r} has no recorded source (local folder or hub id) to load it from; "
-            "register it with its path"
-        )
-    return load_model(info.source, revision=info.revision)
 
 
 def hits_table(rows: Sequence[Sequence[Hit]]) -> list[dict[str, Any]]:

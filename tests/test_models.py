@@ -14,8 +14,15 @@ from tiny_models import (
 )
 
 from engine.errors import ArchitectureError, NotFoundError
-from engine.models.hooks import read_residuals, resolve_blocks, resolve_layer
-from engine.models.loading import load_model, model_info, tokenizer_fingerprint
+from engine.models.hooks import read_residuals, residual_hooks, resolve_blocks, resolve_layer
+from engine.models.loading import (
+    load_model,
+    load_registered,
+    model_info,
+    quiet_transformers,
+    resolve_model,
+    tokenizer_fingerprint,
+)
 
 
 @pytest.mark.parametrize("arch", ALL_ARCHS)
@@ -44,6 +51,38 @@ def test_load_and_resolve_every_architecture(tmp_path, arch):
     torch.testing.assert_close(post.acts[0], out.hidden_states[1])
     assert post.acts[0].shape == (1, enc["input_ids"].shape[1], D)
     assert [(len(b._forward_hooks), len(b._forward_pre_hooks)) for b in blocks] == library_hooks
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_residual_hooks_edit_either_side_of_a_block_boundary(tmp_path, arch):
+    """resid_post of L and resid_pre of L+1 are one stream: the same edit on either side gives the
+    same downstream residual; a read-only fn (None) changes nothing; every hook comes off."""
+    model, tok = load_model(save_tiny(tmp_path / arch, arch, n_layers=3))
+    enc = tok(["the red fox jumps over the lazy dog."], return_tensors="pt")
+    v = torch.linspace(-1.0, 1.0, D)
+    blocks = resolve_blocks(model)
+    hooks_before = [(len(b._forward_hooks), len(b._forward_pre_hooks)) for b in blocks]
+
+    def run(site: str, layer: int, fn) -> torch.Tensor:
+        with residual_hooks(model, {layer: fn}, site) as handles, read_residuals(model, [2], prepend=False) as cap:
+            assert len(handles) == 1
+            with torch.no_grad():
+                model(**enc)
+        return cap.acts[2]
+
+    base = run("resid_post", 0, lambda layer, h: None)
+    post = run("resid_post", 0, lambda layer, h: h + v)
+    pre = run("resid_pre", -2, lambda layer, h: h + v)  # -2 is block 1: its input is block 0's output
+    assert not torch.allclose(post, base)
+    torch.testing.assert_close(pre, post)
+    assert [(len(b._forward_hooks), len(b._forward_pre_hooks)) for b in blocks] == hooks_before
+    with pytest.raises(ValueError, match="second time"):
+        with residual_hooks(model, {2: lambda layer, h: None, -1: lambda layer, h: None}):
+            pass
+    with pytest.raises(ArchitectureError, match="out of range"):
+        with residual_hooks(model, {3: lambda layer, h: None}):
+            pass
+    assert [(len(b._forward_hooks), len(b._forward_pre_hooks)) for b in blocks] == hooks_before
 
 
 def test_dtype_control(tmp_path):
@@ -79,6 +118,44 @@ def test_layer_index_checks(tmp_path):
 def test_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(NotFoundError, match="cannot load"):
         load_model(tmp_path / "nothing-here")
+
+
+def test_registered_models_load_by_name_with_their_kind(tmp_path, store):
+    folder = save_tiny(tmp_path / "enc", "bert")
+    name, model, tok = resolve_model(store, str(folder), kind="encoder")  # a folder: registered on first use
+    assert name == "enc" and store.get_model("enc").source == str(folder.resolve())
+    assert store.model_extra("enc") == {"kind": "encoder"}
+    again, _, _ = resolve_model(store, "enc", kind="encoder")  # now by name
+    assert again == "enc"
+    loaded, _ = load_registered(store, "enc")  # the recorded kind: the bare encoder, as registered
+    assert type(loaded) is type(model)
+    with pytest.raises(NotFoundError, match="no model named"):
+        load_registered(store, "nope")
+
+
+def test_a_model_without_a_source_says_how_to_register_it(store):
+    store.add_model("bare", d_model=D)
+    for load in (lambda: load_registered(store, "bare"), lambda: resolve_model(store, "bare")):
+        with pytest.raises(NotFoundError, match=r"model 'bare' has no recorded source .*`atlas align PATH \.\.\.`"):
+            load()
+
+
+def test_quiet_transformers_for_a_block_or_for_good():
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    try:
+        hf_logging.enable_progress_bar()
+        with quiet_transformers():
+            assert not hf_logging.is_progress_bar_enabled()
+            with quiet_transformers():  # nested: the outer block still owns the restore
+                pass
+            assert not hf_logging.is_progress_bar_enabled()
+        assert hf_logging.is_progress_bar_enabled()
+        quiet_transformers()  # called alone (the CLI): off for good
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
 
 
 def test_tokenizer_fingerprint_tells_tokenizers_apart():

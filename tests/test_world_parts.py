@@ -12,7 +12,7 @@ import pytest
 import torch
 from tiny_models import one_thread  # noqa: F401  (autouse fixture)
 
-from engine.errors import ShapeError
+from engine.errors import AtlasError, ShapeError
 from engine.world.concepts import CONCEPTS, concept_table, member_index
 from engine.world.config import WorldConfig, config_for, fingerprint
 from engine.world.corpus import (
@@ -27,7 +27,7 @@ from engine.world.corpus import (
     plurality_concept,
     template_words,
 )
-from engine.world.directions import centred_topic_means, read_resid_post
+from engine.world.directions import centred_topic_means, document_means
 from engine.world.gates import greedy_continuations, probe_accuracy, unigram_perplexity
 from engine.world.tokenizers import (
     learn_bpe,
@@ -239,22 +239,27 @@ def test_probe_and_unigram():
     assert ppl == pytest.approx(np.exp(-(np.log(3 / 7) + np.log(1 / 7)) / 2))
 
 
-def test_hooks_read_block_outputs_and_are_removed(word_tok):
+def test_document_means_read_block_outputs_and_remove_hooks(word_tok):
     from engine.models.hooks import resolve_blocks
 
     spec = ModelSpec("llama", d_model=32, n_layers=2, n_heads=2, seed=0, steps=1, batch_size=2, lr=1e-3, max_length=64)
     model = make_model(spec, word_tok, seed=0).eval()
-    ids = torch.tensor([word_tok("the and the")["input_ids"]])
+    texts = ["the and the", "and the"]
+    ids = torch.tensor([word_tok(texts[0])["input_ids"]])
     model(input_ids=ids, output_hidden_states=True)  # transformers attaches its own hooks on first use
     before = [len(b._forward_hooks) for b in resolve_blocks(model)]
-    with read_resid_post(model, [0, 1]) as got:
-        out = model(input_ids=ids, output_hidden_states=True)
-    torch.testing.assert_close(got[0], out.hidden_states[1])
-    assert got[1].shape == (1, ids.shape[1], 32)
+    means, counts = document_means(model, word_tok, texts, [0, -1])
     assert [len(b._forward_hooks) for b in resolve_blocks(model)] == before
-    with pytest.raises(ShapeError, match="layer 2 is out of range"):
-        with read_resid_post(model, [2]):
-            pass
+    assert sorted(means) == [-1, 0] and means[-1].shape == (2, 32)
+    enc = word_tok(texts[:1], return_special_tokens_mask=True, return_tensors="pt")
+    keep = ~enc["special_tokens_mask"][0].bool()
+    with torch.no_grad():
+        hidden = model(input_ids=enc["input_ids"], output_hidden_states=True).hidden_states
+    # hidden_states[L + 1] is block L's output (the last one has the final norm applied).
+    np.testing.assert_allclose(means[0][0], hidden[1][0][keep].mean(0).numpy(), atol=1e-5)
+    assert counts[0] == int(keep.sum())
+    with pytest.raises(AtlasError, match="layer 2 is out of range"):
+        document_means(model, word_tok, texts, [2])
 
 
 def test_training_is_deterministic_for_a_seed(word_tok, corpus):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,10 +22,10 @@ from engine.align.map import AlignmentMap, MapSites, plain_json
 from engine.align.methods import LinearFit, get_method, heldout_r2
 from engine.align.pairing import PairingConfig, check_pairing, iter_batch_pairs, pair_batches
 from engine.align.stats import SufficientStats
-from engine.errors import AtlasError, NotFoundError, ShapeError, SiteMismatchError
+from engine.errors import AtlasError, ShapeError, SiteMismatchError
 from engine.models.activations import auto_threads, torch_threads
 from engine.models.hooks import Site
-from engine.models.loading import d_model_of, model_info, tokenizer_fingerprint
+from engine.models.loading import d_model_of, load_registered, resolve_model, tokenizer_fingerprint
 from engine.store.maps import MapInfo, save_map
 from engine.util import corpus_fingerprint
 
@@ -120,59 +119,6 @@ def _accumulate_pairs(subject: tuple[torch.nn.Module, Any], foundation: tuple[to
 # ----------------------------------------------------------------------------- atlas align
 
 
-def resolve_subject(store: Any, subject: str, kind: str = "causal", revision: str | None = None,
-                    dtype: Any = torch.float32, layer_module: str | None = None):
-    """``(name, model, tokenizer)`` of a subject given as a store model name or a path / hub id.
-
-    A model not yet in the store is registered under its folder name (or hub id) with its
-    architecture, width, depth and tokenizer fingerprint.
-    """
-    from engine.models.loading import load_model
-
-    try:
-        info = store.get_model(subject)
-    except NotFoundError:
-        info = None
-    if info is not None:
-        if not info.source:
-            raise NotFoundError(f"model {subject!r} has no recorded source (path or hub id) to load it from")
-        model, tok = load_model(info.source, kind=kind, dtype=dtype, revision=revision or info.revision)
-        return info.name, model, tok
-    model, tok = load_model(subject, kind=kind, dtype=dtype, revision=revision)
-    p = Path(subject).expanduser()
-    name = p.resolve().name if p.exists() else subject
-    mi = model_info(model, tok, layer_module)
-    store.add_model(name, source=str(p.resolve()) if p.exists() else subject, architecture=mi.architecture,
-                    d_model=mi.d_model, n_layers=mi.n_layers, revision=revision,
-                    tokenizer_fingerprint=mi.tokenizer_fingerprint, extra={"kind": kind})
-    return name, model, tok
-
-
-def load_atlas_model(store: Any, atlas: Any, dtype: Any = torch.float32, kind: str | None = None):
-    """The foundation model of an atlas, loaded from the source recorded in the store."""
-    from engine.models.loading import load_model
-
-    info = store.get_model(atlas.model)
-    if not info.source:
-        raise NotFoundError(
-            f"atlas {atlas.name!r} is on model {atlas.model!r}, which has no recorded source to load it from; "
-            "register the model with its path"
-        )
-    kind = kind or (store_extra(store, atlas.model).get("kind") or "causal")
-    return load_model(info.source, kind=kind, dtype=dtype, revision=info.revision)
-
-
-def store_extra(store: Any, model_name: str) -> dict[str, Any]:
-    """The ``extra`` JSON of a registered model (e.g. ``kind``), empty when none."""
-    from sqlalchemy import select
-
-    from engine.store.schema import ModelRow
-
-    with store.session() as s:
-        row = s.scalar(select(ModelRow).where(ModelRow.name == model_name))
-        return dict(row.extra or {}) if row is not None else {}
-
-
 def align_subject(
     store: Any,
     subject: str,
@@ -199,8 +145,8 @@ def align_subject(
     """
     get_method(method)  # an unknown method fails now, not after the pass over the corpus
     ainfo = store.atlas(atlas)
-    s_name, sm, stok = resolve_subject(store, subject, kind=kind, dtype=config.dtype, layer_module=site.layer_module)
-    fm, ftok = load_atlas_model(store, ainfo, dtype=config.dtype)
+    s_name, sm, stok = resolve_model(store, subject, kind=kind, dtype=config.dtype, layer_module=site.layer_module)
+    fm, ftok = load_registered(store, ainfo.model, dtype=config.dtype)
     if d_model_of(fm) != ainfo.dim:
         raise SiteMismatchError(
             f"atlas {ainfo.name!r} has d={ainfo.dim} but its model {ainfo.model!r} has d={d_model_of(fm)}"

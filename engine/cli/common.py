@@ -129,7 +129,8 @@ LAYER_LIST = "layer numbers like 2 or 1,3"
 
 
 def quiet_transformers() -> None:
-    """Silence transformers' own weight-loading bars: the engine's bars say what is going on."""
-    from transformers.utils import logging
+    """Silence transformers' weight-loading bars for this process: the engine's bars say what is
+    going on (`engine.models.loading.quiet_transformers`, imported when called: it loads torch)."""
+    from engine.models.loading import quiet_transformers as quiet
 
-    logging.disable_progress_bar()
+    quiet()

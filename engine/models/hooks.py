@@ -1,4 +1,4 @@
-"""The residual stream of a model: its blocks, and the hooks that read it.
+"""The residual stream of a model: its blocks, and the hooks that read and edit it.
 
 Reading and editing the residual stream needs one thing from a model: the ``ModuleList`` of its
 transformer blocks. Block ``L``'s output is ``resid_post`` of layer ``L`` (and ``resid_pre`` of
@@ -11,7 +11,7 @@ registered later; docs/design.md §10).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -76,12 +76,88 @@ def _hidden_of_output(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def _with_hidden_output(output: Any, h: torch.Tensor) -> Any:
+    """``output`` with its hidden states replaced by ``h``, in the same container."""
+    if isinstance(output, tuple):
+        return (h, *output[1:])
+    if isinstance(output, list):
+        return [h, *output[1:]]
+    return h
+
+
 def _hidden_of_input(args: tuple, kwargs: dict) -> torch.Tensor:
     if args:
         return args[0]
     if "hidden_states" in kwargs:
         return kwargs["hidden_states"]
     raise ShapeError("cannot find the hidden states among the block's inputs")
+
+
+def _with_hidden_input(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tuple, dict]:
+    """The block's ``(args, kwargs)`` with its hidden states replaced by ``h``."""
+    if args:
+        return (h, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": h}
+
+
+# fn(layer, h (B, T, d)) -> None (read only) or the tensor that replaces h.
+ResidualFn = Callable[[int, torch.Tensor], torch.Tensor | None]
+
+
+@contextlib.contextmanager
+def residual_hooks(
+    model: torch.nn.Module,
+    fns: Mapping[int, ResidualFn],
+    site: str = "resid_post",
+    *,
+    layer_module: str | None = None,
+    prepend: bool = True,
+) -> Iterator[list[torch.utils.hooks.RemovableHandle]]:
+    """Call ``fns[layer](layer, h)`` on the residual stream at ``site`` of each layer; removed on exit.
+
+    The one mechanism under every reader and editor of the residual stream. Layers may count
+    from the end (``-1``); ``fn`` receives the normalised index. ``fn`` returning None leaves the
+    stream as it is (a reader); returning a tensor replaces the hidden states, repacked into the
+    block's output (tensor, tuple or list) for ``resid_post`` or into its inputs for ``resid_pre``
+    (an editor). ``prepend=True`` runs ``fn`` before hooks already on the block. Yields the
+    installed handles; they are removed on exit, also on error (removing twice is harmless).
+    """
+    if site not in SITES:
+        raise ValueError(f"site must be one of {SITES}, got {site!r}")
+    blocks = resolve_blocks(model, layer_module)
+    resolved: dict[int, ResidualFn] = {}
+    for layer, fn in fns.items():
+        idx = resolve_layer(model, layer, layer_module)
+        if idx in resolved:
+            raise ValueError(f"layer {layer} names block {idx} a second time")
+        resolved[idx] = fn
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def post_hook(layer: int, fn: ResidualFn):
+        def hook(_module, _args, output):
+            h = fn(layer, _hidden_of_output(output))
+            return None if h is None else _with_hidden_output(output, h)
+
+        return hook
+
+    def pre_hook(layer: int, fn: ResidualFn):
+        def hook(_module, args, kwargs):
+            h = fn(layer, _hidden_of_input(args, kwargs))
+            return None if h is None else _with_hidden_input(args, kwargs, h)
+
+        return hook
+
+    try:
+        for layer, fn in resolved.items():
+            if site == "resid_post":
+                handles.append(blocks[layer].register_forward_hook(post_hook(layer, fn), prepend=prepend))
+            else:
+                handles.append(blocks[layer].register_forward_pre_hook(pre_hook(layer, fn), prepend=prepend,
+                                                                        with_kwargs=True))
+        yield handles
+    finally:
+        for handle in handles:
+            handle.remove()  # idempotent
 
 
 @contextlib.contextmanager
@@ -104,40 +180,17 @@ def read_residuals(
     """
     if site not in SITES:
         raise BadValueError(f"site must be one of {SITES}, got {site!r}")
-    blocks = resolve_blocks(model, layer_module)
     idx = sorted({resolve_layer(model, layer, layer_module) for layer in layers})
     capture = ResidualCapture(tuple(idx), site)
-    last = idx[-1]
-    handles: list[torch.utils.hooks.RemovableHandle] = []
+    last = idx[-1] if idx else None
 
-    def make_post(layer: int):
-        def hook(_module, _args, output):
-            capture.acts[layer] = _hidden_of_output(output).detach()
-            if stop_after_last and layer == last:
-                raise _StopForward
+    def read(layer: int, h: torch.Tensor) -> None:
+        capture.acts[layer] = h.detach()
+        if stop_after_last and layer == last:
+            raise _StopForward
 
-        return hook
-
-    def make_pre(layer: int):
-        def hook(_module, args, kwargs):
-            capture.acts[layer] = _hidden_of_input(args, kwargs).detach()
-            if stop_after_last and layer == last:
-                raise _StopForward
-
-        return hook
-
-    try:
-        for layer in idx:
-            if site == "resid_post":
-                handles.append(blocks[layer].register_forward_hook(make_post(layer), prepend=prepend))
-            else:
-                handles.append(
-                    blocks[layer].register_forward_pre_hook(make_pre(layer), prepend=prepend, with_kwargs=True)
-                )
+    with residual_hooks(model, dict.fromkeys(idx, read), site, layer_module=layer_module, prepend=prepend):
         yield capture
-    finally:
-        for h in handles:
-            h.remove()  # idempotent
 
 
 def forward_to_layers(model: torch.nn.Module, **inputs: torch.Tensor) -> None:

@@ -12,16 +12,20 @@ machine without internet (ConceptWorld, copied checkpoints) never reaches for th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from engine.errors import ArchitectureError, BadValueError, NotFoundError
 from engine.models.hooks import resolve_blocks
+
+if TYPE_CHECKING:  # the store (SQLAlchemy, FAISS) is not needed to load a model, only to type one
+    from engine.store.store import Store
 
 ModelKind = Literal["causal", "encoder"]
 MODEL_KINDS: tuple[str, ...] = ("causal", "encoder")
@@ -84,6 +88,77 @@ def load_model(
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def quiet_transformers() -> contextlib.ExitStack:
+    """Turn off `transformers`' own progress bars (loading and saving weights) now.
+
+    The engine's bars say what is going on. Like `torch.set_grad_enabled`, it takes effect at
+    the call: called alone it lasts for the process (the CLI); as ``with quiet_transformers():``
+    the bars come back at the end of the block if they were on before.
+    """
+    from transformers.utils import logging as hf_logging
+
+    restore = contextlib.ExitStack()
+    if hf_logging.is_progress_bar_enabled():
+        restore.callback(hf_logging.enable_progress_bar)
+    hf_logging.disable_progress_bar()
+    return restore
+
+def load_registered(
+    store: Store,
+    name: str,
+    *,
+    kind: ModelKind | None = None,
+    dtype: torch.dtype | str | None = torch.float32,
+    revision: str | None = None,
+) -> tuple[torch.nn.Module, Any]:
+    """Load ``(model, tokenizer)`` of the model registered in ``store`` as ``name``, from its recorded source.
+
+    ``kind=None`` loads it as the kind recorded when it was registered (``causal`` when none);
+    ``revision=None`` uses the recorded revision. An unknown name is `NotFoundError`, and so is a
+    model registered without a source.
+    """
+    info = store.get_model(name)
+    if not info.source:
+        raise NotFoundError(
+            f"model {info.name!r} has no recorded source (a local folder or hub id) to load it from; register it "
+            "again with its path, e.g. `atlas align PATH ...` registers a folder on first use"
+        )
+    if kind is None:
+        kind = store.model_extra(info.name).get("kind") or "causal"
+    return load_model(info.source, kind=kind, dtype=dtype, revision=revision or info.revision)
+
+
+def resolve_model(
+    store: Store,
+    name_or_path: str,
+    *,
+    kind: ModelKind = "causal",
+    dtype: torch.dtype | str | None = torch.float32,
+    revision: str | None = None,
+    layer_module: str | None = None,
+) -> tuple[str, torch.nn.Module, Any]:
+    """``(name, model, tokenizer)`` of a model given as a registered name, or a folder / hub id.
+
+    A folder or hub id not yet in the store is loaded and registered under its folder name (or hub
+    id) with its architecture, width, depth, tokenizer fingerprint and ``kind``.
+    """
+    try:
+        info = store.get_model(name_or_path)
+    except NotFoundError:
+        info = None
+    if info is not None:
+        model, tok = load_registered(store, info.name, kind=kind, dtype=dtype, revision=revision)
+        return info.name, model, tok
+    model, tok = load_model(name_or_path, kind=kind, dtype=dtype, revision=revision)
+    p = Path(name_or_path).expanduser()
+    name = p.resolve().name if p.exists() else name_or_path
+    mi = model_info(model, tok, layer_module)
+    store.add_model(name, source=str(p.resolve()) if p.exists() else name_or_path, architecture=mi.architecture,
+                    d_model=mi.d_model, n_layers=mi.n_layers, revision=revision,
+                    tokenizer_fingerprint=mi.tokenizer_fingerprint, extra={"kind": kind})
+    return name, model, tok
 
 
 def d_model_of(model: torch.nn.Module) -> int:

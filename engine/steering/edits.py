@@ -8,8 +8,9 @@ model (a prototype here found 0.5–2 × norm steers and ≥ 4 × norm breaks th
 
 Why hooks on block outputs, registered with ``prepend=True``: block ``L``'s output is the
 residual ``resid_post`` of ``L`` that block ``L+1`` reads, in every architecture
-`engine.models.loading.resolve_blocks` knows; putting the edit first means the library's own hooks (and
-any reader installed later) see the edited stream (DESIGN §10).
+`engine.models.hooks.resolve_blocks` knows; putting the edit first means the library's own hooks (and
+any reader installed later) see the edited stream (DESIGN §10). The hooks are installed by
+`engine.models.hooks.residual_hooks`, the one mechanism that reads and edits the stream.
 
 Why positions are counted from the KV cache: with ``positions="new"`` only positions at or after
 the prompt length are edited. Without the cache every forward pass sees the whole sequence; with
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 from engine.errors import BadValueError, ShapeError, SiteMismatchError
-from engine.models.hooks import resolve_blocks, resolve_layer
+from engine.models.hooks import ResidualFn, residual_hooks, resolve_layer
 from engine.models.loading import d_model_of
 
 Mode = str  # a name in STEERING_MODES: "add", "clamp", or one registered with `register_mode`
@@ -214,42 +215,33 @@ def steer(
     if positions not in POSITIONS:
         raise BadValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
     check_edits(model, edits, layer_module)
-    blocks = resolve_blocks(model, layer_module)
     by_layer: dict[int, list[SteeringEdit]] = {}
     for e in edits:
         by_layer.setdefault(resolve_layer(model, e.layer, layer_module), []).append(e)
     hooks = SteeringHooks()
 
-    def make_hook(le: _LayerEdit):
-        def hook(_module, _args, output):
-            h = output[0] if isinstance(output, (tuple, list)) else output  # (B, t, d)
+    def make_edit(le: _LayerEdit) -> ResidualFn:
+        def edit(_layer: int, h: torch.Tensor) -> torch.Tensor | None:  # h (B, t, d)
             if positions == "new":
                 first = prompt_length - hooks.offset  # index of the first position to edit
                 if first >= h.shape[1]:
                     return None
                 if first > 0:
-                    h = torch.cat([h[:, :first], le.apply(h[:, first:])], dim=1)
-                else:
-                    h = le.apply(h)
-            else:
-                h = le.apply(h)
-            if isinstance(output, tuple):
-                return (h, *output[1:])
-            if isinstance(output, list):
-                return [h, *output[1:]]
-            return h
+                    return torch.cat([h[:, :first], le.apply(h[:, first:])], dim=1)
+            return le.apply(h)
 
-        return hook
+        return edit
 
     def track_offset(_module, _args, kwargs):
         hooks.offset = _cache_length(kwargs)
 
+    fns = {layer: make_edit(_LayerEdit.build(group)) for layer, group in sorted(by_layer.items())}
     try:
         if positions == "new" and by_layer:
             hooks.handles.append(model.register_forward_pre_hook(track_offset, with_kwargs=True, prepend=True))
-        for layer, group in sorted(by_layer.items()):
-            hooks.handles.append(blocks[layer].register_forward_hook(make_hook(_LayerEdit.build(group)), prepend=True))
-        yield hooks
+        with residual_hooks(model, fns, "resid_post", layer_module=layer_module, prepend=True) as handles:
+            hooks.handles.extend(handles)
+            yield hooks
     finally:
         hooks.remove()
 

@@ -279,16 +279,6 @@ class SteeringRun:
     perplexity_steered: float
 
 
-def load_subject(store: Any, model_name: str) -> tuple[Any, Any]:
-    """Load a subject model registered in the store from its recorded source."""
-    from engine.models.loading import load_model
-
-    info = store.get_model(model_name)
-    if not info.source:
-        raise NotFoundError(f"model {model_name!r} has no recorded source (path or hub id); register it again with one")
-    return load_model(info.source, revision=info.revision)
-
-
 def check_subject(resolved: ResolvedPlan, model: Any, model_name: str | None = None) -> None:
     """Raise `SiteMismatchError` when ``model`` is not the subject the plan's maps were fitted on."""
     from engine.models.hooks import resolve_layer
@@ -308,11 +298,12 @@ def run_plan(store: Any, plan: SteeringPlan, prompts: Sequence[str], *, model: A
     passed in is checked against the maps' subject site (``model_name`` as the store names it,
     when known, and always its residual width).
     """
+    from engine.models.loading import load_registered
     from engine.steering.generate import generate_pair, perplexity, special_token_ids
 
     resolved = resolve_plan(store, plan, native)
     if model is None:
-        model, tokenizer = load_subject(store, resolved.subject_model)
+        model, tokenizer = load_registered(store, resolved.subject_model, kind="causal")  # generation needs the LM head
         model_name = resolved.subject_model
     elif tokenizer is None:
         raise ValueError("pass the tokenizer with the model")

@@ -234,6 +234,11 @@ class Store:
         with self.session() as s:
             return _model_info(self._model_row(s, name))
 
+    def model_extra(self, name: str) -> dict[str, Any]:
+        """The ``extra`` JSON of a registered model (e.g. its ``kind``), empty when none."""
+        with self.session() as s:
+            return dict(self._model_row(s, name).extra or {})
+
     def models(self) -> list[ModelInfo]:
         with self.session() as s:
             return [_model_info(r) for r in s.scalars(select(ModelRow).order_by(ModelRow.name))]

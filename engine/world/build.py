@@ -62,7 +62,7 @@ class WorldModel:
         """``(model, tokenizer)``, the model in eval mode on CPU."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from engine.world.pipeline import quiet_transformers
+        from engine.models.loading import quiet_transformers
 
         with quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(self.path)

@@ -6,50 +6,19 @@ means (DESIGN §7). Centring removes what every document shares (template words,
 "member-word tokens minus other tokens" does not: those directions share one "slot word vs
 template word" component and align poorly.
 
-Residuals are read with our own forward hooks on the blocks found by
-`engine.models.loading.resolve_blocks` (layer ``L`` = output of block ``L``, i.e. ``resid_post``),
-never through ``output_hidden_states``.
+Residuals are read with `engine.models.hooks.read_residuals` (layer ``L`` = output of block ``L``,
+i.e. ``resid_post``), never through ``output_hidden_states``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from engine.errors import ShapeError
-from engine.models.hooks import resolve_blocks
-
-
-@contextmanager
-def read_resid_post(model: torch.nn.Module, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
-    """Capture ``resid_post`` of ``layers`` on every forward pass inside the block.
-
-    Yields a dict that each forward fills with ``layer -> (batch, seq, d_model)``. The hooks are
-    removed on exit, also on error.
-    """
-    blocks = resolve_blocks(model)
-    for layer in layers:
-        if not 0 <= layer < len(blocks):
-            raise ShapeError(f"layer {layer} is out of range: the model has {len(blocks)} blocks (0..{len(blocks) - 1})")
-    captured: dict[int, torch.Tensor] = {}
-    handles = []
-
-    def hook_for(layer: int):
-        def hook(_module, _inputs, output):
-            captured[layer] = (output[0] if isinstance(output, tuple) else output).detach()
-
-        return hook
-
-    try:
-        for layer in layers:
-            handles.append(blocks[layer].register_forward_hook(hook_for(layer)))
-        yield captured
-    finally:
-        for h in handles:
-            h.remove()
+from engine.models.hooks import read_residuals, resolve_layer
 
 
 @torch.no_grad()
@@ -57,13 +26,16 @@ def document_means(model: torch.nn.Module, tokenizer, texts: Sequence[str], laye
                    batch_size: int = 32) -> tuple[dict[int, np.ndarray], np.ndarray]:
     """Mean ``resid_post`` per document at each layer, over its non-special tokens.
 
-    Returns ``({layer: (n_docs, d_model) float32}, token counts (n_docs,))``. Padding, ``<bos>``
-    and ``<eos>`` never enter a mean.
+    Returns ``({layer: (n_docs, d_model) float32}, token counts (n_docs,))``, keyed by ``layers``
+    as given. Padding, ``<bos>`` and ``<eos>`` never enter a mean. A layer out of range is an
+    `ArchitectureError`.
     """
     model.eval()
+    block = {layer: resolve_layer(model, layer) for layer in layers}  # as given -> block index
     sums: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
     counts: list[np.ndarray] = []
-    with read_resid_post(model, layers) as captured:
+    # prepend=False: read after any edit installed earlier, as a plain forward hook would.
+    with read_residuals(model, layers, prepend=False) as captured:
         for start in range(0, len(texts), batch_size):
             enc = tokenizer(list(texts[start : start + batch_size]), padding=True, truncation=True,
                             return_special_tokens_mask=True, return_tensors="pt")
@@ -73,7 +45,7 @@ def document_means(model: torch.nn.Module, tokenizer, texts: Sequence[str], laye
             n = keep.sum(1)  # (B,)
             counts.append(n.numpy())
             for layer in layers:
-                h = captured[layer].float()  # (B, T, d_model)
+                h = captured.acts[block[layer]].float()  # (B, T, d_model)
                 sums[layer].append(((h * w).sum(1) / n.clamp(min=1).unsqueeze(-1)).numpy())
     return {layer: np.concatenate(v).astype(np.float32) for layer, v in sums.items()}, np.concatenate(counts)
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from engine.errors import AtlasError
+from engine.models.loading import quiet_transformers
 from engine.progress import progress as progress_bar
 from engine.world.concepts import concept_table
 from engine.world.config import (
@@ -39,20 +40,6 @@ TOKENIZER_KIND = {"foundation": "word", "subject_a": "word", "subject_b": "bpe"}
 
 class WorldBuildError(AtlasError):
     """Building a ConceptWorld failed (a training process crashed or was killed)."""
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """No `transformers` progress bars (loading, saving weights) inside the block."""
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager
