@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.atlas.lookup import build_label_index, fts_query, lookup, semantic_available
+from engine.atlas.lookup import build_label_index, lookup, semantic_available
 
 LABELS = [
     ("weather and rain", "rain, storms, clouds and the forecast"),
@@ -24,10 +24,11 @@ def labelled(store):
     return store
 
 
-def test_fts_query_quotes_words_and_drops_function_words():
-    assert fts_query('weather AND "rain"') == '"weather" OR "rain"'
-    assert fts_query("the of") == '"the" OR "of"'  # nothing else left: keep them
-    assert fts_query("  ?! ") is None
+def test_query_syntax_is_text_and_function_words_only_count_alone(labelled):
+    # FTS5 operators and quotes in a query are words, never query syntax
+    assert [h.ref for h in lookup(labelled, 'weather AND "rain" NEAR(', k=2, semantic=False)] == ["t/0", "t/3"]
+    assert lookup(labelled, "  ?! ", semantic=False) == []
+    assert lookup(labelled, "the and", semantic=False)[0].ref == "t/0"  # nothing else left: function words count
 
 
 def test_text_lookup_ranks_label_matches_first(labelled):

@@ -49,12 +49,6 @@ class LookupHit:
     semantic_rank: int | None = None  # rank in the embedding ranking, if used
 
 
-def fts_query(query: str) -> str | None:
-    """A safe FTS5 query: every content word quoted, OR-ed."""
-    words = _query_words(query)
-    return " OR ".join(f'"{w}"' for w in words) or None
-
-
 def _query_words(query: str) -> list[str]:
     words = _WORD.findall(query.lower())
     content = [w for w in words if w not in STOPWORDS]
