@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from sqlalchemy import select
 
 from engine.cli import cli
-from engine.errors import AtlasError, DuplicateError, SiteMismatchError
+from engine.errors import AtlasError, BadNameError, DuplicateError, SiteMismatchError
 from engine.labelling import export as labelling_export
 from engine.labelling import run as labelling
 from engine.labelling.run import RunConflictError, SourceChangedError
@@ -142,6 +142,16 @@ def test_duplicate_names_and_overwrite(mapped):
         labelling.create_run(store, "m", str(path), k=2, name="r")
     run = labelling.label_features(store, "m", str(path), k=3, name="r", overwrite=True, quiet=True)
     assert run.k == 3 and len(rows_of(store, "r")) == 230 * 3
+
+
+def test_run_names_follow_the_one_name_rule(mapped):
+    store, _, _, _, path = mapped
+    with pytest.raises(BadNameError, match="bad labelling run name '../r'"):
+        labelling.create_run(store, "m", str(path), name="../r")
+    long_stem = path.with_name("f" * 230 + ".npy")
+    path.rename(long_stem)
+    run = labelling.create_run(store, "m", str(long_stem), k=2)  # the default name is shortened to fit
+    assert run.name.startswith("m.fff") and run.name.endswith(".k2") and len(run.name) == 200
 
 
 def test_site_recorded_by_an_sae_is_checked(store, saelens_folder):

@@ -32,7 +32,7 @@ from engine.progress import progress
 from engine.search import project
 from engine.store.schema import AlignmentMapRow, AtlasRow, ConceptRow, FeatureLabelRow, LabelRunRow
 from engine.store.store import Store
-from engine.util import utcnow
+from engine.util import MAX_NAME, check_name, utcnow
 
 DEFAULT_K = 5
 DEFAULT_BATCH = 4096  # features per transaction: a few seconds of search on a 100k atlas
@@ -138,8 +138,12 @@ def remove_run(store: Store, name: str) -> None:
 
 
 def default_run_name(map_name: str, source: str, k: int) -> str:
+    """``<map>.<source file stem>.k<k>``, the stem shortened so the name fits `check_name`'s limit."""
     stem = re.sub(r"[^A-Za-z0-9_.\-]", "_", source.rstrip("/").replace("#", "-").rsplit("/", 1)[-1]).strip("._")
-    return f"{map_name}.{stem or 'features'}.k{k}"
+    tail = f".k{k}"
+    room = MAX_NAME - len(map_name.encode("utf-8")) - 1 - len(tail)  # the stem is ASCII: chars are bytes
+    stem = (stem or "features")[: max(room, 1)].rstrip(".") or "features"
+    return f"{map_name}.{stem}{tail}"
 
 
 def create_run(
@@ -168,6 +172,7 @@ def _create_run(store: Store, map_name: str, features: str, *, k: int, name: str
     check_source_site(store, amap, source, site_check)
     n_concepts = store.atlas(amap.atlas).n_concepts
     name = name or default_run_name(map_name, source.spec, k)
+    check_name(name, "labelling run")
     with store.session() as s:
         old = s.scalar(select(LabelRunRow).where(LabelRunRow.name == name))
     if old is not None:

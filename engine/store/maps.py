@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.align.map import AlignmentMap, plain_json
-from engine.errors import AtlasError, DuplicateError, FormatError, NotFoundError, SiteMismatchError
-from engine.util import write_atomic
+from engine.errors import DuplicateError, FormatError, NotFoundError, SiteMismatchError
+from engine.util import check_name, write_atomic
 
 
 @dataclass(frozen=True)
@@ -46,14 +46,6 @@ class MapInfo:
     created_at: dt.datetime | None
 
 
-_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
-
-
-def _check_map_name(name: str) -> None:
-    if not _NAME.match(name or "") or name.startswith("."):
-        raise AtlasError(f"bad map name {name!r}: use letters, digits, '-', '_' or '.' (no '/')")
-
-
 def default_map_name(amap: AlignmentMap) -> str:
     name = f"{amap.subject_model}-L{amap.subject_layer}-{amap.atlas}-{amap.method}"
     return re.sub(r"[^A-Za-z0-9_.\-]", "_", name).lstrip(".")
@@ -72,7 +64,7 @@ def save_map(store: Any, amap: AlignmentMap, name: str | None = None, overwrite:
     from engine.store.schema import AlignmentMapRow, AtlasRow, ModelRow
 
     name = name or amap.name or default_map_name(amap)
-    _check_map_name(name)
+    check_name(name, "map")
     with store.session() as s:
         model = s.scalar(select(ModelRow).where(ModelRow.name == amap.subject_model))
         if model is None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import indexes
 from engine.errors import (
-    AtlasError,
     DuplicateError,
     IndexIntegrityError,
     NotFoundError,
@@ -37,7 +35,7 @@ from engine.errors import (
 )
 from engine.store import layout, migrate
 from engine.store.schema import AtlasRow, ConceptRow, ModelRow
-from engine.util import sha256_bytes, unit_rows, write_atomic
+from engine.util import check_name, sha256_bytes, unit_rows, write_atomic
 from indexes.policy import resolve_index_spec
 
 
@@ -277,7 +275,7 @@ class Store:
 
         Unlabelled concepts keep their ordinal as label and are marked ``labelled=False``.
         """
-        _check_name(name, "atlas")
+        check_name(name, "atlas")
         x = np.asarray(vectors)
         if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
             raise ShapeError(f"atlas vectors must be a non-empty 2-D matrix (n_concepts, d), got {x.shape}")
@@ -553,11 +551,6 @@ def parse_concept_ref(ref: str | int, atlas: str | None = None) -> tuple[str | N
     if not ordinal.lstrip("-").isdigit():
         raise NotFoundError(f"bad concept id {text!r}; use <atlas>/<ordinal>, e.g. my-atlas/12")
     return (name or atlas), int(ordinal)
-
-
-def _check_name(name: str, what: str) -> None:
-    if not name or "/" in name or name.startswith(".") or os.sep in name or len(name) > 200:
-        raise AtlasError(f"bad {what} name {name!r}: use letters, digits, '-', '_' or '.' (no '/')")
 
 
 def _model_info(row: ModelRow) -> ModelInfo:
