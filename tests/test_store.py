@@ -117,7 +117,7 @@ def test_uninitialised_or_outdated_database_says_what_to_run(store, monkeypatch)
 
 
 def test_failed_import_leaves_no_atlas_and_no_files(store, monkeypatch):
-    from engine.store import store as store_mod
+    from engine.store import atlases as store_mod
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
