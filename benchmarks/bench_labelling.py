@@ -37,7 +37,6 @@ from engine.align.map import AlignmentMap  # noqa: E402
 from engine.labelling import export as labelling_export
 from engine.labelling import run as labelling  # noqa: E402
 from engine.search import project  # noqa: E402
-from engine.store.maps import save_map  # noqa: E402
 from engine.store.store import Store  # noqa: E402
 
 
@@ -97,7 +96,7 @@ def main() -> None:
         w = q.T.astype(np.float32)  # (d_subject, d_atlas), orthonormal rows
         amap = AlignmentMap(w, w.T, np.zeros(args.d_subject), np.zeros(args.d_atlas), "procrustes",
                             subject_model="subject", subject_layer=20, atlas="atlas")
-        save_map(store, amap, "map")
+        store.save_map(amap, "map")
         feats = rng.normal(size=(args.features, args.d_subject)).astype(np.float32)
         np.save(root / "features.npy", feats)
         t_setup = time.perf_counter() - t0

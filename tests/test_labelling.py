@@ -23,7 +23,6 @@ from engine.labelling import export as labelling_export
 from engine.labelling import run as labelling
 from engine.labelling.run import RunConflictError, SourceChangedError
 from engine.search import project
-from engine.store.maps import save_map
 from engine.store.schema import ConceptRow, FeatureLabelRow, LabelRunRow
 from engine.store.store import Store
 from engine.util import unit_rows
@@ -114,7 +113,7 @@ def test_resume_refuses_changed_features_or_map(mapped):
     with pytest.raises(SourceChangedError, match="changed"):
         labelling.resume_run(store, "r")
     np.save(path, feats)
-    save_map(store, amap.__class__(**{**amap.__dict__, "weight": amap.weight * 2, "_torch_cache": {}}), "m",
+    store.save_map(amap.__class__(**{**amap.__dict__, "weight": amap.weight * 2, "_torch_cache": {}}), "m",
              overwrite=True)
     with pytest.raises(SourceChangedError, match="refitted"):
         labelling.resume_run(store, "r")

@@ -26,7 +26,7 @@ from engine.errors import AtlasError, NotFoundError, ShapeError, SiteMismatchErr
 from engine.models.activations import auto_threads, torch_threads
 from engine.models.hooks import resolve_layer
 from engine.models.loading import d_model_of, model_info, tokenizer_fingerprint
-from engine.store.maps import MapInfo, save_map
+from engine.store.maps import MapInfo
 from engine.util import corpus_fingerprint
 
 COSINE_SAMPLE = 2000  # held-out pairs kept for the mean-cosine metric
@@ -239,7 +239,7 @@ def align_subject(
                        pairing=pairing, corpus_fingerprint=stats.corpus_fingerprint, **params)
     except CorpusTooSmallError as e:
         raise CorpusTooSmallError(f"{e} (pairing {pairing!r}, {len(texts)} training texts)") from None
-    return save_map(store, amap, name, overwrite=overwrite)
+    return store.save_map(amap, name, overwrite=overwrite)
 
 
 # ----------------------------------------------------------------------------- retrieval evaluation

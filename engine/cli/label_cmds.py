@@ -136,11 +136,10 @@ def export(run_name: str, fmt: str, output: Path | None, partial: bool, store_di
 def explain(map_name: str, text: str, k: int, raw: bool, store_dir: Path, db_url, as_json: bool) -> None:
     """Per token of TEXT in MAP's subject model: the top atlas concepts, with cosine scores."""
     from engine.search import explain as run_explain
-    from engine.store.maps import load_map
 
     quiet_transformers()
     store = open_store(store_dir, db_url)
-    tokens = run_explain(store, load_map(store, map_name), text, k, centre=not raw)
+    tokens = run_explain(store, store.load_map(map_name), text, k, centre=not raw)
     if as_json:
         print_json(tokens)
         return
@@ -163,11 +162,10 @@ def search(map_name: str, vectors: Path, key, k: int, kind: str, store_dir: Path
     from engine.atlas.importers import read_matrix
     from engine.search import hits_table
     from engine.search import search as run_search
-    from engine.store.maps import load_map
 
     store = open_store(store_dir, db_url)
     x = read_matrix(vectors, key).W_dec
-    emit(hits_table(run_search(store, load_map(store, map_name), x, k, kind=kind)), as_json,
+    emit(hits_table(run_search(store, store.load_map(map_name), x, k, kind=kind)), as_json,
          ["query", "rank", "ref", "label", "score"])
 
 

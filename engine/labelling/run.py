@@ -161,13 +161,11 @@ def create_run(
 
 def _create_run(store: Store, map_name: str, features: str, *, k: int, name: str | None, batch_size: int,
                 key: str | None, site_check: bool, overwrite: bool) -> tuple[LabellingRun, FeatureSource]:
-    from engine.store.maps import load_map, map_info
-
     if k < 1:
         raise AtlasError(f"k must be >= 1, got {k}")
     if batch_size < 1:
         raise AtlasError(f"--batch must be >= 1, got {batch_size}")
-    amap = load_map(store, map_name)
+    amap = store.load_map(map_name)
     source = open_feature_source(features, key=key, store=store, amap=amap)
     check_source_site(store, amap, source, site_check)
     n_concepts = store.atlas(amap.atlas).n_concepts
@@ -191,7 +189,7 @@ def _create_run(store: Store, map_name: str, features: str, *, k: int, name: str
         s.add(LabelRunRow(
             name=name, map_id=map_row.id, feature_source=source.spec, feature_fingerprint=source.fingerprint,
             n_features=source.n_features, k=min(k, n_concepts), batch_size=batch_size, status="pending", n_done=0,
-            params={"source_kind": source.kind, "map_sha256": map_info(store, map_name).sha256,
+            params={"source_kind": source.kind, "map_sha256": store.map_info(map_name).sha256,
                     "atlas_vector_sha256": atlas_row.vector_sha256, "index_spec": atlas_row.index_spec,
                     "site_check": site_check, "k_requested": k},
         ))
@@ -237,8 +235,6 @@ def run_labelling(store: Store, name: str, *, quiet: bool = False, max_batches: 
     Each batch is projected, searched and committed together with the advance of ``n_done``.
     Ctrl-C leaves the run ``interrupted``, an error ``failed`` (with its message); both resume.
     """
-    from engine.store.maps import load_map, map_info
-
     run = get_run(store, name)
     if run.status == "done":
         return run
@@ -249,12 +245,12 @@ def run_labelling(store: Store, name: str, *, quiet: bool = False, max_batches: 
         raise RunConflictError(
             f"labelling run {name!r} is running in process {worker.get('pid')}; wait for it or stop it first"
         )
-    if map_info(store, run.map).sha256 != run.params.get("map_sha256"):
+    if store.map_info(run.map).sha256 != run.params.get("map_sha256"):
         raise SourceChangedError(
             f"map {run.map!r} was refitted since run {name!r} started; its labels would mix two maps. "
             f"Start a new run (`atlas label {run.map} --features ... --overwrite --name {name}`)"
         )
-    amap = load_map(store, run.map)
+    amap = store.load_map(run.map)
     source = _source or open_feature_source(run.feature_source, store=store, amap=amap)
     if source.fingerprint != run.fingerprint or source.n_features != run.n_features:
         raise SourceChangedError(

@@ -175,9 +175,7 @@ def resolve_concept(store: Any, atlas: str, query: str) -> tuple[str, str]:
 def layer_maps(store: Any, map_name: str, layers: Sequence[int] | None) -> dict[int, Any]:
     """The map to use at each requested subject layer (the named map for its own layer, the
     store's map of the same subject and atlas for the others)."""
-    from engine.store.maps import list_maps, load_map
-
-    base = load_map(store, map_name)
+    base = store.load_map(map_name)
     n_layers = store.get_model(base.subject_model).n_layers if layers and min(layers) < 0 else None
     if n_layers is None and layers and min(layers) < 0:
         raise SiteMismatchError(f"negative layers need the number of layers of {base.subject_model!r}, "
@@ -191,7 +189,7 @@ def layer_maps(store: Any, map_name: str, layers: Sequence[int] | None) -> dict[
             out[layer] = base
             continue
         if siblings is None:
-            siblings = [m for m in list_maps(store) if m.subject_model == base.subject_model
+            siblings = [m for m in store.maps() if m.subject_model == base.subject_model
                         and m.atlas == base.atlas and m.subject_hook == base.subject_hook]
         cands = [m for m in siblings if m.subject_layer == layer]
         if not cands:
@@ -201,7 +199,7 @@ def layer_maps(store: Any, map_name: str, layers: Sequence[int] | None) -> dict[
                 f"(maps exist at layers {have}); fit one with `atlas align` at that layer"
             )
         cands.sort(key=lambda m: (m.method != base.method, m.pairing != base.pairing, m.name))
-        out[layer] = load_map(store, cands[0].name)
+        out[layer] = store.load_map(cands[0].name)
     return out
 
 

@@ -8,6 +8,7 @@ are written:
 - `engine.store.models`: registered models;
 - `engine.store.atlases`: atlases, concepts, vector files, indexes and search (why files are
   written first and the database committed last);
+- `engine.store.maps`: alignment maps, their rows and files (how a map is replaced safely);
 
 The dataclasses they return are re-exported here, so callers import them from one place.
 """
@@ -16,12 +17,13 @@ from __future__ import annotations
 
 from engine.store.atlases import AtlasesMixin, AtlasInfo, Concept, Hit, IndexStatus, parse_concept_ref
 from engine.store.base import StoreBase, make_engine
+from engine.store.maps import MapInfo, MapsMixin
 from engine.store.models import ModelInfo, ModelsMixin
 
 __all__ = [
-    "AtlasInfo", "Concept", "Hit", "IndexStatus", "ModelInfo", "Store", "make_engine", "parse_concept_ref",
+    "AtlasInfo", "Concept", "Hit", "IndexStatus", "MapInfo", "ModelInfo", "Store", "make_engine", "parse_concept_ref",
 ]
 
 
-class Store(ModelsMixin, AtlasesMixin, StoreBase):
+class Store(ModelsMixin, AtlasesMixin, MapsMixin, StoreBase):
     """An opened store. Use `Store.init` to create one and `Store.open` to open an existing one."""

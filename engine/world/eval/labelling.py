@@ -40,13 +40,12 @@ def evaluate_world_labelling(store: Any, size: str = "small", seed: int = 0, map
     """Top-1 / top-5 labelling accuracy of each world subject's native directions, per map."""
     from engine.labelling.export import iter_labels
     from engine.labelling.run import label_features
-    from engine.store.maps import list_maps
     from engine.world.eval.retrieval import world_of_store
 
     world = world_of_store(store, size, seed)
     _ensure_registered(store, world)
     subjects = {getattr(world, k).name: k for k in SUBJECT_KEYS}
-    on_world = [m for m in list_maps(store) if m.atlas == world.atlas_name and m.subject_model in subjects]
+    on_world = [m for m in store.maps() if m.atlas == world.atlas_name and m.subject_model in subjects]
     if maps:
         unknown = sorted(set(maps) - {m.name for m in on_world})
         if unknown:

@@ -55,16 +55,15 @@ def world_maps(store: Any, world: Any, key: str, layers: Sequence[int] | None = 
     from engine.align.map import MapSites
     from engine.errors import NotFoundError
     from engine.models.loading import load_model
-    from engine.store.maps import list_maps, load_map, save_map
     from engine.world.eval.retrieval import world_texts
 
     wm = world.model(key)
-    on_world = [m for m in list_maps(store) if m.atlas == world.atlas_name and m.subject_model == wm.name]
+    on_world = [m for m in store.maps() if m.atlas == world.atlas_name and m.subject_model == wm.name]
     if map_name is not None:
         if map_name not in {m.name for m in on_world}:
             raise NotFoundError(f"no map {map_name!r} from {wm.name!r} onto atlas {world.atlas_name!r}; "
                                 "`atlas maps` lists them")
-        return [load_map(store, map_name)]
+        return [store.load_map(map_name)]
     wanted = list(range(wm.n_layers)) if layers is None else [int(v) for v in layers]
     bad = [v for v in wanted if not 0 <= v < wm.n_layers]
     if bad:
@@ -79,7 +78,7 @@ def world_maps(store: Any, world: Any, key: str, layers: Sequence[int] | None = 
         fit_layers = sorted({L for L, _ in todo})
         stats = accumulate_pairs(subject, foundation, train, held, fit_layers, atlas.layer, [pairing],
                                  max_pairs=max_pairs, quiet=quiet)
-        taken = {m.name for m in list_maps(store)}
+        taken = {m.name for m in store.maps()}
         for L, meth in todo:
             sites = MapSites(wm.name, L, atlas.name, atlas.model, atlas.layer)
             amap = fit_map(stats.train[(pairing, L)], meth, heldout=stats.heldout[(pairing, L)], sites=sites,
@@ -87,9 +86,9 @@ def world_maps(store: Any, world: Any, key: str, layers: Sequence[int] | None = 
             name = f"{wm.name}-L{L}-{meth}"
             if name in taken:
                 name = f"{name}-{pairing}"
-            save_map(store, amap, name)
-        on_world = [m for m in list_maps(store) if m.atlas == world.atlas_name and m.subject_model == wm.name]
-    return [load_map(store, m.name) for m in on_world if m.subject_layer in wanted]
+            store.save_map(amap, name)
+        on_world = [m for m in store.maps() if m.atlas == world.atlas_name and m.subject_model == wm.name]
+    return [store.load_map(m.name) for m in on_world if m.subject_layer in wanted]
 
 
 def world_sites(store: Any, world: Any, key: str, maps: Sequence[Any]) -> list[DirectionSet]:
@@ -147,10 +146,9 @@ def native_source_for(store: Any, map_name: str) -> Callable[[str, int], np.ndar
     from pathlib import Path
 
     from engine.errors import NotFoundError
-    from engine.store.maps import map_info
     from engine.world.build import load_world
 
-    info = map_info(store, map_name)
+    info = store.map_info(map_name)
     source = store.get_model(info.subject_model).source
     folder = Path(source).expanduser() if source else None
     if folder is None or not (folder.parent / "manifest.json").is_file():
