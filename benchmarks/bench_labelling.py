@@ -34,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import indexes  # noqa: E402
 from engine.align.map import AlignmentMap  # noqa: E402
-from engine.labelling import export as labelling_export
 from engine.labelling import run as labelling  # noqa: E402
 from engine.search import project  # noqa: E402
 from engine.store.store import Store  # noqa: E402
@@ -116,7 +115,7 @@ def main() -> None:
                                            batch_size=args.batch, name="bench", quiet=True)
             assert run.status == "done" and run.n_done == args.features
             t_label, cpu_label = time.perf_counter() - t0, time.process_time() - c0
-            n_rows = labelling_export.count_labels(fresh, "bench")
+            n_rows = fresh.count_run_labels("bench")
         print(f"labelling end to end: {t_label:.1f}s ({n_rows} rows)", flush=True)
 
         t_bare_2 = bare_search(index, queries, args.k, args.batch)

@@ -54,7 +54,7 @@ def test_labels_are_the_exact_top_k(mapped):
     run = labelling.label_features(store, "m", str(path), k=4, batch_size=64, quiet=True)
     assert (run.status, run.n_done, run.n_features, run.k) == ("done", 230, 230, 4)
     rows = rows_of(store, run.name)
-    assert len(rows) == 230 * 4
+    assert len(rows) == 230 * 4 == store.count_run_labels(run.name)
     q = project(amap, feats)
     exact, _ = brute_force(q, atlas, 4)
     sims = unit_rows(q) @ unit_rows(atlas).T
@@ -93,12 +93,12 @@ def test_ctrl_c_marks_interrupted_and_a_failure_marks_failed(mapped, monkeypatch
     monkeypatch.setattr(index, "search", lambda q, k: flaky(q, k, KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         labelling.run_labelling(store, "r", quiet=True)
-    assert (labelling.get_run(store, "r").status, labelling.get_run(store, "r").n_done) == ("interrupted", 100)
+    assert (store.run("r").status, store.run("r").n_done) == ("interrupted", 100)
     calls["n"] = 0
     monkeypatch.setattr(index, "search", lambda q, k: flaky(q, k, RuntimeError("disk on fire")))
     with pytest.raises(RuntimeError):
         labelling.run_labelling(store, "r", quiet=True)
-    run = labelling.get_run(store, "r")
+    run = store.run("r")
     assert run.status == "failed" and "disk on fire" in run.error and run.n_done == 200
     monkeypatch.setattr(index, "search", real)
     assert labelling.resume_run(store, "r", quiet=True).status == "done"
@@ -128,10 +128,10 @@ def test_two_workers_cannot_both_advance_a_run(mapped):
     ids = np.zeros((100, 2), np.int64)
     cids = np.arange(400, dtype=np.int64) + 1
     with pytest.raises(RunConflictError):  # a stale worker re-committing batch 0
-        labelling._commit_batch(store, run_id, 0, 100, ids, np.zeros((100, 2), np.float32), cids, 230)
+        store._commit_batch(run_id, 0, 100, ids, np.zeros((100, 2), np.float32), cids, 230)
     with pytest.raises(RunConflictError):  # a worker whose idea of n_done is behind
-        labelling._commit_batch(store, run_id, 50, 150, ids, np.zeros((100, 2), np.float32), cids, 230)
-    assert labelling.get_run(store, "r").n_done == 100 and len(rows_of(store, "r")) == 200
+        store._commit_batch(run_id, 50, 150, ids, np.zeros((100, 2), np.float32), cids, 230)
+    assert store.run("r").n_done == 100 and len(rows_of(store, "r")) == 200
 
 
 def test_duplicate_names_and_overwrite(mapped):
@@ -250,7 +250,7 @@ def test_killed_process_resumes_to_exactly_the_uninterrupted_rows(store, tmp_pat
             proc.wait()
     db.close()
 
-    cut = labelling.get_run(store, "killed")
+    cut = store.run("killed")
     assert cut.status == "interrupted" and 500 <= cut.n_done < n and cut.n_done % 40 == 0
     assert len(rows_of(store, "killed")) == cut.n_done * 3  # committed prefix, nothing half-written
     out = _ok("label", "--resume", "killed", "--store", store.path, "--quiet")
@@ -264,7 +264,7 @@ def test_store_reopened_sees_runs(mapped):
     store, _, _, _, path = mapped
     labelling.label_features(store, "m", str(path), k=2, name="r", quiet=True)
     with Store.open(store.path) as again:
-        assert [r.name for r in labelling.list_runs(again)] == ["r"]
+        assert [r.name for r in again.runs()] == ["r"]
 
 
 def test_native_features_need_a_world_subject(mapped):

@@ -71,7 +71,7 @@ def label(map_name, features, k, name, batch_size, resume, overwrite, no_site_ch
     try:
         run = labelling.run_labelling(store, run_name)
     except KeyboardInterrupt:
-        run = labelling.get_run(store, run_name)
+        run = store.run(run_name)
         click.echo(f"interrupted at {run.n_done}/{run.n_features} features; "
                    f"`atlas label --resume {run_name}` continues", err=True)
         sys.exit(130)
@@ -87,9 +87,7 @@ def label(map_name, features, k, name, batch_size, resume, overwrite, no_site_ch
 @json_option
 def runs(store_dir: Path, db_url, as_json: bool) -> None:
     """List labelling runs with their status and progress (a killed run shows as interrupted)."""
-    from engine.labelling.run import list_runs
-
-    items = list_runs(open_store(store_dir, db_url))
+    items = open_store(store_dir, db_url).runs()
     if as_json:
         print_json(items)
         return

@@ -9,6 +9,8 @@ are written:
 - `engine.store.atlases`: atlases, concepts, vector files, indexes and search (why files are
   written first and the database committed last);
 - `engine.store.maps`: alignment maps, their rows and files (how a map is replaced safely);
+- `engine.store.runs`: labelling runs and their labels (the batch transaction that makes a run
+  resumable exactly; the loop itself is `engine.labelling.run`).
 
 The dataclasses they return are re-exported here, so callers import them from one place.
 """
@@ -19,11 +21,13 @@ from engine.store.atlases import AtlasesMixin, AtlasInfo, Concept, Hit, IndexSta
 from engine.store.base import StoreBase, make_engine
 from engine.store.maps import MapInfo, MapsMixin
 from engine.store.models import ModelInfo, ModelsMixin
+from engine.store.runs import LabellingRun, RunsMixin
 
 __all__ = [
-    "AtlasInfo", "Concept", "Hit", "IndexStatus", "MapInfo", "ModelInfo", "Store", "make_engine", "parse_concept_ref",
+    "AtlasInfo", "Concept", "Hit", "IndexStatus", "LabellingRun", "MapInfo", "ModelInfo", "Store", "make_engine",
+    "parse_concept_ref",
 ]
 
 
-class Store(ModelsMixin, AtlasesMixin, MapsMixin, StoreBase):
+class Store(ModelsMixin, AtlasesMixin, MapsMixin, RunsMixin, StoreBase):
     """An opened store. Use `Store.init` to create one and `Store.open` to open an existing one."""
