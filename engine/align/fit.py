@@ -26,7 +26,7 @@ from engine.errors import AtlasError, NotFoundError, ShapeError, SiteMismatchErr
 from engine.models.activations import auto_threads, torch_threads
 from engine.models.hooks import resolve_layer
 from engine.models.loading import d_model_of, model_info, tokenizer_fingerprint
-from engine.store.maps import MapInfo
+from engine.store.store import MapInfo, Store
 from engine.util import corpus_fingerprint
 
 COSINE_SAMPLE = 2000  # held-out pairs kept for the mean-cosine metric
@@ -130,7 +130,7 @@ def _accumulate_pairs(subject, foundation, train_texts, heldout_texts, subject_l
 # ----------------------------------------------------------------------------- atlas align
 
 
-def resolve_subject(store: Any, subject: str, kind: str = "causal", revision: str | None = None,
+def resolve_subject(store: Store, subject: str, kind: str = "causal", revision: str | None = None,
                     dtype: Any = torch.float32, layer_module: str | None = None):
     """``(name, model, tokenizer)`` of a subject given as a store model name or a path / hub id.
 
@@ -158,7 +158,7 @@ def resolve_subject(store: Any, subject: str, kind: str = "causal", revision: st
     return name, model, tok
 
 
-def load_atlas_model(store: Any, atlas: Any, dtype: Any = torch.float32, kind: str | None = None):
+def load_atlas_model(store: Store, atlas: Any, dtype: Any = torch.float32, kind: str | None = None):
     """The foundation model of an atlas, loaded from the source recorded in the store."""
     from engine.models.loading import load_model
 
@@ -172,7 +172,7 @@ def load_atlas_model(store: Any, atlas: Any, dtype: Any = torch.float32, kind: s
     return load_model(info.source, kind=kind, dtype=dtype, revision=info.revision)
 
 
-def store_extra(store: Any, model_name: str) -> dict[str, Any]:
+def store_extra(store: Store, model_name: str) -> dict[str, Any]:
     """The ``extra`` JSON of a registered model (e.g. ``kind``), empty when none."""
     from sqlalchemy import select
 
@@ -184,7 +184,7 @@ def store_extra(store: Any, model_name: str) -> dict[str, Any]:
 
 
 def align_subject(
-    store: Any,
+    store: Store,
     subject: str,
     layer: int,
     atlas: str,

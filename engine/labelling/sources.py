@@ -15,10 +15,15 @@ import dataclasses
 import hashlib
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from engine.errors import FormatError, NotFoundError, ShapeError
+from engine.store.store import Store
+
+if TYPE_CHECKING:
+    from engine.align.map import AlignmentMap  # imports torch: only for the annotations
 
 NATIVE_PREFIX = "native:"
 
@@ -63,7 +68,8 @@ def canonical_spec(source: str | Path, key: str | None = None) -> str:
     return f"{resolved}#{key}" if key else resolved
 
 
-def open_feature_source(source: str | Path, *, key: str | None = None, store=None, amap=None) -> FeatureSource:
+def open_feature_source(source: str | Path, *, key: str | None = None, store: Store | None = None,
+                        amap: AlignmentMap | None = None) -> FeatureSource:
     """Read the features named by ``source`` (see the module docstring for the forms).
 
     ``key`` names the tensor inside a ``.safetensors`` holding several (also ``file#key``).
@@ -108,7 +114,7 @@ def _native_world(spec: str, subject_model: str) -> tuple[str, int]:
     return size, seed
 
 
-def _native_directions(store, amap, size: str, seed: int) -> np.ndarray:
+def _native_directions(store: Store, amap: AlignmentMap, size: str, seed: int) -> np.ndarray:
     """The map's subject's own concept directions at its layer: ConceptWorld's ground truth.
 
     The world is the one the subject model was registered from (its folder holds the model), else
@@ -126,12 +132,12 @@ def _native_directions(store, amap, size: str, seed: int) -> np.ndarray:
     return np.asarray(world.concept_directions(keys[0], amap.subject_layer), dtype=np.float32)
 
 
-def _world_of(store, model_name: str, size: str, seed: int):
+def _world_of(store: Store, model_name: str, size: str, seed: int):
     world = _world_at(store, model_name)
     return world if world is not None and (world.size, world.seed) == (size, seed) else world_for(store, size, seed)
 
 
-def _world_at(store, model_name: str):
+def _world_at(store: Store, model_name: str):
     """The world a registered world model was loaded from (its folder holds the model), if any."""
     from engine.world.build import load_world
     from engine.world.config import MANIFEST
@@ -143,7 +149,7 @@ def _world_at(store, model_name: str):
     return load_world(Path(source).parent) if source and (Path(source).parent / MANIFEST).is_file() else None
 
 
-def world_for(store, size: str, seed: int):
+def world_for(store: Store, size: str, seed: int):
     """The ConceptWorld of ``size`` and ``seed`` whose models the store has registered, else the one
     cached (or built) under ``<store>/models``."""
     from engine.world.build import world_name

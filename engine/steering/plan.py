@@ -30,6 +30,7 @@ import numpy as np
 
 from engine.errors import FormatError, NotFoundError, SiteMismatchError
 from engine.steering.edits import POSITIONS, STEERING_MODES, Mode, Positions, SteeringEdit
+from engine.store.store import Store, parse_concept_ref
 
 Direction = Literal["transferred", "native"]
 DIRECTIONS: tuple[str, ...] = ("transferred", "native")
@@ -148,11 +149,10 @@ class ResolvedPlan:
     alignment: dict[int, Any] = field(default_factory=dict, repr=False)  # layer -> AlignmentMap
 
 
-def resolve_concept(store: Any, atlas: str, query: str) -> tuple[str, str]:
+def resolve_concept(store: Store, atlas: str, query: str) -> tuple[str, str]:
     """``(ref, label)`` of the concept a query names in ``atlas``: an id, an exact label, or the
     best text-lookup hit."""
     from engine.atlas.lookup import lookup
-    from engine.store.store import parse_concept_ref
 
     q = query.strip()
     _, sep, ordinal = q.rpartition("/")
@@ -172,7 +172,7 @@ def resolve_concept(store: Any, atlas: str, query: str) -> tuple[str, str]:
     return hits[0].ref, hits[0].label
 
 
-def layer_maps(store: Any, map_name: str, layers: Sequence[int] | None) -> dict[int, Any]:
+def layer_maps(store: Store, map_name: str, layers: Sequence[int] | None) -> dict[int, Any]:
     """The map to use at each requested subject layer (the named map for its own layer, the
     store's map of the same subject and atlas for the others)."""
     base = store.load_map(map_name)
@@ -203,7 +203,7 @@ def layer_maps(store: Any, map_name: str, layers: Sequence[int] | None) -> dict[
     return out
 
 
-def _concept_vector(store: Any, vectors: np.ndarray, ref: str, combine: int) -> tuple[np.ndarray, list[str]]:
+def _concept_vector(store: Store, vectors: np.ndarray, ref: str, combine: int) -> tuple[np.ndarray, list[str]]:
     """Unit atlas direction of ``ref`` (a row of ``vectors``), or the mean with its ``combine``
     nearest neighbours."""
     from engine.util import unit_rows
@@ -215,7 +215,7 @@ def _concept_vector(store: Any, vectors: np.ndarray, ref: str, combine: int) -> 
     return v, [h.ref for h in neighbours]
 
 
-def resolve_plan(store: Any, plan: SteeringPlan, native: NativeSource | None = None) -> ResolvedPlan:
+def resolve_plan(store: Store, plan: SteeringPlan, native: NativeSource | None = None) -> ResolvedPlan:
     """Resolve concepts, pick a map per layer and build one `SteeringEdit` per concept and layer.
 
     ``native`` gives the subject's own direction of a concept label at a layer; it is required
@@ -277,7 +277,7 @@ class SteeringRun:
     perplexity_steered: float
 
 
-def load_subject(store: Any, model_name: str) -> tuple[Any, Any]:
+def load_subject(store: Store, model_name: str) -> tuple[Any, Any]:
     """Load a subject model registered in the store from its recorded source."""
     from engine.models.loading import load_model
 
@@ -298,7 +298,7 @@ def check_subject(resolved: ResolvedPlan, model: Any, model_name: str | None = N
         resolve_layer(model, layer)
 
 
-def run_plan(store: Any, plan: SteeringPlan, prompts: Sequence[str], *, model: Any = None, tokenizer: Any = None,
+def run_plan(store: Store, plan: SteeringPlan, prompts: Sequence[str], *, model: Any = None, tokenizer: Any = None,
              model_name: str | None = None, native: NativeSource | None = None, use_cache: bool = True) -> SteeringRun:
     """Resolve ``plan`` and generate steered and unsteered continuations of ``prompts`` from the same seed.
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import NotFoundError
+from engine.store.store import Store
 
 EVAL_RUN_PREFIX = "eval-labelling."
 SUBJECT_KEYS = ("subject_a", "subject_b")
@@ -35,7 +36,7 @@ class LabellingEvalRow:
     run: str  # the labelling run holding the labels (`atlas export RUN`)
 
 
-def evaluate_world_labelling(store: Any, size: str = "small", seed: int = 0, maps: list[str] | None = None,
+def evaluate_world_labelling(store: Store, size: str = "small", seed: int = 0, maps: list[str] | None = None,
                              quiet: bool = False) -> list[LabellingEvalRow]:
     """Top-1 / top-5 labelling accuracy of each world subject's native directions, per map."""
     from engine.labelling.export import iter_labels
@@ -75,7 +76,7 @@ def evaluate_world_labelling(store: Any, size: str = "small", seed: int = 0, map
     return rows
 
 
-def _ensure_registered(store: Any, world: Any) -> None:
+def _ensure_registered(store: Store, world: Any) -> None:
     try:
         store.atlas(world.atlas_name)
     except NotFoundError:
@@ -86,7 +87,7 @@ def _ensure_registered(store: Any, world: Any) -> None:
 
 
 
-def _fit_default_map(store: Any, world: Any, key: str, quiet: bool):
+def _fit_default_map(store: Store, world: Any, key: str, quiet: bool):
     from engine.align.fit import align_subject
     from engine.world.eval.retrieval import world_texts
 

@@ -20,9 +20,10 @@ from engine.align.fit import accumulate_pairs
 from engine.errors import NotFoundError
 from engine.models.hooks import resolve_layer
 from engine.models.loading import tokenizer_fingerprint
+from engine.store.store import Store
 
 
-def world_of_store(store: Any, size: str = "tiny", seed: int = 0):
+def world_of_store(store: Store, size: str = "tiny", seed: int = 0):
     """The ConceptWorld of this size and seed, built (or found cached) under the store's models/."""
     from engine.store import layout
     from engine.world import build_world
@@ -30,7 +31,7 @@ def world_of_store(store: Any, size: str = "tiny", seed: int = 0):
     return build_world(size=size, seed=seed, root=Path(store.path) / layout.MODELS_DIR)
 
 
-def ensure_world_registered(store: Any, size: str = "tiny", seed: int = 0):
+def ensure_world_registered(store: Store, size: str = "tiny", seed: int = 0):
     """The world, with its models and atlas registered in the store (once)."""
     from engine.world import register_world
 
@@ -56,7 +57,7 @@ SUBJECT_KEYS = {"a": "subject_a", "b": "subject_b"}
 
 
 def evaluate_world_retrieval(
-    store: Any,
+    store: Store,
     size: str = "tiny",
     seed: int = 0,
     methods: Sequence[str] = ("procrustes", "ridge", "correlation"),

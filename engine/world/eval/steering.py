@@ -17,6 +17,7 @@ import numpy as np
 
 from engine.errors import ShapeError
 from engine.steering.faithfulness import DirectionSet, SteeringReport, evaluate_steering
+from engine.store.store import Store
 from engine.world.register import concept_ordinals  # noqa: F401  (re-exported)
 
 
@@ -42,7 +43,7 @@ DEFAULT_METHODS: tuple[str, ...] = ("procrustes", "ridge")  # maps fitted when t
 MAX_FIT_PAIRS = 200_000  # pairs per fitted map: ~1,000x the width of a world model, a fraction of the corpus
 
 
-def world_maps(store: Any, world: Any, key: str, layers: Sequence[int] | None = None, map_name: str | None = None,
+def world_maps(store: Store, world: Any, key: str, layers: Sequence[int] | None = None, map_name: str | None = None,
                methods: Sequence[str] = DEFAULT_METHODS, max_pairs: int | None = MAX_FIT_PAIRS,
                quiet: bool = False) -> list[Any]:
     """The stored maps of a world subject onto the world atlas at ``layers`` (default: all).
@@ -91,7 +92,7 @@ def world_maps(store: Any, world: Any, key: str, layers: Sequence[int] | None = 
     return [store.load_map(m.name) for m in on_world if m.subject_layer in wanted]
 
 
-def world_sites(store: Any, world: Any, key: str, maps: Sequence[Any]) -> list[DirectionSet]:
+def world_sites(store: Store, world: Any, key: str, maps: Sequence[Any]) -> list[DirectionSet]:
     """Transferred directions through each map, and the subject's native directions at each of
     their layers, one row per world concept."""
     atlas = store.atlas_vectors(world.atlas_name)[concept_ordinals(store, world)]  # (K, d_atlas)
@@ -106,7 +107,7 @@ def world_sites(store: Any, world: Any, key: str, maps: Sequence[Any]) -> list[D
 
 
 def evaluate_world_steering(
-    store: Any, size: str = "small", seed: int = 0, *, subject: str = "a", strengths: Sequence[float] | None = None,
+    store: Store, size: str = "small", seed: int = 0, *, subject: str = "a", strengths: Sequence[float] | None = None,
     layers: Sequence[int] | None = None, map_name: str | None = None, max_new_tokens: int = 20,
     mode: str = "add", quiet: bool = False,
 ) -> SteeringReport:
@@ -139,7 +140,7 @@ def evaluate_world_steering(
     return report
 
 
-def native_source_for(store: Any, map_name: str) -> Callable[[str, int], np.ndarray | None]:
+def native_source_for(store: Store, map_name: str) -> Callable[[str, int], np.ndarray | None]:
     """Native directions of a ConceptWorld subject, by concept label and layer (for `atlas steer --native`).
 
     The subject is found through the folder it was registered from (``<world>/<model key>``)."""
