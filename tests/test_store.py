@@ -38,6 +38,8 @@ def test_add_atlas_records_provenance_and_labels(store):
     assert (c1.label, c1.labelled) == ("concept 1", True)
     np.testing.assert_array_equal(store.atlas_vectors("a"), x)
     assert store.get_model("m").d_model == 16
+    store.add_model("m", extra={"kind": "masked"})
+    assert store.model_extra("m") == {"kind": "masked"} and store.model_extra("nope") == {}
 
 
 def test_search_matches_exact_cosine(store):

@@ -168,19 +168,8 @@ def load_atlas_model(store: Store, atlas: Any, dtype: Any = torch.float32, kind:
             f"atlas {atlas.name!r} is on model {atlas.model!r}, which has no recorded source to load it from; "
             "register the model with its path"
         )
-    kind = kind or (store_extra(store, atlas.model).get("kind") or "causal")
+    kind = kind or (store.model_extra(atlas.model).get("kind") or "causal")
     return load_model(info.source, kind=kind, dtype=dtype, revision=info.revision)
-
-
-def store_extra(store: Store, model_name: str) -> dict[str, Any]:
-    """The ``extra`` JSON of a registered model (e.g. ``kind``), empty when none."""
-    from sqlalchemy import select
-
-    from engine.store.schema import ModelRow
-
-    with store.session() as s:
-        row = s.scalar(select(ModelRow).where(ModelRow.name == model_name))
-        return dict(row.extra or {}) if row is not None else {}
 
 
 def align_subject(

@@ -61,6 +61,12 @@ class ModelsMixin(StoreBase):
         with self.session() as s:
             return _model_info(self._model_row(s, name))
 
+    def model_extra(self, name: str) -> dict[str, Any]:
+        """The ``extra`` JSON of a registered model (e.g. ``kind``), empty when none or unknown."""
+        with self.session() as s:
+            row = s.scalar(select(ModelRow).where(ModelRow.name == name))
+            return dict(row.extra or {}) if row is not None else {}
+
     def models(self) -> list[ModelInfo]:
         with self.session() as s:
             return [_model_info(r) for r in s.scalars(select(ModelRow).order_by(ModelRow.name))]
