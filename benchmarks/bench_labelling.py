@@ -34,10 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import indexes  # noqa: E402
 from engine.align.map import AlignmentMap  # noqa: E402
-from engine.labelling import export as labelling_export
 from engine.labelling import run as labelling  # noqa: E402
 from engine.search import project  # noqa: E402
-from engine.store.maps import save_map  # noqa: E402
 from engine.store.store import Store  # noqa: E402
 
 
@@ -97,7 +95,7 @@ def main() -> None:
         w = q.T.astype(np.float32)  # (d_subject, d_atlas), orthonormal rows
         amap = AlignmentMap(w, w.T, np.zeros(args.d_subject), np.zeros(args.d_atlas), "procrustes",
                             subject_model="subject", subject_layer=20, atlas="atlas")
-        save_map(store, amap, "map")
+        store.save_map(amap, "map")
         feats = rng.normal(size=(args.features, args.d_subject)).astype(np.float32)
         np.save(root / "features.npy", feats)
         t_setup = time.perf_counter() - t0
@@ -117,7 +115,7 @@ def main() -> None:
                                            batch_size=args.batch, name="bench", quiet=True)
             assert run.status == "done" and run.n_done == args.features
             t_label, cpu_label = time.perf_counter() - t0, time.process_time() - c0
-            n_rows = labelling_export.count_labels(fresh, "bench")
+            n_rows = fresh.count_run_labels("bench")
         print(f"labelling end to end: {t_label:.1f}s ({n_rows} rows)", flush=True)
 
         t_bare_2 = bare_search(index, queries, args.k, args.batch)

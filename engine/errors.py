@@ -24,6 +24,10 @@ class NotFoundError(AtlasError):
     """A named object (atlas, concept, model, map, run) does not exist in the store."""
 
 
+class BadNameError(AtlasError):
+    """A name for an atlas, map or run breaks the naming rule (names become file names)."""
+
+
 class DuplicateError(AtlasError):
     """An object with the same name already exists."""
 

@@ -2,6 +2,10 @@
 
 `write_atomic` is the index backends' (``indexes.base``): the engine writes its own files
 (vectors, maps, activation manifests) the same way, temporary file, fsync, rename.
+
+`check_name` is the one naming rule of atlases, maps and labelling runs: their names become
+file names (``vectors/<atlas>.safetensors``, ``maps/<map>.safetensors``), so a name must be one
+path component, not hidden, and short enough in bytes for any file system.
 """
 
 from __future__ import annotations
@@ -15,10 +19,29 @@ from typing import Any
 
 import numpy as np
 
-from engine.errors import BadValueError
+from engine.errors import BadNameError, BadValueError
 from indexes.base import write_atomic
 
-__all__ = ["check_k", "corpus_fingerprint", "sha256_bytes", "to_plain", "unit_rows", "utcnow", "write_atomic"]
+__all__ = ["check_k", "check_name", "corpus_fingerprint", "sha256_bytes", "to_plain", "unit_rows", "utcnow",
+           "write_atomic"]
+
+MAX_NAME = 200  # characters, and bytes in UTF-8: a name plus its suffixes stays under NAME_MAX (255)
+NAME_RULE = (f"use letters, digits, '-', '_' or '.', not starting with '.', "
+             f"at most {MAX_NAME} characters ({MAX_NAME} bytes in UTF-8)")
+
+
+def check_name(name: str, what: str) -> None:
+    """Raise `BadNameError` unless ``name`` is a valid name for a ``what`` (atlas, map, run).
+
+    The rule: letters, digits, ``-``, ``_`` and ``.`` only (so no ``/``, spaces or control
+    characters), not starting with ``.``, at most 200 characters and 200 bytes in UTF-8.
+    """
+    ok = (
+        isinstance(name, str) and 0 < len(name) <= MAX_NAME and len(name.encode("utf-8")) <= MAX_NAME
+        and not name.startswith(".") and all(c.isalnum() or c in "-_." for c in name)
+    )
+    if not ok:
+        raise BadNameError(f"bad {what} name {name!r}: {NAME_RULE}")
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -18,7 +18,6 @@ from tiny_models import (
 
 from engine.align.corpus import read_corpus, split_heldout
 from engine.cli import cli
-from engine.store.maps import load_map
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +59,7 @@ def test_align_then_list_and_show(setup, folders):
     assert info["n_pairs"] >= 48 and info["metrics"]["n_heldout"] > 0
     assert info["metrics"]["subject_resid_norm"] > 0 and "heldout_r2" in info["metrics"]
     assert store.get_model("subj").d_model == 32  # registered on first use
-    amap = load_map(store, "subj-L1-atl-procrustes")
+    amap = store.load_map("subj-L1-atl-procrustes")
     amap.check_site("subj", 1, 32)
     assert amap.atlas_layer == 1 and amap.corpus_fingerprint == info["corpus_fingerprint"]
 

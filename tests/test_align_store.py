@@ -9,7 +9,6 @@ from engine.align.fit import fit_map
 from engine.align.map import MapSites
 from engine.align.stats import SufficientStats
 from engine.errors import DuplicateError, FormatError, NotFoundError, SiteMismatchError
-from engine.store.maps import list_maps, load_map, remove_map, save_map
 
 
 def _fit(dx=12, dy=8, seed=0, method="procrustes"):
@@ -33,60 +32,60 @@ def populated(store):
 
 def test_save_load_list(populated):
     amap = _fit()
-    info = save_map(populated, amap, "m1")
+    info = populated.save_map(amap, "m1")
     assert (populated.path / info.file).is_file() and info.file == "maps/m1.safetensors"
     assert (info.subject_model, info.subject_layer, info.atlas, info.atlas_layer) == ("subj", 1, "atl", 2)
     assert info.n_pairs == 500 and info.pairing == "span" and info.corpus_fingerprint == "f" * 64
     assert info.heldout_r2 == pytest.approx(amap.metrics["heldout_r2"])
-    back = load_map(populated, "m1")
+    back = populated.load_map("m1")
     np.testing.assert_allclose(back.weight, amap.weight, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(back.inverse_weight, amap.inverse_weight, rtol=1e-6, atol=1e-6)
     assert (back.name, back.atlas_model, back.atlas_hook, back.method) == ("m1", "found", "resid_post", "procrustes")
     assert back.subject_resid_norm == pytest.approx(amap.subject_resid_norm)
     back.check_site("subj", 1, 12)
-    assert [m.name for m in list_maps(populated)] == ["m1"]
+    assert [m.name for m in populated.maps()] == ["m1"]
 
 
 def test_names_and_overwrite(populated):
-    save_map(populated, _fit(), "m1")
+    populated.save_map(_fit(), "m1")
     with pytest.raises(DuplicateError, match="--overwrite"):
-        save_map(populated, _fit(seed=1), "m1")
+        populated.save_map(_fit(seed=1), "m1")
     old_file = populated.path / "maps/m1.safetensors"
-    info = save_map(populated, _fit(seed=1, method="ridge"), "m1", overwrite=True)
+    info = populated.save_map(_fit(seed=1, method="ridge"), "m1", overwrite=True)
     assert info.method == "ridge" and not old_file.exists() and (populated.path / info.file).is_file()
     assert len(list((populated.path / "maps").iterdir())) == 1
     with pytest.raises(Exception, match="bad map name"):
-        save_map(populated, _fit(), "../evil")
+        populated.save_map(_fit(), "../evil")
 
 
 def test_missing_model_or_atlas_and_wrong_width(populated):
     amap = _fit()
     amap.subject_model = "nobody"
     with pytest.raises(NotFoundError, match="nobody"):
-        save_map(populated, amap, "x")
+        populated.save_map(amap, "x")
     with pytest.raises(SiteMismatchError, match="d=8"):
-        save_map(populated, _fit(dy=6), "x")
+        populated.save_map(_fit(dy=6), "x")
     with pytest.raises(NotFoundError, match="atlas maps"):
-        load_map(populated, "x")
+        populated.load_map("x")
     assert not list((populated.path / "maps").glob("x*"))
 
 
 def test_a_damaged_file_is_detected(populated):
-    info = save_map(populated, _fit(), "m1")
+    info = populated.save_map(_fit(), "m1")
     path = populated.path / info.file
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(FormatError, match="checksum"):
-        load_map(populated, "m1")
+        populated.load_map("m1")
     path.unlink()
     with pytest.raises(NotFoundError, match="missing"):
-        load_map(populated, "m1")
+        populated.load_map("m1")
 
 
 def test_remove(populated):
-    info = save_map(populated, _fit(), "m1")
-    remove_map(populated, "m1")
-    assert list_maps(populated) == [] and not (populated.path / info.file).exists()
+    info = populated.save_map(_fit(), "m1")
+    populated.remove_map("m1")
+    assert populated.maps() == [] and not (populated.path / info.file).exists()
     with pytest.raises(NotFoundError):
-        remove_map(populated, "m1")
+        populated.remove_map("m1")

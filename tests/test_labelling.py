@@ -18,12 +18,11 @@ from click.testing import CliRunner
 from sqlalchemy import select
 
 from engine.cli import cli
-from engine.errors import AtlasError, DuplicateError, SiteMismatchError
+from engine.errors import AtlasError, BadNameError, DuplicateError, SiteMismatchError
 from engine.labelling import export as labelling_export
 from engine.labelling import run as labelling
 from engine.labelling.run import RunConflictError, SourceChangedError
 from engine.search import project
-from engine.store.maps import save_map
 from engine.store.schema import ConceptRow, FeatureLabelRow, LabelRunRow
 from engine.store.store import Store
 from engine.util import unit_rows
@@ -55,7 +54,7 @@ def test_labels_are_the_exact_top_k(mapped):
     run = labelling.label_features(store, "m", str(path), k=4, batch_size=64, quiet=True)
     assert (run.status, run.n_done, run.n_features, run.k) == ("done", 230, 230, 4)
     rows = rows_of(store, run.name)
-    assert len(rows) == 230 * 4
+    assert len(rows) == 230 * 4 == store.count_run_labels(run.name)
     q = project(amap, feats)
     exact, _ = brute_force(q, atlas, 4)
     sims = unit_rows(q) @ unit_rows(atlas).T
@@ -94,12 +93,12 @@ def test_ctrl_c_marks_interrupted_and_a_failure_marks_failed(mapped, monkeypatch
     monkeypatch.setattr(index, "search", lambda q, k: flaky(q, k, KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         labelling.run_labelling(store, "r", quiet=True)
-    assert (labelling.get_run(store, "r").status, labelling.get_run(store, "r").n_done) == ("interrupted", 100)
+    assert (store.run("r").status, store.run("r").n_done) == ("interrupted", 100)
     calls["n"] = 0
     monkeypatch.setattr(index, "search", lambda q, k: flaky(q, k, RuntimeError("disk on fire")))
     with pytest.raises(RuntimeError):
         labelling.run_labelling(store, "r", quiet=True)
-    run = labelling.get_run(store, "r")
+    run = store.run("r")
     assert run.status == "failed" and "disk on fire" in run.error and run.n_done == 200
     monkeypatch.setattr(index, "search", real)
     assert labelling.resume_run(store, "r", quiet=True).status == "done"
@@ -114,7 +113,7 @@ def test_resume_refuses_changed_features_or_map(mapped):
     with pytest.raises(SourceChangedError, match="changed"):
         labelling.resume_run(store, "r")
     np.save(path, feats)
-    save_map(store, amap.__class__(**{**amap.__dict__, "weight": amap.weight * 2, "_torch_cache": {}}), "m",
+    store.save_map(amap.__class__(**{**amap.__dict__, "weight": amap.weight * 2, "_torch_cache": {}}), "m",
              overwrite=True)
     with pytest.raises(SourceChangedError, match="refitted"):
         labelling.resume_run(store, "r")
@@ -129,10 +128,10 @@ def test_two_workers_cannot_both_advance_a_run(mapped):
     ids = np.zeros((100, 2), np.int64)
     cids = np.arange(400, dtype=np.int64) + 1
     with pytest.raises(RunConflictError):  # a stale worker re-committing batch 0
-        labelling._commit_batch(store, run_id, 0, 100, ids, np.zeros((100, 2), np.float32), cids, 230)
+        store._commit_batch(run_id, 0, 100, ids, np.zeros((100, 2), np.float32), cids, 230)
     with pytest.raises(RunConflictError):  # a worker whose idea of n_done is behind
-        labelling._commit_batch(store, run_id, 50, 150, ids, np.zeros((100, 2), np.float32), cids, 230)
-    assert labelling.get_run(store, "r").n_done == 100 and len(rows_of(store, "r")) == 200
+        store._commit_batch(run_id, 50, 150, ids, np.zeros((100, 2), np.float32), cids, 230)
+    assert store.run("r").n_done == 100 and len(rows_of(store, "r")) == 200
 
 
 def test_duplicate_names_and_overwrite(mapped):
@@ -142,6 +141,16 @@ def test_duplicate_names_and_overwrite(mapped):
         labelling.create_run(store, "m", str(path), k=2, name="r")
     run = labelling.label_features(store, "m", str(path), k=3, name="r", overwrite=True, quiet=True)
     assert run.k == 3 and len(rows_of(store, "r")) == 230 * 3
+
+
+def test_run_names_follow_the_one_name_rule(mapped):
+    store, _, _, _, path = mapped
+    with pytest.raises(BadNameError, match="bad labelling run name '../r'"):
+        labelling.create_run(store, "m", str(path), name="../r")
+    long_stem = path.with_name("f" * 230 + ".npy")
+    path.rename(long_stem)
+    run = labelling.create_run(store, "m", str(long_stem), k=2)  # the default name is shortened to fit
+    assert run.name.startswith("m.fff") and run.name.endswith(".k2") and len(run.name) == 200
 
 
 def test_site_recorded_by_an_sae_is_checked(store, saelens_folder):
@@ -241,7 +250,7 @@ def test_killed_process_resumes_to_exactly_the_uninterrupted_rows(store, tmp_pat
             proc.wait()
     db.close()
 
-    cut = labelling.get_run(store, "killed")
+    cut = store.run("killed")
     assert cut.status == "interrupted" and 500 <= cut.n_done < n and cut.n_done % 40 == 0
     assert len(rows_of(store, "killed")) == cut.n_done * 3  # committed prefix, nothing half-written
     out = _ok("label", "--resume", "killed", "--store", store.path, "--quiet")
@@ -255,7 +264,7 @@ def test_store_reopened_sees_runs(mapped):
     store, _, _, _, path = mapped
     labelling.label_features(store, "m", str(path), k=2, name="r", quiet=True)
     with Store.open(store.path) as again:
-        assert [r.name for r in labelling.list_runs(again)] == ["r"]
+        assert [r.name for r in again.runs()] == ["r"]
 
 
 def test_native_features_need_a_world_subject(mapped):

@@ -13,7 +13,6 @@ import pytest
 from click.testing import CliRunner
 
 from engine.cli import cli
-from engine.labelling import run as labelling
 from engine.labelling.export import iter_labels
 from engine.labelling.sources import open_feature_source
 from engine.world.eval.labelling import evaluate_world_labelling
@@ -44,10 +43,8 @@ def test_eval_labelling_fits_maps_and_reads_the_runs_it_wrote(world_store):
     assert np.mean([fl.hits[0].label == truth[fl.feature] for fl in labels]) == pytest.approx(a.top1)
 
     # the features of that run are the subject's own directions at the map's layer
-    run = labelling.get_run(store, a.run)
-    from engine.store.maps import load_map
-
-    src = open_feature_source(run.feature_source, store=store, amap=load_map(store, a.map))
+    run = store.run(a.run)
+    src = open_feature_source(run.feature_source, store=store, amap=store.load_map(a.map))
     assert src.kind == "native" and run.feature_source == "native:tiny:0"
     np.testing.assert_allclose(src.vectors, world.concept_directions("subject_a", a.layer), atol=1e-6)
     assert src.fingerprint == run.fingerprint  # re-reading gives the same features: resume works

@@ -11,7 +11,6 @@ from engine.align.map import AlignmentMap
 from engine.errors import FormatError, NotFoundError, SiteMismatchError
 from engine.models.loading import load_model
 from engine.steering.plan import PlanConcept, SteeringPlan, resolve_concept, resolve_plan, run_plan
-from engine.store.maps import save_map
 
 D_ATLAS = 24
 LABELS = ["weather", "music", "animals", "fruit", "colours"]
@@ -41,8 +40,8 @@ def steer_store(store, subject_folder):
     store.add_atlas("fdn", rng.normal(size=(len(LABELS), D_ATLAS)).astype(np.float32), LABELS, DESCRIPTIONS,
                     model="foundation", layer=1)
     store.add_model("subj", source=str(subject_folder), d_model=D, n_layers=3)
-    save_map(store, _map(1, 1), "m1")
-    save_map(store, _map(2, 2), "m2")
+    store.save_map(_map(1, 1), "m1")
+    store.save_map(_map(2, 2), "m2")
     return store
 
 
@@ -125,7 +124,7 @@ def test_run_plan_side_by_side(steer_store):
 
 def test_a_map_of_another_model_or_width_is_a_clear_error(steer_store, tmp_path):
     steer_store.add_model("narrow", d_model=16)
-    save_map(steer_store, _map(3, 1, subject="narrow", d_subject=16), "narrow-map")
+    steer_store.save_map(_map(3, 1, subject="narrow", d_subject=16), "narrow-map")
     model, tok = load_model(save_tiny_model("gpt2", tmp_path / "gpt2"))
     with pytest.raises(SiteMismatchError, match="width 32"):
         run_plan(steer_store, SteeringPlan("narrow-map", ["weather"]), ["the"], model=model, tokenizer=tok)

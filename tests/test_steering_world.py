@@ -60,9 +60,7 @@ def test_eval_steering_on_the_tiny_world(world_store):
 
 
 def test_steer_native_and_transferred_on_a_world_subject(world_store):
-    from engine.store.maps import list_maps
-
-    maps = [m.name for m in list_maps(world_store) if m.subject_model.endswith("subject-a")]
+    maps = [m.name for m in world_store.maps() if m.subject_model.endswith("subject-a")]
     assert maps  # fitted by the evaluation above, or by the world's own alignment
     for extra in ((), ("--native",)):
         r = invoke(world_store, "steer", maps[-1], "-c", "Weather", "-p", "the", "-n", "8", "--json", *extra)

@@ -7,6 +7,8 @@ import pytest
 from sqlalchemy import func, select
 
 from engine.errors import (
+    AtlasError,
+    BadNameError,
     DuplicateError,
     IndexIntegrityError,
     NotFoundError,
@@ -17,7 +19,7 @@ from engine.errors import (
 from engine.store import migrate
 from engine.store.schema import AtlasRow, ConceptRow
 from engine.store.store import Store
-from engine.util import unit_rows
+from engine.util import check_name, unit_rows
 from tests.conftest import clustered_directions
 
 
@@ -36,6 +38,8 @@ def test_add_atlas_records_provenance_and_labels(store):
     assert (c1.label, c1.labelled) == ("concept 1", True)
     np.testing.assert_array_equal(store.atlas_vectors("a"), x)
     assert store.get_model("m").d_model == 16
+    store.add_model("m", extra={"kind": "masked"})
+    assert store.model_extra("m") == {"kind": "masked"} and store.model_extra("nope") == {}
 
 
 def test_search_matches_exact_cosine(store):
@@ -80,6 +84,20 @@ def test_errors_are_named_and_say_the_fix(store, tmp_path):
         Store.open(tmp_path / "empty")
 
 
+@pytest.mark.parametrize("name", ["a", "Layer-12_v1.0", "ü" * 100, "x" * 200])
+def test_one_name_rule_accepts(name):
+    check_name(name, "atlas")
+
+
+@pytest.mark.parametrize("name", ["", ".hidden", "..", "a/b", "../evil", "a b", "tab\t", "x" * 201, "ü" * 101])
+def test_one_name_rule_refuses_with_the_rule(store, name):
+    with pytest.raises(BadNameError, match="bad atlas name") as e:
+        check_name(name, "atlas")
+    assert isinstance(e.value, AtlasError) and repr(name)[:40] in str(e.value) and "200 bytes" in str(e.value)
+    with pytest.raises(BadNameError, match="bad atlas name"):
+        store.add_atlas(name, np.ones((2, 4)), model="m", layer=0)
+
+
 def test_uninitialised_or_outdated_database_says_what_to_run(store, monkeypatch):
     # A newer code version (head 0002) opening this store (at 0001) asks for `atlas db upgrade`.
     current = migrate.head_revision()
@@ -101,7 +119,7 @@ def test_uninitialised_or_outdated_database_says_what_to_run(store, monkeypatch)
 
 
 def test_failed_import_leaves_no_atlas_and_no_files(store, monkeypatch):
-    from engine.store import store as store_mod
+    from engine.store import atlases as store_mod
 
     def boom(*a, **k):
         raise RuntimeError("disk full")

@@ -26,7 +26,7 @@ from engine.errors import AtlasError, ShapeError, SiteMismatchError
 from engine.models.activations import auto_threads, torch_threads
 from engine.models.hooks import Site
 from engine.models.loading import d_model_of, load_registered, resolve_model, tokenizer_fingerprint
-from engine.store.maps import MapInfo, save_map
+from engine.store.store import MapInfo, Store
 from engine.util import corpus_fingerprint
 
 COSINE_SAMPLE = 2000  # held-out pairs kept for the mean-cosine metric
@@ -120,7 +120,7 @@ def _accumulate_pairs(subject: tuple[torch.nn.Module, Any], foundation: tuple[to
 
 
 def align_subject(
-    store: Any,
+    store: Store,
     subject: str,
     site: Site,
     atlas: str,
@@ -165,7 +165,7 @@ def align_subject(
         amap = stats.fit(pairing, site.layer, method, sites, **params)
     except CorpusTooSmallError as e:
         raise CorpusTooSmallError(f"{e} (pairing {pairing!r}, {len(texts)} training texts)") from None
-    return save_map(store, amap, name, overwrite=overwrite)
+    return store.save_map(amap, name, overwrite=overwrite)
 
 
 # ----------------------------------------------------------------------------- retrieval evaluation

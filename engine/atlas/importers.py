@@ -17,6 +17,7 @@ import numpy as np
 
 from engine.atlas.labels import read_labels
 from engine.errors import FormatError
+from engine.store.store import AtlasInfo, Store
 
 SAELENS_CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
@@ -181,7 +182,7 @@ def read_directions(source: str | Path) -> SAEWeights:
 
 
 def import_atlas(
-    store,
+    store: Store,
     name: str,
     source: str | Path,
     *,
@@ -192,7 +193,7 @@ def import_atlas(
     revision: str | None = None,
     index_spec: str = "Flat",
     key: str | None = None,
-):
+) -> AtlasInfo:
     """Import directions from ``source`` (SAE folder, params.npz, .npy, .safetensors) as an atlas."""
     sae = read_matrix(source, key) if key else read_directions(source)
     model = model or sae.model

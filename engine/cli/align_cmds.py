@@ -134,9 +134,7 @@ def _show(info, as_json: bool) -> None:
 @json_option
 def maps(store_dir, db_url, as_json):
     """List the alignment maps of the store."""
-    from engine.store.maps import list_maps
-
-    rows = list_maps(open_store(store_dir, db_url))
+    rows = open_store(store_dir, db_url).maps()
     if as_json:
         print_json(rows)
         return
@@ -154,9 +152,7 @@ def map_group():
 @json_option
 def map_show(map_name, store_dir, db_url, as_json):
     """Show a map's provenance, parameters and fit metrics."""
-    from engine.store.maps import map_info
-
-    _show(map_info(open_store(store_dir, db_url), map_name), as_json)
+    _show(open_store(store_dir, db_url).map_info(map_name), as_json)
 
 
 @map_group.command("remove")
@@ -164,9 +160,7 @@ def map_show(map_name, store_dir, db_url, as_json):
 @store_options
 def map_remove(map_name, store_dir, db_url):
     """Delete a map (its row, then its file)."""
-    from engine.store.maps import remove_map
-
-    remove_map(open_store(store_dir, db_url), map_name)
+    open_store(store_dir, db_url).remove_map(map_name)
     click.echo(f"removed map {map_name}")
 
 

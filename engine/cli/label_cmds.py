@@ -69,7 +69,7 @@ def label(map_name, features, k, name, batch_size, resume, overwrite, no_site_ch
     try:
         run = labelling.run_labelling(store, run_name)
     except KeyboardInterrupt:
-        run = labelling.get_run(store, run_name)
+        run = store.run(run_name)
         click.echo(f"interrupted at {run.n_done}/{run.n_features} features; "
                    f"`atlas label --resume {run_name}` continues", err=True)
         sys.exit(130)
@@ -85,9 +85,7 @@ def label(map_name, features, k, name, batch_size, resume, overwrite, no_site_ch
 @json_option
 def runs(store_dir: Path, db_url, as_json: bool) -> None:
     """List labelling runs with their status and progress (a killed run shows as interrupted)."""
-    from engine.labelling.run import list_runs
-
-    items = list_runs(open_store(store_dir, db_url))
+    items = open_store(store_dir, db_url).runs()
     if as_json:
         print_json(items)
         return
@@ -134,11 +132,10 @@ def export(run_name: str, fmt: str, output: Path | None, partial: bool, store_di
 def explain(map_name: str, text: str, k: int, raw: bool, store_dir: Path, db_url, as_json: bool) -> None:
     """Per token of TEXT in MAP's subject model: the top atlas concepts, with cosine scores."""
     from engine.search import explain as run_explain
-    from engine.store.maps import load_map
 
     quiet_transformers()
     store = open_store(store_dir, db_url)
-    tokens = run_explain(store, load_map(store, map_name), text, k, centre=not raw)
+    tokens = run_explain(store, store.load_map(map_name), text, k, centre=not raw)
     if as_json:
         print_json(tokens)
         return
@@ -161,11 +158,10 @@ def search(map_name: str, vectors: Path, key, k: int, kind: str, store_dir: Path
     from engine.atlas.importers import read_matrix
     from engine.search import hits_table
     from engine.search import search as run_search
-    from engine.store.maps import load_map
 
     store = open_store(store_dir, db_url)
     x = read_matrix(vectors, key).W_dec
-    emit(hits_table(run_search(store, load_map(store, map_name), x, k, kind=kind)), as_json,
+    emit(hits_table(run_search(store, store.load_map(map_name), x, k, kind=kind)), as_json,
          ["query", "rank", "ref", "label", "score"])
 
 

@@ -2,8 +2,8 @@
 
 Exports carry, per feature, the margin between the top two scores: a transferred label whose
 runner-up scores almost as high is a guess, one far ahead is a confident match. Rows are streamed
-from the database in keyset chunks of features, so exporting a million-feature run holds one
-chunk in memory.
+from the database (`Store.run_label_rows`) in keyset chunks of features, so exporting a
+million-feature run holds one chunk in memory.
 """
 
 from __future__ import annotations
@@ -14,11 +14,7 @@ import json
 from collections.abc import Iterator
 from typing import Literal, TextIO
 
-from sqlalchemy import func, select
-
 from engine.errors import AtlasError
-from engine.labelling.run import get_run
-from engine.store.schema import ConceptRow, FeatureLabelRow, LabelRunRow
 from engine.store.store import Hit, Store
 
 ExportFormat = Literal["jsonl", "csv"]
@@ -39,21 +35,10 @@ class FeatureLabels:
 
 def iter_labels(store: Store, name: str, *, chunk: int = 20_000) -> Iterator[FeatureLabels]:
     """The labels of a run, feature by feature in order (streamed from the database)."""
-    run = get_run(store, name)
-    with store.session() as s:
-        run_id = s.scalar(select(LabelRunRow.id).where(LabelRunRow.name == name))
-    q = (
-        select(FeatureLabelRow.feature_index, FeatureLabelRow.rank, FeatureLabelRow.score,
-               ConceptRow.ordinal, ConceptRow.label, ConceptRow.labelled)
-        .join(ConceptRow, FeatureLabelRow.concept_id == ConceptRow.id)
-        .where(FeatureLabelRow.run_id == run_id)
-        .order_by(FeatureLabelRow.feature_index, FeatureLabelRow.rank)
-    )
+    run = store.run(name)
     current, hits = None, []
     for lo in range(0, run.n_done, chunk):  # keyset chunks: bounded memory and no long read cursor
-        with store.session() as s:
-            rows = s.execute(q.where(FeatureLabelRow.feature_index >= lo,
-                                     FeatureLabelRow.feature_index < lo + chunk)).all()
+        rows = store.run_label_rows(name, lo, lo + chunk)
         for f, rank, score, ordinal, label, labelled in rows:
             if f != current:
                 if current is not None:
@@ -62,13 +47,6 @@ def iter_labels(store: Store, name: str, *, chunk: int = 20_000) -> Iterator[Fea
             hits.append(Hit(f"{run.atlas}/{ordinal}", run.atlas, ordinal, label, float(score), rank, labelled))
     if current is not None:
         yield FeatureLabels(current, hits)
-
-
-def count_labels(store: Store, name: str) -> int:
-    with store.session() as s:
-        run_id = s.scalar(select(LabelRunRow.id).where(LabelRunRow.name == name))
-        return int(s.scalar(select(func.count()).select_from(FeatureLabelRow)
-                            .where(FeatureLabelRow.run_id == run_id)) or 0)
 
 
 def export_run(store: Store, name: str, out: TextIO, fmt: ExportFormat = "jsonl", *, partial: bool = False) -> int:
@@ -80,7 +58,7 @@ def export_run(store: Store, name: str, out: TextIO, fmt: ExportFormat = "jsonl"
     """
     if fmt not in EXPORT_FORMATS:
         raise AtlasError(f"unknown export format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}")
-    run = get_run(store, name)
+    run = store.run(name)
     if run.status != "done" and not partial:
         raise AtlasError(
             f"run {name!r} is {run.status} at {run.n_done}/{run.n_features} features; "

@@ -3,10 +3,11 @@
 Why a run can be killed at any point and resumed exactly: features are processed in batches of a
 fixed size from feature 0, and each batch's rows are inserted *in the same transaction* that
 advances the run's ``n_done`` (guarded by ``n_done`` still being the batch's start, so two
-processes on one run cannot both advance it). A kill leaves a committed prefix ``[0, n_done)``
-with every row of it and none after; resume re-reads the source, checks that its fingerprint and
-the map's checksum are those the run started with, and continues at ``n_done`` with the same
-batch boundaries, so it computes exactly the rows an uninterrupted run computes.
+processes on one run cannot both advance it; see `engine.store.runs`, which owns the run's rows
+and that transaction). A kill leaves a committed prefix ``[0, n_done)`` with every row of it and
+none after; resume re-reads the source, checks that its fingerprint and the map's checksum are
+those the run started with, and continues at ``n_done`` with the same batch boundaries, so it
+computes exactly the rows an uninterrupted run computes.
 
 Throughput: one float32 GEMM per batch projects the features (`engine.search.project`), the
 atlas index is searched with the whole batch, and the rows go in with one ``executemany``; on a
@@ -15,131 +16,42 @@ atlas index is searched with the whole batch, and the rows go in with one ``exec
 
 from __future__ import annotations
 
-import dataclasses
-import datetime as dt
 import os
 import re
 import socket
-from typing import Any, Literal
 
-import numpy as np
-from sqlalchemy import delete, select, update
-from sqlalchemy.exc import IntegrityError
-
-from engine.errors import AtlasError, DuplicateError, NotFoundError
+from engine.align.map import AlignmentMap
+from engine.errors import AtlasError, NotFoundError
 from engine.labelling.sources import FeatureSource, open_feature_source
 from engine.progress import progress
 from engine.search import project
-from engine.store.schema import AlignmentMapRow, AtlasRow, ConceptRow, FeatureLabelRow, LabelRunRow
+from engine.store.runs import LabellingRun, RunConflictError
 from engine.store.store import Store
-from engine.util import check_k, utcnow
+from engine.util import MAX_NAME, check_k
+
+__all__ = [
+    "DEFAULT_BATCH", "DEFAULT_K", "LabellingRun", "RunConflictError", "SourceChangedError", "check_source_site",
+    "create_run", "default_run_name", "label_features", "resume_run", "run_labelling",
+]
 
 DEFAULT_K = 5
 DEFAULT_BATCH = 4096  # features per transaction: a few seconds of search on a 100k atlas
-RunStatus = Literal["pending", "running", "interrupted", "failed", "done"]
 
 
 class SourceChangedError(AtlasError):
     """A run is resumed on features or a map that differ from those it started with."""
 
 
-class RunConflictError(AtlasError):
-    """Another process advanced the same labelling run (two workers on one run)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class LabellingRun:
-    """A labelling run as the store records it; ``status`` accounts for killed workers."""
-
-    name: str
-    map: str
-    atlas: str
-    feature_source: str
-    fingerprint: str
-    n_features: int
-    k: int
-    batch_size: int
-    status: str
-    n_done: int
-    error: str | None
-    params: dict[str, Any]
-    created_at: dt.datetime | None
-    updated_at: dt.datetime | None
-
-    @property
-    def progress(self) -> float:
-        return self.n_done / self.n_features if self.n_features else 1.0
-
-
 # ---------------------------------------------------------------------- runs
 
 
-def _run_query():
-    return (
-        select(LabelRunRow, AlignmentMapRow.name, AtlasRow.name)
-        .join(AlignmentMapRow, LabelRunRow.map_id == AlignmentMapRow.id)
-        .join(AtlasRow, AlignmentMapRow.atlas_id == AtlasRow.id)
-    )
-
-
-def _info(row: LabelRunRow, map_name: str, atlas: str) -> LabellingRun:
-    status = row.status
-    worker = (row.params or {}).get("worker") or {}
-    if status == "running" and worker.get("host") == socket.gethostname() and not _alive(worker.get("pid")):
-        status = "interrupted"  # its process is gone (killed): resume it
-    return LabellingRun(
-        name=row.name, map=map_name, atlas=atlas, feature_source=row.feature_source,
-        fingerprint=row.feature_fingerprint, n_features=row.n_features, k=row.k, batch_size=row.batch_size,
-        status=status, n_done=row.n_done, error=row.error, params=dict(row.params or {}),
-        created_at=row.created_at, updated_at=row.updated_at,
-    )
-
-
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (killed, not yet reaped by its parent) is not running either
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-def list_runs(store: Store) -> list[LabellingRun]:
-    """Every labelling run of the store, oldest first."""
-    with store.session() as s:
-        return [_info(*r) for r in s.execute(_run_query().order_by(LabelRunRow.id))]
-
-
-def get_run(store: Store, name: str) -> LabellingRun:
-    with store.session() as s:
-        r = s.execute(_run_query().where(LabelRunRow.name == name)).first()
-        if r is None:
-            raise NotFoundError(f"no labelling run named {name!r}; `atlas runs` lists them")
-        return _info(*r)
-
-
-def remove_run(store: Store, name: str) -> None:
-    """Delete a run and its labels."""
-    with store.session() as s:
-        row = s.scalar(select(LabelRunRow).where(LabelRunRow.name == name))
-        if row is None:
-            raise NotFoundError(f"no labelling run named {name!r}; `atlas runs` lists them")
-        s.execute(delete(FeatureLabelRow).where(FeatureLabelRow.run_id == row.id))
-        s.delete(row)
-
-
 def default_run_name(map_name: str, source: str, k: int) -> str:
+    """``<map>.<source file stem>.k<k>``, the stem shortened so the name fits `check_name`'s limit."""
     stem = re.sub(r"[^A-Za-z0-9_.\-]", "_", source.rstrip("/").replace("#", "-").rsplit("/", 1)[-1]).strip("._")
-    return f"{map_name}.{stem or 'features'}.k{k}"
+    tail = f".k{k}"
+    room = MAX_NAME - len(map_name.encode("utf-8")) - 1 - len(tail)  # the stem is ASCII: chars are bytes
+    stem = (stem or "features")[: max(room, 1)].rstrip(".") or "features"
+    return f"{map_name}.{stem}{tail}"
 
 
 def create_run(
@@ -157,42 +69,22 @@ def create_run(
 
 def _create_run(store: Store, map_name: str, features: str, *, k: int, name: str | None, batch_size: int,
                 key: str | None, site_check: bool, overwrite: bool) -> tuple[LabellingRun, FeatureSource]:
-    from engine.store.maps import load_map, map_info
-
     check_k(k)
     if batch_size < 1:
         raise AtlasError(f"--batch must be >= 1, got {batch_size}")
-    amap = load_map(store, map_name)
+    amap = store.load_map(map_name)
     source = open_feature_source(features, key=key, store=store, amap=amap)
     check_source_site(store, amap, source, site_check)
     n_concepts = store.atlas(amap.atlas).n_concepts
-    name = name or default_run_name(map_name, source.spec, k)
-    with store.session() as s:
-        old = s.scalar(select(LabelRunRow).where(LabelRunRow.name == name))
-    if old is not None:
-        if not overwrite:
-            run = get_run(store, name)
-            then = (f"`atlas export {name}` writes its labels" if run.status == "done"
-                    else f"`atlas label --resume {name}` continues it")
-            raise DuplicateError(
-                f"a labelling run named {name!r} exists ({run.status}, {run.n_done}/{run.n_features}); "
-                f"{then}, --name picks another, --overwrite replaces it"
-            )
-        remove_run(store, name)
-    with store.session() as s:
-        map_row = s.scalar(select(AlignmentMapRow).where(AlignmentMapRow.name == map_name))
-        atlas_row = s.get(AtlasRow, map_row.atlas_id)
-        s.add(LabelRunRow(
-            name=name, map_id=map_row.id, feature_source=source.spec, feature_fingerprint=source.fingerprint,
-            n_features=source.n_features, k=min(k, n_concepts), batch_size=batch_size, status="pending", n_done=0,
-            params={"source_kind": source.kind, "map_sha256": map_info(store, map_name).sha256,
-                    "atlas_vector_sha256": atlas_row.vector_sha256, "index_spec": atlas_row.index_spec,
-                    "site_check": site_check, "k_requested": k},
-        ))
-    return get_run(store, name), source
+    run = store.add_run(
+        name or default_run_name(map_name, source.spec, k), map_name, feature_source=source.spec,
+        fingerprint=source.fingerprint, n_features=source.n_features, k=min(k, n_concepts), batch_size=batch_size,
+        params={"source_kind": source.kind, "site_check": site_check, "k_requested": k}, overwrite=overwrite,
+    )
+    return run, source
 
 
-def check_source_site(store: Store, amap: Any, source: FeatureSource, site_check: bool = True) -> None:
+def check_source_site(store: Store, amap: AlignmentMap, source: FeatureSource, site_check: bool = True) -> None:
     """Width always; model, layer and hook where the source records them (and ``site_check``)."""
     model = source.model
     if model is not None:
@@ -231,9 +123,7 @@ def run_labelling(store: Store, name: str, *, quiet: bool = False, max_batches: 
     Each batch is projected, searched and committed together with the advance of ``n_done``.
     Ctrl-C leaves the run ``interrupted``, an error ``failed`` (with its message); both resume.
     """
-    from engine.store.maps import load_map, map_info
-
-    run = get_run(store, name)
+    run = store.run(name)
     if run.status == "done":
         return run
     worker = run.params.get("worker") or {}
@@ -243,12 +133,12 @@ def run_labelling(store: Store, name: str, *, quiet: bool = False, max_batches: 
         raise RunConflictError(
             f"labelling run {name!r} is running in process {worker.get('pid')}; wait for it or stop it first"
         )
-    if map_info(store, run.map).sha256 != run.params.get("map_sha256"):
+    if store.map_info(run.map).sha256 != run.params.get("map_sha256"):
         raise SourceChangedError(
             f"map {run.map!r} was refitted since run {name!r} started; its labels would mix two maps. "
             f"Start a new run (`atlas label {run.map} --features ... --overwrite --name {name}`)"
         )
-    amap = load_map(store, run.map)
+    amap = store.load_map(run.map)
     source = _source or open_feature_source(run.feature_source, store=store, amap=amap)
     if source.fingerprint != run.fingerprint or source.n_features != run.n_features:
         raise SourceChangedError(
@@ -256,16 +146,13 @@ def run_labelling(store: Store, name: str, *, quiet: bool = False, max_batches: 
             f"({source.n_features} features, fingerprint {source.fingerprint[:12]}, was {run.n_features}, "
             f"{run.fingerprint[:12]}); restore them, or start a new run with --overwrite"
         )
-    with store.session() as s:
-        run_id = s.scalar(select(LabelRunRow.id).where(LabelRunRow.name == name))
-        atlas_id, vec_sha = s.execute(
-            select(AtlasRow.id, AtlasRow.vector_sha256).where(AtlasRow.name == run.atlas)).one()
+    run_id, atlas_id, vec_sha = store._run_keys(name)
     if vec_sha != run.params.get("atlas_vector_sha256"):
         raise SourceChangedError(f"atlas {run.atlas!r} was re-imported since run {name!r} started")
-    concept_ids = _concept_ids(store, atlas_id)  # ordinal -> concepts.id
+    concept_ids = store._concept_ids(atlas_id)  # ordinal -> concepts.id
     index = store.index(run.atlas)
     me = {"host": socket.gethostname(), "pid": os.getpid()}
-    _set_status(store, run_id, "running", error=None, params={**run.params, "worker": me})
+    store._set_status(run_id, "running", error=None, params={**run.params, "worker": me})
 
     n, bs, k, done = run.n_features, run.batch_size, run.k, run.n_done
     bar = progress(total=n, initial=done, desc=f"labelling {name}", unit="feat", quiet=quiet)
@@ -274,76 +161,19 @@ def run_labelling(store: Store, name: str, *, quiet: bool = False, max_batches: 
         while done < n and (max_batches is None or batches < max_batches):
             hi = min(n, done + bs)
             scores, ids = index.search(project(amap, source.vectors[done:hi]), k)  # (b, k) each
-            _commit_batch(store, run_id, done, hi, ids, scores, concept_ids, n)
+            store._commit_batch(run_id, done, hi, ids, scores, concept_ids, n)
             bar.update(hi - done)
             done, batches = hi, batches + 1
     except KeyboardInterrupt:
-        _set_status(store, run_id, "interrupted")
+        store._set_status(run_id, "interrupted")
         raise
     except RunConflictError:
         raise  # the other worker owns the run's status
     except BaseException as e:
-        _set_status(store, run_id, "failed", error=f"{type(e).__name__}: {e}")
+        store._set_status(run_id, "failed", error=f"{type(e).__name__}: {e}")
         raise
     finally:
         bar.close()
     if done < n:
-        _set_status(store, run_id, "interrupted")
-    return get_run(store, name)
-
-
-def _concept_ids(store: Store, atlas_id: int) -> np.ndarray:
-    with store.session() as s:
-        rows = s.execute(select(ConceptRow.ordinal, ConceptRow.id).where(ConceptRow.atlas_id == atlas_id)).all()
-    ords = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-    out = np.full(int(ords.max()) + 1 if len(rows) else 0, -1, dtype=np.int64)
-    out[ords] = np.fromiter((r[1] for r in rows), dtype=np.int64, count=len(rows))
-    return out
-
-
-def _commit_batch(store: Store, run_id: int, lo: int, hi: int, ids: np.ndarray, scores: np.ndarray,
-                  concept_ids: np.ndarray, n: int) -> None:
-    """Advance n_done lo → hi and insert the rows of features [lo, hi), in one transaction.
-
-    The conditional update comes first: it takes the run's row lock (the database's write lock
-    on SQLite), so a second worker on the same run waits, then finds n_done moved and stops.
-    """
-    b, k = ids.shape
-    valid = ids >= 0  # (b, k): an ANN index may return fewer than k
-    feature = np.broadcast_to(np.arange(lo, hi, dtype=np.int64)[:, None], (b, k))[valid]
-    rank = np.broadcast_to(np.arange(1, k + 1, dtype=np.int64)[None, :], (b, k))[valid]
-    rows = list(zip([run_id] * len(feature), feature.tolist(), rank.tolist(), concept_ids[ids[valid]].tolist(),
-                    scores[valid].astype(np.float64).tolist()))
-    with store.engine.begin() as conn:
-        res = conn.execute(
-            update(LabelRunRow.__table__)
-            .where(LabelRunRow.id == run_id, LabelRunRow.n_done == lo)
-            .values(n_done=hi, status="done" if hi >= n else "running", updated_at=utcnow())
-        )
-        if res.rowcount != 1:
-            raise RunConflictError(f"another process advanced this labelling run past feature {lo}; stopped")
-        if rows:
-            try:  # the driver's executemany on plain tuples: 500k rows in seconds, not tens
-                conn.exec_driver_sql(_insert_sql(conn.dialect.paramstyle), rows)
-            except IntegrityError:
-                raise RunConflictError(f"another process wrote this run's features from {lo}; stopped") from None
-
-
-_LABEL_COLUMNS = ("run_id", "feature_index", "rank", "concept_id", "score")
-
-
-def _insert_sql(paramstyle: str) -> str:
-    """INSERT of one feature_labels row with positional parameters in the driver's style."""
-    n = len(_LABEL_COLUMNS)
-    marks = {"qmark": ["?"] * n, "numeric": [f":{i + 1}" for i in range(n)],
-             "format": ["%s"] * n, "pyformat": ["%s"] * n}.get(paramstyle)
-    if marks is None:
-        raise AtlasError(f"database driver paramstyle {paramstyle!r} is not supported for bulk label writes")
-    table = FeatureLabelRow.__tablename__
-    return f"INSERT INTO {table} ({', '.join(_LABEL_COLUMNS)}) VALUES ({', '.join(marks)})"
-
-
-def _set_status(store: Store, run_id: int, status: str, **fields: Any) -> None:
-    with store.engine.begin() as conn:
-        conn.execute(update(LabelRunRow.__table__).where(LabelRunRow.id == run_id)
-                     .values(status=status, updated_at=utcnow(), **fields))
+        store._set_status(run_id, "interrupted")
+    return store.run(name)

@@ -31,6 +31,7 @@ import numpy as np
 from engine.errors import BadValueError, FormatError, NotFoundError, SiteMismatchError
 from engine.steering.edits import POSITIONS, STEERING_MODES, Mode, Positions, SteeringEdit
 from engine.steering.native import NativeSource, native_directions
+from engine.store.store import Store, parse_concept_ref
 
 Direction = Literal["transferred", "native"]
 DIRECTIONS: tuple[str, ...] = ("transferred", "native")
@@ -147,11 +148,10 @@ class ResolvedPlan:
     alignment: dict[int, Any] = field(default_factory=dict, repr=False)  # layer -> AlignmentMap
 
 
-def resolve_concept(store: Any, atlas: str, query: str) -> tuple[str, str]:
+def resolve_concept(store: Store, atlas: str, query: str) -> tuple[str, str]:
     """``(ref, label)`` of the concept a query names in ``atlas``: an id, an exact label, or the
     best text-lookup hit."""
     from engine.atlas.lookup import lookup
-    from engine.store.store import parse_concept_ref
 
     q = query.strip()
     _, sep, ordinal = q.rpartition("/")
@@ -171,12 +171,10 @@ def resolve_concept(store: Any, atlas: str, query: str) -> tuple[str, str]:
     return hits[0].ref, hits[0].label
 
 
-def layer_maps(store: Any, map_name: str, layers: Sequence[int] | None) -> dict[int, Any]:
+def layer_maps(store: Store, map_name: str, layers: Sequence[int] | None) -> dict[int, Any]:
     """The map to use at each requested subject layer (the named map for its own layer, the
     store's map of the same subject and atlas for the others)."""
-    from engine.store.maps import list_maps, load_map
-
-    base = load_map(store, map_name)
+    base = store.load_map(map_name)
     n_layers = store.get_model(base.subject_model).n_layers if layers and min(layers) < 0 else None
     if n_layers is None and layers and min(layers) < 0:
         raise SiteMismatchError(f"negative layers need the number of layers of {base.subject_model!r}, "
@@ -190,7 +188,7 @@ def layer_maps(store: Any, map_name: str, layers: Sequence[int] | None) -> dict[
             out[layer] = base
             continue
         if siblings is None:
-            siblings = [m for m in list_maps(store) if m.subject_model == base.subject_model
+            siblings = [m for m in store.maps() if m.subject_model == base.subject_model
                         and m.atlas == base.atlas and m.subject_hook == base.subject_hook]
         cands = [m for m in siblings if m.subject_layer == layer]
         if not cands:
@@ -200,11 +198,11 @@ def layer_maps(store: Any, map_name: str, layers: Sequence[int] | None) -> dict[
                 f"(maps exist at layers {have}); fit one with `atlas align` at that layer"
             )
         cands.sort(key=lambda m: (m.method != base.method, m.pairing != base.pairing, m.name))
-        out[layer] = load_map(store, cands[0].name)
+        out[layer] = store.load_map(cands[0].name)
     return out
 
 
-def _concept_vector(store: Any, vectors: np.ndarray, ref: str, combine: int) -> tuple[np.ndarray, list[str]]:
+def _concept_vector(store: Store, vectors: np.ndarray, ref: str, combine: int) -> tuple[np.ndarray, list[str]]:
     """Unit atlas direction of ``ref`` (a row of ``vectors``), or the mean with its ``combine``
     nearest neighbours."""
     from engine.util import unit_rows
@@ -216,7 +214,7 @@ def _concept_vector(store: Any, vectors: np.ndarray, ref: str, combine: int) -> 
     return v, [h.ref for h in neighbours]
 
 
-def resolve_plan(store: Any, plan: SteeringPlan, native: NativeSource | None = None) -> ResolvedPlan:
+def resolve_plan(store: Store, plan: SteeringPlan, native: NativeSource | None = None) -> ResolvedPlan:
     """Resolve concepts, pick a map per layer and build one `SteeringEdit` per concept and layer.
 
     ``native`` gives the subject's own direction of a concept label at a layer, for
@@ -290,7 +288,7 @@ def check_subject(resolved: ResolvedPlan, model: Any, model_name: str | None = N
         resolve_layer(model, layer)
 
 
-def run_plan(store: Any, plan: SteeringPlan, prompts: Sequence[str], *, model: Any = None, tokenizer: Any = None,
+def run_plan(store: Store, plan: SteeringPlan, prompts: Sequence[str], *, model: Any = None, tokenizer: Any = None,
              model_name: str | None = None, native: NativeSource | None = None, use_cache: bool = True) -> SteeringRun:
     """Resolve ``plan`` and generate steered and unsteered continuations of ``prompts`` from the same seed.
 

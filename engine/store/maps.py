@@ -1,10 +1,11 @@
-"""Stored alignment maps: the ``alignment_maps`` rows and the ``maps/`` files.
+"""Stored alignment maps: the ``alignment_maps`` rows and the ``maps/`` files (`MapsMixin`).
 
 A map is stored as ``maps/<name>.safetensors`` (written to a temporary file, renamed atomically)
 and committed to the database last, with its checksum, so a crash leaves the old map or the new
 one. The provenance is also in the file's metadata, so a map file describes itself. The map
 itself (`engine.align.map.AlignmentMap`) and how it is fitted (`engine.align.fit`) live in
-``engine.align``.
+``engine.align``; it is imported when a map is saved or loaded, not with the store, so opening a
+store does not import torch.
 """
 
 from __future__ import annotations
@@ -14,11 +15,18 @@ import datetime as dt
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from engine.align.map import AlignmentMap, plain_json
-from engine.errors import AtlasError, DuplicateError, FormatError, NotFoundError, SiteMismatchError
-from engine.util import write_atomic
+from sqlalchemy import select
+
+from engine.errors import DuplicateError, FormatError, NotFoundError, SiteMismatchError
+from engine.store import layout
+from engine.store.base import StoreBase
+from engine.store.schema import AlignmentMapRow, AtlasRow, ModelRow
+from engine.util import check_name, write_atomic
+
+if TYPE_CHECKING:
+    from engine.align.map import AlignmentMap
 
 
 @dataclass(frozen=True)
@@ -46,146 +54,136 @@ class MapInfo:
     created_at: dt.datetime | None
 
 
-_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
-
-
-def _check_map_name(name: str) -> None:
-    if not _NAME.match(name or "") or name.startswith("."):
-        raise AtlasError(f"bad map name {name!r}: use letters, digits, '-', '_' or '.' (no '/')")
-
-
 def default_map_name(amap: AlignmentMap) -> str:
     name = f"{amap.subject_model}-L{amap.subject_layer}-{amap.atlas}-{amap.method}"
     return re.sub(r"[^A-Za-z0-9_.\-]", "_", name).lstrip(".")
 
 
-def save_map(store: Any, amap: AlignmentMap, name: str | None = None, overwrite: bool = False) -> MapInfo:
-    """Store ``amap`` as ``name``: tensors to ``maps/`` (atomic), then the database row.
+class MapsMixin(StoreBase):
+    """Store methods over alignment maps: their rows and files."""
 
-    The subject model and the atlas must be in the store. With ``overwrite`` an existing map of
-    that name is replaced: the new file gets a new name, the row is switched in one transaction,
-    and only then is the old file removed, so a crash leaves the old map or the new one.
-    """
-    from sqlalchemy import select
+    def save_map(self, amap: AlignmentMap, name: str | None = None, overwrite: bool = False) -> MapInfo:
+        """Store ``amap`` as ``name``: tensors to ``maps/`` (atomic), then the database row.
 
-    from engine.store import layout
-    from engine.store.schema import AlignmentMapRow, AtlasRow, ModelRow
+        The subject model and the atlas must be in the store. With ``overwrite`` an existing map of
+        that name is replaced: the new file gets a new name, the row is switched in one transaction,
+        and only then is the old file removed, so a crash leaves the old map or the new one.
+        """
+        from engine.align.map import plain_json
 
-    name = name or amap.name or default_map_name(amap)
-    _check_map_name(name)
-    with store.session() as s:
-        model = s.scalar(select(ModelRow).where(ModelRow.name == amap.subject_model))
-        if model is None:
-            raise NotFoundError(f"no model named {amap.subject_model!r} in the store; register the subject first")
-        atlas = s.scalar(select(AtlasRow).where(AtlasRow.name == amap.atlas))
-        if atlas is None:
-            raise NotFoundError(f"no atlas named {amap.atlas!r}; `atlas atlases` lists them")
-        if atlas.dim != amap.d_atlas:
-            raise SiteMismatchError(f"atlas {amap.atlas!r} has d={atlas.dim}, the map maps into d={amap.d_atlas}")
-        old = s.scalar(select(AlignmentMapRow).where(AlignmentMapRow.name == name))
-        if old is not None and not overwrite:
-            raise DuplicateError(f"a map named {name!r} exists; pick another --name or pass --overwrite")
-        old_file = old.file if old is not None else None
-    amap = dataclasses.replace(amap, name=name, _torch_cache={})
-    data = amap.to_bytes()
-    sha = hashlib.sha256(data).hexdigest()
-    rel = layout.map_file(name) if old_file is None else f"{layout.MAPS_DIR}/{name}.{sha[:12]}.safetensors"
-    path = store.path / rel
-    write_atomic(path, data)
-    try:
-        with store.session() as s:
+        name = name or amap.name or default_map_name(amap)
+        check_name(name, "map")
+        with self.session() as s:
             model = s.scalar(select(ModelRow).where(ModelRow.name == amap.subject_model))
+            if model is None:
+                raise NotFoundError(f"no model named {amap.subject_model!r} in the store; register the subject first")
             atlas = s.scalar(select(AtlasRow).where(AtlasRow.name == amap.atlas))
+            if atlas is None:
+                raise NotFoundError(f"no atlas named {amap.atlas!r}; `atlas atlases` lists them")
+            if atlas.dim != amap.d_atlas:
+                raise SiteMismatchError(f"atlas {amap.atlas!r} has d={atlas.dim}, the map maps into d={amap.d_atlas}")
+            old = s.scalar(select(AlignmentMapRow).where(AlignmentMapRow.name == name))
+            if old is not None and not overwrite:
+                raise DuplicateError(f"a map named {name!r} exists; pick another --name or pass --overwrite")
+            old_file = old.file if old is not None else None
+        amap = dataclasses.replace(amap, name=name, _torch_cache={})
+        data = amap.to_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        rel = layout.map_file(name) if old_file is None else f"{layout.MAPS_DIR}/{name}.{sha[:12]}.safetensors"
+        path = self.path / rel
+        write_atomic(path, data)
+        try:
+            with self.session() as s:
+                model = s.scalar(select(ModelRow).where(ModelRow.name == amap.subject_model))
+                atlas = s.scalar(select(AtlasRow).where(AtlasRow.name == amap.atlas))
+                row = s.scalar(select(AlignmentMapRow).where(AlignmentMapRow.name == name))
+                if row is None:
+                    row = AlignmentMapRow(name=name)
+                    s.add(row)
+                row.subject_model_id, row.subject_layer = model.id, amap.subject_layer
+                row.subject_hook = amap.subject_hook
+                row.atlas_id, row.method, row.pairing = atlas.id, amap.method, amap.pairing
+                row.params, row.file, row.sha256 = plain_json(amap.params), rel, sha
+                row.d_subject, row.d_atlas, row.n_pairs = amap.d_subject, amap.d_atlas, amap.n_pairs
+                row.corpus_fingerprint, row.metrics = amap.corpus_fingerprint, plain_json(amap.metrics)
+        except BaseException:
+            if rel != old_file:
+                path.unlink(missing_ok=True)
+            raise
+        if old_file is not None and old_file != rel:
+            (self.path / old_file).unlink(missing_ok=True)
+        return self.map_info(name)
+
+    def maps(self) -> list[MapInfo]:
+        """Every stored map, by name."""
+        return self._map_rows()
+
+    def map_info(self, name: str) -> MapInfo:
+        """A stored map's provenance and metrics (its row; `load_map` reads the map itself)."""
+        rows = self._map_rows(name)
+        if not rows:
+            raise NotFoundError(f"no map named {name!r}; `atlas maps` lists them")
+        return rows[0]
+
+    def load_map(self, name: str) -> AlignmentMap:
+        """A stored map, its file checked against the checksum in the database."""
+        from engine.align.map import AlignmentMap
+
+        info = self.map_info(name)
+        path = self.path / info.file
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise NotFoundError(f"the file of map {name!r} is missing ({path}); refit it with `atlas align`") from None
+        if hashlib.sha256(data).hexdigest() != info.sha256:
+            raise FormatError(
+                f"the file of map {name!r} ({path}) does not match its checksum; refit it with `atlas align`"
+            )
+        with self.session() as s:  # the atlas's site (its model, layer and hook)
+            atlas_model, atlas_layer, atlas_hook = s.execute(
+                select(ModelRow.name, AtlasRow.layer, AtlasRow.hook)
+                .join(ModelRow, AtlasRow.model_id == ModelRow.id)
+                .where(AtlasRow.name == info.atlas)
+            ).one()
+        amap = AlignmentMap.from_bytes(
+            data, name=name, subject_model=info.subject_model, subject_layer=info.subject_layer,
+            subject_hook=info.subject_hook, atlas=info.atlas, atlas_model=atlas_model, atlas_layer=atlas_layer,
+            atlas_hook=atlas_hook, method=info.method, pairing=info.pairing, params=info.params,
+            n_pairs=info.n_pairs, corpus_fingerprint=info.corpus_fingerprint, metrics=info.metrics,
+        )
+        if (amap.d_subject, amap.d_atlas) != (info.d_subject, info.d_atlas):
+            raise FormatError(f"map {name!r}: file has {amap.weight.shape}, database says "
+                              f"({info.d_subject}, {info.d_atlas})")
+        return amap
+
+    def remove_map(self, name: str) -> None:
+        """Delete a map's row, then its file."""
+        with self.session() as s:
             row = s.scalar(select(AlignmentMapRow).where(AlignmentMapRow.name == name))
             if row is None:
-                row = AlignmentMapRow(name=name)
-                s.add(row)
-            row.subject_model_id, row.subject_layer, row.subject_hook = model.id, amap.subject_layer, amap.subject_hook
-            row.atlas_id, row.method, row.pairing = atlas.id, amap.method, amap.pairing
-            row.params, row.file, row.sha256 = plain_json(amap.params), rel, sha
-            row.d_subject, row.d_atlas, row.n_pairs = amap.d_subject, amap.d_atlas, amap.n_pairs
-            row.corpus_fingerprint, row.metrics = amap.corpus_fingerprint, plain_json(amap.metrics)
-    except BaseException:
-        if rel != old_file:
-            path.unlink(missing_ok=True)
-        raise
-    if old_file is not None and old_file != rel:
-        (store.path / old_file).unlink(missing_ok=True)
-    return map_info(store, name)
+                raise NotFoundError(f"no map named {name!r}; `atlas maps` lists them")
+            rel = row.file
+            s.delete(row)
+        (self.path / rel).unlink(missing_ok=True)
 
-
-def _rows(store: Any, name: str | None = None) -> list[MapInfo]:
-    from sqlalchemy import select
-
-    from engine.store.schema import AlignmentMapRow, AtlasRow, ModelRow
-
-    q = (
-        select(AlignmentMapRow, ModelRow.name, AtlasRow.name, AtlasRow.layer)
-        .join(ModelRow, AlignmentMapRow.subject_model_id == ModelRow.id)
-        .join(AtlasRow, AlignmentMapRow.atlas_id == AtlasRow.id)
-        .order_by(AlignmentMapRow.name)
-    )
-    if name is not None:
-        q = q.where(AlignmentMapRow.name == name)
-    out = []
-    with store.session() as s:
-        for r, model, atlas, atlas_layer in s.execute(q):
-            m = r.metrics or {}
-            out.append(MapInfo(
-                name=r.name, subject_model=model, subject_layer=r.subject_layer, subject_hook=r.subject_hook,
-                atlas=atlas, atlas_layer=atlas_layer, method=r.method, pairing=r.pairing, d_subject=r.d_subject,
-                d_atlas=r.d_atlas, n_pairs=r.n_pairs, heldout_r2=m.get("heldout_r2"),
-                heldout_cosine=m.get("heldout_cosine"), corpus_fingerprint=r.corpus_fingerprint, file=r.file,
-                sha256=r.sha256, params=dict(r.params or {}), metrics=dict(m), created_at=r.created_at,
-            ))
-    return out
-
-
-def list_maps(store: Any) -> list[MapInfo]:
-    """Every stored map, by name."""
-    return _rows(store)
-
-
-def map_info(store: Any, name: str) -> MapInfo:
-    rows = _rows(store, name)
-    if not rows:
-        raise NotFoundError(f"no map named {name!r}; `atlas maps` lists them")
-    return rows[0]
-
-
-def load_map(store: Any, name: str) -> AlignmentMap:
-    """A stored map, its file checked against the checksum in the database."""
-    info = map_info(store, name)
-    path = store.path / info.file
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise NotFoundError(f"the file of map {name!r} is missing ({path}); refit it with `atlas align`") from None
-    if hashlib.sha256(data).hexdigest() != info.sha256:
-        raise FormatError(f"the file of map {name!r} ({path}) does not match its checksum; refit it with `atlas align`")
-    atlas = store.atlas(info.atlas)
-    amap = AlignmentMap.from_bytes(
-        data, name=name, subject_model=info.subject_model, subject_layer=info.subject_layer,
-        subject_hook=info.subject_hook, atlas=info.atlas, atlas_model=atlas.model, atlas_layer=atlas.layer,
-        atlas_hook=atlas.hook, method=info.method, pairing=info.pairing, params=info.params,
-        n_pairs=info.n_pairs, corpus_fingerprint=info.corpus_fingerprint, metrics=info.metrics,
-    )
-    if (amap.d_subject, amap.d_atlas) != (info.d_subject, info.d_atlas):
-        raise FormatError(f"map {name!r}: file has {amap.weight.shape}, database says "
-                          f"({info.d_subject}, {info.d_atlas})")
-    return amap
-
-
-def remove_map(store: Any, name: str) -> None:
-    """Delete a map's row, then its file."""
-    from sqlalchemy import select
-
-    from engine.store.schema import AlignmentMapRow
-
-    with store.session() as s:
-        row = s.scalar(select(AlignmentMapRow).where(AlignmentMapRow.name == name))
-        if row is None:
-            raise NotFoundError(f"no map named {name!r}; `atlas maps` lists them")
-        rel = row.file
-        s.delete(row)
-    (store.path / rel).unlink(missing_ok=True)
+    def _map_rows(self, name: str | None = None) -> list[MapInfo]:
+        q = (
+            select(AlignmentMapRow, ModelRow.name, AtlasRow.name, AtlasRow.layer)
+            .join(ModelRow, AlignmentMapRow.subject_model_id == ModelRow.id)
+            .join(AtlasRow, AlignmentMapRow.atlas_id == AtlasRow.id)
+            .order_by(AlignmentMapRow.name)
+        )
+        if name is not None:
+            q = q.where(AlignmentMapRow.name == name)
+        out = []
+        with self.session() as s:
+            for r, model, atlas, atlas_layer in s.execute(q):
+                m = r.metrics or {}
+                out.append(MapInfo(
+                    name=r.name, subject_model=model, subject_layer=r.subject_layer, subject_hook=r.subject_hook,
+                    atlas=atlas, atlas_layer=atlas_layer, method=r.method, pairing=r.pairing,
+                    d_subject=r.d_subject, d_atlas=r.d_atlas, n_pairs=r.n_pairs, heldout_r2=m.get("heldout_r2"),
+                    heldout_cosine=m.get("heldout_cosine"), corpus_fingerprint=r.corpus_fingerprint, file=r.file,
+                    sha256=r.sha256, params=dict(r.params or {}), metrics=dict(m), created_at=r.created_at,
+                ))
+        return out

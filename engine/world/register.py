@@ -13,10 +13,11 @@ from typing import Any
 import numpy as np
 
 from engine.errors import NotFoundError
+from engine.store.store import Store
 from engine.world.build import World
 
 
-def register_world(store: Any, world: World, replace: bool = False) -> dict[str, Any]:
+def register_world(store: Store, world: World, replace: bool = False) -> dict[str, Any]:
     """Register ``world``'s models and its foundation atlas in ``store``; return what was registered.
 
     Models are upserted (their rows point at the world's model folders). The atlas is added
@@ -69,7 +70,7 @@ def register_world(store: Any, world: World, replace: bool = False) -> dict[str,
     return {"models": registered_models, "atlas": world.atlas_name, "atlas_existed": existing}
 
 
-def concept_ordinals(store: Any, world: Any) -> np.ndarray:
+def concept_ordinals(store: Store, world: Any) -> np.ndarray:
     """Atlas ordinal of each world concept, matched by label (the world atlas's labels are the
     concept labels; by position where a label is missing)."""
     by_label = {label: i for i, label in enumerate(store.labels(world.atlas_name))}

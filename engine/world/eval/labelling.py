@@ -19,6 +19,7 @@ import numpy as np
 
 from engine.errors import NotFoundError
 from engine.models.hooks import Site
+from engine.store.store import Store
 from engine.world.locate import ensure_registered, world_texts
 from engine.world.register import concept_ordinals
 
@@ -38,16 +39,16 @@ class LabellingEvalRow:
     run: str  # the labelling run holding the labels (`atlas export RUN`)
 
 
-def evaluate_world_labelling(store: Any, size: str = "small", seed: int = 0, maps: list[str] | None = None,
+def evaluate_world_labelling(store: Store, size: str = "small", seed: int = 0, maps: list[str] | None = None,
                              quiet: bool = False) -> list[LabellingEvalRow]:
     """Top-1 / top-5 labelling accuracy of each world subject's native directions, per map."""
     from engine.labelling.export import iter_labels
     from engine.labelling.run import label_features
-    from engine.store.maps import list_maps
+
 
     world = ensure_registered(store, size, seed)
     subjects = {getattr(world, k).name: k for k in SUBJECT_KEYS}
-    on_world = [m for m in list_maps(store) if m.atlas == world.atlas_name and m.subject_model in subjects]
+    on_world = [m for m in store.maps() if m.atlas == world.atlas_name and m.subject_model in subjects]
     if maps:
         unknown = sorted(set(maps) - {m.name for m in on_world})
         if unknown:
@@ -75,7 +76,7 @@ def evaluate_world_labelling(store: Any, size: str = "small", seed: int = 0, map
     return rows
 
 
-def _fit_default_map(store: Any, world: Any, key: str, quiet: bool):
+def _fit_default_map(store: Store, world: Any, key: str, quiet: bool):
     from engine.align.fit import align_subject
 
     wm = getattr(world, key)

@@ -17,6 +17,7 @@ import numpy as np
 
 from engine.errors import ShapeError
 from engine.steering.faithfulness import DirectionSet, SteeringReport, evaluate_steering
+from engine.store.store import Store
 from engine.world.locate import ensure_registered, subject_key, world_texts
 from engine.world.register import concept_ordinals
 
@@ -43,7 +44,7 @@ DEFAULT_METHODS: tuple[str, ...] = ("procrustes", "ridge")  # maps fitted when t
 MAX_FIT_PAIRS = 200_000  # pairs per fitted map: ~1,000x the width of a world model, a fraction of the corpus
 
 
-def world_maps(store: Any, world: Any, key: str, layers: Sequence[int] | None = None, map_name: str | None = None,
+def world_maps(store: Store, world: Any, key: str, layers: Sequence[int] | None = None, map_name: str | None = None,
                methods: Sequence[str] = DEFAULT_METHODS, max_pairs: int | None = MAX_FIT_PAIRS,
                quiet: bool = False) -> list[Any]:
     """The stored maps of a world subject onto the world atlas at ``layers`` (default: all).
@@ -58,15 +59,15 @@ def world_maps(store: Any, world: Any, key: str, layers: Sequence[int] | None = 
     from engine.errors import NotFoundError
     from engine.models.hooks import Site
     from engine.models.loading import load_model
-    from engine.store.maps import list_maps, load_map, save_map
+
 
     wm = world.model(key)
-    on_world = [m for m in list_maps(store) if m.atlas == world.atlas_name and m.subject_model == wm.name]
+    on_world = [m for m in store.maps() if m.atlas == world.atlas_name and m.subject_model == wm.name]
     if map_name is not None:
         if map_name not in {m.name for m in on_world}:
             raise NotFoundError(f"no map {map_name!r} from {wm.name!r} onto atlas {world.atlas_name!r}; "
                                 "`atlas maps` lists them")
-        return [load_map(store, map_name)]
+        return [store.load_map(map_name)]
     wanted = list(range(wm.n_layers)) if layers is None else [int(v) for v in layers]
     bad = [v for v in wanted if not 0 <= v < wm.n_layers]
     if bad:
@@ -81,19 +82,19 @@ def world_maps(store: Any, world: Any, key: str, layers: Sequence[int] | None = 
         fit_layers = sorted({L for L, _ in todo})
         stats = accumulate_pairs(subject, foundation, train, held, Site(tuple(fit_layers)), Site((atlas.layer,)),
                                  PairingConfig((pairing,), max_pairs=max_pairs), quiet=quiet)
-        taken = {m.name for m in list_maps(store)}
+        taken = {m.name for m in store.maps()}
         for L, meth in todo:
             sites = MapSites(wm.name, L, atlas.name, atlas.model, atlas.layer)
             amap = stats.fit(pairing, L, meth, sites)
             name = f"{wm.name}-L{L}-{meth}"
             if name in taken:
                 name = f"{name}-{pairing}"
-            save_map(store, amap, name)
-        on_world = [m for m in list_maps(store) if m.atlas == world.atlas_name and m.subject_model == wm.name]
-    return [load_map(store, m.name) for m in on_world if m.subject_layer in wanted]
+            store.save_map(amap, name)
+        on_world = [m for m in store.maps() if m.atlas == world.atlas_name and m.subject_model == wm.name]
+    return [store.load_map(m.name) for m in on_world if m.subject_layer in wanted]
 
 
-def world_sites(store: Any, world: Any, key: str, maps: Sequence[Any]) -> list[DirectionSet]:
+def world_sites(store: Store, world: Any, key: str, maps: Sequence[Any]) -> list[DirectionSet]:
     """Transferred directions through each map, and the subject's native directions at each of
     their layers, one row per world concept."""
     atlas = store.atlas_vectors(world.atlas_name)[concept_ordinals(store, world)]  # (K, d_atlas)
@@ -108,7 +109,7 @@ def world_sites(store: Any, world: Any, key: str, maps: Sequence[Any]) -> list[D
 
 
 def evaluate_world_steering(
-    store: Any, size: str = "small", seed: int = 0, *, subject: str = "a", strengths: Sequence[float] | None = None,
+    store: Store, size: str = "small", seed: int = 0, *, subject: str = "a", strengths: Sequence[float] | None = None,
     layers: Sequence[int] | None = None, map_name: str | None = None, max_new_tokens: int = 20,
     mode: str = "add", quiet: bool = False,
 ) -> SteeringReport:

@@ -1,0 +1,259 @@
+"""Labelling runs as the store records them: the ``label_runs`` and ``feature_labels`` rows (`RunsMixin`).
+
+The resumable loop that fills a run is `engine.labelling.run`; everything it reads or writes in
+the database goes through the methods here, and these are the guarantees it builds on:
+
+- A batch's rows are inserted *in the same transaction* that advances the run's ``n_done``
+  (`RunsMixin._commit_batch`), so the database always holds a committed prefix
+  ``[0, n_done)`` of the features with every row of it and none after: a kill at any point
+  loses at most the batch in flight, and resuming at ``n_done`` recomputes exactly that.
+- The advance is conditional on ``n_done`` still being the batch's start, and comes first in
+  the transaction: it takes the run's row lock (the database's write lock on SQLite), so a
+  second worker on the same run waits, then finds ``n_done`` moved and stops with
+  `RunConflictError` instead of writing the batch twice.
+- A run records, when created, the checksums of its map and of its atlas's vectors and the
+  fingerprint of its features, so a resume can refuse inputs that changed since.
+- A run left ``running`` by a process that is gone (killed) reads as ``interrupted``.
+
+Rows are inserted with the driver's ``executemany`` on plain tuples (hundreds of thousands of
+rows in seconds, where ORM objects take tens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import socket
+from typing import Any
+
+import numpy as np
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from engine.errors import AtlasError, DuplicateError, NotFoundError
+from engine.store.base import StoreBase
+from engine.store.schema import AlignmentMapRow, AtlasRow, ConceptRow, FeatureLabelRow, LabelRunRow
+from engine.util import check_name, utcnow
+
+
+class RunConflictError(AtlasError):
+    """Another process advanced the same labelling run (two workers on one run)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LabellingRun:
+    """A labelling run as the store records it; ``status`` accounts for killed workers."""
+
+    name: str
+    map: str
+    atlas: str
+    feature_source: str
+    fingerprint: str
+    n_features: int
+    k: int
+    batch_size: int
+    status: str
+    n_done: int
+    error: str | None
+    params: dict[str, Any]
+    created_at: dt.datetime | None
+    updated_at: dt.datetime | None
+
+    @property
+    def progress(self) -> float:
+        return self.n_done / self.n_features if self.n_features else 1.0
+
+
+class RunsMixin(StoreBase):
+    """Store methods over labelling runs and their labels."""
+
+    def runs(self) -> list[LabellingRun]:
+        """Every labelling run of the store, oldest first."""
+        with self.session() as s:
+            return [_info(*r) for r in s.execute(_run_query().order_by(LabelRunRow.id))]
+
+    def run(self, name: str) -> LabellingRun:
+        with self.session() as s:
+            r = s.execute(_run_query().where(LabelRunRow.name == name)).first()
+            if r is None:
+                raise NotFoundError(f"no labelling run named {name!r}; `atlas runs` lists them")
+            return _info(*r)
+
+    def remove_run(self, name: str) -> None:
+        """Delete a run and its labels."""
+        with self.session() as s:
+            row = s.scalar(select(LabelRunRow).where(LabelRunRow.name == name))
+            if row is None:
+                raise NotFoundError(f"no labelling run named {name!r}; `atlas runs` lists them")
+            s.execute(delete(FeatureLabelRow).where(FeatureLabelRow.run_id == row.id))
+            s.delete(row)
+
+    def add_run(
+        self, name: str, map_name: str, *, feature_source: str, fingerprint: str, n_features: int, k: int,
+        batch_size: int, params: dict[str, Any] | None = None, overwrite: bool = False,
+    ) -> LabellingRun:
+        """Record a new, pending run of ``n_features`` features through map ``map_name``.
+
+        Its ``params`` get the checksums of the map and of the atlas's vectors and the atlas's
+        index spec, which a resume checks. An existing run of that name is an error, unless
+        ``overwrite`` (then it and its labels are removed first).
+        """
+        check_name(name, "labelling run")
+        try:
+            old = self.run(name)
+        except NotFoundError:
+            old = None
+        if old is not None:
+            if not overwrite:
+                then = (f"`atlas export {name}` writes its labels" if old.status == "done"
+                        else f"`atlas label --resume {name}` continues it")
+                raise DuplicateError(
+                    f"a labelling run named {name!r} exists ({old.status}, {old.n_done}/{old.n_features}); "
+                    f"{then}, --name picks another, --overwrite replaces it"
+                )
+            self.remove_run(name)
+        with self.session() as s:
+            map_row = s.scalar(select(AlignmentMapRow).where(AlignmentMapRow.name == map_name))
+            if map_row is None:
+                raise NotFoundError(f"no map named {map_name!r}; `atlas maps` lists them")
+            atlas_row = s.get(AtlasRow, map_row.atlas_id)
+            s.add(LabelRunRow(
+                name=name, map_id=map_row.id, feature_source=feature_source, feature_fingerprint=fingerprint,
+                n_features=n_features, k=k, batch_size=batch_size, status="pending", n_done=0,
+                params={**(params or {}), "map_sha256": map_row.sha256,
+                        "atlas_vector_sha256": atlas_row.vector_sha256, "index_spec": atlas_row.index_spec},
+            ))
+        return self.run(name)
+
+    def run_label_rows(self, name: str, start: int, stop: int) -> list[tuple[Any, ...]]:
+        """The labels of features ``[start, stop)`` of a run, in order of feature then rank, as
+        ``(feature, rank, score, concept ordinal, concept label, labelled)``."""
+        q = (
+            select(FeatureLabelRow.feature_index, FeatureLabelRow.rank, FeatureLabelRow.score,
+                   ConceptRow.ordinal, ConceptRow.label, ConceptRow.labelled)
+            .join(ConceptRow, FeatureLabelRow.concept_id == ConceptRow.id)
+            .join(LabelRunRow, FeatureLabelRow.run_id == LabelRunRow.id)
+            .where(LabelRunRow.name == name, FeatureLabelRow.feature_index >= start,
+                   FeatureLabelRow.feature_index < stop)
+            .order_by(FeatureLabelRow.feature_index, FeatureLabelRow.rank)
+        )
+        with self.session() as s:
+            return [tuple(r) for r in s.execute(q)]
+
+    def count_run_labels(self, name: str) -> int:
+        """How many label rows (feature, rank) a run holds; 0 for an unknown run."""
+        with self.session() as s:
+            q = (select(func.count()).select_from(FeatureLabelRow)
+                 .join(LabelRunRow, FeatureLabelRow.run_id == LabelRunRow.id).where(LabelRunRow.name == name))
+            return int(s.scalar(q) or 0)
+
+    # ------------------------------------------------------------------ the labelling loop's writes
+
+    def _run_keys(self, name: str) -> tuple[int, int, str]:
+        """(run id, atlas id, the atlas's current vector checksum) of a run."""
+        with self.session() as s:
+            run_id = s.scalar(select(LabelRunRow.id).where(LabelRunRow.name == name))
+            if run_id is None:
+                raise NotFoundError(f"no labelling run named {name!r}; `atlas runs` lists them")
+            atlas_id, vec_sha = s.execute(
+                select(AtlasRow.id, AtlasRow.vector_sha256)
+                .join(AlignmentMapRow, AlignmentMapRow.atlas_id == AtlasRow.id)
+                .join(LabelRunRow, LabelRunRow.map_id == AlignmentMapRow.id)
+                .where(LabelRunRow.id == run_id)
+            ).one()
+        return run_id, atlas_id, vec_sha
+
+    def _concept_ids(self, atlas_id: int) -> np.ndarray:
+        """``concepts.id`` of each ordinal of an atlas (-1 where none)."""
+        with self.session() as s:
+            rows = s.execute(select(ConceptRow.ordinal, ConceptRow.id).where(ConceptRow.atlas_id == atlas_id)).all()
+        ords = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        out = np.full(int(ords.max()) + 1 if len(rows) else 0, -1, dtype=np.int64)
+        out[ords] = np.fromiter((r[1] for r in rows), dtype=np.int64, count=len(rows))
+        return out
+
+    def _commit_batch(self, run_id: int, lo: int, hi: int, ids: np.ndarray, scores: np.ndarray,
+                      concept_ids: np.ndarray, n: int) -> None:
+        """Advance n_done lo → hi and insert the rows of features [lo, hi), in one transaction.
+
+        The conditional update comes first: it takes the run's row lock (the database's write lock
+        on SQLite), so a second worker on the same run waits, then finds n_done moved and stops.
+        """
+        b, k = ids.shape
+        valid = ids >= 0  # (b, k): an ANN index may return fewer than k
+        feature = np.broadcast_to(np.arange(lo, hi, dtype=np.int64)[:, None], (b, k))[valid]
+        rank = np.broadcast_to(np.arange(1, k + 1, dtype=np.int64)[None, :], (b, k))[valid]
+        rows = list(zip([run_id] * len(feature), feature.tolist(), rank.tolist(), concept_ids[ids[valid]].tolist(),
+                        scores[valid].astype(np.float64).tolist()))
+        with self.engine.begin() as conn:
+            res = conn.execute(
+                update(LabelRunRow.__table__)
+                .where(LabelRunRow.id == run_id, LabelRunRow.n_done == lo)
+                .values(n_done=hi, status="done" if hi >= n else "running", updated_at=utcnow())
+            )
+            if res.rowcount != 1:
+                raise RunConflictError(f"another process advanced this labelling run past feature {lo}; stopped")
+            if rows:
+                try:  # the driver's executemany on plain tuples: 500k rows in seconds, not tens
+                    conn.exec_driver_sql(_insert_sql(conn.dialect.paramstyle), rows)
+                except IntegrityError:
+                    raise RunConflictError(f"another process wrote this run's features from {lo}; stopped") from None
+
+    def _set_status(self, run_id: int, status: str, **fields: Any) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(LabelRunRow.__table__).where(LabelRunRow.id == run_id)
+                         .values(status=status, updated_at=utcnow(), **fields))
+
+
+def _run_query():
+    return (
+        select(LabelRunRow, AlignmentMapRow.name, AtlasRow.name)
+        .join(AlignmentMapRow, LabelRunRow.map_id == AlignmentMapRow.id)
+        .join(AtlasRow, AlignmentMapRow.atlas_id == AtlasRow.id)
+    )
+
+
+def _info(row: LabelRunRow, map_name: str, atlas: str) -> LabellingRun:
+    status = row.status
+    worker = (row.params or {}).get("worker") or {}
+    if status == "running" and worker.get("host") == socket.gethostname() and not _alive(worker.get("pid")):
+        status = "interrupted"  # its process is gone (killed): resume it
+    return LabellingRun(
+        name=row.name, map=map_name, atlas=atlas, feature_source=row.feature_source,
+        fingerprint=row.feature_fingerprint, n_features=row.n_features, k=row.k, batch_size=row.batch_size,
+        status=status, n_done=row.n_done, error=row.error, params=dict(row.params or {}),
+        created_at=row.created_at, updated_at=row.updated_at,
+    )
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (killed, not yet reaped by its parent) is not running either
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+_LABEL_COLUMNS = ("run_id", "feature_index", "rank", "concept_id", "score")
+
+
+def _insert_sql(paramstyle: str) -> str:
+    """INSERT of one feature_labels row with positional parameters in the driver's style."""
+    n = len(_LABEL_COLUMNS)
+    marks = {"qmark": ["?"] * n, "numeric": [f":{i + 1}" for i in range(n)],
+             "format": ["%s"] * n, "pyformat": ["%s"] * n}.get(paramstyle)
+    if marks is None:
+        raise AtlasError(f"database driver paramstyle {paramstyle!r} is not supported for bulk label writes")
+    table = FeatureLabelRow.__tablename__
+    return f"INSERT INTO {table} ({', '.join(_LABEL_COLUMNS)}) VALUES ({', '.join(marks)})"
