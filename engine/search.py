@@ -1,6 +1,6 @@
 """Search through a map: subject vectors → alignment map → unit norm → atlas index → hits.
 
-Two kinds of subject vector go through a map differently (DESIGN §5). *Directions* (SAE decoder
+Two kinds of subject vector go through a map differently (docs/design.md §5). *Directions* (SAE decoder
 rows, concept directions) have no origin: they go through the linear part only and are
 re-normalised. *Activations* (residuals) are points: they go through the whole affine map, and by
 default the atlas centre is then subtracted again, so the cosine compares what is specific to the
@@ -10,8 +10,8 @@ mapped activation.
 
 The array functions (`project`, `search_arrays`) take and return plain arrays in large batches,
 so labelling and scripts reuse them and a distributed runner can call them per shard; `search`
-joins labels from the database into `Hit` lists. `choose_index_spec` is the engine's rule for an
-atlas's index structure by size, used for ``--index-spec auto``.
+joins labels from the database into `Hit` lists. Which index structure an atlas gets is the
+index-spec policy of ``indexes.policy``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Sufficient statistics, the alignment methods, and AlignmentMap (DESIGN §5)."""
+"""Sufficient statistics, the alignment methods, and AlignmentMap (docs/design.md §5)."""
 
 from __future__ import annotations
 

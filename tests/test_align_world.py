@@ -1,4 +1,4 @@
-"""Retrieval through fitted maps on the trained tiny ConceptWorld (DESIGN §8): the issue's bar."""
+"""Retrieval through fitted maps on the trained tiny ConceptWorld (docs/design.md §8): the issue's bar."""
 
 from __future__ import annotations
 

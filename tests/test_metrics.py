@@ -1,4 +1,4 @@
-"""Retrieval metrics (DESIGN §8), checked against a brute-force ranking."""
+"""Retrieval metrics (docs/design.md §8), checked against a brute-force ranking."""
 
 from __future__ import annotations
 

@@ -139,7 +139,7 @@ def test_add_moves_the_residual_by_exactly_the_vector(tiny):
 
 
 def test_prepended_edit_also_shows_in_hidden_states(tiny):
-    """transformers 5.x gathers hidden_states with its own hooks (DESIGN §10); the edit is
+    """transformers 5.x gathers hidden_states with its own hooks (docs/design.md §10); the edit is
     prepended, so they see it too: hidden_states[L + 1] is block L's edited output."""
     _, model, tok = tiny
     u, layer = unit(9), 1

@@ -1,4 +1,4 @@
-"""The retrieval table: fit every method on every (pairing, layer) and rank known concepts (DESIGN §8).
+"""The retrieval table: fit every method on every (pairing, layer) and rank known concepts (docs/design.md §8).
 
 Queries are a subject's own concept directions with a known true atlas concept; each is mapped
 through a map fitted from the statistics and ranked among all targets (`engine.align.metrics`).
@@ -19,7 +19,7 @@ from engine.align.metrics import retrieval_metrics
 
 @dataclass(frozen=True)
 class RetrievalRow:
-    """One cell of the retrieval table (DESIGN §8)."""
+    """One cell of the retrieval table (docs/design.md §8)."""
 
     subject: str
     method: str

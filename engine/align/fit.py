@@ -1,4 +1,4 @@
-"""Fitting alignment maps: from sufficient statistics, and from a corpus in one pass (DESIGN §5).
+"""Fitting alignment maps: from sufficient statistics, and from a corpus in one pass (docs/design.md §5).
 
 One pass runs both models over the training texts (and one over the held-out texts), draws the
 requested pairings from the same forward passes, and accumulates one `SufficientStats` per

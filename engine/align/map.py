@@ -1,7 +1,7 @@
 """`AlignmentMap`: an affine subject → atlas map and its inverse, with provenance.
 
 Activations map as x ↦ (x − μx)A + μy (A includes any scale), directions through the linear
-part only and re-normalised (DESIGN §5). The map carries the provenance of both sites, so
+part only and re-normalised (docs/design.md §5). The map carries the provenance of both sites, so
 applying it to another model, layer or width is a `SiteMismatchError` rather than silent
 nonsense, and the typical residual norm of the subject site (mean L2 norm measured in the fit
 pass), which the steering executor multiplies its strengths by. Arrays in, arrays out: numpy

@@ -3,7 +3,7 @@
 Each method takes the training statistics (and held-out statistics, for choosing a
 hyper-parameter such as ridge's λ) and returns a `LinearFit`: the forward linear part ``A``
 (d_subject, d_atlas), the inverse linear part ``B`` (d_atlas, d_subject) and the two means, so that
-x ↦ (x − μx)A + μy and y ↦ (y − μy)B + μx (DESIGN §5). A new method is one function and one
+x ↦ (x − μx)A + μy and y ↦ (y − μy)B + μx (docs/design.md §5). A new method is one function and one
 ``@register_method`` line; the tests parametrise over `METHODS`.
 """
 

@@ -1,4 +1,4 @@
-"""Retrieval metrics, as this project defines them (DESIGN §8).
+"""Retrieval metrics, as this project defines them (docs/design.md §8).
 
 For each query (a subject concept direction mapped into the atlas) with a known true atlas
 concept, the rank is the position of the true concept among all N atlas concepts by cosine.

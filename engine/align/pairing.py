@@ -1,4 +1,4 @@
-"""Pairing subject and foundation activations of the same content (DESIGN §5).
+"""Pairing subject and foundation activations of the same content (docs/design.md §5).
 
 Pairs are drawn from two `TokenBatch` records of the same texts, so pairing is a pure function of
 arrays and several pairings can share one forward pass:
@@ -124,7 +124,7 @@ def pair_batches(
     foundation_layer: int,
     pool: str | None = None,
 ) -> PairChunk:
-    """Pair the subject's and the foundation's tokens of the same texts (DESIGN §5).
+    """Pair the subject's and the foundation's tokens of the same texts (docs/design.md §5).
 
     ``token``: one pair per token (the tokenizers must agree token for token). ``span``: one pair
     per word present in both, each side pooled over its pieces of the word (``last`` piece or

@@ -1,4 +1,4 @@
-"""Streaming sufficient statistics of paired activations (DESIGN §5).
+"""Streaming sufficient statistics of paired activations (docs/design.md §5).
 
 Why sufficient statistics: every method we fit (Procrustes, ridge both ways, per-unit
 correlation) and every fit metric we report (held-out R²) is a function of the count, the two

@@ -54,7 +54,7 @@ RETRIEVAL_COLUMNS = ["subject", "pairing", "layer", "method", "mrr", "mpp", "top
 @json_option
 @quiet_option
 def eval_retrieval(use_world, size, seed, methods, layers, pairings, subjects, max_tokens, store_dir, db_url, as_json):
-    """Concept retrieval through fitted maps on ConceptWorld (DESIGN section 8).
+    """Concept retrieval through fitted maps on ConceptWorld (docs/design.md §8).
 
     Maps are fitted on the world's training documents (hyper-parameters such as ridge's λ on its
     held-out documents). Each query is a subject's own concept direction (centred topic mean at
@@ -122,7 +122,7 @@ def eval_steering(use_world: bool, size: str, seed: int, subject: str, strengths
                   max_new_tokens: int, store_dir: Path, db_url, as_json: bool) -> None:
     """Steering faithfulness on ConceptWorld: unsteered, transferred and native directions.
 
-    Faithfulness (DESIGN section 8): the share of (concept, neutral prompt) trials whose greedy
+    Faithfulness (docs/design.md §8): the share of (concept, neutral prompt) trials whose greedy
     continuation has the target concept as its strict plurality concept; the perplexity of the
     continuation under the unsteered subject is the fluency guard. Each direction's map, layer
     and strength are chosen on held-out prompts (never the evaluation prompts), per map method

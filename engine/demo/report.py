@@ -12,7 +12,7 @@ from engine.util import to_plain
 FIG_RETRIEVAL = "retrieval_mrr.png"
 FIG_STEERING = "steering_faithfulness.png"
 
-# How this project defines its figures (DESIGN section 8); printed with every report.
+# How this project defines its figures (docs/design.md §8); printed with every report.
 METRIC_DEFINITIONS = {
     "MRR": "per concept, the query is the subject's own direction for it (centred topic mean) mapped into "
            "the atlas; rank = position of the true concept among all atlas concepts by cosine; mean of 1/rank",

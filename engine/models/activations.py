@@ -2,13 +2,13 @@
 
 Why our own hooks: in transformers 5.x ``output_hidden_states`` is gathered by the library's own
 forward hooks, attached at the first forward pass, and does not show edits made by hooks
-registered later (DESIGN §10). A forward hook on block ``L`` sees exactly what block ``L+1``
+registered later (docs/design.md §10). A forward hook on block ``L`` sees exactly what block ``L+1``
 will read, so ``resid_post`` of ``L`` is the block's output and ``resid_pre`` of ``L`` its input.
 
 Why flat token records: a batch is padded, but padding and special tokens (``<bos>``, ``[CLS]``,
 ``[SEP]``, ...) must never become pairs. `collect` drops them at the source and yields only the
 real tokens of each batch as rows ``(n_tokens, d)`` with their text index, position and character
-offsets; pairing (`token`, `span`, `text`, DESIGN §5) is then a pure function of two such records
+offsets; pairing (`token`, `span`, `text`, docs/design.md §5) is then a pure function of two such records
 over the same texts, and several pairings can be drawn from one forward pass.
 """
 

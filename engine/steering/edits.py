@@ -1,7 +1,7 @@
 """The steering executor: residual-stream edits as forward hooks, and generation under them.
 
 An edit is a unit direction at one subject layer with a strength in units of that site's
-typical residual norm (DESIGN §6): ``add`` moves every edited position by
+typical residual norm (docs/design.md §6): ``add`` moves every edited position by
 ``strength × norm × u``; ``clamp`` sets the projection onto ``u`` to ``strength × norm``.
 Strength in norm units is what makes one number mean the same thing at every layer and in every
 model (a prototype here found 0.5–2 × norm steers and ≥ 4 × norm breaks the text).
@@ -9,7 +9,7 @@ model (a prototype here found 0.5–2 × norm steers and ≥ 4 × norm breaks th
 Why hooks on block outputs, registered with ``prepend=True``: block ``L``'s output is the
 residual ``resid_post`` of ``L`` that block ``L+1`` reads, in every architecture
 `engine.models.hooks.resolve_blocks` knows; putting the edit first means the library's own hooks (and
-any reader installed later) see the edited stream (DESIGN §10). The hooks are installed by
+any reader installed later) see the edited stream (docs/design.md §10). The hooks are installed by
 `engine.models.hooks.residual_hooks`, the one mechanism that reads and edits the stream.
 
 Why positions are counted from the KV cache: with ``positions="new"`` only positions at or after

@@ -1,4 +1,4 @@
-"""Steering faithfulness (DESIGN §8), and the choice of subject layer and strength on held-out prompts.
+"""Steering faithfulness (docs/design.md §8), and the choice of subject layer and strength on held-out prompts.
 
 Faithfulness: over (concept, prompt) trials, the share whose continuation has the target concept
 as its strict plurality concept. Reported for no steering (the chance floor), the direction

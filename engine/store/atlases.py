@@ -196,7 +196,7 @@ class AtlasesMixin(StoreBase):
             if len(rows) == 1:
                 return rows[0]
             if not rows:
-                raise NotFoundError("the store has no atlas yet; `atlas import-sae` or `atlas import` adds one")
+                raise NotFoundError("the store has no atlas yet; `atlas import-sae` adds one")
             raise NotFoundError("the store has several atlases; name one (`atlas atlases` lists them)")
         row = s.scalar(select(AtlasRow).where(AtlasRow.name == name))
         if row is None:

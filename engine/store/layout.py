@@ -1,4 +1,4 @@
-"""File names and folders of a store, in one place (DESIGN section 3)."""
+"""File names and folders of a store, in one place (docs/design.md §3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SQLAlchemy models of the metadata database (DESIGN section 3).
+"""SQLAlchemy models of the metadata database (docs/design.md §3).
 
 The schema is created only by Alembic revisions in ``migrations/``; a test checks that these
 models and the migrations agree. The MetaData has a naming convention so constraints can be

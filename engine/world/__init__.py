@@ -5,7 +5,7 @@ whose concepts are known. ConceptWorld generates a seeded corpus of documents, e
 concept (a topic), trains two tokenizers and three models on it (a GPT-2 foundation and two
 subjects of other architectures and widths, one with another tokenizer), and derives the
 foundation atlas and every model's ground-truth concept directions from topic means of the
-residual stream (DESIGN §7). `build_world` builds or reuses one; `register_world` puts its models
+residual stream (docs/design.md §7). `build_world` builds or reuses one; `register_world` puts its models
 and atlas into a store; `engine.world.locate` finds the world of a store.
 
 Importing this package installs ConceptWorld's plug-ins into the core's registries (the

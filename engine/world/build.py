@@ -72,7 +72,7 @@ class WorldModel:
 
 @dataclass
 class World:
-    """A built ConceptWorld (see DESIGN §7)."""
+    """A built ConceptWorld (see docs/design.md §7)."""
 
     size: str
     seed: int

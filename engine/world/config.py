@@ -83,7 +83,7 @@ def tiny_config() -> WorldConfig:
         max_words=62,
         mix_prob=0.1,
         bpe_vocab_size=500,  # ~half of the 120 member words split into several pieces
-        # 2x64 GPT-2 at lr 5e-3 learns the topic in ~600 steps (DESIGN §7); 800 gives a margin.
+        # 2x64 GPT-2 at lr 5e-3 learns the topic in ~600 steps (docs/design.md §7); 800 gives a margin.
         foundation=ModelSpec("gpt2", d_model=64, n_layers=2, n_heads=4, seed=0, steps=800, batch_size=16,
                              lr=5e-3, max_length=64),
         # Deeper and narrower than the foundation: at lr 5e-3 a 3x48 Llama still has not found the
@@ -107,7 +107,7 @@ def small_config() -> WorldConfig:
     """
     return WorldConfig(
         size="small",
-        n_concepts=32,  # DESIGN's default K
+        n_concepts=32,  # the default K of docs/design.md §7
         n_train_docs=20000,  # 2,000 steps x 16 see each document ~1.6 times
         n_heldout_per_concept=25,  # 800 held-out documents
         n_probe_per_concept=40,

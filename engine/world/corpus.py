@@ -5,7 +5,7 @@ that concept, and goes on with sentences drawn from topic-neutral templates whos
 filled with the concept's member words, except that each slot is, with a small probability, a
 word of another concept. Templates carry no topic of their own, so the only way for a model to
 predict the next content word is to remember the document's topic: the topic is a latent that
-persists over the whole document, which is what makes a concept direction meaningful (DESIGN §7).
+persists over the whole document, which is what makes a concept direction meaningful (docs/design.md §7).
 
 Everything is a pure function of the seed (Python's ``random.Random`` seeded with a string,
 which is hashed with SHA-512 and so does not depend on ``PYTHONHASHSEED``): the same seed gives

@@ -2,7 +2,7 @@
 
 A concept is a document's topic, so its direction at a layer is the mean residual over all
 (non-special) token positions of the documents on that topic, minus the mean of the K topic
-means (DESIGN §7). Centring removes what every document shares (template words, position), which
+means (docs/design.md §7). Centring removes what every document shares (template words, position), which
 "member-word tokens minus other tokens" does not: those directions share one "slot word vs
 template word" component and align poorly.
 

@@ -1,6 +1,6 @@
 """Learnability gates: is a world model good enough for scores built on it to mean anything?
 
-Three measurements per model, all on held-out documents (DESIGN §7):
+Three measurements per model, all on held-out documents (docs/design.md §7):
 
 - perplexity per predicted token against a unigram baseline fitted on the training documents
   (add-one smoothing, same tokenizer): the model learnt the language at all;

@@ -4,7 +4,7 @@
   punctuation run. Same tokenizer means `token` pairing works between those two models.
 - The second tokenizer (subject B) is a BPE with ``##`` continuation pieces and a vocabulary
   smaller than the number of words, so many member words split into several pieces and the
-  tokens of the two tokenizers do not line up: aligning B needs `span` pairing (DESIGN §5).
+  tokens of the two tokenizers do not line up: aligning B needs `span` pairing (docs/design.md §5).
 
 Both are `tokenizers` pipelines (lower-casing, `Whitespace` pre-tokenizer, WordLevel / BPE
 model, ``##`` decoder) wrapped as `PreTrainedTokenizerFast` (offset mappings included); they add

@@ -1,7 +1,7 @@
 """Build and train the world's `transformers` models with a plain torch loop on CPU.
 
 Training is budgeted in optimiser steps, never in wall-clock time, so a seed gives the same
-weights on any machine speed (DESIGN §7: steps, not tokens, teach the topic). Each training
+weights on any machine speed (docs/design.md §7: steps, not tokens, teach the topic). Each training
 sequence is one document: ``<bos> text <eos>``, right-padded within its batch; pads are masked
 and carry no loss.
 """

@@ -1,0 +1,65 @@
+"""The import structure of docs/design.md §2, checked on the real source with grimp.
+
+The layering rules (cli → engine → indexes, the core never imports ConceptWorld) are import-linter
+contracts in pyproject.toml, run by `lint-imports` in CI; this test adds what a contract cannot
+say: no module imports itself back through any chain, lazy imports inside functions and
+TYPE_CHECKING imports included.
+"""
+
+from __future__ import annotations
+
+import grimp
+
+
+def _cycles(graph: grimp.ImportGraph) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.find_modules_directly_imported_by(v):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for m in sorted(graph.modules):
+        if m not in index:
+            visit(m)
+    return out
+
+
+def test_no_import_cycles():
+    graph = grimp.build_graph("engine", "indexes")
+    # The faces of the two top packages re-export their contents and are imported by nobody inside.
+    for face in ("engine", "indexes"):
+        for importer in graph.find_modules_that_directly_import(face):
+            graph.remove_import(importer=importer, imported=face)
+    assert _cycles(graph) == []
+
+
+def test_the_cycle_check_finds_a_cycle():
+    graph = grimp.ImportGraph()
+    for m in ("a", "a.x", "a.y", "a.z"):
+        graph.add_module(m)
+    graph.add_import(importer="a.x", imported="a.y")
+    graph.add_import(importer="a.y", imported="a.x")
+    graph.add_import(importer="a.z", imported="a.x")
+    assert _cycles(graph) == [["a.x", "a.y"]]
