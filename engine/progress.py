@@ -8,7 +8,7 @@ passes ``quiet=True`` (the CLI's ``--quiet``), so scripts reading ``--json`` out
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from typing import TypeVar, overload
 
 from tqdm.auto import tqdm
 
@@ -21,6 +21,30 @@ def set_quiet(quiet: bool) -> None:
     """Silence (or re-enable) every progress bar in this process."""
     global _QUIET
     _QUIET = quiet
+
+
+@overload
+def progress(
+    iterable: Iterable[T],
+    *,
+    total: int | None = ...,
+    desc: str | None = ...,
+    unit: str = ...,
+    quiet: bool = ...,
+    initial: int = ...,
+) -> Iterator[T]: ...
+
+
+@overload
+def progress(
+    iterable: None = ...,
+    *,
+    total: int | None = ...,
+    desc: str | None = ...,
+    unit: str = ...,
+    quiet: bool = ...,
+    initial: int = ...,
+) -> tqdm: ...
 
 
 def progress(

@@ -46,7 +46,8 @@ def split_heldout(texts: Sequence[str], fraction: float = HELDOUT_FRACTION) -> t
     """(train, held-out): a text is held out when a hash of it falls in ``fraction`` (stable under
     reordering and appending). At least one text lands on each side when there are two."""
     cut = int(fraction * 2**32)
-    train, held = [], []
+    train: list[str] = []
+    held: list[str] = []
     for t in texts:
         h = int.from_bytes(hashlib.sha256(t.encode("utf-8")).digest()[:4], "little")
         (held if h < cut else train).append(t)

@@ -25,7 +25,7 @@ from engine.align.stats import SufficientStats
 from engine.errors import AtlasError, ShapeError, SiteMismatchError
 from engine.models.activations import auto_threads, torch_threads
 from engine.models.hooks import Site
-from engine.models.loading import d_model_of, load_registered, resolve_model, tokenizer_fingerprint
+from engine.models.loading import ModelKind, d_model_of, load_registered, resolve_model, tokenizer_fingerprint
 from engine.store.store import MapInfo, Store
 from engine.util import corpus_fingerprint
 
@@ -130,7 +130,7 @@ def align_subject(
     method: str = "procrustes",
     pairing: str = "auto",
     config: PairingConfig = PairingConfig(),
-    kind: str = "causal",
+    kind: ModelKind = "causal",
     name: str | None = None,
     overwrite: bool = False,
     quiet: bool = False,

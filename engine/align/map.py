@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ import torch
 from engine.errors import FormatError, ShapeError, SiteMismatchError
 
 TENSOR_KEYS = ("weight", "inverse_weight", "subject_mean", "atlas_mean")
+
+# Arrays in, arrays out: what a map is applied to is what it returns.
+Vec = TypeVar("Vec", np.ndarray, torch.Tensor)
 
 
 @dataclass(frozen=True)
@@ -161,12 +164,12 @@ class AlignmentMap:
             y = (x - getattr(self, mu_in)) @ getattr(self, w) + getattr(self, mu_out)
         return y * out_norm if self.normalize else y
 
-    def map_activations(self, x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    def map_activations(self, x: Vec) -> Vec:
         """Subject residuals (..., d_subject) → atlas coordinates (..., d_atlas)."""
         self._check_width(x, self.d_subject, "subject")
         return self._affine(x, "weight", "subject_mean", "atlas_mean", self.atlas_resid_norm)
 
-    def inverse_activations(self, y: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    def inverse_activations(self, y: Vec) -> Vec:
         """Atlas-site residuals (..., d_atlas) → subject coordinates (..., d_subject)."""
         self._check_width(y, self.d_atlas, "atlas")
         return self._affine(y, "inverse_weight", "atlas_mean", "subject_mean", self.subject_resid_norm)
@@ -179,12 +182,12 @@ class AlignmentMap:
         norm = np.linalg.norm(out, axis=-1, keepdims=True)
         return out / np.where(norm > 0, norm, 1.0)
 
-    def map_directions(self, v: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    def map_directions(self, v: Vec) -> Vec:
         """Subject directions (..., d_subject) → unit atlas directions (linear part only)."""
         self._check_width(v, self.d_subject, "subject")
         return self._directions(v, "weight")
 
-    def inverse_directions(self, u: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    def inverse_directions(self, u: Vec) -> Vec:
         """Atlas directions (..., d_atlas) → unit subject directions (linear part of the inverse)."""
         self._check_width(u, self.d_atlas, "atlas")
         return self._directions(u, "inverse_weight")
@@ -221,7 +224,8 @@ class AlignmentMap:
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in prov.items() if k in known and k not in TENSOR_KEYS}
         kwargs.update(override)
-        return cls(**{k: tensors[k] for k in TENSOR_KEYS}, **kwargs)
+        arrays: dict[str, Any] = {k: tensors[k] for k in TENSOR_KEYS}
+        return cls(**arrays, **kwargs)
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:

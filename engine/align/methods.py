@@ -129,13 +129,14 @@ def _ridge_one_way(train: SufficientStats, heldout: SufficientStats | None, lam:
         H = Q.T @ (heldout.cxy + heldout.n * np.outer(a, b))
         yy = float(np.trace(heldout.cyy) + heldout.n * b @ b)
         scores: dict[str, float] = {}
-        best = (np.inf, None)
+        best: tuple[float, float | None] = (np.inf, None)
         for alpha in alphas:
             M = QtC / (evals + alpha * unit)[:, None]  # W = Q M
             sse = yy - 2.0 * np.sum(M * H) + np.sum((G @ M) * M)
             scores[f"{alpha:.0e}"] = float(sse)
             if sse < best[0]:
                 best = (sse, alpha)
+        assert best[1] is not None, "no alpha gave a finite held-out error"
         lam = float(best[1] * unit)
     else:
         scores = {}

@@ -69,8 +69,8 @@ def token_words(batch: TokenBatch, texts: Sequence[str]) -> np.ndarray:
         if len(spans) == 0:
             continue
         char_word = np.full(len(text), -1, dtype=np.int64)
-        for w, (a, b) in enumerate(spans):
-            char_word[a:b] = w
+        for j, (a, b) in enumerate(spans):
+            char_word[a:b] = j
         # last word character at or before each position, and its word
         pos = np.where(char_word >= 0, np.arange(len(text)), -1)
         last_pos = np.maximum.accumulate(pos)

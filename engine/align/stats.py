@@ -126,6 +126,7 @@ class SufficientStats:
         if not self._buffered:
             return
         k, self._buffered = self._buffered, 0
+        assert self._in is not None  # rows are buffered only into the gathering buffers
         self._accumulate(self._in[0][:k], self._in[1][:k])
 
     def _accumulate(self, X: np.ndarray, Y: np.ndarray) -> None:

@@ -80,7 +80,7 @@ def text_search(store: Store, query: str, k: int = 10, atlas: str | None = None)
         n_total = s.execute(text("SELECT count(*) FROM concepts")).scalar() or 0
         cap = max(COMMON_MIN_DOCS, int(n_total * COMMON_FRACTION))
         probe = text("SELECT count(*) FROM (SELECT rowid FROM concepts_fts WHERE concepts_fts MATCH :q LIMIT :cap)")
-        rare = [w for w in words if s.execute(probe, {"q": f'"{w}"', "cap": cap}).scalar() < cap]
+        rare = [w for w in words if s.scalar(probe, {"q": f'"{w}"', "cap": cap}) < cap]
         words = rare or words
         queries = [" AND ".join(f'"{w}"' for w in words)]
         if len(words) > 1:
@@ -148,6 +148,7 @@ def build_label_index(store: Store, atlas: str, quiet: bool = False) -> int:
     data = index.save(store.path / layout.label_index_file(atlas))
     with store.session() as s:
         row = s.scalar(select(AtlasRow).where(AtlasRow.name == atlas))
+        assert row is not None  # store.concepts(atlas) above raised NotFoundError otherwise
         row.extra = {
             **(row.extra or {}),
             "label_index": {"sha256": sha256_bytes(data), "count": index.count(), "model": SEMANTIC_MODEL},
@@ -158,6 +159,7 @@ def build_label_index(store: Store, atlas: str, quiet: bool = False) -> int:
 def _label_index(store: Store, atlas: str) -> indexes.VectorIndex:
     with store.session() as s:
         row = s.scalar(select(AtlasRow).where(AtlasRow.name == atlas))
+        assert row is not None  # called only with the names of atlases that have a label index
         meta = (row.extra or {})["label_index"]
     path = store.path / layout.label_index_file(atlas)
     data = path.read_bytes() if path.is_file() else b""

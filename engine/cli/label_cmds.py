@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -17,6 +18,10 @@ from engine.cli.common import (
     quiet_transformers,
     store_options,
 )
+
+if TYPE_CHECKING:  # the CLI imports the engine lazily; these are click.Choice values
+    from engine.labelling.export import ExportFormat
+    from engine.search import VectorKind
 
 
 def register(cli: click.Group) -> None:
@@ -99,7 +104,7 @@ def runs(store_dir: Path, db_url, as_json: bool) -> None:
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="File (default: stdout).")
 @click.option("--partial", is_flag=True, help="Export the finished part of an unfinished run.")
 @store_options
-def export(run_name: str, fmt: str, output: Path | None, partial: bool, store_dir: Path, db_url) -> None:
+def export(run_name: str, fmt: ExportFormat, output: Path | None, partial: bool, store_dir: Path, db_url) -> None:
     """Write the labels of RUN with their scores and the margin between the top two hits.
 
     JSONL: one object per feature (label, concept, score, margin, hits). CSV: one row per
@@ -153,7 +158,7 @@ def explain(map_name: str, text: str, k: int, raw: bool, store_dir: Path, db_url
               help="directions: linear part of the map; activations: the affine map, minus the atlas centre.")
 @store_options
 @json_option
-def search(map_name: str, vectors: Path, key, k: int, kind: str, store_dir: Path, db_url, as_json: bool) -> None:
+def search(map_name: str, vectors: Path, key, k: int, kind: VectorKind, store_dir: Path, db_url, as_json: bool) -> None:
     """Raw vector search through MAP: the top-k atlas concepts of each subject vector in FILE."""
     from engine.atlas.importers import read_matrix
     from engine.search import hits_table

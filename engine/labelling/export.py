@@ -36,7 +36,8 @@ class FeatureLabels:
 def iter_labels(store: Store, name: str, *, chunk: int = 20_000) -> Iterator[FeatureLabels]:
     """The labels of a run, feature by feature in order (streamed from the database)."""
     run = store.run(name)
-    current, hits = None, []
+    current: int | None = None
+    hits: list[Hit] = []
     for lo in range(0, run.n_done, chunk):  # keyset chunks: bounded memory and no long read cursor
         rows = store.run_label_rows(name, lo, lo + chunk)
         for f, rank, score, ordinal, label, labelled in rows:

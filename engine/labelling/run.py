@@ -88,7 +88,7 @@ def check_source_site(store: Store, amap: AlignmentMap, source: FeatureSource, s
     """Width always; model, layer and hook where the source records them (and ``site_check``)."""
     model = source.model
     if model is not None:
-        known = {amap.subject_model}
+        known: set[str | None] = {amap.subject_model}
         try:
             known.add(store.get_model(amap.subject_model).source)
         except NotFoundError:

@@ -55,7 +55,7 @@ def fingerprint(vectors: np.ndarray) -> str:
     """sha256 over the shape and the float32 bytes of ``vectors`` (what a run actually labels)."""
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     h = hashlib.sha256(f"{x.shape[0]}x{x.shape[1]}:float32:".encode())
-    h.update(memoryview(x).cast("B"))
+    h.update(x.data)  # C-contiguous: the raw float32 bytes, no copy
     return h.hexdigest()
 
 

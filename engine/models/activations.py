@@ -103,7 +103,7 @@ def _encode(tokenizer: Any, texts: Sequence[str], max_length: int | None) -> lis
 def default_max_length(model: torch.nn.Module, tokenizer: Any) -> int:
     """The longest sequence both the tokenizer and the model's position table accept."""
     cfg = getattr(model, "config", None)
-    limits = [getattr(cfg, a, None) for a in ("max_position_embeddings", "n_positions")]
+    limits: list[Any] = [getattr(cfg, a, None) for a in ("max_position_embeddings", "n_positions")]
     limits.append(getattr(tokenizer, "model_max_length", None))
     limits = [int(v) for v in limits if isinstance(v, int) and 0 < v < 10**7]
     return min(limits) if limits else 512
@@ -185,12 +185,12 @@ def _collect(model, tokenizer, texts, layer_idx, site, batch_size, max_tokens, m
                 rows_b, rows_t = [], []
                 offs, tok = [], []
                 for i, e in enumerate(enc):
-                    for t, k in enumerate(e["keep"]):
+                    for pos, k in enumerate(e["keep"]):
                         if k:
                             rows_b.append(i)
-                            rows_t.append(t)
-                            offs.append(e["offsets"][t])
-                            tok.append(e["ids"][t])
+                            rows_t.append(pos)
+                            offs.append(e["offsets"][pos])
+                            tok.append(e["ids"][pos])
                 b = torch.tensor(rows_b, dtype=torch.long)
                 t = torch.tensor(rows_t, dtype=torch.long)
                 acts = {L: cap.acts[L][b.to(device), t.to(device)].to("cpu", out_dtype) for L in layer_idx}

@@ -17,7 +17,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 
@@ -80,7 +80,7 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(src, revision=revision, local_files_only=local)
         if dtype is not None:
             kwargs["dtype"] = as_dtype(dtype)
-        model = auto.from_pretrained(src, **kwargs)
+        model: torch.nn.Module = auto.from_pretrained(src, **kwargs)
     except (OSError, ValueError) as e:
         where = "folder" if local else "hub id (no internet here? pass a local folder)"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -126,7 +126,7 @@ def load_registered(
             "again with its path, e.g. `atlas align PATH ...` registers a folder on first use"
         )
     if kind is None:
-        kind = store.model_extra(info.name).get("kind") or "causal"
+        kind = cast(ModelKind, store.model_extra(info.name).get("kind") or "causal")
     return load_model(info.source, kind=kind, dtype=dtype, revision=revision or info.revision)
 
 
@@ -168,7 +168,8 @@ def d_model_of(model: torch.nn.Module) -> int:
         v = getattr(cfg, attr, None)
         if isinstance(v, int) and v > 0:
             return v
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    # get_input_embeddings is a transformers method, unknown to torch.nn.Module's typing
+    emb = cast(Any, model).get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is not None and hasattr(emb, "embedding_dim"):
         return int(emb.embedding_dim)
     raise ArchitectureError(f"cannot tell the residual width of {type(model).__name__}")

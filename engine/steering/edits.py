@@ -132,7 +132,7 @@ class _LayerEdit:
 
     @classmethod
     def build(cls, edits: Sequence[SteeringEdit]) -> _LayerEdit:
-        rows = {e.n_rows for e in edits} - {None}
+        rows = {e.n_rows for e in edits if e.n_rows is not None}
         if len(rows) > 1:
             raise ShapeError(f"per-row edits at one layer disagree on the number of rows: {sorted(rows)}")
 

@@ -130,7 +130,7 @@ def run_cell(
         return FaithfulnessRow("unsteered", prompts_name, None, 0.0, _faithful(texts, trials.targets, scorer),
                                _ppl(nll, n), len(trials.prompts))
     rows = np.asarray(site.directions)[trials.targets]  # (n_trials, d)
-    edit = SteeringEdit(site.layer, rows, strength, site.norm, mode, site.kind)  # type: ignore[arg-type]
+    edit = SteeringEdit(site.layer, rows, strength, site.norm, mode, site.kind)
     gens = generate(model, tokenizer, trials.prompts, [edit], max_new_tokens=max_new_tokens, blocked=blocked)
     nll, n = continuation_nll(model, tokenizer, trials.prompts, [g.token_ids for g in gens])
     return FaithfulnessRow(site.kind, prompts_name, site.layer, float(strength),
@@ -207,7 +207,7 @@ def evaluate_steering(
     n_cells = (2 + sum(len(v) for v in groups.values()) * len(strengths) + len(sites) * len(strengths)
                + ((1 + len(groups)) if other else 0))
     bar = progress(total=n_cells, desc="steering eval", unit="cell", quiet=quiet)
-    kw = dict(max_new_tokens=max_new_tokens, mode=mode)
+    kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, mode=mode)
 
     def cell(trials: Trials, site: DirectionSet | None, s: float, name: str) -> FaithfulnessRow:
         row = run_cell(model, tokenizer, trials, scorer, site, s, prompts_name=name, **kw)

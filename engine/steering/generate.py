@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -99,7 +99,8 @@ def generate(
                 model, chunk_edits, positions, prompt_length=length, layer_module=layer_module
             ):
                 torch.manual_seed(seed)
-                seqs = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+                # generate() is transformers' GenerationMixin, unknown to torch.nn.Module's typing
+                seqs = cast(Any, model).generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
             for row, i in enumerate(chunk):
                 new = seqs[row, length:].tolist()
                 cut = next((j for j, t in enumerate(new) if t in stop), None)

@@ -174,7 +174,7 @@ class AtlasesMixin(StoreBase):
                         )
                     )
                 s.execute(insert(ConceptRow), rows)
-                self._indexes[(name, atlas.index_sha256)] = index
+                self._indexes[(name, atlas.index_sha256 or "")] = index
         except BaseException:
             for p in written:
                 p.unlink(missing_ok=True)
@@ -386,9 +386,8 @@ class AtlasesMixin(StoreBase):
 def parse_concept_ref(ref: str | int, atlas: str | None = None) -> tuple[str | None, int]:
     """``"atlas/12"`` → ("atlas", 12); ``"12"`` or ``12`` → (atlas, 12)."""
     text = str(ref).strip()
-    name, sep, ordinal = text.rpartition("/")
-    if not sep:
-        name = atlas
+    head, sep, ordinal = text.rpartition("/")
+    name = head if sep else atlas
     if not ordinal.lstrip("-").isdigit():
         raise NotFoundError(f"bad concept id {text!r}; use <atlas>/<ordinal>, e.g. my-atlas/12")
     return (name or atlas), int(ordinal)

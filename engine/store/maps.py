@@ -97,6 +97,8 @@ class MapsMixin(StoreBase):
                 model = s.scalar(select(ModelRow).where(ModelRow.name == amap.subject_model))
                 atlas = s.scalar(select(AtlasRow).where(AtlasRow.name == amap.atlas))
                 row = s.scalar(select(AlignmentMapRow).where(AlignmentMapRow.name == name))
+                if model is None or atlas is None:  # removed since the checks above
+                    raise NotFoundError(f"the subject model or atlas of map {name!r} was removed while it was saved")
                 if row is None:
                     row = AlignmentMapRow(name=name)
                     s.add(row)

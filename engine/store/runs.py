@@ -25,16 +25,18 @@ import dataclasses
 import datetime as dt
 import os
 import socket
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Table, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from engine.errors import AtlasError, DuplicateError, NotFoundError
 from engine.store.base import StoreBase
 from engine.store.schema import AlignmentMapRow, AtlasRow, ConceptRow, FeatureLabelRow, LabelRunRow
 from engine.util import check_name, utcnow
+
+_RUNS = cast(Table, LabelRunRow.__table__)  # Core UPDATEs on the run row (the batch commit, status)
 
 
 class RunConflictError(AtlasError):
@@ -118,6 +120,7 @@ class RunsMixin(StoreBase):
             if map_row is None:
                 raise NotFoundError(f"no map named {map_name!r}; `atlas maps` lists them")
             atlas_row = s.get(AtlasRow, map_row.atlas_id)
+            assert atlas_row is not None  # a foreign key: the map's atlas exists
             s.add(LabelRunRow(
                 name=name, map_id=map_row.id, feature_source=feature_source, feature_fingerprint=fingerprint,
                 n_features=n_features, k=k, batch_size=batch_size, status="pending", n_done=0,
@@ -188,7 +191,7 @@ class RunsMixin(StoreBase):
                         scores[valid].astype(np.float64).tolist()))
         with self.engine.begin() as conn:
             res = conn.execute(
-                update(LabelRunRow.__table__)
+                update(_RUNS)
                 .where(LabelRunRow.id == run_id, LabelRunRow.n_done == lo)
                 .values(n_done=hi, status="done" if hi >= n else "running", updated_at=utcnow())
             )
@@ -202,7 +205,7 @@ class RunsMixin(StoreBase):
 
     def _set_status(self, run_id: int, status: str, **fields: Any) -> None:
         with self.engine.begin() as conn:
-            conn.execute(update(LabelRunRow.__table__).where(LabelRunRow.id == run_id)
+            conn.execute(update(_RUNS).where(LabelRunRow.id == run_id)
                          .values(status=status, updated_at=utcnow(), **fields))
 
 

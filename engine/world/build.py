@@ -14,6 +14,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -226,7 +227,7 @@ def load_world(path: Path) -> World:
     config = WorldConfig.from_dict(manifest["config"])
     size, seed = manifest["size"], manifest["seed"]
     prefix = world_name(size, seed)
-    models = {
+    models: dict[str, Any] = {  # foundation, subject_a, subject_b: keyword arguments of World
         key: WorldModel(key=key, name=f"{prefix}-{key.replace('_', '-')}", path=path / key, **{
             k: v for k, v in meta.items() if k != "final_loss"})
         for key, meta in manifest["models"].items()

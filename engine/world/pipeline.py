@@ -16,6 +16,7 @@ import os
 import queue as queue_mod
 import time
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -126,7 +127,7 @@ def train_one(path: str | Path, key: str, config_dict: dict, seed: int, evaluate
 
     Returns ``{"meta": ..., "gates": ... | None, "timings": ...}`` (plain data: it crosses processes).
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     import engine.world.gates as gates
     from engine.world.tokenizers import tokenizer_fingerprint
@@ -138,7 +139,8 @@ def train_one(path: str | Path, key: str, config_dict: dict, seed: int, evaluate
     concepts = concept_table(config.n_concepts)
     train_docs = documents_from_text((path / TRAIN_DOCS).read_text(encoding="utf-8"))
     heldout = documents_from_text((path / HELDOUT_DOCS).read_text(encoding="utf-8"))
-    tok = AutoTokenizer.from_pretrained(path / key)
+    # the world's tokenizers are fast (`tokenizers`-backed) ones: engine.world.tokenizers builds them
+    tok = cast(PreTrainedTokenizerFast, AutoTokenizer.from_pretrained(path / key))
     model_seed = seed * 1000 + spec.seed
     timings = {}
     with reproducible():
@@ -210,6 +212,7 @@ def _train_in_processes(path: Path, config: WorldConfig, seed: int, evaluate: bo
     stderr_tail: dict[str, collections.deque] = {}
 
     def read(key: str, proc: subprocess.Popen) -> None:
+        assert proc.stdout is not None  # opened with stdout=PIPE
         for line in proc.stdout:
             if line.startswith(_PROTOCOL):
                 events.put((key, *json.loads(line[len(_PROTOCOL):])))
@@ -217,6 +220,7 @@ def _train_in_processes(path: Path, config: WorldConfig, seed: int, evaluate: bo
         events.put((key, "exit", proc.returncode))
 
     def drain(key: str, proc: subprocess.Popen) -> None:
+        assert proc.stderr is not None  # opened with stderr=PIPE
         for line in proc.stderr:
             stderr_tail[key].append(line.rstrip())
 
@@ -237,7 +241,7 @@ def _train_in_processes(path: Path, config: WorldConfig, seed: int, evaluate: bo
                         threading.Thread(target=drain, args=(key, procs[key]), daemon=True)]
         for t in threads:
             t.start()
-        exited = set()
+        exited: set[str] = set()
         while len(exited) < len(procs):
             key, kind, payload = events.get()
             if kind == "steps":

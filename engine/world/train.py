@@ -75,7 +75,9 @@ def model_config(spec: ModelSpec, tokenizer: PreTrainedTokenizerFast) -> Pretrai
                            tie_word_embeddings=True, **ids)
     from transformers import GPTNeoXConfig
 
-    return GPTNeoXConfig(vocab_size=vocab, hidden_size=spec.d_model, intermediate_size=4 * spec.d_model,
+    # rotary_pct is a legacy keyword GPTNeoXConfig still reads (into rope_parameters' partial_rotary_factor)
+    # but no longer declares, so its typed signature rejects it.
+    return GPTNeoXConfig(vocab_size=vocab, hidden_size=spec.d_model, intermediate_size=4 * spec.d_model,  # type: ignore[call-arg]
                          num_hidden_layers=spec.n_layers, num_attention_heads=spec.n_heads,
                          max_position_embeddings=spec.max_length, rotary_pct=0.5, hidden_dropout=0.0,
                          attention_dropout=0.0, tie_word_embeddings=True, **ids)

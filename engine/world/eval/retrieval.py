@@ -47,7 +47,9 @@ def evaluate_world_retrieval(
 
     for m in methods:
         get_method(m)  # unknown names fail before the world is built or loaded
-    world = world or find_world(store, size, seed)
+    if world is None:
+        assert store is not None, "a store is needed to find the world when none is given"
+        world = find_world(store, size, seed)
     atlas_layer = world.foundation.atlas_layer
     foundation = load_model(world.foundation.path)
     targets = np.asarray(world.concept_directions("foundation", atlas_layer))  # (K, d_f)
