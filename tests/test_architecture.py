@@ -63,3 +63,16 @@ def test_the_cycle_check_finds_a_cycle():
     graph.add_import(importer="a.y", imported="a.x")
     graph.add_import(importer="a.z", imported="a.x")
     assert _cycles(graph) == [["a.x", "a.y"]]
+
+
+def test_the_public_api_resolves_and_import_engine_stays_light():
+    import subprocess
+    import sys
+
+    import engine
+
+    for name in engine.__all__:
+        assert getattr(engine, name) is not None, name
+    code = "import sys, engine, engine.cli; print('torch' in sys.modules, 'engine.world.build' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]  # `atlas --help` loads neither torch nor the world's modules

@@ -72,7 +72,7 @@ def test_interrupted_run_resumes_to_the_same_rows(mapped):
     part = labelling.run_labelling(store, "cut", max_batches=2, quiet=True)
     assert (part.status, part.n_done) == ("interrupted", 100)
     assert len(rows_of(store, "cut")) == 100 * 3  # a consistent prefix: every row of it, none after
-    done = labelling.resume_run(store, "cut", quiet=True)
+    done = labelling.run_labelling(store, "cut", quiet=True)
     assert (done.status, done.n_done) == ("done", 230)
     assert rows_of(store, "cut") == rows_of(store, clean.name)
 

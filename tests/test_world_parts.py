@@ -16,7 +16,9 @@ from engine.errors import AtlasError, ShapeError
 from engine.world.concepts import CONCEPTS, concept_table, member_index
 from engine.world.config import WorldConfig, config_for, fingerprint
 from engine.world.corpus import (
+    BODY_TEMPLATES,
     NEUTRAL_PROMPTS,
+    OPENING_TEMPLATES,
     concept_counts,
     count_word_tokens,
     documents_from_text,
@@ -25,7 +27,6 @@ from engine.world.corpus import (
     make_corpus,
     other_topic_prompts,
     plurality_concept,
-    template_words,
 )
 from engine.world.directions import centred_topic_means, document_means
 from engine.world.gates import greedy_continuations, probe_accuracy, unigram_perplexity
@@ -62,6 +63,12 @@ def bpe_tok(corpus):
 
 
 # ---------------------------------------------------------------------- concepts
+
+
+def template_words() -> set[str]:
+    """Every word the templates and neutral prompts use (none may be a member word)."""
+    text = " ".join(OPENING_TEMPLATES + BODY_TEMPLATES + NEUTRAL_PROMPTS)
+    return set(re.findall(r"[a-z]+", text.replace("{0}", " ").replace("{1}", " ")))
 
 
 def test_concept_table_is_large_labelled_and_disjoint():

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.errors import ShapeError
+from engine.util import unit_rows
 
 
 @dataclass(frozen=True)
@@ -26,11 +27,6 @@ class RetrievalMetrics:
     top1: float
     top5: float
     n: int  # number of queries
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norm > 0, norm, 1.0)
 
 
 def retrieval_ranks(queries: np.ndarray, targets: np.ndarray, true_index: np.ndarray) -> np.ndarray:
@@ -44,7 +40,7 @@ def retrieval_ranks(queries: np.ndarray, targets: np.ndarray, true_index: np.nda
         raise ShapeError(f"true_index must have one entry per query, shape ({q.shape[0]},); got {idx.shape}")
     if len(idx) and (idx.min() < 0 or idx.max() >= t.shape[0]):
         raise ShapeError(f"true_index values must lie in 0..{t.shape[0] - 1}")
-    scores = _unit(q) @ _unit(t).T  # (n, N) cosines
+    scores = unit_rows(q, np.float64) @ unit_rows(t, np.float64).T  # (n, N) cosines
     true = scores[np.arange(len(idx)), idx][:, None]  # (n, 1)
     # others at or above the true score; the true concept itself is counted by the "1 +"
     ahead = (scores >= true).sum(axis=1) - 1

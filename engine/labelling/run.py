@@ -31,7 +31,7 @@ from engine.util import MAX_NAME, check_k
 
 __all__ = [
     "DEFAULT_BATCH", "DEFAULT_K", "LabellingRun", "RunConflictError", "SourceChangedError", "check_source_site",
-    "create_run", "default_run_name", "label_features", "resume_run", "run_labelling",
+    "create_run", "default_run_name", "label_features", "run_labelling",
 ]
 
 DEFAULT_K = 5
@@ -109,11 +109,6 @@ def label_features(
     run, source = _create_run(store, map_name, features, k=k, name=name, batch_size=batch_size, key=key,
                               site_check=site_check, overwrite=overwrite)
     return run_labelling(store, run.name, quiet=quiet, _source=source)
-
-
-def resume_run(store: Store, name: str, *, quiet: bool = False) -> LabellingRun:
-    """Continue an interrupted, failed or pending run from its last committed batch."""
-    return run_labelling(store, name, quiet=quiet)
 
 
 def run_labelling(store: Store, name: str, *, quiet: bool = False, max_batches: int | None = None,

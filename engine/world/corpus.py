@@ -95,12 +95,6 @@ NEUTRAL_PROMPTS: tuple[str, ...] = (
 )
 
 
-def template_words() -> set[str]:
-    """Every word the templates and neutral prompts use (none may be a member word)."""
-    text = " ".join(OPENING_TEMPLATES + BODY_TEMPLATES + NEUTRAL_PROMPTS)
-    return set(_WORD_RE.findall(text.replace("{0}", " ").replace("{1}", " ")))
-
-
 def count_word_tokens(text: str) -> int:
     """Number of word-level tokens (words and punctuation runs) in ``text``."""
     return len(_TOKEN_RE.findall(text))
