@@ -101,7 +101,7 @@ def test_ctrl_c_marks_interrupted_and_a_failure_marks_failed(mapped, monkeypatch
     run = store.run("r")
     assert run.status == "failed" and "disk on fire" in run.error and run.n_done == 200
     monkeypatch.setattr(index, "search", real)
-    assert labelling.resume_run(store, "r", quiet=True).status == "done"
+    assert labelling.run_labelling(store, "r", quiet=True).status == "done"
     assert len(rows_of(store, "r")) == 230 * 2
 
 
@@ -111,12 +111,12 @@ def test_resume_refuses_changed_features_or_map(mapped):
     labelling.run_labelling(store, "r", max_batches=1, quiet=True)
     np.save(path, feats * 1.001)
     with pytest.raises(SourceChangedError, match="changed"):
-        labelling.resume_run(store, "r")
+        labelling.run_labelling(store, "r")
     np.save(path, feats)
     store.save_map(amap.__class__(**{**amap.__dict__, "weight": amap.weight * 2, "_torch_cache": {}}), "m",
              overwrite=True)
     with pytest.raises(SourceChangedError, match="refitted"):
-        labelling.resume_run(store, "r")
+        labelling.run_labelling(store, "r")
 
 
 def test_two_workers_cannot_both_advance_a_run(mapped):
