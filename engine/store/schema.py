@@ -164,5 +164,6 @@ class FeatureLabelRow(Base):
     )
     feature_index: Mapped[int] = mapped_column(Integer, primary_key=True)
     rank: Mapped[int] = mapped_column(Integer, primary_key=True)
-    concept_id: Mapped[int] = mapped_column(ForeignKey("concepts.id", ondelete="CASCADE"))
+    # indexed: removing concepts cascades here, and "which features carry this concept" reads it
+    concept_id: Mapped[int] = mapped_column(ForeignKey("concepts.id", ondelete="CASCADE"), index=True)
     score: Mapped[float] = mapped_column(Float)
