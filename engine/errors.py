@@ -49,6 +49,10 @@ class FormatError(AtlasError):
         return cls(f"{path}: {what}")
 
 
+class SourceChangedError(AtlasError):
+    """A run resumed, or a plan run, on a map, atlas or features that changed since it was made."""
+
+
 class IndexIntegrityError(AtlasError):
     """An index file is missing, corrupt, or out of date with the vectors it derives from."""
 

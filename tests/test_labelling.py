@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import os
@@ -178,6 +179,26 @@ def test_export_jsonl_and_csv_with_margins(mapped):
     rows = list(csv.DictReader(io.StringIO(buf.getvalue())))
     assert len(rows) == 230 * 3 and rows[0].keys() == {"feature", "rank", "concept", "label", "score", "margin"}
     assert float(rows[0]["score"]) == first["score"] and float(rows[2]["margin"]) == pytest.approx(first["margin"])
+
+
+def test_neuronpedia_export_round_trips_through_the_neuronpedia_importer(mapped, tmp_path):
+    from engine.atlas.labels import read_labels
+
+    store, _, amap, _, path = mapped
+    labelling.label_features(store, "m", str(path), k=3, name="r", batch_size=100, quiet=True)
+    out = tmp_path / "explanations.jsonl.gz"
+    r = CliRunner().invoke(cli, ["export", "r", "--format", "neuronpedia", "-o", str(out), "--store", str(store.path)])
+    assert r.exit_code == 0, r.output
+    with gzip.open(out, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    tops = {fl.feature: fl.hits[0] for fl in labelling_export.iter_labels(store, "r")}
+    assert len(rows) == 230 and rows[0].keys() >= {"modelId", "layer", "index", "description",
+                                                    "explanationModelName", "score"}
+    assert {row["modelId"] for row in rows} == {amap.subject_model}
+    assert {row["explanationModelName"] for row in rows} == {"concept-atlas:m"}
+    assert rows[5]["index"] == "5" and rows[5]["score"] == tops[5].score
+    table = read_labels(out)  # the importer `atlas import-sae --labels` uses
+    assert table.labels == {i: h.label for i, h in tops.items()}
 
 
 def test_export_of_an_unfinished_run_needs_partial(mapped):

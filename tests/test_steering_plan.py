@@ -131,3 +131,25 @@ def test_a_map_of_another_model_or_width_is_a_clear_error(steer_store, tmp_path)
     with pytest.raises(SiteMismatchError, match="model 'gpt2-other'"):
         run_plan(steer_store, SteeringPlan("m1", ["weather"]), ["the"], model=model, tokenizer=tok,
                  model_name="gpt2-other")
+
+
+def test_a_saved_plan_records_its_maps_and_atlas_and_refuses_a_changed_map(steer_store, tmp_path):
+    from engine.errors import SourceChangedError
+
+    plan = SteeringPlan("m1", ["weather"], layers=[1, 2])
+    resolve_plan(steer_store, plan)
+    prov = plan.provenance
+    assert prov is not None and prov["atlas"] == "fdn"
+    assert prov["atlas_vectors_sha256"] == steer_store.atlas("fdn").vector_sha256
+    assert prov["maps"] == {"1": {"name": "m1", "sha256": steer_store.map_info("m1").sha256},
+                            "2": {"name": "m2", "sha256": steer_store.map_info("m2").sha256}}
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    resolve_plan(steer_store, SteeringPlan.load(path))  # unchanged: resolves as before
+    steer_store.save_map(_map(3, 2), "m2", overwrite=True)  # the layer-2 map is refitted
+    with pytest.raises(SourceChangedError, match="map 'm2' at layer 2 changed since this plan was saved"):
+        resolve_plan(steer_store, SteeringPlan.load(path))
+    # a plan of the first version (no provenance) still loads, and is resolved against what is there now
+    old = SteeringPlan("m1", ["weather"]).to_dict() | {"version": 1}
+    del old["provenance"]
+    assert resolve_plan(steer_store, SteeringPlan.from_dict(old)).plan.version == 2

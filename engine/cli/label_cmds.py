@@ -100,16 +100,23 @@ def runs(store_dir: Path, db_url, as_json: bool) -> None:
 
 @click.command()
 @click.argument("run_name", metavar="RUN")
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
-@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="File (default: stdout).")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "neuronpedia"]), default="jsonl",
+              show_default=True)
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
+              help="File (default: stdout); a name ending in .gz is gzip-compressed.")
 @click.option("--partial", is_flag=True, help="Export the finished part of an unfinished run.")
 @store_options
 def export(run_name: str, fmt: ExportFormat, output: Path | None, partial: bool, store_dir: Path, db_url) -> None:
     """Write the labels of RUN with their scores and the margin between the top two hits.
 
-    JSONL: one object per feature (label, concept, score, margin, hits). CSV: one row per
-    (feature, rank). A small margin means the transferred label is uncertain.
+    jsonl: one object per feature (label, concept, score, margin, hits). csv: one row per
+    (feature, rank). neuronpedia: rows shaped like a Neuronpedia explanations export (modelId,
+    layer, index, description, explanationModelName "concept-atlas:MAP", score), which
+    `atlas import-sae --labels` reads back. A small margin means the transferred label is uncertain.
     """
+    import gzip
+    import io
+
     from engine.labelling.export import export_run
 
     store = open_store(store_dir, db_url)
@@ -117,9 +124,13 @@ def export(run_name: str, fmt: ExportFormat, output: Path | None, partial: bool,
         export_run(store, run_name, sys.stdout, fmt, partial=partial)
         return
     tmp = output.with_name(f".{output.name}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        n = export_run(store, run_name, f, fmt, partial=partial)
-    tmp.replace(output)
+    try:
+        with (io.TextIOWrapper(gzip.open(tmp, "wb"), encoding="utf-8", newline="") if output.suffix == ".gz"
+              else open(tmp, "w", encoding="utf-8", newline="")) as f:
+            n = export_run(store, run_name, f, fmt, partial=partial)
+        tmp.replace(output)
+    finally:
+        tmp.unlink(missing_ok=True)
     click.echo(f"wrote {n} features to {output}", err=True)
 
 

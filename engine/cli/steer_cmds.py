@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
+import numpy as np
 
 from engine.cli.common import (
     LAYER_LIST,
     comma_list,
+    emit,
     json_option,
     open_store,
     print_json,
@@ -17,9 +21,13 @@ from engine.cli.common import (
     store_options,
 )
 
+if TYPE_CHECKING:
+    from engine.steering.plan import SteeringPlan
+
 
 def register(cli: click.Group) -> None:
     cli.add_command(steer)
+    cli.add_command(export_steering)
 
 
 # Plan fields a command-line option sets (option name → SteeringPlan field).
@@ -27,6 +35,29 @@ _PLAN_OPTIONS = {
     "strength": "strength", "layers": "layers", "mode": "mode", "positions": "positions", "combine": "combine",
     "max_new_tokens": "max_new_tokens", "seed": "seed", "sample": "do_sample", "temperature": "temperature",
 }
+
+
+def _plan(map_name: str | None, concepts: Sequence[str], plan_file: Path | None, native: bool,
+          values: dict[str, Any]) -> SteeringPlan:
+    """The plan the options describe: a plan file with the options given on the command line over
+    it, or MAP and its concepts with every option."""
+    from engine.steering.plan import PlanConcept, SteeringPlan
+
+    ctx = click.get_current_context()
+    given = {k for k in values if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+    if plan_file is not None:
+        d = SteeringPlan.load(plan_file).to_dict() | {_PLAN_OPTIONS[k]: values[k] for k in given}
+        if map_name:
+            d["map"] = map_name
+        if concepts:
+            d["concepts"] = [{"query": c} for c in concepts]
+        if native:
+            d["direction"] = "native"
+        return SteeringPlan.from_dict(d)
+    if not map_name or not concepts:
+        raise click.UsageError("give MAP and at least one --concept (or --plan FILE)")
+    return SteeringPlan(map_name, [PlanConcept(c) for c in concepts], direction="native" if native else "transferred",
+                        **{_PLAN_OPTIONS[k]: v for k, v in values.items()})
 
 
 @click.command()
@@ -70,28 +101,11 @@ def steer(map_name, concepts, prompts, strength, layers, mode, positions, combin
     part, unit norm) and added at the subject layer(s) with STRENGTH x the site's typical
     residual norm, inside hooks that are always removed afterwards.
     """
-    from engine.steering.plan import PlanConcept, SteeringPlan, run_plan
+    from engine.steering.plan import run_plan
 
-    ctx = click.get_current_context()
-    given = {name for name in _PLAN_OPTIONS if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
-    values = dict(strength=strength, layers=layers, mode=mode, positions=positions, combine=combine,
-                  max_new_tokens=max_new_tokens, seed=seed, sample=sample, temperature=temperature)
-    if plan_file is not None:
-        plan = SteeringPlan.load(plan_file)
-        d = plan.to_dict() | {_PLAN_OPTIONS[k]: values[k] for k in given}
-        if map_name:
-            d["map"] = map_name
-        if concepts:
-            d["concepts"] = [{"query": c} for c in concepts]
-        if native:
-            d["direction"] = "native"
-        plan = SteeringPlan.from_dict(d)
-    else:
-        if not map_name or not concepts:
-            raise click.UsageError("give MAP and at least one --concept (or --plan FILE)")
-        plan = SteeringPlan(map_name, [PlanConcept(c) for c in concepts],
-                            direction="native" if native else "transferred",
-                            **{_PLAN_OPTIONS[k]: v for k, v in values.items()})
+    plan = _plan(map_name, concepts, plan_file, native, dict(
+        strength=strength, layers=layers, mode=mode, positions=positions, combine=combine,
+        max_new_tokens=max_new_tokens, seed=seed, sample=sample, temperature=temperature))
     quiet_transformers()
     store = open_store(store_dir, db_url)
     model = tokenizer = model_name = None
@@ -126,3 +140,43 @@ def steer(map_name, concepts, prompts, strength, layers, mode, positions, combin
         click.echo(f"plan saved to {save_plan}")
 
 
+@click.command("export-steering")
+@click.argument("source", metavar="MAP|PLAN")
+@click.option("--concept", "-c", "concepts", multiple=True,
+              help="Concept to steer towards (an id, a label or free text); repeat for several. With a PLAN "
+                   "file, replaces its concepts.")
+@click.option("--format", "fmt", type=click.Choice(["gguf", "repeng", "safetensors"]), default="gguf",
+              show_default=True, help="gguf: a llama.cpp control vector; repeng: the GGUF repeng's ControlVector "
+                                      "reads; safetensors: layer.<L> tensors with provenance metadata.")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path), help="File to write.")
+@click.option("--strength", "-s", type=float, default=0.5, show_default=True,
+              help="Strength in units of the subject site's typical residual norm.")
+@click.option("--layers", "-l", multiple=True, callback=comma_list(int, LAYER_LIST),
+              help="Subject layer(s), e.g. 2 or 1,2 (default: the map's layer; others need their own maps).")
+@click.option("--combine", type=int, default=0, show_default=True,
+              help="Average each concept with its K nearest atlas neighbours.")
+@store_options
+@json_option
+def export_steering(source, concepts, fmt, output: Path, strength, layers, combine, store_dir: Path, db_url,
+                    as_json: bool) -> None:
+    """Write what a steering plan adds to the residual stream as a file for another runtime.
+
+    MAP|PLAN is a map name (with --concept) or a plan saved by `atlas steer --save-plan`. Each
+    layer's vector is the sum over concepts of strength x norm x the concept's unit direction in
+    the subject model, exactly what `atlas steer` adds at that block's output at every position;
+    the file records the subject model, layers, strength units, concepts, maps and their
+    checksums. Additive plans over all positions only.
+    """
+    from engine.steering.export import export_steering as run_export
+
+    plan_file = Path(source) if source.endswith(".json") and Path(source).is_file() else None
+    plan = _plan(None if plan_file else source, concepts, plan_file, False,
+                 dict(strength=strength, layers=layers, combine=combine))
+    vectors = run_export(open_store(store_dir, db_url), plan, output, fmt)
+    rows = [{"layer": L, "norm": float(np.linalg.norm(v)), "dim": int(v.shape[0])} for L, v in vectors.layers.items()]
+    if as_json:
+        print_json({"file": str(output), "format": fmt, "model_hint": vectors.model_hint, "layers": rows,
+                    "provenance": vectors.provenance})
+        return
+    click.echo(f"wrote {fmt} steering vectors for {vectors.provenance['subject_model']} to {output}")
+    emit(rows, False, ["layer", "dim", "norm"])

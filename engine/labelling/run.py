@@ -21,7 +21,7 @@ import re
 import socket
 
 from engine.align.map import AlignmentMap
-from engine.errors import AtlasError, NotFoundError
+from engine.errors import AtlasError, NotFoundError, SourceChangedError
 from engine.labelling.sources import FeatureSource, open_feature_source
 from engine.progress import progress
 from engine.search import project
@@ -36,10 +36,6 @@ __all__ = [
 
 DEFAULT_K = 5
 DEFAULT_BATCH = 4096  # features per transaction: a few seconds of search on a 100k atlas
-
-
-class SourceChangedError(AtlasError):
-    """A run is resumed on features or a map that differ from those it started with."""
 
 
 # ---------------------------------------------------------------------- runs

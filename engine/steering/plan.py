@@ -28,14 +28,15 @@ from typing import Any, Literal
 
 import numpy as np
 
-from engine.errors import BadValueError, FormatError, NotFoundError, SiteMismatchError
+from engine.align.map import AlignmentMap
+from engine.errors import BadValueError, FormatError, NotFoundError, SiteMismatchError, SourceChangedError
 from engine.steering.edits import POSITIONS, STEERING_MODES, Mode, Positions, SteeringEdit
 from engine.steering.native import NativeSource, native_directions
 from engine.store.store import Store, parse_concept_ref
 
 Direction = Literal["transferred", "native"]
 DIRECTIONS: tuple[str, ...] = ("transferred", "native")
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 
 
 
@@ -69,6 +70,9 @@ class SteeringPlan:
     do_sample: bool = False  # greedy by default: steered and unsteered differ only by the edit
     temperature: float = 1.0
     block_special: bool = True  # never generate special tokens (the end-of-document token among them)
+    # What the plan was resolved against (atlas vectors' and maps' checksums), filled by `resolve_plan`:
+    # a saved plan refuses to run against a map or atlas that changed since.
+    provenance: dict[str, Any] | None = None
     version: int = PLAN_VERSION
 
     def __post_init__(self) -> None:
@@ -92,8 +96,10 @@ class SteeringPlan:
             self.layers = [int(v) for v in self.layers]
             if not self.layers:
                 raise BadValueError("layers must name at least one layer (or be None for the map's layer)")
-        if self.version != PLAN_VERSION:
-            raise FormatError(f"steering plan version {self.version} is not supported (this version reads {PLAN_VERSION})")
+        if self.version not in (1, PLAN_VERSION):  # version 1 had no provenance
+            raise FormatError(f"steering plan version {self.version} is not supported (this version reads 1 and "
+                              f"{PLAN_VERSION})")
+        self.version = PLAN_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -214,6 +220,33 @@ def _concept_vector(store: Store, vectors: np.ndarray, ref: str, combine: int) -
     return v, [h.ref for h in neighbours]
 
 
+def plan_provenance(store: Store, maps: dict[int, AlignmentMap]) -> dict[str, Any]:
+    """Checksums of what a plan resolves through: its atlas's vectors and each layer's map file."""
+    atlas = next(iter(maps.values())).atlas
+    return {
+        "atlas": atlas, "atlas_vectors_sha256": store.atlas(atlas).vector_sha256,
+        "maps": {str(layer): {"name": m.name, "sha256": store.map_info(str(m.name)).sha256}
+                 for layer, m in sorted(maps.items())},
+    }
+
+
+def _check_provenance(store: Store, plan: SteeringPlan, maps: dict[int, AlignmentMap]) -> dict[str, Any]:
+    """The plan's provenance now; a `SourceChangedError` where a saved plan's differs."""
+    now = plan_provenance(store, maps)
+    was = plan.provenance
+    if was:
+        fix = "save the plan again from its map (`atlas steer MAP --concept ... --save-plan FILE`)"
+        if was.get("atlas_vectors_sha256") not in (None, now["atlas_vectors_sha256"]):
+            raise SourceChangedError(f"atlas {now['atlas']!r} was re-imported since this plan was saved; {fix}")
+        for layer, m in (was.get("maps") or {}).items():
+            cur = now["maps"].get(layer)
+            if cur is None or cur != m:
+                raise SourceChangedError(
+                    f"map {m.get('name')!r} at layer {layer} changed since this plan was saved (sha256 "
+                    f"{str(m.get('sha256'))[:12]} -> {str((cur or {}).get('sha256'))[:12]}); {fix}")
+    return now
+
+
 def resolve_plan(store: Store, plan: SteeringPlan, native: NativeSource | None = None) -> ResolvedPlan:
     """Resolve concepts, pick a map per layer and build one `SteeringEdit` per concept and layer.
 
@@ -224,6 +257,7 @@ def resolve_plan(store: Store, plan: SteeringPlan, native: NativeSource | None =
     maps = layer_maps(store, plan.map, plan.layers)
     base = next(iter(maps.values()))  # every map of the plan maps into the same atlas
     atlas = base.atlas
+    plan.provenance = _check_provenance(store, plan, maps)
     atlas_vectors = store.atlas_vectors(atlas)  # (n_concepts, d_atlas): read and checked once
     concepts: list[ResolvedConcept] = []
     vectors: list[np.ndarray] = []

@@ -46,6 +46,7 @@ class AtlasInfo:
     raw_residuals: bool
     revision: str | None = None
     has_encoder: bool = False
+    vector_sha256: str = ""  # checksum of the vector file: what a run or a plan pins
 
     @property
     def site(self) -> str:
@@ -214,7 +215,7 @@ class AtlasesMixin(StoreBase):
             n_concepts=row.n_concepts, n_labelled=int(n_labelled or 0), metric=row.metric,
             source_kind=row.source_kind, source_ref=row.source_ref, index_spec=row.index_spec,
             raw_residuals=row.raw_residuals, revision=extra.get("revision"),
-            has_encoder=bool(extra.get("has_encoder")),
+            has_encoder=bool(extra.get("has_encoder")), vector_sha256=row.vector_sha256,
         )
 
     def remove_atlas(self, name: str) -> None:
