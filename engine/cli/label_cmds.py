@@ -146,7 +146,12 @@ def export(run_name: str, fmt: ExportFormat, output: Path | None, partial: bool,
 @json_option
 @quiet_option
 def explain(map_name: str, text: str, k: int, raw: bool, store_dir: Path, db_url, as_json: bool) -> None:
-    """Per token of TEXT in MAP's subject model: the top atlas concepts, with cosine scores."""
+    """Per token of TEXT in MAP's subject model: the top atlas concepts, with cosine scores.
+
+    Where the atlas keeps its SAE's encoder (SAE imports do), each concept also shows its
+    activation ("act"): the token's residual mapped to the atlas site and put through the SAE's
+    encoder (ReLU, JumpReLU threshold or TopK k, as the SAE was trained).
+    """
     from engine.search import explain as run_explain
 
     quiet_transformers()
@@ -156,7 +161,8 @@ def explain(map_name: str, text: str, k: int, raw: bool, store_dir: Path, db_url
         print_json(tokens)
         return
     print_table([{"pos": t.position, "token": t.token,
-                  **{f"#{h.rank}": f"{h.label} ({h.score:.2f})" for h in t.hits}} for t in tokens])
+                  **{f"#{h.rank}": f"{h.label} ({h.score:.2f}" + ("" if t.activations is None else f", act {a:.2f}")
+                     + ")" for h, a in zip(t.hits, t.activations or [None] * len(t.hits))}} for t in tokens])
 
 
 @click.command()
