@@ -160,9 +160,12 @@ def explain(map_name: str, text: str, k: int, raw: bool, store_dir: Path, db_url
     if as_json:
         print_json(tokens)
         return
+    def cell(label: str, score: float, act: float | None) -> str:
+        return f"{label} ({score:.2f})" if act is None else f"{label} ({score:.2f}, act {act:.2f})"
+
     print_table([{"pos": t.position, "token": t.token,
-                  **{f"#{h.rank}": f"{h.label} ({h.score:.2f}" + ("" if t.activations is None else f", act {a:.2f}")
-                     + ")" for h, a in zip(t.hits, t.activations or [None] * len(t.hits))}} for t in tokens])
+                  **{f"#{h.rank}": cell(h.label, h.score, None if t.activations is None else t.activations[i])
+                     for i, h in enumerate(t.hits)}} for t in tokens])
 
 
 @click.command()
