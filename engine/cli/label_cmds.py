@@ -35,7 +35,8 @@ def register(cli: click.Group) -> None:
 @click.command()
 @click.argument("map_name", metavar="MAP", required=False)
 @click.option("--features", "-f", metavar="SOURCE",
-              help="Subject features: an SAE folder (SAELens / Gemma Scope), a .npy / .safetensors matrix "
+              help="Subject features: an SAE (SAELens, Gemma Scope, sparsify, dictionary_learning, Llama Scope), "
+                   "a .npy / .safetensors matrix "
                    "(one direction per row; FILE#KEY names a tensor), or native: (ConceptWorld).")
 @click.option("-k", default=5, show_default=True, help="Concepts kept per feature.")
 @click.option("--name", help="Name of the run (default: MAP.SOURCE.kK).")
