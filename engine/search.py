@@ -116,6 +116,8 @@ class TokenHits:
     start: int  # character span in the text; -1 when unknown
     end: int
     hits: list[Hit]
+    # per hit, the atlas SAE's activation of that feature on this token (None: the atlas has no encoder)
+    activations: list[float] | None = None
 
 
 def explain(
@@ -125,7 +127,10 @@ def explain(
     """Per token of ``text`` in the map's subject model: the top-``k`` atlas concepts.
 
     The residual at the map's subject site is read with forward hooks, mapped as an activation and
-    searched. ``model``/``tokenizer`` default to the subject model registered in the store.
+    searched (cosine). Where the atlas keeps its SAE's encoder, each hit also carries that
+    feature's activation: the mapped residual (``map_activations``, an atlas-site residual, not
+    re-centred) through the encoder (`feature_activations`). ``model``/``tokenizer`` default to the
+    subject model registered in the store.
     """
     import torch
 
@@ -142,12 +147,33 @@ def explain(
     acts = next(iter(b.acts.values())).numpy()  # (n_tokens, d_subject)
     amap.check_site(None, None, acts.shape[1])  # the loaded model has the map's width
     hits = search(store, amap, acts, k, kind="activations", centre=centre)
+    feats = feature_activations(store, amap, acts)
     out = []
     for j, row in enumerate(hits):
         s, e = (int(v) for v in b.offsets[j])
         piece = text[s:e] if 0 <= s < e else tokenizer.decode([int(b.token_id[j])])
-        out.append(TokenHits(int(b.position[j]), piece, s, e, row))
+        fa = None if feats is None else [float(feats[j, h.ordinal]) for h in row]
+        out.append(TokenHits(int(b.position[j]), piece, s, e, row, fa))
     return out
+
+
+def feature_activations(store: Store, amap: Any, residuals: np.ndarray) -> np.ndarray | None:
+    """The atlas SAE's feature activations (n, n_concepts) of subject residuals, or None without an encoder.
+
+    Subject residuals (n, d_subject) → ``amap.map_activations`` (atlas-site residuals) → the
+    atlas's encoder (ReLU / JumpReLU / TopK, `engine.atlas.encoder`).
+    """
+    from engine.atlas.encoder import AtlasEncoder
+
+    info = store.atlas(amap.atlas)
+    amap.check_atlas(info.name, info.dim)
+    if not info.has_encoder:
+        return None
+    encoder = AtlasEncoder.from_tensors(store.atlas_tensors(info.name))
+    if encoder is None:
+        return None
+    x = _as_matrix(residuals, amap, "subject residuals")
+    return encoder.encode(np.asarray(amap.map_activations(x), dtype=np.float32))
 
 
 def hits_table(rows: Sequence[Sequence[Hit]]) -> list[dict[str, Any]]:

@@ -1,9 +1,12 @@
-"""Reading atlases in: SAE folders, Gemma Scope ``params.npz``, plain matrices, and label files.
+"""Reading atlases in: SAE folders of several libraries, plain matrices, and label files.
 
 Every reader returns plain data (`SAEWeights`, `LabelTable`) and validates at the boundary:
 a malformed file raises `FormatError` naming the file and what was wrong, a dimension mismatch
-between labels and vectors raises `ShapeError`. `import_atlas` then hands the data to
-`Store.add_atlas`, which writes it in one transaction.
+between labels and vectors raises `ShapeError`. Readers are entries of a registry
+(`register_format`: name, detect, read); `read_directions` takes the first whose ``detect``
+accepts the path, or the one named with ``fmt``. SAELens, Gemma Scope and plain matrices are read
+here; EleutherAI sparsify, dictionary_learning and Llama Scope in `engine.atlas.formats`.
+`import_atlas` then hands the data to `Store.add_atlas`, which writes it in one transaction.
 """
 
 from __future__ import annotations
@@ -11,12 +14,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from engine.atlas.formats import dictionary_learning, llama_scope, sparsify
+from engine.atlas.formats.base import SAEWeights
+from engine.atlas.formats.releases import resolve_release
+from engine.atlas.formats.saelens import with_activation
 from engine.atlas.labels import read_labels
-from engine.errors import FormatError
+from engine.errors import BadValueError, FormatError
 from engine.store.store import AtlasInfo, Store
 
 SAELENS_CFG = "cfg.json"
@@ -25,30 +33,6 @@ SAELENS_SPARSITY = "sparsity.safetensors"
 GEMMASCOPE_PARAMS = "params.npz"
 
 _HOOK_RE = re.compile(r"blocks\.(\d+)\.hook_(resid_post|resid_pre|resid_mid|mlp_out|attn_out)")
-
-
-@dataclasses.dataclass
-class SAEWeights:
-    """Decoder rows (the concept directions) and, when present, the encoder of an SAE."""
-
-    W_dec: np.ndarray  # (d_sae, d_in)
-    W_enc: np.ndarray | None = None  # (d_in, d_sae)
-    b_enc: np.ndarray | None = None  # (d_sae,)
-    b_dec: np.ndarray | None = None  # (d_in,)
-    threshold: np.ndarray | None = None  # (d_sae,) JumpReLU
-    density: np.ndarray | None = None  # (d_sae,) firing frequency, if known
-    model: str | None = None
-    layer: int | None = None
-    hook: str | None = None
-    source_kind: str = "matrix"
-
-    def encoder(self) -> dict[str, np.ndarray]:
-        return {
-            k: v
-            for k, v in (("W_enc", self.W_enc), ("b_enc", self.b_enc), ("b_dec", self.b_dec),
-                         ("threshold", self.threshold))
-            if v is not None
-        }
 
 
 def _check_2d(name: str, path: Path, x: np.ndarray) -> np.ndarray:
@@ -161,17 +145,55 @@ def read_matrix(path: str | Path, key: str | None = None) -> SAEWeights:
     return SAEWeights(W_dec=_check_2d("the matrix", path, np.asarray(x, dtype=np.float32)), source_kind="matrix")
 
 
-def read_directions(source: str | Path) -> SAEWeights:
-    """Any supported source of directions, by what is on disk."""
+@dataclasses.dataclass(frozen=True)
+class SAEFormat:
+    """A registered reader: ``detect(path)`` says whether a path is in the format, ``read(path)`` reads it."""
+
+    name: str
+    detect: Callable[[Path], bool]
+    read: Callable[[Path], SAEWeights]
+    description: str = ""
+
+
+FORMATS: dict[str, SAEFormat] = {}
+
+
+def register_format(name: str, detect: Callable[[Path], bool], read: Callable[[Path], SAEWeights],
+                    description: str = "") -> None:
+    """Add a reader; `read_directions` tries readers in registration order. A name is registered once."""
+    if name in FORMATS:
+        raise ValueError(f"SAE format {name!r} is already registered")
+    FORMATS[name] = SAEFormat(name, detect, read, description)
+
+
+register_format(sparsify.NAME, sparsify.detect, sparsify.read,  # before saelens: both have a cfg.json
+                "EleutherAI sparsify hookpoint folder: cfg.json + sae.safetensors (TopK)")
+register_format("saelens", lambda p: p.is_dir() and (p / SAELENS_CFG).is_file(),
+                lambda p: with_activation(read_saelens(p), p), "SAELens folder: cfg.json + sae_weights.safetensors")
+register_format(llama_scope.NAME, llama_scope.detect, llama_scope.read,
+                "Llama Scope folder: hyperparams.json + checkpoints/final.safetensors")
+register_format(dictionary_learning.NAME, dictionary_learning.detect, dictionary_learning.read,
+                "dictionary_learning ae.pt (+ config.json): AutoEncoder, JumpReLU, TopK")
+register_format("gemmascope", lambda p: p.suffix == ".npz" or (p.is_dir() and (p / GEMMASCOPE_PARAMS).is_file()),
+                read_gemmascope, "Gemma Scope params.npz")
+register_format("matrix", lambda p: p.is_file() and p.suffix in (".npy", ".safetensors"), read_matrix,
+                "plain .npy / .safetensors matrix, one direction per row")
+
+
+def read_directions(source: str | Path, fmt: str | None = None) -> SAEWeights:
+    """Any supported source of directions: by what is on disk, or read as format ``fmt``."""
     p = Path(source)
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise BadValueError(f"unknown SAE format {fmt!r}; one of: {', '.join(FORMATS)}")
+        return FORMATS[fmt].read(p)
+    for f in FORMATS.values():
+        if f.detect(p):
+            return f.read(p)
     if p.is_dir():
-        if (p / SAELENS_CFG).is_file():
-            return read_saelens(p)
-        if (p / GEMMASCOPE_PARAMS).is_file():
-            return read_gemmascope(p)
-        raise FormatError(f"{p}: a folder with neither {SAELENS_CFG} (SAELens) nor {GEMMASCOPE_PARAMS} (Gemma Scope)")
-    if p.suffix == ".npz":
-        return read_gemmascope(p)
+        raise FormatError(f"{p}: a folder in no known SAE layout (neither {SAELENS_CFG} (SAELens) nor "
+                          f"{GEMMASCOPE_PARAMS} (Gemma Scope), sparsify's sae.safetensors, Llama Scope's "
+                          "hyperparams.json nor dictionary_learning's ae.pt); name one with --format")
     return read_matrix(p)
 
 
@@ -184,7 +206,7 @@ def read_directions(source: str | Path) -> SAEWeights:
 def import_atlas(
     store: Store,
     name: str,
-    source: str | Path,
+    source: str | Path | None = None,
     *,
     labels: str | Path | None = None,
     model: str | None = None,
@@ -193,9 +215,27 @@ def import_atlas(
     revision: str | None = None,
     index_spec: str = "Flat",
     key: str | None = None,
+    fmt: str | None = None,
+    release: str | None = None,
+    sae_id: str | None = None,
+    hf_cache: str | Path | None = None,
 ) -> AtlasInfo:
-    """Import directions from ``source`` (SAE folder, params.npz, .npy, .safetensors) as an atlas."""
-    sae = read_matrix(source, key) if key else read_directions(source)
+    """Import directions from ``source`` (any registered format; ``fmt`` forces one) as an atlas.
+
+    Instead of ``source``, ``release`` + ``sae_id`` name an SAE of a SAELens release, read offline
+    from the local Hugging Face cache (``hf_cache``, default: HF_HUB_CACHE / HF_HOME).
+    The SAE's encoder and activation (ReLU, JumpReLU threshold, TopK k) are kept with the atlas.
+    """
+    source_ref = str(source)
+    if release is not None or sae_id is not None:
+        if source is not None or release is None or sae_id is None:
+            raise BadValueError("give either SOURCE or both --release and --sae-id")
+        found = resolve_release(release, sae_id, cache=hf_cache)
+        source, fmt, model = found.path, fmt or found.format, model or found.model or None
+        source_ref = f"{release}:{sae_id} ({found.repo_id}@{found.revision})"
+    if source is None:
+        raise BadValueError("give SOURCE (an SAE folder or file) or --release and --sae-id")
+    sae = read_matrix(source, key) if key else read_directions(source, fmt)
     model = model or sae.model
     layer = layer if layer is not None else sae.layer
     if model is None:
@@ -207,8 +247,8 @@ def import_atlas(
     label_list, desc_list = table.for_n(n) if table else (None, None)
     return store.add_atlas(
         name, sae.W_dec, label_list, desc_list, model=model, layer=int(layer),
-        hook=hook or sae.hook or "resid_post", source_kind=sae.source_kind, source_ref=str(source),
+        hook=hook or sae.hook or "resid_post", source_kind=sae.source_kind, source_ref=source_ref,
         revision=revision, index_spec=index_spec, encoder=sae.encoder(),
         densities=None if sae.density is None else [float(v) for v in sae.density],
-        extra={"labels_file": str(labels) if labels else None},
+        extra={"labels_file": str(labels) if labels else None, "activation": sae.activation, "k": sae.k},
     )

@@ -35,7 +35,8 @@ def register(cli: click.Group) -> None:
 @click.command()
 @click.argument("map_name", metavar="MAP", required=False)
 @click.option("--features", "-f", metavar="SOURCE",
-              help="Subject features: an SAE folder (SAELens / Gemma Scope), a .npy / .safetensors matrix "
+              help="Subject features: an SAE (SAELens, Gemma Scope, sparsify, dictionary_learning, Llama Scope), "
+                   "a .npy / .safetensors matrix "
                    "(one direction per row; FILE#KEY names a tensor), or native: (ConceptWorld).")
 @click.option("-k", default=5, show_default=True, help="Concepts kept per feature.")
 @click.option("--name", help="Name of the run (default: MAP.SOURCE.kK).")
@@ -146,7 +147,12 @@ def export(run_name: str, fmt: ExportFormat, output: Path | None, partial: bool,
 @json_option
 @quiet_option
 def explain(map_name: str, text: str, k: int, raw: bool, store_dir: Path, db_url, as_json: bool) -> None:
-    """Per token of TEXT in MAP's subject model: the top atlas concepts, with cosine scores."""
+    """Per token of TEXT in MAP's subject model: the top atlas concepts, with cosine scores.
+
+    Where the atlas keeps its SAE's encoder (SAE imports do), each concept also shows its
+    activation ("act"): the token's residual mapped to the atlas site and put through the SAE's
+    encoder (ReLU, JumpReLU threshold or TopK k, as the SAE was trained).
+    """
     from engine.search import explain as run_explain
 
     quiet_transformers()
@@ -155,8 +161,12 @@ def explain(map_name: str, text: str, k: int, raw: bool, store_dir: Path, db_url
     if as_json:
         print_json(tokens)
         return
+    def cell(label: str, score: float, act: float | None) -> str:
+        return f"{label} ({score:.2f})" if act is None else f"{label} ({score:.2f}, act {act:.2f})"
+
     print_table([{"pos": t.position, "token": t.token,
-                  **{f"#{h.rank}": f"{h.label} ({h.score:.2f})" for h in t.hits}} for t in tokens])
+                  **{f"#{h.rank}": cell(h.label, h.score, None if t.activations is None else t.activations[i])
+                     for i, h in enumerate(t.hits)}} for t in tokens])
 
 
 @click.command()

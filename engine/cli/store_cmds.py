@@ -109,10 +109,16 @@ def atlases(store_dir: Path, db_url: str | None, as_json: bool) -> None:
 
 
 @click.command("import-sae")
-@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.argument("source", required=False, type=click.Path(exists=True, path_type=Path))
 @click.option("--name", required=True, help="Name of the new atlas.")
-@click.option("--model", help="Model the directions live in (read from cfg.json when there).")
-@click.option("--layer", type=int, help="Layer of the site (read from cfg.json or the path when there).")
+@click.option("--format", "fmt", metavar="FORMAT",
+              help="Read SOURCE as this format (default: detected): saelens, eai-sparsify, llama-scope, "
+                   "dictionary_learning, gemmascope, matrix.")
+@click.option("--release", help="A SAELens release id (e.g. gemma-scope-2b-pt-res), read from the local "
+                                "Hugging Face cache instead of SOURCE; needs --sae-id.")
+@click.option("--sae-id", help="The SAE of --release (e.g. layer_12/width_16k/average_l0_82).")
+@click.option("--model", help="Model the directions live in (read from the SAE's config when there).")
+@click.option("--layer", type=int, help="Layer of the site (read from the config or the path when there).")
 @click.option("--hook", help="Hook point of the site (default: resid_post).")
 @click.option("--revision", help="Model revision (commit or tag) the directions were made on.")
 @click.option("--labels", type=click.Path(exists=True, path_type=Path),
@@ -122,19 +128,23 @@ def atlases(store_dir: Path, db_url: str | None, as_json: bool) -> None:
 @click.option("--key", help="Tensor name inside a .safetensors matrix holding several.")
 @store_options
 @json_option
-def import_sae(source: Path, name: str, model, layer, hook, revision, labels, index_spec, key,
-               store_dir: Path, db_url: str | None, as_json: bool) -> None:
-    """Import concept directions from SOURCE as a new atlas.
+def import_sae(source: Path | None, name: str, fmt, release, sae_id, model, layer, hook, revision, labels, index_spec,
+               key, store_dir: Path, db_url: str | None, as_json: bool) -> None:
+    """Import concept directions from SOURCE (or --release/--sae-id) as a new atlas.
 
-    SOURCE is a SAELens SAE folder (cfg.json + sae_weights.safetensors; decoder rows become
-    concepts, the encoder is kept), a Gemma Scope params.npz, or a plain .npy / .safetensors
-    matrix (one direction per row). The import is one transaction: a failure leaves no atlas.
+    SOURCE is a SAELens SAE folder (cfg.json + sae_weights.safetensors), an EleutherAI sparsify
+    hookpoint folder (cfg.json + sae.safetensors), a Llama Scope folder (hyperparams.json +
+    checkpoints/final.safetensors), a dictionary_learning ae.pt (+ config.json), a Gemma Scope
+    params.npz, or a plain .npy / .safetensors matrix (one direction per row). Decoder rows become
+    concepts; an SAE's encoder and activation (ReLU, JumpReLU threshold, TopK k) are kept for
+    `atlas explain`. --release R --sae-id ID finds the SAE offline in HF_HUB_CACHE / HF_HOME.
+    The import is one transaction: a failure leaves no atlas.
     """
     from engine.atlas.importers import import_atlas
 
     store = open_store(store_dir, db_url)
     info = import_atlas(store, name, source, labels=labels, model=model, layer=layer, hook=hook,
-                        revision=revision, index_spec=index_spec, key=key)
+                        revision=revision, index_spec=index_spec, key=key, fmt=fmt, release=release, sae_id=sae_id)
     if as_json:
         print_json(info)
     else:

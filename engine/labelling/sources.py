@@ -1,7 +1,8 @@
 """Subject features to label: directions read from a source named on the command line.
 
-A source is what `atlas label --features SOURCE` names: a subject SAE folder (SAELens, or Gemma
-Scope ``params.npz``; the decoder rows are the features), a plain ``.npy`` / ``.safetensors``
+A source is what `atlas label --features SOURCE` names: a subject SAE in any format the importers'
+registry reads (SAELens, Gemma Scope ``params.npz``, EleutherAI sparsify, dictionary_learning
+``ae.pt``, Llama Scope; the decoder rows are the features), a plain ``.npy`` / ``.safetensors``
 matrix (one direction per row), or ``<scheme>:...``, a source a plug-in registered with
 `register_feature_source` (ConceptWorld registers ``native:``, its subjects' own concept
 directions). The readers are those of `engine.atlas.importers`; this module adds what a
@@ -35,7 +36,7 @@ class FeatureSource:
     """Subject feature directions ``vectors`` (n_features, d_subject), with where they came from."""
 
     spec: str  # canonical: an absolute path (``path#key`` for a named tensor) or ``<scheme>:...``
-    kind: str  # saelens | gemmascope | matrix | a registered scheme (native)
+    kind: str  # a registered SAE format (saelens, eai-sparsify, ...), matrix, or a registered scheme (native)
     vectors: np.ndarray  # (n_features, d_subject) float32
     fingerprint: str  # sha256 of the shape and float32 bytes of ``vectors``
     model: str | None = None  # the site recorded by the source, when it records one
