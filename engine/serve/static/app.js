@@ -63,7 +63,7 @@ function navigate(href) {
 
 document.addEventListener("click", (ev) => {
   const a = ev.target.closest("a");
-  if (!a || a.target || ev.ctrlKey || ev.metaKey || ev.shiftKey) return;
+  if (!a || a.target || a.hasAttribute("download") || ev.ctrlKey || ev.metaKey || ev.shiftKey) return;
   const url = new URL(a.href, location.href);
   if (url.origin !== location.origin || url.pathname.startsWith("/api/") || url.pathname.startsWith("/docs")) return;
   ev.preventDefault();
@@ -285,12 +285,8 @@ async function steerPage() {
   const mode = el("select", { id: "steer-mode" }, el("option", { value: "add", text: "add" }), el("option", { value: "clamp", text: "clamp" }));
   const out = el("div", { id: "steer-out" });
   const button = el("button", { type: "submit", id: "steer-go", text: "Generate" });
-  let lastPlan = null;
-  const save = el("button", { type: "button", class: "plain", id: "save-plan", disabled: true, text: "Save plan (JSON)", onclick: () => {
-    const blob = new Blob([JSON.stringify(lastPlan, null, 2) + "\n"], { type: "application/json" });
-    const a = el("a", { href: URL.createObjectURL(blob), download: "steering-plan.json" });
-    document.body.append(a); a.click(); a.remove();
-  } });
+  // "Save plan": a link to the plan (resolved concept ids, provenance) as a JSON file, set after each run
+  const save = el("a", { id: "save-plan", class: "button plain", download: "steering-plan.json", hidden: true, text: "Save plan (JSON)" });
   const form = el("form", { onsubmit: async (ev) => {
     ev.preventDefault();
     button.disabled = true;
@@ -302,8 +298,9 @@ async function steerPage() {
         strength: parseFloat(strength.value), max_new_tokens: parseInt(n.value, 10) || 20,
         seed: parseInt(seed.value, 10) || 0, mode: mode.value,
       });
-      lastPlan = res.plan;
-      save.disabled = false;
+      if (save.href) URL.revokeObjectURL(save.href);
+      save.href = URL.createObjectURL(new Blob([JSON.stringify(res.plan, null, 2) + "\n"], { type: "application/json" }));
+      save.hidden = false;
       showSteer(res, out);
     } catch (e) { fail(out, e); }
     button.disabled = false;
