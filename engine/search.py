@@ -176,6 +176,36 @@ def feature_activations(store: Store, amap: Any, residuals: np.ndarray) -> np.nd
     return encoder.encode(np.asarray(amap.map_activations(x), dtype=np.float32))
 
 
+@dataclasses.dataclass(frozen=True)
+class ConceptSummary:
+    """A concept over a whole explained text: its best and mean score over the tokens whose top-k it is in."""
+
+    ref: str
+    label: str
+    max_score: float
+    mean_score: float
+    n_tokens: int  # tokens with the concept in their top-k
+    best_token: str  # the token where it scores highest
+
+
+def explain_summary(tokens: Sequence[TokenHits], by: Literal["max", "mean"] = "max") -> list[ConceptSummary]:
+    """Text-level summary of `explain`: every concept in some token's top-k, ranked by its max (or
+    mean) score over those tokens."""
+    if by not in ("max", "mean"):
+        raise BadValueError(f"rank by 'max' or 'mean', got {by!r}")
+    seen: dict[str, list[tuple[float, str, str]]] = {}
+    for t in tokens:
+        for h in t.hits:
+            seen.setdefault(h.ref, []).append((h.score, t.token, h.label))
+    out = []
+    for ref, scored in seen.items():
+        best = max(scored)
+        out.append(ConceptSummary(ref, best[2], best[0], float(np.mean([s for s, _, _ in scored])), len(scored),
+                                  best[1]))
+    out.sort(key=lambda c: (-(c.max_score if by == "max" else c.mean_score), c.ref))
+    return out
+
+
 def hits_table(rows: Sequence[Sequence[Hit]]) -> list[dict[str, Any]]:
     """Flat rows (query, rank, ref, label, score) of hit lists, for tables, JSON and CSV."""
     return [

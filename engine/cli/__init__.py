@@ -50,6 +50,7 @@ _COMMAND_MODULES = [
     "engine.cli.demo_cmds",
     "engine.cli.world_cmds",
     "engine.cli.eval_cmds",
+    "engine.cli.serve_cmds",
 ]
 
 

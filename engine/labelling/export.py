@@ -48,6 +48,20 @@ def iter_labels(store: Store, name: str, *, chunk: int = 20_000) -> Iterator[Fea
         yield FeatureLabels(current, hits)
 
 
+def label_page(store: Store, name: str, order: str = "feature", *, descending: bool = False, offset: int = 0,
+               limit: int = 100) -> list[FeatureLabels]:
+    """One page of a run's features with their hits, ordered by feature, top score or margin
+    (`Store.run_label_page`): what a browser pages through without loading the run."""
+    run = store.run(name)
+    out: list[FeatureLabels] = []
+    for f, rank, score, ordinal, label, labelled in store.run_label_page(
+            name, order, descending=descending, offset=offset, limit=limit):
+        if not out or out[-1].feature != f:
+            out.append(FeatureLabels(f, []))
+        out[-1].hits.append(Hit(f"{run.atlas}/{ordinal}", run.atlas, ordinal, label, float(score), rank, labelled))
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class ExportContext:
     """What a writer may name besides the labels: the run and its map's subject site."""

@@ -28,14 +28,16 @@ import socket
 from typing import Any, cast
 
 import numpy as np
-from sqlalchemy import Table, delete, func, select, update
+from sqlalchemy import Table, and_, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import aliased
 
-from engine.errors import AtlasError, DuplicateError, NotFoundError
+from engine.errors import AtlasError, BadValueError, DuplicateError, NotFoundError
 from engine.store.base import StoreBase
 from engine.store.schema import AlignmentMapRow, AtlasRow, ConceptRow, FeatureLabelRow, LabelRunRow
 from engine.util import check_name, utcnow
 
+RUN_ORDERS: tuple[str, ...] = ("feature", "score", "margin")  # orders of `RunsMixin.run_label_page`
 _RUNS = cast(Table, LabelRunRow.__table__)  # Core UPDATEs on the run row (the batch commit, status)
 
 
@@ -142,6 +144,62 @@ class RunsMixin(StoreBase):
             .order_by(FeatureLabelRow.feature_index, FeatureLabelRow.rank)
         )
         with self.session() as s:
+            return [tuple(r) for r in s.execute(q)]
+
+    def run_label_page(self, name: str, order: str = "feature", *, descending: bool = False, offset: int = 0,
+                       limit: int = 100) -> list[tuple[Any, ...]]:
+        """One page of a run's features, ordered by ``order``: the rows of `run_label_rows` for the
+        features ``offset .. offset+limit`` of that order.
+
+        ``order`` is ``feature`` (index), ``score`` (the top hit's) or ``margin`` (top score minus the
+        second; a feature with one hit has none and sorts last). The order is computed in the
+        database over the rank-1 and rank-2 rows, so a page of a million-feature run reads one page.
+        """
+        if order not in RUN_ORDERS:
+            raise BadValueError(f"order must be one of {RUN_ORDERS}, got {order!r}")
+        if offset < 0 or limit < 1:
+            raise BadValueError(f"offset must be >= 0 and limit >= 1, got offset={offset}, limit={limit}")
+        run_id = self._run_keys(name)[0]
+        top = aliased(FeatureLabelRow)
+        second = aliased(FeatureLabelRow)
+        margin = top.score - second.score
+        key = {"feature": top.feature_index, "score": top.score, "margin": margin}[order]
+        q = (select(top.feature_index)
+             .outerjoin(second, and_(second.run_id == top.run_id, second.feature_index == top.feature_index,
+                                     second.rank == 2))
+             .where(top.run_id == run_id, top.rank == 1)
+             .order_by(key.is_(None), key.desc() if descending else key.asc(), top.feature_index)
+             .offset(offset).limit(limit))
+        with self.session() as s:
+            features = [int(f) for f in s.scalars(q)]
+            if not features:
+                return []
+            rows = s.execute(
+                select(FeatureLabelRow.feature_index, FeatureLabelRow.rank, FeatureLabelRow.score,
+                       ConceptRow.ordinal, ConceptRow.label, ConceptRow.labelled)
+                .join(ConceptRow, FeatureLabelRow.concept_id == ConceptRow.id)
+                .where(FeatureLabelRow.run_id == run_id, FeatureLabelRow.feature_index.in_(features))
+            ).all()
+        place = {f: i for i, f in enumerate(features)}
+        return sorted((tuple(r) for r in rows), key=lambda r: (place[r[0]], r[1]))
+
+    def concept_labels(self, atlas: str, ordinal: int, limit: int = 50) -> list[tuple[Any, ...]]:
+        """Which subject features carry a concept: ``(run, map, feature, rank, score)`` rows of every
+        labelling run that named it, best score first (at most ``limit``)."""
+        if limit < 1:
+            raise BadValueError(f"limit must be >= 1, got {limit}")
+        with self.session() as s:
+            concept_id = s.scalar(select(ConceptRow.id).join(AtlasRow, ConceptRow.atlas_id == AtlasRow.id)
+                                  .where(AtlasRow.name == atlas, ConceptRow.ordinal == ordinal))
+            if concept_id is None:
+                raise NotFoundError(f"no concept {atlas}/{ordinal}; `atlas atlases` lists the atlases")
+            q = (select(LabelRunRow.name, AlignmentMapRow.name, FeatureLabelRow.feature_index, FeatureLabelRow.rank,
+                        FeatureLabelRow.score)
+                 .join(LabelRunRow, FeatureLabelRow.run_id == LabelRunRow.id)
+                 .join(AlignmentMapRow, LabelRunRow.map_id == AlignmentMapRow.id)
+                 .where(FeatureLabelRow.concept_id == concept_id)
+                 .order_by(FeatureLabelRow.score.desc(), LabelRunRow.name, FeatureLabelRow.feature_index)
+                 .limit(limit))
             return [tuple(r) for r in s.execute(q)]
 
     def count_run_labels(self, name: str) -> int:

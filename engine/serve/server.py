@@ -1,0 +1,50 @@
+"""Running the app: the bind rule (loopback, or a token) and uvicorn."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from engine.errors import AtlasError, BadValueError
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` opens nothing beyond this machine (127.0.0.0/8, ::1, localhost)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any address
+
+
+def check_bind(host: str, token: str | None) -> None:
+    """A non-loopback address only with a token: anything reachable from elsewhere checks it."""
+    if not is_loopback(host) and not token:
+        raise BadValueError(
+            f"binding {host} opens the server beyond this machine; give --token (or env ATLAS_TOKEN), "
+            "which every request must then carry, or bind 127.0.0.1"
+        )
+    if token is not None and len(token) < 8:
+        raise BadValueError("the token must be at least 8 characters")
+
+
+def serve(store_dir: str | Path, *, db_url: str | None = None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+          token: str | None = None, log_level: str = "info") -> None:
+    """Open the store and serve it until interrupted."""
+    check_bind(host, token)
+    try:
+        import uvicorn
+
+        from engine.serve.app import create_app
+    except ImportError as e:
+        raise AtlasError(f"`atlas serve` needs the serve extra ({e.name} is missing): "
+                         "pip install 'concept-atlas[serve]'") from None
+    from engine.store.store import Store
+
+    store = Store.open(store_dir, db_url=db_url)
+    app = create_app(store, token=token, loopback_only=is_loopback(host))
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -1,0 +1,64 @@
+"""A real store for the server's tests, and the server itself on a free loopback port (uvicorn in a thread)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from engine.store.store import Store
+
+OTHER_LABELS = ["weather forecast", "stringed instruments", "mammals"]
+
+
+def build_serve_store(root: Path, subject_folder: Path) -> Store:
+    """Atlas ``fdn`` (five concepts) and ``other``; the tiny subject ``subj`` with maps ``m1`` (layer 1) and
+    ``m2`` (layer 2) into ``fdn``; a finished labelling run ``r1`` of 300 subject features through ``m1``."""
+    from test_steering import D
+    from test_steering_plan import D_ATLAS, DESCRIPTIONS, LABELS, _map
+
+    from engine.labelling import run as labelling
+
+    store = Store.init(root / "store")
+    rng = np.random.default_rng(0)
+    store.add_atlas("fdn", rng.normal(size=(len(LABELS), D_ATLAS)).astype(np.float32), LABELS, DESCRIPTIONS,
+                    model="foundation", layer=1, source_kind="matrix", source_ref="fdn-directions.npy",
+                    revision="rev-1")
+    store.add_atlas("other", rng.normal(size=(3, 16)).astype(np.float32), OTHER_LABELS, model="foundation", layer=2)
+    store.add_model("subj", source=str(subject_folder), d_model=D, n_layers=3)
+    store.save_map(_map(1, 1), "m1")
+    store.save_map(_map(2, 2), "m2")
+    feats = root / "feats.npy"
+    np.save(feats, np.random.default_rng(5).normal(size=(300, D)).astype(np.float32))
+    labelling.label_features(store, "m1", str(feats), k=3, name="r1", batch_size=100, quiet=True)
+    return store
+
+
+@contextlib.contextmanager
+def running(app) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on 127.0.0.1 (a free port) in a thread; yields its base URL."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
