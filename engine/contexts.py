@@ -146,10 +146,10 @@ def make_window(text: str, start: int, end: int, window: int) -> tuple[str, int,
     if start < 0 or end < start:
         return text[: 2 * window], 0, -1, -1
     lo, hi = max(0, start - window), min(len(text), end + window)
-    if lo > 0:
+    if lo > 0 and not text[lo - 1].isspace():  # not mid-word
         cut = text.find(" ", lo, start)
         lo = cut + 1 if cut >= 0 else lo
-    if hi < len(text):
+    if hi < len(text) and not text[hi].isspace():
         cut = text.rfind(" ", end, hi)
         hi = cut if cut >= 0 else hi
     return text[lo:hi], lo, start - lo, end - lo
@@ -184,7 +184,8 @@ def top_contexts(
     fingerprint = corpus_fingerprint(texts)
     info = store.atlas(src.atlas)
     scoring = "encoder" if info.has_encoder else "projection"
-    settings = {"top": min(top, info.n_concepts), "window": window, "scoring": scoring}
+    top = min(top, info.n_concepts)
+    settings: dict[str, Any] = {"top": top, "window": window, "scoring": scoring}
     run = store.context_run(src.atlas, src.map)
     if run is not None and not overwrite:
         was = {"top": run.top, "window": run.params.get("window"), "scoring": run.scoring}
@@ -205,7 +206,7 @@ def top_contexts(
         run = None
     if run is None:
         run = store.add_context_run(
-            src.atlas, src.map, corpus=str(corpus), fingerprint=fingerprint, top=settings["top"], n_texts=len(texts),
+            src.atlas, src.map, corpus=str(corpus), fingerprint=fingerprint, top=top, n_texts=len(texts),
             chunk=chunk, scoring=scoring, params={"window": window, "batch_size": batch_size, "model": src.model,
                                                   "layer": src.layer, "hook": src.hook},
         )
@@ -291,11 +292,12 @@ def run_contexts(store: Store, run: ContextRun, texts: Sequence[str], *, quiet: 
 def _scorer(store: Store, info: Any, amap: Any):
     """residuals (n, d) → scores (n, n_concepts); ``-inf`` where a token is no context of a concept."""
     from engine.atlas.encoder import AtlasEncoder
+    from engine.store.layout import DIRECTIONS_KEY
     from engine.util import unit_rows
 
     tensors = store.atlas_tensors(info.name)
     encoder = AtlasEncoder.from_tensors(tensors) if info.has_encoder else None
-    units = None if encoder is not None else unit_rows(store.atlas_vectors(info.name)).astype(np.float32).T
+    units = unit_rows(tensors[DIRECTIONS_KEY]).astype(np.float32).T  # (d, n_concepts)
 
     def score(x: np.ndarray) -> np.ndarray:
         if amap is not None:

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import click
 
-from engine.cli.common import json_option, open_store, print_json, quiet_option, quiet_transformers, store_options
+from engine.cli.common import (
+    json_option,
+    open_store,
+    print_json,
+    quiet_option,
+    quiet_transformers,
+    store_options,
+)
 
 
 def register(cli: click.Group) -> None:
