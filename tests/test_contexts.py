@@ -258,3 +258,23 @@ def test_killed_process_resumes_to_exactly_the_uninterrupted_rows(world):
     clean = store.context_rows(top_contexts(store, "plain", corpus, top=3, chunk=8, batch_size=4, quiet=True,
                                             overwrite=True).id)
     assert resumed == clean
+
+
+def test_cli_json_and_one_line_errors(world):
+    import json
+
+    from click.testing import CliRunner
+
+    from engine.cli import cli
+
+    store, corpus, _ = world
+    st = ["--store", str(store.path), "--quiet"]
+    r = CliRunner().invoke(cli, ["contexts", "map:m1", "--corpus", str(corpus), "--top", str(TOP), "--chunk",
+                                 str(CHUNK), "--batch", str(BATCH), "--window", str(WINDOW), "--json", *st])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert (out["map"], out["atlas"], out["status"], out["n_done"]) == ("m1", "fdn", "done", 40)
+    for args, message in ((["nope"], "no atlas or map named 'nope'"), (["m1", "--top", "0"], "--top must be"),
+                          (["m1", "--top", "2"], "--overwrite replaces them")):
+        r = CliRunner().invoke(cli, ["contexts", *args, "--corpus", str(corpus), *st])
+        assert r.exit_code == 1 and message in r.output and r.output.count("\n") == 1, r.output
