@@ -270,7 +270,7 @@ def test_cli_json_and_one_line_errors(world):
     store, corpus, _ = world
     st = ["--store", str(store.path), "--quiet"]
     r = CliRunner().invoke(cli, ["contexts", "map:m1", "--corpus", str(corpus), "--top", str(TOP), "--chunk",
-                                 str(CHUNK), "--batch", str(BATCH), "--window", str(WINDOW), "--json", *st])
+                                 str(CHUNK), "--batch", str(BATCH), "--window", str(WINDOW), "--overwrite", "--json", *st])
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     assert (out["map"], out["atlas"], out["status"], out["n_done"]) == ("m1", "fdn", "done", 40)
@@ -278,3 +278,18 @@ def test_cli_json_and_one_line_errors(world):
                           (["m1", "--top", "2"], "--overwrite replaces them")):
         r = CliRunner().invoke(cli, ["contexts", *args, "--corpus", str(corpus), *st])
         assert r.exit_code == 1 and message in r.output and r.output.count("\n") == 1, r.output
+
+
+def test_removing_the_map_or_atlas_removes_its_contexts(world):  # last: it removes m1 and sae
+    import sqlite3
+
+    store, corpus, _ = world
+    top_contexts(store, "sae", corpus, top=TOP, chunk=CHUNK, batch_size=BATCH, window=WINDOW, quiet=True)
+    ids = {(r.atlas, r.map): r.id for r in store.context_runs()}
+    assert ("fdn", "m1") in ids and ("sae", None) in ids
+    store.remove_map("m1")
+    store.remove_atlas("sae")
+    assert store.context_run("fdn", "m1") is None and store.context_run("sae") is None
+    with sqlite3.connect(store.path / "atlas.db") as db:
+        left = {r[0] for r in db.execute("SELECT DISTINCT run_id FROM concept_contexts")}
+    assert not left & {ids[("fdn", "m1")], ids[("sae", None)]}
