@@ -18,10 +18,12 @@ OTHER_LABELS = ["weather forecast", "stringed instruments", "mammals"]
 
 def build_serve_store(root: Path, subject_folder: Path) -> Store:
     """Atlas ``fdn`` (five concepts) and ``other``; the tiny subject ``subj`` with maps ``m1`` (layer 1) and
-    ``m2`` (layer 2) into ``fdn``; a finished labelling run ``r1`` of 300 subject features through ``m1``."""
+    ``m2`` (layer 2) into ``fdn``; a finished labelling run ``r1`` of 300 subject features through ``m1``;
+    the top 5 contexts of every ``fdn`` concept through ``m1`` over 24 texts."""
     from test_steering import D
     from test_steering_plan import D_ATLAS, DESCRIPTIONS, LABELS, _map
 
+    from engine.contexts import top_contexts
     from engine.labelling import run as labelling
 
     store = Store.init(root / "store")
@@ -36,7 +38,18 @@ def build_serve_store(root: Path, subject_folder: Path) -> Store:
     feats = root / "feats.npy"
     np.save(feats, np.random.default_rng(5).normal(size=(300, D)).astype(np.float32))
     labelling.label_features(store, "m1", str(feats), k=3, name="r1", batch_size=100, quiet=True)
+    top_contexts(store, "m1", write_context_corpus(root / "corpus.txt"), top=5, chunk=8, batch_size=4, quiet=True)
     return store
+
+
+def write_context_corpus(path: Path, n: int = 24) -> Path:
+    """``n`` short texts of the tiny subject's words, one per line (the corpus of ``m1``'s top contexts)."""
+    from test_steering import WORDS
+
+    rng = np.random.default_rng(7)
+    words = [w for w in WORDS if w not in (".", ",")]
+    path.write_text("\n".join(" ".join(rng.choice(words, size=int(rng.integers(4, 12)))) for _ in range(n)) + "\n")
+    return path
 
 
 @contextlib.contextmanager

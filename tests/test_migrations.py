@@ -10,7 +10,8 @@ from engine.store import migrate
 from engine.store.schema import Base, include_object
 from engine.store.store import make_engine
 
-TABLES = {"models", "atlases", "concepts", "alignment_maps", "label_runs", "feature_labels"}
+TABLES = {"models", "atlases", "concepts", "alignment_maps", "label_runs", "feature_labels", "context_runs",
+          "concept_contexts"}
 
 
 def test_upgrade_downgrade_upgrade(tmp_path):

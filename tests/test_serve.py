@@ -114,6 +114,23 @@ def test_concept_provenance_neighbours_and_labelled_features(client, serve_store
     assert client.get("/api/concepts/other/1/features").json() == []  # no map into that atlas
 
 
+def test_concept_contexts_with_the_token_marked(client, serve_store):
+    [got] = client.get("/api/concepts/fdn/2/contexts").json()
+    [(run, expected)] = serve_store.concept_contexts("fdn", 2)
+    assert (got["map"], got["model"], got["layer"], got["status"], got["n_done"], got["scoring"]) == \
+        ("m1", "subj", 1, "done", 24, "projection")
+    assert [(c["rank"], c["text_index"], c["window"], c["token_start"], c["token_end"]) for c in got["contexts"]] == \
+        [(c.rank, c.text_index, c.window, c.token_start, c.token_end) for c in expected]
+    assert len(expected) == 5 and all(c["window"][c["token_start"]:c["token_end"]] == c["token"] != ""
+                                      for c in got["contexts"])
+    assert [c["activation"] for c in got["contexts"]] == pytest.approx([c.activation for c in expected])
+    assert len(client.get("/api/concepts/fdn/2/contexts", params={"limit": 2}).json()[0]["contexts"]) == 2
+    assert client.get("/api/concepts/other/1/contexts").json() == []  # no run into that atlas
+    assert "has no concept 99" in one_line_error(client.get("/api/concepts/fdn/99/contexts"), 404)
+    one_line_error(client.get("/api/concepts/nope/1/contexts"), 404)
+    assert "limit" in one_line_error(client.get("/api/concepts/fdn/2/contexts", params={"limit": 0}), 422)
+
+
 def test_run_rows_sorted_and_paginated(client, serve_store):
     for order in ("feature", "score", "margin"):
         page = client.get("/api/runs/r1/rows", params={"order": order, "desc": "true", "offset": 100, "limit": 50}).json()
@@ -219,7 +236,8 @@ def test_pages_static_files_and_openapi(client):
     schema = client.get("/openapi.json").json()
     assert set(schema["paths"]) >= {
         "/api/lookup", "/api/atlases", "/api/maps", "/api/concepts/{atlas}/{ordinal}",
-        "/api/concepts/{atlas}/{ordinal}/neighbors", "/api/concepts/{atlas}/{ordinal}/features", "/api/runs",
+        "/api/concepts/{atlas}/{ordinal}/neighbors", "/api/concepts/{atlas}/{ordinal}/features",
+        "/api/concepts/{atlas}/{ordinal}/contexts", "/api/runs",
         "/api/runs/{name}", "/api/runs/{name}/rows", "/api/runs/{name}/export", "/api/explain", "/api/steer"}
     assert "/" not in schema["paths"]
 

@@ -91,6 +91,24 @@ def test_search_then_concept_then_its_labelled_features(page, shots):
     assert "/runs/r1" in page.url
 
 
+def test_concept_page_shows_top_contexts_with_the_token_highlighted(page, base_url):
+    import httpx
+
+    [api] = httpx.get(base_url + "/api/concepts/fdn/2/contexts").json()
+    page.goto("/c/fdn/2")
+    block = page.locator("details.contexts[data-source='map:m1']")
+    block.locator("li.ctx mark.ctx-tok").first.wait_for()
+    items = block.locator("li.ctx")
+    assert items.count() == len(api["contexts"]) == 5
+    assert block.locator("mark.ctx-tok").all_inner_texts() == [c["token"] for c in api["contexts"]]
+    first = api["contexts"][0]
+    assert items.first.locator(".ctx-text").inner_text() == ("…" if first["window_start"] > 0 else "") + first["window"]
+    assert "m1" in block.locator("summary").inner_text()
+    page.goto("/c/other/1")
+    page.wait_for_selector("#label")
+    assert "atlas contexts other --corpus FILE" in page.inner_text("main")
+
+
 def test_run_page_sorts_and_pages(page, shots):
     page.goto("/runs/r1")
     page.wait_for_selector("#rows tr.run-row")

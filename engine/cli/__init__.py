@@ -46,6 +46,7 @@ _COMMAND_MODULES = [
     "engine.cli.store_cmds",
     "engine.cli.align_cmds",
     "engine.cli.label_cmds",
+    "engine.cli.contexts_cmds",
     "engine.cli.steer_cmds",
     "engine.cli.demo_cmds",
     "engine.cli.world_cmds",

@@ -47,6 +47,7 @@ MAX_TEXT = 8_000  # characters of a text to explain (a few pages; one forward pa
 MAX_PROMPT = 2_000
 MAX_K = 100
 MAX_PAGE = 1_000  # run rows per page
+MAX_CONTEXTS = 1_000  # windows per concept and source (`atlas contexts --top` is at most this)
 MAX_ORDINAL = 2**31 - 1
 STRENGTH_RANGE = 10.0  # |strength| in units of the site's typical residual norm; 1 already hurts fluency
 PPL_GUARD = 2.0  # steered perplexity above this × unsteered is flagged (engine.steering.faithfulness's bound)
@@ -280,6 +281,17 @@ def create_app(store: Store | str | Path, *, db_url: str | None = None, token: s
                         "features": [{"run": r, "feature": f, "rank": rank, "score": score}
                                      for r, map_name, f, rank, score in rows if map_name == m.name]})
         return out
+
+    @app.get("/api/concepts/{atlas}/{ordinal}/contexts", tags=["concepts"],
+             summary="Top activating text windows of the concept, per model that read the corpus (`atlas contexts`)")
+    def concept_contexts(atlas: Name, ordinal: Ordinal,
+                         limit: Annotated[int, Query(ge=1, le=MAX_CONTEXTS)] = 20) -> list[dict[str, Any]]:
+        the_store.concept(ordinal, atlas)  # 404 for an unknown concept
+        return [{"source": run.source, "atlas": run.atlas, "map": run.map, "model": run.model,
+                 "layer": run.params.get("layer"), "hook": run.params.get("hook"), "corpus": run.corpus,
+                 "scoring": run.scoring, "status": run.status, "n_done": run.n_done, "n_texts": run.n_texts,
+                 "top": run.top, "contexts": [to_plain(c) | {"token": c.token} for c in found]}
+                for run, found in the_store.concept_contexts(atlas, ordinal, limit=limit)]
 
     # ------------------------------------------------------------------ runs
 

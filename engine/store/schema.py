@@ -167,3 +167,44 @@ class FeatureLabelRow(Base):
     # indexed: removing concepts cascades here, and "which features carry this concept" reads it
     concept_id: Mapped[int] = mapped_column(ForeignKey("concepts.id", ondelete="CASCADE"), index=True)
     score: Mapped[float] = mapped_column(Float)
+
+
+class ContextRunRow(Base):
+    """A pass of a corpus through an atlas's model (or a map's subject model) that keeps, per concept,
+    the top activating text windows (`engine.contexts`); resumable, one per atlas or map."""
+
+    __tablename__ = "context_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    atlas_id: Mapped[int] = mapped_column(ForeignKey("atlases.id", ondelete="CASCADE"), index=True)
+    # None: the atlas's own model at its site; else the map's subject model, mapped into the atlas
+    map_id: Mapped[int | None] = mapped_column(ForeignKey("alignment_maps.id", ondelete="CASCADE"), index=True)
+    corpus: Mapped[str] = mapped_column(Text)  # the corpus file as given
+    corpus_fingerprint: Mapped[str] = mapped_column(String(64))
+    top: Mapped[int] = mapped_column(Integer)
+    n_texts: Mapped[int] = mapped_column(Integer)
+    n_done: Mapped[int] = mapped_column(Integer, default=0)
+    chunk: Mapped[int] = mapped_column(Integer)  # texts per commit: the unit of resume
+    scoring: Mapped[str] = mapped_column(String(20))  # encoder | projection
+    status: Mapped[str] = mapped_column(String(20), default="pending")  # pending|running|done|failed|interrupted
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+
+class ConceptContextRow(Base):
+    """One of a concept's top text windows in a context run; (run, ordinal, rank) is unique."""
+
+    __tablename__ = "concept_contexts"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("context_runs.id", ondelete="CASCADE"), primary_key=True)
+    ordinal: Mapped[int] = mapped_column(Integer, primary_key=True)  # the concept's row in its atlas
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)  # 1 = highest activation
+    activation: Mapped[float] = mapped_column(Float)
+    text_index: Mapped[int] = mapped_column(Integer)  # the text's row in the corpus
+    position: Mapped[int] = mapped_column(Integer)  # the token's position in the model's input
+    window: Mapped[str] = mapped_column(Text)  # the text around the token
+    window_start: Mapped[int] = mapped_column(Integer)  # character offset of the window in the text
+    token_start: Mapped[int] = mapped_column(Integer)  # the token's character span in the window (-1: unknown)
+    token_end: Mapped[int] = mapped_column(Integer)

@@ -134,10 +134,11 @@ async function runSearch(q, atlas, where) {
 // ------------------------------------------------------------------ concept
 
 async function conceptPage(atlas, ordinal) {
-  const [c, neigh, feats] = await Promise.all([
+  const [c, neigh, feats, ctxs] = await Promise.all([
     api(`/api/concepts/${enc(atlas)}/${ordinal}`),
     api(`/api/concepts/${enc(atlas)}/${ordinal}/neighbors?k=10`),
     api(`/api/concepts/${enc(atlas)}/${ordinal}/features?limit=200`),
+    api(`/api/concepts/${enc(atlas)}/${ordinal}/contexts?limit=20`),
   ]);
   const p = c.provenance;
   const prov = el("dl", { class: "prov" },
@@ -160,8 +161,31 @@ async function conceptPage(atlas, ordinal) {
     table(["#", "concept", "cosine"], neigh.map((h) => el("tr", {},
       el("td", { class: "num", text: h.rank }), el("td", {}, el("a", { href: conceptHref(h.atlas, h.ordinal), text: h.label })),
       el("td", { class: "num", text: fmt(h.score, 4) }))), { id: "neighbours" }),
+    el("h2", { text: "Top contexts" }), ...contextsBlock(ctxs, atlas),
     el("h2", { text: "Labelled subject features" }), ...mapsBlock,
   );
+}
+
+// A concept's top windows per model that read a corpus, the activating token marked. Offsets count
+// Unicode code points (Python's str), so the window is split as code points, not UTF-16 units.
+function contextsBlock(runs, atlas) {
+  if (!runs.length) {
+    return [el("p", { class: "muted" }, "None computed yet: ", el("code", { text: `atlas contexts ${atlas} --corpus FILE` }),
+      " (or a map into this atlas) stores them.")];
+  }
+  return runs.map((r) => el("details", { class: "contexts", open: true, "data-source": r.map ? "map:" + r.map : "atlas:" + r.atlas },
+    el("summary", { title: r.corpus, text: `${r.map ? `Through map ${r.map}: ` : ""}${r.model} layer ${r.layer}, ${r.corpus.split(/[\\/]/).pop()} `
+      + `(${r.n_done}/${r.n_texts} texts, ${r.status}), by ${r.scoring === "encoder" ? "SAE activation" : "projection"}` }),
+    r.contexts.length ? el("ol", { class: "ctx-list" }, r.contexts.map((c) => {
+      const cps = Array.from(c.window);
+      const marked = c.token_start >= 0 && c.token_end > c.token_start;
+      const text = marked ? [cps.slice(0, c.token_start).join(""),
+        el("mark", { class: "ctx-tok", text: cps.slice(c.token_start, c.token_end).join("") }),
+        cps.slice(c.token_end).join("")] : [c.window];
+      return el("li", { class: "ctx", "data-text": c.text_index },
+        el("span", { class: "num ctx-act", text: fmt(c.activation) }),
+        el("span", { class: "ctx-text" }, c.window_start > 0 ? "…" : "", text));
+    })) : el("p", { class: "muted", text: "No text of the corpus activates it." })));
 }
 
 // ------------------------------------------------------------------ run
