@@ -60,6 +60,14 @@ def parse_spec(spec: str) -> tuple[str, dict[str, int]]:
     return factory, out
 
 
+def faiss_reason(e: BaseException) -> str:
+    """The part of a FAISS error that says what failed, on one line (its messages carry C++
+    signatures and source locations)."""
+    text = " ".join(str(e).split())
+    m = re.search(r"failed: (.+)$", text) or re.search(r"at \S+:\d+: (?:Error: )?(.+)$", text)
+    return (m.group(1) if m else text)[:200]
+
+
 def _inner(index: faiss.Index) -> faiss.Index:
     return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
 
@@ -74,7 +82,7 @@ class FaissIndex(VectorIndex):
         try:
             base = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as e:
-            raise IndexSpecError(f"FAISS cannot build index spec {factory!r} for dim {dim}: {e}") from None
+            raise IndexSpecError(f"FAISS cannot build index spec {factory!r} for dim {dim}: {faiss_reason(e)}") from None
         self._index = base if factory.startswith("IVF") else faiss.IndexIDMap2(base)
         self._apply_search_params()
 
@@ -90,7 +98,7 @@ class FaissIndex(VectorIndex):
             try:
                 ps.set_index_parameter(self._index, key, value)
             except RuntimeError as e:
-                raise IndexSpecError(f"index {self.spec!r} has no search parameter {key!r}: {e}") from None
+                raise IndexSpecError(f"index {self.spec!r} has no search parameter {key!r} ({faiss_reason(e)})") from None
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         x = np.ascontiguousarray(vectors, dtype=np.float32)

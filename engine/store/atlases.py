@@ -15,7 +15,6 @@ asked to cascade; it deletes rows with one set-based statement per table.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from engine.store.base import StoreBase
 from engine.store.models import get_or_create_model
 from engine.store.schema import AlignmentMapRow, AtlasRow, ConceptRow, FeatureLabelRow, LabelRunRow, ModelRow
 from engine.util import check_k, check_name, sha256_bytes, unit_rows, utcnow, write_store_file
+from indexes.faiss_backend import faiss_reason
 from indexes.policy import resolve_index_spec
 
 MAX_ORDINAL = 2**63 - 1  # concept ordinals are SQLite INTEGERs
@@ -418,7 +418,7 @@ class AtlasesMixin(StoreBase):
         """
         self.check_writable()
         info = self.atlas(name)
-        spec = resolve_index_spec(spec or info.index_spec, info.n_concepts, info.dim)
+        spec = resolve_index_spec(info.index_spec if spec is None else spec, info.n_concepts, info.dim)
         with self.read_session() as s:
             vec_sha = self._atlas_row(s, name).vector_sha256
         index = build_index(self.atlas_vectors(name), spec)  # normalises the rows (once: results identical)
@@ -550,13 +550,6 @@ def _new_index(dim: int, spec: str) -> indexes.VectorIndex:
         raise BadValueError(f"{e}; {SPEC_HINT}") from None
 
 
-def _faiss_reason(e: Exception) -> str:
-    """The one line of a FAISS error that says what failed (its messages carry C++ signatures)."""
-    text = " ".join(str(e).split())
-    m = re.search(r"failed: (.+)$", text) or re.search(r"Error: (.+)$", text)
-    return (m.group(1) if m else text)[:200]
-
-
 def build_index(x: np.ndarray, spec: str) -> indexes.VectorIndex:
     """An index of ``spec`` over the rows of ``x`` scaled to unit norm (ids = row numbers), built in
     memory and checked.
@@ -575,7 +568,7 @@ def build_index(x: np.ndarray, spec: str) -> indexes.VectorIndex:
         _, ids = index.search(probe, min(n, 5))
     except (RuntimeError, ValueError) as e:
         raise BadValueError(f"index spec {spec!r} does not work on {n} vectors of dim {d} "
-                            f"({_faiss_reason(e)}); {SPEC_HINT}") from None
+                            f"({faiss_reason(e)}); {SPEC_HINT}") from None
     if index.count() != n or (ids < 0).all(axis=1).any():
         raise BadValueError(f"index spec {spec!r} built an index that does not find the atlas's own vectors; "
                             f"{SPEC_HINT}")
