@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 
 from engine.errors import BadNameError, BadValueError, ReadOnlyStoreError
-from indexes.base import write_atomic
+from indexes.base import failpoint, write_atomic
 
 __all__ = ["check_k", "check_name", "corpus_fingerprint", "sha256_bytes", "to_plain", "unit_rows", "utcnow",
-           "write_atomic", "write_store_file"]
+           "failpoint", "write_atomic", "write_store_file"]
 
 MAX_NAME = 200  # characters, and bytes in UTF-8: a name plus its suffixes stays under NAME_MAX (255)
 NAME_RULE = (f"use letters, digits, '-', '_' or '.', not starting with '.', "

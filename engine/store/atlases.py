@@ -39,7 +39,7 @@ from engine.store import layout
 from engine.store.base import StoreBase
 from engine.store.models import get_or_create_model
 from engine.store.schema import AlignmentMapRow, AtlasRow, ConceptRow, FeatureLabelRow, LabelRunRow, ModelRow
-from engine.util import check_k, check_name, sha256_bytes, unit_rows, utcnow, write_store_file
+from engine.util import check_k, check_name, failpoint, sha256_bytes, unit_rows, utcnow, write_store_file
 from indexes.faiss_backend import faiss_reason
 from indexes.policy import resolve_index_spec
 
@@ -210,9 +210,10 @@ class AtlasesMixin(StoreBase):
         vec_rel, idx_rel = layout.vector_file(name, token), layout.index_file(name, token)
         written: list[Path] = []  # only this write's own files: a failure removes them and nothing else
         try:
-            for rel, data in ((vec_rel, vec_bytes), (idx_rel, idx_bytes)):
+            for step, rel, data in (("vectors", vec_rel, vec_bytes), ("index", idx_rel, idx_bytes)):
                 written.append(self.path / rel)
                 write_store_file(self.path / rel, data)
+                failpoint(f"add_atlas.{step}_written")
             rows: list[dict[str, Any]] = [
                 dict(
                     ordinal=i, label=str(labels[i]) if labels[i] not in (None, "") else str(i),
@@ -243,6 +244,7 @@ class AtlasesMixin(StoreBase):
                     for r in rows:
                         r["atlas_id"] = atlas.id
                     s.execute(insert(ConceptRow), rows)
+                    failpoint("add_atlas.before_commit")
             except IntegrityError:  # another database than SQLite: the unique name decides
                 raise DuplicateError(f"an atlas named {name!r} exists (written while this import ran); "
                                      "pick another --name or remove it first") from None
@@ -319,6 +321,7 @@ class AtlasesMixin(StoreBase):
             s.execute(delete(AlignmentMapRow).where(AlignmentMapRow.atlas_id == row.id))
             s.execute(delete(ConceptRow).where(ConceptRow.atlas_id == row.id))
             s.execute(delete(AtlasRow).where(AtlasRow.id == row.id))
+        failpoint("remove_atlas.committed")
         for f in files:
             (self.path / f).unlink(missing_ok=True)
         self._indexes = {k: v for k, v in self._indexes.items() if k[0] != name}
@@ -425,6 +428,7 @@ class AtlasesMixin(StoreBase):
         data = index.to_bytes()
         rel = layout.index_file(name, layout.new_token())
         write_store_file(self.path / rel, data)
+        failpoint("rebuild.file_written")
         try:
             with self.session() as s:
                 row = self._atlas_row(s, name)
@@ -436,6 +440,7 @@ class AtlasesMixin(StoreBase):
         except BaseException:
             (self.path / rel).unlink(missing_ok=True)
             raise
+        failpoint("rebuild.committed")
         if old != rel:
             (self.path / old).unlink(missing_ok=True)
         self._indexes = {k: v for k, v in self._indexes.items() if k[0] != name}

@@ -6,8 +6,11 @@ failed before its commit, or an old file a replacement was killed before removin
 which process wrote them (`engine.store.layout`), so a leftover can be told from a file a running
 writer has not committed yet:
 
-- *in progress*: its writer is alive on this host; never removed (the write may still commit);
-- *orphan*: its writer is gone; nothing can claim it any more; removed by `gc`;
+- *in progress*: its writer is alive on this host and the file is younger than the grace period
+  (24 hours by default); never removed (the write may still commit);
+- *orphan*: its writer is gone, so nothing can claim it any more; removed by `gc`;
+- *stale*: its writer is alive but the file is older than the grace period (an old file a
+  long-lived process wrote and a later replacement, killed, did not remove); removed by `gc`;
 - *unknown*: the name does not say (older stores, foreign files); removed by `gc` once it is
   older than the grace period.
 
@@ -43,7 +46,7 @@ class Leftover:
     size: int
     age_s: float
     writer_pid: int | None
-    state: str  # "in progress" | "orphan" | "unknown"
+    state: str  # "in progress" | "orphan" | "stale" | "unknown"
     removable: bool
 
 
@@ -117,7 +120,7 @@ class FilesMixin(AtlasesMixin, MapsMixin, StoreBase):
             if rel in claimed:
                 continue
             if alive:
-                state, removable = "in progress", False
+                state, removable = ("stale", True) if age > grace_s else ("in progress", False)
             elif pid is not None:
                 state, removable = "orphan", True
             else:

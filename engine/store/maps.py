@@ -27,7 +27,7 @@ from engine.store import layout
 from engine.store.atlases import Dependents, Removal, _dependents
 from engine.store.base import StoreBase
 from engine.store.schema import AlignmentMapRow, AtlasRow, FeatureLabelRow, LabelRunRow, ModelRow
-from engine.util import check_name, write_store_file
+from engine.util import check_name, failpoint, write_store_file
 
 if TYPE_CHECKING:
     from engine.align.map import AlignmentMap
@@ -88,6 +88,7 @@ class MapsMixin(StoreBase):
         old_file = None
         try:
             write_store_file(path, data)
+            failpoint("save_map.file_written")
             with self.session() as s:
                 model, atlas, row = self._map_targets(s, amap, name, overwrite)
                 if row is None:
@@ -108,6 +109,7 @@ class MapsMixin(StoreBase):
         except BaseException:
             path.unlink(missing_ok=True)
             raise
+        failpoint("save_map.committed")
         if old_file is not None and old_file != rel:
             (self.path / old_file).unlink(missing_ok=True)
         return self.map_info(name)
@@ -201,6 +203,7 @@ class MapsMixin(StoreBase):
             s.execute(delete(FeatureLabelRow).where(FeatureLabelRow.run_id.in_(run_ids)))
             s.execute(delete(LabelRunRow).where(LabelRunRow.map_id == row.id))
             s.execute(delete(AlignmentMapRow).where(AlignmentMapRow.id == row.id))
+        failpoint("remove_map.committed")
         (self.path / rel).unlink(missing_ok=True)
         return Removal(atlases=[], maps=[name], runs=deps.runs, n_labels=deps.n_labels, files=[rel])
 

@@ -34,7 +34,7 @@ from sqlalchemy.exc import IntegrityError
 from engine.errors import AtlasError, DuplicateError, NotFoundError
 from engine.store.base import StoreBase
 from engine.store.schema import AlignmentMapRow, AtlasRow, ConceptRow, FeatureLabelRow, LabelRunRow
-from engine.util import check_name, utcnow
+from engine.util import check_name, failpoint, utcnow
 
 _RUNS = cast(Table, LabelRunRow.__table__)  # Core UPDATEs on the run row (the batch commit, status)
 
@@ -211,6 +211,8 @@ class RunsMixin(StoreBase):
                     conn.exec_driver_sql(_insert_sql(conn.dialect.paramstyle), rows)
                 except IntegrityError:
                     raise RunConflictError(f"another process wrote this run's features from {lo}; stopped") from None
+            failpoint("label.batch_before_commit")
+        failpoint("label.batch_committed")
 
     def _set_status(self, run_id: int, status: str, **fields: Any) -> None:
         with self.engine.begin() as conn:
