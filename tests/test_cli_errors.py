@@ -232,10 +232,11 @@ def test_a_database_from_a_newer_version_is_one_line(env):
         assert _one_line_error(r) and "ffff-future" in r.output, (args, r.output, r.exception)
 
 
-def _run_cli_readonly(root: Path, args_list):
-    """Run CLI commands in subprocesses on the store ``root`` made read-only: permission bits for a
-    normal user; as root (whom permission bits do not stop) a read-only bind mount in a private
-    mount namespace (`unshare -m`), gone with the process."""
+def _run_cli_readonly(root: Path, args_list, folder: str = ""):
+    """Run CLI commands in subprocesses on the store ``root`` (or only its ``folder``) made
+    read-only: permission bits for a normal user; as root (whom permission bits do not stop) a
+    read-only bind mount in a private mount namespace (`unshare -m`), gone with the process."""
+    target = root / folder if folder else root
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(repo), "ATLAS_QUIET": "1"}
     results = []
@@ -244,12 +245,12 @@ def _run_cli_readonly(root: Path, args_list):
             pytest.skip("running as root without mount namespaces: no way to make the store read-only")
         for args in args_list:
             cli_cmd = shlex.join([sys.executable, "-m", "engine.cli", *args, "--store", str(root)])
-            script = (f"mount --make-rprivate / && mount --bind -o ro {shlex.quote(str(root))} "
-                      f"{shlex.quote(str(root))} && exec {cli_cmd}")
+            script = (f"mount --make-rprivate / && mount --bind -o ro {shlex.quote(str(target))} "
+                      f"{shlex.quote(str(target))} && exec {cli_cmd}")
             results.append(subprocess.run(["unshare", "-m", "sh", "-c", script], env=env, capture_output=True,
                                           text=True, timeout=120))
         return results
-    paths = [root, *root.rglob("*")]
+    paths = [target, *target.rglob("*")]
     modes = {p: p.stat().st_mode for p in paths}
     try:
         for p in paths:
@@ -287,3 +288,18 @@ def test_a_read_only_store_reads_and_refuses_writes_in_one_line(env):
         assert "read-only" in err or "Read-only" in err, (args, err)
     with Store.open(root) as s:  # nothing changed
         assert [a.name for a in s.atlases()] == expected and [r.name for r in s.runs()] == ["r1"]
+
+
+@pytest.mark.parametrize("folder", ["vectors", "indexes"])
+def test_a_read_only_store_folder_refuses_writes_in_one_line(env, folder):
+    root, tmp = env
+    feats = str(tmp / "feats.npy")
+    reads = [("atlases",), ("neighbors", "g/1", "-k", "3")]
+    writes = [("import-sae", feats, "--model", "x", "--layer", "1", "--name", "a4"), ("index", "rebuild", "g")]
+    results = _run_cli_readonly(root, reads + writes, folder)
+    for args, r in zip(reads, results[: len(reads)]):
+        assert r.returncode == 0, (args, r.stderr)
+    for args, r in zip(writes, results[len(reads):]):
+        err = r.stderr.strip()
+        assert r.returncode == 1 and err.startswith("Error: ") and len(err.splitlines()) == 1, (args, err)
+        assert "read-only" in err, (args, err)
