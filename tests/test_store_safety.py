@@ -194,3 +194,14 @@ def test_an_atlas_named_x_labels_leaves_x_s_label_index_alone(store):
     assert not (store.path / label_file).exists() and store.verify().ok
     store.remove_atlas("X")
     assert store.verify().ok and not store.leftovers()
+
+
+def test_verify_checks_map_files(labelled_store):
+    s = labelled_store
+    path = s.path / s.map_info("m").file
+    data = path.read_bytes()
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    report = s.verify()
+    assert not report.ok and any("map m" in p and "checksum" in p for p in report.problems)
+    path.unlink()
+    assert any("missing" in p for p in s.verify().problems)

@@ -34,6 +34,7 @@ from engine.store.base import StoreBase
 from engine.store.maps import MapsMixin
 from engine.store.runs import process_alive
 from engine.store.schema import AlignmentMapRow, AtlasRow
+from engine.util import sha256_bytes
 
 GC_GRACE_S = 24 * 3600.0  # files whose writer cannot be told are kept this long
 
@@ -144,11 +145,13 @@ class FilesMixin(AtlasesMixin, MapsMixin, StoreBase):
         names = [atlas] if atlas else [a.name for a in self.atlases()]
         statuses = [self.verify_index(n) for n in names]
         maps: list[MapFileStatus] = []
-        if atlas is None:
+        if atlas is None:  # map files against their checksums (without loading them: no torch)
             for m in self.maps():
+                fix = "refit it with `atlas align`, or `atlas map remove` it"
                 try:
-                    self.load_map(m.name)
-                    maps.append(MapFileStatus(m.name, True, None))
-                except Exception as e:  # a missing or damaged file: reported, not raised
-                    maps.append(MapFileStatus(m.name, False, str(e)))
+                    ok = sha256_bytes((self.path / m.file).read_bytes()) == m.sha256
+                    problem = None if ok else f"the file of map {m.name!r} ({m.file}) does not match its checksum; {fix}"
+                except FileNotFoundError:
+                    problem = f"the file of map {m.name!r} is missing ({m.file}); {fix}"
+                maps.append(MapFileStatus(m.name, problem is None, problem))
         return StoreReport(statuses, maps, self.leftovers(grace_s) if atlas is None else [])
