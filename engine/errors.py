@@ -63,3 +63,19 @@ class SiteMismatchError(AtlasError):
 
 class ArchitectureError(AtlasError):
     """A model's architecture is not known to the layer resolver."""
+
+
+class StoreBusyError(AtlasError):
+    """Another process held the store database's write lock for longer than the busy timeout."""
+
+
+class StoreCorruptError(AtlasError):
+    """The store database is not a readable SQLite database (garbage, truncated, damaged)."""
+
+
+class ReadOnlyStoreError(AtlasError):
+    """A write was asked of a store whose database or folders cannot be written."""
+
+
+class InUseError(AtlasError):
+    """An object cannot be removed while others depend on it (maps on an atlas, runs on a map)."""

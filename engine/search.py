@@ -137,6 +137,7 @@ def explain(
     from engine.models.activations import collect
     from engine.models.loading import load_registered
 
+    check_k(k)  # before the model loads: a bad k is said at once
     if model is None or tokenizer is None:
         model, tokenizer = load_registered(store, amap.subject_model)
     batches = list(collect(model, tokenizer, [text], [amap.subject_layer], site=amap.subject_hook,

@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from engine.errors import BadNameError, BadValueError
-from indexes.base import write_atomic
+from engine.errors import BadNameError, BadValueError, ReadOnlyStoreError
+from indexes.base import failpoint, write_atomic
 
 __all__ = ["check_k", "check_name", "corpus_fingerprint", "sha256_bytes", "to_plain", "unit_rows", "utcnow",
-           "write_atomic"]
+           "failpoint", "write_atomic", "write_store_file"]
 
 MAX_NAME = 200  # characters, and bytes in UTF-8: a name plus its suffixes stays under NAME_MAX (255)
 NAME_RULE = (f"use letters, digits, '-', '_' or '.', not starting with '.', "
@@ -42,6 +42,16 @@ def check_name(name: str, what: str) -> None:
     )
     if not ok:
         raise BadNameError(f"bad {what} name {name!r}: {NAME_RULE}")
+
+
+def write_store_file(path: Path, data: bytes) -> None:
+    """`write_atomic` for a store's own files: a folder that cannot be written (read-only,
+    permissions, disk full) is a one-line `ReadOnlyStoreError` naming the folder, not a traceback."""
+    try:
+        write_atomic(path, data)
+    except OSError as e:
+        raise ReadOnlyStoreError(f"cannot write {path} ({e.strerror or e}); the store's folder "
+                                 f"{path.parent} must be writable (and the disk not full)") from None
 
 
 def sha256_bytes(data: bytes) -> str:

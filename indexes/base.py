@@ -69,19 +69,63 @@ class VectorIndex(ABC):
         return q
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+FAILPOINT_ENV = "ATLAS_FAILPOINT"
+
+
+def failpoint(name: str) -> None:
+    """Kill this process (SIGKILL: no cleanup, like a power cut) when ``$ATLAS_FAILPOINT`` is
+    ``name``. Writers call it between the steps of their write order, so the fault-injection tests
+    (tests/test_faults.py) can stop a write at every step boundary; unset, it costs one lookup."""
+    if os.environ.get(FAILPOINT_ENV) == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def file_mode() -> int:
+    """The mode of every file written here: ``0o666`` minus the process umask (what ``open`` gives)."""
     try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # no /proc: read the umask by setting it (and back at once)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one.
+
+    The temporary file is ``.<pid>.<random>.tmp`` in the same folder (its writer is in its name, so
+    a leftover of a killed writer can be told from a file being written); the file gets the mode
+    ``open`` would give it (`file_mode`: the umask applies), like the SQLite database beside it.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        failpoint("write_atomic.before_rename")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    try:  # the rename itself durable before anything (a database row) refers to the file
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
 
 
 _BACKENDS: dict[str, type[VectorIndex]] = {}

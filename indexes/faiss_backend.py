@@ -8,6 +8,8 @@ optionally followed by search-time parameters after a ``|``: ``HNSW32|efSearch=1
 
 from __future__ import annotations
 
+import re
+
 import faiss
 import numpy as np
 
@@ -17,16 +19,53 @@ from indexes.base import IndexCorruptError, IndexSpecError, VectorIndex, registe
 DEFAULT_SEARCH_PARAMS = {"HNSW": {"efSearch": 128}, "IVF": {"nprobe": 32}}
 
 
+INT_MAX = 2**31 - 1  # FAISS keeps these numbers in C ints: larger ones wrap around
+# Search parameters that must be at least 1 (0 makes HNSW return one hit, IVF raise on every search).
+POSITIVE_PARAMS = ("efSearch", "efConstruction", "nprobe")
+# Structures whose number is a graph degree: FAISS asserts (aborts the process) or crashes below 2.
+_GRAPH_DEGREE = re.compile(r"(HNSW|NSG)(\d+)")
+
+
 def parse_spec(spec: str) -> tuple[str, dict[str, int]]:
-    """Split ``"HNSW32|efSearch=64"`` into the factory string and search parameters."""
+    """Split ``"HNSW32|efSearch=64"`` into the factory string and search parameters.
+
+    Numbers FAISS would take without complaint and then crash or misbehave on are refused here,
+    before FAISS sees them: any number in the factory string below 1 (``IVF0``), an HNSW or NSG
+    degree below 2 (``HNSW0`` aborts the process, ``HNSW1`` crashes it), an ``efSearch``,
+    ``efConstruction`` or ``nprobe`` below 1, and numbers beyond a C int.
+    """
+    if not isinstance(spec, str):
+        raise IndexSpecError(f"an index spec is a string, got {spec!r}")
     factory, _, params = spec.partition("|")
+    factory = factory.strip()
+    if not factory:
+        raise IndexSpecError(f"empty index spec {spec!r}")
+    for number in re.findall(r"\d+", factory):
+        if not 1 <= int(number) <= INT_MAX:
+            raise IndexSpecError(f"index spec {spec!r}: every number in it must be between 1 and {INT_MAX}")
+    for kind, degree in _GRAPH_DEGREE.findall(factory):
+        if int(degree) < 2:
+            raise IndexSpecError(f"index spec {spec!r}: {kind} needs a degree of at least 2 (e.g. {kind}32)")
     out: dict[str, int] = {}
     for item in filter(None, (p.strip() for p in params.split(","))):
         key, eq, value = item.partition("=")
-        if not eq or not value.strip().isdigit():
+        key = key.strip()
+        if not eq or not value.strip().isdigit() or not key:
             raise IndexSpecError(f"bad search parameter {item!r} in index spec {spec!r} (want name=int)")
-        out[key.strip()] = int(value)
-    return factory.strip(), out
+        v = int(value)
+        low = 1 if key in POSITIVE_PARAMS else 0
+        if not low <= v <= INT_MAX:
+            raise IndexSpecError(f"search parameter {key}={v} in index spec {spec!r} must be between {low} and {INT_MAX}")
+        out[key] = v
+    return factory, out
+
+
+def faiss_reason(e: BaseException) -> str:
+    """The part of a FAISS error that says what failed, on one line (its messages carry C++
+    signatures and source locations)."""
+    text = " ".join(str(e).split())
+    m = re.search(r"failed: (.+)$", text) or re.search(r"at \S+:\d+: (?:Error: )?(.+)$", text)
+    return (m.group(1) if m else text)[:200]
 
 
 def _inner(index: faiss.Index) -> faiss.Index:
@@ -43,7 +82,7 @@ class FaissIndex(VectorIndex):
         try:
             base = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as e:
-            raise IndexSpecError(f"FAISS cannot build index spec {factory!r} for dim {dim}: {e}") from None
+            raise IndexSpecError(f"FAISS cannot build index spec {factory!r} for dim {dim}: {faiss_reason(e)}") from None
         self._index = base if factory.startswith("IVF") else faiss.IndexIDMap2(base)
         self._apply_search_params()
 
@@ -59,7 +98,7 @@ class FaissIndex(VectorIndex):
             try:
                 ps.set_index_parameter(self._index, key, value)
             except RuntimeError as e:
-                raise IndexSpecError(f"index {self.spec!r} has no search parameter {key!r}: {e}") from None
+                raise IndexSpecError(f"index {self.spec!r} has no search parameter {key!r} ({faiss_reason(e)})") from None
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         x = np.ascontiguousarray(vectors, dtype=np.float32)

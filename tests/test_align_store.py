@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -33,7 +35,8 @@ def populated(store):
 def test_save_load_list(populated):
     amap = _fit()
     info = populated.save_map(amap, "m1")
-    assert (populated.path / info.file).is_file() and info.file == "maps/m1.safetensors"
+    # a file name this save owns: maps/<name>@<pid>-<token>.safetensors (docs/design.md §3)
+    assert (populated.path / info.file).is_file() and re.fullmatch(r"maps/m1@\d+-[0-9a-f]{12}\.safetensors", info.file)
     assert (info.subject_model, info.subject_layer, info.atlas, info.atlas_layer) == ("subj", 1, "atl", 2)
     assert info.n_pairs == 500 and info.pairing == "span" and info.corpus_fingerprint == "f" * 64
     assert info.heldout_r2 == pytest.approx(amap.metrics["heldout_r2"])
@@ -47,10 +50,10 @@ def test_save_load_list(populated):
 
 
 def test_names_and_overwrite(populated):
-    populated.save_map(_fit(), "m1")
+    first = populated.save_map(_fit(), "m1")
     with pytest.raises(DuplicateError, match="--overwrite"):
         populated.save_map(_fit(seed=1), "m1")
-    old_file = populated.path / "maps/m1.safetensors"
+    old_file = populated.path / first.file
     info = populated.save_map(_fit(seed=1, method="ridge"), "m1", overwrite=True)
     assert info.method == "ridge" and not old_file.exists() and (populated.path / info.file).is_file()
     assert len(list((populated.path / "maps").iterdir())) == 1

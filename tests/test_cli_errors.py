@@ -7,6 +7,14 @@ own usage errors (a value outside a `Choice`, a missing argument) keep click's e
 
 from __future__ import annotations
 
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -29,7 +37,49 @@ def env(tmp_path, store, saelens_folder):
     store.save_map(amap, "m")
     np.save(tmp_path / "feats.npy", rng.normal(size=(5, 8)).astype(np.float32))
     (tmp_path / "corpus.txt").write_text("one text\nanother text\n")
+    from engine.labelling.run import label_features
+
+    label_features(store, "m", str(tmp_path / "feats.npy"), k=3, name="r1", quiet=True)
+    _bad_inputs(tmp_path, saelens_folder)
     return store.path, tmp_path
+
+
+def _bad_inputs(tmp, saelens_folder):
+    """Input files each wrong in one way (the import cases below)."""
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    rng = np.random.default_rng(3)
+    np.save(tmp / "strings.npy", np.array([["a", "b"], ["c", "d"]]))
+    np.save(tmp / "complex.npy", (rng.normal(size=(4, 8)) + 1j).astype(np.complex64))
+    zero = rng.normal(size=(4, 8)).astype(np.float32)
+    zero[2] = 0
+    np.save(tmp / "zero-row.npy", zero)
+    np.save(tmp / "huge.npy", np.full((4, 16), 1e38, np.float32))
+    np.save(tmp / "ok100.npy", rng.normal(size=(100, 8)).astype(np.float32))
+    (tmp / "garbage.npz").write_bytes(b"PK\x03\x04 not really a zip" * 10)
+    w = load_file(str(saelens_folder / "sae_weights.safetensors"))
+    for name, change in [
+        ("cfg-layer", lambda cfg, t: cfg.update(hook_layer="abc")),
+        ("cfg-meta", lambda cfg, t: cfg.update(metadata="str")),
+        ("bad-b-enc", lambda cfg, t: t.update(b_enc=np.zeros(7, np.float32))),
+        ("bad-sparsity", None),
+    ]:
+        folder = tmp / name
+        shutil.copytree(saelens_folder, folder)
+        cfg = json.loads((folder / "cfg.json").read_text())
+        t = dict(w)
+        if change is None:
+            (folder / "sparsity.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
+        else:
+            change(cfg, t)
+        (folder / "cfg.json").write_text(json.dumps(cfg))
+        save_file(t, str(folder / "sae_weights.safetensors"))
+    gs = tmp / "layer_3" / "params.npz"
+    gs.parent.mkdir()
+    np.savez(gs, w_dec=rng.normal(size=(6, 8)).astype(np.float32), w_enc=rng.normal(size=(6, 8)).astype(np.float32))
 
 
 def _cases(tmp):
@@ -63,12 +113,50 @@ def _cases(tmp):
         ("steer", "nope", "-c", "x", "-p", "the"),
         ("eval", "retrieval", "--world", "--methods", "bogus"),
         ("db", "downgrade", "no-such-revision"),
+        ("db", "upgrade", "no-such-revision"),
+        # index specs FAISS raises on, aborts on, or accepts and then misbehaves with
+        *[("import-sae", str(tmp / "ok100.npy"), "--model", "x", "--layer", "1", "--name", "s", "--index-spec", spec)
+          for spec in ("", "LSH", "PQ8", "IDMap,Flat", "IVF99999,Flat", "HNSW0", "HNSW1", "IVF0,Flat",
+                       "HNSW32|efSearch=0", "HNSW32|efSearch=99999999999", "IVF4,Flat|nprobe=0", "Flat|nprobe=3")],
+        *[("index", "rebuild", "g", "--spec", spec) for spec in ("", "HNSW0", "IVF0,Flat", "IVF99999,Flat")],
+        # inputs that are not directions, or not the SAE they claim to be
+        *[("import-sae", str(tmp / f), "--model", "x", "--layer", "1", "--name", "s")
+          for f in ("strings.npy", "complex.npy", "zero-row.npy", "huge.npy", "garbage.npz", "cfg-layer", "cfg-meta",
+                    "bad-b-enc", "bad-sparsity", "layer_3/params.npz")],
+        ("import-sae", feats, "--model", "x", "--layer", "1", "--name", "漢" * 80),
+        ("show", "g/99999999999999999999"),
+        ("show", "g/-1"),
+        ("show", "1", "--atlas", "nope"),
+        ("lookup", ""),
+        ("lookup", "?! ..."),
+        ("lookup", "rain", "-k", "-3"),
+        ("lookup", "rain", "--atlas", "nope"),
+        ("neighbors", "g/1", "-k", "-1"),
+        ("neighbors", "g/99999999999999999999"),
+        ("remove", "nope"),
+        ("remove", "g"),  # a map and a run depend on it
+        ("map", "remove", "m"),  # a run depends on it
+        ("label", "m", "--features", feats, "-k", "-2"),
+        ("label", "m", "--features", feats, "--batch", "0"),
+        ("label", "m", "--features", feats, "--batch", "-4"),
+        ("label", "m", "--features", feats, "--name", "r1"),
+        ("label", "m", "--features", feats, "--name", "bad/name"),
+        ("explain", "m", "some text", "-k", "-2"),
+        ("search", "m", "--vectors", feats, "-k", "-1"),
+        ("search", "m", "--vectors", str(tmp / "strings.npy")),
+        ("steer", "m", "-c", "x", "-p", "the", "--combine", "-1"),
+        ("steer", "m", "-c", "x", "-p", "the", "-n", "-5"),
+        ("steer", "m", "-c", "x", "-p", "the", "--temperature", "0", "--sample"),
+        ("align", "subj", "--layer", "1", "--atlas", "g", "--corpus", corpus, "--batch-size", "0"),
+        ("align", "subj", "--layer", "1", "--atlas", "g", "--corpus", corpus, "--name", "bad/name"),
+        ("export", "r1", "--output", str(tmp / "no-such-dir" / "out.jsonl")),
     ]
 
 
 def test_usage_errors_keep_clicks_exit_code(env):
     root, tmp = env
     for args in [("import-sae", str(tmp / "missing"), "--name", "a2"), ("align", "subj", "--layer", "x"),
+                 ("align", "subj", "--layer", "1", "--max-tokens", "-5"), ("gc", "--grace", "-1"),
                  ("lookup",), ("steer", "m", "-c", "x", "-p", "the", "--positions", "some")]:
         r = CliRunner().invoke(cli, [*args, "--store", str(root)])
         assert r.exit_code == 2 and "Traceback" not in r.output and r.output.strip().splitlines()[-1].startswith(
@@ -88,6 +176,130 @@ def test_bad_values_are_one_line_errors(env):
     for args in _cases(tmp):
         r = CliRunner().invoke(cli, [*args, "--store", str(root)])
         text = r.output.strip()
+        if os.environ.get("ATLAS_SHOW_ERRORS"):
+            print(" ".join(args)[-70:], "=>", text[:300])
         if r.exit_code != 1 or "Traceback" in text or not text.startswith("Error: ") or len(text.splitlines()) != 1:
             failures.append((" ".join(args), r.exit_code, text[-300:], repr(r.exception)))
     assert not failures, "\n".join(map(str, failures))
+
+
+def _one_line_error(r) -> bool:
+    text = r.output.strip()
+    return r.exit_code == 1 and "Traceback" not in text and text.startswith("Error: ") and len(text.splitlines()) == 1
+
+
+# Commands that read or write the database, run on a damaged one: each must say so in one line.
+def _db_commands(tmp):
+    feats = str(tmp / "feats.npy")
+    return [
+        ("atlases",), ("models",), ("maps",), ("runs",), ("lookup", "rain"), ("show", "g/1"), ("neighbors", "g/1"),
+        ("index", "verify"), ("index", "rebuild", "g"), ("remove", "g", "--cascade"), ("map", "remove", "m"),
+        ("import-sae", feats, "--model", "x", "--layer", "1", "--name", "a4"), ("label", "m", "--features", feats),
+        ("export", "r1"), ("gc",), ("db", "current"), ("db", "upgrade"), ("init",),
+    ]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "zeros"])
+def test_a_damaged_database_is_one_line_in_every_command(env, damage):
+    root, tmp = env
+    db = root / "atlas.db"
+    from engine.store.store import Store
+
+    Store.open(root).engine.dispose()
+    for suffix in ("-wal", "-shm"):
+        (root / f"atlas.db{suffix}").unlink(missing_ok=True)
+    data = db.read_bytes()
+    db.write_bytes({"garbage": b"not a database, just bytes\n" * 400, "truncated": data[: len(data) // 3],
+                    "zeros": bytes(len(data))}[damage])
+    failures = []
+    for args in _db_commands(tmp):
+        r = CliRunner().invoke(cli, [*args, "--store", str(root)])
+        if not _one_line_error(r):
+            failures.append((" ".join(args), r.exit_code, r.output[-300:], repr(r.exception)))
+    assert not failures, "\n".join(map(str, failures))
+
+
+def test_a_database_from_a_newer_version_is_one_line(env):
+    root, _ = env
+    from engine.store.store import Store
+
+    s = Store.open(root)
+    with s.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = 'ffff-future'")
+    s.close()
+    for args in (("init",), ("db", "upgrade"), ("db", "downgrade", "0001"), ("atlases",)):
+        r = CliRunner().invoke(cli, [*args, "--store", str(root)])
+        assert _one_line_error(r) and "ffff-future" in r.output, (args, r.output, r.exception)
+
+
+def _run_cli_readonly(root: Path, args_list, folder: str = ""):
+    """Run CLI commands in subprocesses on the store ``root`` (or only its ``folder``) made
+    read-only: permission bits for a normal user; as root (whom permission bits do not stop) a
+    read-only bind mount in a private mount namespace (`unshare -m`), gone with the process."""
+    target = root / folder if folder else root
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "ATLAS_QUIET": "1"}
+    results = []
+    if os.geteuid() == 0:
+        if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
+            pytest.skip("running as root without mount namespaces: no way to make the store read-only")
+        for args in args_list:
+            cli_cmd = shlex.join([sys.executable, "-m", "engine.cli", *args, "--store", str(root)])
+            script = (f"mount --make-rprivate / && mount --bind -o ro {shlex.quote(str(target))} "
+                      f"{shlex.quote(str(target))} && exec {cli_cmd}")
+            results.append(subprocess.run(["unshare", "-m", "sh", "-c", script], env=env, capture_output=True,
+                                          text=True, timeout=120))
+        return results
+    paths = [target, *target.rglob("*")]
+    modes = {p: p.stat().st_mode for p in paths}
+    try:
+        for p in paths:
+            p.chmod(modes[p] & ~0o222)
+        for args in args_list:
+            results.append(subprocess.run([sys.executable, "-m", "engine.cli", *args, "--store", str(root)], env=env,
+                                          capture_output=True, text=True, timeout=120))
+    finally:
+        for p in reversed(paths):
+            p.chmod(modes[p])
+    return results
+
+
+def test_a_read_only_store_reads_and_refuses_writes_in_one_line(env):
+    root, tmp = env
+    from engine.store.store import Store
+
+    with Store.open(root) as s:
+        expected = [a.name for a in s.atlases()]
+        neighbours = [h.ref for h in s.neighbors("g/1", k=3)]
+    feats = str(tmp / "feats.npy")
+    reads = [("atlases", "--json"), ("neighbors", "g/1", "-k", "3", "--json"), ("show", "g/1"), ("maps",), ("runs",),
+             ("lookup", "rain", "--no-semantic"), ("index", "verify"), ("export", "r1"), ("gc", "--dry-run")]
+    writes = [("import-sae", feats, "--model", "x", "--layer", "1", "--name", "a4"), ("index", "rebuild", "g"),
+              ("remove", "g", "--cascade"), ("map", "remove", "m", "--cascade"), ("gc",),
+              ("label", "m", "--features", feats, "--name", "r2")]
+    results = _run_cli_readonly(root, reads + writes)
+    for args, r in zip(reads, results[: len(reads)]):
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (args, r.stdout, r.stderr)
+    assert [a["name"] for a in json.loads(results[0].stdout)] == expected
+    assert [h["ref"] for h in json.loads(results[1].stdout)] == neighbours
+    for args, r in zip(writes, results[len(reads):]):
+        err = r.stderr.strip()
+        assert r.returncode == 1 and err.startswith("Error: ") and len(err.splitlines()) == 1, (args, r.stderr)
+        assert "read-only" in err or "Read-only" in err, (args, err)
+    with Store.open(root) as s:  # nothing changed
+        assert [a.name for a in s.atlases()] == expected and [r.name for r in s.runs()] == ["r1"]
+
+
+@pytest.mark.parametrize("folder", ["vectors", "indexes"])
+def test_a_read_only_store_folder_refuses_writes_in_one_line(env, folder):
+    root, tmp = env
+    feats = str(tmp / "feats.npy")
+    reads = [("atlases",), ("neighbors", "g/1", "-k", "3")]
+    writes = [("import-sae", feats, "--model", "x", "--layer", "1", "--name", "a4"), ("index", "rebuild", "g")]
+    results = _run_cli_readonly(root, reads + writes, folder)
+    for args, r in zip(reads, results[: len(reads)]):
+        assert r.returncode == 0, (args, r.stderr)
+    for args, r in zip(writes, results[len(reads):]):
+        err = r.stderr.strip()
+        assert r.returncode == 1 and err.startswith("Error: ") and len(err.splitlines()) == 1, (args, err)
+        assert "read-only" in err, (args, err)

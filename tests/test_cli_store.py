@@ -68,7 +68,7 @@ def test_corrupt_index_error_then_rebuild_restores(env, saelens_folder, tmp_path
     _ok(env, "init")
     _ok(env, "import-sae", str(saelens_folder), "--name", "g12")
     before = _ok(env, "neighbors", "g12/5", "--json")
-    idx = tmp_path / "st" / "indexes" / "g12.faiss"
+    idx = next((tmp_path / "st" / "indexes").glob("g12@*.faiss"))
     idx.write_bytes(idx.read_bytes()[:200])
     r = env.invoke(cli, ["neighbors", "g12/5"])
     assert r.exit_code == 1 and "atlas index rebuild g12" in r.output and "Traceback" not in r.output

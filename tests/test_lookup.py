@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from engine.atlas.lookup import build_label_index, lookup, semantic_available
+from engine.errors import BadValueError
 
 LABELS = [
     ("weather and rain", "rain, storms, clouds and the forecast"),
@@ -27,7 +28,9 @@ def labelled(store):
 def test_query_syntax_is_text_and_function_words_only_count_alone(labelled):
     # FTS5 operators and quotes in a query are words, never query syntax
     assert [h.ref for h in lookup(labelled, 'weather AND "rain" NEAR(', k=2, semantic=False)] == ["t/0", "t/3"]
-    assert lookup(labelled, "  ?! ", semantic=False) == []
+    for wordless in ("  ?! ", ""):  # no word: refused, never arbitrary concepts (semantic or not)
+        with pytest.raises(BadValueError, match="no word"):
+            lookup(labelled, wordless)
     assert lookup(labelled, "the and", semantic=False)[0].ref == "t/0"  # nothing else left: function words count
 
 

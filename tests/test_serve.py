@@ -219,7 +219,7 @@ def test_bad_input_is_a_one_line_4xx(client):
     assert "no map of 'subj' at layer 0" in one_line_error(client.post("/api/steer", json=steer | {"layers": [0]}), 400)
     assert "matches 'quantum" in one_line_error(
         client.post("/api/steer", json=steer | {"concepts": ["quantum chromodynamics"]}), 404)
-    one_line_error(client.post("/api/steer", json=steer | {"concepts": ["99999999999999999999999"]}), 400)
+    one_line_error(client.post("/api/steer", json=steer | {"concepts": ["99999999999999999999999"]}), 404)  # no such concept
     one_line_error(client.get("/api/no-such-route"), 404)
 
 

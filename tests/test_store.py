@@ -142,7 +142,7 @@ def test_damaged_index_is_detected_and_rebuild_restores_identical_results(store,
     x, _ = _add(store)
     q = np.random.default_rng(9).normal(size=(5, 16)).astype(np.float32)
     before = store.search_vectors("a", q, 7)
-    path = store.path / "indexes" / "a.faiss"
+    path = store.path / store.atlas_files("a")["index"]
     data = path.read_bytes()
     if damage == "truncate":
         path.write_bytes(data[: len(data) // 3])
@@ -167,7 +167,7 @@ def test_damaged_index_is_detected_and_rebuild_restores_identical_results(store,
 
 def test_corrupt_vector_file_cannot_be_rebuilt_and_says_so(store):
     _add(store)
-    (store.path / "vectors" / "a.safetensors").write_bytes(b"garbage")
+    (store.path / store.atlas_files("a")["vectors"]).write_bytes(b"garbage")
     with pytest.raises(IndexIntegrityError, match="re-import"):
         store.rebuild_index("a")
     assert not store.verify_index("a").ok
@@ -182,8 +182,9 @@ def test_rebuild_with_another_spec(store):
 
 def test_remove_atlas_deletes_rows_and_files(store):
     _add(store)
+    files = store.atlas_files("a")
     store.remove_atlas("a")
     assert store.atlases() == []
-    assert not (store.path / "vectors" / "a.safetensors").exists()
+    assert not any((store.path / f).exists() for f in files.values())
     with store.session() as s:
         assert s.scalar(select(func.count()).select_from(ConceptRow)) == 0

@@ -1,12 +1,15 @@
 """Reading atlases in: SAE folders of several libraries, plain matrices, and label files.
 
 Every reader returns plain data (`SAEWeights`, `LabelTable`) and validates at the boundary:
-a malformed file raises `FormatError` naming the file and what was wrong, a dimension mismatch
-between labels and vectors raises `ShapeError`. Readers are entries of a registry
+a malformed file raises `FormatError` naming the file and what was wrong (unreadable bytes, a
+value of the wrong type in ``cfg.json``, a tensor that is not real numbers, a tensor whose shape
+does not fit the SAE's d_in / d_sae), a dimension mismatch between labels and vectors raises
+`ShapeError`. Nothing else escapes a reader, whatever the bytes. Readers are entries of a registry
 (`register_format`: name, detect, read); `read_directions` takes the first whose ``detect``
 accepts the path, or the one named with ``fmt``. SAELens, Gemma Scope and plain matrices are read
 here; EleutherAI sparsify, dictionary_learning and Llama Scope in `engine.atlas.formats`.
-`import_atlas` then hands the data to `Store.add_atlas`, which writes it in one transaction.
+`import_atlas` then hands the data to `Store.add_atlas`, which checks the vectors again and writes
+them in one transaction.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +39,62 @@ _HOOK_RE = re.compile(r"blocks\.(\d+)\.hook_(resid_post|resid_pre|resid_mid|mlp_
 
 
 def _check_2d(name: str, path: Path, x: np.ndarray) -> np.ndarray:
+    """``x`` as a float32 non-empty 2-D matrix of real numbers, or a `FormatError`."""
+    x = _real(name, path, x)
     if x.ndim != 2 or 0 in x.shape:
         raise FormatError.at(path, f"{name} must be a non-empty 2-D matrix, got shape {x.shape}")
     return x
+
+
+def _real(name: str, path: Path, x: object) -> np.ndarray:
+    """``x`` as float32 if it holds real numbers (float, int); strings, objects, complex refused."""
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "fiu":
+        raise FormatError.at(path, f"{name} must hold real numbers (float or int), not dtype {arr.dtype}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.asarray(arr, dtype=np.float32)
+
+
+def _tensor_shapes(path: Path, tensors: Mapping[str, object], d_in: int, d_sae: int) -> dict[str, np.ndarray]:
+    """The encoder tensors present (keys W_enc, b_enc, b_dec, threshold), each checked against
+    d_in / d_sae; a tensor of another shape or type is a `FormatError` naming it."""
+    shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "b_dec": (d_in,), "threshold": (d_sae,)}
+    out = {}
+    for key, shape in shapes.items():
+        value = tensors.get(key)
+        if value is None:
+            continue
+        v = _real(key, path, value)
+        if v.shape != shape:
+            raise FormatError.at(path, f"{key} has shape {v.shape}; with d_in={d_in}, d_sae={d_sae} it must be {shape}")
+        out[key] = v
+    return out
+
+
+def _cfg_int(cfg_path: Path, cfg: dict, key: str) -> int | None:
+    value = cfg.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or (
+            isinstance(value, str) and not (value.strip().isascii() and value.strip().isdigit())):
+        raise FormatError.at(cfg_path, f"{key} must be a whole number, got {value!r}"[:200])
+    return int(value)
+
+
+def _cfg_str(cfg_path: Path, cfg: dict, key: str) -> str | None:
+    value = cfg.get(key)
+    if value is not None and not isinstance(value, str):
+        raise FormatError.at(cfg_path, f"{key} must be a string, got {value!r}"[:200])
+    return value
+
+
+def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # third-party parsing of arbitrary bytes: whatever it raises, the file is bad
+        raise FormatError.at(path, f"not a readable safetensors file ({type(e).__name__}: {str(e)[:120]})") from None
 
 
 # ---------------------------------------------------------------------- SAE folders
@@ -46,9 +102,6 @@ def _check_2d(name: str, path: Path, x: np.ndarray) -> np.ndarray:
 
 def read_saelens(folder: str | Path) -> SAEWeights:
     """A SAELens SAE folder: ``cfg.json`` + ``sae_weights.safetensors`` (``W_dec`` is [d_sae, d_in])."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
     folder = Path(folder)
     if not folder.is_dir():
         raise FormatError(f"{folder}: not a folder (a SAELens SAE is a folder with {SAELENS_CFG})")
@@ -57,36 +110,44 @@ def read_saelens(folder: str | Path) -> SAEWeights:
         if not p.is_file():
             raise FormatError(f"{folder}: missing {p.name} (a SAELens folder has {SAELENS_CFG} and {SAELENS_WEIGHTS})")
     try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FormatError.at(cfg_path, f"not valid JSON ({e})") from None
+        cfg = json.loads(cfg_path.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise FormatError.at(cfg_path, f"not valid JSON ({str(e)[:120]})") from None
     if not isinstance(cfg, dict):
         raise FormatError.at(cfg_path, "must hold a JSON object")
-    try:
-        t = load_file(str(w_path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise FormatError.at(w_path, f"not a readable safetensors file ({e})") from None
+    nested = cfg.get("metadata")
+    if nested is not None and not isinstance(nested, dict):
+        raise FormatError.at(cfg_path, f"metadata must be a JSON object, got {nested!r}"[:200])
+    meta = {**cfg, **(nested or {})}  # SAELens >= 6 nests provenance in "metadata"
+    t = _load_safetensors(w_path)
     if "W_dec" not in t:
         raise FormatError.at(w_path, f"has no W_dec tensor (found: {', '.join(sorted(t)) or 'none'})")
-    meta = {**cfg, **(cfg.get("metadata") or {})}  # SAELens >= 6 nests provenance in "metadata"
-    w_dec = _check_2d("W_dec", w_path, t["W_dec"].astype(np.float32))
+    w_dec = _check_2d("W_dec", w_path, t["W_dec"])
     d_sae, d_in = w_dec.shape
-    if meta.get("d_in") not in (None, d_in) or meta.get("d_sae") not in (None, d_sae):
-        raise FormatError.at(folder, f"cfg.json says d_in={meta.get('d_in')}, d_sae={meta.get('d_sae')}; W_dec is {w_dec.shape}")
-    hook_name = str(meta.get("hook_name") or "")
+    cfg_d_in, cfg_d_sae = _cfg_int(cfg_path, meta, "d_in"), _cfg_int(cfg_path, meta, "d_sae")
+    if cfg_d_in not in (None, d_in) or cfg_d_sae not in (None, d_sae):
+        raise FormatError.at(folder, f"cfg.json says d_in={cfg_d_in}, d_sae={cfg_d_sae}; W_dec is {w_dec.shape}")
+    hook_name = _cfg_str(cfg_path, meta, "hook_name") or ""
+    model_name = _cfg_str(cfg_path, meta, "model_name")
     m = _HOOK_RE.search(hook_name)
-    layer = meta.get("hook_layer", int(m.group(1)) if m else None)
+    layer = _cfg_int(cfg_path, meta, "hook_layer")
+    if layer is None and m:
+        layer = int(m.group(1))
     density = None
-    if (folder / SAELENS_SPARSITY).is_file():
-        sp = load_file(str(folder / SAELENS_SPARSITY))
-        if "sparsity" in sp and sp["sparsity"].shape == (d_sae,):
-            density = np.power(10.0, sp["sparsity"].astype(np.float64))  # stored as log10 density
-    w_enc = t.get("W_enc")
-    if w_enc is not None and w_enc.shape != (d_in, d_sae):
-        raise FormatError.at(w_path, f"W_enc has shape {w_enc.shape}, expected (d_in, d_sae) = {(d_in, d_sae)}")
+    sp_path = folder / SAELENS_SPARSITY
+    if sp_path.is_file():
+        sp = _load_safetensors(sp_path)
+        if "sparsity" not in sp:
+            raise FormatError.at(sp_path, f"has no sparsity tensor (found: {', '.join(sorted(sp)) or 'none'})")
+        log_density = _real("sparsity", sp_path, sp["sparsity"])
+        if log_density.shape != (d_sae,):
+            raise FormatError.at(sp_path, f"sparsity has shape {log_density.shape}; W_dec has d_sae={d_sae} rows")
+        with np.errstate(over="ignore"):
+            density = np.power(10.0, log_density.astype(np.float64))  # stored as log10 density
+    enc = _tensor_shapes(w_path, t, d_in, d_sae)
     return SAEWeights(
-        W_dec=w_dec, W_enc=w_enc, b_enc=t.get("b_enc"), b_dec=t.get("b_dec"), threshold=t.get("threshold"),
-        density=density, model=meta.get("model_name"), layer=None if layer is None else int(layer),
+        W_dec=w_dec, W_enc=enc.get("W_enc"), b_enc=enc.get("b_enc"), b_dec=enc.get("b_dec"),
+        threshold=enc.get("threshold"), density=density, model=model_name, layer=layer,
         hook=m.group(2) if m else None, source_kind="saelens",
     )
 
@@ -99,18 +160,23 @@ def read_gemmascope(path: str | Path) -> SAEWeights:
     if not path.is_file():
         raise FormatError(f"{path}: no such file (a Gemma Scope SAE is a params.npz)")
     try:
-        with np.load(path) as z:
+        with np.load(path, allow_pickle=False) as z:
+            if not hasattr(z, "files"):
+                raise ValueError("a single array, not an .npz archive")
             t = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError) as e:
-        raise FormatError.at(path, f"not a readable .npz file ({e})") from None
+    except Exception as e:  # third-party parsing of arbitrary bytes (zip, npy headers): the file is bad
+        raise FormatError.at(path, f"not a readable .npz file ({type(e).__name__}: {str(e)[:120]})") from None
     if "w_dec" not in t:
         raise FormatError.at(path, f"has no w_dec array (found: {', '.join(sorted(t)) or 'none'})")
-    w_dec = _check_2d("w_dec", path, t["w_dec"].astype(np.float32))
+    w_dec = _check_2d("w_dec", path, t["w_dec"])
+    d_sae, d_in = w_dec.shape
+    enc = _tensor_shapes(path, {"W_enc": t.get("w_enc"), "b_enc": t.get("b_enc"), "b_dec": t.get("b_dec"),
+                                "threshold": t.get("threshold")}, d_in, d_sae)
     # Gemma Scope folders are named like layer_12/width_16k/average_l0_71/params.npz
     m = re.search(r"layer_(\d+)", str(path))
     return SAEWeights(
-        W_dec=w_dec, W_enc=t.get("w_enc"), b_enc=t.get("b_enc"), b_dec=t.get("b_dec"),
-        threshold=t.get("threshold"), layer=int(m.group(1)) if m else None, source_kind="gemmascope",
+        W_dec=w_dec, W_enc=enc.get("W_enc"), b_enc=enc.get("b_enc"), b_dec=enc.get("b_dec"),
+        threshold=enc.get("threshold"), layer=int(m.group(1)) if m else None, source_kind="gemmascope",
     )
 
 
@@ -122,16 +188,12 @@ def read_matrix(path: str | Path, key: str | None = None) -> SAEWeights:
     if path.suffix == ".npy":
         try:
             x = np.load(path, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as e:
-            raise FormatError.at(path, f"not a readable .npy file ({e})") from None
+        except Exception as e:  # third-party parsing of arbitrary bytes: the file is bad
+            raise FormatError.at(path, f"not a readable .npy file ({type(e).__name__}: {str(e)[:120]})") from None
+        if not isinstance(x, np.ndarray):
+            raise FormatError.at(path, "holds an archive, not one matrix")
     elif path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
-
-        try:
-            t = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise FormatError.at(path, f"not a readable safetensors file ({e})") from None
+        t = _load_safetensors(path)
         if key is None:
             two_d = [k for k, v in t.items() if v.ndim == 2]
             if len(two_d) != 1:
@@ -142,7 +204,7 @@ def read_matrix(path: str | Path, key: str | None = None) -> SAEWeights:
         x = t[key]
     else:
         raise FormatError.at(path, "unknown matrix format; use .npy or .safetensors")
-    return SAEWeights(W_dec=_check_2d("the matrix", path, np.asarray(x, dtype=np.float32)), source_kind="matrix")
+    return SAEWeights(W_dec=_check_2d("the matrix", path, x), source_kind="matrix")
 
 
 @dataclasses.dataclass(frozen=True)

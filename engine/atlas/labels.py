@@ -2,6 +2,8 @@
 
 A reader returns plain data (`LabelTable`); a malformed file raises `FormatError` naming the
 file, the line and what was wrong, and labels that do not fit the atlas raise `ShapeError`.
+Nothing else escapes, whatever the bytes; CSV fields may be as long as JSONL values (a
+description of megabytes reads the same from either).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import dataclasses
 import gzip
 import io
 import json
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +38,38 @@ class LabelTable:
         return [self.labels.get(i) for i in range(n)], [self.descriptions.get(i) for i in range(n)]
 
 
+# CSV fields as long as JSONL values: csv's default limit (128 KiB) refuses long descriptions.
+CSV_FIELD_LIMIT = 2**31 - 1
+
+
 def _open_text(path: Path) -> io.TextIOBase:
+    # utf-8-sig: a byte-order mark (spreadsheet exports) is not part of the first header name
     if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8", newline="")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
 
 
 def _index_of(value: Any, path: Path, where: str) -> int:
+    text = value.strip() if isinstance(value, str) else value
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    if isinstance(text, str) and text.isascii() and text.lstrip("-").isdigit() and len(text) < 30:
+        return int(text)
+    raise FormatError.at(path, f"{where}: index {str(value)[:40]!r} is not an integer")
+
+
+def _text(value: Any, path: Path, where: str, what: str) -> str | None:
+    """A label or description: a string (numbers are written as strings), valid UTF-8."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise FormatError.at(path, f"{where}: {what} must be a string, got {type(value).__name__}")
+    text = str(value)
     try:
-        return int(str(value).strip())
-    except (TypeError, ValueError):
-        raise FormatError.at(path, f"{where}: index {value!r} is not an integer") from None
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FormatError.at(path, f"{where}: {what} is not valid Unicode (a lone surrogate)") from None
+    return text
 
 
 def read_labels(path: str | Path) -> LabelTable:
@@ -60,6 +84,8 @@ def read_labels(path: str | Path) -> LabelTable:
     labels: dict[int, str] = {}
     descriptions: dict[int, str] = {}
     name = path.name.lower()
+    if csv.field_size_limit() < CSV_FIELD_LIMIT:
+        csv.field_size_limit(CSV_FIELD_LIMIT)
     try:
         with _open_text(path) as f:
             if name.endswith((".csv", ".csv.gz")):
@@ -68,9 +94,11 @@ def read_labels(path: str | Path) -> LabelTable:
                     raise FormatError.at(path, "a label CSV needs a header with index,label[,description]")
                 if "label" not in reader.fieldnames and "description" not in reader.fieldnames:
                     raise FormatError.at(path, "a label CSV needs a label or description column")
-                for lineno, row in enumerate(reader, start=2):
-                    _add_label(labels, descriptions, _index_of(row.get("index"), path, f"line {lineno}"),
-                               row.get("label"), row.get("description"))
+                for row in reader:
+                    where = f"line {reader.line_num}"
+                    _add_label(labels, descriptions, _index_of(row.get("index"), path, where),
+                               _text(row.get("label"), path, where, "label"),
+                               _text(row.get("description"), path, where, "description"))
             elif name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")):
                 for lineno, line in enumerate(f, start=1):
                     if not line.strip():
@@ -79,14 +107,20 @@ def read_labels(path: str | Path) -> LabelTable:
                         row = json.loads(line)
                     except json.JSONDecodeError as e:
                         raise FormatError.at(path, f"line {lineno}: not valid JSON ({e.msg})") from None
+                    except (ValueError, RecursionError) as e:  # e.g. a number of 5,000 digits, deep nesting
+                        raise FormatError.at(path, f"line {lineno}: not valid JSON ({str(e)[:80]})") from None
                     if not isinstance(row, dict) or "index" not in row:
                         raise FormatError.at(path, f"line {lineno}: each row needs an 'index' (and 'label' or 'description')")
-                    _add_label(labels, descriptions, _index_of(row["index"], path, f"line {lineno}"),
-                               row.get("label"), row.get("description") or row.get("explanation"))
+                    where = f"line {lineno}"
+                    _add_label(labels, descriptions, _index_of(row["index"], path, where),
+                               _text(row.get("label"), path, where, "label"),
+                               _text(row.get("description") or row.get("explanation"), path, where, "description"))
             else:
                 raise FormatError.at(path, "unknown label format; use .csv, .jsonl or .jsonl.gz")
-    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, OSError) as e:
-        raise FormatError.at(path, f"cannot be read ({e})") from None
+    except csv.Error as e:
+        raise FormatError.at(path, f"not a readable CSV file ({str(e)[:120]})") from None
+    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, OSError, zlib.error) as e:
+        raise FormatError.at(path, f"cannot be read ({str(e)[:120]})") from None
     return LabelTable(labels, descriptions, str(path))
 
 

@@ -17,11 +17,11 @@ import numpy as np
 from sqlalchemy import select, text
 
 import indexes
-from engine.errors import AtlasError, IndexIntegrityError
+from engine.errors import AtlasError, BadValueError, IndexIntegrityError
 from engine.store import layout
 from engine.store.schema import AtlasRow
 from engine.store.store import Store
-from engine.util import check_k, sha256_bytes
+from engine.util import check_k, sha256_bytes, write_store_file
 
 # A word in more than this share of concepts (and at least COMMON_MIN_DOCS) is "common".
 COMMON_FRACTION = 0.05
@@ -76,7 +76,7 @@ def text_search(store: Store, query: str, k: int = 10, atlas: str | None = None)
         + "ORDER BY bm25(concepts_fts, 4.0, 1.0) LIMIT :k"
     )
     found: list[tuple[str, int]] = []
-    with store.session() as s:
+    with store.read_session() as s:
         n_total = s.execute(text("SELECT count(*) FROM concepts")).scalar() or 0
         cap = max(COMMON_MIN_DOCS, int(n_total * COMMON_FRACTION))
         probe = text("SELECT count(*) FROM (SELECT rowid FROM concepts_fts WHERE concepts_fts MATCH :q LIMIT :cap)")
@@ -107,7 +107,7 @@ def _like_search(store: Store, words: list[str], k: int, atlas: str | None) -> l
         + f"ORDER BY ({score}) DESC, c.id LIMIT :k"
     )
     params = {f"w{i}": f"%{w}%" for i, w in enumerate(words)}
-    with store.session() as s:
+    with store.read_session() as s:
         rows = s.execute(text(sql), {**params, "atlas": atlas, "k": k}).all()
     return [(r[0], int(r[1])) for r in rows]
 
@@ -138,42 +138,65 @@ def embed_texts(texts: list[str], batch_size: int = 128, quiet: bool = False) ->
 
 
 def build_label_index(store: Store, atlas: str, quiet: bool = False) -> int:
-    """Embed every labelled concept's label + description into ``indexes/<atlas>.labels.faiss``."""
+    """Embed every labelled concept's label + description into the atlas's label-embedding index.
+
+    The index is written under a file name this call owns (`engine.store.layout.label_index_file`),
+    the atlas row switched to it in one transaction, and only then the previous one removed.
+    """
+    store.check_writable()
     concepts = [c for c in store.concepts(atlas) if c.labelled]
     if not concepts:
         raise AtlasError(f"atlas {atlas!r} has no labelled concepts to embed")
     vecs = embed_texts([f"{c.label}. {c.description or ''}".strip() for c in concepts], quiet=quiet)
     index = indexes.create_index(vecs.shape[1], "Flat")
     index.add(vecs, np.array([c.ordinal for c in concepts], dtype=np.int64))
-    data = index.save(store.path / layout.label_index_file(atlas))
-    with store.session() as s:
-        row = s.scalar(select(AtlasRow).where(AtlasRow.name == atlas))
-        assert row is not None  # store.concepts(atlas) above raised NotFoundError otherwise
-        row.extra = {
-            **(row.extra or {}),
-            "label_index": {"sha256": sha256_bytes(data), "count": index.count(), "model": SEMANTIC_MODEL},
-        }
+    data = index.to_bytes()
+    rel = layout.label_index_file(atlas, layout.new_token())
+    write_store_file(store.path / rel, data)
+    old: list[str] = []
+    try:
+        with store.session() as s:
+            row = s.scalar(select(AtlasRow).where(AtlasRow.name == atlas))
+            if row is None:
+                raise AtlasError(f"atlas {atlas!r} was removed while its labels were embedded")
+            meta = (row.extra or {}).get("label_index") or {}
+            old = [meta["file"]] if meta.get("file") else ([layout.legacy_label_index_file(atlas)] if meta else [])
+            row.extra = {
+                **(row.extra or {}),
+                "label_index": {"sha256": sha256_bytes(data), "count": index.count(), "model": SEMANTIC_MODEL,
+                                "file": rel},
+            }
+    except BaseException:
+        (store.path / rel).unlink(missing_ok=True)
+        raise
+    for f in old:
+        if f != rel:
+            (store.path / f).unlink(missing_ok=True)
     return index.count()
 
 
 def _label_index(store: Store, atlas: str) -> indexes.VectorIndex:
-    with store.session() as s:
+    with store.read_session() as s:
         row = s.scalar(select(AtlasRow).where(AtlasRow.name == atlas))
         assert row is not None  # called only with the names of atlases that have a label index
         meta = (row.extra or {})["label_index"]
-    path = store.path / layout.label_index_file(atlas)
+    path = store.path / (meta.get("file") or layout.legacy_label_index_file(atlas))
     data = path.read_bytes() if path.is_file() else b""
     if sha256_bytes(data) != meta["sha256"]:
         raise IndexIntegrityError(
             f"the label-embedding index of atlas {atlas!r} is missing or corrupt; "
             f"`atlas index embed {atlas}` rebuilds it"
         )
-    return indexes.load_index(data)
+    try:
+        return indexes.load_index(data)
+    except indexes.IndexCorruptError as e:
+        raise IndexIntegrityError(f"the label-embedding index of atlas {atlas!r} cannot be read ({e}); "
+                                  f"`atlas index embed {atlas}` rebuilds it") from None
 
 
 def semantic_search(store: Store, query: str, k: int, atlas: str | None = None) -> list[tuple[str, int]]:
     """Embedding ranking over atlases that have a label index: [(atlas, ordinal)] best first."""
-    with store.session() as s:
+    with store.read_session() as s:
         q = select(AtlasRow.name, AtlasRow.extra)
         rows = s.execute(q.where(AtlasRow.name == atlas) if atlas else q).all()
     names = [name for name, extra in rows if (extra or {}).get("label_index")]
@@ -189,8 +212,14 @@ def semantic_search(store: Store, query: str, k: int, atlas: str | None = None) 
 
 
 def lookup(store: Store, query: str, k: int = 10, atlas: str | None = None, semantic: bool | None = None) -> list[LookupHit]:
-    """Concepts matching a text query, best first (full-text, fused with semantic where available)."""
+    """Concepts matching a text query, best first (full-text, fused with semantic where available).
+
+    A query without a word (empty, blanks, punctuation) is a `BadValueError`: it matches nothing,
+    and an embedding of it would rank arbitrary concepts first.
+    """
     check_k(k)
+    if not isinstance(query, str) or not _WORD.search(query):
+        raise BadValueError(f"the query {str(query)[:40]!r} has no word to look up; give one or more words")
     if atlas is not None:
         store.atlas(atlas)  # raises a clear error for an unknown atlas
     depth = max(k * 5, 50)

@@ -8,6 +8,7 @@ import click
 
 from engine.cli.common import (
     METHOD_NAMES,
+    describe_removal,
     emit,
     json_option,
     open_store,
@@ -157,10 +158,18 @@ def map_show(map_name, store_dir, db_url, as_json):
 
 @map_group.command("remove")
 @click.argument("map_name", metavar="MAP")
+@click.option("--cascade", is_flag=True, help="Also remove the labelling runs on MAP, with their labels.")
 @store_options
-def map_remove(map_name, store_dir, db_url):
-    """Delete a map (its row, then its file)."""
-    open_store(store_dir, db_url).remove_map(map_name)
-    click.echo(f"removed map {map_name}")
+@json_option
+def map_remove(map_name, cascade, store_dir, db_url, as_json):
+    """Delete a map (its row, then its file).
+
+    Refused while labelling runs use the map (the message names them), unless --cascade.
+    """
+    removal = open_store(store_dir, db_url).remove_map(map_name, cascade=cascade)
+    if as_json:
+        print_json(removal)
+    else:
+        click.echo(describe_removal(removal))
 
 

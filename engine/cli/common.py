@@ -134,3 +134,14 @@ def quiet_transformers() -> None:
     from engine.models.loading import quiet_transformers as quiet
 
     quiet()
+
+
+def describe_removal(removal: Any) -> str:
+    """One line saying what a removal (`engine.store.atlases.Removal`) deleted."""
+    parts = [f"atlas {', '.join(removal.atlases)}"] if removal.atlases else []
+    if removal.maps:
+        parts.append(f"{len(removal.maps)} map(s) ({', '.join(removal.maps)})")
+    if removal.runs:
+        parts.append(f"{len(removal.runs)} labelling run(s) ({', '.join(removal.runs)}) with "
+                     f"{removal.n_labels} label rows")
+    return "removed " + ", ".join(parts)

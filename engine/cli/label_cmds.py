@@ -124,12 +124,17 @@ def export(run_name: str, fmt: ExportFormat, output: Path | None, partial: bool,
     if output is None:
         export_run(store, run_name, sys.stdout, fmt, partial=partial)
         return
+    from engine.errors import BadValueError
+
+    store.run(run_name)  # an unknown run is named before any file is made
     tmp = output.with_name(f".{output.name}.tmp")
     try:
         with (io.TextIOWrapper(gzip.open(tmp, "wb"), encoding="utf-8", newline="") if output.suffix == ".gz"
               else open(tmp, "w", encoding="utf-8", newline="")) as f:
             n = export_run(store, run_name, f, fmt, partial=partial)
         tmp.replace(output)
+    except OSError as e:
+        raise BadValueError(f"cannot write --output {output} ({e.strerror or e}); pick a writable file") from None
     finally:
         tmp.unlink(missing_ok=True)
     click.echo(f"wrote {n} features to {output}", err=True)

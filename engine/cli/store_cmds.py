@@ -1,4 +1,4 @@
-"""Store commands: init, db, models, atlases, import-sae, lookup, neighbors, show, index."""
+"""Store commands: init, db, models, atlases, import-sae, remove, lookup, neighbors, show, index, gc."""
 
 from __future__ import annotations
 
@@ -6,11 +6,19 @@ from pathlib import Path
 
 import click
 
-from engine.cli.common import emit, json_option, open_store, print_json, quiet_option, store_options
+from engine.cli.common import (
+    describe_removal,
+    emit,
+    json_option,
+    open_store,
+    print_json,
+    quiet_option,
+    store_options,
+)
 
 
 def register(cli: click.Group) -> None:
-    for cmd in (init, db, models, atlases, import_sae, lookup, neighbors, show, index):
+    for cmd in (init, db, models, atlases, import_sae, remove, lookup, neighbors, show, index, gc):
         cli.add_command(cmd)
 
 
@@ -152,6 +160,44 @@ def import_sae(source: Path | None, name: str, fmt, release, sae_id, model, laye
                    f"d={info.dim}, site {info.site}, index {info.index_spec}")
 
 
+@click.command()
+@click.argument("atlas")
+@click.option("--cascade", is_flag=True,
+              help="Also remove the maps onto ATLAS and the labelling runs on them, with their labels.")
+@store_options
+@json_option
+def remove(atlas: str, cascade: bool, store_dir: Path, db_url: str | None, as_json: bool) -> None:
+    """Delete an atlas: its concepts, then its files (vectors, index, label index).
+
+    Refused while maps onto it (or labelling runs on those) exist; the message names them.
+    --cascade removes them too.
+    """
+    removal = open_store(store_dir, db_url).remove_atlas(atlas, cascade=cascade)
+    if as_json:
+        print_json(removal)
+    else:
+        click.echo(describe_removal(removal))
+
+
+@click.command()
+@click.option("--grace", type=click.FloatRange(min=0), default=24 * 3600, show_default=True,
+              help="Seconds a leftover file whose writer is unknown is kept (files of running writers are "
+                   "always kept).")
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+@store_options
+@json_option
+def gc(grace: float, dry_run: bool, store_dir: Path, db_url: str | None, as_json: bool) -> None:
+    """Remove leftover files of interrupted writes: files no database row claims and no running
+    writer owns (temporary files, files of killed imports, rebuilds and map saves)."""
+    gone = open_store(store_dir, db_url).gc(grace_s=grace, dry_run=dry_run)
+    if as_json:
+        print_json(gone)
+        return
+    for x in gone:
+        click.echo(f"{'would remove' if dry_run else 'removed'} {x.file} ({x.state}, {x.size} bytes)")
+    click.echo(f"{len(gone)} leftover file(s) {'to remove' if dry_run else 'removed'}")
+
+
 # ---------------------------------------------------------------------- lookup
 
 
@@ -223,17 +269,27 @@ def index() -> None:
 @store_options
 @json_option
 def index_verify(atlas, store_dir: Path, db_url: str | None, as_json: bool) -> None:
-    """Check ATLAS's (or every atlas's) vectors and index against their checksums; exit 1 on a problem."""
-    store = open_store(store_dir, db_url)
-    names = [atlas] if atlas else [a.name for a in store.atlases()]
-    results = [store.verify_index(n) for n in names]
+    """Check ATLAS's (or every atlas's) vectors and index against their checksums; exit 1 on a problem.
+
+    Without ATLAS, map files are checked too, and leftover files of interrupted writes (claimed by
+    no database row) are reported with the command that removes them (`atlas gc`).
+    """
+    report = open_store(store_dir, db_url).verify(atlas)
     if as_json:
-        print_json(results)
+        print_json({"ok": report.ok, "problems": report.problems, "atlases": report.atlases,
+                    "maps": report.maps, "leftovers": report.leftovers})
     else:
-        for r in results:
+        for r in report.atlases:
             click.echo(f"{r.atlas}: {'ok' if r.ok else 'PROBLEM'} ({r.spec}, {r.index_count}/{r.expected_count})"
                        + (f" - {r.problem}" if r.problem else ""))
-    if not all(r.ok for r in results):
+        for m in report.maps:
+            click.echo(f"map {m.map}: {'ok' if m.ok else 'PROBLEM - ' + str(m.problem)}")
+        for x in report.leftovers:
+            click.echo(f"leftover {x.file}: {x.state}" + (f" (pid {x.writer_pid})" if x.writer_pid else ""))
+        stale = [x for x in report.leftovers if x.state != "in progress"]
+        if stale:
+            click.echo(f"PROBLEM - {len(stale)} leftover file(s) claimed by no row; `atlas gc` removes them")
+    if not report.ok:
         raise SystemExit(1)
 
 

@@ -1,33 +1,49 @@
 """Atlases: the ``atlases`` and ``concepts`` rows, the vector files and the indexes, and search.
 
 Why writes are ordered the way they are: the vector file is the source of truth and the index is
-derived from it, so an atlas is written files-first (each file to a temporary name, fsync'd,
-then renamed) and committed to the database last, in one transaction. A crash at any point leaves
-either no atlas (stray files are overwritten by the next import of that name) or a complete one.
-The database holds the checksum and count of every file, so a stale or corrupt index is detected
-when it is opened, and `Store.rebuild_index` restores it from the vectors.
+derived from it, so an atlas is validated and its index built in memory first, then written
+files-first (each file to a temporary name, fsync'd, then renamed) under file names this write
+owns (`engine.store.layout`), and committed to the database last, in one short transaction that
+claims the files. A crash at any point leaves either no atlas (and unclaimed files, which
+`Store.gc` removes) or a complete one; a failed write removes only the files it wrote. The
+database holds the checksum and count of every file, so a stale or corrupt index is detected when
+it is opened, and `Store.rebuild_index` restores it from the vectors (a new file, the row switched
+to it, then the old file removed). Removal is refused while maps or runs depend on an atlas, unless
+asked to cascade; it deletes rows with one set-based statement per table.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
-from sqlalchemy import func, insert, select
+from sqlalchemy import delete, func, insert, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 import indexes
-from engine.errors import BadValueError, DuplicateError, IndexIntegrityError, NotFoundError, ShapeError
+from engine.errors import (
+    BadValueError,
+    DuplicateError,
+    IndexIntegrityError,
+    InUseError,
+    NotFoundError,
+    ShapeError,
+)
 from engine.store import layout
 from engine.store.base import StoreBase
 from engine.store.models import get_or_create_model
-from engine.store.schema import AtlasRow, ConceptRow, ModelRow
-from engine.util import check_k, check_name, sha256_bytes, unit_rows, write_atomic
+from engine.store.schema import AlignmentMapRow, AtlasRow, ConceptRow, FeatureLabelRow, LabelRunRow, ModelRow
+from engine.util import check_k, check_name, failpoint, sha256_bytes, unit_rows, utcnow, write_store_file
+from indexes.faiss_backend import faiss_reason
 from indexes.policy import resolve_index_spec
+
+MAX_ORDINAL = 2**63 - 1  # concept ordinals are SQLite INTEGERs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +110,59 @@ class IndexStatus:
     index_count: int | None
 
 
+@dataclasses.dataclass(frozen=True)
+class Dependents:
+    """What depends on an atlas or a map: maps, labelling runs, their label rows, and the map files."""
+
+    maps: list[str]
+    runs: list[str]
+    n_labels: int
+    files: list[str]
+
+    def describe(self) -> str:
+        parts = []
+        if self.maps:
+            parts.append(f"{len(self.maps)} map(s) ({_names(self.maps)})")
+        if self.runs:
+            parts.append(f"{len(self.runs)} labelling run(s) ({_names(self.runs)}) with {self.n_labels} label rows")
+        return " and ".join(parts) or "nothing"
+
+
+@dataclasses.dataclass(frozen=True)
+class Removal:
+    """What a removal deleted."""
+
+    atlases: list[str]
+    maps: list[str]
+    runs: list[str]
+    n_labels: int
+    files: list[str]
+
+
+def _names(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _dependents(s: Session, maps_where: Any) -> Dependents:
+    maps = s.execute(select(AlignmentMapRow.id, AlignmentMapRow.name, AlignmentMapRow.file)
+                     .where(maps_where).order_by(AlignmentMapRow.name)).all()
+    map_ids = [m[0] for m in maps]
+    runs = list(s.scalars(select(LabelRunRow.name).where(LabelRunRow.map_id.in_(map_ids)).order_by(LabelRunRow.name)))
+    n_labels = s.scalar(select(func.count()).select_from(FeatureLabelRow).join(
+        LabelRunRow, FeatureLabelRow.run_id == LabelRunRow.id).where(LabelRunRow.map_id.in_(map_ids))) if runs else 0
+    return Dependents([m[1] for m in maps], runs, int(n_labels or 0), [m[2] for m in maps])
+
+
+def _label_index_files(name: str, extra: dict[str, Any] | None, legacy: bool = True) -> list[str]:
+    """The label-embedding index file an atlas row claims (and the name older stores used)."""
+    meta = (extra or {}).get("label_index") or {}
+    out = [meta["file"]] if meta.get("file") else []
+    if legacy and meta and not meta.get("file"):
+        out.append(layout.legacy_label_index_file(name))
+    return out
+
+
 class AtlasesMixin(StoreBase):
     """Store methods over atlases, their concepts, vector files and indexes."""
 
@@ -120,12 +189,9 @@ class AtlasesMixin(StoreBase):
 
         Unlabelled concepts keep their ordinal as label and are marked ``labelled=False``.
         """
+        self.check_writable()
         check_name(name, "atlas")
-        x = np.asarray(vectors)
-        if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
-            raise ShapeError(f"atlas vectors must be a non-empty 2-D matrix (n_concepts, d), got {x.shape}")
-        if not np.isfinite(x).all():
-            raise ShapeError("atlas vectors contain NaN or infinite values")
+        x = check_vectors(vectors)
         n, d = x.shape
         index_spec = resolve_index_spec(index_spec, n, d)
         labels = list(labels) if labels is not None else [None] * n
@@ -133,49 +199,57 @@ class AtlasesMixin(StoreBase):
         for what, seq in (("labels", labels), ("descriptions", descriptions), ("densities", densities)):
             if seq is not None and len(seq) != n:
                 raise ShapeError(f"{len(seq)} {what} for {n} vectors: one per concept (row) is needed")
-        with self.session() as s:
+        tensors = {layout.DIRECTIONS_KEY: x, **check_encoder(encoder, n, d)}
+        with self.read_session() as s:  # early, friendly; checked again under the write lock
             if s.scalar(select(AtlasRow.id).where(AtlasRow.name == name)) is not None:
                 raise DuplicateError(f"an atlas named {name!r} exists; pick another --name or remove it first")
+        index = build_index(x, index_spec)  # in memory: a spec that does not work writes no file
 
-        tensors = {layout.DIRECTIONS_KEY: np.ascontiguousarray(x, dtype=np.float32)}
-        for key, value in (encoder or {}).items():
-            if value is not None:
-                tensors[key] = np.ascontiguousarray(value, dtype=np.float32)
         vec_bytes = st_save(tensors, metadata={"atlas": name, "model": model, "layer": str(layer), "hook": hook})
-        written = [self.path / layout.vector_file(name), self.path / layout.index_file(name)]
+        idx_bytes = index.to_bytes()
+        token = layout.new_token()
+        vec_rel, idx_rel = layout.vector_file(name, token), layout.index_file(name, token)
+        written: list[Path] = []  # only this write's own files: a failure removes them and nothing else
         try:
-            write_atomic(written[0], vec_bytes)
-            index = _new_index(d, index_spec)
-            index.add(unit_rows(x), np.arange(n, dtype=np.int64))
-            idx_bytes = index.save(written[1])
-            with self.session() as s:
-                model_row = get_or_create_model(s, model)
-                if model_row.d_model is None:
-                    model_row.d_model = d
-                atlas = AtlasRow(
-                    name=name, model_id=model_row.id, layer=layer, hook=hook, dim=d, n_concepts=n,
-                    metric="cosine", raw_residuals=raw_residuals, source_kind=source_kind,
-                    source_ref=source_ref, vector_file=layout.vector_file(name),
-                    vector_sha256=sha256_bytes(vec_bytes), index_file=layout.index_file(name),
-                    index_spec=index_spec, index_sha256=sha256_bytes(idx_bytes), index_count=index.count(),
-                    extra={**(extra or {}), "revision": revision, "has_encoder": len(tensors) > 1},
+            for step, rel, data in (("vectors", vec_rel, vec_bytes), ("index", idx_rel, idx_bytes)):
+                written.append(self.path / rel)
+                write_store_file(self.path / rel, data)
+                failpoint(f"add_atlas.{step}_written")
+            rows: list[dict[str, Any]] = [
+                dict(
+                    ordinal=i, label=str(labels[i]) if labels[i] not in (None, "") else str(i),
+                    description=descriptions[i], labelled=labels[i] not in (None, ""),
+                    source_kind=source_kind, source_ref=source_ref,
+                    density=None if densities is None else densities[i], extra={},
                 )
-                s.add(atlas)
-                s.flush()
-                rows = []
-                for i in range(n):
-                    label = labels[i]
-                    rows.append(
-                        dict(
-                            atlas_id=atlas.id, ordinal=i,
-                            label=str(label) if label not in (None, "") else str(i),
-                            description=descriptions[i], labelled=label not in (None, ""),
-                            source_kind=source_kind, source_ref=source_ref,
-                            density=None if densities is None else densities[i], extra={},
-                        )
+                for i in range(n)
+            ]
+            try:
+                with self.session() as s:  # the write lock is held from here to the commit only
+                    if s.scalar(select(AtlasRow.id).where(AtlasRow.name == name)) is not None:
+                        raise DuplicateError(f"an atlas named {name!r} exists (written while this import ran); "
+                                             "pick another --name or remove it first")
+                    model_row = ensure_model(s, model)
+                    if model_row.d_model is None:
+                        model_row.d_model = d
+                    atlas = AtlasRow(
+                        name=name, model_id=model_row.id, layer=layer, hook=hook, dim=d, n_concepts=n,
+                        metric="cosine", raw_residuals=raw_residuals, source_kind=source_kind,
+                        source_ref=source_ref, vector_file=vec_rel, vector_sha256=sha256_bytes(vec_bytes),
+                        index_file=idx_rel, index_spec=index_spec, index_sha256=sha256_bytes(idx_bytes),
+                        index_count=index.count(),
+                        extra={**(extra or {}), "revision": revision, "has_encoder": len(tensors) > 1},
                     )
-                s.execute(insert(ConceptRow), rows)
-                self._indexes[(name, atlas.index_sha256 or "")] = index
+                    s.add(atlas)
+                    s.flush()
+                    for r in rows:
+                        r["atlas_id"] = atlas.id
+                    s.execute(insert(ConceptRow), rows)
+                    failpoint("add_atlas.before_commit")
+            except IntegrityError:  # another database than SQLite: the unique name decides
+                raise DuplicateError(f"an atlas named {name!r} exists (written while this import ran); "
+                                     "pick another --name or remove it first") from None
+            self._indexes[(name, sha256_bytes(idx_bytes))] = index
         except BaseException:
             for p in written:
                 p.unlink(missing_ok=True)
@@ -183,12 +257,12 @@ class AtlasesMixin(StoreBase):
         return self.atlas(name)
 
     def atlases(self) -> list[AtlasInfo]:
-        with self.session() as s:
+        with self.read_session() as s:
             return [self._atlas_info(s, r) for r in s.scalars(select(AtlasRow).order_by(AtlasRow.name))]
 
     def atlas(self, name: str | None = None) -> AtlasInfo:
         """The named atlas; with ``None``, the only atlas of the store."""
-        with self.session() as s:
+        with self.read_session() as s:
             return self._atlas_info(s, self._atlas_row(s, name))
 
     def _atlas_row(self, s: Session, name: str | None) -> AtlasRow:
@@ -218,21 +292,58 @@ class AtlasesMixin(StoreBase):
             has_encoder=bool(extra.get("has_encoder")), vector_sha256=row.vector_sha256,
         )
 
-    def remove_atlas(self, name: str) -> None:
-        """Delete an atlas, its concepts and its files (maps and runs on it go too)."""
+    def atlas_dependents(self, name: str) -> Dependents:
+        """The maps on an atlas, the labelling runs on them and their label rows."""
+        with self.read_session() as s:
+            row = self._atlas_row(s, name)
+            return _dependents(s, AlignmentMapRow.atlas_id == row.id)
+
+    def remove_atlas(self, name: str, cascade: bool = False) -> Removal:
+        """Delete an atlas: its rows, then its files.
+
+        While maps (and labelling runs on them) depend on it, refused with `InUseError` naming
+        them, unless ``cascade``: then they go too. Rows are deleted child tables first, one
+        set-based statement each, in one transaction; files after the commit.
+        """
+        self.check_writable()
         with self.session() as s:
             row = self._atlas_row(s, name)
-            files = [row.vector_file, row.index_file, layout.label_index_file(name)]
-            s.delete(row)
+            deps = _dependents(s, AlignmentMapRow.atlas_id == row.id)
+            if deps.maps and not cascade:
+                raise InUseError(
+                    f"atlas {name!r} is used by {deps.describe()}; `atlas remove {name} --cascade` removes "
+                    "them too, or remove them first"
+                )
+            files = [row.vector_file, row.index_file, *_label_index_files(name, row.extra), *deps.files]
+            map_ids = select(AlignmentMapRow.id).where(AlignmentMapRow.atlas_id == row.id)
+            run_ids = select(LabelRunRow.id).where(LabelRunRow.map_id.in_(map_ids))
+            s.execute(delete(FeatureLabelRow).where(FeatureLabelRow.run_id.in_(run_ids)))
+            s.execute(delete(LabelRunRow).where(LabelRunRow.map_id.in_(map_ids)))
+            s.execute(delete(AlignmentMapRow).where(AlignmentMapRow.atlas_id == row.id))
+            s.execute(delete(ConceptRow).where(ConceptRow.atlas_id == row.id))
+            s.execute(delete(AtlasRow).where(AtlasRow.id == row.id))
+        failpoint("remove_atlas.committed")
         for f in files:
             (self.path / f).unlink(missing_ok=True)
         self._indexes = {k: v for k, v in self._indexes.items() if k[0] != name}
+        return Removal(atlases=[name], maps=deps.maps, runs=deps.runs, n_labels=deps.n_labels, files=files)
 
     # ------------------------------------------------------------------ vectors and index
 
+    def atlas_files(self, name: str) -> dict[str, str]:
+        """The files an atlas's row claims, relative to the store root (``vectors``, ``index``,
+        and ``labels`` where a label-embedding index exists)."""
+        with self.read_session() as s:
+            row = self._atlas_row(s, name)
+            out = {"vectors": row.vector_file, "index": row.index_file}
+            label_files = _label_index_files(name, row.extra, legacy=False)
+            if label_files:
+                out["labels"] = label_files[0]
+            return out
+
     def atlas_tensors(self, name: str) -> dict[str, np.ndarray]:
         """All tensors of the atlas vector file, checked against the stored checksum."""
-        with self.session() as s:
+        with self.read_session() as s:
             row = self._atlas_row(s, name)
             path, sha = self.path / row.vector_file, row.vector_sha256
         try:
@@ -255,25 +366,29 @@ class AtlasesMixin(StoreBase):
 
     def index(self, name: str | None = None) -> indexes.VectorIndex:
         """The atlas's vector index, verified against its checksum and count before use."""
-        with self.session() as s:
-            row = self._atlas_row(s, name)
-            key = (row.name, row.index_sha256 or "")
-            if key in self._indexes:
-                return self._indexes[key]
-            path, spec, expected = self.path / row.index_file, row.index_spec, row.n_concepts
-            atlas_name = row.name
-        fix = f"`atlas index rebuild {atlas_name}` restores it from the vectors"
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise IndexIntegrityError(f"the index of atlas {atlas_name!r} is missing ({path}); {fix}") from None
+        for attempt in range(3):
+            with self.read_session() as s:
+                row = self._atlas_row(s, name)
+                key = (row.name, row.index_sha256 or "")
+                if key in self._indexes:
+                    return self._indexes[key]
+                path, spec, expected = self.path / row.index_file, row.index_spec, row.n_concepts
+                atlas_name = row.name
+            fix = f"`atlas index rebuild {atlas_name}` restores it from the vectors"
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                if attempt < 2 and self._index_file_moved(atlas_name, path):
+                    continue  # a rebuild switched the row to a new file (and removed this one): read again
+                raise IndexIntegrityError(f"the index of atlas {atlas_name!r} is missing ({path}); {fix}") from None
+            break
         if sha256_bytes(data) != key[1]:
             raise IndexIntegrityError(
                 f"the index of atlas {atlas_name!r} ({path}) is corrupt or stale (checksum mismatch); {fix}"
             )
         try:
             index = indexes.load_index(data, spec)
-        except indexes.IndexCorruptError as e:
+        except (indexes.IndexCorruptError, indexes.IndexSpecError) as e:
             raise IndexIntegrityError(f"the index of atlas {atlas_name!r} cannot be read ({e}); {fix}") from None
         if index.count() != expected:
             raise IndexIntegrityError(
@@ -281,6 +396,10 @@ class AtlasesMixin(StoreBase):
             )
         self._indexes[key] = index
         return index
+
+    def _index_file_moved(self, name: str, path: Path) -> bool:
+        with self.read_session() as s:
+            return self.path / self._atlas_row(s, name).index_file != path
 
     def verify_index(self, name: str) -> IndexStatus:
         """Check an atlas's vector file and index without raising; says what is wrong."""
@@ -295,16 +414,36 @@ class AtlasesMixin(StoreBase):
         return IndexStatus(name, True, None, info.index_spec, info.n_concepts, count)
 
     def rebuild_index(self, name: str, spec: str | None = None) -> IndexStatus:
-        """Rebuild the index from the vector file (optionally with another spec), atomically."""
+        """Rebuild the index from the vector file (optionally with another spec), atomically.
+
+        The new index is built and checked in memory, written under a new file name, and the row
+        switched to it in one transaction; only then is the old file removed. A crash at any point
+        leaves the old index (and an unclaimed new file, which `Store.gc` removes) or the new one.
+        """
+        self.check_writable()
         info = self.atlas(name)
-        spec = resolve_index_spec(spec or info.index_spec, info.n_concepts, info.dim)
-        x = unit_rows(self.atlas_vectors(name))
-        index = _new_index(info.dim, spec)
-        index.add(x, np.arange(x.shape[0], dtype=np.int64))
-        data = index.save(self.path / layout.index_file(name))
-        with self.session() as s:
-            row = self._atlas_row(s, name)
-            row.index_spec, row.index_sha256, row.index_count = spec, sha256_bytes(data), index.count()
+        spec = resolve_index_spec(info.index_spec if spec is None else spec, info.n_concepts, info.dim)
+        with self.read_session() as s:
+            vec_sha = self._atlas_row(s, name).vector_sha256
+        index = build_index(self.atlas_vectors(name), spec)  # normalises the rows (once: results identical)
+        data = index.to_bytes()
+        rel = layout.index_file(name, layout.new_token())
+        write_store_file(self.path / rel, data)
+        failpoint("rebuild.file_written")
+        try:
+            with self.session() as s:
+                row = self._atlas_row(s, name)
+                if row.vector_sha256 != vec_sha:
+                    raise NotFoundError(f"atlas {name!r} was replaced while its index was rebuilt; rebuild again")
+                old = row.index_file
+                row.index_file, row.index_spec = rel, spec
+                row.index_sha256, row.index_count = sha256_bytes(data), index.count()
+        except BaseException:
+            (self.path / rel).unlink(missing_ok=True)
+            raise
+        failpoint("rebuild.committed")
+        if old != rel:
+            (self.path / old).unlink(missing_ok=True)
         self._indexes = {k: v for k, v in self._indexes.items() if k[0] != name}
         self._indexes[(name, sha256_bytes(data))] = index
         return self.verify_index(name)
@@ -314,7 +453,7 @@ class AtlasesMixin(StoreBase):
     def concept(self, ref: str | int, atlas: str | None = None) -> Concept:
         """A concept by ``"<atlas>/<ordinal>"``, or by ordinal within ``atlas`` (or the only atlas)."""
         atlas_name, ordinal = parse_concept_ref(ref, atlas)
-        with self.session() as s:
+        with self.read_session() as s:
             arow = self._atlas_row(s, atlas_name)
             row = s.scalar(select(ConceptRow).where(ConceptRow.atlas_id == arow.id, ConceptRow.ordinal == ordinal))
             if row is None:
@@ -325,7 +464,7 @@ class AtlasesMixin(StoreBase):
 
     def concepts(self, atlas: str | None = None, ordinals: Sequence[int] | None = None) -> list[Concept]:
         """Concepts of an atlas, all or those at ``ordinals`` (in that order)."""
-        with self.session() as s:
+        with self.read_session() as s:
             arow = self._atlas_row(s, atlas)
             q = select(ConceptRow).where(ConceptRow.atlas_id == arow.id)
             if ordinals is None:
@@ -342,7 +481,7 @@ class AtlasesMixin(StoreBase):
 
     def labels(self, atlas: str | None = None) -> list[str]:
         """Labels of all concepts in ordinal order (cheap: no full rows)."""
-        with self.session() as s:
+        with self.read_session() as s:
             arow = self._atlas_row(s, atlas)
             q = select(ConceptRow.label).where(ConceptRow.atlas_id == arow.id).order_by(ConceptRow.ordinal)
             return list(s.scalars(q))
@@ -389,9 +528,13 @@ def parse_concept_ref(ref: str | int, atlas: str | None = None) -> tuple[str | N
     text = str(ref).strip()
     head, sep, ordinal = text.rpartition("/")
     name = head if sep else atlas
-    if not ordinal.lstrip("-").isdigit():
-        raise NotFoundError(f"bad concept id {text!r}; use <atlas>/<ordinal>, e.g. my-atlas/12")
-    return (name or atlas), int(ordinal)
+    if not ordinal.isascii() or not ordinal.lstrip("-").isdigit():
+        raise NotFoundError(f"bad concept id {text[:80]!r}; use <atlas>/<ordinal>, e.g. my-atlas/12")
+    value = int(ordinal)
+    if not 0 <= value <= MAX_ORDINAL:
+        raise NotFoundError(f"bad concept id {text[:80]!r}: an ordinal is a row number from 0 "
+                            "(`atlas atlases` shows each atlas's size)")
+    return (name or atlas), value
 
 
 def _concept(atlas: str, row: ConceptRow) -> Concept:
@@ -401,10 +544,111 @@ def _concept(atlas: str, row: ConceptRow) -> Concept:
     )
 
 
+SPEC_HINT = ("use a FAISS factory string such as Flat, HNSW32 or IVF1024,Flat (search parameters after '|', "
+             "e.g. HNSW32|efSearch=128), or auto")
+
+
 def _new_index(dim: int, spec: str) -> indexes.VectorIndex:
     """An empty index of ``spec``; a spec the backend does not understand is the user's `BadValueError`."""
     try:
         return indexes.create_index(dim, spec)
     except indexes.IndexSpecError as e:
-        raise BadValueError(f"{e}; use a FAISS factory string such as Flat, HNSW32 or IVF1024,Flat (search "
-                            "parameters after '|', e.g. HNSW32|efSearch=128), or auto") from None
+        raise BadValueError(f"{e}; {SPEC_HINT}") from None
+
+
+def build_index(x: np.ndarray, spec: str) -> indexes.VectorIndex:
+    """An index of ``spec`` over the rows of ``x`` scaled to unit norm (ids = row numbers), built in
+    memory and checked.
+
+    The spec is parsed first (numbers FAISS would crash on are refused before FAISS sees them),
+    then the index is trained and filled, then a few rows are searched: a spec that cannot be
+    built on these vectors, or an index that finds nothing, is a `BadValueError` and no file has
+    been written.
+    """
+    n, d = x.shape
+    index = _new_index(d, spec)
+    x = unit_rows(x)
+    try:
+        index.add(x, np.arange(n, dtype=np.int64))
+        probe = x[np.unique(np.linspace(0, n - 1, min(n, 8)).astype(np.int64))]
+        _, ids = index.search(probe, min(n, 5))
+    except (RuntimeError, ValueError) as e:
+        raise BadValueError(f"index spec {spec!r} does not work on {n} vectors of dim {d} "
+                            f"({faiss_reason(e)}); {SPEC_HINT}") from None
+    if index.count() != n or (ids < 0).all(axis=1).any():
+        raise BadValueError(f"index spec {spec!r} built an index that does not find the atlas's own vectors; "
+                            f"{SPEC_HINT}")
+    return index
+
+
+def check_vectors(vectors: Any, what: str = "atlas vectors") -> np.ndarray:
+    """``vectors`` as a float32 (n, d) matrix of usable directions, or a `ShapeError` saying why not.
+
+    Refused: anything not a non-empty 2-D array of real numbers (strings, objects, complex
+    values), NaN or infinite values (also after the cast to float32), all-zero rows (no
+    direction) and rows whose norm overflows float32 (unit-normalising them gives zeros).
+    """
+    try:
+        x = np.asarray(vectors)
+    except (ValueError, TypeError) as e:
+        raise ShapeError(f"{what} are not an array of numbers ({e})") from None
+    if x.dtype.kind not in "fiu":
+        raise ShapeError(f"{what} must be real numbers (float or int), got dtype {x.dtype}")
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise ShapeError(f"{what} must be a non-empty 2-D matrix (n_concepts, d), got {x.shape}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if not np.isfinite(x).all():
+            raise ShapeError(f"{what} contain NaN or infinite values (or values beyond float32's range)")
+        norms = np.linalg.norm(x, axis=1)
+    bad = np.flatnonzero(~np.isfinite(norms))
+    if len(bad):
+        raise ShapeError(f"{what}: row {bad[0]} has a norm beyond float32's range ({len(bad)} such rows); "
+                         "scale the vectors down")
+    zero = np.flatnonzero(norms == 0)
+    if len(zero):
+        raise ShapeError(f"{what}: row {zero[0]} is all zeros ({len(zero)} such rows); a concept needs a direction")
+    return x
+
+
+def check_encoder(encoder: dict[str, np.ndarray] | None, n: int, d: int) -> dict[str, np.ndarray]:
+    """The SAE encoder tensors kept with an atlas, each checked against d_in = ``d``, d_sae = ``n``."""
+    # k: a TopK SAE's number of active latents, kept as a one-element tensor (engine.atlas.encoder)
+    shapes = {"W_enc": (d, n), "b_enc": (n,), "b_dec": (d,), "threshold": (n,), "k": (1,)}
+    out = {}
+    for key, value in (encoder or {}).items():
+        if value is None:
+            continue
+        if key not in shapes:
+            raise ShapeError(f"unknown encoder tensor {key!r} (known: {', '.join(shapes)})")
+        v = np.asarray(value)
+        if v.dtype.kind not in "fiu":
+            raise ShapeError(f"encoder tensor {key} must be real numbers, got dtype {v.dtype}")
+        if v.shape != shapes[key]:
+            raise ShapeError(f"encoder tensor {key} has shape {v.shape}; with d_in={d}, d_sae={n} it must be "
+                             f"{shapes[key]}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            v = np.ascontiguousarray(v, dtype=np.float32)
+        if not np.isfinite(v).all():
+            raise ShapeError(f"encoder tensor {key} contains NaN or infinite values")
+        out[key] = v
+    return out
+
+
+def ensure_model(s: Session, name: str) -> ModelRow:
+    """The row of model ``name``, inserted first if missing, race-free: an upsert
+    (``INSERT ... ON CONFLICT DO NOTHING``) where the database has one, so two writers adding the
+    same new model both get its one row."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    dialect = s.get_bind().dialect.name
+    if dialect in ("sqlite", "postgresql"):
+        values = dict(name=name, extra={}, created_at=utcnow())
+        stmt = (sqlite.insert(ModelRow).values(**values).on_conflict_do_nothing(index_elements=["name"])
+                if dialect == "sqlite" else
+                postgresql.insert(ModelRow).values(**values).on_conflict_do_nothing(index_elements=["name"]))
+        s.execute(stmt)
+        row = s.scalar(select(ModelRow).where(ModelRow.name == name))
+        assert row is not None
+        return row
+    return get_or_create_model(s, name)

@@ -10,44 +10,142 @@ back on any error. The methods by concept are mixins over it (`engine.store.mode
 from __future__ import annotations
 
 import contextlib
+import os
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 import indexes
-from engine.errors import StoreNotFoundError, StoreOutdatedError
+from engine.errors import (
+    AtlasError,
+    ReadOnlyStoreError,
+    StoreBusyError,
+    StoreCorruptError,
+    StoreNotFoundError,
+    StoreOutdatedError,
+)
 from engine.store import layout, migrate
 
 S = TypeVar("S", bound="StoreBase")
 
+# How long a writer waits for another's write lock before giving up with `StoreBusyError`. Write
+# transactions are short (files are written before them), so a wait this long means a stuck writer.
+BUSY_TIMEOUT_S = 60.0
+# Execution option naming how a transaction begins on SQLite: "IMMEDIATE" (the default on a writable
+# store: the write lock is taken at BEGIN, so a read-then-write transaction can neither deadlock nor
+# fail on a stale snapshot) or "DEFERRED" (read-only transactions: never wait for writers).
+BEGIN_OPTION = "atlas_begin"
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA synchronous=NORMAL")
-    cur.close()
+
+def _sqlite_connect(readonly: bool):
+    def on_connect(dbapi_conn, _record) -> None:
+        # The driver must not open transactions on its own: `_sqlite_begin` does, in the mode asked.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        if not readonly:
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    return on_connect
 
 
-def make_engine(url: str) -> Engine:
-    engine = create_engine(url)
-    if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect", _sqlite_pragmas)
-    return engine
+def _sqlite_begin(readonly: bool):
+    def on_begin(conn) -> None:
+        mode = "DEFERRED" if readonly else conn.get_execution_options().get(BEGIN_OPTION, "IMMEDIATE")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+    return on_begin
+
+
+def _sqlite_error(ctx) -> AtlasError | None:
+    """Driver errors that are states of the store, not bugs: one-line `AtlasError`s saying what to do."""
+    orig = ctx.original_exception
+    if not isinstance(orig, sqlite3.Error) or isinstance(orig, sqlite3.IntegrityError):
+        return None
+    code = getattr(orig, "sqlite_errorname", "") or ""
+    msg = str(orig)
+    url = ctx.engine.url if ctx.engine is not None else None
+    db = (url.database or "the database") if url is not None else "the database"
+    db = db.removeprefix("file:").split("?")[0]
+    if code.startswith("SQLITE_BUSY") or code.startswith("SQLITE_LOCKED") or "is locked" in msg:
+        return StoreBusyError(f"{db} stayed locked by another writer for {BUSY_TIMEOUT_S:.0f} s ({msg}); "
+                              "try again when it has finished")
+    if code.startswith("SQLITE_READONLY") or "readonly database" in msg:
+        return ReadOnlyStoreError(f"{db} is read-only ({msg}); writing needs write access to it and its folder")
+    if code in ("SQLITE_NOTADB", "SQLITE_CORRUPT") or "not a database" in msg or "malformed" in msg:
+        return StoreCorruptError(f"{db} is not a readable store database ({msg}); restore it from a backup, "
+                                 "or move it away and `atlas init` a new store")
+    if code.startswith("SQLITE_CANTOPEN") or "unable to open" in msg:
+        return StoreNotFoundError(f"cannot open {db} ({msg}); check that it exists and its folder is readable")
+    if code.startswith("SQLITE_FULL") or "disk is full" in msg:
+        return AtlasError(f"cannot write {db}: the disk is full; free space and retry")
+    if code.startswith("SQLITE_IOERR") or "disk I/O error" in msg:
+        return StoreCorruptError(f"cannot read or write {db} ({msg}); check the disk and the file")
+    return None
+
+
+def _translate_errors(ctx) -> AtlasError | None:
+    return _sqlite_error(ctx)
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite URL (``None`` for other databases and in-memory ones)."""
+    u = make_url(url)
+    if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:":
+        return None
+    return Path(u.database.removeprefix("file:").split("?")[0])
+
+
+def store_is_writable(root: Path, db_file: Path | None) -> bool:
+    """Whether this process can write the store's database and create files next to it (SQLite's
+    WAL and lock files). A store that is not writable is opened read-only."""
+    folders = [root / d for d in layout.STORE_DIRS if (root / d).is_dir()]
+    if db_file is not None:
+        if db_file.exists() and not os.access(db_file, os.W_OK):
+            return False
+        folders.append(db_file.parent)
+    return all(os.access(f, os.W_OK) for f in folders)
+
+
+def make_engine(url: str, readonly: bool = False) -> Engine:
+    """The SQLAlchemy engine of a store database.
+
+    On SQLite: WAL journal, foreign keys on, a busy timeout of `BUSY_TIMEOUT_S`, transactions begun
+    ``IMMEDIATE`` (see `BEGIN_OPTION`) and driver errors that are store states (locked, read-only,
+    not a database) raised as `AtlasError`s. ``readonly`` opens the file with ``mode=ro``: no
+    journal-mode change, every write refused with `ReadOnlyStoreError`.
+    """
+    path = sqlite_path(url)
+    if path is not None:
+        kwargs: dict[str, Any] = {"connect_args": {"timeout": BUSY_TIMEOUT_S}}
+        if readonly:
+            url = f"sqlite:///file:{path.resolve()}?mode=ro&uri=true"
+        engine = create_engine(url, **kwargs)
+        event.listen(engine, "connect", _sqlite_connect(readonly))
+        event.listen(engine, "begin", _sqlite_begin(readonly))
+        event.listen(engine, "handle_error", _translate_errors)
+        return engine
+    return create_engine(url)
 
 
 class StoreBase:
     """An opened store's folder and database. Use `init` to create one and `open` to open one."""
 
-    def __init__(self, path: Path, engine: Engine) -> None:
+    def __init__(self, path: Path, engine: Engine, readonly: bool = False) -> None:
         self.path = Path(path)
         self.engine = engine
+        self.readonly = readonly
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._read_sessions = sessionmaker(engine.execution_options(**{BEGIN_OPTION: "DEFERRED"}),
+                                           expire_on_commit=False)
         # Loaded atlas indexes by (atlas, index checksum): see `engine.store.atlases`.
         self._indexes: dict[tuple[str, str], indexes.VectorIndex] = {}
 
@@ -55,46 +153,57 @@ class StoreBase:
     def init(cls: type[S], path: str | Path, db_url: str | None = None) -> S:
         """Create the store's folders and bring its database to the newest schema revision."""
         root = Path(path)
-        root.mkdir(parents=True, exist_ok=True)
-        for d in layout.STORE_DIRS:
-            (root / d).mkdir(exist_ok=True)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            for d in layout.STORE_DIRS:
+                (root / d).mkdir(exist_ok=True)
+        except OSError as e:
+            raise ReadOnlyStoreError(f"cannot create the store at {root} ({e.strerror}); pick a folder "
+                                     "you can write") from None
         engine = make_engine(db_url or layout.sqlite_url(root))
+        _check_known_revision(engine, root)
         migrate.upgrade(engine)
         return cls(root, engine)
 
     @classmethod
     def open(cls: type[S], path: str | Path, db_url: str | None = None, check_revision: bool = True) -> S:
-        """Open an initialised store; raises if it is missing or at an older schema revision."""
+        """Open an initialised store; raises if it is missing or at an older schema revision.
+
+        A store this process cannot write (its database or folders read-only) is opened read-only:
+        reads work, writes fail with `ReadOnlyStoreError`.
+        """
         root = Path(path)
         hint = f"`atlas init --store {root}` creates one"
         if not root.is_dir():
             raise StoreNotFoundError(f"no store at {root}; {hint}")
         if db_url is None and not (root / layout.DB_FILE).is_file():
             raise StoreNotFoundError(f"{root} has no {layout.DB_FILE}; {hint}")
-        engine = make_engine(db_url or layout.sqlite_url(root))
+        url = db_url or layout.sqlite_url(root)
+        readonly = not store_is_writable(root, sqlite_path(url))
+        engine = make_engine(url, readonly=readonly)
         if check_revision:
-            try:
-                current = migrate.current_revision(engine)
-            except OperationalError as e:
-                raise StoreNotFoundError(f"cannot read the store database at {engine.url}: {e.orig}") from None
+            current = _check_known_revision(engine, root)
             head = migrate.head_revision()
             if current is None:
                 raise StoreNotFoundError(f"{root} is not an initialised store; {hint}")
             if current != head:
-                if current in migrate.known_revisions():
-                    raise StoreOutdatedError(
-                        f"the store database is at revision {current}, this version needs {head}; "
-                        f"run `atlas db upgrade --store {root}`"
-                    )
                 raise StoreOutdatedError(
-                    f"the store database is at revision {current}, unknown to this version "
-                    f"(newest known: {head}); upgrade concept-atlas"
+                    f"the store database is at revision {current}, this version needs {head}; "
+                    f"run `atlas db upgrade --store {root}`"
                 )
-        return cls(root, engine)
+        return cls(root, engine, readonly=readonly)
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
-        """A database session that commits on success and rolls back on any error."""
+        """A database session that commits on success and rolls back on any error.
+
+        On SQLite its transaction takes the write lock when it begins (``BEGIN IMMEDIATE``), so
+        read-then-write logic in it is serialised with other writers; `read_session` is for reads.
+        """
+        if self.readonly:
+            with self.read_session() as s:
+                yield s
+            return
         with self._sessions() as s:
             try:
                 yield s
@@ -102,6 +211,23 @@ class StoreBase:
             except BaseException:
                 s.rollback()
                 raise
+
+    @contextlib.contextmanager
+    def read_session(self) -> Iterator[Session]:
+        """A session for reads: it never waits for writers (WAL) and never takes the write lock."""
+        with self._read_sessions() as s:
+            try:
+                yield s
+                s.commit()
+            except BaseException:
+                s.rollback()
+                raise
+
+    def check_writable(self) -> None:
+        """Raise `ReadOnlyStoreError` before a write on a store opened read-only."""
+        if self.readonly:
+            raise ReadOnlyStoreError(f"the store at {self.path} is read-only for this user (its database or "
+                                     "folders cannot be written); writing needs write access")
 
     def close(self) -> None:
         self.engine.dispose()
@@ -111,3 +237,19 @@ class StoreBase:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _check_known_revision(engine: Engine, root: Path) -> str | None:
+    """The database's schema revision; a revision this version does not know is an error."""
+    try:
+        current = migrate.current_revision(engine)
+    except AtlasError:
+        raise
+    except DBAPIError as e:
+        raise StoreNotFoundError(f"cannot read the store database at {root}: {e.orig}") from None
+    if current is not None and current not in migrate.known_revisions():
+        raise StoreOutdatedError(
+            f"the store database is at revision {current}, unknown to this version "
+            f"(newest known: {migrate.head_revision()}); upgrade concept-atlas"
+        )
+    return current

@@ -30,7 +30,7 @@ from sqlalchemy import Table, delete, insert, select, update
 
 from engine.errors import AtlasError, BadValueError, NotFoundError
 from engine.store.base import StoreBase
-from engine.store.runs import _alive
+from engine.store.runs import worker_status
 from engine.store.schema import AlignmentMapRow, AtlasRow, ConceptContextRow, ConceptRow, ContextRunRow
 from engine.util import utcnow
 
@@ -220,11 +220,8 @@ def _run_query():
 
 
 def _info(row: ContextRunRow, atlas: str, map_name: str | None) -> ContextRun:
-    status = row.status
     params = dict(row.params or {})
-    worker = params.get("worker") or {}
-    if status == "running" and worker.get("host") == socket.gethostname() and not _alive(worker.get("pid")):
-        status = "interrupted"  # its process is gone (killed): a re-run continues it
+    status = worker_status(row.status, params)  # a killed run reads as interrupted: a re-run continues it
     return ContextRun(
         id=row.id, atlas=atlas, map=map_name, model=str(params.get("model", "")), corpus=row.corpus,
         fingerprint=row.corpus_fingerprint, top=row.top, n_texts=row.n_texts, n_done=row.n_done, chunk=row.chunk,

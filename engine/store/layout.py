@@ -1,36 +1,89 @@
-"""File names and folders of a store, in one place (docs/design.md §3)."""
+"""File and folder names of a store, in one place (docs/design.md §3).
+
+Every file a writer creates is named so that no other writer and no other name can produce it:
+``<folder>/<name>@<pid>-<12 hex>[.labels].<ext>``. Names never contain ``@`` (`engine.util.check_name`),
+so what precedes the first ``@`` is the whole name (``X.labels`` cannot reach atlas ``X``'s files);
+the random part makes the file this write's own (two imports of one name write two files and the
+database row, committed last, claims one of them); the pid says which process wrote it, so
+`Store.gc` can tell a running writer's file from a killed one's. The database row records the
+file name; nothing derives a file name from an object's name.
+
+Temporary files (`indexes.base.write_atomic`) are ``.<pid>.<random>.tmp`` beside their target.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import re
+import secrets
 from pathlib import Path
 
 DB_FILE = "atlas.db"
-VECTORS_DIR = "vectors"  # <atlas>.safetensors: the source of truth for directions
-INDEXES_DIR = "indexes"  # <atlas>.faiss: derived, rebuildable
-MAPS_DIR = "maps"  # <map>.safetensors: alignment-map tensors
+VECTORS_DIR = "vectors"  # <atlas>@<token>.safetensors: the source of truth for directions
+INDEXES_DIR = "indexes"  # <atlas>@<token>.faiss (derived, rebuildable), <atlas>@<token>.labels.faiss
+MAPS_DIR = "maps"  # <map>@<token>.safetensors: alignment-map tensors
 MODELS_DIR = "models"  # models the store built itself (ConceptWorld)
 ACTIVATIONS_DIR = "activations"  # optional activation caches
 STORE_DIRS = (VECTORS_DIR, INDEXES_DIR, MAPS_DIR, MODELS_DIR, ACTIVATIONS_DIR)
+# Folders whose files are all claimed by database rows (`Store.gc` looks for leftovers there).
+OWNED_DIRS = (VECTORS_DIR, INDEXES_DIR, MAPS_DIR)
 
 # Tensor names inside an atlas vector file.
 DIRECTIONS_KEY = "directions"  # (n_concepts, d): decoder rows / concept directions, as imported
-ENCODER_KEYS = ("W_enc", "b_enc", "b_dec", "threshold")  # kept when an SAE carries them
+ENCODER_KEYS = ("W_enc", "b_enc", "b_dec", "threshold", "k")  # kept when an SAE carries them (k: TopK)
+
+OWNER_SEP = "@"  # never in a name (check_name), so it ends the name part of every file name
 
 
-def vector_file(name: str) -> str:
-    return f"{VECTORS_DIR}/{name}.safetensors"
+def new_token() -> str:
+    """A file token this process owns: ``<pid>-<12 random hex digits>``."""
+    return f"{os.getpid()}-{secrets.token_hex(6)}"
 
 
-def index_file(name: str) -> str:
-    return f"{INDEXES_DIR}/{name}.faiss"
+def vector_file(name: str, token: str) -> str:
+    return f"{VECTORS_DIR}/{name}{OWNER_SEP}{token}.safetensors"
 
 
-def label_index_file(name: str) -> str:
+def index_file(name: str, token: str) -> str:
+    return f"{INDEXES_DIR}/{name}{OWNER_SEP}{token}.faiss"
+
+
+def label_index_file(name: str, token: str) -> str:
+    return f"{INDEXES_DIR}/{name}{OWNER_SEP}{token}.labels.faiss"
+
+
+def map_file(name: str, token: str) -> str:
+    return f"{MAPS_DIR}/{name}{OWNER_SEP}{token}.safetensors"
+
+
+def legacy_label_index_file(name: str) -> str:
+    """Where stores written before owned file names kept an atlas's label index (read, never written)."""
     return f"{INDEXES_DIR}/{name}.labels.faiss"
 
 
-def map_file(name: str) -> str:
-    return f"{MAPS_DIR}/{name}.safetensors"
+_OWNED = re.compile(r"^(?P<name>[^@/]+)@(?P<pid>\d+)-[0-9a-f]{12}(\.labels)?\.(faiss|safetensors)$")
+_TEMP = re.compile(r"^\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp$")
+
+
+@dataclasses.dataclass(frozen=True)
+class FileOwner:
+    """What a store file's name says about it: the object it was written for and its writer."""
+
+    name: str | None  # the atlas or map name (None for temporary and unknown files)
+    pid: int | None  # the writing process (None where the name does not say)
+    temporary: bool
+
+
+def file_owner(filename: str) -> FileOwner:
+    """Parse a file name of a store folder (see the module docstring)."""
+    m = _OWNED.match(filename)
+    if m:
+        return FileOwner(m.group("name"), int(m.group("pid")), False)
+    m = _TEMP.match(filename)
+    if m:
+        return FileOwner(None, int(m.group("pid")), True)
+    return FileOwner(None, None, filename.startswith(".") and filename.endswith(".tmp"))
 
 
 def sqlite_url(root: Path) -> str:

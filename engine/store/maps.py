@@ -1,8 +1,10 @@
 """Stored alignment maps: the ``alignment_maps`` rows and the ``maps/`` files (`MapsMixin`).
 
-A map is stored as ``maps/<name>.safetensors`` (written to a temporary file, renamed atomically)
-and committed to the database last, with its checksum, so a crash leaves the old map or the new
-one. The provenance is also in the file's metadata, so a map file describes itself. The map
+A map is stored as ``maps/<name>@<token>.safetensors``, a file name this write owns
+(`engine.store.layout`; written to a temporary file, renamed atomically) and committed to the
+database last, with its checksum, so a crash leaves the old map or the new one (and an unclaimed
+file, which `Store.gc` removes). Removing a map that labelling runs use is refused unless asked to
+cascade. The provenance is also in the file's metadata, so a map file describes itself. The map
 itself (`engine.align.map.AlignmentMap`) and how it is fitted (`engine.align.fit`) live in
 ``engine.align``; it is imported when a map is saved or loaded, not with the store, so opening a
 store does not import torch.
@@ -17,13 +19,15 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
 
-from engine.errors import DuplicateError, FormatError, NotFoundError, SiteMismatchError
+from engine.errors import DuplicateError, FormatError, InUseError, NotFoundError, SiteMismatchError
 from engine.store import layout
+from engine.store.atlases import Dependents, Removal, _dependents
 from engine.store.base import StoreBase
-from engine.store.schema import AlignmentMapRow, AtlasRow, ModelRow
-from engine.util import check_name, write_atomic
+from engine.store.schema import AlignmentMapRow, AtlasRow, FeatureLabelRow, LabelRunRow, ModelRow
+from engine.util import check_name, failpoint, write_store_file
 
 if TYPE_CHECKING:
     from engine.align.map import AlignmentMap
@@ -71,50 +75,59 @@ class MapsMixin(StoreBase):
         """
         from engine.align.map import plain_json
 
+        self.check_writable()
         name = name or amap.name or default_map_name(amap)
         check_name(name, "map")
-        with self.session() as s:
-            model = s.scalar(select(ModelRow).where(ModelRow.name == amap.subject_model))
-            if model is None:
-                raise NotFoundError(f"no model named {amap.subject_model!r} in the store; register the subject first")
-            atlas = s.scalar(select(AtlasRow).where(AtlasRow.name == amap.atlas))
-            if atlas is None:
-                raise NotFoundError(f"no atlas named {amap.atlas!r}; `atlas atlases` lists them")
-            if atlas.dim != amap.d_atlas:
-                raise SiteMismatchError(f"atlas {amap.atlas!r} has d={atlas.dim}, the map maps into d={amap.d_atlas}")
-            old = s.scalar(select(AlignmentMapRow).where(AlignmentMapRow.name == name))
-            if old is not None and not overwrite:
-                raise DuplicateError(f"a map named {name!r} exists; pick another --name or pass --overwrite")
-            old_file = old.file if old is not None else None
+        with self.read_session() as s:  # early, friendly checks; all repeated under the write lock
+            self._map_targets(s, amap, name, overwrite)
         amap = dataclasses.replace(amap, name=name, _torch_cache={})
         data = amap.to_bytes()
         sha = hashlib.sha256(data).hexdigest()
-        rel = layout.map_file(name) if old_file is None else f"{layout.MAPS_DIR}/{name}.{sha[:12]}.safetensors"
+        rel = layout.map_file(name, layout.new_token())  # this write's own file
         path = self.path / rel
-        write_atomic(path, data)
+        old_file = None
         try:
+            write_store_file(path, data)
+            failpoint("save_map.file_written")
             with self.session() as s:
-                model = s.scalar(select(ModelRow).where(ModelRow.name == amap.subject_model))
-                atlas = s.scalar(select(AtlasRow).where(AtlasRow.name == amap.atlas))
-                row = s.scalar(select(AlignmentMapRow).where(AlignmentMapRow.name == name))
-                if model is None or atlas is None:  # removed since the checks above
-                    raise NotFoundError(f"the subject model or atlas of map {name!r} was removed while it was saved")
+                model, atlas, row = self._map_targets(s, amap, name, overwrite)
                 if row is None:
                     row = AlignmentMapRow(name=name)
                     s.add(row)
+                else:
+                    old_file = row.file
                 row.subject_model_id, row.subject_layer = model.id, amap.subject_layer
                 row.subject_hook = amap.subject_hook
                 row.atlas_id, row.method, row.pairing = atlas.id, amap.method, amap.pairing
                 row.params, row.file, row.sha256 = plain_json(amap.params), rel, sha
                 row.d_subject, row.d_atlas, row.n_pairs = amap.d_subject, amap.d_atlas, amap.n_pairs
                 row.corpus_fingerprint, row.metrics = amap.corpus_fingerprint, plain_json(amap.metrics)
+        except IntegrityError:
+            path.unlink(missing_ok=True)
+            raise DuplicateError(f"a map named {name!r} was saved while this one was; pick another --name "
+                                 "or pass --overwrite") from None
         except BaseException:
-            if rel != old_file:
-                path.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
             raise
+        failpoint("save_map.committed")
         if old_file is not None and old_file != rel:
             (self.path / old_file).unlink(missing_ok=True)
         return self.map_info(name)
+
+    def _map_targets(self, s, amap: AlignmentMap, name: str, overwrite: bool):
+        """(subject model row, atlas row, existing map row or None) of a map to save, checked."""
+        model = s.scalar(select(ModelRow).where(ModelRow.name == amap.subject_model))
+        if model is None:
+            raise NotFoundError(f"no model named {amap.subject_model!r} in the store; register the subject first")
+        atlas = s.scalar(select(AtlasRow).where(AtlasRow.name == amap.atlas))
+        if atlas is None:
+            raise NotFoundError(f"no atlas named {amap.atlas!r}; `atlas atlases` lists them")
+        if atlas.dim != amap.d_atlas:
+            raise SiteMismatchError(f"atlas {amap.atlas!r} has d={atlas.dim}, the map maps into d={amap.d_atlas}")
+        old = s.scalar(select(AlignmentMapRow).where(AlignmentMapRow.name == name))
+        if old is not None and not overwrite:
+            raise DuplicateError(f"a map named {name!r} exists; pick another --name or pass --overwrite")
+        return model, atlas, old
 
     def maps(self) -> list[MapInfo]:
         """Every stored map, by name."""
@@ -131,17 +144,21 @@ class MapsMixin(StoreBase):
         """A stored map, its file checked against the checksum in the database."""
         from engine.align.map import AlignmentMap
 
-        info = self.map_info(name)
-        path = self.path / info.file
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise NotFoundError(f"the file of map {name!r} is missing ({path}); refit it with `atlas align`") from None
+        for attempt in range(3):
+            info = self.map_info(name)
+            path = self.path / info.file
+            try:
+                data = path.read_bytes()
+                break
+            except FileNotFoundError:
+                if attempt < 2 and self.map_info(name).file != info.file:
+                    continue  # overwritten while read: the row moved to the new file, and the old one went
+                raise NotFoundError(f"the file of map {name!r} is missing ({path}); refit it with `atlas align`") from None
         if hashlib.sha256(data).hexdigest() != info.sha256:
             raise FormatError(
                 f"the file of map {name!r} ({path}) does not match its checksum; refit it with `atlas align`"
             )
-        with self.session() as s:  # the atlas's site (its model, layer and hook)
+        with self.read_session() as s:  # the atlas's site (its model, layer and hook)
             atlas_model, atlas_layer, atlas_hook = s.execute(
                 select(ModelRow.name, AtlasRow.layer, AtlasRow.hook)
                 .join(ModelRow, AtlasRow.model_id == ModelRow.id)
@@ -158,15 +175,43 @@ class MapsMixin(StoreBase):
                               f"({info.d_subject}, {info.d_atlas})")
         return amap
 
-    def remove_map(self, name: str) -> None:
-        """Delete a map's row, then its file."""
+    def map_dependents(self, name: str) -> Dependents:
+        """The labelling runs on a map and their label rows."""
+        with self.read_session() as s:
+            row = self._map_row(s, name)
+            deps = _dependents(s, AlignmentMapRow.id == row.id)
+        return dataclasses.replace(deps, maps=[], files=[])
+
+    def remove_map(self, name: str, cascade: bool = False) -> Removal:
+        """Delete a map's row, then its file.
+
+        While labelling runs use the map, refused with `InUseError` naming them, unless
+        ``cascade``: then the runs and their labels go too (set-based deletes, one transaction).
+        """
+        self.check_writable()
         with self.session() as s:
-            row = s.scalar(select(AlignmentMapRow).where(AlignmentMapRow.name == name))
-            if row is None:
-                raise NotFoundError(f"no map named {name!r}; `atlas maps` lists them")
+            row = self._map_row(s, name)
+            deps = _dependents(s, AlignmentMapRow.id == row.id)
+            if deps.runs and not cascade:
+                raise InUseError(
+                    f"map {name!r} is used by {len(deps.runs)} labelling run(s) ({', '.join(deps.runs[:5])}"
+                    f"{', ...' if len(deps.runs) > 5 else ''}) with {deps.n_labels} label rows; "
+                    f"`atlas map remove {name} --cascade` removes them too"
+                )
             rel = row.file
-            s.delete(row)
+            run_ids = select(LabelRunRow.id).where(LabelRunRow.map_id == row.id)
+            s.execute(delete(FeatureLabelRow).where(FeatureLabelRow.run_id.in_(run_ids)))
+            s.execute(delete(LabelRunRow).where(LabelRunRow.map_id == row.id))
+            s.execute(delete(AlignmentMapRow).where(AlignmentMapRow.id == row.id))
+        failpoint("remove_map.committed")
         (self.path / rel).unlink(missing_ok=True)
+        return Removal(atlases=[], maps=[name], runs=deps.runs, n_labels=deps.n_labels, files=[rel])
+
+    def _map_row(self, s, name: str) -> AlignmentMapRow:
+        row = s.scalar(select(AlignmentMapRow).where(AlignmentMapRow.name == name))
+        if row is None:
+            raise NotFoundError(f"no map named {name!r}; `atlas maps` lists them")
+        return row
 
     def _map_rows(self, name: str | None = None) -> list[MapInfo]:
         q = (
@@ -178,7 +223,7 @@ class MapsMixin(StoreBase):
         if name is not None:
             q = q.where(AlignmentMapRow.name == name)
         out = []
-        with self.session() as s:
+        with self.read_session() as s:
             for r, model, atlas, atlas_layer in s.execute(q):
                 m = r.metrics or {}
                 out.append(MapInfo(

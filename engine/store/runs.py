@@ -35,7 +35,7 @@ from sqlalchemy.orm import aliased
 from engine.errors import AtlasError, BadValueError, DuplicateError, NotFoundError
 from engine.store.base import StoreBase
 from engine.store.schema import AlignmentMapRow, AtlasRow, ConceptRow, FeatureLabelRow, LabelRunRow
-from engine.util import check_name, utcnow
+from engine.util import check_name, failpoint, utcnow
 
 RUN_ORDERS: tuple[str, ...] = ("feature", "score", "margin")  # orders of `RunsMixin.run_label_page`
 _RUNS = cast(Table, LabelRunRow.__table__)  # Core UPDATEs on the run row (the batch commit, status)
@@ -74,24 +74,25 @@ class RunsMixin(StoreBase):
 
     def runs(self) -> list[LabellingRun]:
         """Every labelling run of the store, oldest first."""
-        with self.session() as s:
+        with self.read_session() as s:
             return [_info(*r) for r in s.execute(_run_query().order_by(LabelRunRow.id))]
 
     def run(self, name: str) -> LabellingRun:
-        with self.session() as s:
+        with self.read_session() as s:
             r = s.execute(_run_query().where(LabelRunRow.name == name)).first()
             if r is None:
                 raise NotFoundError(f"no labelling run named {name!r}; `atlas runs` lists them")
             return _info(*r)
 
     def remove_run(self, name: str) -> None:
-        """Delete a run and its labels."""
+        """Delete a run and its labels (two set-based statements, one transaction)."""
+        self.check_writable()
         with self.session() as s:
-            row = s.scalar(select(LabelRunRow).where(LabelRunRow.name == name))
-            if row is None:
+            run_id = s.scalar(select(LabelRunRow.id).where(LabelRunRow.name == name))
+            if run_id is None:
                 raise NotFoundError(f"no labelling run named {name!r}; `atlas runs` lists them")
-            s.execute(delete(FeatureLabelRow).where(FeatureLabelRow.run_id == row.id))
-            s.delete(row)
+            s.execute(delete(FeatureLabelRow).where(FeatureLabelRow.run_id == run_id))
+            s.execute(delete(LabelRunRow).where(LabelRunRow.id == run_id))
 
     def add_run(
         self, name: str, map_name: str, *, feature_source: str, fingerprint: str, n_features: int, k: int,
@@ -103,6 +104,7 @@ class RunsMixin(StoreBase):
         index spec, which a resume checks. An existing run of that name is an error, unless
         ``overwrite`` (then it and its labels are removed first).
         """
+        self.check_writable()
         check_name(name, "labelling run")
         try:
             old = self.run(name)
@@ -117,18 +119,25 @@ class RunsMixin(StoreBase):
                     f"{then}, --name picks another, --overwrite replaces it"
                 )
             self.remove_run(name)
-        with self.session() as s:
-            map_row = s.scalar(select(AlignmentMapRow).where(AlignmentMapRow.name == map_name))
-            if map_row is None:
-                raise NotFoundError(f"no map named {map_name!r}; `atlas maps` lists them")
-            atlas_row = s.get(AtlasRow, map_row.atlas_id)
-            assert atlas_row is not None  # a foreign key: the map's atlas exists
-            s.add(LabelRunRow(
-                name=name, map_id=map_row.id, feature_source=feature_source, feature_fingerprint=fingerprint,
-                n_features=n_features, k=k, batch_size=batch_size, status="pending", n_done=0,
-                params={**(params or {}), "map_sha256": map_row.sha256,
-                        "atlas_vector_sha256": atlas_row.vector_sha256, "index_spec": atlas_row.index_spec},
-            ))
+        try:
+            with self.session() as s:
+                if s.scalar(select(LabelRunRow.id).where(LabelRunRow.name == name)) is not None:
+                    raise DuplicateError(f"a labelling run named {name!r} was created while this one was; "
+                                         "--name picks another")
+                map_row = s.scalar(select(AlignmentMapRow).where(AlignmentMapRow.name == map_name))
+                if map_row is None:
+                    raise NotFoundError(f"no map named {map_name!r}; `atlas maps` lists them")
+                atlas_row = s.get(AtlasRow, map_row.atlas_id)
+                assert atlas_row is not None  # a foreign key: the map's atlas exists
+                s.add(LabelRunRow(
+                    name=name, map_id=map_row.id, feature_source=feature_source, feature_fingerprint=fingerprint,
+                    n_features=n_features, k=k, batch_size=batch_size, status="pending", n_done=0,
+                    params={**(params or {}), "map_sha256": map_row.sha256,
+                            "atlas_vector_sha256": atlas_row.vector_sha256, "index_spec": atlas_row.index_spec},
+                ))
+        except IntegrityError:  # another database than SQLite: the unique name decides
+            raise DuplicateError(f"a labelling run named {name!r} was created while this one was; "
+                                 "--name picks another") from None
         return self.run(name)
 
     def run_label_rows(self, name: str, start: int, stop: int) -> list[tuple[Any, ...]]:
@@ -143,7 +152,7 @@ class RunsMixin(StoreBase):
                    FeatureLabelRow.feature_index < stop)
             .order_by(FeatureLabelRow.feature_index, FeatureLabelRow.rank)
         )
-        with self.session() as s:
+        with self.read_session() as s:
             return [tuple(r) for r in s.execute(q)]
 
     def run_label_page(self, name: str, order: str = "feature", *, descending: bool = False, offset: int = 0,
@@ -204,7 +213,7 @@ class RunsMixin(StoreBase):
 
     def count_run_labels(self, name: str) -> int:
         """How many label rows (feature, rank) a run holds; 0 for an unknown run."""
-        with self.session() as s:
+        with self.read_session() as s:
             q = (select(func.count()).select_from(FeatureLabelRow)
                  .join(LabelRunRow, FeatureLabelRow.run_id == LabelRunRow.id).where(LabelRunRow.name == name))
             return int(s.scalar(q) or 0)
@@ -213,7 +222,7 @@ class RunsMixin(StoreBase):
 
     def _run_keys(self, name: str) -> tuple[int, int, str]:
         """(run id, atlas id, the atlas's current vector checksum) of a run."""
-        with self.session() as s:
+        with self.read_session() as s:
             run_id = s.scalar(select(LabelRunRow.id).where(LabelRunRow.name == name))
             if run_id is None:
                 raise NotFoundError(f"no labelling run named {name!r}; `atlas runs` lists them")
@@ -227,7 +236,7 @@ class RunsMixin(StoreBase):
 
     def _concept_ids(self, atlas_id: int) -> np.ndarray:
         """``concepts.id`` of each ordinal of an atlas (-1 where none)."""
-        with self.session() as s:
+        with self.read_session() as s:
             rows = s.execute(select(ConceptRow.ordinal, ConceptRow.id).where(ConceptRow.atlas_id == atlas_id)).all()
         ords = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         out = np.full(int(ords.max()) + 1 if len(rows) else 0, -1, dtype=np.int64)
@@ -260,6 +269,8 @@ class RunsMixin(StoreBase):
                     conn.exec_driver_sql(_insert_sql(conn.dialect.paramstyle), rows)
                 except IntegrityError:
                     raise RunConflictError(f"another process wrote this run's features from {lo}; stopped") from None
+            failpoint("label.batch_before_commit")
+        failpoint("label.batch_committed")
 
     def _set_status(self, run_id: int, status: str, **fields: Any) -> None:
         with self.engine.begin() as conn:
@@ -275,11 +286,16 @@ def _run_query():
     )
 
 
+def worker_status(status: str, params: dict[str, Any] | None) -> str:
+    """A run's status, ``interrupted`` where it says ``running`` but its worker on this host is gone."""
+    worker = (params or {}).get("worker") or {}
+    if status == "running" and worker.get("host") == socket.gethostname() and not process_alive(worker.get("pid")):
+        return "interrupted"  # its process is gone (killed): resume it
+    return status
+
+
 def _info(row: LabelRunRow, map_name: str, atlas: str) -> LabellingRun:
-    status = row.status
-    worker = (row.params or {}).get("worker") or {}
-    if status == "running" and worker.get("host") == socket.gethostname() and not _alive(worker.get("pid")):
-        status = "interrupted"  # its process is gone (killed): resume it
+    status = worker_status(row.status, row.params)
     return LabellingRun(
         name=row.name, map=map_name, atlas=atlas, feature_source=row.feature_source,
         fingerprint=row.feature_fingerprint, n_features=row.n_features, k=row.k, batch_size=row.batch_size,
@@ -288,7 +304,8 @@ def _info(row: LabelRunRow, map_name: str, atlas: str) -> LabellingRun:
     )
 
 
-def _alive(pid: Any) -> bool:
+def process_alive(pid: Any) -> bool:
+    """Whether process ``pid`` runs on this host (a zombie does not)."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     if pid == os.getpid():

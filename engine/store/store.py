@@ -12,24 +12,37 @@ are written:
 - `engine.store.runs`: labelling runs and their labels (the batch transaction that makes a run
   resumable exactly; the loop itself is `engine.labelling.run`);
 - `engine.store.contexts`: top-contexts runs and their windows (the pass is `engine.contexts`).
+- `engine.store.files`: the store's files as a whole: claimed files, leftovers of interrupted
+  writes, `gc`, `verify`.
 
 The dataclasses they return are re-exported here, so callers import them from one place.
 """
 
 from __future__ import annotations
 
-from engine.store.atlases import AtlasesMixin, AtlasInfo, Concept, Hit, IndexStatus, parse_concept_ref
+from engine.store.atlases import (
+    AtlasesMixin,
+    AtlasInfo,
+    Concept,
+    Dependents,
+    Hit,
+    IndexStatus,
+    Removal,
+    parse_concept_ref,
+)
 from engine.store.base import StoreBase, make_engine
 from engine.store.contexts import ConceptContext, ContextRun, ContextsMixin
+from engine.store.files import FilesMixin, Leftover, MapFileStatus, StoreReport
 from engine.store.maps import MapInfo, MapsMixin
 from engine.store.models import ModelInfo, ModelsMixin
 from engine.store.runs import LabellingRun, RunsMixin
 
 __all__ = [
-    "AtlasInfo", "Concept", "ConceptContext", "ContextRun", "Hit", "IndexStatus", "LabellingRun", "MapInfo", "ModelInfo", "Store", "make_engine",
+    "AtlasInfo", "Concept", "ConceptContext", "ContextRun", "Dependents", "Hit", "IndexStatus", "LabellingRun",
+    "Leftover", "MapFileStatus", "MapInfo", "ModelInfo", "Removal", "Store", "StoreReport", "make_engine",
     "parse_concept_ref",
 ]
 
 
-class Store(ModelsMixin, AtlasesMixin, MapsMixin, RunsMixin, ContextsMixin, StoreBase):
+class Store(ModelsMixin, FilesMixin, AtlasesMixin, MapsMixin, RunsMixin, ContextsMixin, StoreBase):
     """An opened store. Use `Store.init` to create one and `Store.open` to open an existing one."""

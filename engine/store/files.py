@@ -1,0 +1,157 @@
+"""The store's files as a whole: which ones rows claim, leftovers of interrupted writes, `gc`, `verify`.
+
+Every file in ``vectors/``, ``indexes/`` and ``maps/`` is claimed by a database row (its name is
+in the row) or is a leftover: a temporary file or an unclaimed file of a write that was killed or
+failed before its commit, or an old file a replacement was killed before removing. File names say
+which process wrote them (`engine.store.layout`), so a leftover can be told from a file a running
+writer has not committed yet:
+
+- *in progress*: its writer is alive on this host and the file is younger than the grace period
+  (24 hours by default); never removed (the write may still commit);
+- *orphan*: its writer is gone, so nothing can claim it any more; removed by `gc`;
+- *stale*: its writer is alive but the file is older than the grace period (an old file a
+  long-lived process wrote and a later replacement, killed, did not remove); removed by `gc`;
+- *unknown*: the name does not say (older stores, foreign files); removed by `gc` once it is
+  older than the grace period.
+
+Why the order in `leftovers` matters: the folders are listed and each writer's liveness read
+*before* the database's claims are read. A writer found dead cannot commit afterwards, and a file
+committed before the claims are read is claimed; so a file is never called an orphan while a
+commit could still claim it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+from sqlalchemy import select
+
+from engine.store import layout
+from engine.store.atlases import AtlasesMixin, IndexStatus, _label_index_files
+from engine.store.base import StoreBase
+from engine.store.maps import MapsMixin
+from engine.store.runs import process_alive
+from engine.store.schema import AlignmentMapRow, AtlasRow
+from engine.util import sha256_bytes
+
+GC_GRACE_S = 24 * 3600.0  # files whose writer cannot be told are kept this long
+
+
+@dataclasses.dataclass(frozen=True)
+class Leftover:
+    """A file in an owned folder that no database row claims."""
+
+    file: str  # relative to the store root
+    size: int
+    age_s: float
+    writer_pid: int | None
+    state: str  # "in progress" | "orphan" | "stale" | "unknown"
+    removable: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class MapFileStatus:
+    map: str
+    ok: bool
+    problem: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreReport:
+    """What `Store.verify` found: each atlas's files, each map's file, and leftover files."""
+
+    atlases: list[IndexStatus]
+    maps: list[MapFileStatus]
+    leftovers: list[Leftover]
+
+    @property
+    def problems(self) -> list[str]:
+        out = [f"{a.atlas}: {a.problem}" for a in self.atlases if not a.ok]
+        out += [f"map {m.map}: {m.problem}" for m in self.maps if not m.ok]
+        stale = [x for x in self.leftovers if x.state != "in progress"]
+        if stale:
+            out.append(f"{len(stale)} leftover file(s) of interrupted writes, claimed by no row "
+                       f"({', '.join(x.file for x in stale[:3])}{', ...' if len(stale) > 3 else ''}); "
+                       "`atlas gc` removes them")
+        return out
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+class FilesMixin(AtlasesMixin, MapsMixin, StoreBase):
+    """Store methods over the store's files as a whole."""
+
+    def claimed_files(self) -> set[str]:
+        """Every file (relative to the root) a database row claims."""
+        out: set[str] = set()
+        with self.read_session() as s:
+            for name, vec, idx, extra in s.execute(
+                select(AtlasRow.name, AtlasRow.vector_file, AtlasRow.index_file, AtlasRow.extra)
+            ):
+                out.update([vec, idx, *_label_index_files(name, extra)])
+            out.update(s.scalars(select(AlignmentMapRow.file)))
+        return out
+
+    def leftovers(self, grace_s: float = GC_GRACE_S) -> list[Leftover]:
+        """Files of ``vectors/``, ``indexes/`` and ``maps/`` that no row claims (see the module doc)."""
+        now = time.time()
+        seen = []
+        for folder in layout.OWNED_DIRS:
+            try:
+                entries = list(os.scandir(self.path / folder))
+            except FileNotFoundError:
+                continue
+            for e in entries:
+                if not e.is_file(follow_symlinks=False):
+                    continue
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                owner = layout.file_owner(e.name)
+                alive = owner.pid is not None and process_alive(owner.pid)
+                seen.append((f"{folder}/{e.name}", st.st_size, now - st.st_mtime, owner.pid, alive))
+        claimed = self.claimed_files()  # after the listing and the liveness checks: see the module doc
+        out = []
+        for rel, size, age, pid, alive in seen:
+            if rel in claimed:
+                continue
+            if alive:
+                state, removable = ("stale", True) if age > grace_s else ("in progress", False)
+            elif pid is not None:
+                state, removable = "orphan", True
+            else:
+                state, removable = "unknown", age > grace_s
+            out.append(Leftover(rel, size, round(age, 1), pid, state, removable))
+        return sorted(out, key=lambda x: x.file)
+
+    def gc(self, grace_s: float = GC_GRACE_S, dry_run: bool = False) -> list[Leftover]:
+        """Remove leftover files no row claims and no running writer owns; returns those removed
+        (or, with ``dry_run``, those that would be)."""
+        if not dry_run:
+            self.check_writable()
+        gone = [x for x in self.leftovers(grace_s) if x.removable]
+        if not dry_run:
+            for x in gone:
+                (self.path / x.file).unlink(missing_ok=True)
+        return gone
+
+    def verify(self, atlas: str | None = None, grace_s: float = GC_GRACE_S) -> StoreReport:
+        """Check atlases' vector files and indexes, map files, and look for leftover files."""
+        names = [atlas] if atlas else [a.name for a in self.atlases()]
+        statuses = [self.verify_index(n) for n in names]
+        maps: list[MapFileStatus] = []
+        if atlas is None:  # map files against their checksums (without loading them: no torch)
+            for m in self.maps():
+                fix = "refit it with `atlas align`, or `atlas map remove` it"
+                try:
+                    ok = sha256_bytes((self.path / m.file).read_bytes()) == m.sha256
+                    problem = None if ok else f"the file of map {m.name!r} ({m.file}) does not match its checksum; {fix}"
+                except FileNotFoundError:
+                    problem = f"the file of map {m.name!r} is missing ({m.file}); {fix}"
+                maps.append(MapFileStatus(m.name, problem is None, problem))
+        return StoreReport(statuses, maps, self.leftovers(grace_s) if atlas is None else [])
