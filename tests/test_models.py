@@ -136,7 +136,7 @@ def test_registered_models_load_by_name_with_their_kind(tmp_path, store):
 def test_a_model_without_a_source_says_how_to_register_it(store):
     store.add_model("bare", d_model=D)
     for load in (lambda: load_registered(store, "bare"), lambda: resolve_model(store, "bare")):
-        with pytest.raises(NotFoundError, match=r"model 'bare' has no recorded source .*`atlas align PATH \.\.\.`"):
+        with pytest.raises(NotFoundError, match=r"model 'bare' has no recorded source .*`atlas models add bare --source PATH\|HUB_ID`"):
             load()
 
 

@@ -235,12 +235,19 @@ def _get_attr_path(obj: object, path: str) -> object | None:
     return obj
 
 
+# Attribute set on a loaded model whose block list was named by hand when it was registered
+# (`engine.models.loading.load_registered`), so every reader and editor finds the same blocks.
+LAYER_MODULE_ATTR = "_atlas_layer_module"
+
+
 def resolve_blocks(model: torch.nn.Module, layer_module: str | None = None) -> torch.nn.ModuleList:
     """Return the model's list of transformer blocks.
 
     ``layer_module`` names the attribute path by hand (e.g. ``"model.layers"``) for an
-    architecture the resolver does not know.
+    architecture the resolver does not know; without it, the path the model was registered with
+    (if any) is used.
     """
+    layer_module = layer_module or getattr(model, LAYER_MODULE_ATTR, None)
     paths = (layer_module,) if layer_module else BLOCK_PATHS
     for path in paths:
         blocks = _get_attr_path(model, path)

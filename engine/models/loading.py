@@ -116,18 +116,31 @@ def load_registered(
     """Load ``(model, tokenizer)`` of the model registered in ``store`` as ``name``, from its recorded source.
 
     ``kind=None`` loads it as the kind recorded when it was registered (``causal`` when none);
-    ``revision=None`` uses the recorded revision. An unknown name is `NotFoundError`, and so is a
-    model registered without a source.
+    ``revision=None`` uses the recorded revision; a block list registered by hand
+    (``layer_module``) is attached to the model for the hooks. A model that cannot be loaded (an
+    unknown name, no recorded source, a folder that moved) is `NotFoundError` naming the command
+    that registers or re-points it.
     """
+    from engine.models.hooks import LAYER_MODULE_ATTR
+
+    fix = f"`atlas models add {name} --source PATH|HUB_ID`"
     info = store.get_model(name)
     if not info.source:
-        raise NotFoundError(
-            f"model {info.name!r} has no recorded source (a local folder or hub id) to load it from; register it "
-            "again with its path, e.g. `atlas align PATH ...` registers a folder on first use"
-        )
+        raise NotFoundError(f"model {info.name!r} has no recorded source (a local folder or hub id) to load it "
+                            f"from; {fix} records it")
+    path = info.recorded_path
+    if path is not None and not path.is_dir():
+        raise NotFoundError(f"model {info.name!r} was registered from the folder {str(path)!r}, which is not there "
+                            f"(moved?); {fix} points it at its new place")
     if kind is None:
-        kind = cast(ModelKind, store.model_extra(info.name).get("kind") or "causal")
-    return load_model(info.source, kind=kind, dtype=dtype, revision=revision or info.revision)
+        kind = cast(ModelKind, info.kind or "causal")
+    try:
+        model, tok = load_model(info.source, kind=kind, dtype=dtype, revision=revision or info.revision)
+    except NotFoundError as e:
+        raise NotFoundError(f"{e}; {fix} registers model {info.name!r} from a source that loads") from e
+    if info.layer_module:
+        setattr(model, LAYER_MODULE_ATTR, info.layer_module)
+    return model, tok
 
 
 def resolve_model(
