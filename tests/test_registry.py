@@ -1,0 +1,92 @@
+"""Models as store objects: register from config + tokenizer files, show, re-point, remove."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from tiny_models import (
+    bpe_tokenizer,
+    one_thread,  # noqa: F401  (autouse fixture)
+    save_tiny,
+    word_tokenizer,
+)
+
+from engine.errors import ArchitectureError, DuplicateError, NotFoundError
+from engine.models.loading import load_registered
+from engine.models.registry import ensure_model, inspect_source, model_details, register_model, remove_model
+from engine.store.models import ModelInUseError
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("registry")
+    return {
+        "llama": save_tiny(root / "llama", "llama", word_tokenizer(), d=32, n_layers=3, seed=1),
+        "bert": save_tiny(root / "bert", "bert", d=32, n_layers=2),
+        "qwen": save_tiny(root / "qwen", "qwen2", bpe_tokenizer(), d=32, n_layers=3, seed=2),
+    }
+
+
+def test_the_card_comes_from_config_and_tokenizer_without_weights(folders, monkeypatch):
+    import transformers
+
+    def no_weights(*_a, **_k):
+        raise AssertionError("registration must not load weights")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
+    card = inspect_source(folders["llama"])
+    assert (card.architecture, card.d_model, card.n_layers) == ("LlamaForCausalLM", 32, 3)
+    assert len(card.tokenizer_fingerprint) == 64 and card.model_type == "llama"
+    enc = inspect_source(folders["bert"], kind="encoder")
+    assert (enc.architecture, enc.n_layers) == ("BertModel", 2)
+    with pytest.raises(ArchitectureError, match="no ModuleList of blocks at 'nope'"):
+        inspect_source(folders["llama"], layer_module="nope")
+    assert inspect_source(folders["llama"], layer_module="model.layers").n_layers == 3
+
+
+def test_register_show_load_and_remove(store, folders):
+    info = register_model(store, "subj", folders["llama"])
+    assert info.source == str(folders["llama"].resolve()) and info.source_kind == "path" and info.kind == "causal"
+    d = model_details(store, "subj")
+    assert d.source_found is True and d.atlases == [] and d.maps == []
+    model, _ = load_registered(store, "subj")
+    assert type(model).__name__ == info.architecture
+    enc = register_model(store, "enc", folders["bert"], kind="encoder")
+    assert enc.kind == "encoder" and type(load_registered(store, "enc")[0]).__name__ == "BertModel"
+    store.add_atlas("atl", np.ones((2, 32), np.float32), ["a", "b"], model="subj", layer=1)
+    with pytest.raises(ModelInUseError, match="used by atlases atl"):
+        remove_model(store, "subj")
+    remove_model(store, "enc")
+    with pytest.raises(NotFoundError, match="`atlas models add enc --source PATH|HUB_ID`"):
+        store.get_model("enc")
+
+
+def test_the_same_model_moved_is_re_pointed_another_is_refused(store, folders, tmp_path):
+    register_model(store, "m", folders["llama"])
+    moved = tmp_path / "moved"
+    shutil.copytree(folders["llama"], moved)
+    assert register_model(store, "m", moved).source == str(moved.resolve())
+    with pytest.raises(DuplicateError, match="registered as another model"):
+        register_model(store, "m", folders["qwen"])
+    shutil.rmtree(moved)
+    with pytest.raises(NotFoundError, match=r"not there \(moved\?\); `atlas models add m --source PATH\|HUB_ID`"):
+        load_registered(store, "m")
+
+
+def test_a_folder_inside_the_store_is_recorded_relative_to_its_root(store, folders):
+    inside = store.path / "models" / "mine"
+    shutil.copytree(folders["llama"], inside)
+    info = register_model(store, "mine", inside)
+    assert info.source_kind == "store" and info.source == str(inside.resolve())
+
+
+def test_ensure_model_takes_a_name_a_folder_or_an_unreachable_hub_id(store, folders, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert ensure_model(store, str(folders["llama"])) == ("llama", None)
+    assert ensure_model(store, "llama") == ("llama", None)
+    name, note = ensure_model(store, "nobody/no-such-model", required=False)
+    assert name == "nobody/no-such-model" and "`atlas models add nobody/no-such-model --source" in note
+    with pytest.raises(NotFoundError):
+        ensure_model(store, "nobody/no-such-model")
