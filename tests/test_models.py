@@ -20,9 +20,9 @@ from engine.models.loading import (
     load_registered,
     model_info,
     quiet_transformers,
-    resolve_model,
     tokenizer_fingerprint,
 )
+from engine.models.registry import resolve_model
 
 
 @pytest.mark.parametrize("arch", ALL_ARCHS)

@@ -25,7 +25,8 @@ from engine.align.stats import SufficientStats
 from engine.errors import AtlasError, ShapeError, SiteMismatchError
 from engine.models.activations import auto_threads, torch_threads
 from engine.models.hooks import Site
-from engine.models.loading import ModelKind, d_model_of, load_registered, resolve_model, tokenizer_fingerprint
+from engine.models.loading import ModelKind, d_model_of, load_registered, tokenizer_fingerprint
+from engine.models.registry import resolve_model
 from engine.store.store import MapInfo, Store
 from engine.util import corpus_fingerprint
 

@@ -143,37 +143,6 @@ def load_registered(
     return model, tok
 
 
-def resolve_model(
-    store: Store,
-    name_or_path: str,
-    *,
-    kind: ModelKind = "causal",
-    dtype: torch.dtype | str | None = torch.float32,
-    revision: str | None = None,
-    layer_module: str | None = None,
-) -> tuple[str, torch.nn.Module, Any]:
-    """``(name, model, tokenizer)`` of a model given as a registered name, or a folder / hub id.
-
-    A folder or hub id not yet in the store is loaded and registered under its folder name (or hub
-    id) with its architecture, width, depth, tokenizer fingerprint and ``kind``.
-    """
-    try:
-        info = store.get_model(name_or_path)
-    except NotFoundError:
-        info = None
-    if info is not None:
-        model, tok = load_registered(store, info.name, kind=kind, dtype=dtype, revision=revision)
-        return info.name, model, tok
-    model, tok = load_model(name_or_path, kind=kind, dtype=dtype, revision=revision)
-    p = Path(name_or_path).expanduser()
-    name = p.resolve().name if p.exists() else name_or_path
-    mi = model_info(model, tok, layer_module)
-    store.add_model(name, source=str(p.resolve()) if p.exists() else name_or_path, architecture=mi.architecture,
-                    d_model=mi.d_model, n_layers=mi.n_layers, revision=revision,
-                    tokenizer_fingerprint=mi.tokenizer_fingerprint, extra={"kind": kind})
-    return name, model, tok
-
-
 def d_model_of(model: torch.nn.Module) -> int:
     """Width of the residual stream."""
     cfg = getattr(model, "config", None)

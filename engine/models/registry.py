@@ -21,7 +21,15 @@ import torch
 
 from engine.errors import BadNameError, BadValueError, DuplicateError, NotFoundError
 from engine.models.hooks import resolve_blocks
-from engine.models.loading import MODEL_KINDS, ModelKind, d_model_of, tokenizer_fingerprint
+from engine.models.loading import (
+    MODEL_KINDS,
+    ModelKind,
+    d_model_of,
+    load_model,
+    load_registered,
+    model_info,
+    tokenizer_fingerprint,
+)
 
 if TYPE_CHECKING:
     from engine.store.models import ModelInfo
@@ -205,3 +213,33 @@ def loading_hint(name: str) -> str:
     """The command that (re-)registers a model's source, for error messages."""
     return f"`atlas models add {name} --source PATH|HUB_ID`"
 
+
+def resolve_model(
+    store: Store,
+    name_or_path: str,
+    *,
+    kind: ModelKind = "causal",
+    dtype: torch.dtype | str | None = torch.float32,
+    revision: str | None = None,
+    layer_module: str | None = None,
+) -> tuple[str, torch.nn.Module, Any]:
+    """``(name, model, tokenizer)`` of a model given as a registered name, or a folder / hub id.
+
+    A folder or hub id not yet in the store is loaded and registered under its folder name (or hub
+    id) with its architecture, width, depth, tokenizer fingerprint and ``kind``.
+    """
+    try:
+        info = store.get_model(name_or_path)
+    except NotFoundError:
+        info = None
+    if info is not None:
+        model, tok = load_registered(store, info.name, kind=kind, dtype=dtype, revision=revision)
+        return info.name, model, tok
+    model, tok = load_model(name_or_path, kind=kind, dtype=dtype, revision=revision)
+    p = Path(name_or_path).expanduser()
+    name = p.resolve().name if p.exists() else name_or_path
+    mi = model_info(model, tok, layer_module)
+    store.add_model(name, source=str(p.resolve()) if p.exists() else name_or_path, architecture=mi.architecture,
+                    d_model=mi.d_model, n_layers=mi.n_layers, revision=revision,
+                    tokenizer_fingerprint=mi.tokenizer_fingerprint, extra={"kind": kind})
+    return name, model, tok
