@@ -124,7 +124,7 @@ def test_registered_models_load_by_name_with_their_kind(tmp_path, store):
     folder = save_tiny(tmp_path / "enc", "bert")
     name, model, tok = resolve_model(store, str(folder), kind="encoder")  # a folder: registered on first use
     assert name == "enc" and store.get_model("enc").source == str(folder.resolve())
-    assert store.model_extra("enc") == {"kind": "encoder"}
+    assert store.model_extra("enc")["kind"] == "encoder" and store.get_model("enc").kind == "encoder"
     again, _, _ = resolve_model(store, "enc", kind="encoder")  # now by name
     assert again == "enc"
     loaded, _ = load_registered(store, "enc")  # the recorded kind: the bare encoder, as registered

@@ -25,9 +25,7 @@ from engine.models.loading import (
     MODEL_KINDS,
     ModelKind,
     d_model_of,
-    load_model,
     load_registered,
-    model_info,
     tokenizer_fingerprint,
 )
 
@@ -225,21 +223,10 @@ def resolve_model(
 ) -> tuple[str, torch.nn.Module, Any]:
     """``(name, model, tokenizer)`` of a model given as a registered name, or a folder / hub id.
 
-    A folder or hub id not yet in the store is loaded and registered under its folder name (or hub
-    id) with its architecture, width, depth, tokenizer fingerprint and ``kind``.
+    A folder or hub id not yet in the store is registered first (`ensure_model`: under its folder
+    name or hub id, from its config and tokenizer files), then every model loads the one way,
+    `load_registered`.
     """
-    try:
-        info = store.get_model(name_or_path)
-    except NotFoundError:
-        info = None
-    if info is not None:
-        model, tok = load_registered(store, info.name, kind=kind, dtype=dtype, revision=revision)
-        return info.name, model, tok
-    model, tok = load_model(name_or_path, kind=kind, dtype=dtype, revision=revision)
-    p = Path(name_or_path).expanduser()
-    name = p.resolve().name if p.exists() else name_or_path
-    mi = model_info(model, tok, layer_module)
-    store.add_model(name, source=str(p.resolve()) if p.exists() else name_or_path, architecture=mi.architecture,
-                    d_model=mi.d_model, n_layers=mi.n_layers, revision=revision,
-                    tokenizer_fingerprint=mi.tokenizer_fingerprint, extra={"kind": kind})
+    name, _ = ensure_model(store, name_or_path, kind=kind, revision=revision, layer_module=layer_module)
+    model, tok = load_registered(store, name, kind=kind, dtype=dtype, revision=revision)
     return name, model, tok
