@@ -83,10 +83,43 @@ def test_a_folder_inside_the_store_is_recorded_relative_to_its_root(store, folde
 
 
 def test_ensure_model_takes_a_name_a_folder_or_an_unreachable_hub_id(store, folders, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network retries in tests
     assert ensure_model(store, str(folders["llama"])) == ("llama", None)
     assert ensure_model(store, "llama") == ("llama", None)
     name, note = ensure_model(store, "nobody/no-such-model", required=False)
     assert name == "nobody/no-such-model" and "`atlas models add nobody/no-such-model --source" in note
     with pytest.raises(NotFoundError):
         ensure_model(store, "nobody/no-such-model")
+
+
+def test_cli_models_add_show_remove_and_import_sae_with_a_folder(store, folders, saelens_folder):
+    import json
+
+    from click.testing import CliRunner
+
+    from engine.cli import cli
+
+    s = ["--store", str(store.path)]
+
+    def run(*args):
+        res = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+        return res.exit_code, res.output
+
+    code, out = run("models", "add", "enc", "--source", str(folders["bert"]), "--kind", "encoder", "--json", *s)
+    assert code == 0 and json.loads(out)["architecture"] == "BertModel"
+    code, out = run("models", "show", "enc", "--json", *s)
+    assert code == 0 and json.loads(out)["source_found"] is True and json.loads(out)["kind"] == "encoder"
+    code, out = run("models", "--json", *s)
+    assert [m["name"] for m in json.loads(out)] == ["enc"]
+    # import-sae --model with a folder registers it on the spot (the SAE's d_in=32 is the folder's width)
+    code, out = run("import-sae", str(saelens_folder), "--name", "sae", "--model", str(folders["llama"]),
+                    "--layer", "1", *s)
+    assert code == 0, out
+    assert store.atlas("sae").model == "llama" and store.get_model("llama").architecture == "LlamaForCausalLM"
+    code, out = run("models", "remove", "llama", *s)
+    assert code == 1 and "used by atlases sae" in out
+    code, out = run("models", "add", "x", "--source", str(folders["llama"] / "nope"), *s)
+    assert code == 1 and "no model folder" in out
+    assert run("models", "remove", "enc", *s) == (0, "removed model enc\n")

@@ -90,13 +90,68 @@ def db_current(store_dir: Path, db_url: str | None, as_json: bool) -> None:
 # ---------------------------------------------------------------------- listing
 
 
-@click.command()
+MODEL_COLUMNS = ["name", "kind", "architecture", "d_model", "n_layers", "source_kind", "source"]
+
+
+@click.group(invoke_without_command=True)
 @store_options
 @json_option
-def models(store_dir: Path, db_url: str | None, as_json: bool) -> None:
-    """List the models registered in the store."""
-    emit(open_store(store_dir, db_url).models(), as_json,
-         ["name", "architecture", "d_model", "n_layers", "source"])
+@click.pass_context
+def models(ctx: click.Context, store_dir: Path, db_url: str | None, as_json: bool) -> None:
+    """List the models registered in the store; add, show or remove one.
+
+    A model is registered from a local folder or a hub id (`atlas models add`); its source is
+    recorded relative to the store when the folder is inside it, so the store can be moved.
+    """
+    if ctx.invoked_subcommand is None:
+        emit(open_store(store_dir, db_url).models(), as_json, MODEL_COLUMNS)
+
+
+@models.command("add")
+@click.argument("name")
+@click.option("--source", required=True, metavar="PATH|HUB_ID", help="Local folder (config, tokenizer, weights) or hub id.")
+@click.option("--kind", type=click.Choice(["causal", "encoder"]), default="causal", show_default=True,
+              help="causal: a language model with its LM head; encoder: a bare encoder (BERT-style).")
+@click.option("--revision", help="Hub revision (commit or tag).")
+@click.option("--layer-module", help="Attribute path of the block list, for architectures not known (e.g. model.layers).")
+@store_options
+@json_option
+def models_add(name: str, source: str, kind, revision, layer_module, store_dir: Path, db_url: str | None,
+               as_json: bool) -> None:
+    """Register SOURCE as model NAME: architecture, width, depth and tokenizer from its config and
+    tokenizer files (no weights are loaded). NAME already registered is re-pointed at SOURCE when
+    SOURCE is the same model (weights that moved)."""
+    from engine.models.registry import register_model
+
+    emit(register_model(open_store(store_dir, db_url), name, source, kind=kind, revision=revision,
+                        layer_module=layer_module), as_json)
+
+
+@models.command("show")
+@click.argument("name")
+@store_options
+@json_option
+def models_show(name: str, store_dir: Path, db_url: str | None, as_json: bool) -> None:
+    """Show a registered model: source, architecture, width, depth, tokenizer, and what uses it."""
+    import dataclasses
+
+    from engine.models.registry import model_details
+
+    d = model_details(open_store(store_dir, db_url), name)
+    out = {**dataclasses.asdict(d.info), "source_found": d.source_found, "atlases": ", ".join(d.atlases),
+           "maps": ", ".join(d.maps)}
+    emit(out if not as_json else {**out, "atlases": d.atlases, "maps": d.maps}, as_json)
+
+
+@models.command("remove")
+@click.argument("name")
+@store_options
+def models_remove(name: str, store_dir: Path, db_url: str | None) -> None:
+    """Forget model NAME (its row; the weights are left alone). Refused while an atlas or map uses it."""
+    from engine.models.registry import remove_model
+
+    remove_model(open_store(store_dir, db_url), name)
+    click.echo(f"removed model {name}")
 
 
 @click.command()
@@ -111,7 +166,8 @@ def atlases(store_dir: Path, db_url: str | None, as_json: bool) -> None:
 @click.command("import-sae")
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @click.option("--name", required=True, help="Name of the new atlas.")
-@click.option("--model", help="Model the directions live in (read from cfg.json when there).")
+@click.option("--model", help="Model the directions live in: a registered name, a local folder or a hub id (a "
+              "folder or id is registered on the spot); read from cfg.json when there.")
 @click.option("--layer", type=int, help="Layer of the site (read from cfg.json or the path when there).")
 @click.option("--hook", help="Hook point of the site (default: resid_post).")
 @click.option("--revision", help="Model revision (commit or tag) the directions were made on.")
@@ -131,10 +187,16 @@ def import_sae(source: Path, name: str, model, layer, hook, revision, labels, in
     matrix (one direction per row). The import is one transaction: a failure leaves no atlas.
     """
     from engine.atlas.importers import import_atlas
+    from engine.models.registry import ensure_model
 
     store = open_store(store_dir, db_url)
+    note = None
+    if model:
+        model, note = ensure_model(store, model, revision=revision, required=False)
     info = import_atlas(store, name, source, labels=labels, model=model, layer=layer, hook=hook,
                         revision=revision, index_spec=index_spec, key=key)
+    if note:
+        click.echo(f"note: {note}", err=True)
     if as_json:
         print_json(info)
     else:
