@@ -264,6 +264,28 @@ def resolve_blocks(model: torch.nn.Module, layer_module: str | None = None) -> t
     )
 
 
+def parse_layers(spec: str) -> tuple[int, ...] | None:
+    """``"all"`` → None (every block); ``"0-11"``, ``"2,5,8"``, ``"0-3,7"``, ``"-1"`` → layer numbers
+    (negative ones count from the end); anything else is `BadValueError`."""
+    spec = str(spec).strip().lower()
+    if spec == "all":
+        return None
+    out: list[int] = []
+    try:
+        for part in (p.strip() for p in spec.split(",")):
+            lo, sep, hi = part.partition("-") if not part.startswith("-") else (part, "", "")
+            if sep:
+                a, b = int(lo), int(hi)
+                if b < a:
+                    raise ValueError(part)
+                out.extend(range(a, b + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise BadValueError(f"layers must look like 2, 0-11, 2,5,8 or all; got {spec!r}") from None
+    return tuple(dict.fromkeys(out))
+
+
 def resolve_layer(model: torch.nn.Module, layer: int, layer_module: str | None = None) -> int:
     """Normalise a layer index (negative counts from the end) and check it is in range."""
     n = len(resolve_blocks(model, layer_module))

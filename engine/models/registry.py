@@ -216,7 +216,7 @@ def resolve_model(
     store: Store,
     name_or_path: str,
     *,
-    kind: ModelKind = "causal",
+    kind: ModelKind | None = None,
     dtype: torch.dtype | str | None = torch.float32,
     revision: str | None = None,
     layer_module: str | None = None,
@@ -225,8 +225,8 @@ def resolve_model(
 
     A folder or hub id not yet in the store is registered first (`ensure_model`: under its folder
     name or hub id, from its config and tokenizer files), then every model loads the one way,
-    `load_registered`.
+    `load_registered`. ``kind=None``: as registered (a new model registers as ``causal``).
     """
-    name, _ = ensure_model(store, name_or_path, kind=kind, revision=revision, layer_module=layer_module)
+    name, _ = ensure_model(store, name_or_path, kind=kind or "causal", revision=revision, layer_module=layer_module)
     model, tok = load_registered(store, name, kind=kind, dtype=dtype, revision=revision)
     return name, model, tok
