@@ -120,12 +120,13 @@ class TokenHits:
 
 def explain(
     store: Store, amap: Any, text: str, k: int = 5, *, centre: bool = True, model: Any = None,
-    tokenizer: Any = None,
+    tokenizer: Any = None, device: str = "cpu", dtype: str = "float32",
 ) -> list[TokenHits]:
     """Per token of ``text`` in the map's subject model: the top-``k`` atlas concepts.
 
     The residual at the map's subject site is read with forward hooks, mapped as an activation and
-    searched. ``model``/``tokenizer`` default to the subject model registered in the store.
+    searched. ``model``/``tokenizer`` default to the subject model registered in the store, loaded
+    on ``device`` in ``dtype`` (activations are read back as float32 whatever the dtype).
     """
     import torch
 
@@ -133,7 +134,7 @@ def explain(
     from engine.models.loading import load_registered
 
     if model is None or tokenizer is None:
-        model, tokenizer = load_registered(store, amap.subject_model)
+        model, tokenizer = load_registered(store, amap.subject_model, device=device, dtype=dtype)
     batches = list(collect(model, tokenizer, [text], [amap.subject_layer], site=amap.subject_hook,
                            batch_size=1, desc=None, dtype=torch.float32))
     if not batches or batches[0].n_tokens == 0:

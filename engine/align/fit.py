@@ -24,6 +24,7 @@ from engine.align.pairing import PairingConfig, check_pairing, iter_batch_pairs,
 from engine.align.stats import SufficientStats
 from engine.errors import AtlasError, ShapeError, SiteMismatchError
 from engine.models.activations import auto_threads, torch_threads
+from engine.models.devices import ACTIVATION_DTYPE
 from engine.models.hooks import Site, resolve_blocks
 from engine.models.loading import ModelKind, d_model_of, load_registered, tokenizer_fingerprint
 from engine.models.registry import resolve_model
@@ -100,7 +101,7 @@ def _accumulate_pairs(subject: tuple[torch.nn.Module, Any], foundation: tuple[to
         counts = dict.fromkeys(config.pairings, 0)
         for sb, fb in iter_batch_pairs(
             subject, foundation, texts, s_site, f_site, batch_size=config.batch_size,
-            cache_dir=config.cache_dir if cap is None else None, dtype=config.dtype, desc=f"pairs ({split})",
+            cache_dir=config.cache_dir if cap is None else None, dtype=ACTIVATION_DTYPE, desc=f"pairs ({split})",
             quiet=quiet,
         ):
             for p in config.pairings:
@@ -177,8 +178,8 @@ def align_layers(
     get_method(method)  # an unknown method fails now, not after the pass over the corpus
     ainfo = store.atlas(atlas)
     s_name, sm, stok = resolve_model(store, subject, kind=kind, dtype=config.dtype,
-                                     layer_module=site.layer_module if site else None)
-    fm, ftok = load_registered(store, ainfo.model, dtype=config.dtype)
+                                     layer_module=site.layer_module if site else None, device=config.device)
+    fm, ftok = load_registered(store, ainfo.model, dtype=config.dtype, device=config.device)
     if d_model_of(fm) != ainfo.dim:
         raise SiteMismatchError(
             f"atlas {ainfo.name!r} has d={ainfo.dim} but its model {ainfo.model!r} has d={d_model_of(fm)}"

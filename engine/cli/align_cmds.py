@@ -8,6 +8,7 @@ import click
 
 from engine.cli.common import (
     METHOD_NAMES,
+    device_options,
     emit,
     json_option,
     open_store,
@@ -56,18 +57,17 @@ def register(cli: click.Group) -> None:
               help="What the subject is: causal (a language model) or encoder (BERT-style); default: as registered, "
                    "else causal.")
 @click.option("--encoder", is_flag=True, help="Same as --kind encoder.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
-              help="Load both models in this dtype (statistics are accumulated in float64 either way).")
 @click.option("--cache", is_flag=True, help="Cache activations as safetensors shards under the store's activations/.")
 @click.option("--name", help="Map name (default: <subject>-L<layer>-<atlas>-<method>); with several layers "
               "{layer} in it is replaced, else -L<layer> is appended.")
 @click.option("--overwrite", is_flag=True, help="Replace a map of the same name.")
+@device_options
 @store_options
 @json_option
 @quiet_option
 def align(subject, layer, layer_spec, atlas_name, corpus, use_world, size, seed, method, pairing, pool, max_tokens, batch_size,
-          hook, normalize, no_scale, lam, layer_module, kind, encoder, dtype, cache, name, overwrite, store_dir, db_url,
-          as_json):
+          hook, normalize, no_scale, lam, layer_module, kind, encoder, device, dtype, cache, name, overwrite,
+          store_dir, db_url, as_json):
     """Fit an alignment map from SUBJECT's layer (or several: --layers) to an atlas, and store it.
 
     SUBJECT is a model in the store, or a local folder / hub id (registered on first use); with
@@ -111,7 +111,7 @@ def align(subject, layer, layer_spec, atlas_name, corpus, use_world, size, seed,
         params["lam"] = lam
     config = PairingConfig(
         pools={pairing: pool} if pool else {}, max_pairs=max_tokens, batch_size=batch_size, normalize=normalize,
-        dtype=dtype, cache_dir=store.path / layout.ACTIVATIONS_DIR if cache else None,
+        dtype=dtype, device=device, cache_dir=store.path / layout.ACTIVATIONS_DIR if cache else None,
     )
     infos = align_layers(
         store, subject, Site(layers, hook, layer_module) if layers is not None else None, atlas_name, texts,

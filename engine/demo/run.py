@@ -64,8 +64,11 @@ class DemoResult:
 
 
 def run_demo(store_dir: str | Path, size: str = "small", seed: int = 0, out: str | Path = "demo-out",
-             quiet: bool = False) -> DemoResult:
-    """Run the mission on ConceptWorld into the store at ``store_dir``; write the report to ``out``."""
+             quiet: bool = False, device: str = "cpu", dtype: str = "float32") -> DemoResult:
+    """Run the mission on ConceptWorld into the store at ``store_dir``; write the report to ``out``.
+
+    ``device`` and ``dtype`` say where the models run for alignment and evaluation (training the
+    world stays on the CPU, one thread per model, so a seed gives the same weights everywhere)."""
     from engine.world.eval.labelling import evaluate_world_labelling
     from engine.world.eval.retrieval import evaluate_world_retrieval
     from engine.world.eval.steering import evaluate_world_steering, world_maps
@@ -84,11 +87,14 @@ def run_demo(store_dir: str | Path, size: str = "small", seed: int = 0, out: str
 
     world = timed("world", ensure_registered, store, size, seed)
     for key in ("subject_a", "subject_b"):  # the maps a user would use: every layer, Procrustes and ridge
-        timed(f"align_{key}", world_maps, store, world, key, quiet=quiet)
-    retrieval = timed("eval_retrieval", evaluate_world_retrieval, store, size, seed, world=world, quiet=quiet)
-    labelling = timed("eval_labelling", evaluate_world_labelling, store, size, seed, quiet=quiet)
+        timed(f"align_{key}", world_maps, store, world, key, quiet=quiet, device=device, dtype=dtype)
+    retrieval = timed("eval_retrieval", evaluate_world_retrieval, store, size, seed, world=world, quiet=quiet,
+                      device=device, dtype=dtype)
+    labelling = timed("eval_labelling", evaluate_world_labelling, store, size, seed, quiet=quiet, device=device,
+                      dtype=dtype)
     lookups = timed("lookups", _lookups, store, world)
-    steering = timed("eval_steering", evaluate_world_steering, store, size, seed, subject="a", quiet=quiet)
+    steering = timed("eval_steering", evaluate_world_steering, store, size, seed, subject="a", quiet=quiet,
+                     device=device, dtype=dtype)
     examples = timed("steer_examples", _steer_examples, store, world, steering.chosen)
 
     result = DemoResult(

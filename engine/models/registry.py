@@ -220,6 +220,7 @@ def resolve_model(
     dtype: torch.dtype | str | None = torch.float32,
     revision: str | None = None,
     layer_module: str | None = None,
+    device: str | torch.device = "cpu",
 ) -> tuple[str, torch.nn.Module, Any]:
     """``(name, model, tokenizer)`` of a model given as a registered name, or a folder / hub id.
 
@@ -228,5 +229,5 @@ def resolve_model(
     `load_registered`. ``kind=None``: as registered (a new model registers as ``causal``).
     """
     name, _ = ensure_model(store, name_or_path, kind=kind or "causal", revision=revision, layer_module=layer_module)
-    model, tok = load_registered(store, name, kind=kind, dtype=dtype, revision=revision)
+    model, tok = load_registered(store, name, kind=kind, dtype=dtype, revision=revision, device=device)
     return name, model, tok

@@ -35,6 +35,8 @@ def evaluate_world_retrieval(
     batch_size: int = 16,
     quiet: bool = False,
     world: World | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> list[RetrievalRow]:
     """Retrieval MRR / MPP / top-k per subject × pairing × layer × method on ConceptWorld.
 
@@ -51,7 +53,7 @@ def evaluate_world_retrieval(
         assert store is not None, "a store is needed to find the world when none is given"
         world = find_world(store, size, seed)
     atlas_layer = world.foundation.atlas_layer
-    foundation = load_model(world.foundation.path)
+    foundation = load_model(world.foundation.path, device=device, dtype=dtype)
     targets = np.asarray(world.concept_directions("foundation", atlas_layer))  # (K, d_f)
     true_index = np.arange(targets.shape[0])
     train, val = world_texts(world)
@@ -59,7 +61,7 @@ def evaluate_world_retrieval(
     for s in subjects or ("a", "b"):
         key = subject_key(s)
         spec = world.model(key)
-        sub = load_model(spec.path)
+        sub = load_model(spec.path, device=device, dtype=dtype)
         same_tok = tokenizer_fingerprint(sub[1]) == tokenizer_fingerprint(foundation[1])
         ps = list(pairings or (("token",) if same_tok else ("span", "text")))
         if not same_tok and "token" in ps:
