@@ -123,3 +123,29 @@ def test_cli_models_add_show_remove_and_import_sae_with_a_folder(store, folders,
     code, out = run("models", "add", "x", "--source", str(folders["llama"] / "nope"), *s)
     assert code == 1 and "no model folder" in out
     assert run("models", "remove", "enc", *s) == (0, "removed model enc\n")
+
+
+def test_import_means_makes_an_atlas_of_class_means(store, folders, tmp_path):
+    import json
+
+    from engine.align.corpus import read_labelled_corpus
+    from engine.models.concepts import import_means
+
+    rows = [{"text": t, "label": lab, "description": f"about {lab}"}
+            for lab, words in (("weather", "rain snow wind sky"), ("music", "violin piano song drums"))
+            for t in (f"the {w} and the {v}" for w in words.split() for v in words.split())]
+    p = tmp_path / "labelled.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    texts, labels, desc = read_labelled_corpus(p)
+    assert len(texts) == 32 and labels[0] == "weather" and desc["music"] == "about music"
+    info = import_means(store, "means", str(folders["llama"]), -1, texts, labels, desc)
+    assert (info.n_concepts, info.dim, info.layer, info.model) == (2, 32, 2, "llama")
+    v = store.atlas_vectors("means")
+    np.testing.assert_allclose(v[0], -v[1], atol=1e-5)  # two centred means are opposite
+    assert store.labels("means") == ["weather", "music"]
+    tsv = tmp_path / "bad.tsv"
+    tsv.write_text("no tab here\n")
+    from engine.errors import FormatError
+
+    with pytest.raises(FormatError, match="label<TAB>text"):
+        read_labelled_corpus(tsv)

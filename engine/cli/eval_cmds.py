@@ -51,12 +51,16 @@ RETRIEVAL_COLUMNS = ["subject", "pairing", "layer", "method", "mrr", "mpp", "top
               help="Pairings (default: token for subject A; span and text for subject B, whose tokenizer differs).")
 @click.option("--subjects", multiple=True, callback=comma_list(), help="Subjects: a, b (default: both).")
 @click.option("--max-tokens", type=int, help="Cap on training pairs per pairing.")
+@click.option("--subject-model", metavar="MODEL",
+              help="Evaluate this model instead of the world's subjects: a registered name, a folder or a hub id "
+                   "(real weights; its topic directions are its centred topic means over the world's held-out texts).")
+@click.option("--kind", type=click.Choice(["causal", "encoder"]), help="Kind of --subject-model (default: as registered).")
 @device_options
 @store_options
 @json_option
 @quiet_option
-def eval_retrieval(use_world, size, seed, methods, layers, pairings, subjects, max_tokens, device, dtype, store_dir,
-                   db_url, as_json):
+def eval_retrieval(use_world, size, seed, methods, layers, pairings, subjects, max_tokens, subject_model, kind, device,
+                   dtype, store_dir, db_url, as_json):
     """Concept retrieval through fitted maps on ConceptWorld (docs/design.md §8).
 
     Maps are fitted on the world's training documents (hyper-parameters such as ridge's λ on its
@@ -65,13 +69,20 @@ def eval_retrieval(use_world, size, seed, methods, layers, pairings, subjects, m
     concepts by cosine (ties count against). MRR = mean 1/rank; MPP = mean (rank-1)/(N-1), 0 is
     perfect and 0.5 chance; top-1/top-5 = share ranked first / in the first five.
     """
-    from engine.world.eval.retrieval import evaluate_world_retrieval
+    from engine.world.eval.retrieval import evaluate_model_retrieval, evaluate_world_retrieval
 
     methods = methods or list(METHOD_NAMES)
     quiet_transformers()
-    rows = evaluate_world_retrieval(open_store(store_dir, db_url), size=size, seed=seed, methods=methods,
-                                    layers=layers, pairings=pairings, subjects=subjects, max_pairs=max_tokens,
-                                    device=device, dtype=dtype)
+    if subject_model:
+        if subjects:
+            raise click.UsageError("give --subjects (world subjects) or --subject-model, not both")
+        rows = evaluate_model_retrieval(open_store(store_dir, db_url), subject_model, size=size, seed=seed,
+                                        methods=methods, layers=layers, pairings=pairings, max_pairs=max_tokens,
+                                        kind=kind, device=device, dtype=dtype)
+    else:
+        rows = evaluate_world_retrieval(open_store(store_dir, db_url), size=size, seed=seed, methods=methods,
+                                        layers=layers, pairings=pairings, subjects=subjects, max_pairs=max_tokens,
+                                        device=device, dtype=dtype)
     if as_json:
         print_json([{"subject": r.subject, "method": r.method, "pairing": r.pairing, "layer": r.layer,
                      "mrr": r.mrr, "mpp": r.mpp, "top1": r.top1, "top5": r.top5, "n_queries": r.n_queries,

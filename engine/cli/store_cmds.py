@@ -6,11 +6,20 @@ from pathlib import Path
 
 import click
 
-from engine.cli.common import emit, json_option, open_store, print_json, quiet_option, store_options
+from engine.cli.common import (
+    device_options,
+    emit,
+    json_option,
+    open_store,
+    print_json,
+    quiet_option,
+    quiet_transformers,
+    store_options,
+)
 
 
 def register(cli: click.Group) -> None:
-    for cmd in (init, db, models, atlases, import_sae, lookup, neighbors, show, index):
+    for cmd in (init, db, models, atlases, import_sae, import_means, lookup, neighbors, show, index):
         cli.add_command(cmd)
 
 
@@ -202,6 +211,41 @@ def import_sae(source: Path, name: str, model, layer, hook, revision, labels, in
     else:
         click.echo(f"imported atlas {info.name}: {info.n_concepts} concepts ({info.n_labelled} labelled), "
                    f"d={info.dim}, site {info.site}, index {info.index_spec}")
+
+
+@click.command("import-means")
+@click.argument("corpus", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--name", required=True, help="Name of the new atlas.")
+@click.option("--model", required=True, help="A registered model, or a local folder / hub id (registered on the spot).")
+@click.option("--layer", type=int, required=True, help="Layer of the site (block index; negative counts from the end).")
+@click.option("--hook", type=click.Choice(["resid_post", "resid_pre"]), default="resid_post", show_default=True)
+@click.option("--kind", type=click.Choice(["causal", "encoder"]), help="Model kind (default: as registered, else causal).")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Texts per forward pass.")
+@click.option("--index-spec", default="Flat", show_default=True, help="FAISS index spec (as import-sae).")
+@device_options
+@store_options
+@json_option
+@quiet_option
+def import_means(corpus: Path, name: str, model: str, layer: int, hook: str, kind, batch_size: int, index_spec: str,
+                 device: str, dtype: str, store_dir: Path, db_url: str | None, as_json: bool) -> None:
+    """Make an atlas of concept directions from a labelled CORPUS: one concept per label, its
+    direction the mean residual of the label's texts at the site minus the mean over labels.
+
+    CORPUS is JSONL (text, label, optional description) or TSV (label<TAB>text). Any model becomes
+    an atlas site this way, without an SAE.
+    """
+    from engine.align.corpus import read_labelled_corpus
+    from engine.models.concepts import import_means as run_import
+
+    quiet_transformers()
+    texts, labels, descriptions = read_labelled_corpus(corpus)
+    info = run_import(open_store(store_dir, db_url), name, model, layer, texts, labels, descriptions, hook=hook,
+                      kind=kind, batch_size=batch_size, index_spec=index_spec, device=device, dtype=dtype)
+    if as_json:
+        print_json(info)
+    else:
+        click.echo(f"imported atlas {info.name}: {info.n_concepts} concepts (class means of {len(texts)} texts), "
+                   f"d={info.dim}, site {info.site}")
 
 
 # ---------------------------------------------------------------------- lookup

@@ -187,8 +187,11 @@ def ensure_model(store: Store, model: str, *, kind: ModelKind = "causal", revisi
     try:
         register_model(store, name, model, kind=kind, revision=revision, layer_module=layer_module)
     except NotFoundError as e:
-        if required or looks_like_path(model):
+        if looks_like_path(model):
             raise
+        if required:
+            raise NotFoundError(f"no model named {model!r} in the store (`atlas models` lists them); as a hub id: {e}; "
+                                f"`atlas models add NAME --source PATH|HUB_ID` registers a model") from e
         return name, (f"model {name!r} is not registered ({e}); `atlas models add {name} --source PATH|HUB_ID` "
                       "registers it before it is aligned to")
     return name, None
