@@ -122,7 +122,7 @@ class TokenHits:
 
 def explain(
     store: Store, amap: Any, text: str, k: int = 5, *, centre: bool = True, model: Any = None,
-    tokenizer: Any = None,
+    tokenizer: Any = None, device: str = "cpu", dtype: str = "float32",
 ) -> list[TokenHits]:
     """Per token of ``text`` in the map's subject model: the top-``k`` atlas concepts.
 
@@ -130,7 +130,8 @@ def explain(
     searched (cosine). Where the atlas keeps its SAE's encoder, each hit also carries that
     feature's activation: the mapped residual (``map_activations``, an atlas-site residual, not
     re-centred) through the encoder (`feature_activations`). ``model``/``tokenizer`` default to the
-    subject model registered in the store.
+    subject model registered in the store, loaded on ``device`` in ``dtype`` (activations are read
+    back as float32 whatever the dtype).
     """
     import torch
 
@@ -139,7 +140,7 @@ def explain(
 
     check_k(k)  # before the model loads: a bad k is said at once
     if model is None or tokenizer is None:
-        model, tokenizer = load_registered(store, amap.subject_model)
+        model, tokenizer = load_registered(store, amap.subject_model, device=device, dtype=dtype)
     batches = list(collect(model, tokenizer, [text], [amap.subject_layer], site=amap.subject_hook,
                            batch_size=1, desc=None, dtype=torch.float32))
     if not batches or batches[0].n_tokens == 0:

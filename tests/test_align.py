@@ -53,6 +53,25 @@ def test_streaming_statistics_match_the_batch_formulas():
     np.testing.assert_allclose(a.cxy, st.cxy, rtol=0, atol=1e-6 * np.abs(st.cxy).max())
 
 
+def test_a_huge_mean_costs_no_digits_even_when_the_first_rows_are_few():
+    # the rows are shifted by the first rows' mean (here one row, far from the mean at the spread's
+    # scale) and the float32 products see only the spread, never the offset of 1e4
+    X, Y, _ = _pairs(n=3000, dx=20, dy=12, offset=1e4)
+    st = SufficientStats(20, 12, chunk_rows=512)
+    st.update(X[:1], Y[:1])
+    _stream(st, X[1:], Y[1:], step=700)
+    X64, Y64 = X.astype(np.float64), Y.astype(np.float64)
+    Xc, Yc = X64 - X64.mean(0), Y64 - Y64.mean(0)
+    for got, ref in ((st.cxx, Xc.T @ Xc), (st.cxy, Xc.T @ Yc), (st.cyy, Yc.T @ Yc)):
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    np.testing.assert_allclose(st.mean_x, X64.mean(0), rtol=1e-9)
+    # merged into an empty accumulator, and the other way round: the same statistics
+    empty = SufficientStats(20, 12)
+    empty.merge(st)
+    np.testing.assert_allclose(empty.cxy, st.cxy, rtol=0, atol=1e-9 * np.abs(st.cxy).max())
+    np.testing.assert_allclose(empty.mean_y, st.mean_y, rtol=1e-12)
+
+
 def test_float64_gemm_is_exact_to_double_precision():
     X, Y, _ = _pairs(n=2000, dx=16, dy=16)
     X64, Y64 = X.astype(np.float64), Y.astype(np.float64)

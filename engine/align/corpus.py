@@ -42,6 +42,41 @@ def read_corpus(path: str | Path) -> list[str]:
     return texts
 
 
+def read_labelled_corpus(path: str | Path) -> tuple[list[str], list[str], dict[str, str]]:
+    """``(texts, labels, descriptions)`` of a labelled corpus: JSONL rows with ``text`` and ``label``
+    (and optionally ``description``, kept per label), or TSV lines ``label<TAB>text``."""
+    import json
+
+    p = Path(path)
+    try:
+        raw = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise FormatError(f"cannot read labelled corpus {p}: {e}") from None
+    texts: list[str] = []
+    labels: list[str] = []
+    descriptions: dict[str, str] = {}
+    for i, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        if p.suffix == ".jsonl":
+            try:
+                row = json.loads(line)
+                text, label = str(row["text"]), str(row["label"])
+            except (ValueError, KeyError, TypeError):
+                raise FormatError(f"{p}:{i}: expected a JSON object with 'text' and 'label' fields") from None
+            if row.get("description"):
+                descriptions.setdefault(label, str(row["description"]))
+        else:
+            label, tab, text = line.partition("\t")
+            if not tab:
+                raise FormatError(f"{p}:{i}: expected 'label<TAB>text' (or use a .jsonl file)")
+        texts.append(text)
+        labels.append(label.strip())
+    if not texts:
+        raise FormatError(f"labelled corpus {p} has no texts")
+    return texts, labels, descriptions
+
+
 def split_heldout(texts: Sequence[str], fraction: float = HELDOUT_FRACTION) -> tuple[list[str], list[str]]:
     """(train, held-out): a text is held out when a hash of it falls in ``fraction`` (stable under
     reordering and appending). At least one text lands on each side when there are two."""

@@ -24,8 +24,10 @@ from engine.align.pairing import PairingConfig, check_pairing, iter_batch_pairs,
 from engine.align.stats import SufficientStats
 from engine.errors import AtlasError, ShapeError, SiteMismatchError
 from engine.models.activations import auto_threads, torch_threads
-from engine.models.hooks import Site
-from engine.models.loading import ModelKind, d_model_of, load_registered, resolve_model, tokenizer_fingerprint
+from engine.models.devices import ACTIVATION_DTYPE
+from engine.models.hooks import Site, resolve_blocks
+from engine.models.loading import ModelKind, d_model_of, load_registered, tokenizer_fingerprint
+from engine.models.registry import resolve_model
 from engine.store.store import MapInfo, Store
 from engine.util import corpus_fingerprint
 
@@ -99,7 +101,7 @@ def _accumulate_pairs(subject: tuple[torch.nn.Module, Any], foundation: tuple[to
         counts = dict.fromkeys(config.pairings, 0)
         for sb, fb in iter_batch_pairs(
             subject, foundation, texts, s_site, f_site, batch_size=config.batch_size,
-            cache_dir=config.cache_dir if cap is None else None, dtype=config.dtype, desc=f"pairs ({split})",
+            cache_dir=config.cache_dir if cap is None else None, dtype=ACTIVATION_DTYPE, desc=f"pairs ({split})",
             quiet=quiet,
         ):
             for p in config.pairings:
@@ -130,7 +132,7 @@ def align_subject(
     method: str = "procrustes",
     pairing: str = "auto",
     config: PairingConfig = PairingConfig(),
-    kind: ModelKind = "causal",
+    kind: ModelKind | None = None,
     name: str | None = None,
     overwrite: bool = False,
     quiet: bool = False,
@@ -142,16 +144,51 @@ def align_subject(
     ``token`` when the two tokenizers are the same and ``span`` otherwise; ``config`` says how the
     pass pairs (its pools, caps, batch size and dtype, in which both models are loaded); its
     ``pairings`` are replaced by ``pairing``. ``params`` go to the method (e.g. ridge's ``lam``).
+    ``kind`` (causal | encoder) defaults to the subject's registered kind (causal for a new one).
+    """
+    site.layer  # noqa: B018 - one layer here (a ShapeError otherwise); align_layers sweeps several
+    return align_layers(store, subject, site, atlas, texts, heldout_texts, method=method, pairing=pairing,
+                        config=config, kind=kind, name=name, overwrite=overwrite, quiet=quiet, **params)[0]
+
+
+def align_layers(
+    store: Store,
+    subject: str,
+    site: Site | None,
+    atlas: str,
+    texts: Sequence[str],
+    heldout_texts: Sequence[str] | None = None,
+    *,
+    method: str = "procrustes",
+    pairing: str = "auto",
+    config: PairingConfig = PairingConfig(),
+    kind: ModelKind | None = None,
+    name: str | None = None,
+    overwrite: bool = False,
+    quiet: bool = False,
+    **params: Any,
+) -> list[MapInfo]:
+    """`align_subject` for every layer of ``site`` (``None``: every block of the subject) in one pass.
+
+    Each batch runs each model once, reading every requested subject layer; one `SufficientStats`
+    per layer (O(layers × d²) memory) gives one map per layer, saved under ``name`` with
+    ``{layer}`` replaced (or ``<name>-L<layer>`` when several layers and no ``{layer}``), else
+    the default name. Returns the saved maps in layer order.
     """
     get_method(method)  # an unknown method fails now, not after the pass over the corpus
     ainfo = store.atlas(atlas)
-    s_name, sm, stok = resolve_model(store, subject, kind=kind, dtype=config.dtype, layer_module=site.layer_module)
-    fm, ftok = load_registered(store, ainfo.model, dtype=config.dtype)
+    s_name, sm, stok = resolve_model(store, subject, kind=kind, dtype=config.dtype,
+                                     layer_module=site.layer_module if site else None, device=config.device)
+    fm, ftok = load_registered(store, ainfo.model, dtype=config.dtype, device=config.device)
     if d_model_of(fm) != ainfo.dim:
         raise SiteMismatchError(
             f"atlas {ainfo.name!r} has d={ainfo.dim} but its model {ainfo.model!r} has d={d_model_of(fm)}"
         )
+    if site is None:
+        site = Site(tuple(range(len(resolve_blocks(sm)))))
     site = site.resolved(sm)
+    layers = sorted(set(site.layers))
+    site = Site(tuple(layers), site.hook, site.layer_module)
     if pairing == "auto":
         pairing = "token" if tokenizer_fingerprint(stok) == tokenizer_fingerprint(ftok) else "span"
     if heldout_texts is None:
@@ -160,12 +197,23 @@ def align_subject(
     config = dataclasses.replace(config, pairings=(pairing,), pools={pairing: pool} if pool else {})
     stats = accumulate_pairs((sm, stok), (fm, ftok), texts, heldout_texts, site, Site((ainfo.layer,), ainfo.hook),
                              config, quiet=quiet)
-    sites = MapSites(s_name, site.layer, ainfo.name, ainfo.model, ainfo.layer, site.hook, ainfo.hook)
-    try:
-        amap = stats.fit(pairing, site.layer, method, sites, **params)
-    except CorpusTooSmallError as e:
-        raise CorpusTooSmallError(f"{e} (pairing {pairing!r}, {len(texts)} training texts)") from None
-    return store.save_map(amap, name, overwrite=overwrite)
+    out = []
+    for L in layers:
+        sites = MapSites(s_name, L, ainfo.name, ainfo.model, ainfo.layer, site.hook, ainfo.hook)
+        try:
+            amap = stats.fit(pairing, L, method, sites, **params)
+        except CorpusTooSmallError as e:
+            raise CorpusTooSmallError(f"{e} (pairing {pairing!r}, {len(texts)} training texts)") from None
+        out.append(store.save_map(amap, _layer_name(name, L, len(layers)), overwrite=overwrite))
+    return out
+
+
+def _layer_name(name: str | None, layer: int, n_layers: int) -> str | None:
+    if name is None:
+        return None
+    if "{layer}" in name:
+        return name.replace("{layer}", str(layer))
+    return name if n_layers == 1 else f"{name}-L{layer}"
 
 
 # ----------------------------------------------------------------------------- retrieval evaluation

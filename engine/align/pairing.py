@@ -187,7 +187,8 @@ class PairingConfig:
     max_pairs: int | None = None  # training pairs per pairing; held-out texts are used whole
     batch_size: int = 16  # texts per forward pass
     normalize: bool = False  # statistics of unit-norm rows (Procrustes --normalize)
-    dtype: str = "float32"  # dtype of the activations; statistics are float64 whatever it is
+    dtype: str = "float32"  # dtype both models are loaded in (auto: bfloat16 on CUDA); activations leave as float32
+    device: str = "cpu"  # auto | cpu | cuda[:N] | mps (engine.models.devices)
     cache_dir: Path | None = None  # cache both models' activations as shards here
     threads: int | str | None = "auto"  # torch threads; auto: one for narrow models (faster on small d)
 

@@ -6,18 +6,21 @@ means and the three co-moment matrices ``XᵀX``, ``XᵀY``, ``YᵀY`` of the ce
 O(d²) memory however long the corpus is, are accumulated in one pass, and merge exactly, so
 pairs never have to sit in memory together (and shards of a corpus could be fitted apart).
 
-Why the numerics are what they are: each chunk is centred on its own mean and its co-moments
-are one float32 GEMM each (the physical cost of the fit, at the machine's matmul rate); chunks
-are merged into float64 accumulators with Chan et al.'s pairwise update
-``C += C_b + n_a·n_b/n · δδᵀ``, which never subtracts two large raw sums (the ``Σxxᵀ − n·μμᵀ``
-identity loses every digit when the mean dominates the spread, as it does in residual streams
-with a few massive dimensions). Rows are gathered into a fixed buffer of ``chunk_rows`` so the
-GEMMs stay large and the O(d²) merge stays rare.
+Why the numerics are what they are: rows are shifted by a fixed reference ``K`` (the mean of the
+first rows seen) as they are written into one work buffer ``Z = [x − Kx, y − Ky, 1]`` of
+``chunk_rows`` rows; a full buffer costs one product ``ZᵀZ`` (BLAS ``syrk``, in float32), whose
+blocks are at once Σ(x−K)(x−K)ᵀ, Σ(x−K)(y−K)ᵀ, Σ(y−K)(y−K)ᵀ and, from the column of
+ones, the shifted sums; it is added into a float64 accumulator. The centred co-moments are
+``S − n·r·rᵀ`` with ``r`` the mean shifted row, formed only when read. Shifting by a value close
+to the mean is what keeps float32 accurate: the rounding error is relative to the spread, not to
+the (possibly huge) mean, which the ``Σxxᵀ − n·μμᵀ`` identity on raw rows would lose every digit
+to in residual streams with a few massive dimensions. One ``syrk`` over both sides does the work
+of the three GEMMs in as many flops (the two diagonal blocks at half a GEMM's cost), and per row there is one pass for the raw norms and
+one shifted copy into the buffer; nothing else is O(rows).
 
-Why numpy around the GEMM: the per-row work (norms, centring) and the O(d²) merges are memory-bound
-and run single-threaded in numpy at a steady rate; torch's multi-threaded elementwise kernels
-were 10× slower than that on this shared 2-core machine whenever other processes kept the cores
-busy. Only the GEMMs go to torch (MKL, all threads), on zero-copy views of the numpy buffers.
+The per-row work is numpy (single-threaded, steady on a busy machine: torch's multi-threaded
+elementwise kernels were 10× slower whenever other processes kept the cores busy); the product is
+numpy's BLAS (all threads) on the buffer itself.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 
 from engine.errors import ShapeError
 
-DEFAULT_CHUNK_ROWS = 8192  # rows per GEMM: large enough for the matmul's full rate, 25 MB at d=768
+DEFAULT_CHUNK_ROWS = 8192  # rows per syrk: large enough for the BLAS's full rate, 50 MB at d_x = d_y = 768
 
 _NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
@@ -41,10 +44,10 @@ def _as_array(a: np.ndarray | torch.Tensor, dtype: type) -> np.ndarray:
     return np.asarray(a, dtype=dtype)
 
 
-def _gemm_t(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``aᵀ·b`` through torch's BLAS on zero-copy views: (c, m), (c, n) → (m, n)."""
-    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-    return (ta.T @ tb).numpy()
+def _gram(z: np.ndarray) -> np.ndarray:
+    """``zᵀ·z`` (c, D) → (D, D), symmetric. numpy's matmul sees one buffer times its own transpose
+    and calls BLAS ``syrk`` (half the flops of a GEMM), then mirrors the triangle."""
+    return np.matmul(z.T, z)
 
 
 class SufficientStats:
@@ -76,7 +79,14 @@ class SufficientStats:
         self.d_x, self.d_y, self.normalize, self.chunk_rows = d_x, d_y, normalize, max(1, chunk_rows)
         self.gemm_dtype = gemm_dtype
         self._dt = _NP_DTYPES[gemm_dtype]
+        D = d_x + d_y + 1
         self._n = 0
+        self._shift: np.ndarray | None = None  # (d_x + d_y,) K in the buffer's dtype, fixed at the first rows
+        self._S = np.zeros((D, D))  # float64: Σ zᵀz of the rows z = [x − Kx, y − Ky, 1]
+        self._z: np.ndarray | None = None  # the work buffer (chunk_rows, D), last column ones
+        self._buffered = 0
+        # centred results, formed from _S when read (valid while not _dirty)
+        self._dirty = False
         self._mx = np.zeros(d_x)  # (d_x,) float64
         self._my = np.zeros(d_y)  # (d_y,)
         self._cxx = np.zeros((d_x, d_x))  # Σ (x−μx)ᵀ(x−μx)
@@ -84,9 +94,6 @@ class SufficientStats:
         self._cyy = np.zeros((d_y, d_y))  # Σ (y−μy)ᵀ(y−μy)
         self.sum_norm_x = 0.0  # Σ ‖x‖ of raw rows
         self.sum_norm_y = 0.0
-        self._in: tuple[np.ndarray, np.ndarray] | None = None  # gathering buffers (chunk_rows, d)
-        self._work: tuple[np.ndarray, np.ndarray] | None = None  # centring buffers (chunk_rows, d)
-        self._buffered = 0
         self.sample_size = sample_size
         self._sample_x = np.zeros((0, d_x), dtype=np.float32)
         self._sample_y = np.zeros((0, d_y), dtype=np.float32)
@@ -98,39 +105,19 @@ class SufficientStats:
     def update(self, X: np.ndarray | torch.Tensor, Y: np.ndarray | torch.Tensor) -> None:
         """Add pairs: ``X`` (n, d_x) and ``Y`` (n, d_y), row i of each from the same content."""
         X, Y = _as_array(X, self._dt), _as_array(Y, self._dt)
+        self._add(X, Y)
+
+    def _add(self, X: np.ndarray, Y: np.ndarray) -> None:
         if X.ndim != 2 or Y.ndim != 2 or X.shape[1] != self.d_x or Y.shape[1] != self.d_y:
             raise ShapeError(
                 f"update needs X (n, {self.d_x}) and Y (n, {self.d_y}), got {tuple(X.shape)} and {tuple(Y.shape)}"
             )
         if X.shape[0] != Y.shape[0]:
             raise ShapeError(f"X and Y must have the same number of rows, got {X.shape[0]} and {Y.shape[0]}")
-        c, i = X.shape[0], 0
-        while c - i >= self.chunk_rows and not self._buffered:  # whole chunks skip the gathering copy
-            self._accumulate(X[i : i + self.chunk_rows], Y[i : i + self.chunk_rows])
-            i += self.chunk_rows
-        while i < c:
-            if self._in is None:
-                self._in = (np.empty((self.chunk_rows, self.d_x), self._dt),
-                            np.empty((self.chunk_rows, self.d_y), self._dt))
-            take = min(c - i, self.chunk_rows - self._buffered)
-            b = self._buffered
-            self._in[0][b : b + take] = X[i : i + take]
-            self._in[1][b : b + take] = Y[i : i + take]
-            self._buffered += take
-            i += take
-            if self._buffered == self.chunk_rows:
-                self.flush()
-
-    def flush(self) -> None:
-        """Fold gathered rows into the accumulators (every reader calls this)."""
-        if not self._buffered:
+        c = X.shape[0]
+        if c == 0:
             return
-        k, self._buffered = self._buffered, 0
-        assert self._in is not None  # rows are buffered only into the gathering buffers
-        self._accumulate(self._in[0][:k], self._in[1][:k])
-
-    def _accumulate(self, X: np.ndarray, Y: np.ndarray) -> None:
-        nx = np.sqrt(np.einsum("ij,ij->i", X, X))  # (c,) row norms
+        nx = np.sqrt(np.einsum("ij,ij->i", X, X))  # (c,) raw row norms: the one pass besides the copy
         ny = np.sqrt(np.einsum("ij,ij->i", Y, Y))
         snx, sny = float(nx.sum(dtype=np.float64)), float(ny.sum(dtype=np.float64))
         if not (np.isfinite(snx) and np.isfinite(sny)):  # a NaN / inf anywhere in a row shows in its norm
@@ -142,41 +129,56 @@ class SufficientStats:
             Y = Y / np.maximum(ny, 1e-12)[:, None]
         if self.sample_size:
             self._offer_sample(X, Y)
-        c = X.shape[0]
-        if self._work is None:
-            self._work = (np.empty((self.chunk_rows, self.d_x), self._dt),
-                          np.empty((self.chunk_rows, self.d_y), self._dt))
-        m0x, m0y = X.mean(0), Y.mean(0)  # chunk means m̃ as computed in the GEMM dtype
-        Xc = np.subtract(X, m0x, out=self._work[0][:c])  # (c, d_x)
-        Yc = np.subtract(Y, m0y, out=self._work[1][:c])  # (c, d_y)
-        # What is left of the mean after centring is small, so its rounding error is relative to the
-        # spread, not to the (possibly huge) mean: m = m̃ + r to float64 accuracy.
-        rx = Xc.sum(0).astype(np.float64) / c  # (d_x,)
-        ry = Yc.sum(0).astype(np.float64) / c
-        cxx = _gemm_t(Xc, Xc)  # (d_x, d_x) one GEMM each: the cost of the fit
-        cxy = _gemm_t(Xc, Yc)  # (d_x, d_y)
-        cyy = _gemm_t(Yc, Yc)  # (d_y, d_y)
-        # Σ(x−m)(y−m_y)ᵀ = Σ(x−m̃)(y−m̃_y)ᵀ − c·r_x·r_yᵀ
-        self._merge(c, m0x + rx, m0y + ry, cxx, cxy, cyy, rx, ry)
+        if self._shift is None:  # K: the first rows' mean, kept for good
+            self._shift = np.concatenate([X.mean(0, dtype=np.float64), Y.mean(0, dtype=np.float64)]).astype(self._dt)
+        if self._z is None:
+            self._z = np.empty((self.chunk_rows, self.d_x + self.d_y + 1), self._dt)
+            self._z[:, -1] = 1.0
+        dx, dxy = self.d_x, self.d_x + self.d_y
+        kx, ky = self._shift[:dx], self._shift[dx:]
+        i = 0
+        while i < c:
+            take = min(c - i, self.chunk_rows - self._buffered)
+            b = self._buffered
+            np.subtract(X[i : i + take], kx, out=self._z[b : b + take, :dx])
+            np.subtract(Y[i : i + take], ky, out=self._z[b : b + take, dx:dxy])
+            self._buffered += take
+            i += take
+            if self._buffered == self.chunk_rows:
+                self.flush()
+        self._dirty = True
 
-    def _merge(self, c: int, mx: np.ndarray, my: np.ndarray, cxx: np.ndarray, cxy: np.ndarray,
-               cyy: np.ndarray, rx: np.ndarray | None = None, ry: np.ndarray | None = None) -> None:
-        """Chan et al.: C += C_b + n_a·n_b/n·δδᵀ (− c·r·rᵀ for the chunk's centring offset)."""
-        n = self._n + c
-        dx, dy = mx - self._mx, my - self._my  # (d,) float64
-        w = self._n * c / n
-        if rx is None:
-            rx, ry = np.zeros_like(dx), np.zeros_like(dy)
-        # both rank-1 terms as one rank-2 product: [√w·δ, √c·r] · [√w·δ, −√c·r]ᵀ
-        ux = np.stack([np.sqrt(w) * dx, np.sqrt(c) * rx], 1)  # (d_x, 2)
-        uy = np.stack([np.sqrt(w) * dy, np.sqrt(c) * ry], 1)  # (d_y, 2)
-        sgn = np.array([1.0, -1.0])
-        for acc, part, a, b in ((self._cxx, cxx, ux, ux), (self._cxy, cxy, ux, uy), (self._cyy, cyy, uy, uy)):
-            np.add(acc, part, out=acc)  # float32 GEMM result into float64
-            acc += (a * sgn) @ b.T
-        self._mx += dx * (c / n)
-        self._my += dy * (c / n)
-        self._n = n
+    def flush(self) -> None:
+        """Fold buffered rows into the accumulator."""
+        if self._buffered:
+            k, self._buffered = self._buffered, 0
+            assert self._z is not None  # rows are buffered only into the work buffer
+            np.add(self._S, _gram(self._z[:k]), out=self._S)  # (D, D): the cost of the fit
+            self._n += k
+            self._dirty = True
+
+    def _read(self) -> None:
+        """Flush, and form the centred results if anything was added since they were last formed."""
+        self.flush()
+        if self._dirty:
+            self._finalise()
+
+    def _finalise(self) -> None:
+        """Centred co-moments and means from the shifted sums: C = S − n·r·rᵀ, μ = K + r."""
+        self._dirty = False
+        n = self._n
+        if not n or self._shift is None:
+            return
+        dx, dxy = self.d_x, self.d_x + self.d_y
+        S = self._S
+        r = S[:dxy, -1] / n  # mean shifted row (x then y), float64
+        k = self._shift.astype(np.float64)
+        rx, ry = r[:dx], r[dx:]
+        self._cxx = S[:dx, :dx] - n * np.outer(rx, rx)
+        self._cxy = S[:dx, dx:dxy] - n * np.outer(rx, ry)
+        self._cyy = S[dx:dxy, dx:dxy] - n * np.outer(ry, ry)
+        self._mx = k[:dx] + rx
+        self._my = k[dx:] + ry
 
     def _offer_sample(self, X: np.ndarray, Y: np.ndarray) -> None:
         """Reservoir sampling (algorithm R, vectorised: later rows win a slot, as in sequence)."""
@@ -193,40 +195,57 @@ class SufficientStats:
         self._seen += c
 
     def merge(self, other: SufficientStats) -> None:
-        """Fold another accumulator over the same spaces into this one (exact)."""
+        """Fold another accumulator over the same spaces into this one (exact: its centred
+        co-moments are re-expressed about this one's shift, Σ(z−K)(z−K)ᵀ = C + n·(μ−K)(μ−K)ᵀ)."""
         if (other.d_x, other.d_y, other.normalize) != (self.d_x, self.d_y, self.normalize):
             raise ShapeError("cannot merge statistics of different dimensions or normalisation")
-        self.flush()
-        other.flush()
-        if other._n:
-            self._merge(other._n, other._mx, other._my, other._cxx, other._cxy, other._cyy)
-            self.sum_norm_x += other.sum_norm_x
-            self.sum_norm_y += other.sum_norm_y
+        self._read()
+        other._read()
+        m = other._n
+        if not m:
+            return
+        dx, dxy = self.d_x, self.d_x + self.d_y
+        mu = np.concatenate([other._mx, other._my])  # (d_x + d_y,) float64
+        if self._shift is None:
+            self._shift = mu.astype(self._dt)
+        u = mu - self._shift.astype(np.float64)  # other's mean, shifted
+        block = np.empty((dxy, dxy))
+        block[:dx, :dx], block[:dx, dx:] = other._cxx, other._cxy
+        block[dx:, :dx], block[dx:, dx:] = other._cxy.T, other._cyy
+        block += m * np.outer(u, u)
+        self._S[:dxy, :dxy] += block
+        self._S[:dxy, -1] += m * u
+        self._S[-1, :dxy] += m * u
+        self._S[-1, -1] += m
+        self._n += m
+        self.sum_norm_x += other.sum_norm_x
+        self.sum_norm_y += other.sum_norm_y
+        self._dirty = True
 
     # -------------------------------------------------------------- reading
 
     @property
     def cxx(self) -> np.ndarray:
         """Centred co-moment Σ(x−μx)ᵀ(x−μx), (d_x, d_x) float64."""
-        self.flush()
+        self._read()
         return self._cxx
 
     @property
     def cxy(self) -> np.ndarray:
         """Centred cross co-moment Σ(x−μx)ᵀ(y−μy), (d_x, d_y) float64."""
-        self.flush()
+        self._read()
         return self._cxy
 
     @property
     def cyy(self) -> np.ndarray:
         """Centred co-moment Σ(y−μy)ᵀ(y−μy), (d_y, d_y) float64."""
-        self.flush()
+        self._read()
         return self._cyy
 
     @property
     def count(self) -> int:
         """Number of pairs counted."""
-        self.flush()
+        self._read()
         return self._n
 
     n = count
@@ -234,34 +253,34 @@ class SufficientStats:
     @property
     def mean_x(self) -> np.ndarray:
         """Mean of x, (d_x,) float64."""
-        self.flush()
+        self._read()
         return self._mx
 
     @property
     def mean_y(self) -> np.ndarray:
-        self.flush()
+        self._read()
         return self._my
 
     @property
     def mean_norm_x(self) -> float:
         """Mean raw L2 norm of x (the subject site's typical residual norm)."""
-        self.flush()
+        self._read()
         return self.sum_norm_x / self._n if self._n else float("nan")
 
     @property
     def mean_norm_y(self) -> float:
-        self.flush()
+        self._read()
         return self.sum_norm_y / self._n if self._n else float("nan")
 
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
         """The reservoir sample ``(X (k, d_x), Y (k, d_y))`` (normalised rows if ``normalize``)."""
-        self.flush()
+        self._read()
         return self._sample_x, self._sample_y
 
     def transposed(self) -> SufficientStats:
         """The same statistics with x and y swapped (for fitting the inverse direction); a
-        read-only view sharing this object's arrays."""
-        self.flush()
+        read-only view sharing this object's centred arrays."""
+        self._read()
         t = SufficientStats(self.d_y, self.d_x, normalize=self.normalize, chunk_rows=self.chunk_rows,
                             gemm_dtype=self.gemm_dtype)
         t._n, t._mx, t._my = self._n, self._my, self._mx

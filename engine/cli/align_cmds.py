@@ -9,6 +9,7 @@ import click
 from engine.cli.common import (
     METHOD_NAMES,
     describe_removal,
+    device_options,
     emit,
     json_option,
     open_store,
@@ -30,7 +31,9 @@ def register(cli: click.Group) -> None:
 
 @click.command()
 @click.argument("subject")
-@click.option("--layer", "-l", type=int, required=True, help="Subject layer (block index; negative counts from the end).")
+@click.option("--layer", "-l", type=int, help="Subject layer (block index; negative counts from the end).")
+@click.option("--layers", "layer_spec", metavar="SPEC",
+              help="Several subject layers in one pass, one map each: 0-11, 2,5,8 or all (instead of --layer).")
 @click.option("--atlas", "atlas_name", help="Atlas to align to (its model, layer and hook are the target site); "
               "with --world, the world's atlas by default.")
 @click.option("--corpus", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -51,32 +54,39 @@ def register(cli: click.Group) -> None:
 @click.option("--no-scale", is_flag=True, help="Procrustes without the global scale.")
 @click.option("--lam", type=float, help="Ridge λ (default: chosen on held-out pairs).")
 @click.option("--layer-module", help="Attribute path of the subject's block list, for architectures not known (e.g. model.layers).")
-@click.option("--encoder", is_flag=True, help="The subject is an encoder (BERT-style), not a causal LM.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
-              help="Load both models in this dtype (statistics are accumulated in float64 either way).")
+@click.option("--kind", type=click.Choice(["causal", "encoder"]),
+              help="What the subject is: causal (a language model) or encoder (BERT-style); default: as registered, "
+                   "else causal.")
+@click.option("--encoder", is_flag=True, help="Same as --kind encoder.")
 @click.option("--cache", is_flag=True, help="Cache activations as safetensors shards under the store's activations/.")
-@click.option("--name", help="Map name (default: <subject>-L<layer>-<atlas>-<method>).")
+@click.option("--name", help="Map name (default: <subject>-L<layer>-<atlas>-<method>); with several layers "
+              "{layer} in it is replaced, else -L<layer> is appended.")
 @click.option("--overwrite", is_flag=True, help="Replace a map of the same name.")
+@device_options
 @store_options
 @json_option
 @quiet_option
-def align(subject, layer, atlas_name, corpus, use_world, size, seed, method, pairing, pool, max_tokens, batch_size,
-          hook, normalize, no_scale, lam, layer_module, encoder, dtype, cache, name, overwrite, store_dir, db_url,
-          as_json):
-    """Fit an alignment map from SUBJECT's LAYER to an atlas, and store it.
+def align(subject, layer, layer_spec, atlas_name, corpus, use_world, size, seed, method, pairing, pool, max_tokens, batch_size,
+          hook, normalize, no_scale, lam, layer_module, kind, encoder, device, dtype, cache, name, overwrite,
+          store_dir, db_url, as_json):
+    """Fit an alignment map from SUBJECT's layer (or several: --layers) to an atlas, and store it.
 
     SUBJECT is a model in the store, or a local folder / hub id (registered on first use); with
     --world, also `a` or `b` for the world's subjects. The
     same texts go through the subject and the atlas's foundation model; paired activations are
-    accumulated in one streaming pass and the map is fitted from their statistics. Held-out texts
-    give the fit metrics (R² both ways, mean cosine) and choose ridge's λ.
+    accumulated in one streaming pass (every requested layer from the same forward passes) and a
+    map per layer is fitted from their statistics. Held-out texts give the fit metrics (R² both
+    ways, mean cosine) and choose ridge's λ; with several layers a table compares them.
     """
     from engine.align.corpus import read_corpus
-    from engine.align.fit import align_subject
+    from engine.align.fit import align_layers
     from engine.align.pairing import PairingConfig
-    from engine.models.hooks import Site
+    from engine.models.hooks import Site, parse_layers
     from engine.store import layout
 
+    if (layer is None) == (layer_spec is None):
+        raise click.UsageError("give --layer N or --layers SPEC (e.g. 0-11, 2,5,8, all)")
+    layers = (layer,) if layer is not None else parse_layers(layer_spec)
     if bool(corpus) == bool(use_world):
         raise click.UsageError("give exactly one of --corpus FILE or --world")
     if max_tokens is not None and max_tokens < 1:
@@ -102,14 +112,28 @@ def align(subject, layer, atlas_name, corpus, use_world, size, seed, method, pai
         params["lam"] = lam
     config = PairingConfig(
         pools={pairing: pool} if pool else {}, max_pairs=max_tokens, batch_size=batch_size, normalize=normalize,
-        dtype=dtype, cache_dir=store.path / layout.ACTIVATIONS_DIR if cache else None,
+        dtype=dtype, device=device, cache_dir=store.path / layout.ACTIVATIONS_DIR if cache else None,
     )
-    info = align_subject(
-        store, subject, Site((layer,), hook, layer_module), atlas_name, texts, heldout, method=method,
-        pairing=pairing, config=config, kind="encoder" if encoder else "causal", name=name, overwrite=overwrite,
-        **params,
+    infos = align_layers(
+        store, subject, Site(layers, hook, layer_module) if layers is not None else None, atlas_name, texts,
+        heldout, method=method, pairing=pairing, config=config, kind="encoder" if encoder else kind, name=name,
+        overwrite=overwrite, **params,
     )
-    _show(info, as_json)
+    if layer is not None:
+        _show(infos[0], as_json)
+    elif as_json:
+        print_json(infos)
+    else:
+        _layer_table(infos)
+
+
+def _layer_table(infos) -> None:
+    """One row per layer: the map and its held-out fit."""
+    emit([{"layer": i.subject_layer, "map": i.name, "pairs": i.n_pairs,
+           "heldout_r2": i.metrics.get("heldout_r2"), "heldout_r2_inverse": i.metrics.get("heldout_r2_inverse"),
+           "heldout_cosine": i.metrics.get("heldout_cosine")} for i in infos], False)
+    best = max(infos, key=lambda i: i.metrics.get("heldout_r2", float("-inf")))
+    click.echo(f"\n{len(infos)} maps from one pass; best held-out R2: layer {best.subject_layer} ({best.name})")
 
 
 def _show(info, as_json: bool) -> None:

@@ -128,6 +128,19 @@ def comma_list(kind: Callable[[str], Any] = str, expected: str = "values like a,
 LAYER_LIST = "layer numbers like 2 or 1,3"
 
 
+def device_options(f: Callable) -> Callable:
+    """Add ``--device`` and ``--dtype`` (the command receives ``device``, ``dtype``): where and in which
+    precision models run (`engine.models.devices`; checked when a model is loaded)."""
+    f = click.option("--dtype", default="auto", show_default=True, metavar="auto|float32|bfloat16|float16",
+                     type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+                     help="Precision the models are loaded in; auto: bfloat16 on CUDA, float32 elsewhere. "
+                          "Activations leave the device as float32 (statistics are float64).")(f)
+    f = click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]|mps",
+                     envvar="ATLAS_DEVICE",
+                     help="Where models run; auto: CUDA, else MPS, else CPU. Env: ATLAS_DEVICE.")(f)
+    return f
+
+
 def quiet_transformers() -> None:
     """Silence transformers' weight-loading bars for this process: the engine's bars say what is
     going on (`engine.models.loading.quiet_transformers`, imported when called: it loads torch)."""

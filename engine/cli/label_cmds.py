@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import click
 
 from engine.cli.common import (
+    device_options,
     emit,
     json_option,
     open_store,
@@ -148,10 +149,12 @@ def export(run_name: str, fmt: ExportFormat, output: Path | None, partial: bool,
 @click.argument("text")
 @click.option("-k", default=3, show_default=True, help="Concepts per token.")
 @click.option("--raw", is_flag=True, help="Search the mapped activation as is (default: minus the atlas centre).")
+@device_options
 @store_options
 @json_option
 @quiet_option
-def explain(map_name: str, text: str, k: int, raw: bool, store_dir: Path, db_url, as_json: bool) -> None:
+def explain(map_name: str, text: str, k: int, raw: bool, device: str, dtype: str, store_dir: Path, db_url,
+            as_json: bool) -> None:
     """Per token of TEXT in MAP's subject model: the top atlas concepts, with cosine scores.
 
     Where the atlas keeps its SAE's encoder (SAE imports do), each concept also shows its
@@ -162,7 +165,7 @@ def explain(map_name: str, text: str, k: int, raw: bool, store_dir: Path, db_url
 
     quiet_transformers()
     store = open_store(store_dir, db_url)
-    tokens = run_explain(store, store.load_map(map_name), text, k, centre=not raw)
+    tokens = run_explain(store, store.load_map(map_name), text, k, centre=not raw, device=device, dtype=dtype)
     if as_json:
         print_json(tokens)
         return

@@ -12,6 +12,7 @@ import numpy as np
 from engine.cli.common import (
     LAYER_LIST,
     comma_list,
+    device_options,
     emit,
     json_option,
     open_store,
@@ -90,11 +91,13 @@ def _plan(map_name: str | None, concepts: Sequence[str], plan_file: Path | None,
               help="Read the plan from this JSON file (options given explicitly override it).")
 @click.option("--save-plan", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the plan (with resolved concept ids) to this JSON file.")
+@device_options
 @store_options
 @json_option
 @quiet_option
 def steer(map_name, concepts, prompts, strength, layers, mode, positions, combine, max_new_tokens, seed, sample,
-          temperature, native, model_path, plan_file, save_plan, store_dir: Path, db_url, as_json: bool) -> None:
+          temperature, native, model_path, plan_file, save_plan, device, dtype, store_dir: Path, db_url,
+          as_json: bool) -> None:
     """Generate steered and unsteered continuations side by side, from the same seed.
 
     Each concept's atlas direction is mapped into the subject model through MAP's inverse (linear
@@ -112,11 +115,12 @@ def steer(map_name, concepts, prompts, strength, layers, mode, positions, combin
     if model_path is not None:
         from engine.models.loading import load_model
 
-        model, tokenizer = load_model(model_path)
+        model, tokenizer = load_model(model_path, device=device, dtype=dtype)
         resolved_path = str(model_path.resolve())
         model_name = next((m.name for m in store.models() if m.source and Path(m.source).expanduser().exists()
                            and str(Path(m.source).expanduser().resolve()) == resolved_path), None)
-    run = run_plan(store, plan, list(prompts), model=model, tokenizer=tokenizer, model_name=model_name)
+    run = run_plan(store, plan, list(prompts), model=model, tokenizer=tokenizer, model_name=model_name,
+                   device=device, dtype=dtype)
     if save_plan is not None:
         plan.save(save_plan)
     if as_json:

@@ -8,17 +8,19 @@ import click
 
 from engine.cli.common import (
     describe_removal,
+    device_options,
     emit,
     json_option,
     open_store,
     print_json,
     quiet_option,
+    quiet_transformers,
     store_options,
 )
 
 
 def register(cli: click.Group) -> None:
-    for cmd in (init, db, models, atlases, import_sae, remove, lookup, neighbors, show, index, gc):
+    for cmd in (init, db, models, atlases, import_sae, import_means, remove, lookup, neighbors, show, index, gc):
         cli.add_command(cmd)
 
 
@@ -98,13 +100,68 @@ def db_current(store_dir: Path, db_url: str | None, as_json: bool) -> None:
 # ---------------------------------------------------------------------- listing
 
 
-@click.command()
+MODEL_COLUMNS = ["name", "kind", "architecture", "d_model", "n_layers", "source_kind", "source"]
+
+
+@click.group(invoke_without_command=True)
 @store_options
 @json_option
-def models(store_dir: Path, db_url: str | None, as_json: bool) -> None:
-    """List the models registered in the store."""
-    emit(open_store(store_dir, db_url).models(), as_json,
-         ["name", "architecture", "d_model", "n_layers", "source"])
+@click.pass_context
+def models(ctx: click.Context, store_dir: Path, db_url: str | None, as_json: bool) -> None:
+    """List the models registered in the store; add, show or remove one.
+
+    A model is registered from a local folder or a hub id (`atlas models add`); its source is
+    recorded relative to the store when the folder is inside it, so the store can be moved.
+    """
+    if ctx.invoked_subcommand is None:
+        emit(open_store(store_dir, db_url).models(), as_json, MODEL_COLUMNS)
+
+
+@models.command("add")
+@click.argument("name")
+@click.option("--source", required=True, metavar="PATH|HUB_ID", help="Local folder (config, tokenizer, weights) or hub id.")
+@click.option("--kind", type=click.Choice(["causal", "encoder"]), default="causal", show_default=True,
+              help="causal: a language model with its LM head; encoder: a bare encoder (BERT-style).")
+@click.option("--revision", help="Hub revision (commit or tag).")
+@click.option("--layer-module", help="Attribute path of the block list, for architectures not known (e.g. model.layers).")
+@store_options
+@json_option
+def models_add(name: str, source: str, kind, revision, layer_module, store_dir: Path, db_url: str | None,
+               as_json: bool) -> None:
+    """Register SOURCE as model NAME: architecture, width, depth and tokenizer from its config and
+    tokenizer files (no weights are loaded). NAME already registered is re-pointed at SOURCE when
+    SOURCE is the same model (weights that moved)."""
+    from engine.models.registry import register_model
+
+    emit(register_model(open_store(store_dir, db_url), name, source, kind=kind, revision=revision,
+                        layer_module=layer_module), as_json)
+
+
+@models.command("show")
+@click.argument("name")
+@store_options
+@json_option
+def models_show(name: str, store_dir: Path, db_url: str | None, as_json: bool) -> None:
+    """Show a registered model: source, architecture, width, depth, tokenizer, and what uses it."""
+    import dataclasses
+
+    from engine.models.registry import model_details
+
+    d = model_details(open_store(store_dir, db_url), name)
+    out = {**dataclasses.asdict(d.info), "source_found": d.source_found, "atlases": ", ".join(d.atlases),
+           "maps": ", ".join(d.maps)}
+    emit(out if not as_json else {**out, "atlases": d.atlases, "maps": d.maps}, as_json)
+
+
+@models.command("remove")
+@click.argument("name")
+@store_options
+def models_remove(name: str, store_dir: Path, db_url: str | None) -> None:
+    """Forget model NAME (its row; the weights are left alone). Refused while an atlas or map uses it."""
+    from engine.models.registry import remove_model
+
+    remove_model(open_store(store_dir, db_url), name)
+    click.echo(f"removed model {name}")
 
 
 @click.command()
@@ -125,7 +182,8 @@ def atlases(store_dir: Path, db_url: str | None, as_json: bool) -> None:
 @click.option("--release", help="A SAELens release id (e.g. gemma-scope-2b-pt-res), read from the local "
                                 "Hugging Face cache instead of SOURCE; needs --sae-id.")
 @click.option("--sae-id", help="The SAE of --release (e.g. layer_12/width_16k/average_l0_82).")
-@click.option("--model", help="Model the directions live in (read from the SAE's config when there).")
+@click.option("--model", help="Model the directions live in: a registered name, a local folder or a hub id (a "
+              "folder or id is registered on the spot); read from the SAE's config when there.")
 @click.option("--layer", type=int, help="Layer of the site (read from the config or the path when there).")
 @click.option("--hook", help="Hook point of the site (default: resid_post).")
 @click.option("--revision", help="Model revision (commit or tag) the directions were made on.")
@@ -149,10 +207,16 @@ def import_sae(source: Path | None, name: str, fmt, release, sae_id, model, laye
     The import is one transaction: a failure leaves no atlas.
     """
     from engine.atlas.importers import import_atlas
+    from engine.models.registry import ensure_model
 
     store = open_store(store_dir, db_url)
+    note = None
+    if model:
+        model, note = ensure_model(store, model, revision=revision, required=False)
     info = import_atlas(store, name, source, labels=labels, model=model, layer=layer, hook=hook,
                         revision=revision, index_spec=index_spec, key=key, fmt=fmt, release=release, sae_id=sae_id)
+    if note:
+        click.echo(f"note: {note}", err=True)
     if as_json:
         print_json(info)
     else:
@@ -196,6 +260,43 @@ def gc(grace: float, dry_run: bool, store_dir: Path, db_url: str | None, as_json
     for x in gone:
         click.echo(f"{'would remove' if dry_run else 'removed'} {x.file} ({x.state}, {x.size} bytes)")
     click.echo(f"{len(gone)} leftover file(s) {'to remove' if dry_run else 'removed'}")
+
+
+
+@click.command("import-means")
+@click.argument("corpus", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--name", required=True, help="Name of the new atlas.")
+@click.option("--model", required=True, help="A registered model, or a local folder / hub id (registered on the spot).")
+@click.option("--layer", type=int, required=True, help="Layer of the site (block index; negative counts from the end).")
+@click.option("--hook", type=click.Choice(["resid_post", "resid_pre"]), default="resid_post", show_default=True)
+@click.option("--kind", type=click.Choice(["causal", "encoder"]), help="Model kind (default: as registered, else causal).")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Texts per forward pass.")
+@click.option("--index-spec", default="Flat", show_default=True, help="FAISS index spec (as import-sae).")
+@device_options
+@store_options
+@json_option
+@quiet_option
+def import_means(corpus: Path, name: str, model: str, layer: int, hook: str, kind, batch_size: int, index_spec: str,
+                 device: str, dtype: str, store_dir: Path, db_url: str | None, as_json: bool) -> None:
+    """Make an atlas of concept directions from a labelled CORPUS: one concept per label, its
+    direction the mean residual of the label's texts at the site minus the mean over labels.
+
+    CORPUS is JSONL (text, label, optional description) or TSV (label<TAB>text). Any model becomes
+    an atlas site this way, without an SAE.
+    """
+    from engine.align.corpus import read_labelled_corpus
+    from engine.models.concepts import import_means as run_import
+
+    quiet_transformers()
+    texts, labels, descriptions = read_labelled_corpus(corpus)
+    info = run_import(open_store(store_dir, db_url), name, model, layer, texts, labels, descriptions, hook=hook,
+                      kind=kind, batch_size=batch_size, index_spec=index_spec, device=device, dtype=dtype)
+    if as_json:
+        print_json(info)
+    else:
+        click.echo(f"imported atlas {info.name}: {info.n_concepts} concepts (class means of {len(texts)} texts), "
+                   f"d={info.dim}, site {info.site}")
+
 
 
 # ---------------------------------------------------------------------- lookup

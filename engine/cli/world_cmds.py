@@ -103,3 +103,27 @@ def build(size: str, seed: int, replace_atlas: bool, store_dir: Path, db_url: st
                    + ("all pass" if report.passed else "FAILED"))
         for line in report.failures():
             click.echo(f"  {line}")
+
+
+@world.command("corpus")
+@click.option("--size", type=click.Choice(["tiny", "small"]), default="tiny", show_default=True)
+@click.option("--seed", default=0, show_default=True, help="World seed.")
+@click.option("--split", type=click.Choice(["train", "heldout"]), default="train", show_default=True,
+              help="train: the documents maps are fitted on; heldout: the ones that define the concept directions.")
+@click.option("--labelled", is_flag=True, help="JSONL with text, label and description (for import-means); "
+                                               "default: one text per line (for align --corpus).")
+@click.option("--limit", type=int, help="At most this many documents (the first ones).")
+@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), help="File (default: stdout).")
+@store_options
+def corpus(size: str, seed: int, split: str, labelled: bool, limit: int | None, out: Path | None, store_dir: Path,
+           db_url: str | None) -> None:
+    """Write a world's documents as a corpus file, to run real models on the world's texts."""
+    from engine.world.locate import corpus_lines
+
+    store, _ = _open_or_init(store_dir, db_url)
+    text = "".join(line + "\n" for line in corpus_lines(store, size, seed, split, labelled=labelled, limit=limit))
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        out.write_text(text, encoding="utf-8")
+        click.echo(f"wrote {text.count(chr(10))} documents to {out}", err=True)

@@ -185,6 +185,16 @@ def render_markdown(result: Any) -> str:
             f"- steered: {ex['steered']}  — topic: {ex['steered_topic'] or 'none'}",
             "",
         ]
+    rw = getattr(result, "real_weights", None)
+    if rw:
+        lines += ["## Real weights (`atlas eval retrieval --world --subject-model`)", ""]
+        if rw.get("skipped"):
+            lines += [f"{rw['model']}: skipped ({rw['skipped']}).", ""]
+        else:
+            lines += [f"{rw['model']} (a BERT encoder with its own WordPiece tokenizer, real weights, loaded offline) "
+                      f"as a subject of the world atlas: its topic directions (centred topic means over the held-out "
+                      f"documents) at each layer, mapped through maps fitted on {rw['pairs']:,} span pairs.", "",
+                      *_table(rw["rows"], ["layer", "method", "pairing", "mrr", "mpp", "top1", "top5", "n_pairs"]), ""]
     lines += ["## Definitions", "", *[f"- **{k}**: {v}" for k, v in METRIC_DEFINITIONS.items()], "",
               "## Timings (s)", "", *_table([result.timings], list(result.timings)), ""]
     return "\n".join(lines)
@@ -209,5 +219,8 @@ def format_summary(result: Any) -> Sequence[str]:
         f"steering faithfulness (neutral prompts): transferred {f(h['steering_transferred_faithfulness'])}, "
         f"native {f(h['steering_native_faithfulness'])}, unsteered {f(h['steering_unsteered_faithfulness'])} "
         f"(layer {f(h['steering_layer'])}, strength {f(h['steering_strength'])} x norm)",
+        *([f"real weights: {result.real_weights['model']} topic retrieval MRR per layer (Procrustes): "
+           + ", ".join(f"L{r['layer']} {r['mrr']:.3f}" for r in result.real_weights["rows"] if r["method"] == "procrustes")]
+          if result.real_weights and result.real_weights.get("rows") else []),
         f"report: {Path(result.out) / 'report.md'}  ({sum(result.timings.values()):.0f} s)",
     ]

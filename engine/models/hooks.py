@@ -235,12 +235,19 @@ def _get_attr_path(obj: object, path: str) -> object | None:
     return obj
 
 
+# Attribute set on a loaded model whose block list was named by hand when it was registered
+# (`engine.models.loading.load_registered`), so every reader and editor finds the same blocks.
+LAYER_MODULE_ATTR = "_atlas_layer_module"
+
+
 def resolve_blocks(model: torch.nn.Module, layer_module: str | None = None) -> torch.nn.ModuleList:
     """Return the model's list of transformer blocks.
 
     ``layer_module`` names the attribute path by hand (e.g. ``"model.layers"``) for an
-    architecture the resolver does not know.
+    architecture the resolver does not know; without it, the path the model was registered with
+    (if any) is used.
     """
+    layer_module = layer_module or getattr(model, LAYER_MODULE_ATTR, None)
     paths = (layer_module,) if layer_module else BLOCK_PATHS
     for path in paths:
         blocks = _get_attr_path(model, path)
@@ -255,6 +262,28 @@ def resolve_blocks(model: torch.nn.Module, layer_module: str | None = None) -> t
         f"cannot find the transformer blocks of {arch}; name the block list by hand with "
         "--layer-module (e.g. --layer-module model.layers)"
     )
+
+
+def parse_layers(spec: str) -> tuple[int, ...] | None:
+    """``"all"`` → None (every block); ``"0-11"``, ``"2,5,8"``, ``"0-3,7"``, ``"-1"`` → layer numbers
+    (negative ones count from the end); anything else is `BadValueError`."""
+    spec = str(spec).strip().lower()
+    if spec == "all":
+        return None
+    out: list[int] = []
+    try:
+        for part in (p.strip() for p in spec.split(",")):
+            lo, sep, hi = part.partition("-") if not part.startswith("-") else (part, "", "")
+            if sep:
+                a, b = int(lo), int(hi)
+                if b < a:
+                    raise ValueError(part)
+                out.extend(range(a, b + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise BadValueError(f"layers must look like 2, 0-11, 2,5,8 or all; got {spec!r}") from None
+    return tuple(dict.fromkeys(out))
 
 
 def resolve_layer(model: torch.nn.Module, layer: int, layer_module: str | None = None) -> int:

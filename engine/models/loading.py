@@ -67,25 +67,33 @@ def load_model(
 
     ``kind="causal"`` loads the LM head (``AutoModelForCausalLM``); ``kind="encoder"`` loads the
     bare encoder (``AutoModel``, e.g. BERT). A local folder is read with ``local_files_only``.
+    ``device`` is ``auto | cpu | cuda[:N] | mps`` and ``dtype`` may be ``"auto"``
+    (`engine.models.devices`); with ``device="auto"`` a model larger than one of several GPUs is
+    spread over them (``device_map="auto"``).
     """
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    from engine.models.devices import auto_dtype, choose_placement, device_map_kwargs, weights_bytes
 
     if kind not in MODEL_KINDS:
         raise BadValueError(f"kind must be one of {MODEL_KINDS}, got {kind!r}")
     local = Path(name_or_path).expanduser().exists()
     src = str(Path(name_or_path).expanduser()) if local else str(name_or_path)
-    kwargs: dict[str, Any] = {"revision": revision, "local_files_only": local}
+    placement = choose_placement(device, weights_bytes(src) if local else None)
+    kwargs: dict[str, Any] = {"revision": revision, "local_files_only": local, **device_map_kwargs(placement)}
     auto = AutoModelForCausalLM if kind == "causal" else AutoModel
     try:
         tokenizer = AutoTokenizer.from_pretrained(src, revision=revision, local_files_only=local)
         if dtype is not None:
-            kwargs["dtype"] = as_dtype(dtype)
+            pick = isinstance(dtype, str) and dtype.strip().lower() == "auto"
+            kwargs["dtype"] = auto_dtype(placement.device) if pick else as_dtype(dtype)
         model: torch.nn.Module = auto.from_pretrained(src, **kwargs)
     except (OSError, ValueError) as e:
         where = "folder" if local else "hub id (no internet here? pass a local folder)"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise NotFoundError(f"cannot load {kind} model from {where} {src!r}: {first}") from e
-    model.to(device)
+    if placement.device_map is None:
+        model.to(placement.device)
     model.eval()
     return model, tokenizer
 
@@ -112,53 +120,38 @@ def load_registered(
     kind: ModelKind | None = None,
     dtype: torch.dtype | str | None = torch.float32,
     revision: str | None = None,
+    device: str | torch.device = "cpu",
 ) -> tuple[torch.nn.Module, Any]:
     """Load ``(model, tokenizer)`` of the model registered in ``store`` as ``name``, from its recorded source.
 
     ``kind=None`` loads it as the kind recorded when it was registered (``causal`` when none);
-    ``revision=None`` uses the recorded revision. An unknown name is `NotFoundError`, and so is a
-    model registered without a source.
+    ``revision=None`` uses the recorded revision; ``device`` and ``dtype`` as `load_model`; a block
+    list registered by hand
+    (``layer_module``) is attached to the model for the hooks. A model that cannot be loaded (an
+    unknown name, no recorded source, a folder that moved) is `NotFoundError` naming the command
+    that registers or re-points it.
     """
+    from engine.models.hooks import LAYER_MODULE_ATTR
+
+    fix = f"`atlas models add {name} --source PATH|HUB_ID`"
     info = store.get_model(name)
     if not info.source:
-        raise NotFoundError(
-            f"model {info.name!r} has no recorded source (a local folder or hub id) to load it from; register it "
-            "again with its path, e.g. `atlas align PATH ...` registers a folder on first use"
-        )
+        raise NotFoundError(f"model {info.name!r} has no recorded source (a local folder or hub id) to load it "
+                            f"from; {fix} records it")
+    path = info.recorded_path
+    if path is not None and not path.is_dir():
+        raise NotFoundError(f"model {info.name!r} was registered from the folder {str(path)!r}, which is not there "
+                            f"(moved?); {fix} points it at its new place")
     if kind is None:
-        kind = cast(ModelKind, store.model_extra(info.name).get("kind") or "causal")
-    return load_model(info.source, kind=kind, dtype=dtype, revision=revision or info.revision)
-
-
-def resolve_model(
-    store: Store,
-    name_or_path: str,
-    *,
-    kind: ModelKind = "causal",
-    dtype: torch.dtype | str | None = torch.float32,
-    revision: str | None = None,
-    layer_module: str | None = None,
-) -> tuple[str, torch.nn.Module, Any]:
-    """``(name, model, tokenizer)`` of a model given as a registered name, or a folder / hub id.
-
-    A folder or hub id not yet in the store is loaded and registered under its folder name (or hub
-    id) with its architecture, width, depth, tokenizer fingerprint and ``kind``.
-    """
+        kind = cast(ModelKind, info.kind or "causal")
     try:
-        info = store.get_model(name_or_path)
-    except NotFoundError:
-        info = None
-    if info is not None:
-        model, tok = load_registered(store, info.name, kind=kind, dtype=dtype, revision=revision)
-        return info.name, model, tok
-    model, tok = load_model(name_or_path, kind=kind, dtype=dtype, revision=revision)
-    p = Path(name_or_path).expanduser()
-    name = p.resolve().name if p.exists() else name_or_path
-    mi = model_info(model, tok, layer_module)
-    store.add_model(name, source=str(p.resolve()) if p.exists() else name_or_path, architecture=mi.architecture,
-                    d_model=mi.d_model, n_layers=mi.n_layers, revision=revision,
-                    tokenizer_fingerprint=mi.tokenizer_fingerprint, extra={"kind": kind})
-    return name, model, tok
+        model, tok = load_model(info.source, kind=kind, dtype=dtype, revision=revision or info.revision,
+                                device=device)
+    except NotFoundError as e:
+        raise NotFoundError(f"{e}; {fix} registers model {info.name!r} from a source that loads") from e
+    if info.layer_module:
+        setattr(model, LAYER_MODULE_ATTR, info.layer_module)
+    return model, tok
 
 
 def d_model_of(model: torch.nn.Module) -> int:

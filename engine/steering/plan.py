@@ -323,10 +323,12 @@ def check_subject(resolved: ResolvedPlan, model: Any, model_name: str | None = N
 
 
 def run_plan(store: Store, plan: SteeringPlan, prompts: Sequence[str], *, model: Any = None, tokenizer: Any = None,
-             model_name: str | None = None, native: NativeSource | None = None, use_cache: bool = True) -> SteeringRun:
+             model_name: str | None = None, native: NativeSource | None = None, use_cache: bool = True,
+             device: str = "cpu", dtype: str = "float32") -> SteeringRun:
     """Resolve ``plan`` and generate steered and unsteered continuations of ``prompts`` from the same seed.
 
-    Without ``model`` the subject model is loaded from the store (its registered source). A model
+    Without ``model`` the subject model is loaded from the store (its registered source), on
+    ``device`` in ``dtype`` (`engine.models.devices`). A model
     passed in is checked against the maps' subject site (``model_name`` as the store names it,
     when known, and always its residual width).
     """
@@ -335,7 +337,8 @@ def run_plan(store: Store, plan: SteeringPlan, prompts: Sequence[str], *, model:
 
     resolved = resolve_plan(store, plan, native)
     if model is None:
-        model, tokenizer = load_registered(store, resolved.subject_model, kind="causal")  # generation needs the LM head
+        model, tokenizer = load_registered(store, resolved.subject_model, kind="causal", device=device,
+                                           dtype=dtype)  # generation needs the LM head
         model_name = resolved.subject_model
     elif tokenizer is None:
         raise ValueError("pass the tokenizer with the model")

@@ -57,10 +57,23 @@ def downgrade(engine: Engine, revision: str) -> None:
 
 
 def _run(step: Callable[[Config, str], None], engine: Engine, revision: str) -> None:
+    """Run a migration step in one transaction. On SQLite, foreign keys are off while it runs:
+    batch mode changes a table by copying it and dropping the old one, which a referenced table
+    (models, atlases) would refuse; SQLite only takes that pragma outside a transaction."""
+    sqlite = engine.dialect.name == "sqlite"
     try:
-        with engine.begin() as conn:
-            cfg = _config(engine)
-            cfg.attributes["connection"] = conn
-            step(cfg, revision)
+        with engine.connect() as conn:
+            # on the driver's connection: through SQLAlchemy the pragma would open a transaction first
+            raw = conn.connection.driver_connection if sqlite else None
+            if raw is not None:
+                raw.execute("PRAGMA foreign_keys=OFF")
+            try:
+                with conn.begin():
+                    cfg = _config(engine)
+                    cfg.attributes["connection"] = conn
+                    step(cfg, revision)
+            finally:
+                if raw is not None:
+                    raw.execute("PRAGMA foreign_keys=ON")
     except CommandError as e:  # an unknown revision, a downgrade past base
         raise BadValueError(f"{e}; `atlas db current` shows the revisions") from None

@@ -56,6 +56,7 @@ class ModelRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     source: Mapped[str | None] = mapped_column(Text)  # local path or hub id
+    source_kind: Mapped[str | None] = mapped_column(String(10))  # store (relative to the root) | path | hub
     revision: Mapped[str | None] = mapped_column(String(200))
     architecture: Mapped[str | None] = mapped_column(String(200))
     d_model: Mapped[int | None] = mapped_column(Integer)

@@ -67,3 +67,18 @@ def world_texts(world: World) -> tuple[list[str], list[str]]:
     evaluations score, so no fit ever sees them.
     """
     return split_heldout([t for t, _ in world.train_docs])
+
+
+def corpus_lines(store: Store, size: str = "tiny", seed: int = 0, split: str = "train", *, labelled: bool = False,
+                 limit: int | None = None) -> list[str]:
+    """The world's ``train`` or ``heldout`` documents as corpus lines: plain texts, or JSONL rows with
+    the concept's label and description (`atlas world corpus`)."""
+    import json
+
+    world = ensure_registered(store, size, seed)
+    docs = world.train_docs if split == "train" else world.heldout_docs
+    docs = docs[:limit] if limit is not None else docs
+    if not labelled:
+        return [t for t, _ in docs]
+    return [json.dumps({"text": t, "label": world.concepts[k].label, "description": world.concepts[k].description},
+                       ensure_ascii=False) for t, k in docs]

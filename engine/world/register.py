@@ -34,7 +34,7 @@ def register_world(store: Store, world: World, replace: bool = False) -> dict[st
             n_layers=wm.n_layers,
             revision=world.fingerprint,
             tokenizer_fingerprint=wm.tokenizer_fingerprint,
-            extra={"world": world.name, "world_key": wm.key, "world_path": str(world.path),
+            extra={"world": world.name, "world_key": wm.key,
                    "default_layer": wm.default_layer, "tokenizer_kind": wm.tokenizer_kind},
         )
         registered_models.append(wm.name)

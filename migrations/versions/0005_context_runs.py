@@ -4,7 +4,7 @@ Per concept, the top activating text windows of a corpus passed through an atlas
 map's subject model, mapped into the atlas): `engine.contexts`, rows in `engine.store.contexts`.
 
 Revision ID: 0005
-Revises: 0002 (re-pointed onto the newest revision when branches merge)
+Revises: 0004
 Create Date: 2026-12-02 10:00:00
 """
 
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0005"
-down_revision: str | None = "0003"
+down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -40,7 +40,7 @@ class LabellingEvalRow:
 
 
 def evaluate_world_labelling(store: Store, size: str = "small", seed: int = 0, maps: list[str] | None = None,
-                             quiet: bool = False) -> list[LabellingEvalRow]:
+                             quiet: bool = False, device: str = "cpu", dtype: str = "float32") -> list[LabellingEvalRow]:
     """Top-1 / top-5 labelling accuracy of each world subject's native directions, per map."""
     from engine.labelling.export import iter_labels
     from engine.labelling.run import label_features
@@ -58,7 +58,7 @@ def evaluate_world_labelling(store: Store, size: str = "small", seed: int = 0, m
     else:
         for name, key in subjects.items():
             if not any(m.subject_model == name for m in on_world):
-                on_world.append(_fit_default_map(store, world, key, quiet))
+                on_world.append(_fit_default_map(store, world, key, quiet, device, dtype))
 
     truth = concept_ordinals(store, world)  # (K,) atlas ordinal of concept i
     rows = []
@@ -76,12 +76,13 @@ def evaluate_world_labelling(store: Store, size: str = "small", seed: int = 0, m
     return rows
 
 
-def _fit_default_map(store: Store, world: Any, key: str, quiet: bool):
+def _fit_default_map(store: Store, world: Any, key: str, quiet: bool, device: str = "cpu", dtype: str = "float32"):
     from engine.align.fit import align_subject
+    from engine.align.pairing import PairingConfig
 
     wm = getattr(world, key)
     # Validation texts come from the training documents: the world's held-out documents define the
     # ground-truth directions being scored, so no fit (nor its metrics) may see them.
     train, val = world_texts(world)
     return align_subject(store, wm.name, Site((wm.default_layer,)), world.atlas_name, train, val,
-                         method="procrustes", quiet=quiet)
+                         method="procrustes", quiet=quiet, config=PairingConfig(device=device, dtype=dtype))

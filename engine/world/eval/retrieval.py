@@ -16,7 +16,7 @@ from engine.align.evaluate import RetrievalRow, evaluate_maps
 from engine.align.fit import accumulate_pairs
 from engine.align.methods import get_method
 from engine.align.pairing import PairingConfig
-from engine.models.hooks import Site, resolve_layer
+from engine.models.hooks import Site, resolve_blocks, resolve_layer
 from engine.models.loading import tokenizer_fingerprint
 from engine.store.store import Store
 from engine.world.build import World
@@ -35,6 +35,8 @@ def evaluate_world_retrieval(
     batch_size: int = 16,
     quiet: bool = False,
     world: World | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> list[RetrievalRow]:
     """Retrieval MRR / MPP / top-k per subject × pairing × layer × method on ConceptWorld.
 
@@ -51,7 +53,7 @@ def evaluate_world_retrieval(
         assert store is not None, "a store is needed to find the world when none is given"
         world = find_world(store, size, seed)
     atlas_layer = world.foundation.atlas_layer
-    foundation = load_model(world.foundation.path)
+    foundation = load_model(world.foundation.path, device=device, dtype=dtype)
     targets = np.asarray(world.concept_directions("foundation", atlas_layer))  # (K, d_f)
     true_index = np.arange(targets.shape[0])
     train, val = world_texts(world)
@@ -59,7 +61,7 @@ def evaluate_world_retrieval(
     for s in subjects or ("a", "b"):
         key = subject_key(s)
         spec = world.model(key)
-        sub = load_model(spec.path)
+        sub = load_model(spec.path, device=device, dtype=dtype)
         same_tok = tokenizer_fingerprint(sub[1]) == tokenizer_fingerprint(foundation[1])
         ps = list(pairings or (("token",) if same_tok else ("span", "text")))
         if not same_tok and "token" in ps:
@@ -72,3 +74,48 @@ def evaluate_world_retrieval(
         queries = {L: np.asarray(world.concept_directions(key, L)) for L in ls}
         rows += evaluate_maps(stats, queries, targets, true_index, methods, subject=spec.name)
     return rows
+
+
+def evaluate_model_retrieval(
+    store: Store,
+    model: str,
+    size: str = "tiny",
+    seed: int = 0,
+    methods: Sequence[str] = ("procrustes", "ridge"),
+    layers: Sequence[int] | None = None,
+    pairings: Sequence[str] | None = None,
+    max_pairs: int | None = None,
+    batch_size: int = 16,
+    kind: str | None = None,
+    quiet: bool = False,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> list[RetrievalRow]:
+    """Retrieval of any registered model's topic directions through maps onto the world atlas.
+
+    ``model`` (a registered name, or a folder / hub id registered on the spot; ``kind`` encoder for
+    a BERT-style model) is the subject: its topic directions (centred topic means over the world's
+    held-out documents, the world's own definition) at each of ``layers`` (default: every block)
+    are the queries; maps are fitted from one pass over the world's training texts (``span``
+    pairing across tokenizers, ``max_pairs`` at most) and scored as for the world's subjects.
+    """
+    from engine.models.loading import load_model
+    from engine.models.registry import resolve_model
+    from engine.world.directions import concept_directions
+    from engine.world.locate import ensure_registered
+
+    for m in methods:
+        get_method(m)
+    world = ensure_registered(store, size, seed)
+    atlas_layer = world.foundation.atlas_layer
+    foundation = load_model(world.foundation.path, device=device, dtype=dtype)
+    targets = np.asarray(world.concept_directions("foundation", atlas_layer))  # (K, d_f)
+    name, sm, stok = resolve_model(store, model, kind=kind, device=device, dtype=dtype)  # type: ignore[arg-type]
+    same_tok = tokenizer_fingerprint(stok) == tokenizer_fingerprint(foundation[1])
+    ps = list(pairings or (("token",) if same_tok else ("span",)))
+    ls = [resolve_layer(sm, L) for L in (layers if layers is not None else range(len(resolve_blocks(sm))))]
+    train, val = world_texts(world)
+    stats = accumulate_pairs((sm, stok), foundation, train, val, Site(tuple(ls)), Site((atlas_layer,)),
+                             PairingConfig(tuple(ps), max_pairs=max_pairs, batch_size=batch_size), quiet=quiet)
+    queries = concept_directions(sm, stok, world.heldout_docs, len(world.concepts), ls)
+    return evaluate_maps(stats, queries, targets, np.arange(targets.shape[0]), methods, subject=name)

@@ -46,7 +46,7 @@ MAX_FIT_PAIRS = 200_000  # pairs per fitted map: ~1,000x the width of a world mo
 
 def world_maps(store: Store, world: Any, key: str, layers: Sequence[int] | None = None, map_name: str | None = None,
                methods: Sequence[str] = DEFAULT_METHODS, max_pairs: int | None = MAX_FIT_PAIRS,
-               quiet: bool = False) -> list[Any]:
+               quiet: bool = False, device: str = "cpu", dtype: str = "float32") -> list[Any]:
     """The stored maps of a world subject onto the world atlas at ``layers`` (default: all).
 
     With ``map_name``, that map only. Otherwise every (layer, method) of ``methods`` the store
@@ -76,7 +76,8 @@ def world_maps(store: Store, world: Any, key: str, layers: Sequence[int] | None 
     todo = [(L, meth) for L in wanted for meth in methods if (L, meth) not in have]
     if todo:
         atlas = store.atlas(world.atlas_name)
-        subject, foundation = load_model(wm.path), load_model(world.foundation.path)
+        subject = load_model(wm.path, device=device, dtype=dtype)
+        foundation = load_model(world.foundation.path, device=device, dtype=dtype)
         pairing = "token" if wm.tokenizer_fingerprint == world.foundation.tokenizer_fingerprint else "span"
         train, held = world_texts(world)
         fit_layers = sorted({L for L, _ in todo})
@@ -111,7 +112,7 @@ def world_sites(store: Store, world: Any, key: str, maps: Sequence[Any]) -> list
 def evaluate_world_steering(
     store: Store, size: str = "small", seed: int = 0, *, subject: str = "a", strengths: Sequence[float] | None = None,
     layers: Sequence[int] | None = None, map_name: str | None = None, max_new_tokens: int = 20,
-    mode: str = "add", quiet: bool = False,
+    mode: str = "add", quiet: bool = False, device: str = "cpu", dtype: str = "float32",
 ) -> SteeringReport:
     """Steering faithfulness on ConceptWorld (`atlas eval steering --world`).
 
@@ -125,8 +126,8 @@ def evaluate_world_steering(
 
     key = subject_key(subject)
     world = ensure_registered(store, size, seed)
-    maps = world_maps(store, world, key, layers, map_name, quiet=quiet)
-    model, tok = load_model(world.model(key).path)
+    maps = world_maps(store, world, key, layers, map_name, quiet=quiet, device=device, dtype=dtype)
+    model, tok = load_model(world.model(key).path, device=device, dtype=dtype)
     with torch_threads(auto_threads(model)):
         report = evaluate_steering(
             model, tok, world.plurality_concept, world_sites(store, world, key, maps),
