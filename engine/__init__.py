@@ -4,14 +4,15 @@ The public API, importable from ``engine`` directly (each name lives in the modu
 owns; see docs/design.md §2 and the README's architecture section):
 
 - the store: `Store` (models, atlases and concepts, alignment maps, labelling runs), `AtlasError`;
-- atlases: `import_atlas`, `lookup`;
+- atlases: `import_atlas`, `register_format`, `lookup`;
 - models: `load_model`, `load_registered`, `Site`;
 - alignment: `AlignmentMap`, `PairingConfig`, `accumulate_pairs`, `fit_map`, `align_subject`,
   `register_method`;
 - search: `search`, `explain`;
-- labelling: `label_features`, `run_labelling`, `export_run`, `register_feature_source`;
+- labelling: `label_features`, `run_labelling`, `export_run`, `register_feature_source`,
+  `register_label_format`;
 - steering: `SteeringEdit`, `SteeringPlan`, `PlanConcept`, `run_plan`, `generate_pair`,
-  `register_mode`, `register_native_directions`.
+  `register_mode`, `register_native_directions`, `export_steering`, `register_steering_format`.
 
 ConceptWorld is a plug-in, not part of the core: ``from engine.world import build_world``.
 Names are imported on first use, so ``import engine`` (and ``atlas --help``) stays fast.
@@ -29,15 +30,16 @@ if TYPE_CHECKING:
     from engine.align.map import AlignmentMap
     from engine.align.methods import register_method
     from engine.align.pairing import PairingConfig
-    from engine.atlas.importers import import_atlas
+    from engine.atlas.importers import import_atlas, register_format
     from engine.atlas.lookup import lookup
-    from engine.labelling.export import export_run
+    from engine.labelling.export import export_run, register_label_format
     from engine.labelling.run import label_features, run_labelling
     from engine.labelling.sources import register_feature_source
     from engine.models.hooks import Site
     from engine.models.loading import load_model, load_registered
     from engine.search import explain, search
     from engine.steering.edits import SteeringEdit, register_mode
+    from engine.steering.export import export_steering, register_steering_format
     from engine.steering.generate import generate_pair
     from engine.steering.native import register_native_directions
     from engine.steering.plan import PlanConcept, SteeringPlan, run_plan
@@ -48,6 +50,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Store": "engine.store.store",
     "import_atlas": "engine.atlas.importers",
+    "register_format": "engine.atlas.importers",
     "lookup": "engine.atlas.lookup",
     "load_model": "engine.models.loading",
     "load_registered": "engine.models.loading",
@@ -63,9 +66,12 @@ _EXPORTS = {
     "label_features": "engine.labelling.run",
     "run_labelling": "engine.labelling.run",
     "export_run": "engine.labelling.export",
+    "register_label_format": "engine.labelling.export",
     "register_feature_source": "engine.labelling.sources",
     "SteeringEdit": "engine.steering.edits",
     "register_mode": "engine.steering.edits",
+    "export_steering": "engine.steering.export",
+    "register_steering_format": "engine.steering.export",
     "generate_pair": "engine.steering.generate",
     "register_native_directions": "engine.steering.native",
     "SteeringPlan": "engine.steering.plan",
@@ -75,10 +81,11 @@ _EXPORTS = {
 
 __all__ = [
     "AlignmentMap", "AtlasError", "PairingConfig", "PlanConcept", "Site", "SteeringEdit", "SteeringPlan",
-    "Store", "__version__", "accumulate_pairs", "align_subject", "explain", "export_run", "fit_map",
-    "generate_pair", "import_atlas", "label_features", "load_model", "load_registered", "lookup",
-    "register_feature_source", "register_method", "register_mode", "register_native_directions",
-    "run_labelling", "run_plan", "search",
+    "Store", "__version__", "accumulate_pairs", "align_subject", "explain", "export_run", "export_steering",
+    "fit_map", "generate_pair", "import_atlas", "label_features", "load_model", "load_registered", "lookup",
+    "register_feature_source", "register_format", "register_label_format", "register_method",
+    "register_mode", "register_native_directions", "register_steering_format", "run_labelling", "run_plan",
+    "search",
 ]
 
 
