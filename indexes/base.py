@@ -26,7 +26,6 @@ class VectorIndex(ABC):
     """
 
     backend: str = ""
-    in_file: bool = True  # serialised to a store file (FAISS); False: held by a server (Milvus)
 
     def __init__(self, dim: int, spec: str) -> None:
         self.dim = dim

@@ -113,8 +113,6 @@ class MilvusIndex(VectorIndex):
     """A Milvus collection as a `VectorIndex`. ``MilvusIndex(dim, spec, uri=..., collection=...)``
     creates the collection (refused if it exists); `MilvusIndex.open` attaches to one."""
 
-    in_file = False
-
     def __init__(self, dim: int, spec: str = "Flat", *, uri: str | None = None, collection: str | None = None,
                  _create: bool = True) -> None:
         super().__init__(dim, spec)

@@ -41,9 +41,6 @@ class IndexLocation:
             return str(root / self.uri)
         return self.uri
 
-    def describe(self) -> str:
-        return "faiss file" if self.backend == FAISS else f"milvus {self.uri}"
-
 
 def parse_index_uri(text: str, root: Path) -> IndexLocation:
     """``--index-uri`` → the location the store records (see the module docstring)."""
