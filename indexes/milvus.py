@@ -93,6 +93,27 @@ def client(uri: str) -> Any:
     return c
 
 
+def open_uris() -> list[str]:
+    """The URIs this process holds a client of."""
+    return sorted(_CLIENTS)
+
+
+def release(uri: str) -> None:
+    """Close this process's client of ``uri``; for Milvus Lite also stop its in-process server, so
+    that another process can open the folder. A later call of `client` opens it again."""
+    c = _CLIENTS.pop(uri, None)
+    if c is None:
+        return
+    try:
+        c.close()
+        if uri.endswith(".db"):
+            from milvus_lite.server_manager import server_manager_instance
+
+            server_manager_instance.release_server(uri)
+    except Exception:  # noqa: BLE001 - closing is best effort (an older milvus-lite has no release)
+        pass
+
+
 def _reason(e: BaseException) -> str:
     return " ".join(str(getattr(e, "message", None) or e).split())[:200]
 
@@ -123,10 +144,14 @@ class MilvusIndex(VectorIndex):
             raise IndexSpecError(f"bad Milvus collection name {collection!r} "
                                  "(letters, digits and underscores, starting with a letter or _)")
         self.uri, self.collection = uri, collection
-        self._client = client(uri)
+        client(uri)  # reachable now, or a clear error
         self._indexed = not _create
         if _create:
             self._create()
+
+    @property
+    def _client(self) -> Any:  # looked up per call: a released client (`release`) is opened again
+        return client(self.uri)
 
     def _create(self) -> None:
         from pymilvus import DataType, MilvusClient

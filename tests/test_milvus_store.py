@@ -144,7 +144,8 @@ def _cli(store: Path, *args: str, env: dict | None = None) -> subprocess.Complet
 
 def test_killed_import_leaves_a_collection_gc_drops_and_the_store_moves(tmp_path, milvus_uri):
     """Milvus Lite inside the store (``milvus.db``, recorded relative to the root). The killed writer
-    is another process (a Lite folder serves one process at a time; this one opens it after)."""
+    is another process (a Lite folder serves one process at a time; this one opens it after, and
+    frees it when the store is closed)."""
     np.save(tmp_path / "a.npy", clustered_directions(100, 16, seed=1))
     root = tmp_path / "st"
     with Store.init(root) as store:
@@ -166,4 +167,12 @@ def test_killed_import_leaves_a_collection_gc_drops_and_the_store_moves(tmp_path
         assert out.exit_code == 0, out.output
         assert [x["collection"] for x in json.loads(out.output) if x["collection"]] == [left[0].collection]
         assert store.verify().ok and set(collections(str(moved / "milvus.db"))) == {store.atlas_files("a")["collection"]}
+        first = store.neighbors("a/0", k=3)
+    # closing the store released its Lite folder: another process reads it, then this one again
+    r = _cli(moved, "neighbors", "a/0", "-k", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    assert [h["ordinal"] for h in json.loads(r.stdout)] == [h.ordinal for h in first]
+    with Store.open(moved) as store:
+        assert store.verify().ok
     del milvus_uri  # the session's Lite folder is not used here; the fixture skips without the extra
+
