@@ -57,6 +57,10 @@ class IndexIntegrityError(AtlasError):
     """An index file is missing, corrupt, or out of date with the vectors it derives from."""
 
 
+class IndexUnavailableError(AtlasError):
+    """The service holding an atlas's index (a Milvus server or Milvus Lite folder) cannot be reached."""
+
+
 class SiteMismatchError(AtlasError):
     """An alignment map or direction is applied to another model, layer or dimension than its own."""
 

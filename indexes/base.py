@@ -150,8 +150,10 @@ def _backend(name: str) -> type[VectorIndex]:
         raise IndexSpecError(f"unknown index backend {name!r}; known: {', '.join(backends())}") from None
 
 
-def create_index(dim: int, spec: str = "Flat", backend: str = "faiss") -> VectorIndex:
-    return _backend(backend)(dim, spec)
+def create_index(dim: int, spec: str = "Flat", backend: str = "faiss", **location: str) -> VectorIndex:
+    """An empty index; ``location`` is where a backend that is not a file keeps it (Milvus: ``uri``,
+    ``collection``)."""
+    return _backend(backend)(dim, spec, **location)
 
 
 def load_index(data: bytes, spec: str | None = None, backend: str = "faiss") -> VectorIndex:

@@ -20,6 +20,27 @@ def store(tmp_path: Path) -> Store:
     s.close()
 
 
+@pytest.fixture(scope="session")
+def milvus_uri(tmp_path_factory) -> str:
+    """One Milvus Lite folder for the whole session (its in-process server starts once, ~1 s);
+    tests keep apart by collection names, which are all unique."""
+    pytest.importorskip("pymilvus", reason="the milvus extra is not installed")
+    pytest.importorskip("milvus_lite", reason="the milvus extra is not installed")
+    return str(tmp_path_factory.mktemp("milvus") / "lite.db")
+
+
+_N_COLLECTIONS = [0]
+
+
+def index_location(backend: str, milvus_uri: str | None) -> dict[str, str]:
+    """Where a test's new index of ``backend`` lives: nothing for FAISS, a fresh collection for Milvus."""
+    if backend != "milvus":
+        return {}
+    assert milvus_uri is not None
+    _N_COLLECTIONS[0] += 1
+    return {"uri": milvus_uri, "collection": f"test_{_N_COLLECTIONS[0]}"}
+
+
 def clustered_directions(n: int, d: int, n_base: int = 64, k: int = 3, noise: float = 0.05, seed: int = 0):
     """SAE-like directions: sparse combinations of a few base directions plus noise."""
     rng = np.random.default_rng(seed)

@@ -119,6 +119,13 @@ def _cases(tmp):
           for spec in ("", "LSH", "PQ8", "IDMap,Flat", "IVF99999,Flat", "HNSW0", "HNSW1", "IVF0,Flat",
                        "HNSW32|efSearch=0", "HNSW32|efSearch=99999999999", "IVF4,Flat|nprobe=0", "Flat|nprobe=3")],
         *[("index", "rebuild", "g", "--spec", spec) for spec in ("", "HNSW0", "IVF0,Flat", "IVF99999,Flat")],
+        # --index-uri values that name no Milvus (or keep credentials), checked before any work
+        *[(cmd, *args, "--index-uri", uri)
+          for cmd, *args in [("import-sae", str(tmp / "ok100.npy"), "--model", "x", "--layer", "1", "--name", "s"),
+                             ("import-means", corpus, "--model", "x", "--layer", "1", "--name", "s"),
+                             ("index", "rebuild", "g")]
+          for uri in ("", "bogus", "no-such-dir/x.db", "ftp://h/x", "http://user:pw@h:19530", "http://h:99999",
+                      "http://")],
         # inputs that are not directions, or not the SAE they claim to be
         *[("import-sae", str(tmp / f), "--model", "x", "--layer", "1", "--name", "s")
           for f in ("strings.npy", "complex.npy", "zero-row.npy", "huge.npy", "garbage.npz", "cfg-layer", "cfg-meta",

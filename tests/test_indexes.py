@@ -1,4 +1,4 @@
-"""The FAISS backend against exact numpy search on seeded data (ties allowed)."""
+"""Every index backend (FAISS, Milvus Lite) against exact numpy search on seeded data (ties allowed)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 import indexes
 from indexes.base import IndexCorruptError, IndexSpecError
-from tests.conftest import clustered_directions
+from tests.conftest import clustered_directions, index_location
 
 
 def _unit(x):
@@ -20,13 +20,35 @@ def _exact(x, q, k):
     return np.take_along_axis(s, order, 1), order
 
 
-@pytest.mark.parametrize("backend", indexes.backends())
-def test_flat_matches_exact_search_allowing_ties(backend):
+@pytest.fixture(params=indexes.backends())
+def backend(request) -> str:
+    """Each registered backend; Milvus runs on the session's Milvus Lite."""
+    return request.param
+
+
+@pytest.fixture
+def new_index(backend, request):
+    """``new_index(dim, spec)``: an empty index of the test's backend."""
+    uri = request.getfixturevalue("milvus_uri") if backend == "milvus" else None
+    made = []
+
+    def make(dim: int, spec: str):
+        ix = indexes.create_index(dim, spec, backend, **index_location(backend, uri))
+        made.append(ix)
+        return ix
+
+    yield make
+    for ix in made:
+        if isinstance(ix, indexes.MilvusIndex):
+            ix.drop()
+
+
+def test_flat_matches_exact_search_allowing_ties(new_index):
     rng = np.random.default_rng(0)
     x = _unit(rng.normal(size=(500, 24)).astype(np.float32))
     q = _unit(rng.normal(size=(40, 24)).astype(np.float32))
     ids = np.arange(500, dtype=np.int64) * 3 + 7  # ids are the caller's, not positions
-    ix = indexes.create_index(24, "Flat", backend)
+    ix = new_index(24, "Flat")
     ix.add(x, ids)
     scores, got = ix.search(q, 10)
     want_s, want_pos = _exact(x, q, 10)
@@ -38,10 +60,10 @@ def test_flat_matches_exact_search_allowing_ties(backend):
 
 
 @pytest.mark.parametrize("spec", ["HNSW32", "IVF16,Flat", "HNSW16|efSearch=64", "IVF16,Flat|nprobe=16"])
-def test_ann_specs_reach_high_recall_on_structured_vectors(spec):
+def test_ann_specs_reach_high_recall_on_structured_vectors(spec, new_index):
     x = _unit(clustered_directions(2000, 32, seed=3))
     q = x[:100] + 0.01
-    ix = indexes.create_index(32, spec)
+    ix = new_index(32, spec)
     ix.add(x, np.arange(2000))
     _, got = ix.search(q, 10)
     _, want = _exact(x, _unit(q), 10)
@@ -81,3 +103,45 @@ def test_bad_spec_and_shapes_are_clear_errors():
 def test_registry_refuses_duplicates():
     with pytest.raises(ValueError, match="already registered"):
         indexes.register_backend("faiss", indexes.FaissIndex)
+
+
+def test_search_pads_with_minus_one_and_ids_survive_reopen(new_index, backend):
+    x = _unit(np.random.default_rng(2).normal(size=(6, 8)).astype(np.float32))
+    ix = new_index(8, "Flat")
+    ix.add(x, np.arange(6) + 100)
+    scores, got = ix.search(x[:2], 50)  # k beyond the count: clamped to it
+    assert got.shape == (2, 6) and set(got[0]) == set(range(100, 106))
+    assert got[0, 0] == 100 and got[1, 0] == 101
+    if backend == "milvus":  # a second handle on the same collection sees the same vectors
+        back = indexes.MilvusIndex.open(ix.uri, ix.collection, "Flat")
+        assert back.count() == 6
+        np.testing.assert_allclose(back.vectors(np.array([103, 100])), x[[3, 0]], atol=1e-6)
+        np.testing.assert_array_equal(back.search(x[:2], 3)[1], got[:, :3])
+
+
+def test_milvus_specs_and_refusals(milvus_uri):
+    from indexes.milvus import milvus_params
+
+    assert milvus_params("Flat") == ("FLAT", {}, {})
+    assert milvus_params("HNSW32|efConstruction=200,efSearch=448") == (
+        "HNSW", {"M": 32, "efConstruction": 200}, {"ef": 448})
+    assert milvus_params("IVF64,Flat|nprobe=8") == ("IVF_FLAT", {"nlist": 64}, {"nprobe": 8})
+    with pytest.raises(IndexSpecError, match="no index for spec"):
+        milvus_params("IVF64,PQ8")
+    with pytest.raises(IndexSpecError, match="no search parameter"):
+        milvus_params("Flat|nprobe=3")
+    with pytest.raises(IndexSpecError, match="collection name"):
+        indexes.create_index(8, "Flat", "milvus", uri=milvus_uri, collection="bad-name")
+    with pytest.raises(IndexSpecError, match="needs a uri"):
+        indexes.create_index(8, "Flat", "milvus")
+    with pytest.raises(IndexCorruptError, match="no Milvus collection"):
+        indexes.MilvusIndex.open(milvus_uri, "never_made", "Flat")
+    ix = indexes.create_index(8, "Flat", "milvus", uri=milvus_uri, collection="made_once")
+    try:
+        with pytest.raises(IndexSpecError, match="exists"):
+            indexes.create_index(8, "Flat", "milvus", uri=milvus_uri, collection="made_once")
+        with pytest.raises(IndexSpecError, match="no bytes"):
+            ix.to_bytes()
+    finally:
+        ix.drop()
+    assert "made_once" not in indexes.milvus.collections(milvus_uri)

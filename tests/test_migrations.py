@@ -138,3 +138,28 @@ def test_0004_rewrites_model_sources_relative_to_the_store_root(tmp_path, monkey
         src = conn.execute(text("SELECT source FROM models WHERE name = 'inside'")).scalar()
     assert src == str(root.resolve() / "models/mine")
 
+
+
+def test_0007_records_the_backend_and_refuses_to_drop_milvus_atlases(tmp_path, milvus_uri):
+    """Below 0007 a store cannot say an atlas lives in Milvus: the downgrade refuses while one does,
+    and goes through (FAISS atlases intact) once it has moved back to a FAISS file."""
+    import pytest
+
+    from engine.store.store import Store
+    from tests.conftest import clustered_directions
+
+    with Store.init(tmp_path / "st") as store:
+        store.add_atlas("f", clustered_directions(30, 8), model="x", layer=1)
+        store.add_atlas("m", clustered_directions(30, 8, seed=1), model="x", layer=1, index_uri=milvus_uri)
+    engine = make_engine(f"sqlite:///{tmp_path / 'st' / 'atlas.db'}")
+    with pytest.raises(RuntimeError, match="1 atlas.*keep their vectors in Milvus"):
+        migrate.downgrade(engine, "0005")
+    assert migrate.current_revision(engine) == migrate.head_revision()
+    with Store.open(tmp_path / "st") as store:
+        store.rebuild_index("m", index_uri="faiss")
+    migrate.downgrade(engine, "0005")
+    assert "index_backend" not in {c["name"] for c in inspect(engine).get_columns("atlases")}
+    migrate.upgrade(engine)
+    engine.dispose()
+    with Store.open(tmp_path / "st") as store:
+        assert [a.index_backend for a in store.atlases()] == ["faiss", "faiss"] and store.verify().ok

@@ -281,11 +281,13 @@ def import_atlas(
     release: str | None = None,
     sae_id: str | None = None,
     hf_cache: str | Path | None = None,
+    index_uri: str | None = None,
 ) -> AtlasInfo:
     """Import directions from ``source`` (any registered format; ``fmt`` forces one) as an atlas.
 
     Instead of ``source``, ``release`` + ``sae_id`` name an SAE of a SAELens release, read offline
     from the local Hugging Face cache (``hf_cache``, default: HF_HUB_CACHE / HF_HOME).
+    ``index_uri`` says where the index lives (`Store.add_atlas`; default a FAISS file).
     The SAE's encoder and activation (ReLU, JumpReLU threshold, TopK k) are kept with the atlas.
     """
     source_ref = str(source)
@@ -313,4 +315,5 @@ def import_atlas(
         revision=revision, index_spec=index_spec, encoder=sae.encoder(),
         densities=None if sae.density is None else [float(v) for v in sae.density],
         extra={"labels_file": str(labels) if labels else None, "activation": sae.activation, "k": sae.k},
+        index_uri=index_uri,
     )

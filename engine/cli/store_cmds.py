@@ -17,6 +17,7 @@ from engine.cli.common import (
     quiet_transformers,
     store_options,
 )
+from engine.store.index_location import parse_index_uri
 
 
 def register(cli: click.Group) -> None:
@@ -170,7 +171,25 @@ def models_remove(name: str, store_dir: Path, db_url: str | None) -> None:
 def atlases(store_dir: Path, db_url: str | None, as_json: bool) -> None:
     """List atlases with their site (model, layer, hook), size and index."""
     emit(open_store(store_dir, db_url).atlases(), as_json,
-         ["name", "model", "layer", "hook", "dim", "n_concepts", "n_labelled", "index_spec", "source_kind"])
+         ["name", "model", "layer", "hook", "dim", "n_concepts", "n_labelled", "index_spec", "index_backend",
+          "source_kind"])
+
+
+index_uri_option = click.option(
+    "--index-uri", metavar="URI",
+    help="Where the atlas's vectors are searched: faiss (default: a FAISS file in the store), a Milvus Lite "
+         "folder ending in .db (relative to the store root, e.g. milvus.db) or a Milvus server "
+         "(http://host:19530; credentials in $ATLAS_MILVUS_TOKEN).")
+
+
+def check_index_uri(store, index_uri: str | None) -> None:
+    """Refuse a bad --index-uri before any work is done."""
+    if index_uri is not None:
+        parse_index_uri(index_uri, store.path)
+
+
+def _held_by(info) -> str:
+    return "" if info.index_backend == "faiss" else f" on milvus ({info.index_uri})"
 
 
 @click.command("import-sae")
@@ -191,11 +210,12 @@ def atlases(store_dir: Path, db_url: str | None, as_json: bool) -> None:
               help="Labels: CSV (index,label,description), JSONL, or a Neuronpedia export (.jsonl/.jsonl.gz).")
 @click.option("--index-spec", default="Flat", show_default=True,
               help="FAISS index: Flat (exact), HNSW32, IVF{n},Flat, IVF{n},PQ{m}; search params after '|'.")
+@index_uri_option
 @click.option("--key", help="Tensor name inside a .safetensors matrix holding several.")
 @store_options
 @json_option
 def import_sae(source: Path | None, name: str, fmt, release, sae_id, model, layer, hook, revision, labels, index_spec,
-               key, store_dir: Path, db_url: str | None, as_json: bool) -> None:
+               index_uri, key, store_dir: Path, db_url: str | None, as_json: bool) -> None:
     """Import concept directions from SOURCE (or --release/--sae-id) as a new atlas.
 
     SOURCE is a SAELens SAE folder (cfg.json + sae_weights.safetensors), an EleutherAI sparsify
@@ -210,18 +230,20 @@ def import_sae(source: Path | None, name: str, fmt, release, sae_id, model, laye
     from engine.models.registry import ensure_model
 
     store = open_store(store_dir, db_url)
+    check_index_uri(store, index_uri)
     note = None
     if model:
         model, note = ensure_model(store, model, revision=revision, required=False)
     info = import_atlas(store, name, source, labels=labels, model=model, layer=layer, hook=hook,
-                        revision=revision, index_spec=index_spec, key=key, fmt=fmt, release=release, sae_id=sae_id)
+                        revision=revision, index_spec=index_spec, key=key, fmt=fmt, release=release, sae_id=sae_id,
+                        index_uri=index_uri)
     if note:
         click.echo(f"note: {note}", err=True)
     if as_json:
         print_json(info)
     else:
         click.echo(f"imported atlas {info.name}: {info.n_concepts} concepts ({info.n_labelled} labelled), "
-                   f"d={info.dim}, site {info.site}, index {info.index_spec}")
+                   f"d={info.dim}, site {info.site}, index {info.index_spec}{_held_by(info)}")
 
 
 @click.command()
@@ -252,13 +274,17 @@ def remove(atlas: str, cascade: bool, store_dir: Path, db_url: str | None, as_js
 @json_option
 def gc(grace: float, dry_run: bool, store_dir: Path, db_url: str | None, as_json: bool) -> None:
     """Remove leftover files of interrupted writes: files no database row claims and no running
-    writer owns (temporary files, files of killed imports, rebuilds and map saves)."""
+    writer owns (temporary files, files of killed imports, rebuilds and map saves), and Milvus
+    collections of killed imports and rebuilds."""
     gone = open_store(store_dir, db_url).gc(grace_s=grace, dry_run=dry_run)
     if as_json:
         print_json(gone)
         return
     for x in gone:
-        click.echo(f"{'would remove' if dry_run else 'removed'} {x.file} ({x.state}, {x.size} bytes)")
+        if x.collection:
+            click.echo(f"{'would drop' if dry_run else 'dropped'} collection {x.file} ({x.state})")
+        else:
+            click.echo(f"{'would remove' if dry_run else 'removed'} {x.file} ({x.state}, {x.size} bytes)")
     click.echo(f"{len(gone)} leftover file(s) {'to remove' if dry_run else 'removed'}")
 
 
@@ -272,12 +298,13 @@ def gc(grace: float, dry_run: bool, store_dir: Path, db_url: str | None, as_json
 @click.option("--kind", type=click.Choice(["causal", "encoder"]), help="Model kind (default: as registered, else causal).")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Texts per forward pass.")
 @click.option("--index-spec", default="Flat", show_default=True, help="FAISS index spec (as import-sae).")
+@index_uri_option
 @device_options
 @store_options
 @json_option
 @quiet_option
 def import_means(corpus: Path, name: str, model: str, layer: int, hook: str, kind, batch_size: int, index_spec: str,
-                 device: str, dtype: str, store_dir: Path, db_url: str | None, as_json: bool) -> None:
+                 index_uri, device: str, dtype: str, store_dir: Path, db_url: str | None, as_json: bool) -> None:
     """Make an atlas of concept directions from a labelled CORPUS: one concept per label, its
     direction the mean residual of the label's texts at the site minus the mean over labels.
 
@@ -288,9 +315,11 @@ def import_means(corpus: Path, name: str, model: str, layer: int, hook: str, kin
     from engine.models.concepts import import_means as run_import
 
     quiet_transformers()
+    store = open_store(store_dir, db_url)
+    check_index_uri(store, index_uri)
     texts, labels, descriptions = read_labelled_corpus(corpus)
-    info = run_import(open_store(store_dir, db_url), name, model, layer, texts, labels, descriptions, hook=hook,
-                      kind=kind, batch_size=batch_size, index_spec=index_spec, device=device, dtype=dtype)
+    info = run_import(store, name, model, layer, texts, labels, descriptions, hook=hook, kind=kind,
+                      batch_size=batch_size, index_spec=index_spec, device=device, dtype=dtype, index_uri=index_uri)
     if as_json:
         print_json(info)
     else:
@@ -381,7 +410,8 @@ def index_verify(atlas, store_dir: Path, db_url: str | None, as_json: bool) -> N
                     "maps": report.maps, "leftovers": report.leftovers})
     else:
         for r in report.atlases:
-            click.echo(f"{r.atlas}: {'ok' if r.ok else 'PROBLEM'} ({r.spec}, {r.index_count}/{r.expected_count})"
+            click.echo(f"{r.atlas}: {'ok' if r.ok else 'PROBLEM'} ({r.backend} {r.spec}, "
+                       f"{r.index_count}/{r.expected_count})"
                        + (f" - {r.problem}" if r.problem else ""))
         for m in report.maps:
             click.echo(f"map {m.map}: {'ok' if m.ok else 'PROBLEM - ' + str(m.problem)}")
@@ -397,15 +427,18 @@ def index_verify(atlas, store_dir: Path, db_url: str | None, as_json: bool) -> N
 @index.command("rebuild")
 @click.argument("atlas")
 @click.option("--spec", help="Rebuild with another FAISS spec (e.g. HNSW32); default: the current one.")
+@click.option("--index-uri", metavar="URI",
+              help="Rebuild in another place (default: where it is): faiss, a Milvus Lite folder (*.db) or a "
+                   "Milvus server URI; moves the atlas's vectors there.")
 @store_options
 @json_option
-def index_rebuild(atlas: str, spec, store_dir: Path, db_url: str | None, as_json: bool) -> None:
+def index_rebuild(atlas: str, spec, index_uri, store_dir: Path, db_url: str | None, as_json: bool) -> None:
     """Rebuild ATLAS's index from its vector file (the source of truth), atomically."""
-    status = open_store(store_dir, db_url).rebuild_index(atlas, spec)
+    status = open_store(store_dir, db_url).rebuild_index(atlas, spec, index_uri=index_uri)
     if as_json:
         print_json(status)
     else:
-        click.echo(f"rebuilt index of {atlas}: {status.spec}, {status.index_count} vectors, "
+        click.echo(f"rebuilt index of {atlas}: {status.backend} {status.spec}, {status.index_count} vectors, "
                    f"{'ok' if status.ok else status.problem}")
 
 

@@ -54,7 +54,7 @@ def class_means(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], la
 def import_means(store: Store, name: str, model: str, layer: int, texts: Sequence[str], labels: Sequence[str],
                  descriptions: dict[str, str] | None = None, *, hook: str = "resid_post", kind: str | None = None,
                  batch_size: int = 16, index_spec: str = "Flat", device: str = "cpu", dtype: str = "float32",
-                 quiet: bool = True) -> AtlasInfo:
+                 quiet: bool = True, index_uri: str | None = None) -> AtlasInfo:
     """An atlas ``name`` of the centred class means of labelled ``texts`` at ``layer`` of ``model``
     (a registered name, a folder or a hub id, registered on first use)."""
     from engine.models.hooks import resolve_layer
@@ -68,4 +68,5 @@ def import_means(store: Store, name: str, model: str, layer: int, texts: Sequenc
         name, means[L], order, [d.get(lab) for lab in order], model=m_name, layer=L, hook=hook,
         source_kind="class-means", source_ref=f"{len(texts)} labelled texts", index_spec=index_spec,
         extra={"definition": "centred class means of the labelled texts' tokens", "n_texts": len(texts)},
+        index_uri=index_uri,
     )

@@ -10,6 +10,12 @@ database holds the checksum and count of every file, so a stale or corrupt index
 it is opened, and `Store.rebuild_index` restores it from the vectors (a new file, the row switched
 to it, then the old file removed). Removal is refused while maps or runs depend on an atlas, unless
 asked to cascade; it deletes rows with one set-based statement per table.
+
+An atlas's index is a FAISS file or a Milvus collection (`engine.store.index_location`): the same
+order holds for both. A collection is created under an owned name (`layout.collection_name`) and
+filled before the commit and dropped on failure; a crash leaves at most an unclaimed collection,
+which `Store.verify` reports and `Store.gc` drops. A Milvus index has no checksum: opening it
+checks its count, and `verify_index` also compares a few stored vectors with the vector file.
 """
 
 from __future__ import annotations
@@ -31,16 +37,19 @@ from engine.errors import (
     BadValueError,
     DuplicateError,
     IndexIntegrityError,
+    IndexUnavailableError,
     InUseError,
     NotFoundError,
     ShapeError,
 )
 from engine.store import layout
 from engine.store.base import StoreBase
+from engine.store.index_location import FAISS, IndexLocation, parse_index_uri
 from engine.store.models import get_or_create_model
 from engine.store.schema import AlignmentMapRow, AtlasRow, ConceptRow, FeatureLabelRow, LabelRunRow, ModelRow
 from engine.util import check_k, check_name, failpoint, sha256_bytes, unit_rows, utcnow, write_store_file
 from indexes.faiss_backend import faiss_reason
+from indexes.milvus import MilvusIndex, MilvusUnavailableError, drop_collection
 from indexes.policy import resolve_index_spec
 
 MAX_ORDINAL = 2**63 - 1  # concept ordinals are SQLite INTEGERs
@@ -63,6 +72,8 @@ class AtlasInfo:
     revision: str | None = None
     has_encoder: bool = False
     vector_sha256: str = ""  # checksum of the vector file: what a run or a plan pins
+    index_backend: str = FAISS  # "faiss" (a file in the store) or "milvus" (a collection at index_uri)
+    index_uri: str | None = None
 
     @property
     def site(self) -> str:
@@ -108,6 +119,7 @@ class IndexStatus:
     spec: str
     expected_count: int
     index_count: int | None
+    backend: str = FAISS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,10 +196,12 @@ class AtlasesMixin(StoreBase):
         encoder: dict[str, np.ndarray] | None = None,
         densities: Sequence[float | None] | None = None,
         extra: dict[str, Any] | None = None,
+        index_uri: str | None = None,
     ) -> AtlasInfo:
         """Create an atlas from ``vectors`` (n, d), one label per row (``None`` = unlabelled).
 
         Unlabelled concepts keep their ordinal as label and are marked ``labelled=False``.
+        ``index_uri`` says where its index lives (`engine.store.index_location`; default a FAISS file).
         """
         self.check_writable()
         check_name(name, "atlas")
@@ -200,18 +214,23 @@ class AtlasesMixin(StoreBase):
             if seq is not None and len(seq) != n:
                 raise ShapeError(f"{len(seq)} {what} for {n} vectors: one per concept (row) is needed")
         tensors = {layout.DIRECTIONS_KEY: x, **check_encoder(encoder, n, d)}
+        loc = IndexLocation(FAISS) if index_uri is None else parse_index_uri(index_uri, self.path)
         with self.read_session() as s:  # early, friendly; checked again under the write lock
             if s.scalar(select(AtlasRow.id).where(AtlasRow.name == name)) is not None:
                 raise DuplicateError(f"an atlas named {name!r} exists; pick another --name or remove it first")
-        index = build_index(x, index_spec)  # in memory: a spec that does not work writes no file
+        token = layout.new_token()
+        # FAISS: in memory, so a spec that does not work writes no file; Milvus: this write's own
+        # collection, created and filled here (dropped on any failure below)
+        index, idx_ref, idx_bytes = self._build_placed_index(x, index_spec, loc, name, token)
 
         vec_bytes = st_save(tensors, metadata={"atlas": name, "model": model, "layer": str(layer), "hook": hook})
-        idx_bytes = index.to_bytes()
-        token = layout.new_token()
-        vec_rel, idx_rel = layout.vector_file(name, token), layout.index_file(name, token)
+        vec_rel = layout.vector_file(name, token)
         written: list[Path] = []  # only this write's own files: a failure removes them and nothing else
         try:
-            for step, rel, data in (("vectors", vec_rel, vec_bytes), ("index", idx_rel, idx_bytes)):
+            for step, rel, data in (("vectors", vec_rel, vec_bytes), ("index", idx_ref, idx_bytes)):
+                if data is None:  # a Milvus index: already in its collection
+                    failpoint(f"add_atlas.{step}_written")
+                    continue
                 written.append(self.path / rel)
                 write_store_file(self.path / rel, data)
                 failpoint(f"add_atlas.{step}_written")
@@ -236,7 +255,8 @@ class AtlasesMixin(StoreBase):
                         name=name, model_id=model_row.id, layer=layer, hook=hook, dim=d, n_concepts=n,
                         metric="cosine", raw_residuals=raw_residuals, source_kind=source_kind,
                         source_ref=source_ref, vector_file=vec_rel, vector_sha256=sha256_bytes(vec_bytes),
-                        index_file=idx_rel, index_spec=index_spec, index_sha256=sha256_bytes(idx_bytes),
+                        index_file=idx_ref, index_spec=index_spec, index_backend=loc.backend, index_uri=loc.uri,
+                        index_sha256=None if idx_bytes is None else sha256_bytes(idx_bytes),
                         index_count=index.count(),
                         extra={**(extra or {}), "revision": revision, "has_encoder": len(tensors) > 1},
                     )
@@ -249,10 +269,12 @@ class AtlasesMixin(StoreBase):
             except IntegrityError:  # another database than SQLite: the unique name decides
                 raise DuplicateError(f"an atlas named {name!r} exists (written while this import ran); "
                                      "pick another --name or remove it first") from None
-            self._indexes[(name, sha256_bytes(idx_bytes))] = index
+            self._indexes[_cache_key(name, loc.backend, idx_ref, idx_bytes)] = index
         except BaseException:
             for p in written:
                 p.unlink(missing_ok=True)
+            if idx_bytes is None:
+                self._discard_index(loc, idx_ref)
             raise
         return self.atlas(name)
 
@@ -290,6 +312,7 @@ class AtlasesMixin(StoreBase):
             source_kind=row.source_kind, source_ref=row.source_ref, index_spec=row.index_spec,
             raw_residuals=row.raw_residuals, revision=extra.get("revision"),
             has_encoder=bool(extra.get("has_encoder")), vector_sha256=row.vector_sha256,
+            index_backend=row.index_backend or FAISS, index_uri=row.index_uri,
         )
 
     def atlas_dependents(self, name: str) -> Dependents:
@@ -314,7 +337,10 @@ class AtlasesMixin(StoreBase):
                     f"atlas {name!r} is used by {deps.describe()}; `atlas remove {name} --cascade` removes "
                     "them too, or remove them first"
                 )
-            files = [row.vector_file, row.index_file, *_label_index_files(name, row.extra), *deps.files]
+            loc = _row_location(row)
+            index_file = [row.index_file] if loc.backend == FAISS else []
+            collection = None if loc.backend == FAISS else row.index_file
+            files = [row.vector_file, *index_file, *_label_index_files(name, row.extra), *deps.files]
             map_ids = select(AlignmentMapRow.id).where(AlignmentMapRow.atlas_id == row.id)
             run_ids = select(LabelRunRow.id).where(LabelRunRow.map_id.in_(map_ids))
             s.execute(delete(FeatureLabelRow).where(FeatureLabelRow.run_id.in_(run_ids)))
@@ -325,6 +351,8 @@ class AtlasesMixin(StoreBase):
         failpoint("remove_atlas.committed")
         for f in files:
             (self.path / f).unlink(missing_ok=True)
+        if collection is not None:
+            self._discard_index(loc, collection)
         self._indexes = {k: v for k, v in self._indexes.items() if k[0] != name}
         return Removal(atlases=[name], maps=deps.maps, runs=deps.runs, n_labels=deps.n_labels, files=files)
 
@@ -332,10 +360,12 @@ class AtlasesMixin(StoreBase):
 
     def atlas_files(self, name: str) -> dict[str, str]:
         """The files an atlas's row claims, relative to the store root (``vectors``, ``index``,
-        and ``labels`` where a label-embedding index exists)."""
+        and ``labels`` where a label-embedding index exists); a Milvus-held atlas has its
+        ``collection`` instead of an ``index`` file."""
         with self.read_session() as s:
             row = self._atlas_row(s, name)
-            out = {"vectors": row.vector_file, "index": row.index_file}
+            out = {"vectors": row.vector_file}
+            out["index" if row.index_backend in (None, FAISS) else "collection"] = row.index_file
             label_files = _label_index_files(name, row.extra, legacy=False)
             if label_files:
                 out["labels"] = label_files[0]
@@ -369,12 +399,16 @@ class AtlasesMixin(StoreBase):
         for attempt in range(3):
             with self.read_session() as s:
                 row = self._atlas_row(s, name)
-                key = (row.name, row.index_sha256 or "")
+                loc = _row_location(row)
+                key = _cache_key(row.name, loc.backend, row.index_file, row.index_sha256)
                 if key in self._indexes:
                     return self._indexes[key]
                 path, spec, expected = self.path / row.index_file, row.index_spec, row.n_concepts
-                atlas_name = row.name
+                atlas_name, ref = row.name, row.index_file
             fix = f"`atlas index rebuild {atlas_name}` restores it from the vectors"
+            if loc.backend != FAISS:
+                self._indexes[key] = self._open_milvus_index(atlas_name, loc, ref, spec, expected, fix)
+                return self._indexes[key]
             try:
                 data = path.read_bytes()
             except FileNotFoundError:
@@ -397,6 +431,46 @@ class AtlasesMixin(StoreBase):
         self._indexes[key] = index
         return index
 
+    def _open_milvus_index(self, name: str, loc: IndexLocation, collection: str, spec: str, expected: int,
+                           fix: str) -> MilvusIndex:
+        try:
+            index = MilvusIndex.open(loc.connect_uri(self.path), collection, spec)
+            count = index.count()
+        except MilvusUnavailableError as e:
+            raise IndexUnavailableError(f"the index of atlas {name!r} is out of reach: {e}") from None
+        except (indexes.IndexCorruptError, indexes.IndexSpecError) as e:
+            raise IndexIntegrityError(f"the index of atlas {name!r} is missing or unreadable ({e}); {fix}") from None
+        if count != expected:
+            raise IndexIntegrityError(
+                f"the index of atlas {name!r} (Milvus collection {collection}) holds {count} vectors, "
+                f"the atlas has {expected}; {fix}")
+        return index
+
+    def _build_placed_index(self, x: np.ndarray, spec: str, loc: IndexLocation, name: str,
+                            token: str) -> tuple[indexes.VectorIndex, str, bytes | None]:
+        """The index of ``x`` where ``loc`` says: (index, its file or collection, the FAISS file's bytes
+        or ``None`` for a collection, which is filled here)."""
+        if loc.backend == FAISS:
+            index = build_index(x, spec)
+            return index, layout.index_file(name, token), index.to_bytes()
+        collection = layout.collection_name(name, token)
+        try:
+            index = build_index(x, spec, loc.backend, uri=loc.connect_uri(self.path), collection=collection)
+        except MilvusUnavailableError as e:
+            raise IndexUnavailableError(str(e)) from None
+        return index, collection, None
+
+    def _discard_index(self, loc: IndexLocation, ref: str) -> None:
+        """Remove an index file or drop a collection, best effort: one left behind is a leftover
+        that `Store.verify` reports and `Store.gc` removes."""
+        if loc.backend == FAISS:
+            (self.path / ref).unlink(missing_ok=True)
+            return
+        try:
+            drop_collection(loc.connect_uri(self.path), ref)
+        except Exception:  # noqa: BLE001 - cleanup must not hide the error that caused it
+            pass
+
     def _index_file_moved(self, name: str, path: Path) -> bool:
         with self.read_session() as s:
             return self.path / self._atlas_row(s, name).index_file != path
@@ -406,46 +480,62 @@ class AtlasesMixin(StoreBase):
         info = self.atlas(name)
         count = None
         try:
-            self.atlas_tensors(name)
+            x = self.atlas_tensors(name)[layout.DIRECTIONS_KEY]
             self._indexes = {k: v for k, v in self._indexes.items() if k[0] != name}
-            count = self.index(name).count()
-        except IndexIntegrityError as e:
-            return IndexStatus(name, False, str(e), info.index_spec, info.n_concepts, count)
-        return IndexStatus(name, True, None, info.index_spec, info.n_concepts, count)
+            index = self.index(name)
+            count = index.count()
+            if isinstance(index, MilvusIndex):  # no checksum: compare a few stored vectors with the file
+                probe = np.unique(np.linspace(0, len(x) - 1, min(len(x), 16)).astype(np.int64))
+                try:
+                    stored = index.vectors(probe)
+                except indexes.IndexCorruptError as e:
+                    raise IndexIntegrityError(f"the index of atlas {name!r} is incomplete ({e}); "
+                                              f"`atlas index rebuild {name}` restores it") from None
+                if not np.allclose(stored, unit_rows(x[probe]), atol=1e-4):
+                    raise IndexIntegrityError(
+                        f"the index of atlas {name!r} (Milvus collection {index.collection}) holds other vectors "
+                        f"than its vector file (stale); `atlas index rebuild {name}` restores it")
+        except (IndexIntegrityError, IndexUnavailableError) as e:
+            return IndexStatus(name, False, str(e), info.index_spec, info.n_concepts, count, info.index_backend)
+        return IndexStatus(name, True, None, info.index_spec, info.n_concepts, count, info.index_backend)
 
-    def rebuild_index(self, name: str, spec: str | None = None) -> IndexStatus:
-        """Rebuild the index from the vector file (optionally with another spec), atomically.
+    def rebuild_index(self, name: str, spec: str | None = None, index_uri: str | None = None) -> IndexStatus:
+        """Rebuild the index from the vector file (optionally with another spec, or in another place:
+        ``index_uri`` as `add_atlas` takes it, e.g. to move an atlas to Milvus or back), atomically.
 
-        The new index is built and checked in memory, written under a new file name, and the row
-        switched to it in one transaction; only then is the old file removed. A crash at any point
-        leaves the old index (and an unclaimed new file, which `Store.gc` removes) or the new one.
+        The new index is built and checked, written under a new file or collection name, and the row
+        switched to it in one transaction; only then is the old one removed. A crash at any point
+        leaves the old index (and an unclaimed new one, which `Store.gc` removes) or the new one.
         """
         self.check_writable()
         info = self.atlas(name)
         spec = resolve_index_spec(info.index_spec if spec is None else spec, info.n_concepts, info.dim)
         with self.read_session() as s:
-            vec_sha = self._atlas_row(s, name).vector_sha256
-        index = build_index(self.atlas_vectors(name), spec)  # normalises the rows (once: results identical)
-        data = index.to_bytes()
-        rel = layout.index_file(name, layout.new_token())
-        write_store_file(self.path / rel, data)
-        failpoint("rebuild.file_written")
+            row = self._atlas_row(s, name)
+            vec_sha, old_loc, old_ref = row.vector_sha256, _row_location(row), row.index_file
+        loc = old_loc if index_uri is None else parse_index_uri(index_uri, self.path)
+        # normalises the rows (once: results identical)
+        index, ref, data = self._build_placed_index(self.atlas_vectors(name), spec, loc, name, layout.new_token())
         try:
+            if data is not None:
+                write_store_file(self.path / ref, data)
+            failpoint("rebuild.file_written")
             with self.session() as s:
                 row = self._atlas_row(s, name)
                 if row.vector_sha256 != vec_sha:
                     raise NotFoundError(f"atlas {name!r} was replaced while its index was rebuilt; rebuild again")
-                old = row.index_file
-                row.index_file, row.index_spec = rel, spec
-                row.index_sha256, row.index_count = sha256_bytes(data), index.count()
+                old_loc, old_ref = _row_location(row), row.index_file
+                row.index_file, row.index_spec, row.index_backend, row.index_uri = ref, spec, loc.backend, loc.uri
+                row.index_sha256 = None if data is None else sha256_bytes(data)
+                row.index_count = index.count()
         except BaseException:
-            (self.path / rel).unlink(missing_ok=True)
+            self._discard_index(loc, ref)
             raise
         failpoint("rebuild.committed")
-        if old != rel:
-            (self.path / old).unlink(missing_ok=True)
+        if (old_loc, old_ref) != (loc, ref):
+            self._discard_index(old_loc, old_ref)
         self._indexes = {k: v for k, v in self._indexes.items() if k[0] != name}
-        self._indexes[(name, sha256_bytes(data))] = index
+        self._indexes[_cache_key(name, loc.backend, ref, data)] = index
         return self.verify_index(name)
 
     # ------------------------------------------------------------------ concepts and search
@@ -548,17 +638,31 @@ SPEC_HINT = ("use a FAISS factory string such as Flat, HNSW32 or IVF1024,Flat (s
              "e.g. HNSW32|efSearch=128), or auto")
 
 
-def _new_index(dim: int, spec: str) -> indexes.VectorIndex:
+def _row_location(row: AtlasRow) -> IndexLocation:
+    return IndexLocation(row.index_backend or FAISS, row.index_uri)
+
+
+def _cache_key(name: str, backend: str | None, ref: str, sha_or_bytes: str | bytes | None) -> tuple[str, str]:
+    """How `Store.index` caches an open index: a FAISS file by its checksum, a collection by its name."""
+    if backend not in (None, FAISS):
+        return (name, f"{backend}:{ref}")
+    if isinstance(sha_or_bytes, bytes):
+        sha_or_bytes = sha256_bytes(sha_or_bytes)
+    return (name, sha_or_bytes or "")
+
+
+def _new_index(dim: int, spec: str, backend: str = FAISS, **location: str) -> indexes.VectorIndex:
     """An empty index of ``spec``; a spec the backend does not understand is the user's `BadValueError`."""
     try:
-        return indexes.create_index(dim, spec)
+        return indexes.create_index(dim, spec, backend, **location)
     except indexes.IndexSpecError as e:
         raise BadValueError(f"{e}; {SPEC_HINT}") from None
 
 
-def build_index(x: np.ndarray, spec: str) -> indexes.VectorIndex:
+def build_index(x: np.ndarray, spec: str, backend: str = FAISS, **location: str) -> indexes.VectorIndex:
     """An index of ``spec`` over the rows of ``x`` scaled to unit norm (ids = row numbers), built in
-    memory and checked.
+    memory (FAISS) or in a new collection at ``location`` (Milvus: dropped again if this fails), and
+    checked.
 
     The spec is parsed first (numbers FAISS would crash on are refused before FAISS sees them),
     then the index is trained and filled, then a few rows are searched: a spec that cannot be
@@ -566,18 +670,23 @@ def build_index(x: np.ndarray, spec: str) -> indexes.VectorIndex:
     been written.
     """
     n, d = x.shape
-    index = _new_index(d, spec)
+    index = _new_index(d, spec, backend, **location)
     x = unit_rows(x)
     try:
-        index.add(x, np.arange(n, dtype=np.int64))
-        probe = x[np.unique(np.linspace(0, n - 1, min(n, 8)).astype(np.int64))]
-        _, ids = index.search(probe, min(n, 5))
-    except (RuntimeError, ValueError) as e:
-        raise BadValueError(f"index spec {spec!r} does not work on {n} vectors of dim {d} "
-                            f"({faiss_reason(e)}); {SPEC_HINT}") from None
-    if index.count() != n or (ids < 0).all(axis=1).any():
-        raise BadValueError(f"index spec {spec!r} built an index that does not find the atlas's own vectors; "
-                            f"{SPEC_HINT}")
+        try:
+            index.add(x, np.arange(n, dtype=np.int64))
+            probe = x[np.unique(np.linspace(0, n - 1, min(n, 8)).astype(np.int64))]
+            _, ids = index.search(probe, min(n, 5))
+        except (RuntimeError, ValueError) as e:
+            raise BadValueError(f"index spec {spec!r} does not work on {n} vectors of dim {d} "
+                                f"({faiss_reason(e)}); {SPEC_HINT}") from None
+        if index.count() != n or (ids < 0).all(axis=1).any():
+            raise BadValueError(f"index spec {spec!r} built an index that does not find the atlas's own vectors; "
+                                f"{SPEC_HINT}")
+    except BaseException:
+        if isinstance(index, MilvusIndex):
+            index.drop()
+        raise
     return index
 
 

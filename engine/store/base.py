@@ -230,7 +230,13 @@ class StoreBase:
                                      "folders cannot be written); writing needs write access")
 
     def close(self) -> None:
+        """Release the database and the Milvus Lite folders inside the store (another process may
+        then open them; Lite serves one process at a time)."""
         self.engine.dispose()
+        root = self.path.resolve()
+        for uri in indexes.milvus.open_uris():
+            if uri.endswith(".db") and Path(uri).resolve().is_relative_to(root):
+                indexes.milvus.release(uri)
 
     def __enter__(self: S) -> S:
         return self

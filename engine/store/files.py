@@ -18,6 +18,14 @@ Why the order in `leftovers` matters: the folders are listed and each writer's l
 *before* the database's claims are read. A writer found dead cannot commit afterwards, and a file
 committed before the claims are read is claimed; so a file is never called an orphan while a
 commit could still claim it.
+
+Milvus collections are owned the same way (`layout.collection_name`): at each Milvus URI the
+atlases use, and each Milvus Lite folder (``*.db``) in the store root, a collection named like an
+atlas index that no row claims is a leftover, reported as ``<uri>#<collection>``. Milvus keeps no
+creation time a client can read everywhere, so only the writer's liveness decides: a writer of
+this host that is gone makes an *orphan* (dropped by `gc`), a live one *in progress*; a writer of
+another host (a shared server) is *unknown* and kept (run `gc` on that host). Collections not
+named like an atlas index are not the store's and are never touched.
 """
 
 from __future__ import annotations
@@ -31,10 +39,12 @@ from sqlalchemy import select
 from engine.store import layout
 from engine.store.atlases import AtlasesMixin, IndexStatus, _label_index_files
 from engine.store.base import StoreBase
+from engine.store.index_location import FAISS, MILVUS, IndexLocation
 from engine.store.maps import MapsMixin
 from engine.store.runs import process_alive
 from engine.store.schema import AlignmentMapRow, AtlasRow
 from engine.util import sha256_bytes
+from indexes.milvus import collections, drop_collection
 
 GC_GRACE_S = 24 * 3600.0  # files whose writer cannot be told are kept this long
 
@@ -43,12 +53,14 @@ GC_GRACE_S = 24 * 3600.0  # files whose writer cannot be told are kept this long
 class Leftover:
     """A file in an owned folder that no database row claims."""
 
-    file: str  # relative to the store root
+    file: str  # relative to the store root; a collection: "<uri as recorded>#<collection>"
     size: int
-    age_s: float
+    age_s: float  # 0 for a collection (Milvus does not say)
     writer_pid: int | None
     state: str  # "in progress" | "orphan" | "stale" | "unknown"
     removable: bool
+    uri: str | None = None  # a leftover Milvus collection: its URI as recorded (else None)
+    collection: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,15 +101,54 @@ class FilesMixin(AtlasesMixin, MapsMixin, StoreBase):
         """Every file (relative to the root) a database row claims."""
         out: set[str] = set()
         with self.read_session() as s:
-            for name, vec, idx, extra in s.execute(
-                select(AtlasRow.name, AtlasRow.vector_file, AtlasRow.index_file, AtlasRow.extra)
+            for name, vec, idx, backend, extra in s.execute(
+                select(AtlasRow.name, AtlasRow.vector_file, AtlasRow.index_file, AtlasRow.index_backend,
+                       AtlasRow.extra)
             ):
-                out.update([vec, idx, *_label_index_files(name, extra)])
+                out.update([vec, *([idx] if backend in (None, FAISS) else []), *_label_index_files(name, extra)])
             out.update(s.scalars(select(AlignmentMapRow.file)))
         return out
 
+    def claimed_collections(self) -> set[tuple[str, str]]:
+        """Every (Milvus URI as recorded, collection) an atlas row claims."""
+        with self.read_session() as s:
+            return {(uri or "", c) for uri, c in s.execute(select(AtlasRow.index_uri, AtlasRow.index_file)
+                                                     .where(AtlasRow.index_backend == MILVUS))}
+
+    def milvus_uris(self) -> list[str]:
+        """The Milvus URIs (as recorded) the store's atlases use, and the Lite folders in its root."""
+        uris = {uri for uri, _ in self.claimed_collections()}
+        uris.update(p.name for p in self.path.glob("*.db") if p.is_dir())
+        return sorted(uris)
+
+    def leftover_collections(self) -> list[Leftover]:
+        """Owned collections no row claims (see the module doc). A URI that cannot be read is skipped:
+        `verify_index` reports it for each atlas there."""
+        seen = []
+        here = layout.host_tag()
+        for uri in self.milvus_uris():
+            try:
+                names = collections(IndexLocation(MILVUS, uri).connect_uri(self.path))
+            except Exception:  # noqa: BLE001 - unreachable, refused, busy: nothing to list there now
+                continue
+            for c in names:
+                owner = layout.collection_owner(c)
+                if owner is None:
+                    continue
+                local = owner.host == here
+                seen.append((uri, c, owner.pid, local, local and process_alive(owner.pid)))
+        claimed = self.claimed_collections()  # after the listing and the liveness checks (module doc)
+        out = []
+        for uri, c, pid, local, alive in seen:
+            if (uri, c) in claimed:
+                continue
+            state = ("in progress" if alive else "orphan") if local else "unknown"
+            out.append(Leftover(f"{uri}#{c}", 0, 0.0, pid, state, state == "orphan", uri=uri, collection=c))
+        return out
+
     def leftovers(self, grace_s: float = GC_GRACE_S) -> list[Leftover]:
-        """Files of ``vectors/``, ``indexes/`` and ``maps/`` that no row claims (see the module doc)."""
+        """Files of ``vectors/``, ``indexes/`` and ``maps/`` that no row claims (see the module doc),
+        and leftover Milvus collections."""
         now = time.time()
         seen = []
         for folder in layout.OWNED_DIRS:
@@ -127,6 +178,8 @@ class FilesMixin(AtlasesMixin, MapsMixin, StoreBase):
             else:
                 state, removable = "unknown", age > grace_s
             out.append(Leftover(rel, size, round(age, 1), pid, state, removable))
+        if self.milvus_uris():
+            out.extend(self.leftover_collections())
         return sorted(out, key=lambda x: x.file)
 
     def gc(self, grace_s: float = GC_GRACE_S, dry_run: bool = False) -> list[Leftover]:
@@ -137,7 +190,10 @@ class FilesMixin(AtlasesMixin, MapsMixin, StoreBase):
         gone = [x for x in self.leftovers(grace_s) if x.removable]
         if not dry_run:
             for x in gone:
-                (self.path / x.file).unlink(missing_ok=True)
+                if x.collection is not None and x.uri is not None:
+                    drop_collection(IndexLocation(MILVUS, x.uri).connect_uri(self.path), x.collection)
+                else:
+                    (self.path / x.file).unlink(missing_ok=True)
         return gone
 
     def verify(self, atlas: str | None = None, grace_s: float = GC_GRACE_S) -> StoreReport:

@@ -9,14 +9,23 @@ database row, committed last, claims one of them); the pid says which process wr
 file name; nothing derives a file name from an object's name.
 
 Temporary files (`indexes.base.write_atomic`) are ``.<pid>.<random>.tmp`` beside their target.
+
+Milvus collections (an atlas's index on the milvus backend) are owned the same way, in the
+letters, digits and underscores Milvus allows: ``atlas_<name>__<host>_<pid>_<12 hex>``, the name
+with every other byte written ``_<2 hex>`` (so ``__`` only ever ends it; a name too long for Milvus
+becomes ``_h<16 hex>`` of its hash) and ``<host>`` 8 hex
+digits of this host's name (a shared server sees writers of many hosts; only this host's pids can
+be checked).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 import secrets
+import socket
 from pathlib import Path
 
 DB_FILE = "atlas.db"
@@ -73,6 +82,48 @@ class FileOwner:
     name: str | None  # the atlas or map name (None for temporary and unknown files)
     pid: int | None  # the writing process (None where the name does not say)
     temporary: bool
+
+
+COLLECTION_PREFIX = "atlas_"
+_COLLECTION_NAME_MAX = 160  # escaped names longer than this become a hash (Milvus allows 255 in all)
+_OWNED_COLLECTION = re.compile(
+    r"^atlas_(?P<name>(?:[A-Za-z0-9]|_[0-9a-f]{2})*|_h[0-9a-f]{16})__(?P<host>[0-9a-f]{8})_(?P<pid>\d+)_[0-9a-f]{12}$")
+
+
+def host_tag() -> str:
+    """8 hex digits naming this host in collection names."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def collection_name(name: str, token: str) -> str:
+    """The Milvus collection of atlas ``name`` written under ``token`` (`new_token`)."""
+    esc = "".join(chr(b) if chr(b).isascii() and chr(b).isalnum() else f"_{b:02x}" for b in name.encode())
+    if len(esc) > _COLLECTION_NAME_MAX:
+        esc = "_h" + hashlib.sha256(name.encode()).hexdigest()[:16]
+    pid, _, rand = token.partition("-")
+    return f"{COLLECTION_PREFIX}{esc}__{host_tag()}_{pid}_{rand}"
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectionOwner:
+    """What an owned collection's name says: the atlas (None when hashed), host tag and writer pid."""
+
+    name: str | None
+    host: str
+    pid: int
+
+
+def collection_owner(collection: str) -> CollectionOwner | None:
+    """Parse an owned collection name; ``None`` for collections the store did not name."""
+    m = _OWNED_COLLECTION.match(collection)
+    if not m:
+        return None
+    esc = m.group("name")
+    name = None
+    if not esc.startswith("_h"):  # "_h" never starts an escaped name: a hashed (long) one
+        raw = re.sub(rb"_([0-9a-f]{2})", lambda g: bytes([int(g.group(1), 16)]), esc.encode())
+        name = raw.decode(errors="replace")
+    return CollectionOwner(name, m.group("host"), int(m.group("pid")))
 
 
 def file_owner(filename: str) -> FileOwner:

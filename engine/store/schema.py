@@ -85,7 +85,10 @@ class AtlasRow(Base):
     # file names relative to the store root, claimed by this row alone (migration 0003)
     vector_file: Mapped[str] = mapped_column(Text, unique=True, index=True)
     vector_sha256: Mapped[str] = mapped_column(String(64))
+    # the FAISS file, or with index_backend "milvus" the collection name at index_uri (0007)
     index_file: Mapped[str] = mapped_column(Text, unique=True, index=True)
+    index_backend: Mapped[str] = mapped_column(String(20), default="faiss", server_default="faiss")
+    index_uri: Mapped[str | None] = mapped_column(Text)  # Milvus: a Lite folder (store-relative) or a server
     index_spec: Mapped[str] = mapped_column(String(100), default="Flat")
     index_sha256: Mapped[str | None] = mapped_column(String(64))
     index_count: Mapped[int | None] = mapped_column(Integer)
