@@ -8,6 +8,8 @@ import pytest
 from engine.atlas.lookup import build_label_index, lookup, semantic_available
 from engine.errors import BadValueError
 
+pytestmark = pytest.mark.backends("sqlite", "postgresql")
+
 LABELS = [
     ("weather and rain", "rain, storms, clouds and the forecast"),
     ("cats", "house cats and kittens"),

@@ -52,13 +52,9 @@ def db() -> None:
 
 
 def _raw_engine(store_dir: Path, db_url: str | None):
-    from engine.errors import StoreNotFoundError
-    from engine.store import layout
-    from engine.store.store import make_engine
+    from engine.store.base import existing_store_db_url, make_engine
 
-    if db_url is None and not (store_dir / layout.DB_FILE).is_file():
-        raise StoreNotFoundError(f"{store_dir} has no {layout.DB_FILE}; `atlas init --store {store_dir}` creates one")
-    return make_engine(db_url or layout.sqlite_url(store_dir))
+    return make_engine(existing_store_db_url(store_dir, db_url))
 
 
 @db.command("upgrade")
