@@ -9,6 +9,7 @@ a database of its own, dropped after it.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -53,10 +54,16 @@ def db_url(request) -> str | None:
     if backend == "sqlite":
         yield None
         return
+    with pg_database(request.getfixturevalue("pg_admin")) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def pg_database(admin):
+    """A new, empty PostgreSQL database on ``admin``'s server (its URL), dropped on exit."""
     from sqlalchemy import text
     from sqlalchemy.engine import make_url
 
-    admin = request.getfixturevalue("pg_admin")
     name = f"atlas_test_{uuid.uuid4().hex[:16]}"
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))

@@ -65,7 +65,7 @@ def db_upgrade(revision: str, store_dir: Path, db_url: str | None) -> None:
     from engine.store import migrate
 
     engine = _raw_engine(store_dir, db_url)
-    migrate.upgrade(engine, revision)
+    migrate.upgrade(engine, revision, root=store_dir)
     click.echo(f"database at revision {migrate.current_revision(engine)}")
 
 
@@ -77,7 +77,7 @@ def db_downgrade(revision: str, store_dir: Path, db_url: str | None) -> None:
     from engine.store import migrate
 
     engine = _raw_engine(store_dir, db_url)
-    migrate.downgrade(engine, revision)
+    migrate.downgrade(engine, revision, root=store_dir)
     click.echo(f"database at revision {migrate.current_revision(engine) or 'base'}")
 
 

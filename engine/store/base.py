@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 import indexes
@@ -147,9 +147,9 @@ def make_engine(url: str, readonly: bool = False) -> Engine:
         return engine
     try:
         engine = create_engine(url, pool_pre_ping=True)
-    except ImportError as e:  # the URL names a driver that is not installed
-        raise AtlasError(f"the database driver of {postgres.safe_url(url)} is not installed ({e}); for "
-                         "PostgreSQL: pip install 'concept-atlas[postgres]'") from None
+    except (ImportError, ArgumentError) as e:  # a driver that is not installed, a database SQLAlchemy lacks
+        raise BadValueError(f"cannot use the database {postgres.safe_url(url)} ({e}); for PostgreSQL give "
+                            "postgresql+psycopg://... and pip install 'concept-atlas[postgres]'") from None
     if engine.dialect.name == "postgresql":
         event.listen(engine, "begin", _postgres_begin)
         event.listen(engine, "handle_error", _postgres_errors)
@@ -164,7 +164,7 @@ def recorded_db_url(root: Path) -> str | None:
     try:
         url = json.loads(f.read_text(encoding="utf-8"))["url"]
         make_url(url)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, ArgumentError) as e:
         raise StoreCorruptError(f"{f} does not name a database ({type(e).__name__}: {e}); it should read "
                                 '{"url": "postgresql+psycopg://user@host/db"}') from None
     return str(url)
@@ -179,7 +179,7 @@ def store_db_url(root: Path, db_url: str | None) -> str:
         return recorded or layout.sqlite_url(root)
     try:
         given = make_url(db_url)
-    except Exception:  # noqa: BLE001 - SQLAlchemy raises ArgumentError or ValueError
+    except (ArgumentError, ValueError):
         raise BadValueError(f"--db-url {db_url!r} is not a database URL; expected e.g. "
                             "postgresql+psycopg://user@host:5432/dbname or sqlite:///path/atlas.db") from None
     if recorded is not None and postgres.safe_url(given) != postgres.safe_url(recorded):
@@ -236,7 +236,7 @@ class StoreBase:
         url = store_db_url(root, db_url)
         engine = make_engine(url)
         _check_known_revision(engine, root)
-        migrate.upgrade(engine)
+        migrate.upgrade(engine, root=root)
         _record_db_url(root, url)
         return cls(root, engine)
 

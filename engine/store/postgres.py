@@ -33,7 +33,7 @@ def begin_write(conn: Any, timeout_s: float) -> None:
 
 def safe_url(url: str | URL) -> str:
     """The URL without its password: what is shown in messages and recorded in a store's folder."""
-    return make_url(url).set(password=None).render_as_string(hide_password=False)
+    return make_url(url)._replace(password=None).render_as_string(hide_password=False)  # set() keeps a None
 
 
 def translate_error(ctx: Any, timeout_s: float) -> AtlasError | None:
