@@ -105,7 +105,7 @@ def test_the_same_queries_rank_alike_on_both_databases(tmp_path, pg_admin):
 
 @pytest.mark.backends("postgresql")
 def test_postgres_text_search_uses_the_gin_index(labelled):
-    """The lookup's match condition is the indexed expression of migration 0008, so the plan can use it."""
+    """The lookup's match condition is on the indexed column of migration 0008, so the plan can use it."""
     from sqlalchemy import text
 
     from engine.atlas.lookup import _PostgresFullText

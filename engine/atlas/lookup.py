@@ -66,7 +66,7 @@ def text_search(store: Store, query: str, k: int = 10, atlas: str | None = None)
     a rarer word is present (the pruning idea of MaxScore/WAND retrieval).
 
     The same steps run on SQLite (FTS5, bm25 over label and description weighted 4:1) and on
-    PostgreSQL (the GIN index of migration 0008, ``ts_rank`` at the same 4:1 weights, normalised by
+    PostgreSQL (the tsvector column and GIN index of migration 0008, ``ts_rank`` at the same 4:1 weights, normalised by
     document length); other databases fall back to counting matching words (`_like_search`).
     """
     words = _query_words(query)
@@ -78,7 +78,7 @@ def text_search(store: Store, query: str, k: int = 10, atlas: str | None = None)
     ft = _FULL_TEXT[dialect]
     found: list[tuple[str, int]] = []
     with store.read_session() as s:
-        n_total = s.execute(text("SELECT count(*) FROM concepts")).scalar() or 0
+        n_total = s.execute(text(ft.count)).scalar() or 0
         cap = max(COMMON_MIN_DOCS, int(n_total * COMMON_FRACTION))
         probe = text(ft.probe)
         rare = [w for w in words if s.scalar(probe, {**ft.bind([w], True), "cap": cap}) < cap]
@@ -97,6 +97,7 @@ class _SqliteFullText:
     """FTS5 (migration 0001): one MATCH string, each word quoted so that operators and quotes in a
     query stay words; bm25 over label and description weighted 4:1."""
 
+    count = "SELECT count(*) FROM concepts"
     probe = "SELECT count(*) FROM (SELECT rowid FROM concepts_fts WHERE concepts_fts MATCH :q LIMIT :cap)"
 
     @staticmethod
@@ -111,27 +112,25 @@ class _SqliteFullText:
         return {"q": (" AND " if every else " OR ").join(f'"{w}"' for w in words)}
 
 
-# The indexed expression of migration 0008, word for word: PostgreSQL uses the index only for it.
-PG_TSVECTOR = ("(setweight(to_tsvector('atlas_english'::regconfig, label), 'A') || "
-               "setweight(to_tsvector('atlas_english'::regconfig, coalesce(description, '')), 'B'))")
-
-
 class _PostgresFullText:
-    """tsvector + GIN (migration 0008): each word a ``plainto_tsquery`` (text, never query syntax),
+    """tsvector + GIN (migration 0008: the column ``concepts.fts_vector``): each word a ``plainto_tsquery`` (text, never query syntax),
     joined by ``&&`` / ``||``; ``ts_rank`` with the label (weight A) at 1.0 and the description
     (B) at 0.25, as bm25's 4:1 on SQLite, normalised by 1 + log(document length), as bm25 favours
     short documents; ties in concept order."""
 
-    probe = ("SELECT count(*) FROM (SELECT 1 FROM concepts c WHERE " + PG_TSVECTOR
-             + " @@ plainto_tsquery('atlas_english'::regconfig, :w0) LIMIT :cap) t")
+    # the planner's row count (count(*) reads the whole table here); exact until the first ANALYZE
+    count = ("SELECT CASE WHEN reltuples >= 0 THEN reltuples::bigint ELSE (SELECT count(*) FROM concepts) END "
+             "FROM pg_class WHERE oid = 'concepts'::regclass")
+    probe = ("SELECT count(*) FROM (SELECT 1 FROM concepts c WHERE c.fts_vector "
+             "@@ plainto_tsquery('atlas_english'::regconfig, :w0) LIMIT :cap) t")
 
     @staticmethod
     def search(n_words: int, every: bool, by_atlas: bool) -> str:
         q = (" && " if every else " || ").join(
             f"plainto_tsquery('atlas_english'::regconfig, :w{i})" for i in range(n_words))
         return ("SELECT a.name, c.ordinal FROM concepts c JOIN atlases a ON a.id = c.atlas_id "
-                f"WHERE {PG_TSVECTOR} @@ ({q}) " + ("AND a.name = :atlas " if by_atlas else "")
-                + f"ORDER BY ts_rank('{{0, 0, 0.25, 1.0}}', {PG_TSVECTOR}, ({q}), 1) DESC, c.id LIMIT :k")
+                f"WHERE c.fts_vector @@ ({q}) " + ("AND a.name = :atlas " if by_atlas else "")
+                + f"ORDER BY ts_rank('{{0, 0, 0.25, 1.0}}', c.fts_vector, ({q}), 1) DESC, c.id LIMIT :k")
 
     @staticmethod
     def bind(words: list[str], every: bool) -> dict[str, str]:

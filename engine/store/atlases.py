@@ -35,7 +35,7 @@ from engine.errors import (
     NotFoundError,
     ShapeError,
 )
-from engine.store import layout
+from engine.store import layout, postgres
 from engine.store.base import StoreBase
 from engine.store.models import get_or_create_model
 from engine.store.schema import AlignmentMapRow, AtlasRow, ConceptRow, FeatureLabelRow, LabelRunRow, ModelRow
@@ -44,6 +44,7 @@ from indexes.faiss_backend import faiss_reason
 from indexes.policy import resolve_index_spec
 
 MAX_ORDINAL = 2**63 - 1  # concept ordinals are SQLite INTEGERs
+ANALYZE_MIN_ROWS = 1000  # PostgreSQL: an import of this many concepts refreshes the planner's statistics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,6 +255,8 @@ class AtlasesMixin(StoreBase):
             for p in written:
                 p.unlink(missing_ok=True)
             raise
+        if self.engine.dialect.name == "postgresql" and n >= ANALYZE_MIN_ROWS:
+            postgres.analyze(self.engine, "concepts")
         return self.atlas(name)
 
     def atlases(self) -> list[AtlasInfo]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DBAPIError
 
 from engine.errors import AtlasError, ReadOnlyStoreError, StoreBusyError, StoreNotFoundError
 
@@ -29,6 +30,19 @@ def begin_write(conn: Any, timeout_s: float) -> None:
     """Take the store's write lock in the transaction that ``conn`` begins (released at its end)."""
     conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{int(timeout_s * 1000)}ms'")
     conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITE_LOCK})")
+
+
+def analyze(engine: Any, *tables: str) -> None:
+    """Refresh the planner's statistics of ``tables`` after a bulk write: autovacuum would within a
+    minute, and until then the planner may scan a table instead of using its GIN index. Called after
+    the write committed, so a failure here loses nothing and is not the write's: it is ignored."""
+    try:
+        with engine.connect() as conn:
+            for t in tables:
+                conn.exec_driver_sql(f"ANALYZE {t}")
+            conn.commit()
+    except (DBAPIError, AtlasError):
+        pass
 
 
 def safe_url(url: str | URL) -> str:

@@ -4,7 +4,7 @@ The schema is created only by Alembic revisions in ``migrations/``; a test check
 models and the migrations agree. The MetaData has a naming convention so constraints can be
 altered later under SQLite's batch mode. The full-text objects over concept labels live outside
 the ORM (they differ by database): on SQLite an FTS5 table kept in sync by triggers (migration
-0001), on PostgreSQL a GIN expression index ``concepts_fts_gin`` (migration 0008).
+0001), on PostgreSQL a generated column ``concepts.fts_vector`` with a GIN index (migration 0008).
 """
 
 from __future__ import annotations
@@ -37,12 +37,15 @@ NAMING_CONVENTION = {
 }
 
 # Prefix of the objects that exist in the database but not in the ORM: FTS5's table and its shadow
-# tables (SQLite), the GIN index (PostgreSQL).
+# tables (SQLite), the GIN index (PostgreSQL); and PostgreSQL's generated tsvector column of concepts.
 FTS_TABLE = "concepts_fts"
+FTS_COLUMN = "fts_vector"
 
 
 def include_object(obj, name, type_, reflected, compare_to) -> bool:
     """Alembic filter: the full-text objects are created by hand in the migrations."""
+    if type_ == "column" and name == FTS_COLUMN:
+        return False
     return not (type_ in ("table", "index") and name and name.startswith(FTS_TABLE))
 
 
