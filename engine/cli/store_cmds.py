@@ -30,7 +30,10 @@ def register(cli: click.Group) -> None:
 def init(store_dir: Path, db_url: str | None, as_json: bool) -> None:
     """Create a store: its folders and a database at the newest schema revision.
 
-    Running it on an existing store is safe: it only upgrades the database if needed.
+    Running it on an existing store is safe: it only upgrades the database if needed. With
+    --db-url (e.g. postgresql+psycopg://user@host/db, the `postgres` extra) the metadata lives in
+    that database and the folder records it (database.json, without a password), so later commands
+    on the folder need no --db-url; the files (vectors, indexes, maps) stay in the folder.
     """
     from engine.store import migrate
     from engine.store.store import Store
@@ -40,7 +43,8 @@ def init(store_dir: Path, db_url: str | None, as_json: bool) -> None:
     if as_json:
         print_json(result)
     else:
-        click.echo(f"initialised store at {store_dir} (schema revision {result['revision']})")
+        where = "" if store.engine.dialect.name == "sqlite" else f"metadata in {result['db']}, "
+        click.echo(f"initialised store at {store_dir} ({where}schema revision {result['revision']})")
 
 
 # ---------------------------------------------------------------------- db
