@@ -1,9 +1,19 @@
-"""Shared fixtures: real stores in tmp_path, SAE fixtures in real file formats."""
+"""Shared fixtures: real stores in tmp_path, SAE fixtures in real file formats.
+
+Databases: a store's metadata is a SQLite file unless a test asks for more. A module (or test) marked
+``@pytest.mark.backends("sqlite", "postgresql")`` runs each test that uses ``db_url`` (or ``store``,
+which uses it) once per database. The PostgreSQL cases need a server: ``$ATLAS_TEST_PG_URL``, e.g.
+``eval "$(.ci/postgres.sh start)"`` (CI does this); without it they skip. Each PostgreSQL case gets
+a database of its own, dropped after it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
+import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +21,63 @@ import pytest
 
 from engine.store.store import Store
 
+PG_URL_ENV = "ATLAS_TEST_PG_URL"
+BACKENDS = ("sqlite", "postgresql")
+
+
+def pytest_generate_tests(metafunc):
+    marker = metafunc.definition.get_closest_marker("backends")
+    if marker is not None and "db_url" in metafunc.fixturenames:
+        unknown = set(marker.args) - set(BACKENDS)
+        assert not unknown, f"unknown backends {unknown}; known: {BACKENDS}"
+        metafunc.parametrize("db_url", marker.args, indirect=True)
+
+
+@pytest.fixture(scope="session")
+def pg_admin():
+    """An autocommit engine on ``$ATLAS_TEST_PG_URL``'s database, to create and drop test databases."""
+    url = os.environ.get(PG_URL_ENV)
+    if not url:
+        pytest.skip(f"no PostgreSQL server: set {PG_URL_ENV} (`eval \"$(.ci/postgres.sh start)\"` starts one)")
+    from sqlalchemy import create_engine
+
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")
+    yield engine
+    engine.dispose()
+
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    """An initialised store (real SQLite file at Alembic head) in a temporary directory."""
-    s = Store.init(tmp_path / "store")
+def db_url(request) -> str | None:
+    """The metadata database of the test's store: None (the store's SQLite file) or the URL of a new,
+    empty PostgreSQL database, dropped after the test (see the module docstring)."""
+    backend = getattr(request, "param", "sqlite")
+    if backend == "sqlite":
+        yield None
+        return
+    with pg_database(request.getfixturevalue("pg_admin")) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def pg_database(admin):
+    """A new, empty PostgreSQL database on ``admin``'s server (its URL), dropped on exit."""
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+
+    name = f"atlas_test_{uuid.uuid4().hex[:16]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(admin.url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:  # WITH (FORCE): connections a test left open are ended
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def store(tmp_path: Path, db_url: str | None) -> Store:
+    """An initialised store (real database at Alembic head: SQLite unless ``db_url`` says otherwise)."""
+    s = Store.init(tmp_path / "store", db_url=db_url)
     yield s
     s.close()
 

@@ -190,6 +190,27 @@ def test_bad_values_are_one_line_errors(env):
     assert not failures, "\n".join(map(str, failures))
 
 
+def test_database_url_mistakes_are_one_line_errors(env, tmp_path):
+    """--db-url values that cannot work, and a store folder whose record of its database is damaged."""
+    root, tmp = env
+    new = str(tmp_path / "new-store")
+    cases = [
+        (["init", "--store", new, "--db-url", "not a url"], "not a database URL"),
+        (["init", "--store", new, "--db-url", "nosuchdb://u@h/db"], "cannot use the database"),
+        (["init", "--store", new, "--db-url", "postgresql+psycopg://atlas:pw@127.0.0.1:1/db"], "cannot connect"),
+        (["atlases", "--store", str(root), "--db-url", "postgresql+psycopg://atlas@127.0.0.1:1/db"],
+         "keeps its metadata in atlas.db"),
+    ]
+    for args, message in cases:
+        r = CliRunner().invoke(cli, args)
+        assert _one_line_error(r) and message in r.output and "pw@" not in r.output, (args, r.output, r.exception)
+    (tmp_path / "rec").mkdir()
+    for content in ("{not json", '{"url": 3}', '{"path": "x"}'):
+        (tmp_path / "rec" / "database.json").write_text(content)
+        r = CliRunner().invoke(cli, ["atlases", "--store", str(tmp_path / "rec")])
+        assert _one_line_error(r) and "database.json does not name a database" in r.output, (content, r.output)
+
+
 def _one_line_error(r) -> bool:
     text = r.output.strip()
     return r.exit_code == 1 and "Traceback" not in text and text.startswith("Error: ") and len(text.splitlines()) == 1

@@ -10,6 +10,8 @@ from click.testing import CliRunner
 
 from engine.cli import cli
 
+pytestmark = pytest.mark.backends("sqlite", "postgresql")
+
 
 def _all_commands(group: click.Group, prefix=()):
     for name, cmd in sorted(group.commands.items()):
@@ -35,8 +37,12 @@ def test_version_and_root_help():
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch):
+def env(tmp_path, monkeypatch, db_url):
+    """A CLI runner on the store folder ``tmp_path/st``; on PostgreSQL every command is given the
+    database through ``ATLAS_DB_URL`` (what `atlas init` records is tested below)."""
     monkeypatch.setenv("ATLAS_STORE", str(tmp_path / "st"))
+    if db_url:
+        monkeypatch.setenv("ATLAS_DB_URL", db_url)
     return CliRunner()
 
 
@@ -106,3 +112,27 @@ def test_user_errors_are_one_line_with_exit_1(env, saelens_folder, args, message
     assert r.exit_code == 1, r.output
     assert message in r.output and "Traceback" not in r.output
     assert len(r.output.strip().splitlines()) == 1
+
+
+@pytest.mark.backends("postgresql")
+def test_init_records_the_database_in_the_store_folder(tmp_path, db_url, saelens_folder, neuronpedia_export):
+    """`atlas init --db-url` records the URL (never a password) in the folder; later commands find
+    the database there; another URL for that folder is refused in one line."""
+    from sqlalchemy.engine import make_url
+
+    runner, st = CliRunner(), str(tmp_path / "st")
+    with_password = make_url(db_url).set(password="s3cret").render_as_string(hide_password=False)
+    _ok(runner, "init", "--store", st, "--db-url", with_password)  # trust auth: the password is not checked
+    recorded = json.loads((tmp_path / "st" / "database.json").read_text())
+    assert recorded == {"url": db_url} and "s3cret" not in (tmp_path / "st" / "database.json").read_text()
+    assert not (tmp_path / "st" / "atlas.db").exists()
+    _ok(runner, "import-sae", str(saelens_folder), "--labels", str(neuronpedia_export), "--name", "g12", "--store", st)
+    hits = json.loads(_ok(runner, "lookup", "weather and rain", "--json", "--no-semantic", "--store", st))
+    assert [h["ref"] for h in hits[:2]] == ["g12/0", "g12/3"]
+    assert json.loads(_ok(runner, "db", "current", "--json", "--store", st))["up_to_date"] is True
+    _ok(runner, "atlases", "--store", st, "--db-url", db_url)  # the recorded URL itself is fine
+    other = make_url(db_url).set(database="another").render_as_string(hide_password=False)
+    for args in (["atlases", "--db-url", other], ["atlases", "--db-url", f"sqlite:///{tmp_path / 'x.db'}"]):
+        r = runner.invoke(cli, [*args, "--store", st])
+        assert r.exit_code == 1 and "keeps its metadata in" in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1

@@ -8,7 +8,6 @@ import io
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -28,6 +27,8 @@ from engine.store.schema import ConceptRow, FeatureLabelRow, LabelRunRow
 from engine.store.store import Store
 from engine.util import unit_rows
 from tests.test_search import D_SUBJECT, brute_force, make_mapped_store
+
+pytestmark = pytest.mark.backends("sqlite", "postgresql")
 
 
 @pytest.fixture
@@ -253,12 +254,11 @@ def test_killed_process_resumes_to_exactly_the_uninterrupted_rows(store, tmp_pat
     cmd = [sys.executable, "-c", "from engine.cli import main; main()", "label", "m", "--features", str(path),
            "-k", "3", "--batch", "40", "--name", "killed", "--store", str(store.path), "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    db = sqlite3.connect(store.path / "atlas.db", timeout=30)
     n_done, deadline = 0, time.monotonic() + 120
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            row = db.execute("SELECT n_done FROM label_runs WHERE name = 'killed'").fetchone()
-            n_done = row[0] if row else 0
+            with store.read_session() as s:  # the subprocess found the database through the store folder
+                n_done = s.scalar(select(LabelRunRow.n_done).where(LabelRunRow.name == "killed")) or 0
             if n_done >= 500:
                 break
             time.sleep(0.01)
@@ -269,7 +269,6 @@ def test_killed_process_resumes_to_exactly_the_uninterrupted_rows(store, tmp_pat
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    db.close()
 
     cut = store.run("killed")
     assert cut.status == "interrupted" and 500 <= cut.n_done < n and cut.n_done % 40 == 0

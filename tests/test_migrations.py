@@ -1,39 +1,64 @@
-"""Alembic: upgrade → downgrade → upgrade on a real SQLite file; models and migrations agree."""
+"""Alembic: upgrade → downgrade → upgrade on a real SQLite file and a real PostgreSQL database; models
+and migrations agree on both."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from engine.store import migrate
 from engine.store.schema import Base, include_object
 from engine.store.store import make_engine
 
+pytestmark = pytest.mark.backends("sqlite", "postgresql")
+
 TABLES = {"models", "atlases", "concepts", "alignment_maps", "label_runs", "feature_labels", "context_runs",
           "concept_contexts"}
 
 
-def test_upgrade_downgrade_upgrade(tmp_path):
-    engine = make_engine(f"sqlite:///{tmp_path / 'm.db'}")
+def _full_text_objects(engine) -> set[str]:
+    """The database's full-text objects outside the ORM: FTS5's table (SQLite); the GIN index, the
+    text search configuration and its dictionary (PostgreSQL)."""
+    if engine.dialect.name == "sqlite":
+        return {t for t in inspect(engine).get_table_names() if t == "concepts_fts"}
+    with engine.connect() as conn:
+        return set(conn.execute(text(
+            "SELECT indexname FROM pg_indexes WHERE indexname = 'concepts_fts_gin' "
+            "UNION SELECT cfgname FROM pg_ts_config WHERE cfgname = 'atlas_english' "
+            "UNION SELECT dictname FROM pg_ts_dict WHERE dictname = 'atlas_english_stem'")).scalars())
+
+
+def test_upgrade_downgrade_upgrade(tmp_path, db_url):
+    engine = make_engine(db_url or f"sqlite:///{tmp_path / 'm.db'}")
     migrate.upgrade(engine)
-    assert TABLES | {"concepts_fts"} <= set(inspect(engine).get_table_names())
+    assert TABLES <= set(inspect(engine).get_table_names())
+    full_text = {"sqlite": {"concepts_fts"},
+                 "postgresql": {"concepts_fts_gin", "atlas_english", "atlas_english_stem"}}[engine.dialect.name]
+    assert _full_text_objects(engine) == full_text
     assert migrate.current_revision(engine) == migrate.head_revision()
     migrate.downgrade(engine, "base")
     assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
+    assert _full_text_objects(engine) == set()
     assert migrate.current_revision(engine) is None
     migrate.upgrade(engine)
     assert TABLES <= set(inspect(engine).get_table_names())
+    assert _full_text_objects(engine) == full_text
+    engine.dispose()
 
 
-def test_models_and_migrations_agree(tmp_path):
-    engine = make_engine(f"sqlite:///{tmp_path / 'm.db'}")
+def test_models_and_migrations_agree(tmp_path, db_url):
+    engine = make_engine(db_url or f"sqlite:///{tmp_path / 'm.db'}")
     migrate.upgrade(engine)
     with engine.connect() as conn:
         ctx = MigrationContext.configure(
             conn, opts={"include_object": include_object, "compare_type": True, "render_as_batch": True}
         )
         diff = compare_metadata(ctx, Base.metadata)
+    engine.dispose()
     assert diff == []
 
 
@@ -60,7 +85,7 @@ def _contents(store) -> dict:
     }
 
 
-def test_downgrade_and_upgrade_keep_the_rows(tmp_path):
+def test_downgrade_and_upgrade_keep_the_rows(tmp_path, db_url):
     """A store with an atlas, a map and a finished run goes down to 0001 and back up; every row,
     file claim and answer is the same, and verify is clean."""
     import numpy as np
@@ -71,7 +96,7 @@ def test_downgrade_and_upgrade_keep_the_rows(tmp_path):
     from tests.conftest import clustered_directions
 
     rng = np.random.default_rng(0)
-    store = Store.init(tmp_path / "st")
+    store = Store.init(tmp_path / "st", db_url=db_url)
     store.add_atlas("a", clustered_directions(50, 16), [f"concept {i}" for i in range(50)], model="x", layer=1)
     store.add_model("subj", d_model=8)
     store.save_map(AlignmentMap(rng.normal(size=(8, 16)), rng.normal(size=(16, 8)), np.zeros(8), np.zeros(16),
@@ -82,31 +107,27 @@ def test_downgrade_and_upgrade_keep_the_rows(tmp_path):
     before = _contents(store)
     store.close()
     for target in ("0002", "0001"):
-        engine = make_engine(f"sqlite:///{tmp_path / 'st' / 'atlas.db'}")
-        migrate.downgrade(engine, target)
+        engine = make_engine(db_url or f"sqlite:///{tmp_path / 'st' / 'atlas.db'}")
+        migrate.downgrade(engine, target, root=tmp_path / "st")
         assert migrate.current_revision(engine) == target
-        migrate.upgrade(engine)
+        migrate.upgrade(engine, root=tmp_path / "st")
         engine.dispose()
         with Store.open(tmp_path / "st") as s:
             assert _contents(s) == before
             assert s.verify().ok
 
 
-def test_0004_rewrites_model_sources_relative_to_the_store_root(tmp_path, monkeypatch):
+def test_0004_rewrites_model_sources_relative_to_the_store_root(tmp_path, monkeypatch, db_url):
     """Rows written by earlier versions: a world model recorded relative to the working directory
     of the time, one recorded absolute under the store, a folder outside it, a hub id."""
-    import json
-
-    from sqlalchemy import text
-
     from engine.store.store import Store
 
     root = tmp_path / "st"
-    Store.init(root).close()
+    Store.init(root, db_url=db_url).close()
     outside = tmp_path / "weights" / "llama"
     outside.mkdir(parents=True)
-    engine = make_engine(f"sqlite:///{root / 'atlas.db'}")
-    migrate.downgrade(engine, "0002")
+    engine = make_engine(db_url or f"sqlite:///{root / 'atlas.db'}")
+    migrate.downgrade(engine, "0002", root=root)
     rows = {
         "w-found": "st/models/world-tiny-abc/foundation",  # relative to a cwd long gone
         "w-sub": f"{root}/models/world-tiny-abc/subject_a",
@@ -118,9 +139,10 @@ def test_0004_rewrites_model_sources_relative_to_the_store_root(tmp_path, monkey
         for name, source in rows.items():
             conn.execute(text("INSERT INTO models (name, source, extra, created_at) VALUES (:n, :s, :e, '2026-01-01')"),
                          {"n": name, "s": source, "e": json.dumps({"world_path": "st/models/world-tiny-abc"})})
-    migrate.upgrade(engine)
-    with engine.connect() as conn:
-        got = {n: (s, k, json.loads(e)) for n, s, k, e in conn.execute(text("SELECT name, source, source_kind, extra FROM models"))}
+    migrate.upgrade(engine, root=root)
+    with engine.connect() as conn:  # JSON comes back as text from SQLite, parsed from PostgreSQL
+        got = {n: (s, k, e if isinstance(e, dict) else json.loads(e))
+               for n, s, k, e in conn.execute(text("SELECT name, source, source_kind, extra FROM models"))}
     assert got["w-found"][:2] == ("models/world-tiny-abc/foundation", "store")
     assert got["w-sub"][:2] == ("models/world-tiny-abc/subject_a", "store")
     assert got["inside"][:2] == ("models/mine", "store")
@@ -132,12 +154,13 @@ def test_0004_rewrites_model_sources_relative_to_the_store_root(tmp_path, monkey
     store = Store.open(root)
     assert store.get_model("w-found").source == str(root.resolve() / "models/world-tiny-abc/foundation")
     assert store.get_model("hub").source == "google/gemma-2-2b"
+    store.close()
     # downgrading writes absolute paths back (what earlier versions read)
-    migrate.downgrade(engine, "0002")
+    migrate.downgrade(engine, "0002", root=root)
     with engine.connect() as conn:
         src = conn.execute(text("SELECT source FROM models WHERE name = 'inside'")).scalar()
     assert src == str(root.resolve() / "models/mine")
-
+    engine.dispose()
 
 
 def test_0007_records_the_backend_and_refuses_to_drop_milvus_atlases(tmp_path, milvus_uri):

@@ -22,6 +22,8 @@ from engine.store.store import Store
 from engine.util import check_name, unit_rows
 from tests.conftest import clustered_directions
 
+pytestmark = pytest.mark.backends("sqlite", "postgresql")
+
 
 def _add(store, name="a", n=60, d=16, **kw):
     x = clustered_directions(n, d, seed=2)

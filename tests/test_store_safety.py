@@ -22,6 +22,8 @@ from engine.store.schema import FeatureLabelRow, LabelRunRow
 from engine.store.store import Store
 from tests.conftest import clustered_directions
 
+pytestmark = pytest.mark.backends("sqlite", "postgresql")
+
 
 def _map(store, name="m", atlas="a", seed=0):
     rng = np.random.default_rng(seed)

@@ -1,6 +1,7 @@
-"""Text lookup of concepts: full-text (SQLite FTS5, bm25) and, where installed, semantic search.
+"""Text lookup of concepts: full-text (SQLite FTS5 with bm25, PostgreSQL tsvector + GIN with ts_rank)
+and, where installed, semantic search.
 
-Why two rankings: FTS5 finds exact words fast and explains itself ("rain" matches "rain"), but
+Why two rankings: full text finds exact words fast and explains itself ("rain" matches "rain"), but
 misses paraphrase ("downpour"); a sentence-embedding index over labels finds paraphrase but can
 rank a loosely related label first. Where both exist they are merged by reciprocal rank fusion,
 which needs no score calibration between bm25 and cosine. The embedding model
@@ -58,44 +59,91 @@ def _query_words(query: str) -> list[str]:
 def text_search(store: Store, query: str, k: int = 10, atlas: str | None = None) -> list[tuple[str, int]]:
     """Full-text ranking: [(atlas, ordinal)] best first.
 
-    Concepts matching every query word come first (bm25 order), then those matching some. Why the
-    extra steps: bm25 scores every matching row, so an OR with a word present in most concepts
-    costs a scan of the atlas. Such words carry almost no weight in bm25 (their IDF is near
+    Concepts matching every query word come first (ranked), then those matching some. Why the
+    extra steps: the ranking scores every matching row, so an OR with a word present in most
+    concepts costs a scan of the atlas. Such words carry almost no weight in bm25 (their IDF is near
     zero), so a cheap capped count finds them first and they are left out of the query whenever
     a rarer word is present (the pruning idea of MaxScore/WAND retrieval).
+
+    The same steps run on SQLite (FTS5, bm25 over label and description weighted 4:1) and on
+    PostgreSQL (the tsvector column and GIN index of migration 0008, ``ts_rank`` at the same 4:1 weights, normalised by
+    document length); other databases fall back to counting matching words (`_like_search`).
     """
     words = _query_words(query)
     if not words:
         return []
-    if store.engine.dialect.name != "sqlite":
+    dialect = store.engine.dialect.name
+    if dialect not in _FULL_TEXT:
         return _like_search(store, words, k, atlas)
-    sql = (
-        "SELECT a.name, c.ordinal FROM concepts_fts f JOIN concepts c ON c.id = f.rowid "
-        "JOIN atlases a ON a.id = c.atlas_id WHERE concepts_fts MATCH :q "
-        + ("AND a.name = :atlas " if atlas else "")
-        + "ORDER BY bm25(concepts_fts, 4.0, 1.0) LIMIT :k"
-    )
+    ft = _FULL_TEXT[dialect]
     found: list[tuple[str, int]] = []
     with store.read_session() as s:
-        n_total = s.execute(text("SELECT count(*) FROM concepts")).scalar() or 0
+        n_total = s.execute(text(ft.count)).scalar() or 0
         cap = max(COMMON_MIN_DOCS, int(n_total * COMMON_FRACTION))
-        probe = text("SELECT count(*) FROM (SELECT rowid FROM concepts_fts WHERE concepts_fts MATCH :q LIMIT :cap)")
-        rare = [w for w in words if s.scalar(probe, {"q": f'"{w}"', "cap": cap}) < cap]
+        probe = text(ft.probe)
+        rare = [w for w in words if s.scalar(probe, {**ft.bind([w], True), "cap": cap}) < cap]
         words = rare or words
-        queries = [" AND ".join(f'"{w}"' for w in words)]
-        if len(words) > 1:
-            queries.append(" OR ".join(f'"{w}"' for w in words))
-        for q in queries:
+        for every in ([True, False] if len(words) > 1 else [True]):  # all words, then any word
             if len(found) >= k:
                 break
             seen = set(found)
-            rows = s.execute(text(sql), {"q": q, "atlas": atlas, "k": k}).all()
+            sql = text(ft.search(len(words), every, bool(atlas)))
+            rows = s.execute(sql, {**ft.bind(words, every), "atlas": atlas, "k": k}).all()
             found += [key for key in ((r[0], int(r[1])) for r in rows) if key not in seen]
     return found[:k]
 
 
+class _SqliteFullText:
+    """FTS5 (migration 0001): one MATCH string, each word quoted so that operators and quotes in a
+    query stay words; bm25 over label and description weighted 4:1."""
+
+    count = "SELECT count(*) FROM concepts"
+    probe = "SELECT count(*) FROM (SELECT rowid FROM concepts_fts WHERE concepts_fts MATCH :q LIMIT :cap)"
+
+    @staticmethod
+    def search(n_words: int, every: bool, by_atlas: bool) -> str:
+        return ("SELECT a.name, c.ordinal FROM concepts_fts f JOIN concepts c ON c.id = f.rowid "
+                "JOIN atlases a ON a.id = c.atlas_id WHERE concepts_fts MATCH :q "
+                + ("AND a.name = :atlas " if by_atlas else "")
+                + "ORDER BY bm25(concepts_fts, 4.0, 1.0) LIMIT :k")
+
+    @staticmethod
+    def bind(words: list[str], every: bool) -> dict[str, str]:
+        return {"q": (" AND " if every else " OR ").join(f'"{w}"' for w in words)}
+
+
+class _PostgresFullText:
+    """tsvector + GIN (migration 0008: the column ``concepts.fts_vector``): each word a ``plainto_tsquery`` (text, never query syntax),
+    joined by ``&&`` / ``||``; ``ts_rank`` with the label (weight A) at 1.0 and the description
+    (B) at 0.25, as bm25's 4:1 on SQLite, normalised by 1 + log(document length), as bm25 favours
+    short documents; ties in concept order."""
+
+    # the planner's row count (count(*) reads the whole table here); exact until the first ANALYZE
+    count = ("SELECT CASE WHEN reltuples >= 0 THEN reltuples::bigint ELSE (SELECT count(*) FROM concepts) END "
+             "FROM pg_class WHERE oid = 'concepts'::regclass")
+    probe = ("SELECT count(*) FROM (SELECT 1 FROM concepts c WHERE c.fts_vector "
+             "@@ plainto_tsquery('atlas_english'::regconfig, :w0) LIMIT :cap) t")
+
+    @staticmethod
+    def search(n_words: int, every: bool, by_atlas: bool) -> str:
+        q = (" && " if every else " || ").join(
+            f"plainto_tsquery('atlas_english'::regconfig, :w{i})" for i in range(n_words))
+        return ("SELECT a.name, c.ordinal FROM concepts c JOIN atlases a ON a.id = c.atlas_id "
+                f"WHERE c.fts_vector @@ ({q}) " + ("AND a.name = :atlas " if by_atlas else "")
+                + f"ORDER BY ts_rank('{{0, 0, 0.25, 1.0}}', c.fts_vector, ({q}), 1) DESC, c.id LIMIT :k")
+
+    @staticmethod
+    def bind(words: list[str], every: bool) -> dict[str, str]:
+        return {f"w{i}": w for i, w in enumerate(words)}
+
+
+_FULL_TEXT: dict[str, type[_SqliteFullText] | type[_PostgresFullText]] = {
+    "sqlite": _SqliteFullText, "postgresql": _PostgresFullText,
+}
+
+
 def _like_search(store: Store, words: list[str], k: int, atlas: str | None) -> list[tuple[str, int]]:
-    """Portable fallback for databases without FTS5 (PostgreSQL etc.): count matching words."""
+    """Portable fallback for databases without full-text search: count matching words."""
     score = " + ".join(
         f"(CASE WHEN lower(c.label) LIKE :w{i} THEN 4 ELSE 0 END"
         f" + CASE WHEN lower(coalesce(c.description, '')) LIKE :w{i} THEN 1 ELSE 0 END)"

@@ -29,7 +29,8 @@ def store_options(f: Callable) -> Callable:
         "--db-url",
         envvar="ATLAS_DB_URL",
         default=None,
-        help="SQLAlchemy URL of the metadata database (default: sqlite file atlas.db in the store). Env: ATLAS_DB_URL.",
+        help="SQLAlchemy URL of the metadata database (default: the one `atlas init --db-url` recorded in "
+             "the store, else its SQLite file atlas.db). Env: ATLAS_DB_URL.",
     )(f)
     f = click.option(
         "--store",

@@ -31,7 +31,10 @@ def register(cli: click.Group) -> None:
 def init(store_dir: Path, db_url: str | None, as_json: bool) -> None:
     """Create a store: its folders and a database at the newest schema revision.
 
-    Running it on an existing store is safe: it only upgrades the database if needed.
+    Running it on an existing store is safe: it only upgrades the database if needed. With
+    --db-url (e.g. postgresql+psycopg://user@host/db, the `postgres` extra) the metadata lives in
+    that database and the folder records it (database.json, without a password), so later commands
+    on the folder need no --db-url; the files (vectors, indexes, maps) stay in the folder.
     """
     from engine.store import migrate
     from engine.store.store import Store
@@ -41,7 +44,8 @@ def init(store_dir: Path, db_url: str | None, as_json: bool) -> None:
     if as_json:
         print_json(result)
     else:
-        click.echo(f"initialised store at {store_dir} (schema revision {result['revision']})")
+        where = "" if store.engine.dialect.name == "sqlite" else f"metadata in {result['db']}, "
+        click.echo(f"initialised store at {store_dir} ({where}schema revision {result['revision']})")
 
 
 # ---------------------------------------------------------------------- db
@@ -53,13 +57,9 @@ def db() -> None:
 
 
 def _raw_engine(store_dir: Path, db_url: str | None):
-    from engine.errors import StoreNotFoundError
-    from engine.store import layout
-    from engine.store.store import make_engine
+    from engine.store.base import existing_store_db_url, make_engine
 
-    if db_url is None and not (store_dir / layout.DB_FILE).is_file():
-        raise StoreNotFoundError(f"{store_dir} has no {layout.DB_FILE}; `atlas init --store {store_dir}` creates one")
-    return make_engine(db_url or layout.sqlite_url(store_dir))
+    return make_engine(existing_store_db_url(store_dir, db_url))
 
 
 @db.command("upgrade")
@@ -70,7 +70,7 @@ def db_upgrade(revision: str, store_dir: Path, db_url: str | None) -> None:
     from engine.store import migrate
 
     engine = _raw_engine(store_dir, db_url)
-    migrate.upgrade(engine, revision)
+    migrate.upgrade(engine, revision, root=store_dir)
     click.echo(f"database at revision {migrate.current_revision(engine)}")
 
 
@@ -82,7 +82,7 @@ def db_downgrade(revision: str, store_dir: Path, db_url: str | None) -> None:
     from engine.store import migrate
 
     engine = _raw_engine(store_dir, db_url)
-    migrate.downgrade(engine, revision)
+    migrate.downgrade(engine, revision, root=store_dir)
     click.echo(f"database at revision {migrate.current_revision(engine) or 'base'}")
 
 

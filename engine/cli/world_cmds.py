@@ -23,8 +23,8 @@ def _open_or_init(store_dir: Path, db_url: str | None):
     from engine.store import layout
     from engine.store.store import Store
 
-    if db_url is None and not (store_dir / layout.DB_FILE).is_file():
-        return Store.init(store_dir), True
+    if not (store_dir / layout.DB_FILE).is_file() and not (store_dir / layout.DB_URL_FILE).is_file():
+        return Store.init(store_dir, db_url=db_url), True
     return Store.open(store_dir, db_url=db_url), False
 
 

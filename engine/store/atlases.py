@@ -42,7 +42,7 @@ from engine.errors import (
     NotFoundError,
     ShapeError,
 )
-from engine.store import layout
+from engine.store import layout, postgres
 from engine.store.base import StoreBase
 from engine.store.index_location import FAISS, IndexLocation, parse_index_uri
 from engine.store.models import get_or_create_model
@@ -53,6 +53,7 @@ from indexes.milvus import MilvusIndex, MilvusUnavailableError, drop_collection
 from indexes.policy import resolve_index_spec
 
 MAX_ORDINAL = 2**63 - 1  # concept ordinals are SQLite INTEGERs
+ANALYZE_MIN_ROWS = 1000  # PostgreSQL: an import of this many concepts refreshes the planner's statistics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,6 +277,8 @@ class AtlasesMixin(StoreBase):
             if idx_bytes is None:
                 self._discard_index(loc, idx_ref)
             raise
+        if self.engine.dialect.name == "postgresql" and n >= ANALYZE_MIN_ROWS:
+            postgres.analyze(self.engine, "concepts")
         return self.atlas(name)
 
     def atlases(self) -> list[AtlasInfo]:

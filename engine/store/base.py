@@ -10,6 +10,7 @@ back on any error. The methods by concept are mixins over it (`engine.store.mode
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sqlite3
 from collections.abc import Iterator
@@ -18,19 +19,21 @@ from typing import Any, TypeVar
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 import indexes
 from engine.errors import (
     AtlasError,
+    BadValueError,
     ReadOnlyStoreError,
     StoreBusyError,
     StoreCorruptError,
     StoreNotFoundError,
     StoreOutdatedError,
 )
-from engine.store import layout, migrate
+from engine.store import layout, migrate, postgres
+from engine.util import write_store_file
 
 S = TypeVar("S", bound="StoreBase")
 
@@ -96,6 +99,15 @@ def _translate_errors(ctx) -> AtlasError | None:
     return _sqlite_error(ctx)
 
 
+def _postgres_begin(conn) -> None:
+    if conn.get_execution_options().get(BEGIN_OPTION, "IMMEDIATE") == "IMMEDIATE":
+        postgres.begin_write(conn, BUSY_TIMEOUT_S)
+
+
+def _postgres_errors(ctx) -> AtlasError | None:
+    return postgres.translate_error(ctx, BUSY_TIMEOUT_S)
+
+
 def sqlite_path(url: str) -> Path | None:
     """The file of a SQLite URL (``None`` for other databases and in-memory ones)."""
     u = make_url(url)
@@ -133,7 +145,68 @@ def make_engine(url: str, readonly: bool = False) -> Engine:
         event.listen(engine, "begin", _sqlite_begin(readonly))
         event.listen(engine, "handle_error", _translate_errors)
         return engine
-    return create_engine(url)
+    try:
+        engine = create_engine(url, pool_pre_ping=True)
+    except (ImportError, ArgumentError) as e:  # a driver that is not installed, a database SQLAlchemy lacks
+        raise BadValueError(f"cannot use the database {postgres.safe_url(url)} ({e}); for PostgreSQL give "
+                            "postgresql+psycopg://... and pip install 'concept-atlas[postgres]'") from None
+    if engine.dialect.name == "postgresql":
+        event.listen(engine, "begin", _postgres_begin)
+        event.listen(engine, "handle_error", _postgres_errors)
+    return engine
+
+
+def recorded_db_url(root: Path) -> str | None:
+    """The database URL recorded in a store's folder by ``atlas init --db-url`` (None: the SQLite file)."""
+    f = root / layout.DB_URL_FILE
+    if not f.is_file():
+        return None
+    try:
+        url = json.loads(f.read_text(encoding="utf-8"))["url"]
+        make_url(url)
+    except (OSError, ValueError, KeyError, TypeError, ArgumentError) as e:
+        raise StoreCorruptError(f"{f} does not name a database ({type(e).__name__}: {e}); it should read "
+                                '{"url": "postgresql+psycopg://user@host/db"}') from None
+    return str(url)
+
+
+def store_db_url(root: Path, db_url: str | None) -> str:
+    """The database of the store at ``root``: ``db_url`` if given, else the one its folder records, else
+    its SQLite file. A ``db_url`` that names another database than the recorded one is refused (the
+    folder's files belong to the recorded one); it may add the password the record leaves out."""
+    recorded = recorded_db_url(root)
+    if db_url is None:
+        return recorded or layout.sqlite_url(root)
+    try:
+        given = make_url(db_url)
+    except (ArgumentError, ValueError):
+        raise BadValueError(f"--db-url {db_url!r} is not a database URL; expected e.g. "
+                            "postgresql+psycopg://user@host:5432/dbname or sqlite:///path/atlas.db") from None
+    if recorded is not None and postgres.safe_url(given) != postgres.safe_url(recorded):
+        raise BadValueError(f"the store at {root} keeps its metadata in {recorded}, not "
+                            f"{postgres.safe_url(given)}; leave out --db-url (and ATLAS_DB_URL)")
+    if given.get_backend_name() != "sqlite" and recorded is None and (root / layout.DB_FILE).is_file():
+        raise BadValueError(f"the store at {root} keeps its metadata in {layout.DB_FILE}, not "
+                            f"{postgres.safe_url(given)}; leave out --db-url (and ATLAS_DB_URL)")
+    return db_url
+
+
+def existing_store_db_url(root: Path, db_url: str | None) -> str:
+    """`store_db_url` of a store that must exist: a missing folder or SQLite file is `StoreNotFoundError`."""
+    hint = f"`atlas init --store {root}` creates one"
+    if not root.is_dir():
+        raise StoreNotFoundError(f"no store at {root}; {hint}")
+    url = store_db_url(root, db_url)
+    if sqlite_path(url) == (root / layout.DB_FILE).resolve() and not (root / layout.DB_FILE).is_file():
+        raise StoreNotFoundError(f"{root} has no {layout.DB_FILE}; {hint}")
+    return url
+
+
+def _record_db_url(root: Path, url: str) -> None:
+    """Record a non-SQLite database in the store's folder (without its password), once."""
+    if make_url(url).get_backend_name() != "sqlite" and recorded_db_url(root) is None:
+        data = json.dumps({"url": postgres.safe_url(url)}, indent=2) + "\n"
+        write_store_file(root / layout.DB_URL_FILE, data.encode())
 
 
 class StoreBase:
@@ -160,9 +233,11 @@ class StoreBase:
         except OSError as e:
             raise ReadOnlyStoreError(f"cannot create the store at {root} ({e.strerror}); pick a folder "
                                      "you can write") from None
-        engine = make_engine(db_url or layout.sqlite_url(root))
+        url = store_db_url(root, db_url)
+        engine = make_engine(url)
         _check_known_revision(engine, root)
-        migrate.upgrade(engine)
+        migrate.upgrade(engine, root=root)
+        _record_db_url(root, url)
         return cls(root, engine)
 
     @classmethod
@@ -174,11 +249,7 @@ class StoreBase:
         """
         root = Path(path)
         hint = f"`atlas init --store {root}` creates one"
-        if not root.is_dir():
-            raise StoreNotFoundError(f"no store at {root}; {hint}")
-        if db_url is None and not (root / layout.DB_FILE).is_file():
-            raise StoreNotFoundError(f"{root} has no {layout.DB_FILE}; {hint}")
-        url = db_url or layout.sqlite_url(root)
+        url = existing_store_db_url(root, db_url)
         readonly = not store_is_writable(root, sqlite_path(url))
         engine = make_engine(url, readonly=readonly)
         if check_revision:

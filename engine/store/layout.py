@@ -29,6 +29,9 @@ import socket
 from pathlib import Path
 
 DB_FILE = "atlas.db"
+# Where the metadata lives when it is not DB_FILE: {"url": <SQLAlchemy URL, no password>}, written by
+# `atlas init --db-url` so later commands on the folder find the database without the flag.
+DB_URL_FILE = "database.json"
 VECTORS_DIR = "vectors"  # <atlas>@<token>.safetensors: the source of truth for directions
 INDEXES_DIR = "indexes"  # <atlas>@<token>.faiss (derived, rebuildable), <atlas>@<token>.labels.faiss
 MAPS_DIR = "maps"  # <map>@<token>.safetensors: alignment-map tensors

@@ -48,16 +48,19 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
-    _run(command.upgrade, engine, revision)
+def upgrade(engine: Engine, revision: str = "head", root: Path | None = None) -> None:
+    """Bring the database to ``revision``; ``root`` is the store's folder (see `_run`)."""
+    _run(command.upgrade, engine, revision, root)
 
 
-def downgrade(engine: Engine, revision: str) -> None:
-    _run(command.downgrade, engine, revision)
+def downgrade(engine: Engine, revision: str, root: Path | None = None) -> None:
+    _run(command.downgrade, engine, revision, root)
 
 
-def _run(step: Callable[[Config, str], None], engine: Engine, revision: str) -> None:
-    """Run a migration step in one transaction. On SQLite, foreign keys are off while it runs:
+def _run(step: Callable[[Config, str], None], engine: Engine, revision: str, root: Path | None = None) -> None:
+    """Run a migration step in one transaction. Revisions that rewrite paths relative to the store
+    find its folder in ``config.attributes["store_root"]`` (on SQLite they may also take it from
+    the database file's folder; on PostgreSQL only from there). On SQLite, foreign keys are off while it runs:
     batch mode changes a table by copying it and dropping the old one, which a referenced table
     (models, atlases) would refuse; SQLite only takes that pragma outside a transaction."""
     sqlite = engine.dialect.name == "sqlite"
@@ -71,6 +74,7 @@ def _run(step: Callable[[Config, str], None], engine: Engine, revision: str) -> 
                 with conn.begin():
                     cfg = _config(engine)
                     cfg.attributes["connection"] = conn
+                    cfg.attributes["store_root"] = Path(root).resolve() if root is not None else None
                     step(cfg, revision)
             finally:
                 if raw is not None:

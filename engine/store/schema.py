@@ -2,8 +2,9 @@
 
 The schema is created only by Alembic revisions in ``migrations/``; a test checks that these
 models and the migrations agree. The MetaData has a naming convention so constraints can be
-altered later under SQLite's batch mode. The FTS5 table over concept labels lives outside the
-ORM (it is SQLite-specific) and is created by the migration with triggers that keep it in sync.
+altered later under SQLite's batch mode. The full-text objects over concept labels live outside
+the ORM (they differ by database): on SQLite an FTS5 table kept in sync by triggers (migration
+0001), on PostgreSQL a generated column ``concepts.fts_vector`` with a GIN index (migration 0008).
 """
 
 from __future__ import annotations
@@ -35,13 +36,17 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-# Tables that exist in the database but not in the ORM (FTS5 and its shadow tables).
+# Prefix of the objects that exist in the database but not in the ORM: FTS5's table and its shadow
+# tables (SQLite), the GIN index (PostgreSQL); and PostgreSQL's generated tsvector column of concepts.
 FTS_TABLE = "concepts_fts"
+FTS_COLUMN = "fts_vector"
 
 
 def include_object(obj, name, type_, reflected, compare_to) -> bool:
-    """Alembic filter: the FTS5 table and its shadow tables are created by hand in the migration."""
-    return not (type_ == "table" and name and name.startswith(FTS_TABLE))
+    """Alembic filter: the full-text objects are created by hand in the migrations."""
+    if type_ == "column" and name == FTS_COLUMN:
+        return False
+    return not (type_ in ("table", "index") and name and name.startswith(FTS_TABLE))
 
 
 class Base(DeclarativeBase):

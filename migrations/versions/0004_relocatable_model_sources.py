@@ -34,7 +34,12 @@ _WORLD_MODEL = re.compile(r"(?:^|[\\/])(models[\\/]world-[^\\/]+[\\/][^\\/]+)[\\
 
 
 def _store_root(conn: sa.engine.Connection) -> Path | None:
-    """The store's folder, where the database is its SQLite file (unknown for other databases)."""
+    """The store's folder: as passed by `engine.store.migrate` (any database), else the folder of the
+    database where it is a SQLite file (unknown otherwise)."""
+    cfg = op.get_context().config
+    root = cfg.attributes.get("store_root") if cfg is not None else None
+    if root is not None:
+        return Path(root)
     url = conn.engine.url
     if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
         return None
