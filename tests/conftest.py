@@ -4,7 +4,7 @@ Databases: a store's metadata is a SQLite file unless a test asks for more. A mo
 ``@pytest.mark.backends("sqlite", "postgresql")`` runs each test that uses ``db_url`` (or ``store``,
 which uses it) once per database. The PostgreSQL cases need a server: ``$ATLAS_TEST_PG_URL``, e.g.
 ``eval "$(.ci/postgres.sh start)"`` (CI does this); without it they skip. Each PostgreSQL case gets
-a database of its own, dropped after it.
+a database of its own (a copy of one at the newest revision: `pg_template`), dropped after it.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sqlalchemy.engine import make_url
 
 from engine.store.store import Store
 
@@ -54,19 +55,28 @@ def db_url(request) -> str | None:
     if backend == "sqlite":
         yield None
         return
-    with pg_database(request.getfixturevalue("pg_admin")) as url:
+    with pg_database(request.getfixturevalue("pg_admin"), template=request.getfixturevalue("pg_template")) as url:
         yield url
 
 
+@pytest.fixture(scope="session")
+def pg_template(pg_admin, tmp_path_factory):
+    """A database at the newest schema revision (made once, by `Store.init`) that each test's database
+    copies: creating and migrating a database per test took 0.85 s, a copy takes a fraction."""
+    with pg_database(pg_admin) as url:
+        Store.init(tmp_path_factory.mktemp("pg-template") / "store", db_url=url).close()
+        yield make_url(url).database
+
+
 @contextlib.contextmanager
-def pg_database(admin):
-    """A new, empty PostgreSQL database on ``admin``'s server (its URL), dropped on exit."""
+def pg_database(admin, template: str | None = None):
+    """A new PostgreSQL database on ``admin``'s server (its URL): empty, or a copy of ``template``;
+    dropped on exit."""
     from sqlalchemy import text
-    from sqlalchemy.engine import make_url
 
     name = f"atlas_test_{uuid.uuid4().hex[:16]}"
     with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
+        conn.execute(text(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else "")))
     try:
         yield make_url(admin.url).set(database=name).render_as_string(hide_password=False)
     finally:

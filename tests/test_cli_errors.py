@@ -177,6 +177,7 @@ def test_the_help_texts_method_names_are_the_registered_ones():
     assert set(METHOD_NAMES) == set(METHODS)
 
 
+@pytest.mark.backends("sqlite", "postgresql")
 def test_bad_values_are_one_line_errors(env):
     root, tmp = env
     failures = []

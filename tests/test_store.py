@@ -190,3 +190,24 @@ def test_remove_atlas_deletes_rows_and_files(store):
     assert not any((store.path / f).exists() for f in files.values())
     with store.session() as s:
         assert s.scalar(select(func.count()).select_from(ConceptRow)) == 0
+
+
+@pytest.mark.backends("postgresql")
+def test_postgres_writers_queue_on_the_store_lock_and_say_busy(store, monkeypatch):
+    """On PostgreSQL a write transaction takes the store's advisory lock when it begins, like SQLite's
+    BEGIN IMMEDIATE: another writer waits, then says the store is busy; readers never wait."""
+    from sqlalchemy import text
+
+    from engine.errors import StoreBusyError
+    from engine.store import base
+
+    monkeypatch.setattr(base, "BUSY_TIMEOUT_S", 0.5)
+    other = Store.open(store.path)  # finds the database through the folder's database.json
+    with store.session() as s:
+        s.execute(text("SELECT 1"))  # the transaction has begun: the lock is held
+        with pytest.raises(StoreBusyError, match="locked by another writer"):
+            other.add_model("late", d_model=4)
+        assert other.atlases() == []  # a reader does not wait
+    other.add_model("late", d_model=4)  # the lock went with the transaction
+    assert [m.name for m in store.models()] == ["late"]
+    other.close()

@@ -66,8 +66,9 @@ def text_search(store: Store, query: str, k: int = 10, atlas: str | None = None)
     a rarer word is present (the pruning idea of MaxScore/WAND retrieval).
 
     The same steps run on SQLite (FTS5, bm25 over label and description weighted 4:1) and on
-    PostgreSQL (the tsvector column and GIN index of migration 0008, ``ts_rank`` at the same 4:1 weights, normalised by
-    document length); other databases fall back to counting matching words (`_like_search`).
+    PostgreSQL (the tsvector column and GIN index of migration 0008, ``ts_rank`` at the same 4:1
+    weights, normalised by document length); other databases fall back to counting matching words
+    (`_like_search`).
     """
     words = _query_words(query)
     if not words:
@@ -113,8 +114,8 @@ class _SqliteFullText:
 
 
 class _PostgresFullText:
-    """tsvector + GIN (migration 0008: the column ``concepts.fts_vector``): each word a ``plainto_tsquery`` (text, never query syntax),
-    joined by ``&&`` / ``||``; ``ts_rank`` with the label (weight A) at 1.0 and the description
+    """tsvector + GIN (migration 0008: the column ``concepts.fts_vector``): each word a
+    ``plainto_tsquery`` (text, never query syntax), joined by ``&&`` / ``||``; ``ts_rank`` with the label (weight A) at 1.0 and the description
     (B) at 0.25, as bm25's 4:1 on SQLite, normalised by 1 + log(document length), as bm25 favours
     short documents; ties in concept order."""
 
