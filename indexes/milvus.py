@@ -30,6 +30,7 @@ ID_FIELD, VECTOR_FIELD = "id", "vector"
 INSERT_BATCH = 8192  # rows per insert: 8192 x d=768 x 4 B = 25 MB, under gRPC's 64 MB message limit
 SEARCH_BATCH = 1024  # queries per search call
 MAX_TOPK = 16384  # Milvus's limit on k
+LITE_GRPC_OPTIONS = {"grpc.keepalive_time_ms": 2**31 - 1, "grpc.keepalive_permit_without_calls": False}
 TOKEN_ENV = "ATLAS_MILVUS_TOKEN"  # "user:password" or an API key for a server; never stored
 # Collection names: letters, digits and underscores, starting with a letter or underscore, <= 255.
 _COLLECTION = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
@@ -84,7 +85,10 @@ def client(uri: str) -> Any:
     if uri.endswith(".db") and not os.path.isdir(os.path.dirname(os.path.abspath(uri))):
         raise MilvusUnavailableError(f"cannot open Milvus Lite at {uri}: its folder does not exist")
     try:
-        c = MilvusClient(uri=uri, token=os.environ.get(TOKEN_ENV, ""), timeout=30)
+        # Milvus Lite runs in this process: keepalive pings to it are pointless, and its gRPC server
+        # answers pymilvus's 10 s ones with GOAWAY "too_many_pings" (logged to stderr) once idle.
+        options = {"grpc_options": LITE_GRPC_OPTIONS} if uri.endswith(".db") else {}
+        c = MilvusClient(uri=uri, token=os.environ.get(TOKEN_ENV, ""), timeout=30, **options)
     except MilvusException as e:
         hint = (" (Milvus Lite serves one process at a time: another process may hold it; use a Milvus "
                 "server to share an atlas)" if uri.endswith(".db") else "")
