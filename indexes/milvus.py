@@ -17,6 +17,7 @@ instead of a file (`MilvusIndex.open` reconnects). pymilvus is imported on first
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from typing import Any
@@ -30,6 +31,7 @@ ID_FIELD, VECTOR_FIELD = "id", "vector"
 INSERT_BATCH = 8192  # rows per insert: 8192 x d=768 x 4 B = 25 MB, under gRPC's 64 MB message limit
 SEARCH_BATCH = 1024  # queries per search call
 MAX_TOPK = 16384  # Milvus's limit on k
+LITE_GRPC_OPTIONS = {"grpc.keepalive_time_ms": 2**31 - 1, "grpc.keepalive_permit_without_calls": False}
 TOKEN_ENV = "ATLAS_MILVUS_TOKEN"  # "user:password" or an API key for a server; never stored
 # Collection names: letters, digits and underscores, starting with a letter or underscore, <= 255.
 _COLLECTION = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
@@ -83,14 +85,42 @@ def client(uri: str) -> Any:
                                      "pip install 'concept-atlas[milvus]'") from None
     if uri.endswith(".db") and not os.path.isdir(os.path.dirname(os.path.abspath(uri))):
         raise MilvusUnavailableError(f"cannot open Milvus Lite at {uri}: its folder does not exist")
+    lite_log, caught = logging.getLogger("milvus_lite"), _Caught()
+    lite_log.addHandler(caught)  # a failed Lite start is logged with a traceback: keep it, say one line
+    propagate, lite_log.propagate = lite_log.propagate, False
     try:
-        c = MilvusClient(uri=uri, token=os.environ.get(TOKEN_ENV, ""), timeout=30)
+        # Milvus Lite runs in this process: keepalive pings to it are pointless, and its gRPC server
+        # answers pymilvus's 10 s ones with GOAWAY "too_many_pings" (logged to stderr) once idle.
+        options = {"grpc_options": LITE_GRPC_OPTIONS} if uri.endswith(".db") else {}
+        c = MilvusClient(uri=uri, token=os.environ.get(TOKEN_ENV, ""), timeout=30, **options)
     except MilvusException as e:
-        hint = (" (Milvus Lite serves one process at a time: another process may hold it; use a Milvus "
-                "server to share an atlas)" if uri.endswith(".db") else "")
-        raise MilvusUnavailableError(f"cannot reach Milvus at {uri}: {_reason(e)}{hint}") from None
+        if uri.endswith(".db"):
+            raise MilvusUnavailableError(
+                f"cannot open Milvus Lite at {uri}: {caught.reason() or _reason(e)} (Milvus Lite serves one "
+                "process at a time; a Milvus server shares an atlas)") from None
+        raise MilvusUnavailableError(f"cannot reach Milvus at {uri}: {_reason(e)}") from None
+    finally:
+        lite_log.removeHandler(caught)
+        lite_log.propagate = propagate
     _CLIENTS[uri] = c
     return c
+
+
+class _Caught(logging.Handler):
+    """Keeps the records Milvus Lite logs while a client connects (see `client`)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def reason(self) -> str | None:
+        for r in self.records:
+            if r.exc_info and r.exc_info[1] is not None:
+                return _reason(r.exc_info[1])
+        return None
 
 
 def open_uris() -> list[str]:

@@ -168,6 +168,9 @@ def test_killed_import_leaves_a_collection_gc_drops_and_the_store_moves(tmp_path
         assert [x["collection"] for x in json.loads(out.output) if x["collection"]] == [left[0].collection]
         assert store.verify().ok and set(collections(str(moved / "milvus.db"))) == {store.atlas_files("a")["collection"]}
         first = store.neighbors("a/0", k=3)
+        busy = _cli(moved, "neighbors", "a/0", "-k", "3")  # while this process holds the Lite folder
+        assert busy.returncode == 1 and busy.stderr.startswith("Error: ") and len(busy.stderr.splitlines()) == 1
+        assert "another process holds the lock" in busy.stderr, busy.stderr
     # closing the store released its Lite folder: another process reads it, then this one again
     r = _cli(moved, "neighbors", "a/0", "-k", "3", "--json")
     assert r.returncode == 0, r.stderr

@@ -220,12 +220,11 @@ class AtlasesMixin(StoreBase):
             if s.scalar(select(AtlasRow.id).where(AtlasRow.name == name)) is not None:
                 raise DuplicateError(f"an atlas named {name!r} exists; pick another --name or remove it first")
         token = layout.new_token()
-        # FAISS: in memory, so a spec that does not work writes no file; Milvus: this write's own
-        # collection, created and filled here (dropped on any failure below)
-        index, idx_ref, idx_bytes = self._build_placed_index(x, index_spec, loc, name, token)
-
         vec_bytes = st_save(tensors, metadata={"atlas": name, "model": model, "layer": str(layer), "hook": hook})
         vec_rel = layout.vector_file(name, token)
+        # FAISS: in memory, so a spec that does not work writes no file; Milvus: this write's own
+        # collection, created and filled here (dropped on a failure in it, or in the block below)
+        index, idx_ref, idx_bytes = self._build_placed_index(x, index_spec, loc, name, token)
         written: list[Path] = []  # only this write's own files: a failure removes them and nothing else
         try:
             for step, rel, data in (("vectors", vec_rel, vec_bytes), ("index", idx_ref, idx_bytes)):
@@ -673,8 +672,8 @@ def build_index(x: np.ndarray, spec: str, backend: str = FAISS, **location: str)
     been written.
     """
     n, d = x.shape
-    index = _new_index(d, spec, backend, **location)
     x = unit_rows(x)
+    index = _new_index(d, spec, backend, **location)
     try:
         try:
             index.add(x, np.arange(n, dtype=np.int64))
