@@ -150,8 +150,13 @@ def _sae_sites(world: World, config: SAEConfig) -> list[tuple[str, int]]:
 
 
 def _require_sparsify():
+    import contextlib
+    import io
+
     try:
-        from sparsify import SparseCoder, SparseCoderConfig  # noqa: F401
+        # sparsify prints a note about Triton to stdout on import; that would corrupt `--json`
+        with contextlib.redirect_stdout(io.StringIO()):
+            from sparsify import SparseCoder, SparseCoderConfig
     except ImportError as e:
         raise SAEUnavailableError(
             "ConceptWorld's SAEs are trained with eai-sparsify, which is not installed: "
