@@ -106,11 +106,14 @@ def eval_retrieval(use_world, size, seed, methods, layers, pairings, subjects, m
                    "through maps onto the SAE atlas world-<size>-sae, per pairing and method; all: both tables.")
 @click.option("--methods", "-m", "methods", multiple=True, callback=comma_list(),
               help=f"Methods of the SAE table's maps (default: {','.join(METHOD_NAMES)}).")
+@click.option("--max-docs", type=click.IntRange(min=1), default=2000, show_default=True,
+              help="Training documents the SAE table's maps are fitted on.")
 @device_options
 @store_options
 @json_option
 @quiet_option
-def eval_labelling(use_world: bool, size: str, seed: int, map_names, features: str, methods, device: str,
+def eval_labelling(use_world: bool, size: str, seed: int, map_names, features: str, methods, max_docs: int,
+                   device: str,
                    dtype: str, store_dir: Path, db_url, as_json: bool) -> None:
     """Labelling accuracy on ConceptWorld: native concept directions and SAE latents, through maps.
 
@@ -130,9 +133,12 @@ def eval_labelling(use_world: bool, size: str, seed: int, map_names, features: s
     from engine.world.eval.sae_labelling import evaluate_sae_labelling
 
     quiet_transformers()
+    from engine.align.methods import get_method
     from engine.world.build import world_name
 
     method_list = list(methods or METHOD_NAMES)
+    for m in method_list:
+        get_method(m)  # an unknown name fails before any world is built
     if map_names and features == "sae":
         raise BadValueError("--map selects maps of the native table; the SAE table fits its own (use --features native)")
     store = open_store(store_dir, db_url)
@@ -143,7 +149,7 @@ def eval_labelling(use_world: bool, size: str, seed: int, map_names, features: s
     sae_rows = []
     if features in ("all", "sae"):
         sae_rows = [dataclasses.asdict(r) for r in evaluate_sae_labelling(
-            store, size=size, seed=seed, methods=method_list, device=device, dtype=dtype)]
+            store, size=size, seed=seed, methods=method_list, max_docs=max_docs, device=device, dtype=dtype)]
     if as_json:
         print_json(rows + sae_rows)
         return

@@ -19,7 +19,7 @@ Per subject × pairing × method (× layer: the subject SAE's layer):
   every atlas latent by cosine; mean 1/rank of the first latent whose ground truth is that
   concept's topic, over the concepts that have one.
 
-Maps are fitted from one pass over the world's training documents per subject (every pairing
+Maps are fitted from one pass over ``MAX_DOCS`` of the world's training documents per subject (every pairing
 the tokenizers allow), each method from the same statistics (`PairedStats.fit`), saved as
 ``eval-sae.<subject>.<pairing>.<method>`` and used through the store like any map.
 """
@@ -42,6 +42,7 @@ from engine.world.locate import ensure_registered, world_texts
 
 RUN_PREFIX = "eval-sae."
 K_HITS = 10
+MAX_DOCS = 2000  # map-fitting documents: ~120k token pairs, 25x the widest world model's d^2 / d
 SUBJECT_KEYS = ("subject_a", "subject_b")
 
 
@@ -114,9 +115,13 @@ def concept_retrieval_mrr(mapped: np.ndarray, atlas_vectors: np.ndarray, atlas_k
 def evaluate_sae_labelling(store: Store, size: str = "small", seed: int = 0,
                            methods: Sequence[str] = ("procrustes", "ridge", "correlation"),
                            pairings: Sequence[str] | None = None, subjects: Sequence[str] = SUBJECT_KEYS,
-                           max_pairs: int | None = None, quiet: bool = False, device: str = "cpu",
-                           dtype: str = "float32") -> list[SAELabellingRow]:
-    """Score labelling each subject SAE through maps onto ``world-<size>-sae``; see the module docstring."""
+                           max_pairs: int | None = None, max_docs: int | None = MAX_DOCS, quiet: bool = False,
+                           device: str = "cpu", dtype: str = "float32") -> list[SAELabellingRow]:
+    """Score labelling each subject SAE through maps onto ``world-<size>-sae``; see the module docstring.
+
+    Maps are fitted on the first ``max_docs`` of the world's map-fitting texts (all: None), with
+    their validation texts whole.
+    """
     from engine.labelling.export import iter_labels
     from engine.labelling.run import label_features
     from engine.models.loading import load_model
@@ -133,6 +138,7 @@ def evaluate_sae_labelling(store: Store, size: str = "small", seed: int = 0,
     atlas_vectors = atlas_sae.decoder()
     foundation = load_model(world.foundation.path, device=device, dtype=dtype)
     train, val = world_texts(world)
+    train = train[:max_docs] if max_docs else train
     names = [c.name for c in world.concepts]
     rows: list[SAELabellingRow] = []
     for key in subjects:
