@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--methods", default="procrustes,ridge,correlation")
     ap.add_argument("--max-docs", type=int, default=2000)
     ap.add_argument("--json", dest="json_out")
+    ap.add_argument("--add-json", action="append", default=[],
+                    help="Also count the seeds of an earlier run's --json output (seeds measured separately).")
     args = ap.parse_args()
 
     from engine.store import layout
@@ -37,8 +39,11 @@ def main() -> None:
     from engine.util import to_plain
     from engine.world.eval.sae_labelling import evaluate_sae_labelling
 
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
     per_seed: dict[int, list[dict]] = {}
+    for earlier in args.add_json:
+        d = json.loads(Path(earlier).read_text())
+        per_seed.update({int(k): v for k, v in d["per_seed"].items()})
     for seed in seeds:
         path = Path(args.store_pattern.format(size=args.size, seed=seed))
         store = Store.open(path) if (path / layout.DB_FILE).is_file() else Store.init(path)
@@ -82,7 +87,7 @@ def main() -> None:
     if not separated:
         print("  none")
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"size": args.size, "seeds": seeds, "per_seed": per_seed,
+        Path(args.json_out).write_text(json.dumps({"size": args.size, "seeds": sorted(per_seed), "per_seed": per_seed,
                                                    "table": table, "separated": separated}, indent=1))
 
 
