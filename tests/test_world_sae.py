@@ -209,3 +209,18 @@ def test_cli_eval_labelling_sae_json(tiny_world, sae_eval):
     assert {(row["pairing"], row["method"]) for row in rows} == {("token", "procrustes"), ("span", "procrustes"),
                                                                  ("text", "procrustes")}
     assert all(row["features"] == "sae" and {"top1", "top5", "mrr", "n"} <= row.keys() for row in rows)
+
+
+def test_sae_concept_latents_prefer_topic_latents_then_leaning_ones():
+    from engine.world.eval.sae_steering import sae_concept_latents
+
+    def e(i, kind, concept, share, fires=50):
+        return {"latent": i, "kind": kind, "key": f"topic:{concept}" if kind == "topic" else None,
+                "top_concept": concept, "topic_share": share, "fires": fires}
+
+    gt = [e(0, "topic", "a", 0.6), e(1, "topic", "a", 0.9), e(2, "none", "a", 0.95), e(3, "none", "b", 0.4),
+          e(4, "word", "c", 1.0), e(5, "none", "c", 0.3, fires=0)]
+    latents, covered = sae_concept_latents(gt, ["a", "b", "c"])
+    # a: its best topic latent (not the mixed one with a higher share); b: the latent leaning to it;
+    # c: a word latent or a latent that never fired gives no direction
+    assert latents == [1, 3, None] and covered == 1

@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from engine.align.fit import accumulate_pairs
-from engine.align.map import MapSites
+from engine.align.map import AlignmentMap, MapSites
 from engine.align.methods import get_method
 from engine.align.pairing import PairingConfig
 from engine.models.hooks import Site
@@ -131,14 +132,11 @@ def evaluate_sae_labelling(store: Store, size: str = "small", seed: int = 0,
         get_method(m)
     world = ensure_registered(store, size, seed)
     saes = build_saes(world, progress=not quiet)
-    reg = register_sae_atlas(store, world, saes)
-    atlas = store.atlas(reg["atlas"])
+    register_sae_atlas(store, world, saes)
     atlas_sae = saes.get("foundation")
     atlas_keys = [e["key"] for e in atlas_sae.ground_truth()]
     atlas_vectors = atlas_sae.decoder()
     foundation = load_model(world.foundation.path, device=device, dtype=dtype)
-    train, val = world_texts(world)
-    train = train[:max_docs] if max_docs else train
     names = [c.name for c in world.concepts]
     rows: list[SAELabellingRow] = []
     for key in subjects:
@@ -146,29 +144,53 @@ def evaluate_sae_labelling(store: Store, size: str = "small", seed: int = 0,
         sub_sae = saes.get(key, wm.default_layer)
         sub_keys = [e["key"] for e in sub_sae.ground_truth()]
         L = sub_sae.layer
-        sub = load_model(wm.path, device=device, dtype=dtype)
-        same_tok = tokenizer_fingerprint(sub[1]) == tokenizer_fingerprint(foundation[1])
-        ps = [p for p in (pairings or (("token",) if same_tok else ("span", "text"))) if same_tok or p != "token"]
-        if not ps:
-            continue
-        stats = accumulate_pairs(sub, foundation, train, val, Site((L,)), Site((atlas.layer,)),
-                                 PairingConfig(tuple(ps), max_pairs=max_pairs), quiet=quiet)
         native = np.asarray(world.concept_directions(key, L))
-        for p in ps:
-            for method in methods:
-                sites = MapSites(wm.name, L, atlas.name, atlas.model, atlas.layer)
-                amap = stats.fit(p, L, method, sites)
-                info = store.save_map(amap, f"{RUN_PREFIX}{wm.name}.{p}.{method}", overwrite=True)
-                run = label_features(store, info.name, str(sub_sae.path), k=K_HITS, name=f"{RUN_PREFIX}{info.name}",
-                                     overwrite=True, quiet=quiet)
-                hits = np.full((run.n_features, K_HITS), -1, dtype=np.int64)
-                for fl in iter_labels(store, run.name):
-                    hits[fl.feature, : len(fl.hits)] = [h.ordinal for h in fl.hits]
-                s = score_hits(sub_keys, atlas_keys, hits)
-                cmrr = concept_retrieval_mrr(amap.map_directions(native), atlas_vectors, atlas_keys, names)
-                rows.append(SAELabellingRow(
-                    subject=wm.name, pairing=p, method=method, layer=L, map=info.name, n=int(s["n"] or 0),
-                    n_latents=sub_sae.n_latents, top1=float(s["top1"] or 0), top5=float(s["top5"] or 0),
-                    mrr=float(s["mrr"] or 0), chance_top1=float(s["chance_top1"] or 0),
-                    top1_topic=s["top1_topic"], top1_word=s["top1_word"], concept_mrr=cmrr, run=run.name))
+        for p, method, amap in sae_maps(store, world, saes, key, pairings, methods, max_docs, quiet, device, dtype,
+                                        foundation=foundation, max_pairs=max_pairs):
+            assert amap.name is not None  # a stored map
+            run = label_features(store, amap.name, str(sub_sae.path), k=K_HITS, name=f"{RUN_PREFIX}{amap.name}",
+                                 overwrite=True, quiet=quiet)
+            hits = np.full((run.n_features, K_HITS), -1, dtype=np.int64)
+            for fl in iter_labels(store, run.name):
+                hits[fl.feature, : len(fl.hits)] = [h.ordinal for h in fl.hits]
+            s = score_hits(sub_keys, atlas_keys, hits)
+            cmrr = concept_retrieval_mrr(amap.map_directions(native), atlas_vectors, atlas_keys, names)
+            rows.append(SAELabellingRow(
+                subject=wm.name, pairing=p, method=method, layer=L, map=amap.name, n=int(s["n"] or 0),
+                n_latents=sub_sae.n_latents, top1=float(s["top1"] or 0), top5=float(s["top5"] or 0),
+                mrr=float(s["mrr"] or 0), chance_top1=float(s["chance_top1"] or 0),
+                top1_topic=s["top1_topic"], top1_word=s["top1_word"], concept_mrr=cmrr, run=run.name))
     return rows
+
+
+def sae_maps(store: Store, world: Any, saes: Any, key: str, pairings: Sequence[str] | None, methods: Sequence[str],
+             max_docs: int | None = MAX_DOCS, quiet: bool = False, device: str = "cpu", dtype: str = "float32",
+             foundation: Any = None, max_pairs: int | None = None) -> list[tuple[str, str, AlignmentMap]]:
+    """Maps of subject ``key`` at its SAE's layer onto ``world-<size>-sae``, one per pairing the
+    tokenizers allow (or of ``pairings``) and method, fitted from one pass over the first
+    ``max_docs`` map-fitting texts and stored as ``eval-sae.<subject>.<pairing>.<method>``
+    (replacing earlier ones). Returns ``(pairing, method, stored map)``."""
+    from engine.models.loading import load_model
+    from engine.world.sae import sae_atlas_name
+
+    atlas = store.atlas(sae_atlas_name(world))
+    wm = world.model(key)
+    L = saes.get(key, wm.default_layer).layer
+    foundation = foundation or load_model(world.foundation.path, device=device, dtype=dtype)
+    sub = load_model(wm.path, device=device, dtype=dtype)
+    same_tok = tokenizer_fingerprint(sub[1]) == tokenizer_fingerprint(foundation[1])
+    ps = [p for p in (pairings or (("token",) if same_tok else ("span", "text"))) if same_tok or p != "token"]
+    if not ps:
+        return []
+    train, val = world_texts(world)
+    train = train[:max_docs] if max_docs else train
+    stats = accumulate_pairs(sub, foundation, train, val, Site((L,)), Site((atlas.layer,)),
+                             PairingConfig(tuple(ps), max_pairs=max_pairs), quiet=quiet)
+    out = []
+    for p in ps:
+        for method in methods:
+            sites = MapSites(wm.name, L, atlas.name, atlas.model, atlas.layer)
+            info = store.save_map(stats.fit(p, L, method, sites), f"{RUN_PREFIX}{wm.name}.{p}.{method}",
+                                  overwrite=True)
+            out.append((p, method, store.load_map(info.name)))
+    return out
