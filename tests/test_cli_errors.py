@@ -112,6 +112,8 @@ def _cases(tmp):
         ("steer", "m", "-c", "x", "-p", "the", "--strength", "nan"),
         ("steer", "nope", "-c", "x", "-p", "the"),
         ("eval", "retrieval", "--world", "--methods", "bogus"),
+        ("eval", "labelling", "--world", "--methods", "bogus"),
+        ("eval", "labelling", "--world", "--features", "sae", "--map", "some-map"),
         ("db", "downgrade", "no-such-revision"),
         ("db", "upgrade", "no-such-revision"),
         # index specs FAISS raises on, aborts on, or accepts and then misbehaves with
@@ -164,7 +166,9 @@ def test_usage_errors_keep_clicks_exit_code(env):
     root, tmp = env
     for args in [("import-sae", str(tmp / "missing"), "--name", "a2"), ("align", "subj", "--layer", "x"),
                  ("align", "subj", "--layer", "1", "--max-tokens", "-5"), ("gc", "--grace", "-1"),
-                 ("lookup",), ("steer", "m", "-c", "x", "-p", "the", "--positions", "some")]:
+                 ("lookup",), ("steer", "m", "-c", "x", "-p", "the", "--positions", "some"),
+                 ("eval", "labelling", "--world", "--max-docs", "0"), ("eval", "labelling", "--world", "--features", "x"),
+                 ("world", "build", "--sae", "--no-such-option")]:
         r = CliRunner().invoke(cli, [*args, "--store", str(root)])
         assert r.exit_code == 2 and "Traceback" not in r.output and r.output.strip().splitlines()[-1].startswith(
             "Error: "), (args, r.output)

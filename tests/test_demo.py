@@ -25,11 +25,12 @@ def test_demo_tiny_writes_a_report_with_the_promised_figures(tiny_world, tmp_pat
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
-    for name in ("report.md", "report.json", "retrieval_mrr.png", "steering_faithfulness.png"):
+    for name in ("report.md", "report.json", "retrieval_mrr.png", "steering_faithfulness.png", "sae_labelling.png"):
         assert (out / name).stat().st_size > 500, name
     assert (out / "retrieval_mrr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "report.md").read_text()
-    for section in ("## Retrieval", "## Bulk labelling", "## Text lookup", "## Steering subject A", "Side by side"):
+    for section in ("## Retrieval", "## Bulk labelling", "### SAE latents", "## Text lookup", "## Steering subject A",
+                    "Side by side"):
         assert section in report
 
     # The world is learnable (issue: ConceptWorld gates for tiny).
@@ -45,6 +46,10 @@ def test_demo_tiny_writes_a_report_with_the_promised_figures(tiny_world, tmp_pat
     n = result["world"]["n_concepts"]
     top1 = max(r["top1"] for r in result["labelling"] if r["subject"] == subject_a)
     assert top1 > 3 / n
+    # SAE latents labelled through maps: per subject and pairing, above a random atlas latent
+    sae = result["sae_labelling"]
+    assert {(r["subject"], r["pairing"]) for r in sae} >= {(subject_a, "token")}
+    assert max(r["top1"] for r in sae if r["subject"] == subject_a) > max(r["chance_top1"] for r in sae)
     s = result["steering"]
     assert s["transferred_faithfulness"] > s["unsteered_faithfulness"] + 0.2
     assert s["native_faithfulness"] > s["unsteered_faithfulness"] + 0.2

@@ -56,8 +56,8 @@ def test_eval_labelling_fits_maps_and_reads_the_runs_it_wrote(world_store):
 
 def test_eval_labelling_cli_json(world_store):
     store, world = world_store
-    r = CliRunner().invoke(cli, ["eval", "labelling", "--world", "--size", "tiny", "--json", "--quiet",
-                                 "--store", str(store.path)])
+    r = CliRunner().invoke(cli, ["eval", "labelling", "--world", "--size", "tiny", "--features", "native", "--json",
+                                 "--quiet", "--store", str(store.path)])
     assert r.exit_code == 0, r.output
     rows = json.loads(r.stdout)
     assert {row["subject"] for row in rows} == {world.subject_a.name, world.subject_b.name}

@@ -6,6 +6,7 @@ print their rows.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
@@ -23,6 +24,7 @@ from engine.cli.common import (
     quiet_transformers,
     store_options,
 )
+from engine.errors import BadValueError
 
 
 @click.group("eval")
@@ -99,24 +101,69 @@ def eval_retrieval(use_world, size, seed, methods, layers, pairings, subjects, m
 @click.option("--size", type=click.Choice(["tiny", "small"]), default="small", show_default=True)
 @click.option("--seed", default=0, show_default=True, help="World seed.")
 @click.option("--map", "map_names", multiple=True, help="Only these maps (default: every map on the world atlas).")
+@click.option("--features", "features", type=click.Choice(["all", "native", "sae"]), default="all", show_default=True,
+              help="native: each subject's concept directions through its maps; sae: each subject SAE's latents "
+                   "through maps onto the SAE atlas world-<size>-sae, per pairing and method; all: both tables.")
+@click.option("--methods", "-m", "methods", multiple=True, callback=comma_list(),
+              help=f"Methods of the SAE table's maps (default: {','.join(METHOD_NAMES)}).")
+@click.option("--max-docs", type=click.IntRange(min=1), default=2000, show_default=True,
+              help="Training documents the SAE table's maps are fitted on.")
 @device_options
 @store_options
 @json_option
 @quiet_option
-def eval_labelling(use_world: bool, size: str, seed: int, map_names, device: str, dtype: str, store_dir: Path, db_url,
-                   as_json: bool) -> None:
-    """Top-1 / top-5 accuracy of labelling each subject's native concept directions through its maps.
+def eval_labelling(use_world: bool, size: str, seed: int, map_names, features: str, methods, max_docs: int,
+                   device: str,
+                   dtype: str, store_dir: Path, db_url, as_json: bool) -> None:
+    """Labelling accuracy on ConceptWorld: native concept directions and SAE latents, through maps.
 
-    The features are the subject model's own concept directions (centred topic means); the
-    right label of feature i is the world's concept i. Maps come from `atlas align`; where the
+    native: the features are the subject model's own concept directions (centred topic means);
+    the right label of feature i is the world's concept i. Maps come from `atlas align`; where the
     store has none for a subject, a Procrustes map is fitted first.
+
+    sae: the features are the latents of each subject's SAE (`atlas world build --sae`), labelled
+    through maps onto the foundation SAE's atlas world-<size>-sae (one map per pairing and
+    method, fitted on the world's training documents); a latent's label is right when its atlas
+    hit has the same ground-truth label (topic or word). Scored: top-1, top-5 and MRR over the
+    labelled subject latents, with the top-1 of a random atlas latent (chance) and, for
+    retrieval, the MRR of a concept's atlas topic latents queried with the subject's mapped
+    concept direction (concept_mrr).
     """
     from engine.world.eval.labelling import evaluate_world_labelling
+    from engine.world.eval.sae_labelling import evaluate_sae_labelling
 
     quiet_transformers()
-    rows = evaluate_world_labelling(open_store(store_dir, db_url), size=size, seed=seed, maps=list(map_names) or None,
-                                    device=device, dtype=dtype)
-    emit(rows, as_json, ["subject", "method", "map", "n", "top1", "top5"])
+    from engine.align.methods import get_method
+    from engine.world.build import world_name
+
+    method_list = list(methods or METHOD_NAMES)
+    for m in method_list:
+        get_method(m)  # an unknown name fails before any world is built
+    if map_names and features == "sae":
+        raise BadValueError("--map selects maps of the native table; the SAE table fits its own (use --features native)")
+    store = open_store(store_dir, db_url)
+    rows: list = []
+    if features in ("all", "native"):
+        rows += [{"features": "native", **dataclasses.asdict(r)} for r in evaluate_world_labelling(
+            store, size=size, seed=seed, maps=list(map_names) or None, device=device, dtype=dtype)]
+    sae_rows = []
+    if features in ("all", "sae"):
+        sae_rows = [dataclasses.asdict(r) for r in evaluate_sae_labelling(
+            store, size=size, seed=seed, methods=method_list, max_docs=max_docs, device=device, dtype=dtype)]
+    if as_json:
+        print_json(rows + sae_rows)
+        return
+    if rows:
+        emit(rows, False, ["subject", "method", "map", "n", "top1", "top5"])
+    if sae_rows:
+        if rows:
+            click.echo("")
+        click.echo(f"SAE latents labelled through maps onto {world_name(size, seed)}-sae:")
+        emit(sae_rows, False, ["subject", "pairing", "method", "layer", "n", "top1", "top5", "mrr", "chance_top1",
+                               "top1_topic", "top1_word", "concept_mrr"])
+        click.echo("\nn = subject latents with a ground-truth label (topic or word); top1/top5/mrr: their atlas hits "
+                   "with the same label; chance_top1: a random atlas latent; concept_mrr: a concept's atlas topic "
+                   "latents found from the subject's mapped concept direction.")
 
 
 @click.command("steering")

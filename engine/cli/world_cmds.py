@@ -33,17 +33,24 @@ def _open_or_init(store_dir: Path, db_url: str | None):
               help="tiny: 10 concepts, trains in about a minute (tests); small: 32 concepts, minutes (demo).")
 @click.option("--seed", default=0, show_default=True, help="World seed: same seed, same world.")
 @click.option("--replace-atlas", is_flag=True, help="Re-register the world atlas even if the store has one.")
+@click.option("--sae/--no-sae", "with_sae", default=True, show_default=True,
+              help="Also train (or reuse) the world's sparse autoencoders, label their latents with ground truth "
+                   "and register the foundation's as atlas world-<size>-sae (needs the sae extra: eai-sparsify).")
 @store_options
 @json_option
 @quiet_option
-def build(size: str, seed: int, replace_atlas: bool, store_dir: Path, db_url: str | None, as_json: bool) -> None:
+def build(size: str, seed: int, replace_atlas: bool, with_sae: bool, store_dir: Path, db_url: str | None,
+          as_json: bool) -> None:
     """Build (or reuse) a ConceptWorld in the store and register its models and atlas.
 
     Generates the corpus, trains two tokenizers and three models (GPT-2 foundation, Llama
     subject A on the same tokenizer, GPT-NeoX subject B on a BPE tokenizer), derives the
-    foundation atlas (one direction per concept) and measures the learnability gates. A world
-    already built with the same configuration (by fingerprint) is reused. The store is created
-    if it does not exist.
+    foundation atlas (one direction per concept) and measures the learnability gates. With
+    --sae (the default) it then trains TopK SAEs (eai-sparsify) on the foundation's atlas layer
+    and each subject's default layer, gives every latent a ground-truth label (a topic, a word
+    or none) and registers the foundation SAE as atlas world-<size>-sae. A world already built
+    with the same configuration (by fingerprint) is reused, and so are its SAEs. The store is
+    created if it does not exist.
     """
     from engine.store import layout
     from engine.world import build_world, register_world
@@ -51,6 +58,7 @@ def build(size: str, seed: int, replace_atlas: bool, store_dir: Path, db_url: st
     store, created = _open_or_init(store_dir, db_url)
     w = build_world(size=size, seed=seed, root=Path(store.path) / layout.MODELS_DIR, progress=True)
     reg = register_world(store, w, replace=replace_atlas)
+    sae_info = _build_saes(store, w, replace_atlas) if with_sae else None
     report = w.report
     result = {
         "world": w.name,
@@ -71,6 +79,7 @@ def build(size: str, seed: int, replace_atlas: bool, store_dir: Path, db_url: st
              "path": str(m.path)}
             for m in w.models.values()
         ],
+        "sae": sae_info,
         "gates": report.to_dict() if report else None,
         "gate_failures": report.failures() if report else None,
         "timings": w.timings,
@@ -92,6 +101,13 @@ def build(size: str, seed: int, replace_atlas: bool, store_dir: Path, db_url: st
     where = "already registered" if reg["atlas_existed"] else "registered"
     click.echo(f"atlas {reg['atlas']} {where}: {len(w.concepts)} concepts on {w.foundation.name} "
                f"layer {w.foundation.atlas_layer} (resid_post)")
+    if sae_info:
+        click.echo("")
+        print_table(sae_info["saes"], ["model", "layer", "n_latents", "k", "fvu_val", "dead_val", "topic", "word",
+                                       "dead", "dense", "mixed"])
+        a = sae_info["atlas"]
+        click.echo(f"SAE atlas {a['atlas']}: {a['n_latents']} latents, {a['n_labelled']} with a ground-truth label "
+                   f"(SAEs {'reused' if sae_info['reused'] else 'trained'} at {sae_info['path']})")
     if report:
         click.echo("")
         rows = [{"model": g.model, "heldout_ppl": g.heldout_perplexity, "unigram_ppl": g.unigram_perplexity,
@@ -103,6 +119,20 @@ def build(size: str, seed: int, replace_atlas: bool, store_dir: Path, db_url: st
                    + ("all pass" if report.passed else "FAILED"))
         for line in report.failures():
             click.echo(f"  {line}")
+
+
+def _build_saes(store, w, replace: bool) -> dict:
+    """Train or reuse the world's SAEs and register its SAE atlas; plain data for the report."""
+    from engine.world.sae import build_saes, register_sae_atlas
+
+    saes = build_saes(w, progress=True)
+    atlas = register_sae_atlas(store, w, saes, replace=replace)
+    rows = [{"key": s.key, "model": s.model, "layer": s.layer, "n_latents": s.n_latents, "k": s.k,
+             "fvu_val": s.metrics.get("fvu_val"), "dead_val": s.metrics.get("dead_val"),
+             **{r: s.metrics.get("ground_truth", {}).get(r) for r in ("topic", "word", "dead", "dense", "mixed")},
+             "path": str(s.path)} for s in saes.saes]
+    return {"fingerprint": saes.fingerprint, "path": str(saes.path), "reused": saes.reused,
+            "config": saes.config.to_dict(), "saes": rows, "atlas": atlas}
 
 
 @world.command("corpus")

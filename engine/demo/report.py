@@ -11,6 +11,7 @@ from engine.util import to_plain
 
 FIG_RETRIEVAL = "retrieval_mrr.png"
 FIG_STEERING = "steering_faithfulness.png"
+FIG_SAE_LABELLING = "sae_labelling.png"
 
 # How this project defines its figures (docs/design.md §8); printed with every report.
 METRIC_DEFINITIONS = {
@@ -21,12 +22,16 @@ METRIC_DEFINITIONS = {
     "faithfulness": "share of (concept, prompt) trials whose 20-token greedy continuation has the target concept "
                     "as its strict plurality concept (member-word counts)",
     "perplexity": "of the generated continuation under the unsteered subject model (fluency guard)",
+    "SAE top1/top5/mrr": "per labelled latent of a subject SAE (ground truth: a topic or a word), labelled through "
+                         "the map onto the foundation SAE's atlas: its first hit (one of the first five; 1/rank of the "
+                         "first, among ten) has the same ground-truth label; chance_top1: a random atlas latent",
 }
 
 
 def write_report(result: Any, out: Path) -> list[str]:
     """Write every file of the report into ``out``; returns their paths."""
-    files = [_fig_retrieval(result, out / FIG_RETRIEVAL), _fig_steering(result, out / FIG_STEERING)]
+    files = [_fig_retrieval(result, out / FIG_RETRIEVAL), _fig_steering(result, out / FIG_STEERING),
+             _fig_sae_labelling(result, out / FIG_SAE_LABELLING)]
     (out / "report.json").write_text(result_json(result) + "\n", encoding="utf-8")
     (out / "report.md").write_text(render_markdown(result), encoding="utf-8")
     return [str(out / "report.md"), str(out / "report.json"), *[str(f) for f in files if f]]
@@ -61,6 +66,29 @@ def _fig_retrieval(result: Any, path: Path) -> Path | None:
     ax.set_title(f"ConceptWorld {result.size}: retrieval MRR per layer and method")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _fig_sae_labelling(result: Any, path: Path) -> Path | None:
+    rows = getattr(result, "sae_labelling", None)
+    if not rows:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    names = [f"{r['subject'].rsplit('-', 1)[-1]}/{r['pairing']}/{r['method']}" for r in rows]
+    x = list(range(len(rows)))
+    ax.bar([i - 0.2 for i in x], [r["top1"] for r in rows], width=0.4, label="top-1")
+    ax.bar([i + 0.2 for i in x], [r["mrr"] for r in rows], width=0.4, label="MRR@10")
+    ax.plot(x, [r["chance_top1"] for r in rows], "k_", markersize=14, label="chance top-1")
+    ax.set_xticks(x, names, rotation=40, ha="right", fontsize=7)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("share of labelled subject latents")
+    ax.set_title(f"ConceptWorld {result.size}: SAE latents labelled through maps")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -149,6 +177,17 @@ def render_markdown(result: Any) -> str:
         "## Bulk labelling (`atlas eval labelling --world`)",
         "",
         *_table(result.labelling, ["subject", "method", "layer", "n", "top1", "top5", "run"]),
+        "",
+        "### SAE latents (`atlas eval labelling --world --features sae`)",
+        "",
+        "Each subject's SAE latents labelled through maps onto the foundation SAE's atlas; scored against the "
+        "latents' ground truth (a topic or a word).",
+        "",
+        f"![SAE labelling]({FIG_SAE_LABELLING})",
+        "",
+        *_table(getattr(result, "sae_labelling", None) or [],
+                ["subject", "pairing", "method", "layer", "n", "top1", "top5", "mrr", "chance_top1", "top1_topic",
+                 "top1_word", "concept_mrr"]),
         "",
         "## Text lookup (`atlas lookup`)",
         "",

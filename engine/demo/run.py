@@ -40,6 +40,7 @@ class DemoResult:
     timings: dict[str, float]
     files: list[str]
     real_weights: dict[str, Any] | None = None  # `--real-weights`: all-MiniLM-L6-v2 as a subject
+    sae_labelling: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # SAE latents through maps
 
     def headline(self) -> dict[str, Any]:
         """The figures the issues promise, one line each."""
@@ -56,6 +57,13 @@ class DemoResult:
             "retrieval_mrr_subject_a_procrustes": best("subject_a", "procrustes", "token"),
             "retrieval_mrr_subject_b_procrustes_span": best("subject_b", "procrustes", "span"),
             "labelling_top1_subject_a_procrustes": max((r["top1"] for r in lab), default=None),
+            "sae_labelling_top1_subject_a_procrustes": max(
+                (r["top1"] for r in self.sae_labelling
+                 if r["subject"] == names["subject_a"] and r["method"] == "procrustes"), default=None),
+            "sae_labelling_top1_subject_b_procrustes_span": max(
+                (r["top1"] for r in self.sae_labelling
+                 if r["subject"] == names["subject_b"] and r["method"] == "procrustes" and r["pairing"] == "span"),
+                default=None),
             "steering_transferred_faithfulness": self.steering.get("transferred_faithfulness"),
             "steering_native_faithfulness": self.steering.get("native_faithfulness"),
             "steering_unsteered_faithfulness": self.steering.get("unsteered_faithfulness"),
@@ -75,6 +83,7 @@ def run_demo(store_dir: str | Path, size: str = "small", seed: int = 0, out: str
     offline) as a subject: retrieval MRR of its topic directions per layer (`_real_weights`)."""
     from engine.world.eval.labelling import evaluate_world_labelling
     from engine.world.eval.retrieval import evaluate_world_retrieval
+    from engine.world.eval.sae_labelling import evaluate_sae_labelling
     from engine.world.eval.steering import evaluate_world_steering, world_maps
     from engine.world.locate import ensure_registered
 
@@ -96,6 +105,8 @@ def run_demo(store_dir: str | Path, size: str = "small", seed: int = 0, out: str
                       device=device, dtype=dtype)
     labelling = timed("eval_labelling", evaluate_world_labelling, store, size, seed, quiet=quiet, device=device,
                       dtype=dtype)
+    sae_labelling = timed("eval_sae_labelling", evaluate_sae_labelling, store, size, seed, quiet=quiet,
+                          device=device, dtype=dtype)
     lookups = timed("lookups", _lookups, store, world)
     steering = timed("eval_steering", evaluate_world_steering, store, size, seed, subject="a", quiet=quiet,
                      device=device, dtype=dtype)
@@ -106,6 +117,7 @@ def run_demo(store_dir: str | Path, size: str = "small", seed: int = 0, out: str
         size=size, seed=seed, store=str(store_dir), out=str(out), world=_world_summary(world),
         retrieval=to_plain(retrieval), labelling=to_plain(labelling), lookups=lookups,
         steering=_steering_summary(steering), examples=examples, timings=timings, files=[], real_weights=real,
+        sae_labelling=to_plain(sae_labelling),
     )
     from engine.demo.report import write_report
 

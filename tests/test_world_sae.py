@@ -1,0 +1,226 @@
+"""ConceptWorld's SAEs (engine.world.sae), their ground-truth labels (engine.world.ground_truth) and
+the SAE-latent bulk labelling evaluation (engine.world.eval.sae_labelling).
+
+The rule tests run on hand-made codes; the rest trains the tiny world's SAEs for real (tens of
+seconds, once: they are cached in the world folder, under ATLAS_TEST_CACHE when set) and labels
+a subject SAE through real maps and a real store.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from engine.cli import cli
+from engine.world.concepts import concept_table
+from engine.world.eval.sae_labelling import concept_retrieval_mrr, score_hits
+from engine.world.ground_truth import MAX_FREQ, MIN_FIRES, MIN_SHARE, classify, latent_ground_truth
+
+# ---------------------------------------------------------------------- label rules (no model)
+
+
+def test_classify_applies_the_rules_in_order():
+    fires = np.array([MIN_FIRES - 1, 1000, 1000, 1000, 1000, 1000])
+    freq = np.array([0.0, MAX_FREQ + 0.01, 0.05, 0.05, 0.05, 0.05])
+    topic = np.array([1.0, 1.0, 0.9, 0.9, 0.3, MIN_SHARE])
+    word = np.array([1.0, 1.0, MIN_SHARE, 0.2, 0.3, MIN_SHARE - 0.01])
+    kinds, reasons = classify(fires, freq, topic, word)
+    # dead beats everything; dense beats purity; a word beats a topic; a majority is enough
+    assert reasons == ["dead", "dense", "word", "topic", "mixed", "topic"]
+    assert kinds == ["none", "none", "word", "topic", "none", "topic"]
+
+
+def _codes(rows: list[list[tuple[int, float]]], k: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    acts = np.zeros((len(rows), k), np.float32)
+    idx = np.zeros((len(rows), k), np.int64)
+    for t, row in enumerate(rows):
+        for j, (latent, a) in enumerate(row):
+            idx[t, j], acts[t, j] = latent, a
+        for j in range(len(row), k):
+            idx[t, j] = 7  # an inactive slot (activation 0) never counts
+    return acts, idx
+
+
+def test_latent_ground_truth_from_known_structure():
+    concepts = concept_table(10)
+    rng = np.random.default_rng(0)
+    n = 400
+    token_concepts = np.repeat(np.arange(4), n // 4)  # 4 documents' topics, 100 tokens each
+    words = rng.choice(["a", "storm", "rain", "dog"], size=n)
+    words[::10] = "the"  # 10% of the tokens, in every topic
+    rows = []
+    for t in range(n):
+        row = []
+        if token_concepts[t] == 2:
+            row.append((0, 1.0))  # latent 0: every token of topic 2's documents
+        if words[t] == "the":
+            row.append((1, 2.0))  # latent 1: the word 'the', in every topic
+        elif t % 5 == 1:
+            row.append((2, 1.0))  # latent 2: a fifth of the tokens, any topic, any word
+        rows.append(row)
+    acts, idx = _codes(rows)
+    idx[:3, 1], acts[:3, 1] = 3, 1.0  # latent 3: three tokens only (dead); then latents 4-6 never fire
+    gt = latent_ground_truth(acts, idx, 8, token_concepts, words, concepts)
+    by = {e["latent"]: e for e in gt["latents"]}
+    assert by[0]["kind"] == "topic" and by[0]["key"] == f"topic:{concepts[2].name}"
+    assert by[0]["label"] == f"{concepts[2].label} (topic)" and by[0]["topic_share"] == 1.0
+    assert by[1]["kind"] == "word" and by[1]["key"] == "word:the" and by[1]["label"] == "the word 'the'"
+    assert by[1]["word_topics"] == 4  # fires on 'the' in all four topics' documents
+    assert by[2]["reason"] == "mixed" and by[2]["key"] is None
+    assert by[3]["reason"] == "dead" and by[4]["reason"] == "dead" and by[4]["fires"] == 0
+    assert gt["summary"]["topic"] == 1 and gt["summary"]["word"] == 1
+    assert gt["rules"]["n_tokens"] == n
+
+
+def test_score_hits_counts_same_ground_truth_not_same_latent():
+    atlas = ["topic:weather", "word:the", None, "topic:weather", "word:storm"]
+    subject = ["topic:weather", "word:storm", None, "word:the", "word:dog"]
+    hits = np.array([[3, 0, 1], [1, 2, 4], [0, 1, 2], [2, -1, -1], [0, 1, 3]])
+    s = score_hits(subject, atlas, hits)
+    assert s["n"] == 4  # the unlabelled subject latent is not scored
+    assert s["top1"] == pytest.approx(1 / 4)  # only the first: another latent of the same topic counts
+    assert s["top5"] == pytest.approx(2 / 4)  # 'storm' at rank 3; 'the' has no valid hit; 'dog' none in the atlas
+    assert s["mrr"] == pytest.approx((1 + 1 / 3) / 4)
+    assert s["chance_top1"] == pytest.approx((2 / 5 + 1 / 5 + 1 / 5 + 0) / 4)
+    assert s["top1_topic"] == 1.0 and s["top1_word"] == 0.0
+
+
+def test_concept_retrieval_mrr_ranks_the_concepts_topic_latents():
+    atlas = np.eye(4, dtype=np.float32)
+    keys = ["topic:a", "word:x", "topic:b", "topic:b"]
+    q = np.array([[1, 0, 0, 0], [0.9, 0.1, 0.5, 0], [0, 0, 0, 0.1]], np.float32)
+    # concept a: rank 1; concept b: best topic:b latent (2) is second after latent 0; c has no latent
+    assert concept_retrieval_mrr(q, atlas, keys, ["a", "b", "c"]) == pytest.approx((1 + 1 / 2) / 2)
+
+
+# ---------------------------------------------------------------------- tiny world, for real
+
+
+@pytest.fixture(scope="module")
+def tiny_saes(tiny_world):
+    from engine.world.sae import build_saes
+
+    return build_saes(tiny_world, progress=False)
+
+
+@pytest.mark.slow
+def test_saes_are_sparsify_checkpoints_with_ground_truth(tiny_world, tiny_saes):
+    from sparsify import SparseCoder
+
+    from engine.atlas.importers import read_directions
+    from engine.world.sae import build_saes
+
+    assert {s.key for s in tiny_saes.saes} == {"foundation", "subject_a", "subject_b"}
+    f = tiny_saes.get("foundation")
+    assert f.layer == tiny_world.foundation.atlas_layer and f.path.name == f"h.{f.layer}"
+    assert f.n_latents == 4 * tiny_world.foundation.d_model
+    # read by the engine's reader of sparsify folders, as `atlas import-sae` reads any checkpoint
+    w = read_directions(f.path)
+    assert w.source_kind == "eai-sparsify" and w.model == tiny_world.foundation.name and w.layer == f.layer
+    assert w.activation == "topk" and w.k == f.k and w.W_dec.shape == (f.n_latents, tiny_world.foundation.d_model)
+    # and by sparsify itself
+    sae = SparseCoder.load_from_disk(f.path)
+    assert np.allclose(sae.W_dec.detach().numpy(), w.W_dec)
+    for s in tiny_saes.saes:
+        assert s.metrics["fvu_val"] < 0.2  # a real reconstruction of the residual stream
+        gt = s.ground_truth()
+        assert len(gt) == s.n_latents and {e["kind"] for e in gt} <= {"topic", "word", "none"}
+        assert sum(e["kind"] == "word" for e in gt) >= 10
+    # cached by fingerprint: the second call trains nothing
+    again = build_saes(tiny_world, progress=False)
+    assert again.reused and again.fingerprint == tiny_saes.fingerprint
+
+
+@pytest.mark.slow
+def test_ground_truth_holds_on_documents_it_was_not_computed_on(tiny_world, tiny_saes):
+    """The labels were computed on a slice of the training documents; on the held-out documents
+    a labelled latent still puts most of its mass on its word / its topic."""
+    from sparsify import SparseCoder
+
+    from engine.world.sae import encode, token_activations
+
+    for s in tiny_saes.saes:
+        model, tok = tiny_world.load(s.key)
+        docs = tiny_world.heldout_docs[::2]  # 150 documents, all topics
+        acts, tokens = token_activations(model, tok, [t for t, _ in docs], [s.layer])
+        top_acts, top_idx = encode(SparseCoder.load_from_disk(s.path), acts[s.layer])
+        concepts = np.asarray([c for _, c in docs])[tokens["doc"]]
+        again = latent_ground_truth(top_acts, top_idx, s.n_latents, concepts, tokens["word"], tiny_world.concepts)
+        labelled = [(e, a) for e, a in zip(s.ground_truth(), again["latents"], strict=True) if e["key"]]
+        agree = np.mean([e["key"] == a["key"] for e, a in labelled])
+        assert agree >= 0.7, (s.key, agree)
+
+
+@pytest.fixture(scope="module")
+def sae_eval(tiny_world, tiny_saes, tmp_path_factory):
+    from engine.store.store import Store
+    from engine.world import register_world
+    from engine.world.eval.sae_labelling import evaluate_sae_labelling
+
+    store = Store.init(tmp_path_factory.mktemp("sae-store"))
+    register_world(store, tiny_world)
+    rows = evaluate_sae_labelling(store, size="tiny", seed=0, methods=("procrustes", "ridge"), max_docs=800,
+                                  quiet=True)
+    return store, rows
+
+
+@pytest.mark.slow
+def test_sae_atlas_looks_like_an_import_with_labels(tiny_world, tiny_saes, sae_eval):
+    store, _ = sae_eval
+    info = store.atlas("world-tiny-sae")
+    gt = tiny_saes.get("foundation").ground_truth()
+    assert info.n_concepts == len(gt) and info.model == tiny_world.foundation.name
+    assert info.source_kind == "eai-sparsify" and info.revision == tiny_saes.fingerprint
+    labels = store.labels("world-tiny-sae")
+    # labelled latents carry their ground truth; unlabelled ones stay unlabelled concepts (shown by ordinal)
+    assert labels == [e["label"] or str(e["latent"]) for e in gt]
+    assert any(e["label"] is None for e in gt) and any(e["kind"] == "word" for e in gt)
+
+
+@pytest.mark.slow
+def test_sae_labelling_rows_per_subject_pairing_and_method(tiny_world, tiny_saes, sae_eval):
+    store, rows = sae_eval
+    got = {(r.subject, r.pairing, r.method) for r in rows}
+    a, b = tiny_world.subject_a.name, tiny_world.subject_b.name
+    assert got == {(a, "token", m) for m in ("procrustes", "ridge")} | {
+        (b, p, m) for p in ("span", "text") for m in ("procrustes", "ridge")}
+    for r in rows:
+        sae = tiny_saes.get("subject_a" if r.subject == a else "subject_b")
+        assert r.layer == sae.layer and r.n_latents == sae.n_latents
+        assert r.n == sum(1 for e in sae.ground_truth() if e["key"])
+        assert 0 <= r.top1 <= r.top5 <= 1 and r.top1 <= r.mrr <= r.top5 + 1e-9
+        run = store.run(r.run)  # the labels are a real run over the subject SAE folder
+        assert run.n_features == sae.n_latents and run.status == "done"
+    # through the word-level map, labelling beats a random atlas latent by far
+    best_a = max(r.top1 for r in rows if r.subject == a)
+    assert best_a > 2 * rows[0].chance_top1
+
+
+@pytest.mark.slow
+def test_cli_eval_labelling_sae_json(tiny_world, sae_eval):
+    store, _ = sae_eval
+    r = CliRunner().invoke(cli, ["eval", "labelling", "--world", "--size", "tiny", "--features", "sae", "-m",
+                                 "procrustes", "--max-docs", "800", "--json", "--quiet", "--store", str(store.path)])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    assert {(row["pairing"], row["method"]) for row in rows} == {("token", "procrustes"), ("span", "procrustes"),
+                                                                 ("text", "procrustes")}
+    assert all(row["features"] == "sae" and {"top1", "top5", "mrr", "n"} <= row.keys() for row in rows)
+
+
+def test_sae_concept_latents_prefer_topic_latents_then_leaning_ones():
+    from engine.world.eval.sae_steering import sae_concept_latents
+
+    def e(i, kind, concept, share, fires=50):
+        return {"latent": i, "kind": kind, "key": f"topic:{concept}" if kind == "topic" else None,
+                "top_concept": concept, "topic_share": share, "fires": fires}
+
+    gt = [e(0, "topic", "a", 0.6), e(1, "topic", "a", 0.9), e(2, "none", "a", 0.95), e(3, "none", "b", 0.4),
+          e(4, "word", "c", 1.0), e(5, "none", "c", 0.3, fires=0)]
+    latents, covered = sae_concept_latents(gt, ["a", "b", "c"])
+    # a: its best topic latent (not the mixed one with a higher share); b: the latent leaning to it;
+    # c: a word latent or a latent that never fired gives no direction
+    assert latents == [1, 3, None] and covered == 1
