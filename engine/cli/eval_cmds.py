@@ -42,7 +42,7 @@ RETRIEVAL_COLUMNS = ["subject", "pairing", "layer", "method", "mrr", "mpp", "top
 @click.command("retrieval")
 @click.option("--world", "use_world", is_flag=True, required=True,
               help="Evaluate on ConceptWorld (the only ground truth the engine ships).")
-@click.option("--size", type=click.Choice(["tiny", "small"]), default="tiny", show_default=True)
+@click.option("--size", type=click.Choice(["tiny", "small", "medium"]), default="tiny", show_default=True)
 @click.option("--seed", default=0, show_default=True, help="World seed.")
 @click.option("--methods", "-m", multiple=True, callback=comma_list(),
               help=f"Methods to compare, e.g. procrustes,ridge (default: {','.join(METHOD_NAMES)}).")
@@ -96,7 +96,7 @@ def eval_retrieval(use_world, size, seed, methods, layers, pairings, subjects, m
 @click.command("labelling")
 @click.option("--world", "use_world", is_flag=True, required=True,
               help="Evaluate on ConceptWorld (the only ground truth the engine ships).")
-@click.option("--size", type=click.Choice(["tiny", "small"]), default="small", show_default=True)
+@click.option("--size", type=click.Choice(["tiny", "small", "medium"]), default="small", show_default=True)
 @click.option("--seed", default=0, show_default=True, help="World seed.")
 @click.option("--map", "map_names", multiple=True, help="Only these maps (default: every map on the world atlas).")
 @device_options
@@ -122,7 +122,7 @@ def eval_labelling(use_world: bool, size: str, seed: int, map_names, device: str
 @click.command("steering")
 @click.option("--world", "use_world", is_flag=True, required=True,
               help="Evaluate on ConceptWorld (the only ground truth the engine ships).")
-@click.option("--size", type=click.Choice(["tiny", "small"]), default="small", show_default=True)
+@click.option("--size", type=click.Choice(["tiny", "small", "medium"]), default="small", show_default=True)
 @click.option("--seed", default=0, show_default=True, help="World seed.")
 @click.option("--subject", type=click.Choice(["a", "b"]), default="a", show_default=True,
               help="World subject: a (Llama, the foundation's tokenizer) or b (GPT-NeoX, its own BPE).")

@@ -29,7 +29,7 @@ def _open_or_init(store_dir: Path, db_url: str | None):
 
 
 @world.command("build")
-@click.option("--size", type=click.Choice(["tiny", "small"]), default="tiny", show_default=True,
+@click.option("--size", type=click.Choice(["tiny", "small", "medium"]), default="tiny", show_default=True,
               help="tiny: 10 concepts, trains in about a minute (tests); small: 32 concepts, minutes (demo).")
 @click.option("--seed", default=0, show_default=True, help="World seed: same seed, same world.")
 @click.option("--replace-atlas", is_flag=True, help="Re-register the world atlas even if the store has one.")
@@ -106,7 +106,7 @@ def build(size: str, seed: int, replace_atlas: bool, store_dir: Path, db_url: st
 
 
 @world.command("corpus")
-@click.option("--size", type=click.Choice(["tiny", "small"]), default="tiny", show_default=True)
+@click.option("--size", type=click.Choice(["tiny", "small", "medium"]), default="tiny", show_default=True)
 @click.option("--seed", default=0, show_default=True, help="World seed.")
 @click.option("--split", type=click.Choice(["train", "heldout"]), default="train", show_default=True,
               help="train: the documents maps are fitted on; heldout: the ones that define the concept directions.")
