@@ -133,12 +133,22 @@ def eval_labelling(use_world: bool, size: str, seed: int, map_names, device: str
 @click.option("--map", "map_name", help="Evaluate this map only (default: every map of the subject onto the "
                                         "world atlas; Procrustes and ridge maps are fitted where missing).")
 @click.option("--max-new-tokens", "-n", type=int, default=20, show_default=True)
+@click.option("--against-topic/--no-against-topic", default=True, show_default=True,
+              help="Also steer prompts that have a topic towards another (the against-topic table).")
+@click.option("--modes", multiple=True, callback=comma_list(), help="Against-topic table: steering modes to compare "
+              "(default: add,clamp).")
+@click.option("--positions", "positions_", multiple=True, callback=comma_list(),
+              help="Against-topic table: edited positions to compare, all and/or new (default: all,new).")
+@click.option("--against-strengths", multiple=True, callback=comma_list(float, "numbers like 1 or 0.5,1,2"),
+              help="Against-topic table: strengths (x each edited layer's typical residual norm) "
+                   "(default: 0.125,0.25,0.5,1,2).")
 @device_options
 @store_options
 @json_option
 @quiet_option
 def eval_steering(use_world: bool, size: str, seed: int, subject: str, strengths, layers, map_name,
-                  max_new_tokens: int, device: str, dtype: str, store_dir: Path, db_url, as_json: bool) -> None:
+                  max_new_tokens: int, against_topic: bool, modes, positions_, against_strengths, device: str,
+                  dtype: str, store_dir: Path, db_url, as_json: bool) -> None:
     """Steering faithfulness on ConceptWorld: unsteered, transferred and native directions.
 
     Faithfulness (docs/design.md §8): the share of (concept, neutral prompt) trials whose greedy
@@ -149,15 +159,34 @@ def eval_steering(use_world: bool, size: str, seed: int, subject: str, strengths
     unsteered perplexity (`chosen_for_method`); the best of those on held-out prompts is the
     headline (`chosen`). Prompts about another topic are reported at the chosen cells. --json
     prints every row, the held-out ones with prompts=heldout.
+
+    The against-topic table (prompts=against_topic; engine/steering/against.py) steers first
+    sentences of held-out documents, which have a topic, towards other concepts: per direction
+    kind, mode, positions and number of layers edited at once (one, or all of --layers), the layer
+    set and strength are chosen on a validation half of the prompts (split=validation) and
+    reported on the other half (split=test, chosen=true), under two fluency guards: 2x the
+    unsteered perplexity after the prompt (guard=prompt) or of the continuation on its own
+    (guard=alone).
     """
+    from engine.steering.against import DEFAULT_STRENGTHS, check_options
+    from engine.world.eval.against_topic import evaluate_world_against_topic
     from engine.world.eval.steering import evaluate_world_steering
 
+    modes, positions_ = modes or ["add", "clamp"], positions_ or ["all", "new"]
+    against_strengths = against_strengths or list(DEFAULT_STRENGTHS)
+    check_options(modes, positions_, against_strengths)
     quiet_transformers()
-    report = evaluate_world_steering(open_store(store_dir, db_url), size=size, seed=seed, subject=subject,
+    store = open_store(store_dir, db_url)
+    report = evaluate_world_steering(store, size=size, seed=seed, subject=subject,
                                      strengths=strengths, layers=layers, map_name=map_name,
                                      max_new_tokens=max_new_tokens, device=device, dtype=dtype)
+    against = None
+    if against_topic:
+        against = evaluate_world_against_topic(store, size=size, seed=seed, subject=subject, strengths=against_strengths,
+                                               layers=layers, modes=modes, positions=positions_,
+                                               max_new_tokens=max_new_tokens, device=device, dtype=dtype)
     if as_json:
-        print_json(report.rows + report.calibration)
+        print_json(report.rows + report.calibration + (against.rows if against else []))
         return
     emit(report.rows, False, ["direction", "prompts", "method", "layer", "strength", "faithfulness", "perplexity",
                               "n", "chosen_for_method", "chosen"])
@@ -168,3 +197,10 @@ def eval_steering(use_world: bool, size: str, seed: int, subject: str, strengths
                f"strength {c['native_strength']:g}")
     for line in report.summary:
         click.echo(line)
+    if against is not None:
+        click.echo("\nagainst-topic prompts (test half; layers and strength chosen on the validation half):")
+        emit([r for r in against.rows if r.split == "test"], False,
+             ["direction", "mode", "positions", "layers", "strength", "guard", "faithfulness", "perplexity",
+              "perplexity_alone", "n", "headline"])
+        for line in against.summary:
+            click.echo(line)
