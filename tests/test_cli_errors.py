@@ -112,6 +112,10 @@ def _cases(tmp):
         ("steer", "m", "-c", "x", "-p", "the", "--strength", "nan"),
         ("steer", "nope", "-c", "x", "-p", "the"),
         ("eval", "retrieval", "--world", "--methods", "bogus"),
+        ("eval", "steering", "--world", "--modes", "bogus"),
+        ("eval", "steering", "--world", "--positions", "some"),
+        ("eval", "steering", "--world", "--against-strengths", "-1"),
+        ("eval", "steering", "--world", "--against-strengths", "nan"),
         ("db", "downgrade", "no-such-revision"),
         ("db", "upgrade", "no-such-revision"),
         # index specs FAISS raises on, aborts on, or accepts and then misbehaves with

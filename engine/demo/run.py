@@ -40,6 +40,7 @@ class DemoResult:
     timings: dict[str, float]
     files: list[str]
     real_weights: dict[str, Any] | None = None  # `--real-weights`: all-MiniLM-L6-v2 as a subject
+    against_topic: dict[str, Any] | None = None  # steering prompts that have a topic (engine.steering.against)
 
     def headline(self) -> dict[str, Any]:
         """The figures the issues promise, one line each."""
@@ -100,12 +101,18 @@ def run_demo(store_dir: str | Path, size: str = "small", seed: int = 0, out: str
     steering = timed("eval_steering", evaluate_world_steering, store, size, seed, subject="a", quiet=quiet,
                      device=device, dtype=dtype)
     examples = timed("steer_examples", _steer_examples, store, world, steering.chosen)
+    from engine.world.eval.against_topic import evaluate_world_against_topic
+
+    against = timed("eval_against_topic", evaluate_world_against_topic, store, size, seed, subject="a", quiet=quiet,
+                    device=device, dtype=dtype)
     real = timed("real_weights", _real_weights, store, size, seed, quiet, device, dtype) if real_weights else None
 
     result = DemoResult(
         size=size, seed=seed, store=str(store_dir), out=str(out), world=_world_summary(world),
         retrieval=to_plain(retrieval), labelling=to_plain(labelling), lookups=lookups,
         steering=_steering_summary(steering), examples=examples, timings=timings, files=[], real_weights=real,
+        against_topic={"rows": to_plain(against.rows), "chosen": against.chosen, "summary": against.summary,
+                       "settings": against.settings},
     )
     from engine.demo.report import write_report
 
