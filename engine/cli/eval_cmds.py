@@ -141,7 +141,7 @@ def eval_labelling(use_world: bool, size: str, seed: int, map_names, device: str
               help="Against-topic table: edited positions to compare, all and/or new (default: all,new).")
 @click.option("--against-strengths", multiple=True, callback=comma_list(float, "numbers like 1 or 0.5,1,2"),
               help="Against-topic table: strengths (x each edited layer's typical residual norm) "
-                   "(default: 0.125,0.25,0.5,1,2).")
+                   "(default: 0.125,0.25,0.35,0.5,0.7,1).")
 @device_options
 @store_options
 @json_option

@@ -30,7 +30,9 @@ def _open_or_init(store_dir: Path, db_url: str | None):
 
 @world.command("build")
 @click.option("--size", type=click.Choice(["tiny", "small", "medium"]), default="tiny", show_default=True,
-              help="tiny: 10 concepts, trains in about a minute (tests); small: 32 concepts, minutes (demo).")
+              help="tiny: 10 concepts, trains in about a minute (tests); small: 32 concepts, minutes (demo); "
+                   "medium: 128 concepts, two-topic documents and shared member words (a harder benchmark; "
+                   "~15 CPU-minutes of training).")
 @click.option("--seed", default=0, show_default=True, help="World seed: same seed, same world.")
 @click.option("--replace-atlas", is_flag=True, help="Re-register the world atlas even if the store has one.")
 @store_options
