@@ -161,7 +161,8 @@ def test_usage_errors_keep_clicks_exit_code(env):
     root, tmp = env
     for args in [("import-sae", str(tmp / "missing"), "--name", "a2"), ("align", "subj", "--layer", "x"),
                  ("align", "subj", "--layer", "1", "--max-tokens", "-5"), ("gc", "--grace", "-1"),
-                 ("lookup",), ("steer", "m", "-c", "x", "-p", "the", "--positions", "some")]:
+                 ("lookup",), ("steer", "m", "-c", "x", "-p", "the", "--positions", "some"),
+                 ("eval", "steering", "--world", "--against-prompts", "1")]:
         r = CliRunner().invoke(cli, [*args, "--store", str(root)])
         assert r.exit_code == 2 and "Traceback" not in r.output and r.output.strip().splitlines()[-1].startswith(
             "Error: "), (args, r.output)

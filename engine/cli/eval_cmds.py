@@ -142,12 +142,15 @@ def eval_labelling(use_world: bool, size: str, seed: int, map_names, device: str
 @click.option("--against-strengths", multiple=True, callback=comma_list(float, "numbers like 1 or 0.5,1,2"),
               help="Against-topic table: strengths (x each edited layer's typical residual norm) "
                    "(default: 0.125,0.25,0.35,0.5,0.7,1).")
+@click.option("--against-prompts", type=click.IntRange(min=2), default=10, show_default=True,
+              help="Against-topic table: prompts per concept (half validation, half test).")
 @device_options
 @store_options
 @json_option
 @quiet_option
 def eval_steering(use_world: bool, size: str, seed: int, subject: str, strengths, layers, map_name,
-                  max_new_tokens: int, against_topic: bool, modes, positions_, against_strengths, device: str,
+                  max_new_tokens: int, against_topic: bool, modes, positions_, against_strengths,
+                  against_prompts: int, device: str,
                   dtype: str, store_dir: Path, db_url, as_json: bool) -> None:
     """Steering faithfulness on ConceptWorld: unsteered, transferred and native directions.
 
@@ -184,7 +187,8 @@ def eval_steering(use_world: bool, size: str, seed: int, subject: str, strengths
     if against_topic:
         against = evaluate_world_against_topic(store, size=size, seed=seed, subject=subject, strengths=against_strengths,
                                                layers=layers, modes=modes, positions=positions_,
-                                               max_new_tokens=max_new_tokens, device=device, dtype=dtype)
+                                               prompts_per_concept=against_prompts, max_new_tokens=max_new_tokens,
+                                               device=device, dtype=dtype)
     if as_json:
         print_json(report.rows + report.calibration + (against.rows if against else []))
         return
