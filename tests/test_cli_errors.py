@@ -114,6 +114,10 @@ def _cases(tmp):
         ("eval", "retrieval", "--world", "--methods", "bogus"),
         ("eval", "labelling", "--world", "--methods", "bogus"),
         ("eval", "labelling", "--world", "--features", "sae", "--map", "some-map"),
+        ("eval", "steering", "--world", "--modes", "bogus"),
+        ("eval", "steering", "--world", "--positions", "some"),
+        ("eval", "steering", "--world", "--against-strengths", "-1"),
+        ("eval", "steering", "--world", "--against-strengths", "nan"),
         ("db", "downgrade", "no-such-revision"),
         ("db", "upgrade", "no-such-revision"),
         # index specs FAISS raises on, aborts on, or accepts and then misbehaves with
@@ -168,7 +172,8 @@ def test_usage_errors_keep_clicks_exit_code(env):
                  ("align", "subj", "--layer", "1", "--max-tokens", "-5"), ("gc", "--grace", "-1"),
                  ("lookup",), ("steer", "m", "-c", "x", "-p", "the", "--positions", "some"),
                  ("eval", "labelling", "--world", "--max-docs", "0"), ("eval", "labelling", "--world", "--features", "x"),
-                 ("world", "build", "--sae", "--no-such-option")]:
+                 ("world", "build", "--sae", "--no-such-option"),
+                 ("eval", "steering", "--world", "--against-prompts", "1")]:
         r = CliRunner().invoke(cli, [*args, "--store", str(root)])
         assert r.exit_code == 2 and "Traceback" not in r.output and r.output.strip().splitlines()[-1].startswith(
             "Error: "), (args, r.output)

@@ -25,12 +25,13 @@ def test_demo_tiny_writes_a_report_with_the_promised_figures(tiny_world, tmp_pat
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
-    for name in ("report.md", "report.json", "retrieval_mrr.png", "steering_faithfulness.png", "sae_labelling.png"):
+    for name in ("report.md", "report.json", "retrieval_mrr.png", "steering_faithfulness.png", "sae_labelling.png",
+                 "steering_against_topic.png"):
         assert (out / name).stat().st_size > 500, name
     assert (out / "retrieval_mrr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "report.md").read_text()
     for section in ("## Retrieval", "## Bulk labelling", "### SAE latents", "## Text lookup", "## Steering subject A",
-                    "Side by side"):
+                    "Side by side", "### Steering against a topic"):
         assert section in report
 
     # The world is learnable (issue: ConceptWorld gates for tiny).

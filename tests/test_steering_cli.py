@@ -65,24 +65,51 @@ def _report():
     return SteeringReport(rows, chosen, cal, ["neutral prompts, chosen cells: ..."])
 
 
+def _against_report():
+    from engine.steering.against import AgainstTopicReport, AgainstTopicRow
+
+    rows = [AgainstTopicRow("unsteered", "validation", None, None, (), 0.0, 0.02, 3.0, 4.0, 40),
+            AgainstTopicRow("transferred", "validation", "add", "all", (0, 1), 0.25, 0.6, 9.0, 5.0, 40, ("m0", "m1")),
+            AgainstTopicRow("unsteered", "test", None, None, (), 0.0, 0.01, 3.1, 4.1, 40),
+            AgainstTopicRow("transferred", "test", "add", "all", (0, 1), 0.25, 0.55, 9.5, 5.5, 40, ("m0", "m1"),
+                            chosen=True, headline=True, guard="alone")]
+    return AgainstTopicReport(rows, summary=["against-topic prompts, test half: transferred 0.550"])
+
+
 def test_eval_steering_table_and_json(store, monkeypatch):
+    import engine.world.eval.against_topic
     import engine.world.eval.steering
 
-    seen = {}
+    seen, seen_against = {}, {}
 
     def fake(store, **kw):
         seen.update(kw)
         return _report()
 
+    def fake_against(store, **kw):
+        seen_against.update(kw)
+        return _against_report()
+
     monkeypatch.setattr(engine.world.eval.steering, "evaluate_world_steering", fake)
-    r = invoke(store, "eval", "steering", "--world", "--size", "tiny", "--strengths", "0.5,1", "-l", "2")
+    monkeypatch.setattr(engine.world.eval.against_topic, "evaluate_world_against_topic", fake_against)
+    r = invoke(store, "eval", "steering", "--world", "--size", "tiny", "--strengths", "0.5,1", "-l", "2",
+               "--modes", "clamp", "--positions", "new", "--against-strengths", "0.5,2")
     assert r.exit_code == 0, r.output
     assert seen["strengths"] == [0.5, 1.0] and seen["layers"] == [2] and seen["size"] == "tiny"
+    assert seen_against["modes"] == ["clamp"] and seen_against["positions"] == ["new"]
+    assert seen_against["strengths"] == [0.5, 2.0] and seen_against["layers"] == [2]
     assert "chosen on held-out prompts: m2 (layer 2), strength 0.5" in r.output and "0.8800" in r.output
+    assert "against-topic prompts (test half" in r.output and "0.5500" in r.output
+    assert "0.6000" not in r.output  # validation rows are in --json only
     rows = json.loads(invoke(store, "eval", "steering", "--world", "--json").stdout)
     assert [(x["direction"], x["prompts"]) for x in rows] == [
-        ("unsteered", "neutral"), ("transferred", "neutral"), ("native", "neutral"), ("transferred", "heldout")]
+        ("unsteered", "neutral"), ("transferred", "neutral"), ("native", "neutral"), ("transferred", "heldout"),
+        *[(d, "against_topic") for d in ("unsteered", "transferred", "unsteered", "transferred")]]
     assert {"direction", "layer", "strength", "faithfulness", "perplexity", "chosen", "map"} <= set(rows[1])
+    assert {"split", "mode", "positions", "layers", "guard", "perplexity_alone", "headline"} <= set(rows[-1])
+    seen_against.clear()
+    rows = json.loads(invoke(store, "eval", "steering", "--world", "--json", "--no-against-topic").stdout)
+    assert not seen_against and all(x["prompts"] != "against_topic" for x in rows)
 
 
 def test_eval_group_has_every_evaluation():

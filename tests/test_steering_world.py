@@ -44,7 +44,8 @@ def invoke(store, *args):
 
 
 def test_eval_steering_on_the_tiny_world(world_store):
-    r = invoke(world_store, "eval", "steering", "--world", "--size", "tiny", "--json")
+    r = invoke(world_store, "eval", "steering", "--world", "--size", "tiny", "--json", "--modes", "add",
+               "--positions", "all", "--against-strengths", "0.25,1")  # a small against-topic grid
     assert r.exit_code == 0, r.output
     rows = json.loads(r.stdout)
     neutral = [x for x in rows if x["prompts"] == "neutral"]
@@ -57,6 +58,12 @@ def test_eval_steering_on_the_tiny_world(world_store):
     assert t["perplexity"] <= 2 * base["perplexity"]
     assert {x["direction"] for x in rows if x["prompts"] == "other_topic"} == {"unsteered", "transferred", "native"}
     assert any(x["prompts"] == "heldout" for x in rows)
+    against = [x for x in rows if x["prompts"] == "against_topic"]
+    test = [x for x in against if x["split"] == "test"]
+    assert {(x["direction"], x["n_layers"] if "n_layers" in x else len(x["layers"]), x["guard"])
+            for x in test if x["chosen"]} == {(k, n, g) for k in ("transferred", "native") for n in (1, 3)
+                                              for g in ("prompt", "alone")}
+    assert {x["mode"] for x in against if x["mode"]} == {"add"} and {x["positions"] for x in against} == {"all", None}
 
 
 def test_steer_native_and_transferred_on_a_world_subject(world_store):

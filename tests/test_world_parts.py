@@ -13,7 +13,7 @@ import torch
 from tiny_models import one_thread  # noqa: F401  (autouse fixture)
 
 from engine.errors import AtlasError, ShapeError
-from engine.world.concepts import CONCEPTS, concept_table, member_index
+from engine.world.concepts import CONCEPTS, MAX_CONCEPTS, concept_table, member_index
 from engine.world.config import WorldConfig, config_for, fingerprint
 from engine.world.corpus import (
     BODY_TEMPLATES,
@@ -86,7 +86,7 @@ def test_concept_table_is_large_labelled_and_disjoint():
 def test_concept_table_prefixes_and_bounds():
     assert concept_table(10) == list(CONCEPTS[:10])
     with pytest.raises(ValueError, match="n_concepts"):
-        concept_table(len(CONCEPTS) + 1)
+        concept_table(MAX_CONCEPTS + 1)
 
 
 # ---------------------------------------------------------------------- corpus
@@ -196,7 +196,7 @@ def test_learn_bpe_merges_most_frequent_pair_first_and_breaks_ties_by_spelling()
 # ---------------------------------------------------------------------- config
 
 
-@pytest.mark.parametrize("size", ["tiny", "small"])
+@pytest.mark.parametrize("size", ["tiny", "small", "medium"])
 def test_config_round_trip_and_fingerprint(size):
     cfg = config_for(size)
     assert WorldConfig.from_dict(cfg.to_dict()) == cfg

@@ -39,7 +39,7 @@ def register(cli: click.Group) -> None:
 @click.option("--corpus", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Text corpus: one document per line, or JSONL with a 'text' field. A tenth is held out.")
 @click.option("--world", "use_world", is_flag=True, help="Use ConceptWorld's training documents (held-out split included).")
-@click.option("--size", type=click.Choice(["tiny", "small"]), default="tiny", show_default=True, help="World size (with --world).")
+@click.option("--size", type=click.Choice(["tiny", "small", "medium"]), default="tiny", show_default=True, help="World size (with --world).")
 @click.option("--seed", default=0, show_default=True, help="World seed (with --world).")
 @click.option("--method", default="procrustes", show_default=True, help=f"Alignment method: {', '.join(METHOD_NAMES)}.")
 @click.option("--pairing", type=click.Choice(["auto", "token", "span", "text"]), default="auto", show_default=True,

@@ -44,7 +44,7 @@ RETRIEVAL_COLUMNS = ["subject", "pairing", "layer", "method", "mrr", "mpp", "top
 @click.command("retrieval")
 @click.option("--world", "use_world", is_flag=True, required=True,
               help="Evaluate on ConceptWorld (the only ground truth the engine ships).")
-@click.option("--size", type=click.Choice(["tiny", "small"]), default="tiny", show_default=True)
+@click.option("--size", type=click.Choice(["tiny", "small", "medium"]), default="tiny", show_default=True)
 @click.option("--seed", default=0, show_default=True, help="World seed.")
 @click.option("--methods", "-m", multiple=True, callback=comma_list(),
               help=f"Methods to compare, e.g. procrustes,ridge (default: {','.join(METHOD_NAMES)}).")
@@ -98,7 +98,7 @@ def eval_retrieval(use_world, size, seed, methods, layers, pairings, subjects, m
 @click.command("labelling")
 @click.option("--world", "use_world", is_flag=True, required=True,
               help="Evaluate on ConceptWorld (the only ground truth the engine ships).")
-@click.option("--size", type=click.Choice(["tiny", "small"]), default="small", show_default=True)
+@click.option("--size", type=click.Choice(["tiny", "small", "medium"]), default="small", show_default=True)
 @click.option("--seed", default=0, show_default=True, help="World seed.")
 @click.option("--map", "map_names", multiple=True, help="Only these maps (default: every map on the world atlas).")
 @click.option("--features", "features", type=click.Choice(["all", "native", "sae"]), default="all", show_default=True,
@@ -169,7 +169,7 @@ def eval_labelling(use_world: bool, size: str, seed: int, map_names, features: s
 @click.command("steering")
 @click.option("--world", "use_world", is_flag=True, required=True,
               help="Evaluate on ConceptWorld (the only ground truth the engine ships).")
-@click.option("--size", type=click.Choice(["tiny", "small"]), default="small", show_default=True)
+@click.option("--size", type=click.Choice(["tiny", "small", "medium"]), default="small", show_default=True)
 @click.option("--seed", default=0, show_default=True, help="World seed.")
 @click.option("--subject", type=click.Choice(["a", "b"]), default="a", show_default=True,
               help="World subject: a (Llama, the foundation's tokenizer) or b (GPT-NeoX, its own BPE).")
@@ -180,12 +180,25 @@ def eval_labelling(use_world: bool, size: str, seed: int, map_names, features: s
 @click.option("--map", "map_name", help="Evaluate this map only (default: every map of the subject onto the "
                                         "world atlas; Procrustes and ridge maps are fitted where missing).")
 @click.option("--max-new-tokens", "-n", type=int, default=20, show_default=True)
+@click.option("--against-topic/--no-against-topic", default=True, show_default=True,
+              help="Also steer prompts that have a topic towards another (the against-topic table).")
+@click.option("--modes", multiple=True, callback=comma_list(), help="Against-topic table: steering modes to compare "
+              "(default: add,clamp).")
+@click.option("--positions", "positions_", multiple=True, callback=comma_list(),
+              help="Against-topic table: edited positions to compare, all and/or new (default: all,new).")
+@click.option("--against-strengths", multiple=True, callback=comma_list(float, "numbers like 1 or 0.5,1,2"),
+              help="Against-topic table: strengths (x each edited layer's typical residual norm) "
+                   "(default: 0.125,0.25,0.35,0.5,0.7,1).")
+@click.option("--against-prompts", type=click.IntRange(min=2), default=10, show_default=True,
+              help="Against-topic table: prompts per concept (half validation, half test).")
 @device_options
 @store_options
 @json_option
 @quiet_option
 def eval_steering(use_world: bool, size: str, seed: int, subject: str, strengths, layers, map_name,
-                  max_new_tokens: int, device: str, dtype: str, store_dir: Path, db_url, as_json: bool) -> None:
+                  max_new_tokens: int, against_topic: bool, modes, positions_, against_strengths,
+                  against_prompts: int, device: str,
+                  dtype: str, store_dir: Path, db_url, as_json: bool) -> None:
     """Steering faithfulness on ConceptWorld: unsteered, transferred and native directions.
 
     Faithfulness (docs/design.md §8): the share of (concept, neutral prompt) trials whose greedy
@@ -196,15 +209,35 @@ def eval_steering(use_world: bool, size: str, seed: int, subject: str, strengths
     unsteered perplexity (`chosen_for_method`); the best of those on held-out prompts is the
     headline (`chosen`). Prompts about another topic are reported at the chosen cells. --json
     prints every row, the held-out ones with prompts=heldout.
+
+    The against-topic table (prompts=against_topic; engine/steering/against.py) steers first
+    sentences of held-out documents, which have a topic, towards other concepts: per direction
+    kind, mode, positions and number of layers edited at once (one, or all of --layers), the layer
+    set and strength are chosen on a validation half of the prompts (split=validation) and
+    reported on the other half (split=test, chosen=true), under two fluency guards: 2x the
+    unsteered perplexity after the prompt (guard=prompt) or of the continuation on its own
+    (guard=alone).
     """
+    from engine.steering.against import DEFAULT_STRENGTHS, check_options
+    from engine.world.eval.against_topic import evaluate_world_against_topic
     from engine.world.eval.steering import evaluate_world_steering
 
+    modes, positions_ = modes or ["add", "clamp"], positions_ or ["all", "new"]
+    against_strengths = against_strengths or list(DEFAULT_STRENGTHS)
+    check_options(modes, positions_, against_strengths)
     quiet_transformers()
-    report = evaluate_world_steering(open_store(store_dir, db_url), size=size, seed=seed, subject=subject,
+    store = open_store(store_dir, db_url)
+    report = evaluate_world_steering(store, size=size, seed=seed, subject=subject,
                                      strengths=strengths, layers=layers, map_name=map_name,
                                      max_new_tokens=max_new_tokens, device=device, dtype=dtype)
+    against = None
+    if against_topic:
+        against = evaluate_world_against_topic(store, size=size, seed=seed, subject=subject, strengths=against_strengths,
+                                               layers=layers, modes=modes, positions=positions_,
+                                               prompts_per_concept=against_prompts, max_new_tokens=max_new_tokens,
+                                               device=device, dtype=dtype)
     if as_json:
-        print_json(report.rows + report.calibration)
+        print_json(report.rows + report.calibration + (against.rows if against else []))
         return
     emit(report.rows, False, ["direction", "prompts", "method", "layer", "strength", "faithfulness", "perplexity",
                               "n", "chosen_for_method", "chosen"])
@@ -215,3 +248,10 @@ def eval_steering(use_world: bool, size: str, seed: int, subject: str, strengths
                f"strength {c['native_strength']:g}")
     for line in report.summary:
         click.echo(line)
+    if against is not None:
+        click.echo("\nagainst-topic prompts (test half; layers and strength chosen on the validation half):")
+        emit([r for r in against.rows if r.split == "test"], False,
+             ["direction", "mode", "positions", "layers", "strength", "guard", "faithfulness", "perplexity",
+              "perplexity_alone", "n", "headline"])
+        for line in against.summary:
+            click.echo(line)

@@ -29,8 +29,10 @@ def _open_or_init(store_dir: Path, db_url: str | None):
 
 
 @world.command("build")
-@click.option("--size", type=click.Choice(["tiny", "small"]), default="tiny", show_default=True,
-              help="tiny: 10 concepts, trains in about a minute (tests); small: 32 concepts, minutes (demo).")
+@click.option("--size", type=click.Choice(["tiny", "small", "medium"]), default="tiny", show_default=True,
+              help="tiny: 10 concepts, trains in about a minute (tests); small: 32 concepts, minutes (demo); "
+                   "medium: 128 concepts, two-topic documents and shared member words (a harder benchmark; "
+                   "~15 CPU-minutes of training).")
 @click.option("--seed", default=0, show_default=True, help="World seed: same seed, same world.")
 @click.option("--replace-atlas", is_flag=True, help="Re-register the world atlas even if the store has one.")
 @click.option("--sae/--no-sae", "with_sae", default=True, show_default=True,
@@ -136,7 +138,7 @@ def _build_saes(store, w, replace: bool) -> dict:
 
 
 @world.command("corpus")
-@click.option("--size", type=click.Choice(["tiny", "small"]), default="tiny", show_default=True)
+@click.option("--size", type=click.Choice(["tiny", "small", "medium"]), default="tiny", show_default=True)
 @click.option("--seed", default=0, show_default=True, help="World seed.")
 @click.option("--split", type=click.Choice(["train", "heldout"]), default="train", show_default=True,
               help="train: the documents maps are fitted on; heldout: the ones that define the concept directions.")

@@ -12,6 +12,7 @@ from engine.util import to_plain
 FIG_RETRIEVAL = "retrieval_mrr.png"
 FIG_STEERING = "steering_faithfulness.png"
 FIG_SAE_LABELLING = "sae_labelling.png"
+FIG_AGAINST = "steering_against_topic.png"
 
 # How this project defines its figures (docs/design.md §8); printed with every report.
 METRIC_DEFINITIONS = {
@@ -31,7 +32,8 @@ METRIC_DEFINITIONS = {
 def write_report(result: Any, out: Path) -> list[str]:
     """Write every file of the report into ``out``; returns their paths."""
     files = [_fig_retrieval(result, out / FIG_RETRIEVAL), _fig_steering(result, out / FIG_STEERING),
-             _fig_sae_labelling(result, out / FIG_SAE_LABELLING)]
+             _fig_sae_labelling(result, out / FIG_SAE_LABELLING),
+             _fig_against(result, out / FIG_AGAINST)]
     (out / "report.json").write_text(result_json(result) + "\n", encoding="utf-8")
     (out / "report.md").write_text(render_markdown(result), encoding="utf-8")
     return [str(out / "report.md"), str(out / "report.json"), *[str(f) for f in files if f]]
@@ -127,6 +129,46 @@ def _fig_steering(result: Any, path: Path) -> Path | None:
     return path
 
 
+def _against_test_rows(result: Any) -> list[dict[str, Any]]:
+    a = getattr(result, "against_topic", None) or {}
+    return [r for r in a.get("rows", []) if r["split"] == "test"]
+
+
+def _fig_against(result: Any, path: Path) -> Path | None:
+    """Test-half faithfulness of each chosen configuration (mode, positions, one or all layers),
+    per direction kind, under each fluency guard; the unsteered floor as a line."""
+    rows = _against_test_rows(result)
+    chosen = [r for r in rows if r["chosen"]]
+    if not chosen:
+        return None
+    plt = _plt()
+    guards = sorted({r["guard"] for r in chosen}, reverse=True)  # "prompt" first
+    fig, axes = plt.subplots(1, len(guards), figsize=(5.5 * len(guards), 4), sharey=True, squeeze=False)
+    configs = sorted({(r["mode"], r["positions"], len(r["layers"]) > 1) for r in chosen})
+    names = [f"{m}/{p}/{'all' if many else '1'}" for m, p, many in configs]
+    for ax, guard in zip(axes[0], guards):
+        for j, kind in enumerate(("transferred", "native")):
+            by = {(r["mode"], r["positions"], len(r["layers"]) > 1): r["faithfulness"]
+                  for r in chosen if r["guard"] == guard and r["direction"] == kind}
+            xs = [i + (j - 0.5) * 0.38 for i in range(len(configs))]
+            ax.bar(xs, [by.get(c, 0.0) for c in configs], width=0.38, label=kind)
+        base = next((r for r in rows if r["direction"] == "unsteered"), None)
+        if base is not None:
+            ax.axhline(base["faithfulness"], color="grey", linestyle=":", label="unsteered")
+        ax.set_xticks(range(len(configs)))
+        ax.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
+        ax.set_title(f"guard: 2x perplexity {'after the prompt' if guard == 'prompt' else 'on its own'}", fontsize=9)
+        ax.set_ylim(0, 1.05)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].set_ylabel("faithfulness (test half)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"ConceptWorld {result.size}: steering subject A against a topic (mode/positions/layers)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _f(v: Any, nd: int = 3) -> str:
     if v is None:
         return "n/a"
@@ -139,6 +181,31 @@ def _table(rows: list[dict[str, Any]], cols: list[str]) -> list[str]:
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     out += ["| " + " | ".join(_f(r.get(c)) for c in cols) + " |" for r in rows]
     return out
+
+
+def _against_section(result: Any) -> list[str]:
+    rows = _against_test_rows(result)
+    if not rows:
+        return []
+    a = result.against_topic
+    st = a.get("settings", {})
+    table = [{**r, "layers": ",".join(map(str, r["layers"]))} for r in rows if r["chosen"] or r["direction"] == "unsteered"]
+    return [
+        "### Steering against a topic (`atlas eval steering --world`, prompts=against_topic)",
+        "",
+        f"Prompts are first sentences of held-out documents (each has a topic), steered towards another concept; "
+        f"per direction kind, mode, positions and layers edited at once, the layer set and strength are chosen on "
+        f"{st.get('n_validation_prompts')} validation prompts and reported on {st.get('n_test_prompts')} other ones, "
+        "under each fluency guard (2x the unsteered perplexity of the continuation after its prompt, or on its own).",
+        "",
+        f"![faithfulness against a topic]({FIG_AGAINST})",
+        "",
+        *[f"- {line}" for line in a.get("summary", [])],
+        "",
+        *_table(table, ["direction", "guard", "mode", "positions", "layers", "strength", "faithfulness", "perplexity",
+                        "perplexity_alone", "n", "headline"]),
+        "",
+    ]
 
 
 def render_markdown(result: Any) -> str:
@@ -212,6 +279,7 @@ def render_markdown(result: Any) -> str:
         *_table([r for r in s.get("rows", []) if r["chosen"] or r["direction"] == "unsteered"],
                 ["direction", "prompts", "layer", "strength", "faithfulness", "perplexity", "n", "map"]),
         "",
+        *_against_section(result),
         "### Side by side (`atlas steer MAP --concept LABEL --prompt ...`)",
         "",
     ]

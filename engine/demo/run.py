@@ -41,6 +41,7 @@ class DemoResult:
     files: list[str]
     real_weights: dict[str, Any] | None = None  # `--real-weights`: all-MiniLM-L6-v2 as a subject
     sae_labelling: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # SAE latents through maps
+    against_topic: dict[str, Any] | None = None  # steering prompts that have a topic (engine.steering.against)
 
     def headline(self) -> dict[str, Any]:
         """The figures the issues promise, one line each."""
@@ -111,6 +112,10 @@ def run_demo(store_dir: str | Path, size: str = "small", seed: int = 0, out: str
     steering = timed("eval_steering", evaluate_world_steering, store, size, seed, subject="a", quiet=quiet,
                      device=device, dtype=dtype)
     examples = timed("steer_examples", _steer_examples, store, world, steering.chosen)
+    from engine.world.eval.against_topic import evaluate_world_against_topic
+
+    against = timed("eval_against_topic", evaluate_world_against_topic, store, size, seed, subject="a", quiet=quiet,
+                    device=device, dtype=dtype)
     real = timed("real_weights", _real_weights, store, size, seed, quiet, device, dtype) if real_weights else None
 
     result = DemoResult(
@@ -118,6 +123,8 @@ def run_demo(store_dir: str | Path, size: str = "small", seed: int = 0, out: str
         retrieval=to_plain(retrieval), labelling=to_plain(labelling), lookups=lookups,
         steering=_steering_summary(steering), examples=examples, timings=timings, files=[], real_weights=real,
         sae_labelling=to_plain(sae_labelling),
+        against_topic={"rows": to_plain(against.rows), "chosen": against.chosen, "summary": against.summary,
+                       "settings": against.settings},
     )
     from engine.demo.report import write_report
 

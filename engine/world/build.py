@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import FormatError, NotFoundError
-from engine.world.concepts import Concept, concept_table
+from engine.world.concepts import Concept
 from engine.world.config import (
     DIRECTIONS_DIR,
     HELDOUT_DOCS,
@@ -234,7 +234,7 @@ def load_world(path: Path) -> World:
     }
     return World(
         size=size, seed=seed, fingerprint=manifest["fingerprint"], path=path, config=config,
-        concepts=concept_table(config.n_concepts), train_docs=documents_from_text(
+        concepts=config.concepts(), train_docs=documents_from_text(
             (path / TRAIN_DOCS).read_text(encoding="utf-8")),
         heldout_docs=documents_from_text((path / HELDOUT_DOCS).read_text(encoding="utf-8")),
         report=WorldReport.from_dict(manifest["report"]) if manifest.get("report") else None,

@@ -5,6 +5,13 @@ readable label, a one-line description, and member words (real, lower-case Engli
 member word belongs to two concepts and none is a template word of the corpus, so the topic of
 any text can be read back by counting member words (`engine.world.corpus.plurality_concept`).
 
+Beyond the hand-written rows (the `medium` world needs 128 concepts), `concept_table` appends
+generated concepts whose member words are pronounceable made-up words drawn from a fixed seed
+(`_generated_concepts`): distinct from every other member word and every template word, and the
+same on every machine. With ``n_shared`` > 0, concept pairs ``(2i, 2i+1)`` for ``i < n_shared``
+each get one extra made-up member word that belongs to both of them: a text's topic is then no
+longer readable from any single word (the reader counts a shared word for both concepts).
+
 The table is ordered on purpose: a world with ``n`` concepts uses the first ``n`` rows, so the
 `tiny` world's concepts are the first rows of the `small` world's, and they are the most
 distinct ones (a colour, an animal, the weather, ...).
@@ -12,6 +19,9 @@ distinct ones (a colour, an animal, the weather, ...).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import random
 from dataclasses import dataclass
 
 
@@ -101,13 +111,82 @@ CONCEPTS: tuple[Concept, ...] = (
 )
 
 
-def concept_table(n: int) -> list[Concept]:
-    """The first ``n`` concepts of the table (a world's concepts)."""
-    if not 2 <= n <= len(CONCEPTS):
-        raise ValueError(f"n_concepts must be between 2 and {len(CONCEPTS)}, got {n}")
-    return list(CONCEPTS[:n])
+MAX_CONCEPTS = 256  # hand-written rows, then generated ones
+_MEMBERS_PER_GENERATED = 12  # as many member words as a hand-written concept
+_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gl", "kr", "pl", "st",
+           "tr", "sk")
+_VOWELS = ("a", "e", "i", "o", "u")
+_CODAS = ("", "", "", "n", "r", "l", "s", "k")
+
+
+def _reserved_words() -> set[str]:
+    """Words no generated member may be: every hand-written member (that none is a template word
+    of the corpus is checked by tests/test_world_medium.py: the stream is fixed)."""
+    return {w for c in CONCEPTS for w in c.members}
+
+
+def _made_up_words(rng: random.Random, n: int, taken: set[str]) -> list[str]:
+    """``n`` new pronounceable words of two or three syllables, none in ``taken`` (which grows)."""
+    out: list[str] = []
+    while len(out) < n:
+        w = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+                    for _ in range(rng.choice((2, 2, 3))))
+        if w not in taken:
+            taken.add(w)
+            out.append(w)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _generated_concepts() -> tuple[Concept, ...]:
+    """Concepts after the hand-written ones, up to `MAX_CONCEPTS`; a fixed stream, so prefixes agree."""
+    rng = random.Random("conceptworld/generated-concepts/v1")
+    taken = _reserved_words()
+    out = []
+    for i in range(len(CONCEPTS), MAX_CONCEPTS):
+        members = tuple(_made_up_words(rng, _MEMBERS_PER_GENERATED, taken))
+        out.append(Concept(f"topic{i:03d}", f"Topic {i}: {members[0]}",
+                           f"Made-up topic {i}: {members[0]}, {members[1]}, {members[2]} and the like.", members))
+    return tuple(out)
+
+
+def _shared_words(n_shared: int) -> list[str]:
+    """One made-up word per shared pair, from its own fixed stream (never a member of any concept)."""
+    taken = _reserved_words() | {w for c in _generated_concepts() for w in c.members}
+    return _made_up_words(random.Random("conceptworld/shared-words/v1"), n_shared, taken)
+
+
+def concept_table(n: int, n_shared: int = 0) -> list[Concept]:
+    """The first ``n`` concepts (a world's concepts): hand-written rows first, then generated ones.
+
+    ``n_shared`` pairs ``(2i, 2i+1)`` each get one extra member word that both of them have. With
+    ``n <= len(CONCEPTS)`` and ``n_shared == 0`` this is exactly the hand-written table's prefix.
+    """
+    if not 2 <= n <= MAX_CONCEPTS:
+        raise ValueError(f"n_concepts must be between 2 and {MAX_CONCEPTS}, got {n}")
+    if not 0 <= n_shared <= n // 2:
+        raise ValueError(f"n_shared_words must be between 0 and n_concepts // 2 = {n // 2}, got {n_shared}")
+    table = list(CONCEPTS[:n]) + list(_generated_concepts()[: max(0, n - len(CONCEPTS))])
+    for i, w in enumerate(_shared_words(n_shared)):
+        for k in (2 * i, 2 * i + 1):
+            table[k] = dataclasses.replace(table[k], members=table[k].members + (w,))
+    return table
+
+
+def shared_member_words(concepts: list[Concept]) -> dict[str, tuple[int, ...]]:
+    """Member words that belong to more than one of ``concepts``, with the indices of those concepts."""
+    return {w: ks for w, ks in member_concepts(concepts).items() if len(ks) > 1}
+
+
+def member_concepts(concepts: list[Concept]) -> dict[str, tuple[int, ...]]:
+    """Map each member word to the indices of every concept in ``concepts`` that has it."""
+    out: dict[str, tuple[int, ...]] = {}
+    for i, c in enumerate(concepts):
+        for w in c.members:
+            out[w] = out.get(w, ()) + (i,)
+    return out
 
 
 def member_index(concepts: list[Concept]) -> dict[str, int]:
-    """Map each member word to the index of its concept in ``concepts``."""
-    return {w: i for i, c in enumerate(concepts) for w in c.members}
+    """Map each member word to the index of its (first) concept in ``concepts``."""
+    return {w: ks[0] for w, ks in member_concepts(concepts).items()}

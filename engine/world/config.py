@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
-from engine.world.concepts import concept_table
-from engine.world.corpus import BODY_TEMPLATES, NEUTRAL_PROMPTS, OPENING_TEMPLATES
+from engine.world.concepts import Concept, concept_table
+from engine.world.corpus import BODY_TEMPLATES, NEUTRAL_PROMPTS, OPENING_TEMPLATES, TwoTopics
 from engine.world.train import ModelSpec
 
 WORLD_FORMAT = 2
-Size = Literal["tiny", "small"]
-SIZES: tuple[str, ...] = ("tiny", "small")
+Size = Literal["tiny", "small", "medium"]
+SIZES: tuple[str, ...] = ("tiny", "small", "medium")
 MODEL_KEYS: tuple[str, ...] = ("foundation", "subject_a", "subject_b")
 
 # File names inside a world folder.
@@ -45,11 +45,17 @@ class WorldConfig:
     subject_a: ModelSpec
     subject_b: ModelSpec
     min_persistence: float  # the gate this size must pass
+    # The harder world's options (`medium`); at their defaults a world is built exactly as before
+    # they existed, and `to_dict` leaves them out, so tiny and small keep their fingerprints.
+    n_shared_words: int = 0  # concept pairs (2i, 2i+1) that share one extra member word
+    two_topic_share: float = 0.0  # share of documents with a second topic (engine.world.corpus.TwoTopics)
+    second_topic_prob: float = 1 / 3  # chance that a body slot of a two-topic document holds the second topic
 
     def __post_init__(self) -> None:
         if self.size not in SIZES:
             raise ValueError(f"size must be one of {SIZES}, got {self.size!r}")
-        concept_table(self.n_concepts)  # validates n_concepts
+        concept_table(self.n_concepts, self.n_shared_words)  # validates n_concepts and n_shared_words
+        self.two_topics()  # validates the two-topic options
         if not 0 <= self.mix_prob < 0.5:
             raise ValueError(f"mix_prob must be in [0, 0.5) so the dominant concept dominates, got {self.mix_prob}")
         if self.max_words + 2 > self.foundation.max_length:
@@ -61,8 +67,20 @@ class WorldConfig:
             raise ValueError(f"model key must be one of {MODEL_KEYS}, got {key!r}")
         return getattr(self, key)
 
+    def concepts(self) -> list[Concept]:
+        """The world's concept table (with its shared member words)."""
+        return concept_table(self.n_concepts, self.n_shared_words)
+
+    def two_topics(self) -> TwoTopics:
+        return TwoTopics(self.two_topic_share, self.second_topic_prob)
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Every field, except the harder world's options where they are at their defaults."""
+        d = asdict(self)
+        for f in fields(self):
+            if f.name in _OPTIONAL_FIELDS and d[f.name] == f.default:
+                del d[f.name]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> WorldConfig:
@@ -126,18 +144,58 @@ def small_config() -> WorldConfig:
     )
 
 
+_OPTIONAL_FIELDS = ("n_shared_words", "two_topic_share", "second_topic_prob")
+
+
+def medium_config() -> WorldConfig:
+    """`medium`: 128 concepts, two-topic documents and shared member words (a harder benchmark).
+
+    32 hand-written concepts would leave the evaluations saturated (MRR 1.000 at `small`); here
+    the 34 hand-written concepts are followed by 94 generated ones (made-up member words), 32
+    concept pairs share a member word, and 30% of documents carry a second topic in a third of
+    their body slots. Not built in CI (about half an hour on 2 cores; README).
+
+    Model widths are the `small` ones; steps are scaled from `small`'s learning curves by
+    documents seen per concept: the slowest `small` model (GPT-NeoX on BPE) kept the topic in 95%
+    of continuations after ~500 documents per concept (1,000 steps x 16 / 32 concepts), so 4,000
+    steps x 16 / 128 concepts gives each concept the same 500.
+    """
+    return WorldConfig(
+        size="medium",
+        n_concepts=128,  # the issue's >= 128: 34 hand-written, 94 generated
+        n_train_docs=40000,  # 4,000 steps x 16 see each document ~1.6 times, as in `small`
+        n_heldout_per_concept=12,  # 1,536 held-out documents: directions from 12 documents per concept
+        n_probe_per_concept=20,
+        max_words=62,
+        mix_prob=0.1,
+        bpe_vocab_size=1200,  # below the ~1,600 member words, so many split into pieces
+        foundation=ModelSpec("gpt2", d_model=96, n_layers=3, n_heads=4, seed=0, steps=4000, batch_size=16,
+                             lr=5e-3, max_length=64),
+        subject_a=ModelSpec("llama", d_model=128, n_layers=2, n_heads=4, seed=1, steps=4000, batch_size=16,
+                            lr=5e-3, max_length=64),
+        subject_b=ModelSpec("gpt_neox", d_model=80, n_layers=2, n_heads=4, seed=2, steps=4000, batch_size=16,
+                            lr=5e-3, max_length=128),
+        min_persistence=0.6,  # a third of a two-topic document's slots are another topic's
+        n_shared_words=32,  # half the concepts share one member word with a neighbour
+        two_topic_share=0.3,
+        second_topic_prob=1 / 3,
+    )
+
+
 def config_for(size: str) -> WorldConfig:
     """The default configuration of a world size."""
     if size == "tiny":
         return tiny_config()
     if size == "small":
         return small_config()
+    if size == "medium":
+        return medium_config()
     raise ValueError(f"unknown world size {size!r}; choose one of {SIZES}")
 
 
 def fingerprint(config: WorldConfig, seed: int) -> str:
     """12 hex digits that change whenever anything that decides the world's content changes."""
-    concepts = [[c.name, c.label, c.description, list(c.members)] for c in concept_table(config.n_concepts)]
+    concepts = [[c.name, c.label, c.description, list(c.members)] for c in config.concepts()]
     payload = {
         "format": WORLD_FORMAT,
         "seed": seed,

@@ -7,6 +7,12 @@ word of another concept. Templates carry no topic of their own, so the only way 
 predict the next content word is to remember the document's topic: the topic is a latent that
 persists over the whole document, which is what makes a concept direction meaningful (docs/design.md §7).
 
+Two-topic documents (the `medium` world; off when ``two_topic_share`` is 0): a share of the
+documents also draws each body slot, with probability ``second_topic_prob``, from a second
+concept. The opening sentence and most slots stay with the first concept, which is the
+document's concept (its ground truth) in every evaluation; the second topic is noise a model
+must learn to hold apart, as real documents mix subjects.
+
 Everything is a pure function of the seed (Python's ``random.Random`` seeded with a string,
 which is hashed with SHA-512 and so does not depend on ``PYTHONHASHSEED``): the same seed gives
 the same bytes.
@@ -19,7 +25,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from engine.world.concepts import Concept, member_index
+from engine.world.concepts import Concept, member_concepts
 
 # (text, index of the document's concept in the world's concept list)
 Document = tuple[str, int]
@@ -100,12 +106,21 @@ def count_word_tokens(text: str) -> int:
     return len(_TOKEN_RE.findall(text))
 
 
+def _other(rng: random.Random, concept: int, n_concepts: int) -> int:
+    """A uniformly drawn concept other than ``concept``."""
+    k = rng.randrange(n_concepts - 1)
+    return k if k < concept else k + 1
+
+
 def _fill(template: str, rng: random.Random, concept: int, n_concepts: int,
-          concepts: Sequence[Concept], mix_prob: float) -> str:
+          concepts: Sequence[Concept], mix_prob: float, second: int | None = None,
+          second_prob: float = 0.0) -> str:
     words = []
     for _ in range(template.count("{")):
         k = concept
-        if mix_prob > 0 and rng.random() < mix_prob:
+        if second is not None and rng.random() < second_prob:
+            k = second
+        elif mix_prob > 0 and rng.random() < mix_prob:
             k = rng.randrange(n_concepts - 1)
             k = k if k < concept else k + 1  # any concept but the dominant one
         words.append(rng.choice(concepts[k].members))
@@ -113,18 +128,20 @@ def _fill(template: str, rng: random.Random, concept: int, n_concepts: int,
 
 
 def generate_document(rng: random.Random, concept: int, concepts: Sequence[Concept],
-                      max_tokens: int, mix_prob: float) -> str:
+                      max_tokens: int, mix_prob: float, second: int | None = None,
+                      second_prob: float = 0.0) -> str:
     """One document about ``concepts[concept]``, at most ``max_tokens`` word-level tokens long.
 
     The target length is drawn between half and all of ``max_tokens``; sentences are added while
-    they fit.
+    they fit. With ``second``, each body slot holds a word of ``concepts[second]`` with
+    probability ``second_prob`` (a two-topic document; the opening stays with ``concept``).
     """
     n = len(concepts)
     sentences = [_fill(rng.choice(OPENING_TEMPLATES), rng, concept, n, concepts, 0.0)]
     length = count_word_tokens(sentences[0])
     target = rng.randint(max_tokens // 2, max_tokens)
     while True:
-        s = _fill(rng.choice(BODY_TEMPLATES), rng, concept, n, concepts, mix_prob)
+        s = _fill(rng.choice(BODY_TEMPLATES), rng, concept, n, concepts, mix_prob, second, second_prob)
         t = count_word_tokens(s)
         if length + t > target:
             break
@@ -133,19 +150,42 @@ def generate_document(rng: random.Random, concept: int, concepts: Sequence[Conce
     return " ".join(sentences)
 
 
+@dataclass(frozen=True)
+class TwoTopics:
+    """How documents mix two topics (`medium`); the default mixes none and draws nothing."""
+
+    share: float = 0.0  # share of documents with a second topic
+    second_prob: float = 1 / 3  # chance that a body slot of such a document holds the second topic's word
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.share <= 1:
+            raise ValueError(f"two_topic_share must be in [0, 1], got {self.share}")
+        if not 0 <= self.second_prob < 0.5:
+            raise ValueError(f"second_topic_prob must be in [0, 0.5) so the first topic dominates, got {self.second_prob}")
+
+
 def generate_documents(concepts: Sequence[Concept], n_docs: int, seed: int, stream: str,
                        max_tokens: int, mix_prob: float,
-                       wrap: Callable[[Iterable[int]], Iterable[int]] | None = None) -> list[Document]:
+                       wrap: Callable[[Iterable[int]], Iterable[int]] | None = None,
+                       two_topics: TwoTopics = TwoTopics()) -> list[Document]:
     """``n_docs`` documents, concepts balanced (round robin, then shuffled), from one seeded stream.
 
     ``stream`` names an independent random stream of the same seed ("train", "heldout", ...).
     ``wrap`` wraps the loop over documents (a progress bar); it does not change the output.
+    ``two_topics.share`` of the documents get a second topic (drawn uniformly among the others);
+    with share 0 no extra random number is drawn, so the stream is the one-topic stream.
     """
     rng = random.Random(f"conceptworld/{seed}/{stream}")
     order = [i % len(concepts) for i in range(n_docs)]
     rng.shuffle(order)
     loop = wrap(order) if wrap is not None else order
-    return [(generate_document(rng, k, concepts, max_tokens, mix_prob), k) for k in loop]
+    out = []
+    for k in loop:
+        second = None
+        if two_topics.share > 0 and rng.random() < two_topics.share:
+            second = _other(rng, k, len(concepts))
+        out.append((generate_document(rng, k, concepts, max_tokens, mix_prob, second, two_topics.second_prob), k))
+    return out
 
 
 @dataclass(frozen=True)
@@ -158,7 +198,8 @@ class Corpus:
 
 def make_corpus(concepts: Sequence[Concept], n_train: int, n_heldout_per_concept: int, seed: int,
                 max_tokens: int, mix_prob: float,
-                wrap: Callable[[Iterable[int], str], Iterable[int]] | None = None) -> Corpus:
+                wrap: Callable[[Iterable[int], str], Iterable[int]] | None = None,
+                two_topics: TwoTopics = TwoTopics()) -> Corpus:
     """Training and held-out documents; the held-out split is balanced and shares no text with training.
 
     ``wrap(iterable, stream_name)`` wraps each generation loop (a progress bar).
@@ -166,10 +207,10 @@ def make_corpus(concepts: Sequence[Concept], n_train: int, n_heldout_per_concept
     def w(stream: str):
         return None if wrap is None else (lambda it: wrap(it, stream))
 
-    train = generate_documents(concepts, n_train, seed, "train", max_tokens, mix_prob, w("train"))
+    train = generate_documents(concepts, n_train, seed, "train", max_tokens, mix_prob, w("train"), two_topics)
     seen = {t for t, _ in train}
     candidates = generate_documents(concepts, 2 * n_heldout_per_concept * len(concepts), seed, "heldout",
-                                    max_tokens, mix_prob, w("heldout"))
+                                    max_tokens, mix_prob, w("heldout"), two_topics)
     taken = [0] * len(concepts)
     heldout = []
     for text, k in candidates:
@@ -200,12 +241,11 @@ def first_sentence(text: str) -> str:
 
 
 def concept_counts(text: str, concepts: Sequence[Concept]) -> list[int]:
-    """How many member words of each concept ``text`` contains."""
-    index = member_index(list(concepts))
+    """How many member words of each concept ``text`` contains (a shared word counts for each of its concepts)."""
+    index = member_concepts(list(concepts))
     counts = [0] * len(concepts)
     for w in _WORD_RE.findall(text.lower()):
-        k = index.get(w)
-        if k is not None:
+        for k in index.get(w, ()):
             counts[k] += 1
     return counts
 

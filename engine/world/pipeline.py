@@ -24,7 +24,6 @@ import torch
 from engine.errors import AtlasError
 from engine.models.loading import quiet_transformers
 from engine.progress import progress as progress_bar
-from engine.world.concepts import concept_table
 from engine.world.config import (
     HELDOUT_DOCS,
     MANIFEST,
@@ -69,10 +68,11 @@ def build_into(path: Path, config: WorldConfig, seed: int, evaluate: bool = True
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    concepts = concept_table(config.n_concepts)
+    concepts = config.concepts()
     corpus = make_corpus(concepts, config.n_train_docs, config.n_heldout_per_concept, seed, config.max_words,
                          config.mix_prob,
-                         wrap=lambda it, name: progress_bar(it, desc=f"corpus ({name})", unit="doc", quiet=quiet))
+                         wrap=lambda it, name: progress_bar(it, desc=f"corpus ({name})", unit="doc", quiet=quiet),
+                         two_topics=config.two_topics())
     _write_text(path / TRAIN_DOCS, documents_to_text(corpus.train))
     _write_text(path / HELDOUT_DOCS, documents_to_text(corpus.heldout))
     timings["corpus_s"] = time.perf_counter() - t0
@@ -136,7 +136,7 @@ def train_one(path: str | Path, key: str, config_dict: dict, seed: int, evaluate
     path = Path(path)
     config = WorldConfig.from_dict(config_dict)
     spec = config.spec(key)
-    concepts = concept_table(config.n_concepts)
+    concepts = config.concepts()
     train_docs = documents_from_text((path / TRAIN_DOCS).read_text(encoding="utf-8"))
     heldout = documents_from_text((path / HELDOUT_DOCS).read_text(encoding="utf-8"))
     # the world's tokenizers are fast (`tokenizers`-backed) ones: engine.world.tokenizers builds them
