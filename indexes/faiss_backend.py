@@ -9,15 +9,24 @@ optionally followed by search-time parameters after a ``|``: ``HNSW32|efSearch=1
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import faiss
 import numpy as np
 
-from indexes.base import IndexCorruptError, IndexSpecError, VectorIndex, register_backend
+from indexes.base import IndexCorruptError, IndexSpecError, VectorIndex, register_backend, write_atomic_with
+from indexes.exact import topk_inner_product
 
 # Search-time defaults: chosen for recall >= 0.95 on structured (clustered) vectors.
 DEFAULT_SEARCH_PARAMS = {"HNSW": {"efSearch": 128}, "IVF": {"nprobe": 32}}
 
+
+# From this many queries on, a Flat index is searched by `indexes.exact` (blocked GEMM + threshold
+# top-k) instead of FAISS's own search; below it both are bound by reading the vectors once.
+GEMM_MIN_QUERIES = 20
+# Opening a file maps the index's vectors (flat codes, HNSW storage, IVF lists) instead of reading
+# them: pages are read when a search touches them, and many processes share one copy.
+OPEN_FLAGS = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
 
 INT_MAX = 2**31 - 1  # FAISS keeps these numbers in C ints: larger ones wrap around
 # Search parameters that must be at least 1 (0 makes HNSW return one hit, IVF raise on every search).
@@ -76,6 +85,7 @@ class FaissIndex(VectorIndex):
     def __init__(self, dim: int, spec: str = "Flat", _index: faiss.Index | None = None) -> None:
         super().__init__(dim, spec)
         factory, self.search_params = parse_spec(spec)
+        self._ids: np.ndarray | None = None  # the IDMap's ids as an array, for the GEMM path
         if _index is not None:
             self._index = _index
             return
@@ -110,18 +120,67 @@ class FaissIndex(VectorIndex):
         if not self._index.is_trained:
             self._index.train(x)
         self._index.add_with_ids(x, ids)
+        self._ids = None
+
+    @property
+    def needs_training(self) -> bool:
+        return not self._index.is_trained
+
+    def train(self, sample: np.ndarray) -> None:
+        if not self._index.is_trained:
+            self._index.train(np.ascontiguousarray(sample, dtype=np.float32))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = self._check_queries(queries)
         k = max(1, min(int(k), max(self.count(), 1)))
+        flat = self._flat_vectors() if len(q) >= GEMM_MIN_QUERIES else None
+        if flat is not None:
+            return topk_inner_product(q, flat, k, ids=self._flat_ids())
         scores, ids = self._index.search(q, k)
         return scores, ids
+
+    def _flat_vectors(self) -> np.ndarray | None:
+        """The stored vectors (n, dim) of a Flat inner-product index, as a view (no copy; on an
+        index opened from its file, a view of the mapped file); None for other structures."""
+        inner = _inner(self._index)
+        flat = type(inner) in (faiss.IndexFlat, faiss.IndexFlatIP) and inner.metric_type == faiss.METRIC_INNER_PRODUCT
+        if not flat or inner.ntotal == 0:
+            return None
+        return faiss.rev_swig_ptr(inner.get_xb(), inner.ntotal * self.dim).reshape(inner.ntotal, self.dim)
+
+    def _flat_ids(self) -> np.ndarray | None:
+        if not isinstance(self._index, faiss.IndexIDMap):
+            return None
+        if self._ids is None or len(self._ids) != self._index.ntotal:
+            self._ids = faiss.vector_to_array(self._index.id_map)
+        return self._ids
 
     def count(self) -> int:
         return int(self._index.ntotal)
 
     def to_bytes(self) -> bytes:
         return faiss.serialize_index(self._index).tobytes()
+
+    def write(self, path: str | Path) -> None:
+        """Written by FAISS straight to a temporary file (no serialised copy in memory), then renamed."""
+        write_atomic_with(Path(path), lambda tmp: faiss.write_index(self._index, str(tmp)))
+
+    @classmethod
+    def open(cls, path: str | Path, spec: str | None = None) -> FaissIndex:
+        """Memory-mapped (`OPEN_FLAGS`): the vectors stay in the file until a search reads them.
+
+        The file must stay as it is while the index is open: store files are never rewritten
+        in place (a rebuild writes a new file and renames), so a mapping always sees one version."""
+        try:
+            index = faiss.read_index(str(path), OPEN_FLAGS)
+        except (RuntimeError, ValueError) as e:
+            if not Path(path).is_file():
+                raise FileNotFoundError(str(path)) from None
+            raise IndexCorruptError(f"not a readable FAISS index ({faiss_reason(e)})") from None
+        out = cls(index.d, spec or "Flat", _index=index)
+        if spec:
+            out._apply_search_params()
+        return out
 
     @classmethod
     def from_bytes(cls, data: bytes, spec: str | None = None) -> FaissIndex:

@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load as st_load
-from safetensors.numpy import save as st_save
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -39,11 +37,26 @@ from engine.store import layout
 from engine.store.base import StoreBase
 from engine.store.models import get_or_create_model
 from engine.store.schema import AlignmentMapRow, AtlasRow, ConceptRow, FeatureLabelRow, LabelRunRow, ModelRow
-from engine.util import check_k, check_name, failpoint, sha256_bytes, unit_rows, utcnow, write_store_file
+from engine.store.vectorfiles import open_tensors, row_chunks, write_tensor_file
+from engine.util import (
+    FileStamp,
+    check_k,
+    check_name,
+    failpoint,
+    file_stamp,
+    sha256_file,
+    unit_rows,
+    utcnow,
+    write_store_file_with,
+)
 from indexes.faiss_backend import faiss_reason
 from indexes.policy import resolve_index_spec
 
 MAX_ORDINAL = 2**63 - 1  # concept ordinals are SQLite INTEGERs
+CONCEPT_BATCH = 50_000  # concept rows per INSERT on import: ~50 MB of row dicts at a time
+TRAIN_SAMPLE = 200_000  # rows an index that needs training (IVF, PQ, SQ) is trained on: an even
+#                         spread of the atlas (k-means uses at most 256 a list, so IVF4096 and below
+#                         see what they would see of all rows); 600 MB at d=768
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +204,7 @@ class AtlasesMixin(StoreBase):
         """
         self.check_writable()
         check_name(name, "atlas")
-        x = check_vectors(vectors)
+        x = check_matrix(vectors)  # not read yet: a memory-mapped source stays on disk
         n, d = x.shape
         index_spec = resolve_index_spec(index_spec, n, d)
         labels = list(labels) if labels is not None else [None] * n
@@ -199,31 +212,27 @@ class AtlasesMixin(StoreBase):
         for what, seq in (("labels", labels), ("descriptions", descriptions), ("densities", densities)):
             if seq is not None and len(seq) != n:
                 raise ShapeError(f"{len(seq)} {what} for {n} vectors: one per concept (row) is needed")
-        tensors = {layout.DIRECTIONS_KEY: x, **check_encoder(encoder, n, d)}
+        enc = check_encoder(encoder, n, d)
         with self.read_session() as s:  # early, friendly; checked again under the write lock
             if s.scalar(select(AtlasRow.id).where(AtlasRow.name == name)) is not None:
                 raise DuplicateError(f"an atlas named {name!r} exists; pick another --name or remove it first")
-        index = build_index(x, index_spec)  # in memory: a spec that does not work writes no file
+        _new_index(d, index_spec)  # a spec the backend does not understand writes no file
 
-        vec_bytes = st_save(tensors, metadata={"atlas": name, "model": model, "layer": str(layer), "hook": hook})
-        idx_bytes = index.to_bytes()
         token = layout.new_token()
         vec_rel, idx_rel = layout.vector_file(name, token), layout.index_file(name, token)
         written: list[Path] = []  # only this write's own files: a failure removes them and nothing else
         try:
-            for step, rel, data in (("vectors", vec_rel, vec_bytes), ("index", idx_rel, idx_bytes)):
-                written.append(self.path / rel)
-                write_store_file(self.path / rel, data)
-                failpoint(f"add_atlas.{step}_written")
-            rows: list[dict[str, Any]] = [
-                dict(
-                    ordinal=i, label=str(labels[i]) if labels[i] not in (None, "") else str(i),
-                    description=descriptions[i], labelled=labels[i] not in (None, ""),
-                    source_kind=source_kind, source_ref=source_ref,
-                    density=None if densities is None else densities[i], extra={},
-                )
-                for i in range(n)
-            ]
+            written.append(self.path / vec_rel)
+            vec_sha = write_vectors(self.path / vec_rel, x, enc,
+                                    {"atlas": name, "model": model, "layer": str(layer), "hook": hook})
+            failpoint("add_atlas.vectors_written")
+            vec_stamp = file_stamp(self.path / vec_rel)
+            # built from the file just written, a chunk at a time; a spec that fails removes the file
+            index = build_index(open_tensors(self.path / vec_rel)[layout.DIRECTIONS_KEY], index_spec)
+            written.append(self.path / idx_rel)
+            write_index(index, self.path / idx_rel)
+            failpoint("add_atlas.index_written")
+            idx_sha, idx_stamp = sha256_file(self.path / idx_rel), file_stamp(self.path / idx_rel)
             try:
                 with self.session() as s:  # the write lock is held from here to the commit only
                     if s.scalar(select(AtlasRow.id).where(AtlasRow.name == name)) is not None:
@@ -235,21 +244,30 @@ class AtlasesMixin(StoreBase):
                     atlas = AtlasRow(
                         name=name, model_id=model_row.id, layer=layer, hook=hook, dim=d, n_concepts=n,
                         metric="cosine", raw_residuals=raw_residuals, source_kind=source_kind,
-                        source_ref=source_ref, vector_file=vec_rel, vector_sha256=sha256_bytes(vec_bytes),
-                        index_file=idx_rel, index_spec=index_spec, index_sha256=sha256_bytes(idx_bytes),
-                        index_count=index.count(),
-                        extra={**(extra or {}), "revision": revision, "has_encoder": len(tensors) > 1},
+                        source_ref=source_ref, vector_file=vec_rel, vector_sha256=vec_sha,
+                        index_file=idx_rel, index_spec=index_spec, index_sha256=idx_sha,
+                        index_count=index.count(), **_stamp_columns("vector", vec_stamp),
+                        **_stamp_columns("index", idx_stamp),
+                        extra={**(extra or {}), "revision": revision, "has_encoder": bool(enc)},
                     )
                     s.add(atlas)
                     s.flush()
-                    for r in rows:
-                        r["atlas_id"] = atlas.id
-                    s.execute(insert(ConceptRow), rows)
+                    for lo in range(0, n, CONCEPT_BATCH):  # batches: 1M row dicts at once would cost GBs
+                        s.execute(insert(ConceptRow), [
+                            dict(
+                                atlas_id=atlas.id, ordinal=i,
+                                label=str(labels[i]) if labels[i] not in (None, "") else str(i),
+                                description=descriptions[i], labelled=labels[i] not in (None, ""),
+                                source_kind=source_kind, source_ref=source_ref,
+                                density=None if densities is None else densities[i], extra={},
+                            )
+                            for i in range(lo, min(n, lo + CONCEPT_BATCH))
+                        ])
                     failpoint("add_atlas.before_commit")
             except IntegrityError:  # another database than SQLite: the unique name decides
                 raise DuplicateError(f"an atlas named {name!r} exists (written while this import ran); "
                                      "pick another --name or remove it first") from None
-            self._indexes[(name, sha256_bytes(idx_bytes))] = index
+            self._indexes[(name, idx_sha)] = index
         except BaseException:
             for p in written:
                 p.unlink(missing_ok=True)
@@ -342,30 +360,59 @@ class AtlasesMixin(StoreBase):
             return out
 
     def atlas_tensors(self, name: str) -> dict[str, np.ndarray]:
-        """All tensors of the atlas vector file, checked against the stored checksum."""
+        """All tensors of the atlas vector file as read-only memory maps, after the file's cheap
+        integrity check (`check_file`: its stamp, or its full checksum when the stamp changed)."""
         with self.read_session() as s:
             row = self._atlas_row(s, name)
-            path, sha = self.path / row.vector_file, row.vector_sha256
+            path, sha, cached = self.path / row.vector_file, row.vector_sha256, _cached_stamp(row, "vector")
+            name = row.name
         try:
-            data = path.read_bytes()
+            self.check_file(name, "vector", path, sha, cached)
+            return open_tensors(path)
         except FileNotFoundError:
             raise IndexIntegrityError(
                 f"the vector file of atlas {name!r} is missing ({path}); it is the source of truth "
                 "and cannot be rebuilt: re-import the atlas"
             ) from None
-        if sha256_bytes(data) != sha:
-            raise IndexIntegrityError(
-                f"the vector file of atlas {name!r} ({path}) does not match its checksum; re-import the atlas"
-            )
-        return st_load(data)
 
     def atlas_vectors(self, name: str, normalized: bool = False) -> np.ndarray:
-        """The atlas directions (n_concepts, d) as imported, or unit-norm with ``normalized``."""
+        """The atlas directions (n_concepts, d) as imported (a read-only memory map: rows are read
+        when used), or unit-norm with ``normalized`` (in memory)."""
         x = self.atlas_tensors(name)[layout.DIRECTIONS_KEY]
         return unit_rows(x) if normalized else x
 
+    def check_file(self, name: str, kind: str, path: Path, sha: str | None, cached: FileStamp | None,
+                   full: bool = False) -> None:
+        """Check an atlas's ``kind`` file (``"vector"`` or ``"index"``) before it is used.
+
+        The cheap check: the file's `FileStamp` (size, mtime, checksum of head and tail) equals
+        the one cached in the row. A different size or head is a mismatch at once; a different
+        mtime alone (a copied or moved store), no cached stamp (a row older than migration 0006)
+        or ``full`` runs the full sha256, streamed, and on a match caches the new stamp (on a
+        writable store). Raises `IndexIntegrityError` on a mismatch, `FileNotFoundError` when the
+        file is missing."""
+        what = "vector file" if kind == "vector" else "index"
+        fix = ("re-import the atlas" if kind == "vector"
+               else f"`atlas index rebuild {name}` restores it from the vectors")
+        stamp = file_stamp(path)
+        if not full and stamp == cached:
+            return
+        if cached is not None and (stamp.size != cached.size or stamp.head_sha256 != cached.head_sha256):
+            raise IndexIntegrityError(f"the {what} of atlas {name!r} ({path}) is corrupt or stale "
+                                      f"(its size or header changed); {fix}")
+        if sha256_file(path) != sha:
+            raise IndexIntegrityError(f"the {what} of atlas {name!r} ({path}) is corrupt or stale "
+                                      f"(checksum mismatch); {fix}")
+        if stamp != cached and not self.readonly:
+            with self.session() as s:  # the file is right: remember its stamp (only if still this file)
+                row = s.scalar(select(AtlasRow).where(AtlasRow.name == name))
+                if row is not None and self.path / getattr(row, f"{kind}_file") == path:
+                    for key, value in _stamp_columns(kind, stamp).items():
+                        setattr(row, key, value)
+
     def index(self, name: str | None = None) -> indexes.VectorIndex:
-        """The atlas's vector index, verified against its checksum and count before use."""
+        """The atlas's vector index, opened from its file (memory-mapped) after the cheap integrity
+        check (`check_file`) and checked against the atlas's count."""
         for attempt in range(3):
             with self.read_session() as s:
                 row = self._atlas_row(s, name)
@@ -373,23 +420,18 @@ class AtlasesMixin(StoreBase):
                 if key in self._indexes:
                     return self._indexes[key]
                 path, spec, expected = self.path / row.index_file, row.index_spec, row.n_concepts
-                atlas_name = row.name
+                atlas_name, cached = row.name, _cached_stamp(row, "index")
             fix = f"`atlas index rebuild {atlas_name}` restores it from the vectors"
             try:
-                data = path.read_bytes()
+                self.check_file(atlas_name, "index", path, key[1], cached)
+                index = indexes.open_index(path, spec)
             except FileNotFoundError:
                 if attempt < 2 and self._index_file_moved(atlas_name, path):
                     continue  # a rebuild switched the row to a new file (and removed this one): read again
                 raise IndexIntegrityError(f"the index of atlas {atlas_name!r} is missing ({path}); {fix}") from None
+            except (indexes.IndexCorruptError, indexes.IndexSpecError) as e:
+                raise IndexIntegrityError(f"the index of atlas {atlas_name!r} cannot be read ({e}); {fix}") from None
             break
-        if sha256_bytes(data) != key[1]:
-            raise IndexIntegrityError(
-                f"the index of atlas {atlas_name!r} ({path}) is corrupt or stale (checksum mismatch); {fix}"
-            )
-        try:
-            index = indexes.load_index(data, spec)
-        except (indexes.IndexCorruptError, indexes.IndexSpecError) as e:
-            raise IndexIntegrityError(f"the index of atlas {atlas_name!r} cannot be read ({e}); {fix}") from None
         if index.count() != expected:
             raise IndexIntegrityError(
                 f"the index of atlas {atlas_name!r} holds {index.count()} vectors, the atlas has {expected}; {fix}"
@@ -405,8 +447,18 @@ class AtlasesMixin(StoreBase):
         """Check an atlas's vector file and index without raising; says what is wrong."""
         info = self.atlas(name)
         count = None
+        with self.read_session() as s:
+            row = self._atlas_row(s, name)
+            files = [(kind, self.path / getattr(row, f"{kind}_file"), getattr(row, f"{kind}_sha256"),
+                      _cached_stamp(row, kind)) for kind in ("vector", "index")]
         try:
-            self.atlas_tensors(name)
+            for kind, path, sha, cached in files:  # the full sha256 of each file, read in chunks
+                try:
+                    self.check_file(name, kind, path, sha, cached, full=True)
+                except FileNotFoundError:
+                    if kind == "vector":
+                        self.atlas_tensors(name)  # its one message for a missing vector file
+                    break  # a missing index: `index` says so (or finds the file a rebuild switched to)
             self._indexes = {k: v for k, v in self._indexes.items() if k[0] != name}
             count = self.index(name).count()
         except IndexIntegrityError as e:
@@ -424,12 +476,17 @@ class AtlasesMixin(StoreBase):
         info = self.atlas(name)
         spec = resolve_index_spec(info.index_spec if spec is None else spec, info.n_concepts, info.dim)
         with self.read_session() as s:
-            vec_sha = self._atlas_row(s, name).vector_sha256
-        index = build_index(self.atlas_vectors(name), spec)  # normalises the rows (once: results identical)
-        data = index.to_bytes()
+            row = self._atlas_row(s, name)
+            vec_sha, vec_path, cached = row.vector_sha256, self.path / row.vector_file, _cached_stamp(row, "vector")
+        try:  # the source of the new index: its full checksum first
+            self.check_file(name, "vector", vec_path, vec_sha, cached, full=True)
+        except FileNotFoundError:
+            self.atlas_tensors(name)  # its one message for a missing vector file
+        index = build_index(self.atlas_vectors(name), spec)  # a chunk at a time from the mapped file
         rel = layout.index_file(name, layout.new_token())
-        write_store_file(self.path / rel, data)
+        write_index(index, self.path / rel)
         failpoint("rebuild.file_written")
+        sha, stamp = sha256_file(self.path / rel), file_stamp(self.path / rel)
         try:
             with self.session() as s:
                 row = self._atlas_row(s, name)
@@ -437,7 +494,9 @@ class AtlasesMixin(StoreBase):
                     raise NotFoundError(f"atlas {name!r} was replaced while its index was rebuilt; rebuild again")
                 old = row.index_file
                 row.index_file, row.index_spec = rel, spec
-                row.index_sha256, row.index_count = sha256_bytes(data), index.count()
+                row.index_sha256, row.index_count = sha, index.count()
+                for key, value in _stamp_columns("index", stamp).items():
+                    setattr(row, key, value)
         except BaseException:
             (self.path / rel).unlink(missing_ok=True)
             raise
@@ -445,7 +504,7 @@ class AtlasesMixin(StoreBase):
         if old != rel:
             (self.path / old).unlink(missing_ok=True)
         self._indexes = {k: v for k, v in self._indexes.items() if k[0] != name}
-        self._indexes[(name, sha256_bytes(data))] = index
+        self._indexes[(name, sha)] = index
         return self.verify_index(name)
 
     # ------------------------------------------------------------------ concepts and search
@@ -557,20 +616,24 @@ def _new_index(dim: int, spec: str) -> indexes.VectorIndex:
 
 
 def build_index(x: np.ndarray, spec: str) -> indexes.VectorIndex:
-    """An index of ``spec`` over the rows of ``x`` scaled to unit norm (ids = row numbers), built in
-    memory and checked.
+    """An index of ``spec`` over the rows of ``x`` scaled to unit norm (ids = row numbers), built a
+    chunk of rows at a time and checked.
 
-    The spec is parsed first (numbers FAISS would crash on are refused before FAISS sees them),
-    then the index is trained and filled, then a few rows are searched: a spec that cannot be
-    built on these vectors, or an index that finds nothing, is a `BadValueError` and no file has
-    been written.
+    ``x`` may be a memory map (the atlas's vector file): it is trained on an even sample of at most
+    `TRAIN_SAMPLE` rows where the structure needs training, then filled chunk by chunk, each
+    chunk's pages released after use, so the build holds the index and one chunk. Then a few rows
+    are searched: a spec that cannot be built on these vectors, or an index that finds nothing, is
+    a `BadValueError`.
     """
     n, d = x.shape
     index = _new_index(d, spec)
-    x = unit_rows(x)
     try:
-        index.add(x, np.arange(n, dtype=np.int64))
-        probe = x[np.unique(np.linspace(0, n - 1, min(n, 8)).astype(np.int64))]
+        if index.needs_training:
+            rows = np.unique(np.linspace(0, n - 1, min(n, TRAIN_SAMPLE)).astype(np.int64))
+            index.train(unit_rows(x[rows]))
+        for lo, chunk in row_chunks(x):
+            index.add(unit_rows(chunk), np.arange(lo, lo + len(chunk), dtype=np.int64))
+        probe = unit_rows(x[np.unique(np.linspace(0, n - 1, min(n, 8)).astype(np.int64))])
         _, ids = index.search(probe, min(n, 5))
     except (RuntimeError, ValueError) as e:
         raise BadValueError(f"index spec {spec!r} does not work on {n} vectors of dim {d} "
@@ -581,21 +644,62 @@ def build_index(x: np.ndarray, spec: str) -> indexes.VectorIndex:
     return index
 
 
-def check_vectors(vectors: Any, what: str = "atlas vectors") -> np.ndarray:
-    """``vectors`` as a float32 (n, d) matrix of usable directions, or a `ShapeError` saying why not.
+def write_index(index: indexes.VectorIndex, path: Path) -> None:
+    """`VectorIndex.write` with a folder that cannot be written as a one-line `ReadOnlyStoreError`."""
+    write_store_file_with(path, lambda tmp: index.write(tmp))
 
-    Refused: anything not a non-empty 2-D array of real numbers (strings, objects, complex
-    values), NaN or infinite values (also after the cast to float32), all-zero rows (no
-    direction) and rows whose norm overflows float32 (unit-normalising them gives zeros).
-    """
+
+def write_vectors(path: Path, x: np.ndarray, encoder: dict[str, np.ndarray], metadata: dict[str, str]) -> str:
+    """Write an atlas's vector file (directions, then encoder tensors) a chunk of rows at a time,
+    checking each chunk of directions (`check_rows`); returns the file's sha256."""
+    shapes = {layout.DIRECTIONS_KEY: (x.shape, np.dtype(np.float32)),
+              **{k: (v.shape, np.dtype(np.float32)) for k, v in encoder.items()}}
+
+    def chunks():
+        for lo, chunk in row_chunks(x):
+            yield layout.DIRECTIONS_KEY, check_rows(chunk, first_row=lo)
+        for key, v in encoder.items():
+            for _, chunk in row_chunks(v):
+                yield key, chunk
+
+    return write_tensor_file(path, shapes, chunks(), metadata)
+
+
+def _stamp_columns(kind: str, stamp: FileStamp) -> dict[str, Any]:
+    return {f"{kind}_size": stamp.size, f"{kind}_mtime_ns": stamp.mtime_ns, f"{kind}_head_sha256": stamp.head_sha256}
+
+
+def _cached_stamp(row: AtlasRow, kind: str) -> FileStamp | None:
+    size, mtime, head = (getattr(row, f"{kind}_{c}") for c in ("size", "mtime_ns", "head_sha256"))
+    return None if size is None or mtime is None or head is None else FileStamp(size, mtime, head)
+
+
+def check_vectors(vectors: Any, what: str = "atlas vectors") -> np.ndarray:
+    """``vectors`` as a float32 (n, d) matrix of usable directions, or a `ShapeError` saying why not
+    (`check_matrix`, then `check_rows`)."""
+    return check_rows(check_matrix(vectors, what), what=what)
+
+
+def check_matrix(vectors: Any, what: str = "atlas vectors") -> np.ndarray:
+    """``vectors`` as a non-empty 2-D array of real numbers (a memory map stays one: nothing is
+    read), or a `ShapeError` (strings, objects, complex values, other shapes)."""
     try:
-        x = np.asarray(vectors)
+        x = np.asanyarray(vectors)
     except (ValueError, TypeError) as e:
         raise ShapeError(f"{what} are not an array of numbers ({e})") from None
     if x.dtype.kind not in "fiu":
         raise ShapeError(f"{what} must be real numbers (float or int), got dtype {x.dtype}")
     if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
         raise ShapeError(f"{what} must be a non-empty 2-D matrix (n_concepts, d), got {x.shape}")
+    return x
+
+
+def check_rows(x: np.ndarray, what: str = "atlas vectors", first_row: int = 0) -> np.ndarray:
+    """Rows of a matrix (a chunk starting at row ``first_row``) as float32 usable directions.
+
+    Refused: NaN or infinite values (also after the cast to float32), all-zero rows (no
+    direction) and rows whose norm overflows float32 (unit-normalising them gives zeros).
+    """
     with np.errstate(over="ignore", invalid="ignore"):
         x = np.ascontiguousarray(x, dtype=np.float32)
         if not np.isfinite(x).all():
@@ -603,11 +707,12 @@ def check_vectors(vectors: Any, what: str = "atlas vectors") -> np.ndarray:
         norms = np.linalg.norm(x, axis=1)
     bad = np.flatnonzero(~np.isfinite(norms))
     if len(bad):
-        raise ShapeError(f"{what}: row {bad[0]} has a norm beyond float32's range ({len(bad)} such rows); "
-                         "scale the vectors down")
+        raise ShapeError(f"{what}: row {first_row + bad[0]} has a norm beyond float32's range ({len(bad)} such "
+                         "rows in its chunk); scale the vectors down")
     zero = np.flatnonzero(norms == 0)
     if len(zero):
-        raise ShapeError(f"{what}: row {zero[0]} is all zeros ({len(zero)} such rows); a concept needs a direction")
+        raise ShapeError(f"{what}: row {first_row + zero[0]} is all zeros ({len(zero)} such rows in its chunk); "
+                         "a concept needs a direction")
     return x
 
 
@@ -621,16 +726,16 @@ def check_encoder(encoder: dict[str, np.ndarray] | None, n: int, d: int) -> dict
             continue
         if key not in shapes:
             raise ShapeError(f"unknown encoder tensor {key!r} (known: {', '.join(shapes)})")
-        v = np.asarray(value)
+        v = np.asanyarray(value)  # a memory map stays one: checked below a chunk of rows at a time
         if v.dtype.kind not in "fiu":
             raise ShapeError(f"encoder tensor {key} must be real numbers, got dtype {v.dtype}")
         if v.shape != shapes[key]:
             raise ShapeError(f"encoder tensor {key} has shape {v.shape}; with d_in={d}, d_sae={n} it must be "
                              f"{shapes[key]}")
-        with np.errstate(over="ignore", invalid="ignore"):
-            v = np.ascontiguousarray(v, dtype=np.float32)
-        if not np.isfinite(v).all():
-            raise ShapeError(f"encoder tensor {key} contains NaN or infinite values")
+        for _, chunk in row_chunks(v):
+            with np.errstate(over="ignore", invalid="ignore"):
+                if not np.isfinite(np.asarray(chunk, dtype=np.float32)).all():
+                    raise ShapeError(f"encoder tensor {key} contains NaN or infinite values")
         out[key] = v
     return out
 
