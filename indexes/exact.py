@@ -21,8 +21,8 @@ import numpy as np
 
 QUERY_BLOCK = 1024  # queries per tile: a (1024, d) panel keeps the GEMM at its full rate
 BASE_BLOCK = 16384  # base rows per tile: a 64 MiB float32 score tile with QUERY_BLOCK
-SEED_COLUMNS = 256  # the first top-k comes from this many columns: a full-tile argpartition costs
-#                     ~40 ns a score (as much as the GEMM), a comparison under 1 ns
+SEED_COLUMNS = 1024  # the first top-k comes from this many columns: a full-tile argpartition costs
+#                      ~40 ns a score (as much as the GEMM), a comparison under 1 ns
 
 
 def merge_topk(best_s: np.ndarray, best_i: np.ndarray, rows: np.ndarray, cand_s: np.ndarray,
@@ -73,6 +73,7 @@ def topk_inner_product(q: np.ndarray, xb: np.ndarray, k: int, ids: np.ndarray | 
     if n == 0 or nq == 0:
         return out_s, out_i
     tile = np.empty((min(query_block, nq), min(base_block, n)), dtype=np.float32)
+    above = np.empty(tile.shape, dtype=bool)
     for qlo in range(0, nq, query_block):
         qb = q[qlo : qlo + query_block]  # (m, d)
         m = len(qb)
@@ -85,8 +86,10 @@ def topk_inner_product(q: np.ndarray, xb: np.ndarray, k: int, ids: np.ndarray | 
                 start = min(len(xt), max(SEED_COLUMNS, k))
                 best_s, best_i = _first_tile(s[:, :start], k, blo)
                 s = s[:, start:]
-            rows, cols = np.nonzero(s > best_s[:, -1:])  # only scores that beat a row's k-th best
-            if len(rows):
+            mask = np.greater(s, best_s[:, -1:], out=above[:m, : s.shape[1]])  # beats the row's k-th best
+            flat = np.flatnonzero(mask)  # (cheaper than a 2-D nonzero)
+            if len(flat):
+                rows, cols = np.divmod(flat, s.shape[1])
                 merge_topk(best_s, best_i, rows, s[rows, cols], cols.astype(np.int64) + (blo + start))
         assert best_s is not None and best_i is not None
         out_s[qlo : qlo + m], out_i[qlo : qlo + m] = best_s, best_i
@@ -94,3 +97,4 @@ def topk_inner_product(q: np.ndarray, xb: np.ndarray, k: int, ids: np.ndarray | 
         found = out_i >= 0
         out_i[found] = np.asarray(ids, dtype=np.int64)[out_i[found]]
     return out_s, out_i
+

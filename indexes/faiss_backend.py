@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import cast
 
 import faiss
 import numpy as np
@@ -133,9 +134,10 @@ class FaissIndex(VectorIndex):
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = self._check_queries(queries)
         k = max(1, min(int(k), max(self.count(), 1)))
-        flat = self._flat_vectors() if len(q) >= GEMM_MIN_QUERIES else None
-        if flat is not None:
-            return topk_inner_product(q, flat, k, ids=self._flat_ids())
+        if len(q) >= GEMM_MIN_QUERIES:
+            flat = self._flat_vectors()
+            if flat is not None:
+                return topk_inner_product(q, flat, k, ids=self._flat_ids())
         scores, ids = self._index.search(q, k)
         return scores, ids
 
@@ -146,7 +148,8 @@ class FaissIndex(VectorIndex):
         flat = type(inner) in (faiss.IndexFlat, faiss.IndexFlatIP) and inner.metric_type == faiss.METRIC_INNER_PRODUCT
         if not flat or inner.ntotal == 0:
             return None
-        return faiss.rev_swig_ptr(inner.get_xb(), inner.ntotal * self.dim).reshape(inner.ntotal, self.dim)
+        xb = faiss.rev_swig_ptr(cast(faiss.IndexFlat, inner).get_xb(), inner.ntotal * self.dim)
+        return xb.reshape(inner.ntotal, self.dim)
 
     def _flat_ids(self) -> np.ndarray | None:
         if not isinstance(self._index, faiss.IndexIDMap):
