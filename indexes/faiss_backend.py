@@ -31,7 +31,10 @@ OPEN_FLAGS = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
 
 INT_MAX = 2**31 - 1  # FAISS keeps these numbers in C ints: larger ones wrap around
 # Search parameters that must be at least 1 (0 makes HNSW return one hit, IVF raise on every search).
-POSITIVE_PARAMS = ("efSearch", "efConstruction", "nprobe")
+POSITIVE_PARAMS = ("efSearch", "efConstruction", "nprobe", "rerank")
+# Not FAISS's: ``rerank=R`` has a quantised index (SQ8, PQ) return R·k candidates, re-scored
+# exactly from the raw vectors (`FaissIndex.rerank_from`) before the top k are kept.
+RERANK = "rerank"
 # Structures whose number is a graph degree: FAISS asserts (aborts the process) or crashes below 2.
 _GRAPH_DEGREE = re.compile(r"(HNSW|NSG)(\d+)")
 
@@ -78,6 +81,30 @@ def faiss_reason(e: BaseException) -> str:
     return (m.group(1) if m else text)[:200]
 
 
+def rerank(q: np.ndarray, cand: np.ndarray, raw: np.ndarray, k: int, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` of the candidate ids ``cand`` (nq, c) of each query by exact cosine with the
+    rows of ``raw``, read (and normalised) once per distinct candidate of a block of queries."""
+    nq = len(q)
+    out_s = np.full((nq, k), -np.inf, dtype=np.float32)
+    out_i = np.full((nq, k), -1, dtype=np.int64)
+    for lo in range(0, nq, block):
+        c = cand[lo : lo + block]  # (m, c)
+        uniq, inv = np.unique(c[c >= 0], return_inverse=True)
+        if not len(uniq):
+            continue
+        rows = np.asarray(raw[uniq], dtype=np.float32)  # (u, d): only these rows are read
+        rows /= np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), np.float32(1e-30))
+        pos = np.full(c.shape, -1, dtype=np.int64)
+        pos[c >= 0] = inv
+        s = np.einsum("md,mcd->mc", q[lo : lo + block], rows[np.maximum(pos, 0)])  # (m, c)
+        s[pos < 0] = -np.inf
+        top = np.argsort(-s, axis=1, kind="stable")[:, :k]
+        kk = top.shape[1]
+        out_s[lo : lo + len(c), :kk] = np.take_along_axis(s, top, 1)
+        out_i[lo : lo + len(c), :kk] = np.where(np.take_along_axis(pos, top, 1) >= 0, np.take_along_axis(c, top, 1), -1)
+    return out_s, out_i
+
+
 def _inner(index: faiss.Index) -> faiss.Index:
     return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
 
@@ -87,6 +114,7 @@ class FaissIndex(VectorIndex):
         super().__init__(dim, spec)
         factory, self.search_params = parse_spec(spec)
         self._ids: np.ndarray | None = None  # the IDMap's ids as an array, for the GEMM path
+        self._raw: np.ndarray | None = None  # raw vectors by id, for ``rerank`` (`rerank_from`)
         if _index is not None:
             self._index = _index
             return
@@ -103,7 +131,7 @@ class FaissIndex(VectorIndex):
         for prefix, defaults in DEFAULT_SEARCH_PARAMS.items():
             if type(inner).__name__.startswith(f"Index{prefix}"):
                 params.update(defaults)
-        params.update(self.search_params)
+        params.update({k: v for k, v in self.search_params.items() if k != RERANK})
         ps = faiss.ParameterSpace()
         for key, value in params.items():
             try:
@@ -138,8 +166,21 @@ class FaissIndex(VectorIndex):
             flat = self._flat_vectors()
             if flat is not None:
                 return topk_inner_product(q, flat, k, ids=self._flat_ids())
+        factor = self.search_params.get(RERANK, 1)
+        if factor > 1 and self._raw is not None:
+            _, cand = self._index.search(q, min(k * factor, self.count()))
+            return rerank(q, cand, self._raw, k)
         scores, ids = self._index.search(q, k)
         return scores, ids
+
+    def rerank_from(self, raw: np.ndarray) -> None:
+        """Re-score the candidates of a ``rerank=R`` spec exactly from ``raw`` (n, dim): row ``i``
+        is the vector of id ``i``, any scale (rows are normalised when read). A memory map of the
+        atlas's vector file does: only the candidates' rows are read, so the raw vectors need not
+        fit in memory while the quantised index does."""
+        if raw.ndim != 2 or raw.shape[1] != self.dim:
+            raise ValueError(f"raw vectors must have shape (n, {self.dim}), got {tuple(raw.shape)}")
+        self._raw = raw
 
     def _flat_vectors(self) -> np.ndarray | None:
         """The stored vectors (n, dim) of a Flat inner-product index, as a view (no copy; on an

@@ -267,6 +267,7 @@ class AtlasesMixin(StoreBase):
             except IntegrityError:  # another database than SQLite: the unique name decides
                 raise DuplicateError(f"an atlas named {name!r} exists (written while this import ran); "
                                      "pick another --name or remove it first") from None
+            self._attach_raw(name, index)
             self._indexes[(name, idx_sha)] = index
         except BaseException:
             for p in written:
@@ -436,8 +437,15 @@ class AtlasesMixin(StoreBase):
             raise IndexIntegrityError(
                 f"the index of atlas {atlas_name!r} holds {index.count()} vectors, the atlas has {expected}; {fix}"
             )
+        self._attach_raw(atlas_name, index)
         self._indexes[key] = index
         return index
+
+    def _attach_raw(self, name: str, index: indexes.VectorIndex) -> None:
+        """A spec with ``rerank=R`` (a quantised index) re-scores its candidates from the atlas's
+        vector file, memory-mapped: only the candidates' rows are read."""
+        if "rerank" in index.spec.partition("|")[2] and hasattr(index, "rerank_from"):
+            index.rerank_from(self.atlas_vectors(name))
 
     def _index_file_moved(self, name: str, path: Path) -> bool:
         with self.read_session() as s:
@@ -504,6 +512,7 @@ class AtlasesMixin(StoreBase):
         if old != rel:
             (self.path / old).unlink(missing_ok=True)
         self._indexes = {k: v for k, v in self._indexes.items() if k[0] != name}
+        self._attach_raw(name, index)
         self._indexes[(name, sha)] = index
         return self.verify_index(name)
 

@@ -27,7 +27,7 @@ import numpy as np
 from engine.errors import IndexIntegrityError
 from engine.util import write_store_file_with
 
-CHUNK_ROWS = 65536  # rows per chunk when streaming a matrix: 192 MiB at d=768, float32
+CHUNK_ROWS = 16384  # rows per chunk when streaming a matrix: 48 MiB at d=768, float32 (a few copies live)
 _DTYPES = {"F32": np.float32, "F64": np.float64, "F16": np.float16, "I64": np.int64, "I32": np.int32}
 _CODES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
