@@ -23,6 +23,7 @@ does not use::
 
     python benchmarks/bench_labelling.py --structured --concepts 1000000 --features 1000000 -k 10 \
         --no-bare --batch 65536 --spec "HNSW32|efSearch=128" --sweep 64,128,256
+
 ``bare`` is timed before and after the run and averaged, because the machine is shared; the run
 is also split from inside (time in the index's search vs the rest), two figures taken in one
 time window and so under the same load.
