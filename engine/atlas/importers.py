@@ -100,7 +100,7 @@ def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
 
     try:
         return open_tensors(path)
-    except (AtlasError, ValueError, KeyError, TypeError, OSError):
+    except (AtlasError, ValueError, KeyError, TypeError, OSError, OverflowError, MemoryError):
         pass  # not a file the mapping reader takes: safetensors reads it, or says what is wrong
     try:
         return load_file(str(path))

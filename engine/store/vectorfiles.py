@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import mmap
 import struct
 from collections.abc import Iterable, Iterator
@@ -69,17 +70,36 @@ def write_tensor_file(path: Path, shapes: dict[str, tuple[tuple[int, ...], np.dt
 
 
 def read_header(path: Path) -> tuple[int, dict[str, dict]]:
-    """(byte offset of the data, the JSON header) of a safetensors file."""
+    """(byte offset of the data, the JSON header) of a safetensors file, each entry checked:
+    a known dtype, a shape of non-negative ints and a byte range inside the file that holds
+    exactly that shape. Anything else is an `IndexIntegrityError` (never a huge read)."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
             raise IndexIntegrityError(f"{path} is not a safetensors file (too short)")
         (n,) = struct.unpack("<Q", raw)
+        if n > size - 8:
+            raise IndexIntegrityError(f"{path} is not a safetensors file (header longer than the file)")
         try:
             header = json.loads(f.read(n))
         except (ValueError, UnicodeDecodeError):
             raise IndexIntegrityError(f"{path} is not a safetensors file (bad header)") from None
+    if not isinstance(header, dict):
+        raise IndexIntegrityError(f"{path} is not a safetensors file (bad header)")
     header.pop("__metadata__", None)
+    for key, meta in header.items():
+        ok = isinstance(meta, dict) and meta.get("dtype") in _DTYPES
+        shape, offsets = (meta.get("shape"), meta.get("data_offsets")) if ok else (None, None)
+        ok = ok and isinstance(shape, list) and all(type(s) is int and s >= 0 for s in shape)
+        ok = ok and isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+        if ok and isinstance(shape, list) and isinstance(offsets, list):
+            lo, hi = offsets
+            n_bytes = math.prod(shape) * np.dtype(_DTYPES[meta["dtype"]]).itemsize  # Python ints: no overflow
+            ok = 0 <= lo <= hi <= size - 8 - n and hi - lo == n_bytes
+        if not ok:
+            raise IndexIntegrityError(f"{path}: tensor {str(key)[:40]!r} is not one the store reads "
+                                      "(dtype, shape or byte range)")
     return 8 + n, header
 
 
@@ -88,11 +108,9 @@ def open_tensors(path: Path) -> dict[str, np.ndarray]:
     start, header = read_header(path)
     out: dict[str, np.ndarray] = {}
     for key, meta in header.items():
-        dtype = _DTYPES.get(str(meta.get("dtype")))
+        dtype = _DTYPES[meta["dtype"]]
         lo, hi = meta["data_offsets"]
         shape = tuple(meta["shape"])
-        if dtype is None:
-            raise IndexIntegrityError(f"{path}: tensor {key!r} has dtype {meta.get('dtype')}, not one the store writes")
         if hi == lo:
             out[key] = np.zeros(shape, dtype=dtype)
             continue
