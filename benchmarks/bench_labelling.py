@@ -11,6 +11,19 @@ subject site (a random semi-orthogonal matrix: the map's values do not change th
   (one GEMM per batch), search, and commit every batch's rows with the run's progress.
 
 The target is ``labelling / bare <= 1.3``: projection and database writes must not dominate.
+
+The labelling moonshot (issue 14, part 3) is this benchmark with ``--structured`` (an SAE-like
+atlas and subject features that are mapped atlas directions perturbed to cosine 0.9 plus fresh
+sparse combinations, never uniform noise: `bench_ann_scale.sae_like`), an ANN ``--spec`` and
+``-k 10``: the index build (the atlas's one-time cost) is timed separately with its RAM, the run
+is timed from its start to its last commit, and recall@10 is measured on ``--recall-sample``
+features of the run against exact search. ``--sweep`` first tries search parameters on
+validation features (another seed), so the spec's parameter is chosen on features the report
+does not use::
+
+    python benchmarks/bench_labelling.py --structured --concepts 1000000 --features 1000000 -k 10 \
+        --no-bare --batch 65536 --spec "HNSW32|efSearch=128" --sweep 64,128,256
+
 ``bare`` is timed before and after the run and averaged, because the machine is shared; the run
 is also split from inside (time in the index's search vs the rest), two figures taken in one
 time window and so under the same load.
@@ -31,12 +44,41 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_ann_scale import perturb, recall_at, sae_like  # noqa: E402
 
 import indexes  # noqa: E402
 from engine.align.map import AlignmentMap  # noqa: E402
 from engine.labelling import run as labelling  # noqa: E402
 from engine.search import project  # noqa: E402
 from engine.store.store import Store  # noqa: E402
+from indexes.exact import topk_inner_product  # noqa: E402
+
+
+def structured_atlas(path: Path, n: int, d: int, rng: np.random.Generator, n_base: int = 4096,
+                     chunk: int = 50_000) -> np.ndarray:
+    """SAE-like atlas directions written to a ``.npy`` a chunk at a time; returns the base."""
+    base = rng.normal(size=(n_base, d)).astype(np.float32)
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, d))
+    for lo in range(0, n, chunk):
+        out[lo : lo + chunk] = sae_like(min(chunk, n - lo), base, 3, 0.3, rng)
+    out.flush()
+    return base
+
+
+def structured_features(atlas: np.ndarray, base: np.ndarray, w: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Subject features: half mapped atlas directions perturbed to cosine 0.9, half fresh sparse
+    combinations, taken into the subject space through the map's transpose (d_subject)."""
+    rng = np.random.default_rng(1000 + seed)
+    n_pert = n // 2
+    rows = np.sort(rng.choice(len(atlas), n_pert, replace=False))
+    a = np.concatenate([perturb(np.asarray(atlas[rows]), 0.9, rng), sae_like(n - n_pert, base, 3, 0.3, rng)])
+    return (a @ w.T).astype(np.float32)  # (n, d_subject): x ↦ x @ w takes them back to the atlas
+
+
+def exact_top(atlas_unit_rows, queries: np.ndarray, k: int) -> np.ndarray:
+    return topk_inner_product(queries, atlas_unit_rows, k)[1]
 
 
 class SearchClock:
@@ -63,6 +105,12 @@ class SearchClock:
         indexes.FaissIndex.search = self._real
 
 
+def peak_rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def bare_search(index, queries: np.ndarray, k: int, batch: int) -> float:
     t0 = time.perf_counter()
     for lo in range(0, len(queries), batch):
@@ -78,6 +126,13 @@ def main() -> None:
     ap.add_argument("--d-atlas", type=int, default=768)
     ap.add_argument("-k", type=int, default=5)
     ap.add_argument("--batch", type=int, default=labelling.DEFAULT_BATCH)
+    ap.add_argument("--spec", default="Flat", help="index spec of the atlas (an ANN spec for the moonshot)")
+    ap.add_argument("--structured", action="store_true", help="SAE-like atlas and features (see the doc)")
+    ap.add_argument("--recall-sample", type=int, default=2000, help="features whose labels are checked "
+                    "against exact search (recall@k)")
+    ap.add_argument("--no-bare", action="store_true", help="skip the two bare searches (the moonshot: at 1M "
+                    "each costs as much as the run)")
+    ap.add_argument("--sweep", default="", help="efSearch / nprobe values tried on validation features first")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
 
@@ -85,28 +140,59 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-labelling-") as tmp:
         root = Path(tmp)
         store = Store.init(root / "store")
-        t0 = time.perf_counter()
-        atlas = rng.normal(size=(args.concepts, args.d_atlas)).astype(np.float32)
-        store.add_atlas("atlas", atlas, [f"concept {i}" for i in range(args.concepts)], model="foundation",
-                        layer=12, index_spec="Flat")
-        del atlas
-        store.add_model("subject", d_model=args.d_subject)
         q, _ = np.linalg.qr(rng.normal(size=(args.d_atlas, args.d_subject)))  # (d_atlas, d_subject)
         w = q.T.astype(np.float32)  # (d_subject, d_atlas), orthonormal rows
+        if args.structured:
+            base = structured_atlas(root / "atlas.npy", args.concepts, args.d_atlas, rng)
+            atlas = np.load(root / "atlas.npy", mmap_mode="r")
+        else:
+            atlas = rng.normal(size=(args.concepts, args.d_atlas)).astype(np.float32)
+        t0 = time.perf_counter()
+        store.add_atlas("atlas", atlas, [f"concept {i}" for i in range(args.concepts)], model="foundation",
+                        layer=12, index_spec=args.spec)
+        t_build = time.perf_counter() - t0
+        build_rss = peak_rss_gb()
+        index_gb = (store.path / store.atlas_files("atlas")["index"]).stat().st_size / 2**30
+        print(f"atlas {args.concepts}x{args.d_atlas} {args.spec}: imported and indexed in {t_build:.0f}s, "
+              f"peak RSS {build_rss:.2f} GB, index file {index_gb:.2f} GB", flush=True)
+        t0 = time.perf_counter()
+        store.add_model("subject", d_model=args.d_subject)
         amap = AlignmentMap(w, w.T, np.zeros(args.d_subject), np.zeros(args.d_atlas), "procrustes",
                             subject_model="subject", subject_layer=20, atlas="atlas")
         store.save_map(amap, "map")
-        feats = rng.normal(size=(args.features, args.d_subject)).astype(np.float32)
+        if args.structured:
+            feats = structured_features(atlas, base, w, args.features, seed=2)
+            val = structured_features(atlas, base, w, min(args.recall_sample, args.features), seed=1)
+        else:
+            feats = rng.normal(size=(args.features, args.d_subject)).astype(np.float32)
+            val = None
         np.save(root / "features.npy", feats)
         t_setup = time.perf_counter() - t0
-        print(f"setup {t_setup:.0f}s: atlas {args.concepts}x{args.d_atlas} Flat, "
-              f"{args.features} features d={args.d_subject}", flush=True)
+        print(f"setup {t_setup:.0f}s: map, {args.features} features d={args.d_subject}", flush=True)
+        atlas_unit = store.atlas_vectors("atlas", normalized=True) if args.recall_sample else None
+
+        swept = []
+        if args.sweep and val is not None and atlas_unit is not None:
+            import faiss
+
+            vq = project(amap, val)
+            exact_v = exact_top(atlas_unit, vq, args.k)
+            vindex = store.index("atlas")
+            name = "efSearch" if "HNSW" in args.spec else "nprobe"
+            for value in [int(v) for v in args.sweep.split(",")]:
+                faiss.ParameterSpace().set_index_parameter(vindex._index, name, value)
+                t0 = time.perf_counter()
+                got = vindex.search(vq, args.k)[1]
+                dt = time.perf_counter() - t0
+                swept.append({name: value, f"recall_at_{args.k}": recall_at(got, exact_v), "qps": len(vq) / dt})
+                print(f"validation {name}={value}: {swept[-1]}", flush=True)
+            vindex._apply_search_params()  # the spec's own parameter for the run
 
         index = store.index("atlas")
         queries = np.concatenate([project(amap, feats[lo : lo + args.batch])
                                   for lo in range(0, args.features, args.batch)])
-        t_bare_1 = bare_search(index, queries, args.k, args.batch)
-        print(f"bare FAISS search: {t_bare_1:.1f}s", flush=True)
+        t_bare_1 = float("nan") if args.no_bare else bare_search(index, queries, args.k, args.batch)
+        print(f"bare search: {t_bare_1:.1f}s", flush=True)
         store.close()
 
         t0, c0 = time.perf_counter(), time.process_time()
@@ -116,10 +202,19 @@ def main() -> None:
             assert run.status == "done" and run.n_done == args.features
             t_label, cpu_label = time.perf_counter() - t0, time.process_time() - c0
             n_rows = fresh.count_run_labels("bench")
-        print(f"labelling end to end: {t_label:.1f}s ({n_rows} rows)", flush=True)
+            recall = None
+            if args.recall_sample and atlas_unit is not None:
+                pick = np.sort(np.random.default_rng(3).choice(args.features, min(args.recall_sample,
+                                                                                  args.features), replace=False))
+                got = np.full((len(pick), args.k), -1, dtype=np.int64)
+                for i, f in enumerate(pick.tolist()):  # (feature, rank, score, ordinal, label, labelled)
+                    rows = sorted(fresh.run_label_rows("bench", f, f + 1), key=lambda r: r[1])[: args.k]
+                    got[i, : len(rows)] = [r[3] for r in rows]
+                recall = recall_at(got, exact_top(atlas_unit, queries[pick], args.k))
+        print(f"labelling end to end: {t_label:.1f}s ({n_rows} rows), recall@{args.k} {recall}", flush=True)
 
-        t_bare_2 = bare_search(index, queries, args.k, args.batch)
-        print(f"bare FAISS search again: {t_bare_2:.1f}s", flush=True)
+        t_bare_2 = float("nan") if args.no_bare else bare_search(index, queries, args.k, args.batch)
+        print(f"bare search again: {t_bare_2:.1f}s", flush=True)
         t0 = time.perf_counter()
         for lo in range(0, args.features, args.batch):
             project(amap, feats[lo : lo + args.batch])
@@ -136,6 +231,9 @@ def main() -> None:
         "search_in_run_s": clock.seconds, "rest_of_run_s": t_label - clock.seconds,
         "ratio_in_run": t_label / clock.seconds, "labelling_cpu_s": cpu_label,
         "features_per_s": args.features / t_label,
+        "spec": args.spec, "structured": args.structured, f"recall_at_{args.k}": recall,
+        "recall_sample": args.recall_sample, "validation_sweep": swept,
+        "index_build_s": t_build, "index_build_peak_rss_gb": build_rss, "index_file_gb": index_gb,
     }
     print(json.dumps(out, indent=2))
     if args.json:

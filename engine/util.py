@@ -13,17 +13,18 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from engine.errors import BadNameError, BadValueError, ReadOnlyStoreError
-from indexes.base import failpoint, write_atomic
+from indexes.base import failpoint, write_atomic, write_atomic_with
 
-__all__ = ["check_k", "check_name", "corpus_fingerprint", "sha256_bytes", "to_plain", "unit_rows", "utcnow",
-           "failpoint", "write_atomic", "write_store_file"]
+__all__ = ["FileStamp", "check_k", "check_name", "corpus_fingerprint", "file_stamp", "sha256_bytes", "sha256_file",
+           "to_plain", "unit_rows", "utcnow", "failpoint", "write_atomic", "write_store_file", "write_store_file_with"]
 
 MAX_NAME = 200  # characters, and bytes in UTF-8: a name plus its suffixes stays under NAME_MAX (255)
 NAME_RULE = (f"use letters, digits, '-', '_' or '.', not starting with '.', "
@@ -54,8 +55,55 @@ def write_store_file(path: Path, data: bytes) -> None:
                                  f"{path.parent} must be writable (and the disk not full)") from None
 
 
+def write_store_file_with(path: Path, fill: Callable[[Path], None]) -> None:
+    """`write_store_file` for content written by ``fill(temporary path)`` (a stream, FAISS)."""
+    try:
+        write_atomic_with(path, fill)
+    except OSError as e:
+        raise ReadOnlyStoreError(f"cannot write {path} ({e.strerror or e}); the store's folder "
+                                 f"{path.parent} must be writable (and the disk not full)") from None
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+HASH_CHUNK = 8 << 20  # bytes read at a time by `sha256_file`: memory stays flat for any file size
+HEAD_BYTES = 1 << 20  # bytes of a file's head (and tail) in its cheap `FileStamp` checksum
+
+
+def sha256_file(path: Path, chunk: int | None = None) -> str:
+    """The sha256 of a file, read in ``chunk``-byte pieces (`HASH_CHUNK`; never the whole file)."""
+    chunk = chunk or HASH_CHUNK
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        buf = bytearray(chunk)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class FileStamp:
+    """What opening a store file checks instead of its full sha256: size, modification time
+    (nanoseconds) and the sha256 of its first and last `HEAD_BYTES` (the header, where a format
+    keeps its counts and shapes). Cached in the database row beside the full checksum."""
+
+    size: int
+    mtime_ns: int
+    head_sha256: str
+
+
+def file_stamp(path: Path) -> FileStamp:
+    """The `FileStamp` of a file: one ``stat`` and at most 2 MiB read."""
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        h = hashlib.sha256(f.read(HEAD_BYTES))
+        if st.st_size > HEAD_BYTES:
+            f.seek(max(HEAD_BYTES, st.st_size - HEAD_BYTES))
+            h.update(f.read(HEAD_BYTES))
+    return FileStamp(st.st_size, st.st_mtime_ns, h.hexdigest())
 
 
 def unit_rows(x: np.ndarray, dtype: type[np.floating] = np.float32) -> np.ndarray:

@@ -13,6 +13,7 @@ from indexes.base import (
     backends,
     create_index,
     load_index,
+    open_index,
     register_backend,
 )
 from indexes.faiss_backend import FaissIndex
@@ -27,5 +28,6 @@ __all__ = [
     "backends",
     "create_index",
     "load_index",
+    "open_index",
     "register_backend",
 ]

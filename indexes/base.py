@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,16 @@ class VectorIndex(ABC):
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         """Add ``vectors`` (n, dim) under ``ids`` (n,); trains the index first if it needs it."""
 
+    @property
+    def needs_training(self) -> bool:
+        """Whether `train` must see a sample before `add` (IVF, PQ, SQ structures)."""
+        return False
+
+    def train(self, sample: np.ndarray) -> None:
+        """Train on ``sample`` (n, dim) so the index can then be filled by `add` in chunks; a no-op
+        for structures that need no training."""
+        return None
+
     @abstractmethod
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` by inner product: (scores (n, k) float32, ids (n, k) int64; -1 where none)."""
@@ -59,6 +70,19 @@ class VectorIndex(ABC):
         data = self.to_bytes()
         write_atomic(Path(path), data)
         return data
+
+    def write(self, path: str | Path) -> None:
+        """Write the index to ``path`` atomically without holding its serialised bytes in memory
+        where the backend can (this default serialises to bytes first)."""
+        write_atomic(Path(path), self.to_bytes())
+
+    @classmethod
+    def open(cls, path: str | Path, spec: str | None = None) -> VectorIndex:
+        """Open an index written by `write` or `save` from its file: memory-mapped where the
+        backend and the index type allow (this default reads the bytes).
+
+        Raises `IndexCorruptError` when the file is not a readable index."""
+        return cls.from_bytes(Path(path).read_bytes(), spec)
 
     def _check_queries(self, queries: np.ndarray) -> np.ndarray:
         q = np.ascontiguousarray(queries, dtype=np.float32)
@@ -97,7 +121,19 @@ def file_mode() -> int:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one.
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one (see
+    `write_atomic_with`)."""
+
+    def fill(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    write_atomic_with(path, fill)
+
+
+def write_atomic_with(path: Path, fill: Callable[[Path], None]) -> None:
+    """Have ``fill`` write the file's content to a temporary path, then make it ``path`` so that a
+    crash leaves either the old file or the new one (fsync, rename, fsync of the folder).
 
     The temporary file is ``.<pid>.<random>.tmp`` in the same folder (its writer is in its name, so
     a leftover of a killed writer can be told from a file being written); the file gets the mode
@@ -107,10 +143,13 @@ def write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, file_mode())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        os.close(fd)
+        fill(Path(tmp))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         failpoint("write_atomic.before_rename")
         os.replace(tmp, path)
     except BaseException:
@@ -158,3 +197,8 @@ def create_index(dim: int, spec: str = "Flat", backend: str = "faiss", **locatio
 
 def load_index(data: bytes, spec: str | None = None, backend: str = "faiss") -> VectorIndex:
     return _backend(backend).from_bytes(data, spec)
+
+
+def open_index(path: str | Path, spec: str | None = None, backend: str = "faiss") -> VectorIndex:
+    """An index opened from its file (`VectorIndex.open`: memory-mapped where it can be)."""
+    return _backend(backend).open(path, spec)

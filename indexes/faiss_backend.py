@@ -9,19 +9,32 @@ optionally followed by search-time parameters after a ``|``: ``HNSW32|efSearch=1
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import cast
 
 import faiss
 import numpy as np
 
-from indexes.base import IndexCorruptError, IndexSpecError, VectorIndex, register_backend
+from indexes.base import IndexCorruptError, IndexSpecError, VectorIndex, register_backend, write_atomic_with
+from indexes.exact import topk_inner_product
 
 # Search-time defaults: chosen for recall >= 0.95 on structured (clustered) vectors.
 DEFAULT_SEARCH_PARAMS = {"HNSW": {"efSearch": 128}, "IVF": {"nprobe": 32}}
 
 
+# From this many queries on, a Flat index is searched by `indexes.exact` (blocked GEMM + threshold
+# top-k) instead of FAISS's own search; below it both are bound by reading the vectors once.
+GEMM_MIN_QUERIES = 20
+# Opening a file maps the index's vectors (flat codes, HNSW storage, IVF lists) instead of reading
+# them: pages are read when a search touches them, and many processes share one copy.
+OPEN_FLAGS = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
+
 INT_MAX = 2**31 - 1  # FAISS keeps these numbers in C ints: larger ones wrap around
 # Search parameters that must be at least 1 (0 makes HNSW return one hit, IVF raise on every search).
-POSITIVE_PARAMS = ("efSearch", "efConstruction", "nprobe")
+POSITIVE_PARAMS = ("efSearch", "efConstruction", "nprobe", "rerank")
+# Not FAISS's: ``rerank=R`` has a quantised index (SQ8, PQ) return R·k candidates, re-scored
+# exactly from the raw vectors (`FaissIndex.rerank_from`) before the top k are kept.
+RERANK = "rerank"
 # Structures whose number is a graph degree: FAISS asserts (aborts the process) or crashes below 2.
 _GRAPH_DEGREE = re.compile(r"(HNSW|NSG)(\d+)")
 
@@ -68,6 +81,30 @@ def faiss_reason(e: BaseException) -> str:
     return (m.group(1) if m else text)[:200]
 
 
+def rerank(q: np.ndarray, cand: np.ndarray, raw: np.ndarray, k: int, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` of the candidate ids ``cand`` (nq, c) of each query by exact cosine with the
+    rows of ``raw``, read (and normalised) once per distinct candidate of a block of queries."""
+    nq = len(q)
+    out_s = np.full((nq, k), -np.inf, dtype=np.float32)
+    out_i = np.full((nq, k), -1, dtype=np.int64)
+    for lo in range(0, nq, block):
+        c = cand[lo : lo + block]  # (m, c)
+        uniq, inv = np.unique(c[c >= 0], return_inverse=True)
+        if not len(uniq):
+            continue
+        rows = np.asarray(raw[uniq], dtype=np.float32)  # (u, d): only these rows are read
+        rows /= np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), np.float32(1e-30))
+        pos = np.full(c.shape, -1, dtype=np.int64)
+        pos[c >= 0] = inv
+        s = np.einsum("md,mcd->mc", q[lo : lo + block], rows[np.maximum(pos, 0)])  # (m, c)
+        s[pos < 0] = -np.inf
+        top = np.argsort(-s, axis=1, kind="stable")[:, :k]
+        kk = top.shape[1]
+        out_s[lo : lo + len(c), :kk] = np.take_along_axis(s, top, 1)
+        out_i[lo : lo + len(c), :kk] = np.where(np.take_along_axis(pos, top, 1) >= 0, np.take_along_axis(c, top, 1), -1)
+    return out_s, out_i
+
+
 def _inner(index: faiss.Index) -> faiss.Index:
     return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
 
@@ -76,6 +113,8 @@ class FaissIndex(VectorIndex):
     def __init__(self, dim: int, spec: str = "Flat", _index: faiss.Index | None = None) -> None:
         super().__init__(dim, spec)
         factory, self.search_params = parse_spec(spec)
+        self._ids: np.ndarray | None = None  # the IDMap's ids as an array, for the GEMM path
+        self._raw: np.ndarray | None = None  # raw vectors by id, for ``rerank`` (`rerank_from`)
         if _index is not None:
             self._index = _index
             return
@@ -92,7 +131,7 @@ class FaissIndex(VectorIndex):
         for prefix, defaults in DEFAULT_SEARCH_PARAMS.items():
             if type(inner).__name__.startswith(f"Index{prefix}"):
                 params.update(defaults)
-        params.update(self.search_params)
+        params.update({k: v for k, v in self.search_params.items() if k != RERANK})
         ps = faiss.ParameterSpace()
         for key, value in params.items():
             try:
@@ -110,18 +149,82 @@ class FaissIndex(VectorIndex):
         if not self._index.is_trained:
             self._index.train(x)
         self._index.add_with_ids(x, ids)
+        self._ids = None
+
+    @property
+    def needs_training(self) -> bool:
+        return not self._index.is_trained
+
+    def train(self, sample: np.ndarray) -> None:
+        if not self._index.is_trained:
+            self._index.train(np.ascontiguousarray(sample, dtype=np.float32))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = self._check_queries(queries)
         k = max(1, min(int(k), max(self.count(), 1)))
+        if len(q) >= GEMM_MIN_QUERIES:
+            flat = self._flat_vectors()
+            if flat is not None:
+                return topk_inner_product(q, flat, k, ids=self._flat_ids())
+        factor = self.search_params.get(RERANK, 1)
+        if factor > 1 and self._raw is not None:
+            _, cand = self._index.search(q, min(k * factor, self.count()))
+            return rerank(q, cand, self._raw, k)
         scores, ids = self._index.search(q, k)
         return scores, ids
+
+    def rerank_from(self, raw: np.ndarray) -> None:
+        """Re-score the candidates of a ``rerank=R`` spec exactly from ``raw`` (n, dim): row ``i``
+        is the vector of id ``i``, any scale (rows are normalised when read). A memory map of the
+        atlas's vector file does: only the candidates' rows are read, so the raw vectors need not
+        fit in memory while the quantised index does."""
+        if raw.ndim != 2 or raw.shape[1] != self.dim:
+            raise ValueError(f"raw vectors must have shape (n, {self.dim}), got {tuple(raw.shape)}")
+        self._raw = raw
+
+    def _flat_vectors(self) -> np.ndarray | None:
+        """The stored vectors (n, dim) of a Flat inner-product index, as a view (no copy; on an
+        index opened from its file, a view of the mapped file); None for other structures."""
+        inner = _inner(self._index)
+        flat = type(inner) in (faiss.IndexFlat, faiss.IndexFlatIP) and inner.metric_type == faiss.METRIC_INNER_PRODUCT
+        if not flat or inner.ntotal == 0:
+            return None
+        xb = faiss.rev_swig_ptr(cast(faiss.IndexFlat, inner).get_xb(), inner.ntotal * self.dim)
+        return xb.reshape(inner.ntotal, self.dim)
+
+    def _flat_ids(self) -> np.ndarray | None:
+        if not isinstance(self._index, faiss.IndexIDMap):
+            return None
+        if self._ids is None or len(self._ids) != self._index.ntotal:
+            self._ids = faiss.vector_to_array(self._index.id_map)
+        return self._ids
 
     def count(self) -> int:
         return int(self._index.ntotal)
 
     def to_bytes(self) -> bytes:
         return faiss.serialize_index(self._index).tobytes()
+
+    def write(self, path: str | Path) -> None:
+        """Written by FAISS straight to a temporary file (no serialised copy in memory), then renamed."""
+        write_atomic_with(Path(path), lambda tmp: faiss.write_index(self._index, str(tmp)))
+
+    @classmethod
+    def open(cls, path: str | Path, spec: str | None = None) -> FaissIndex:
+        """Memory-mapped (`OPEN_FLAGS`): the vectors stay in the file until a search reads them.
+
+        The file must stay as it is while the index is open: store files are never rewritten
+        in place (a rebuild writes a new file and renames), so a mapping always sees one version."""
+        try:
+            index = faiss.read_index(str(path), OPEN_FLAGS)
+        except (RuntimeError, ValueError) as e:
+            if not Path(path).is_file():
+                raise FileNotFoundError(str(path)) from None
+            raise IndexCorruptError(f"not a readable FAISS index ({faiss_reason(e)})") from None
+        out = cls(index.d, spec or "Flat", _index=index)
+        if spec:
+            out._apply_search_params()
+        return out
 
     @classmethod
     def from_bytes(cls, data: bytes, spec: str | None = None) -> FaissIndex:

@@ -11,7 +11,7 @@ Specs are the FAISS backend's strings, so ``--index-spec`` means the same on bot
 ``Flat`` → FLAT, ``HNSW<M>`` → HNSW with ``M``, ``efConstruction`` and ``ef`` (``efSearch``),
 ``IVF<nlist>,Flat`` → IVF_FLAT with ``nprobe``, ``IVF<nlist>,SQ8`` → IVF_SQ8. A Milvus index has
 no bytes: `to_bytes` / `from_bytes` refuse, and the store records the URI and collection name
-instead of a file (`MilvusIndex.open` reconnects). pymilvus is imported on first use (the
+instead of a file (`MilvusIndex.attach` reconnects). pymilvus is imported on first use (the
 ``milvus`` extra).
 """
 
@@ -162,7 +162,7 @@ def drop_collection(uri: str, collection: str) -> None:
 
 class MilvusIndex(VectorIndex):
     """A Milvus collection as a `VectorIndex`. ``MilvusIndex(dim, spec, uri=..., collection=...)``
-    creates the collection (refused if it exists); `MilvusIndex.open` attaches to one."""
+    creates the collection (refused if it exists); `MilvusIndex.attach` attaches to one."""
 
     def __init__(self, dim: int, spec: str = "Flat", *, uri: str | None = None, collection: str | None = None,
                  _create: bool = True) -> None:
@@ -195,7 +195,7 @@ class MilvusIndex(VectorIndex):
         c.create_collection(self.collection, schema=schema, consistency_level="Strong")
 
     @classmethod
-    def open(cls, uri: str, collection: str, spec: str) -> MilvusIndex:
+    def attach(cls, uri: str, collection: str, spec: str) -> MilvusIndex:
         """Attach to an existing collection; `IndexCorruptError` if it is missing or not an atlas index."""
         c = client(uri)
         if not c.has_collection(collection):
@@ -267,11 +267,11 @@ class MilvusIndex(VectorIndex):
 
     def to_bytes(self) -> bytes:
         raise IndexSpecError("a Milvus index lives in its collection and has no bytes; "
-                             f"MilvusIndex.open({self.uri!r}, {self.collection!r}, spec) attaches to it")
+                             f"MilvusIndex.attach({self.uri!r}, {self.collection!r}, spec) attaches to it")
 
     @classmethod
     def from_bytes(cls, data: bytes, spec: str | None = None) -> MilvusIndex:
-        raise IndexSpecError("a Milvus index is not read from bytes; MilvusIndex.open attaches to its collection")
+        raise IndexSpecError("a Milvus index is not read from bytes; MilvusIndex.attach attaches to its collection")
 
 
 register_backend("milvus", MilvusIndex)

@@ -113,7 +113,7 @@ def test_search_pads_with_minus_one_and_ids_survive_reopen(new_index, backend):
     assert got.shape == (2, 6) and set(got[0]) == set(range(100, 106))
     assert got[0, 0] == 100 and got[1, 0] == 101
     if backend == "milvus":  # a second handle on the same collection sees the same vectors
-        back = indexes.MilvusIndex.open(ix.uri, ix.collection, "Flat")
+        back = indexes.MilvusIndex.attach(ix.uri, ix.collection, "Flat")
         assert back.count() == 6
         np.testing.assert_allclose(back.vectors(np.array([103, 100])), x[[3, 0]], atol=1e-6)
         np.testing.assert_array_equal(back.search(x[:2], 3)[1], got[:, :3])
@@ -135,7 +135,7 @@ def test_milvus_specs_and_refusals(milvus_uri):
     with pytest.raises(IndexSpecError, match="needs a uri"):
         indexes.create_index(8, "Flat", "milvus")
     with pytest.raises(IndexCorruptError, match="no Milvus collection"):
-        indexes.MilvusIndex.open(milvus_uri, "never_made", "Flat")
+        indexes.MilvusIndex.attach(milvus_uri, "never_made", "Flat")
     ix = indexes.create_index(8, "Flat", "milvus", uri=milvus_uri, collection="made_once")
     try:
         with pytest.raises(IndexSpecError, match="exists"):

@@ -114,7 +114,7 @@ def test_a_failed_import_drops_its_collection(store, milvus_uri, monkeypatch):
         raise OSError("disk full")
 
     before = set(collections(milvus_uri))
-    monkeypatch.setattr(atlases, "write_store_file", fail)  # the vector file fails after the collection is filled
+    monkeypatch.setattr(atlases, "ensure_model", fail)  # the database write fails after the collection is filled
     with pytest.raises(OSError, match="disk full"):
         store.add_atlas("a", clustered_directions(50, 16), model="x", layer=1, index_uri=milvus_uri)
     assert set(collections(milvus_uri)) == before

@@ -27,8 +27,9 @@ from engine.atlas.formats.base import SAEWeights
 from engine.atlas.formats.releases import resolve_release
 from engine.atlas.formats.saelens import with_activation
 from engine.atlas.labels import read_labels
-from engine.errors import BadValueError, FormatError
+from engine.errors import AtlasError, BadValueError, FormatError
 from engine.store.store import AtlasInfo, Store
+from engine.store.vectorfiles import open_tensors
 
 SAELENS_CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
@@ -47,10 +48,14 @@ def _check_2d(name: str, path: Path, x: np.ndarray) -> np.ndarray:
 
 
 def _real(name: str, path: Path, x: object) -> np.ndarray:
-    """``x`` as float32 if it holds real numbers (float, int); strings, objects, complex refused."""
-    arr = np.asarray(x)
+    """``x`` as float32 if it holds real numbers (float, int); strings, objects, complex refused.
+
+    A float32 memory map stays one (the store reads it a chunk of rows at a time)."""
+    arr = np.asanyarray(x)
     if arr.dtype.kind not in "fiu":
         raise FormatError.at(path, f"{name} must hold real numbers (float or int), not dtype {arr.dtype}")
+    if arr.dtype == np.float32:
+        return arr
     with np.errstate(over="ignore", invalid="ignore"):
         return np.asarray(arr, dtype=np.float32)
 
@@ -89,8 +94,14 @@ def _cfg_str(cfg_path: Path, cfg: dict, key: str) -> str | None:
 
 
 def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """The tensors of a safetensors file, memory-mapped where numpy has their dtype (F32, F16,
+    ...; BF16 has none: those are read by ``safetensors``)."""
     from safetensors.numpy import load_file
 
+    try:
+        return open_tensors(path)
+    except (AtlasError, ValueError, KeyError, TypeError, OSError, OverflowError, MemoryError):
+        pass  # not a file the mapping reader takes: safetensors reads it, or says what is wrong
     try:
         return load_file(str(path))
     except Exception as e:  # third-party parsing of arbitrary bytes: whatever it raises, the file is bad
@@ -187,7 +198,7 @@ def read_matrix(path: str | Path, key: str | None = None) -> SAEWeights:
         raise FormatError(f"{path}: no such file")
     if path.suffix == ".npy":
         try:
-            x = np.load(path, allow_pickle=False)
+            x = np.load(path, allow_pickle=False, mmap_mode="r")  # rows are read when imported
         except Exception as e:  # third-party parsing of arbitrary bytes: the file is bad
             raise FormatError.at(path, f"not a readable .npy file ({type(e).__name__}: {str(e)[:120]})") from None
         if not isinstance(x, np.ndarray):

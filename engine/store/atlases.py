@@ -26,8 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load as st_load
-from safetensors.numpy import save as st_save
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -47,13 +45,28 @@ from engine.store.base import StoreBase
 from engine.store.index_location import FAISS, IndexLocation, parse_index_uri
 from engine.store.models import get_or_create_model
 from engine.store.schema import AlignmentMapRow, AtlasRow, ConceptRow, FeatureLabelRow, LabelRunRow, ModelRow
-from engine.util import check_k, check_name, failpoint, sha256_bytes, unit_rows, utcnow, write_store_file
+from engine.store.vectorfiles import open_tensors, row_chunks, write_tensor_file
+from engine.util import (
+    FileStamp,
+    check_k,
+    check_name,
+    failpoint,
+    file_stamp,
+    sha256_file,
+    unit_rows,
+    utcnow,
+    write_store_file_with,
+)
 from indexes.faiss_backend import faiss_reason
 from indexes.milvus import MilvusIndex, MilvusUnavailableError, drop_collection
 from indexes.policy import resolve_index_spec
 
 MAX_ORDINAL = 2**63 - 1  # concept ordinals are SQLite INTEGERs
 ANALYZE_MIN_ROWS = 1000  # PostgreSQL: an import of this many concepts refreshes the planner's statistics
+CONCEPT_BATCH = 50_000  # concept rows per INSERT on import: ~50 MB of row dicts at a time
+TRAIN_SAMPLE = 200_000  # rows an index that needs training (IVF, PQ, SQ) is trained on: an even
+#                         spread of the atlas (k-means uses at most 256 a list, so IVF4096 and below
+#                         see what they would see of all rows); 600 MB at d=768
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,7 +219,7 @@ class AtlasesMixin(StoreBase):
         """
         self.check_writable()
         check_name(name, "atlas")
-        x = check_vectors(vectors)
+        x = check_matrix(vectors)  # not read yet: a memory-mapped source stays on disk
         n, d = x.shape
         index_spec = resolve_index_spec(index_spec, n, d)
         labels = list(labels) if labels is not None else [None] * n
@@ -214,35 +227,33 @@ class AtlasesMixin(StoreBase):
         for what, seq in (("labels", labels), ("descriptions", descriptions), ("densities", densities)):
             if seq is not None and len(seq) != n:
                 raise ShapeError(f"{len(seq)} {what} for {n} vectors: one per concept (row) is needed")
-        tensors = {layout.DIRECTIONS_KEY: x, **check_encoder(encoder, n, d)}
+        enc = check_encoder(encoder, n, d)
         loc = IndexLocation(FAISS) if index_uri is None else parse_index_uri(index_uri, self.path)
         with self.read_session() as s:  # early, friendly; checked again under the write lock
             if s.scalar(select(AtlasRow.id).where(AtlasRow.name == name)) is not None:
                 raise DuplicateError(f"an atlas named {name!r} exists; pick another --name or remove it first")
+        if loc.backend == FAISS:
+            _new_index(d, index_spec)  # a spec the backend does not understand writes no file
         token = layout.new_token()
-        vec_bytes = st_save(tensors, metadata={"atlas": name, "model": model, "layer": str(layer), "hook": hook})
-        vec_rel = layout.vector_file(name, token)
-        # FAISS: in memory, so a spec that does not work writes no file; Milvus: this write's own
-        # collection, created and filled here (dropped on a failure in it, or in the block below)
-        index, idx_ref, idx_bytes = self._build_placed_index(x, index_spec, loc, name, token)
+        vec_rel, idx_ref = layout.vector_file(name, token), None
         written: list[Path] = []  # only this write's own files: a failure removes them and nothing else
         try:
-            for step, rel, data in (("vectors", vec_rel, vec_bytes), ("index", idx_ref, idx_bytes)):
-                if data is None:  # a Milvus index: already in its collection
-                    failpoint(f"add_atlas.{step}_written")
-                    continue
-                written.append(self.path / rel)
-                write_store_file(self.path / rel, data)
-                failpoint(f"add_atlas.{step}_written")
-            rows: list[dict[str, Any]] = [
-                dict(
-                    ordinal=i, label=str(labels[i]) if labels[i] not in (None, "") else str(i),
-                    description=descriptions[i], labelled=labels[i] not in (None, ""),
-                    source_kind=source_kind, source_ref=source_ref,
-                    density=None if densities is None else densities[i], extra={},
-                )
-                for i in range(n)
-            ]
+            written.append(self.path / vec_rel)
+            vec_sha = write_vectors(self.path / vec_rel, x, enc,
+                                    {"atlas": name, "model": model, "layer": str(layer), "hook": hook})
+            failpoint("add_atlas.vectors_written")
+            vec_stamp = file_stamp(self.path / vec_rel)
+            # built from the file just written, a chunk at a time: a FAISS file, or this write's own
+            # Milvus collection (dropped on a failure in it, or in the block below)
+            index, idx_ref = self._build_placed_index(open_tensors(self.path / vec_rel)[layout.DIRECTIONS_KEY],
+                                                      index_spec, loc, name, token)
+            if loc.backend == FAISS:
+                written.append(self.path / idx_ref)
+                write_index(index, self.path / idx_ref)
+            failpoint("add_atlas.index_written")
+            idx_sha, idx_stamp = None, None
+            if loc.backend == FAISS:
+                idx_sha, idx_stamp = sha256_file(self.path / idx_ref), file_stamp(self.path / idx_ref)
             try:
                 with self.session() as s:  # the write lock is held from here to the commit only
                     if s.scalar(select(AtlasRow.id).where(AtlasRow.name == name)) is not None:
@@ -254,26 +265,35 @@ class AtlasesMixin(StoreBase):
                     atlas = AtlasRow(
                         name=name, model_id=model_row.id, layer=layer, hook=hook, dim=d, n_concepts=n,
                         metric="cosine", raw_residuals=raw_residuals, source_kind=source_kind,
-                        source_ref=source_ref, vector_file=vec_rel, vector_sha256=sha256_bytes(vec_bytes),
+                        source_ref=source_ref, vector_file=vec_rel, vector_sha256=vec_sha,
                         index_file=idx_ref, index_spec=index_spec, index_backend=loc.backend, index_uri=loc.uri,
-                        index_sha256=None if idx_bytes is None else sha256_bytes(idx_bytes),
-                        index_count=index.count(),
-                        extra={**(extra or {}), "revision": revision, "has_encoder": len(tensors) > 1},
+                        index_sha256=idx_sha, index_count=index.count(), **_stamp_columns("vector", vec_stamp),
+                        **_stamp_columns("index", idx_stamp),
+                        extra={**(extra or {}), "revision": revision, "has_encoder": bool(enc)},
                     )
                     s.add(atlas)
                     s.flush()
-                    for r in rows:
-                        r["atlas_id"] = atlas.id
-                    s.execute(insert(ConceptRow), rows)
+                    for lo in range(0, n, CONCEPT_BATCH):  # batches: 1M row dicts at once would cost GBs
+                        s.execute(insert(ConceptRow), [
+                            dict(
+                                atlas_id=atlas.id, ordinal=i,
+                                label=str(labels[i]) if labels[i] not in (None, "") else str(i),
+                                description=descriptions[i], labelled=labels[i] not in (None, ""),
+                                source_kind=source_kind, source_ref=source_ref,
+                                density=None if densities is None else densities[i], extra={},
+                            )
+                            for i in range(lo, min(n, lo + CONCEPT_BATCH))
+                        ])
                     failpoint("add_atlas.before_commit")
             except IntegrityError:  # another database than SQLite: the unique name decides
                 raise DuplicateError(f"an atlas named {name!r} exists (written while this import ran); "
                                      "pick another --name or remove it first") from None
-            self._indexes[_cache_key(name, loc.backend, idx_ref, idx_bytes)] = index
+            self._attach_raw(name, index)
+            self._indexes[_cache_key(name, loc.backend, idx_ref, idx_sha)] = index
         except BaseException:
             for p in written:
                 p.unlink(missing_ok=True)
-            if idx_bytes is None:
+            if idx_ref is not None and loc.backend != FAISS:
                 self._discard_index(loc, idx_ref)
             raise
         if self.engine.dialect.name == "postgresql" and n >= ANALYZE_MIN_ROWS:
@@ -374,30 +394,59 @@ class AtlasesMixin(StoreBase):
             return out
 
     def atlas_tensors(self, name: str) -> dict[str, np.ndarray]:
-        """All tensors of the atlas vector file, checked against the stored checksum."""
+        """All tensors of the atlas vector file as read-only memory maps, after the file's cheap
+        integrity check (`check_file`: its stamp, or its full checksum when the stamp changed)."""
         with self.read_session() as s:
             row = self._atlas_row(s, name)
-            path, sha = self.path / row.vector_file, row.vector_sha256
+            path, sha, cached = self.path / row.vector_file, row.vector_sha256, _cached_stamp(row, "vector")
+            name = row.name
         try:
-            data = path.read_bytes()
+            self.check_file(name, "vector", path, sha, cached)
+            return open_tensors(path)
         except FileNotFoundError:
             raise IndexIntegrityError(
                 f"the vector file of atlas {name!r} is missing ({path}); it is the source of truth "
                 "and cannot be rebuilt: re-import the atlas"
             ) from None
-        if sha256_bytes(data) != sha:
-            raise IndexIntegrityError(
-                f"the vector file of atlas {name!r} ({path}) does not match its checksum; re-import the atlas"
-            )
-        return st_load(data)
 
     def atlas_vectors(self, name: str, normalized: bool = False) -> np.ndarray:
-        """The atlas directions (n_concepts, d) as imported, or unit-norm with ``normalized``."""
+        """The atlas directions (n_concepts, d) as imported (a read-only memory map: rows are read
+        when used), or unit-norm with ``normalized`` (in memory)."""
         x = self.atlas_tensors(name)[layout.DIRECTIONS_KEY]
         return unit_rows(x) if normalized else x
 
+    def check_file(self, name: str, kind: str, path: Path, sha: str | None, cached: FileStamp | None,
+                   full: bool = False) -> None:
+        """Check an atlas's ``kind`` file (``"vector"`` or ``"index"``) before it is used.
+
+        The cheap check: the file's `FileStamp` (size, mtime, checksum of head and tail) equals
+        the one cached in the row. A different size or head is a mismatch at once; a different
+        mtime alone (a copied or moved store), no cached stamp (a row older than migration 0006)
+        or ``full`` runs the full sha256, streamed, and on a match caches the new stamp (on a
+        writable store). Raises `IndexIntegrityError` on a mismatch, `FileNotFoundError` when the
+        file is missing."""
+        what = "vector file" if kind == "vector" else "index"
+        fix = ("re-import the atlas" if kind == "vector"
+               else f"`atlas index rebuild {name}` restores it from the vectors")
+        stamp = file_stamp(path)
+        if not full and stamp == cached:
+            return
+        if cached is not None and (stamp.size != cached.size or stamp.head_sha256 != cached.head_sha256):
+            raise IndexIntegrityError(f"the {what} of atlas {name!r} ({path}) is corrupt or stale "
+                                      f"(its size or header changed); {fix}")
+        if sha256_file(path) != sha:
+            raise IndexIntegrityError(f"the {what} of atlas {name!r} ({path}) is corrupt or stale "
+                                      f"(checksum mismatch); {fix}")
+        if stamp != cached and not self.readonly:
+            with self.session() as s:  # the file is right: remember its stamp (only if still this file)
+                row = s.scalar(select(AtlasRow).where(AtlasRow.name == name))
+                if row is not None and self.path / getattr(row, f"{kind}_file") == path:
+                    for key, value in _stamp_columns(kind, stamp).items():
+                        setattr(row, key, value)
+
     def index(self, name: str | None = None) -> indexes.VectorIndex:
-        """The atlas's vector index, verified against its checksum and count before use."""
+        """The atlas's vector index, opened from its file (memory-mapped) after the cheap integrity
+        check (`check_file`) and checked against the atlas's count."""
         for attempt in range(3):
             with self.read_session() as s:
                 row = self._atlas_row(s, name)
@@ -406,37 +455,33 @@ class AtlasesMixin(StoreBase):
                 if key in self._indexes:
                     return self._indexes[key]
                 path, spec, expected = self.path / row.index_file, row.index_spec, row.n_concepts
-                atlas_name, ref = row.name, row.index_file
+                atlas_name, ref, cached = row.name, row.index_file, _cached_stamp(row, "index")
             fix = f"`atlas index rebuild {atlas_name}` restores it from the vectors"
             if loc.backend != FAISS:
                 self._indexes[key] = self._open_milvus_index(atlas_name, loc, ref, spec, expected, fix)
                 return self._indexes[key]
             try:
-                data = path.read_bytes()
+                self.check_file(atlas_name, "index", path, key[1], cached)
+                index = indexes.open_index(path, spec)
             except FileNotFoundError:
                 if attempt < 2 and self._index_file_moved(atlas_name, path):
                     continue  # a rebuild switched the row to a new file (and removed this one): read again
                 raise IndexIntegrityError(f"the index of atlas {atlas_name!r} is missing ({path}); {fix}") from None
+            except (indexes.IndexCorruptError, indexes.IndexSpecError) as e:
+                raise IndexIntegrityError(f"the index of atlas {atlas_name!r} cannot be read ({e}); {fix}") from None
             break
-        if sha256_bytes(data) != key[1]:
-            raise IndexIntegrityError(
-                f"the index of atlas {atlas_name!r} ({path}) is corrupt or stale (checksum mismatch); {fix}"
-            )
-        try:
-            index = indexes.load_index(data, spec)
-        except (indexes.IndexCorruptError, indexes.IndexSpecError) as e:
-            raise IndexIntegrityError(f"the index of atlas {atlas_name!r} cannot be read ({e}); {fix}") from None
         if index.count() != expected:
             raise IndexIntegrityError(
                 f"the index of atlas {atlas_name!r} holds {index.count()} vectors, the atlas has {expected}; {fix}"
             )
+        self._attach_raw(atlas_name, index)
         self._indexes[key] = index
         return index
 
     def _open_milvus_index(self, name: str, loc: IndexLocation, collection: str, spec: str, expected: int,
                            fix: str) -> MilvusIndex:
         try:
-            index = MilvusIndex.open(loc.connect_uri(self.path), collection, spec)
+            index = MilvusIndex.attach(loc.connect_uri(self.path), collection, spec)
             count = index.count()
         except MilvusUnavailableError as e:
             raise IndexUnavailableError(f"the index of atlas {name!r} is out of reach: {e}") from None
@@ -449,18 +494,17 @@ class AtlasesMixin(StoreBase):
         return index
 
     def _build_placed_index(self, x: np.ndarray, spec: str, loc: IndexLocation, name: str,
-                            token: str) -> tuple[indexes.VectorIndex, str, bytes | None]:
-        """The index of ``x`` where ``loc`` says: (index, its file or collection, the FAISS file's bytes
-        or ``None`` for a collection, which is filled here)."""
+                            token: str) -> tuple[indexes.VectorIndex, str]:
+        """The index of ``x`` where ``loc`` says: (index, its file or collection). A FAISS index is
+        built in memory (the caller writes its file); a collection is created and filled here."""
         if loc.backend == FAISS:
-            index = build_index(x, spec)
-            return index, layout.index_file(name, token), index.to_bytes()
+            return build_index(x, spec), layout.index_file(name, token)
         collection = layout.collection_name(name, token)
         try:
             index = build_index(x, spec, loc.backend, uri=loc.connect_uri(self.path), collection=collection)
         except MilvusUnavailableError as e:
             raise IndexUnavailableError(str(e)) from None
-        return index, collection, None
+        return index, collection
 
     def _discard_index(self, loc: IndexLocation, ref: str) -> None:
         """Remove an index file or drop a collection, best effort: one left behind is a leftover
@@ -473,6 +517,12 @@ class AtlasesMixin(StoreBase):
         except Exception:  # noqa: BLE001 - cleanup must not hide the error that caused it
             pass
 
+    def _attach_raw(self, name: str, index: indexes.VectorIndex) -> None:
+        """A spec with ``rerank=R`` (a quantised index) re-scores its candidates from the atlas's
+        vector file, memory-mapped: only the candidates' rows are read."""
+        if "rerank" in index.spec.partition("|")[2] and hasattr(index, "rerank_from"):
+            index.rerank_from(self.atlas_vectors(name))
+
     def _index_file_moved(self, name: str, path: Path) -> bool:
         with self.read_session() as s:
             return self.path / self._atlas_row(s, name).index_file != path
@@ -481,7 +531,20 @@ class AtlasesMixin(StoreBase):
         """Check an atlas's vector file and index without raising; says what is wrong."""
         info = self.atlas(name)
         count = None
+        with self.read_session() as s:
+            row = self._atlas_row(s, name)
+            files = [(kind, self.path / getattr(row, f"{kind}_file"), getattr(row, f"{kind}_sha256"),
+                      _cached_stamp(row, kind)) for kind in ("vector", "index")]
         try:
+            for kind, path, sha, cached in files:  # the full sha256 of each file, read in chunks
+                if kind == "index" and info.index_backend not in (None, FAISS):
+                    continue  # a collection: its count and stored vectors are checked below
+                try:
+                    self.check_file(name, kind, path, sha, cached, full=True)
+                except FileNotFoundError:
+                    if kind == "vector":
+                        self.atlas_tensors(name)  # its one message for a missing vector file
+                    break  # a missing index: `index` says so (or finds the file a rebuild switched to)
             x = self.atlas_tensors(name)[layout.DIRECTIONS_KEY]
             self._indexes = {k: v for k, v in self._indexes.items() if k[0] != name}
             index = self.index(name)
@@ -514,13 +577,20 @@ class AtlasesMixin(StoreBase):
         spec = resolve_index_spec(info.index_spec if spec is None else spec, info.n_concepts, info.dim)
         with self.read_session() as s:
             row = self._atlas_row(s, name)
-            vec_sha, old_loc, old_ref = row.vector_sha256, _row_location(row), row.index_file
+            vec_sha, vec_path, cached = row.vector_sha256, self.path / row.vector_file, _cached_stamp(row, "vector")
+            old_loc, old_ref = _row_location(row), row.index_file
         loc = old_loc if index_uri is None else parse_index_uri(index_uri, self.path)
-        # normalises the rows (once: results identical)
-        index, ref, data = self._build_placed_index(self.atlas_vectors(name), spec, loc, name, layout.new_token())
+        try:  # the source of the new index: its full checksum first
+            self.check_file(name, "vector", vec_path, vec_sha, cached, full=True)
+        except FileNotFoundError:
+            self.atlas_tensors(name)  # its one message for a missing vector file
+        # a chunk at a time from the mapped file
+        index, ref = self._build_placed_index(self.atlas_vectors(name), spec, loc, name, layout.new_token())
+        sha, stamp = None, None
         try:
-            if data is not None:
-                write_store_file(self.path / ref, data)
+            if loc.backend == FAISS:
+                write_index(index, self.path / ref)
+                sha, stamp = sha256_file(self.path / ref), file_stamp(self.path / ref)
             failpoint("rebuild.file_written")
             with self.session() as s:
                 row = self._atlas_row(s, name)
@@ -528,8 +598,9 @@ class AtlasesMixin(StoreBase):
                     raise NotFoundError(f"atlas {name!r} was replaced while its index was rebuilt; rebuild again")
                 old_loc, old_ref = _row_location(row), row.index_file
                 row.index_file, row.index_spec, row.index_backend, row.index_uri = ref, spec, loc.backend, loc.uri
-                row.index_sha256 = None if data is None else sha256_bytes(data)
-                row.index_count = index.count()
+                row.index_sha256, row.index_count = sha, index.count()
+                for key, value in _stamp_columns("index", stamp).items():
+                    setattr(row, key, value)
         except BaseException:
             self._discard_index(loc, ref)
             raise
@@ -537,7 +608,8 @@ class AtlasesMixin(StoreBase):
         if (old_loc, old_ref) != (loc, ref):
             self._discard_index(old_loc, old_ref)
         self._indexes = {k: v for k, v in self._indexes.items() if k[0] != name}
-        self._indexes[_cache_key(name, loc.backend, ref, data)] = index
+        self._attach_raw(name, index)
+        self._indexes[_cache_key(name, loc.backend, ref, sha)] = index
         return self.verify_index(name)
 
     # ------------------------------------------------------------------ concepts and search
@@ -644,13 +716,11 @@ def _row_location(row: AtlasRow) -> IndexLocation:
     return IndexLocation(row.index_backend or FAISS, row.index_uri)
 
 
-def _cache_key(name: str, backend: str | None, ref: str, sha_or_bytes: str | bytes | None) -> tuple[str, str]:
+def _cache_key(name: str, backend: str | None, ref: str, sha: str | None) -> tuple[str, str]:
     """How `Store.index` caches an open index: a FAISS file by its checksum, a collection by its name."""
     if backend not in (None, FAISS):
         return (name, f"{backend}:{ref}")
-    if isinstance(sha_or_bytes, bytes):
-        sha_or_bytes = sha256_bytes(sha_or_bytes)
-    return (name, sha_or_bytes or "")
+    return (name, sha or "")
 
 
 def _new_index(dim: int, spec: str, backend: str = FAISS, **location: str) -> indexes.VectorIndex:
@@ -662,22 +732,26 @@ def _new_index(dim: int, spec: str, backend: str = FAISS, **location: str) -> in
 
 
 def build_index(x: np.ndarray, spec: str, backend: str = FAISS, **location: str) -> indexes.VectorIndex:
-    """An index of ``spec`` over the rows of ``x`` scaled to unit norm (ids = row numbers), built in
-    memory (FAISS) or in a new collection at ``location`` (Milvus: dropped again if this fails), and
-    checked.
+    """An index of ``spec`` over the rows of ``x`` scaled to unit norm (ids = row numbers), built a
+    chunk of rows at a time in memory (FAISS) or in a new collection at ``location`` (Milvus:
+    dropped again if this fails), and checked.
 
-    The spec is parsed first (numbers FAISS would crash on are refused before FAISS sees them),
-    then the index is trained and filled, then a few rows are searched: a spec that cannot be
-    built on these vectors, or an index that finds nothing, is a `BadValueError` and no file has
-    been written.
+    ``x`` may be a memory map (the atlas's vector file): it is trained on an even sample of at most
+    `TRAIN_SAMPLE` rows where the structure needs training, then filled chunk by chunk, each
+    chunk's pages released after use, so the build holds the index and one chunk. Then a few rows
+    are searched: a spec that cannot be built on these vectors, or an index that finds nothing, is
+    a `BadValueError`.
     """
     n, d = x.shape
-    x = unit_rows(x)
     index = _new_index(d, spec, backend, **location)
     try:
         try:
-            index.add(x, np.arange(n, dtype=np.int64))
-            probe = x[np.unique(np.linspace(0, n - 1, min(n, 8)).astype(np.int64))]
+            if index.needs_training:
+                rows = np.unique(np.linspace(0, n - 1, min(n, TRAIN_SAMPLE)).astype(np.int64))
+                index.train(unit_rows(x[rows]))
+            for lo, chunk in row_chunks(x):
+                index.add(unit_rows(chunk), np.arange(lo, lo + len(chunk), dtype=np.int64))
+            probe = unit_rows(x[np.unique(np.linspace(0, n - 1, min(n, 8)).astype(np.int64))])
             _, ids = index.search(probe, min(n, 5))
         except (RuntimeError, ValueError) as e:
             raise BadValueError(f"index spec {spec!r} does not work on {n} vectors of dim {d} "
@@ -692,21 +766,65 @@ def build_index(x: np.ndarray, spec: str, backend: str = FAISS, **location: str)
     return index
 
 
-def check_vectors(vectors: Any, what: str = "atlas vectors") -> np.ndarray:
-    """``vectors`` as a float32 (n, d) matrix of usable directions, or a `ShapeError` saying why not.
+def write_index(index: indexes.VectorIndex, path: Path) -> None:
+    """`VectorIndex.write` with a folder that cannot be written as a one-line `ReadOnlyStoreError`."""
+    write_store_file_with(path, lambda tmp: index.write(tmp))
 
-    Refused: anything not a non-empty 2-D array of real numbers (strings, objects, complex
-    values), NaN or infinite values (also after the cast to float32), all-zero rows (no
-    direction) and rows whose norm overflows float32 (unit-normalising them gives zeros).
-    """
+
+def write_vectors(path: Path, x: np.ndarray, encoder: dict[str, np.ndarray], metadata: dict[str, str]) -> str:
+    """Write an atlas's vector file (directions, then encoder tensors) a chunk of rows at a time,
+    checking each chunk of directions (`check_rows`); returns the file's sha256."""
+    shapes = {layout.DIRECTIONS_KEY: (x.shape, np.dtype(np.float32)),
+              **{k: (v.shape, np.dtype(np.float32)) for k, v in encoder.items()}}
+
+    def chunks():
+        for lo, chunk in row_chunks(x):
+            yield layout.DIRECTIONS_KEY, check_rows(chunk, first_row=lo)
+        for key, v in encoder.items():
+            for _, chunk in row_chunks(v):
+                yield key, chunk
+
+    return write_tensor_file(path, shapes, chunks(), metadata)
+
+
+def _stamp_columns(kind: str, stamp: FileStamp | None) -> dict[str, Any]:
+    """The row's cached stamp columns of its ``kind`` file (all ``None``: no file, a Milvus collection)."""
+    if stamp is None:
+        return {f"{kind}_size": None, f"{kind}_mtime_ns": None, f"{kind}_head_sha256": None}
+    return {f"{kind}_size": stamp.size, f"{kind}_mtime_ns": stamp.mtime_ns, f"{kind}_head_sha256": stamp.head_sha256}
+
+
+def _cached_stamp(row: AtlasRow, kind: str) -> FileStamp | None:
+    size, mtime, head = (getattr(row, f"{kind}_{c}") for c in ("size", "mtime_ns", "head_sha256"))
+    return None if size is None or mtime is None or head is None else FileStamp(size, mtime, head)
+
+
+def check_vectors(vectors: Any, what: str = "atlas vectors") -> np.ndarray:
+    """``vectors`` as a float32 (n, d) matrix of usable directions, or a `ShapeError` saying why not
+    (`check_matrix`, then `check_rows`)."""
+    return check_rows(check_matrix(vectors, what), what=what)
+
+
+def check_matrix(vectors: Any, what: str = "atlas vectors") -> np.ndarray:
+    """``vectors`` as a non-empty 2-D array of real numbers (a memory map stays one: nothing is
+    read), or a `ShapeError` (strings, objects, complex values, other shapes)."""
     try:
-        x = np.asarray(vectors)
+        x = np.asanyarray(vectors)
     except (ValueError, TypeError) as e:
         raise ShapeError(f"{what} are not an array of numbers ({e})") from None
     if x.dtype.kind not in "fiu":
         raise ShapeError(f"{what} must be real numbers (float or int), got dtype {x.dtype}")
     if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
         raise ShapeError(f"{what} must be a non-empty 2-D matrix (n_concepts, d), got {x.shape}")
+    return x
+
+
+def check_rows(x: np.ndarray, what: str = "atlas vectors", first_row: int = 0) -> np.ndarray:
+    """Rows of a matrix (a chunk starting at row ``first_row``) as float32 usable directions.
+
+    Refused: NaN or infinite values (also after the cast to float32), all-zero rows (no
+    direction) and rows whose norm overflows float32 (unit-normalising them gives zeros).
+    """
     with np.errstate(over="ignore", invalid="ignore"):
         x = np.ascontiguousarray(x, dtype=np.float32)
         if not np.isfinite(x).all():
@@ -714,11 +832,12 @@ def check_vectors(vectors: Any, what: str = "atlas vectors") -> np.ndarray:
         norms = np.linalg.norm(x, axis=1)
     bad = np.flatnonzero(~np.isfinite(norms))
     if len(bad):
-        raise ShapeError(f"{what}: row {bad[0]} has a norm beyond float32's range ({len(bad)} such rows); "
-                         "scale the vectors down")
+        raise ShapeError(f"{what}: row {first_row + bad[0]} has a norm beyond float32's range ({len(bad)} such "
+                         "rows in its chunk); scale the vectors down")
     zero = np.flatnonzero(norms == 0)
     if len(zero):
-        raise ShapeError(f"{what}: row {zero[0]} is all zeros ({len(zero)} such rows); a concept needs a direction")
+        raise ShapeError(f"{what}: row {first_row + zero[0]} is all zeros ({len(zero)} such rows in its chunk); "
+                         "a concept needs a direction")
     return x
 
 
@@ -732,16 +851,16 @@ def check_encoder(encoder: dict[str, np.ndarray] | None, n: int, d: int) -> dict
             continue
         if key not in shapes:
             raise ShapeError(f"unknown encoder tensor {key!r} (known: {', '.join(shapes)})")
-        v = np.asarray(value)
+        v = np.asanyarray(value)  # a memory map stays one: checked below a chunk of rows at a time
         if v.dtype.kind not in "fiu":
             raise ShapeError(f"encoder tensor {key} must be real numbers, got dtype {v.dtype}")
         if v.shape != shapes[key]:
             raise ShapeError(f"encoder tensor {key} has shape {v.shape}; with d_in={d}, d_sae={n} it must be "
                              f"{shapes[key]}")
-        with np.errstate(over="ignore", invalid="ignore"):
-            v = np.ascontiguousarray(v, dtype=np.float32)
-        if not np.isfinite(v).all():
-            raise ShapeError(f"encoder tensor {key} contains NaN or infinite values")
+        for _, chunk in row_chunks(v):
+            with np.errstate(over="ignore", invalid="ignore"):
+                if not np.isfinite(np.asarray(chunk, dtype=np.float32)).all():
+                    raise ShapeError(f"encoder tensor {key} contains NaN or infinite values")
         out[key] = v
     return out
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -97,6 +98,14 @@ class AtlasRow(Base):
     index_spec: Mapped[str] = mapped_column(String(100), default="Flat")
     index_sha256: Mapped[str | None] = mapped_column(String(64))
     index_count: Mapped[int | None] = mapped_column(Integer)
+    # the integrity cache (migration 0006): each file's `engine.util.FileStamp` (size, mtime in ns,
+    # sha256 of its head and tail), checked on open instead of the full sha256 (`atlas index verify`)
+    vector_size: Mapped[int | None] = mapped_column(BigInteger)
+    vector_mtime_ns: Mapped[int | None] = mapped_column(BigInteger)
+    vector_head_sha256: Mapped[str | None] = mapped_column(String(64))
+    index_size: Mapped[int | None] = mapped_column(BigInteger)
+    index_mtime_ns: Mapped[int | None] = mapped_column(BigInteger)
+    index_head_sha256: Mapped[str | None] = mapped_column(String(64))
     extra: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 

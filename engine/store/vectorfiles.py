@@ -1,0 +1,145 @@
+"""Atlas vector files out of core: written in chunks, read memory-mapped, checked by their stamp.
+
+Why not `safetensors.numpy.save` / `load`: both hold the whole file in memory (the save builds
+its bytes, the load reads them), so a 1M × 768 atlas (3 GB) costs 3 GB twice over on import and
+3 GB in every process that opens it. The safetensors layout is simple (an 8-byte header length,
+a JSON header with each tensor's dtype, shape and byte range, then the raw little-endian data), so
+the file is written here one chunk of rows at a time, hashed while it is written, and read back
+as `numpy.memmap` views: a process reads the pages it touches. Files stay readable by
+``safetensors`` (tests/test_scale.py reads one back with it).
+
+`release` drops a chunk's pages from the process once it has been used (``MADV_DONTNEED`` on a
+read-only file mapping: the page cache keeps them, the process's resident set does not), so a
+pass over a mapped file costs one chunk of resident memory, not the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import mmap
+import struct
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from engine.errors import IndexIntegrityError
+from engine.util import write_store_file_with
+
+CHUNK_ROWS = 16384  # rows per chunk when streaming a matrix: 48 MiB at d=768, float32 (a few copies live)
+_DTYPES = {"F32": np.float32, "F64": np.float64, "F16": np.float16, "I64": np.int64, "I32": np.int32}
+_CODES = {np.dtype(v): k for k, v in _DTYPES.items()}
+
+
+def write_tensor_file(path: Path, shapes: dict[str, tuple[tuple[int, ...], np.dtype]],
+                      chunks: Iterable[tuple[str, np.ndarray]], metadata: dict[str, str] | None = None) -> str:
+    """Write a safetensors file atomically from ``chunks`` and return its sha256.
+
+    ``shapes`` gives each tensor's shape and dtype, in file order; ``chunks`` yields
+    ``(key, array)`` pieces in the same order, each a run of leading-axis rows (C order), that
+    together fill every tensor exactly. Nothing but one chunk is held in memory.
+    """
+    header: dict[str, object] = {"__metadata__": dict(metadata or {})} if metadata else {}
+    offset = 0
+    for key, (shape, dtype) in shapes.items():
+        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[key] = {"dtype": _CODES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    digest = hashlib.sha256()
+
+    def fill(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            for piece in (struct.pack("<Q", len(head)), head):
+                f.write(piece)
+                digest.update(piece)
+            written = 0
+            for key, chunk in chunks:
+                data = np.ascontiguousarray(chunk, dtype=shapes[key][1]).data
+                f.write(data)
+                digest.update(data)
+                written += data.nbytes
+            if written != offset:
+                raise ValueError(f"{path.name}: chunks filled {written} bytes of {offset}")
+
+    write_store_file_with(path, fill)
+    return digest.hexdigest()
+
+
+def read_header(path: Path) -> tuple[int, dict[str, dict]]:
+    """(byte offset of the data, the JSON header) of a safetensors file, each entry checked:
+    a known dtype, a shape of non-negative ints and a byte range inside the file that holds
+    exactly that shape. Anything else is an `IndexIntegrityError` (never a huge read)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise IndexIntegrityError(f"{path} is not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8:
+            raise IndexIntegrityError(f"{path} is not a safetensors file (header longer than the file)")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            raise IndexIntegrityError(f"{path} is not a safetensors file (bad header)") from None
+    if not isinstance(header, dict):
+        raise IndexIntegrityError(f"{path} is not a safetensors file (bad header)")
+    header.pop("__metadata__", None)
+    for key, meta in header.items():
+        ok = isinstance(meta, dict) and meta.get("dtype") in _DTYPES
+        shape, offsets = (meta.get("shape"), meta.get("data_offsets")) if ok else (None, None)
+        ok = ok and isinstance(shape, list) and all(type(s) is int and s >= 0 for s in shape)
+        ok = ok and isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+        if ok and isinstance(shape, list) and isinstance(offsets, list):
+            lo, hi = offsets
+            n_bytes = math.prod(shape) * np.dtype(_DTYPES[meta["dtype"]]).itemsize  # Python ints: no overflow
+            ok = 0 <= lo <= hi <= size - 8 - n and hi - lo == n_bytes
+        if not ok:
+            raise IndexIntegrityError(f"{path}: tensor {str(key)[:40]!r} is not one the store reads "
+                                      "(dtype, shape or byte range)")
+    return 8 + n, header
+
+
+def open_tensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file as a read-only memory map (nothing is read yet)."""
+    start, header = read_header(path)
+    out: dict[str, np.ndarray] = {}
+    for key, meta in header.items():
+        dtype = _DTYPES[meta["dtype"]]
+        lo, hi = meta["data_offsets"]
+        shape = tuple(meta["shape"])
+        if hi == lo:
+            out[key] = np.zeros(shape, dtype=dtype)
+            continue
+        out[key] = np.memmap(path, dtype=dtype, mode="r", offset=start + lo, shape=shape)
+    return out
+
+
+def row_chunks(x: np.ndarray, chunk_rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """``(first row, rows)`` of ``x`` `CHUNK_ROWS` at a time, each chunk's pages released after
+    use when ``x`` is a memory map (see `release`)."""
+    chunk_rows = chunk_rows or CHUNK_ROWS
+    for lo in range(0, len(x), chunk_rows):
+        yield lo, x[lo : lo + chunk_rows]
+        release(x, lo, min(len(x), lo + chunk_rows))
+
+
+def release(x: np.ndarray, lo: int, hi: int) -> None:
+    """Drop the resident pages of rows ``[lo, hi)`` of ``x`` when it is (a C-ordered view of) a
+    read-only memory map; a no-op for arrays in memory."""
+    mm = getattr(x, "_mmap", None)
+    if not isinstance(mm, mmap.mmap) or x.ndim == 0 or not x.flags.c_contiguous or hi <= lo:
+        return
+    row_bytes = x.strides[0]
+    start = x.ctypes.data - np.frombuffer(mm, dtype=np.uint8).ctypes.data + lo * row_bytes  # in the map
+    page = mmap.PAGESIZE
+    first = -(-start // page) * page  # whole pages inside the rows only
+    last = (start + (hi - lo) * row_bytes) // page * page
+    if last > first:
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, first, last - first)
+        except (OSError, ValueError):
+            pass
