@@ -222,6 +222,13 @@ class SufficientStats:
         self.sum_norm_y += other.sum_norm_y
         self._dirty = True
 
+    def __getstate__(self) -> dict:
+        """Pickled (sent from a Ray worker): buffered rows folded in, the work buffer left behind."""
+        self.flush()
+        state = self.__dict__.copy()
+        state["_z"] = None
+        return state
+
     # -------------------------------------------------------------- reading
 
     @property
