@@ -123,3 +123,57 @@ def test_map_ordered_keeps_order_and_raises_the_library_error(ray_local):
         list(map_ordered(ray_local, _refuse, [(1,), (2,)], window=2))
     with pytest.raises(AtlasError, match="died"):  # a worker that dies on every try ends the run
         list(map_ordered(ray_local, _die, [(1,)], window=1, max_retries=1))
+
+
+# ---------------------------------------------------------------------- alignment
+
+
+@pytest.fixture
+def world_store(store, tiny_world):
+    from engine.store import layout
+    from engine.world.locate import ensure_registered
+
+    os.symlink(tiny_world.path, store.path / layout.MODELS_DIR / tiny_world.path.name)  # nothing trained twice
+    return store, ensure_registered(store, "tiny", 0)
+
+
+@pytest.mark.slow
+def test_ray_alignment_fits_the_in_process_maps_though_a_worker_is_killed(ray_local, world_store, monkeypatch,
+                                                                          tmp_path):
+    from engine.align.fit import align_layers
+    from engine.align.pairing import PairingConfig
+    from engine.models.hooks import Site
+    from engine.world.locate import world_texts
+
+    store, world = world_store
+    train, held = world_texts(world)
+    train, held = train[:240], held[:60]  # 8 batches of 16 each side of the 2 shards, and a held-out task
+    sub = world.subject_a
+    layers = Site((sub.default_layer - 1, sub.default_layer))
+    config = PairingConfig(batch_size=16, stats_dtype="float64")  # float64 products: shows the merge is exact
+    here = align_layers(store, sub.name, layers, world.atlas_name, train, held, config=config, name="here",
+                        quiet=True)
+    marker = kill_once(monkeypatch, tmp_path, "align.shard")
+    there = align_layers(store, sub.name, layers, world.atlas_name, train, held, config=config, name="there",
+                         quiet=True, ray=CONFIG)
+    assert marker.exists()  # a worker died mid-pass; its shard was run again and counted once
+    for h, t in zip(here, there, strict=True):
+        assert (t.subject_layer, t.n_pairs, t.corpus_fingerprint) == (h.subject_layer, h.n_pairs, h.corpus_fingerprint)
+        a, b = store.load_map(h.name), store.load_map(t.name)
+        # the same map to rounding (relative Frobenius norm of the difference; the map is stored in float32;
+        # with float32 statistics the in-process map itself is ~3e-5 from the float64 one, see README)
+        for x, y in ((a.weight, b.weight), (a.subject_mean, b.subject_mean), (a.atlas_mean, b.atlas_mean)):
+            assert np.linalg.norm(x.astype(np.float64) - y) <= 1e-6 * np.linalg.norm(x)
+        assert t.metrics["n_heldout"] == h.metrics["n_heldout"]
+        assert t.metrics["heldout_r2"] == pytest.approx(h.metrics["heldout_r2"], abs=1e-6)
+        assert t.metrics["heldout_cosine"] == pytest.approx(h.metrics["heldout_cosine"], abs=1e-6)
+
+
+def test_a_pair_cap_is_refused_on_ray(store):
+    from engine.align.fit import accumulate_pairs_on_ray
+    from engine.align.pairing import PairingConfig
+    from engine.models.hooks import Site
+
+    with pytest.raises(BadValueError, match="corpus order"):
+        accumulate_pairs_on_ray(store, "s", "f", ["a"], [], Site((0,)), Site((0,)), PairingConfig(max_pairs=10),
+                                CONFIG)

@@ -110,7 +110,8 @@ def _accumulate_pairs(subject: tuple[torch.nn.Module, Any], foundation: tuple[to
         for p in config.pairings:
             for L in s_site.layers:
                 target[(p, L)] = SufficientStats(d_s, d_f, normalize=config.normalize,
-                                                 sample_size=COSINE_SAMPLE if split == "heldout" else 0)
+                                                 sample_size=COSINE_SAMPLE if split == "heldout" else 0,
+                                                 gemm_dtype=getattr(torch, config.stats_dtype))
         if not texts:
             continue
         counts = dict.fromkeys(config.pairings, 0)

@@ -229,6 +229,10 @@ class SufficientStats:
         state["_z"] = None
         return state
 
+    def __setstate__(self, state: dict) -> None:
+        """Unpickled: arrays made writable (Ray hands numpy arrays over read-only, zero-copy)."""
+        self.__dict__.update({k: np.array(v) if isinstance(v, np.ndarray) else v for k, v in state.items()})
+
     # -------------------------------------------------------------- reading
 
     @property
