@@ -7,6 +7,7 @@ The kill is real: the task's worker process SIGKILLs itself at a failpoint on it
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -177,3 +178,17 @@ def test_a_pair_cap_is_refused_on_ray(store):
     with pytest.raises(BadValueError, match="corpus order"):
         accumulate_pairs_on_ray(store, "s", "f", ["a"], [], Site((0,)), Site((0,)), PairingConfig(max_pairs=10),
                                 CONFIG)
+
+
+def test_label_cli_with_ray_gives_the_in_process_rows(ray_local, mapped):
+    from click.testing import CliRunner
+
+    from engine.cli import cli
+
+    store, path = mapped
+    base = ["label", "m", "--features", str(path), "-k", "3", "--batch", "50", "--json", "--store", str(store.path)]
+    here = CliRunner().invoke(cli, [*base, "--name", "here"])
+    there = CliRunner().invoke(cli, [*base, "--name", "there", "--ray"])  # the session's Ray
+    assert here.exit_code == 0 and there.exit_code == 0, there.output
+    assert json.loads(there.output)["status"] == "done"
+    assert rows_of(store, "there") == rows_of(store, "here")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import socket
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -102,6 +103,8 @@ def ray_session(config: RayConfig) -> Iterator[Any]:
         kwargs["num_cpus"] = config.num_cpus
         if config.object_store_mb is not None:
             kwargs["object_store_memory"] = config.object_store_mb * 1024 * 1024
+    if config.address is not None:
+        _probe(config.address)
     try:
         ray.init(address=config.address, **kwargs)
     except (ConnectionError, ValueError, RuntimeError) as e:
@@ -111,6 +114,21 @@ def ray_session(config: RayConfig) -> Iterator[Any]:
         yield ray
     finally:
         ray.shutdown()
+
+
+def _probe(address: str, timeout: float = 5.0) -> None:
+    """Fail fast where nothing listens at ``host:port`` (Ray itself retries for minutes)."""
+    if address == "auto":
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise BadValueError(f"the Ray address must be host:port or ray://host:port, got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise RayUnavailableError(f"no Ray cluster answers at {address!r} ({e.strerror or e}); start one with "
+                                  "`ray start --head` or check --ray-address") from None
 
 
 def cluster_cpus(ray: Any) -> int:
