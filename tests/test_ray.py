@@ -169,6 +169,12 @@ def test_ray_alignment_fits_the_in_process_maps_though_a_worker_is_killed(ray_lo
         assert t.metrics["heldout_r2"] == pytest.approx(h.metrics["heldout_r2"], abs=1e-6)
         assert t.metrics["heldout_cosine"] == pytest.approx(h.metrics["heldout_cosine"], abs=1e-6)
 
+    # a plug-in's feature source (ConceptWorld's native:) opens on the workers too
+    top = f"here-L{sub.default_layer}"
+    labelling.label_features(store, top, "native:tiny:0", k=3, name="native-here", quiet=True)
+    labelling.label_features(store, top, "native:tiny:0", k=3, name="native-ray", quiet=True, ray=CONFIG)
+    assert rows_of(store, "native-ray") == rows_of(store, "native-here") != []
+
 
 def test_a_pair_cap_is_refused_on_ray(store):
     from engine.align.fit import accumulate_pairs_on_ray

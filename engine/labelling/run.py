@@ -17,6 +17,7 @@ atlas index is searched with the whole batch, and the rows go in with one ``exec
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import re
 import socket
@@ -27,7 +28,7 @@ import numpy as np
 from engine.align.map import AlignmentMap
 from engine.distributed.ray_exec import RayConfig, StoreLocation, cluster_cpus, map_ordered, ray_session
 from engine.errors import AtlasError, NotFoundError, SourceChangedError
-from engine.labelling.sources import FeatureSource, open_feature_source
+from engine.labelling.sources import FeatureSource, open_feature_source, source_plugins
 from engine.progress import progress
 from engine.search import project
 from engine.store.runs import LabellingRun, RunConflictError
@@ -225,7 +226,8 @@ def _batches_on_ray(store: Store, run: LabellingRun, lo: int, stop: int, config:
         cpus = cluster_cpus(r)
         n_batches = -(-(stop - lo) // bs)
         per = max(1, min(RAY_SHARD_BATCHES, -(-n_batches // cpus)))  # batches per task
-        shards = [(where, run.name, a, min(stop, a + per * bs)) for a in range(lo, stop, per * bs)]
+        plugins = source_plugins()
+        shards = [(where, run.name, a, min(stop, a + per * bs), plugins) for a in range(lo, stop, per * bs)]
         for part in map_ordered(r, label_shard, shards, window=2 * cpus, max_retries=config.max_retries):
             yield from part
 
@@ -233,12 +235,15 @@ def _batches_on_ray(store: Store, run: LabellingRun, lo: int, stop: int, config:
 _STORES: dict[StoreLocation, Store] = {}  # a Ray worker's opened stores: its index stays loaded across tasks
 
 
-def label_shard(where: StoreLocation, name: str, lo: int, hi: int) -> list[Batch]:
+def label_shard(where: StoreLocation, name: str, lo: int, hi: int, plugins: tuple[str, ...] = ()) -> list[Batch]:
     """One Ray task of a run: the label rows of features ``[lo, hi)`` in the run's batches.
 
-    The worker opens the store at ``where`` and checks the map, features and atlas against the
-    run, as a resume does; it writes nothing (the driver commits).
+    The worker imports the driver's feature-source ``plugins`` (`source_plugins`), opens the store
+    at ``where`` and checks the map, features and atlas against the run, as a resume does; it
+    writes nothing (the driver commits).
     """
+    for module in plugins:
+        importlib.import_module(module)
     store = _STORES.get(where)
     if store is None:
         store = _STORES[where] = where.open()
