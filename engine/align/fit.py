@@ -153,9 +153,9 @@ def accumulate_pairs_on_ray(
 ) -> PairedStats:
     """`accumulate_pairs` of the store's models ``subject`` and ``foundation``, on Ray workers.
 
-    The training texts are cut into one contiguous shard per cluster CPU, at multiples of
-    ``config.batch_size`` (so every forward pass sees the batches an in-process pass sees); the
-    held-out texts go whole to one more task (their reservoir sample is drawn as in-process).
+    The texts are cut into one task per cluster CPU: contiguous shards of the training texts, at
+    multiples of ``config.batch_size`` (so every forward pass sees the batches an in-process pass
+    sees), the last with all the held-out texts (their reservoir sample is drawn as in-process).
     Each task loads both models from the store with the one model loader and returns its
     `PairedStats`; the driver merges them (sums: the same map to float rounding). Sites must be
     resolved (absolute layers). ``config.max_pairs`` is refused: it caps pairs in corpus order.
@@ -167,13 +167,16 @@ def accumulate_pairs_on_ray(
     with ray_session(ray) as r:
         n_shards = cluster_cpus(r)
         bs = config.batch_size
-        per = -(-len(train_texts) // (n_shards * bs)) * bs if train_texts else 0  # texts per shard, whole batches
+        # texts per shard, whole batches; the last shard also takes the held-out texts, so about
+        # as many texts each
+        per = -(-(len(train_texts) + len(heldout_texts)) // (n_shards * bs)) * bs
+        cuts = [min(i * per, len(train_texts)) for i in range(n_shards)] + [len(train_texts)]
         shards: list[tuple[Any, ...]] = [
-            (where, subject, kind, foundation, subject_site, foundation_site, config, list(train_texts[i:i + per]), [])
-            for i in range(0, len(train_texts), max(per, 1))
+            (where, subject, kind, foundation, subject_site, foundation_site, config, list(train_texts[a:b]),
+             list(heldout_texts) if i == n_shards - 1 else [])
+            for i, (a, b) in enumerate(zip(cuts, cuts[1:]))
         ]
-        shards.append((where, subject, kind, foundation, subject_site, foundation_site, config, [],
-                       list(heldout_texts)))
+        shards = [sh for sh in shards[:-1] if sh[7]] + shards[-1:]  # no task for an empty shard
         out = PairedStats(corpus_fingerprint=corpus_fingerprint([*train_texts, "\x00heldout\x00", *heldout_texts]))
         bar = progress(total=len(shards), desc="pairs (ray shards)", unit="shard", quiet=quiet)
         try:
