@@ -16,10 +16,11 @@ Four cases, each run in-process and then on a local Ray started once with ``--ra
 Each case also checks that Ray gave the in-process result: the maps' relative Frobenius
 difference (float32 statistics on both sides: the float32 products' own rounding, see
 ``align-tiny-f64``, the in-process float32 map against a float64-statistics one), and for
-labelling that the stored rows are identical. Run on the 2-core shared machine under nice:
+labelling that the stored rows are identical. The README's figures, on the 2-core shared machine:
 
-    nice -n 10 python benchmarks/bench_ray.py --json /tmp/bench-ray.json
-    python benchmarks/bench_ray.py --repeat 1 --features 20000 --concepts 20000   # quick check
+    nice -n 10 python benchmarks/bench_ray.py --cases tiny
+    nice -n 10 python benchmarks/bench_ray.py --cases large      # --repeat 1, 30k features x 30k concepts
+    python benchmarks/bench_ray.py --repeat 3 --features 100000 --concepts 100000   # bigger
 
 The tiny world is read from ``$ATLAS_TEST_CACHE/worlds`` when it was built there (else built).
 """
@@ -102,11 +103,13 @@ def label_case(store: Store, map_name: str, features: str, ray: RayConfig, tag: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ray-cpus", type=int, default=2)
-    ap.add_argument("--repeat", type=int, default=3, help="times the world's texts are repeated (align-large)")
-    ap.add_argument("--features", type=int, default=50_000)
-    ap.add_argument("--concepts", type=int, default=50_000)
+    ap.add_argument("--repeat", type=int, default=1, help="times the world's texts are repeated (align-large)")
+    ap.add_argument("--features", type=int, default=30_000)
+    ap.add_argument("--concepts", type=int, default=30_000)
+    ap.add_argument("--cases", default="tiny,large", help="tiny, large or both (comma-separated)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
+    cases = set(args.cases.split(","))
 
     import ray
 
@@ -130,51 +133,60 @@ def main() -> None:
         print(f"local Ray with {args.ray_cpus} CPUs started in {t_init:.1f}s", flush=True)
         cfg = RayConfig()  # the Ray started above
         try:
-            results["align-tiny"] = align_case(store, world.subject_a.name, world.atlas_name, texts, held, cfg,
-                                               "align-tiny")
-            sub = world.subject_a
-            f64 = PairingConfig(batch_size=16, stats_dtype="float64")
-            ref = align_layers(store, sub.name, None, world.atlas_name, texts, held, config=f64, name="f64",
-                               quiet=True)
-            diffs = [map_diff(store, r.name, f"align-tiny-here-L{r.subject_layer}") for r in ref]
-            results["align-tiny-f64"] = {"in_process_f32_vs_f64_rel_frobenius": max(diffs)}
-            print(f"align-tiny-f64: {json.dumps(results['align-tiny-f64'])}", flush=True)
-
-            amap = store.map_info(f"align-tiny-here-L{sub.default_layer}").name
-            results["label-tiny"] = label_case(store, amap, "native:tiny:0", cfg, "label-tiny", 4096)
-
-            # larger: random-weight models, wider and deeper, the same tokenizer
-            fdir = world.path / "foundation"
-            s_dir = random_gpt2(root / "big-subject", fdir, 256, 4, seed=1)
-            f_dir = random_gpt2(root / "big-foundation", fdir, 384, 4, seed=2)
-            store.add_model("big-foundation", source=str(f_dir))
-            rng = np.random.default_rng(0)
-            store.add_atlas("big-atlas", rng.normal(size=(2000, 384)).astype(np.float32),
-                            [f"c{i}" for i in range(2000)], model="big-foundation", layer=2, index_spec="Flat")
-            from engine.models.hooks import Site
-
-            results["align-large"] = align_case(store, str(s_dir), "big-atlas", texts * args.repeat,
-                                                held * args.repeat, cfg, "align-large", layers=Site((1, 2, 3)))
-
-            d_s, d_a = 512, 768
-            store.add_atlas("label-atlas", rng.normal(size=(args.concepts, d_a)).astype(np.float32),
-                            [f"concept {i}" for i in range(args.concepts)], model="label-foundation", layer=12,
-                            index_spec="Flat")
-            store.add_model("label-subject", d_model=d_s)
-            q, _ = np.linalg.qr(rng.normal(size=(d_a, d_s)))
-            w = q.T.astype(np.float32)
-            store.save_map(AlignmentMap(w, w.T, np.zeros(d_s), np.zeros(d_a), "procrustes",
-                                        subject_model="label-subject", subject_layer=20, atlas="label-atlas"),
-                           "label-map")
-            np.save(root / "features.npy", rng.normal(size=(args.features, d_s)).astype(np.float32))
-            results["label-large"] = label_case(store, "label-map", str(root / "features.npy"), cfg, "label-large",
-                                                labelling.DEFAULT_BATCH)
+            if "tiny" in cases:
+                tiny_cases(store, world, texts, held, cfg, results)
+            if "large" in cases:
+                large_cases(store, world, texts, held, cfg, results, args, root)
         finally:
             ray.shutdown()
             store.close()
     print(json.dumps(results, indent=2))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+
+
+def tiny_cases(store, world, texts, held, cfg, results) -> None:
+    results["align-tiny"] = align_case(store, world.subject_a.name, world.atlas_name, texts, held, cfg,
+                                       "align-tiny")
+    sub = world.subject_a
+    f64 = PairingConfig(batch_size=16, stats_dtype="float64")
+    ref = align_layers(store, sub.name, None, world.atlas_name, texts, held, config=f64, name="f64",
+                       quiet=True)
+    diffs = [map_diff(store, r.name, f"align-tiny-here-L{r.subject_layer}") for r in ref]
+    results["align-tiny-f64"] = {"in_process_f32_vs_f64_rel_frobenius": max(diffs)}
+    print(f"align-tiny-f64: {json.dumps(results['align-tiny-f64'])}", flush=True)
+
+    amap = store.map_info(f"align-tiny-here-L{sub.default_layer}").name
+    results["label-tiny"] = label_case(store, amap, "native:tiny:0", cfg, "label-tiny", 4096)
+
+
+def large_cases(store, world, texts, held, cfg, results, args, root) -> None:
+    # larger: random-weight models, wider and deeper, the same tokenizer
+    fdir = world.path / "foundation"
+    s_dir = random_gpt2(root / "big-subject", fdir, 256, 4, seed=1)
+    f_dir = random_gpt2(root / "big-foundation", fdir, 384, 4, seed=2)
+    store.add_model("big-foundation", source=str(f_dir))
+    rng = np.random.default_rng(0)
+    store.add_atlas("big-atlas", rng.normal(size=(2000, 384)).astype(np.float32),
+                    [f"c{i}" for i in range(2000)], model="big-foundation", layer=2, index_spec="Flat")
+    from engine.models.hooks import Site
+
+    results["align-large"] = align_case(store, str(s_dir), "big-atlas", texts * args.repeat,
+                                        held * args.repeat, cfg, "align-large", layers=Site((1, 2, 3)))
+
+    d_s, d_a = 512, 768
+    store.add_atlas("label-atlas", rng.normal(size=(args.concepts, d_a)).astype(np.float32),
+                    [f"concept {i}" for i in range(args.concepts)], model="label-foundation", layer=12,
+                    index_spec="Flat")
+    store.add_model("label-subject", d_model=d_s)
+    q, _ = np.linalg.qr(rng.normal(size=(d_a, d_s)))
+    w = q.T.astype(np.float32)
+    store.save_map(AlignmentMap(w, w.T, np.zeros(d_s), np.zeros(d_a), "procrustes",
+                                subject_model="label-subject", subject_layer=20, atlas="label-atlas"),
+                   "label-map")
+    np.save(root / "features.npy", rng.normal(size=(args.features, d_s)).astype(np.float32))
+    results["label-large"] = label_case(store, "label-map", str(root / "features.npy"), cfg, "label-large",
+                                        labelling.DEFAULT_BATCH)
 
 
 if __name__ == "__main__":
