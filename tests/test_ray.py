@@ -76,6 +76,27 @@ def test_ray_labelling_writes_exactly_the_in_process_rows(ray_local, mapped):
     assert store.count_run_labels("there") == 230 * 3
 
 
+def test_ray_rows_are_bit_identical_where_the_search_threads_matter(ray_local, store, tmp_path):
+    """An atlas large enough that FAISS's scores change in their last bits with its thread count
+    (8000 x 384: 300 of 5000 rows differed while workers searched on one thread, the driver on two)."""
+    from engine.align.map import AlignmentMap
+
+    rng = np.random.default_rng(0)
+    d_s, d_a = 128, 384
+    store.add_atlas("big", rng.normal(size=(8000, d_a)).astype(np.float32), [f"c{i}" for i in range(8000)],
+                    model="f", layer=1, index_spec="Flat")
+    store.add_model("sub", d_model=d_s)
+    q, _ = np.linalg.qr(rng.normal(size=(d_a, d_s)))
+    w = q.T.astype(np.float32)
+    store.save_map(AlignmentMap(w, w.T, np.zeros(d_s), np.zeros(d_a), "procrustes", subject_model="sub",
+                                subject_layer=1, atlas="big"), "bm")
+    np.save(tmp_path / "f.npy", rng.normal(size=(1000, d_s)).astype(np.float32))
+    for name, ray_config in (("here", None), ("there", CONFIG)):
+        labelling.label_features(store, "bm", str(tmp_path / "f.npy"), k=5, batch_size=500, name=name, quiet=True,
+                                 ray=ray_config)
+    assert store.run_label_rows("there", 0, 1000) == store.run_label_rows("here", 0, 1000)
+
+
 def test_a_killed_ray_worker_is_retried_and_no_row_is_duplicated(ray_local, mapped, monkeypatch, tmp_path):
     store, path = mapped
     labelling.label_features(store, "m", str(path), k=3, batch_size=20, name="here", quiet=True)

@@ -35,6 +35,7 @@ from engine.store.runs import LabellingRun, RunConflictError
 from engine.store.store import Store
 from engine.util import MAX_NAME, check_k, failpoint
 from indexes.base import VectorIndex
+from indexes.faiss_backend import search_threads, set_search_threads
 
 __all__ = [
     "DEFAULT_BATCH", "DEFAULT_K", "LabellingRun", "RunConflictError", "SourceChangedError", "check_source_site",
@@ -226,8 +227,9 @@ def _batches_on_ray(store: Store, run: LabellingRun, lo: int, stop: int, config:
         cpus = cluster_cpus(r)
         n_batches = -(-(stop - lo) // bs)
         per = max(1, min(RAY_SHARD_BATCHES, -(-n_batches // cpus)))  # batches per task
-        plugins = source_plugins()
-        shards = [(where, run.name, a, min(stop, a + per * bs), plugins) for a in range(lo, stop, per * bs)]
+        plugins, threads = source_plugins(), search_threads()
+        shards = [(where, run.name, a, min(stop, a + per * bs), plugins, threads)
+                  for a in range(lo, stop, per * bs)]
         for part in map_ordered(r, label_shard, shards, window=2 * cpus, max_retries=config.max_retries):
             yield from part
 
@@ -235,15 +237,19 @@ def _batches_on_ray(store: Store, run: LabellingRun, lo: int, stop: int, config:
 _STORES: dict[StoreLocation, Store] = {}  # a Ray worker's opened stores: its index stays loaded across tasks
 
 
-def label_shard(where: StoreLocation, name: str, lo: int, hi: int, plugins: tuple[str, ...] = ()) -> list[Batch]:
+def label_shard(where: StoreLocation, name: str, lo: int, hi: int, plugins: tuple[str, ...] = (),
+                threads: int | None = None) -> list[Batch]:
     """One Ray task of a run: the label rows of features ``[lo, hi)`` in the run's batches.
 
-    The worker imports the driver's feature-source ``plugins`` (`source_plugins`), opens the store
-    at ``where`` and checks the map, features and atlas against the run, as a resume does; it
-    writes nothing (the driver commits).
+    The worker imports the driver's feature-source ``plugins`` (`source_plugins`), searches with
+    the driver's FAISS ``threads`` (the scores' last bits depend on the count: with it they are the
+    in-process scores bit for bit), opens the store at ``where`` and checks the map, features and
+    atlas against the run, as a resume does; it writes nothing (the driver commits).
     """
     for module in plugins:
         importlib.import_module(module)
+    if threads is not None:
+        set_search_threads(threads)
     store = _STORES.get(where)
     if store is None:
         store = _STORES[where] = where.open()
