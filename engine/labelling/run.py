@@ -9,6 +9,11 @@ none after; resume re-reads the source, checks that its fingerprint and the map'
 those the run started with, and continues at ``n_done`` with the same batch boundaries, so it
 computes exactly the rows an uninterrupted run computes.
 
+On Ray (``run_labelling(..., ray=RayConfig(...))``, docs/design.md §9) tasks compute the rows of a
+few batches each with `label_batch`, the function the loop here uses, and write nothing; this
+process commits them in order through the same guarded commit, so the guarantees above hold as
+they are and a retried task never writes a row twice.
+
 Throughput: one float32 GEMM per batch projects the features (`engine.search.project`), the
 atlas index is searched with the whole batch, and the rows go in with one ``executemany``; on a
 100k-concept Flat atlas the search is nearly all of the time (benchmarks/bench_labelling.py).
