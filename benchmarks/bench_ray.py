@@ -20,6 +20,7 @@ labelling that the stored rows are identical. The README's figures, on the 2-cor
 
     nice -n 10 python benchmarks/bench_ray.py --cases tiny
     nice -n 10 python benchmarks/bench_ray.py --cases large      # --repeat 1, 30k features x 30k concepts
+    nice -n 10 python benchmarks/bench_ray.py --cases label-large   # the labelling case alone
     python benchmarks/bench_ray.py --repeat 3 --features 100000 --concepts 100000   # bigger
 
 The tiny world is read from ``$ATLAS_TEST_CACHE/worlds`` when it was built there (else built).
@@ -106,10 +107,13 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="times the world's texts are repeated (align-large)")
     ap.add_argument("--features", type=int, default=30_000)
     ap.add_argument("--concepts", type=int, default=30_000)
-    ap.add_argument("--cases", default="tiny,large", help="tiny, large or both (comma-separated)")
+    ap.add_argument("--cases", default="tiny,large",
+                    help="comma-separated: tiny, align-large, label-large, large (both large ones)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
     cases = set(args.cases.split(","))
+    if "large" in cases:
+        cases |= {"align-large", "label-large"}
 
     import ray
 
@@ -135,8 +139,7 @@ def main() -> None:
         try:
             if "tiny" in cases:
                 tiny_cases(store, world, texts, held, cfg, results)
-            if "large" in cases:
-                large_cases(store, world, texts, held, cfg, results, args, root)
+            large_cases(store, world, texts, held, cfg, results, args, root, cases)
         finally:
             ray.shutdown()
             store.close()
@@ -160,13 +163,20 @@ def tiny_cases(store, world, texts, held, cfg, results) -> None:
     results["label-tiny"] = label_case(store, amap, "native:tiny:0", cfg, "label-tiny", 4096)
 
 
-def large_cases(store, world, texts, held, cfg, results, args, root) -> None:
+def large_cases(store, world, texts, held, cfg, results, args, root, cases) -> None:
+    rng = np.random.default_rng(0)
+    if "align-large" in cases:
+        align_large(store, world, texts, held, cfg, results, args, root, rng)
+    if "label-large" in cases:
+        label_large(store, cfg, results, args, root, rng)
+
+
+def align_large(store, world, texts, held, cfg, results, args, root, rng) -> None:
     # larger: random-weight models, wider and deeper, the same tokenizer
     fdir = world.path / "foundation"
     s_dir = random_gpt2(root / "big-subject", fdir, 256, 4, seed=1)
     f_dir = random_gpt2(root / "big-foundation", fdir, 384, 4, seed=2)
     store.add_model("big-foundation", source=str(f_dir))
-    rng = np.random.default_rng(0)
     store.add_atlas("big-atlas", rng.normal(size=(2000, 384)).astype(np.float32),
                     [f"c{i}" for i in range(2000)], model="big-foundation", layer=2, index_spec="Flat")
     from engine.models.hooks import Site
@@ -174,6 +184,8 @@ def large_cases(store, world, texts, held, cfg, results, args, root) -> None:
     results["align-large"] = align_case(store, str(s_dir), "big-atlas", texts * args.repeat,
                                         held * args.repeat, cfg, "align-large", layers=Site((1, 2, 3)))
 
+
+def label_large(store, cfg, results, args, root, rng) -> None:
     d_s, d_a = 512, 768
     store.add_atlas("label-atlas", rng.normal(size=(args.concepts, d_a)).astype(np.float32),
                     [f"concept {i}" for i in range(args.concepts)], model="label-foundation", layer=12,
