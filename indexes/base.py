@@ -94,14 +94,24 @@ class VectorIndex(ABC):
 
 
 FAILPOINT_ENV = "ATLAS_FAILPOINT"
+FAILPOINT_ONCE_ENV = "ATLAS_FAILPOINT_ONCE"  # a marker file: kill only the first process to create it
 
 
 def failpoint(name: str) -> None:
     """Kill this process (SIGKILL: no cleanup, like a power cut) when ``$ATLAS_FAILPOINT`` is
     ``name``. Writers call it between the steps of their write order, so the fault-injection tests
-    (tests/test_faults.py) can stop a write at every step boundary; unset, it costs one lookup."""
+    (tests/test_faults.py) can stop a write at every step boundary; unset, it costs one lookup.
+    With ``$ATLAS_FAILPOINT_ONCE`` set to a file path, only the process that creates that file is
+    killed (a retried task then runs through: tests/test_ray.py kills a Ray worker once)."""
     if os.environ.get(FAILPOINT_ENV) == name:
         import signal
+
+        once = os.environ.get(FAILPOINT_ONCE_ENV)
+        if once:
+            try:
+                os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return
 
         os.kill(os.getpid(), signal.SIGKILL)
 

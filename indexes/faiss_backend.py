@@ -39,6 +39,17 @@ RERANK = "rerank"
 _GRAPH_DEGREE = re.compile(r"(HNSW|NSG)(\d+)")
 
 
+def search_threads() -> int:
+    """The OpenMP threads FAISS searches with in this process: the last bits of its scores depend
+    on it (how its BLAS products are split), so processes that must agree bit for bit use one count."""
+    return int(faiss.omp_get_max_threads())
+
+
+def set_search_threads(n: int) -> None:
+    """Search with ``n`` OpenMP threads in this process (see `search_threads`)."""
+    faiss.omp_set_num_threads(max(1, int(n)))
+
+
 def parse_spec(spec: str) -> tuple[str, dict[str, int]]:
     """Split ``"HNSW32|efSearch=64"`` into the factory string and search parameters.
 

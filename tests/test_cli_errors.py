@@ -163,6 +163,12 @@ def _cases(tmp):
         ("align", "subj", "--layer", "1", "--atlas", "g", "--corpus", corpus, "--batch-size", "0"),
         ("align", "subj", "--layer", "1", "--atlas", "g", "--corpus", corpus, "--name", "bad/name"),
         ("export", "r1", "--output", str(tmp / "no-such-dir" / "out.jsonl")),
+        # Ray: an address that is not one, or where no cluster answers (refused at once, not after minutes)
+        ("label", "m", "--features", feats, "--name", "ray1", "--ray-address", ""),
+        ("label", "m", "--features", feats, "--name", "ray2", "--ray-address", "nonsense"),
+        ("label", "m", "--features", feats, "--name", "ray3", "--ray-address", "127.0.0.1:1"),
+        ("label", "m", "--features", feats, "--name", "ray4", "--ray-address", "ray://127.0.0.1:1"),
+        ("label", "m", "--features", feats, "--name", "ray5", "--ray-address", "127.0.0.1:port"),
     ]
 
 
@@ -173,7 +179,9 @@ def test_usage_errors_keep_clicks_exit_code(env):
                  ("lookup",), ("steer", "m", "-c", "x", "-p", "the", "--positions", "some"),
                  ("eval", "labelling", "--world", "--max-docs", "0"), ("eval", "labelling", "--world", "--features", "x"),
                  ("world", "build", "--sae", "--no-such-option"),
-                 ("eval", "steering", "--world", "--against-prompts", "1")]:
+                 ("eval", "steering", "--world", "--against-prompts", "1"),
+                 ("align", "subj", "--layer", "1", "--atlas", "g", "--corpus", str(tmp / "corpus.txt"),
+                  "--max-tokens", "5", "--ray")]:
         r = CliRunner().invoke(cli, [*args, "--store", str(root)])
         assert r.exit_code == 2 and "Traceback" not in r.output and r.output.strip().splitlines()[-1].startswith(
             "Error: "), (args, r.output)

@@ -22,14 +22,16 @@ from engine.align.map import AlignmentMap, MapSites, plain_json
 from engine.align.methods import LinearFit, get_method, heldout_r2
 from engine.align.pairing import PairingConfig, check_pairing, iter_batch_pairs, pair_batches
 from engine.align.stats import SufficientStats
-from engine.errors import AtlasError, ShapeError, SiteMismatchError
+from engine.distributed.ray_exec import RayConfig, StoreLocation, cluster_cpus, map_ordered, ray_session
+from engine.errors import AtlasError, BadValueError, ShapeError, SiteMismatchError
 from engine.models.activations import auto_threads, torch_threads
 from engine.models.devices import ACTIVATION_DTYPE
 from engine.models.hooks import Site, resolve_blocks
 from engine.models.loading import ModelKind, d_model_of, load_registered, tokenizer_fingerprint
 from engine.models.registry import resolve_model
+from engine.progress import progress
 from engine.store.store import MapInfo, Store
-from engine.util import corpus_fingerprint
+from engine.util import corpus_fingerprint, failpoint
 
 COSINE_SAMPLE = 2000  # held-out pairs kept for the mean-cosine metric
 
@@ -54,6 +56,19 @@ class PairedStats:
         hyper-parameters and give the metrics; the corpus fingerprint is recorded with it."""
         return fit_map(self.train[(pairing, layer)], method, heldout=self.heldout.get((pairing, layer)), sites=sites,
                        pairing=pairing, corpus_fingerprint=self.corpus_fingerprint, **params)
+
+    def merge(self, other: PairedStats) -> None:
+        """Fold the statistics of another shard of the corpus into these (exact: they are sums).
+
+        Statistics with no pairs yet are replaced by the other shard's, reservoir sample included
+        (`SufficientStats.merge` keeps only this side's sample, so held-out texts go to one shard).
+        """
+        for mine, theirs in ((self.train, other.train), (self.heldout, other.heldout)):
+            for key, st in theirs.items():
+                if key not in mine or mine[key].count == 0:
+                    mine[key] = st
+                else:
+                    mine[key].merge(st)
 
 
 def accumulate_pairs(
@@ -95,7 +110,8 @@ def _accumulate_pairs(subject: tuple[torch.nn.Module, Any], foundation: tuple[to
         for p in config.pairings:
             for L in s_site.layers:
                 target[(p, L)] = SufficientStats(d_s, d_f, normalize=config.normalize,
-                                                 sample_size=COSINE_SAMPLE if split == "heldout" else 0)
+                                                 sample_size=COSINE_SAMPLE if split == "heldout" else 0,
+                                                 gemm_dtype=getattr(torch, config.stats_dtype))
         if not texts:
             continue
         counts = dict.fromkeys(config.pairings, 0)
@@ -116,6 +132,76 @@ def _accumulate_pairs(subject: tuple[torch.nn.Module, Any], foundation: tuple[to
             if cap is not None and all(c >= cap for c in counts.values()):
                 break
     return out
+
+
+# ----------------------------------------------------------------------------- on Ray
+
+
+def accumulate_pairs_on_ray(
+    store: Store,
+    subject: str,
+    foundation: str,
+    train_texts: Sequence[str],
+    heldout_texts: Sequence[str],
+    subject_site: Site,
+    foundation_site: Site,
+    config: PairingConfig,
+    ray: RayConfig,
+    *,
+    kind: ModelKind | None = None,
+    quiet: bool = False,
+) -> PairedStats:
+    """`accumulate_pairs` of the store's models ``subject`` and ``foundation``, on Ray workers.
+
+    The texts are cut into one task per cluster CPU: contiguous shards of the training texts, at
+    multiples of ``config.batch_size`` (so every forward pass sees the batches an in-process pass
+    sees), the last with all the held-out texts (their reservoir sample is drawn as in-process).
+    Each task loads both models from the store with the one model loader and returns its
+    `PairedStats`; the driver merges them (sums: the same map to float rounding). Sites must be
+    resolved (absolute layers). ``config.max_pairs`` is refused: it caps pairs in corpus order.
+    """
+    if config.max_pairs is not None:
+        raise BadValueError("a pair cap (--max-tokens) takes pairs in corpus order and cannot be sharded; "
+                            "with Ray give a shorter corpus instead")
+    where = StoreLocation.of(store)
+    with ray_session(ray) as r:
+        n_shards = cluster_cpus(r)
+        bs = config.batch_size
+        # texts per shard, whole batches; the last shard also takes the held-out texts, so about
+        # as many texts each
+        per = -(-(len(train_texts) + len(heldout_texts)) // (n_shards * bs)) * bs
+        cuts = [min(i * per, len(train_texts)) for i in range(n_shards)] + [len(train_texts)]
+        shards: list[tuple[Any, ...]] = [
+            (where, subject, kind, foundation, subject_site, foundation_site, config, list(train_texts[a:b]),
+             list(heldout_texts) if i == n_shards - 1 else [])
+            for i, (a, b) in enumerate(zip(cuts, cuts[1:]))
+        ]
+        shards = [sh for sh in shards[:-1] if sh[7]] + shards[-1:]  # no task for an empty shard
+        out = PairedStats(corpus_fingerprint=corpus_fingerprint([*train_texts, "\x00heldout\x00", *heldout_texts]))
+        bar = progress(total=len(shards), desc="pairs (ray shards)", unit="shard", quiet=quiet)
+        try:
+            for part in map_ordered(r, stats_of_shard, shards, window=len(shards), max_retries=ray.max_retries):
+                out.merge(part)
+                bar.update(1)
+        finally:
+            bar.close()
+    return out
+
+
+def stats_of_shard(where: StoreLocation, subject: str, kind: ModelKind | None, foundation: str, subject_site: Site,
+                   foundation_site: Site, config: PairingConfig, train_texts: list[str],
+                   heldout_texts: list[str]) -> PairedStats:
+    """One Ray task of `accumulate_pairs_on_ray`: load both models from the store, run the pass."""
+    store = where.open()
+    try:
+        _, sm, stok = resolve_model(store, subject, kind=kind, dtype=config.dtype,
+                                    layer_module=subject_site.layer_module, device=config.device)
+        fm, ftok = load_registered(store, foundation, dtype=config.dtype, device=config.device)
+    finally:
+        store.close()
+    failpoint("align.shard")
+    return accumulate_pairs((sm, stok), (fm, ftok), train_texts, heldout_texts, subject_site, foundation_site,
+                            config, quiet=True)
 
 
 # ----------------------------------------------------------------------------- atlas align
@@ -166,6 +252,7 @@ def align_layers(
     name: str | None = None,
     overwrite: bool = False,
     quiet: bool = False,
+    ray: RayConfig | None = None,
     **params: Any,
 ) -> list[MapInfo]:
     """`align_subject` for every layer of ``site`` (``None``: every block of the subject) in one pass.
@@ -174,6 +261,9 @@ def align_layers(
     per layer (O(layers × d²) memory) gives one map per layer, saved under ``name`` with
     ``{layer}`` replaced (or ``<name>-L<layer>`` when several layers and no ``{layer}``), else
     the default name. Returns the saved maps in layer order.
+
+    With ``ray`` the pass runs on Ray workers (`accumulate_pairs_on_ray`): the same statistics,
+    merged from shards of the corpus.
     """
     get_method(method)  # an unknown method fails now, not after the pass over the corpus
     ainfo = store.atlas(atlas)
@@ -195,8 +285,13 @@ def align_layers(
         texts, heldout_texts = split_heldout(texts)
     pool = config.pools.get(pairing, config.pools.get("auto"))
     config = dataclasses.replace(config, pairings=(pairing,), pools={pairing: pool} if pool else {})
-    stats = accumulate_pairs((sm, stok), (fm, ftok), texts, heldout_texts, site, Site((ainfo.layer,), ainfo.hook),
-                             config, quiet=quiet)
+    f_site = Site((ainfo.layer,), ainfo.hook)
+    if ray is None:
+        stats = accumulate_pairs((sm, stok), (fm, ftok), texts, heldout_texts, site, f_site, config, quiet=quiet)
+    else:
+        check_pairing(pairing, stok, ftok)
+        stats = accumulate_pairs_on_ray(store, s_name, ainfo.model, texts, heldout_texts, site.resolved(sm),
+                                        f_site.resolved(fm), config, ray, kind=kind, quiet=quiet)
     out = []
     for L in layers:
         sites = MapSites(s_name, L, ainfo.name, ainfo.model, ainfo.layer, site.hook, ainfo.hook)

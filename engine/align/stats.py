@@ -222,6 +222,17 @@ class SufficientStats:
         self.sum_norm_y += other.sum_norm_y
         self._dirty = True
 
+    def __getstate__(self) -> dict:
+        """Pickled (sent from a Ray worker): buffered rows folded in, the work buffer left behind."""
+        self.flush()
+        state = self.__dict__.copy()
+        state["_z"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickled: arrays made writable (Ray hands numpy arrays over read-only, zero-copy)."""
+        self.__dict__.update({k: np.array(v) if isinstance(v, np.ndarray) else v for k, v in state.items()})
+
     # -------------------------------------------------------------- reading
 
     @property

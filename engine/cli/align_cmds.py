@@ -16,6 +16,7 @@ from engine.cli.common import (
     print_json,
     quiet_option,
     quiet_transformers,
+    ray_options,
     store_options,
 )
 
@@ -63,12 +64,13 @@ def register(cli: click.Group) -> None:
               "{layer} in it is replaced, else -L<layer> is appended.")
 @click.option("--overwrite", is_flag=True, help="Replace a map of the same name.")
 @device_options
+@ray_options
 @store_options
 @json_option
 @quiet_option
 def align(subject, layer, layer_spec, atlas_name, corpus, use_world, size, seed, method, pairing, pool, max_tokens, batch_size,
           hook, normalize, no_scale, lam, layer_module, kind, encoder, device, dtype, cache, name, overwrite,
-          store_dir, db_url, as_json):
+          ray, store_dir, db_url, as_json):
     """Fit an alignment map from SUBJECT's layer (or several: --layers) to an atlas, and store it.
 
     SUBJECT is a model in the store, or a local folder / hub id (registered on first use); with
@@ -77,6 +79,9 @@ def align(subject, layer, layer_spec, atlas_name, corpus, use_world, size, seed,
     accumulated in one streaming pass (every requested layer from the same forward passes) and a
     map per layer is fitted from their statistics. Held-out texts give the fit metrics (R² both
     ways, mean cosine) and choose ridge's λ; with several layers a table compares them.
+
+    With --ray (or --ray-address) the corpus is cut into shards that Ray workers pass through the
+    models; their statistics are summed into the same maps (not with --max-tokens).
     """
     from engine.align.corpus import read_corpus
     from engine.align.fit import align_layers
@@ -91,6 +96,9 @@ def align(subject, layer, layer_spec, atlas_name, corpus, use_world, size, seed,
         raise click.UsageError("give exactly one of --corpus FILE or --world")
     if max_tokens is not None and max_tokens < 1:
         raise click.BadParameter("must be positive", param_hint="--max-tokens")
+    if max_tokens is not None and ray is not None:
+        raise click.UsageError("--max-tokens takes pairs in corpus order and cannot be sharded over Ray; "
+                               "give a shorter corpus instead")
     quiet_transformers()
     store = open_store(store_dir, db_url)
     if use_world:
@@ -117,7 +125,7 @@ def align(subject, layer, layer_spec, atlas_name, corpus, use_world, size, seed,
     infos = align_layers(
         store, subject, Site(layers, hook, layer_module) if layers is not None else None, atlas_name, texts,
         heldout, method=method, pairing=pairing, config=config, kind="encoder" if encoder else kind, name=name,
-        overwrite=overwrite, **params,
+        overwrite=overwrite, ray=ray, **params,
     )
     if layer is not None:
         _show(infos[0], as_json)

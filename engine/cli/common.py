@@ -142,6 +142,27 @@ def device_options(f: Callable) -> Callable:
     return f
 
 
+def ray_options(f: Callable) -> Callable:
+    """Add ``--ray`` and ``--ray-address`` (the command receives ``ray``: a `RayConfig`, or None to
+    run in this process)."""
+
+    @click.option("--ray", "use_ray", is_flag=True,
+                  help="Run the work as Ray tasks on a local Ray (one worker per CPU); needs the ray extra.")
+    @click.option("--ray-address", metavar="HOST:PORT",
+                  help="Run on the Ray cluster at this address (ray://HOST:PORT or HOST:PORT; implies --ray). "
+                       "Every node must reach the store folder at the same path (a shared filesystem).")
+    @functools.wraps(f)
+    def wrapper(*args, use_ray: bool = False, ray_address: str | None = None, **kwargs):
+        config = None
+        if use_ray or ray_address is not None:
+            from engine.distributed import RayConfig
+
+            config = RayConfig(address=ray_address)
+        return f(*args, ray=config, **kwargs)
+
+    return wrapper
+
+
 def quiet_transformers() -> None:
     """Silence transformers' weight-loading bars for this process: the engine's bars say what is
     going on (`engine.models.loading.quiet_transformers`, imported when called: it loads torch)."""

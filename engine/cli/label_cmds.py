@@ -17,6 +17,7 @@ from engine.cli.common import (
     print_table,
     quiet_option,
     quiet_transformers,
+    ray_options,
     store_options,
 )
 
@@ -48,16 +49,20 @@ def register(cli: click.Group) -> None:
 @click.option("--no-site-check", is_flag=True,
               help="Do not compare the model and layer the features record with the map's subject site "
                    "(their width is always checked).")
+@ray_options
 @store_options
 @json_option
 @quiet_option
-def label(map_name, features, k, name, batch_size, resume, overwrite, no_site_check, store_dir: Path,
+def label(map_name, features, k, name, batch_size, resume, overwrite, no_site_check, ray, store_dir: Path,
           db_url, as_json: bool) -> None:
     """Label many subject features through MAP: the top-k atlas concepts of each, stored as a run.
 
     Rows are committed batch by batch; a run stopped by Ctrl-C or a kill is continued with
     `atlas label --resume RUN` and ends with exactly the rows of an uninterrupted run.
     `atlas runs` lists runs, `atlas export RUN` writes their labels.
+
+    With --ray (or --ray-address) Ray workers compute the batches and this process commits them
+    in order through the same run: the same rows, resumable the same way.
     """
     from engine.labelling import run as labelling
 
@@ -74,7 +79,7 @@ def label(map_name, features, k, name, batch_size, resume, overwrite, no_site_ch
             overwrite=overwrite,
         ).name
     try:
-        run = labelling.run_labelling(store, run_name)
+        run = labelling.run_labelling(store, run_name, ray=ray)
     except KeyboardInterrupt:
         run = store.run(run_name)
         click.echo(f"interrupted at {run.n_done}/{run.n_features} features; "

@@ -9,6 +9,11 @@ none after; resume re-reads the source, checks that its fingerprint and the map'
 those the run started with, and continues at ``n_done`` with the same batch boundaries, so it
 computes exactly the rows an uninterrupted run computes.
 
+On Ray (``run_labelling(..., ray=RayConfig(...))``, docs/design.md §9) tasks compute the rows of a
+few batches each with `label_batch`, the function the loop here uses, and write nothing; this
+process commits them in order through the same guarded commit, so the guarantees above hold as
+they are and a retried task never writes a row twice.
+
 Throughput: one float32 GEMM per batch projects the features (`engine.search.project`), the
 atlas index is searched with the whole batch, and the rows go in with one ``executemany``; on a
 100k-concept Flat atlas the search is nearly all of the time (benchmarks/bench_labelling.py).
@@ -16,26 +21,35 @@ atlas index is searched with the whole batch, and the rows go in with one ``exec
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import os
 import re
 import socket
+from collections.abc import Iterator
+
+import numpy as np
 
 from engine.align.map import AlignmentMap
+from engine.distributed.ray_exec import RayConfig, StoreLocation, cluster_cpus, map_ordered, ray_session
 from engine.errors import AtlasError, NotFoundError, SourceChangedError
-from engine.labelling.sources import FeatureSource, open_feature_source
+from engine.labelling.sources import FeatureSource, open_feature_source, source_plugins
 from engine.progress import progress
 from engine.search import project
 from engine.store.runs import LabellingRun, RunConflictError
 from engine.store.store import Store
-from engine.util import MAX_NAME, check_k
+from engine.util import MAX_NAME, check_k, failpoint
+from indexes.base import VectorIndex
+from indexes.faiss_backend import search_threads, set_search_threads
 
 __all__ = [
     "DEFAULT_BATCH", "DEFAULT_K", "LabellingRun", "RunConflictError", "SourceChangedError", "check_source_site",
-    "create_run", "default_run_name", "label_features", "run_labelling",
+    "create_run", "default_run_name", "label_batch", "label_features", "label_shard", "run_labelling",
 ]
 
 DEFAULT_K = 5
 DEFAULT_BATCH = 4096  # features per transaction: a few seconds of search on a 100k atlas
+RAY_SHARD_BATCHES = 8  # batches per Ray task at most: a killed worker recomputes that much
 
 
 # ---------------------------------------------------------------------- runs
@@ -99,20 +113,61 @@ def check_source_site(store: Store, amap: AlignmentMap, source: FeatureSource, s
 def label_features(
     store: Store, map_name: str, features: str, *, k: int = DEFAULT_K, name: str | None = None,
     batch_size: int = DEFAULT_BATCH, key: str | None = None, site_check: bool = True,
-    overwrite: bool = False, quiet: bool = False,
+    overwrite: bool = False, quiet: bool = False, ray: RayConfig | None = None,
 ) -> LabellingRun:
     """Create a run and carry it out to the end (see `create_run` and `run_labelling`)."""
     run, source = _create_run(store, map_name, features, k=k, name=name, batch_size=batch_size, key=key,
                               site_check=site_check, overwrite=overwrite)
-    return run_labelling(store, run.name, quiet=quiet, _source=source)
+    return run_labelling(store, run.name, quiet=quiet, ray=ray, _source=source)
+
+
+def label_batch(amap: AlignmentMap, index: VectorIndex, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The label rows of one batch of features: scores and atlas ordinals of the top ``k``
+    concepts of each, (b, k) each (-1 where an ANN index returned fewer)."""
+    return index.search(project(amap, vectors), k)
+
+
+@dataclasses.dataclass
+class _RunInputs:
+    """What a run's batches are computed from, checked against what the run started with."""
+
+    amap: AlignmentMap
+    source: FeatureSource
+    index: VectorIndex
+    run_id: int
+    atlas_id: int
+
+
+def _open_inputs(store: Store, run: LabellingRun, source: FeatureSource | None = None) -> _RunInputs:
+    name = run.name
+    if store.map_info(run.map).sha256 != run.params.get("map_sha256"):
+        raise SourceChangedError(
+            f"map {run.map!r} was refitted since run {name!r} started; its labels would mix two maps. "
+            f"Start a new run (`atlas label {run.map} --features ... --overwrite --name {name}`)"
+        )
+    amap = store.load_map(run.map)
+    source = source or open_feature_source(run.feature_source, store=store, amap=amap)
+    if source.fingerprint != run.fingerprint or source.n_features != run.n_features:
+        raise SourceChangedError(
+            f"the features of run {name!r} ({run.feature_source}) changed since it started "
+            f"({source.n_features} features, fingerprint {source.fingerprint[:12]}, was {run.n_features}, "
+            f"{run.fingerprint[:12]}); restore them, or start a new run with --overwrite"
+        )
+    run_id, atlas_id, vec_sha = store._run_keys(name)
+    if vec_sha != run.params.get("atlas_vector_sha256"):
+        raise SourceChangedError(f"atlas {run.atlas!r} was re-imported since run {name!r} started")
+    return _RunInputs(amap, source, store.index(run.atlas), run_id, atlas_id)
 
 
 def run_labelling(store: Store, name: str, *, quiet: bool = False, max_batches: int | None = None,
-                  _source: FeatureSource | None = None) -> LabellingRun:
+                  ray: RayConfig | None = None, _source: FeatureSource | None = None) -> LabellingRun:
     """Carry out a run from ``n_done`` to the end (or for ``max_batches`` batches).
 
     Each batch is projected, searched and committed together with the advance of ``n_done``.
     Ctrl-C leaves the run ``interrupted``, an error ``failed`` (with its message); both resume.
+    With ``ray`` the batches are computed by Ray tasks (`label_shard`, several batches each) and
+    committed here, in order, through the same guarded commit: the same rows, and a retried
+    task never writes twice (tasks write nothing).
     """
     run = store.run(name)
     if run.status == "done":
@@ -124,37 +179,24 @@ def run_labelling(store: Store, name: str, *, quiet: bool = False, max_batches: 
         raise RunConflictError(
             f"labelling run {name!r} is running in process {worker.get('pid')}; wait for it or stop it first"
         )
-    if store.map_info(run.map).sha256 != run.params.get("map_sha256"):
-        raise SourceChangedError(
-            f"map {run.map!r} was refitted since run {name!r} started; its labels would mix two maps. "
-            f"Start a new run (`atlas label {run.map} --features ... --overwrite --name {name}`)"
-        )
-    amap = store.load_map(run.map)
-    source = _source or open_feature_source(run.feature_source, store=store, amap=amap)
-    if source.fingerprint != run.fingerprint or source.n_features != run.n_features:
-        raise SourceChangedError(
-            f"the features of run {name!r} ({run.feature_source}) changed since it started "
-            f"({source.n_features} features, fingerprint {source.fingerprint[:12]}, was {run.n_features}, "
-            f"{run.fingerprint[:12]}); restore them, or start a new run with --overwrite"
-        )
-    run_id, atlas_id, vec_sha = store._run_keys(name)
-    if vec_sha != run.params.get("atlas_vector_sha256"):
-        raise SourceChangedError(f"atlas {run.atlas!r} was re-imported since run {name!r} started")
-    concept_ids = store._concept_ids(atlas_id)  # ordinal -> concepts.id
-    index = store.index(run.atlas)
+    inputs = _open_inputs(store, run, _source)
+    run_id = inputs.run_id
+    concept_ids = store._concept_ids(inputs.atlas_id)  # ordinal -> concepts.id
     me = {"host": socket.gethostname(), "pid": os.getpid()}
     store._set_status(run_id, "running", error=None, params={**run.params, "worker": me})
 
-    n, bs, k, done = run.n_features, run.batch_size, run.k, run.n_done
+    n, bs, done = run.n_features, run.batch_size, run.n_done
+    stop = n if max_batches is None else min(n, done + max_batches * bs)
     bar = progress(total=n, initial=done, desc=f"labelling {name}", unit="feat", quiet=quiet)
-    batches = 0
     try:
-        while done < n and (max_batches is None or batches < max_batches):
-            hi = min(n, done + bs)
-            scores, ids = index.search(project(amap, source.vectors[done:hi]), k)  # (b, k) each
-            store._commit_batch(run_id, done, hi, ids, scores, concept_ids, n)
-            bar.update(hi - done)
-            done, batches = hi, batches + 1
+        if ray is None:
+            batches = _batches_here(inputs, run.k, done, stop, bs)
+        else:
+            batches = _batches_on_ray(store, run, done, stop, ray)
+        for lo, hi, scores, ids in batches:
+            store._commit_batch(run_id, lo, hi, ids, scores, concept_ids, n)
+            bar.update(hi - lo)
+            done = hi
     except KeyboardInterrupt:
         store._set_status(run_id, "interrupted")
         raise
@@ -168,3 +210,55 @@ def run_labelling(store: Store, name: str, *, quiet: bool = False, max_batches: 
     if done < n:
         store._set_status(run_id, "interrupted")
     return store.run(name)
+
+
+Batch = tuple[int, int, np.ndarray, np.ndarray]  # (lo, hi, scores (b, k), ordinals (b, k)) of features [lo, hi)
+
+
+def _batches_here(inputs: _RunInputs, k: int, lo: int, stop: int, bs: int) -> Iterator[Batch]:
+    """The run's batches from ``lo`` to ``stop``, computed in this process one at a time."""
+    while lo < stop:
+        hi = min(stop, lo + bs)
+        scores, ids = label_batch(inputs.amap, inputs.index, inputs.source.vectors[lo:hi], k)  # (b, k) each
+        yield lo, hi, scores, ids
+        lo = hi
+
+
+def _batches_on_ray(store: Store, run: LabellingRun, lo: int, stop: int, config: RayConfig) -> Iterator[Batch]:
+    """The same batches, from Ray tasks of up to `RAY_SHARD_BATCHES` batches each, in order."""
+    bs = run.batch_size
+    where = StoreLocation.of(store)
+    with ray_session(config) as r:
+        cpus = cluster_cpus(r)
+        n_batches = -(-(stop - lo) // bs)
+        per = max(1, min(RAY_SHARD_BATCHES, -(-n_batches // cpus)))  # batches per task
+        plugins, threads = source_plugins(), search_threads()
+        shards = [(where, run.name, a, min(stop, a + per * bs), plugins, threads)
+                  for a in range(lo, stop, per * bs)]
+        for part in map_ordered(r, label_shard, shards, window=2 * cpus, max_retries=config.max_retries):
+            yield from part
+
+
+_STORES: dict[StoreLocation, Store] = {}  # a Ray worker's opened stores: its index stays loaded across tasks
+
+
+def label_shard(where: StoreLocation, name: str, lo: int, hi: int, plugins: tuple[str, ...] = (),
+                threads: int | None = None) -> list[Batch]:
+    """One Ray task of a run: the label rows of features ``[lo, hi)`` in the run's batches.
+
+    The worker imports the driver's feature-source ``plugins`` (`source_plugins`), searches with
+    the driver's FAISS ``threads`` (the scores' last bits depend on the count: with it they are the
+    in-process scores bit for bit), opens the store at ``where`` and checks the map, features and
+    atlas against the run, as a resume does; it writes nothing (the driver commits).
+    """
+    for module in plugins:
+        importlib.import_module(module)
+    if threads is not None:
+        set_search_threads(threads)
+    store = _STORES.get(where)
+    if store is None:
+        store = _STORES[where] = where.open()
+    run = store.run(name)
+    inputs = _open_inputs(store, run)
+    failpoint("label.shard")
+    return list(_batches_here(inputs, run.k, lo, hi, run.batch_size))

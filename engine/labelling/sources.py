@@ -90,6 +90,12 @@ def register_feature_source(scheme: str, opener: SourceOpener) -> None:
     _SCHEMES[scheme] = opener
 
 
+def source_plugins() -> tuple[str, ...]:
+    """The modules that registered feature sources: another process (a Ray worker) imports them
+    to open the same sources."""
+    return tuple(sorted({opener.__module__ for opener in _SCHEMES.values()}))
+
+
 def _scheme_of(spec: str) -> str | None:
     m = _SCHEME.match(spec)
     return m.group(1) if m and m.group(1) in _SCHEMES else None
