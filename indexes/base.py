@@ -84,6 +84,16 @@ class VectorIndex(ABC):
         Raises `IndexCorruptError` when the file is not a readable index."""
         return cls.from_bytes(Path(path).read_bytes(), spec)
 
+    def _check_rows(self, vectors: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows to add as contiguous float32 (n, dim) with int64 ids (n,); `ValueError` otherwise."""
+        x = np.ascontiguousarray(vectors, dtype=np.float32)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"vectors must have shape (n, {self.dim}), got {tuple(x.shape)}")
+        if ids.shape != (x.shape[0],):
+            raise ValueError(f"ids must have shape ({x.shape[0]},), got {tuple(ids.shape)}")
+        return x, ids
+
     def _check_queries(self, queries: np.ndarray) -> np.ndarray:
         q = np.ascontiguousarray(queries, dtype=np.float32)
         if q.ndim == 1:

@@ -151,12 +151,7 @@ class FaissIndex(VectorIndex):
                 raise IndexSpecError(f"index {self.spec!r} has no search parameter {key!r} ({faiss_reason(e)})") from None
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
-        x = np.ascontiguousarray(vectors, dtype=np.float32)
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"vectors must have shape (n, {self.dim}), got {tuple(x.shape)}")
-        if ids.shape != (x.shape[0],):
-            raise ValueError(f"ids must have shape ({x.shape[0]},), got {tuple(ids.shape)}")
+        x, ids = self._check_rows(vectors, ids)
         if not self._index.is_trained:
             self._index.train(x)
         self._index.add_with_ids(x, ids)

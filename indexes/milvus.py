@@ -210,12 +210,7 @@ class MilvusIndex(VectorIndex):
         return out
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
-        x = np.ascontiguousarray(vectors, dtype=np.float32)
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"vectors must have shape (n, {self.dim}), got {tuple(x.shape)}")
-        if ids.shape != (x.shape[0],):
-            raise ValueError(f"ids must have shape ({x.shape[0]},), got {tuple(ids.shape)}")
+        x, ids = self._check_rows(vectors, ids)
         for start in range(0, len(x), INSERT_BATCH):
             rows = [{ID_FIELD: int(i), VECTOR_FIELD: v}
                     for i, v in zip(ids[start:start + INSERT_BATCH], x[start:start + INSERT_BATCH])]
