@@ -35,7 +35,7 @@ STATE="/tmp/atlas-pg-${PORT}.dir"
 
 as_owner() {  # run a server command as the data directory's owner (never as root)
     if [ "$(id -u)" = 0 ]; then
-        su postgres -s /bin/sh -c "$(printf '%q ' "$@")"
+        (cd / && su postgres -s /bin/sh -c "$(printf '%q ' "$@")")  # from /: the checkout may be closed to postgres
     else
         "$@"
     fi
