@@ -224,3 +224,25 @@ def test_sae_concept_latents_prefer_topic_latents_then_leaning_ones():
     # a: its best topic latent (not the mixed one with a higher share); b: the latent leaning to it;
     # c: a word latent or a latent that never fired gives no direction
     assert latents == [1, 3, None] and covered == 1
+
+
+@pytest.mark.slow
+def test_cli_eval_steering_sae_table(tiny_world, sae_eval, monkeypatch):
+    """`atlas eval steering --sae`: SAE-latent and topic-mean directions through the same maps, as a
+    table of its own (table=sae) beside the topic-mean table, on the real tiny world."""
+    import engine.world.eval.steering as world_steering
+    from engine.cli import cli
+    from engine.steering.faithfulness import SteeringReport
+
+    store, _rows = sae_eval
+    # the topic-mean table has its own tests (test_steering_world.py): here only the SAE table runs for real
+    monkeypatch.setattr(world_steering, "evaluate_world_steering",
+                        lambda *_a, **_k: SteeringReport(rows=[], chosen={}))
+    r = CliRunner().invoke(cli, ["eval", "steering", "--world", "--size", "tiny", "--sae", "--no-against-topic",
+                                 "--strengths", "1", "-n", "8", "--json", "--quiet", "--store", str(store.path)])
+    assert r.exit_code == 0, r.output
+    rows = [row for row in json.loads(r.stdout) if row.get("table") == "sae"]
+    methods = {row["method"] for row in rows if row["direction"] == "transferred"}
+    assert {m.split("-")[0] for m in methods} == {"sae", "mean"} and len(methods) >= 2
+    assert {row["direction"] for row in rows} == {"unsteered", "transferred", "native"}
+    assert all(0.0 <= row["faithfulness"] <= 1.0 and row["perplexity"] > 0 for row in rows)

@@ -25,6 +25,7 @@ from engine.cli.common import (
     store_options,
 )
 from engine.errors import BadValueError
+from engine.util import to_plain
 
 
 @click.group("eval")
@@ -180,6 +181,10 @@ def eval_labelling(use_world: bool, size: str, seed: int, map_names, features: s
 @click.option("--map", "map_name", help="Evaluate this map only (default: every map of the subject onto the "
                                         "world atlas; Procrustes and ridge maps are fitted where missing).")
 @click.option("--max-new-tokens", "-n", type=int, default=20, show_default=True)
+@click.option("--sae/--no-sae", "with_sae", default=False, show_default=True,
+              help="Also steer with SAE latents: each concept's topic latent of the foundation SAE (its decoder "
+                   "row) through the inverse of a map onto world-<size>-sae, beside topic means through the same "
+                   "maps (the SAE table; trains or reuses the world's SAEs; needs the sae extra).")
 @click.option("--against-topic/--no-against-topic", default=True, show_default=True,
               help="Also steer prompts that have a topic towards another (the against-topic table).")
 @click.option("--modes", multiple=True, callback=comma_list(), help="Against-topic table: steering modes to compare "
@@ -196,7 +201,7 @@ def eval_labelling(use_world: bool, size: str, seed: int, map_names, features: s
 @json_option
 @quiet_option
 def eval_steering(use_world: bool, size: str, seed: int, subject: str, strengths, layers, map_name,
-                  max_new_tokens: int, against_topic: bool, modes, positions_, against_strengths,
+                  max_new_tokens: int, with_sae: bool, against_topic: bool, modes, positions_, against_strengths,
                   against_prompts: int, device: str,
                   dtype: str, store_dir: Path, db_url, as_json: bool) -> None:
     """Steering faithfulness on ConceptWorld: unsteered, transferred and native directions.
@@ -217,6 +222,11 @@ def eval_steering(use_world: bool, size: str, seed: int, subject: str, strengths
     reported on the other half (split=test, chosen=true), under two fluency guards: 2x the
     unsteered perplexity after the prompt (guard=prompt) or of the continuation on its own
     (guard=alone).
+
+    With --sae, the SAE table (table=sae in --json; engine/world/eval/sae_steering.py) scores the
+    same way directions made from SAE latents (method sae-<map method>) and topic means
+    (mean-<map method>) sent through the same maps onto the SAE atlas, with the unsteered and
+    native rows of that run.
     """
     from engine.steering.against import DEFAULT_STRENGTHS, check_options
     from engine.world.eval.against_topic import evaluate_world_against_topic
@@ -236,8 +246,17 @@ def eval_steering(use_world: bool, size: str, seed: int, subject: str, strengths
                                                layers=layers, modes=modes, positions=positions_,
                                                prompts_per_concept=against_prompts, max_new_tokens=max_new_tokens,
                                                device=device, dtype=dtype)
+    sae_rows: list[dict] = []
+    sae_info: dict = {}
+    if with_sae:
+        from engine.world.eval.sae_steering import evaluate_sae_steering
+
+        sae_report, sae_info = evaluate_sae_steering(store, size=size, seed=seed, subject=subject,
+                                                     strengths=strengths or None, max_new_tokens=max_new_tokens,
+                                                     quiet=True, device=device, dtype=dtype)
+        sae_rows = [{**to_plain(r), "table": "sae"} for r in sae_report.rows]
     if as_json:
-        print_json(report.rows + report.calibration + (against.rows if against else []))
+        print_json([*report.rows, *report.calibration, *(against.rows if against else []), *sae_rows])
         return
     emit(report.rows, False, ["direction", "prompts", "method", "layer", "strength", "faithfulness", "perplexity",
                               "n", "chosen_for_method", "chosen"])
@@ -255,3 +274,8 @@ def eval_steering(use_world: bool, size: str, seed: int, subject: str, strengths
               "perplexity_alone", "n", "headline"])
         for line in against.summary:
             click.echo(line)
+    if with_sae:
+        click.echo(f"\nSAE latents vs topic means through the same maps ({sae_info['coverage']} of "
+                   f"{sae_info['n_concepts']} concepts have a topic latent in the foundation SAE):")
+        emit(sae_rows, False, ["direction", "prompts", "method", "layer", "strength", "faithfulness", "perplexity",
+                               "n", "chosen_for_method"])
