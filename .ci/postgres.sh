@@ -3,7 +3,8 @@
 # directory in a temporary folder that `stop` deletes.
 #
 #   eval "$(.ci/postgres.sh start)"   # starts it; prints `export ATLAS_PG_PORT=... ATLAS_TEST_PG_URL=...`
-#   .ci/postgres.sh stop              # stops the one on $ATLAS_PG_PORT and removes its data directory
+#   .ci/postgres.sh stop              # stops the one this shell started ($ATLAS_PG_STARTED; else the one
+#                                     # recorded for $ATLAS_PG_PORT) and removes its data directory
 #
 # Environment: ATLAS_PG_PORT (default: the first free port from 55432), ATLAS_PG_BIN (default: the
 # newest /usr/lib/postgresql/*/bin), ATLAS_PG_DIR (the data folder; default a new mktemp folder,
@@ -59,15 +60,23 @@ start)
     as_owner "$BIN/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -w -t 60 start \
         -o "-c listen_addresses=127.0.0.1 -p $PORT -k $DIR -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200" \
         >/dev/null || { cat "$DIR/server.log" >&2; rm -rf "$DIR" "$STATE"; exit 1; }
-    echo "export ATLAS_PG_PORT=$PORT ATLAS_TEST_PG_URL=postgresql+psycopg://atlas@127.0.0.1:$PORT/postgres"
+    echo "export ATLAS_PG_PORT=$PORT ATLAS_PG_STARTED=$DIR ATLAS_TEST_PG_URL=postgresql+psycopg://atlas@127.0.0.1:$PORT/postgres"
     ;;
 stop)
-    [ -f "$STATE" ] || exit 0
-    DIR="$(cat "$STATE")"
+    # the cluster this shell started (start exported its folder), never another run's that took the
+    # same port after it; without it, the one recorded for the port
+    if [ -n "${ATLAS_PG_STARTED:-}" ]; then
+        DIR="$ATLAS_PG_STARTED"
+        [ "$(cat "$STATE" 2>/dev/null)" = "$DIR" ] || STATE=/dev/null
+    else
+        [ -f "$STATE" ] || exit 0
+        DIR="$(cat "$STATE")"
+    fi
     if [ -d "$DIR/data" ]; then
         as_owner "$BIN/pg_ctl" -D "$DIR/data" -m fast -w stop >/dev/null 2>&1 || true
     fi
-    rm -rf "$DIR" "$STATE"
+    rm -rf "$DIR"
+    [ "$STATE" = /dev/null ] || rm -f "$STATE"
     ;;
 *)
     echo "usage: $0 start|stop" >&2
