@@ -35,8 +35,17 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_ann_scale import sae_like  # noqa: E402
 
 
-def write_matrix(path: Path, n: int, d: int, n_base: int, k_active: int, noise: float, chunk: int = 50_000) -> None:
-    """The atlas directions as a ``.npy``, generated and written a chunk at a time."""
+def write_matrix(path: Path, n: int, d: int, n_base: int, k_active: int, noise: float, chunk: int = 50_000) -> bool:
+    """The atlas directions as a ``.npy``, generated and written a chunk at a time.
+
+    A matrix left in the work folder by an earlier run with the same parameters (recorded next to
+    it) is kept: at 1M x 768 it takes minutes to write. Returns whether it was written.
+    """
+    params = path.with_suffix(".params.json")
+    wanted = json.dumps({"n": n, "d": d, "n_base": n_base, "k_active": k_active, "noise": noise, "seed": 0})
+    if path.exists() and params.exists() and params.read_text() == wanted:
+        return False
+    params.unlink(missing_ok=True)
     rng = np.random.default_rng(0)
     base = rng.normal(size=(n_base, d)).astype(np.float32)
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, d))
@@ -44,6 +53,8 @@ def write_matrix(path: Path, n: int, d: int, n_base: int, k_active: int, noise: 
         out[lo : lo + chunk] = sae_like(min(chunk, n - lo), base, k_active, noise, rng)
     out.flush()
     del out
+    params.write_text(wanted)
+    return True
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
@@ -79,8 +90,9 @@ def main() -> None:
     try:
         matrix, store = work / "x.npy", work / "store"
         t0 = time.perf_counter()
-        write_matrix(matrix, args.n, args.d, args.n_base, args.k_active, args.noise)
-        print(f"{args.n}x{args.d} written in {time.perf_counter() - t0:.0f}s", flush=True)
+        wrote = write_matrix(matrix, args.n, args.d, args.n_base, args.k_active, args.noise)
+        print(f"{args.n}x{args.d} {'written' if wrote else 'kept from an earlier run'} in "
+              f"{time.perf_counter() - t0:.0f}s", flush=True)
         shutil.rmtree(store, ignore_errors=True)
         cli = [sys.executable, "-m", "engine.cli"]
         subprocess.run([*cli, "init", "--store", str(store)], env=env, check=True, capture_output=True)
