@@ -50,6 +50,54 @@ def test_upgrade_downgrade_upgrade(tmp_path, db_url):
     engine.dispose()
 
 
+def test_revisions_read_without_alembic_agree_with_alembic(tmp_path, db_url):
+    """A store open reads the revision chain from the migration files' headers and the database's
+    revision from the version table, without Alembic: both agree with Alembic's own answers, at
+    every revision of the chain and before the first."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    cfg = Config()
+    cfg.set_main_option("script_location", migrate.SCRIPT_LOCATION)
+    script = ScriptDirectory.from_config(cfg)
+    assert migrate.revision_graph() == {s.revision: s.down_revision for s in script.walk_revisions()}
+    assert migrate.head_revision() == script.get_current_head()
+    assert migrate.known_revisions() == {s.revision for s in script.walk_revisions()}
+
+    engine = make_engine(db_url or f"sqlite:///{tmp_path / 'r.db'}")
+
+    def alembic_current():
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    assert migrate.current_revision(engine) == alembic_current()  # None on SQLite; the fixture's on PostgreSQL
+    if alembic_current() is not None:
+        migrate.downgrade(engine, "base")
+    assert migrate.current_revision(engine) is None and alembic_current() is None
+    for rev in [s.revision for s in script.walk_revisions()][::-1]:  # oldest first
+        migrate.upgrade(engine, rev)
+        assert migrate.current_revision(engine) == alembic_current() == rev
+    migrate.downgrade(engine, "base")
+    assert migrate.current_revision(engine) is None and alembic_current() is None
+    engine.dispose()
+
+
+def test_opening_a_store_does_not_import_alembic(tmp_path):
+    """`atlas neighbors` and `atlas lookup` open a store per command: Alembic (a third of the
+    command's start-up) is only imported to change a schema."""
+    import subprocess
+    import sys
+
+    from engine.store.store import Store
+
+    Store.init(tmp_path / "st").close()
+    code = ("import sys; from engine.store.store import Store; Store.open(sys.argv[1]).close(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'alembic'))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "st")], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_models_and_migrations_agree(tmp_path, db_url):
     engine = make_engine(db_url or f"sqlite:///{tmp_path / 'm.db'}")
     migrate.upgrade(engine)

@@ -2,58 +2,93 @@
 
 The migrations ship inside the package, so ``atlas db upgrade`` works from a non-editable
 install; the connection is passed to ``env.py`` through ``config.attributes``.
+
+Every store open asks which revision its database is at and which revisions this version knows.
+Those answers are read without Alembic (importing it and loading its script directory costs
+more than the rest of a lookup): the revision ids from the migration files' own ``revision`` /
+``down_revision`` lines, the database's from Alembic's version table. Alembic is imported only
+to change a schema (`upgrade`, `downgrade`); a test checks both readings agree with Alembic's.
 """
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from alembic.util import CommandError
+from sqlalchemy import inspect, text
 from sqlalchemy.engine import Engine
 
 import migrations
 from engine.errors import BadValueError
 
+if TYPE_CHECKING:
+    from alembic.config import Config
+
 SCRIPT_LOCATION = str(Path(migrations.__file__).parent)
+VERSION_TABLE = "alembic_version"  # Alembic's default; env.py keeps it
+_HEADER = re.compile(r"""^(down_revision|revision)\b[^=]*=\s*(?:['"]([^'"]+)['"]|None)""", re.M)
 
 
-def _config(engine: Engine) -> Config:
+def _config(engine: Engine | None = None) -> Config:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", SCRIPT_LOCATION)
-    cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
+    if engine is not None:
+        cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
     return cfg
 
 
+@functools.lru_cache(maxsize=1)
+def revision_graph() -> dict[str, str | None]:
+    """Each known revision and the one it follows (None for the first), read from the headers of
+    ``migrations/versions/*.py``."""
+    graph: dict[str, str | None] = {}
+    for path in sorted((Path(SCRIPT_LOCATION) / "versions").glob("*.py")):
+        fields = {m.group(1): m.group(2) for m in _HEADER.finditer(path.read_text(encoding="utf-8"))}
+        if "revision" in fields and fields["revision"]:
+            graph[fields["revision"]] = fields.get("down_revision")
+    return graph
+
+
 def head_revision() -> str:
-    cfg = Config()
-    cfg.set_main_option("script_location", SCRIPT_LOCATION)
-    head = ScriptDirectory.from_config(cfg).get_current_head()
-    assert head is not None
-    return head
+    """The newest revision: the one no other revision follows."""
+    graph = revision_graph()
+    heads = set(graph) - {down for down in graph.values() if down}
+    if len(heads) != 1:
+        raise RuntimeError(f"the migrations must form one chain; heads: {sorted(heads)}")
+    return heads.pop()
 
 
 def known_revisions() -> set[str]:
-    cfg = Config()
-    cfg.set_main_option("script_location", SCRIPT_LOCATION)
-    return {s.revision for s in ScriptDirectory.from_config(cfg).walk_revisions()}
+    return set(revision_graph())
 
 
 def current_revision(engine: Engine) -> str | None:
+    """The database's revision (None for a database no migration has run on)."""
     with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+        if not inspect(conn).has_table(VERSION_TABLE):
+            return None
+        versions = conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars().all()
+    if len(versions) > 1:
+        raise BadValueError(f"the store database has several schema heads {sorted(versions)}; "
+                            "`atlas db current` shows them")
+    return versions[0] if versions else None
 
 
 def upgrade(engine: Engine, revision: str = "head", root: Path | None = None) -> None:
     """Bring the database to ``revision``; ``root`` is the store's folder (see `_run`)."""
+    from alembic import command
+
     _run(command.upgrade, engine, revision, root)
 
 
 def downgrade(engine: Engine, revision: str, root: Path | None = None) -> None:
+    from alembic import command
+
     _run(command.downgrade, engine, revision, root)
 
 
@@ -63,6 +98,8 @@ def _run(step: Callable[[Config, str], None], engine: Engine, revision: str, roo
     the database file's folder; on PostgreSQL only from there). On SQLite, foreign keys are off while it runs:
     batch mode changes a table by copying it and dropping the old one, which a referenced table
     (models, atlases) would refuse; SQLite only takes that pragma outside a transaction."""
+    from alembic.util import CommandError
+
     sqlite = engine.dialect.name == "sqlite"
     try:
         with engine.connect() as conn:
