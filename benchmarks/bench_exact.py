@@ -14,6 +14,13 @@ that the engine's results equal FAISS's (same top-1 on every query, scores withi
 
     python benchmarks/bench_exact.py                       # 100k x 768, 4,096 queries, k=5
     python benchmarks/bench_exact.py --n 20000 --reps 1    # quick check
+
+With ``--ivf NLIST`` it measures the IVF-Flat path instead (`indexes.ivf`: the queries that probe
+a list scored against it in one GEMM) on SAE-like vectors (`bench_ann_scale.sae_like`): FAISS's own
+``IndexIVFFlat.search`` against the engine's search of the same index, for each ``--nprobe``,
+alternated as above, with the share of returned ids the two agree on::
+
+    python benchmarks/bench_exact.py --ivf 1024 --nprobe 8,32,128 --queries 16384 -k 10
 """
 
 from __future__ import annotations
@@ -65,12 +72,17 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--d", type=int, default=768)
     ap.add_argument("--queries", type=int, default=4096)
-    ap.add_argument("--k", type=int, default=5)
+    ap.add_argument("--k", "-k", type=int, default=5)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--ivf", type=int, help="measure the IVF-Flat path with this many lists")
+    ap.add_argument("--nprobe", default="8,32,128", help="with --ivf: the nprobe values to measure")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
     import faiss
+
+    if args.ivf:
+        return ivf_main(args)
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.n, args.d)).astype(np.float32)
@@ -111,6 +123,44 @@ def main() -> None:
         "blas": blas_cores(), "threads": {"faiss_omp": faiss.omp_get_max_threads()},
         "load_avg_1min": os.getloadavg()[0],
     }
+    print(json.dumps(out, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+
+
+def ivf_main(args: argparse.Namespace) -> None:
+    import faiss
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_ann_scale import perturb, sae_like
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(4096, args.d)).astype(np.float32)
+    x = sae_like(args.n, base, 3, 0.3, rng)
+    half = args.queries // 2
+    q = np.concatenate([perturb(x[rng.choice(args.n, half)], 0.9, rng), sae_like(args.queries - half, base, 3, 0.3, rng)])
+    engine = indexes.create_index(args.d, f"IVF{args.ivf},Flat")
+    engine.train(x[: min(args.n, 64 * args.ivf)])
+    engine.add(x, np.arange(args.n))
+    rows = []
+    for nprobe in [int(v) for v in args.nprobe.split(",")]:
+        faiss.extract_index_ivf(engine._index).nprobe = nprobe
+        runs = {"faiss": lambda: engine._index.search(q, args.k), "engine": lambda: engine.search(q, args.k)}
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        results = {}
+        for _ in range(args.reps):
+            for name, fn in runs.items():
+                t0 = time.perf_counter()
+                results[name] = fn()
+                times[name].append(time.perf_counter() - t0)
+        med = {name: statistics.median(ts) for name, ts in times.items()}
+        fi, ei = results["faiss"][1], results["engine"][1]
+        rows.append({"nprobe": nprobe, "faiss_s": round(med["faiss"], 3), "engine_s": round(med["engine"], 3),
+                     "speedup": round(med["faiss"] / med["engine"], 2),
+                     "same_ids": float(np.mean([len(set(a) & set(b)) / args.k for a, b in zip(fi, ei)]))})
+        print(rows[-1], flush=True)
+    out = {"n": args.n, "d": args.d, "lists": args.ivf, "queries": args.queries, "k": args.k, "reps": args.reps,
+           "rows": rows, "threads": {"faiss_omp": faiss.omp_get_max_threads()}, "load_avg_1min": os.getloadavg()[0]}
     print(json.dumps(out, indent=2))
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))

@@ -17,6 +17,7 @@ import numpy as np
 
 from indexes.base import IndexCorruptError, IndexSpecError, VectorIndex, register_backend, write_atomic_with
 from indexes.exact import topk_inner_product
+from indexes.ivf import ivf_topk
 
 # Search-time defaults: chosen for recall >= 0.95 on structured (clustered) vectors.
 DEFAULT_SEARCH_PARAMS = {"HNSW": {"efSearch": 128}, "IVF": {"nprobe": 32}}
@@ -25,6 +26,9 @@ DEFAULT_SEARCH_PARAMS = {"HNSW": {"efSearch": 128}, "IVF": {"nprobe": 32}}
 # From this many queries on, a Flat index is searched by `indexes.exact` (blocked GEMM + threshold
 # top-k) instead of FAISS's own search; below it both are bound by reading the vectors once.
 GEMM_MIN_QUERIES = 20
+# From this many queries on, an IVF-Flat index is searched by `indexes.ivf` (the queries that probe
+# a list scored against it in one GEMM); below it few queries share a list and FAISS's scan is as fast.
+IVF_GEMM_MIN_QUERIES = 1024
 # Opening a file maps the index's vectors (flat codes, HNSW storage, IVF lists) instead of reading
 # them: pages are read when a search touches them, and many processes share one copy.
 OPEN_FLAGS = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
@@ -125,6 +129,7 @@ class FaissIndex(VectorIndex):
         super().__init__(dim, spec)
         factory, self.search_params = parse_spec(spec)
         self._ids: np.ndarray | None = None  # the IDMap's ids as an array, for the GEMM path
+        self._ivf: tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]] | None = None  # for `indexes.ivf`
         self._raw: np.ndarray | None = None  # raw vectors by id, for ``rerank`` (`rerank_from`)
         if _index is not None:
             self._index = _index
@@ -155,7 +160,7 @@ class FaissIndex(VectorIndex):
         if not self._index.is_trained:
             self._index.train(x)
         self._index.add_with_ids(x, ids)
-        self._ids = None
+        self._ids = self._ivf = None
 
     @property
     def needs_training(self) -> bool:
@@ -172,6 +177,10 @@ class FaissIndex(VectorIndex):
             flat = self._flat_vectors()
             if flat is not None:
                 return topk_inner_product(q, flat, k, ids=self._flat_ids())
+        if len(q) >= IVF_GEMM_MIN_QUERIES:
+            ivf = self._ivf_lists()
+            if ivf is not None:
+                return ivf_topk(q, *ivf, k, nprobe=faiss.extract_index_ivf(self._index).nprobe)
         factor = self.search_params.get(RERANK, 1)
         if factor > 1 and self._raw is not None:
             _, cand = self._index.search(q, min(k * factor, self.count()))
@@ -197,6 +206,33 @@ class FaissIndex(VectorIndex):
             return None
         xb = faiss.rev_swig_ptr(cast(faiss.IndexFlat, inner).get_xb(), inner.ntotal * self.dim)
         return xb.reshape(inner.ntotal, self.dim)
+
+    def _ivf_lists(self) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]] | None:
+        """An IVF-Flat inner-product index's centroids (n_lists, dim) and lists (vectors, ids),
+        as views of its storage (on an index opened from its file, of the mapped file); None for
+        other structures."""
+        if type(self._index) is not faiss.IndexIVFFlat or self._index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            return None
+        if self._ivf is None:
+            ivf = self._index
+            quantizer = faiss.downcast_index(ivf.quantizer)
+            if type(quantizer) not in (faiss.IndexFlat, faiss.IndexFlatIP) or ivf.code_size != 4 * self.dim:
+                return None
+            xb = cast(faiss.IndexFlat, quantizer).get_xb()
+            centroids = faiss.rev_swig_ptr(xb, ivf.nlist * self.dim).reshape(ivf.nlist, self.dim)
+            invlists, lists = ivf.invlists, []
+            if invlists is None:
+                return None
+            empty = (np.zeros((0, self.dim), dtype=np.float32), np.zeros(0, dtype=np.int64))
+            for li in range(ivf.nlist):
+                n = invlists.list_size(li)
+                if not n:
+                    lists.append(empty)
+                    continue
+                codes = faiss.rev_swig_ptr(invlists.get_codes(li), n * ivf.code_size)
+                lists.append((codes.view(np.float32).reshape(n, self.dim), faiss.rev_swig_ptr(invlists.get_ids(li), n)))
+            self._ivf = (centroids, lists)
+        return self._ivf
 
     def _flat_ids(self) -> np.ndarray | None:
         if not isinstance(self._index, faiss.IndexIDMap):

@@ -23,6 +23,7 @@ from engine.store.store import Store
 from engine.util import sha256_file
 from indexes import faiss_backend
 from indexes.exact import topk_inner_product
+from indexes.ivf import ivf_topk
 from tests.conftest import clustered_directions
 
 
@@ -66,6 +67,47 @@ def test_flat_index_serves_many_queries_through_the_gemm_path_with_callers_ids()
     np.testing.assert_allclose(few_s, got_s[:3], atol=1e-5)
     s, i = topk_inner_product(q[:2], x[:3], 5)  # fewer base vectors than k: -inf / -1 after them
     assert (i[:, 3:] == -1).all() and np.isinf(s[:, 3:]).all() and (i[:, :3] >= 0).all()
+
+
+@pytest.mark.parametrize("nprobe", [1, 3, 16])
+def test_ivf_gemm_search_equals_faiss_ivf_search_with_ties(tmp_path, nprobe):
+    """Many queries on an IVF-Flat index go through `indexes.ivf` (the queries that probe a list
+    scored in one GEMM): the same answers as FAISS's own IVF search with the same nprobe (the same
+    lists), also on the index opened memory-mapped from its file; lists shorter than k, nprobe above
+    the number of lists and query blocks that split the batch are covered."""
+    rng = np.random.default_rng(5)
+    x = _unit(clustered_directions(3000, 24, seed=6))
+    x[1500:1600] = x[1400:1500]  # exact duplicates: ties inside and across lists
+    ids = np.arange(3000, dtype=np.int64) * 3 + 7
+    ix = indexes.create_index(24, f"IVF16,Flat|nprobe={nprobe}")
+    ix.add(x, ids)
+    q = _unit(np.concatenate([x[rng.choice(3000, 700)] + 0.05 * rng.normal(size=(700, 24)).astype(np.float32),
+                              rng.normal(size=(faiss_backend.IVF_GEMM_MIN_QUERIES, 24)).astype(np.float32)]))
+    assert ix._ivf_lists() is not None  # the GEMM path is the one taken
+    want_s, want_i = ix._index.search(q, 10)  # FAISS's own IVF search of the same index
+    got_s, got_i = ix.search(q, 10)
+    found = want_i >= 0
+    np.testing.assert_array_equal(got_i >= 0, found)
+    np.testing.assert_allclose(got_s[found], want_s[found], rtol=1e-5, atol=1e-5)
+    pos = np.searchsorted(ids, np.where(found, got_i, ids[0]))
+    np.testing.assert_allclose(np.take_along_axis(q @ x.T, pos, 1)[found], got_s[found], atol=1e-5)
+    assert all(len(set(r) - {-1}) == (r >= 0).sum() for r in got_i)  # no id twice in a row
+    centroids, lists = ix._ivf_lists()
+    small_s, small_i = ivf_topk(q, centroids, lists, 10, nprobe, query_block=97)  # blocks split the batch
+    np.testing.assert_allclose(small_s[found], got_s[found], atol=1e-5)
+    np.testing.assert_array_equal(small_i >= 0, found)
+    all_s, _ = ivf_topk(q[:50], centroids, lists, 10, nprobe=99)  # nprobe > lists: exact search
+    np.testing.assert_allclose(all_s, topk_inner_product(q[:50], x, 10)[0], atol=1e-5)
+    ix.write(tmp_path / "ivf.faiss")
+    opened = indexes.open_index(tmp_path / "ivf.faiss", f"IVF16,Flat|nprobe={nprobe}")
+    assert opened._ivf_lists() is not None and str(tmp_path / "ivf.faiss") in _mapped_files()
+    np.testing.assert_allclose(opened.search(q, 10)[0][found], got_s[found], atol=1e-5)
+    tiny = indexes.create_index(24, "IVF4,Flat|nprobe=1")  # lists shorter than k: -inf / -1 after them
+    tiny.add(x[:12], ids[:12])
+    s, i = tiny.search(q, 10)
+    w_s, w_i = tiny._index.search(q, 10)
+    np.testing.assert_array_equal(i >= 0, w_i >= 0)
+    assert np.isinf(s[i < 0]).all()
 
 
 def _mapped_files() -> set[str]:
