@@ -24,6 +24,14 @@ does not use::
     python benchmarks/bench_labelling.py --structured --concepts 1000000 --features 1000000 -k 10 \
         --no-bare --batch 65536 --spec "HNSW32|efSearch=128" --sweep 64,128,256
 
+At 1M the atlas's index is built once (on two cores an HNSW32 build takes most of an hour) by
+`bench_import_scale.py --keep`, which reports its build time and RAM; ``--store``/``--atlas`` then
+label against that atlas (its SAE-like base is regenerated from the same seed)::
+
+    python benchmarks/bench_import_scale.py --n 1000000 --spec HNSW32 --work /tmp/big1m --keep
+    python benchmarks/bench_labelling.py --structured --store /tmp/big1m/store --atlas big \
+        --features 1000000 -k 10 --no-bare --batch 65536 --sweep 64,128,256 --ef 128
+
 ``bare`` is timed before and after the run and averaged, because the machine is shared; the run
 is also split from inside (time in the index's search vs the rest), two figures taken in one
 time window and so under the same load.
@@ -86,12 +94,18 @@ class SearchClock:
 
     def __init__(self) -> None:
         self.seconds = 0.0
+        self.params: dict[str, int] = {}  # search parameters set on the index before each search
         self._real = indexes.FaissIndex.search
 
     def __enter__(self) -> SearchClock:
         clock, real = self, self._real
 
         def timed(index, queries, k):
+            if clock.params:
+                import faiss
+
+                for name, value in clock.params.items():
+                    faiss.ParameterSpace().set_index_parameter(index._index, name, value)
             t0 = time.perf_counter()
             try:
                 return real(index, queries, k)
@@ -133,33 +147,58 @@ def main() -> None:
     ap.add_argument("--no-bare", action="store_true", help="skip the two bare searches (the moonshot: at 1M "
                     "each costs as much as the run)")
     ap.add_argument("--sweep", default="", help="efSearch / nprobe values tried on validation features first")
+    ap.add_argument("--store", type=Path, help="label against an atlas already in this store (built by "
+                    "bench_import_scale.py --keep) instead of importing one")
+    ap.add_argument("--atlas", default="big", help="the atlas in --store")
+    ap.add_argument("--ef", type=int, help="the efSearch / nprobe of the run (default: with --sweep, the smallest "
+                    "swept value reaching --target-recall on the validation features; else the spec's own)")
+    ap.add_argument("--target-recall", type=float, default=0.95, help="what --sweep chooses for")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
 
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(prefix="bench-labelling-") as tmp:
         root = Path(tmp)
-        store = Store.init(root / "store")
         q, _ = np.linalg.qr(rng.normal(size=(args.d_atlas, args.d_subject)))  # (d_atlas, d_subject)
         w = q.T.astype(np.float32)  # (d_subject, d_atlas), orthonormal rows
-        if args.structured:
-            base = structured_atlas(root / "atlas.npy", args.concepts, args.d_atlas, rng)
-            atlas = np.load(root / "atlas.npy", mmap_mode="r")
+        tag = f"{int(time.time())}"  # names of this run's model, map and label run in a kept store
+        if args.store:
+            store_dir, atlas_name = args.store, args.atlas
+            store = Store.open(store_dir)
+            atlas = store.atlas_vectors(atlas_name)  # a memory map; SAE-like rows are unit already
+            args.concepts, args.d_atlas = atlas.shape
+            args.spec = store.atlas(atlas_name).index_spec
+            # bench_import_scale.write_matrix's base: the first draw of default_rng(0)
+            base = np.random.default_rng(0).normal(size=(4096, args.d_atlas)).astype(np.float32)
+            if w.shape[1] != args.d_atlas:  # the atlas's width, not --d-atlas
+                q, _ = np.linalg.qr(rng.normal(size=(args.d_atlas, args.d_subject)))
+                w = q.T.astype(np.float32)
+            t_build = build_rss = float("nan")
+            index_gb = (store.path / store.atlas_files(atlas_name)["index"]).stat().st_size / 2**30
+            print(f"atlas {args.concepts}x{args.d_atlas} {args.spec} from {store_dir}: index file {index_gb:.2f} GB "
+                  "(its build: bench_import_scale.py)", flush=True)
         else:
-            atlas = rng.normal(size=(args.concepts, args.d_atlas)).astype(np.float32)
+            store_dir, atlas_name = root / "store", "atlas"
+            store = Store.init(store_dir)
+            if args.structured:
+                base = structured_atlas(root / "atlas.npy", args.concepts, args.d_atlas, rng)
+                atlas = np.load(root / "atlas.npy", mmap_mode="r")
+            else:
+                atlas = rng.normal(size=(args.concepts, args.d_atlas)).astype(np.float32)
+            t0 = time.perf_counter()
+            store.add_atlas(atlas_name, atlas, [f"concept {i}" for i in range(args.concepts)], model="foundation",
+                            layer=12, index_spec=args.spec)
+            t_build = time.perf_counter() - t0
+            build_rss = peak_rss_gb()
+            index_gb = (store.path / store.atlas_files(atlas_name)["index"]).stat().st_size / 2**30
+            print(f"atlas {args.concepts}x{args.d_atlas} {args.spec}: imported and indexed in {t_build:.0f}s, "
+                  f"peak RSS {build_rss:.2f} GB, index file {index_gb:.2f} GB", flush=True)
         t0 = time.perf_counter()
-        store.add_atlas("atlas", atlas, [f"concept {i}" for i in range(args.concepts)], model="foundation",
-                        layer=12, index_spec=args.spec)
-        t_build = time.perf_counter() - t0
-        build_rss = peak_rss_gb()
-        index_gb = (store.path / store.atlas_files("atlas")["index"]).stat().st_size / 2**30
-        print(f"atlas {args.concepts}x{args.d_atlas} {args.spec}: imported and indexed in {t_build:.0f}s, "
-              f"peak RSS {build_rss:.2f} GB, index file {index_gb:.2f} GB", flush=True)
-        t0 = time.perf_counter()
-        store.add_model("subject", d_model=args.d_subject)
+        subject, map_name, run_name = f"subject-{tag}", f"map-{tag}", f"bench-{tag}"
+        store.add_model(subject, d_model=args.d_subject)
         amap = AlignmentMap(w, w.T, np.zeros(args.d_subject), np.zeros(args.d_atlas), "procrustes",
-                            subject_model="subject", subject_layer=20, atlas="atlas")
-        store.save_map(amap, "map")
+                            subject_model=subject, subject_layer=20, atlas=atlas_name)
+        store.save_map(amap, map_name)
         if args.structured:
             feats = structured_features(atlas, base, w, args.features, seed=2)
             val = structured_features(atlas, base, w, min(args.recall_sample, args.features), seed=1)
@@ -169,7 +208,9 @@ def main() -> None:
         np.save(root / "features.npy", feats)
         t_setup = time.perf_counter() - t0
         print(f"setup {t_setup:.0f}s: map, {args.features} features d={args.d_subject}", flush=True)
-        atlas_unit = store.atlas_vectors("atlas", normalized=True) if args.recall_sample else None
+        atlas_unit = None
+        if args.recall_sample:  # exact search's rows: unit already when SAE-like (no 3 GB copy at 1M)
+            atlas_unit = atlas if args.structured else store.atlas_vectors(atlas_name, normalized=True)
 
         swept = []
         if args.sweep and val is not None and atlas_unit is not None:
@@ -177,7 +218,7 @@ def main() -> None:
 
             vq = project(amap, val)
             exact_v = exact_top(atlas_unit, vq, args.k)
-            vindex = store.index("atlas")
+            vindex = store.index(atlas_name)
             name = "efSearch" if "HNSW" in args.spec else "nprobe"
             for value in [int(v) for v in args.sweep.split(",")]:
                 faiss.ParameterSpace().set_index_parameter(vindex._index, name, value)
@@ -187,8 +228,13 @@ def main() -> None:
                 swept.append({name: value, f"recall_at_{args.k}": recall_at(got, exact_v), "qps": len(vq) / dt})
                 print(f"validation {name}={value}: {swept[-1]}", flush=True)
             vindex._apply_search_params()  # the spec's own parameter for the run
+            if args.ef is None:  # chosen on the validation features, never on the run's
+                key = f"recall_at_{args.k}"
+                good = [r[name] for r in swept if r[key] >= args.target_recall]
+                args.ef = min(good) if good else max(r[name] for r in swept)
+                print(f"chosen on validation: {name}={args.ef}", flush=True)
 
-        index = store.index("atlas")
+        index = store.index(atlas_name)
         queries = np.concatenate([project(amap, feats[lo : lo + args.batch])
                                   for lo in range(0, args.features, args.batch)])
         t_bare_1 = float("nan") if args.no_bare else bare_search(index, queries, args.k, args.batch)
@@ -196,19 +242,21 @@ def main() -> None:
         store.close()
 
         t0, c0 = time.perf_counter(), time.process_time()
-        with SearchClock() as clock, Store.open(root / "store") as fresh:
-            run = labelling.label_features(fresh, "map", str(root / "features.npy"), k=args.k,
-                                           batch_size=args.batch, name="bench", quiet=True)
+        with SearchClock() as clock, Store.open(store_dir) as fresh:
+            if args.ef:  # the value chosen on validation features, for the index the run opens
+                clock.params = {"efSearch" if "HNSW" in args.spec else "nprobe": args.ef}
+            run = labelling.label_features(fresh, map_name, str(root / "features.npy"), k=args.k,
+                                           batch_size=args.batch, name=run_name, quiet=True)
             assert run.status == "done" and run.n_done == args.features
             t_label, cpu_label = time.perf_counter() - t0, time.process_time() - c0
-            n_rows = fresh.count_run_labels("bench")
+            n_rows = fresh.count_run_labels(run_name)
             recall = None
             if args.recall_sample and atlas_unit is not None:
                 pick = np.sort(np.random.default_rng(3).choice(args.features, min(args.recall_sample,
                                                                                   args.features), replace=False))
                 got = np.full((len(pick), args.k), -1, dtype=np.int64)
                 for i, f in enumerate(pick.tolist()):  # (feature, rank, score, ordinal, label, labelled)
-                    rows = sorted(fresh.run_label_rows("bench", f, f + 1), key=lambda r: r[1])[: args.k]
+                    rows = sorted(fresh.run_label_rows(run_name, f, f + 1), key=lambda r: r[1])[: args.k]
                     got[i, : len(rows)] = [r[3] for r in rows]
                 recall = recall_at(got, exact_top(atlas_unit, queries[pick], args.k))
         print(f"labelling end to end: {t_label:.1f}s ({n_rows} rows), recall@{args.k} {recall}", flush=True)
@@ -231,7 +279,8 @@ def main() -> None:
         "search_in_run_s": clock.seconds, "rest_of_run_s": t_label - clock.seconds,
         "ratio_in_run": t_label / clock.seconds, "labelling_cpu_s": cpu_label,
         "features_per_s": args.features / t_label,
-        "spec": args.spec, "structured": args.structured, f"recall_at_{args.k}": recall,
+        "spec": args.spec, "run_search_param": args.ef, "store": str(args.store) if args.store else None,
+        "structured": args.structured, f"recall_at_{args.k}": recall,
         "recall_sample": args.recall_sample, "validation_sweep": swept,
         "index_build_s": t_build, "index_build_peak_rss_gb": build_rss, "index_file_gb": index_gb,
     }
