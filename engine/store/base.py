@@ -271,28 +271,14 @@ class StoreBase:
         On SQLite its transaction takes the write lock when it begins (``BEGIN IMMEDIATE``), so
         read-then-write logic in it is serialised with other writers; `read_session` is for reads.
         """
-        if self.readonly:
-            with self.read_session() as s:
-                yield s
-            return
-        with self._sessions() as s:
-            try:
-                yield s
-                s.commit()
-            except BaseException:
-                s.rollback()
-                raise
+        with _committing(self._read_sessions if self.readonly else self._sessions) as s:
+            yield s
 
     @contextlib.contextmanager
     def read_session(self) -> Iterator[Session]:
         """A session for reads: it never waits for writers (WAL) and never takes the write lock."""
-        with self._read_sessions() as s:
-            try:
-                yield s
-                s.commit()
-            except BaseException:
-                s.rollback()
-                raise
+        with _committing(self._read_sessions) as s:
+            yield s
 
     def check_writable(self) -> None:
         """Raise `ReadOnlyStoreError` before a write on a store opened read-only."""
@@ -314,6 +300,18 @@ class StoreBase:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def _committing(factory: sessionmaker) -> Iterator[Session]:
+    """A session of ``factory`` that commits when the block ends and rolls back on any error."""
+    with factory() as s:
+        try:
+            yield s
+            s.commit()
+        except BaseException:
+            s.rollback()
+            raise
 
 
 def _check_known_revision(engine: Engine, root: Path) -> str | None:
