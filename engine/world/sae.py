@@ -209,54 +209,64 @@ def _splits(world: World, config: SAEConfig) -> tuple[list, list, list]:
 
 
 def _build_into(path: Path, world: World, config: SAEConfig, fp: str, quiet: bool) -> None:
-    from engine.progress import progress as progress_bar
-    from engine.world.ground_truth import latent_ground_truth
-    from engine.world.pipeline import reproducible
-
-    train, val, label = _splits(world, config)
     sites = _sae_sites(world, config)
     entries = []
     t0 = time.perf_counter()
-    with reproducible():
-        for key in dict.fromkeys(k for k, _ in sites):
-            wm = world.model(key)
-            layers = [L for k, L in sites if k == key]
-            model, tok = wm.load()
-            acts_train = token_activations(model, tok, [t for t, _ in train], layers)[0]
-            acts_val = token_activations(model, tok, [t for t, _ in val], layers)[0]
-            acts_label, tokens = token_activations(model, tok, [t for t, _ in label], layers)
-            concepts = np.asarray([c for _, c in label], dtype=np.int64)[tokens["doc"]]
-            (path / key).mkdir()
-            (path / key / "config.json").write_text(json.dumps({
-                "model": wm.name, "sae": {"activation": "topk", "expansion_factor": config.expansion, "k": config.k},
-                "batch_size": config.batch_tokens, "loss_fn": "fvu", "optimizer": "adam", "lr": config.lr,
-                "auxk_alpha": config.auxk_alpha, "dead_feature_threshold": config.dead_tokens,
-                "hookpoints": [hookpoint(wm.architecture, L) for L in layers], "init_seeds": [config.seed],
-                "run_name": f"conceptworld {world.name} {key}",
-            }, indent=2), encoding="utf-8")
-            for L in layers:
-                hp = hookpoint(wm.architecture, L)
-                t = time.perf_counter()
-                bar = progress_bar(total=config.steps, desc=f"SAE {key} {hp}", unit="step", quiet=quiet)
-                sae, metrics = train_sae(acts_train[L], acts_val[L], config,
-                                         seed=world.seed * 1000 + MODEL_KEYS.index(key) * 100 + L,
-                                         on_step=bar.update)
-                bar.close()
-                folder = path / key / hp
-                sae.save_to_disk(folder)
-                top_acts, top_idx = encode(sae, acts_label[L])
-                gt = latent_ground_truth(top_acts, top_idx, sae.num_latents, concepts, tokens["word"],
-                                         world.concepts)
-                (folder / GROUND_TRUTH).write_text(json.dumps(gt, indent=1), encoding="utf-8")
-                metrics["train_s"] = round(time.perf_counter() - t, 2)
-                metrics["ground_truth"] = gt["summary"]
-                entries.append({"key": key, "model": wm.name, "layer": L, "folder": f"{key}/{hp}",
-                                "n_latents": sae.num_latents, "k": config.k, "metrics": metrics})
+    for key in dict.fromkeys(k for k, _ in sites):
+        entries += _train_sites(path, world, config, key, [L for k, L in sites if k == key], quiet)
     manifest = {"format": SAE_FORMAT, "fingerprint": fp, "world": world.fingerprint, "config": config.to_dict(),
                 "saes": entries, "library": _library_version(), "total_s": round(time.perf_counter() - t0, 2)}
     tmp = path / (SAE_MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     os.replace(tmp, path / SAE_MANIFEST)
+
+
+def _train_sites(path: Path, world: World, config: SAEConfig, key: str, layers: Sequence[int], quiet: bool
+                 ) -> list[dict]:
+    """Train the SAEs of world model ``key`` at ``layers`` into ``path/<key>/<hookpoint>`` (sparsify's
+    layout, with each latent's ground truth); returns their manifest entries. Each SAE depends only on
+    the world, ``config``, the model and its layer (its seed and its training tokens), never on which
+    other layers are trained with it."""
+    from engine.progress import progress as progress_bar
+    from engine.world.ground_truth import latent_ground_truth
+    from engine.world.pipeline import reproducible
+
+    train, val, label = _splits(world, config)
+    entries = []
+    with reproducible():
+        wm = world.model(key)
+        model, tok = wm.load()
+        acts_train = token_activations(model, tok, [t for t, _ in train], layers)[0]
+        acts_val = token_activations(model, tok, [t for t, _ in val], layers)[0]
+        acts_label, tokens = token_activations(model, tok, [t for t, _ in label], layers)
+        concepts = np.asarray([c for _, c in label], dtype=np.int64)[tokens["doc"]]
+        (path / key).mkdir()
+        (path / key / "config.json").write_text(json.dumps({
+            "model": wm.name, "sae": {"activation": "topk", "expansion_factor": config.expansion, "k": config.k},
+            "batch_size": config.batch_tokens, "loss_fn": "fvu", "optimizer": "adam", "lr": config.lr,
+            "auxk_alpha": config.auxk_alpha, "dead_feature_threshold": config.dead_tokens,
+            "hookpoints": [hookpoint(wm.architecture, L) for L in layers], "init_seeds": [config.seed],
+            "run_name": f"conceptworld {world.name} {key}",
+        }, indent=2), encoding="utf-8")
+        for L in layers:
+            hp = hookpoint(wm.architecture, L)
+            t = time.perf_counter()
+            bar = progress_bar(total=config.steps, desc=f"SAE {key} {hp}", unit="step", quiet=quiet)
+            sae, metrics = train_sae(acts_train[L], acts_val[L], config,
+                                     seed=world.seed * 1000 + MODEL_KEYS.index(key) * 100 + L,
+                                     on_step=bar.update)
+            bar.close()
+            folder = path / key / hp
+            sae.save_to_disk(folder)
+            top_acts, top_idx = encode(sae, acts_label[L])
+            gt = latent_ground_truth(top_acts, top_idx, sae.num_latents, concepts, tokens["word"],
+                                     world.concepts)
+            (folder / GROUND_TRUTH).write_text(json.dumps(gt, indent=1), encoding="utf-8")
+            metrics["train_s"] = round(time.perf_counter() - t, 2)
+            metrics["ground_truth"] = gt["summary"]
+            entries.append({"key": key, "model": wm.name, "layer": L, "folder": f"{key}/{hp}",
+                            "n_latents": sae.num_latents, "k": config.k, "metrics": metrics})
+    return entries
 
 
 def _library_version() -> str:
