@@ -79,8 +79,8 @@ def _fig_sae_labelling(result: Any, path: Path) -> Path | None:
     if not rows:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    names = [f"{r['subject'].rsplit('-', 1)[-1]}/{r['pairing']}/{r['method']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.4 * len(rows)), 4.2))
+    names = [f"{r['subject'].rsplit('-', 1)[-1]}/L{r['layer']}/{r['pairing']}/{r['method']}" for r in rows]
     x = list(range(len(rows)))
     ax.bar([i - 0.2 for i in x], [r["top1"] for r in rows], width=0.4, label="top-1")
     ax.bar([i + 0.2 for i in x], [r["mrr"] for r in rows], width=0.4, label="MRR@10")
@@ -247,8 +247,8 @@ def render_markdown(result: Any) -> str:
         "",
         "### SAE latents (`atlas eval labelling --world --features sae`)",
         "",
-        "Each subject's SAE latents labelled through maps onto the foundation SAE's atlas; scored against the "
-        "latents' ground truth (a topic or a word).",
+        "Each subject's SAE latents, at every layer of the subject, labelled through maps onto the foundation SAE's "
+        "atlas; scored against the latents' ground truth (a topic or a word).",
         "",
         f"![SAE labelling]({FIG_SAE_LABELLING})",
         "",
