@@ -309,12 +309,13 @@ def test_a_layer_a_subject_lacks_is_a_clear_error_before_any_training(layered_wo
 def test_cli_eval_labelling_sae_json(tiny_world, sae_eval):
     store, _ = sae_eval
     r = CliRunner().invoke(cli, ["eval", "labelling", "--world", "--size", "tiny", "--features", "sae", "-m",
-                                 "procrustes", "--max-docs", "800", "--layers", "1", "--json", "--quiet",
-                                 "--store", str(store.path)])
+                                 "procrustes", "--max-docs", "800", "--json", "--quiet", "--store", str(store.path)])
     assert r.exit_code == 0, r.output
     rows = json.loads(r.stdout)
-    assert {(row["pairing"], row["method"], row["layer"]) for row in rows} == {
-        ("token", "procrustes", 1), ("span", "procrustes", 1), ("text", "procrustes", 1)}
+    # no --layers: every layer of each subject (A has 3 blocks, B 2)
+    assert {(row["subject"][-1], row["layer"], row["pairing"], row["method"]) for row in rows} == {
+        ("a", 0, "token", "procrustes"), ("a", 1, "token", "procrustes"), ("a", 2, "token", "procrustes")} | {
+        ("b", L, p, "procrustes") for L in (0, 1) for p in ("span", "text")}
     assert all(row["features"] == "sae" and {"top1", "top5", "mrr", "n"} <= row.keys() for row in rows)
 
 

@@ -160,7 +160,7 @@ def eval_labelling(use_world: bool, size: str, seed: int, map_names, features: s
     if features in ("all", "sae"):
         sae_rows = [dataclasses.asdict(r) for r in evaluate_sae_labelling(
             store, size=size, seed=seed, methods=method_list, max_docs=max_docs, device=device, dtype=dtype,
-            layers=list(layers) or None)]
+            layers=list(layers) if layers else None)]
     if as_json:
         print_json(rows + sae_rows)
         return
