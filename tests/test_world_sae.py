@@ -263,6 +263,33 @@ def test_saes_trained_on_demand_are_checkpoints_with_ground_truth_by_the_rules(l
 
 
 @pytest.mark.slow
+def test_an_sae_trained_on_demand_is_the_one_a_build_of_every_layer_trains(layered_world, sae_eval, tmp_path):
+    """One way to train: `ensure_sae` at a layer gives bit for bit the SAE (and ground truth) that
+    `build_saes` trains there when the configuration asks for every subject layer."""
+    import dataclasses
+    import shutil
+
+    from safetensors.numpy import load_file
+
+    from engine.world.build import load_world
+    from engine.world.sae import build_saes, ensure_sae
+
+    copy = tmp_path / layered_world.path.name
+    shutil.copytree(layered_world.path, copy, ignore=shutil.ignore_patterns("saes"))
+    saes = build_saes(layered_world, progress=False)
+    every = build_saes(load_world(copy), dataclasses.replace(saes.config, subject_layers="all"), progress=False)
+    assert {(s.key, s.layer) for s in every.saes} == {("foundation", 1), ("subject_a", 0), ("subject_a", 1),
+                                                        ("subject_a", 2), ("subject_b", 0), ("subject_b", 1)}
+    for s in every.saes:
+        if s.key == "foundation":
+            continue
+        mine = ensure_sae(layered_world, saes, s.key, s.layer, progress=False)
+        a, b = load_file(s.path / "sae.safetensors"), load_file(mine.path / "sae.safetensors")
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), (s.key, s.layer)
+        assert s.ground_truth() == mine.ground_truth()
+
+
+@pytest.mark.slow
 def test_saes_trained_on_demand_are_reused_on_a_second_call(layered_world, sae_eval):
     from engine.world.eval.sae_labelling import evaluate_sae_labelling
     from engine.world.sae import build_saes, ensure_sae
