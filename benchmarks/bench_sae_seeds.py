@@ -1,9 +1,11 @@
-"""SAE-latent bulk labelling across world seeds: mean and spread per subject, pairing and method.
+"""SAE-latent bulk labelling across world seeds: mean and spread per subject, layer, pairing and method.
 
 Runs `atlas eval labelling --world --features sae` (`evaluate_sae_labelling`) on each seed's world
-(built and its SAEs trained if missing; one store per seed) and prints, per (subject, pairing,
-method), the mean and the spread (max - min) over seeds of top-1, top-5 and MRR, then every pair
-of rows whose mean top-1 differs by more than both rows' spreads (the issue's separation test).
+(built and its SAEs trained if missing; one store per seed) and prints, per (subject, layer,
+pairing, method), the mean and the spread (max - min) over seeds of top-1, top-5 and MRR, then
+every pair of rows of a subject whose mean top-1 differs by more than both rows' spreads (the
+issue's separation test). ``--layers`` as in `atlas eval labelling` (default: every layer of
+each subject; SAEs at layers the world was built without are trained on first use).
 
     PYTHONPATH=$PWD python benchmarks/bench_sae_seeds.py --size tiny --seeds 0,11,12 \\
         --store-pattern /tmp/sae-seeds/{size}-{seed} --json /tmp/sae-seeds.json
@@ -29,6 +31,7 @@ def main() -> None:
     ap.add_argument("--store-pattern", default="/tmp/sae-seeds/{size}-{seed}")
     ap.add_argument("--methods", default="procrustes,ridge,correlation")
     ap.add_argument("--max-docs", type=int, default=2000)
+    ap.add_argument("--layers", default="", help="Subject layers, e.g. 1 (default: every layer of each subject).")
     ap.add_argument("--json", dest="json_out")
     ap.add_argument("--add-json", action="append", default=[],
                     help="Also count the seeds of an earlier run's --json output (seeds measured separately).")
@@ -49,27 +52,28 @@ def main() -> None:
         store = Store.open(path) if (path / layout.DB_FILE).is_file() else Store.init(path)
         t = time.perf_counter()
         rows = evaluate_sae_labelling(store, size=args.size, seed=seed, methods=args.methods.split(","),
-                                      max_docs=args.max_docs, quiet=True)
+                                      max_docs=args.max_docs, quiet=True,
+                                      layers=[int(v) for v in args.layers.split(",") if v] or None)
         per_seed[seed] = [to_plain(r) for r in rows]
         print(f"seed {seed}: {len(rows)} rows in {time.perf_counter() - t:.0f} s", flush=True)
 
-    groups: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
+    groups: dict[tuple[str, int, str, str], list[dict]] = defaultdict(list)
     for rows in per_seed.values():
         for r in rows:
             subject = "subject_a" if "subject-a" in r["subject"] else "subject_b"
-            groups[(subject, r["pairing"], r["method"])].append(r)
+            groups[(subject, r["layer"], r["pairing"], r["method"])].append(r)
     table = []
-    for (subject, pairing, method), rs in sorted(groups.items()):
-        row = {"subject": subject, "pairing": pairing, "method": method, "seeds": len(rs),
+    for (subject, layer, pairing, method), rs in sorted(groups.items()):
+        row = {"subject": subject, "layer": layer, "pairing": pairing, "method": method, "seeds": len(rs),
                "n": round(sum(r["n"] for r in rs) / len(rs), 1)}
         for m in ("top1", "top5", "mrr", "chance_top1", "concept_mrr"):
             vals = [r[m] for r in rs if r[m] is not None]
             row[m] = round(sum(vals) / len(vals), 3) if vals else None
             row[f"{m}_spread"] = round(max(vals) - min(vals), 3) if vals else None
         table.append(row)
-    print(f"\n{'subject':10} {'pairing':7} {'method':12} {'top1':>14} {'top5':>14} {'mrr':>14} {'chance':>7}")
+    print(f"\n{'subject':10} {'layer':5} {'pairing':7} {'method':12} {'top1':>14} {'top5':>14} {'mrr':>14} {'chance':>7}")
     for r in table:
-        print(f"{r['subject']:10} {r['pairing']:7} {r['method']:12} "
+        print(f"{r['subject']:10} {r['layer']:5} {r['pairing']:7} {r['method']:12} "
               + " ".join(f"{r[m]:.3f} ± {r[m + '_spread'] / 2:.3f}" for m in ("top1", "top5", "mrr"))
               + f" {r['chance_top1']:7.3f}")
     separated = []
@@ -78,7 +82,8 @@ def main() -> None:
             continue
         gap = abs(a["top1"] - b["top1"])
         if gap > max(a["top1_spread"], b["top1_spread"]):
-            separated.append({"a": f"{a['pairing']}/{a['method']}", "b": f"{b['pairing']}/{b['method']}",
+            separated.append({"a": f"L{a['layer']}/{a['pairing']}/{a['method']}",
+                              "b": f"L{b['layer']}/{b['pairing']}/{b['method']}",
                               "subject": a["subject"], "gap_top1": round(gap, 3),
                               "spread": max(a["top1_spread"], b["top1_spread"])})
     print("\nseparated (|mean top-1 gap| > the larger seed spread, max - min):")

@@ -26,12 +26,12 @@ def test_demo_tiny_writes_a_report_with_the_promised_figures(tiny_world, tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     for name in ("report.md", "report.json", "retrieval_mrr.png", "steering_faithfulness.png", "sae_labelling.png",
-                 "steering_against_topic.png"):
+                 "steering_against_topic.png", "sae_steering.png"):
         assert (out / name).stat().st_size > 500, name
     assert (out / "retrieval_mrr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "report.md").read_text()
     for section in ("## Retrieval", "## Bulk labelling", "### SAE latents", "## Text lookup", "## Steering subject A",
-                    "Side by side", "### Steering against a topic"):
+                    "Side by side", "### Steering against a topic", "### Steering with SAE latents"):
         assert section in report
 
     # The world is learnable (issue: ConceptWorld gates for tiny).
@@ -51,6 +51,25 @@ def test_demo_tiny_writes_a_report_with_the_promised_figures(tiny_world, tmp_pat
     sae = result["sae_labelling"]
     assert {(r["subject"], r["pairing"]) for r in sae} >= {(subject_a, "token")}
     assert max(r["top1"] for r in sae if r["subject"] == subject_a) > max(r["chance_top1"] for r in sae)
+    # SAE labelling at every subject layer (subject A has 3 blocks on tiny, B 2)
+    assert {r["layer"] for r in sae if r["subject"] == subject_a} == {0, 1, 2}
+    # Steering with SAE latents (atlas eval steering --sae): real rows, and the report's table is made of them
+    ss = result["sae_steering"]
+    assert {r["method"] for r in ss["rows"] if r["direction"] == "transferred"} == {
+        "sae-procrustes", "mean-procrustes", "sae-ridge", "mean-ridge"}
+    assert all(r["table"] == "sae" and 0.0 <= r["faithfulness"] <= 1.0 for r in ss["rows"])
+    assert 0 <= ss["coverage"] <= ss["n_concepts"] == n
+    section = report[report.index("### Steering with SAE latents"):report.index("### Side by side")]
+    shown = [r for r in ss["rows"] if r["chosen_for_method"] or r["direction"] == "unsteered"]
+    assert len(shown) >= 2 * 5  # neutral and other-topic prompts: unsteered + 4 transferred methods + native
+    for r in shown:
+        cells = f"| {r['direction']} | {r['prompts']} | {r['method'] or 'n/a'} | {r['layer'] if r['layer'] is not None else 'n/a'} |"
+        assert cells in section and f"| {r['faithfulness']:.3f} |" in section, r
+    assert sum(line.startswith("| ") for line in section.splitlines()) == len(shown) + 1  # header + rows
+    sae_cell = next(r["faithfulness"] for r in ss["rows"]
+                    if r["prompts"] == "neutral" and r["chosen_for_method"] and r["method"] == "sae-procrustes")
+    assert f"| sae_steering_faithfulness_sae_latents_procrustes | {sae_cell:.3f} |" in report
+    assert "eval_sae_steering" in result["timings"]
     s = result["steering"]
     assert s["transferred_faithfulness"] > s["unsteered_faithfulness"] + 0.2
     assert s["native_faithfulness"] > s["unsteered_faithfulness"] + 0.2

@@ -293,3 +293,15 @@ def test_native_features_need_a_world_subject(mapped):
         labelling.create_run(store, "m", "native:")
     with pytest.raises(AtlasError, match="native:SIZE"):
         labelling.create_run(store, "m", "native:huge")
+
+
+def test_native_spec_names_every_world_size():
+    """``native:medium`` (and a bare ``native:`` on a medium subject) name the medium world, as
+    `atlas eval labelling --world --size medium` writes them; an unknown size is refused."""
+    from engine.world.sources import _native_world
+
+    assert _native_world("native:medium:0", "world-medium-subject-a") == ("medium", 0)
+    assert _native_world("native:", "world-medium-s7-subject-b") == ("medium", 7)
+    assert _native_world("native:small", "anything") == ("small", 0)
+    with pytest.raises(AtlasError, match=r"SIZE tiny, small, medium"):
+        _native_world("native:huge", "world-medium-subject-a")

@@ -155,13 +155,32 @@ def test_ground_truth_holds_on_documents_it_was_not_computed_on(tiny_world, tiny
 
 
 @pytest.fixture(scope="module")
-def sae_eval(tiny_world, tiny_saes, tmp_path_factory):
+def layered_world(tiny_world, tmp_path_factory):
+    """A private copy of the tiny world, its build-time SAEs included but no SAE trained on demand,
+    so that the layer evaluation below trains the other layers' SAEs itself (the shared world
+    cache may hold some from earlier runs)."""
+    import shutil
+
+    from engine.world.build import load_world
+    from engine.world.sae import SITE_FILE
+
+    path = tmp_path_factory.mktemp("layered") / tiny_world.path.name
+    shutil.copytree(tiny_world.path, path, symlinks=True)
+    for site in path.glob(f"saes/*/*/*/{SITE_FILE}"):
+        shutil.rmtree(site.parent)
+    return load_world(path)
+
+
+@pytest.fixture(scope="module")
+def sae_eval(layered_world, tmp_path_factory):
+    """Every layer of both subjects (the default): subject A's layers 0 and 1 and subject B's layer 0
+    have no SAE from the world's build, so they are trained here."""
     from engine.store.store import Store
     from engine.world import register_world
     from engine.world.eval.sae_labelling import evaluate_sae_labelling
 
     store = Store.init(tmp_path_factory.mktemp("sae-store"))
-    register_world(store, tiny_world)
+    register_world(store, layered_world)
     rows = evaluate_sae_labelling(store, size="tiny", seed=0, methods=("procrustes", "ridge"), max_docs=800,
                                   quiet=True)
     return store, rows
@@ -181,22 +200,136 @@ def test_sae_atlas_looks_like_an_import_with_labels(tiny_world, tiny_saes, sae_e
 
 
 @pytest.mark.slow
-def test_sae_labelling_rows_per_subject_pairing_and_method(tiny_world, tiny_saes, sae_eval):
+def test_sae_labelling_rows_per_subject_layer_pairing_and_method(layered_world, tiny_saes, sae_eval):
+    from engine.world.sae import build_saes, ensure_sae
+
     store, rows = sae_eval
-    got = {(r.subject, r.pairing, r.method) for r in rows}
-    a, b = tiny_world.subject_a.name, tiny_world.subject_b.name
-    assert got == {(a, "token", m) for m in ("procrustes", "ridge")} | {
-        (b, p, m) for p in ("span", "text") for m in ("procrustes", "ridge")}
+    saes = build_saes(layered_world, progress=False)
+    assert saes.fingerprint == tiny_saes.fingerprint
+    got = {(r.subject, r.layer, r.pairing, r.method) for r in rows}
+    a, b = layered_world.subject_a, layered_world.subject_b
+    assert (a.n_layers, b.n_layers) == (3, 2)
+    assert got == {(a.name, L, "token", m) for L in range(3) for m in ("procrustes", "ridge")} | {
+        (b.name, L, p, m) for L in range(2) for p in ("span", "text") for m in ("procrustes", "ridge")}
     for r in rows:
-        sae = tiny_saes.get("subject_a" if r.subject == a else "subject_b")
-        assert r.layer == sae.layer and r.n_latents == sae.n_latents
+        key = "subject_a" if r.subject == a.name else "subject_b"
+        sae = ensure_sae(layered_world, saes, key, r.layer, progress=False)
+        assert sae.reused or sae in saes.saes  # trained by the evaluation, or with the world
+        assert sae.layer == r.layer and r.n_latents == sae.n_latents
         assert r.n == sum(1 for e in sae.ground_truth() if e["key"])
         assert 0 <= r.top1 <= r.top5 <= 1 and r.top1 <= r.mrr <= r.top5 + 1e-9
-        run = store.run(r.run)  # the labels are a real run over the subject SAE folder
+        assert store.load_map(r.map).subject_layer == r.layer and f".L{r.layer}." in r.map
+        run = store.run(r.run)  # the labels are a real run over that layer's subject SAE folder
         assert run.n_features == sae.n_latents and run.status == "done"
-    # through the word-level map, labelling beats a random atlas latent by far
-    best_a = max(r.top1 for r in rows if r.subject == a)
+    # the default layers' SAEs are the world's own; the others were trained on demand
+    default = {(s.key, s.layer) for s in saes.saes}
+    assert ("subject_a", a.default_layer) in default and ("subject_a", 0) not in default
+    # through the word-level map, labelling beats a random atlas latent by far, at the default layer
+    best_a = max(r.top1 for r in rows if r.subject == a.name and r.layer == a.default_layer)
     assert best_a > 2 * rows[0].chance_top1
+
+
+@pytest.mark.slow
+def test_saes_trained_on_demand_are_checkpoints_with_ground_truth_by_the_rules(layered_world, sae_eval):
+    """An SAE at a layer the world's build did not train is a sparsify checkpoint with its own
+    ground truth: recomputed here from its codes on the labelling documents, by the same rules."""
+    from sparsify import SparseCoder
+
+    from engine.atlas.importers import read_directions
+    from engine.world.sae import SITE_FILE, _splits, build_saes, encode, ensure_sae, token_activations
+
+    saes = build_saes(layered_world, progress=False)
+    label = _splits(layered_world, saes.config)[2]
+    for key, L in (("subject_a", 0), ("subject_a", 1), ("subject_b", 0)):
+        wm = layered_world.model(key)
+        s = ensure_sae(layered_world, saes, key, L, progress=False)
+        assert s.reused and (s.path / SITE_FILE).is_file() and s.path.parent.parent == saes.path
+        assert s.n_latents == saes.config.expansion * wm.d_model and s.k == saes.config.k
+        w = read_directions(s.path)
+        assert w.source_kind == "eai-sparsify" and w.model == wm.name and w.layer == L and w.k == s.k
+        assert s.metrics["fvu_val"] < 0.2
+        model, tok = wm.load()
+        acts, tokens = token_activations(model, tok, [t for t, _ in label], [L])
+        top_acts, top_idx = encode(SparseCoder.load_from_disk(s.path), acts[L])
+        concepts = np.asarray([c for _, c in label])[tokens["doc"]]
+        again = latent_ground_truth(top_acts, top_idx, s.n_latents, concepts, tokens["word"], layered_world.concepts)
+        stored = json.loads((s.path / "ground_truth.json").read_text())
+        assert stored["rules"] == again["rules"] and stored["summary"] == again["summary"]
+        assert [e["key"] for e in stored["latents"]] == [e["key"] for e in again["latents"]]
+        kinds, reasons = classify(*(np.asarray([e[f] for e in stored["latents"]])
+                                    for f in ("fires", "freq", "topic_share", "word_share")))
+        assert kinds == [e["kind"] for e in stored["latents"]] and reasons == [e["reason"] for e in stored["latents"]]
+        assert sum(e["kind"] == "word" for e in stored["latents"]) >= 10
+
+
+@pytest.mark.slow
+def test_an_sae_trained_on_demand_is_the_one_a_build_of_every_layer_trains(layered_world, sae_eval, tmp_path):
+    """One way to train: `ensure_sae` at a layer gives bit for bit the SAE (and ground truth) that
+    `build_saes` trains there when the configuration asks for every subject layer."""
+    import dataclasses
+    import shutil
+
+    from safetensors.numpy import load_file
+
+    from engine.world.build import load_world
+    from engine.world.sae import build_saes, ensure_sae
+
+    copy = tmp_path / layered_world.path.name
+    shutil.copytree(layered_world.path, copy, ignore=shutil.ignore_patterns("saes"))
+    saes = build_saes(layered_world, progress=False)
+    every = build_saes(load_world(copy), dataclasses.replace(saes.config, subject_layers="all"), progress=False)
+    assert {(s.key, s.layer) for s in every.saes} == {("foundation", 1), ("subject_a", 0), ("subject_a", 1),
+                                                        ("subject_a", 2), ("subject_b", 0), ("subject_b", 1)}
+    for s in every.saes:
+        if s.key == "foundation":
+            continue
+        mine = ensure_sae(layered_world, saes, s.key, s.layer, progress=False)
+        a, b = load_file(s.path / "sae.safetensors"), load_file(mine.path / "sae.safetensors")
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), (s.key, s.layer)
+        assert s.ground_truth() == mine.ground_truth()
+
+
+@pytest.mark.slow
+def test_saes_trained_on_demand_are_reused_on_a_second_call(layered_world, sae_eval):
+    from engine.world.eval.sae_labelling import evaluate_sae_labelling
+    from engine.world.sae import build_saes, ensure_sae
+
+    store, rows = sae_eval
+    saes = build_saes(layered_world, progress=False)
+    s = ensure_sae(layered_world, saes, "subject_b", 0, progress=False)
+    stamp = [(f.name, f.stat().st_mtime_ns, f.stat().st_ino) for f in sorted(s.path.iterdir())]
+    again = evaluate_sae_labelling(store, size="tiny", seed=0, methods=("procrustes", "ridge"), max_docs=800,
+                                   quiet=True, subjects=("subject_b",), layers=[0])
+    # nothing retrained or rewritten, no temporary folder left, and the same scores
+    assert [(f.name, f.stat().st_mtime_ns, f.stat().st_ino) for f in sorted(s.path.iterdir())] == stamp
+    assert not list(saes.path.glob(".*tmp*"))
+    assert ensure_sae(layered_world, saes, "subject_b", 0, progress=False).reused
+    before = {(r.pairing, r.method): r for r in rows if r.subject == layered_world.subject_b.name and r.layer == 0}
+    assert {(r.pairing, r.method): (r.top1, r.mrr, r.n) for r in again} == {
+        k: (r.top1, r.mrr, r.n) for k, r in before.items()}
+
+
+@pytest.mark.slow
+def test_a_layer_a_subject_lacks_is_a_clear_error_before_any_training(layered_world, sae_eval):
+    from engine.errors import ShapeError
+    from engine.world.eval.sae_labelling import evaluate_sae_labelling
+    from engine.world.sae import build_saes, ensure_sae
+
+    store, _ = sae_eval
+    saes = build_saes(layered_world, progress=False)
+    before = sorted(p.name for p in saes.path.glob("*/*"))
+    # subject A has a block 2, subject B (2 blocks) does not
+    with pytest.raises(ShapeError, match=r"layers \[2\] are out of range for world-tiny-subject-b \(2 layers: 0\.\.1\)"):
+        evaluate_sae_labelling(store, size="tiny", seed=0, methods=("procrustes",), quiet=True, layers=[2])
+    with pytest.raises(ShapeError, match="out of range"):
+        ensure_sae(layered_world, saes, "subject_a", -1, progress=False)
+    assert sorted(p.name for p in saes.path.glob("*/*")) == before
+    r = CliRunner().invoke(cli, ["eval", "labelling", "--world", "--size", "tiny", "--features", "sae", "--layers",
+                                 "0,5", "--json", "--quiet", "--store", str(store.path)])
+    assert r.exit_code != 0 and "layers [5] are out of range" in r.output
+    r = CliRunner().invoke(cli, ["eval", "labelling", "--world", "--size", "tiny", "--features", "native", "--layers",
+                                 "0", "--quiet", "--store", str(store.path)])
+    assert r.exit_code != 0 and "--layers selects the SAE table" in r.output
 
 
 @pytest.mark.slow
@@ -206,8 +339,10 @@ def test_cli_eval_labelling_sae_json(tiny_world, sae_eval):
                                  "procrustes", "--max-docs", "800", "--json", "--quiet", "--store", str(store.path)])
     assert r.exit_code == 0, r.output
     rows = json.loads(r.stdout)
-    assert {(row["pairing"], row["method"]) for row in rows} == {("token", "procrustes"), ("span", "procrustes"),
-                                                                 ("text", "procrustes")}
+    # no --layers: every layer of each subject (A has 3 blocks, B 2)
+    assert {(row["subject"][-1], row["layer"], row["pairing"], row["method"]) for row in rows} == {
+        ("a", 0, "token", "procrustes"), ("a", 1, "token", "procrustes"), ("a", 2, "token", "procrustes")} | {
+        ("b", L, p, "procrustes") for L in (0, 1) for p in ("span", "text")}
     assert all(row["features"] == "sae" and {"top1", "top5", "mrr", "n"} <= row.keys() for row in rows)
 
 

@@ -32,8 +32,10 @@ def demo(size: str, seed: int, out: Path, real_weights: bool, device: str, dtype
 
     Builds (or reuses) the world's models and atlas in the store, aligns both subjects (token
     and span pairing), evaluates retrieval per method and layer, bulk-labels the subjects' native
-    concept directions, runs text lookups, and steers subject A toward three concepts beside its
-    unsteered text. Prints a short summary; writes report.md, report.json and PNG figures to --out.
+    concept directions and their SAE latents (every subject layer), runs text lookups, steers
+    subject A toward three concepts beside its unsteered text, against a topic, and with SAE
+    latents beside topic means through the same maps (`atlas eval steering --sae`). Prints a short
+    summary; writes report.md, report.json and PNG figures to --out.
     """
     from engine.demo.report import format_summary, result_json
     from engine.demo.run import run_demo

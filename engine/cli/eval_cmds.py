@@ -104,17 +104,20 @@ def eval_retrieval(use_world, size, seed, methods, layers, pairings, subjects, m
 @click.option("--map", "map_names", multiple=True, help="Only these maps (default: every map on the world atlas).")
 @click.option("--features", "features", type=click.Choice(["all", "native", "sae"]), default="all", show_default=True,
               help="native: each subject's concept directions through its maps; sae: each subject SAE's latents "
-                   "through maps onto the SAE atlas world-<size>-sae, per pairing and method; all: both tables.")
+                   "through maps onto the SAE atlas world-<size>-sae, per layer, pairing and method; all: both tables.")
 @click.option("--methods", "-m", "methods", multiple=True, callback=comma_list(),
               help=f"Methods of the SAE table's maps (default: {','.join(METHOD_NAMES)}).")
 @click.option("--max-docs", type=click.IntRange(min=1), default=2000, show_default=True,
               help="Training documents the SAE table's maps are fitted on.")
+@click.option("--layers", "-l", multiple=True, callback=comma_list(int, LAYER_LIST),
+              help="Subject layers of the SAE table, e.g. 0,1 (default: every layer of each subject). An SAE at a "
+                   "layer the world was built without is trained on first use and cached.")
 @device_options
 @store_options
 @json_option
 @quiet_option
 def eval_labelling(use_world: bool, size: str, seed: int, map_names, features: str, methods, max_docs: int,
-                   device: str,
+                   layers, device: str,
                    dtype: str, store_dir: Path, db_url, as_json: bool) -> None:
     """Labelling accuracy on ConceptWorld: native concept directions and SAE latents, through maps.
 
@@ -123,8 +126,11 @@ def eval_labelling(use_world: bool, size: str, seed: int, map_names, features: s
     store has none for a subject, a Procrustes map is fitted first.
 
     sae: the features are the latents of each subject's SAE (`atlas world build --sae`), labelled
-    through maps onto the foundation SAE's atlas world-<size>-sae (one map per pairing and
-    method, fitted on the world's training documents); a latent's label is right when its atlas
+    through maps onto the foundation SAE's atlas world-<size>-sae (one map per layer, pairing and
+    method, fitted on the world's training documents), at every layer of each subject or those
+    of --layers: the world's build trains each subject's SAE at its default layer, an SAE at
+    another layer is trained the same way on first use and cached beside it (seconds on tiny,
+    tens of seconds on small). A latent's label is right when its atlas
     hit has the same ground-truth label (topic or word). Scored: top-1, top-5 and MRR over the
     labelled subject latents, with the top-1 of a random atlas latent (chance) and, for
     retrieval, the MRR of a concept's atlas topic latents queried with the subject's mapped
@@ -142,6 +148,9 @@ def eval_labelling(use_world: bool, size: str, seed: int, map_names, features: s
         get_method(m)  # an unknown name fails before any world is built
     if map_names and features == "sae":
         raise BadValueError("--map selects maps of the native table; the SAE table fits its own (use --features native)")
+    if layers and features == "native":
+        raise BadValueError("--layers selects the SAE table's layers; the native table uses the maps of --map "
+                            "(use --features sae or all)")
     store = open_store(store_dir, db_url)
     rows: list = []
     if features in ("all", "native"):
@@ -150,7 +159,8 @@ def eval_labelling(use_world: bool, size: str, seed: int, map_names, features: s
     sae_rows = []
     if features in ("all", "sae"):
         sae_rows = [dataclasses.asdict(r) for r in evaluate_sae_labelling(
-            store, size=size, seed=seed, methods=method_list, max_docs=max_docs, device=device, dtype=dtype)]
+            store, size=size, seed=seed, methods=method_list, max_docs=max_docs, device=device, dtype=dtype,
+            layers=list(layers) if layers else None)]
     if as_json:
         print_json(rows + sae_rows)
         return

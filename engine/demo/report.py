@@ -13,6 +13,7 @@ FIG_RETRIEVAL = "retrieval_mrr.png"
 FIG_STEERING = "steering_faithfulness.png"
 FIG_SAE_LABELLING = "sae_labelling.png"
 FIG_AGAINST = "steering_against_topic.png"
+FIG_SAE_STEERING = "sae_steering.png"
 
 # How this project defines its figures (docs/design.md §8); printed with every report.
 METRIC_DEFINITIONS = {
@@ -33,7 +34,7 @@ def write_report(result: Any, out: Path) -> list[str]:
     """Write every file of the report into ``out``; returns their paths."""
     files = [_fig_retrieval(result, out / FIG_RETRIEVAL), _fig_steering(result, out / FIG_STEERING),
              _fig_sae_labelling(result, out / FIG_SAE_LABELLING),
-             _fig_against(result, out / FIG_AGAINST)]
+             _fig_against(result, out / FIG_AGAINST), _fig_sae_steering(result, out / FIG_SAE_STEERING)]
     (out / "report.json").write_text(result_json(result) + "\n", encoding="utf-8")
     (out / "report.md").write_text(render_markdown(result), encoding="utf-8")
     return [str(out / "report.md"), str(out / "report.json"), *[str(f) for f in files if f]]
@@ -79,8 +80,8 @@ def _fig_sae_labelling(result: Any, path: Path) -> Path | None:
     if not rows:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    names = [f"{r['subject'].rsplit('-', 1)[-1]}/{r['pairing']}/{r['method']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.4 * len(rows)), 4.2))
+    names = [f"{r['subject'].rsplit('-', 1)[-1]}/L{r['layer']}/{r['pairing']}/{r['method']}" for r in rows]
     x = list(range(len(rows)))
     ax.bar([i - 0.2 for i in x], [r["top1"] for r in rows], width=0.4, label="top-1")
     ax.bar([i + 0.2 for i in x], [r["mrr"] for r in rows], width=0.4, label="MRR@10")
@@ -127,6 +128,65 @@ def _fig_steering(result: Any, path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _sae_steering_rows(result: Any) -> list[dict[str, Any]]:
+    return (getattr(result, "sae_steering", None) or {}).get("rows", [])
+
+
+def _fig_sae_steering(result: Any, path: Path) -> Path | None:
+    """Neutral-prompt faithfulness against strength of each direction of the SAE table (SAE latents
+    and topic means through each map, native directions), at the site chosen for each on held-out
+    prompts; the unsteered floor as a line."""
+    rows = [r for r in _sae_steering_rows(result) if r["prompts"] == "neutral"]
+    picked = {(r["direction"], r.get("method"), r.get("map"), r["layer"]) for r in rows if r["chosen_for_method"]}
+    if not picked:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for direction, method, map_, layer in sorted(picked, key=lambda p: (p[0], p[1] or "")):
+        sel = sorted((r for r in rows if (r["direction"], r.get("method"), r.get("map"), r["layer"])
+                      == (direction, method, map_, layer)), key=lambda r: r["strength"])
+        ax.plot([r["strength"] for r in sel], [r["faithfulness"] for r in sel], marker="o",
+                linestyle="-" if (method or "").startswith("sae-") else "--",
+                label=f"{method or direction} (layer {layer})")
+    base = next((r for r in rows if r["direction"] == "unsteered"), None)
+    if base is not None:
+        ax.axhline(base["faithfulness"], color="grey", linestyle=":", label="unsteered")
+    ax.set_xlabel("strength (x typical residual norm)")
+    ax.set_ylabel("faithfulness (neutral prompts)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"ConceptWorld {result.size}: steering subject A with SAE latents vs topic means")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _sae_steering_section(result: Any) -> list[str]:
+    rows = _sae_steering_rows(result)
+    if not rows:
+        return []
+    s = result.sae_steering
+    return [
+        "### Steering with SAE latents (`atlas eval steering --world --sae`, table=sae)",
+        "",
+        f"A concept's direction is the decoder row of the foundation SAE latent labelled with its topic "
+        f"({s['coverage']} of {s['n_concepts']} concepts have one; the others get the latent leaning most towards "
+        "them, or none), sent into subject A through the inverse of a map onto the SAE atlas (method sae-<map "
+        "method>), beside the topic means through the same maps (mean-<map method>) and the native directions; "
+        "per direction, the site and strength are chosen on held-out prompts.",
+        "",
+        f"![SAE-latent steering]({FIG_SAE_STEERING})",
+        "",
+        *[f"- {line}" for line in s.get("summary", [])],
+        "",
+        *_table([r for r in rows if r["chosen_for_method"] or r["direction"] == "unsteered"],
+                ["direction", "prompts", "method", "layer", "strength", "faithfulness", "perplexity", "n", "map"]),
+        "",
+    ]
 
 
 def _against_test_rows(result: Any) -> list[dict[str, Any]]:
@@ -247,8 +307,8 @@ def render_markdown(result: Any) -> str:
         "",
         "### SAE latents (`atlas eval labelling --world --features sae`)",
         "",
-        "Each subject's SAE latents labelled through maps onto the foundation SAE's atlas; scored against the "
-        "latents' ground truth (a topic or a word).",
+        "Each subject's SAE latents, at every layer of the subject, labelled through maps onto the foundation SAE's "
+        "atlas; scored against the latents' ground truth (a topic or a word).",
         "",
         f"![SAE labelling]({FIG_SAE_LABELLING})",
         "",
@@ -280,6 +340,7 @@ def render_markdown(result: Any) -> str:
                 ["direction", "prompts", "layer", "strength", "faithfulness", "perplexity", "n", "map"]),
         "",
         *_against_section(result),
+        *_sae_steering_section(result),
         "### Side by side (`atlas steer MAP --concept LABEL --prompt ...`)",
         "",
     ]
@@ -326,6 +387,10 @@ def format_summary(result: Any) -> Sequence[str]:
         f"steering faithfulness (neutral prompts): transferred {f(h['steering_transferred_faithfulness'])}, "
         f"native {f(h['steering_native_faithfulness'])}, unsteered {f(h['steering_unsteered_faithfulness'])} "
         f"(layer {f(h['steering_layer'])}, strength {f(h['steering_strength'])} x norm)",
+        *([f"SAE-latent steering faithfulness (neutral prompts, Procrustes maps): SAE latents "
+           f"{f(h['sae_steering_faithfulness_sae_latents_procrustes'])}, topic means "
+           f"{f(h['sae_steering_faithfulness_topic_means_procrustes'])} through the same maps"]
+          if result.sae_steering else []),
         *([f"real weights: {result.real_weights['model']} topic retrieval MRR per layer (Procrustes): "
            + ", ".join(f"L{r['layer']} {r['mrr']:.3f}" for r in result.real_weights["rows"] if r["method"] == "procrustes")]
           if result.real_weights and result.real_weights.get("rows") else []),

@@ -2,10 +2,11 @@
 
 Build (or reuse) the world, register its foundation atlas, align both subjects (subject A shares
 the foundation's tokenizer: ``token`` pairing; subject B does not: ``span`` pairing), evaluate
-retrieval per method and layer, bulk-label the subjects' native concept directions, run text
-lookups, and steer subject A toward three concepts beside its unsteered text. Every figure comes
+retrieval per method and layer, bulk-label the subjects' native concept directions and their SAE
+latents, run text lookups, steer subject A toward three concepts beside its unsteered text, and
+steer it with SAE latents beside topic means through the same maps. Every figure comes
 from the engine functions the CLI commands call (`atlas eval retrieval`, `atlas eval labelling`,
-`atlas eval steering`, `atlas lookup`, `atlas steer`), so the report can be reproduced piece by
+`atlas eval steering [--sae]`, `atlas lookup`, `atlas steer`), so the report can be reproduced piece by
 piece. The demo writes ``report.md`` and PNG figures to ``out``.
 """
 
@@ -42,6 +43,7 @@ class DemoResult:
     real_weights: dict[str, Any] | None = None  # `--real-weights`: all-MiniLM-L6-v2 as a subject
     sae_labelling: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # SAE latents through maps
     against_topic: dict[str, Any] | None = None  # steering prompts that have a topic (engine.steering.against)
+    sae_steering: dict[str, Any] | None = None  # SAE latents vs topic means through the same maps (table=sae)
 
     def headline(self) -> dict[str, Any]:
         """The figures the issues promise, one line each."""
@@ -70,6 +72,8 @@ class DemoResult:
             "steering_unsteered_faithfulness": self.steering.get("unsteered_faithfulness"),
             "steering_layer": chosen.get("layer"),
             "steering_strength": chosen.get("strength"),
+            "sae_steering_faithfulness_sae_latents_procrustes": _sae_steering_cell(self.sae_steering, "sae-procrustes"),
+            "sae_steering_faithfulness_topic_means_procrustes": _sae_steering_cell(self.sae_steering, "mean-procrustes"),
         }
 
 
@@ -116,6 +120,7 @@ def run_demo(store_dir: str | Path, size: str = "small", seed: int = 0, out: str
 
     against = timed("eval_against_topic", evaluate_world_against_topic, store, size, seed, subject="a", quiet=quiet,
                     device=device, dtype=dtype)
+    sae_steering = timed("eval_sae_steering", _sae_steering, store, size, seed, quiet, device, dtype)
     real = timed("real_weights", _real_weights, store, size, seed, quiet, device, dtype) if real_weights else None
 
     result = DemoResult(
@@ -125,6 +130,7 @@ def run_demo(store_dir: str | Path, size: str = "small", seed: int = 0, out: str
         sae_labelling=to_plain(sae_labelling),
         against_topic={"rows": to_plain(against.rows), "chosen": against.chosen, "summary": against.summary,
                        "settings": against.settings},
+        sae_steering=sae_steering,
     )
     from engine.demo.report import write_report
 
@@ -180,6 +186,23 @@ def _steering_summary(report: Any) -> dict[str, Any]:
         o = chosen_row(kind, "other_topic")
         summary[f"{kind}_other_topic_faithfulness"] = o["faithfulness"] if o else None
     return summary
+
+
+def _sae_steering(store: Store, size: str, seed: int, quiet: bool, device: str, dtype: str) -> dict[str, Any]:
+    """`atlas eval steering --world --sae` on subject A: its rows (table=sae), what was chosen, coverage."""
+    from engine.world.eval.sae_steering import evaluate_sae_steering
+
+    report, info = evaluate_sae_steering(store, size, seed, subject="a", quiet=quiet, device=device, dtype=dtype)
+    return {"rows": [{**to_plain(r), "table": "sae"} for r in report.rows], "chosen": to_plain(report.chosen),
+            "summary": list(report.summary), "settings": to_plain(report.settings), "coverage": info["coverage"],
+            "n_concepts": info["n_concepts"], "maps": info["maps"]}
+
+
+def _sae_steering_cell(sae_steering: dict[str, Any] | None, method: str) -> float | None:
+    """Neutral-prompt faithfulness of the SAE table's cell chosen on held-out prompts for ``method``
+    (``sae-procrustes``: SAE latents through the Procrustes map; ``mean-procrustes``: topic means)."""
+    return next((r["faithfulness"] for r in (sae_steering or {}).get("rows", [])
+                 if r["prompts"] == "neutral" and r["chosen_for_method"] and r.get("method") == method), None)
 
 
 REAL_WEIGHTS_MODEL = "all-MiniLM-L6-v2"

@@ -15,6 +15,11 @@ On disk, next to the world's models, as sparsify's trainer writes a run::
     <world>/saes/<sae fingerprint>/<model key>/config.json   ({"model": <store name>, ...})
     <world>/saes/<sae fingerprint>/<model key>/<hookpoint>/cfg.json, sae.safetensors,
                                                           ground_truth.json
+    <world>/saes/<sae fingerprint>/<model key>/<other hookpoint>/... + site.json   (on demand)
+
+A subject SAE at a layer the stage did not train (by default subjects get one at their default
+layer) is trained on first use by `ensure_sae`, with the same configuration, seed rule and
+ground-truth rules, and cached beside the others under the same fingerprint.
 
 The hookpoint folder (``h.2`` for GPT-2, ``layers.1`` for Llama / GPT-NeoX: the block, whose
 output is ``resid_post``) is what ``atlas import-sae`` and ``atlas label --features`` read, with
@@ -43,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.errors import AtlasError
+from engine.errors import AtlasError, ShapeError
 from engine.models.hooks import read_residuals, resolve_layer
 from engine.world.build import World
 from engine.world.config import MODEL_KEYS
@@ -52,6 +57,7 @@ SAE_FORMAT = 1
 SAES_DIR = "saes"
 SAE_MANIFEST = "manifest.json"
 GROUND_TRUTH = "ground_truth.json"
+SITE_FILE = "site.json"  # an SAE trained on demand (`ensure_sae`): its manifest entry
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]+")  # the corpus' own word / punctuation split
 
 
@@ -84,7 +90,8 @@ def sae_config_for(size: str) -> SAEConfig:
     """The default SAE configuration of a world size.
 
     tiny: 4x width, k=8, 300 steps (seconds per SAE on one thread); small: 8x width (the issue's
-    example), k=16, 1,000 steps. Subjects get one SAE at their default (top) layer. Measured on
+    example), k=16, 1,000 steps. Subjects get one SAE at their default (top) layer at build time
+    (other layers: `ensure_sae`, on first use). Measured on
     the validation slice of tiny's training documents (seed 0, foundation): k=8 leaves an FVU of
     0.025 with 14% of the latents dead, k=4 an FVU of 0.036 with 39% dead; across tiny's three
     SAEs k=8 gives FVU 0.02-0.06 and 2-21% dead. The step budget is what the build-time budget
@@ -118,6 +125,7 @@ class WorldSAE:
     n_latents: int
     k: int
     metrics: dict
+    reused: bool = False  # read from the cache, not trained by the call that returned it
 
     def ground_truth(self) -> list[dict]:
         return json.loads((self.path / GROUND_TRUTH).read_text(encoding="utf-8"))["latents"]
@@ -194,9 +202,53 @@ def build_saes(world: World, config: SAEConfig | None = None, progress: bool = T
 
 def load_saes(path: Path, reused: bool = False) -> WorldSAEs:
     m = json.loads((Path(path) / SAE_MANIFEST).read_text(encoding="utf-8"))
-    saes = tuple(WorldSAE(key=s["key"], model=s["model"], layer=s["layer"], path=Path(path) / s["folder"],
-                          n_latents=s["n_latents"], k=s["k"], metrics=s["metrics"]) for s in m["saes"])
+    saes = tuple(_sae_of(Path(path), s, reused) for s in m["saes"])
     return WorldSAEs(Path(path), m["fingerprint"], SAEConfig(**m["config"]), saes, reused)
+
+
+def _sae_of(root: Path, entry: dict, reused: bool) -> WorldSAE:
+    return WorldSAE(key=entry["key"], model=entry["model"], layer=entry["layer"], path=root / entry["folder"],
+                    n_latents=entry["n_latents"], k=entry["k"], metrics=entry["metrics"], reused=reused)
+
+
+def ensure_sae(world: World, saes: WorldSAEs, key: str, layer: int, progress: bool = True) -> WorldSAE:
+    """The SAE of world model ``key`` at block ``layer`` (``resid_post``), trained on first use.
+
+    One of ``saes`` (those `build_saes` trained with the world) when it has that site; else one an
+    earlier call trained, read from the cache; else trained now exactly as `build_saes` trains
+    its own (`_train_sites`: ``saes.config``, the same seed rule, tokens and ground-truth rules),
+    into ``<saes folder>/<key>/<hookpoint>/`` beside the others, with a ``site.json`` holding its
+    manifest entry. The folder appears whole (trained in a temporary folder, then renamed), so
+    concurrent callers never see half an SAE. The world's SAE ``manifest.json`` and the model's
+    sparsify ``config.json`` keep listing what `build_saes` trained; the hookpoint folder is
+    still a complete sparsify checkpoint (`atlas import-sae`, `atlas label --features`).
+    """
+    wm = world.model(key)
+    if not (isinstance(layer, int) and 0 <= layer < wm.n_layers):
+        raise ShapeError(f"layer {layer} is out of range for {wm.name} ({wm.n_layers} layers: 0..{wm.n_layers - 1})")
+    for s in saes.saes:
+        if s.key == key and s.layer == layer:
+            return s
+    hp = hookpoint(wm.architecture, layer)
+    folder = saes.path / key / hp
+    if (folder / SITE_FILE).exists():
+        return _sae_of(saes.path, json.loads((folder / SITE_FILE).read_text(encoding="utf-8")), reused=True)
+    _require_sparsify()
+    tmp = saes.path / f".{key}.{hp}.tmp{os.getpid()}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        entry = _train_sites(tmp, world, saes.config, key, [layer], quiet=not progress)[0]
+        (tmp / key / hp / SITE_FILE).write_text(json.dumps(entry, indent=2), encoding="utf-8")
+        (saes.path / key).mkdir(exist_ok=True)
+        try:
+            os.rename(tmp / key / hp, folder)
+        except OSError:  # another process trained it first: the same SAE (deterministic)
+            if not (folder / SITE_FILE).exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _sae_of(saes.path, json.loads((folder / SITE_FILE).read_text(encoding="utf-8")), reused=False)
 
 
 def _splits(world: World, config: SAEConfig) -> tuple[list, list, list]:
@@ -209,54 +261,64 @@ def _splits(world: World, config: SAEConfig) -> tuple[list, list, list]:
 
 
 def _build_into(path: Path, world: World, config: SAEConfig, fp: str, quiet: bool) -> None:
-    from engine.progress import progress as progress_bar
-    from engine.world.ground_truth import latent_ground_truth
-    from engine.world.pipeline import reproducible
-
-    train, val, label = _splits(world, config)
     sites = _sae_sites(world, config)
     entries = []
     t0 = time.perf_counter()
-    with reproducible():
-        for key in dict.fromkeys(k for k, _ in sites):
-            wm = world.model(key)
-            layers = [L for k, L in sites if k == key]
-            model, tok = wm.load()
-            acts_train = token_activations(model, tok, [t for t, _ in train], layers)[0]
-            acts_val = token_activations(model, tok, [t for t, _ in val], layers)[0]
-            acts_label, tokens = token_activations(model, tok, [t for t, _ in label], layers)
-            concepts = np.asarray([c for _, c in label], dtype=np.int64)[tokens["doc"]]
-            (path / key).mkdir()
-            (path / key / "config.json").write_text(json.dumps({
-                "model": wm.name, "sae": {"activation": "topk", "expansion_factor": config.expansion, "k": config.k},
-                "batch_size": config.batch_tokens, "loss_fn": "fvu", "optimizer": "adam", "lr": config.lr,
-                "auxk_alpha": config.auxk_alpha, "dead_feature_threshold": config.dead_tokens,
-                "hookpoints": [hookpoint(wm.architecture, L) for L in layers], "init_seeds": [config.seed],
-                "run_name": f"conceptworld {world.name} {key}",
-            }, indent=2), encoding="utf-8")
-            for L in layers:
-                hp = hookpoint(wm.architecture, L)
-                t = time.perf_counter()
-                bar = progress_bar(total=config.steps, desc=f"SAE {key} {hp}", unit="step", quiet=quiet)
-                sae, metrics = train_sae(acts_train[L], acts_val[L], config,
-                                         seed=world.seed * 1000 + MODEL_KEYS.index(key) * 100 + L,
-                                         on_step=bar.update)
-                bar.close()
-                folder = path / key / hp
-                sae.save_to_disk(folder)
-                top_acts, top_idx = encode(sae, acts_label[L])
-                gt = latent_ground_truth(top_acts, top_idx, sae.num_latents, concepts, tokens["word"],
-                                         world.concepts)
-                (folder / GROUND_TRUTH).write_text(json.dumps(gt, indent=1), encoding="utf-8")
-                metrics["train_s"] = round(time.perf_counter() - t, 2)
-                metrics["ground_truth"] = gt["summary"]
-                entries.append({"key": key, "model": wm.name, "layer": L, "folder": f"{key}/{hp}",
-                                "n_latents": sae.num_latents, "k": config.k, "metrics": metrics})
+    for key in dict.fromkeys(k for k, _ in sites):
+        entries += _train_sites(path, world, config, key, [L for k, L in sites if k == key], quiet)
     manifest = {"format": SAE_FORMAT, "fingerprint": fp, "world": world.fingerprint, "config": config.to_dict(),
                 "saes": entries, "library": _library_version(), "total_s": round(time.perf_counter() - t0, 2)}
     tmp = path / (SAE_MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     os.replace(tmp, path / SAE_MANIFEST)
+
+
+def _train_sites(path: Path, world: World, config: SAEConfig, key: str, layers: Sequence[int], quiet: bool
+                 ) -> list[dict]:
+    """Train the SAEs of world model ``key`` at ``layers`` into ``path/<key>/<hookpoint>`` (sparsify's
+    layout, with each latent's ground truth); returns their manifest entries. Each SAE depends only on
+    the world, ``config``, the model and its layer (its seed and its training tokens), never on which
+    other layers are trained with it."""
+    from engine.progress import progress as progress_bar
+    from engine.world.ground_truth import latent_ground_truth
+    from engine.world.pipeline import reproducible
+
+    train, val, label = _splits(world, config)
+    entries = []
+    with reproducible():
+        wm = world.model(key)
+        model, tok = wm.load()
+        acts_train = token_activations(model, tok, [t for t, _ in train], layers)[0]
+        acts_val = token_activations(model, tok, [t for t, _ in val], layers)[0]
+        acts_label, tokens = token_activations(model, tok, [t for t, _ in label], layers)
+        concepts = np.asarray([c for _, c in label], dtype=np.int64)[tokens["doc"]]
+        (path / key).mkdir()
+        (path / key / "config.json").write_text(json.dumps({
+            "model": wm.name, "sae": {"activation": "topk", "expansion_factor": config.expansion, "k": config.k},
+            "batch_size": config.batch_tokens, "loss_fn": "fvu", "optimizer": "adam", "lr": config.lr,
+            "auxk_alpha": config.auxk_alpha, "dead_feature_threshold": config.dead_tokens,
+            "hookpoints": [hookpoint(wm.architecture, L) for L in layers], "init_seeds": [config.seed],
+            "run_name": f"conceptworld {world.name} {key}",
+        }, indent=2), encoding="utf-8")
+        for L in layers:
+            hp = hookpoint(wm.architecture, L)
+            t = time.perf_counter()
+            bar = progress_bar(total=config.steps, desc=f"SAE {key} {hp}", unit="step", quiet=quiet)
+            sae, metrics = train_sae(acts_train[L], acts_val[L], config,
+                                     seed=world.seed * 1000 + MODEL_KEYS.index(key) * 100 + L,
+                                     on_step=bar.update)
+            bar.close()
+            folder = path / key / hp
+            sae.save_to_disk(folder)
+            top_acts, top_idx = encode(sae, acts_label[L])
+            gt = latent_ground_truth(top_acts, top_idx, sae.num_latents, concepts, tokens["word"],
+                                     world.concepts)
+            (folder / GROUND_TRUTH).write_text(json.dumps(gt, indent=1), encoding="utf-8")
+            metrics["train_s"] = round(time.perf_counter() - t, 2)
+            metrics["ground_truth"] = gt["summary"]
+            entries.append({"key": key, "model": wm.name, "layer": L, "folder": f"{key}/{hp}",
+                            "n_latents": sae.num_latents, "k": config.k, "metrics": metrics})
+    return entries
 
 
 def _library_version() -> str:

@@ -17,10 +17,11 @@ from engine.errors import FormatError
 from engine.labelling.sources import FeatureSource, make_source
 from engine.steering.native import NativeSource
 from engine.store.store import Store
+from engine.world.config import SIZES
 from engine.world.locate import find_world, world_of_model
 
 SCHEME = "native"
-_WORLD_MODEL = re.compile(r"^world-(tiny|small)(?:-s(\d+))?-")
+_WORLD_MODEL = re.compile(rf"^world-({'|'.join(SIZES)})(?:-s(\d+))?-")
 
 
 def open_native(spec: str, store: Store | None, amap: AlignmentMap | None) -> FeatureSource:
@@ -44,8 +45,8 @@ def _native_world(spec: str, subject_model: str) -> tuple[str, int]:
             "native: works for maps of world subjects (e.g. world-small-subject_a)"
         )
     size = parts[0] if parts else m.group(1)  # type: ignore[union-attr]
-    if size not in ("tiny", "small") or len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
-        raise FormatError(f"{spec}: write native:, native:SIZE or native:SIZE:SEED (SIZE tiny or small)")
+    if size not in SIZES or len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+        raise FormatError(f"{spec}: write native:, native:SIZE or native:SIZE:SEED (SIZE {', '.join(SIZES)})")
     seed = int(parts[1]) if len(parts) == 2 else int(m.group(2) or 0) if m else 0
     return size, seed
 

@@ -8,7 +8,8 @@ are labelled through a map exactly as a user does, ``atlas label MAP --features 
 checkpoint). Both SAEs carry ground-truth labels (`engine.world.ground_truth`): a latent's label
 is right when its atlas hit has the same ground truth (same topic, or same word).
 
-Per subject × pairing × method (× layer: the subject SAE's layer):
+Per subject × layer × pairing × method (layer: the subject block whose SAE is labelled; every
+block by default, SAEs beyond the world's default-layer ones trained on first use):
 
 - ``top1`` / ``top5``: share of labelled subject latents whose first hit (any of the first five)
   has their ground-truth label; ``mrr``: mean 1/rank of the first such hit among the first
@@ -21,7 +22,7 @@ Per subject × pairing × method (× layer: the subject SAE's layer):
 
 Maps are fitted from one pass over ``MAX_DOCS`` of the world's training documents per subject (every pairing
 the tokenizers allow), each method from the same statistics (`PairedStats.fit`), saved as
-``eval-sae.<subject>.<pairing>.<method>`` and used through the store like any map.
+``eval-sae.<subject>.L<layer>.<pairing>.<method>`` and used through the store like any map.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from engine.align.fit import accumulate_pairs
 from engine.align.map import AlignmentMap, MapSites
 from engine.align.methods import get_method
 from engine.align.pairing import PairingConfig
+from engine.errors import ShapeError
 from engine.models.hooks import Site
 from engine.models.loading import tokenizer_fingerprint
 from engine.store.store import Store
@@ -117,20 +119,26 @@ def evaluate_sae_labelling(store: Store, size: str = "small", seed: int = 0,
                            methods: Sequence[str] = ("procrustes", "ridge", "correlation"),
                            pairings: Sequence[str] | None = None, subjects: Sequence[str] = SUBJECT_KEYS,
                            max_pairs: int | None = None, max_docs: int | None = MAX_DOCS, quiet: bool = False,
-                           device: str = "cpu", dtype: str = "float32") -> list[SAELabellingRow]:
+                           device: str = "cpu", dtype: str = "float32",
+                           layers: Sequence[int] | None = None) -> list[SAELabellingRow]:
     """Score labelling each subject SAE through maps onto ``world-<size>-sae``; see the module docstring.
 
-    Maps are fitted on the first ``max_docs`` of the world's map-fitting texts (all: None), with
-    their validation texts whole.
+    ``layers``: the subject blocks whose SAEs are scored, the same for every subject (default:
+    every block of each subject; a layer a subject lacks is an error, before anything is
+    trained). A subject SAE at a layer the world's SAE stage did not train is trained on first
+    use and cached (`engine.world.sae.ensure_sae`). Maps are fitted on the first ``max_docs`` of
+    the world's map-fitting texts (all: None), with their validation texts whole; one pass per
+    subject gives every layer's maps.
     """
     from engine.labelling.export import iter_labels
     from engine.labelling.run import label_features
     from engine.models.loading import load_model
-    from engine.world.sae import build_saes, register_sae_atlas
+    from engine.world.sae import build_saes, ensure_sae, register_sae_atlas
 
     for m in methods:
         get_method(m)
     world = ensure_registered(store, size, seed)
+    wanted = {key: subject_layers(world, key, layers) for key in subjects}  # bad layers fail before any work
     saes = build_saes(world, progress=not quiet)
     register_sae_atlas(store, world, saes)
     atlas_sae = saes.get("foundation")
@@ -141,19 +149,20 @@ def evaluate_sae_labelling(store: Store, size: str = "small", seed: int = 0,
     rows: list[SAELabellingRow] = []
     for key in subjects:
         wm = world.model(key)
-        sub_sae = saes.get(key, wm.default_layer)
-        sub_keys = [e["key"] for e in sub_sae.ground_truth()]
-        L = sub_sae.layer
-        native = np.asarray(world.concept_directions(key, L))
+        sub_saes = {L: ensure_sae(world, saes, key, L, progress=not quiet) for L in wanted[key]}
+        sub_keys = {L: [e["key"] for e in s.ground_truth()] for L, s in sub_saes.items()}
         for p, method, amap in sae_maps(store, world, saes, key, pairings, methods, max_docs, quiet, device, dtype,
-                                        foundation=foundation, max_pairs=max_pairs):
+                                        foundation=foundation, max_pairs=max_pairs, layers=wanted[key]):
             assert amap.name is not None  # a stored map
+            L = amap.subject_layer
+            sub_sae = sub_saes[L]
             run = label_features(store, amap.name, str(sub_sae.path), k=K_HITS, name=f"{RUN_PREFIX}{amap.name}",
                                  overwrite=True, quiet=quiet)
             hits = np.full((run.n_features, K_HITS), -1, dtype=np.int64)
             for fl in iter_labels(store, run.name):
                 hits[fl.feature, : len(fl.hits)] = [h.ordinal for h in fl.hits]
-            s = score_hits(sub_keys, atlas_keys, hits)
+            s = score_hits(sub_keys[L], atlas_keys, hits)
+            native = np.asarray(world.concept_directions(key, L))
             cmrr = concept_retrieval_mrr(amap.map_directions(native), atlas_vectors, atlas_keys, names)
             rows.append(SAELabellingRow(
                 subject=wm.name, pairing=p, method=method, layer=L, map=amap.name, n=int(s["n"] or 0),
@@ -163,19 +172,34 @@ def evaluate_sae_labelling(store: Store, size: str = "small", seed: int = 0,
     return rows
 
 
+def subject_layers(world: Any, key: str, layers: Sequence[int] | None) -> list[int]:
+    """``layers`` checked against subject ``key``'s blocks (None: all of them, 0..n_layers-1)."""
+    wm = world.model(key)
+    if layers is None:
+        return list(range(wm.n_layers))
+    wanted = list(dict.fromkeys(int(v) for v in layers))
+    bad = [v for v in wanted if not 0 <= v < wm.n_layers]
+    if bad or not wanted:
+        raise ShapeError(f"layers {bad or '[]'} are out of range for {wm.name} "
+                         f"({wm.n_layers} layers: 0..{wm.n_layers - 1})")
+    return wanted
+
+
 def sae_maps(store: Store, world: Any, saes: Any, key: str, pairings: Sequence[str] | None, methods: Sequence[str],
              max_docs: int | None = MAX_DOCS, quiet: bool = False, device: str = "cpu", dtype: str = "float32",
-             foundation: Any = None, max_pairs: int | None = None) -> list[tuple[str, str, AlignmentMap]]:
-    """Maps of subject ``key`` at its SAE's layer onto ``world-<size>-sae``, one per pairing the
-    tokenizers allow (or of ``pairings``) and method, fitted from one pass over the first
-    ``max_docs`` map-fitting texts and stored as ``eval-sae.<subject>.<pairing>.<method>``
-    (replacing earlier ones). Returns ``(pairing, method, stored map)``."""
+             foundation: Any = None, max_pairs: int | None = None,
+             layers: Sequence[int] | None = None) -> list[tuple[str, str, AlignmentMap]]:
+    """Maps of subject ``key`` at ``layers`` (default: its SAE's layer, the default one) onto
+    ``world-<size>-sae``, one per layer, pairing the tokenizers allow (or of ``pairings``) and
+    method, fitted from one pass over the first ``max_docs`` map-fitting texts and stored as
+    ``eval-sae.<subject>.L<layer>.<pairing>.<method>`` (replacing earlier ones). Returns
+    ``(pairing, method, stored map)``, by layer, pairing, method."""
     from engine.models.loading import load_model
     from engine.world.sae import sae_atlas_name
 
     atlas = store.atlas(sae_atlas_name(world))
     wm = world.model(key)
-    L = saes.get(key, wm.default_layer).layer
+    Ls = [saes.get(key, wm.default_layer).layer] if layers is None else subject_layers(world, key, layers)
     foundation = foundation or load_model(world.foundation.path, device=device, dtype=dtype)
     sub = load_model(wm.path, device=device, dtype=dtype)
     same_tok = tokenizer_fingerprint(sub[1]) == tokenizer_fingerprint(foundation[1])
@@ -184,13 +208,14 @@ def sae_maps(store: Store, world: Any, saes: Any, key: str, pairings: Sequence[s
         return []
     train, val = world_texts(world)
     train = train[:max_docs] if max_docs else train
-    stats = accumulate_pairs(sub, foundation, train, val, Site((L,)), Site((atlas.layer,)),
+    stats = accumulate_pairs(sub, foundation, train, val, Site(tuple(Ls)), Site((atlas.layer,)),
                              PairingConfig(tuple(ps), max_pairs=max_pairs), quiet=quiet)
     out = []
-    for p in ps:
-        for method in methods:
-            sites = MapSites(wm.name, L, atlas.name, atlas.model, atlas.layer)
-            info = store.save_map(stats.fit(p, L, method, sites), f"{RUN_PREFIX}{wm.name}.{p}.{method}",
-                                  overwrite=True)
-            out.append((p, method, store.load_map(info.name)))
+    for L in Ls:
+        for p in ps:
+            for method in methods:
+                sites = MapSites(wm.name, L, atlas.name, atlas.model, atlas.layer)
+                info = store.save_map(stats.fit(p, L, method, sites), f"{RUN_PREFIX}{wm.name}.L{L}.{p}.{method}",
+                                      overwrite=True)
+                out.append((p, method, store.load_map(info.name)))
     return out
