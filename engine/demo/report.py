@@ -115,15 +115,21 @@ def _fig_steering(result: Any, path: Path) -> Path | None:
         if sel:
             ax.plot([r["strength"] for r in sel], [r["faithfulness"] for r in sel], marker="o",
                     label=f"{kind} (layer {sel[0]['layer']})")
+    return _save_strength_figure(plt, fig, ax, rows, f"ConceptWorld {result.size}: steering subject A", path, 8)
+
+
+def _save_strength_figure(plt: Any, fig: Any, ax: Any, rows: list[dict[str, Any]], title: str, path: Path,
+                          legend_size: int) -> Path:
+    """Finish a faithfulness-against-strength figure (the unsteered floor as a line, axes, legend) and save it."""
     base = next((r for r in rows if r["direction"] == "unsteered"), None)
     if base is not None:
         ax.axhline(base["faithfulness"], color="grey", linestyle=":", label="unsteered")
     ax.set_xlabel("strength (x typical residual norm)")
     ax.set_ylabel("faithfulness (neutral prompts)")
     ax.set_ylim(0, 1.05)
-    ax.set_title(f"ConceptWorld {result.size}: steering subject A")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=legend_size)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -150,19 +156,9 @@ def _fig_sae_steering(result: Any, path: Path) -> Path | None:
         ax.plot([r["strength"] for r in sel], [r["faithfulness"] for r in sel], marker="o",
                 linestyle="-" if (method or "").startswith("sae-") else "--",
                 label=f"{method or direction} (layer {layer})")
-    base = next((r for r in rows if r["direction"] == "unsteered"), None)
-    if base is not None:
-        ax.axhline(base["faithfulness"], color="grey", linestyle=":", label="unsteered")
-    ax.set_xlabel("strength (x typical residual norm)")
-    ax.set_ylabel("faithfulness (neutral prompts)")
-    ax.set_ylim(0, 1.05)
-    ax.set_title(f"ConceptWorld {result.size}: steering subject A with SAE latents vs topic means")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_strength_figure(plt, fig, ax, rows,
+                                 f"ConceptWorld {result.size}: steering subject A with SAE latents vs topic means",
+                                 path, 7)
 
 
 def _sae_steering_section(result: Any) -> list[str]:
