@@ -20,7 +20,7 @@ def test_demo_tiny_writes_a_report_with_the_promised_figures(tiny_world, tmp_pat
     env = {**os.environ, "ATLAS_QUIET": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "engine.cli", "demo", "--size", "tiny", "--store", str(store), "--out", str(out),
-         "--json", "--real-weights"],
+         "--json", "--real-weights", "--quick"],  # --quick: the against-topic table on its small grid
         capture_output=True, text=True, env=env, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -33,6 +33,8 @@ def test_demo_tiny_writes_a_report_with_the_promised_figures(tiny_world, tmp_pat
     for section in ("## Retrieval", "## Bulk labelling", "### SAE latents", "## Text lookup", "## Steering subject A",
                     "Side by side", "### Steering against a topic", "### Steering with SAE latents"):
         assert section in report
+    assert "--quick`" in report and "(`--quick`: the small grid)" in report
+    assert {r["mode"] for r in result["against_topic"]["rows"] if r.get("mode")} == {"add"}
 
     # The world is learnable (issue: ConceptWorld gates for tiny).
     for gate in result["world"]["gates"]:

