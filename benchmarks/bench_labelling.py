@@ -24,13 +24,13 @@ does not use::
     python benchmarks/bench_labelling.py --structured --concepts 1000000 --features 1000000 -k 10 \
         --no-bare --batch 65536 --spec "HNSW32|efSearch=128" --sweep 64,128,256
 
-At 1M the atlas's index is built once (on two cores an HNSW32 build takes most of an hour) by
+At 1M the atlas's index is built once (an HNSW32 build took 683 s on two shared cores) by
 `bench_import_scale.py --keep`, which reports its build time and RAM; ``--store``/``--atlas`` then
 label against that atlas (its SAE-like base is regenerated from the same seed)::
 
     python benchmarks/bench_import_scale.py --n 1000000 --spec HNSW32 --work /tmp/big1m --keep
     python benchmarks/bench_labelling.py --structured --store /tmp/big1m/store --atlas big \
-        --features 1000000 -k 10 --no-bare --batch 65536 --sweep 64,128,256 --ef 128
+        --features 1000000 -k 10 --no-bare --batch 65536 --sweep 256,512 --recall-sample 2000
 
 ``bare`` is timed before and after the run and averaged, because the machine is shared; the run
 is also split from inside (time in the index's search vs the rest), two figures taken in one
