@@ -211,6 +211,16 @@ def _sae_of(root: Path, entry: dict, reused: bool) -> WorldSAE:
                     n_latents=entry["n_latents"], k=entry["k"], metrics=entry["metrics"], reused=reused)
 
 
+def check_layers(wm: Any, layers: Sequence[int]) -> list[int]:
+    """``layers`` of world model ``wm`` without repeats, each a block it has; `ShapeError` otherwise."""
+    wanted = list(dict.fromkeys(int(v) for v in layers))
+    bad = [v for v in wanted if not 0 <= v < wm.n_layers]
+    if bad or not wanted:
+        raise ShapeError(f"layers {bad or '[]'} are out of range for {wm.name} "
+                         f"({wm.n_layers} layers: 0..{wm.n_layers - 1})")
+    return wanted
+
+
 def ensure_sae(world: World, saes: WorldSAEs, key: str, layer: int, progress: bool = True) -> WorldSAE:
     """The SAE of world model ``key`` at block ``layer`` (``resid_post``), trained on first use.
 
@@ -224,8 +234,9 @@ def ensure_sae(world: World, saes: WorldSAEs, key: str, layer: int, progress: bo
     still a complete sparsify checkpoint (`atlas import-sae`, `atlas label --features`).
     """
     wm = world.model(key)
-    if not (isinstance(layer, int) and 0 <= layer < wm.n_layers):
-        raise ShapeError(f"layer {layer} is out of range for {wm.name} ({wm.n_layers} layers: 0..{wm.n_layers - 1})")
+    if not isinstance(layer, int):
+        raise ShapeError(f"layer {layer!r} is not a block number of {wm.name}")
+    check_layers(wm, [layer])
     for s in saes.saes:
         if s.key == key and s.layer == layer:
             return s

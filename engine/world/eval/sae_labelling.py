@@ -37,7 +37,6 @@ from engine.align.fit import accumulate_pairs
 from engine.align.map import AlignmentMap, MapSites
 from engine.align.methods import get_method
 from engine.align.pairing import PairingConfig
-from engine.errors import ShapeError
 from engine.models.hooks import Site
 from engine.models.loading import tokenizer_fingerprint
 from engine.store.store import Store
@@ -151,6 +150,7 @@ def evaluate_sae_labelling(store: Store, size: str = "small", seed: int = 0,
         wm = world.model(key)
         sub_saes = {L: ensure_sae(world, saes, key, L, progress=not quiet) for L in wanted[key]}
         sub_keys = {L: [e["key"] for e in s.ground_truth()] for L, s in sub_saes.items()}
+        natives = {L: np.asarray(world.concept_directions(key, L)) for L in sub_saes}
         for p, method, amap in sae_maps(store, world, saes, key, pairings, methods, max_docs, quiet, device, dtype,
                                         foundation=foundation, max_pairs=max_pairs, layers=wanted[key]):
             assert amap.name is not None  # a stored map
@@ -162,8 +162,7 @@ def evaluate_sae_labelling(store: Store, size: str = "small", seed: int = 0,
             for fl in iter_labels(store, run.name):
                 hits[fl.feature, : len(fl.hits)] = [h.ordinal for h in fl.hits]
             s = score_hits(sub_keys[L], atlas_keys, hits)
-            native = np.asarray(world.concept_directions(key, L))
-            cmrr = concept_retrieval_mrr(amap.map_directions(native), atlas_vectors, atlas_keys, names)
+            cmrr = concept_retrieval_mrr(amap.map_directions(natives[L]), atlas_vectors, atlas_keys, names)
             rows.append(SAELabellingRow(
                 subject=wm.name, pairing=p, method=method, layer=L, map=amap.name, n=int(s["n"] or 0),
                 n_latents=sub_sae.n_latents, top1=float(s["top1"] or 0), top5=float(s["top5"] or 0),
@@ -174,15 +173,10 @@ def evaluate_sae_labelling(store: Store, size: str = "small", seed: int = 0,
 
 def subject_layers(world: Any, key: str, layers: Sequence[int] | None) -> list[int]:
     """``layers`` checked against subject ``key``'s blocks (None: all of them, 0..n_layers-1)."""
+    from engine.world.sae import check_layers
+
     wm = world.model(key)
-    if layers is None:
-        return list(range(wm.n_layers))
-    wanted = list(dict.fromkeys(int(v) for v in layers))
-    bad = [v for v in wanted if not 0 <= v < wm.n_layers]
-    if bad or not wanted:
-        raise ShapeError(f"layers {bad or '[]'} are out of range for {wm.name} "
-                         f"({wm.n_layers} layers: 0..{wm.n_layers - 1})")
-    return wanted
+    return list(range(wm.n_layers)) if layers is None else check_layers(wm, layers)
 
 
 def sae_maps(store: Store, world: Any, saes: Any, key: str, pairings: Sequence[str] | None, methods: Sequence[str],
