@@ -125,6 +125,10 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def index_file_gb(store: Store, atlas: str) -> float:
+    return (store.path / store.atlas_files(atlas)["index"]).stat().st_size / 2**30
+
+
 def bare_search(index, queries: np.ndarray, k: int, batch: int) -> float:
     t0 = time.perf_counter()
     for lo in range(0, len(queries), batch):
@@ -174,7 +178,7 @@ def main() -> None:
                 q, _ = np.linalg.qr(rng.normal(size=(args.d_atlas, args.d_subject)))
                 w = q.T.astype(np.float32)
             t_build = build_rss = float("nan")
-            index_gb = (store.path / store.atlas_files(atlas_name)["index"]).stat().st_size / 2**30
+            index_gb = index_file_gb(store, atlas_name)
             print(f"atlas {args.concepts}x{args.d_atlas} {args.spec} from {store_dir}: index file {index_gb:.2f} GB "
                   "(its build: bench_import_scale.py)", flush=True)
         else:
@@ -190,7 +194,7 @@ def main() -> None:
                             layer=12, index_spec=args.spec)
             t_build = time.perf_counter() - t0
             build_rss = peak_rss_gb()
-            index_gb = (store.path / store.atlas_files(atlas_name)["index"]).stat().st_size / 2**30
+            index_gb = index_file_gb(store, atlas_name)
             print(f"atlas {args.concepts}x{args.d_atlas} {args.spec}: imported and indexed in {t_build:.0f}s, "
                   f"peak RSS {build_rss:.2f} GB, index file {index_gb:.2f} GB", flush=True)
         t0 = time.perf_counter()
