@@ -18,6 +18,7 @@ from scipy.optimize import linear_sum_assignment
 
 from engine.align.stats import SufficientStats
 from engine.errors import BadValueError
+from engine.registry import Registry
 
 
 @dataclass
@@ -42,26 +43,21 @@ class AlignMethod:
     needs_heldout: bool = False
 
 
-METHODS: dict[str, AlignMethod] = {}
+METHODS: Registry[AlignMethod] = Registry("alignment method")
 
 
 def register_method(name: str, description: str, needs_heldout: bool = False) -> Callable[[FitFn], FitFn]:
     """Register ``fn(train, heldout, **params) -> LinearFit`` under ``name`` (once)."""
 
     def deco(fn: FitFn) -> FitFn:
-        if name in METHODS:
-            raise ValueError(f"alignment method {name!r} is already registered")
-        METHODS[name] = AlignMethod(name, fn, description, needs_heldout)
+        METHODS.add(name, AlignMethod(name, fn, description, needs_heldout))
         return fn
 
     return deco
 
 
 def get_method(name: str) -> AlignMethod:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise BadValueError(f"unknown alignment method {name!r}; known: {', '.join(sorted(METHODS))}") from None
+    return METHODS.lookup(name)
 
 
 # ----------------------------------------------------------------------------- held-out error
