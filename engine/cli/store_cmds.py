@@ -312,7 +312,7 @@ def import_means(corpus: Path, name: str, model: str, layer: int, hook: str, kin
     an atlas site this way, without an SAE.
     """
     from engine.align.corpus import read_labelled_corpus
-    from engine.models.concepts import import_means as run_import
+    from engine.models.class_means import import_means as run_import
 
     quiet_transformers()
     store = open_store(store_dir, db_url)
