@@ -48,9 +48,9 @@ _COMMAND_MODULES = [
     "engine.cli.label_cmds",
     "engine.cli.contexts_cmds",
     "engine.cli.steer_cmds",
-    "engine.cli.demo_cmds",
-    "engine.cli.world_cmds",
-    "engine.cli.eval_cmds",
+    "engine.cli.plugins.demo",
+    "engine.cli.plugins.world",
+    "engine.cli.plugins.eval",
     "engine.cli.serve_cmds",
 ]
 
