@@ -18,6 +18,7 @@ from engine.cli.common import (
     quiet_transformers,
     ray_options,
     store_options,
+    world_options,
 )
 
 MAP_COLUMNS = ["name", "subject_model", "subject_layer", "atlas", "method", "pairing", "n_pairs", "heldout_r2",
@@ -40,8 +41,7 @@ def register(cli: click.Group) -> None:
 @click.option("--corpus", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Text corpus: one document per line, or JSONL with a 'text' field. A tenth is held out.")
 @click.option("--world", "use_world", is_flag=True, help="Use ConceptWorld's training documents (held-out split included).")
-@click.option("--size", type=click.Choice(["tiny", "small", "medium"]), default="tiny", show_default=True, help="World size (with --world).")
-@click.option("--seed", default=0, show_default=True, help="World seed (with --world).")
+@world_options(size_help="World size (with --world).", seed_help="World seed (with --world).")
 @click.option("--method", default="procrustes", show_default=True, help=f"Alignment method: {', '.join(METHOD_NAMES)}.")
 @click.option("--pairing", type=click.Choice(["auto", "token", "span", "text"]), default="auto", show_default=True,
               help="How subject and foundation activations are paired; auto = token with one tokenizer, else span.")
@@ -83,7 +83,7 @@ def align(subject, layer, layer_spec, atlas_name, corpus, use_world, size, seed,
     With --ray (or --ray-address) the corpus is cut into shards that Ray workers pass through the
     models; their statistics are summed into the same maps (not with --max-tokens).
     """
-    from engine.align.corpus import read_corpus
+    from engine.align.corpus import BUILTIN_CORPORA, read_corpus
     from engine.align.fit import align_layers
     from engine.align.pairing import PairingConfig
     from engine.models.hooks import Site, parse_layers
@@ -102,13 +102,12 @@ def align(subject, layer, layer_spec, atlas_name, corpus, use_world, size, seed,
     quiet_transformers()
     store = open_store(store_dir, db_url)
     if use_world:
-        from engine.world.locate import ensure_registered, world_texts
-
-        world = ensure_registered(store, size, seed)
-        texts, heldout = world_texts(world)
-        atlas_name = atlas_name or world.atlas_name
-        if subject.lower() in ("a", "b", "subject_a", "subject_b"):
-            subject = world.model("subject_" + subject.lower()[-1]).name
+        if "world" not in BUILTIN_CORPORA:
+            raise click.UsageError("--world needs ConceptWorld's plug-in (engine.world), which is not loaded")
+        builtin = BUILTIN_CORPORA["world"](store, size, seed)
+        texts, heldout = builtin.texts, builtin.heldout
+        atlas_name = atlas_name or builtin.atlas
+        subject = builtin.subjects.get(subject.lower(), subject)
     else:
         if not atlas_name:
             raise click.UsageError("--atlas is required (except with --world)")

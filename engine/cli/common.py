@@ -12,11 +12,13 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
 from engine.util import to_plain
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 DEFAULT_STORE = "./atlas-store"
 # The registered alignment methods, for help texts (the engine checks names; a test keeps this in step).
@@ -42,6 +44,22 @@ def store_options(f: Callable) -> Callable:
         help="Store directory (database, vectors, indexes, maps). Env: ATLAS_STORE.",
     )(f)
     return f
+
+
+WORLD_SIZES = ("tiny", "small", "medium")  # ConceptWorld's sizes (engine.world.config.SIZES; a test keeps them in step)
+
+
+def world_options(size: str = "tiny", *, sizes: Sequence[str] = WORLD_SIZES, size_help: str | None = None,
+                  seed_help: str = "World seed.") -> Callable[[F], F]:
+    """Add ``--size`` and ``--seed`` (the command receives ``size``, ``seed``): which ConceptWorld;
+    ``size`` is the default size."""
+
+    def deco(f: F) -> F:
+        f = click.option("--seed", type=int, default=0, show_default=True, help=seed_help)(f)
+        return click.option("--size", type=click.Choice(list(sizes)), default=size, show_default=True,
+                            help=size_help)(f)
+
+    return deco
 
 
 def json_option(f: Callable) -> Callable:

@@ -23,6 +23,7 @@ from engine.cli.common import (
     quiet_option,
     quiet_transformers,
     store_options,
+    world_options,
 )
 from engine.errors import BadValueError
 from engine.util import to_plain
@@ -45,8 +46,7 @@ RETRIEVAL_COLUMNS = ["subject", "pairing", "layer", "method", "mrr", "mpp", "top
 @click.command("retrieval")
 @click.option("--world", "use_world", is_flag=True, required=True,
               help="Evaluate on ConceptWorld (the only ground truth the engine ships).")
-@click.option("--size", type=click.Choice(["tiny", "small", "medium"]), default="tiny", show_default=True)
-@click.option("--seed", default=0, show_default=True, help="World seed.")
+@world_options("tiny")
 @click.option("--methods", "-m", multiple=True, callback=comma_list(),
               help=f"Methods to compare, e.g. procrustes,ridge (default: {','.join(METHOD_NAMES)}).")
 @click.option("--layers", "-l", multiple=True, callback=comma_list(int, LAYER_LIST), help="Subject layers (default: all).")
@@ -99,8 +99,7 @@ def eval_retrieval(use_world, size, seed, methods, layers, pairings, subjects, m
 @click.command("labelling")
 @click.option("--world", "use_world", is_flag=True, required=True,
               help="Evaluate on ConceptWorld (the only ground truth the engine ships).")
-@click.option("--size", type=click.Choice(["tiny", "small", "medium"]), default="small", show_default=True)
-@click.option("--seed", default=0, show_default=True, help="World seed.")
+@world_options("small")
 @click.option("--map", "map_names", multiple=True, help="Only these maps (default: every map on the world atlas).")
 @click.option("--features", "features", type=click.Choice(["all", "native", "sae"]), default="all", show_default=True,
               help="native: each subject's concept directions through its maps; sae: each subject SAE's latents "
@@ -180,8 +179,7 @@ def eval_labelling(use_world: bool, size: str, seed: int, map_names, features: s
 @click.command("steering")
 @click.option("--world", "use_world", is_flag=True, required=True,
               help="Evaluate on ConceptWorld (the only ground truth the engine ships).")
-@click.option("--size", type=click.Choice(["tiny", "small", "medium"]), default="small", show_default=True)
-@click.option("--seed", default=0, show_default=True, help="World seed.")
+@world_options("small")
 @click.option("--subject", type=click.Choice(["a", "b"]), default="a", show_default=True,
               help="World subject: a (Llama, the foundation's tokenizer) or b (GPT-NeoX, its own BPE).")
 @click.option("--strengths", multiple=True, callback=comma_list(float, "numbers like 1 or 0.5,1,2"),

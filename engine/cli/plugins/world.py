@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from engine.cli.common import json_option, print_json, print_table, quiet_option, store_options
+import engine.world  # noqa: F401  (installs ConceptWorld's plug-in into the core's registries)
+from engine.cli.common import json_option, print_json, print_table, quiet_option, store_options, world_options
 
 
 def register(cli: click.Group) -> None:
@@ -29,11 +30,10 @@ def _open_or_init(store_dir: Path, db_url: str | None):
 
 
 @world.command("build")
-@click.option("--size", type=click.Choice(["tiny", "small", "medium"]), default="tiny", show_default=True,
-              help="tiny: 10 concepts, trains in about a minute (tests); small: 32 concepts, minutes (demo); "
-                   "medium: 128 concepts, two-topic documents and shared member words (a harder benchmark; "
-                   "~15 CPU-minutes of training).")
-@click.option("--seed", default=0, show_default=True, help="World seed: same seed, same world.")
+@world_options(size_help="tiny: 10 concepts, trains in about a minute (tests); small: 32 concepts, minutes (demo); "
+                         "medium: 128 concepts, two-topic documents and shared member words (a harder benchmark; "
+                         "~15 CPU-minutes of training).",
+               seed_help="World seed: same seed, same world.")
 @click.option("--replace-atlas", is_flag=True, help="Re-register the world atlas even if the store has one.")
 @click.option("--sae/--no-sae", "with_sae", default=True, show_default=True,
               help="Also train (or reuse) the world's sparse autoencoders, label their latents with ground truth "
@@ -138,8 +138,7 @@ def _build_saes(store, w, replace: bool) -> dict:
 
 
 @world.command("corpus")
-@click.option("--size", type=click.Choice(["tiny", "small", "medium"]), default="tiny", show_default=True)
-@click.option("--seed", default=0, show_default=True, help="World seed.")
+@world_options()
 @click.option("--split", type=click.Choice(["train", "heldout"]), default="train", show_default=True,
               help="train: the documents maps are fitted on; heldout: the ones that define the concept directions.")
 @click.option("--labelled", is_flag=True, help="JSONL with text, label and description (for import-means); "
