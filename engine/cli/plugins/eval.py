@@ -7,7 +7,10 @@ print their rows.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -27,6 +30,9 @@ from engine.cli.common import (
 )
 from engine.errors import BadValueError
 from engine.util import to_plain
+
+if TYPE_CHECKING:
+    from engine.align.evaluate import RetrievalRow
 
 
 @click.group("eval")
@@ -62,8 +68,7 @@ RETRIEVAL_COLUMNS = ["subject", "pairing", "layer", "method", "mrr", "mpp", "top
 @store_options
 @json_option
 @quiet_option
-def eval_retrieval(use_world, size, seed, methods, layers, pairings, subjects, max_tokens, subject_model, kind, device,
-                   dtype, store_dir, db_url, as_json):
+def eval_retrieval(store_dir: Path, db_url: str | None, as_json: bool, **options: Any) -> None:
     """Concept retrieval through fitted maps on ConceptWorld (docs/design.md §8).
 
     Maps are fitted on the world's training documents (hyper-parameters such as ridge's λ on its
@@ -74,18 +79,20 @@ def eval_retrieval(use_world, size, seed, methods, layers, pairings, subjects, m
     """
     from engine.world.eval.retrieval import evaluate_model_retrieval, evaluate_world_retrieval
 
-    methods = methods or list(METHOD_NAMES)
+    o = RetrievalOptions(**options)
+    methods = o.methods or list(METHOD_NAMES)
     quiet_transformers()
-    if subject_model:
-        if subjects:
+    rows: Sequence[RetrievalRow]
+    if o.subject_model:
+        if o.subjects:
             raise click.UsageError("give --subjects (world subjects) or --subject-model, not both")
-        rows = evaluate_model_retrieval(open_store(store_dir, db_url), subject_model, size=size, seed=seed,
-                                        methods=methods, layers=layers, pairings=pairings, max_pairs=max_tokens,
-                                        kind=kind, device=device, dtype=dtype)
+        rows = evaluate_model_retrieval(open_store(store_dir, db_url), o.subject_model, size=o.size, seed=o.seed,
+                                        methods=methods, layers=o.layers, pairings=o.pairings, max_pairs=o.max_tokens,
+                                        kind=o.kind, device=o.device, dtype=o.dtype)
     else:
-        rows = evaluate_world_retrieval(open_store(store_dir, db_url), size=size, seed=seed, methods=methods,
-                                        layers=layers, pairings=pairings, subjects=subjects, max_pairs=max_tokens,
-                                        device=device, dtype=dtype)
+        rows = evaluate_world_retrieval(open_store(store_dir, db_url), size=o.size, seed=o.seed, methods=methods,
+                                        layers=o.layers, pairings=o.pairings, subjects=o.subjects,
+                                        max_pairs=o.max_tokens, device=o.device, dtype=o.dtype)
     if as_json:
         print_json([{"subject": r.subject, "method": r.method, "pairing": r.pairing, "layer": r.layer,
                      "mrr": r.mrr, "mpp": r.mpp, "top1": r.top1, "top5": r.top5, "n_queries": r.n_queries,
@@ -94,6 +101,24 @@ def eval_retrieval(use_world, size, seed, methods, layers, pairings, subjects, m
     emit(rows, False, RETRIEVAL_COLUMNS)
     click.echo("\nMRR = mean 1/rank of the true concept among all atlas concepts by cosine (ties count "
                "against); MPP = mean (rank-1)/(N-1), 0 perfect, 0.5 chance.")
+
+
+@dataclass(frozen=True)
+class RetrievalOptions:
+    """The options of `atlas eval retrieval`, as click passes them."""
+
+    use_world: bool
+    size: str
+    seed: int
+    methods: list[str] | None
+    layers: list[int] | None
+    pairings: list[str] | None
+    subjects: list[str] | None
+    max_tokens: int | None
+    subject_model: str | None
+    kind: str | None
+    device: str
+    dtype: str
 
 
 @click.command("labelling")
@@ -115,9 +140,7 @@ def eval_retrieval(use_world, size, seed, methods, layers, pairings, subjects, m
 @store_options
 @json_option
 @quiet_option
-def eval_labelling(use_world: bool, size: str, seed: int, map_names, features: str, methods, max_docs: int,
-                   layers, device: str,
-                   dtype: str, store_dir: Path, db_url, as_json: bool) -> None:
+def eval_labelling(store_dir: Path, db_url: str | None, as_json: bool, **options: Any) -> None:
     """Labelling accuracy on ConceptWorld: native concept directions and SAE latents, through maps.
 
     native: the features are the subject model's own concept directions (centred topic means);
@@ -142,6 +165,9 @@ def eval_labelling(use_world: bool, size: str, seed: int, map_names, features: s
     from engine.align.methods import get_method
     from engine.world.build import world_name
 
+    o = LabellingOptions(**options)
+    size, seed, map_names, features, methods, layers = o.size, o.seed, o.map_names, o.features, o.methods, o.layers
+    device, dtype = o.device, o.dtype
     method_list = list(methods or METHOD_NAMES)
     for m in method_list:
         get_method(m)  # an unknown name fails before any world is built
@@ -151,14 +177,14 @@ def eval_labelling(use_world: bool, size: str, seed: int, map_names, features: s
         raise BadValueError("--layers selects the SAE table's layers; the native table uses the maps of --map "
                             "(use --features sae or all)")
     store = open_store(store_dir, db_url)
-    rows: list = []
+    rows: list[dict[str, Any]] = []
     if features in ("all", "native"):
         rows += [{"features": "native", **dataclasses.asdict(r)} for r in evaluate_world_labelling(
             store, size=size, seed=seed, maps=list(map_names) or None, device=device, dtype=dtype)]
     sae_rows = []
     if features in ("all", "sae"):
         sae_rows = [dataclasses.asdict(r) for r in evaluate_sae_labelling(
-            store, size=size, seed=seed, methods=method_list, max_docs=max_docs, device=device, dtype=dtype,
+            store, size=size, seed=seed, methods=method_list, max_docs=o.max_docs, device=device, dtype=dtype,
             layers=list(layers) if layers else None)]
     if as_json:
         print_json(rows + sae_rows)
@@ -174,6 +200,22 @@ def eval_labelling(use_world: bool, size: str, seed: int, map_names, features: s
         click.echo("\nn = subject latents with a ground-truth label (topic or word); top1/top5/mrr: their atlas hits "
                    "with the same label; chance_top1: a random atlas latent; concept_mrr: a concept's atlas topic "
                    "latents found from the subject's mapped concept direction.")
+
+
+@dataclass(frozen=True)
+class LabellingOptions:
+    """The options of `atlas eval labelling`, as click passes them."""
+
+    use_world: bool
+    size: str
+    seed: int
+    map_names: tuple[str, ...]
+    features: str
+    methods: list[str] | None
+    max_docs: int
+    layers: list[int] | None
+    device: str
+    dtype: str
 
 
 @click.command("steering")
@@ -208,10 +250,7 @@ def eval_labelling(use_world: bool, size: str, seed: int, map_names, features: s
 @store_options
 @json_option
 @quiet_option
-def eval_steering(use_world: bool, size: str, seed: int, subject: str, strengths, layers, map_name,
-                  max_new_tokens: int, with_sae: bool, against_topic: bool, modes, positions_, against_strengths,
-                  against_prompts: int, device: str,
-                  dtype: str, store_dir: Path, db_url, as_json: bool) -> None:
+def eval_steering(store_dir: Path, db_url: str | None, as_json: bool, **options: Any) -> None:
     """Steering faithfulness on ConceptWorld: unsteered, transferred and native directions.
 
     Faithfulness (docs/design.md §8): the share of (concept, neutral prompt) trials whose greedy
@@ -240,23 +279,26 @@ def eval_steering(use_world: bool, size: str, seed: int, subject: str, strengths
     from engine.world.eval.against_topic import evaluate_world_against_topic
     from engine.world.eval.steering import evaluate_world_steering
 
-    modes, positions_ = modes or ["add", "clamp"], positions_ or ["all", "new"]
-    against_strengths = against_strengths or list(DEFAULT_STRENGTHS)
+    o = SteeringEvalOptions(**options)
+    size, seed, subject, strengths, layers = o.size, o.seed, o.subject, o.strengths, o.layers
+    max_new_tokens, device, dtype = o.max_new_tokens, o.device, o.dtype
+    modes, positions_ = o.modes or ["add", "clamp"], o.positions_ or ["all", "new"]
+    against_strengths = o.against_strengths or list(DEFAULT_STRENGTHS)
     check_options(modes, positions_, against_strengths)
     quiet_transformers()
     store = open_store(store_dir, db_url)
     report = evaluate_world_steering(store, size=size, seed=seed, subject=subject,
-                                     strengths=strengths, layers=layers, map_name=map_name,
+                                     strengths=strengths, layers=layers, map_name=o.map_name,
                                      max_new_tokens=max_new_tokens, device=device, dtype=dtype)
     against = None
-    if against_topic:
+    if o.against_topic:
         against = evaluate_world_against_topic(store, size=size, seed=seed, subject=subject, strengths=against_strengths,
                                                layers=layers, modes=modes, positions=positions_,
-                                               prompts_per_concept=against_prompts, max_new_tokens=max_new_tokens,
+                                               prompts_per_concept=o.against_prompts, max_new_tokens=max_new_tokens,
                                                device=device, dtype=dtype)
-    sae_rows: list[dict] = []
-    sae_info: dict = {}
-    if with_sae:
+    sae_rows: list[dict[str, Any]] = []
+    sae_info: dict[str, Any] = {}
+    if o.with_sae:
         from engine.world.eval.sae_steering import evaluate_sae_steering
 
         sae_report, sae_info = evaluate_sae_steering(store, size=size, seed=seed, subject=subject,
@@ -282,8 +324,30 @@ def eval_steering(use_world: bool, size: str, seed: int, subject: str, strengths
               "perplexity_alone", "n", "headline"])
         for line in against.summary:
             click.echo(line)
-    if with_sae:
+    if o.with_sae:
         click.echo(f"\nSAE latents vs topic means through the same maps ({sae_info['coverage']} of "
                    f"{sae_info['n_concepts']} concepts have a topic latent in the foundation SAE):")
         emit(sae_rows, False, ["direction", "prompts", "method", "layer", "strength", "faithfulness", "perplexity",
                                "n", "chosen_for_method"])
+
+
+@dataclass(frozen=True)
+class SteeringEvalOptions:
+    """The options of `atlas eval steering`, as click passes them."""
+
+    use_world: bool
+    size: str
+    seed: int
+    subject: str
+    strengths: list[float] | None
+    layers: list[int] | None
+    map_name: str | None
+    max_new_tokens: int
+    with_sae: bool
+    against_topic: bool
+    modes: list[str] | None
+    positions_: list[str] | None
+    against_strengths: list[float] | None
+    against_prompts: int
+    device: str
+    dtype: str
