@@ -26,7 +26,7 @@ from engine.cli.common import (
 if TYPE_CHECKING:
     from engine.align.request import AlignRequest
     from engine.distributed import RayConfig
-    from engine.store.store import Store
+    from engine.store.store import MapInfo, Store
 
 MAP_COLUMNS = ["name", "subject_model", "subject_layer", "atlas", "method", "pairing", "n_pairs", "heldout_r2",
                "heldout_cosine"]
@@ -187,7 +187,7 @@ class AlignOptions:
         )
 
 
-def _layer_table(infos) -> None:
+def _layer_table(infos: list[MapInfo]) -> None:
     """One row per layer: the map and its held-out fit."""
     emit([{"layer": i.subject_layer, "map": i.name, "pairs": i.n_pairs,
            "heldout_r2": i.metrics.get("heldout_r2"), "heldout_r2_inverse": i.metrics.get("heldout_r2_inverse"),
@@ -196,7 +196,7 @@ def _layer_table(infos) -> None:
     click.echo(f"\n{len(infos)} maps from one pass; best held-out R2: layer {best.subject_layer} ({best.name})")
 
 
-def _show(info, as_json: bool) -> None:
+def _show(info: MapInfo, as_json: bool) -> None:
     if as_json:
         print_json(info)
         return
@@ -217,7 +217,7 @@ def _show(info, as_json: bool) -> None:
 @click.command()
 @store_options
 @json_option
-def maps(store_dir, db_url, as_json):
+def maps(store_dir: Path, db_url: str | None, as_json: bool) -> None:
     """List the alignment maps of the store."""
     rows = open_store(store_dir, db_url).maps()
     if as_json:
@@ -227,7 +227,7 @@ def maps(store_dir, db_url, as_json):
 
 
 @click.group("map")
-def map_group():
+def map_group() -> None:
     """Inspect or remove one alignment map."""
 
 
@@ -235,7 +235,7 @@ def map_group():
 @click.argument("map_name", metavar="MAP")
 @store_options
 @json_option
-def map_show(map_name, store_dir, db_url, as_json):
+def map_show(map_name: str, store_dir: Path, db_url: str | None, as_json: bool) -> None:
     """Show a map's provenance, parameters and fit metrics."""
     _show(open_store(store_dir, db_url).map_info(map_name), as_json)
 
@@ -245,7 +245,7 @@ def map_show(map_name, store_dir, db_url, as_json):
 @click.option("--cascade", is_flag=True, help="Also remove the labelling runs on MAP, with their labels.")
 @store_options
 @json_option
-def map_remove(map_name, cascade, store_dir, db_url, as_json):
+def map_remove(map_name: str, cascade: bool, store_dir: Path, db_url: str | None, as_json: bool) -> None:
     """Delete a map (its row, then its file).
 
     Refused while labelling runs use the map (the message names them), unless --cascade.

@@ -12,11 +12,15 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from engine.util import to_plain
+
+if TYPE_CHECKING:
+    from engine.distributed import RayConfig
+    from engine.store.store import Store
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -67,7 +71,7 @@ def json_option(f: Callable) -> Callable:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table (for scripts).")(f)
 
 
-def open_store(store_dir: Path, db_url: str | None):
+def open_store(store_dir: Path, db_url: str | None) -> Store:
     """Open an initialised store (errors become one-line CLI messages)."""
     from engine.store.store import Store
 
@@ -120,7 +124,7 @@ def quiet_option(f: Callable) -> Callable:
 
     @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
     @functools.wraps(f)
-    def wrapper(*args, quiet: bool = False, **kwargs):
+    def wrapper(*args: Any, quiet: bool = False, **kwargs: Any) -> Any:
         from engine.progress import set_quiet
 
         set_quiet(quiet or not sys.stderr.isatty() or bool(os.environ.get("ATLAS_QUIET")))
@@ -170,8 +174,8 @@ def ray_options(f: Callable) -> Callable:
                   help="Run on the Ray cluster at this address (ray://HOST:PORT or HOST:PORT; implies --ray). "
                        "Every node must reach the store folder at the same path (a shared filesystem).")
     @functools.wraps(f)
-    def wrapper(*args, use_ray: bool = False, ray_address: str | None = None, **kwargs):
-        config = None
+    def wrapper(*args: Any, use_ray: bool = False, ray_address: str | None = None, **kwargs: Any) -> Any:
+        config: RayConfig | None = None
         if use_ray or ray_address is not None:
             from engine.distributed import RayConfig
 

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 import engine.world  # noqa: F401  (installs ConceptWorld's plug-in into the core's registries)
 from engine.cli.common import json_option, print_json, print_table, quiet_option, store_options, world_options
+
+if TYPE_CHECKING:
+    from engine.store.store import Store
+    from engine.world.build import World
 
 
 def register(cli: click.Group) -> None:
@@ -19,7 +24,7 @@ def world() -> None:
     """ConceptWorld: the built-in world of small trained models with known concepts."""
 
 
-def _open_or_init(store_dir: Path, db_url: str | None):
+def _open_or_init(store_dir: Path, db_url: str | None) -> tuple[Store, bool]:
     """Open the store, creating it first when there is none yet (a fresh clone needs no `atlas init`)."""
     from engine.store import layout
     from engine.store.store import Store
@@ -62,7 +67,7 @@ def build(size: str, seed: int, replace_atlas: bool, with_sae: bool, store_dir: 
     reg = register_world(store, w, replace=replace_atlas)
     sae_info = _build_saes(store, w, replace_atlas) if with_sae else None
     report = w.report
-    result = {
+    result: dict[str, Any] = {
         "world": w.name,
         "size": w.size,
         "seed": w.seed,
@@ -123,7 +128,7 @@ def build(size: str, seed: int, replace_atlas: bool, with_sae: bool, store_dir: 
             click.echo(f"  {line}")
 
 
-def _build_saes(store, w, replace: bool) -> dict:
+def _build_saes(store: Store, w: World, replace: bool) -> dict[str, Any]:
     """Train or reuse the world's SAEs and register its SAE atlas; plain data for the report."""
     from engine.world.sae import build_saes, register_sae_atlas
 
