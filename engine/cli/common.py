@@ -151,6 +151,12 @@ def comma_list(kind: Callable[[str], Any] = str, expected: str = "values like a,
 LAYER_LIST = "layer numbers like 2 or 1,3"
 
 
+def layers_option(help: str) -> Callable[[F], F]:
+    """Add ``--layers``/``-l`` (repeatable, comma-separated layer numbers; the command receives
+    ``layers``: a list of ints, or None when not given)."""
+    return click.option("--layers", "-l", multiple=True, callback=comma_list(int, LAYER_LIST), help=help)
+
+
 def device_options(f: Callable) -> Callable:
     """Add ``--device`` and ``--dtype`` (the command receives ``device``, ``dtype``): where and in which
     precision models run (`engine.models.devices`; checked when a model is loaded)."""

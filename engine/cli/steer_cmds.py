@@ -11,11 +11,10 @@ import click
 import numpy as np
 
 from engine.cli.common import (
-    LAYER_LIST,
-    comma_list,
     device_options,
     emit,
     json_option,
+    layers_option,
     open_store,
     print_json,
     quiet_option,
@@ -71,8 +70,7 @@ def _plan(map_name: str | None, concepts: Sequence[str], plan_file: Path | None,
 @click.option("--strength", "-s", type=float, default=0.5, show_default=True,
               help="Strength in units of the subject site's typical residual norm (negative steers away); "
                    "`atlas eval steering` measures which strengths steer without breaking the text.")
-@click.option("--layers", "-l", multiple=True, callback=comma_list(int, LAYER_LIST),
-              help="Subject layer(s), e.g. 2 or 1,2 (default: the map's layer; others need their own maps).")
+@layers_option("Subject layer(s), e.g. 2 or 1,2 (default: the map's layer; others need their own maps).")
 @click.option("--mode", default="add", show_default=True,
               help="add: h += s·norm·u; clamp: set the projection of h on u to s·norm (or a registered mode).")
 @click.option("--positions", type=click.Choice(["all", "new"]), default="all", show_default=True,
@@ -179,8 +177,7 @@ class SteerOptions:
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path), help="File to write.")
 @click.option("--strength", "-s", type=float, default=0.5, show_default=True,
               help="Strength in units of the subject site's typical residual norm.")
-@click.option("--layers", "-l", multiple=True, callback=comma_list(int, LAYER_LIST),
-              help="Subject layer(s), e.g. 2 or 1,2 (default: the map's layer; others need their own maps).")
+@layers_option("Subject layer(s), e.g. 2 or 1,2 (default: the map's layer; others need their own maps).")
 @click.option("--combine", type=int, default=0, show_default=True,
               help="Average each concept with its K nearest atlas neighbours.")
 @store_options

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from engine.cli.common import (
-    LAYER_LIST,
     METHOD_NAMES,
     comma_list,
     device_options,
     emit,
     json_option,
+    layers_option,
     open_store,
     print_json,
     quiet_option,
@@ -46,16 +46,19 @@ def register(cli: click.Group) -> None:
         eval_group.add_command(command)
 
 
+# `atlas eval` needs --world: the world is the only ground truth the engine ships (the flag says so in scripts)
+on_world = click.option("--world", "use_world", is_flag=True, required=True,
+                        help="Evaluate on ConceptWorld (the only ground truth the engine ships).")
+
 RETRIEVAL_COLUMNS = ["subject", "pairing", "layer", "method", "mrr", "mpp", "top1", "top5", "n_queries", "n_pairs"]
 
 
 @click.command("retrieval")
-@click.option("--world", "use_world", is_flag=True, required=True,
-              help="Evaluate on ConceptWorld (the only ground truth the engine ships).")
+@on_world
 @world_options("tiny")
 @click.option("--methods", "-m", multiple=True, callback=comma_list(),
               help=f"Methods to compare, e.g. procrustes,ridge (default: {','.join(METHOD_NAMES)}).")
-@click.option("--layers", "-l", multiple=True, callback=comma_list(int, LAYER_LIST), help="Subject layers (default: all).")
+@layers_option("Subject layers (default: all).")
 @click.option("--pairings", multiple=True, callback=comma_list(),
               help="Pairings (default: token for subject A; span and text for subject B, whose tokenizer differs).")
 @click.option("--subjects", multiple=True, callback=comma_list(), help="Subjects: a, b (default: both).")
@@ -122,8 +125,7 @@ class RetrievalOptions:
 
 
 @click.command("labelling")
-@click.option("--world", "use_world", is_flag=True, required=True,
-              help="Evaluate on ConceptWorld (the only ground truth the engine ships).")
+@on_world
 @world_options("small")
 @click.option("--map", "map_names", multiple=True, help="Only these maps (default: every map on the world atlas).")
 @click.option("--features", "features", type=click.Choice(["all", "native", "sae"]), default="all", show_default=True,
@@ -133,9 +135,8 @@ class RetrievalOptions:
               help=f"Methods of the SAE table's maps (default: {','.join(METHOD_NAMES)}).")
 @click.option("--max-docs", type=click.IntRange(min=1), default=2000, show_default=True,
               help="Training documents the SAE table's maps are fitted on.")
-@click.option("--layers", "-l", multiple=True, callback=comma_list(int, LAYER_LIST),
-              help="Subject layers of the SAE table, e.g. 0,1 (default: every layer of each subject). An SAE at a "
-                   "layer the world was built without is trained on first use and cached.")
+@layers_option("Subject layers of the SAE table, e.g. 0,1 (default: every layer of each subject). An SAE at a "
+               "layer the world was built without is trained on first use and cached.")
 @device_options
 @store_options
 @json_option
@@ -219,15 +220,13 @@ class LabellingOptions:
 
 
 @click.command("steering")
-@click.option("--world", "use_world", is_flag=True, required=True,
-              help="Evaluate on ConceptWorld (the only ground truth the engine ships).")
+@on_world
 @world_options("small")
 @click.option("--subject", type=click.Choice(["a", "b"]), default="a", show_default=True,
               help="World subject: a (Llama, the foundation's tokenizer) or b (GPT-NeoX, its own BPE).")
 @click.option("--strengths", multiple=True, callback=comma_list(float, "numbers like 1 or 0.5,1,2"),
               help="Strengths (x typical residual norm) to sweep, e.g. 0.5,1,2 (default: 0.125,0.25,0.35,0.5,0.7,1,2).")
-@click.option("--layers", "-l", multiple=True, callback=comma_list(int, LAYER_LIST),
-              help="Subject layers to evaluate, e.g. 1,2 (default: every layer).")
+@layers_option("Subject layers to evaluate, e.g. 1,2 (default: every layer).")
 @click.option("--map", "map_name", help="Evaluate this map only (default: every map of the subject onto the "
                                         "world atlas; Procrustes and ridge maps are fitted where missing).")
 @click.option("--max-new-tokens", "-n", type=int, default=20, show_default=True)
