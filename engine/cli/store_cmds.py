@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -312,8 +313,7 @@ def gc(grace: float, dry_run: bool, store_dir: Path, db_url: str | None, as_json
 @store_options
 @json_option
 @quiet_option
-def import_means(corpus: Path, name: str, model: str, layer: int, hook: str, kind, batch_size: int, index_spec: str,
-                 index_uri, device: str, dtype: str, store_dir: Path, db_url: str | None, as_json: bool) -> None:
+def import_means(corpus: Path, name: str, store_dir: Path, db_url: str | None, as_json: bool, **options: Any) -> None:
     """Make an atlas of concept directions from a labelled CORPUS: one concept per label, its
     direction the mean residual of the label's texts at the site minus the mean over labels.
 
@@ -323,12 +323,14 @@ def import_means(corpus: Path, name: str, model: str, layer: int, hook: str, kin
     from engine.align.corpus import read_labelled_corpus
     from engine.models.class_means import import_means as run_import
 
+    o = MeansOptions(**options)
     quiet_transformers()
     store = open_store(store_dir, db_url)
-    check_index_uri(store, index_uri)
+    check_index_uri(store, o.index_uri)
     texts, labels, descriptions = read_labelled_corpus(corpus)
-    info = run_import(store, name, model, layer, texts, labels, descriptions, hook=hook, kind=kind,
-                      batch_size=batch_size, index_spec=index_spec, device=device, dtype=dtype, index_uri=index_uri)
+    info = run_import(store, name, o.model, o.layer, texts, labels, descriptions, hook=o.hook, kind=o.kind,
+                      batch_size=o.batch_size, index_spec=o.index_spec, device=o.device, dtype=o.dtype,
+                      index_uri=o.index_uri)
     if as_json:
         print_json(info)
     else:
@@ -336,6 +338,21 @@ def import_means(corpus: Path, name: str, model: str, layer: int, hook: str, kin
                    f"d={info.dim}, site {info.site}")
 
 
+
+
+@dataclass(frozen=True)
+class MeansOptions:
+    """The options of `atlas import-means` besides CORPUS, --name and the store, as click passes them."""
+
+    model: str
+    layer: int
+    hook: str
+    kind: ModelKind | None
+    batch_size: int
+    index_spec: str
+    index_uri: str | None
+    device: str
+    dtype: str
 
 # ---------------------------------------------------------------------- lookup
 
