@@ -15,6 +15,7 @@ import importlib
 import importlib.metadata
 import pkgutil
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import click
 
@@ -25,13 +26,13 @@ from engine.errors import AtlasError
 class AtlasGroup(click.Group):
     """A click group that turns `AtlasError` into a one-line message and exit code 1."""
 
-    def invoke(self, ctx: click.Context) -> object:
+    def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except AtlasError as e:
             raise click.ClickException(str(e)) from e
 
-    def group(self, *args: object, **kwargs: object) -> object:  # type: ignore[override]
+    def group(self, *args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("cls", AtlasGroup)
         return super().group(*args, **kwargs)
 
