@@ -35,6 +35,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.align.fit import align_layers  # noqa: E402
 from engine.align.map import AlignmentMap  # noqa: E402
 from engine.align.pairing import PairingConfig  # noqa: E402
+from engine.align.request import AlignRequest  # noqa: E402
 from engine.distributed import RayConfig  # noqa: E402
 from engine.labelling import run as labelling  # noqa: E402
 from engine.store import layout  # noqa: E402
@@ -76,11 +78,9 @@ def random_gpt2(folder: Path, tokenizer_from: Path, d: int, n_layers: int, seed:
 
 
 def align_case(store: Store, subject: str, atlas: str, texts, held, ray: RayConfig, tag: str, layers=None) -> dict:
-    config = PairingConfig(batch_size=16)
-    here, t_here = timed(lambda: align_layers(store, subject, layers, atlas, texts, held, config=config,
-                                              name=f"{tag}-here", quiet=True))
-    there, t_ray = timed(lambda: align_layers(store, subject, layers, atlas, texts, held, config=config,
-                                              name=f"{tag}-ray", quiet=True, ray=ray))
+    request = AlignRequest(subject, atlas, texts, held, layers, config=PairingConfig(batch_size=16))
+    here, t_here = timed(lambda: align_layers(store, replace(request, name=f"{tag}-here"), quiet=True))
+    there, t_ray = timed(lambda: align_layers(store, replace(request, name=f"{tag}-ray", ray=ray), quiet=True))
     diffs = [map_diff(store, h.name, t.name) for h, t in zip(here, there, strict=True)]
     out = {"in_process_s": t_here, "ray_s": t_ray, "speedup": t_here / t_ray, "maps": len(here),
            "pairs": here[0].n_pairs, "texts": len(texts) + len(held), "max_rel_frobenius_diff": max(diffs)}
@@ -153,7 +153,7 @@ def tiny_cases(store, world, texts, held, cfg, results) -> None:
                                        "align-tiny")
     sub = world.subject_a
     f64 = PairingConfig(batch_size=16, stats_dtype="float64")
-    ref = align_layers(store, sub.name, None, world.atlas_name, texts, held, config=f64, name="f64",
+    ref = align_layers(store, AlignRequest(sub.name, world.atlas_name, texts, held, None, config=f64, name="f64"),
                        quiet=True)
     diffs = [map_diff(store, r.name, f"align-tiny-here-L{r.subject_layer}") for r in ref]
     results["align-tiny-f64"] = {"in_process_f32_vs_f64_rel_frobenius": max(diffs)}

@@ -6,8 +6,8 @@ owns; see docs/design.md §2 and the README's architecture section):
 - the store: `Store` (models, atlases and concepts, alignment maps, labelling runs), `AtlasError`;
 - atlases: `import_atlas`, `register_format`, `lookup`;
 - models: `load_model`, `load_registered`, `Site`;
-- alignment: `AlignmentMap`, `PairingConfig`, `accumulate_pairs`, `fit_map`, `align_subject`,
-  `register_method`;
+- alignment: `AlignmentMap`, `PairingConfig`, `accumulate_pairs`, `fit_map`, `AlignRequest`,
+  `align_subject`, `align_layers`, `register_method`;
 - search: `search`, `explain`;
 - labelling: `label_features`, `run_labelling`, `export_run`, `register_feature_source`,
   `register_label_format`;
@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING, Any
 from engine.errors import AtlasError
 
 if TYPE_CHECKING:
-    from engine.align.fit import accumulate_pairs, align_subject, fit_map
+    from engine.align.fit import accumulate_pairs, align_layers, align_subject, fit_map
     from engine.align.map import AlignmentMap
     from engine.align.methods import register_method
     from engine.align.pairing import PairingConfig
+    from engine.align.request import AlignRequest
     from engine.atlas.importers import import_atlas, register_format
     from engine.atlas.lookup import lookup
     from engine.labelling.export import export_run, register_label_format
@@ -60,6 +61,8 @@ _EXPORTS = {
     "accumulate_pairs": "engine.align.fit",
     "fit_map": "engine.align.fit",
     "align_subject": "engine.align.fit",
+    "align_layers": "engine.align.fit",
+    "AlignRequest": "engine.align.request",
     "register_method": "engine.align.methods",
     "search": "engine.search",
     "explain": "engine.search",
@@ -80,8 +83,8 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "AlignmentMap", "AtlasError", "PairingConfig", "PlanConcept", "Site", "SteeringEdit", "SteeringPlan",
-    "Store", "__version__", "accumulate_pairs", "align_subject", "explain", "export_run", "export_steering",
+    "AlignRequest", "AlignmentMap", "AtlasError", "PairingConfig", "PlanConcept", "Site", "SteeringEdit", "SteeringPlan",
+    "Store", "__version__", "accumulate_pairs", "align_layers", "align_subject", "explain", "export_run", "export_steering",
     "fit_map", "generate_pair", "import_atlas", "label_features", "load_model", "load_registered", "lookup",
     "register_feature_source", "register_format", "register_label_format", "register_method",
     "register_mode", "register_native_directions", "register_steering_format", "run_labelling", "run_plan",

@@ -228,3 +228,21 @@ def test_normalised_fit_maps_unit_rows_to_the_atlas_scale():
     out = amap.map_activations(X[:200])
     # scale of the output is the atlas's typical norm (not the subject's)
     assert np.linalg.norm(out, axis=1).mean() == pytest.approx(np.linalg.norm(Y, axis=1).mean(), rel=0.2)
+
+
+def test_the_method_registry_builds_each_methods_parameters_from_the_users_settings():
+    from engine.align.methods import MethodOptions
+    from engine.align.request import AlignRequest
+    from engine.errors import BadValueError
+
+    def params(method: str, **kw) -> dict:
+        return AlignRequest("s", "a", ["t"], method=method, options=MethodOptions(**kw)).method_params()
+
+    assert params("procrustes") == {} and params("procrustes", scale=False) == {"scale": False}
+    assert params("procrustes", lam=0.5) == {}  # λ is ridge's
+    assert params("ridge") == {} and params("ridge", lam=0.5, scale=False) == {"lam": 0.5}
+    assert params("correlation", scale=False, lam=0.5) == {}
+    explicit = AlignRequest("s", "a", ["t"], method="ridge", options=MethodOptions(lam=0.5), params={"lam": 2.0})
+    assert explicit.method_params() == {"lam": 2.0}  # parameters in the method's own terms win
+    with pytest.raises(BadValueError, match="unknown alignment method 'nope'"):
+        AlignRequest("s", "a", ["t"], method="nope").method_params()

@@ -76,3 +76,17 @@ def test_the_public_api_resolves_and_import_engine_stays_light():
     code = "import sys, engine, engine.cli; print('torch' in sys.modules, 'engine.world.build' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]  # `atlas --help` loads neither torch nor the world's modules
+
+
+def test_the_core_cli_imports_no_plugin_and_no_world():
+    """The import contract lets the CLI's plug-ins (engine.cli.plugins) import the world; no other
+    CLI module may import a plug-in, so the core CLI reaches no world module by any chain."""
+    graph = grimp.build_graph("engine", "indexes")
+    core = {m for m in graph.find_children("engine.cli") if not m.startswith("engine.cli.plugins")} | {"engine.cli"}
+    assert "engine.cli.align_cmds" in core and "engine.cli.common" in core
+    plugins = graph.find_descendants("engine.cli.plugins") | {"engine.cli.plugins"}
+    assert {"engine.cli.plugins.world", "engine.cli.plugins.eval", "engine.cli.plugins.demo"} <= plugins
+    for module in sorted(core):
+        assert not graph.find_modules_directly_imported_by(module) & plugins, module
+        for world in ("engine.world", "engine.demo"):
+            assert graph.find_shortest_chain(importer=module, imported=world) is None, (module, world)

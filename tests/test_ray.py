@@ -7,6 +7,7 @@ The kill is real: the task's worker process SIGKILLs itself at a failpoint on it
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -164,6 +165,7 @@ def test_ray_alignment_fits_the_in_process_maps_though_a_worker_is_killed(ray_lo
                                                                           tmp_path):
     from engine.align.fit import align_layers
     from engine.align.pairing import PairingConfig
+    from engine.align.request import AlignRequest
     from engine.models.hooks import Site
     from engine.world.locate import world_texts
 
@@ -173,11 +175,10 @@ def test_ray_alignment_fits_the_in_process_maps_though_a_worker_is_killed(ray_lo
     sub = world.subject_a
     layers = Site((sub.default_layer - 1, sub.default_layer))
     config = PairingConfig(batch_size=16, stats_dtype="float64")  # float64 products: shows the merge is exact
-    here = align_layers(store, sub.name, layers, world.atlas_name, train, held, config=config, name="here",
-                        quiet=True)
+    request = AlignRequest(sub.name, world.atlas_name, train, held, layers, config=config)
+    here = align_layers(store, dataclasses.replace(request, name="here"), quiet=True)
     marker = kill_once(monkeypatch, tmp_path, "align.shard")
-    there = align_layers(store, sub.name, layers, world.atlas_name, train, held, config=config, name="there",
-                         quiet=True, ray=CONFIG)
+    there = align_layers(store, dataclasses.replace(request, name="there", ray=CONFIG), quiet=True)
     assert marker.exists()  # a worker died mid-pass; its shard was run again and counted once
     for h, t in zip(here, there, strict=True):
         assert (t.subject_layer, t.n_pairs, t.corpus_fingerprint) == (h.subject_layer, h.n_pairs, h.corpus_fingerprint)

@@ -129,7 +129,7 @@ def test_import_means_makes_an_atlas_of_class_means(store, folders, tmp_path):
     import json
 
     from engine.align.corpus import read_labelled_corpus
-    from engine.models.concepts import import_means
+    from engine.models.class_means import import_means
 
     rows = [{"text": t, "label": lab, "description": f"about {lab}"}
             for lab, words in (("weather", "rain snow wind sky"), ("music", "violin piano song drums"))

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def world_url(tiny_world, tmp_path_factory):
     from engine.align.fit import align_subject
+    from engine.align.request import AlignRequest
     from engine.models.hooks import Site
     from engine.world.locate import ensure_registered, world_texts
 
@@ -31,8 +32,8 @@ def world_url(tiny_world, tmp_path_factory):
     world = ensure_registered(store, "tiny", 0)
     train, held = world_texts(world)
     sub = world.subject_a
-    align_subject(store, sub.name, Site(sub.default_layer), world.atlas_name, train[:400], held[:100],
-                  name="a-map", quiet=True)
+    align_subject(store, AlignRequest(sub.name, world.atlas_name, train[:400], held[:100], Site(sub.default_layer),
+                                      name="a-map"), quiet=True)
     with running(create_app(store)) as url:
         yield url, world
     store.close()

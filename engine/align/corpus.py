@@ -2,15 +2,40 @@
 
 Held-out texts are chosen by a hash of the text, not its position, so the split is stable when a
 corpus is reordered or appended to; a map records the fingerprint of the texts it was fitted on (`engine.util.corpus_fingerprint`).
+
+A plug-in may offer a built-in corpus with its own models and atlas (ConceptWorld: ``atlas align
+--world``) by registering a provider in `BUILTIN_CORPORA`.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine.errors import FormatError
+from engine.registry import Registry
+
+if TYPE_CHECKING:
+    from engine.store.store import Store
+
+
+@dataclass(frozen=True)
+class BuiltinCorpus:
+    """A plug-in's corpus in a store: training and held-out texts, the atlas they align to by
+    default, and short names of its subject models (``{"a": "<model name>"}``)."""
+
+    texts: list[str]
+    heldout: list[str]
+    atlas: str
+    subjects: Mapping[str, str] = field(default_factory=dict)
+
+
+# provider(store, size, seed) -> the corpus, its models and atlas registered in the store
+CorpusProvider = Callable[["Store", str, int], BuiltinCorpus]
+BUILTIN_CORPORA: Registry[CorpusProvider] = Registry("built-in corpus")
 
 HELDOUT_FRACTION = 0.1  # share of a corpus file's texts held out (by a hash of the text, not its position)
 

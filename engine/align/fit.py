@@ -21,6 +21,7 @@ from engine.align.corpus import split_heldout
 from engine.align.map import AlignmentMap, MapSites, plain_json
 from engine.align.methods import LinearFit, get_method, heldout_r2
 from engine.align.pairing import PairingConfig, check_pairing, iter_batch_pairs, pair_batches
+from engine.align.request import AlignRequest
 from engine.align.stats import SufficientStats
 from engine.distributed.ray_exec import RayConfig, StoreLocation, cluster_cpus, map_ordered, ray_session
 from engine.errors import AtlasError, BadValueError, ShapeError, SiteMismatchError
@@ -207,67 +208,40 @@ def stats_of_shard(where: StoreLocation, subject: str, kind: ModelKind | None, f
 # ----------------------------------------------------------------------------- atlas align
 
 
-def align_subject(
-    store: Store,
-    subject: str,
-    site: Site,
-    atlas: str,
-    texts: Sequence[str],
-    heldout_texts: Sequence[str] | None = None,
-    *,
-    method: str = "procrustes",
-    pairing: str = "auto",
-    config: PairingConfig = PairingConfig(),
-    kind: ModelKind | None = None,
-    name: str | None = None,
-    overwrite: bool = False,
-    quiet: bool = False,
-    **params: Any,
-) -> MapInfo:
-    """Fit and store the map of ``subject`` at ``site`` (one layer) onto ``atlas`` (``atlas align``).
+def align_subject(store: Store, request: AlignRequest, *, quiet: bool = False) -> MapInfo:
+    """Fit and store the map of ``request.subject`` at its site (one layer) onto its atlas.
 
-    Without ``heldout_texts`` a tenth of ``texts`` (by hash) is held out. ``pairing="auto"`` is
-    ``token`` when the two tokenizers are the same and ``span`` otherwise; ``config`` says how the
-    pass pairs (its pools, caps, batch size and dtype, in which both models are loaded); its
-    ``pairings`` are replaced by ``pairing``. ``params`` go to the method (e.g. ridge's ``lam``).
-    ``kind`` (causal | encoder) defaults to the subject's registered kind (causal for a new one).
+    `align_layers` for a site of one layer (a `ShapeError` otherwise).
     """
-    site.layer  # noqa: B018 - one layer here (a ShapeError otherwise); align_layers sweeps several
-    return align_layers(store, subject, site, atlas, texts, heldout_texts, method=method, pairing=pairing,
-                        config=config, kind=kind, name=name, overwrite=overwrite, quiet=quiet, **params)[0]
+    if request.site is None:
+        raise ShapeError("align_subject fits one layer: give the request a site (align_layers sweeps several)")
+    request.site.layer  # noqa: B018 - one layer here (a ShapeError otherwise); align_layers sweeps several
+    return align_layers(store, request, quiet=quiet)[0]
 
 
-def align_layers(
-    store: Store,
-    subject: str,
-    site: Site | None,
-    atlas: str,
-    texts: Sequence[str],
-    heldout_texts: Sequence[str] | None = None,
-    *,
-    method: str = "procrustes",
-    pairing: str = "auto",
-    config: PairingConfig = PairingConfig(),
-    kind: ModelKind | None = None,
-    name: str | None = None,
-    overwrite: bool = False,
-    quiet: bool = False,
-    ray: RayConfig | None = None,
-    **params: Any,
-) -> list[MapInfo]:
-    """`align_subject` for every layer of ``site`` (``None``: every block of the subject) in one pass.
+def align_layers(store: Store, request: AlignRequest, *, quiet: bool = False) -> list[MapInfo]:
+    """Fit and store a map per layer of ``request.site`` (``None``: every block of the subject) onto
+    ``request.atlas``, in one pass over the texts (``atlas align``).
+
+    Without held-out texts a tenth of the texts (by hash) is held out. ``pairing="auto"`` is
+    ``token`` when the two tokenizers are the same and ``span`` otherwise; the request's config says
+    how the pass pairs (its pools, caps, batch size and dtype, in which both models are loaded); its
+    ``pairings`` are replaced by the pairing. The subject's ``kind`` (causal | encoder) defaults to
+    its registered kind (causal for a new one).
 
     Each batch runs each model once, reading every requested subject layer; one `SufficientStats`
-    per layer (O(layers × d²) memory) gives one map per layer, saved under ``name`` with
-    ``{layer}`` replaced (or ``<name>-L<layer>`` when several layers and no ``{layer}``), else
+    per layer (O(layers × d²) memory) gives one map per layer, saved under the request's ``name``
+    with ``{layer}`` replaced (or ``<name>-L<layer>`` when several layers and no ``{layer}``), else
     the default name. Returns the saved maps in layer order.
 
-    With ``ray`` the pass runs on Ray workers (`accumulate_pairs_on_ray`): the same statistics,
-    merged from shards of the corpus.
+    With ``request.ray`` the pass runs on Ray workers (`accumulate_pairs_on_ray`): the same
+    statistics, merged from shards of the corpus.
     """
-    get_method(method)  # an unknown method fails now, not after the pass over the corpus
-    ainfo = store.atlas(atlas)
-    s_name, sm, stok = resolve_model(store, subject, kind=kind, dtype=config.dtype,
+    method, pairing, site, kind = request.method, request.pairing, request.site, request.kind
+    params = request.method_params()  # an unknown method fails now, not after the pass over the corpus
+    config = request.config or PairingConfig()
+    ainfo = store.atlas(request.atlas)
+    s_name, sm, stok = resolve_model(store, request.subject, kind=kind, dtype=config.dtype,
                                      layer_module=site.layer_module if site else None, device=config.device)
     fm, ftok = load_registered(store, ainfo.model, dtype=config.dtype, device=config.device)
     if d_model_of(fm) != ainfo.dim:
@@ -281,17 +255,18 @@ def align_layers(
     site = Site(tuple(layers), site.hook, site.layer_module)
     if pairing == "auto":
         pairing = "token" if tokenizer_fingerprint(stok) == tokenizer_fingerprint(ftok) else "span"
+    texts, heldout_texts = request.texts, request.heldout
     if heldout_texts is None:
         texts, heldout_texts = split_heldout(texts)
     pool = config.pools.get(pairing, config.pools.get("auto"))
     config = dataclasses.replace(config, pairings=(pairing,), pools={pairing: pool} if pool else {})
     f_site = Site((ainfo.layer,), ainfo.hook)
-    if ray is None:
+    if request.ray is None:
         stats = accumulate_pairs((sm, stok), (fm, ftok), texts, heldout_texts, site, f_site, config, quiet=quiet)
     else:
         check_pairing(pairing, stok, ftok)
         stats = accumulate_pairs_on_ray(store, s_name, ainfo.model, texts, heldout_texts, site.resolved(sm),
-                                        f_site.resolved(fm), config, ray, kind=kind, quiet=quiet)
+                                        f_site.resolved(fm), config, request.ray, kind=kind, quiet=quiet)
     out = []
     for L in layers:
         sites = MapSites(s_name, L, ainfo.name, ainfo.model, ainfo.layer, site.hook, ainfo.hook)
@@ -299,7 +274,7 @@ def align_layers(
             amap = stats.fit(pairing, L, method, sites, **params)
         except CorpusTooSmallError as e:
             raise CorpusTooSmallError(f"{e} (pairing {pairing!r}, {len(texts)} training texts)") from None
-        out.append(store.save_map(amap, _layer_name(name, L, len(layers)), overwrite=overwrite))
+        out.append(store.save_map(amap, _layer_name(request.name, L, len(layers)), overwrite=request.overwrite))
     return out
 
 

@@ -4,7 +4,8 @@ Each method takes the training statistics (and held-out statistics, for choosing
 hyper-parameter such as ridge's λ) and returns a `LinearFit`: the forward linear part ``A``
 (d_subject, d_atlas), the inverse linear part ``B`` (d_atlas, d_subject) and the two means, so that
 x ↦ (x − μx)A + μy and y ↦ (y − μy)B + μx (docs/design.md §5). A new method is one function and one
-``@register_method`` line; the tests parametrise over `METHODS`.
+``@register_method`` line; the tests parametrise over `METHODS`. A method also says which of the
+settings a user gives (`MethodOptions`: ``atlas align --no-scale``, ``--lam``) become its parameters.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from scipy.optimize import linear_sum_assignment
 
 from engine.align.stats import SufficientStats
 from engine.errors import BadValueError
+from engine.registry import Registry
 
 
 @dataclass
@@ -35,33 +37,44 @@ FitFn = Callable[..., LinearFit]
 
 
 @dataclass(frozen=True)
+class MethodOptions:
+    """The method settings the command line offers; each method reads the ones it has (`AlignMethod.params`)."""
+
+    scale: bool = True  # procrustes: fit the global scale (``--no-scale``: False)
+    lam: float | None = None  # ridge: λ (None: chosen on held-out pairs)
+
+
+def _no_params(_options: MethodOptions) -> dict[str, Any]:
+    return {}
+
+
+@dataclass(frozen=True)
 class AlignMethod:
     name: str
     fit: FitFn
     description: str
     needs_heldout: bool = False
+    # the method's parameters from the user's settings (only those that differ from its defaults)
+    params: Callable[[MethodOptions], dict[str, Any]] = _no_params
 
 
-METHODS: dict[str, AlignMethod] = {}
+METHODS: Registry[AlignMethod] = Registry("alignment method")
 
 
-def register_method(name: str, description: str, needs_heldout: bool = False) -> Callable[[FitFn], FitFn]:
-    """Register ``fn(train, heldout, **params) -> LinearFit`` under ``name`` (once)."""
+def register_method(name: str, description: str, needs_heldout: bool = False,
+                    params: Callable[[MethodOptions], dict[str, Any]] = _no_params) -> Callable[[FitFn], FitFn]:
+    """Register ``fn(train, heldout, **params) -> LinearFit`` under ``name`` (once); ``params`` turns
+    the user's `MethodOptions` into the method's keyword parameters."""
 
     def deco(fn: FitFn) -> FitFn:
-        if name in METHODS:
-            raise ValueError(f"alignment method {name!r} is already registered")
-        METHODS[name] = AlignMethod(name, fn, description, needs_heldout)
+        METHODS.add(name, AlignMethod(name, fn, description, needs_heldout, params))
         return fn
 
     return deco
 
 
 def get_method(name: str) -> AlignMethod:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise BadValueError(f"unknown alignment method {name!r}; known: {', '.join(sorted(METHODS))}") from None
+    return METHODS.lookup(name)
 
 
 # ----------------------------------------------------------------------------- held-out error
@@ -92,7 +105,8 @@ def heldout_r2(fit: LinearFit, h: SufficientStats, inverse: bool = False) -> flo
 # ----------------------------------------------------------------------------- methods
 
 
-@register_method("procrustes", "centre, SVD of XᵀY = UΣVᵀ, W = UVᵀ (semi-orthogonal), optional global scale")
+@register_method("procrustes", "centre, SVD of XᵀY = UΣVᵀ, W = UVᵀ (semi-orthogonal), optional global scale",
+                 params=lambda o: {} if o.scale else {"scale": False})
 def fit_procrustes(train: SufficientStats, heldout: SufficientStats | None = None, *, scale: bool = True,
                    **_: Any) -> LinearFit:
     """Orthogonal (semi-orthogonal when dims differ) W minimising ‖Xc·W − Yc‖; inverse Wᵀ.
@@ -145,7 +159,7 @@ def _ridge_one_way(train: SufficientStats, heldout: SufficientStats | None, lam:
 
 
 @register_method("ridge", "W = (XᵀX + λI)⁻¹XᵀY, λ chosen on held-out pairs; inverse fitted the other way",
-                 needs_heldout=True)
+                 needs_heldout=True, params=lambda o: {} if o.lam is None else {"lam": o.lam})
 def fit_ridge(train: SufficientStats, heldout: SufficientStats | None = None, *, lam: float | None = None,
               lam_inverse: float | None = None, alphas: tuple[float, ...] = RIDGE_ALPHAS, **_: Any) -> LinearFit:
     """Ridge regression both ways; each λ minimises held-out squared error over ``alphas`` × the

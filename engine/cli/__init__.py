@@ -2,6 +2,9 @@
 
 Each area of the engine registers its commands from its own module (listed in ``_COMMAND_MODULES``);
 heavy imports (torch, transformers) happen inside commands so ``atlas --help`` stays fast.
+Command groups beyond the core (ConceptWorld's ``world`` and ``eval``, the ``demo``, or a
+third-party package's) are plug-ins: entry points of the group ``concept_atlas.cli`` whose object
+is a ``register(cli)`` function (`load_plugins`). The core CLI imports no world module.
 Errors the engine raises for user mistakes (`engine.errors.AtlasError`) become one-line messages
 with exit code 1, never tracebacks.
 """
@@ -9,10 +12,13 @@ with exit code 1, never tracebacks.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import pkgutil
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import click
 
-import engine.world  # noqa: F401  (installs ConceptWorld's feature source and native directions)
 from engine import __version__
 from engine.errors import AtlasError
 
@@ -20,13 +26,13 @@ from engine.errors import AtlasError
 class AtlasGroup(click.Group):
     """A click group that turns `AtlasError` into a one-line message and exit code 1."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except AtlasError as e:
             raise click.ClickException(str(e)) from e
 
-    def group(self, *args, **kwargs):
+    def group(self, *args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("cls", AtlasGroup)
         return super().group(*args, **kwargs)
 
@@ -48,15 +54,54 @@ _COMMAND_MODULES = [
     "engine.cli.label_cmds",
     "engine.cli.contexts_cmds",
     "engine.cli.steer_cmds",
-    "engine.cli.demo_cmds",
-    "engine.cli.world_cmds",
-    "engine.cli.eval_cmds",
     "engine.cli.serve_cmds",
 ]
 
 
+PLUGIN_GROUP = "concept_atlas.cli"  # entry points: name = "module:register"
+BUILTIN_PLUGINS = "engine.cli.plugins"  # the package of the built-in plug-ins
+
+
+def plugin_entry_points() -> list[importlib.metadata.EntryPoint]:
+    """The installed distributions' entry points of `PLUGIN_GROUP`."""
+    return list(importlib.metadata.entry_points(group=PLUGIN_GROUP))
+
+
+def load_plugins(group: click.Group, entry_points: Iterable[importlib.metadata.EntryPoint] | None = None) -> list[str]:
+    """Register the commands of every CLI plug-in on ``group``; returns the modules loaded, in order.
+
+    Plug-ins are the entry points of `PLUGIN_GROUP` (``entry_points``: default, the installed
+    ones), each a ``register(cli)`` function. The built-in plug-ins (every module of
+    `BUILTIN_PLUGINS`) are declared there too, and are loaded from the package itself when the
+    installed metadata does not name them (an editable install from before they were declared), so
+    the CLI is whole either way. A third-party plug-in that fails to load is reported on stderr
+    and skipped; a built-in one raises.
+    """
+    loaded: list[str] = []
+    for ep in plugin_entry_points() if entry_points is None else entry_points:
+        module = ep.value.split(":")[0].strip()
+        if module in loaded:
+            continue
+        try:
+            register: Callable[[click.Group], None] = ep.load()
+            register(group)
+        except Exception as e:
+            if module.startswith(BUILTIN_PLUGINS + "."):
+                raise
+            click.echo(f"atlas: plug-in {ep.name!r} ({ep.value}) was not loaded: {e}", err=True)
+            continue
+        loaded.append(module)
+    package = importlib.import_module(BUILTIN_PLUGINS)
+    for info in pkgutil.iter_modules(package.__path__, BUILTIN_PLUGINS + "."):
+        if info.name not in loaded:
+            importlib.import_module(info.name).register(group)
+            loaded.append(info.name)
+    return loaded
+
+
 for _name in _COMMAND_MODULES:
     importlib.import_module(_name).register(cli)
+load_plugins(cli)
 
 
 def main() -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -18,7 +20,13 @@ from engine.cli.common import (
     quiet_transformers,
     ray_options,
     store_options,
+    world_options,
 )
+
+if TYPE_CHECKING:
+    from engine.align.request import AlignRequest
+    from engine.distributed import RayConfig
+    from engine.store.store import MapInfo, Store
 
 MAP_COLUMNS = ["name", "subject_model", "subject_layer", "atlas", "method", "pairing", "n_pairs", "heldout_r2",
                "heldout_cosine"]
@@ -40,8 +48,7 @@ def register(cli: click.Group) -> None:
 @click.option("--corpus", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Text corpus: one document per line, or JSONL with a 'text' field. A tenth is held out.")
 @click.option("--world", "use_world", is_flag=True, help="Use ConceptWorld's training documents (held-out split included).")
-@click.option("--size", type=click.Choice(["tiny", "small", "medium"]), default="tiny", show_default=True, help="World size (with --world).")
-@click.option("--seed", default=0, show_default=True, help="World seed (with --world).")
+@world_options(size_help="World size (with --world).", seed_help="World seed (with --world).")
 @click.option("--method", default="procrustes", show_default=True, help=f"Alignment method: {', '.join(METHOD_NAMES)}.")
 @click.option("--pairing", type=click.Choice(["auto", "token", "span", "text"]), default="auto", show_default=True,
               help="How subject and foundation activations are paired; auto = token with one tokenizer, else span.")
@@ -68,9 +75,7 @@ def register(cli: click.Group) -> None:
 @store_options
 @json_option
 @quiet_option
-def align(subject, layer, layer_spec, atlas_name, corpus, use_world, size, seed, method, pairing, pool, max_tokens, batch_size,
-          hook, normalize, no_scale, lam, layer_module, kind, encoder, device, dtype, cache, name, overwrite,
-          ray, store_dir, db_url, as_json):
+def align(subject: str, store_dir: Path, db_url: str | None, as_json: bool, **options: Any) -> None:
     """Fit an alignment map from SUBJECT's layer (or several: --layers) to an atlas, and store it.
 
     SUBJECT is a model in the store, or a local folder / hub id (registered on first use); with
@@ -83,51 +88,14 @@ def align(subject, layer, layer_spec, atlas_name, corpus, use_world, size, seed,
     With --ray (or --ray-address) the corpus is cut into shards that Ray workers pass through the
     models; their statistics are summed into the same maps (not with --max-tokens).
     """
-    from engine.align.corpus import read_corpus
     from engine.align.fit import align_layers
-    from engine.align.pairing import PairingConfig
-    from engine.models.hooks import Site, parse_layers
-    from engine.store import layout
 
-    if (layer is None) == (layer_spec is None):
-        raise click.UsageError("give --layer N or --layers SPEC (e.g. 0-11, 2,5,8, all)")
-    layers = (layer,) if layer is not None else parse_layers(layer_spec)
-    if bool(corpus) == bool(use_world):
-        raise click.UsageError("give exactly one of --corpus FILE or --world")
-    if max_tokens is not None and max_tokens < 1:
-        raise click.BadParameter("must be positive", param_hint="--max-tokens")
-    if max_tokens is not None and ray is not None:
-        raise click.UsageError("--max-tokens takes pairs in corpus order and cannot be sharded over Ray; "
-                               "give a shorter corpus instead")
+    opts = AlignOptions(**options)
+    layers = opts.check()
     quiet_transformers()
     store = open_store(store_dir, db_url)
-    if use_world:
-        from engine.world.locate import ensure_registered, world_texts
-
-        world = ensure_registered(store, size, seed)
-        texts, heldout = world_texts(world)
-        atlas_name = atlas_name or world.atlas_name
-        if subject.lower() in ("a", "b", "subject_a", "subject_b"):
-            subject = world.model("subject_" + subject.lower()[-1]).name
-    else:
-        if not atlas_name:
-            raise click.UsageError("--atlas is required (except with --world)")
-        texts, heldout = read_corpus(corpus), None
-    params = {}
-    if method == "procrustes" and no_scale:
-        params["scale"] = False
-    if method == "ridge" and lam is not None:
-        params["lam"] = lam
-    config = PairingConfig(
-        pools={pairing: pool} if pool else {}, max_pairs=max_tokens, batch_size=batch_size, normalize=normalize,
-        dtype=dtype, device=device, cache_dir=store.path / layout.ACTIVATIONS_DIR if cache else None,
-    )
-    infos = align_layers(
-        store, subject, Site(layers, hook, layer_module) if layers is not None else None, atlas_name, texts,
-        heldout, method=method, pairing=pairing, config=config, kind="encoder" if encoder else kind, name=name,
-        overwrite=overwrite, ray=ray, **params,
-    )
-    if layer is not None:
+    infos = align_layers(store, opts.request(store, subject, layers))
+    if opts.layer is not None:
         _show(infos[0], as_json)
     elif as_json:
         print_json(infos)
@@ -135,7 +103,91 @@ def align(subject, layer, layer_spec, atlas_name, corpus, use_world, size, seed,
         _layer_table(infos)
 
 
-def _layer_table(infos) -> None:
+@dataclass(frozen=True)
+class AlignOptions:
+    """The options of `atlas align` as click passes them; `request` turns them into an `AlignRequest`."""
+
+    layer: int | None
+    layer_spec: str | None
+    atlas_name: str | None
+    corpus: Path | None
+    use_world: bool
+    size: str
+    seed: int
+    method: str
+    pairing: str
+    pool: str | None
+    max_tokens: int | None
+    batch_size: int
+    hook: str
+    normalize: bool
+    no_scale: bool
+    lam: float | None
+    layer_module: str | None
+    kind: str | None
+    encoder: bool
+    device: str
+    dtype: str
+    cache: bool
+    name: str | None
+    overwrite: bool
+    ray: RayConfig | None
+
+    def check(self) -> tuple[int, ...] | None:
+        """Usage errors that need no store (which layers, which texts, the pair cap); returns the
+        subject layers (None: every block)."""
+        from engine.models.hooks import parse_layers
+
+        if (self.layer is None) == (self.layer_spec is None):
+            raise click.UsageError("give --layer N or --layers SPEC (e.g. 0-11, 2,5,8, all)")
+        layers = (self.layer,) if self.layer is not None else parse_layers(self.layer_spec or "")
+        if bool(self.corpus) == bool(self.use_world):
+            raise click.UsageError("give exactly one of --corpus FILE or --world")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise click.BadParameter("must be positive", param_hint="--max-tokens")
+        if self.max_tokens is not None and self.ray is not None:
+            raise click.UsageError("--max-tokens takes pairs in corpus order and cannot be sharded over Ray; "
+                                   "give a shorter corpus instead")
+        return layers
+
+    def request(self, store: Store, subject: str, layers: tuple[int, ...] | None) -> AlignRequest:
+        """The request: the texts of --corpus, or of the world plug-in's built-in corpus with --world."""
+        from engine.align.corpus import BUILTIN_CORPORA, read_corpus
+        from engine.align.methods import MethodOptions
+        from engine.align.pairing import PairingConfig
+        from engine.align.request import AlignRequest
+        from engine.models.hooks import Site
+        from engine.store import layout
+
+        atlas_name = self.atlas_name
+        heldout: list[str] | None = None
+        if self.use_world:
+            if "world" not in BUILTIN_CORPORA:
+                raise click.UsageError("--world needs ConceptWorld's plug-in (engine.world), which is not loaded")
+            builtin = BUILTIN_CORPORA["world"](store, self.size, self.seed)
+            texts, heldout = builtin.texts, builtin.heldout
+            atlas_name = atlas_name or builtin.atlas
+            subject = builtin.subjects.get(subject.lower(), subject)
+        else:
+            if not atlas_name:
+                raise click.UsageError("--atlas is required (except with --world)")
+            assert self.corpus is not None  # check(): --corpus or --world
+            texts = read_corpus(self.corpus)
+        config = PairingConfig(
+            pools={self.pairing: self.pool} if self.pool else {}, max_pairs=self.max_tokens,
+            batch_size=self.batch_size, normalize=self.normalize, dtype=self.dtype, device=self.device,
+            cache_dir=store.path / layout.ACTIVATIONS_DIR if self.cache else None,
+        )
+        return AlignRequest(
+            subject=subject, atlas=atlas_name, texts=texts, heldout=heldout,
+            site=Site(layers, self.hook, self.layer_module) if layers is not None else None,
+            method=self.method, options=MethodOptions(scale=not self.no_scale, lam=self.lam), pairing=self.pairing,
+            config=config, kind="encoder" if self.encoder else self.kind,  # type: ignore[arg-type]
+            name=self.name, overwrite=self.overwrite, ray=self.ray,
+        )
+
+
+def _layer_table(infos: list[MapInfo]) -> None:
     """One row per layer: the map and its held-out fit."""
     emit([{"layer": i.subject_layer, "map": i.name, "pairs": i.n_pairs,
            "heldout_r2": i.metrics.get("heldout_r2"), "heldout_r2_inverse": i.metrics.get("heldout_r2_inverse"),
@@ -144,7 +196,7 @@ def _layer_table(infos) -> None:
     click.echo(f"\n{len(infos)} maps from one pass; best held-out R2: layer {best.subject_layer} ({best.name})")
 
 
-def _show(info, as_json: bool) -> None:
+def _show(info: MapInfo, as_json: bool) -> None:
     if as_json:
         print_json(info)
         return
@@ -165,7 +217,7 @@ def _show(info, as_json: bool) -> None:
 @click.command()
 @store_options
 @json_option
-def maps(store_dir, db_url, as_json):
+def maps(store_dir: Path, db_url: str | None, as_json: bool) -> None:
     """List the alignment maps of the store."""
     rows = open_store(store_dir, db_url).maps()
     if as_json:
@@ -175,7 +227,7 @@ def maps(store_dir, db_url, as_json):
 
 
 @click.group("map")
-def map_group():
+def map_group() -> None:
     """Inspect or remove one alignment map."""
 
 
@@ -183,7 +235,7 @@ def map_group():
 @click.argument("map_name", metavar="MAP")
 @store_options
 @json_option
-def map_show(map_name, store_dir, db_url, as_json):
+def map_show(map_name: str, store_dir: Path, db_url: str | None, as_json: bool) -> None:
     """Show a map's provenance, parameters and fit metrics."""
     _show(open_store(store_dir, db_url).map_info(map_name), as_json)
 
@@ -193,7 +245,7 @@ def map_show(map_name, store_dir, db_url, as_json):
 @click.option("--cascade", is_flag=True, help="Also remove the labelling runs on MAP, with their labels.")
 @store_options
 @json_option
-def map_remove(map_name, cascade, store_dir, db_url, as_json):
+def map_remove(map_name: str, cascade: bool, store_dir: Path, db_url: str | None, as_json: bool) -> None:
     """Delete a map (its row, then its file).
 
     Refused while labelling runs use the map (the message names them), unless --cascade.

@@ -12,11 +12,17 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from engine.util import to_plain
+
+if TYPE_CHECKING:
+    from engine.distributed import RayConfig
+    from engine.store.store import Store
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 DEFAULT_STORE = "./atlas-store"
 # The registered alignment methods, for help texts (the engine checks names; a test keeps this in step).
@@ -44,12 +50,28 @@ def store_options(f: Callable) -> Callable:
     return f
 
 
+WORLD_SIZES = ("tiny", "small", "medium")  # ConceptWorld's sizes (engine.world.config.SIZES; a test keeps them in step)
+
+
+def world_options(size: str = "tiny", *, sizes: Sequence[str] = WORLD_SIZES, size_help: str | None = None,
+                  seed_help: str = "World seed.") -> Callable[[F], F]:
+    """Add ``--size`` and ``--seed`` (the command receives ``size``, ``seed``): which ConceptWorld;
+    ``size`` is the default size."""
+
+    def deco(f: F) -> F:
+        f = click.option("--seed", type=int, default=0, show_default=True, help=seed_help)(f)
+        return click.option("--size", type=click.Choice(list(sizes)), default=size, show_default=True,
+                            help=size_help)(f)
+
+    return deco
+
+
 def json_option(f: Callable) -> Callable:
     """Add ``--json``: print machine-readable JSON instead of a table."""
     return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table (for scripts).")(f)
 
 
-def open_store(store_dir: Path, db_url: str | None):
+def open_store(store_dir: Path, db_url: str | None) -> Store:
     """Open an initialised store (errors become one-line CLI messages)."""
     from engine.store.store import Store
 
@@ -102,7 +124,7 @@ def quiet_option(f: Callable) -> Callable:
 
     @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
     @functools.wraps(f)
-    def wrapper(*args, quiet: bool = False, **kwargs):
+    def wrapper(*args: Any, quiet: bool = False, **kwargs: Any) -> Any:
         from engine.progress import set_quiet
 
         set_quiet(quiet or not sys.stderr.isatty() or bool(os.environ.get("ATLAS_QUIET")))
@@ -129,6 +151,12 @@ def comma_list(kind: Callable[[str], Any] = str, expected: str = "values like a,
 LAYER_LIST = "layer numbers like 2 or 1,3"
 
 
+def layers_option(help: str) -> Callable[[F], F]:
+    """Add ``--layers``/``-l`` (repeatable, comma-separated layer numbers; the command receives
+    ``layers``: a list of ints, or None when not given)."""
+    return click.option("--layers", "-l", multiple=True, callback=comma_list(int, LAYER_LIST), help=help)
+
+
 def device_options(f: Callable) -> Callable:
     """Add ``--device`` and ``--dtype`` (the command receives ``device``, ``dtype``): where and in which
     precision models run (`engine.models.devices`; checked when a model is loaded)."""
@@ -152,8 +180,8 @@ def ray_options(f: Callable) -> Callable:
                   help="Run on the Ray cluster at this address (ray://HOST:PORT or HOST:PORT; implies --ray). "
                        "Every node must reach the store folder at the same path (a shared filesystem).")
     @functools.wraps(f)
-    def wrapper(*args, use_ray: bool = False, ray_address: str | None = None, **kwargs):
-        config = None
+    def wrapper(*args: Any, use_ray: bool = False, ray_address: str | None = None, **kwargs: Any) -> Any:
+        config: RayConfig | None = None
         if use_ray or ray_address is not None:
             from engine.distributed import RayConfig
 

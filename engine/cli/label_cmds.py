@@ -95,7 +95,7 @@ def label(map_name, features, k, name, batch_size, resume, overwrite, no_site_ch
 @click.command()
 @store_options
 @json_option
-def runs(store_dir: Path, db_url, as_json: bool) -> None:
+def runs(store_dir: Path, db_url: str | None, as_json: bool) -> None:
     """List labelling runs with their status and progress (a killed run shows as interrupted)."""
     items = open_store(store_dir, db_url).runs()
     if as_json:
@@ -113,7 +113,8 @@ def runs(store_dir: Path, db_url, as_json: bool) -> None:
               help="File (default: stdout); a name ending in .gz is gzip-compressed.")
 @click.option("--partial", is_flag=True, help="Export the finished part of an unfinished run.")
 @store_options
-def export(run_name: str, fmt: ExportFormat, output: Path | None, partial: bool, store_dir: Path, db_url) -> None:
+def export(run_name: str, fmt: ExportFormat, output: Path | None, partial: bool, store_dir: Path,
+           db_url: str | None) -> None:
     """Write the labels of RUN with their scores and the margin between the top two hits.
 
     jsonl: one object per feature (label, concept, score, margin, hits). csv: one row per
@@ -158,8 +159,8 @@ def export(run_name: str, fmt: ExportFormat, output: Path | None, partial: bool,
 @store_options
 @json_option
 @quiet_option
-def explain(map_name: str, text: str, k: int, raw: bool, device: str, dtype: str, store_dir: Path, db_url,
-            as_json: bool) -> None:
+def explain(map_name: str, text: str, k: int, raw: bool, device: str, dtype: str, store_dir: Path,
+            db_url: str | None, as_json: bool) -> None:
     """Per token of TEXT in MAP's subject model: the top atlas concepts, with cosine scores.
 
     Where the atlas keeps its SAE's encoder (SAE imports do), each concept also shows its
@@ -192,7 +193,8 @@ def explain(map_name: str, text: str, k: int, raw: bool, device: str, dtype: str
               help="directions: linear part of the map; activations: the affine map, minus the atlas centre.")
 @store_options
 @json_option
-def search(map_name: str, vectors: Path, key, k: int, kind: VectorKind, store_dir: Path, db_url, as_json: bool) -> None:
+def search(map_name: str, vectors: Path, key: str | None, k: int, kind: VectorKind, store_dir: Path, db_url: str | None,
+           as_json: bool) -> None:
     """Raw vector search through MAP: the top-k atlas concepts of each subject vector in FILE."""
     from engine.atlas.importers import read_matrix
     from engine.search import hits_table

@@ -7,6 +7,7 @@ two markers; a test fails when the README and ``--help`` disagree, so the refere
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ END = "<!-- cli-reference:end -->"
 _CTX: dict[str, Any] = {"terminal_width": 100, "max_content_width": 100, "help_option_names": ["-h", "--help"]}
 
 
-def _walk(cmd: click.Command, ctx: click.Context):
+def _walk(cmd: click.Command, ctx: click.Context) -> Iterator[tuple[click.Command, click.Context]]:
     yield cmd, ctx
     if isinstance(cmd, click.Group):
         for name in sorted(cmd.list_commands(ctx)):

@@ -23,17 +23,14 @@ def register(cli: click.Group) -> None:
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 @store_options
-def serve(host: str, port: int, token: str | None, log_level: str, store_dir: Path, db_url) -> None:
+def serve(host: str, port: int, token: str | None, log_level: str, store_dir: Path, db_url: str | None) -> None:
     """Browse the store at http://127.0.0.1:8765: search, concepts, runs, explain, steer.
 
     The page and a JSON API (schema at /openapi.json, docs at /docs) over the same engine
     functions as these commands. Models load once, on the first explain or steer. Needs the
     `serve` extra: pip install 'concept-atlas[serve]'.
     """
-    from engine.serve.server import check_bind
     from engine.serve.server import serve as run_server
 
-    check_bind(host, token)
-    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    click.echo(f"serving {store_dir} at http://{shown}:{port}/" + ("  (token required)" if token else ""), err=True)
-    run_server(store_dir, db_url=db_url, host=host, port=port, token=token, log_level=log_level)
+    run_server(store_dir, db_url=db_url, host=host, port=port, token=token, log_level=log_level,
+               announce=lambda line: click.echo(line, err=True))

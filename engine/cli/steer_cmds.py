@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -10,11 +11,10 @@ import click
 import numpy as np
 
 from engine.cli.common import (
-    LAYER_LIST,
-    comma_list,
     device_options,
     emit,
     json_option,
+    layers_option,
     open_store,
     print_json,
     quiet_option,
@@ -70,8 +70,7 @@ def _plan(map_name: str | None, concepts: Sequence[str], plan_file: Path | None,
 @click.option("--strength", "-s", type=float, default=0.5, show_default=True,
               help="Strength in units of the subject site's typical residual norm (negative steers away); "
                    "`atlas eval steering` measures which strengths steer without breaking the text.")
-@click.option("--layers", "-l", multiple=True, callback=comma_list(int, LAYER_LIST),
-              help="Subject layer(s), e.g. 2 or 1,2 (default: the map's layer; others need their own maps).")
+@layers_option("Subject layer(s), e.g. 2 or 1,2 (default: the map's layer; others need their own maps).")
 @click.option("--mode", default="add", show_default=True,
               help="add: h += s·norm·u; clamp: set the projection of h on u to s·norm (or a registered mode).")
 @click.option("--positions", type=click.Choice(["all", "new"]), default="all", show_default=True,
@@ -95,9 +94,7 @@ def _plan(map_name: str | None, concepts: Sequence[str], plan_file: Path | None,
 @store_options
 @json_option
 @quiet_option
-def steer(map_name, concepts, prompts, strength, layers, mode, positions, combine, max_new_tokens, seed, sample,
-          temperature, native, model_path, plan_file, save_plan, device, dtype, store_dir: Path, db_url,
-          as_json: bool) -> None:
+def steer(map_name: str | None, store_dir: Path, db_url: str | None, as_json: bool, **options: Any) -> None:
     """Generate steered and unsteered continuations side by side, from the same seed.
 
     Each concept's atlas direction is mapped into the subject model through MAP's inverse (linear
@@ -106,12 +103,14 @@ def steer(map_name, concepts, prompts, strength, layers, mode, positions, combin
     """
     from engine.steering.plan import run_plan
 
-    plan = _plan(map_name, concepts, plan_file, native, dict(
-        strength=strength, layers=layers, mode=mode, positions=positions, combine=combine,
-        max_new_tokens=max_new_tokens, seed=seed, sample=sample, temperature=temperature))
+    o = SteerOptions(**options)
+    model_path, device, dtype, save_plan = o.model_path, o.device, o.dtype, o.save_plan
+    plan = _plan(map_name, o.concepts, o.plan_file, o.native, {k: getattr(o, k) for k in _PLAN_OPTIONS})
     quiet_transformers()
     store = open_store(store_dir, db_url)
-    model = tokenizer = model_name = None
+    model: Any = None
+    tokenizer: Any = None
+    model_name: str | None = None
     if model_path is not None:
         from engine.models.loading import load_model
 
@@ -119,7 +118,7 @@ def steer(map_name, concepts, prompts, strength, layers, mode, positions, combin
         resolved_path = str(model_path.resolve())
         model_name = next((m.name for m in store.models() if m.source and Path(m.source).expanduser().exists()
                            and str(Path(m.source).expanduser().resolve()) == resolved_path), None)
-    run = run_plan(store, plan, list(prompts), model=model, tokenizer=tokenizer, model_name=model_name,
+    run = run_plan(store, plan, list(o.prompts), model=model, tokenizer=tokenizer, model_name=model_name,
                    device=device, dtype=dtype)
     if save_plan is not None:
         plan.save(save_plan)
@@ -144,6 +143,29 @@ def steer(map_name, concepts, prompts, strength, layers, mode, positions, combin
         click.echo(f"plan saved to {save_plan}")
 
 
+@dataclass(frozen=True)
+class SteerOptions:
+    """The options of `atlas steer`, as click passes them."""
+
+    concepts: tuple[str, ...]
+    prompts: tuple[str, ...]
+    strength: float
+    layers: list[int] | None
+    mode: str
+    positions: str
+    combine: int
+    max_new_tokens: int
+    seed: int
+    sample: bool
+    temperature: float
+    native: bool
+    model_path: Path | None
+    plan_file: Path | None
+    save_plan: Path | None
+    device: str
+    dtype: str
+
+
 @click.command("export-steering")
 @click.argument("source", metavar="MAP|PLAN")
 @click.option("--concept", "-c", "concepts", multiple=True,
@@ -155,14 +177,13 @@ def steer(map_name, concepts, prompts, strength, layers, mode, positions, combin
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path), help="File to write.")
 @click.option("--strength", "-s", type=float, default=0.5, show_default=True,
               help="Strength in units of the subject site's typical residual norm.")
-@click.option("--layers", "-l", multiple=True, callback=comma_list(int, LAYER_LIST),
-              help="Subject layer(s), e.g. 2 or 1,2 (default: the map's layer; others need their own maps).")
+@layers_option("Subject layer(s), e.g. 2 or 1,2 (default: the map's layer; others need their own maps).")
 @click.option("--combine", type=int, default=0, show_default=True,
               help="Average each concept with its K nearest atlas neighbours.")
 @store_options
 @json_option
-def export_steering(source, concepts, fmt, output: Path, strength, layers, combine, store_dir: Path, db_url,
-                    as_json: bool) -> None:
+def export_steering(source: str, concepts: tuple[str, ...], fmt: str, output: Path, strength: float,
+                    layers: list[int] | None, combine: int, store_dir: Path, db_url: str | None, as_json: bool) -> None:
     """Write what a steering plan adds to the residual stream as a file for another runtime.
 
     MAP|PLAN is a map name (with --concept) or a plan saved by `atlas steer --save-plan`. Each

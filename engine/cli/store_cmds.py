@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -18,6 +20,13 @@ from engine.cli.common import (
     store_options,
 )
 from engine.store.index_location import parse_index_uri
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
+    from engine.models.loading import ModelKind
+    from engine.store.atlases import AtlasInfo
+    from engine.store.store import Store
 
 
 def register(cli: click.Group) -> None:
@@ -56,7 +65,7 @@ def db() -> None:
     """Database schema migrations (Alembic): upgrade, current, downgrade."""
 
 
-def _raw_engine(store_dir: Path, db_url: str | None):
+def _raw_engine(store_dir: Path, db_url: str | None) -> Engine:
     from engine.store.base import existing_store_db_url, make_engine
 
     return make_engine(existing_store_db_url(store_dir, db_url))
@@ -127,7 +136,8 @@ def models(ctx: click.Context, store_dir: Path, db_url: str | None, as_json: boo
 @click.option("--layer-module", help="Attribute path of the block list, for architectures not known (e.g. model.layers).")
 @store_options
 @json_option
-def models_add(name: str, source: str, kind, revision, layer_module, store_dir: Path, db_url: str | None,
+def models_add(name: str, source: str, kind: ModelKind, revision: str | None, layer_module: str | None,
+               store_dir: Path, db_url: str | None,
                as_json: bool) -> None:
     """Register SOURCE as model NAME: architecture, width, depth and tokenizer from its config and
     tokenizer files (no weights are loaded). NAME already registered is re-pointed at SOURCE when
@@ -182,13 +192,13 @@ index_uri_option = click.option(
          "(http://host:19530; credentials in $ATLAS_MILVUS_TOKEN).")
 
 
-def check_index_uri(store, index_uri: str | None) -> None:
+def check_index_uri(store: Store, index_uri: str | None) -> None:
     """Refuse a bad --index-uri before any work is done."""
     if index_uri is not None:
         parse_index_uri(index_uri, store.path)
 
 
-def _held_by(info) -> str:
+def _held_by(info: AtlasInfo) -> str:
     return "" if info.index_backend == "faiss" else f" on milvus ({info.index_uri})"
 
 
@@ -303,8 +313,7 @@ def gc(grace: float, dry_run: bool, store_dir: Path, db_url: str | None, as_json
 @store_options
 @json_option
 @quiet_option
-def import_means(corpus: Path, name: str, model: str, layer: int, hook: str, kind, batch_size: int, index_spec: str,
-                 index_uri, device: str, dtype: str, store_dir: Path, db_url: str | None, as_json: bool) -> None:
+def import_means(corpus: Path, name: str, store_dir: Path, db_url: str | None, as_json: bool, **options: Any) -> None:
     """Make an atlas of concept directions from a labelled CORPUS: one concept per label, its
     direction the mean residual of the label's texts at the site minus the mean over labels.
 
@@ -312,14 +321,16 @@ def import_means(corpus: Path, name: str, model: str, layer: int, hook: str, kin
     an atlas site this way, without an SAE.
     """
     from engine.align.corpus import read_labelled_corpus
-    from engine.models.concepts import import_means as run_import
+    from engine.models.class_means import import_means as run_import
 
+    o = MeansOptions(**options)
     quiet_transformers()
     store = open_store(store_dir, db_url)
-    check_index_uri(store, index_uri)
+    check_index_uri(store, o.index_uri)
     texts, labels, descriptions = read_labelled_corpus(corpus)
-    info = run_import(store, name, model, layer, texts, labels, descriptions, hook=hook, kind=kind,
-                      batch_size=batch_size, index_spec=index_spec, device=device, dtype=dtype, index_uri=index_uri)
+    info = run_import(store, name, o.model, o.layer, texts, labels, descriptions, hook=o.hook, kind=o.kind,
+                      batch_size=o.batch_size, index_spec=o.index_spec, device=o.device, dtype=o.dtype,
+                      index_uri=o.index_uri)
     if as_json:
         print_json(info)
     else:
@@ -327,6 +338,21 @@ def import_means(corpus: Path, name: str, model: str, layer: int, hook: str, kin
                    f"d={info.dim}, site {info.site}")
 
 
+
+
+@dataclass(frozen=True)
+class MeansOptions:
+    """The options of `atlas import-means` besides CORPUS, --name and the store, as click passes them."""
+
+    model: str
+    layer: int
+    hook: str
+    kind: ModelKind | None
+    batch_size: int
+    index_spec: str
+    index_uri: str | None
+    device: str
+    dtype: str
 
 # ---------------------------------------------------------------------- lookup
 
@@ -339,7 +365,8 @@ def import_means(corpus: Path, name: str, model: str, layer: int, hook: str, kin
               help="Use the label-embedding index (default: when installed and built).")
 @store_options
 @json_option
-def lookup(query: str, k: int, atlas: str | None, semantic, store_dir: Path, db_url: str | None, as_json: bool) -> None:
+def lookup(query: str, k: int, atlas: str | None, semantic: bool | None, store_dir: Path, db_url: str | None,
+           as_json: bool) -> None:
     """Find concepts whose label or description matches QUERY, ranked.
 
     Full-text search (bm25) over labels and descriptions, merged with semantic search over label
@@ -357,7 +384,7 @@ def lookup(query: str, k: int, atlas: str | None, semantic, store_dir: Path, db_
 @click.option("--atlas", help="Atlas of CONCEPT when it is given as a bare ordinal.")
 @store_options
 @json_option
-def neighbors(concept: str, k: int, atlas, store_dir: Path, db_url: str | None, as_json: bool) -> None:
+def neighbors(concept: str, k: int, atlas: str | None, store_dir: Path, db_url: str | None, as_json: bool) -> None:
     """The concepts nearest to CONCEPT (<atlas>/<ordinal>) by direction (cosine)."""
     hits = open_store(store_dir, db_url).neighbors(concept, k=k, atlas=atlas)
     emit(hits, as_json, ["rank", "ref", "label", "score"])
@@ -368,7 +395,7 @@ def neighbors(concept: str, k: int, atlas, store_dir: Path, db_url: str | None, 
 @click.option("--atlas", help="Atlas of CONCEPT when it is given as a bare ordinal.")
 @store_options
 @json_option
-def show(concept: str, atlas, store_dir: Path, db_url: str | None, as_json: bool) -> None:
+def show(concept: str, atlas: str | None, store_dir: Path, db_url: str | None, as_json: bool) -> None:
     """Show one concept: label, description, provenance, direction stats."""
     import dataclasses
 
@@ -398,7 +425,7 @@ def index() -> None:
 @click.argument("atlas", required=False)
 @store_options
 @json_option
-def index_verify(atlas, store_dir: Path, db_url: str | None, as_json: bool) -> None:
+def index_verify(atlas: str | None, store_dir: Path, db_url: str | None, as_json: bool) -> None:
     """Check ATLAS's (or every atlas's) vectors and index against their checksums; exit 1 on a problem.
 
     Without ATLAS, map files are checked too, and leftover files of interrupted writes (claimed by
@@ -432,7 +459,8 @@ def index_verify(atlas, store_dir: Path, db_url: str | None, as_json: bool) -> N
                    "Milvus server URI; moves the atlas's vectors there.")
 @store_options
 @json_option
-def index_rebuild(atlas: str, spec, index_uri, store_dir: Path, db_url: str | None, as_json: bool) -> None:
+def index_rebuild(atlas: str, spec: str | None, index_uri: str | None, store_dir: Path, db_url: str | None,
+                  as_json: bool) -> None:
     """Rebuild ATLAS's index from its vector file (the source of truth), atomically."""
     status = open_store(store_dir, db_url).rebuild_index(atlas, spec, index_uri=index_uri)
     if as_json:

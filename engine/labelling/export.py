@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TextIO
 
 from engine.errors import AtlasError, BadValueError
+from engine.registry import Registry
 from engine.store.store import Hit, LabellingRun, Store
 
 
@@ -73,20 +74,13 @@ class ExportContext:
 
 
 LabelWriter = Callable[[ExportContext, Iterable[FeatureLabels], TextIO], int]
-EXPORT_FORMATS: dict[str, LabelWriter] = {}
+EXPORT_FORMATS: Registry[LabelWriter] = Registry("label export format")
 ExportFormat = str  # a name in EXPORT_FORMATS: jsonl, csv, neuronpedia, or one registered
 
 
 def register_label_format(name: str) -> Callable[[LabelWriter], LabelWriter]:
     """Register ``writer(context, features, out) -> n_features`` as export format ``name`` (once)."""
-
-    def deco(fn: LabelWriter) -> LabelWriter:
-        if name in EXPORT_FORMATS:
-            raise ValueError(f"label export format {name!r} is already registered")
-        EXPORT_FORMATS[name] = fn
-        return fn
-
-    return deco
+    return EXPORT_FORMATS.register(name)
 
 
 def export_run(store: Store, name: str, out: TextIO, fmt: ExportFormat = "jsonl", *, partial: bool = False) -> int:

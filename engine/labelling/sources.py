@@ -25,6 +25,7 @@ import numpy as np
 
 from engine.atlas.importers import read_directions, read_matrix
 from engine.errors import FormatError, ShapeError
+from engine.registry import Registry
 
 if TYPE_CHECKING:
     from engine.align.map import AlignmentMap
@@ -73,7 +74,7 @@ def canonical_spec(source: str | Path, key: str | None = None) -> str:
 
 # Openers of sources named ``<scheme>:...`` (e.g. ConceptWorld's ``native:``), by scheme.
 SourceOpener = Callable[[str, "Store | None", "AlignmentMap | None"], FeatureSource]
-_SCHEMES: dict[str, SourceOpener] = {}
+_SCHEMES: Registry[SourceOpener] = Registry("feature source scheme")
 _SCHEME = re.compile(r"^([a-z][a-z0-9_]*):")
 
 
@@ -85,9 +86,7 @@ def register_feature_source(scheme: str, opener: SourceOpener) -> None:
     """
     if not _SCHEME.match(f"{scheme}:"):
         raise ValueError(f"a feature source scheme is lower-case letters, digits and '_', got {scheme!r}")
-    if scheme in _SCHEMES:
-        raise ValueError(f"feature source scheme {scheme!r} is already registered")
-    _SCHEMES[scheme] = opener
+    _SCHEMES.add(scheme, opener)
 
 
 def source_plugins() -> tuple[str, ...]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from pathlib import Path
 
 from engine.errors import AtlasError, BadValueError
@@ -33,8 +34,9 @@ def check_bind(host: str, token: str | None) -> None:
 
 
 def serve(store_dir: str | Path, *, db_url: str | None = None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-          token: str | None = None, log_level: str = "info") -> None:
-    """Open the store and serve it until interrupted."""
+          token: str | None = None, log_level: str = "info", announce: Callable[[str], None] | None = None) -> None:
+    """Check the bind rule, open the store and serve it until interrupted; ``announce`` receives a
+    line saying where (``serving DIR at http://HOST:PORT/``) before the server starts."""
     check_bind(host, token)
     try:
         import uvicorn
@@ -47,4 +49,7 @@ def serve(store_dir: str | Path, *, db_url: str | None = None, host: str = DEFAU
 
     store = Store.open(store_dir, db_url=db_url)
     app = create_app(store, token=token, loopback_only=is_loopback(host))
+    if announce is not None:
+        shown = DEFAULT_HOST if host in ("0.0.0.0", "::") else host
+        announce(f"serving {store_dir} at http://{shown}:{port}/" + ("  (token required)" if token else ""))
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -34,25 +34,19 @@ import torch
 from engine.errors import BadValueError, ShapeError, SiteMismatchError
 from engine.models.hooks import ResidualFn, residual_hooks, resolve_layer
 from engine.models.loading import d_model_of
+from engine.registry import Registry
 
 Mode = str  # a name in STEERING_MODES: "add", "clamp", or one registered with `register_mode`
 # fn(h (B, t, d), u (d,) or (B, 1, d) unit, target) -> edited h, out of place
 ModeFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
-STEERING_MODES: dict[str, ModeFn] = {}
+STEERING_MODES: Registry[ModeFn] = Registry("steering mode")
 Positions = Literal["all", "new"]
 POSITIONS: tuple[str, ...] = ("all", "new")
 
 
 def register_mode(name: str) -> Callable[[ModeFn], ModeFn]:
     """Register ``fn(h, u, target) -> h`` as steering mode ``name`` (once)."""
-
-    def deco(fn: ModeFn) -> ModeFn:
-        if name in STEERING_MODES:
-            raise ValueError(f"steering mode {name!r} is already registered")
-        STEERING_MODES[name] = fn
-        return fn
-
-    return deco
+    return STEERING_MODES.register(name)
 
 
 @register_mode("add")

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import BadValueError
+from engine.registry import Registry
 from engine.steering.plan import SteeringPlan, resolve_plan
 from engine.store.store import Store
 
@@ -49,19 +50,12 @@ class SteeringVectors:
 
 
 Writer = Callable[[SteeringVectors, Path], None]
-STEERING_FORMATS: dict[str, Writer] = {}
+STEERING_FORMATS: Registry[Writer] = Registry("steering export format")
 
 
 def register_steering_format(name: str) -> Callable[[Writer], Writer]:
     """Register ``writer(vectors, path)`` as export format ``name`` (once)."""
-
-    def deco(fn: Writer) -> Writer:
-        if name in STEERING_FORMATS:
-            raise ValueError(f"steering export format {name!r} is already registered")
-        STEERING_FORMATS[name] = fn
-        return fn
-
-    return deco
+    return STEERING_FORMATS.register(name)
 
 
 def steering_vectors(store: Store, plan: SteeringPlan) -> SteeringVectors:

@@ -79,10 +79,12 @@ def evaluate_world_labelling(store: Store, size: str = "small", seed: int = 0, m
 def _fit_default_map(store: Store, world: Any, key: str, quiet: bool, device: str = "cpu", dtype: str = "float32"):
     from engine.align.fit import align_subject
     from engine.align.pairing import PairingConfig
+    from engine.align.request import AlignRequest
 
     wm = getattr(world, key)
     # Validation texts come from the training documents: the world's held-out documents define the
     # ground-truth directions being scored, so no fit (nor its metrics) may see them.
     train, val = world_texts(world)
-    return align_subject(store, wm.name, Site((wm.default_layer,)), world.atlas_name, train, val,
-                         method="procrustes", quiet=quiet, config=PairingConfig(device=device, dtype=dtype))
+    request = AlignRequest(wm.name, world.atlas_name, train, val, Site((wm.default_layer,)), method="procrustes",
+                           config=PairingConfig(device=device, dtype=dtype))
+    return align_subject(store, request, quiet=quiet)

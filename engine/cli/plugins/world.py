@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from engine.cli.common import json_option, print_json, print_table, quiet_option, store_options
+import engine.world  # noqa: F401  (installs ConceptWorld's plug-in into the core's registries)
+from engine.cli.common import json_option, print_json, print_table, quiet_option, store_options, world_options
+
+if TYPE_CHECKING:
+    from engine.store.store import Store
+    from engine.world.build import World
 
 
 def register(cli: click.Group) -> None:
@@ -18,7 +24,7 @@ def world() -> None:
     """ConceptWorld: the built-in world of small trained models with known concepts."""
 
 
-def _open_or_init(store_dir: Path, db_url: str | None):
+def _open_or_init(store_dir: Path, db_url: str | None) -> tuple[Store, bool]:
     """Open the store, creating it first when there is none yet (a fresh clone needs no `atlas init`)."""
     from engine.store import layout
     from engine.store.store import Store
@@ -29,11 +35,10 @@ def _open_or_init(store_dir: Path, db_url: str | None):
 
 
 @world.command("build")
-@click.option("--size", type=click.Choice(["tiny", "small", "medium"]), default="tiny", show_default=True,
-              help="tiny: 10 concepts, trains in about a minute (tests); small: 32 concepts, minutes (demo); "
-                   "medium: 128 concepts, two-topic documents and shared member words (a harder benchmark; "
-                   "~15 CPU-minutes of training).")
-@click.option("--seed", default=0, show_default=True, help="World seed: same seed, same world.")
+@world_options(size_help="tiny: 10 concepts, trains in about a minute (tests); small: 32 concepts, minutes (demo); "
+                         "medium: 128 concepts, two-topic documents and shared member words (a harder benchmark; "
+                         "~15 CPU-minutes of training).",
+               seed_help="World seed: same seed, same world.")
 @click.option("--replace-atlas", is_flag=True, help="Re-register the world atlas even if the store has one.")
 @click.option("--sae/--no-sae", "with_sae", default=True, show_default=True,
               help="Also train (or reuse) the world's sparse autoencoders, label their latents with ground truth "
@@ -62,7 +67,7 @@ def build(size: str, seed: int, replace_atlas: bool, with_sae: bool, store_dir: 
     reg = register_world(store, w, replace=replace_atlas)
     sae_info = _build_saes(store, w, replace_atlas) if with_sae else None
     report = w.report
-    result = {
+    result: dict[str, Any] = {
         "world": w.name,
         "size": w.size,
         "seed": w.seed,
@@ -123,7 +128,7 @@ def build(size: str, seed: int, replace_atlas: bool, with_sae: bool, store_dir: 
             click.echo(f"  {line}")
 
 
-def _build_saes(store, w, replace: bool) -> dict:
+def _build_saes(store: Store, w: World, replace: bool) -> dict[str, Any]:
     """Train or reuse the world's SAEs and register its SAE atlas; plain data for the report."""
     from engine.world.sae import build_saes, register_sae_atlas
 
@@ -138,8 +143,7 @@ def _build_saes(store, w, replace: bool) -> dict:
 
 
 @world.command("corpus")
-@click.option("--size", type=click.Choice(["tiny", "small", "medium"]), default="tiny", show_default=True)
-@click.option("--seed", default=0, show_default=True, help="World seed.")
+@world_options()
 @click.option("--split", type=click.Choice(["train", "heldout"]), default="train", show_default=True,
               help="train: the documents maps are fitted on; heldout: the ones that define the concept directions.")
 @click.option("--labelled", is_flag=True, help="JSONL with text, label and description (for import-means); "

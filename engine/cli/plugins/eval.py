@@ -7,25 +7,32 @@ print their rows.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from engine.cli.common import (
-    LAYER_LIST,
     METHOD_NAMES,
     comma_list,
     device_options,
     emit,
     json_option,
+    layers_option,
     open_store,
     print_json,
     quiet_option,
     quiet_transformers,
     store_options,
+    world_options,
 )
 from engine.errors import BadValueError
 from engine.util import to_plain
+
+if TYPE_CHECKING:
+    from engine.align.evaluate import RetrievalRow
 
 
 @click.group("eval")
@@ -39,17 +46,19 @@ def register(cli: click.Group) -> None:
         eval_group.add_command(command)
 
 
+# `atlas eval` needs --world: the world is the only ground truth the engine ships (the flag says so in scripts)
+on_world = click.option("--world", "use_world", is_flag=True, required=True,
+                        help="Evaluate on ConceptWorld (the only ground truth the engine ships).")
+
 RETRIEVAL_COLUMNS = ["subject", "pairing", "layer", "method", "mrr", "mpp", "top1", "top5", "n_queries", "n_pairs"]
 
 
 @click.command("retrieval")
-@click.option("--world", "use_world", is_flag=True, required=True,
-              help="Evaluate on ConceptWorld (the only ground truth the engine ships).")
-@click.option("--size", type=click.Choice(["tiny", "small", "medium"]), default="tiny", show_default=True)
-@click.option("--seed", default=0, show_default=True, help="World seed.")
+@on_world
+@world_options("tiny")
 @click.option("--methods", "-m", multiple=True, callback=comma_list(),
               help=f"Methods to compare, e.g. procrustes,ridge (default: {','.join(METHOD_NAMES)}).")
-@click.option("--layers", "-l", multiple=True, callback=comma_list(int, LAYER_LIST), help="Subject layers (default: all).")
+@layers_option("Subject layers (default: all).")
 @click.option("--pairings", multiple=True, callback=comma_list(),
               help="Pairings (default: token for subject A; span and text for subject B, whose tokenizer differs).")
 @click.option("--subjects", multiple=True, callback=comma_list(), help="Subjects: a, b (default: both).")
@@ -62,8 +71,7 @@ RETRIEVAL_COLUMNS = ["subject", "pairing", "layer", "method", "mrr", "mpp", "top
 @store_options
 @json_option
 @quiet_option
-def eval_retrieval(use_world, size, seed, methods, layers, pairings, subjects, max_tokens, subject_model, kind, device,
-                   dtype, store_dir, db_url, as_json):
+def eval_retrieval(store_dir: Path, db_url: str | None, as_json: bool, **options: Any) -> None:
     """Concept retrieval through fitted maps on ConceptWorld (docs/design.md §8).
 
     Maps are fitted on the world's training documents (hyper-parameters such as ridge's λ on its
@@ -74,18 +82,20 @@ def eval_retrieval(use_world, size, seed, methods, layers, pairings, subjects, m
     """
     from engine.world.eval.retrieval import evaluate_model_retrieval, evaluate_world_retrieval
 
-    methods = methods or list(METHOD_NAMES)
+    o = RetrievalOptions(**options)
+    methods = o.methods or list(METHOD_NAMES)
     quiet_transformers()
-    if subject_model:
-        if subjects:
+    rows: Sequence[RetrievalRow]
+    if o.subject_model:
+        if o.subjects:
             raise click.UsageError("give --subjects (world subjects) or --subject-model, not both")
-        rows = evaluate_model_retrieval(open_store(store_dir, db_url), subject_model, size=size, seed=seed,
-                                        methods=methods, layers=layers, pairings=pairings, max_pairs=max_tokens,
-                                        kind=kind, device=device, dtype=dtype)
+        rows = evaluate_model_retrieval(open_store(store_dir, db_url), o.subject_model, size=o.size, seed=o.seed,
+                                        methods=methods, layers=o.layers, pairings=o.pairings, max_pairs=o.max_tokens,
+                                        kind=o.kind, device=o.device, dtype=o.dtype)
     else:
-        rows = evaluate_world_retrieval(open_store(store_dir, db_url), size=size, seed=seed, methods=methods,
-                                        layers=layers, pairings=pairings, subjects=subjects, max_pairs=max_tokens,
-                                        device=device, dtype=dtype)
+        rows = evaluate_world_retrieval(open_store(store_dir, db_url), size=o.size, seed=o.seed, methods=methods,
+                                        layers=o.layers, pairings=o.pairings, subjects=o.subjects,
+                                        max_pairs=o.max_tokens, device=o.device, dtype=o.dtype)
     if as_json:
         print_json([{"subject": r.subject, "method": r.method, "pairing": r.pairing, "layer": r.layer,
                      "mrr": r.mrr, "mpp": r.mpp, "top1": r.top1, "top5": r.top5, "n_queries": r.n_queries,
@@ -96,11 +106,27 @@ def eval_retrieval(use_world, size, seed, methods, layers, pairings, subjects, m
                "against); MPP = mean (rank-1)/(N-1), 0 perfect, 0.5 chance.")
 
 
+@dataclass(frozen=True)
+class RetrievalOptions:
+    """The options of `atlas eval retrieval`, as click passes them."""
+
+    use_world: bool
+    size: str
+    seed: int
+    methods: list[str] | None
+    layers: list[int] | None
+    pairings: list[str] | None
+    subjects: list[str] | None
+    max_tokens: int | None
+    subject_model: str | None
+    kind: str | None
+    device: str
+    dtype: str
+
+
 @click.command("labelling")
-@click.option("--world", "use_world", is_flag=True, required=True,
-              help="Evaluate on ConceptWorld (the only ground truth the engine ships).")
-@click.option("--size", type=click.Choice(["tiny", "small", "medium"]), default="small", show_default=True)
-@click.option("--seed", default=0, show_default=True, help="World seed.")
+@on_world
+@world_options("small")
 @click.option("--map", "map_names", multiple=True, help="Only these maps (default: every map on the world atlas).")
 @click.option("--features", "features", type=click.Choice(["all", "native", "sae"]), default="all", show_default=True,
               help="native: each subject's concept directions through its maps; sae: each subject SAE's latents "
@@ -109,16 +135,13 @@ def eval_retrieval(use_world, size, seed, methods, layers, pairings, subjects, m
               help=f"Methods of the SAE table's maps (default: {','.join(METHOD_NAMES)}).")
 @click.option("--max-docs", type=click.IntRange(min=1), default=2000, show_default=True,
               help="Training documents the SAE table's maps are fitted on.")
-@click.option("--layers", "-l", multiple=True, callback=comma_list(int, LAYER_LIST),
-              help="Subject layers of the SAE table, e.g. 0,1 (default: every layer of each subject). An SAE at a "
-                   "layer the world was built without is trained on first use and cached.")
+@layers_option("Subject layers of the SAE table, e.g. 0,1 (default: every layer of each subject). An SAE at a "
+               "layer the world was built without is trained on first use and cached.")
 @device_options
 @store_options
 @json_option
 @quiet_option
-def eval_labelling(use_world: bool, size: str, seed: int, map_names, features: str, methods, max_docs: int,
-                   layers, device: str,
-                   dtype: str, store_dir: Path, db_url, as_json: bool) -> None:
+def eval_labelling(store_dir: Path, db_url: str | None, as_json: bool, **options: Any) -> None:
     """Labelling accuracy on ConceptWorld: native concept directions and SAE latents, through maps.
 
     native: the features are the subject model's own concept directions (centred topic means);
@@ -143,6 +166,9 @@ def eval_labelling(use_world: bool, size: str, seed: int, map_names, features: s
     from engine.align.methods import get_method
     from engine.world.build import world_name
 
+    o = LabellingOptions(**options)
+    size, seed, map_names, features, methods, layers = o.size, o.seed, o.map_names, o.features, o.methods, o.layers
+    device, dtype = o.device, o.dtype
     method_list = list(methods or METHOD_NAMES)
     for m in method_list:
         get_method(m)  # an unknown name fails before any world is built
@@ -152,14 +178,14 @@ def eval_labelling(use_world: bool, size: str, seed: int, map_names, features: s
         raise BadValueError("--layers selects the SAE table's layers; the native table uses the maps of --map "
                             "(use --features sae or all)")
     store = open_store(store_dir, db_url)
-    rows: list = []
+    rows: list[dict[str, Any]] = []
     if features in ("all", "native"):
         rows += [{"features": "native", **dataclasses.asdict(r)} for r in evaluate_world_labelling(
             store, size=size, seed=seed, maps=list(map_names) or None, device=device, dtype=dtype)]
     sae_rows = []
     if features in ("all", "sae"):
         sae_rows = [dataclasses.asdict(r) for r in evaluate_sae_labelling(
-            store, size=size, seed=seed, methods=method_list, max_docs=max_docs, device=device, dtype=dtype,
+            store, size=size, seed=seed, methods=method_list, max_docs=o.max_docs, device=device, dtype=dtype,
             layers=list(layers) if layers else None)]
     if as_json:
         print_json(rows + sae_rows)
@@ -177,17 +203,30 @@ def eval_labelling(use_world: bool, size: str, seed: int, map_names, features: s
                    "latents found from the subject's mapped concept direction.")
 
 
+@dataclass(frozen=True)
+class LabellingOptions:
+    """The options of `atlas eval labelling`, as click passes them."""
+
+    use_world: bool
+    size: str
+    seed: int
+    map_names: tuple[str, ...]
+    features: str
+    methods: list[str] | None
+    max_docs: int
+    layers: list[int] | None
+    device: str
+    dtype: str
+
+
 @click.command("steering")
-@click.option("--world", "use_world", is_flag=True, required=True,
-              help="Evaluate on ConceptWorld (the only ground truth the engine ships).")
-@click.option("--size", type=click.Choice(["tiny", "small", "medium"]), default="small", show_default=True)
-@click.option("--seed", default=0, show_default=True, help="World seed.")
+@on_world
+@world_options("small")
 @click.option("--subject", type=click.Choice(["a", "b"]), default="a", show_default=True,
               help="World subject: a (Llama, the foundation's tokenizer) or b (GPT-NeoX, its own BPE).")
 @click.option("--strengths", multiple=True, callback=comma_list(float, "numbers like 1 or 0.5,1,2"),
               help="Strengths (x typical residual norm) to sweep, e.g. 0.5,1,2 (default: 0.125,0.25,0.35,0.5,0.7,1,2).")
-@click.option("--layers", "-l", multiple=True, callback=comma_list(int, LAYER_LIST),
-              help="Subject layers to evaluate, e.g. 1,2 (default: every layer).")
+@layers_option("Subject layers to evaluate, e.g. 1,2 (default: every layer).")
 @click.option("--map", "map_name", help="Evaluate this map only (default: every map of the subject onto the "
                                         "world atlas; Procrustes and ridge maps are fitted where missing).")
 @click.option("--max-new-tokens", "-n", type=int, default=20, show_default=True)
@@ -210,10 +249,7 @@ def eval_labelling(use_world: bool, size: str, seed: int, map_names, features: s
 @store_options
 @json_option
 @quiet_option
-def eval_steering(use_world: bool, size: str, seed: int, subject: str, strengths, layers, map_name,
-                  max_new_tokens: int, with_sae: bool, against_topic: bool, modes, positions_, against_strengths,
-                  against_prompts: int, device: str,
-                  dtype: str, store_dir: Path, db_url, as_json: bool) -> None:
+def eval_steering(store_dir: Path, db_url: str | None, as_json: bool, **options: Any) -> None:
     """Steering faithfulness on ConceptWorld: unsteered, transferred and native directions.
 
     Faithfulness (docs/design.md §8): the share of (concept, neutral prompt) trials whose greedy
@@ -242,23 +278,26 @@ def eval_steering(use_world: bool, size: str, seed: int, subject: str, strengths
     from engine.world.eval.against_topic import evaluate_world_against_topic
     from engine.world.eval.steering import evaluate_world_steering
 
-    modes, positions_ = modes or ["add", "clamp"], positions_ or ["all", "new"]
-    against_strengths = against_strengths or list(DEFAULT_STRENGTHS)
+    o = SteeringEvalOptions(**options)
+    size, seed, subject, strengths, layers = o.size, o.seed, o.subject, o.strengths, o.layers
+    max_new_tokens, device, dtype = o.max_new_tokens, o.device, o.dtype
+    modes, positions_ = o.modes or ["add", "clamp"], o.positions_ or ["all", "new"]
+    against_strengths = o.against_strengths or list(DEFAULT_STRENGTHS)
     check_options(modes, positions_, against_strengths)
     quiet_transformers()
     store = open_store(store_dir, db_url)
     report = evaluate_world_steering(store, size=size, seed=seed, subject=subject,
-                                     strengths=strengths, layers=layers, map_name=map_name,
+                                     strengths=strengths, layers=layers, map_name=o.map_name,
                                      max_new_tokens=max_new_tokens, device=device, dtype=dtype)
     against = None
-    if against_topic:
+    if o.against_topic:
         against = evaluate_world_against_topic(store, size=size, seed=seed, subject=subject, strengths=against_strengths,
                                                layers=layers, modes=modes, positions=positions_,
-                                               prompts_per_concept=against_prompts, max_new_tokens=max_new_tokens,
+                                               prompts_per_concept=o.against_prompts, max_new_tokens=max_new_tokens,
                                                device=device, dtype=dtype)
-    sae_rows: list[dict] = []
-    sae_info: dict = {}
-    if with_sae:
+    sae_rows: list[dict[str, Any]] = []
+    sae_info: dict[str, Any] = {}
+    if o.with_sae:
         from engine.world.eval.sae_steering import evaluate_sae_steering
 
         sae_report, sae_info = evaluate_sae_steering(store, size=size, seed=seed, subject=subject,
@@ -284,8 +323,30 @@ def eval_steering(use_world: bool, size: str, seed: int, subject: str, strengths
               "perplexity_alone", "n", "headline"])
         for line in against.summary:
             click.echo(line)
-    if with_sae:
+    if o.with_sae:
         click.echo(f"\nSAE latents vs topic means through the same maps ({sae_info['coverage']} of "
                    f"{sae_info['n_concepts']} concepts have a topic latent in the foundation SAE):")
         emit(sae_rows, False, ["direction", "prompts", "method", "layer", "strength", "faithfulness", "perplexity",
                                "n", "chosen_for_method"])
+
+
+@dataclass(frozen=True)
+class SteeringEvalOptions:
+    """The options of `atlas eval steering`, as click passes them."""
+
+    use_world: bool
+    size: str
+    seed: int
+    subject: str
+    strengths: list[float] | None
+    layers: list[int] | None
+    map_name: str | None
+    max_new_tokens: int
+    with_sae: bool
+    against_topic: bool
+    modes: list[str] | None
+    positions_: list[str] | None
+    against_strengths: list[float] | None
+    against_prompts: int
+    device: str
+    dtype: str

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import click
 
-from engine.cli.common import device_options, json_option, quiet_option, quiet_transformers, store_options
+from engine.cli.common import (
+    device_options,
+    json_option,
+    quiet_option,
+    quiet_transformers,
+    store_options,
+    world_options,
+)
 
 
 def register(cli: click.Group) -> None:
@@ -14,9 +21,8 @@ def register(cli: click.Group) -> None:
 
 
 @click.command()
-@click.option("--size", type=click.Choice(["tiny", "small"]), default="small", show_default=True,
-              help="ConceptWorld size: tiny (a few minutes, fewer concepts) or small (the figures of the issues).")
-@click.option("--seed", type=int, default=0, show_default=True, help="World seed.")
+@world_options("small", sizes=("tiny", "small"),
+               size_help="ConceptWorld size: tiny (a few minutes, fewer concepts) or small (the figures of the issues).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"), show_default=True,
               help="Folder for report.md, report.json and the PNG figures.")
 @click.option("--real-weights", is_flag=True,

@@ -1,0 +1,71 @@
+"""Labelling runs: the list, one run, a page of its rows, its labels as a file (the runs page)."""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from collections.abc import Iterator
+from typing import IO, Annotated, Any, Literal, cast
+
+from fastapi import APIRouter, Query
+from fastapi.responses import StreamingResponse
+
+from engine.serve.deps import MAX_ORDINAL, MAX_PAGE, Name, StoreDep
+from engine.util import to_plain
+
+router = APIRouter(tags=["runs"])
+
+
+@router.get("/api/runs", summary="Labelling runs (`atlas runs`)")
+def runs(store: StoreDep) -> list[dict[str, Any]]:
+    return to_plain(store.runs())
+
+
+@router.get("/api/runs/{name}", summary="One labelling run")
+def run(store: StoreDep, name: Name) -> dict[str, Any]:
+    return to_plain(store.run(name))
+
+
+@router.get("/api/runs/{name}/rows",
+            summary="One page of a run's features with their hits, sorted by feature, top score or margin")
+def run_rows(store: StoreDep, name: Name,
+             order: Annotated[Literal["feature", "score", "margin"], Query()] = "feature",
+             desc: bool = False,
+             offset: Annotated[int, Query(ge=0, le=MAX_ORDINAL)] = 0,
+             limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100) -> dict[str, Any]:
+    from engine.labelling.export import label_page
+
+    r = store.run(name)
+    page = label_page(store, name, order, descending=desc, offset=offset, limit=limit)
+    return {"run": to_plain(r), "total": r.n_done, "order": order, "desc": desc, "offset": offset, "limit": limit,
+            "rows": [{"feature": fl.feature, "margin": fl.margin, "hits": to_plain(fl.hits)} for fl in page]}
+
+
+@router.get("/api/runs/{name}/export", summary="A run's labels as a file (`atlas export`)",
+            response_class=StreamingResponse)
+def export(store: StoreDep, name: Name, format: Literal["jsonl", "csv", "neuronpedia"] = "jsonl",
+           partial: bool = False) -> StreamingResponse:
+    from engine.labelling.export import export_run
+
+    spool = tempfile.SpooledTemporaryFile(max_size=8 << 20)
+    try:
+        text = io.TextIOWrapper(cast(IO[bytes], spool), encoding="utf-8", newline="")
+        export_run(store, name, text, format, partial=partial)
+        text.flush()
+        text.detach()
+        spool.seek(0)
+    except BaseException:
+        spool.close()
+        raise
+
+    def chunks() -> Iterator[bytes]:
+        try:
+            while block := spool.read(1 << 16):
+                yield block
+        finally:
+            spool.close()
+
+    ext = "csv" if format == "csv" else "jsonl"
+    media = "text/csv" if format == "csv" else "application/x-ndjson"
+    return StreamingResponse(chunks(), media_type=media,
+                             headers={"Content-Disposition": f'attachment; filename="{name}.{format}.{ext}"'})
