@@ -174,6 +174,21 @@ def neuronpedia_export(tmp_path: Path) -> Path:
 
 # ---------------------------------------------------------------------- ConceptWorld (engine.world)
 
+# Fixtures that train (a world, its SAEs): only a test marked ``slow`` may use them, so that
+# ``-m "not slow"`` trains nothing (a hand-made model from tests/tiny_models.py serves the others).
+TRAINING_FIXTURES = frozenset({"tiny_world"})
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Fail, before any fixture is set up, a test outside the ``slow`` marker that would train: it
+    reaches a fixture of ``TRAINING_FIXTURES``, directly or through another fixture."""
+    training = TRAINING_FIXTURES & set(getattr(item, "fixturenames", ()))
+    if training and item.get_closest_marker("slow") is None:
+        pytest.fail(f"{item.nodeid} uses {', '.join(sorted(training))}, which trains: mark it slow "
+                    "(tests/conftest.py TRAINING_FIXTURES), or test it on a hand-made model (tests/tiny_models.py)",
+                    pytrace=False)
+
 
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
