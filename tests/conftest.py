@@ -194,13 +194,32 @@ def pytest_runtest_setup(item):
 def tiny_world(tmp_path_factory):
     """The `tiny` ConceptWorld, really built and trained once per test session.
 
-    Built under a session temporary folder, or under ``$ATLAS_TEST_CACHE`` when set, where it is
-    reused across sessions (by configuration fingerprint, like the store does).
+    Built under ``$ATLAS_TEST_CACHE`` when set, where it is reused across sessions (by configuration
+    fingerprint, like the store does), else under the run's temporary folder. With pytest-xdist
+    (``-n 2``) the workers share that folder, and a file lock lets one of them build while the others
+    wait and then reuse its world: the world is trained once per run, not once per worker.
     """
-    import os
-
     from engine.world import build_world
 
     cache = os.environ.get("ATLAS_TEST_CACHE")
-    root = Path(cache) / "worlds" if cache else tmp_path_factory.mktemp("worlds")
-    return build_world("tiny", seed=0, root=root, progress=False)
+    if cache:
+        root = Path(cache) / "worlds"
+    else:  # under xdist each worker's basetemp is <the run's basetemp>/<worker id>: share the run's
+        base = tmp_path_factory.getbasetemp()
+        root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "worlds"
+    root.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(root / ".tiny-world.lock"):
+        return build_world("tiny", seed=0, root=root, progress=False)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path):
+    """Hold an exclusive lock on ``path`` (created if missing) across processes: one holder at a time."""
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
