@@ -174,18 +174,52 @@ def neuronpedia_export(tmp_path: Path) -> Path:
 
 # ---------------------------------------------------------------------- ConceptWorld (engine.world)
 
+# Fixtures that train (a world, its SAEs): only a test marked ``slow`` may use them, so that
+# ``-m "not slow"`` trains nothing (a hand-made model from tests/tiny_models.py serves the others).
+TRAINING_FIXTURES = frozenset({"tiny_world"})
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Fail, before any fixture is set up, a test outside the ``slow`` marker that would train: it
+    reaches a fixture of ``TRAINING_FIXTURES``, directly or through another fixture."""
+    training = TRAINING_FIXTURES & set(getattr(item, "fixturenames", ()))
+    if training and item.get_closest_marker("slow") is None:
+        pytest.fail(f"{item.nodeid} uses {', '.join(sorted(training))}, which trains: mark it slow "
+                    "(tests/conftest.py TRAINING_FIXTURES), or test it on a hand-made model (tests/tiny_models.py)",
+                    pytrace=False)
+
 
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     """The `tiny` ConceptWorld, really built and trained once per test session.
 
-    Built under a session temporary folder, or under ``$ATLAS_TEST_CACHE`` when set, where it is
-    reused across sessions (by configuration fingerprint, like the store does).
+    Built under ``$ATLAS_TEST_CACHE`` when set, where it is reused across sessions (by configuration
+    fingerprint, like the store does), else under the run's temporary folder. With pytest-xdist
+    (``-n 2``) the workers share that folder, and a file lock lets one of them build while the others
+    wait and then reuse its world: the world is trained once per run, not once per worker.
     """
-    import os
-
     from engine.world import build_world
 
     cache = os.environ.get("ATLAS_TEST_CACHE")
-    root = Path(cache) / "worlds" if cache else tmp_path_factory.mktemp("worlds")
-    return build_world("tiny", seed=0, root=root, progress=False)
+    if cache:
+        root = Path(cache) / "worlds"
+    else:  # under xdist each worker's basetemp is <the run's basetemp>/<worker id>: share the run's
+        base = tmp_path_factory.getbasetemp()
+        root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "worlds"
+    root.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(root / ".tiny-world.lock"):
+        return build_world("tiny", seed=0, root=root, progress=False)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path):
+    """Hold an exclusive lock on ``path`` (created if missing) across processes: one holder at a time."""
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

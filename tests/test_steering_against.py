@@ -1,9 +1,12 @@
-"""Steering against a topic on the tiny ConceptWorld's subject A: the table's structure and rules.
+"""Steering against a topic on a hand-made model of the tiny ConceptWorld's recipe: the table's structure and rules.
 
 Real model, real generation: the validation and test prompts are disjoint, every choice keeps
-the fluency guard, and an edit at several layers at once really edits each of them. Directions
-are the subject's native ones (no map is fitted here, which keeps this to seconds); the world
-evaluation with transferred directions runs in tests/test_steering_world.py (slow).
+the fluency guard, and an edit at several layers at once really edits each of them. Nothing is
+trained: the model is subject A's architecture, freshly initialised (`engine.world.train.make_model`),
+on the tiny world's corpus and word tokenizer; its directions are that model's native concept
+directions (centred topic means over held-out documents). The table's structure and its rules do
+not depend on how well the model learnt the topics; the world evaluation with trained models and
+transferred directions runs in tests/test_steering_world.py (slow).
 """
 
 from __future__ import annotations
@@ -28,28 +31,60 @@ from engine.steering.against import (
 from engine.steering.edits import SteeringEdit, steer
 from engine.steering.faithfulness import DirectionSet
 from engine.steering.generate import typical_norm
-from engine.world.corpus import other_topic_prompts
+from engine.world.config import config_for
+from engine.world.corpus import make_corpus, other_topic_prompts, plurality_concept
+from engine.world.directions import concept_directions
+from engine.world.tokenizers import train_word_tokenizer
+from engine.world.train import make_model
+
+
+@dataclasses.dataclass
+class HandMadeWorld:
+    """What these tests read of a world: its concepts, held-out documents and plurality scorer."""
+
+    concepts: list
+    heldout_docs: list
+
+    def plurality_concept(self, text: str) -> int | None:
+        return plurality_concept(text, self.concepts)
 
 
 @pytest.fixture(scope="module")
-def subject(tiny_world):
-    model, tok = tiny_world.load("subject_a")
-    texts = [t for t, _ in tiny_world.heldout_docs[:40]]
+def world():
+    """The tiny world's concepts and held-out documents (generated, never trained on)."""
+    config = config_for("tiny")
+    concepts = config.concepts()
+    corpus = make_corpus(concepts, n_train=400, n_heldout_per_concept=8, seed=0, max_tokens=config.max_words,
+                         mix_prob=config.mix_prob)
+    return HandMadeWorld(concepts, corpus.heldout), corpus
+
+
+@pytest.fixture(scope="module")
+def subject(world):
+    world, corpus = world
+    config = config_for("tiny")
+    tok = train_word_tokenizer([t for t, _ in corpus.train + corpus.heldout], max_length=config.subject_a.max_length)
+    model = make_model(config.subject_a, tok, seed=1).eval()
+    texts = [t for t, _ in world.heldout_docs[:40]]
+    layers = list(range(config.subject_a.n_layers))
+    with torch.no_grad():
+        directions = concept_directions(model, tok, world.heldout_docs, len(world.concepts), layers)
     sites = []
-    for layer in range(tiny_world.subject_a.n_layers):
-        dirs = np.asarray(tiny_world.concept_directions("subject_a", layer))
+    for layer in layers:
+        dirs = np.asarray(directions[layer])
         norm = typical_norm(model, tok, texts, layer)
         sites.append(DirectionSet("native", layer, dirs, norm))
         # a second kind from the same directions, so both kinds of the table are exercised
         sites.append(DirectionSet("transferred", layer, dirs, norm, map=f"m{layer}", method="ridge"))
-    return tiny_world, model, tok, sites
+    return world, model, tok, sites
 
 
-def test_split_is_disjoint_and_covers_every_concept(tiny_world):
-    prompts = other_topic_prompts(tiny_world.heldout_docs, per_concept=6)
+def test_split_is_disjoint_and_covers_every_concept(world):
+    world, _ = world
+    prompts = other_topic_prompts(world.heldout_docs, per_concept=6)
     val, test = split_prompts(prompts + prompts[:5])  # duplicates land on one side only
     assert not {t for t, _ in val} & {t for t, _ in test}
-    assert {k for _, k in val} == {k for _, k in test} == set(range(len(tiny_world.concepts)))
+    assert {k for _, k in val} == {k for _, k in test} == set(range(len(world.concepts)))
     assert len(val) + len(test) == len({t for t, _ in prompts})
 
 

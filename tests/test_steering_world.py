@@ -3,7 +3,9 @@
 The world is the session's `tiny_world` where conftest provides one (linked into this test's
 store, so nothing is trained twice), else built here. The figures asserted are the issue's
 bars, which the tiny world clears (measured with the default settings: transferred 0.89 through
-the layer-2 ridge map at 0.5 x norm, perplexity 1.9x unsteered; native 0.98; chance is 0.1).
+the layer-2 ridge map at 0.5 x norm, perplexity 1.9x unsteered; native 0.98; chance is 0.1). The
+test sweeps 0.25, 0.5 and 1 x norm instead of the default 7 strengths, and chooses the same cells
+(transferred 0.8875, native 0.98125, both at 0.5 x norm; measured 2026-12-04).
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ def invoke(store, *args):
 
 
 def test_eval_steering_on_the_tiny_world(world_store):
-    r = invoke(world_store, "eval", "steering", "--world", "--size", "tiny", "--json", "--modes", "add",
-               "--positions", "all", "--against-strengths", "0.25,1")  # a small against-topic grid
+    # a small grid (the default sweeps 7 strengths): 0.5 x norm is where the default grid chose the
+    # transferred direction, 0.25 and 1 bracket it; a small against-topic grid as well
+    r = invoke(world_store, "eval", "steering", "--world", "--size", "tiny", "--json", "--strengths", "0.25,0.5,1",
+               "--modes", "add", "--positions", "all", "--against-strengths", "0.25,1")
     assert r.exit_code == 0, r.output
     rows = json.loads(r.stdout)
     neutral = [x for x in rows if x["prompts"] == "neutral"]
