@@ -23,8 +23,8 @@ def build_serve_store(root: Path, subject_folder: Path) -> Store:
     from test_steering import D
     from test_steering_plan import D_ATLAS, DESCRIPTIONS, LABELS, _map
 
-    from engine.contexts import top_contexts
     from engine.labelling import run as labelling
+    from engine.labelling.contexts import top_contexts
 
     store = Store.init(root / "store")
     rng = np.random.default_rng(0)

@@ -17,9 +17,9 @@ import pytest
 from test_steering import WORDS, D, save_tiny_model
 from test_steering_plan import D_ATLAS, DESCRIPTIONS, LABELS, _map
 
-import engine.contexts as contexts
-from engine.contexts import make_window, resolve_source, top_contexts
+import engine.labelling.contexts as contexts
 from engine.errors import BadValueError, DuplicateError, NotFoundError
+from engine.labelling.contexts import make_window, resolve_source, top_contexts
 from engine.store.store import Store
 
 TOP, CHUNK, BATCH, WINDOW = 4, 12, 4, 20

@@ -1,6 +1,6 @@
 """Top contexts as the store records them: the ``context_runs`` and ``concept_contexts`` rows (`ContextsMixin`).
 
-The pass that fills a run is `engine.contexts`; everything it reads or writes in the database goes
+The pass that fills a run is `engine.labelling.contexts`; everything it reads or writes in the database goes
 through the methods here, and these are the guarantees it builds on:
 
 - One run per source: an atlas (its own model at its site) or a map (its subject model, mapped

@@ -11,7 +11,7 @@ are written:
 - `engine.store.maps`: alignment maps, their rows and files (how a map is replaced safely);
 - `engine.store.runs`: labelling runs and their labels (the batch transaction that makes a run
   resumable exactly; the loop itself is `engine.labelling.run`);
-- `engine.store.contexts`: top-contexts runs and their windows (the pass is `engine.contexts`).
+- `engine.store.contexts`: top-contexts runs and their windows (the pass is `engine.labelling.contexts`).
 - `engine.store.files`: the store's files as a whole: claimed files, leftovers of interrupted
   writes, `gc`, `verify`.
 
