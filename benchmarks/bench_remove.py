@@ -46,14 +46,13 @@ def _atlas_with_run(store: Store, name: str, n_concepts: int, n_rows: int, rng) 
     n_features = max(1, n_rows // 5)
     run = store.add_run(f"{name}-run", f"{name}-map", feature_source="bench", fingerprint="0" * 64,
                         n_features=n_features, k=5, batch_size=10_000)
-    run_id, atlas_id, _ = store._run_keys(run.name)
-    concept_ids = store._concept_ids(atlas_id)
+    job = store.label_pass(run.name)
     chunk = 100_000
     for lo in range(0, n_features, chunk // 5):
         hi = min(n_features, lo + chunk // 5)
         ids = rng.integers(0, n_concepts, size=(hi - lo, 5))
         scores = rng.random(size=(hi - lo, 5)).astype(np.float32)
-        store._commit_batch(run_id, lo, hi, ids, scores, concept_ids, n_features)
+        job.commit_batch(lo, hi, scores, ids)
 
 
 def _time_remove(sizes: list[int], own: bool, repeat: int) -> list[dict]:

@@ -125,14 +125,12 @@ def test_two_workers_cannot_both_advance_a_run(mapped):
     store, _, _, _, path = mapped
     labelling.create_run(store, "m", str(path), k=2, batch_size=100, name="r")
     labelling.run_labelling(store, "r", max_batches=1, quiet=True)
-    with store.session() as s:
-        run_id = s.scalar(select(LabelRunRow.id).where(LabelRunRow.name == "r"))
+    stale = store.label_pass("r")
     ids = np.zeros((100, 2), np.int64)
-    cids = np.arange(400, dtype=np.int64) + 1
     with pytest.raises(RunConflictError):  # a stale worker re-committing batch 0
-        store._commit_batch(run_id, 0, 100, ids, np.zeros((100, 2), np.float32), cids, 230)
+        stale.commit_batch(0, 100, np.zeros((100, 2), np.float32), ids)
     with pytest.raises(RunConflictError):  # a worker whose idea of n_done is behind
-        store._commit_batch(run_id, 50, 150, ids, np.zeros((100, 2), np.float32), cids, 230)
+        stale.commit_batch(50, 150, np.zeros((100, 2), np.float32), ids)
     assert store.run("r").n_done == 100 and len(rows_of(store, "r")) == 200
 
 

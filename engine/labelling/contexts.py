@@ -37,7 +37,7 @@ import numpy as np
 
 from engine.errors import BadValueError, DuplicateError, NotFoundError, SiteMismatchError, SourceChangedError
 from engine.progress import progress
-from engine.store.contexts import ContextConflictError, ContextRun, worker_params
+from engine.store.contexts import ContextConflictError, ContextRun
 from engine.store.store import Store
 from engine.util import corpus_fingerprint
 
@@ -250,43 +250,33 @@ def run_contexts(store: Store, run: ContextRun, texts: Sequence[str], *, quiet: 
     score = _scorer(store, info, amap)
     state = TopWindows(info.n_concepts, run.top)
     state.load(store.context_rows(run.id))
-    store._set_context_status(run.id, "running", error=None,
-                              params={**run.params, "model_fingerprint": fp, "worker": worker_params()})
+    job = store.context_pass(run)
+    job.start({**run.params, "model_fingerprint": fp})
 
-    n, chunk, done, window = run.n_texts, run.chunk, run.n_done, int(run.params["window"])
+    window = int(run.params["window"])
     batch_size = int(run.params.get("batch_size") or DEFAULT_BATCH)
-    bar = progress(total=n, initial=done, desc=f"contexts {run.source}", unit="text", quiet=quiet)
-    chunks = 0
+    bar = progress(total=run.n_texts, initial=run.n_done, desc=f"contexts {run.source}", unit="text", quiet=quiet)
     try:
-        while done < n and (max_chunks is None or chunks < max_chunks):
-            hi = min(n, done + chunk)
-            changed = np.zeros(info.n_concepts, dtype=bool)
-            for b in collect(model, tokenizer, texts[done:hi], [layer], site=hook, batch_size=batch_size, desc=None,
-                             dtype=torch.float32):
-                bar.update(b.texts[1] - b.texts[0])
-                if b.n_tokens == 0:
-                    continue
-                x = next(iter(b.acts.values())).numpy()
-                if amap is None and x.shape[1] != info.dim:
-                    raise SiteMismatchError(f"model {model_name!r} has width {x.shape[1]} at layer {layer}; "
-                                            f"atlas {info.name!r} has {info.dim}")
-                changed |= state.merge(*_best_per_text(b, x, score, done))
-            ordinals = np.flatnonzero(changed)
-            store._commit_contexts(run.id, done, hi, n, ordinals.tolist(), state.rows(ordinals, texts, window))
-            done, chunks = hi, chunks + 1
-    except KeyboardInterrupt:
-        store._set_context_status(run.id, "interrupted")
-        raise
-    except ContextConflictError:
-        raise  # the other worker owns the run's status
-    except BaseException as e:
-        store._set_context_status(run.id, "failed", error=f"{type(e).__name__}: {e}")
-        raise
+        with job.running():
+            for i, (lo, hi) in enumerate(job.steps()):
+                if max_chunks is not None and i >= max_chunks:
+                    break
+                changed = np.zeros(info.n_concepts, dtype=bool)
+                for b in collect(model, tokenizer, texts[lo:hi], [layer], site=hook, batch_size=batch_size,
+                                 desc=None, dtype=torch.float32):
+                    bar.update(b.texts[1] - b.texts[0])
+                    if b.n_tokens == 0:
+                        continue
+                    x = next(iter(b.acts.values())).numpy()
+                    if amap is None and x.shape[1] != info.dim:
+                        raise SiteMismatchError(f"model {model_name!r} has width {x.shape[1]} at layer {layer}; "
+                                                f"atlas {info.name!r} has {info.dim}")
+                    changed |= state.merge(*_best_per_text(b, x, score, lo))
+                ordinals = np.flatnonzero(changed)
+                job.commit_chunk(lo, hi, ordinals.tolist(), state.rows(ordinals, texts, window))
     finally:
         bar.close()
-    if done < n:
-        store._set_context_status(run.id, "interrupted")
-    return store._context_run_by_id(run.id)
+    return job.status()
 
 
 def _scorer(store: Store, info: Any, amap: Any):

@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import os
 import re
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -36,7 +35,7 @@ from engine.errors import AtlasError, NotFoundError, SourceChangedError
 from engine.labelling.sources import FeatureSource, open_feature_source, source_plugins
 from engine.progress import progress
 from engine.search import project
-from engine.store.runs import LabellingRun, RunConflictError
+from engine.store.runs import LabellingRun, LabelPass, RunConflictError
 from engine.store.store import Store
 from engine.util import MAX_NAME, check_k, failpoint
 from indexes.base import VectorIndex
@@ -134,8 +133,7 @@ class _RunInputs:
     amap: AlignmentMap
     source: FeatureSource
     index: VectorIndex
-    run_id: int
-    atlas_id: int
+    job: LabelPass
 
 
 def _open_inputs(store: Store, run: LabellingRun, source: FeatureSource | None = None) -> _RunInputs:
@@ -153,10 +151,10 @@ def _open_inputs(store: Store, run: LabellingRun, source: FeatureSource | None =
             f"({source.n_features} features, fingerprint {source.fingerprint[:12]}, was {run.n_features}, "
             f"{run.fingerprint[:12]}); restore them, or start a new run with --overwrite"
         )
-    run_id, atlas_id, vec_sha = store._run_keys(name)
-    if vec_sha != run.params.get("atlas_vector_sha256"):
+    job = store.label_pass(name)
+    if job.atlas_vector_sha256 != run.params.get("atlas_vector_sha256"):
         raise SourceChangedError(f"atlas {run.atlas!r} was re-imported since run {name!r} started")
-    return _RunInputs(amap, source, store.index(run.atlas), run_id, atlas_id)
+    return _RunInputs(amap, source, store.index(run.atlas), job)
 
 
 def run_labelling(store: Store, name: str, *, quiet: bool = False, max_batches: int | None = None,
@@ -180,53 +178,37 @@ def run_labelling(store: Store, name: str, *, quiet: bool = False, max_batches: 
             f"labelling run {name!r} is running in process {worker.get('pid')}; wait for it or stop it first"
         )
     inputs = _open_inputs(store, run, _source)
-    run_id = inputs.run_id
-    concept_ids = store._concept_ids(inputs.atlas_id)  # ordinal -> concepts.id
-    me = {"host": socket.gethostname(), "pid": os.getpid()}
-    store._set_status(run_id, "running", error=None, params={**run.params, "worker": me})
-
-    n, bs, done = run.n_features, run.batch_size, run.n_done
-    stop = n if max_batches is None else min(n, done + max_batches * bs)
-    bar = progress(total=n, initial=done, desc=f"labelling {name}", unit="feat", quiet=quiet)
+    job = inputs.job
+    job.start(run.params)
+    stop = None if max_batches is None else run.n_done + max_batches * run.batch_size
+    bar = progress(total=run.n_features, initial=run.n_done, desc=f"labelling {name}", unit="feat", quiet=quiet)
     try:
-        if ray is None:
-            batches = _batches_here(inputs, run.k, done, stop, bs)
-        else:
-            batches = _batches_on_ray(store, run, done, stop, ray)
-        for lo, hi, scores, ids in batches:
-            store._commit_batch(run_id, lo, hi, ids, scores, concept_ids, n)
-            bar.update(hi - lo)
-            done = hi
-    except KeyboardInterrupt:
-        store._set_status(run_id, "interrupted")
-        raise
-    except RunConflictError:
-        raise  # the other worker owns the run's status
-    except BaseException as e:
-        store._set_status(run_id, "failed", error=f"{type(e).__name__}: {e}")
-        raise
+        with job.running():
+            steps = list(job.steps(stop))
+            batches = _batches_here(inputs, run.k, steps) if ray is None else _batches_on_ray(store, run, steps, ray)
+            for lo, hi, scores, ids in batches:
+                job.commit_batch(lo, hi, scores, ids)
+                bar.update(hi - lo)
     finally:
         bar.close()
-    if done < n:
-        store._set_status(run_id, "interrupted")
     return store.run(name)
 
 
 Batch = tuple[int, int, np.ndarray, np.ndarray]  # (lo, hi, scores (b, k), ordinals (b, k)) of features [lo, hi)
 
 
-def _batches_here(inputs: _RunInputs, k: int, lo: int, stop: int, bs: int) -> Iterator[Batch]:
-    """The run's batches from ``lo`` to ``stop``, computed in this process one at a time."""
-    while lo < stop:
-        hi = min(stop, lo + bs)
+def _batches_here(inputs: _RunInputs, k: int, steps: Iterable[tuple[int, int]]) -> Iterator[Batch]:
+    """The run's batches ``steps`` (``(lo, hi)`` each), computed in this process one at a time."""
+    for lo, hi in steps:
         scores, ids = label_batch(inputs.amap, inputs.index, inputs.source.vectors[lo:hi], k)  # (b, k) each
         yield lo, hi, scores, ids
-        lo = hi
 
 
-def _batches_on_ray(store: Store, run: LabellingRun, lo: int, stop: int, config: RayConfig) -> Iterator[Batch]:
+def _batches_on_ray(store: Store, run: LabellingRun, steps: list[tuple[int, int]], config: RayConfig
+                    ) -> Iterator[Batch]:
     """The same batches, from Ray tasks of up to `RAY_SHARD_BATCHES` batches each, in order."""
     bs = run.batch_size
+    lo, stop = (steps[0][0], steps[-1][1]) if steps else (run.n_done, run.n_done)
     where = StoreLocation.of(store)
     with ray_session(config) as r:
         cpus = cluster_cpus(r)
@@ -261,4 +243,4 @@ def label_shard(where: StoreLocation, name: str, lo: int, hi: int, plugins: tupl
     run = store.run(name)
     inputs = _open_inputs(store, run)
     failpoint("label.shard")
-    return list(_batches_here(inputs, run.k, lo, hi, run.batch_size))
+    return list(_batches_here(inputs, run.k, inputs.job.steps(hi, start=lo)))

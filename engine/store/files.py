@@ -41,7 +41,7 @@ from engine.store.atlases import AtlasesMixin, IndexStatus, _label_index_files
 from engine.store.base import StoreBase
 from engine.store.index_location import FAISS, MILVUS, IndexLocation
 from engine.store.maps import MapsMixin
-from engine.store.runs import process_alive
+from engine.store.passes import process_alive
 from engine.store.schema import AlignmentMapRow, AtlasRow
 from engine.util import sha256_bytes
 from indexes.milvus import collections, drop_collection
