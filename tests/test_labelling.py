@@ -303,3 +303,21 @@ def test_native_spec_names_every_world_size():
     assert _native_world("native:small", "anything") == ("small", 0)
     with pytest.raises(AtlasError, match=r"SIZE tiny, small, medium"):
         _native_world("native:huge", "world-medium-subject-a")
+
+
+def test_a_new_run_loads_its_map_once(mapped, monkeypatch):
+    """`label_features` (and `atlas label`, through `prepare_run`) reads the map file once per run."""
+    store, _, _, _, path = mapped
+    loads = []
+    real = type(store).load_map
+
+    def counted(self, name):
+        loads.append(name)
+        return real(self, name)
+
+    monkeypatch.setattr(type(store), "load_map", counted)
+    run = labelling.label_features(store, "m", str(path), k=2, batch_size=100, name="once", quiet=True)
+    assert run.status == "done" and loads == ["m"]
+    labelling.create_run(store, "m", str(path), k=2, batch_size=100, name="twice")
+    labelling.run_labelling(store, "twice", quiet=True)  # a resume (no prepared run) loads it again
+    assert loads == ["m", "m", "m"]

@@ -70,16 +70,17 @@ def label(map_name, features, k, name, batch_size, resume, overwrite, no_site_ch
     if resume:
         if map_name or features:
             raise click.UsageError("--resume RUN takes no MAP or --features: the run records them")
-        run_name = resume
+        run_name, prepared = resume, None
     else:
         if not map_name or not features:
             raise click.UsageError("give MAP and --features SOURCE (or --resume RUN)")
-        run_name = labelling.create_run(
+        prepared = labelling.prepare_run(
             store, map_name, features, k=k, name=name, batch_size=batch_size, site_check=not no_site_check,
             overwrite=overwrite,
-        ).name
+        )
+        run_name = prepared.run.name
     try:
-        run = labelling.run_labelling(store, run_name, ray=ray)
+        run = labelling.run_labelling(store, run_name, ray=ray, prepared=prepared)
     except KeyboardInterrupt:
         run = store.run(run_name)
         click.echo(f"interrupted at {run.n_done}/{run.n_features} features; "

@@ -42,8 +42,9 @@ from indexes.base import VectorIndex
 from indexes.faiss_backend import search_threads, set_search_threads
 
 __all__ = [
-    "DEFAULT_BATCH", "DEFAULT_K", "LabellingRun", "RunConflictError", "SourceChangedError", "check_source_site",
-    "create_run", "default_run_name", "label_batch", "label_features", "label_shard", "run_labelling",
+    "DEFAULT_BATCH", "DEFAULT_K", "LabellingRun", "PreparedRun", "RunConflictError", "SourceChangedError",
+    "check_source_site", "create_run", "default_run_name", "label_batch", "label_features", "label_shard",
+    "prepare_run", "run_labelling",
 ]
 
 DEFAULT_K = 5
@@ -63,21 +64,25 @@ def default_run_name(map_name: str, source: str, k: int) -> str:
     return f"{map_name}.{stem}{tail}"
 
 
-def create_run(
+@dataclasses.dataclass(frozen=True)
+class PreparedRun:
+    """A run just created, with the map and features it was checked against: `run_labelling` uses
+    them instead of loading the map and opening the features again."""
+
+    run: LabellingRun
+    amap: AlignmentMap
+    source: FeatureSource
+
+
+def prepare_run(
     store: Store, map_name: str, features: str, *, k: int = DEFAULT_K, name: str | None = None,
     batch_size: int = DEFAULT_BATCH, key: str | None = None, site_check: bool = True, overwrite: bool = False,
-) -> LabellingRun:
+) -> PreparedRun:
     """Record a new run labelling ``features`` (see `engine.labelling.sources`) through map ``map_name``.
 
     The features' width must be the map's subject width; where the source records its site
     (SAELens ``cfg.json``) the model and layer must be the map's too, unless ``site_check=False``.
     """
-    return _create_run(store, map_name, features, k=k, name=name, batch_size=batch_size, key=key,
-                       site_check=site_check, overwrite=overwrite)[0]
-
-
-def _create_run(store: Store, map_name: str, features: str, *, k: int, name: str | None, batch_size: int,
-                key: str | None, site_check: bool, overwrite: bool) -> tuple[LabellingRun, FeatureSource]:
     check_k(k)
     if batch_size < 1:
         raise AtlasError(f"--batch must be >= 1, got {batch_size}")
@@ -90,7 +95,16 @@ def _create_run(store: Store, map_name: str, features: str, *, k: int, name: str
         fingerprint=source.fingerprint, n_features=source.n_features, k=min(k, n_concepts), batch_size=batch_size,
         params={"source_kind": source.kind, "site_check": site_check, "k_requested": k}, overwrite=overwrite,
     )
-    return run, source
+    return PreparedRun(run, amap, source)
+
+
+def create_run(
+    store: Store, map_name: str, features: str, *, k: int = DEFAULT_K, name: str | None = None,
+    batch_size: int = DEFAULT_BATCH, key: str | None = None, site_check: bool = True, overwrite: bool = False,
+) -> LabellingRun:
+    """`prepare_run`, for the run only."""
+    return prepare_run(store, map_name, features, k=k, name=name, batch_size=batch_size, key=key,
+                       site_check=site_check, overwrite=overwrite).run
 
 
 def check_source_site(store: Store, amap: AlignmentMap, source: FeatureSource, site_check: bool = True) -> None:
@@ -115,9 +129,9 @@ def label_features(
     overwrite: bool = False, quiet: bool = False, ray: RayConfig | None = None,
 ) -> LabellingRun:
     """Create a run and carry it out to the end (see `create_run` and `run_labelling`)."""
-    run, source = _create_run(store, map_name, features, k=k, name=name, batch_size=batch_size, key=key,
-                              site_check=site_check, overwrite=overwrite)
-    return run_labelling(store, run.name, quiet=quiet, ray=ray, _source=source)
+    prepared = prepare_run(store, map_name, features, k=k, name=name, batch_size=batch_size, key=key,
+                           site_check=site_check, overwrite=overwrite)
+    return run_labelling(store, prepared.run.name, quiet=quiet, ray=ray, prepared=prepared)
 
 
 def label_batch(amap: AlignmentMap, index: VectorIndex, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -136,15 +150,20 @@ class _RunInputs:
     job: LabelPass
 
 
-def _open_inputs(store: Store, run: LabellingRun, source: FeatureSource | None = None) -> _RunInputs:
+def _open_inputs(store: Store, run: LabellingRun, prepared: PreparedRun | None = None) -> _RunInputs:
+    """The map, features, index and pass of a run, each checked against what the run started with
+    (the map and features of ``prepared`` where the run was just created: each is loaded once)."""
     name = run.name
     if store.map_info(run.map).sha256 != run.params.get("map_sha256"):
         raise SourceChangedError(
             f"map {run.map!r} was refitted since run {name!r} started; its labels would mix two maps. "
             f"Start a new run (`atlas label {run.map} --features ... --overwrite --name {name}`)"
         )
-    amap = store.load_map(run.map)
-    source = source or open_feature_source(run.feature_source, store=store, amap=amap)
+    if prepared is not None and prepared.run.name == name:
+        amap, source = prepared.amap, prepared.source
+    else:
+        amap = store.load_map(run.map)
+        source = open_feature_source(run.feature_source, store=store, amap=amap)
     if source.fingerprint != run.fingerprint or source.n_features != run.n_features:
         raise SourceChangedError(
             f"the features of run {name!r} ({run.feature_source}) changed since it started "
@@ -158,14 +177,15 @@ def _open_inputs(store: Store, run: LabellingRun, source: FeatureSource | None =
 
 
 def run_labelling(store: Store, name: str, *, quiet: bool = False, max_batches: int | None = None,
-                  ray: RayConfig | None = None, _source: FeatureSource | None = None) -> LabellingRun:
+                  ray: RayConfig | None = None, prepared: PreparedRun | None = None) -> LabellingRun:
     """Carry out a run from ``n_done`` to the end (or for ``max_batches`` batches).
 
     Each batch is projected, searched and committed together with the advance of ``n_done``.
     Ctrl-C leaves the run ``interrupted``, an error ``failed`` (with its message); both resume.
     With ``ray`` the batches are computed by Ray tasks (`label_shard`, several batches each) and
     committed here, in order, through the same guarded commit: the same rows, and a retried
-    task never writes twice (tasks write nothing).
+    task never writes twice (tasks write nothing). ``prepared`` (`prepare_run`'s, for this run)
+    saves loading the map and opening the features again.
     """
     run = store.run(name)
     if run.status == "done":
@@ -177,7 +197,7 @@ def run_labelling(store: Store, name: str, *, quiet: bool = False, max_batches: 
         raise RunConflictError(
             f"labelling run {name!r} is running in process {worker.get('pid')}; wait for it or stop it first"
         )
-    inputs = _open_inputs(store, run, _source)
+    inputs = _open_inputs(store, run, prepared)
     job = inputs.job
     job.start(run.params)
     stop = None if max_batches is None else run.n_done + max_batches * run.batch_size
