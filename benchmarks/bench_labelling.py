@@ -60,7 +60,7 @@ import indexes  # noqa: E402
 from engine.align.map import AlignmentMap  # noqa: E402
 from engine.labelling import run as labelling  # noqa: E402
 from engine.search import project  # noqa: E402
-from engine.store.store import Store  # noqa: E402
+from engine.store.store import AtlasSource, IndexPlacement, Store  # noqa: E402
 from indexes.exact import topk_inner_product  # noqa: E402
 
 
@@ -190,8 +190,10 @@ def main() -> None:
             else:
                 atlas = rng.normal(size=(args.concepts, args.d_atlas)).astype(np.float32)
             t0 = time.perf_counter()
-            store.add_atlas(atlas_name, atlas, [f"concept {i}" for i in range(args.concepts)], model="foundation",
-                            layer=12, index_spec=args.spec)
+            store.add_atlas(
+                atlas_name, atlas, [f"concept {i}" for i in range(args.concepts)],
+                source=AtlasSource(model="foundation", layer=12), index=IndexPlacement(spec=args.spec),
+            )
             t_build = time.perf_counter() - t0
             build_rss = peak_rss_gb()
             index_gb = index_file_gb(store, atlas_name)

@@ -47,7 +47,7 @@ from engine.align.pairing import PairingConfig  # noqa: E402
 from engine.distributed import RayConfig  # noqa: E402
 from engine.labelling import run as labelling  # noqa: E402
 from engine.store import layout  # noqa: E402
-from engine.store.store import Store  # noqa: E402
+from engine.store.store import AtlasSource, IndexPlacement, Store  # noqa: E402
 
 
 def timed(fn):
@@ -177,8 +177,10 @@ def align_large(store, world, texts, held, cfg, results, args, root, rng) -> Non
     s_dir = random_gpt2(root / "big-subject", fdir, 256, 4, seed=1)
     f_dir = random_gpt2(root / "big-foundation", fdir, 384, 4, seed=2)
     store.add_model("big-foundation", source=str(f_dir))
-    store.add_atlas("big-atlas", rng.normal(size=(2000, 384)).astype(np.float32),
-                    [f"c{i}" for i in range(2000)], model="big-foundation", layer=2, index_spec="Flat")
+    store.add_atlas(
+        "big-atlas", rng.normal(size=(2000, 384)).astype(np.float32), [f"c{i}" for i in range(2000)],
+        source=AtlasSource(model="big-foundation", layer=2), index=IndexPlacement(spec="Flat"),
+    )
     from engine.models.hooks import Site
 
     results["align-large"] = align_case(store, str(s_dir), "big-atlas", texts * args.repeat,
@@ -187,9 +189,11 @@ def align_large(store, world, texts, held, cfg, results, args, root, rng) -> Non
 
 def label_large(store, cfg, results, args, root, rng) -> None:
     d_s, d_a = 512, 768
-    store.add_atlas("label-atlas", rng.normal(size=(args.concepts, d_a)).astype(np.float32),
-                    [f"concept {i}" for i in range(args.concepts)], model="label-foundation", layer=12,
-                    index_spec="Flat")
+    store.add_atlas(
+        "label-atlas", rng.normal(size=(args.concepts, d_a)).astype(np.float32),
+        [f"concept {i}" for i in range(args.concepts)],
+        source=AtlasSource(model="label-foundation", layer=12), index=IndexPlacement(spec="Flat"),
+    )
     store.add_model("label-subject", d_model=d_s)
     q, _ = np.linalg.qr(rng.normal(size=(d_a, d_s)))
     w = q.T.astype(np.float32)

@@ -31,14 +31,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.align.map import AlignmentMap  # noqa: E402
-from engine.store.store import Store  # noqa: E402
+from engine.store.store import AtlasSource, Store  # noqa: E402
 
 D = 16
 
 
 def _atlas_with_run(store: Store, name: str, n_concepts: int, n_rows: int, rng) -> None:
     """Atlas ``name`` with a map and one run holding ``n_rows`` label rows (k=5 per feature)."""
-    store.add_atlas(name, rng.normal(size=(n_concepts, D)).astype(np.float32), model="x", layer=1)
+    store.add_atlas(
+        name, rng.normal(size=(n_concepts, D)).astype(np.float32), source=AtlasSource(model="x", layer=1),
+    )
     amap = AlignmentMap(rng.normal(size=(8, D)), rng.normal(size=(D, 8)), np.zeros(8), np.zeros(D), "procrustes",
                         subject_model="subj", subject_layer=1, atlas=name, atlas_model="x", atlas_layer=1,
                         metrics={"subject_resid_norm": 1.0, "atlas_resid_norm": 1.0})

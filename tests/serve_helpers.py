@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.store.store import Store
+from engine.store.store import AtlasSource, Store
 
 OTHER_LABELS = ["weather forecast", "stringed instruments", "mammals"]
 
@@ -28,10 +28,14 @@ def build_serve_store(root: Path, subject_folder: Path) -> Store:
 
     store = Store.init(root / "store")
     rng = np.random.default_rng(0)
-    store.add_atlas("fdn", rng.normal(size=(len(LABELS), D_ATLAS)).astype(np.float32), LABELS, DESCRIPTIONS,
-                    model="foundation", layer=1, source_kind="matrix", source_ref="fdn-directions.npy",
-                    revision="rev-1")
-    store.add_atlas("other", rng.normal(size=(3, 16)).astype(np.float32), OTHER_LABELS, model="foundation", layer=2)
+    store.add_atlas(
+        "fdn", rng.normal(size=(len(LABELS), D_ATLAS)).astype(np.float32), LABELS, DESCRIPTIONS,
+        source=AtlasSource(model="foundation", layer=1, kind="matrix", ref="fdn-directions.npy", revision="rev-1"),
+    )
+    store.add_atlas(
+        "other", rng.normal(size=(3, 16)).astype(np.float32), OTHER_LABELS,
+        source=AtlasSource(model="foundation", layer=2),
+    )
     store.add_model("subj", source=str(subject_folder), d_model=D, n_layers=3)
     store.save_map(_map(1, 1), "m1")
     store.save_map(_map(2, 2), "m2")

@@ -18,6 +18,7 @@ from tiny_models import (
 
 from engine.align.corpus import read_corpus, split_heldout
 from engine.cli import cli
+from engine.store.store import AtlasSource
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +35,10 @@ def folders(tmp_path_factory):
 @pytest.fixture
 def setup(store, folders, tmp_path):
     store.add_model("found", source=str(folders["found"]), d_model=48, n_layers=2)
-    store.add_atlas("atl", np.random.default_rng(0).normal(size=(6, 48)), [f"c{i}" for i in range(6)],
-                    model="found", layer=1)
+    store.add_atlas(
+        "atl", np.random.default_rng(0).normal(size=(6, 48)), [f"c{i}" for i in range(6)],
+        source=AtlasSource(model="found", layer=1),
+    )
     words = " ".join(CORPUS).replace(".", "").replace("!", "").split()
     rng = random.Random(0)
     corpus = tmp_path / "corpus.txt"

@@ -11,6 +11,7 @@ from engine.align.fit import fit_map
 from engine.align.map import MapSites
 from engine.align.stats import SufficientStats
 from engine.errors import DuplicateError, FormatError, NotFoundError, SiteMismatchError
+from engine.store.store import AtlasSource
 
 
 def _fit(dx=12, dy=8, seed=0, method="procrustes"):
@@ -27,8 +28,10 @@ def _fit(dx=12, dy=8, seed=0, method="procrustes"):
 @pytest.fixture
 def populated(store):
     store.add_model("subj", source="/models/subj", d_model=12, n_layers=3)
-    store.add_atlas("atl", np.random.default_rng(1).normal(size=(5, 8)), [f"c{i}" for i in range(5)],
-                    model="found", layer=2)
+    store.add_atlas(
+        "atl", np.random.default_rng(1).normal(size=(5, 8)), [f"c{i}" for i in range(5)],
+        source=AtlasSource(model="found", layer=2),
+    )
     return store
 
 

@@ -20,7 +20,7 @@ from test_steering_plan import D_ATLAS, DESCRIPTIONS, LABELS, _map
 import engine.labelling.contexts as contexts
 from engine.errors import BadValueError, DuplicateError, NotFoundError
 from engine.labelling.contexts import make_window, resolve_source, top_contexts
-from engine.store.store import Store
+from engine.store.store import AtlasSource, Store
 
 TOP, CHUNK, BATCH, WINDOW = 4, 12, 4, 20
 N_OWN = 9  # concepts of the atlases at the subject's own site
@@ -47,12 +47,19 @@ def world(tmp_path_factory):
     store.add_model("subj", source=str(folder), d_model=D, n_layers=3)
     rng = np.random.default_rng(3)
     w_enc = (10 * rng.normal(size=(D, N_OWN))).astype(np.float32)  # residual norms are ~0.13
-    store.add_atlas("sae", rng.normal(size=(N_OWN, D)).astype(np.float32), model="subj", layer=1,
-                    encoder={"W_enc": w_enc, "b_enc": np.full(N_OWN, -0.5, np.float32),
-                             "threshold": np.full(N_OWN, 0.5, np.float32)})
-    store.add_atlas("plain", rng.normal(size=(N_OWN, D)).astype(np.float32), model="subj", layer=1)
-    store.add_atlas("fdn", rng.normal(size=(len(LABELS), D_ATLAS)).astype(np.float32), LABELS, DESCRIPTIONS,
-                    model="foundation", layer=1)
+    store.add_atlas(
+        "sae", rng.normal(size=(N_OWN, D)).astype(np.float32),
+        encoder={"W_enc": w_enc, "b_enc": np.full(N_OWN, -0.5, np.float32),
+                             "threshold": np.full(N_OWN, 0.5, np.float32)},
+        source=AtlasSource(model="subj", layer=1),
+    )
+    store.add_atlas(
+        "plain", rng.normal(size=(N_OWN, D)).astype(np.float32), source=AtlasSource(model="subj", layer=1),
+    )
+    store.add_atlas(
+        "fdn", rng.normal(size=(len(LABELS), D_ATLAS)).astype(np.float32), LABELS, DESCRIPTIONS,
+        source=AtlasSource(model="foundation", layer=1),
+    )
     store.save_map(_map(1, 1), "m1")
     corpus = write_corpus(root / "corpus.txt", 40)
     yield store, corpus, root

@@ -80,7 +80,7 @@ def build_base(tmp: Path) -> None:
     from engine.align.map import AlignmentMap
     from engine.atlas.importers import import_atlas
     from engine.labelling.run import label_features
-    from engine.store.store import Store
+    from engine.store.store import AtlasSource, Store
     from tests.conftest import clustered_directions
 
     rng = np.random.default_rng(0)
@@ -90,7 +90,7 @@ def build_base(tmp: Path) -> None:
     np.save(tmp / "feats.npy", rng.normal(size=(40, 8)).astype(np.float32))
     (tmp / "save_map.py").write_text(SAVE_MAP)
     with Store.init(tmp / "base") as store:
-        import_atlas(store, "a", tmp / "a.npy", model="x", layer=1)
+        import_atlas(store, "a", tmp / "a.npy", site=AtlasSource(model="x", layer=1))
         store.add_model("subj", d_model=8)
         amap = AlignmentMap(rng.normal(size=(8, 16)), rng.normal(size=(16, 8)), np.zeros(8), np.zeros(16),
                             "procrustes", subject_model="subj", subject_layer=1, atlas="a", atlas_model="x",

@@ -17,6 +17,7 @@ import pytest
 from engine.distributed import RayConfig, map_ordered
 from engine.errors import AtlasError, BadValueError
 from engine.labelling import run as labelling
+from engine.store.store import AtlasSource, IndexPlacement
 from tests.test_labelling import rows_of
 from tests.test_search import D_SUBJECT, make_mapped_store
 
@@ -83,8 +84,10 @@ def test_ray_rows_are_bit_identical_where_the_search_threads_matter(ray_local, s
 
     rng = np.random.default_rng(0)
     d_s, d_a = 128, 384
-    store.add_atlas("big", rng.normal(size=(8000, d_a)).astype(np.float32), [f"c{i}" for i in range(8000)],
-                    model="f", layer=1, index_spec="Flat")
+    store.add_atlas(
+        "big", rng.normal(size=(8000, d_a)).astype(np.float32), [f"c{i}" for i in range(8000)],
+        source=AtlasSource(model="f", layer=1), index=IndexPlacement(spec="Flat"),
+    )
     store.add_model("sub", d_model=d_s)
     q, _ = np.linalg.qr(rng.normal(size=(d_a, d_s)))
     w = q.T.astype(np.float32)

@@ -21,6 +21,7 @@ from engine.models.loading import load_model
 from engine.steering.edits import steer
 from engine.steering.export import export_steering, steering_vectors
 from engine.steering.plan import PlanConcept, SteeringPlan, resolve_plan
+from engine.store.store import AtlasSource
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +32,10 @@ def subject_folder(tmp_path_factory):
 @pytest.fixture
 def steer_store(store, subject_folder):
     rng = np.random.default_rng(0)
-    store.add_atlas("fdn", rng.normal(size=(len(LABELS), D_ATLAS)).astype(np.float32), LABELS, DESCRIPTIONS,
-                    model="foundation", layer=1)
+    store.add_atlas(
+        "fdn", rng.normal(size=(len(LABELS), D_ATLAS)).astype(np.float32), LABELS, DESCRIPTIONS,
+        source=AtlasSource(model="foundation", layer=1),
+    )
     store.add_model("subj", source=str(subject_folder), d_model=D, n_layers=3)
     for L in (0, 1, 2):
         store.save_map(_map(L + 1, L), f"m{L}")

@@ -11,6 +11,7 @@ from engine.align.map import AlignmentMap
 from engine.errors import FormatError, NotFoundError, SiteMismatchError
 from engine.models.loading import load_model
 from engine.steering.plan import PlanConcept, SteeringPlan, resolve_concept, resolve_plan, run_plan
+from engine.store.store import AtlasSource
 
 D_ATLAS = 24
 LABELS = ["weather", "music", "animals", "fruit", "colours"]
@@ -37,8 +38,10 @@ def subject_folder(tmp_path_factory):
 @pytest.fixture
 def steer_store(store, subject_folder):
     rng = np.random.default_rng(0)
-    store.add_atlas("fdn", rng.normal(size=(len(LABELS), D_ATLAS)).astype(np.float32), LABELS, DESCRIPTIONS,
-                    model="foundation", layer=1)
+    store.add_atlas(
+        "fdn", rng.normal(size=(len(LABELS), D_ATLAS)).astype(np.float32), LABELS, DESCRIPTIONS,
+        source=AtlasSource(model="foundation", layer=1),
+    )
     store.add_model("subj", source=str(subject_folder), d_model=D, n_layers=3)
     store.save_map(_map(1, 1), "m1")
     store.save_map(_map(2, 2), "m2")

@@ -4,7 +4,8 @@ A map is stored as ``maps/<name>@<token>.safetensors``, a file name this write o
 (`engine.store.layout`; written to a temporary file, renamed atomically) and committed to the
 database last, with its checksum, so a crash leaves the old map or the new one (and an unclaimed
 file, which `Store.gc` removes). Removing a map that labelling runs use is refused unless asked to
-cascade. The provenance is also in the file's metadata, so a map file describes itself. The map
+cascade (`engine.store.removal`). The provenance is also in the file's metadata, so a map file
+describes itself. The map
 itself (`engine.align.map.AlignmentMap`) and how it is fitted (`engine.align.fit`) live in
 ``engine.align``; it is imported when a map is saved or loaded, not with the store, so opening a
 store does not import torch.
@@ -19,14 +20,13 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from engine.errors import DuplicateError, FormatError, InUseError, NotFoundError, SiteMismatchError
+from engine.errors import DuplicateError, FormatError, NotFoundError, SiteMismatchError
 from engine.store import layout
-from engine.store.atlases import Dependents, Removal, _dependents
 from engine.store.base import StoreBase
-from engine.store.schema import AlignmentMapRow, AtlasRow, FeatureLabelRow, LabelRunRow, ModelRow
+from engine.store.schema import AlignmentMapRow, AtlasRow, ModelRow
 from engine.util import check_name, failpoint, write_store_file
 
 if TYPE_CHECKING:
@@ -174,38 +174,6 @@ class MapsMixin(StoreBase):
             raise FormatError(f"map {name!r}: file has {amap.weight.shape}, database says "
                               f"({info.d_subject}, {info.d_atlas})")
         return amap
-
-    def map_dependents(self, name: str) -> Dependents:
-        """The labelling runs on a map and their label rows."""
-        with self.read_session() as s:
-            row = self._map_row(s, name)
-            deps = _dependents(s, AlignmentMapRow.id == row.id)
-        return dataclasses.replace(deps, maps=[], files=[])
-
-    def remove_map(self, name: str, cascade: bool = False) -> Removal:
-        """Delete a map's row, then its file.
-
-        While labelling runs use the map, refused with `InUseError` naming them, unless
-        ``cascade``: then the runs and their labels go too (set-based deletes, one transaction).
-        """
-        self.check_writable()
-        with self.session() as s:
-            row = self._map_row(s, name)
-            deps = _dependents(s, AlignmentMapRow.id == row.id)
-            if deps.runs and not cascade:
-                raise InUseError(
-                    f"map {name!r} is used by {len(deps.runs)} labelling run(s) ({', '.join(deps.runs[:5])}"
-                    f"{', ...' if len(deps.runs) > 5 else ''}) with {deps.n_labels} label rows; "
-                    f"`atlas map remove {name} --cascade` removes them too"
-                )
-            rel = row.file
-            run_ids = select(LabelRunRow.id).where(LabelRunRow.map_id == row.id)
-            s.execute(delete(FeatureLabelRow).where(FeatureLabelRow.run_id.in_(run_ids)))
-            s.execute(delete(LabelRunRow).where(LabelRunRow.map_id == row.id))
-            s.execute(delete(AlignmentMapRow).where(AlignmentMapRow.id == row.id))
-        failpoint("remove_map.committed")
-        (self.path / rel).unlink(missing_ok=True)
-        return Removal(atlases=[], maps=[name], runs=deps.runs, n_labels=deps.n_labels, files=[rel])
 
     def _map_row(self, s, name: str) -> AlignmentMapRow:
         row = s.scalar(select(AlignmentMapRow).where(AlignmentMapRow.name == name))

@@ -455,6 +455,7 @@ def register_sae_atlas(store, world: World, saes: WorldSAEs, replace: bool = Fal
     concepts. Kept if the store has it, unless ``replace``. The world's models must be registered."""
     from engine.atlas.importers import import_atlas
     from engine.errors import NotFoundError
+    from engine.store.store import AtlasSource
 
     name = sae_atlas_name(world)
     sae = saes.get("foundation")
@@ -467,7 +468,8 @@ def register_sae_atlas(store, world: World, saes: WorldSAEs, replace: bool = Fal
         store.remove_atlas(name)
         existed = False
     if not existed:
-        info = import_atlas(store, name, sae.path, labels=write_labels(sae), revision=saes.fingerprint)
+        info = import_atlas(store, name, sae.path, labels=write_labels(sae),
+                            site=AtlasSource(revision=saes.fingerprint))
     n_labelled = sum(1 for e in sae.ground_truth() if e["label"])
     return {"atlas": name, "n_latents": sae.n_latents, "n_labelled": n_labelled, "atlas_existed": existed,
             "layer": sae.layer, "model": sae.model, "path": str(sae.path)}
