@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ann_scale import perturb, recall_at, sae_like  # noqa: E402
 
 import indexes  # noqa: E402
-from engine.align.map import AlignmentMap  # noqa: E402
+from engine.align.map import AlignmentMap, save_map  # noqa: E402
 from engine.labelling import run as labelling  # noqa: E402
 from engine.search import project  # noqa: E402
 from engine.store.store import AtlasSource, IndexPlacement, Store  # noqa: E402
@@ -204,7 +204,7 @@ def main() -> None:
         store.add_model(subject, d_model=args.d_subject)
         amap = AlignmentMap(w, w.T, np.zeros(args.d_subject), np.zeros(args.d_atlas), "procrustes",
                             subject_model=subject, subject_layer=20, atlas=atlas_name)
-        store.save_map(amap, map_name)
+        save_map(store, amap, map_name)
         if args.structured:
             feats = structured_features(atlas, base, w, args.features, seed=2)
             val = structured_features(atlas, base, w, min(args.recall_sample, args.features), seed=1)

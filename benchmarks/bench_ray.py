@@ -42,7 +42,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.align.fit import align_layers  # noqa: E402
-from engine.align.map import AlignmentMap  # noqa: E402
+from engine.align.map import AlignmentMap, load_map, save_map  # noqa: E402
 from engine.align.pairing import PairingConfig  # noqa: E402
 from engine.distributed import RayConfig  # noqa: E402
 from engine.labelling import run as labelling  # noqa: E402
@@ -57,7 +57,7 @@ def timed(fn):
 
 
 def map_diff(store: Store, a: str, b: str) -> float:
-    wa, wb = store.load_map(a).weight.astype(np.float64), store.load_map(b).weight.astype(np.float64)
+    wa, wb = load_map(store, a).weight.astype(np.float64), load_map(store, b).weight.astype(np.float64)
     return float(np.linalg.norm(wa - wb) / np.linalg.norm(wa))
 
 
@@ -197,7 +197,7 @@ def label_large(store, cfg, results, args, root, rng) -> None:
     store.add_model("label-subject", d_model=d_s)
     q, _ = np.linalg.qr(rng.normal(size=(d_a, d_s)))
     w = q.T.astype(np.float32)
-    store.save_map(AlignmentMap(w, w.T, np.zeros(d_s), np.zeros(d_a), "procrustes",
+    save_map(store, AlignmentMap(w, w.T, np.zeros(d_s), np.zeros(d_a), "procrustes",
                                 subject_model="label-subject", subject_layer=20, atlas="label-atlas"),
                    "label-map")
     np.save(root / "features.npy", rng.normal(size=(args.features, d_s)).astype(np.float32))

@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.align.map import AlignmentMap  # noqa: E402
+from engine.align.map import AlignmentMap, save_map  # noqa: E402
 from engine.store.store import AtlasSource, Store  # noqa: E402
 
 D = 16
@@ -44,7 +44,7 @@ def _atlas_with_run(store: Store, name: str, n_concepts: int, n_rows: int, rng) 
     amap = AlignmentMap(rng.normal(size=(8, D)), rng.normal(size=(D, 8)), np.zeros(8), np.zeros(D), "procrustes",
                         subject_model="subj", subject_layer=1, atlas=name, atlas_model="x", atlas_layer=1,
                         metrics={"subject_resid_norm": 1.0, "atlas_resid_norm": 1.0})
-    store.save_map(amap, f"{name}-map")
+    save_map(store, amap, f"{name}-map")
     n_features = max(1, n_rows // 5)
     run = store.add_run(f"{name}-run", f"{name}-map", feature_source="bench", fingerprint="0" * 64,
                         n_features=n_features, k=5, batch_size=10_000)

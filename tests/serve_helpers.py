@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.align.map import save_map
 from engine.store.store import AtlasSource, Store
 
 OTHER_LABELS = ["weather forecast", "stringed instruments", "mammals"]
@@ -37,8 +38,8 @@ def build_serve_store(root: Path, subject_folder: Path) -> Store:
         source=AtlasSource(model="foundation", layer=2),
     )
     store.add_model("subj", source=str(subject_folder), d_model=D, n_layers=3)
-    store.save_map(_map(1, 1), "m1")
-    store.save_map(_map(2, 2), "m2")
+    save_map(store, _map(1, 1), "m1")
+    save_map(store, _map(2, 2), "m2")
     feats = root / "feats.npy"
     np.save(feats, np.random.default_rng(5).normal(size=(300, D)).astype(np.float32))
     labelling.label_features(store, "m1", str(feats), k=3, name="r1", batch_size=100, quiet=True)

@@ -18,6 +18,7 @@ from test_steering import WORDS, D, save_tiny_model
 from test_steering_plan import D_ATLAS, DESCRIPTIONS, LABELS, _map
 
 import engine.labelling.contexts as contexts
+from engine.align.map import load_map, save_map
 from engine.errors import BadValueError, DuplicateError, NotFoundError
 from engine.labelling.contexts import make_window, resolve_source, top_contexts
 from engine.store.store import AtlasSource, Store
@@ -60,7 +61,7 @@ def world(tmp_path_factory):
         "fdn", rng.normal(size=(len(LABELS), D_ATLAS)).astype(np.float32), LABELS, DESCRIPTIONS,
         source=AtlasSource(model="foundation", layer=1),
     )
-    store.save_map(_map(1, 1), "m1")
+    save_map(store, _map(1, 1), "m1")
     corpus = write_corpus(root / "corpus.txt", 40)
     yield store, corpus, root
     store.close()
@@ -85,7 +86,7 @@ def brute_force(store: Store, source: str, texts: list[str], top: int, window: i
     position = np.concatenate([b.position for b in batches])
     offsets = np.concatenate([b.offsets for b in batches])
     if src.map is not None:
-        x = store.load_map(src.map).map_activations(x)
+        x = load_map(store, src.map).map_activations(x)
     encoder = AtlasEncoder.from_tensors(store.atlas_tensors(src.atlas))
     if encoder is not None:
         acts = encoder.encode(x)

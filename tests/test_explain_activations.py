@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.align.map import AlignmentMap
+from engine.align.map import AlignmentMap, load_map, save_map
 from engine.search import feature_activations
 from engine.store.store import AtlasSource
 from tests.conftest import clustered_directions
@@ -31,8 +31,8 @@ def sae_store(store, subject_source, activation):
     w = rng.normal(size=(D_S, D_A)) / np.sqrt(D_S)
     amap = AlignmentMap(w, np.linalg.pinv(w), rng.normal(size=D_S), rng.normal(size=D_A), "procrustes",
                         subject_model="subj", subject_layer=1, atlas="at", atlas_model="found", atlas_layer=3)
-    store.save_map(amap, "m")
-    return enc, store.load_map("m")
+    save_map(store, amap, "m")
+    return enc, load_map(store, "m")
 
 
 def expected(enc, amap, acts, activation):

@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import select
 
+from engine.align.map import save_map
 from engine.cli import cli
 from engine.errors import AtlasError, BadNameError, DuplicateError, SiteMismatchError
 from engine.labelling import export as labelling_export
@@ -115,7 +116,7 @@ def test_resume_refuses_changed_features_or_map(mapped):
     with pytest.raises(SourceChangedError, match="changed"):
         labelling.run_labelling(store, "r")
     np.save(path, feats)
-    store.save_map(amap.__class__(**{**amap.__dict__, "weight": amap.weight * 2, "_torch_cache": {}}), "m",
+    save_map(store, amap.__class__(**{**amap.__dict__, "weight": amap.weight * 2, "_torch_cache": {}}), "m",
              overwrite=True)
     with pytest.raises(SourceChangedError, match="refitted"):
         labelling.run_labelling(store, "r")
@@ -309,13 +310,13 @@ def test_a_new_run_loads_its_map_once(mapped, monkeypatch):
     """`label_features` (and `atlas label`, through `prepare_run`) reads the map file once per run."""
     store, _, _, _, path = mapped
     loads = []
-    real = type(store).load_map
+    real = type(store).map_record
 
     def counted(self, name):
         loads.append(name)
         return real(self, name)
 
-    monkeypatch.setattr(type(store), "load_map", counted)
+    monkeypatch.setattr(type(store), "map_record", counted)
     run = labelling.label_features(store, "m", str(path), k=2, batch_size=100, name="once", quiet=True)
     assert run.status == "done" and loads == ["m"]
     labelling.create_run(store, "m", str(path), k=2, batch_size=100, name="twice")

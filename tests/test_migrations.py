@@ -10,6 +10,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
+from engine.align.map import save_map
 from engine.store import migrate
 from engine.store.schema import Base, include_object
 from engine.store.store import AtlasSource, IndexPlacement, make_engine
@@ -150,7 +151,7 @@ def test_downgrade_and_upgrade_keep_the_rows(tmp_path, db_url):
         source=AtlasSource(model="x", layer=1),
     )
     store.add_model("subj", d_model=8)
-    store.save_map(AlignmentMap(rng.normal(size=(8, 16)), rng.normal(size=(16, 8)), np.zeros(8), np.zeros(16),
+    save_map(store, AlignmentMap(rng.normal(size=(8, 16)), rng.normal(size=(16, 8)), np.zeros(8), np.zeros(16),
                                 "procrustes", subject_model="subj", subject_layer=1, atlas="a", atlas_model="x",
                                 atlas_layer=1, metrics={"subject_resid_norm": 1.0, "atlas_resid_norm": 1.0}), "m")
     np.save(tmp_path / "f.npy", rng.normal(size=(20, 8)).astype(np.float32))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from engine.align.map import AlignmentMap
+from engine.align.map import AlignmentMap, save_map
 from engine.cli import cli
 from engine.errors import BadValueError, IndexUnavailableError
 from engine.labelling.run import label_features
@@ -65,7 +65,7 @@ def test_reads_on_a_milvus_atlas_equal_the_faiss_ones(store, milvus_uri):
                             metrics={"subject_resid_norm": 1.0, "atlas_resid_norm": 1.0})
         if atlas == "f":
             store.add_model("subj", d_model=8)
-        store.save_map(amap, f"map-{atlas}")
+        save_map(store, amap, f"map-{atlas}")
         label_features(store, f"map-{atlas}", str(store.path.parent / "feats.npy"), k=3, name=f"run-{atlas}",
                        batch_size=6, quiet=True)
         runs[atlas] = [(f, rank, round(score, 4)) for f, rank, score, *_ in store.run_label_rows(f"run-{atlas}", 0, 12)]

@@ -14,6 +14,7 @@ import signal
 import numpy as np
 import pytest
 
+from engine.align.map import load_map, save_map
 from engine.distributed import RayConfig, map_ordered
 from engine.errors import AtlasError, BadValueError
 from engine.labelling import run as labelling
@@ -91,7 +92,7 @@ def test_ray_rows_are_bit_identical_where_the_search_threads_matter(ray_local, s
     store.add_model("sub", d_model=d_s)
     q, _ = np.linalg.qr(rng.normal(size=(d_a, d_s)))
     w = q.T.astype(np.float32)
-    store.save_map(AlignmentMap(w, w.T, np.zeros(d_s), np.zeros(d_a), "procrustes", subject_model="sub",
+    save_map(store, AlignmentMap(w, w.T, np.zeros(d_s), np.zeros(d_a), "procrustes", subject_model="sub",
                                 subject_layer=1, atlas="big"), "bm")
     np.save(tmp_path / "f.npy", rng.normal(size=(1000, d_s)).astype(np.float32))
     for name, ray_config in (("here", None), ("there", CONFIG)):
@@ -184,7 +185,7 @@ def test_ray_alignment_fits_the_in_process_maps_though_a_worker_is_killed(ray_lo
     assert marker.exists()  # a worker died mid-pass; its shard was run again and counted once
     for h, t in zip(here, there, strict=True):
         assert (t.subject_layer, t.n_pairs, t.corpus_fingerprint) == (h.subject_layer, h.n_pairs, h.corpus_fingerprint)
-        a, b = store.load_map(h.name), store.load_map(t.name)
+        a, b = load_map(store, h.name), load_map(store, t.name)
         # the same map to rounding (relative Frobenius norm of the difference; the map is stored in float32;
         # with float32 statistics the in-process map itself is ~3e-5 from the float64 one, see README)
         for x, y in ((a.weight, b.weight), (a.subject_mean, b.subject_mean), (a.atlas_mean, b.atlas_mean)):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.align.map import AlignmentMap
+from engine.align.map import AlignmentMap, load_map, save_map
 from engine.errors import SiteMismatchError
 from engine.search import atlas_centre, project, search, search_arrays
 from engine.store.store import AtlasSource, IndexPlacement
@@ -30,8 +30,8 @@ def make_mapped_store(store, n=N_CONCEPTS, d_s=D_SUBJECT, d_a=D_ATLAS, seed=0, m
     w = rng.normal(size=(d_s, d_a)) / np.sqrt(d_s)
     amap = AlignmentMap(w, np.linalg.pinv(w), rng.normal(size=d_s), rng.normal(size=d_a), "procrustes",
                         subject_model="subj", subject_layer=subject_layer, atlas="at", atlas_model="found", atlas_layer=3)
-    store.save_map(amap, map_name)
-    return x, store.load_map(map_name)
+    save_map(store, amap, map_name)
+    return x, load_map(store, map_name)
 
 
 def brute_force(queries: np.ndarray, atlas: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

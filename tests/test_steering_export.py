@@ -14,6 +14,7 @@ from safetensors import safe_open
 from test_steering import D, one_thread, save_tiny_model  # noqa: F401  (one_thread: autouse fixture)
 from test_steering_plan import D_ATLAS, DESCRIPTIONS, LABELS, _map
 
+from engine.align.map import save_map
 from engine.cli import cli
 from engine.errors import BadValueError
 from engine.models.hooks import read_residuals
@@ -38,7 +39,7 @@ def steer_store(store, subject_folder):
     )
     store.add_model("subj", source=str(subject_folder), d_model=D, n_layers=3)
     for L in (0, 1, 2):
-        store.save_map(_map(L + 1, L), f"m{L}")
+        save_map(store, _map(L + 1, L), f"m{L}")
     return store
 
 

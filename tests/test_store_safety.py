@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import func, select
 
-from engine.align.map import AlignmentMap
+from engine.align.map import AlignmentMap, save_map
 from engine.cli import cli
 from engine.errors import BadNameError, InUseError
 from engine.labelling.run import label_features
@@ -30,7 +30,7 @@ def _map(store, name="m", atlas="a", seed=0):
     amap = AlignmentMap(rng.normal(size=(8, 16)), rng.normal(size=(16, 8)), np.zeros(8), np.zeros(16), "procrustes",
                         subject_model="subj", subject_layer=1, atlas=atlas, atlas_model="x", atlas_layer=1,
                         metrics={"subject_resid_norm": 1.0, "atlas_resid_norm": 1.0})
-    return store.save_map(amap, name)
+    return save_map(store, amap, name)
 
 
 @pytest.fixture

@@ -167,11 +167,12 @@ def explain(map_name: str, text: str, k: int, raw: bool, device: str, dtype: str
     activation ("act"): the token's residual mapped to the atlas site and put through the SAE's
     encoder (ReLU, JumpReLU threshold or TopK k, as the SAE was trained).
     """
+    from engine.align.map import load_map
     from engine.search import explain as run_explain
 
     quiet_transformers()
     store = open_store(store_dir, db_url)
-    tokens = run_explain(store, store.load_map(map_name), text, k, centre=not raw, device=device, dtype=dtype)
+    tokens = run_explain(store, load_map(store, map_name), text, k, centre=not raw, device=device, dtype=dtype)
     if as_json:
         print_json(tokens)
         return
@@ -195,13 +196,14 @@ def explain(map_name: str, text: str, k: int, raw: bool, device: str, dtype: str
 @json_option
 def search(map_name: str, vectors: Path, key, k: int, kind: VectorKind, store_dir: Path, db_url, as_json: bool) -> None:
     """Raw vector search through MAP: the top-k atlas concepts of each subject vector in FILE."""
+    from engine.align.map import load_map
     from engine.atlas.importers import read_matrix
     from engine.search import hits_table
     from engine.search import search as run_search
 
     store = open_store(store_dir, db_url)
     x = read_matrix(vectors, key).W_dec
-    emit(hits_table(run_search(store, store.load_map(map_name), x, k, kind=kind)), as_json,
+    emit(hits_table(run_search(store, load_map(store, map_name), x, k, kind=kind)), as_json,
          ["query", "rank", "ref", "label", "score"])
 
 

@@ -239,7 +239,9 @@ def run_contexts(store: Store, run: ContextRun, texts: Sequence[str], *, quiet: 
         if store.map_info(run.map).sha256 != run.params.get("map_sha256"):
             raise SourceChangedError(f"map {run.map!r} was refitted since its top contexts started; "
                                      "--overwrite restarts")
-        amap = store.load_map(run.map)
+        from engine.align.map import load_map
+
+        amap = load_map(store, run.map)
     model_name, layer, hook = run.params["model"], int(run.params["layer"]), str(run.params["hook"])
     if model is None or tokenizer is None:
         model, tokenizer = load_registered(store, model_name)

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from engine.align.map import AlignmentMap
+from engine.align.map import AlignmentMap, load_map
 from engine.distributed.ray_exec import RayConfig, StoreLocation, cluster_cpus, map_ordered, ray_session
 from engine.errors import AtlasError, NotFoundError, SourceChangedError
 from engine.labelling.sources import FeatureSource, open_feature_source, source_plugins
@@ -86,7 +86,7 @@ def prepare_run(
     check_k(k)
     if batch_size < 1:
         raise AtlasError(f"--batch must be >= 1, got {batch_size}")
-    amap = store.load_map(map_name)
+    amap = load_map(store, map_name)
     source = open_feature_source(features, key=key, store=store, amap=amap)
     check_source_site(store, amap, source, site_check)
     n_concepts = store.atlas(amap.atlas).n_concepts
@@ -162,7 +162,7 @@ def _open_inputs(store: Store, run: LabellingRun, prepared: PreparedRun | None =
     if prepared is not None and prepared.run.name == name:
         amap, source = prepared.amap, prepared.source
     else:
-        amap = store.load_map(run.map)
+        amap = load_map(store, run.map)
         source = open_feature_source(run.feature_source, store=store, amap=amap)
     if source.fingerprint != run.fingerprint or source.n_features != run.n_features:
         raise SourceChangedError(

@@ -351,10 +351,11 @@ def create_app(store: Store | str | Path, *, db_url: str | None = None, token: s
     @app.post("/api/explain", tags=["models"],
               summary="Per token: the top atlas concepts through a map; the text's concepts by max / mean (`atlas explain`)")
     def explain(req: Annotated[ExplainRequest, Body()]) -> dict[str, Any]:
+        from engine.align.map import load_map
         from engine.search import explain as run_explain
         from engine.search import explain_summary
 
-        amap = the_store.load_map(req.map)
+        amap = load_map(the_store, req.map)
         model, tokenizer, lock = models.get(amap.subject_model)
         with lock:
             tokens = run_explain(the_store, amap, req.text, req.k, centre=not req.raw, model=model, tokenizer=tokenizer)
