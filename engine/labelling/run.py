@@ -211,7 +211,7 @@ def run_labelling(store: Store, name: str, *, quiet: bool = False, max_batches: 
                 bar.update(hi - lo)
     finally:
         bar.close()
-    return store.run(name)
+    return job.status()
 
 
 Batch = tuple[int, int, np.ndarray, np.ndarray]  # (lo, hi, scores (b, k), ordinals (b, k)) of features [lo, hi)

@@ -258,8 +258,13 @@ class LabelPass(ResumablePass):
                  run: LabellingRun) -> None:
         super().__init__(store.engine, _RUNS, run_id, n=run.n_features, done=run.n_done, step=run.batch_size,
                          conflict=RunConflictError, what="labelling run", unit="feature", failpoints="label.batch")
-        self.store, self.atlas_id, self.atlas_vector_sha256 = store, atlas_id, atlas_vector_sha256
+        self.store, self.name = store, run.name
+        self.atlas_id, self.atlas_vector_sha256 = atlas_id, atlas_vector_sha256
         self._concept_ids: np.ndarray | None = None
+
+    def status(self) -> LabellingRun:
+        """The run as the store records it now."""
+        return self.store.run(self.name)
 
     def commit_batch(self, lo: int, hi: int, scores: np.ndarray, ids: np.ndarray) -> None:
         """Advance n_done lo → hi and insert the label rows of features [lo, hi) (``ids``: atlas
