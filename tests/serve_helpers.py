@@ -25,7 +25,7 @@ def build_serve_store(root: Path, subject_folder: Path) -> Store:
     from test_steering_plan import D_ATLAS, DESCRIPTIONS, LABELS, _map
 
     from engine.labelling import run as labelling
-    from engine.labelling.contexts import top_contexts
+    from engine.labelling.contexts import ContextSettings, top_contexts
 
     store = Store.init(root / "store")
     rng = np.random.default_rng(0)
@@ -43,7 +43,8 @@ def build_serve_store(root: Path, subject_folder: Path) -> Store:
     feats = root / "feats.npy"
     np.save(feats, np.random.default_rng(5).normal(size=(300, D)).astype(np.float32))
     labelling.label_features(store, "m1", str(feats), k=3, name="r1", batch_size=100, quiet=True)
-    top_contexts(store, "m1", write_context_corpus(root / "corpus.txt"), top=5, chunk=8, batch_size=4, quiet=True)
+    top_contexts(store, "m1", write_context_corpus(root / "corpus.txt"), ContextSettings(top=5, chunk=8, batch_size=4),
+                 quiet=True)
     return store
 
 

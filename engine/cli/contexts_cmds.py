@@ -46,12 +46,12 @@ def contexts(source: str, corpus: Path, top: int, window: int, chunk: int, batch
     again continues a stopped run (nothing to do when it is done); --overwrite starts over. Say
     atlas:NAME or map:NAME where a name is both.
     """
-    from engine.labelling.contexts import top_contexts
+    from engine.labelling.contexts import ContextSettings, top_contexts
 
     store = open_store(store_dir, db_url)
     quiet_transformers()
     try:
-        run = top_contexts(store, source, corpus, top=top, chunk=chunk, batch_size=batch_size, window=window,
+        run = top_contexts(store, source, corpus, ContextSettings(top, chunk, batch_size, window),
                            overwrite=overwrite)
     except KeyboardInterrupt:
         from engine.labelling.contexts import resolve_source

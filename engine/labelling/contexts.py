@@ -42,7 +42,7 @@ from engine.store.store import Store
 from engine.util import corpus_fingerprint
 
 __all__ = [
-    "DEFAULT_BATCH", "DEFAULT_CHUNK", "DEFAULT_TOP", "DEFAULT_WINDOW", "ContextConflictError", "ContextRun",
+    "DEFAULT_BATCH", "DEFAULT_CHUNK", "DEFAULT_TOP", "DEFAULT_WINDOW", "ContextConflictError", "ContextRun", "ContextSettings",
     "ContextSource", "TopWindows", "make_window", "resolve_source", "run_contexts", "top_contexts",
 ]
 
@@ -84,6 +84,18 @@ def resolve_source(store: Store, name: str) -> ContextSource:
         return ContextSource(m.atlas, m.name, m.subject_model, m.subject_layer, m.subject_hook)
     what = {"atlas": "atlas", "map": "map"}.get(want or "", "atlas or map")
     raise NotFoundError(f"no {what} named {name!r}; `atlas atlases` and `atlas maps` list them")
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextSettings:
+    """How a top-contexts run is computed: the ``top`` windows kept per concept, ``chunk`` texts per
+    commit (the unit of resume), ``batch_size`` texts per forward pass, ``window`` characters either
+    side of the token."""
+
+    top: int = DEFAULT_TOP
+    chunk: int = DEFAULT_CHUNK
+    batch_size: int = DEFAULT_BATCH
+    window: int = DEFAULT_WINDOW
 
 
 # ---------------------------------------------------------------------- the running top-k
@@ -159,12 +171,12 @@ def make_window(text: str, start: int, end: int, window: int) -> tuple[str, int,
 
 
 def top_contexts(
-    store: Store, source: str, corpus: str | Path, *, top: int = DEFAULT_TOP, chunk: int = DEFAULT_CHUNK,
-    batch_size: int = DEFAULT_BATCH, window: int = DEFAULT_WINDOW, overwrite: bool = False, quiet: bool = False,
-    max_chunks: int | None = None, model: Any = None, tokenizer: Any = None,
+    store: Store, source: str, corpus: str | Path, settings: ContextSettings | None = None, *,
+    overwrite: bool = False, quiet: bool = False, max_chunks: int | None = None, model: Any = None,
+    tokenizer: Any = None,
 ) -> ContextRun:
     """Run ``corpus`` (a corpus file, `engine.align.corpus.read_corpus`) through ``source`` (an atlas or a
-    map) and store each concept's top ``top`` windows; continue the source's run if it has one for the
+    map) and store each concept's top ``settings.top`` windows (`ContextSettings`); continue the source's run if it has one for the
     same corpus and settings (a no-op when done), or replace it with ``overwrite``.
 
     ``max_chunks`` stops after that many chunks (the run stays ``interrupted``, to be continued).
@@ -172,6 +184,7 @@ def top_contexts(
     """
     from engine.align.corpus import read_corpus
 
+    top, chunk, batch_size, window = dataclasses.astuple(settings or ContextSettings())
     if not 1 <= top <= MAX_TOP:
         raise BadValueError(f"--top must be between 1 and {MAX_TOP}, got {top}")
     for what, v in (("--chunk", chunk), ("--batch", batch_size)):
@@ -185,11 +198,11 @@ def top_contexts(
     info = store.atlas(src.atlas)
     scoring = "encoder" if info.has_encoder else "projection"
     top = min(top, info.n_concepts)
-    settings: dict[str, Any] = {"top": top, "window": window, "scoring": scoring}
+    wanted: dict[str, Any] = {"top": top, "window": window, "scoring": scoring}
     run = store.context_run(src.atlas, src.map)
     if run is not None and not overwrite:
         was = {"top": run.top, "window": run.params.get("window"), "scoring": run.scoring}
-        if run.fingerprint != fingerprint or was != settings:
+        if run.fingerprint != fingerprint or was != wanted:
             raise DuplicateError(
                 f"the {run.source} has top contexts of another corpus or settings ({run.corpus}, "
                 f"fingerprint {run.fingerprint[:12]}, top {run.top}, {run.n_done}/{run.n_texts} texts); "
