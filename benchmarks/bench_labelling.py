@@ -57,10 +57,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ann_scale import perturb, recall_at, sae_like  # noqa: E402
 
 import indexes  # noqa: E402
-from engine.align.map import AlignmentMap  # noqa: E402
+from engine.align.map import AlignmentMap, save_map  # noqa: E402
 from engine.labelling import run as labelling  # noqa: E402
 from engine.search import project  # noqa: E402
-from engine.store.store import Store  # noqa: E402
+from engine.store.store import AtlasSource, IndexPlacement, Store  # noqa: E402
 from indexes.exact import topk_inner_product  # noqa: E402
 
 
@@ -190,8 +190,10 @@ def main() -> None:
             else:
                 atlas = rng.normal(size=(args.concepts, args.d_atlas)).astype(np.float32)
             t0 = time.perf_counter()
-            store.add_atlas(atlas_name, atlas, [f"concept {i}" for i in range(args.concepts)], model="foundation",
-                            layer=12, index_spec=args.spec)
+            store.add_atlas(
+                atlas_name, atlas, [f"concept {i}" for i in range(args.concepts)],
+                source=AtlasSource(model="foundation", layer=12), index=IndexPlacement(spec=args.spec),
+            )
             t_build = time.perf_counter() - t0
             build_rss = peak_rss_gb()
             index_gb = index_file_gb(store, atlas_name)
@@ -202,7 +204,7 @@ def main() -> None:
         store.add_model(subject, d_model=args.d_subject)
         amap = AlignmentMap(w, w.T, np.zeros(args.d_subject), np.zeros(args.d_atlas), "procrustes",
                             subject_model=subject, subject_layer=20, atlas=atlas_name)
-        store.save_map(amap, map_name)
+        save_map(store, amap, map_name)
         if args.structured:
             feats = structured_features(atlas, base, w, args.features, seed=2)
             val = structured_features(atlas, base, w, min(args.recall_sample, args.features), seed=1)

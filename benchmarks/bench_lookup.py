@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.atlas.lookup import lookup
-from engine.store.store import Store
+from engine.store.store import AtlasSource, Store
 
 
 def make_labels(n: int, rng: np.random.Generator, vocab_size: int = 8000):
@@ -70,8 +70,10 @@ def run(backend: str, db_url: str | None, args, labels, descriptions, queries) -
     with tempfile.TemporaryDirectory() as tmp:
         store = Store.init(Path(tmp) / "store", db_url=db_url)
         t0 = time.perf_counter()
-        store.add_atlas("big", rng.normal(size=(args.n, args.dim)).astype(np.float32), labels, descriptions,
-                        model="bench", layer=0)
+        store.add_atlas(
+            "big", rng.normal(size=(args.n, args.dim)).astype(np.float32), labels, descriptions,
+            source=AtlasSource(model="bench", layer=0),
+        )
         build = time.perf_counter() - t0
         lookup(store, queries[0], k=10, semantic=False)  # warm the connection pool and page cache
         times, n_hits = [], 0
@@ -88,7 +90,9 @@ def run(backend: str, db_url: str | None, args, labels, descriptions, queries) -
         print(f"target                < 50 ms per query: {'PASS' if np.percentile(ms, 95) < 50 else 'FAIL'} (p95)")
         # Degenerate case: one query word that is in a third of all concepts (the ranking scores them all).
         extra = rng.normal(size=(args.n // 2, args.dim)).astype(np.float32)
-        store.add_atlas("common", extra, ["zzcommon"] * (args.n // 2), model="bench", layer=0)
+        store.add_atlas(
+            "common", extra, ["zzcommon"] * (args.n // 2), source=AtlasSource(model="bench", layer=0),
+        )
         worst = []
         for _ in range(10):
             t = time.perf_counter()

@@ -43,13 +43,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.align.fit import align_layers  # noqa: E402
-from engine.align.map import AlignmentMap  # noqa: E402
+from engine.align.map import AlignmentMap, load_map, save_map  # noqa: E402
 from engine.align.pairing import PairingConfig  # noqa: E402
 from engine.align.request import AlignRequest  # noqa: E402
 from engine.distributed import RayConfig  # noqa: E402
 from engine.labelling import run as labelling  # noqa: E402
 from engine.store import layout  # noqa: E402
-from engine.store.store import Store  # noqa: E402
+from engine.store.store import AtlasSource, IndexPlacement, Store  # noqa: E402
 
 
 def timed(fn):
@@ -59,7 +59,7 @@ def timed(fn):
 
 
 def map_diff(store: Store, a: str, b: str) -> float:
-    wa, wb = store.load_map(a).weight.astype(np.float64), store.load_map(b).weight.astype(np.float64)
+    wa, wb = load_map(store, a).weight.astype(np.float64), load_map(store, b).weight.astype(np.float64)
     return float(np.linalg.norm(wa - wb) / np.linalg.norm(wa))
 
 
@@ -177,8 +177,10 @@ def align_large(store, world, texts, held, cfg, results, args, root, rng) -> Non
     s_dir = random_gpt2(root / "big-subject", fdir, 256, 4, seed=1)
     f_dir = random_gpt2(root / "big-foundation", fdir, 384, 4, seed=2)
     store.add_model("big-foundation", source=str(f_dir))
-    store.add_atlas("big-atlas", rng.normal(size=(2000, 384)).astype(np.float32),
-                    [f"c{i}" for i in range(2000)], model="big-foundation", layer=2, index_spec="Flat")
+    store.add_atlas(
+        "big-atlas", rng.normal(size=(2000, 384)).astype(np.float32), [f"c{i}" for i in range(2000)],
+        source=AtlasSource(model="big-foundation", layer=2), index=IndexPlacement(spec="Flat"),
+    )
     from engine.models.hooks import Site
 
     results["align-large"] = align_case(store, str(s_dir), "big-atlas", texts * args.repeat,
@@ -187,13 +189,15 @@ def align_large(store, world, texts, held, cfg, results, args, root, rng) -> Non
 
 def label_large(store, cfg, results, args, root, rng) -> None:
     d_s, d_a = 512, 768
-    store.add_atlas("label-atlas", rng.normal(size=(args.concepts, d_a)).astype(np.float32),
-                    [f"concept {i}" for i in range(args.concepts)], model="label-foundation", layer=12,
-                    index_spec="Flat")
+    store.add_atlas(
+        "label-atlas", rng.normal(size=(args.concepts, d_a)).astype(np.float32),
+        [f"concept {i}" for i in range(args.concepts)],
+        source=AtlasSource(model="label-foundation", layer=12), index=IndexPlacement(spec="Flat"),
+    )
     store.add_model("label-subject", d_model=d_s)
     q, _ = np.linalg.qr(rng.normal(size=(d_a, d_s)))
     w = q.T.astype(np.float32)
-    store.save_map(AlignmentMap(w, w.T, np.zeros(d_s), np.zeros(d_a), "procrustes",
+    save_map(store, AlignmentMap(w, w.T, np.zeros(d_s), np.zeros(d_a), "procrustes",
                                 subject_model="label-subject", subject_layer=20, atlas="label-atlas"),
                    "label-map")
     np.save(root / "features.npy", rng.normal(size=(args.features, d_s)).astype(np.float32))

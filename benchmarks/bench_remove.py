@@ -30,30 +30,31 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.align.map import AlignmentMap  # noqa: E402
-from engine.store.store import Store  # noqa: E402
+from engine.align.map import AlignmentMap, save_map  # noqa: E402
+from engine.store.store import AtlasSource, Store  # noqa: E402
 
 D = 16
 
 
 def _atlas_with_run(store: Store, name: str, n_concepts: int, n_rows: int, rng) -> None:
     """Atlas ``name`` with a map and one run holding ``n_rows`` label rows (k=5 per feature)."""
-    store.add_atlas(name, rng.normal(size=(n_concepts, D)).astype(np.float32), model="x", layer=1)
+    store.add_atlas(
+        name, rng.normal(size=(n_concepts, D)).astype(np.float32), source=AtlasSource(model="x", layer=1),
+    )
     amap = AlignmentMap(rng.normal(size=(8, D)), rng.normal(size=(D, 8)), np.zeros(8), np.zeros(D), "procrustes",
                         subject_model="subj", subject_layer=1, atlas=name, atlas_model="x", atlas_layer=1,
                         metrics={"subject_resid_norm": 1.0, "atlas_resid_norm": 1.0})
-    store.save_map(amap, f"{name}-map")
+    save_map(store, amap, f"{name}-map")
     n_features = max(1, n_rows // 5)
     run = store.add_run(f"{name}-run", f"{name}-map", feature_source="bench", fingerprint="0" * 64,
                         n_features=n_features, k=5, batch_size=10_000)
-    run_id, atlas_id, _ = store._run_keys(run.name)
-    concept_ids = store._concept_ids(atlas_id)
+    job = store.label_pass(run.name)
     chunk = 100_000
     for lo in range(0, n_features, chunk // 5):
         hi = min(n_features, lo + chunk // 5)
         ids = rng.integers(0, n_concepts, size=(hi - lo, 5))
         scores = rng.random(size=(hi - lo, 5)).astype(np.float32)
-        store._commit_batch(run_id, lo, hi, ids, scores, concept_ids, n_features)
+        job.commit_batch(lo, hi, scores, ids)
 
 
 def _time_remove(sizes: list[int], own: bool, repeat: int) -> list[dict]:

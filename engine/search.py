@@ -9,8 +9,9 @@ offset kept, every token ranks the same few concepts first). ``centre=False`` se
 mapped activation.
 
 The array functions (`project`, `search_arrays`) take and return plain arrays in large batches,
-so labelling and scripts reuse them and a distributed runner can call them per shard; `search`
-joins labels from the database into `Hit` lists. Which index structure an atlas gets is the
+so labelling and scripts reuse them and a distributed runner can call them per shard; the index is
+searched by the store's one search (`Store.search_arrays`), and `search` joins labels from the
+database into `Hit` lists. Which index structure an atlas gets is the
 index-spec policy of ``indexes.policy``.
 """
 
@@ -23,13 +24,14 @@ from typing import Any, Literal
 import numpy as np
 
 from engine.errors import BadValueError, ShapeError
+from engine.store.concept_search import SEARCH_BATCH
 from engine.store.store import Hit, Store
 from engine.util import check_k, unit_rows
 
 VectorKind = Literal["directions", "activations"]
 VECTOR_KINDS: tuple[str, ...] = ("directions", "activations")
 
-DEFAULT_SEARCH_BATCH = 8192  # queries per FAISS call: large enough to run at GEMM speed, ~25 MB at d=768
+DEFAULT_SEARCH_BATCH = SEARCH_BATCH  # queries per index call (`Store.search_arrays`)
 
 
 # ---------------------------------------------------------------------- projection
@@ -78,21 +80,15 @@ def search_arrays(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` atlas concepts of each subject vector: (scores (n, k) float32, ordinals (n, k) int64).
 
-    Ordinals are ``-1`` (score ``-inf``) where the index returns fewer than ``k``.
+    Ordinals are ``-1`` (score ``-inf``) where the index returns fewer than ``k``. Each batch is
+    projected through the map (`project`) and searched by the store (`Store.search_arrays`).
     """
     check_k(k)
     info = store.atlas(amap.atlas)
     amap.check_atlas(info.name, info.dim)
     x = _as_matrix(vectors, amap, "subject vectors")
-    index = store.index(info.name)
-    n = x.shape[0]
-    scores = np.full((n, k), -np.inf, dtype=np.float32)
-    ids = np.full((n, k), -1, dtype=np.int64)
-    for lo in range(0, n, batch_size):
-        hi = min(n, lo + batch_size)
-        s, i = index.search(project(amap, x[lo:hi], kind, centre), k)
-        scores[lo:hi, : s.shape[1]], ids[lo:hi, : i.shape[1]] = s, i
-    return scores, ids
+    return store.search_arrays(info.name, x, k, batch_size=batch_size,
+                               to_atlas=lambda b: project(amap, b, kind, centre))
 
 
 def search(

@@ -1,7 +1,9 @@
 """Small helpers shared across the engine, one copy each.
 
 `write_atomic` is the index backends' (``indexes.base``): the engine writes its own files
-(vectors, maps, activation manifests) the same way, temporary file, fsync, rename.
+(vectors, maps, manifests, exports) the same way, temporary file, fsync, rename, and no module
+hand-rolls it. `build_then_rename` is the same for a folder built by one process while others may
+build the same one (a world, an SAE): built aside, renamed into place, a racer's copy kept.
 
 `check_name` is the one naming rule of atlases, maps and labelling runs: their names become
 file names (``vectors/<atlas>.safetensors``, ``maps/<map>.safetensors``), so a name must be one
@@ -14,6 +16,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,8 @@ from engine.errors import BadNameError, BadValueError, ReadOnlyStoreError
 from indexes.base import failpoint, write_atomic, write_atomic_with
 
 __all__ = ["FileStamp", "check_k", "check_name", "corpus_fingerprint", "file_stamp", "sha256_bytes", "sha256_file",
-           "to_plain", "unit_rows", "utcnow", "failpoint", "write_atomic", "write_store_file", "write_store_file_with"]
+           "to_plain", "unit_rows", "utcnow", "failpoint", "write_atomic", "write_atomic_with", "write_store_file",
+           "write_store_file_with", "build_then_rename"]
 
 MAX_NAME = 200  # characters, and bytes in UTF-8: a name plus its suffixes stays under NAME_MAX (255)
 NAME_RULE = (f"use letters, digits, '-', '_' or '.', not starting with '.', "
@@ -62,6 +66,26 @@ def write_store_file_with(path: Path, fill: Callable[[Path], None]) -> None:
     except OSError as e:
         raise ReadOnlyStoreError(f"cannot write {path} ({e.strerror or e}); the store's folder "
                                  f"{path.parent} must be writable (and the disk not full)") from None
+
+
+def build_then_rename(tmp: Path, final: Path, build: Callable[[Path], object], marker: str,
+                      part: str | None = None) -> None:
+    """Make the folder ``final`` appear whole: ``build(tmp)`` fills the temporary folder ``tmp`` (emptied
+    and created first), then ``tmp`` (or its subfolder ``part``) is renamed to ``final``. A racer that
+    renamed its own first wins: when the rename fails and ``final / marker`` exists, theirs is kept.
+    ``tmp`` is removed in any case."""
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        build(tmp)
+        built = tmp / part if part else tmp
+        try:
+            os.rename(built, final)
+        except OSError:
+            if not (final / marker).exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.store.store import Store
+from engine.align.map import save_map
+from engine.store.store import AtlasSource, Store
 
 OTHER_LABELS = ["weather forecast", "stringed instruments", "mammals"]
 
@@ -23,22 +24,27 @@ def build_serve_store(root: Path, subject_folder: Path) -> Store:
     from test_steering import D
     from test_steering_plan import D_ATLAS, DESCRIPTIONS, LABELS, _map
 
-    from engine.contexts import top_contexts
     from engine.labelling import run as labelling
+    from engine.labelling.contexts import ContextSettings, top_contexts
 
     store = Store.init(root / "store")
     rng = np.random.default_rng(0)
-    store.add_atlas("fdn", rng.normal(size=(len(LABELS), D_ATLAS)).astype(np.float32), LABELS, DESCRIPTIONS,
-                    model="foundation", layer=1, source_kind="matrix", source_ref="fdn-directions.npy",
-                    revision="rev-1")
-    store.add_atlas("other", rng.normal(size=(3, 16)).astype(np.float32), OTHER_LABELS, model="foundation", layer=2)
+    store.add_atlas(
+        "fdn", rng.normal(size=(len(LABELS), D_ATLAS)).astype(np.float32), LABELS, DESCRIPTIONS,
+        source=AtlasSource(model="foundation", layer=1, kind="matrix", ref="fdn-directions.npy", revision="rev-1"),
+    )
+    store.add_atlas(
+        "other", rng.normal(size=(3, 16)).astype(np.float32), OTHER_LABELS,
+        source=AtlasSource(model="foundation", layer=2),
+    )
     store.add_model("subj", source=str(subject_folder), d_model=D, n_layers=3)
-    store.save_map(_map(1, 1), "m1")
-    store.save_map(_map(2, 2), "m2")
+    save_map(store, _map(1, 1), "m1")
+    save_map(store, _map(2, 2), "m2")
     feats = root / "feats.npy"
     np.save(feats, np.random.default_rng(5).normal(size=(300, D)).astype(np.float32))
     labelling.label_features(store, "m1", str(feats), k=3, name="r1", batch_size=100, quiet=True)
-    top_contexts(store, "m1", write_context_corpus(root / "corpus.txt"), top=5, chunk=8, batch_size=4, quiet=True)
+    top_contexts(store, "m1", write_context_corpus(root / "corpus.txt"), ContextSettings(top=5, chunk=8, batch_size=4),
+                 quiet=True)
     return store
 
 

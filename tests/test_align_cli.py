@@ -17,7 +17,9 @@ from tiny_models import (
 )
 
 from engine.align.corpus import read_corpus, split_heldout
+from engine.align.map import load_map
 from engine.cli import cli
+from engine.store.store import AtlasSource
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +36,10 @@ def folders(tmp_path_factory):
 @pytest.fixture
 def setup(store, folders, tmp_path):
     store.add_model("found", source=str(folders["found"]), d_model=48, n_layers=2)
-    store.add_atlas("atl", np.random.default_rng(0).normal(size=(6, 48)), [f"c{i}" for i in range(6)],
-                    model="found", layer=1)
+    store.add_atlas(
+        "atl", np.random.default_rng(0).normal(size=(6, 48)), [f"c{i}" for i in range(6)],
+        source=AtlasSource(model="found", layer=1),
+    )
     words = " ".join(CORPUS).replace(".", "").replace("!", "").split()
     rng = random.Random(0)
     corpus = tmp_path / "corpus.txt"
@@ -59,7 +63,7 @@ def test_align_then_list_and_show(setup, folders):
     assert info["n_pairs"] >= 48 and info["metrics"]["n_heldout"] > 0
     assert info["metrics"]["subject_resid_norm"] > 0 and "heldout_r2" in info["metrics"]
     assert store.get_model("subj").d_model == 32  # registered on first use
-    amap = store.load_map("subj-L1-atl-procrustes")
+    amap = load_map(store, "subj-L1-atl-procrustes")
     amap.check_site("subj", 1, 32)
     assert amap.atlas_layer == 1 and amap.corpus_fingerprint == info["corpus_fingerprint"]
 
@@ -116,7 +120,7 @@ def test_a_layer_sweep_is_one_pass_with_one_map_per_layer(setup, folders, monkey
     assert len(calls) == 2 * (-(-len(train) // 16) + -(-len(held) // 16))
     # the sweep's layer-1 map is the single-layer fit (same statistics from the same pass)
     assert maps[1]["metrics"]["heldout_r2"] == pytest.approx(single["metrics"]["heldout_r2"], rel=1e-9)
-    np.testing.assert_allclose(store.load_map("sweep-1").weight, store.load_map("single").weight, atol=1e-10)
+    np.testing.assert_allclose(load_map(store, "sweep-1").weight, load_map(store, "single").weight, atol=1e-10)
     res = run("align", "subj", "--layers", "0-1", "--atlas", "atl", "--corpus", str(corpus), "-q", *s)
     assert res.exit_code == 0 and "best held-out R2: layer" in res.output and "heldout_cosine" in res.output
     res = run("align", "subj", "--layers", "0-x", "--atlas", "atl", "--corpus", str(corpus), *s)

@@ -3,10 +3,14 @@
 The layering rules (cli → engine → indexes, the core never imports ConceptWorld) are import-linter
 contracts in pyproject.toml, run by `lint-imports` in CI; this test adds what a contract cannot
 say: no module imports itself back through any chain, lazy imports inside functions and
-TYPE_CHECKING imports included.
+TYPE_CHECKING imports included; and no module outside ``engine/store`` calls a private method of
+the store (an AST scan: the store's public API is what the rest of the engine uses).
 """
 
 from __future__ import annotations
+
+import ast
+from pathlib import Path
 
 import grimp
 
@@ -90,3 +94,50 @@ def test_the_core_cli_imports_no_plugin_and_no_world():
         assert not graph.find_modules_directly_imported_by(module) & plugins, module
         for world in ("engine.world", "engine.demo"):
             assert graph.find_shortest_chain(importer=module, imported=world) is None, (module, world)
+
+
+def _store_private_names(root: Path) -> set[str]:
+    """Private methods and attributes of the store's classes (``def _x`` in a class, ``self._x = ...``)."""
+    names: set[str] = set()
+    for path in (root / "engine" / "store").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef):
+                names.update(f.name for f in node.body if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)))
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) \
+                    and isinstance(node.value, ast.Name) and node.value.id == "self":
+                names.add(node.attr)
+    return {n for n in names if n.startswith("_") and not n.startswith("__")}
+
+
+def _private_store_calls(root: Path, names: set[str]) -> list[str]:
+    """``<obj>._x`` uses of a private store name in the engine and the benchmarks outside ``engine/store``
+    (``self._x`` and ``cls._x`` are a class's own business)."""
+    out = []
+    files = [*(root / "engine").rglob("*.py"), *(root / "benchmarks").rglob("*.py")]
+    for path in files:
+        if path.is_relative_to(root / "engine" / "store"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and node.attr in names \
+                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                out.append(f"{path.relative_to(root)}:{node.lineno} .{node.attr}")
+    return out
+
+
+def test_no_private_store_call_outside_the_store():
+    root = Path(__file__).resolve().parent.parent
+    names = _store_private_names(root)
+    assert {"_atlas_row", "_indexes"} <= names  # the scan sees the store's private names
+    assert _private_store_calls(root, names) == []
+
+
+def test_the_private_store_call_check_finds_one(tmp_path):
+    (tmp_path / "engine" / "store").mkdir(parents=True)
+    (tmp_path / "engine" / "store" / "s.py").write_text(
+        "class S:\n    def __init__(self):\n        self._cache = {}\n    def _keys(self):\n        return 1\n")
+    (tmp_path / "engine" / "labelling").mkdir()
+    (tmp_path / "engine" / "labelling" / "run.py").write_text("def go(store):\n    return store._keys(), store._cache\n")
+    names = _store_private_names(tmp_path)
+    assert names == {"_cache", "_keys"}
+    assert sorted(_private_store_calls(tmp_path, names)) == ["engine/labelling/run.py:2 ._cache",
+                                                            "engine/labelling/run.py:2 ._keys"]

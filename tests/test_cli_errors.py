@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from engine.align.map import AlignmentMap
+from engine.align.map import AlignmentMap, save_map
 from engine.cli import cli
 
 
@@ -34,7 +34,7 @@ def env(tmp_path, store, saelens_folder):
     amap = AlignmentMap(rng.normal(size=(8, 32)), rng.normal(size=(32, 8)), np.zeros(8), np.zeros(32), "procrustes",
                         subject_model="subj", subject_layer=1, atlas="g", atlas_model="gemma-2-2b", atlas_layer=12,
                         metrics={"subject_resid_norm": 1.0, "atlas_resid_norm": 1.0})
-    store.save_map(amap, "m")
+    save_map(store, amap, "m")
     np.save(tmp_path / "feats.npy", rng.normal(size=(5, 8)).astype(np.float32))
     (tmp_path / "corpus.txt").write_text("one text\nanother text\n")
     from engine.labelling.run import label_features

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.store.store import Store
+from engine.align.map import save_map
+from engine.store.store import AtlasSource, Store
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "ATLAS_QUIET": "1"}
@@ -74,9 +75,9 @@ def world(tmp_path, db_url):
         np.save(tmp_path / f"x{i}.npy", clustered_directions(150, 16, seed=10 + i))
     np.save(tmp_path / "feats.npy", rng.normal(size=(60, 8)).astype(np.float32))
     store = Store.init(tmp_path / "st", db_url=db_url)  # later commands find the database in the folder
-    store.add_atlas("a", clustered_directions(200, 16, seed=1), model="x", layer=1)
+    store.add_atlas("a", clustered_directions(200, 16, seed=1), source=AtlasSource(model="x", layer=1))
     store.add_model("subj", d_model=8)
-    store.save_map(AlignmentMap(rng.normal(size=(8, 16)), rng.normal(size=(16, 8)), np.zeros(8), np.zeros(16),
+    save_map(store, AlignmentMap(rng.normal(size=(8, 16)), rng.normal(size=(16, 8)), np.zeros(8), np.zeros(16),
                                 "procrustes", subject_model="subj", subject_layer=1, atlas="a", atlas_model="x",
                                 atlas_layer=1, metrics={"subject_resid_norm": 1.0, "atlas_resid_norm": 1.0}), "m")
     store.close()

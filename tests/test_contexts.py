@@ -17,10 +17,11 @@ import pytest
 from test_steering import WORDS, D, save_tiny_model
 from test_steering_plan import D_ATLAS, DESCRIPTIONS, LABELS, _map
 
-import engine.contexts as contexts
-from engine.contexts import make_window, resolve_source, top_contexts
+import engine.labelling.contexts as contexts
+from engine.align.map import load_map, save_map
 from engine.errors import BadValueError, DuplicateError, NotFoundError
-from engine.store.store import Store
+from engine.labelling.contexts import ContextSettings, make_window, resolve_source, top_contexts
+from engine.store.store import AtlasSource, Store
 
 TOP, CHUNK, BATCH, WINDOW = 4, 12, 4, 20
 N_OWN = 9  # concepts of the atlases at the subject's own site
@@ -47,13 +48,20 @@ def world(tmp_path_factory):
     store.add_model("subj", source=str(folder), d_model=D, n_layers=3)
     rng = np.random.default_rng(3)
     w_enc = (10 * rng.normal(size=(D, N_OWN))).astype(np.float32)  # residual norms are ~0.13
-    store.add_atlas("sae", rng.normal(size=(N_OWN, D)).astype(np.float32), model="subj", layer=1,
-                    encoder={"W_enc": w_enc, "b_enc": np.full(N_OWN, -0.5, np.float32),
-                             "threshold": np.full(N_OWN, 0.5, np.float32)})
-    store.add_atlas("plain", rng.normal(size=(N_OWN, D)).astype(np.float32), model="subj", layer=1)
-    store.add_atlas("fdn", rng.normal(size=(len(LABELS), D_ATLAS)).astype(np.float32), LABELS, DESCRIPTIONS,
-                    model="foundation", layer=1)
-    store.save_map(_map(1, 1), "m1")
+    store.add_atlas(
+        "sae", rng.normal(size=(N_OWN, D)).astype(np.float32),
+        encoder={"W_enc": w_enc, "b_enc": np.full(N_OWN, -0.5, np.float32),
+                             "threshold": np.full(N_OWN, 0.5, np.float32)},
+        source=AtlasSource(model="subj", layer=1),
+    )
+    store.add_atlas(
+        "plain", rng.normal(size=(N_OWN, D)).astype(np.float32), source=AtlasSource(model="subj", layer=1),
+    )
+    store.add_atlas(
+        "fdn", rng.normal(size=(len(LABELS), D_ATLAS)).astype(np.float32), LABELS, DESCRIPTIONS,
+        source=AtlasSource(model="foundation", layer=1),
+    )
+    save_map(store, _map(1, 1), "m1")
     corpus = write_corpus(root / "corpus.txt", 40)
     yield store, corpus, root
     store.close()
@@ -78,7 +86,7 @@ def brute_force(store: Store, source: str, texts: list[str], top: int, window: i
     position = np.concatenate([b.position for b in batches])
     offsets = np.concatenate([b.offsets for b in batches])
     if src.map is not None:
-        x = store.load_map(src.map).map_activations(x)
+        x = load_map(store, src.map).map_activations(x)
     encoder = AtlasEncoder.from_tensors(store.atlas_tensors(src.atlas))
     if encoder is not None:
         acts = encoder.encode(x)
@@ -111,7 +119,7 @@ def test_stored_windows_are_the_brute_force_top_k(world, source):
     from engine.align.corpus import read_corpus
 
     store, corpus, _ = world
-    run = top_contexts(store, source, corpus, top=TOP, chunk=CHUNK, batch_size=BATCH, window=WINDOW, quiet=True,
+    run = top_contexts(store, source, corpus, ContextSettings(TOP, CHUNK, BATCH, WINDOW), quiet=True,
                        overwrite=True)
     assert (run.status, run.n_done, run.n_texts) == ("done", 40, 40)
     assert run.scoring == ("encoder" if source == "sae" else "projection")
@@ -129,7 +137,7 @@ def test_stored_windows_are_the_brute_force_top_k(world, source):
 def test_concept_contexts_per_source(world):
     store, corpus, _ = world
     for source in ("sae", "m1"):
-        top_contexts(store, source, corpus, top=TOP, chunk=CHUNK, batch_size=BATCH, window=WINDOW, quiet=True)
+        top_contexts(store, source, corpus, ContextSettings(TOP, CHUNK, BATCH, WINDOW), quiet=True)
     [(run, ctx)] = store.concept_contexts("fdn", 2)
     assert run.map == "m1" and [c.rank for c in ctx] == list(range(1, TOP + 1))
     assert all(c.token and c.window[c.token_start:c.token_end] == c.token for c in ctx)
@@ -143,7 +151,7 @@ def test_interrupted_runs_resume_to_the_same_rows(world, monkeypatch):
     from engine.align.corpus import read_corpus
 
     store, corpus, _ = world
-    kw = dict(top=TOP, chunk=CHUNK, batch_size=BATCH, window=WINDOW, quiet=True)
+    kw = dict(settings=ContextSettings(TOP, CHUNK, BATCH, WINDOW), quiet=True)
     clean = store.context_rows(top_contexts(store, "plain", corpus, overwrite=True, **kw).id)
 
     part = top_contexts(store, "plain", corpus, overwrite=True, max_chunks=2, **kw)
@@ -176,14 +184,15 @@ def test_interrupted_runs_resume_to_the_same_rows(world, monkeypatch):
 
 def test_another_corpus_or_top_needs_overwrite(world, tmp_path):
     store, corpus, _ = world
-    kw = dict(chunk=CHUNK, batch_size=BATCH, window=WINDOW, quiet=True)
-    top_contexts(store, "m1", corpus, top=TOP, **kw)
+    kw = dict(quiet=True)
+    s = dict(chunk=CHUNK, batch_size=BATCH, window=WINDOW)
+    top_contexts(store, "m1", corpus, ContextSettings(top=TOP, **s), **kw)
     other = write_corpus(tmp_path / "other.txt", 10, seed=1)
     with pytest.raises(DuplicateError, match="another corpus or settings.*--overwrite replaces them"):
-        top_contexts(store, "m1", other, top=TOP, **kw)
+        top_contexts(store, "m1", other, ContextSettings(top=TOP, **s), **kw)
     with pytest.raises(DuplicateError, match="--overwrite"):
-        top_contexts(store, "m1", corpus, top=TOP - 1, **kw)
-    run = top_contexts(store, "m1", other, top=2, overwrite=True, **kw)
+        top_contexts(store, "m1", corpus, ContextSettings(top=TOP - 1, **s), **kw)
+    run = top_contexts(store, "m1", other, ContextSettings(top=2, **s), overwrite=True, **kw)
     assert (run.n_texts, run.top, run.status) == (10, 2, "done")
     assert {r[1] for r in store.context_rows(run.id)} == {1, 2}
     assert len(store.context_runs()) == len({(r.atlas, r.map) for r in store.context_runs()})  # one per source
@@ -196,9 +205,9 @@ def test_bad_input_is_an_atlas_error(world, tmp_path):
     with pytest.raises(NotFoundError, match="no map named 'sae'"):
         resolve_source(store, "map:sae")
     with pytest.raises(BadValueError, match="--top must be between 1"):
-        top_contexts(store, "m1", corpus, top=0)
+        top_contexts(store, "m1", corpus, ContextSettings(top=0))
     with pytest.raises(BadValueError, match="--chunk must be >= 1"):
-        top_contexts(store, "m1", corpus, chunk=0)
+        top_contexts(store, "m1", corpus, ContextSettings(chunk=0))
     with pytest.raises(NotFoundError, match="model 'foundation' has no recorded source"):
         top_contexts(store, "fdn", corpus)  # the atlas's own model cannot be loaded
     assert store.context_run("fdn") is None  # nothing was recorded
@@ -255,8 +264,8 @@ def test_killed_process_resumes_to_exactly_the_uninterrupted_rows(world):
     assert out.returncode == 0, out.stderr
     assert f"{n}/{n} texts" in out.stdout and "(done)" in out.stdout
     resumed = store.context_rows(store.context_run("plain").id)
-    clean = store.context_rows(top_contexts(store, "plain", corpus, top=3, chunk=8, batch_size=4, quiet=True,
-                                            overwrite=True).id)
+    settings = ContextSettings(top=3, chunk=8, batch_size=4)
+    clean = store.context_rows(top_contexts(store, "plain", corpus, settings, quiet=True, overwrite=True).id)
     assert resumed == clean
 
 
@@ -284,7 +293,7 @@ def test_removing_the_map_or_atlas_removes_its_contexts(world):  # last: it remo
     import sqlite3
 
     store, corpus, _ = world
-    top_contexts(store, "sae", corpus, top=TOP, chunk=CHUNK, batch_size=BATCH, window=WINDOW, quiet=True)
+    top_contexts(store, "sae", corpus, ContextSettings(TOP, CHUNK, BATCH, WINDOW), quiet=True)
     ids = {(r.atlas, r.map): r.id for r in store.context_runs()}
     assert ("fdn", "m1") in ids and ("sae", None) in ids
     store.remove_map("m1")

@@ -24,6 +24,7 @@ from engine.errors import AtlasError, BadValueError
 from engine.models.activations import collect
 from engine.models.devices import Placement, choose_placement, device_map_kwargs, is_oom, resolve_device
 from engine.models.loading import load_model
+from engine.store.store import AtlasSource
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -121,8 +122,10 @@ def test_bfloat16_on_cpu_gives_float32_activations_and_a_map(folder, tmp_path, s
     b = _batches(model, tok)[0]
     assert all(a.dtype == torch.float32 for a in b.acts.values())
     store.add_model("found", source=str(folder), d_model=32, n_layers=3)
-    store.add_atlas("atl", np.random.default_rng(0).normal(size=(5, 32)), [f"c{i}" for i in range(5)],
-                    model="found", layer=2)
+    store.add_atlas(
+        "atl", np.random.default_rng(0).normal(size=(5, 32)), [f"c{i}" for i in range(5)],
+        source=AtlasSource(model="found", layer=2),
+    )
     corpus = tmp_path / "c.txt"
     rng = np.random.default_rng(0)
     words = " ".join(CORPUS).replace(".", "").replace("!", "").split()

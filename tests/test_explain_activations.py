@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.align.map import AlignmentMap
+from engine.align.map import AlignmentMap, load_map, save_map
 from engine.search import feature_activations
+from engine.store.store import AtlasSource
 from tests.conftest import clustered_directions
 from tests.test_search import tiny_subject  # noqa: F401 (the fixture)
 
@@ -22,13 +23,16 @@ def sae_store(store, subject_source, activation):
         enc["threshold"] = rng.uniform(0.0, 2.0, size=N).astype(np.float32)
     if activation == "topk":
         enc["k"] = np.array([5], np.float32)
-    store.add_atlas("at", w_dec, [f"concept {i}" for i in range(N)], model="found", layer=3, encoder=enc)
+    store.add_atlas(
+        "at", w_dec, [f"concept {i}" for i in range(N)], encoder=enc,
+        source=AtlasSource(model="found", layer=3),
+    )
     store.add_model("subj", d_model=D_S, source=subject_source)
     w = rng.normal(size=(D_S, D_A)) / np.sqrt(D_S)
     amap = AlignmentMap(w, np.linalg.pinv(w), rng.normal(size=D_S), rng.normal(size=D_A), "procrustes",
                         subject_model="subj", subject_layer=1, atlas="at", atlas_model="found", atlas_layer=3)
-    store.save_map(amap, "m")
-    return enc, store.load_map("m")
+    save_map(store, amap, "m")
+    return enc, load_map(store, "m")
 
 
 def expected(enc, amap, acts, activation):

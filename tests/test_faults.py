@@ -46,14 +46,14 @@ OPS: dict[str, tuple[list[str], list[str]]] = {
 SAVE_MAP = """
 import sys
 import numpy as np
-from engine.align.map import AlignmentMap
+from engine.align.map import AlignmentMap, save_map
 from engine.store.store import Store
 
 rng = np.random.default_rng(7)
 amap = AlignmentMap(rng.normal(size=(8, 16)), rng.normal(size=(16, 8)), np.zeros(8), np.zeros(16), "ridge",
                     subject_model="subj", subject_layer=1, atlas="a", atlas_model="x", atlas_layer=1,
                     metrics={"subject_resid_norm": 1.0, "atlas_resid_norm": 1.0})
-Store.open(sys.argv[1]).save_map(amap, "m", overwrite=True)
+save_map(Store.open(sys.argv[1]), amap, "m", overwrite=True)
 """
 
 
@@ -77,10 +77,10 @@ def build_base(tmp: Path) -> None:
 
     Run in its own process (see `base`): files are named by their writer's pid, and a writer that
     is still alive (this test process) would own them."""
-    from engine.align.map import AlignmentMap
+    from engine.align.map import AlignmentMap, save_map
     from engine.atlas.importers import import_atlas
     from engine.labelling.run import label_features
-    from engine.store.store import Store
+    from engine.store.store import AtlasSource, Store
     from tests.conftest import clustered_directions
 
     rng = np.random.default_rng(0)
@@ -90,12 +90,12 @@ def build_base(tmp: Path) -> None:
     np.save(tmp / "feats.npy", rng.normal(size=(40, 8)).astype(np.float32))
     (tmp / "save_map.py").write_text(SAVE_MAP)
     with Store.init(tmp / "base") as store:
-        import_atlas(store, "a", tmp / "a.npy", model="x", layer=1)
+        import_atlas(store, "a", tmp / "a.npy", site=AtlasSource(model="x", layer=1))
         store.add_model("subj", d_model=8)
         amap = AlignmentMap(rng.normal(size=(8, 16)), rng.normal(size=(16, 8)), np.zeros(8), np.zeros(16),
                             "procrustes", subject_model="subj", subject_layer=1, atlas="a", atlas_model="x",
                             atlas_layer=1, metrics={"subject_resid_norm": 1.0, "atlas_resid_norm": 1.0})
-        store.save_map(amap, "m")
+        save_map(store, amap, "m")
         label_features(store, "m", str(tmp / "feats.npy"), k=3, name="r1", batch_size=8, quiet=True)
 
 
@@ -119,6 +119,7 @@ def _uninterrupted(op: str, root: Path, tmp: Path) -> Path:
 
 def _state(store: Path) -> dict:
     """What the store answers (everything a kill must not change unless the operation commits)."""
+    from engine.align.map import load_map
     from engine.store.store import Store
 
     out: dict = {}
@@ -127,7 +128,7 @@ def _state(store: Path) -> dict:
             out[f"atlas {a.name}"] = (a.n_concepts, [[h.ref for h in s.neighbors(f"{a.name}/{i}", k=5)] for i in range(3)],
                                       s.labels(a.name))
         for m in s.maps():
-            out[f"map {m.name}"] = (m.sha256, s.load_map(m.name).weight.tolist()[0])
+            out[f"map {m.name}"] = (m.sha256, load_map(s, m.name).weight.tolist()[0])
         for r in s.runs():
             rows = s.run_label_rows(r.name, 0, r.n_features)
             out[f"run {r.name}"] = (r.status if r.status == "done" else "unfinished", r.n_done, rows)

@@ -18,6 +18,7 @@ from safetensors.numpy import load_file, save_file
 from engine.atlas.encoder import AtlasEncoder
 from engine.atlas.importers import FORMATS, import_atlas, read_directions, register_format
 from engine.errors import BadValueError, FormatError, NotFoundError
+from engine.store.store import AtlasSource
 
 DATA = Path(__file__).parent / "data"
 
@@ -41,7 +42,7 @@ def test_sparsify_folder_written_by_the_library(store, tmp_path):
     np.testing.assert_array_equal(sae.W_dec, raw["W_dec"])
     ref = load_file(str(DATA / "eai-sparsify" / "reference.safetensors"))
     np.testing.assert_allclose(encode(sae, ref["x"]), ref["acts"], atol=1e-5)
-    info = import_atlas(store, "sp", folder, model="HuggingFaceTB/SmolLM2-135M")
+    info = import_atlas(store, "sp", folder, site=AtlasSource(model="HuggingFaceTB/SmolLM2-135M"))
     assert (info.layer, info.hook, info.n_concepts, info.has_encoder) == (3, "resid_post", 16, True)
     assert store.atlas_tensors("sp")["k"].tolist() == [4.0]
 

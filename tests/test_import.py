@@ -12,6 +12,7 @@ from engine.atlas.importers import import_atlas, read_gemmascope, read_saelens
 from engine.atlas.labels import read_labels
 from engine.errors import FormatError, ShapeError
 from engine.store import layout
+from engine.store.store import AtlasSource
 from tests.conftest import NEURONPEDIA_LABELS
 
 
@@ -51,7 +52,9 @@ def test_gemmascope_params_npz(store, tmp_path):
     assert read_gemmascope(folder).layer == 5
     labels = tmp_path / "labels.csv"
     labels.write_text("index,label,description\n0,rain,talk of rain\n3,cats,\n")
-    info = import_atlas(store, "gs", folder / "params.npz", labels=labels, model="gemma-2-2b")
+    info = import_atlas(
+        store, "gs", folder / "params.npz", labels=labels, site=AtlasSource(model="gemma-2-2b"),
+    )
     assert (info.layer, info.n_concepts, info.n_labelled, info.source_kind) == (5, 50, 2, "gemmascope")
     assert store.concept("gs/0").description == "talk of rain"
     np.testing.assert_allclose(store.atlas_tensors("gs")["threshold"], 0.1)
@@ -64,7 +67,7 @@ def test_plain_matrix_with_jsonl_labels(store, tmp_path, suffix):
     np.save(path, x) if suffix == ".npy" else save_file({"directions": x}, str(path))
     labels = tmp_path / "l.jsonl"
     labels.write_text('{"index": 2, "label": "two", "description": "the second"}\n\n{"index": 9, "label": "nine"}\n')
-    info = import_atlas(store, "m", path, labels=labels, model="gpt2", layer=3)
+    info = import_atlas(store, "m", path, labels=labels, site=AtlasSource(model="gpt2", layer=3))
     assert info.n_labelled == 2 and store.concept("m/9").label == "nine"
     np.testing.assert_array_equal(store.atlas_vectors("m"), x)
 
@@ -106,11 +109,11 @@ def test_malformed_sae_sources(store, tmp_path, saelens_folder):
     bad = tmp_path / "m.npy"
     bad.write_bytes(b"garbage")
     with pytest.raises(FormatError, match="not a readable .npy"):
-        import_atlas(store, "x", bad, model="m", layer=0)
+        import_atlas(store, "x", bad, site=AtlasSource(model="m", layer=0))
     np.save(tmp_path / "v.npy", np.ones(5, np.float32))
     with pytest.raises(FormatError, match="2-D matrix"):
-        import_atlas(store, "x", tmp_path / "v.npy", model="m", layer=0)
+        import_atlas(store, "x", tmp_path / "v.npy", site=AtlasSource(model="m", layer=0))
     np.save(tmp_path / "ok.npy", np.ones((5, 3), np.float32))
     with pytest.raises(FormatError, match="--model"):
-        import_atlas(store, "x", tmp_path / "ok.npy", layer=0)
+        import_atlas(store, "x", tmp_path / "ok.npy", site=AtlasSource(layer=0))
     assert store.atlases() == []

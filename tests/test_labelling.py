@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import select
 
+from engine.align.map import save_map
 from engine.cli import cli
 from engine.errors import AtlasError, BadNameError, DuplicateError, SiteMismatchError
 from engine.labelling import export as labelling_export
@@ -115,7 +116,7 @@ def test_resume_refuses_changed_features_or_map(mapped):
     with pytest.raises(SourceChangedError, match="changed"):
         labelling.run_labelling(store, "r")
     np.save(path, feats)
-    store.save_map(amap.__class__(**{**amap.__dict__, "weight": amap.weight * 2, "_torch_cache": {}}), "m",
+    save_map(store, amap.__class__(**{**amap.__dict__, "weight": amap.weight * 2, "_torch_cache": {}}), "m",
              overwrite=True)
     with pytest.raises(SourceChangedError, match="refitted"):
         labelling.run_labelling(store, "r")
@@ -125,14 +126,12 @@ def test_two_workers_cannot_both_advance_a_run(mapped):
     store, _, _, _, path = mapped
     labelling.create_run(store, "m", str(path), k=2, batch_size=100, name="r")
     labelling.run_labelling(store, "r", max_batches=1, quiet=True)
-    with store.session() as s:
-        run_id = s.scalar(select(LabelRunRow.id).where(LabelRunRow.name == "r"))
+    stale = store.label_pass("r")
     ids = np.zeros((100, 2), np.int64)
-    cids = np.arange(400, dtype=np.int64) + 1
     with pytest.raises(RunConflictError):  # a stale worker re-committing batch 0
-        store._commit_batch(run_id, 0, 100, ids, np.zeros((100, 2), np.float32), cids, 230)
+        stale.commit_batch(0, 100, np.zeros((100, 2), np.float32), ids)
     with pytest.raises(RunConflictError):  # a worker whose idea of n_done is behind
-        store._commit_batch(run_id, 50, 150, ids, np.zeros((100, 2), np.float32), cids, 230)
+        stale.commit_batch(50, 150, np.zeros((100, 2), np.float32), ids)
     assert store.run("r").n_done == 100 and len(rows_of(store, "r")) == 200
 
 
@@ -305,3 +304,21 @@ def test_native_spec_names_every_world_size():
     assert _native_world("native:small", "anything") == ("small", 0)
     with pytest.raises(AtlasError, match=r"SIZE tiny, small, medium"):
         _native_world("native:huge", "world-medium-subject-a")
+
+
+def test_a_new_run_loads_its_map_once(mapped, monkeypatch):
+    """`label_features` (and `atlas label`, through `prepare_run`) reads the map file once per run."""
+    store, _, _, _, path = mapped
+    loads = []
+    real = type(store).map_record
+
+    def counted(self, name):
+        loads.append(name)
+        return real(self, name)
+
+    monkeypatch.setattr(type(store), "map_record", counted)
+    run = labelling.label_features(store, "m", str(path), k=2, batch_size=100, name="once", quiet=True)
+    assert run.status == "done" and loads == ["m"]
+    labelling.create_run(store, "m", str(path), k=2, batch_size=100, name="twice")
+    labelling.run_labelling(store, "twice", quiet=True)  # a resume (no prepared run) loads it again
+    assert loads == ["m", "m", "m"]

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from engine.align.map import load_map
 from engine.cli import cli
 from engine.labelling.export import iter_labels
 from engine.labelling.sources import open_feature_source
@@ -44,7 +45,7 @@ def test_eval_labelling_fits_maps_and_reads_the_runs_it_wrote(world_store):
 
     # the features of that run are the subject's own directions at the map's layer
     run = store.run(a.run)
-    src = open_feature_source(run.feature_source, store=store, amap=store.load_map(a.map))
+    src = open_feature_source(run.feature_source, store=store, amap=load_map(store, a.map))
     assert src.kind == "native" and run.feature_source == "native:tiny:0"
     np.testing.assert_allclose(src.vectors, world.concept_directions("subject_a", a.layer), atol=1e-6)
     assert src.fingerprint == run.fingerprint  # re-reading gives the same features: resume works

@@ -7,6 +7,7 @@ import pytest
 
 from engine.atlas.lookup import build_label_index, lookup, semantic_available
 from engine.errors import BadValueError
+from engine.store.store import AtlasSource
 
 pytestmark = pytest.mark.backends("sqlite", "postgresql")
 
@@ -23,7 +24,9 @@ LABELS = [
 @pytest.fixture
 def labelled(store):
     x = np.random.default_rng(0).normal(size=(len(LABELS), 8))
-    store.add_atlas("t", x, [a for a, _ in LABELS], [b for _, b in LABELS], model="m", layer=1)
+    store.add_atlas(
+        "t", x, [a for a, _ in LABELS], [b for _, b in LABELS], source=AtlasSource(model="m", layer=1),
+    )
     return store
 
 
@@ -90,7 +93,10 @@ def test_the_same_queries_rank_alike_on_both_databases(tmp_path, pg_admin):
     with pg_database(pg_admin) as url:
         for backend, db_url in (("sqlite", None), ("postgresql", url)):
             with Store.init(tmp_path / backend, db_url=db_url) as store:
-                store.add_atlas("t", x, [a for a, _ in MORE_LABELS], [b for _, b in MORE_LABELS], model="m", layer=1)
+                store.add_atlas(
+                    "t", x, [a for a, _ in MORE_LABELS], [b for _, b in MORE_LABELS],
+                    source=AtlasSource(model="m", layer=1),
+                )
                 answers[backend] = {q: lookup(store, q, k=20, semantic=False) for q in QUERIES}
     for q in QUERIES:
         lite, pg = answers["sqlite"][q], answers["postgresql"][q]

@@ -10,9 +10,10 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
+from engine.align.map import save_map
 from engine.store import migrate
 from engine.store.schema import Base, include_object
-from engine.store.store import make_engine
+from engine.store.store import AtlasSource, IndexPlacement, make_engine
 
 pytestmark = pytest.mark.backends("sqlite", "postgresql")
 
@@ -145,9 +146,12 @@ def test_downgrade_and_upgrade_keep_the_rows(tmp_path, db_url):
 
     rng = np.random.default_rng(0)
     store = Store.init(tmp_path / "st", db_url=db_url)
-    store.add_atlas("a", clustered_directions(50, 16), [f"concept {i}" for i in range(50)], model="x", layer=1)
+    store.add_atlas(
+        "a", clustered_directions(50, 16), [f"concept {i}" for i in range(50)],
+        source=AtlasSource(model="x", layer=1),
+    )
     store.add_model("subj", d_model=8)
-    store.save_map(AlignmentMap(rng.normal(size=(8, 16)), rng.normal(size=(16, 8)), np.zeros(8), np.zeros(16),
+    save_map(store, AlignmentMap(rng.normal(size=(8, 16)), rng.normal(size=(16, 8)), np.zeros(8), np.zeros(16),
                                 "procrustes", subject_model="subj", subject_layer=1, atlas="a", atlas_model="x",
                                 atlas_layer=1, metrics={"subject_resid_norm": 1.0, "atlas_resid_norm": 1.0}), "m")
     np.save(tmp_path / "f.npy", rng.normal(size=(20, 8)).astype(np.float32))
@@ -220,8 +224,11 @@ def test_0007_records_the_backend_and_refuses_to_drop_milvus_atlases(tmp_path, m
     from tests.conftest import clustered_directions
 
     with Store.init(tmp_path / "st") as store:
-        store.add_atlas("f", clustered_directions(30, 8), model="x", layer=1)
-        store.add_atlas("m", clustered_directions(30, 8, seed=1), model="x", layer=1, index_uri=milvus_uri)
+        store.add_atlas("f", clustered_directions(30, 8), source=AtlasSource(model="x", layer=1))
+        store.add_atlas(
+            "m", clustered_directions(30, 8, seed=1), source=AtlasSource(model="x", layer=1),
+            index=IndexPlacement(uri=milvus_uri),
+        )
     engine = make_engine(f"sqlite:///{tmp_path / 'st' / 'atlas.db'}")
     with pytest.raises(RuntimeError, match="1 atlas.*keep their vectors in Milvus"):
         migrate.downgrade(engine, "0005")

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from engine.align.map import AlignmentMap
+from engine.align.map import AlignmentMap, save_map
 from engine.cli import cli
 from engine.errors import BadValueError, IndexUnavailableError
 from engine.labelling.run import label_features
-from engine.store.store import Store
+from engine.store.store import AtlasSource, IndexPlacement, Store
 from indexes.milvus import client, collections
 from tests.conftest import clustered_directions
 
@@ -29,8 +29,10 @@ def _pair(store: Store, milvus_uri: str, n: int = 300, d: int = 16, seed: int = 
     """The same vectors as atlas ``f`` (FAISS file) and ``m`` (Milvus collection)."""
     x = clustered_directions(n, d, seed=seed)
     labels = [f"concept {i}" for i in range(n)]
-    store.add_atlas("f", x, labels, model="x", layer=1)
-    store.add_atlas("m", x, labels, model="x", layer=1, index_uri=milvus_uri)
+    store.add_atlas("f", x, labels, source=AtlasSource(model="x", layer=1))
+    store.add_atlas(
+        "m", x, labels, source=AtlasSource(model="x", layer=1), index=IndexPlacement(uri=milvus_uri),
+    )
     return x
 
 
@@ -63,7 +65,7 @@ def test_reads_on_a_milvus_atlas_equal_the_faiss_ones(store, milvus_uri):
                             metrics={"subject_resid_norm": 1.0, "atlas_resid_norm": 1.0})
         if atlas == "f":
             store.add_model("subj", d_model=8)
-        store.save_map(amap, f"map-{atlas}")
+        save_map(store, amap, f"map-{atlas}")
         label_features(store, f"map-{atlas}", str(store.path.parent / "feats.npy"), k=3, name=f"run-{atlas}",
                        batch_size=6, quiet=True)
         runs[atlas] = [(f, rank, round(score, 4)) for f, rank, score, *_ in store.run_label_rows(f"run-{atlas}", 0, 12)]
@@ -91,7 +93,7 @@ def test_verify_finds_a_damaged_collection_and_rebuild_restores_it(store, milvus
 
 def test_rebuild_moves_an_atlas_between_backends_and_remove_drops_it(store, milvus_uri):
     x = clustered_directions(200, 16, seed=5)
-    store.add_atlas("a", x, model="x", layer=1)
+    store.add_atlas("a", x, source=AtlasSource(model="x", layer=1))
     before = store.neighbors("a/3", k=5)
     old_file = store.path / store.atlas_files("a")["index"]
     moved = store.rebuild_index("a", "HNSW16|efSearch=64", index_uri=milvus_uri)
@@ -116,11 +118,16 @@ def test_a_failed_import_drops_its_collection(store, milvus_uri, monkeypatch):
     before = set(collections(milvus_uri))
     monkeypatch.setattr(atlases, "ensure_model", fail)  # the database write fails after the collection is filled
     with pytest.raises(OSError, match="disk full"):
-        store.add_atlas("a", clustered_directions(50, 16), model="x", layer=1, index_uri=milvus_uri)
+        store.add_atlas(
+            "a", clustered_directions(50, 16), source=AtlasSource(model="x", layer=1),
+            index=IndexPlacement(uri=milvus_uri),
+        )
     assert set(collections(milvus_uri)) == before
     with pytest.raises(BadValueError, match="does not work|no index"):
-        store.add_atlas("a", clustered_directions(50, 16), model="x", layer=1, index_uri=milvus_uri,
-                        index_spec="IVF8,PQ4")
+        store.add_atlas(
+            "a", clustered_directions(50, 16), source=AtlasSource(model="x", layer=1),
+            index=IndexPlacement(uri=milvus_uri, spec="IVF8,PQ4"),
+        )
     assert set(collections(milvus_uri)) == before and not store.atlases()
 
 
@@ -129,9 +136,11 @@ def test_bad_index_uris_are_clear_errors(store, tmp_path):
     for uri, msg in [("nowhere/x.db", "does not exist"), ("ftp://h/x", "not understood"),
                      ("http://u:p@h:19530", "ATLAS_MILVUS_TOKEN"), ("http://h:99999", "bad port")]:
         with pytest.raises(BadValueError, match=msg):
-            store.add_atlas("a", x, model="x", layer=1, index_uri=uri)
+            store.add_atlas("a", x, source=AtlasSource(model="x", layer=1), index=IndexPlacement(uri=uri))
     with pytest.raises(IndexUnavailableError, match="cannot reach Milvus at http://127.0.0.1:9"):
-        store.add_atlas("a", x, model="x", layer=1, index_uri="http://127.0.0.1:9")
+        store.add_atlas(
+            "a", x, source=AtlasSource(model="x", layer=1), index=IndexPlacement(uri="http://127.0.0.1:9"),
+        )
     assert not store.atlases()
 
 
@@ -156,7 +165,10 @@ def test_killed_import_leaves_a_collection_gc_drops_and_the_store_moves(tmp_path
     moved = tmp_path / "elsewhere"
     shutil.move(root, moved)  # the store, its Lite folder with it, moves
     with Store.open(moved) as store:
-        store.add_atlas("a", np.load(tmp_path / "a.npy"), model="x", layer=1, index_uri="milvus.db")
+        store.add_atlas(
+            "a", np.load(tmp_path / "a.npy"), source=AtlasSource(model="x", layer=1),
+            index=IndexPlacement(uri="milvus.db"),
+        )
         assert store.atlas("a").index_uri == "milvus.db"
         assert store.neighbors("a/0", k=3)[0].ordinal == store.neighbors("a/0", k=1)[0].ordinal
         report = store.verify()

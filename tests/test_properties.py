@@ -24,6 +24,7 @@ from engine.atlas.importers import read_directions, read_gemmascope, read_matrix
 from engine.atlas.labels import read_labels
 from engine.errors import AtlasError
 from engine.store import layout
+from engine.store.store import AtlasSource
 from engine.util import check_name
 
 EXAMPLES = int(os.environ.get("ATLAS_HYPOTHESIS_EXAMPLES", "60"))
@@ -179,7 +180,7 @@ def test_add_atlas_stores_exactly_or_refuses(prop_store, x):
     name = f"p{abs(hash(x.tobytes())) % 10**12}-{x.dtype}-{'x'.join(map(str, x.shape))}"
     if name in {a.name for a in prop_store.atlases()}:
         return
-    info = _outcome(lambda: prop_store.add_atlas(name, x, model="m", layer=0))
+    info = _outcome(lambda: prop_store.add_atlas(name, x, source=AtlasSource(model="m", layer=0)))
     if info is not None:
         with np.errstate(over="ignore", invalid="ignore"):
             np.testing.assert_array_equal(prop_store.atlas_vectors(name), x.astype(np.float32))

@@ -15,9 +15,11 @@ import signal
 import numpy as np
 import pytest
 
+from engine.align.map import load_map, save_map
 from engine.distributed import RayConfig, map_ordered
 from engine.errors import AtlasError, BadValueError
 from engine.labelling import run as labelling
+from engine.store.store import AtlasSource, IndexPlacement
 from tests.test_labelling import rows_of
 from tests.test_search import D_SUBJECT, make_mapped_store
 
@@ -84,12 +86,14 @@ def test_ray_rows_are_bit_identical_where_the_search_threads_matter(ray_local, s
 
     rng = np.random.default_rng(0)
     d_s, d_a = 128, 384
-    store.add_atlas("big", rng.normal(size=(8000, d_a)).astype(np.float32), [f"c{i}" for i in range(8000)],
-                    model="f", layer=1, index_spec="Flat")
+    store.add_atlas(
+        "big", rng.normal(size=(8000, d_a)).astype(np.float32), [f"c{i}" for i in range(8000)],
+        source=AtlasSource(model="f", layer=1), index=IndexPlacement(spec="Flat"),
+    )
     store.add_model("sub", d_model=d_s)
     q, _ = np.linalg.qr(rng.normal(size=(d_a, d_s)))
     w = q.T.astype(np.float32)
-    store.save_map(AlignmentMap(w, w.T, np.zeros(d_s), np.zeros(d_a), "procrustes", subject_model="sub",
+    save_map(store, AlignmentMap(w, w.T, np.zeros(d_s), np.zeros(d_a), "procrustes", subject_model="sub",
                                 subject_layer=1, atlas="big"), "bm")
     np.save(tmp_path / "f.npy", rng.normal(size=(1000, d_s)).astype(np.float32))
     for name, ray_config in (("here", None), ("there", CONFIG)):
@@ -182,7 +186,7 @@ def test_ray_alignment_fits_the_in_process_maps_though_a_worker_is_killed(ray_lo
     assert marker.exists()  # a worker died mid-pass; its shard was run again and counted once
     for h, t in zip(here, there, strict=True):
         assert (t.subject_layer, t.n_pairs, t.corpus_fingerprint) == (h.subject_layer, h.n_pairs, h.corpus_fingerprint)
-        a, b = store.load_map(h.name), store.load_map(t.name)
+        a, b = load_map(store, h.name), load_map(store, t.name)
         # the same map to rounding (relative Frobenius norm of the difference; the map is stored in float32;
         # with float32 statistics the in-process map itself is ~3e-5 from the float64 one, see README)
         for x, y in ((a.weight, b.weight), (a.subject_mean, b.subject_mean), (a.atlas_mean, b.atlas_mean)):

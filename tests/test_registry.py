@@ -17,6 +17,7 @@ from engine.errors import ArchitectureError, DuplicateError, NotFoundError
 from engine.models.loading import load_registered
 from engine.models.registry import ensure_model, inspect_source, model_details, register_model, remove_model
 from engine.store.models import ModelInUseError
+from engine.store.store import AtlasSource
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,9 @@ def test_register_show_load_and_remove(store, folders):
     assert type(model).__name__ == info.architecture
     enc = register_model(store, "enc", folders["bert"], kind="encoder")
     assert enc.kind == "encoder" and type(load_registered(store, "enc")[0]).__name__ == "BertModel"
-    store.add_atlas("atl", np.ones((2, 32), np.float32), ["a", "b"], model="subj", layer=1)
+    store.add_atlas(
+        "atl", np.ones((2, 32), np.float32), ["a", "b"], source=AtlasSource(model="subj", layer=1),
+    )
     with pytest.raises(ModelInUseError, match="used by atlases atl"):
         remove_model(store, "subj")
     remove_model(store, "enc")

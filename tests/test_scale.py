@@ -19,7 +19,7 @@ import indexes
 from engine.errors import IndexIntegrityError, ShapeError
 from engine.store import atlases as atlases_mod
 from engine.store import vectorfiles
-from engine.store.store import Store
+from engine.store.store import AtlasSource, IndexPlacement, Store
 from engine.util import sha256_file
 from indexes import faiss_backend
 from indexes.exact import topk_inner_product
@@ -135,7 +135,10 @@ def test_index_opened_from_its_file_is_memory_mapped_and_answers_the_same(tmp_pa
 def _store_with_atlas(tmp_path, n=1500, d=32, spec="Flat"):
     store = Store.init(tmp_path / "s")
     x = clustered_directions(n, d, seed=4)
-    store.add_atlas("a", x, [f"c{i}" for i in range(n)], model="m", layer=0, index_spec=spec)
+    store.add_atlas(
+        "a", x, [f"c{i}" for i in range(n)], source=AtlasSource(model="m", layer=0),
+        index=IndexPlacement(spec=spec),
+    )
     return store, x
 
 
@@ -224,7 +227,9 @@ def test_import_streams_chunks_from_a_memory_mapped_source(tmp_path, monkeypatch
     np.save(tmp_path / "x.npy", x)
     src = np.load(tmp_path / "x.npy", mmap_mode="r")
     store = Store.init(tmp_path / "s")
-    store.add_atlas("a", src, model="m", layer=0, index_spec="IVF4,Flat|nprobe=4")
+    store.add_atlas(
+        "a", src, source=AtlasSource(model="m", layer=0), index=IndexPlacement(spec="IVF4,Flat|nprobe=4"),
+    )
     vec_file = store.path / store.atlas_files("a")["vectors"]
     np.testing.assert_array_equal(load_file(str(vec_file))["directions"], x)  # safetensors reads it
     assert isinstance(store.atlas_vectors("a"), np.memmap)
@@ -234,15 +239,17 @@ def test_import_streams_chunks_from_a_memory_mapped_source(tmp_path, monkeypatch
     bad = x.copy()
     bad[600] = 0.0  # in the third chunk: its row number in the whole matrix is reported
     with pytest.raises(ShapeError, match="row 600 is all zeros"):
-        store.add_atlas("b", bad, model="m", layer=0)
+        store.add_atlas("b", bad, source=AtlasSource(model="m", layer=0))
     assert {p.name for p in (store.path / "vectors").iterdir()} == {vec_file.name}  # nothing left behind
 
 
 def test_quantised_spec_reranks_its_candidates_from_the_vector_file(tmp_path):
     x = clustered_directions(3000, 32, n_base=256, noise=0.3, seed=6)
     store = Store.init(tmp_path / "s")
-    store.add_atlas("sq", x, model="m", layer=0, index_spec="HNSW16_SQ4")
-    store.add_atlas("rr", x, model="m", layer=0, index_spec="HNSW16_SQ4|rerank=4")
+    store.add_atlas("sq", x, source=AtlasSource(model="m", layer=0), index=IndexPlacement(spec="HNSW16_SQ4"))
+    store.add_atlas(
+        "rr", x, source=AtlasSource(model="m", layer=0), index=IndexPlacement(spec="HNSW16_SQ4|rerank=4"),
+    )
     q = _unit(x[::60] + 0.3 * np.random.default_rng(7).normal(size=(50, 32)).astype(np.float32))
     exact_s, exact_i = topk_inner_product(q, _unit(x), 10)
     fresh = Store.open(store.path)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.align.map import AlignmentMap
+from engine.align.map import AlignmentMap, load_map, save_map
 from engine.errors import SiteMismatchError
 from engine.search import atlas_centre, project, search, search_arrays
+from engine.store.store import AtlasSource, IndexPlacement
 from engine.util import unit_rows
 from indexes.policy import ANN_SPEC, FLAT_MAX_CONCEPTS, choose_index_spec
 from tests.conftest import clustered_directions
@@ -24,13 +25,13 @@ def make_mapped_store(store, n=N_CONCEPTS, d_s=D_SUBJECT, d_a=D_ATLAS, seed=0, m
     """
     rng = np.random.default_rng(seed)
     x = clustered_directions(n, d_a, seed=seed)
-    store.add_atlas("at", x, [f"concept {i}" for i in range(n)], model="found", layer=3)
+    store.add_atlas("at", x, [f"concept {i}" for i in range(n)], source=AtlasSource(model="found", layer=3))
     store.add_model("subj", d_model=d_s, source=subject_source)
     w = rng.normal(size=(d_s, d_a)) / np.sqrt(d_s)
     amap = AlignmentMap(w, np.linalg.pinv(w), rng.normal(size=d_s), rng.normal(size=d_a), "procrustes",
                         subject_model="subj", subject_layer=subject_layer, atlas="at", atlas_model="found", atlas_layer=3)
-    store.save_map(amap, map_name)
-    return x, store.load_map(map_name)
+    save_map(store, amap, map_name)
+    return x, load_map(store, map_name)
 
 
 def brute_force(queries: np.ndarray, atlas: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -137,7 +138,10 @@ def test_the_ann_spec_finds_the_exact_neighbours_on_structured_data():
 
 
 def test_auto_index_spec_in_the_store(store):
-    info = store.add_atlas("small", clustered_directions(50, 8), model="m", layer=0, index_spec="auto")
+    info = store.add_atlas(
+        "small", clustered_directions(50, 8), source=AtlasSource(model="m", layer=0),
+        index=IndexPlacement(spec="auto"),
+    )
     assert info.index_spec == "Flat"
     assert store.rebuild_index("small", "auto").spec == "Flat"
 

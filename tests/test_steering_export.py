@@ -14,6 +14,7 @@ from safetensors import safe_open
 from test_steering import D, one_thread, save_tiny_model  # noqa: F401  (one_thread: autouse fixture)
 from test_steering_plan import D_ATLAS, DESCRIPTIONS, LABELS, _map
 
+from engine.align.map import save_map
 from engine.cli import cli
 from engine.errors import BadValueError
 from engine.models.hooks import read_residuals
@@ -21,6 +22,7 @@ from engine.models.loading import load_model
 from engine.steering.edits import steer
 from engine.steering.export import export_steering, steering_vectors
 from engine.steering.plan import PlanConcept, SteeringPlan, resolve_plan
+from engine.store.store import AtlasSource
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +33,13 @@ def subject_folder(tmp_path_factory):
 @pytest.fixture
 def steer_store(store, subject_folder):
     rng = np.random.default_rng(0)
-    store.add_atlas("fdn", rng.normal(size=(len(LABELS), D_ATLAS)).astype(np.float32), LABELS, DESCRIPTIONS,
-                    model="foundation", layer=1)
+    store.add_atlas(
+        "fdn", rng.normal(size=(len(LABELS), D_ATLAS)).astype(np.float32), LABELS, DESCRIPTIONS,
+        source=AtlasSource(model="foundation", layer=1),
+    )
     store.add_model("subj", source=str(subject_folder), d_model=D, n_layers=3)
     for L in (0, 1, 2):
-        store.save_map(_map(L + 1, L), f"m{L}")
+        save_map(store, _map(L + 1, L), f"m{L}")
     return store
 
 

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from test_steering import D, one_thread, save_tiny_model  # noqa: F401  (one_thread: autouse fixture)
 
-from engine.align.map import AlignmentMap
+from engine.align.map import AlignmentMap, save_map
 from engine.errors import FormatError, NotFoundError, SiteMismatchError
 from engine.models.loading import load_model
 from engine.steering.plan import PlanConcept, SteeringPlan, resolve_concept, resolve_plan, run_plan
+from engine.store.store import AtlasSource
 
 D_ATLAS = 24
 LABELS = ["weather", "music", "animals", "fruit", "colours"]
@@ -37,11 +38,13 @@ def subject_folder(tmp_path_factory):
 @pytest.fixture
 def steer_store(store, subject_folder):
     rng = np.random.default_rng(0)
-    store.add_atlas("fdn", rng.normal(size=(len(LABELS), D_ATLAS)).astype(np.float32), LABELS, DESCRIPTIONS,
-                    model="foundation", layer=1)
+    store.add_atlas(
+        "fdn", rng.normal(size=(len(LABELS), D_ATLAS)).astype(np.float32), LABELS, DESCRIPTIONS,
+        source=AtlasSource(model="foundation", layer=1),
+    )
     store.add_model("subj", source=str(subject_folder), d_model=D, n_layers=3)
-    store.save_map(_map(1, 1), "m1")
-    store.save_map(_map(2, 2), "m2")
+    save_map(store, _map(1, 1), "m1")
+    save_map(store, _map(2, 2), "m2")
     return store
 
 
@@ -124,7 +127,7 @@ def test_run_plan_side_by_side(steer_store):
 
 def test_a_map_of_another_model_or_width_is_a_clear_error(steer_store, tmp_path):
     steer_store.add_model("narrow", d_model=16)
-    steer_store.save_map(_map(3, 1, subject="narrow", d_subject=16), "narrow-map")
+    save_map(steer_store, _map(3, 1, subject="narrow", d_subject=16), "narrow-map")
     model, tok = load_model(save_tiny_model("gpt2", tmp_path / "gpt2"))
     with pytest.raises(SiteMismatchError, match="width 32"):
         run_plan(steer_store, SteeringPlan("narrow-map", ["weather"]), ["the"], model=model, tokenizer=tok)
@@ -146,7 +149,7 @@ def test_a_saved_plan_records_its_maps_and_atlas_and_refuses_a_changed_map(steer
     path = tmp_path / "plan.json"
     plan.save(path)
     resolve_plan(steer_store, SteeringPlan.load(path))  # unchanged: resolves as before
-    steer_store.save_map(_map(3, 2), "m2", overwrite=True)  # the layer-2 map is refitted
+    save_map(steer_store, _map(3, 2), "m2", overwrite=True)  # the layer-2 map is refitted
     with pytest.raises(SourceChangedError, match="map 'm2' at layer 2 changed since this plan was saved"):
         resolve_plan(steer_store, SteeringPlan.load(path))
     # a plan of the first version (no provenance) still loads, and is resolved against what is there now

@@ -18,7 +18,7 @@ from engine.errors import (
 )
 from engine.store import migrate
 from engine.store.schema import AtlasRow, ConceptRow
-from engine.store.store import Store
+from engine.store.store import AtlasSource, Store
 from engine.util import check_name, unit_rows
 from tests.conftest import clustered_directions
 
@@ -28,7 +28,8 @@ pytestmark = pytest.mark.backends("sqlite", "postgresql")
 def _add(store, name="a", n=60, d=16, **kw):
     x = clustered_directions(n, d, seed=2)
     labels = [f"concept {i}" if i % 3 else None for i in range(n)]
-    return x, store.add_atlas(name, x, labels, model="m", layer=2, **kw)
+    site = {k: kw.pop(k) for k in ("hook", "revision") if k in kw}
+    return x, store.add_atlas(name, x, labels, source=AtlasSource(model="m", layer=2, **site), **kw)
 
 
 def test_add_atlas_records_provenance_and_labels(store):
@@ -74,9 +75,9 @@ def test_errors_are_named_and_say_the_fix(store, tmp_path):
     with pytest.raises(NotFoundError, match="ordinals run 0..59"):
         store.concept("a/99")
     with pytest.raises(ShapeError, match="3 labels for 60 vectors"):
-        store.add_atlas("b", np.ones((60, 4)), ["x"] * 3, model="m", layer=0)
+        store.add_atlas("b", np.ones((60, 4)), ["x"] * 3, source=AtlasSource(model="m", layer=0))
     with pytest.raises(ShapeError, match="NaN"):
-        store.add_atlas("b", np.full((2, 4), np.nan), model="m", layer=0)
+        store.add_atlas("b", np.full((2, 4), np.nan), source=AtlasSource(model="m", layer=0))
     with pytest.raises(ShapeError, match=r"needs \(n, 16\)"):
         store.search_vectors("a", np.ones((1, 15)), 3)
     with pytest.raises(StoreNotFoundError, match="atlas init"):
@@ -97,7 +98,7 @@ def test_one_name_rule_refuses_with_the_rule(store, name):
         check_name(name, "atlas")
     assert isinstance(e.value, AtlasError) and repr(name)[:40] in str(e.value) and "200 bytes" in str(e.value)
     with pytest.raises(BadNameError, match="bad atlas name"):
-        store.add_atlas(name, np.ones((2, 4)), model="m", layer=0)
+        store.add_atlas(name, np.ones((2, 4)), source=AtlasSource(model="m", layer=0))
 
 
 def test_uninitialised_or_outdated_database_says_what_to_run(store):

@@ -14,12 +14,12 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import func, select
 
-from engine.align.map import AlignmentMap
+from engine.align.map import AlignmentMap, save_map
 from engine.cli import cli
 from engine.errors import BadNameError, InUseError
 from engine.labelling.run import label_features
 from engine.store.schema import FeatureLabelRow, LabelRunRow
-from engine.store.store import Store
+from engine.store.store import AtlasSource, Store
 from tests.conftest import clustered_directions
 
 pytestmark = pytest.mark.backends("sqlite", "postgresql")
@@ -30,14 +30,14 @@ def _map(store, name="m", atlas="a", seed=0):
     amap = AlignmentMap(rng.normal(size=(8, 16)), rng.normal(size=(16, 8)), np.zeros(8), np.zeros(16), "procrustes",
                         subject_model="subj", subject_layer=1, atlas=atlas, atlas_model="x", atlas_layer=1,
                         metrics={"subject_resid_norm": 1.0, "atlas_resid_norm": 1.0})
-    return store.save_map(amap, name)
+    return save_map(store, amap, name)
 
 
 @pytest.fixture
 def labelled_store(store, tmp_path):
     """Atlas `a`, map `m` onto it with runs `r1`, `r2`; atlas `other` with map `m2` and run `r3`."""
-    store.add_atlas("a", clustered_directions(100, 16, seed=1), model="x", layer=1)
-    store.add_atlas("other", clustered_directions(50, 16, seed=2), model="x", layer=1)
+    store.add_atlas("a", clustered_directions(100, 16, seed=1), source=AtlasSource(model="x", layer=1))
+    store.add_atlas("other", clustered_directions(50, 16, seed=2), source=AtlasSource(model="x", layer=1))
     store.add_model("subj", d_model=8)
     _map(store)
     _map(store, "m2", "other", seed=1)
@@ -59,7 +59,7 @@ def test_names_that_look_like_other_files_never_share_them(store):
     """`X.labels` once overwrote X's label index: every file name is <name>@<pid>-<token>.<ext>."""
     names = ["X", "X.labels", "X.labels.faiss", "X.faiss", "X.safetensors", "X-1", "x"]
     for i, name in enumerate(names):
-        store.add_atlas(name, clustered_directions(30, 8, seed=i), model="m", layer=0)
+        store.add_atlas(name, clustered_directions(30, 8, seed=i), source=AtlasSource(model="m", layer=0))
     files = [f for n in names for f in store.atlas_files(n).values()]
     assert len(set(files)) == len(files) and all(store.verify_index(n).ok for n in names)
     for i, name in enumerate(names):
@@ -75,7 +75,7 @@ def test_long_multibyte_names_are_refused_cleanly_or_work():
 
 def test_a_name_of_200_bytes_works_end_to_end(store):
     name = "漢" * 66 + "ab"  # 200 bytes: the longest name; its files stay under 255 bytes
-    store.add_atlas(name, clustered_directions(20, 8), model="m", layer=0)
+    store.add_atlas(name, clustered_directions(20, 8), source=AtlasSource(model="m", layer=0))
     assert store.verify().ok and store.neighbors(f"{name}/0", k=2)
     assert all(len(Path(f).name.encode()) < 255 for f in store.atlas_files(name).values())
     store.rebuild_index(name, "HNSW8")
@@ -119,7 +119,7 @@ def test_cli_remove_says_what_would_go_and_what_went(labelled_store):
 
 
 def test_rebuild_switches_to_a_new_file_and_removes_the_old(store):
-    store.add_atlas("a", clustered_directions(300, 16), model="m", layer=0)
+    store.add_atlas("a", clustered_directions(300, 16), source=AtlasSource(model="m", layer=0))
     old = store.atlas_files("a")["index"]
     status = store.rebuild_index("a", "HNSW16")
     new = store.atlas_files("a")["index"]
@@ -128,7 +128,7 @@ def test_rebuild_switches_to_a_new_file_and_removes_the_old(store):
 
 
 def test_leftovers_are_reported_and_gc_removes_only_what_nobody_owns(store):
-    store.add_atlas("a", clustered_directions(40, 8), model="m", layer=0)
+    store.add_atlas("a", clustered_directions(40, 8), source=AtlasSource(model="m", layer=0))
     claimed = store.claimed_files()
     store._indexes.clear()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -171,7 +171,7 @@ def test_every_store_file_follows_the_umask_like_the_database(tmp_path):
     old = os.umask(0o027)
     try:
         s = Store.init(tmp_path / "st")
-        s.add_atlas("a", clustered_directions(20, 16), model="m", layer=0)
+        s.add_atlas("a", clustered_directions(20, 16), source=AtlasSource(model="m", layer=0))
         s.add_model("subj", d_model=8)
         _map(s, atlas="a")
         s.rebuild_index("a", "Flat")
@@ -186,10 +186,13 @@ def test_every_store_file_follows_the_umask_like_the_database(tmp_path):
 def test_an_atlas_named_x_labels_leaves_x_s_label_index_alone(store):
     from engine.atlas.lookup import build_label_index, lookup
 
-    store.add_atlas("X", clustered_directions(3, 8), ["rain and storms", "cats", "music"], model="m", layer=0)
+    store.add_atlas(
+        "X", clustered_directions(3, 8), ["rain and storms", "cats", "music"],
+        source=AtlasSource(model="m", layer=0),
+    )
     build_label_index(store, "X")
     before = [h.ref for h in lookup(store, "thunderstorm", k=2)]
-    store.add_atlas("X.labels", clustered_directions(5, 8, seed=1), model="m", layer=0)
+    store.add_atlas("X.labels", clustered_directions(5, 8, seed=1), source=AtlasSource(model="m", layer=0))
     assert store.verify().ok and [h.ref for h in lookup(store, "thunderstorm", k=2)] == before
     label_file = store.atlas_files("X")["labels"]
     build_label_index(store, "X")  # re-embedding replaces the file: new one claimed, old one gone

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from engine.align.map import load_map
 from engine.cli import cli
 from engine.world.concepts import concept_table
 from engine.world.eval.sae_labelling import concept_retrieval_mrr, score_hits
@@ -218,7 +219,7 @@ def test_sae_labelling_rows_per_subject_layer_pairing_and_method(layered_world, 
         assert sae.layer == r.layer and r.n_latents == sae.n_latents
         assert r.n == sum(1 for e in sae.ground_truth() if e["key"])
         assert 0 <= r.top1 <= r.top5 <= 1 and r.top1 <= r.mrr <= r.top5 + 1e-9
-        assert store.load_map(r.map).subject_layer == r.layer and f".L{r.layer}." in r.map
+        assert load_map(store, r.map).subject_layer == r.layer and f".L{r.layer}." in r.map
         run = store.run(r.run)  # the labels are a real run over that layer's subject SAE folder
         assert run.n_features == sae.n_latents and run.status == "done"
     # the default layers' SAEs are the world's own; the others were trained on demand

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from engine.align.corpus import split_heldout
-from engine.align.map import AlignmentMap, MapSites, plain_json
+from engine.align.map import AlignmentMap, MapSites, plain_json, save_map
 from engine.align.methods import LinearFit, get_method, heldout_r2
 from engine.align.pairing import PairingConfig, check_pairing, iter_batch_pairs, pair_batches
 from engine.align.request import AlignRequest
@@ -274,7 +274,7 @@ def align_layers(store: Store, request: AlignRequest, *, quiet: bool = False) ->
             amap = stats.fit(pairing, L, method, sites, **params)
         except CorpusTooSmallError as e:
             raise CorpusTooSmallError(f"{e} (pairing {pairing!r}, {len(texts)} training texts)") from None
-        out.append(store.save_map(amap, _layer_name(request.name, L, len(layers)), overwrite=request.overwrite))
+        out.append(save_map(store, amap, _layer_name(request.name, L, len(layers)), overwrite=request.overwrite))
     return out
 
 

@@ -11,14 +11,17 @@ stays numpy, torch stays torch (on the input's device and dtype).
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
 
 from engine.errors import FormatError, ShapeError, SiteMismatchError
+from engine.store.maps import MapInfo, MapRecord
+
+if TYPE_CHECKING:
+    from engine.store.store import Store
 
 TENSOR_KEYS = ("weight", "inverse_weight", "subject_mean", "atlas_mean")
 
@@ -202,35 +205,47 @@ class AlignmentMap:
             if f.name not in TENSOR_KEYS and not f.name.startswith("_")
         } | {"d_subject": self.d_subject, "d_atlas": self.d_atlas}
 
-    def to_bytes(self) -> bytes:
-        from safetensors.numpy import save
-
+    def to_record(self) -> MapRecord:
+        """The map as the store saves it: its tensors (float32) and its provenance as plain JSON data."""
         tensors = {k: np.ascontiguousarray(getattr(self, k), dtype=np.float32) for k in TENSOR_KEYS}
-        return save(tensors, metadata={"provenance": json.dumps(plain_json(self.provenance()))})
+        return MapRecord(tensors, plain_json(self.provenance()))
 
     @classmethod
-    def from_bytes(cls, data: bytes, **override: Any) -> AlignmentMap:
-        from safetensors.numpy import load
-
-        try:
-            tensors = load(data)
-            meta = _safetensors_metadata(data)
-            prov = json.loads(meta.get("provenance", "{}"))
-        except Exception as e:  # any parse failure means: not a map file
-            raise FormatError(f"not an alignment-map file: {e}") from None
-        missing = [k for k in TENSOR_KEYS if k not in tensors]
+    def from_record(cls, record: MapRecord, **override: Any) -> AlignmentMap:
+        """The map of a stored record (``override`` replaces provenance fields); a record that lacks a
+        tensor, or whose tensors disagree with its recorded widths, is a `FormatError`."""
+        missing = [k for k in TENSOR_KEYS if k not in record.tensors]
         if missing:
             raise FormatError(f"alignment-map file lacks tensors {missing}")
+        prov = record.provenance
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in prov.items() if k in known and k not in TENSOR_KEYS}
         kwargs.update(override)
-        arrays: dict[str, Any] = {k: tensors[k] for k in TENSOR_KEYS}
-        return cls(**arrays, **kwargs)
+        arrays: dict[str, Any] = {k: record.tensors[k] for k in TENSOR_KEYS}
+        amap = cls(**arrays, **kwargs)
+        widths = (prov.get("d_subject", amap.d_subject), prov.get("d_atlas", amap.d_atlas))
+        if (amap.d_subject, amap.d_atlas) != widths:
+            raise FormatError(f"map {amap.name!r}: file has {amap.weight.shape}, database says {widths}")
+        return amap
+
+    def to_bytes(self) -> bytes:
+        """The map file's bytes (as the store writes them)."""
+        return self.to_record().to_bytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, **override: Any) -> AlignmentMap:
+        return cls.from_record(MapRecord.from_bytes(data), **override)
 
 
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
-    n = int.from_bytes(data[:8], "little")
-    return json.loads(data[8 : 8 + n].decode("utf-8")).get("__metadata__", {}) or {}
+def save_map(store: Store, amap: AlignmentMap, name: str | None = None, overwrite: bool = False) -> MapInfo:
+    """Store ``amap`` as ``name`` (default: its own name, else ``<subject>-L<layer>-<atlas>-<method>``):
+    `Store.save_map_record` of its record, which says how a map is replaced safely."""
+    return store.save_map_record(amap.to_record(), name, overwrite)
+
+
+def load_map(store: Store, name: str) -> AlignmentMap:
+    """A stored map (`Store.map_record`: its file checked against its checksum), with its atlas's site."""
+    return AlignmentMap.from_record(store.map_record(name))
 
 
 def plain_json(obj: Any) -> Any:

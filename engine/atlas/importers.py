@@ -28,7 +28,7 @@ from engine.atlas.formats.releases import resolve_release
 from engine.atlas.formats.saelens import with_activation
 from engine.atlas.labels import read_labels
 from engine.errors import AtlasError, BadValueError, FormatError
-from engine.store.store import AtlasInfo, Store
+from engine.store.store import AtlasInfo, AtlasSource, IndexPlacement, Store
 from engine.store.vectorfiles import open_tensors
 
 SAELENS_CFG = "cfg.json"
@@ -282,23 +282,20 @@ def import_atlas(
     source: str | Path | None = None,
     *,
     labels: str | Path | None = None,
-    model: str | None = None,
-    layer: int | None = None,
-    hook: str | None = None,
-    revision: str | None = None,
-    index_spec: str = "Flat",
+    site: AtlasSource = AtlasSource(),
+    index: IndexPlacement = IndexPlacement(),
     key: str | None = None,
     fmt: str | None = None,
     release: str | None = None,
     sae_id: str | None = None,
     hf_cache: str | Path | None = None,
-    index_uri: str | None = None,
 ) -> AtlasInfo:
     """Import directions from ``source`` (any registered format; ``fmt`` forces one) as an atlas.
 
     Instead of ``source``, ``release`` + ``sae_id`` name an SAE of a SAELens release, read offline
     from the local Hugging Face cache (``hf_cache``, default: HF_HUB_CACHE / HF_HOME).
-    ``index_uri`` says where the index lives (`Store.add_atlas`; default a FAISS file).
+    ``site`` gives the model, layer, hook and revision where the file does not record them (or to
+    override it); ``index`` how and where the index is built (`Store.add_atlas`; default a Flat FAISS file).
     The SAE's encoder and activation (ReLU, JumpReLU threshold, TopK k) are kept with the atlas.
     """
     source_ref = str(source)
@@ -306,13 +303,14 @@ def import_atlas(
         if source is not None or release is None or sae_id is None:
             raise BadValueError("give either SOURCE or both --release and --sae-id")
         found = resolve_release(release, sae_id, cache=hf_cache)
-        source, fmt, model = found.path, fmt or found.format, model or found.model or None
+        source, fmt = found.path, fmt or found.format
+        site = dataclasses.replace(site, model=site.model or found.model or None)
         source_ref = f"{release}:{sae_id} ({found.repo_id}@{found.revision})"
     if source is None:
         raise BadValueError("give SOURCE (an SAE folder or file) or --release and --sae-id")
     sae = read_matrix(source, key) if key else read_directions(source, fmt)
-    model = model or sae.model
-    layer = layer if layer is not None else sae.layer
+    model = site.model or sae.model
+    layer = site.layer if site.layer is not None else sae.layer
     if model is None:
         raise FormatError(f"{source}: the model is not recorded in the file; give it with --model")
     if layer is None:
@@ -321,10 +319,10 @@ def import_atlas(
     table = read_labels(labels) if labels else None
     label_list, desc_list = table.for_n(n) if table else (None, None)
     return store.add_atlas(
-        name, sae.W_dec, label_list, desc_list, model=model, layer=int(layer),
-        hook=hook or sae.hook or "resid_post", source_kind=sae.source_kind, source_ref=source_ref,
-        revision=revision, index_spec=index_spec, encoder=sae.encoder(),
+        name, sae.W_dec, label_list, desc_list,
+        source=dataclasses.replace(site, model=model, layer=int(layer), hook=site.hook or sae.hook or "resid_post",
+                                   kind=sae.source_kind, ref=source_ref),
+        index=index, encoder=sae.encoder(),
         densities=None if sae.density is None else [float(v) for v in sae.density],
         extra={"labels_file": str(labels) if labels else None, "activation": sae.activation, "k": sae.k},
-        index_uri=index_uri,
     )

@@ -1,4 +1,4 @@
-"""`atlas contexts`: per concept, the top activating text windows of a corpus (engine.contexts)."""
+"""`atlas contexts`: per concept, the top activating text windows of a corpus (engine.labelling.contexts)."""
 
 from __future__ import annotations
 
@@ -46,15 +46,15 @@ def contexts(source: str, corpus: Path, top: int, window: int, chunk: int, batch
     again continues a stopped run (nothing to do when it is done); --overwrite starts over. Say
     atlas:NAME or map:NAME where a name is both.
     """
-    from engine.contexts import top_contexts
+    from engine.labelling.contexts import ContextSettings, top_contexts
 
     store = open_store(store_dir, db_url)
     quiet_transformers()
     try:
-        run = top_contexts(store, source, corpus, top=top, chunk=chunk, batch_size=batch_size, window=window,
+        run = top_contexts(store, source, corpus, ContextSettings(top, chunk, batch_size, window),
                            overwrite=overwrite)
     except KeyboardInterrupt:
-        from engine.contexts import resolve_source
+        from engine.labelling.contexts import resolve_source
 
         src = resolve_source(store, source)
         cut = store.context_run(src.atlas, src.map)

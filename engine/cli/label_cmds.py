@@ -70,16 +70,17 @@ def label(map_name, features, k, name, batch_size, resume, overwrite, no_site_ch
     if resume:
         if map_name or features:
             raise click.UsageError("--resume RUN takes no MAP or --features: the run records them")
-        run_name = resume
+        run_name, prepared = resume, None
     else:
         if not map_name or not features:
             raise click.UsageError("give MAP and --features SOURCE (or --resume RUN)")
-        run_name = labelling.create_run(
+        prepared = labelling.prepare_run(
             store, map_name, features, k=k, name=name, batch_size=batch_size, site_check=not no_site_check,
             overwrite=overwrite,
-        ).name
+        )
+        run_name = prepared.run.name
     try:
-        run = labelling.run_labelling(store, run_name, ray=ray)
+        run = labelling.run_labelling(store, run_name, ray=ray, prepared=prepared)
     except KeyboardInterrupt:
         run = store.run(run_name)
         click.echo(f"interrupted at {run.n_done}/{run.n_features} features; "
@@ -167,11 +168,12 @@ def explain(map_name: str, text: str, k: int, raw: bool, device: str, dtype: str
     activation ("act"): the token's residual mapped to the atlas site and put through the SAE's
     encoder (ReLU, JumpReLU threshold or TopK k, as the SAE was trained).
     """
+    from engine.align.map import load_map
     from engine.search import explain as run_explain
 
     quiet_transformers()
     store = open_store(store_dir, db_url)
-    tokens = run_explain(store, store.load_map(map_name), text, k, centre=not raw, device=device, dtype=dtype)
+    tokens = run_explain(store, load_map(store, map_name), text, k, centre=not raw, device=device, dtype=dtype)
     if as_json:
         print_json(tokens)
         return
@@ -196,13 +198,14 @@ def explain(map_name: str, text: str, k: int, raw: bool, device: str, dtype: str
 def search(map_name: str, vectors: Path, key: str | None, k: int, kind: VectorKind, store_dir: Path, db_url: str | None,
            as_json: bool) -> None:
     """Raw vector search through MAP: the top-k atlas concepts of each subject vector in FILE."""
+    from engine.align.map import load_map
     from engine.atlas.importers import read_matrix
     from engine.search import hits_table
     from engine.search import search as run_search
 
     store = open_store(store_dir, db_url)
     x = read_matrix(vectors, key).W_dec
-    emit(hits_table(run_search(store, store.load_map(map_name), x, k, kind=kind)), as_json,
+    emit(hits_table(run_search(store, load_map(store, map_name), x, k, kind=kind)), as_json,
          ["query", "rank", "ref", "label", "score"])
 
 

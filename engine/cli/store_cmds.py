@@ -238,15 +238,17 @@ def import_sae(source: Path | None, name: str, fmt, release, sae_id, model, laye
     """
     from engine.atlas.importers import import_atlas
     from engine.models.registry import ensure_model
+    from engine.store.store import AtlasSource, IndexPlacement
 
     store = open_store(store_dir, db_url)
     check_index_uri(store, index_uri)
     note = None
     if model:
         model, note = ensure_model(store, model, revision=revision, required=False)
-    info = import_atlas(store, name, source, labels=labels, model=model, layer=layer, hook=hook,
-                        revision=revision, index_spec=index_spec, key=key, fmt=fmt, release=release, sae_id=sae_id,
-                        index_uri=index_uri)
+    info = import_atlas(store, name, source, labels=labels,
+                        site=AtlasSource(model=model, layer=layer, hook=hook, revision=revision),
+                        index=IndexPlacement(index_spec, index_uri), key=key, fmt=fmt, release=release,
+                        sae_id=sae_id)
     if note:
         click.echo(f"note: {note}", err=True)
     if as_json:

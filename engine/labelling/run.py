@@ -23,28 +23,28 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import os
 import re
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from engine.align.map import AlignmentMap
+from engine.align.map import AlignmentMap, load_map
 from engine.distributed.ray_exec import RayConfig, StoreLocation, cluster_cpus, map_ordered, ray_session
 from engine.errors import AtlasError, NotFoundError, SourceChangedError
 from engine.labelling.sources import FeatureSource, open_feature_source, source_plugins
 from engine.progress import progress
 from engine.search import project
-from engine.store.runs import LabellingRun, RunConflictError
+from engine.store.runs import LabellingRun, LabelPass, RunConflictError
 from engine.store.store import Store
 from engine.util import MAX_NAME, check_k, failpoint
 from indexes.base import VectorIndex
 from indexes.faiss_backend import search_threads, set_search_threads
 
 __all__ = [
-    "DEFAULT_BATCH", "DEFAULT_K", "LabellingRun", "RunConflictError", "SourceChangedError", "check_source_site",
-    "create_run", "default_run_name", "label_batch", "label_features", "label_shard", "run_labelling",
+    "DEFAULT_BATCH", "DEFAULT_K", "LabellingRun", "PreparedRun", "RunConflictError", "SourceChangedError",
+    "check_source_site", "create_run", "default_run_name", "label_batch", "label_features", "label_shard",
+    "prepare_run", "run_labelling",
 ]
 
 DEFAULT_K = 5
@@ -64,25 +64,29 @@ def default_run_name(map_name: str, source: str, k: int) -> str:
     return f"{map_name}.{stem}{tail}"
 
 
-def create_run(
+@dataclasses.dataclass(frozen=True)
+class PreparedRun:
+    """A run just created, with the map and features it was checked against: `run_labelling` uses
+    them instead of loading the map and opening the features again."""
+
+    run: LabellingRun
+    amap: AlignmentMap
+    source: FeatureSource
+
+
+def prepare_run(
     store: Store, map_name: str, features: str, *, k: int = DEFAULT_K, name: str | None = None,
     batch_size: int = DEFAULT_BATCH, key: str | None = None, site_check: bool = True, overwrite: bool = False,
-) -> LabellingRun:
+) -> PreparedRun:
     """Record a new run labelling ``features`` (see `engine.labelling.sources`) through map ``map_name``.
 
     The features' width must be the map's subject width; where the source records its site
     (SAELens ``cfg.json``) the model and layer must be the map's too, unless ``site_check=False``.
     """
-    return _create_run(store, map_name, features, k=k, name=name, batch_size=batch_size, key=key,
-                       site_check=site_check, overwrite=overwrite)[0]
-
-
-def _create_run(store: Store, map_name: str, features: str, *, k: int, name: str | None, batch_size: int,
-                key: str | None, site_check: bool, overwrite: bool) -> tuple[LabellingRun, FeatureSource]:
     check_k(k)
     if batch_size < 1:
         raise AtlasError(f"--batch must be >= 1, got {batch_size}")
-    amap = store.load_map(map_name)
+    amap = load_map(store, map_name)
     source = open_feature_source(features, key=key, store=store, amap=amap)
     check_source_site(store, amap, source, site_check)
     n_concepts = store.atlas(amap.atlas).n_concepts
@@ -91,7 +95,16 @@ def _create_run(store: Store, map_name: str, features: str, *, k: int, name: str
         fingerprint=source.fingerprint, n_features=source.n_features, k=min(k, n_concepts), batch_size=batch_size,
         params={"source_kind": source.kind, "site_check": site_check, "k_requested": k}, overwrite=overwrite,
     )
-    return run, source
+    return PreparedRun(run, amap, source)
+
+
+def create_run(
+    store: Store, map_name: str, features: str, *, k: int = DEFAULT_K, name: str | None = None,
+    batch_size: int = DEFAULT_BATCH, key: str | None = None, site_check: bool = True, overwrite: bool = False,
+) -> LabellingRun:
+    """`prepare_run`, for the run only."""
+    return prepare_run(store, map_name, features, k=k, name=name, batch_size=batch_size, key=key,
+                       site_check=site_check, overwrite=overwrite).run
 
 
 def check_source_site(store: Store, amap: AlignmentMap, source: FeatureSource, site_check: bool = True) -> None:
@@ -116,9 +129,9 @@ def label_features(
     overwrite: bool = False, quiet: bool = False, ray: RayConfig | None = None,
 ) -> LabellingRun:
     """Create a run and carry it out to the end (see `create_run` and `run_labelling`)."""
-    run, source = _create_run(store, map_name, features, k=k, name=name, batch_size=batch_size, key=key,
-                              site_check=site_check, overwrite=overwrite)
-    return run_labelling(store, run.name, quiet=quiet, ray=ray, _source=source)
+    prepared = prepare_run(store, map_name, features, k=k, name=name, batch_size=batch_size, key=key,
+                           site_check=site_check, overwrite=overwrite)
+    return run_labelling(store, prepared.run.name, quiet=quiet, ray=ray, prepared=prepared)
 
 
 def label_batch(amap: AlignmentMap, index: VectorIndex, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -134,40 +147,45 @@ class _RunInputs:
     amap: AlignmentMap
     source: FeatureSource
     index: VectorIndex
-    run_id: int
-    atlas_id: int
+    job: LabelPass
 
 
-def _open_inputs(store: Store, run: LabellingRun, source: FeatureSource | None = None) -> _RunInputs:
+def _open_inputs(store: Store, run: LabellingRun, prepared: PreparedRun | None = None) -> _RunInputs:
+    """The map, features, index and pass of a run, each checked against what the run started with
+    (the map and features of ``prepared`` where the run was just created: each is loaded once)."""
     name = run.name
     if store.map_info(run.map).sha256 != run.params.get("map_sha256"):
         raise SourceChangedError(
             f"map {run.map!r} was refitted since run {name!r} started; its labels would mix two maps. "
             f"Start a new run (`atlas label {run.map} --features ... --overwrite --name {name}`)"
         )
-    amap = store.load_map(run.map)
-    source = source or open_feature_source(run.feature_source, store=store, amap=amap)
+    if prepared is not None and prepared.run.name == name:
+        amap, source = prepared.amap, prepared.source
+    else:
+        amap = load_map(store, run.map)
+        source = open_feature_source(run.feature_source, store=store, amap=amap)
     if source.fingerprint != run.fingerprint or source.n_features != run.n_features:
         raise SourceChangedError(
             f"the features of run {name!r} ({run.feature_source}) changed since it started "
             f"({source.n_features} features, fingerprint {source.fingerprint[:12]}, was {run.n_features}, "
             f"{run.fingerprint[:12]}); restore them, or start a new run with --overwrite"
         )
-    run_id, atlas_id, vec_sha = store._run_keys(name)
-    if vec_sha != run.params.get("atlas_vector_sha256"):
+    job = store.label_pass(name)
+    if job.atlas_vector_sha256 != run.params.get("atlas_vector_sha256"):
         raise SourceChangedError(f"atlas {run.atlas!r} was re-imported since run {name!r} started")
-    return _RunInputs(amap, source, store.index(run.atlas), run_id, atlas_id)
+    return _RunInputs(amap, source, store.index(run.atlas), job)
 
 
 def run_labelling(store: Store, name: str, *, quiet: bool = False, max_batches: int | None = None,
-                  ray: RayConfig | None = None, _source: FeatureSource | None = None) -> LabellingRun:
+                  ray: RayConfig | None = None, prepared: PreparedRun | None = None) -> LabellingRun:
     """Carry out a run from ``n_done`` to the end (or for ``max_batches`` batches).
 
     Each batch is projected, searched and committed together with the advance of ``n_done``.
     Ctrl-C leaves the run ``interrupted``, an error ``failed`` (with its message); both resume.
     With ``ray`` the batches are computed by Ray tasks (`label_shard`, several batches each) and
     committed here, in order, through the same guarded commit: the same rows, and a retried
-    task never writes twice (tasks write nothing).
+    task never writes twice (tasks write nothing). ``prepared`` (`prepare_run`'s, for this run)
+    saves loading the map and opening the features again.
     """
     run = store.run(name)
     if run.status == "done":
@@ -179,54 +197,38 @@ def run_labelling(store: Store, name: str, *, quiet: bool = False, max_batches: 
         raise RunConflictError(
             f"labelling run {name!r} is running in process {worker.get('pid')}; wait for it or stop it first"
         )
-    inputs = _open_inputs(store, run, _source)
-    run_id = inputs.run_id
-    concept_ids = store._concept_ids(inputs.atlas_id)  # ordinal -> concepts.id
-    me = {"host": socket.gethostname(), "pid": os.getpid()}
-    store._set_status(run_id, "running", error=None, params={**run.params, "worker": me})
-
-    n, bs, done = run.n_features, run.batch_size, run.n_done
-    stop = n if max_batches is None else min(n, done + max_batches * bs)
-    bar = progress(total=n, initial=done, desc=f"labelling {name}", unit="feat", quiet=quiet)
+    inputs = _open_inputs(store, run, prepared)
+    job = inputs.job
+    job.start(run.params)
+    stop = None if max_batches is None else run.n_done + max_batches * run.batch_size
+    bar = progress(total=run.n_features, initial=run.n_done, desc=f"labelling {name}", unit="feat", quiet=quiet)
     try:
-        if ray is None:
-            batches = _batches_here(inputs, run.k, done, stop, bs)
-        else:
-            batches = _batches_on_ray(store, run, done, stop, ray)
-        for lo, hi, scores, ids in batches:
-            store._commit_batch(run_id, lo, hi, ids, scores, concept_ids, n)
-            bar.update(hi - lo)
-            done = hi
-    except KeyboardInterrupt:
-        store._set_status(run_id, "interrupted")
-        raise
-    except RunConflictError:
-        raise  # the other worker owns the run's status
-    except BaseException as e:
-        store._set_status(run_id, "failed", error=f"{type(e).__name__}: {e}")
-        raise
+        with job.running():
+            steps = list(job.steps(stop))
+            batches = _batches_here(inputs, run.k, steps) if ray is None else _batches_on_ray(store, run, steps, ray)
+            for lo, hi, scores, ids in batches:
+                job.commit_batch(lo, hi, scores, ids)
+                bar.update(hi - lo)
     finally:
         bar.close()
-    if done < n:
-        store._set_status(run_id, "interrupted")
-    return store.run(name)
+    return job.status()
 
 
 Batch = tuple[int, int, np.ndarray, np.ndarray]  # (lo, hi, scores (b, k), ordinals (b, k)) of features [lo, hi)
 
 
-def _batches_here(inputs: _RunInputs, k: int, lo: int, stop: int, bs: int) -> Iterator[Batch]:
-    """The run's batches from ``lo`` to ``stop``, computed in this process one at a time."""
-    while lo < stop:
-        hi = min(stop, lo + bs)
+def _batches_here(inputs: _RunInputs, k: int, steps: Iterable[tuple[int, int]]) -> Iterator[Batch]:
+    """The run's batches ``steps`` (``(lo, hi)`` each), computed in this process one at a time."""
+    for lo, hi in steps:
         scores, ids = label_batch(inputs.amap, inputs.index, inputs.source.vectors[lo:hi], k)  # (b, k) each
         yield lo, hi, scores, ids
-        lo = hi
 
 
-def _batches_on_ray(store: Store, run: LabellingRun, lo: int, stop: int, config: RayConfig) -> Iterator[Batch]:
+def _batches_on_ray(store: Store, run: LabellingRun, steps: list[tuple[int, int]], config: RayConfig
+                    ) -> Iterator[Batch]:
     """The same batches, from Ray tasks of up to `RAY_SHARD_BATCHES` batches each, in order."""
     bs = run.batch_size
+    lo, stop = (steps[0][0], steps[-1][1]) if steps else (run.n_done, run.n_done)
     where = StoreLocation.of(store)
     with ray_session(config) as r:
         cpus = cluster_cpus(r)
@@ -261,4 +263,4 @@ def label_shard(where: StoreLocation, name: str, lo: int, hi: int, plugins: tupl
     run = store.run(name)
     inputs = _open_inputs(store, run)
     failpoint("label.shard")
-    return list(_batches_here(inputs, run.k, lo, hi, run.batch_size))
+    return list(_batches_here(inputs, run.k, inputs.job.steps(hi, start=lo)))

@@ -16,6 +16,8 @@ import torch
 
 from engine.errors import ShapeError
 from engine.models.activations import collect
+from engine.store.atlases import AtlasSource
+from engine.store.index_location import IndexPlacement
 
 if TYPE_CHECKING:
     from engine.store.atlases import AtlasInfo
@@ -65,8 +67,9 @@ def import_means(store: Store, name: str, model: str, layer: int, texts: Sequenc
     order, means = class_means(m, tok, texts, labels, [L], hook=hook, batch_size=batch_size, quiet=quiet)
     d = descriptions or {}
     return store.add_atlas(
-        name, means[L], order, [d.get(lab) for lab in order], model=m_name, layer=L, hook=hook,
-        source_kind="class-means", source_ref=f"{len(texts)} labelled texts", index_spec=index_spec,
+        name, means[L], order, [d.get(lab) for lab in order],
         extra={"definition": "centred class means of the labelled texts' tokens", "n_texts": len(texts)},
-        index_uri=index_uri,
+        source=AtlasSource(model=m_name, layer=L, hook=hook, kind="class-means",
+                           ref=f"{len(texts)} labelled texts"),
+        index=IndexPlacement(spec=index_spec, uri=index_uri),
     )

@@ -23,7 +23,6 @@ Writers register by name (`register_steering_format`), so a new runtime is one f
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from engine.errors import BadValueError
 from engine.registry import Registry
 from engine.steering.plan import SteeringPlan, resolve_plan
 from engine.store.store import Store
+from engine.util import write_atomic_with
 
 GGUF_ARCH = "controlvector"
 META_PREFIX = "concept_atlas"  # provenance keys in GGUF metadata: concept_atlas.<key>
@@ -101,13 +101,7 @@ def export_steering(store: Store, plan: SteeringPlan, path: str | Path, fmt: str
     if writer is None:
         raise BadValueError(f"unknown steering export format {fmt!r}; known: {', '.join(sorted(STEERING_FORMATS))}")
     vectors = steering_vectors(store, plan)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        writer(vectors, tmp)
-        os.replace(tmp, path)  # a reader never sees half a file
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic_with(Path(path), lambda tmp: writer(vectors, tmp))  # a reader never sees half a file
     return vectors
 
 

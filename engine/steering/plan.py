@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from engine.align.map import AlignmentMap
+from engine.align.map import AlignmentMap, load_map
 from engine.errors import BadValueError, FormatError, NotFoundError, SiteMismatchError, SourceChangedError
 from engine.steering.edits import POSITIONS, STEERING_MODES, Mode, Positions, SteeringEdit
 from engine.steering.native import NativeSource, native_directions
@@ -180,7 +180,7 @@ def resolve_concept(store: Store, atlas: str, query: str) -> tuple[str, str]:
 def layer_maps(store: Store, map_name: str, layers: Sequence[int] | None) -> dict[int, Any]:
     """The map to use at each requested subject layer (the named map for its own layer, the
     store's map of the same subject and atlas for the others)."""
-    base = store.load_map(map_name)
+    base = load_map(store, map_name)
     n_layers = store.get_model(base.subject_model).n_layers if layers and min(layers) < 0 else None
     if n_layers is None and layers and min(layers) < 0:
         raise SiteMismatchError(f"negative layers need the number of layers of {base.subject_model!r}, "
@@ -204,7 +204,7 @@ def layer_maps(store: Store, map_name: str, layers: Sequence[int] | None) -> dic
                 f"(maps exist at layers {have}); fit one with `atlas align` at that layer"
             )
         cands.sort(key=lambda m: (m.method != base.method, m.pairing != base.pairing, m.name))
-        out[layer] = store.load_map(cands[0].name)
+        out[layer] = load_map(store, cands[0].name)
     return out
 
 

@@ -1,13 +1,13 @@
 """Top contexts as the store records them: the ``context_runs`` and ``concept_contexts`` rows (`ContextsMixin`).
 
-The pass that fills a run is `engine.contexts`; everything it reads or writes in the database goes
+The pass that fills a run is `engine.labelling.contexts`; everything it reads or writes in the database goes
 through the methods here, and these are the guarantees it builds on:
 
 - One run per source: an atlas (its own model at its site) or a map (its subject model, mapped
   into the map's atlas). Removing the atlas or the map cascades to the run and its rows.
 - Texts are processed in chunks of a fixed size from text 0. A chunk's changes to the top
   windows (the rows of every concept whose top changed in it) are written *in the same
-  transaction* that advances ``n_done`` from the chunk's start to its end (`_commit_contexts`),
+  transaction* that advances ``n_done`` from the chunk's start to its end (`ContextPass.commit_chunk`),
   so the rows always hold the top windows of exactly the texts ``[0, n_done)``: a kill loses at
   most the chunk in flight, and a resume reloads the rows and continues at ``n_done``.
 - The advance is conditional on ``n_done`` still being the chunk's start and comes first (it
@@ -21,18 +21,16 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import os
-import socket
 from collections.abc import Sequence
 from typing import Any, cast
 
-from sqlalchemy import Table, delete, insert, select, update
+from sqlalchemy import Table, delete, insert, select
+from sqlalchemy.engine import Connection
 
 from engine.errors import AtlasError, BadValueError, NotFoundError
 from engine.store.base import StoreBase
-from engine.store.runs import worker_status
+from engine.store.passes import ResumablePass, worker_status
 from engine.store.schema import AlignmentMapRow, AtlasRow, ConceptContextRow, ConceptRow, ContextRunRow
-from engine.util import utcnow
 
 _RUNS = cast(Table, ContextRunRow.__table__)
 _ROWS = cast(Table, ConceptContextRow.__table__)
@@ -112,7 +110,7 @@ class ContextsMixin(StoreBase):
             r = s.execute(q).first()
             return None if r is None else _info(*r)
 
-    def _context_run_by_id(self, run_id: int) -> ContextRun:
+    def context_run_by_id(self, run_id: int) -> ContextRun:
         with self.session() as s:
             r = s.execute(_run_query().where(ContextRunRow.id == run_id)).first()
             if r is None:
@@ -148,7 +146,7 @@ class ContextsMixin(StoreBase):
             s.add(row)
             s.flush()
             run_id = row.id
-        return self._context_run_by_id(run_id)
+        return self.context_run_by_id(run_id)
 
     def remove_context_run(self, run_id: int) -> None:
         """Delete a run and its windows."""
@@ -184,19 +182,28 @@ class ContextsMixin(StoreBase):
                 out.append((run, [ConceptContext(*r) for r in s.execute(q)]))
         return out
 
-    # ------------------------------------------------------------------ the pass's writes
+    # ------------------------------------------------------------------ the pass
 
-    def _commit_contexts(self, run_id: int, lo: int, hi: int, n: int, ordinals: Sequence[int],
-                         rows: Sequence[tuple[Any, ...]]) -> None:
+    def context_pass(self, run: ContextRun) -> ContextPass:
+        """``run`` as its worker drives it (`engine.store.passes.ResumablePass`): its steps are the
+        run's chunks of texts, each committed with `ContextPass.commit_chunk`."""
+        return ContextPass(self, run)
+
+
+class ContextPass(ResumablePass):
+    """A context run's pass: its chunks of texts, each committed with the windows it changed."""
+
+    def __init__(self, store: ContextsMixin, run: ContextRun) -> None:
+        super().__init__(store.engine, _RUNS, run.id, n=run.n_texts, done=run.n_done, step=run.chunk,
+                         conflict=ContextConflictError, what="context run", unit="text", failpoints="contexts.chunk")
+        self.store = store
+
+    def commit_chunk(self, lo: int, hi: int, ordinals: Sequence[int], rows: Sequence[tuple[Any, ...]]) -> None:
         """Advance n_done lo → hi and replace the windows of ``ordinals`` by ``rows`` (tuples of
-        `ROW_FIELDS`), in one transaction. The conditional update comes first: it takes the write lock."""
-        with self.engine.begin() as conn:
-            res = conn.execute(
-                update(_RUNS).where(ContextRunRow.id == run_id, ContextRunRow.n_done == lo)
-                .values(n_done=hi, status="done" if hi >= n else "running", updated_at=utcnow())
-            )
-            if res.rowcount != 1:
-                raise ContextConflictError(f"another process advanced this context run past text {lo}; stopped")
+        `ROW_FIELDS`), in one transaction."""
+        run_id = self.run_id
+
+        def write(conn: Connection) -> None:
             ords = [int(o) for o in ordinals]
             for i in range(0, len(ords), _DELETE_CHUNK):
                 conn.execute(delete(_ROWS).where(ConceptContextRow.run_id == run_id,
@@ -205,10 +212,11 @@ class ContextsMixin(StoreBase):
                 conn.execute(insert(_ROWS), [dict(zip(("run_id", *ROW_FIELDS), (run_id, *r), strict=True))
                                              for r in rows])
 
-    def _set_context_status(self, run_id: int, status: str, **fields: Any) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(update(_RUNS).where(ContextRunRow.id == run_id)
-                         .values(status=status, updated_at=utcnow(), **fields))
+        self.commit(lo, hi, write)
+
+    def status(self) -> ContextRun:
+        """The run as the store records it now."""
+        return self.store.context_run_by_id(self.run_id)
 
 
 def _run_query():
@@ -228,8 +236,3 @@ def _info(row: ContextRunRow, atlas: str, map_name: str | None) -> ContextRun:
         scoring=row.scoring, status=status, error=row.error, params=params, created_at=row.created_at,
         updated_at=row.updated_at,
     )
-
-
-def worker_params() -> dict[str, Any]:
-    """Who is running a run: this host and process (a `running` run whose process is gone reads as interrupted)."""
-    return {"host": socket.gethostname(), "pid": os.getpid()}

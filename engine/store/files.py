@@ -37,11 +37,11 @@ import time
 from sqlalchemy import select
 
 from engine.store import layout
-from engine.store.atlases import AtlasesMixin, IndexStatus, _label_index_files
+from engine.store.atlases import AtlasesMixin, IndexStatus
 from engine.store.base import StoreBase
 from engine.store.index_location import FAISS, MILVUS, IndexLocation
 from engine.store.maps import MapsMixin
-from engine.store.runs import process_alive
+from engine.store.passes import process_alive
 from engine.store.schema import AlignmentMapRow, AtlasRow
 from engine.util import sha256_bytes
 from indexes.milvus import collections, drop_collection
@@ -105,7 +105,7 @@ class FilesMixin(AtlasesMixin, MapsMixin, StoreBase):
                 select(AtlasRow.name, AtlasRow.vector_file, AtlasRow.index_file, AtlasRow.index_backend,
                        AtlasRow.extra)
             ):
-                out.update([vec, *([idx] if backend in (None, FAISS) else []), *_label_index_files(name, extra)])
+                out.update([vec, *([idx] if backend in (None, FAISS) else []), *layout.label_index_files(name, extra)])
             out.update(s.scalars(select(AlignmentMapRow.file)))
         return out
 

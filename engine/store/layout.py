@@ -27,6 +27,7 @@ import re
 import secrets
 import socket
 from pathlib import Path
+from typing import Any
 
 DB_FILE = "atlas.db"
 # Where the metadata lives when it is not DB_FILE: {"url": <SQLAlchemy URL, no password>}, written by
@@ -76,6 +77,15 @@ def legacy_label_index_file(name: str) -> str:
 
 _OWNED = re.compile(r"^(?P<name>[^@/]+)@(?P<pid>\d+)-[0-9a-f]{12}(\.labels)?\.(faiss|safetensors)$")
 _TEMP = re.compile(r"^\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp$")
+
+
+def label_index_files(name: str, extra: dict[str, Any] | None, legacy: bool = True) -> list[str]:
+    """The label-embedding index file an atlas row claims (and the name older stores used)."""
+    meta = (extra or {}).get("label_index") or {}
+    out = [meta["file"]] if meta.get("file") else []
+    if legacy and meta and not meta.get("file"):
+        out.append(legacy_label_index_file(name))
+    return out
 
 
 @dataclasses.dataclass(frozen=True)

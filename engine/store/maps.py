@@ -1,36 +1,70 @@
 """Stored alignment maps: the ``alignment_maps`` rows and the ``maps/`` files (`MapsMixin`).
 
+The store saves and loads a map as plain data, a `MapRecord`: its tensors (numpy arrays) and its
+provenance (plain JSON: sites, method, parameters, metrics). The map itself
+(`engine.align.map.AlignmentMap`: ``to_record`` / ``from_record``, and `engine.align.map.save_map`
+/ `load_map` over the methods here) and how it is fitted (`engine.align.fit`) live in
+``engine.align``, which the store never imports: opening a store does not import torch.
+
 A map is stored as ``maps/<name>@<token>.safetensors``, a file name this write owns
 (`engine.store.layout`; written to a temporary file, renamed atomically) and committed to the
 database last, with its checksum, so a crash leaves the old map or the new one (and an unclaimed
 file, which `Store.gc` removes). Removing a map that labelling runs use is refused unless asked to
-cascade. The provenance is also in the file's metadata, so a map file describes itself. The map
-itself (`engine.align.map.AlignmentMap`) and how it is fitted (`engine.align.fit`) live in
-``engine.align``; it is imported when a map is saved or loaded, not with the store, so opening a
-store does not import torch.
+cascade (`engine.store.removal`). The provenance is also in the file's metadata, so a map file
+describes itself.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import hashlib
+import json
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from sqlalchemy import delete, select
+import numpy as np
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from engine.errors import DuplicateError, FormatError, InUseError, NotFoundError, SiteMismatchError
+from engine.errors import DuplicateError, FormatError, NotFoundError, SiteMismatchError
 from engine.store import layout
-from engine.store.atlases import Dependents, Removal, _dependents
 from engine.store.base import StoreBase
-from engine.store.schema import AlignmentMapRow, AtlasRow, FeatureLabelRow, LabelRunRow, ModelRow
+from engine.store.schema import AlignmentMapRow, AtlasRow, ModelRow
 from engine.util import check_name, failpoint, write_store_file
 
-if TYPE_CHECKING:
-    from engine.align.map import AlignmentMap
+
+@dataclass(frozen=True)
+class MapRecord:
+    """A map as the store saves and loads it: its tensors by name and its provenance, plain JSON data
+    with at least ``subject_model``, ``subject_layer``, ``subject_hook``, ``atlas``, ``method``,
+    ``d_subject`` and ``d_atlas`` (``pairing``, ``params``, ``n_pairs``, ``corpus_fingerprint``,
+    ``metrics`` and ``name`` where known). A loaded record's provenance is the database row's, with
+    the atlas's site (``atlas_model``, ``atlas_layer``, ``atlas_hook``)."""
+
+    tensors: dict[str, np.ndarray]
+    provenance: dict[str, Any]
+
+    def to_bytes(self) -> bytes:
+        """The map file: the tensors as float32 safetensors, the provenance in its metadata."""
+        from safetensors.numpy import save
+
+        tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self.tensors.items()}
+        return save(tensors, metadata={"provenance": json.dumps(self.provenance)})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> MapRecord:
+        """A map file's tensors and provenance; a file that does not parse is a `FormatError`."""
+        from safetensors.numpy import load
+
+        try:
+            tensors = load(data)
+            n = int.from_bytes(data[:8], "little")
+            meta = json.loads(data[8 : 8 + n].decode("utf-8")).get("__metadata__", {}) or {}
+            provenance = json.loads(meta.get("provenance", "{}"))
+        except Exception as e:  # any parse failure means: not a map file
+            raise FormatError(f"not an alignment-map file: {e}") from None
+        return cls(dict(tensors), dict(provenance))
 
 
 @dataclass(frozen=True)
@@ -58,30 +92,30 @@ class MapInfo:
     created_at: dt.datetime | None
 
 
-def default_map_name(amap: AlignmentMap) -> str:
-    name = f"{amap.subject_model}-L{amap.subject_layer}-{amap.atlas}-{amap.method}"
+def default_map_name(provenance: dict[str, Any]) -> str:
+    p = provenance
+    name = f"{p['subject_model']}-L{p['subject_layer']}-{p['atlas']}-{p['method']}"
     return re.sub(r"[^A-Za-z0-9_.\-]", "_", name).lstrip(".")
 
 
 class MapsMixin(StoreBase):
     """Store methods over alignment maps: their rows and files."""
 
-    def save_map(self, amap: AlignmentMap, name: str | None = None, overwrite: bool = False) -> MapInfo:
-        """Store ``amap`` as ``name``: tensors to ``maps/`` (atomic), then the database row.
+    def save_map_record(self, record: MapRecord, name: str | None = None, overwrite: bool = False) -> MapInfo:
+        """Store a map (`MapRecord`) as ``name``: its file to ``maps/`` (atomic), then the database row.
 
         The subject model and the atlas must be in the store. With ``overwrite`` an existing map of
         that name is replaced: the new file gets a new name, the row is switched in one transaction,
         and only then is the old file removed, so a crash leaves the old map or the new one.
         """
-        from engine.align.map import plain_json
-
         self.check_writable()
-        name = name or amap.name or default_map_name(amap)
+        p = record.provenance
+        name = name or p.get("name") or default_map_name(p)
         check_name(name, "map")
         with self.read_session() as s:  # early, friendly checks; all repeated under the write lock
-            self._map_targets(s, amap, name, overwrite)
-        amap = dataclasses.replace(amap, name=name, _torch_cache={})
-        data = amap.to_bytes()
+            self._map_targets(s, p, name, overwrite)
+        p = {**p, "name": name}
+        data = MapRecord(record.tensors, p).to_bytes()
         sha = hashlib.sha256(data).hexdigest()
         rel = layout.map_file(name, layout.new_token())  # this write's own file
         path = self.path / rel
@@ -90,18 +124,18 @@ class MapsMixin(StoreBase):
             write_store_file(path, data)
             failpoint("save_map.file_written")
             with self.session() as s:
-                model, atlas, row = self._map_targets(s, amap, name, overwrite)
+                model, atlas, row = self._map_targets(s, p, name, overwrite)
                 if row is None:
                     row = AlignmentMapRow(name=name)
                     s.add(row)
                 else:
                     old_file = row.file
-                row.subject_model_id, row.subject_layer = model.id, amap.subject_layer
-                row.subject_hook = amap.subject_hook
-                row.atlas_id, row.method, row.pairing = atlas.id, amap.method, amap.pairing
-                row.params, row.file, row.sha256 = plain_json(amap.params), rel, sha
-                row.d_subject, row.d_atlas, row.n_pairs = amap.d_subject, amap.d_atlas, amap.n_pairs
-                row.corpus_fingerprint, row.metrics = amap.corpus_fingerprint, plain_json(amap.metrics)
+                row.subject_model_id, row.subject_layer = model.id, p["subject_layer"]
+                row.subject_hook = p["subject_hook"]
+                row.atlas_id, row.method, row.pairing = atlas.id, p["method"], p.get("pairing")
+                row.params, row.file, row.sha256 = p.get("params") or {}, rel, sha
+                row.d_subject, row.d_atlas, row.n_pairs = p["d_subject"], p["d_atlas"], p.get("n_pairs", 0)
+                row.corpus_fingerprint, row.metrics = p.get("corpus_fingerprint"), p.get("metrics") or {}
         except IntegrityError:
             path.unlink(missing_ok=True)
             raise DuplicateError(f"a map named {name!r} was saved while this one was; pick another --name "
@@ -114,16 +148,16 @@ class MapsMixin(StoreBase):
             (self.path / old_file).unlink(missing_ok=True)
         return self.map_info(name)
 
-    def _map_targets(self, s, amap: AlignmentMap, name: str, overwrite: bool):
+    def _map_targets(self, s, p: dict[str, Any], name: str, overwrite: bool):
         """(subject model row, atlas row, existing map row or None) of a map to save, checked."""
-        model = s.scalar(select(ModelRow).where(ModelRow.name == amap.subject_model))
+        model = s.scalar(select(ModelRow).where(ModelRow.name == p["subject_model"]))
         if model is None:
-            raise NotFoundError(f"no model named {amap.subject_model!r} in the store; register the subject first")
-        atlas = s.scalar(select(AtlasRow).where(AtlasRow.name == amap.atlas))
+            raise NotFoundError(f"no model named {p['subject_model']!r} in the store; register the subject first")
+        atlas = s.scalar(select(AtlasRow).where(AtlasRow.name == p["atlas"]))
         if atlas is None:
-            raise NotFoundError(f"no atlas named {amap.atlas!r}; `atlas atlases` lists them")
-        if atlas.dim != amap.d_atlas:
-            raise SiteMismatchError(f"atlas {amap.atlas!r} has d={atlas.dim}, the map maps into d={amap.d_atlas}")
+            raise NotFoundError(f"no atlas named {p['atlas']!r}; `atlas atlases` lists them")
+        if atlas.dim != p["d_atlas"]:
+            raise SiteMismatchError(f"atlas {p['atlas']!r} has d={atlas.dim}, the map maps into d={p['d_atlas']}")
         old = s.scalar(select(AlignmentMapRow).where(AlignmentMapRow.name == name))
         if old is not None and not overwrite:
             raise DuplicateError(f"a map named {name!r} exists; pick another --name or pass --overwrite")
@@ -140,10 +174,9 @@ class MapsMixin(StoreBase):
             raise NotFoundError(f"no map named {name!r}; `atlas maps` lists them")
         return rows[0]
 
-    def load_map(self, name: str) -> AlignmentMap:
-        """A stored map, its file checked against the checksum in the database."""
-        from engine.align.map import AlignmentMap
-
+    def map_record(self, name: str) -> MapRecord:
+        """A stored map's tensors and provenance (the database row's, with its atlas's site), its file
+        checked against the checksum in the database."""
         for attempt in range(3):
             info = self.map_info(name)
             path = self.path / info.file
@@ -164,48 +197,14 @@ class MapsMixin(StoreBase):
                 .join(ModelRow, AtlasRow.model_id == ModelRow.id)
                 .where(AtlasRow.name == info.atlas)
             ).one()
-        amap = AlignmentMap.from_bytes(
-            data, name=name, subject_model=info.subject_model, subject_layer=info.subject_layer,
+        record = MapRecord.from_bytes(data)
+        return MapRecord(record.tensors, {**record.provenance, **dict(
+            name=name, subject_model=info.subject_model, subject_layer=info.subject_layer,
             subject_hook=info.subject_hook, atlas=info.atlas, atlas_model=atlas_model, atlas_layer=atlas_layer,
             atlas_hook=atlas_hook, method=info.method, pairing=info.pairing, params=info.params,
             n_pairs=info.n_pairs, corpus_fingerprint=info.corpus_fingerprint, metrics=info.metrics,
-        )
-        if (amap.d_subject, amap.d_atlas) != (info.d_subject, info.d_atlas):
-            raise FormatError(f"map {name!r}: file has {amap.weight.shape}, database says "
-                              f"({info.d_subject}, {info.d_atlas})")
-        return amap
-
-    def map_dependents(self, name: str) -> Dependents:
-        """The labelling runs on a map and their label rows."""
-        with self.read_session() as s:
-            row = self._map_row(s, name)
-            deps = _dependents(s, AlignmentMapRow.id == row.id)
-        return dataclasses.replace(deps, maps=[], files=[])
-
-    def remove_map(self, name: str, cascade: bool = False) -> Removal:
-        """Delete a map's row, then its file.
-
-        While labelling runs use the map, refused with `InUseError` naming them, unless
-        ``cascade``: then the runs and their labels go too (set-based deletes, one transaction).
-        """
-        self.check_writable()
-        with self.session() as s:
-            row = self._map_row(s, name)
-            deps = _dependents(s, AlignmentMapRow.id == row.id)
-            if deps.runs and not cascade:
-                raise InUseError(
-                    f"map {name!r} is used by {len(deps.runs)} labelling run(s) ({', '.join(deps.runs[:5])}"
-                    f"{', ...' if len(deps.runs) > 5 else ''}) with {deps.n_labels} label rows; "
-                    f"`atlas map remove {name} --cascade` removes them too"
-                )
-            rel = row.file
-            run_ids = select(LabelRunRow.id).where(LabelRunRow.map_id == row.id)
-            s.execute(delete(FeatureLabelRow).where(FeatureLabelRow.run_id.in_(run_ids)))
-            s.execute(delete(LabelRunRow).where(LabelRunRow.map_id == row.id))
-            s.execute(delete(AlignmentMapRow).where(AlignmentMapRow.id == row.id))
-        failpoint("remove_map.committed")
-        (self.path / rel).unlink(missing_ok=True)
-        return Removal(atlases=[], maps=[name], runs=deps.runs, n_labels=deps.n_labels, files=[rel])
+            d_subject=info.d_subject, d_atlas=info.d_atlas,
+        )})
 
     def _map_row(self, s, name: str) -> AlignmentMapRow:
         row = s.scalar(select(AlignmentMapRow).where(AlignmentMapRow.name == name))

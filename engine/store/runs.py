@@ -4,9 +4,10 @@ The resumable loop that fills a run is `engine.labelling.run`; everything it rea
 the database goes through the methods here, and these are the guarantees it builds on:
 
 - A batch's rows are inserted *in the same transaction* that advances the run's ``n_done``
-  (`RunsMixin._commit_batch`), so the database always holds a committed prefix
-  ``[0, n_done)`` of the features with every row of it and none after: a kill at any point
-  loses at most the batch in flight, and resuming at ``n_done`` recomputes exactly that.
+  (`LabelPass.commit_batch`, over the shared `engine.store.passes.ResumablePass`), so the
+  database always holds a committed prefix ``[0, n_done)`` of the features with every row of it
+  and none after: a kill at any point loses at most the batch in flight, and resuming at
+  ``n_done`` recomputes exactly that.
 - The advance is conditional on ``n_done`` still being the batch's start, and comes first in
   the transaction: it takes the run's row lock (the database's write lock on SQLite), so a
   second worker on the same run waits, then finds ``n_done`` moved and stops with
@@ -23,19 +24,19 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import os
-import socket
 from typing import Any, cast
 
 import numpy as np
-from sqlalchemy import Table, and_, delete, func, select, update
+from sqlalchemy import Table, and_, delete, func, select
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased
 
 from engine.errors import AtlasError, BadValueError, DuplicateError, NotFoundError
 from engine.store.base import StoreBase
+from engine.store.passes import ResumablePass, worker_status
 from engine.store.schema import AlignmentMapRow, AtlasRow, ConceptRow, FeatureLabelRow, LabelRunRow
-from engine.util import check_name, failpoint, utcnow
+from engine.util import check_name
 
 RUN_ORDERS: tuple[str, ...] = ("feature", "score", "margin")  # orders of `RunsMixin.run_label_page`
 _RUNS = cast(Table, LabelRunRow.__table__)  # Core UPDATEs on the run row (the batch commit, status)
@@ -168,7 +169,7 @@ class RunsMixin(StoreBase):
             raise BadValueError(f"order must be one of {RUN_ORDERS}, got {order!r}")
         if offset < 0 or limit < 1:
             raise BadValueError(f"offset must be >= 0 and limit >= 1, got offset={offset}, limit={limit}")
-        run_id = self._run_keys(name)[0]
+        run_id = self._run_id(name)
         top = aliased(FeatureLabelRow)
         second = aliased(FeatureLabelRow)
         margin = top.score - second.score
@@ -211,6 +212,13 @@ class RunsMixin(StoreBase):
                  .limit(limit))
             return [tuple(r) for r in s.execute(q)]
 
+    def _run_id(self, name: str) -> int:
+        with self.read_session() as s:
+            run_id = s.scalar(select(LabelRunRow.id).where(LabelRunRow.name == name))
+        if run_id is None:
+            raise NotFoundError(f"no labelling run named {name!r}; `atlas runs` lists them")
+        return int(run_id)
+
     def count_run_labels(self, name: str) -> int:
         """How many label rows (feature, rank) a run holds; 0 for an unknown run."""
         with self.read_session() as s:
@@ -218,23 +226,22 @@ class RunsMixin(StoreBase):
                  .join(LabelRunRow, FeatureLabelRow.run_id == LabelRunRow.id).where(LabelRunRow.name == name))
             return int(s.scalar(q) or 0)
 
-    # ------------------------------------------------------------------ the labelling loop's writes
+    # ------------------------------------------------------------------ the labelling loop
 
-    def _run_keys(self, name: str) -> tuple[int, int, str]:
-        """(run id, atlas id, the atlas's current vector checksum) of a run."""
+    def label_pass(self, name: str) -> LabelPass:
+        """The run ``name`` as its worker drives it (`engine.store.passes.ResumablePass`): its steps are
+        the run's batches, each committed with `LabelPass.commit_batch`."""
+        run = self.run(name)
         with self.read_session() as s:
-            run_id = s.scalar(select(LabelRunRow.id).where(LabelRunRow.name == name))
-            if run_id is None:
-                raise NotFoundError(f"no labelling run named {name!r}; `atlas runs` lists them")
-            atlas_id, vec_sha = s.execute(
-                select(AtlasRow.id, AtlasRow.vector_sha256)
+            run_id, atlas_id, vec_sha = s.execute(
+                select(LabelRunRow.id, AtlasRow.id, AtlasRow.vector_sha256)
                 .join(AlignmentMapRow, AlignmentMapRow.atlas_id == AtlasRow.id)
                 .join(LabelRunRow, LabelRunRow.map_id == AlignmentMapRow.id)
-                .where(LabelRunRow.id == run_id)
+                .where(LabelRunRow.name == name)
             ).one()
-        return run_id, atlas_id, vec_sha
+        return LabelPass(self, run_id, atlas_id, vec_sha, run)
 
-    def _concept_ids(self, atlas_id: int) -> np.ndarray:
+    def concept_ids(self, atlas_id: int) -> np.ndarray:
         """``concepts.id`` of each ordinal of an atlas (-1 where none)."""
         with self.read_session() as s:
             rows = s.execute(select(ConceptRow.ordinal, ConceptRow.id).where(ConceptRow.atlas_id == atlas_id)).all()
@@ -243,39 +250,42 @@ class RunsMixin(StoreBase):
         out[ords] = np.fromiter((r[1] for r in rows), dtype=np.int64, count=len(rows))
         return out
 
-    def _commit_batch(self, run_id: int, lo: int, hi: int, ids: np.ndarray, scores: np.ndarray,
-                      concept_ids: np.ndarray, n: int) -> None:
-        """Advance n_done lo → hi and insert the rows of features [lo, hi), in one transaction.
 
-        The conditional update comes first: it takes the run's row lock (the database's write lock
-        on SQLite), so a second worker on the same run waits, then finds n_done moved and stops.
-        """
+class LabelPass(ResumablePass):
+    """A labelling run's pass: its batches of features, each committed with its label rows."""
+
+    def __init__(self, store: RunsMixin, run_id: int, atlas_id: int, atlas_vector_sha256: str,
+                 run: LabellingRun) -> None:
+        super().__init__(store.engine, _RUNS, run_id, n=run.n_features, done=run.n_done, step=run.batch_size,
+                         conflict=RunConflictError, what="labelling run", unit="feature", failpoints="label.batch")
+        self.store, self.name = store, run.name
+        self.atlas_id, self.atlas_vector_sha256 = atlas_id, atlas_vector_sha256
+        self._concept_ids: np.ndarray | None = None
+
+    def status(self) -> LabellingRun:
+        """The run as the store records it now."""
+        return self.store.run(self.name)
+
+    def commit_batch(self, lo: int, hi: int, scores: np.ndarray, ids: np.ndarray) -> None:
+        """Advance n_done lo → hi and insert the label rows of features [lo, hi) (``ids``: atlas
+        ordinals (b, k), -1 where an ANN index returned fewer; ``scores`` alike), in one transaction."""
+        if self._concept_ids is None:
+            self._concept_ids = self.store.concept_ids(self.atlas_id)  # ordinal -> concepts.id
         b, k = ids.shape
         valid = ids >= 0  # (b, k): an ANN index may return fewer than k
         feature = np.broadcast_to(np.arange(lo, hi, dtype=np.int64)[:, None], (b, k))[valid]
         rank = np.broadcast_to(np.arange(1, k + 1, dtype=np.int64)[None, :], (b, k))[valid]
-        rows = list(zip([run_id] * len(feature), feature.tolist(), rank.tolist(), concept_ids[ids[valid]].tolist(),
-                        scores[valid].astype(np.float64).tolist()))
-        with self.engine.begin() as conn:
-            res = conn.execute(
-                update(_RUNS)
-                .where(LabelRunRow.id == run_id, LabelRunRow.n_done == lo)
-                .values(n_done=hi, status="done" if hi >= n else "running", updated_at=utcnow())
-            )
-            if res.rowcount != 1:
-                raise RunConflictError(f"another process advanced this labelling run past feature {lo}; stopped")
+        rows = list(zip([self.run_id] * len(feature), feature.tolist(), rank.tolist(),
+                        self._concept_ids[ids[valid]].tolist(), scores[valid].astype(np.float64).tolist()))
+
+        def write(conn: Connection) -> None:
             if rows:
                 try:  # the driver's executemany on plain tuples: 500k rows in seconds, not tens
                     conn.exec_driver_sql(_insert_sql(conn.dialect.paramstyle), rows)
                 except IntegrityError:
                     raise RunConflictError(f"another process wrote this run's features from {lo}; stopped") from None
-            failpoint("label.batch_before_commit")
-        failpoint("label.batch_committed")
 
-    def _set_status(self, run_id: int, status: str, **fields: Any) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(update(_RUNS).where(LabelRunRow.id == run_id)
-                         .values(status=status, updated_at=utcnow(), **fields))
+        self.commit(lo, hi, write)
 
 
 def _run_query():
@@ -286,14 +296,6 @@ def _run_query():
     )
 
 
-def worker_status(status: str, params: dict[str, Any] | None) -> str:
-    """A run's status, ``interrupted`` where it says ``running`` but its worker on this host is gone."""
-    worker = (params or {}).get("worker") or {}
-    if status == "running" and worker.get("host") == socket.gethostname() and not process_alive(worker.get("pid")):
-        return "interrupted"  # its process is gone (killed): resume it
-    return status
-
-
 def _info(row: LabelRunRow, map_name: str, atlas: str) -> LabellingRun:
     status = worker_status(row.status, row.params)
     return LabellingRun(
@@ -302,25 +304,6 @@ def _info(row: LabelRunRow, map_name: str, atlas: str) -> LabellingRun:
         status=status, n_done=row.n_done, error=row.error, params=dict(row.params or {}),
         created_at=row.created_at, updated_at=row.updated_at,
     )
-
-
-def process_alive(pid: Any) -> bool:
-    """Whether process ``pid`` runs on this host (a zombie does not)."""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (killed, not yet reaped by its parent) is not running either
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 _LABEL_COLUMNS = ("run_id", "feature_index", "rank", "concept_id", "score")

@@ -190,7 +190,7 @@ class FeatureLabelRow(Base):
 
 class ContextRunRow(Base):
     """A pass of a corpus through an atlas's model (or a map's subject model) that keeps, per concept,
-    the top activating text windows (`engine.contexts`); resumable, one per atlas or map."""
+    the top activating text windows (`engine.labelling.contexts`); resumable, one per atlas or map."""
 
     __tablename__ = "context_runs"
 

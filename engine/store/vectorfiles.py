@@ -8,6 +8,10 @@ the file is written here one chunk of rows at a time, hashed while it is written
 as `numpy.memmap` views: a process reads the pages it touches. Files stay readable by
 ``safetensors`` (tests/test_scale.py reads one back with it).
 
+The checks an atlas's vectors and encoder tensors pass before they are written (`check_matrix`,
+`check_rows`, `check_encoder`) live here too, with `write_vectors`, which checks each chunk of
+directions as it writes it.
+
 `release` drops a chunk's pages from the process once it has been used (``MADV_DONTNEED`` on a
 read-only file mapping: the page cache keeps them, the process's resident set does not), so a
 pass over a mapped file costs one chunk of resident memory, not the file.
@@ -22,10 +26,12 @@ import mmap
 import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from engine.errors import IndexIntegrityError
+from engine.errors import IndexIntegrityError, ShapeError
+from engine.store import layout
 from engine.util import write_store_file_with
 
 CHUNK_ROWS = 16384  # rows per chunk when streaming a matrix: 48 MiB at d=768, float32 (a few copies live)
@@ -143,3 +149,85 @@ def release(x: np.ndarray, lo: int, hi: int) -> None:
             mm.madvise(mmap.MADV_DONTNEED, first, last - first)
         except (OSError, ValueError):
             pass
+
+
+def write_vectors(path: Path, x: np.ndarray, encoder: dict[str, np.ndarray], metadata: dict[str, str]) -> str:
+    """Write an atlas's vector file (directions, then encoder tensors) a chunk of rows at a time,
+    checking each chunk of directions (`check_rows`); returns the file's sha256."""
+    shapes = {layout.DIRECTIONS_KEY: (x.shape, np.dtype(np.float32)),
+              **{k: (v.shape, np.dtype(np.float32)) for k, v in encoder.items()}}
+
+    def chunks():
+        for lo, chunk in row_chunks(x):
+            yield layout.DIRECTIONS_KEY, check_rows(chunk, first_row=lo)
+        for key, v in encoder.items():
+            for _, chunk in row_chunks(v):
+                yield key, chunk
+
+    return write_tensor_file(path, shapes, chunks(), metadata)
+
+
+def check_vectors(vectors: Any, what: str = "atlas vectors") -> np.ndarray:
+    """``vectors`` as a float32 (n, d) matrix of usable directions, or a `ShapeError` saying why not
+    (`check_matrix`, then `check_rows`)."""
+    return check_rows(check_matrix(vectors, what), what=what)
+
+
+def check_matrix(vectors: Any, what: str = "atlas vectors") -> np.ndarray:
+    """``vectors`` as a non-empty 2-D array of real numbers (a memory map stays one: nothing is
+    read), or a `ShapeError` (strings, objects, complex values, other shapes)."""
+    try:
+        x = np.asanyarray(vectors)
+    except (ValueError, TypeError) as e:
+        raise ShapeError(f"{what} are not an array of numbers ({e})") from None
+    if x.dtype.kind not in "fiu":
+        raise ShapeError(f"{what} must be real numbers (float or int), got dtype {x.dtype}")
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise ShapeError(f"{what} must be a non-empty 2-D matrix (n_concepts, d), got {x.shape}")
+    return x
+
+
+def check_rows(x: np.ndarray, what: str = "atlas vectors", first_row: int = 0) -> np.ndarray:
+    """Rows of a matrix (a chunk starting at row ``first_row``) as float32 usable directions.
+
+    Refused: NaN or infinite values (also after the cast to float32), all-zero rows (no
+    direction) and rows whose norm overflows float32 (unit-normalising them gives zeros).
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if not np.isfinite(x).all():
+            raise ShapeError(f"{what} contain NaN or infinite values (or values beyond float32's range)")
+        norms = np.linalg.norm(x, axis=1)
+    bad = np.flatnonzero(~np.isfinite(norms))
+    if len(bad):
+        raise ShapeError(f"{what}: row {first_row + bad[0]} has a norm beyond float32's range ({len(bad)} such "
+                         "rows in its chunk); scale the vectors down")
+    zero = np.flatnonzero(norms == 0)
+    if len(zero):
+        raise ShapeError(f"{what}: row {first_row + zero[0]} is all zeros ({len(zero)} such rows in its chunk); "
+                         "a concept needs a direction")
+    return x
+
+
+def check_encoder(encoder: dict[str, np.ndarray] | None, n: int, d: int) -> dict[str, np.ndarray]:
+    """The SAE encoder tensors kept with an atlas, each checked against d_in = ``d``, d_sae = ``n``."""
+    # k: a TopK SAE's number of active latents, kept as a one-element tensor (engine.atlas.encoder)
+    shapes = {"W_enc": (d, n), "b_enc": (n,), "b_dec": (d,), "threshold": (n,), "k": (1,)}
+    out = {}
+    for key, value in (encoder or {}).items():
+        if value is None:
+            continue
+        if key not in shapes:
+            raise ShapeError(f"unknown encoder tensor {key!r} (known: {', '.join(shapes)})")
+        v = np.asanyarray(value)  # a memory map stays one: checked below a chunk of rows at a time
+        if v.dtype.kind not in "fiu":
+            raise ShapeError(f"encoder tensor {key} must be real numbers, got dtype {v.dtype}")
+        if v.shape != shapes[key]:
+            raise ShapeError(f"encoder tensor {key} has shape {v.shape}; with d_in={d}, d_sae={n} it must be "
+                             f"{shapes[key]}")
+        for _, chunk in row_chunks(v):
+            with np.errstate(over="ignore", invalid="ignore"):
+                if not np.isfinite(np.asarray(chunk, dtype=np.float32)).all():
+                    raise ShapeError(f"encoder tensor {key} contains NaN or infinite values")
+        out[key] = v
+    return out

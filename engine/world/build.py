@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import FormatError, NotFoundError
+from engine.util import build_then_rename, write_atomic_with
 from engine.world.concepts import Concept
 from engine.world.config import (
     DIRECTIONS_DIR,
@@ -146,9 +147,7 @@ class World:
         with reproducible():  # one thread: the same directions on any machine, and fast on a busy one
             dirs = concept_directions(model, tok, self.heldout_docs, len(self.concepts), [layer])[layer]
         path.parent.mkdir(exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({"directions": np.ascontiguousarray(dirs)}, tmp)
-        os.replace(tmp, path)
+        write_atomic_with(path, lambda tmp: save_file({"directions": np.ascontiguousarray(dirs)}, tmp))
         return dirs
 
 
@@ -182,19 +181,10 @@ def build_world(size: str = "tiny", seed: int = 0, root: Path | None = None, pro
         world.reused = True
         return world
     _remove_abandoned_builds(Path(root), path.name)
-    tmp = Path(root) / f".{path.name}.tmp{os.getpid()}"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        build_into(tmp, config, seed, evaluate=evaluate, quiet=not progress, parallel=parallel)
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            if not (path / MANIFEST).exists():
-                raise
-            # Another process finished the same world first: keep theirs.
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # Another process that finishes the same world first wins: theirs is kept.
+    build_then_rename(Path(root) / f".{path.name}.tmp{os.getpid()}", path,
+                      lambda tmp: build_into(tmp, config, seed, evaluate=evaluate, quiet=not progress,
+                                             parallel=parallel), MANIFEST)
     return load_world(path)
 
 

@@ -24,6 +24,7 @@ import torch
 from engine.errors import AtlasError
 from engine.models.loading import quiet_transformers
 from engine.progress import progress as progress_bar
+from engine.util import write_atomic
 from engine.world.config import (
     HELDOUT_DOCS,
     MANIFEST,
@@ -115,9 +116,7 @@ def build_into(path: Path, config: WorldConfig, seed: int, evaluate: bool = True
         "torch": torch.__version__,
         "threads_per_model": 1,
     }
-    tmp = path / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-    os.replace(tmp, path / MANIFEST)
+    write_atomic(path / MANIFEST, json.dumps(manifest, indent=2).encode("utf-8"))
     return manifest
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import NotFoundError
-from engine.store.store import Store
+from engine.store.store import AtlasSource, Store
 from engine.world.build import World
 
 
@@ -51,21 +51,14 @@ def register_world(store: Store, world: World, replace: bool = False) -> dict[st
         layer = world.foundation.atlas_layer
         vectors = world.concept_directions("foundation", layer)  # (K, d_foundation)
         store.add_atlas(
-            world.atlas_name,
-            vectors,
-            labels=[c.label for c in world.concepts],
-            descriptions=[c.description for c in world.concepts],
-            model=world.foundation.name,
-            layer=layer,
-            hook="resid_post",
-            source_kind="conceptworld",
-            source_ref=f"{world.name}@{world.fingerprint}",
-            revision=world.fingerprint,
-            raw_residuals=True,
+            world.atlas_name, vectors, labels=[c.label for c in world.concepts],
+            descriptions=[c.description for c in world.concepts], raw_residuals=True,
             extra={"world": world.name, "size": world.size, "seed": world.seed,
                    "concept_names": [c.name for c in world.concepts],
                    "members": {c.name: list(c.members) for c in world.concepts},
                    "definition": "centred topic means of resid_post over held-out documents"},
+            source=AtlasSource(model=world.foundation.name, layer=layer, hook="resid_post", kind="conceptworld",
+                               ref=f"{world.name}@{world.fingerprint}", revision=world.fingerprint),
         )
     return {"models": registered_models, "atlas": world.atlas_name, "atlas_existed": existing}
 

@@ -38,7 +38,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -50,6 +49,7 @@ import torch
 
 from engine.errors import AtlasError, ShapeError
 from engine.models.hooks import read_residuals, resolve_layer
+from engine.util import build_then_rename, write_atomic
 from engine.world.build import World
 from engine.world.config import MODEL_KEYS
 
@@ -185,18 +185,8 @@ def build_saes(world: World, config: SAEConfig | None = None, progress: bool = T
         return load_saes(path, reused=True)
     _require_sparsify()
     root.mkdir(exist_ok=True)
-    tmp = root / f".{fp}.tmp{os.getpid()}"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        _build_into(tmp, world, config, fp, quiet=not progress)
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            if not (path / SAE_MANIFEST).exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    build_then_rename(root / f".{fp}.tmp{os.getpid()}", path,
+                      lambda tmp: _build_into(tmp, world, config, fp, quiet=not progress), SAE_MANIFEST)
     return load_saes(path)
 
 
@@ -245,20 +235,13 @@ def ensure_sae(world: World, saes: WorldSAEs, key: str, layer: int, progress: bo
     if (folder / SITE_FILE).exists():
         return _sae_of(saes.path, json.loads((folder / SITE_FILE).read_text(encoding="utf-8")), reused=True)
     _require_sparsify()
-    tmp = saes.path / f".{key}.{hp}.tmp{os.getpid()}"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+    def train(tmp: Path) -> None:
         entry = _train_sites(tmp, world, saes.config, key, [layer], quiet=not progress)[0]
         (tmp / key / hp / SITE_FILE).write_text(json.dumps(entry, indent=2), encoding="utf-8")
         (saes.path / key).mkdir(exist_ok=True)
-        try:
-            os.rename(tmp / key / hp, folder)
-        except OSError:  # another process trained it first: the same SAE (deterministic)
-            if not (folder / SITE_FILE).exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    # another process that trains it first wins: the same SAE (deterministic)
+    build_then_rename(saes.path / f".{key}.{hp}.tmp{os.getpid()}", folder, train, SITE_FILE, part=f"{key}/{hp}")
     return _sae_of(saes.path, json.loads((folder / SITE_FILE).read_text(encoding="utf-8")), reused=False)
 
 
@@ -279,9 +262,7 @@ def _build_into(path: Path, world: World, config: SAEConfig, fp: str, quiet: boo
         entries += _train_sites(path, world, config, key, [L for k, L in sites if k == key], quiet)
     manifest = {"format": SAE_FORMAT, "fingerprint": fp, "world": world.fingerprint, "config": config.to_dict(),
                 "saes": entries, "library": _library_version(), "total_s": round(time.perf_counter() - t0, 2)}
-    tmp = path / (SAE_MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-    os.replace(tmp, path / SAE_MANIFEST)
+    write_atomic(path / SAE_MANIFEST, json.dumps(manifest, indent=2).encode("utf-8"))
 
 
 def _train_sites(path: Path, world: World, config: SAEConfig, key: str, layers: Sequence[int], quiet: bool
@@ -443,9 +424,7 @@ def write_labels(sae: WorldSAE) -> Path:
     if not path.exists():
         lines = [json.dumps({"index": e["latent"], "label": e["label"], "description": description(e)})
                  for e in sae.ground_truth() if e["label"]]
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, "".join(line + "\n" for line in lines).encode("utf-8"))
     return path
 
 
@@ -455,6 +434,7 @@ def register_sae_atlas(store, world: World, saes: WorldSAEs, replace: bool = Fal
     concepts. Kept if the store has it, unless ``replace``. The world's models must be registered."""
     from engine.atlas.importers import import_atlas
     from engine.errors import NotFoundError
+    from engine.store.store import AtlasSource
 
     name = sae_atlas_name(world)
     sae = saes.get("foundation")
@@ -467,7 +447,8 @@ def register_sae_atlas(store, world: World, saes: WorldSAEs, replace: bool = Fal
         store.remove_atlas(name)
         existed = False
     if not existed:
-        info = import_atlas(store, name, sae.path, labels=write_labels(sae), revision=saes.fingerprint)
+        info = import_atlas(store, name, sae.path, labels=write_labels(sae),
+                            site=AtlasSource(revision=saes.fingerprint))
     n_labelled = sum(1 for e in sae.ground_truth() if e["label"])
     return {"atlas": name, "n_latents": sae.n_latents, "n_labelled": n_labelled, "atlas_existed": existed,
             "layer": sae.layer, "model": sae.model, "path": str(sae.path)}

@@ -1,7 +1,7 @@
 """top contexts: context_runs and concept_contexts
 
 Per concept, the top activating text windows of a corpus passed through an atlas's model (or a
-map's subject model, mapped into the atlas): `engine.contexts`, rows in `engine.store.contexts`.
+map's subject model, mapped into the atlas): `engine.labelling.contexts`, rows in `engine.store.contexts`.
 
 Revision ID: 0005
 Revises: 0004

@@ -26,10 +26,11 @@ class ExplainRequest(BaseModel):
 @router.post("/api/explain",
              summary="Per token: the top atlas concepts through a map; the text's concepts by max / mean (`atlas explain`)")
 def explain(store: StoreDep, models: ModelsDep, req: Annotated[ExplainRequest, Body()]) -> dict[str, Any]:
+    from engine.align.map import load_map
     from engine.search import explain as run_explain
     from engine.search import explain_summary
 
-    amap = store.load_map(req.map)
+    amap = load_map(store, req.map)
     model, tokenizer, lock = models.get(amap.subject_model)
     with lock:
         tokens = run_explain(store, amap, req.text, req.k, centre=not req.raw, model=model, tokenizer=tokenizer)

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from engine.align.fit import accumulate_pairs
-from engine.align.map import AlignmentMap, MapSites
+from engine.align.map import AlignmentMap, MapSites, load_map, save_map
 from engine.align.methods import get_method
 from engine.align.pairing import PairingConfig
 from engine.models.hooks import Site
@@ -209,7 +209,7 @@ def sae_maps(store: Store, world: Any, saes: Any, key: str, pairings: Sequence[s
         for p in ps:
             for method in methods:
                 sites = MapSites(wm.name, L, atlas.name, atlas.model, atlas.layer)
-                info = store.save_map(stats.fit(p, L, method, sites), f"{RUN_PREFIX}{wm.name}.L{L}.{p}.{method}",
+                info = save_map(store, stats.fit(p, L, method, sites), f"{RUN_PREFIX}{wm.name}.L{L}.{p}.{method}",
                                       overwrite=True)
-                out.append((p, method, store.load_map(info.name)))
+                out.append((p, method, load_map(store, info.name)))
     return out

@@ -54,7 +54,7 @@ def world_maps(store: Store, world: Any, key: str, layers: Sequence[int] | None 
     training texts, and stored.
     """
     from engine.align.fit import accumulate_pairs
-    from engine.align.map import MapSites
+    from engine.align.map import MapSites, load_map, save_map
     from engine.align.pairing import PairingConfig
     from engine.errors import NotFoundError
     from engine.models.hooks import Site
@@ -67,7 +67,7 @@ def world_maps(store: Store, world: Any, key: str, layers: Sequence[int] | None 
         if map_name not in {m.name for m in on_world}:
             raise NotFoundError(f"no map {map_name!r} from {wm.name!r} onto atlas {world.atlas_name!r}; "
                                 "`atlas maps` lists them")
-        return [store.load_map(map_name)]
+        return [load_map(store, map_name)]
     wanted = list(range(wm.n_layers)) if layers is None else [int(v) for v in layers]
     bad = [v for v in wanted if not 0 <= v < wm.n_layers]
     if bad:
@@ -90,9 +90,9 @@ def world_maps(store: Store, world: Any, key: str, layers: Sequence[int] | None 
             name = f"{wm.name}-L{L}-{meth}"
             if name in taken:
                 name = f"{name}-{pairing}"
-            store.save_map(amap, name)
+            save_map(store, amap, name)
         on_world = [m for m in store.maps() if m.atlas == world.atlas_name and m.subject_model == wm.name]
-    return [store.load_map(m.name) for m in on_world if m.subject_layer in wanted]
+    return [load_map(store, m.name) for m in on_world if m.subject_layer in wanted]
 
 
 def world_sites(store: Store, world: Any, key: str, maps: Sequence[Any]) -> list[DirectionSet]:

@@ -37,12 +37,12 @@ import numpy as np
 
 from engine.errors import BadValueError, DuplicateError, NotFoundError, SiteMismatchError, SourceChangedError
 from engine.progress import progress
-from engine.store.contexts import ContextConflictError, ContextRun, worker_params
+from engine.store.contexts import ContextConflictError, ContextRun
 from engine.store.store import Store
 from engine.util import corpus_fingerprint
 
 __all__ = [
-    "DEFAULT_BATCH", "DEFAULT_CHUNK", "DEFAULT_TOP", "DEFAULT_WINDOW", "ContextConflictError", "ContextRun",
+    "DEFAULT_BATCH", "DEFAULT_CHUNK", "DEFAULT_TOP", "DEFAULT_WINDOW", "ContextConflictError", "ContextRun", "ContextSettings",
     "ContextSource", "TopWindows", "make_window", "resolve_source", "run_contexts", "top_contexts",
 ]
 
@@ -84,6 +84,18 @@ def resolve_source(store: Store, name: str) -> ContextSource:
         return ContextSource(m.atlas, m.name, m.subject_model, m.subject_layer, m.subject_hook)
     what = {"atlas": "atlas", "map": "map"}.get(want or "", "atlas or map")
     raise NotFoundError(f"no {what} named {name!r}; `atlas atlases` and `atlas maps` list them")
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextSettings:
+    """How a top-contexts run is computed: the ``top`` windows kept per concept, ``chunk`` texts per
+    commit (the unit of resume), ``batch_size`` texts per forward pass, ``window`` characters either
+    side of the token."""
+
+    top: int = DEFAULT_TOP
+    chunk: int = DEFAULT_CHUNK
+    batch_size: int = DEFAULT_BATCH
+    window: int = DEFAULT_WINDOW
 
 
 # ---------------------------------------------------------------------- the running top-k
@@ -159,12 +171,12 @@ def make_window(text: str, start: int, end: int, window: int) -> tuple[str, int,
 
 
 def top_contexts(
-    store: Store, source: str, corpus: str | Path, *, top: int = DEFAULT_TOP, chunk: int = DEFAULT_CHUNK,
-    batch_size: int = DEFAULT_BATCH, window: int = DEFAULT_WINDOW, overwrite: bool = False, quiet: bool = False,
-    max_chunks: int | None = None, model: Any = None, tokenizer: Any = None,
+    store: Store, source: str, corpus: str | Path, settings: ContextSettings | None = None, *,
+    overwrite: bool = False, quiet: bool = False, max_chunks: int | None = None, model: Any = None,
+    tokenizer: Any = None,
 ) -> ContextRun:
     """Run ``corpus`` (a corpus file, `engine.align.corpus.read_corpus`) through ``source`` (an atlas or a
-    map) and store each concept's top ``top`` windows; continue the source's run if it has one for the
+    map) and store each concept's top ``settings.top`` windows (`ContextSettings`); continue the source's run if it has one for the
     same corpus and settings (a no-op when done), or replace it with ``overwrite``.
 
     ``max_chunks`` stops after that many chunks (the run stays ``interrupted``, to be continued).
@@ -172,6 +184,7 @@ def top_contexts(
     """
     from engine.align.corpus import read_corpus
 
+    top, chunk, batch_size, window = dataclasses.astuple(settings or ContextSettings())
     if not 1 <= top <= MAX_TOP:
         raise BadValueError(f"--top must be between 1 and {MAX_TOP}, got {top}")
     for what, v in (("--chunk", chunk), ("--batch", batch_size)):
@@ -185,11 +198,11 @@ def top_contexts(
     info = store.atlas(src.atlas)
     scoring = "encoder" if info.has_encoder else "projection"
     top = min(top, info.n_concepts)
-    settings: dict[str, Any] = {"top": top, "window": window, "scoring": scoring}
+    wanted: dict[str, Any] = {"top": top, "window": window, "scoring": scoring}
     run = store.context_run(src.atlas, src.map)
     if run is not None and not overwrite:
         was = {"top": run.top, "window": run.params.get("window"), "scoring": run.scoring}
-        if run.fingerprint != fingerprint or was != settings:
+        if run.fingerprint != fingerprint or was != wanted:
             raise DuplicateError(
                 f"the {run.source} has top contexts of another corpus or settings ({run.corpus}, "
                 f"fingerprint {run.fingerprint[:12]}, top {run.top}, {run.n_done}/{run.n_texts} texts); "
@@ -239,7 +252,9 @@ def run_contexts(store: Store, run: ContextRun, texts: Sequence[str], *, quiet: 
         if store.map_info(run.map).sha256 != run.params.get("map_sha256"):
             raise SourceChangedError(f"map {run.map!r} was refitted since its top contexts started; "
                                      "--overwrite restarts")
-        amap = store.load_map(run.map)
+        from engine.align.map import load_map
+
+        amap = load_map(store, run.map)
     model_name, layer, hook = run.params["model"], int(run.params["layer"]), str(run.params["hook"])
     if model is None or tokenizer is None:
         model, tokenizer = load_registered(store, model_name)
@@ -250,43 +265,33 @@ def run_contexts(store: Store, run: ContextRun, texts: Sequence[str], *, quiet: 
     score = _scorer(store, info, amap)
     state = TopWindows(info.n_concepts, run.top)
     state.load(store.context_rows(run.id))
-    store._set_context_status(run.id, "running", error=None,
-                              params={**run.params, "model_fingerprint": fp, "worker": worker_params()})
+    job = store.context_pass(run)
+    job.start({**run.params, "model_fingerprint": fp})
 
-    n, chunk, done, window = run.n_texts, run.chunk, run.n_done, int(run.params["window"])
+    window = int(run.params["window"])
     batch_size = int(run.params.get("batch_size") or DEFAULT_BATCH)
-    bar = progress(total=n, initial=done, desc=f"contexts {run.source}", unit="text", quiet=quiet)
-    chunks = 0
+    bar = progress(total=run.n_texts, initial=run.n_done, desc=f"contexts {run.source}", unit="text", quiet=quiet)
     try:
-        while done < n and (max_chunks is None or chunks < max_chunks):
-            hi = min(n, done + chunk)
-            changed = np.zeros(info.n_concepts, dtype=bool)
-            for b in collect(model, tokenizer, texts[done:hi], [layer], site=hook, batch_size=batch_size, desc=None,
-                             dtype=torch.float32):
-                bar.update(b.texts[1] - b.texts[0])
-                if b.n_tokens == 0:
-                    continue
-                x = next(iter(b.acts.values())).numpy()
-                if amap is None and x.shape[1] != info.dim:
-                    raise SiteMismatchError(f"model {model_name!r} has width {x.shape[1]} at layer {layer}; "
-                                            f"atlas {info.name!r} has {info.dim}")
-                changed |= state.merge(*_best_per_text(b, x, score, done))
-            ordinals = np.flatnonzero(changed)
-            store._commit_contexts(run.id, done, hi, n, ordinals.tolist(), state.rows(ordinals, texts, window))
-            done, chunks = hi, chunks + 1
-    except KeyboardInterrupt:
-        store._set_context_status(run.id, "interrupted")
-        raise
-    except ContextConflictError:
-        raise  # the other worker owns the run's status
-    except BaseException as e:
-        store._set_context_status(run.id, "failed", error=f"{type(e).__name__}: {e}")
-        raise
+        with job.running():
+            for i, (lo, hi) in enumerate(job.steps()):
+                if max_chunks is not None and i >= max_chunks:
+                    break
+                changed = np.zeros(info.n_concepts, dtype=bool)
+                for b in collect(model, tokenizer, texts[lo:hi], [layer], site=hook, batch_size=batch_size,
+                                 desc=None, dtype=torch.float32):
+                    bar.update(b.texts[1] - b.texts[0])
+                    if b.n_tokens == 0:
+                        continue
+                    x = next(iter(b.acts.values())).numpy()
+                    if amap is None and x.shape[1] != info.dim:
+                        raise SiteMismatchError(f"model {model_name!r} has width {x.shape[1]} at layer {layer}; "
+                                                f"atlas {info.name!r} has {info.dim}")
+                    changed |= state.merge(*_best_per_text(b, x, score, lo))
+                ordinals = np.flatnonzero(changed)
+                job.commit_chunk(lo, hi, ordinals.tolist(), state.rows(ordinals, texts, window))
     finally:
         bar.close()
-    if done < n:
-        store._set_context_status(run.id, "interrupted")
-    return store._context_run_by_id(run.id)
+    return job.status()
 
 
 def _scorer(store: Store, info: Any, amap: Any):
