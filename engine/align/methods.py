@@ -286,7 +286,8 @@ def fit_rcsls(train: SufficientStats, heldout: SufficientStats | None = None, *,
                              "loss_first": losses[0], "loss_last": losses[-1], "normalize": train.normalize})
 
 
-def _rcsls_steps(W, xs, ys, kk, steps, batch, lr, gen, losses):  # type: ignore[no-untyped-def]
+def _rcsls_steps(W: Any, xs: Any, ys: Any, kk: int, steps: int, batch: int, lr: float, gen: Any,
+                 losses: list[float]) -> None:
     """Gradient steps of the RCSLS loss on ``W`` (in place), singular values clipped to [0, 1]."""
     import torch
 
@@ -335,7 +336,7 @@ def fit_self_learning(train: SufficientStats, heldout: SufficientStats | None = 
     Xv = Xv / np.maximum(np.linalg.norm(Xv, axis=1, keepdims=True), 1e-12)
     Yv = Yv / np.maximum(np.linalg.norm(Yv, axis=1, keepdims=True), 1e-12)
     C = train.cxy / max(float(np.linalg.norm(train.cxy)), 1e-300)
-    U, _, Vt = np.linalg.svd(C, full_matrices=False)
+    U, _sv, Vt = np.linalg.svd(C, full_matrices=False)
     W = U @ Vt
     n_pairs: list[int] = []
     for _it in range(iterations):
@@ -345,7 +346,7 @@ def fit_self_learning(train: SufficientStats, heldout: SufficientStats | None = 
             break
         D = Xv[i].T @ Yv[j]
         M = (1 - weight) * C + weight * D / max(float(np.linalg.norm(D)), 1e-300)
-        U, _, Vt = np.linalg.svd(M, full_matrices=False)
+        U, _sv, Vt = np.linalg.svd(M, full_matrices=False)
         W = U @ Vt
     S = np.linalg.svd(train.cxy, compute_uv=False)
     s_fwd = float(np.sum(W * train.cxy) / np.trace(train.cxx))

@@ -38,7 +38,7 @@ import dataclasses
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 import numpy as np
 import scipy.sparse as sp
@@ -46,7 +46,7 @@ import torch
 
 from engine.errors import BadValueError, ShapeError
 
-Activations = np.ndarray | sp.spmatrix | sp.sparray
+Activations: TypeAlias = Any  # (rows, latents): a numpy array or a scipy sparse matrix
 
 
 class Encoder(Protocol):
@@ -124,7 +124,8 @@ class CoactivationStats:
         if self.sparse:
             self.cross = (self.cross + sp.csr_matrix(other.cross)).tocsr()
         else:
-            self.cross += other.cross.toarray() if sp.issparse(other.cross) else other.cross
+            theirs = other.cross
+            self.cross += theirs.toarray() if sp.issparse(theirs) else theirs  # type: ignore[union-attr]
 
     def _moments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         n = max(self.n, 1)
@@ -139,7 +140,7 @@ class CoactivationStats:
         hi = self.n_x if hi is None else hi
         mx, my, sx, sy = self._moments()
         c = self.cross[lo:hi]
-        c = c.toarray() if sp.issparse(c) else c
+        c = c.toarray() if sp.issparse(c) else c  # type: ignore[union-attr]
         cov = c / max(self.n, 1) - np.outer(mx[lo:hi], my)
         den = np.outer(sx[lo:hi], sy)
         return np.where(den > 0, cov / np.where(den > 0, den, 1.0), 0.0)
