@@ -134,3 +134,22 @@ def test_one_pass_over_a_world_is_the_brute_force_correlation(tiny_world, key, p
     w = ax.astype(np.float64)
     want_means = (w.T @ y) / np.where(w.sum(0) > 0, w.sum(0), 1)[:, None]
     np.testing.assert_allclose(got.means.means(), want_means, rtol=1e-4, atol=1e-4)
+
+
+def test_atlas_side_of_the_correlation_table_is_the_column_formula():
+    from engine.labelling.criteria import rerank, top_k
+
+    rng = np.random.default_rng(5)
+    ax, ay = _codes(rng, 400, 30, 4), _codes(rng, 400, 11, 3)
+    st = CoactivationStats(30, 11)
+    st.update(ax, ay)
+    C = _pearson(ax, ay)
+    stat = st.atlas_side(k=4, beta=5.0, block=7)
+    np.testing.assert_allclose(stat.r_atlas, np.sort(C, 0)[-4:].mean(0), atol=1e-6)
+    np.testing.assert_allclose(stat.best, C.max(0), atol=1e-6)
+    np.testing.assert_allclose(stat.log_z, np.log(np.exp(5.0 * C).sum(0)), rtol=1e-9)
+    # csls over the correlations, re-ranking every candidate, is the full formula
+    cs, ci = top_k(C, 11)
+    r_s = np.sort(C, 1)[:, -4:].mean(1)
+    want = 2 * C - r_s[:, None] - stat.r_atlas[None, :]
+    np.testing.assert_array_equal(rerank(cs, ci, "csls", stat, 3)[1], np.argsort(-want, 1, kind="stable")[:, :3])

@@ -132,3 +132,15 @@ def test_missing_candidates_and_bad_input():
         rerank(cs, ci, "isf", None, 3)
     np.testing.assert_array_equal(merge_topk(np.full((1, 3), -np.inf, np.float32), np.array([[1.0, 3.0]]), 3),
                                   [[3.0, 1.0, -np.inf]])
+
+
+def test_recorded_best_scores_give_mutual_nearest_neighbours():
+    from engine.labelling.confidence import mutual_nearest
+
+    q, a = _data(8)
+    stat = atlas_side_stats([q[:30], q[30:]], a, k=3)
+    cos = q @ a.T
+    np.testing.assert_allclose(stat.best, cos.max(0), atol=1e-6)
+    s, ids, _ = label_topk(q, a, 2, "nn")
+    want = cos.argmax(0)[ids[:, 0]] == np.arange(len(q))
+    np.testing.assert_array_equal(mutual_nearest(ids[:, 0], s[:, 0], stat.best), want)

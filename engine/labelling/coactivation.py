@@ -161,7 +161,26 @@ class CoactivationStats:
             return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
         return np.concatenate(out_s), np.concatenate(out_i)
 
-    # ------------------------------------------------------------------ persistence
+    def atlas_side(self, k: int = 10, beta: float = 30.0, block: int = 1024) -> Any:
+        """The atlas-side statistic of the correlation table, as for mapped directions
+        (`engine.labelling.criteria.AtlasStat`: each atlas feature's mean of its ``k`` best
+        correlations, its log-partition over subject latents at ``beta``, its best correlation),
+        in one blocked pass over the subject latents; lets ``csls`` / ``isf`` re-rank
+        correlations and gives the mutual-nearest-neighbour signal of a label's confidence."""
+        from engine.labelling.criteria import AtlasStat, merge_topk
+
+        top = np.full((self.n_y, k), -np.inf, dtype=np.float32)
+        log_z = np.full(self.n_y, -np.inf)
+        for a in range(0, self.n_x, block):
+            c = self.correlation(a, min(self.n_x, a + block))  # (b, n_y)
+            top = merge_topk(top, c.T.astype(np.float32), k)
+            z = beta * c.T
+            m = np.maximum(log_z, z.max(1))
+            log_z = m + np.log(np.exp(log_z - m) + np.exp(z - m[:, None]).sum(1))
+        finite = np.isfinite(top)
+        r = (np.where(finite, top, 0).sum(1) / np.maximum(finite.sum(1), 1)).astype(np.float32)
+        return AtlasStat(k, beta, r, log_z, self.n_x, top[:, 0].copy())
+
 
     def save(self, path: str | Path) -> None:
         cross = self.cross

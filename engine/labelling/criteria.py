@@ -126,7 +126,7 @@ class AtlasSideStats:
     def record(self) -> dict[str, Any]:
         """What a run records: plain JSON-able data (`from_record` gives back the same ranking)."""
         return {"k": self.k, "beta": self.beta, "n_queries": self.n_queries,
-                "r_atlas": self.r_atlas.tolist(), "log_z": self.log_z.tolist()}
+                "r_atlas": self.r_atlas.tolist(), "log_z": self.log_z.tolist(), "best": self.top[:, 0].tolist()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,24 +138,31 @@ class AtlasStat:
     r_atlas: np.ndarray  # (n_atlas,) float32
     log_z: np.ndarray  # (n_atlas,) float64
     n_queries: int = 0
+    best: np.ndarray | None = None  # (n_atlas,) float32: each concept's best query score (mutual nearest neighbours)
 
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> AtlasStat:
+        best = rec.get("best")
         return cls(int(rec["k"]), float(rec["beta"]), np.asarray(rec["r_atlas"], dtype=np.float32),
-                   np.asarray(rec["log_z"], dtype=np.float64), int(rec.get("n_queries", 0)))
+                   np.asarray(rec["log_z"], dtype=np.float64), int(rec.get("n_queries", 0)),
+                   None if best is None else np.asarray(best, dtype=np.float32))
 
     @classmethod
     def of(cls, stats: AtlasSideStats) -> AtlasStat:
         return cls.from_record(json.loads(json.dumps(stats.record())))  # exactly what a record holds
 
     def save(self, path: Any) -> None:
-        np.savez(path, k=self.k, beta=self.beta, r_atlas=self.r_atlas, log_z=self.log_z, n_queries=self.n_queries)
+        arrays: dict[str, Any] = {"k": self.k, "beta": self.beta, "r_atlas": self.r_atlas, "log_z": self.log_z,
+                                  "n_queries": self.n_queries}
+        if self.best is not None:
+            arrays["best"] = self.best
+        np.savez(path, **arrays)
 
     @classmethod
     def load(cls, path: Any) -> AtlasStat:
         with np.load(path) as z:
             return cls(int(z["k"]), float(z["beta"]), z["r_atlas"].astype(np.float32), z["log_z"].astype(np.float64),
-                       int(z["n_queries"]))
+                       int(z["n_queries"]), z["best"].astype(np.float32) if "best" in z.files else None)
 
 
 def merge_topk(top: np.ndarray, new: np.ndarray, k: int) -> np.ndarray:
