@@ -114,7 +114,7 @@ def _random_topk(rng, d, n, k):
 def test_one_pass_over_a_world_is_the_brute_force_correlation(tiny_world, key, pairing):
     """Real models, real pairing (token for A, span across tokenizers for B): the streamed
     statistics equal Pearson on the paired, encoded activations collected whole."""
-    from engine.align.pairing import iter_pairs
+    from engine.align.pairing import PairingConfig, iter_pairs
     from engine.models.hooks import Site
 
     rng = np.random.default_rng(4)
@@ -123,8 +123,8 @@ def test_one_pass_over_a_world_is_the_brute_force_correlation(tiny_world, key, p
     Ls, Lf = tiny_world.model(key).default_layer, tiny_world.foundation.atlas_layer
     enc_x = _random_topk(rng, sub[0].config.hidden_size, 20, 3)
     enc_y = _random_topk(rng, fnd[0].config.hidden_size, 16, 3)
-    got = accumulate_coactivation(sub, fnd, texts, Ls, Lf, enc_x, enc_y, pairing=pairing, batch_size=5,
-                                  quiet=True)
+    got = accumulate_coactivation(sub, fnd, texts, (Site((Ls,)), Site((Lf,))), (enc_x, enc_y),
+                                  PairingConfig((pairing,), batch_size=5), quiet=True)
     chunks = list(iter_pairs(sub, fnd, texts, Site((Ls,)), Site((Lf,)), pairing=pairing, batch_size=24, quiet=True))
     x = np.concatenate([c.x[Ls].float().numpy() for c in chunks])
     y = np.concatenate([c.y.float().numpy() for c in chunks])

@@ -44,7 +44,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from engine.align.pairing import PairingConfig
 from engine.errors import BadValueError, ShapeError
+from engine.models.hooks import Site
 
 Activations: TypeAlias = Any  # (rows, latents): a numpy array or a scipy sparse matrix
 
@@ -277,39 +279,29 @@ class CoactivationPass:
     n_pairs: int = 0
 
 
-def accumulate_coactivation(
-    subject: tuple[torch.nn.Module, Any],
-    foundation: tuple[torch.nn.Module, Any],
-    texts: Sequence[str],
-    subject_layer: int,
-    foundation_layer: int,
-    subject_encoder: Encoder,
-    atlas_encoder: Encoder,
-    *,
-    pairing: str = "token",
-    pool: str | None = None,
-    max_pairs: int | None = None,
-    sparse: bool = False,
-    weighted_means: bool = True,
-    batch_size: int = 16,
-    quiet: bool = False,
-) -> CoactivationPass:
-    """One pass of both models over ``texts``: pair their residuals (``token`` / ``span``; the
-    span pairing reads each word's last piece on both sides), encode each side (``subject_encoder``
-    on the subject's layer, ``atlas_encoder`` on the foundation's) and accumulate the correlation
-    statistics and (``weighted_means``) the subject latents' weighted-mean foundation residuals,
-    ``max_pairs`` pairs at most, in corpus order (deterministic)."""
+def accumulate_coactivation(subject: tuple[torch.nn.Module, Any], foundation: tuple[torch.nn.Module, Any],
+                            texts: Sequence[str], sites: tuple[Site, Site], encoders: tuple[Encoder, Encoder],
+                            config: PairingConfig | None = None, *, sparse: bool = False,
+                            weighted_means: bool = True, quiet: bool = False) -> CoactivationPass:
+    """One pass of both models over ``texts``: pair their residuals at ``sites`` (subject site of
+    one layer, foundation site) as ``config`` says (its first pairing, ``token`` or ``span``; the
+    span pairing reads each word's last piece on both sides; ``max_pairs`` in corpus order,
+    ``batch_size``), encode each side (``encoders``: the subject SAE's, the atlas's or a
+    `ProjectionEncoder`) and accumulate the correlation statistics and (``weighted_means``) the
+    subject latents' weighted-mean foundation residuals. Deterministic for the same inputs."""
     from engine.align.pairing import iter_pairs
-    from engine.models.hooks import Site
 
+    config = config or PairingConfig()
+    pairing = config.pairings[0]
     if pairing not in ("token", "span"):
         raise BadValueError(f"co-activation pairs tokens or words: pairing must be token or span, got {pairing!r}")
+    subject_encoder, atlas_encoder = encoders
     stats: CoactivationStats | None = None
     means: WeightedMeans | None = None
     n = 0
-    for chunk in iter_pairs(subject, foundation, texts, Site((subject_layer,)), Site((foundation_layer,)),
-                            pairing=pairing, pool=pool, max_pairs=max_pairs, batch_size=batch_size, quiet=quiet,
-                            desc="co-activation"):
+    for chunk in iter_pairs(subject, foundation, texts, sites[0], sites[1], pairing=pairing,
+                            pool=config.pools.get(pairing), max_pairs=config.max_pairs, batch_size=config.batch_size,
+                            quiet=quiet, desc="co-activation"):
         x = chunk.x[next(iter(chunk.x))].float().numpy()
         y = chunk.y.float().numpy()
         ax = sparse_codes(subject_encoder.encode(x))
