@@ -38,7 +38,7 @@ import dataclasses
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import numpy as np
 import scipy.sparse as sp
@@ -47,6 +47,9 @@ import torch
 from engine.align.pairing import PairingConfig
 from engine.errors import BadValueError, ShapeError
 from engine.models.hooks import Site
+
+if TYPE_CHECKING:
+    from engine.labelling.criteria import AtlasStat
 
 Activations: TypeAlias = Any  # (rows, latents): a numpy array or a scipy sparse matrix
 
@@ -163,7 +166,7 @@ class CoactivationStats:
             return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
         return np.concatenate(out_s), np.concatenate(out_i)
 
-    def atlas_side(self, k: int = 10, beta: float = 30.0, block: int = 1024) -> Any:
+    def atlas_side(self, k: int = 10, beta: float = 30.0, block: int = 1024) -> AtlasStat:
         """The atlas-side statistic of the correlation table, as for mapped directions
         (`engine.labelling.criteria.AtlasStat`: each atlas feature's mean of its ``k`` best
         correlations, its log-partition over subject latents at ``beta``, its best correlation),
