@@ -130,6 +130,11 @@ def test_missing_candidates_and_bad_input():
         rerank(cs, ci, "bogus", stat, 3)
     with pytest.raises(BadValueError, match="needs the atlas-side statistic"):
         rerank(cs, ci, "isf", None, 3)
+    csls_only = atlas_side_stats([q], a, k=3, log_partition=False)
+    np.testing.assert_array_equal(csls_only.r_atlas, stat.r_atlas)
+    np.testing.assert_array_equal(rerank(cs, ci, "csls", csls_only, 3)[1], rerank(cs, ci, "csls", stat, 3)[1])
+    with pytest.raises(BadValueError, match="log-partition"):
+        rerank(cs, ci, "isf", csls_only, 3)
     np.testing.assert_array_equal(merge_topk(np.full((1, 3), -np.inf, np.float32), np.array([[1.0, 3.0]]), 3),
                                   [[3.0, 1.0, -np.inf]])
 

@@ -80,6 +80,7 @@ class AtlasSideStats:
     atlas: np.ndarray  # (n_atlas, d) unit rows
     k: int = DEFAULT_CSLS_K
     beta: float = DEFAULT_ISF_BETA
+    log_partition: bool = True  # also the isf log-partition (a float64 exp per similarity: most of the pass's time)
     top: np.ndarray = dataclasses.field(init=False)  # (n_atlas, k) descending; -inf where fewer seen
     log_z: np.ndarray = dataclasses.field(init=False)  # (n_atlas,) float64
     n_queries: int = 0
@@ -102,6 +103,8 @@ class AtlasSideStats:
             hi = min(lo + block, self.atlas.shape[0])
             sims = self.atlas[lo:hi] @ q.T  # (c, b)
             self.top[lo:hi] = merge_topk(self.top[lo:hi], sims, self.k)
+            if not self.log_partition:
+                continue
             z = self.beta * sims.astype(np.float64)
             m = np.maximum(self.log_z[lo:hi], z.max(1))
             self.log_z[lo:hi] = m + np.log(np.exp(self.log_z[lo:hi] - m) + np.exp(z - m[:, None]).sum(1))
@@ -176,9 +179,10 @@ def merge_topk(top: np.ndarray, new: np.ndarray, k: int) -> np.ndarray:
 
 
 def atlas_side_stats(queries: Iterable[np.ndarray], atlas: np.ndarray, k: int = DEFAULT_CSLS_K,
-                     beta: float = DEFAULT_ISF_BETA) -> AtlasStat:
-    """The streaming pass: fold every batch of unit query rows in and return the recorded statistic."""
-    acc = AtlasSideStats(atlas, k=k, beta=beta)
+                     beta: float = DEFAULT_ISF_BETA, log_partition: bool = True) -> AtlasStat:
+    """The streaming pass: fold every batch of unit query rows in and return the recorded statistic
+    (``log_partition=False``: no isf log-partition, ``log_z`` stays -inf; enough for csls and nn)."""
+    acc = AtlasSideStats(atlas, k=k, beta=beta, log_partition=log_partition)
     for q in queries:
         acc.update(q)
     return AtlasStat.of(acc)
@@ -210,6 +214,8 @@ def rerank(cand_scores: np.ndarray, cand_ids: np.ndarray, criterion: str, stat: 
         r_s = np.where(valid[:, :kk], s[:, :kk], 0).sum(1) / np.maximum(valid[:, :kk].sum(1), 1)
         new = 2 * s - r_s[:, None] - stat.r_atlas[safe]
     else:
+        if not np.isfinite(stat.log_z).all():
+            raise BadValueError("criterion 'isf' needs the log-partition: compute the statistic with log_partition=True")
         new = (stat.beta * s.astype(np.float64) - stat.log_z[safe]).astype(np.float32)
     new = np.where(valid, new, -np.inf).astype(np.float32)
     order = np.argsort(-new, axis=1, kind="stable")[:, :k]
@@ -250,7 +256,8 @@ def label_topk(queries: np.ndarray, atlas: np.ndarray, k: int, criterion: str = 
     check_criterion(criterion)
     q, a = unit_rows(queries), unit_rows(atlas)
     if criterion != "nn" and stat is None:
-        stat = atlas_side_stats((q[i:i + batch] for i in range(0, len(q), batch)), a, k=csls_k, beta=beta)
+        stat = atlas_side_stats((q[i:i + batch] for i in range(0, len(q), batch)), a, k=csls_k, beta=beta,
+                                log_partition=criterion == "isf")
     kc = k if criterion == "nn" else candidate_k(k, len(a), csls_k)
     out_s, out_i = [], []
     for i in range(0, len(q), batch):
