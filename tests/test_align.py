@@ -117,9 +117,11 @@ def _perm_pairs(n, d, seed, noise=0.05):
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_recovers_a_signed_permutation(method):
     X, Y, P = _perm_pairs(6000, 16, seed=3)
-    train = _stream(SufficientStats(16, 16), X[:5000], Y[:5000], 1000)
+    train = _stream(SufficientStats(16, 16, sample_size=2000), X[:5000], Y[:5000], 1000)
     held = _stream(SufficientStats(16, 16, sample_size=500), X[5000:], Y[5000:], 1000)
-    amap = fit_map(train, method, heldout=held, sites=SITES, pairing="token", corpus_fingerprint="abc")
+    # self-learning also reads the two feature dictionaries: here the units and their partners
+    extra = {"self_learning": {"subject_vectors": np.eye(16), "atlas_vectors": P}}.get(method, {})
+    amap = fit_map(train, method, heldout=held, sites=SITES, pairing="token", corpus_fingerprint="abc", **extra)
     assert amap.metrics["heldout_r2"] > 0.99
     assert amap.metrics["heldout_r2_inverse"] > 0.99
     assert amap.metrics["heldout_cosine"] > 0.99

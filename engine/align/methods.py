@@ -198,3 +198,173 @@ def fit_correlation(train: SufficientStats, heldout: SufficientStats | None = No
         raise BadValueError(f"matching must be 'hungarian' or 'greedy', got {matching!r}")
     return LinearFit(A=A, B=B, mean_x=train.mean_x.copy(), mean_y=train.mean_y.copy(),
                      params={"matching": matching, "normalize": train.normalize})
+
+
+# ----------------------------------------------------------------------------- methods from lexicon induction
+# (issue 25: whitening and re-weighting, a map trained for retrieval, self-learning; each measured
+# against Procrustes in the SAE labelling evaluation before it can become a default)
+
+
+def _inv_sqrt_and_sqrt(C: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(C + εI)^{-1/2}`` and ``(C + εI)^{1/2}`` of a symmetric PSD matrix, ``ε`` relative to its
+    mean eigenvalue (keeps directions the pairs barely vary in from blowing up)."""
+    evals, Q = np.linalg.eigh(C)
+    evals = np.clip(evals, 0.0, None)
+    evals = evals + eps * (float(evals.mean()) or 1.0)
+    return (Q / np.sqrt(evals)) @ Q.T, (Q * np.sqrt(evals)) @ Q.T
+
+
+WHITEN_REWEIGHTS: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0)
+
+
+@register_method("whiten", "VecMap-style: whiten both sides, orthogonal map between them, re-weight by the "
+                 "singular values^p, de-whiten into the atlas space; p chosen on held-out pairs", needs_heldout=True)
+def fit_whiten(train: SufficientStats, heldout: SufficientStats | None = None, *, reweight: float | None = None,
+               eps: float = 1e-3, reweights: tuple[float, ...] = WHITEN_REWEIGHTS, **_: Any) -> LinearFit:
+    """Artetxe et al. 2018's whitening, orthogonal mapping, re-weighting and de-whitening, as one
+    linear map from the subject space into the (raw) atlas space.
+
+    With ``Wx = Cxx^{-1/2}``, ``Wy = Cyy^{-1/2}`` and ``Wxᵀ Cxy Wy = U S Vᵀ``, the map is
+    ``A = Wx U diag(s^p) Vᵀ Cyy^{1/2} · c`` (``s`` the singular values over their largest, ``c``
+    the least-squares scale): ``p = 0`` is Procrustes between the whitened spaces, de-whitened;
+    ``p = 1`` the canonical-correlation map. ``p`` minimises held-out squared error over
+    ``reweights`` unless given. The inverse is built the same way the other way round.
+    """
+    Wx, Sx = _inv_sqrt_and_sqrt(train.cxx, eps)
+    Wy, Sy = _inv_sqrt_and_sqrt(train.cyy, eps)
+    U, S, Vt = np.linalg.svd(Wx @ train.cxy @ Wy, full_matrices=False)
+    s = S / max(float(S[0]), 1e-300)
+
+    def forward(p: float) -> np.ndarray:
+        A = Wx @ (U * s ** p) @ Vt @ Sy
+        # least-squares scale of the whole map: argmin_c ‖Yc − c·XcA‖²
+        num = float(np.sum(A * train.cxy))
+        den = float(np.sum((train.cxx @ A) * A))
+        return A * (num / den if den > 0 else 1.0)
+
+    scores: dict[str, float] = {}
+    if reweight is None:
+        if heldout is None or heldout.count == 0:
+            raise BadValueError("whiten needs held-out pairs to choose the re-weighting power (or pass reweight=...)")
+        for p in reweights:
+            scores[str(p)] = heldout_sse(forward(p), train.mean_x, train.mean_y, heldout)
+        reweight = float(min(reweights, key=lambda p: scores[str(p)]))
+    A = forward(reweight)
+    B = Wy @ (Vt.T * s ** reweight) @ U.T @ Sx
+    num, den = float(np.sum(B * train.cxy.T)), float(np.sum((train.cyy @ B) * B))
+    B = B * (num / den if den > 0 else 1.0)
+    return LinearFit(A=A, B=B, mean_x=train.mean_x.copy(), mean_y=train.mean_y.copy(),
+                     params={"reweight": reweight, "eps": eps, "heldout_sse": scores, "normalize": train.normalize})
+
+
+@register_method("rcsls", "a map trained for retrieval (Joulin et al. 2018): the RCSLS loss on a sample of "
+                 "training pairs, from Procrustes, spectral norm kept <= 1 (needs the training sample)")
+def fit_rcsls(train: SufficientStats, heldout: SufficientStats | None = None, *, k: int = 10, steps: int = 100,
+              lr: float = 1.0, batch: int = 1024, seed: int = 0, **_: Any) -> LinearFit:
+    """Minimise RCSLS over ``W`` on unit, centred sample pairs ``(x_i, y_i)``::
+
+        −2 cos(x_i W, y_i) + mean_k-nearest_y cos(x_i W, y) + mean_k-nearest_x cos(x W, y_i)
+
+    (neighbours among the ``batch`` pairs of each step), by full-batch gradient steps from the
+    orthogonal Procrustes solution, projecting ``W``'s singular values onto [0, 1] after each step
+    (Joulin et al.'s constraint). The sample is ``train.sample()`` (statistics accumulated with
+    ``sample_size``); the result is scaled like Procrustes, and the inverse is ``Wᵀ`` scaled.
+    """
+    import torch
+
+    from engine.models.activations import torch_threads
+
+    X, Y = train.sample()
+    if len(X) < max(2 * k, 16):
+        raise BadValueError("rcsls needs a sample of training pairs: accumulate the statistics with sample_size "
+                            f"(got {len(X)} pairs)")
+    U, S, Vt = np.linalg.svd(train.cxy, full_matrices=False)
+    W0 = U @ Vt
+    gen = torch.Generator().manual_seed(seed)
+    xs = torch.from_numpy(np.asarray(X, np.float64) - train.mean_x).float()
+    ys = torch.from_numpy(np.asarray(Y, np.float64) - train.mean_y).float()
+    xs = torch.nn.functional.normalize(xs, dim=1)
+    ys = torch.nn.functional.normalize(ys, dim=1)
+    W = torch.from_numpy(W0).float().requires_grad_(True)
+    kk = min(k, batch - 1)
+    losses: list[float] = []
+    with torch_threads(1):  # small matrices: one thread is fastest, and steady on a busy machine
+        _rcsls_steps(W, xs, ys, kk, steps, batch, lr, gen, losses)
+    Wn = W.detach().double().numpy()
+    num, den = float(np.sum(Wn * train.cxy)), float(np.sum((train.cxx @ Wn) * Wn))
+    s_fwd = num / den if den > 0 else 1.0
+    num_b, den_b = float(np.sum(Wn.T * train.cxy.T)), float(np.sum((train.cyy @ Wn.T) * Wn.T))
+    return LinearFit(A=s_fwd * Wn, B=(num_b / den_b if den_b > 0 else 1.0) * Wn.T, mean_x=train.mean_x.copy(),
+                     mean_y=train.mean_y.copy(),
+                     params={"k": k, "steps": steps, "lr": lr, "batch": batch, "seed": seed,
+                             "loss_first": losses[0], "loss_last": losses[-1], "normalize": train.normalize})
+
+
+def _rcsls_steps(W: Any, xs: Any, ys: Any, kk: int, steps: int, batch: int, lr: float, gen: Any,
+                 losses: list[float]) -> None:
+    """Gradient steps of the RCSLS loss on ``W`` (in place), singular values clipped to [0, 1]."""
+    import torch
+
+    for _step in range(steps):
+        idx = torch.randperm(len(xs), generator=gen)[: min(batch, len(xs))]
+        x, y = xs[idx], ys[idx]
+        xw = x @ W
+        sims = xw @ y.T  # (b, b)
+        loss = (-2 * sims.diagonal().mean() + sims.topk(kk, dim=1).values.mean()
+                + sims.topk(kk, dim=0).values.mean())
+        W.grad = None
+        loss.backward()
+        with torch.no_grad():
+            W -= lr * W.grad
+            u, s, vt = torch.linalg.svd(W, full_matrices=False)
+            W.copy_(u @ torch.diag(s.clamp(0.0, 1.0)) @ vt)
+        losses.append(float(loss.item()))
+
+
+def mutual_nn_pairs(P: np.ndarray, Q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``(i, j)`` of the mutual nearest neighbours by cosine between rows of ``P`` and ``Q``."""
+    p = P / np.maximum(np.linalg.norm(P, axis=1, keepdims=True), 1e-12)
+    q = Q / np.maximum(np.linalg.norm(Q, axis=1, keepdims=True), 1e-12)
+    sims = p @ q.T
+    fwd = sims.argmax(1)
+    back = sims.argmax(0)
+    i = np.nonzero(back[fwd] == np.arange(len(P)))[0]
+    return i, fwd[i]
+
+
+@register_method("self_learning", "Procrustes refined on mutual-nearest-neighbour pairs between the subject's "
+                 "and the atlas's feature directions (needs subject_vectors and atlas_vectors), iterated")
+def fit_self_learning(train: SufficientStats, heldout: SufficientStats | None = None, *,
+                      subject_vectors: np.ndarray | None = None, atlas_vectors: np.ndarray | None = None,
+                      iterations: int = 5, weight: float = 0.5, **_: Any) -> LinearFit:
+    """Self-learning (VecMap, Artetxe et al. 2018): start from Procrustes on the activation pairs;
+    each iteration maps the subject's feature directions, takes the mutual nearest neighbours
+    among the atlas's directions as a dictionary ``D = Σ x_iᵀ y_j`` (unit rows), and refits the
+    orthogonal map on ``(1 − weight)·Cxy/‖Cxy‖ + weight·D/‖D‖`` (``weight = 1``: the dictionary
+    alone). Scaled like Procrustes; the inverse is ``Wᵀ`` scaled.
+    """
+    if subject_vectors is None or atlas_vectors is None:
+        raise BadValueError("self_learning needs subject_vectors and atlas_vectors (the two feature dictionaries)")
+    Xv = np.asarray(subject_vectors, np.float64)
+    Yv = np.asarray(atlas_vectors, np.float64)
+    Xv = Xv / np.maximum(np.linalg.norm(Xv, axis=1, keepdims=True), 1e-12)
+    Yv = Yv / np.maximum(np.linalg.norm(Yv, axis=1, keepdims=True), 1e-12)
+    C = train.cxy / max(float(np.linalg.norm(train.cxy)), 1e-300)
+    U, _sv, Vt = np.linalg.svd(C, full_matrices=False)
+    W = U @ Vt
+    n_pairs: list[int] = []
+    for _it in range(iterations):
+        i, j = mutual_nn_pairs(Xv @ W, Yv)
+        n_pairs.append(len(i))
+        if not len(i):
+            break
+        D = Xv[i].T @ Yv[j]
+        M = (1 - weight) * C + weight * D / max(float(np.linalg.norm(D)), 1e-300)
+        U, _sv, Vt = np.linalg.svd(M, full_matrices=False)
+        W = U @ Vt
+    S = np.linalg.svd(train.cxy, compute_uv=False)
+    s_fwd = float(np.sum(W * train.cxy) / np.trace(train.cxx))
+    s_inv = float(np.sum(W * train.cxy) / np.trace(train.cyy))
+    return LinearFit(A=s_fwd * W, B=s_inv * W.T, mean_x=train.mean_x.copy(), mean_y=train.mean_y.copy(),
+                     params={"iterations": iterations, "weight": weight, "mutual_pairs": n_pairs,
+                             "procrustes_trace": float(S.sum()), "normalize": train.normalize})
