@@ -59,6 +59,35 @@ def fmt(cell: dict[str, float] | None) -> str:
     return "" if cell is None else f"{cell['mean']:.3f} ± {cell['sd']:.3f} ({cell['min']:.3f}-{cell['max']:.3f})"
 
 
+MARKDOWN_TABLES = (  # (title, features, figures); a table lists the methods that have its first figure
+    ("SAE latents", "sae", ("top1", "top5", "ceiling")),
+    ("SAE latents, label confidence", "sae", ("p_at_50", "p_at_80", "ece")),
+    ("native concept directions", "native", ("top1",)),
+    ("per-token explanation", "explain", ("token_top1", "text_top1")),
+)
+
+
+def markdown(table: list[dict[str, Any]]) -> str:
+    """The summary as markdown tables, one per (features, size): a row per method, a column per
+    (subject, figure), cells ``mean ± sd (min-max)``."""
+    out = []
+    for title, features, cols in MARKDOWN_TABLES:
+        for size in sorted({r["size"] for r in table if r["features"] == features}):
+            mine = [r for r in table if r["features"] == features and r["size"] == size and r.get(cols[0])]
+            subjects = sorted({r["subject"] for r in mine})
+            methods = list(dict.fromkeys(r["method"] for r in mine))
+            seeds = sorted({s for r in mine for s in r["seeds"]})
+            out.append(f"\n**{title}, {size}, seeds {', '.join(map(str, seeds))}** (mean ± sd (min-max))\n")
+            heads = [f"{s.replace('subject_', '')} {c}" for s in subjects for c in cols]
+            out.append("| method | " + " | ".join(heads) + " |")
+            out.append("|---" * (len(heads) + 1) + "|")
+            by = {(r["subject"], r["method"]): r for r in mine}
+            for m in methods:
+                cells = [fmt(by.get((s, m), {}).get(c)) for s in subjects for c in cols]
+                out.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="tiny,small")
@@ -69,6 +98,7 @@ def main() -> None:
     ap.add_argument("--methods", default="", help="Map methods (default: every registered one).")
     ap.add_argument("--confidence", help="Confidence models JSON (default: engine/labelling/confidence_default.json).")
     ap.add_argument("--json", dest="json_out")
+    ap.add_argument("--markdown", help="Also write the tables as markdown to this file.")
     args = ap.parse_args()
 
     from engine.world.build import load_world
@@ -104,6 +134,8 @@ def main() -> None:
             if r["features"] == features:
                 print(f"{r['size']:6} {r['subject']:9} {r['method']:20} seeds {','.join(map(str, r['seeds'])):6} "
                       + " | ".join(f"{c} {fmt(r.get(c))}" for c in cols if r.get(c)))
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(table))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"missing": missing, "summary": table, "rows": rows}, indent=1))
 
