@@ -15,7 +15,9 @@ the SAEs' labelling slice; then, against ground truth:
   directions (``wmean[dirs]``). Every row carries the **oracle ceiling** (``ceiling``: the share of
   labelled subject latents whose label some atlas latent carries) and, where a confidence model
   applies (``nn`` rows: a map's cosines, co-activation's correlations), ECE and precision at 50% /
-  80% coverage of that model (`load_confidence`; never fitted on the measured world);
+  80% coverage of that model (`load_confidence`; never fitted on the measured world); and
+  ``top1_relaxed`` beside the strict ``top1`` (`engine.world.ground_truth.relaxed_matches`: a
+  second, forgiving score; the strict one is the headline);
 - ``features="native"``: the subject's concept directions mapped onto the foundation's (top-1 over
   the concepts), by every method x criterion, and ``coact[proj]``: correlation of the projections
   on the two models' concept directions over the same paired tokens;
@@ -170,6 +172,7 @@ def measure_world(world: Any, docs: int = 1500, methods: Sequence[str] | None = 
     from engine.labelling.criteria import label_topk, rerank, top_k, unit_rows
     from engine.models.hooks import Site
     from engine.world.eval.sae_labelling import score_hits
+    from engine.world.ground_truth import relaxed_matches
     from engine.world.locate import world_texts
     from engine.world.sae import build_saes
 
@@ -180,7 +183,8 @@ def measure_world(world: Any, docs: int = 1500, methods: Sequence[str] | None = 
     torch.set_num_threads(1)
     saes = build_saes(world, progress=not quiet)
     fsae = saes.get("foundation")
-    atlas_keys = [e["key"] for e in fsae.ground_truth()]
+    atlas_gt = fsae.ground_truth()
+    atlas_keys = [e["key"] for e in atlas_gt]
     aw = read_directions(fsae.path)
     atlas_dec = aw.W_dec.astype(np.float32)
     atlas_enc = AtlasEncoder.from_tensors(aw.encoder())
@@ -213,7 +217,8 @@ def measure_world(world: Any, docs: int = 1500, methods: Sequence[str] | None = 
         sub_dec = sw.W_dec.astype(np.float32)
         sub_enc = AtlasEncoder.from_tensors(sw.encoder())
         assert sub_enc is not None and atlas_enc is not None, "the world's SAEs keep their encoders"
-        sub_keys = [e["key"] for e in ssae.ground_truth()]
+        sub_gt = ssae.ground_truth()
+        sub_keys = [e["key"] for e in sub_gt]
         sk = np.asarray([k or "" for k in sub_keys])
         ak = np.asarray([k or "" for k in atlas_keys])
         sub = world.model(key).load()
@@ -227,10 +232,12 @@ def measure_world(world: Any, docs: int = 1500, methods: Sequence[str] | None = 
 
         def add(method: str, ids: np.ndarray, S: np.ndarray | None = None, model: str | None = None,
                 base: dict = base, sub_keys: list = sub_keys, oracle: float = oracle, sk: np.ndarray = sk,
-                ak: np.ndarray = ak) -> None:
+                ak: np.ndarray = ak, sub_gt: list = sub_gt) -> None:
             s = score_hits(sub_keys, atlas_keys, ids)
+            relaxed = relaxed_matches(sub_gt, atlas_gt, ids[:, 0])
             row = {**base, "features": "sae", "method": method, "n": s["n"], "top1": round(float(s["top1"] or 0), 4),
-                   "top5": round(float(s["top5"] or 0), 4), "ceiling": oracle}
+                   "top5": round(float(s["top5"] or 0), 4), "ceiling": oracle,
+                   "top1_relaxed": round(float(relaxed.mean()) if len(relaxed) else 0.0, 4)}
             if S is not None and model and model in confidence:
                 row.update(confidence_columns(confidence[model], S, sk, ak))
             rows.append(row)
