@@ -31,9 +31,17 @@ FIGURES = ("top1", "top1_relaxed", "top5", "ceiling", "ece", "p_at_50", "p_at_80
 
 
 def world_folder(store: Path, size: str) -> Path | None:
-    """The one world folder of ``size`` in a store (``models/world-<size>-<fingerprint>``), or None."""
-    found = sorted((store / "models").glob(f"world-{size}-*/manifest.json"))
-    return found[0].parent if found else None
+    """The one world folder of ``size`` in a store (``models/world-<size>-<fingerprint>``) whose
+    build has finished, SAEs included, or None. A world whose SAEs are still being trained (a
+    ``.*.tmp*`` folder in ``saes/``, or none finished) is not touched: measuring it would train
+    its SAEs a second time beside the build."""
+    for manifest in sorted((store / "models").glob(f"world-{size}-*/manifest.json")):
+        saes = manifest.parent / "saes"
+        entries = list(saes.iterdir()) if saes.is_dir() else []
+        if any(e.name.startswith(".") for e in entries) or not any(e.is_dir() for e in entries):
+            continue
+        return manifest.parent
+    return None
 
 
 def spread(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -119,7 +127,7 @@ def main() -> None:
             folder = world_folder(Path(args.store_pattern.format(size=size, seed=seed)), size)
             if folder is None:
                 missing.append(f"{size} {seed}")
-                print(f"# {size} seed {seed}: no built world, skipped", flush=True)
+                print(f"# {size} seed {seed}: no finished world (SAEs included), skipped", flush=True)
                 continue
             t = time.perf_counter()
             r, _ = measure_world(load_world(folder), args.docs, [m for m in args.methods.split(",") if m] or None,
