@@ -37,8 +37,14 @@ def saelens() -> None:
     with and without ``rescale_acts_by_decoder_norm``; written by ``SAE.save_model`` (cfg.json +
     sae_weights.safetensors), reference = ``SAE.encode(x)``."""
     import sae_lens
-    from sae_lens import (JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE,
-                          TopKSAEConfig)
+    from sae_lens import (
+        JumpReLUSAE,
+        JumpReLUSAEConfig,
+        StandardSAE,
+        StandardSAEConfig,
+        TopKSAE,
+        TopKSAEConfig,
+    )
 
     meta = {"model_name": "EleutherAI/pythia-70m-deduped", "hook_name": "blocks.3.hook_resid_post"}
     saes = {
