@@ -12,7 +12,7 @@ Readers fold what their library does before the encoder into ``W_enc`` / ``b_enc
 (``b_dec`` in SAELens with ``apply_b_dec_to_input``, sparsify, dictionary_learning), a per-feature
 output scale (the decoder-row norm: SAELens TopK with ``rescale_acts_by_decoder_norm``,
 dictionary_learning's ``AutoEncoder.from_pretrained``). A library that applies ReLU before its
-JumpReLU gate (SAELens, dictionary_learning) has its threshold clipped at 0. A config field a
+JumpReLU gate (SAELens, Gemma Scope, dictionary_learning) has its threshold clipped at 0. A config field a
 reader cannot express in this form is refused (`FormatError` naming it) when the directions would
 be wrong too, else the directions come in without an encoder and a `FormatWarning` names it.
 """
