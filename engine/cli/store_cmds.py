@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -236,6 +237,7 @@ def import_sae(source: Path | None, name: str, fmt, release, sae_id, model, laye
     `atlas explain`. --release R --sae-id ID finds the SAE offline in HF_HUB_CACHE / HF_HOME.
     The import is one transaction: a failure leaves no atlas.
     """
+    from engine.atlas.formats.base import FormatWarning
     from engine.atlas.importers import import_atlas
     from engine.models.registry import ensure_model
     from engine.store.store import AtlasSource, IndexPlacement
@@ -245,10 +247,17 @@ def import_sae(source: Path | None, name: str, fmt, release, sae_id, model, laye
     note = None
     if model:
         model, note = ensure_model(store, model, revision=revision, required=False)
-    info = import_atlas(store, name, source, labels=labels,
-                        site=AtlasSource(model=model, layer=layer, hook=hook, revision=revision),
-                        index=IndexPlacement(index_spec, index_uri), key=key, fmt=fmt, release=release,
-                        sae_id=sae_id)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FormatWarning)
+        info = import_atlas(store, name, source, labels=labels,
+                            site=AtlasSource(model=model, layer=layer, hook=hook, revision=revision),
+                            index=IndexPlacement(index_spec, index_uri), key=key, fmt=fmt, release=release,
+                            sae_id=sae_id)
+    for w in caught:
+        if issubclass(w.category, FormatWarning):
+            click.echo(f"warning: {w.message}", err=True)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if note:
         click.echo(f"note: {note}", err=True)
     if as_json:
