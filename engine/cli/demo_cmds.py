@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from engine.cli.common import device_options, json_option, quiet_option, quiet_transformers, store_options
+from engine.extras import require
 
 
 def register(cli: click.Group) -> None:
@@ -40,6 +41,9 @@ def demo(size: str, seed: int, out: Path, real_weights: bool, quick: bool, devic
     latents beside topic means through the same maps (`atlas eval steering --sae`). Prints a short
     summary; writes report.md, report.json and PNG figures to --out.
     """
+    require("sae", "atlas demo (its SAE sections)")
+    if real_weights:
+        require("semantic", "atlas demo --real-weights")
     from engine.demo.report import format_summary, result_json
     from engine.demo.run import run_demo
 

