@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from engine.demo.clock import StageClock
 from engine.extras import install_message
 from engine.store.store import Store
 from engine.util import to_plain
@@ -155,29 +156,6 @@ def run_demo(store_dir: str | Path, size: str = "small", seed: int = 0, out: str
     return result
 
 
-class StageClock:
-    """Runs stages and keeps the wall and CPU seconds of each (``clock(name, fn, *args)``)."""
-
-    def __init__(self) -> None:
-        self.wall: dict[str, float] = {}
-        self.cpu: dict[str, float] = {}
-
-    def __call__(self, name: str, fn: Any, *a: Any, **kw: Any) -> Any:
-        t0, c0 = time.perf_counter(), _cpu_seconds()
-        result = fn(*a, **kw)
-        self.wall[name] = round(time.perf_counter() - t0, 1)
-        self.cpu[name] = round(_cpu_seconds() - c0, 1)
-        return result
-
-
-def _cpu_seconds() -> float:
-    """User + system CPU seconds of this process (all threads) and of its reaped children."""
-    import resource
-
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
 def _world_summary(world: Any) -> dict[str, Any]:
     models = {k: {"name": m.name, "architecture": m.architecture, "d_model": m.d_model, "n_layers": m.n_layers,
                   "tokenizer": m.tokenizer_kind} for k, m in world.models.items()}
@@ -226,16 +204,6 @@ def _steering_summary(report: Any) -> dict[str, Any]:
         o = chosen_row(kind, "other_topic")
         summary[f"{kind}_other_topic_faithfulness"] = o["faithfulness"] if o else None
     return summary
-
-
-def _sae_steering(store: Store, size: str, seed: int, quiet: bool, device: str, dtype: str) -> dict[str, Any]:
-    """`atlas eval steering --world --sae` on subject A: its rows (table=sae), what was chosen, coverage."""
-    from engine.world.eval.sae_steering import evaluate_sae_steering
-
-    report, info = evaluate_sae_steering(store, size, seed, subject="a", quiet=quiet, device=device, dtype=dtype)
-    return {"rows": [{**to_plain(r), "table": "sae"} for r in report.rows], "chosen": to_plain(report.chosen),
-            "summary": list(report.summary), "settings": to_plain(report.settings), "coverage": info["coverage"],
-            "n_concepts": info["n_concepts"], "maps": info["maps"]}
 
 
 def _sae_steering_cell(sae_steering: dict[str, Any] | None, method: str) -> float | None:

@@ -16,9 +16,13 @@ import json
 import os
 import subprocess
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.errors import AtlasError
+from engine.util import to_plain
+
+if TYPE_CHECKING:
+    from engine.store.store import Store
 
 
 def start(store_dir: str, size: str, seed: int, device: str, dtype: str) -> subprocess.Popen:
@@ -43,10 +47,9 @@ def finish(proc: subprocess.Popen) -> dict[str, Any]:
 
 
 def _run(job: dict[str, Any]) -> dict[str, Any]:
-    from engine.demo.run import StageClock, _sae_steering
+    from engine.demo.clock import StageClock
     from engine.progress import set_quiet
     from engine.store.store import Store
-    from engine.util import to_plain
     from engine.world.eval.sae_labelling import evaluate_sae_labelling
 
     set_quiet(True)  # the parent's bars own the terminal
@@ -57,6 +60,16 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
                  dtype=dtype)
     steering = clock("eval_sae_steering", _sae_steering, store, size, seed, True, device, dtype)
     return {"sae_labelling": to_plain(rows), "sae_steering": steering, "timings": clock.wall, "cpu_timings": clock.cpu}
+
+
+def _sae_steering(store: Store, size: str, seed: int, quiet: bool, device: str, dtype: str) -> dict[str, Any]:
+    """`atlas eval steering --world --sae` on subject A: its rows (table=sae), what was chosen, coverage."""
+    from engine.world.eval.sae_steering import evaluate_sae_steering
+
+    report, info = evaluate_sae_steering(store, size, seed, subject="a", quiet=quiet, device=device, dtype=dtype)
+    return {"rows": [{**to_plain(r), "table": "sae"} for r in report.rows], "chosen": to_plain(report.chosen),
+            "summary": list(report.summary), "settings": to_plain(report.settings), "coverage": info["coverage"],
+            "n_concepts": info["n_concepts"], "maps": info["maps"]}
 
 
 def main(argv: list[str]) -> None:
