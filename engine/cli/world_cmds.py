@@ -38,7 +38,7 @@ def _open_or_init(store_dir: Path, db_url: str | None):
 @click.option("--replace-atlas", is_flag=True, help="Re-register the world atlas even if the store has one.")
 @click.option("--sae/--no-sae", "with_sae", default=True, show_default=True,
               help="Also train (or reuse) the world's sparse autoencoders, label their latents with ground truth "
-                   "and register the foundation's as atlas world-<size>-sae (needs the sae extra: eai-sparsify).")
+                   "and register the foundation's as atlas world-<size>-sae (with eai-sparsify, a core dependency).")
 @store_options
 @json_option
 @quiet_option
