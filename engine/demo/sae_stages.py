@@ -72,7 +72,23 @@ def _sae_steering(store: Store, size: str, seed: int, quiet: bool, device: str, 
             "n_concepts": info["n_concepts"], "maps": info["maps"]}
 
 
+def _exit_with_parent() -> None:
+    """Stop when the demo that started this process is gone (killed, interrupted): never an orphan."""
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def main(argv: list[str]) -> None:
+    _exit_with_parent()
     try:
         result = _run(json.loads(argv[0]))
     except AtlasError as e:
