@@ -52,6 +52,7 @@ def run_once(work: Path, world: Path | None, quick: bool) -> dict:
     return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "load_before": [round(x, 2) for x in load_before],
             "load_after": [round(x, 2) for x in load_after], "fresh_store": world is None, "quick": quick,
             "timings": dict(sorted(result["timings"].items(), key=lambda kv: -kv[1])),
+            "cpu_timings": result.get("cpu_timings", {}),
             "world_reused": result["world"]["reused"]}
 
 
@@ -72,8 +73,10 @@ def main() -> None:
             print(f"run {i + 1}: wall {r['wall_s']:.1f} s, cpu {r['cpu_s']:.1f} s, load average "
                   f"{r['load_before'][0]:.2f} -> {r['load_after'][0]:.2f} (1 min), "
                   f"{'fresh store' if r['fresh_store'] else 'world reused'}")
+            print(f"  {'stage':<20} {'wall s':>8} {'cpu s':>8}")
             for stage, s in r["timings"].items():
-                print(f"  {stage:<20} {s:7.1f} s")
+                cpu = r["cpu_timings"].get(stage)
+                print(f"  {stage:<20} {s:8.1f} {'' if cpu is None else f'{cpu:8.1f}'}")
     if args.json:
         print(json.dumps(runs, indent=2))
 

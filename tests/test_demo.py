@@ -98,8 +98,6 @@ def test_demo_tiny_writes_a_report_with_the_promised_figures(tiny_world, tmp_pat
 
 
 def _run_readme_tour(store, cwd, monkeypatch) -> dict[str, str]:
-    import shlex
-
     from click.testing import CliRunner
 
     from engine.cli import cli
@@ -109,7 +107,7 @@ def _run_readme_tour(store, cwd, monkeypatch) -> dict[str, str]:
     monkeypatch.setenv("ATLAS_STORE", str(store))
     out = {}
     for line in readme_block("cli-tour"):
-        args = shlex.split(command(line))
+        args = command(line)
         res = CliRunner().invoke(cli, args[1:], catch_exceptions=False)
         assert res.exit_code == 0, f"{line}\n{res.output}"
         out[args[1]] = res.output

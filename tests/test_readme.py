@@ -40,9 +40,9 @@ def readme_block(name: str, path: Path = README) -> list[str]:
     return [line.strip() for line in block.splitlines() if line.strip() and not line.startswith("```")]
 
 
-def command(line: str) -> str:
-    """A README line without its trailing ``# comment``."""
-    return " ".join(shlex.split(line, comments=True))
+def command(line: str) -> list[str]:
+    """A README line's words as the shell splits them, without its trailing ``# comment``."""
+    return shlex.split(line, comments=True)
 
 
 def test_cli_reference_matches_help():
@@ -96,7 +96,7 @@ def test_the_tour_runs_on_the_demo_store():
     tour = readme_block("cli-tour")
     assert len(tour) >= 8
     for line in tour:
-        args = shlex.split(command(line))
+        args = command(line)
         assert args[0] == "atlas"
         res = CliRunner().invoke(cli, [*args[1:], "--help"])
         assert res.exit_code == 0, (line, res.output)
@@ -111,7 +111,7 @@ def _free_port() -> int:
 def test_the_serve_line_serves_the_page(tmp_path):
     pytest.importorskip("fastapi", reason="the serve extra is not installed")
     (line,) = readme_block("serve")
-    args = shlex.split(command(line))
+    args = command(line)
     assert args == ["atlas", "serve"]
     from engine.store.store import Store
 
