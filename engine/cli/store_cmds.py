@@ -20,6 +20,7 @@ from engine.cli.common import (
     quiet_transformers,
     store_options,
 )
+from engine.extras import checked_index_uri
 from engine.store.index_location import parse_index_uri
 
 if TYPE_CHECKING:
@@ -187,7 +188,7 @@ def atlases(store_dir: Path, db_url: str | None, as_json: bool) -> None:
 
 
 index_uri_option = click.option(
-    "--index-uri", metavar="URI",
+    "--index-uri", metavar="URI", callback=lambda _ctx, _param, uri: checked_index_uri(uri),
     help="Where the atlas's vectors are searched: faiss (default: a FAISS file in the store), a Milvus Lite "
          "folder ending in .db (relative to the store root, e.g. milvus.db) or a Milvus server "
          "(http://host:19530; credentials in $ATLAS_MILVUS_TOKEN).")
@@ -465,7 +466,7 @@ def index_verify(atlas: str | None, store_dir: Path, db_url: str | None, as_json
 @index.command("rebuild")
 @click.argument("atlas")
 @click.option("--spec", help="Rebuild with another FAISS spec (e.g. HNSW32); default: the current one.")
-@click.option("--index-uri", metavar="URI",
+@click.option("--index-uri", metavar="URI", callback=lambda _ctx, _param, uri: checked_index_uri(uri),
               help="Rebuild in another place (default: where it is): faiss, a Milvus Lite folder (*.db) or a "
                    "Milvus server URI; moves the atlas's vectors there.")
 @store_options
