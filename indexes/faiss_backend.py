@@ -88,6 +88,18 @@ def parse_spec(spec: str) -> tuple[str, dict[str, int]]:
     return factory, out
 
 
+def normalize_spec(spec: str) -> str:
+    """One spelling per spec: blanks around names, commas, ``|`` and ``=`` dropped, and a ``|`` with no
+    parameters after it (``" Flat"`` and ``"Flat|"`` are ``"Flat"``; ``"HNSW32 | efSearch = 64"`` is
+    ``"HNSW32|efSearch=64"``). Anything else (a non-string) is left for `parse_spec` to refuse."""
+    if not isinstance(spec, str):
+        return spec
+    factory, _, params = spec.partition("|")
+    factory = ",".join(part.strip() for part in factory.split(","))
+    items = [re.sub(r"\s*=\s*", "=", p.strip()) for p in params.split(",") if p.strip()]
+    return factory.strip() + ("|" + ",".join(items) if items else "")
+
+
 def faiss_reason(e: BaseException) -> str:
     """The part of a FAISS error that says what failed, on one line (its messages carry C++
     signatures and source locations)."""

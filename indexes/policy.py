@@ -1,6 +1,24 @@
-"""The index-spec policy: which index structure an atlas of a given size gets (``--index-spec auto``)."""
+"""The index-spec policy: which index structure an atlas of a given size gets (``--index-spec auto``),
+and whether a spec someone names fits the atlas it is for (`resolve_index_spec`).
+
+A named spec is normalised (`indexes.faiss_backend.normalize_spec`: ``" Flat"`` and ``"Flat|"`` are
+``"Flat"``) and refused, with the number that would fit, when
+
+- its training needs more vectors than the atlas has. FAISS's k-means wants
+  ``min_points_per_centroid`` (39) points per centroid and otherwise prints a warning per
+  clustering (408 lines for ``OPQ8,IVF64,PQ8`` on 2,000 vectors) and builds a poor quantizer:
+  ``IVF<n>`` clusters into n lists, ``PQ<M>[x<b>]`` / ``OPQ<M>`` into 2^b (default 256) codes per
+  sub-quantizer, ``RQ`` / ``LSQ`` / ``IMI`` likewise; so ``PQ8`` needs 9,984 vectors;
+- its memory estimate exceeds `MEMORY_FRACTION` of this machine's memory (``HNSW99999`` keeps
+  2 × 99,999 neighbours per vector: 800 KB each).
+
+``auto`` picks Flat or HNSW (`choose_index_spec`), which need no training.
+"""
 
 from __future__ import annotations
+
+import os
+import re
 
 from indexes.base import IndexSpecError
 
@@ -13,6 +31,14 @@ from indexes.base import IndexSpecError
 # busy two-core machine.
 FLAT_MAX_CONCEPTS = 200_000
 ANN_SPEC = "HNSW32|efConstruction=200,efSearch=448"
+# A spec whose index would take more than this share of the machine's memory is refused.
+MEMORY_FRACTION = 0.8
+
+_CLUSTERINGS = (  # (pattern, number of centroids from its groups)
+    (re.compile(r"IVF(\d+)"), lambda m: int(m.group(1))),
+    (re.compile(r"(?:PQ|RQ|LSQ|IMI)\d+(?:x(\d+))?"), lambda m: 2 ** int(m.group(1) or 8)),
+)
+_GRAPH = re.compile(r"(HNSW|NSG)(\d+)")
 
 
 def choose_index_spec(n_concepts: int, dim: int) -> str:
@@ -26,6 +52,65 @@ def choose_index_spec(n_concepts: int, dim: int) -> str:
     return "Flat" if n_concepts <= FLAT_MAX_CONCEPTS else ANN_SPEC
 
 
+def training_vectors_needed(factory: str) -> int:
+    """How many vectors the training of FAISS factory string ``factory`` needs without FAISS warning
+    that it has too few: ``min_points_per_centroid`` × its largest clustering; 0 for none."""
+    import faiss
+
+    largest = _largest_clustering(factory)
+    return 0 if largest == 0 else int(faiss.ClusteringParameters().min_points_per_centroid) * largest
+
+
+def index_memory_bytes(factory: str, n_vectors: int, dim: int) -> int:
+    """An upper estimate of the memory an index of ``factory`` over ``n_vectors`` × ``dim`` takes while
+    built: the vectors as float32 and their ids, an HNSW / NSG graph (HNSW level 0 keeps 2M neighbours,
+    4 bytes each) and IVF centroids."""
+    per_vector = 4 * dim + 8
+    for kind, degree in _GRAPH.findall(factory):
+        per_vector += 4 * int(degree) * (2 if kind == "HNSW" else 1)
+    centroids = sum(int(m.group(1)) for m in _CLUSTERINGS[0][0].finditer(factory))
+    return n_vectors * per_vector + centroids * 4 * dim
+
+
+def machine_memory_bytes() -> int | None:
+    """This machine's physical memory, where the OS says (None where it does not)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_index_spec(spec: str, n_concepts: int, dim: int) -> None:
+    """Refuse (`IndexSpecError`, saying what would fit) a spec whose training needs more vectors than
+    ``n_concepts``, or whose index would not fit in this machine's memory."""
+    from indexes.faiss_backend import parse_spec
+
+    factory, _ = parse_spec(spec)
+    need = training_vectors_needed(factory)
+    if n_concepts < need:
+        raise IndexSpecError(f"index spec {spec!r} needs at least {need:,} vectors to train (FAISS's "
+                             f"{need // _largest_clustering(factory):,} per centroid); the atlas has "
+                             f"{n_concepts:,}: use Flat or HNSW32, or fewer centroids")
+    memory, have = index_memory_bytes(factory, n_concepts, dim), machine_memory_bytes()
+    if have is not None and memory > MEMORY_FRACTION * have:
+        raise IndexSpecError(f"index spec {spec!r} on {n_concepts:,} vectors of d={dim} needs about "
+                             f"{memory / 2**30:.1f} GiB of memory, more than {MEMORY_FRACTION:.0%} of this "
+                             f"machine's {have / 2**30:.1f} GiB: use a smaller degree (e.g. HNSW32) or Flat")
+
+
+def _largest_clustering(factory: str) -> int:
+    """The most centroids any clustering of ``factory`` trains (0: it trains none)."""
+    return max((f(m) for pattern, f in _CLUSTERINGS for m in pattern.finditer(factory)), default=0)
+
+
 def resolve_index_spec(spec: str, n_concepts: int, dim: int) -> str:
-    """``"auto"`` → the spec `choose_index_spec` gives an atlas of this size; any other spec as is."""
-    return choose_index_spec(n_concepts, dim) if spec == "auto" else spec
+    """``"auto"`` → the spec `choose_index_spec` gives an atlas of this size; any other spec normalised
+    (`normalize_spec`) and checked against the atlas (`check_index_spec`)."""
+    from indexes.faiss_backend import normalize_spec
+
+    spec = normalize_spec(spec)
+    if spec == "auto":
+        return choose_index_spec(n_concepts, dim)
+    check_index_spec(spec, n_concepts, dim)
+    return spec
+

@@ -310,6 +310,7 @@ def _run_cli_readonly(root: Path, args_list, folder: str = ""):
     return results
 
 
+@pytest.mark.slow  # many CLI subprocesses: `-m "not slow"` stays a quick loop; CI runs it
 def test_a_read_only_store_reads_and_refuses_writes_in_one_line(env):
     root, tmp = env
     from engine.store.store import Store
@@ -336,6 +337,7 @@ def test_a_read_only_store_reads_and_refuses_writes_in_one_line(env):
         assert [a.name for a in s.atlases()] == expected and [r.name for r in s.runs()] == ["r1"]
 
 
+@pytest.mark.slow  # many CLI subprocesses: `-m "not slow"` stays a quick loop; CI runs it
 @pytest.mark.parametrize("folder", ["vectors", "indexes"])
 def test_a_read_only_store_folder_refuses_writes_in_one_line(env, folder):
     root, tmp = env

@@ -84,6 +84,7 @@ def world(tmp_path, db_url):
     return tmp_path / "st", tmp_path
 
 
+@pytest.mark.slow  # many CLI subprocesses: `-m "not slow"` stays a quick loop; CI runs it
 @pytest.mark.backends("sqlite", "postgresql")
 def test_imports_with_one_new_model_name_all_succeed(world):
     root, tmp = world
@@ -97,6 +98,7 @@ def test_imports_with_one_new_model_name_all_succeed(world):
         np.testing.assert_array_equal(s.atlas_vectors(f"i{i}"), np.load(tmp / f"x{i}.npy"))
 
 
+@pytest.mark.slow  # many CLI subprocesses: `-m "not slow"` stays a quick loop; CI runs it
 def test_imports_of_one_name_one_wins_the_others_say_so(world):
     root, tmp = world
     results = _together([["import-sae", str(tmp / f"x{i}.npy"), "--model", "x", "--layer", "1", "--name", "same"]
@@ -110,6 +112,7 @@ def test_imports_of_one_name_one_wins_the_others_say_so(world):
     np.testing.assert_array_equal(s.atlas_vectors("same"), np.load(tmp / f"x{won[0]}.npy"))
 
 
+@pytest.mark.slow  # many CLI subprocesses: `-m "not slow"` stays a quick loop; CI runs it
 def test_runs_and_imports_at_once_all_succeed_with_exact_labels(world):
     root, tmp = world
     alone = tmp / "alone"

@@ -232,6 +232,7 @@ def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
                           timeout=300, **kw)
 
 
+@pytest.mark.slow  # many CLI subprocesses: `-m "not slow"` stays a quick loop; CI runs it
 def test_killed_process_resumes_to_exactly_the_uninterrupted_rows(world):
     store, _, root = world
     n = 1000

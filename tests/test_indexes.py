@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 import indexes
+from engine.errors import BadValueError
+from engine.store.store import AtlasSource, IndexPlacement
 from indexes.base import IndexCorruptError, IndexSpecError
 from tests.conftest import clustered_directions, index_location
 
@@ -145,3 +147,61 @@ def test_milvus_specs_and_refusals(milvus_uri):
     finally:
         ix.drop()
     assert "made_once" not in indexes.milvus.collections(milvus_uri)
+
+
+# ---------------------------------------------------------------------- spec policy: normalised, fits the atlas
+
+
+@pytest.mark.parametrize(("typed", "stored"), [
+    (" Flat", "Flat"), ("Flat|", "Flat"), ("Flat | ", "Flat"), ("IVF16 , Flat", "IVF16,Flat"),
+    ("HNSW32 | efSearch = 64 , efConstruction=80", "HNSW32|efSearch=64,efConstruction=80"), (" auto ", "Flat")])
+def test_specs_are_stored_normalised(store, typed, stored):
+    x = clustered_directions(700, 16, seed=1)
+    assert store.add_atlas("a", x, source=AtlasSource(model="m", layer=0), index=IndexPlacement(spec=typed)).index_spec == stored
+    assert store.atlas("a").index_spec == stored
+
+
+@pytest.mark.parametrize(("spec", "n", "needed"), [
+    ("PQ8", 300, 9984), ("IVF64,Flat", 2000, 2496), ("OPQ8,IVF64,PQ8", 2000, 9984), ("IVF16,PQ4x4", 600, 624)])
+def test_specs_whose_training_needs_more_vectors_are_refused_with_the_number(store, capfd, spec, n, needed):
+    """FAISS's k-means wants 39 points per centroid; below that it prints a warning per clustering (408 lines
+    for OPQ8,IVF64,PQ8 on 2,000 vectors) and builds a useless quantizer. The import says how many are needed,
+    and FAISS prints nothing."""
+    from click.testing import CliRunner
+
+    from engine.cli import cli
+
+    x = clustered_directions(n, 16, seed=2)
+    with pytest.raises(BadValueError, match=f"needs at least {needed:,} vectors to train.*has {n:,}"):
+        store.add_atlas("a", x, source=AtlasSource(model="m", layer=0), index=IndexPlacement(spec=spec))
+    assert "a" not in [a.name for a in store.atlases()]
+    np.save(store.path.parent / "x.npy", x)
+    r = CliRunner().invoke(cli, ["import-sae", str(store.path.parent / "x.npy"), "--model", "m", "--layer", "0",
+                                 "--name", "a", "--index-spec", spec, "--store", str(store.path)])
+    assert r.exit_code == 1 and f"needs at least {needed:,} vectors" in r.output and "Traceback" not in r.output
+    out, err = capfd.readouterr()
+    assert "WARNING" not in out + err and "training points" not in out + err
+
+
+def test_a_trained_spec_with_enough_vectors_builds_without_faiss_warnings(store, capfd):
+    x = clustered_directions(624, 16, seed=3)  # exactly 39 × 16 for IVF16 and PQ4x4's 16 codes
+    info = store.add_atlas("a", x, source=AtlasSource(model="m", layer=0), index=IndexPlacement(spec="IVF16,PQ4x4|nprobe=16"))
+    assert info.index_spec == "IVF16,PQ4x4|nprobe=16" and store.verify_index("a").ok
+    out, err = capfd.readouterr()
+    assert "WARNING" not in out + err and "training points" not in out + err
+
+
+def test_a_spec_beyond_the_machines_memory_is_refused_before_any_build(store):
+    """``HNSW99999`` keeps 2 × 99,999 neighbours (800 KB) per vector: on enough vectors to pass this machine's
+    memory it is refused with its estimate, not built into a MemoryError."""
+    from indexes.policy import MEMORY_FRACTION, index_memory_bytes, machine_memory_bytes
+
+    have = machine_memory_bytes()
+    if have is None:
+        pytest.skip("the OS does not say how much memory this machine has")
+    n = int(MEMORY_FRACTION * have / (8 * 99_999)) + 1_000
+    x = np.random.default_rng(0).normal(size=(n, 4)).astype(np.float32)
+    assert index_memory_bytes("HNSW99999", n, 4) > MEMORY_FRACTION * have
+    with pytest.raises(BadValueError, match=r"HNSW99999.*needs about [\d.]+ GiB of memory"):
+        store.add_atlas("big", x, source=AtlasSource(model="m", layer=0), index=IndexPlacement(spec="HNSW99999"))
+    assert store.atlases() == []

@@ -244,6 +244,7 @@ def test_cli_label_runs_export_search(mapped, tmp_path):
     assert r.exit_code == 1 and "atlas runs" in r.output
 
 
+@pytest.mark.slow  # many CLI subprocesses: `-m "not slow"` stays a quick loop; CI runs it
 def test_killed_process_resumes_to_exactly_the_uninterrupted_rows(store, tmp_path):
     """A real `atlas label` process, SIGKILLed mid-run, then resumed: same rows as a clean run."""
     make_mapped_store(store)

@@ -123,9 +123,9 @@ def test_a_failed_import_drops_its_collection(store, milvus_uri, monkeypatch):
             index=IndexPlacement(uri=milvus_uri),
         )
     assert set(collections(milvus_uri)) == before
-    with pytest.raises(BadValueError, match="does not work|no index"):
+    with pytest.raises(BadValueError, match="does not work|no index"):  # enough vectors to train PQ4 (indexes.policy)
         store.add_atlas(
-            "a", clustered_directions(50, 16), source=AtlasSource(model="x", layer=1),
+            "a", clustered_directions(9984, 16), source=AtlasSource(model="x", layer=1),
             index=IndexPlacement(uri=milvus_uri, spec="IVF8,PQ4"),
         )
     assert set(collections(milvus_uri)) == before and not store.atlases()

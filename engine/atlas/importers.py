@@ -185,9 +185,11 @@ def read_gemmascope(path: str | Path) -> SAEWeights:
                                 "threshold": t.get("threshold")}, d_in, d_sae)
     # Gemma Scope folders are named like layer_12/width_16k/average_l0_71/params.npz
     m = re.search(r"layer_(\d+)", str(path))
+    thr = enc.get("threshold")  # its JumpReLU is (pre > threshold) · relu(pre): a negative threshold acts as 0
     return SAEWeights(
         W_dec=w_dec, W_enc=enc.get("W_enc"), b_enc=enc.get("b_enc"), b_dec=enc.get("b_dec"),
-        threshold=enc.get("threshold"), layer=int(m.group(1)) if m else None, source_kind="gemmascope",
+        threshold=None if thr is None else np.maximum(thr, 0.0).astype(np.float32),
+        layer=int(m.group(1)) if m else None, source_kind="gemmascope",
     )
 
 

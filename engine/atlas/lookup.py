@@ -19,6 +19,7 @@ from sqlalchemy import select, text
 
 import indexes
 from engine.errors import AtlasError, BadValueError, IndexIntegrityError
+from engine.extras import install_message
 from engine.store import layout
 from engine.store.schema import AtlasRow
 from engine.store.store import Store
@@ -181,7 +182,7 @@ def semantic_available() -> bool:
 def embed_texts(texts: list[str], batch_size: int = 128, quiet: bool = False) -> np.ndarray:
     model = _embedder()
     if model is None:
-        raise AtlasError("semantic lookup needs the `semantic` extra: pip install 'concept-atlas[semantic]'")
+        raise AtlasError(install_message("semantic", "semantic lookup"))
     x = model.encode(texts, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=not quiet)
     return np.asarray(x, dtype=np.float32)
 
@@ -275,7 +276,7 @@ def lookup(store: Store, query: str, k: int = 10, atlas: str | None = None, sema
     text_ranked = text_search(store, query, depth, atlas)
     sem_ranked = semantic_search(store, query, depth, atlas) if semantic is not False else []
     if semantic and not semantic_available():
-        raise AtlasError("semantic lookup needs the `semantic` extra: pip install 'concept-atlas[semantic]'")
+        raise AtlasError(install_message("semantic", "semantic lookup"))
     fused: dict[tuple[str, int], float] = {}
     t_rank = {key: r for r, key in enumerate(text_ranked, start=1)}
     s_rank = {key: r for r, key in enumerate(sem_ranked, start=1)}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import pkgutil
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -24,13 +25,19 @@ from engine.errors import AtlasError
 
 
 class AtlasGroup(click.Group):
-    """A click group that turns `AtlasError` into a one-line message and exit code 1."""
+    """A click group that turns `AtlasError` (and an index spec `indexes` refuses) into a one-line message
+    and exit code 1."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except AtlasError as e:
             raise click.ClickException(str(e)) from e
+        except ValueError as e:
+            spec_errors = sys.modules.get("indexes.base")  # loaded only if an index was made: --help stays fast
+            if spec_errors is not None and isinstance(e, spec_errors.IndexSpecError):
+                raise click.ClickException(str(e)) from e
+            raise
 
     def group(self, *args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("cls", AtlasGroup)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from engine.align.methods import METHODS
+from engine.extras import checked_db_url, require
 from engine.util import to_plain
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ def store_options(f: Callable) -> Callable:
         "--db-url",
         envvar="ATLAS_DB_URL",
         default=None,
+        callback=lambda _ctx, _param, url: checked_db_url(url),  # psycopg checked before the store opens
         help="SQLAlchemy URL of the metadata database (default: the one `atlas init --db-url` recorded in "
              "the store, else its SQLite file atlas.db). Env: ATLAS_DB_URL.",
     )(f)
@@ -184,6 +186,7 @@ def ray_options(f: Callable) -> Callable:
     def wrapper(*args: Any, use_ray: bool = False, ray_address: str | None = None, **kwargs: Any) -> Any:
         config: RayConfig | None = None
         if use_ray or ray_address is not None:
+            require("ray", "--ray / --ray-address")
             from engine.distributed import RayConfig
 
             config = RayConfig(address=ray_address)

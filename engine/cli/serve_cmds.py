@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from engine.cli.common import store_options
+from engine.extras import require
 
 
 def register(cli: click.Group) -> None:
@@ -28,8 +29,9 @@ def serve(host: str, port: int, token: str | None, log_level: str, store_dir: Pa
 
     The page and a JSON API (schema at /openapi.json, docs at /docs) over the same engine
     functions as these commands. Models load once, on the first explain or steer. Needs the
-    `serve` extra: pip install 'concept-atlas[serve]'.
+    `serve` extra: pip install -e ".[serve]".
     """
+    require("serve", "atlas serve")
     from engine.serve.server import serve as run_server
 
     run_server(store_dir, db_url=db_url, host=host, port=port, token=token, log_level=log_level,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,7 @@ from engine.cli.common import (
     quiet_transformers,
     store_options,
 )
+from engine.extras import checked_index_uri
 from engine.store.index_location import parse_index_uri
 
 if TYPE_CHECKING:
@@ -186,7 +188,7 @@ def atlases(store_dir: Path, db_url: str | None, as_json: bool) -> None:
 
 
 index_uri_option = click.option(
-    "--index-uri", metavar="URI",
+    "--index-uri", metavar="URI", callback=lambda _ctx, _param, uri: checked_index_uri(uri),
     help="Where the atlas's vectors are searched: faiss (default: a FAISS file in the store), a Milvus Lite "
          "folder ending in .db (relative to the store root, e.g. milvus.db) or a Milvus server "
          "(http://host:19530; credentials in $ATLAS_MILVUS_TOKEN).")
@@ -236,6 +238,7 @@ def import_sae(source: Path | None, name: str, fmt, release, sae_id, model, laye
     `atlas explain`. --release R --sae-id ID finds the SAE offline in HF_HUB_CACHE / HF_HOME.
     The import is one transaction: a failure leaves no atlas.
     """
+    from engine.atlas.formats.base import FormatWarning
     from engine.atlas.importers import import_atlas
     from engine.models.registry import ensure_model
     from engine.store.store import AtlasSource, IndexPlacement
@@ -245,10 +248,17 @@ def import_sae(source: Path | None, name: str, fmt, release, sae_id, model, laye
     note = None
     if model:
         model, note = ensure_model(store, model, revision=revision, required=False)
-    info = import_atlas(store, name, source, labels=labels,
-                        site=AtlasSource(model=model, layer=layer, hook=hook, revision=revision),
-                        index=IndexPlacement(index_spec, index_uri), key=key, fmt=fmt, release=release,
-                        sae_id=sae_id)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FormatWarning)
+        info = import_atlas(store, name, source, labels=labels,
+                            site=AtlasSource(model=model, layer=layer, hook=hook, revision=revision),
+                            index=IndexPlacement(index_spec, index_uri), key=key, fmt=fmt, release=release,
+                            sae_id=sae_id)
+    for w in caught:
+        if issubclass(w.category, FormatWarning):
+            click.echo(f"warning: {w.message}", err=True)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if note:
         click.echo(f"note: {note}", err=True)
     if as_json:
@@ -456,7 +466,7 @@ def index_verify(atlas: str | None, store_dir: Path, db_url: str | None, as_json
 @index.command("rebuild")
 @click.argument("atlas")
 @click.option("--spec", help="Rebuild with another FAISS spec (e.g. HNSW32); default: the current one.")
-@click.option("--index-uri", metavar="URI",
+@click.option("--index-uri", metavar="URI", callback=lambda _ctx, _param, uri: checked_index_uri(uri),
               help="Rebuild in another place (default: where it is): faiss, a Milvus Lite folder (*.db) or a "
                    "Milvus server URI; moves the atlas's vectors there.")
 @store_options

@@ -233,6 +233,13 @@ def _f(v: Any, nd: int = 3) -> str:
     return str(v)
 
 
+def _timings_table(result: Any) -> list[str]:
+    """Wall and CPU seconds per stage (CPU: all threads and child processes; wall grows with other jobs' load)."""
+    cpu = getattr(result, "cpu_timings", None) or {}
+    rows = [{"": "wall", **result.timings}] + ([{"": "cpu", **cpu}] if cpu else [])
+    return _table(rows, ["", *result.timings])
+
+
 def _table(rows: list[dict[str, Any]], cols: list[str]) -> list[str]:
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     out += ["| " + " | ".join(_f(r.get(c)) for c in cols) + " |" for r in rows]
@@ -364,7 +371,7 @@ def render_markdown(result: Any) -> str:
                       f"documents) at each layer, mapped through maps fitted on {rw['pairs']:,} span pairs.", "",
                       *_table(rw["rows"], ["layer", "method", "pairing", "mrr", "mpp", "top1", "top5", "n_pairs"]), ""]
     lines += ["## Definitions", "", *[f"- **{k}**: {v}" for k, v in METRIC_DEFINITIONS.items()], "",
-              "## Timings (s)", "", *_table([result.timings], list(result.timings)), ""]
+              "## Timings (s)", "", *_timings_table(result), ""]
     return "\n".join(lines)
 
 
@@ -394,5 +401,5 @@ def format_summary(result: Any) -> Sequence[str]:
         *([f"real weights: {result.real_weights['model']} topic retrieval MRR per layer (Procrustes): "
            + ", ".join(f"L{r['layer']} {r['mrr']:.3f}" for r in result.real_weights["rows"] if r["method"] == "procrustes")]
           if result.real_weights and result.real_weights.get("rows") else []),
-        f"report: {Path(result.out) / 'report.md'}  ({sum(result.timings.values()):.0f} s)",
+        f"report: {Path(result.out) / 'report.md'}  ({result.timings.get('total', sum(result.timings.values())):.0f} s)",
     ]

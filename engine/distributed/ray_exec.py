@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.errors import AtlasError, BadValueError
+from engine.extras import install_message
 from indexes.base import FAILPOINT_ENV, FAILPOINT_ONCE_ENV
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ def _ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise RayUnavailableError("Ray is not installed; `pip install 'concept-atlas[ray]'` installs it") from None
+        raise RayUnavailableError(install_message("ray", "running on Ray")) from None
     return ray
 
 

@@ -4,12 +4,16 @@ An additive plan adds, at the output of each of its subject blocks ``L``, the ve
 ``v_L = Σ_concepts strength × norm_L × u`` at every position (`engine.steering.edits`). That
 vector is exactly what a control vector is in llama.cpp and repeng, so a plan exports as:
 
-- ``gguf``: a llama.cpp control vector (``general.architecture = "controlvector"``, one F32 tensor
-  ``direction.<L>`` per layer). llama.cpp adds ``direction.<L>`` to the output of block ``L``
+- ``gguf``: a llama.cpp control vector, keyed as llama.cpp's cvector-generator writes it
+  (tools/cvector-generator/cvector-generator.cpp ``export_gguf``, ggml-org/llama.cpp@2fb62f8):
+  ``general.architecture = "controlvector"``, ``controlvector.model_hint`` = llama.cpp's
+  architecture name of the model (its GGUF ``general.architecture``: ``llama``, ``gptneox``,
+  ``gpt2``, ... — `llama_cpp_arch`), ``controlvector.layer_count`` an INT32, one F32 tensor
+  ``direction.<L>`` per layer. llama.cpp adds ``direction.<L>`` to the output of block ``L``
   (0-based), the same site as ours; it has no slot for block 0 (``direction.0`` is invalid), so
   such a plan is refused.
 - ``repeng``: the GGUF that repeng's ``ControlVector.export_gguf`` writes and ``import_gguf``
-  reads (``controlvector.model_hint`` = the model type, ``controlvector.layer_count``,
+  reads (``controlvector.model_hint`` = the HF ``model_type``, ``controlvector.layer_count`` a UINT32,
   ``direction.<L>`` keyed by the block index of its ``ControlModel``);
   ``model.set_control(vector, coeff=1.0)`` then adds what the plan adds.
 - ``safetensors``: tensors ``layer.<L>`` with the plan's provenance in the metadata.
@@ -45,8 +49,9 @@ class SteeringVectors:
     """What a plan adds at each subject layer: ``layers[L]`` (d_subject,) float32, and where from."""
 
     layers: dict[int, np.ndarray]
-    model_hint: str  # the subject model's type (e.g. "llama"), as runtimes name architectures
+    model_hint: str  # the subject model's HF model_type (e.g. "gpt_neox"), as repeng names it
     provenance: dict[str, str] = field(default_factory=dict)  # plain strings: every format can hold them
+    architecture: str = ""  # the subject's HF class (e.g. "GPTNeoXForCausalLM"): llama.cpp's name comes from it
 
 
 Writer = Callable[[SteeringVectors, Path], None]
@@ -92,7 +97,7 @@ def steering_vectors(store: Store, plan: SteeringPlan) -> SteeringVectors:
         "plan": json.dumps(plan.to_dict()),
     }
     return SteeringVectors({L: v.astype(np.float32) for L, v in sorted(layers.items())},
-                           _model_hint(info.source, info.architecture), provenance)
+                           _model_hint(info.source, info.architecture), provenance, info.architecture or "")
 
 
 def export_steering(store: Store, plan: SteeringPlan, path: str | Path, fmt: str = "gguf") -> SteeringVectors:
@@ -117,6 +122,38 @@ def _model_hint(source: str | None, architecture: str | None) -> str:
     return architecture or ""
 
 
+# HF model class → llama.cpp architecture (gguf.MODEL_ARCH member), as llama.cpp's converter registers them
+# (convert_hf_to_gguf.py / conversion/*.py: ``@ModelBase.register("<class>")`` + ``model_arch``); the name
+# written is gguf-py's MODEL_ARCH_NAMES of that member, the ``general.architecture`` of the converted model.
+_LLAMA_CPP_ARCH = {
+    "LlamaForCausalLM": "LLAMA", "MistralForCausalLM": "LLAMA", "MixtralForCausalLM": "LLAMA",
+    "GPTNeoXForCausalLM": "GPTNEOX", "GPT2LMHeadModel": "GPT2", "GPTJForCausalLM": "GPTJ",
+    "Qwen2ForCausalLM": "QWEN2", "Qwen2MoeForCausalLM": "QWEN2MOE", "Qwen3ForCausalLM": "QWEN3",
+    "Qwen3MoeForCausalLM": "QWEN3MOE", "GemmaForCausalLM": "GEMMA", "Gemma2ForCausalLM": "GEMMA2",
+    "Gemma3ForCausalLM": "GEMMA3", "PhiForCausalLM": "PHI2", "Phi3ForCausalLM": "PHI3",
+    "StableLmForCausalLM": "STABLELM", "FalconForCausalLM": "FALCON", "RWForCausalLM": "FALCON",
+    "BloomForCausalLM": "BLOOM", "OlmoForCausalLM": "OLMO", "Olmo2ForCausalLM": "OLMO2",
+    "GPTBigCodeForCausalLM": "STARCODER", "Starcoder2ForCausalLM": "STARCODER2", "MPTForCausalLM": "MPT",
+    "SmolLM3ForCausalLM": "SMOLLM3",
+}
+
+
+def llama_cpp_arch(architecture: str, model_type: str) -> str:
+    """llama.cpp's architecture name (``gptneox``) of an HF model class (``GPTNeoXForCausalLM``); for a class
+    not in the table, ``model_type`` when llama.cpp has an architecture of that name (with or without its
+    underscores: ``gpt_neox`` → ``gptneox``), else ``model_type`` as it is."""
+    from gguf.constants import MODEL_ARCH, MODEL_ARCH_NAMES
+
+    member = _LLAMA_CPP_ARCH.get(architecture)
+    if member is not None and hasattr(MODEL_ARCH, member):
+        return MODEL_ARCH_NAMES[getattr(MODEL_ARCH, member)]
+    names = set(MODEL_ARCH_NAMES.values())
+    for candidate in (model_type, model_type.replace("_", ""), model_type.replace("_", "-")):
+        if candidate in names:
+            return candidate
+    return model_type
+
+
 def _write_gguf(vectors: SteeringVectors, path: Path, *, llama_cpp: bool) -> None:
     import gguf
 
@@ -124,8 +161,12 @@ def _write_gguf(vectors: SteeringVectors, path: Path, *, llama_cpp: bool) -> Non
         raise BadValueError("llama.cpp control vectors have no slot for block 0's output (direction.0 is invalid); "
                             "steer a later layer, or export --format repeng or safetensors")
     writer = gguf.GGUFWriter(str(path), GGUF_ARCH)
-    writer.add_string(f"{GGUF_ARCH}.model_hint", vectors.model_hint)
-    writer.add_uint32(f"{GGUF_ARCH}.layer_count", len(vectors.layers))
+    if llama_cpp:  # as cvector-generator: the architecture name, an INT32 count
+        writer.add_string(f"{GGUF_ARCH}.model_hint", llama_cpp_arch(vectors.architecture, vectors.model_hint))
+        writer.add_int32(f"{GGUF_ARCH}.layer_count", len(vectors.layers))
+    else:  # as repeng's ControlVector.export_gguf: the HF model_type, a UINT32 count
+        writer.add_string(f"{GGUF_ARCH}.model_hint", vectors.model_hint)
+        writer.add_uint32(f"{GGUF_ARCH}.layer_count", len(vectors.layers))
     for key, value in vectors.provenance.items():
         writer.add_string(f"{META_PREFIX}.{key}", value)
     for layer, v in vectors.layers.items():

@@ -42,13 +42,12 @@ from engine.errors import (
 )
 from engine.store import layout, postgres
 from engine.store.base import StoreBase
-from engine.store.index_location import FAISS, IndexLocation, IndexPlacement, parse_index_uri
+from engine.store.index_location import FAISS, IndexLocation, IndexPlacement, parse_index_uri, resolve_spec
 from engine.store.models import get_or_create_model
 from engine.store.schema import AtlasRow, ConceptRow, ModelRow
 from engine.store.vectorfiles import check_encoder, check_matrix, open_tensors, write_vectors
 from engine.util import FileStamp, check_name, failpoint, file_stamp, sha256_file, unit_rows, utcnow
 from indexes.milvus import MilvusIndex, MilvusUnavailableError
-from indexes.policy import resolve_index_spec
 
 ANALYZE_MIN_ROWS = 1000  # PostgreSQL: an import of this many concepts refreshes the planner's statistics
 CONCEPT_BATCH = 50_000  # concept rows per INSERT on import: ~50 MB of row dicts at a time
@@ -133,7 +132,7 @@ class AtlasesMixin(StoreBase):
             raise BadValueError("an atlas needs the model and layer its directions live in")
         x = check_matrix(vectors)  # not read yet: a memory-mapped source stays on disk
         n, d = x.shape
-        index_spec = resolve_index_spec(index.spec, n, d)
+        index_spec = resolve_spec(index.spec, n, d)
         labels = list(labels) if labels is not None else [None] * n
         descriptions = list(descriptions) if descriptions is not None else [None] * n
         for what, seq in (("labels", labels), ("descriptions", descriptions), ("densities", densities)):
@@ -412,7 +411,7 @@ class AtlasesMixin(StoreBase):
         """
         self.check_writable()
         info = self.atlas(name)
-        spec = resolve_index_spec(info.index_spec if spec is None else spec, info.n_concepts, info.dim)
+        spec = resolve_spec(info.index_spec if spec is None else spec, info.n_concepts, info.dim)
         with self.read_session() as s:
             row = self._atlas_row(s, name)
             vec_sha, vec_path, cached = row.vector_sha256, self.path / row.vector_file, _cached_stamp(row, "vector")

@@ -169,6 +169,17 @@ SPEC_HINT = ("use a FAISS factory string such as Flat, HNSW32 or IVF1024,Flat (s
              "e.g. HNSW32|efSearch=128), or auto")
 
 
+def resolve_spec(spec: str, n: int, d: int) -> str:
+    """`indexes.policy.resolve_index_spec` for ``n`` vectors of width ``d``; a spec it refuses (malformed, too
+    few vectors to train, too much memory) is the user's `BadValueError`, with the same message."""
+    from indexes.policy import resolve_index_spec
+
+    try:
+        return resolve_index_spec(spec, n, d)
+    except indexes.IndexSpecError as e:
+        raise BadValueError(str(e)) from None
+
+
 def new_index(dim: int, spec: str, backend: str = FAISS, **location: str) -> indexes.VectorIndex:
     """An empty index of ``spec``; a spec the backend does not understand is the user's `BadValueError`."""
     try:

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from engine.errors import AtlasError, ShapeError
+from engine.extras import install_message
 from engine.models.hooks import read_residuals, resolve_layer
 from engine.util import build_then_rename, write_atomic
 from engine.world.build import World
@@ -169,9 +170,7 @@ def _require_sparsify():
         with contextlib.redirect_stdout(io.StringIO()):
             from sparsify import SparseCoder, SparseCoderConfig
     except ImportError as e:
-        raise SAEUnavailableError(
-            "ConceptWorld's SAEs are trained with eai-sparsify, which is not installed: "
-            "pip install -e '.[sae]' (or build the world with --no-sae)") from e
+        raise SAEUnavailableError(install_message("sae", "training ConceptWorld's SAEs (--no-sae skips them)")) from e
     return SparseCoder, SparseCoderConfig
 
 

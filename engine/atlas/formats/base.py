@@ -10,7 +10,11 @@ An atlas keeps its SAE's encoder in one form whatever the source library (docs/d
 Readers fold what their library does before the encoder into ``W_enc`` / ``b_enc`` with
 `fold_encoder`: an input scale (Llama Scope's dataset-wise norm), a bias subtracted from the input
 (``b_dec`` in SAELens with ``apply_b_dec_to_input``, sparsify, dictionary_learning), a per-feature
-output scale (dictionary_learning's JumpReLU multiplies by the decoder-row norm).
+output scale (the decoder-row norm: SAELens TopK with ``rescale_acts_by_decoder_norm``,
+dictionary_learning's ``AutoEncoder.from_pretrained``). A library that applies ReLU before its
+JumpReLU gate (SAELens, Gemma Scope, dictionary_learning) has its threshold clipped at 0. A config field a
+reader cannot express in this form is refused (`FormatError` naming it) when the directions would
+be wrong too, else the directions come in without an encoder and a `FormatWarning` names it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ import numpy as np
 from engine.errors import FormatError
 
 ACTIVATIONS = ("relu", "jumprelu", "topk")
+
+
+class FormatWarning(UserWarning):
+    """An SAE file was read, but a config field of it is not applied (the message names the field)."""
 
 
 @dataclasses.dataclass
@@ -45,7 +53,10 @@ class SAEWeights:
     k: int | None = None  # TopK: latents kept per token
 
     def encoder(self) -> dict[str, np.ndarray]:
-        """The encoder tensors kept with the atlas (the canonical form above; ``k`` as a 1-element tensor)."""
+        """The encoder tensors kept with the atlas (the canonical form above; ``k`` as a 1-element tensor);
+        none when the SAE has no (canonical) encoder."""
+        if self.W_enc is None:
+            return {}
         out = {
             k: v
             for k, v in (("W_enc", self.W_enc), ("b_enc", self.b_enc), ("b_dec", self.b_dec),

@@ -5,7 +5,12 @@ pickled objects. Variants, by their keys (dictionary_learning/dictionary.py and
 trainers/top_k.py, trainers/batch_top_k.py):
 
 - ``AutoEncoder`` (ReLU): ``bias`` (d,), ``encoder.weight`` (d_sae, d), ``encoder.bias``,
-  ``decoder.weight`` (d, d_sae); ``f = relu(encoder(x − bias))``.
+  ``decoder.weight`` (d, d_sae); ``f = relu(encoder(x − bias))``. Read as
+  ``AutoEncoder.from_pretrained(ae.pt)`` loads it, the way users load a dictionary_learning SAE
+  (its default ``normalize_decoder=True``): decoder columns divided by their norms, encoder rows
+  and bias multiplied by them, so ``f`` is the raw state dict's ``relu(...) · ‖decoder column‖``.
+  That only matters for ``StandardTrainerAprilUpdate`` (and other trainers that leave decoder norms
+  free); ``StandardTrainer`` keeps them at 1. The directions are the unit decoder columns.
 - ``JumpReluAutoEncoder``: ``W_enc`` (d, d_sae), ``b_enc``, ``W_dec`` (d_sae, d), ``b_dec``,
   ``threshold`` (d_sae,); ``f = relu(pre · (pre > threshold))`` with ``pre = x @ W_enc + b_enc``
   (as the released package, dictionary-learning 0.1.0, encodes; the repository's later
@@ -15,19 +20,22 @@ trainers/top_k.py, trainers/batch_top_k.py):
   keys and encodes at inference with its threshold: ``f = r · (r > threshold)``, ``r = relu(...)``.
 
 ``config.json``'s ``trainer`` gives ``dict_class``, ``lm_name``, ``layer``, ``submodule_name``,
-``activation_dim``, ``dict_size`` and ``k``.
+``activation_dim``, ``dict_size`` and ``k``. ``GatedAutoEncoder`` is refused; a ``dict_class`` not
+named above (e.g. ``MatryoshkaBatchTopKSAE``, ``AutoEncoderNew``) brings a `FormatWarning`.
 """
 
 from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from engine.atlas.formats.base import (
+    FormatWarning,
     SAEWeights,
     check_2d,
     check_shape,
@@ -35,6 +43,7 @@ from engine.atlas.formats.base import (
     need,
     positive_int,
     read_json_object,
+    row_norms,
 )
 from engine.errors import FormatError
 
@@ -42,6 +51,7 @@ NAME = "dictionary_learning"
 WEIGHTS = "ae.pt"
 CONFIG = "config.json"
 
+_KNOWN_CLASSES = ("AutoEncoder", "JumpReluAutoEncoder", "AutoEncoderTopK", "BatchTopKSAE")
 _HOOKS = ("resid_post", "resid_pre", "resid_mid", "mlp_out", "attn_out")
 
 
@@ -118,14 +128,19 @@ def read(source: str | Path) -> SAEWeights:
                                  threshold=np.full(n, max(thr, 0.0), np.float32), **common)
             else:
                 sae = SAEWeights(W_dec=w_dec, W_enc=W, b_enc=b, b_dec=b_dec, activation="topk", k=k, **common)
-        else:  # AutoEncoder (ReLU); the input bias is "bias"
+        else:  # AutoEncoder (ReLU); the input bias is "bias"; decoder normalised as from_pretrained does
             need(sd, ("bias",), w_path, "an AutoEncoder")
             b_in = check_shape(w_path, "bias", sd["bias"], (d,))
-            W, b = fold_encoder(w_enc, b_enc, input_bias=b_in)
-            sae = SAEWeights(W_dec=w_dec, W_enc=W, b_enc=b, b_dec=b_in, activation="relu", **common)
+            norms = row_norms(w_dec, w_path)
+            W, b = fold_encoder(w_enc, b_enc, input_bias=b_in, output_scale=norms)
+            sae = SAEWeights(W_dec=(w_dec / norms[:, None]).astype(np.float32), W_enc=W, b_enc=b, b_dec=b_in,
+                             activation="relu", **common)
     else:
         raise FormatError.at(w_path, f"is not a dictionary_learning AutoEncoder, JumpReluAutoEncoder or "
                                      f"AutoEncoderTopK state dict (keys: {', '.join(sorted(sd)) or 'none'})")
+    if dict_class and dict_class not in _KNOWN_CLASSES:
+        warnings.warn(FormatWarning(f"{cfg_path}: dict_class {dict_class!r} is read by its keys as "
+                                    f"{sae.activation}; its own encode may differ"), stacklevel=2)
     n, d = sae.W_dec.shape
     if trainer.get("activation_dim") not in (None, d) or trainer.get("dict_size") not in (None, n):
         raise FormatError.at(cfg_path, f"says activation_dim={trainer.get('activation_dim')}, "

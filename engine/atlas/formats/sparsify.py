@@ -12,11 +12,13 @@ names the model. Encoding is ``topk(relu((x − b_dec) @ encoder.weightᵀ + enc
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from engine.atlas.formats.base import (
+    FormatWarning,
     SAEWeights,
     check_2d,
     check_shape,
@@ -79,5 +81,7 @@ def read(folder: str | Path) -> SAEWeights:
     if activation == "topk":
         sae.W_enc, sae.b_enc = fold_encoder(w_enc, b_enc, input_bias=b_dec)
         sae.activation, sae.k = "topk", positive_int(cfg.get("k", 32), cfg_path, "k")
-    # groupmax (one winner per group of latents) has no canonical form: the directions come in, no encoder
+    else:  # groupmax (one winner per group of latents) has no canonical form: the directions come in, no encoder
+        warnings.warn(FormatWarning(f"{cfg_path}: activation {activation!r} has no canonical encoder; its "
+                                    "directions are imported without one"), stacklevel=2)
     return sae

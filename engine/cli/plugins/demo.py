@@ -14,6 +14,7 @@ from engine.cli.common import (
     store_options,
     world_options,
 )
+from engine.extras import require
 
 
 def register(cli: click.Group) -> None:
@@ -46,6 +47,9 @@ def demo(size: str, seed: int, out: Path, real_weights: bool, quick: bool, devic
     latents beside topic means through the same maps (`atlas eval steering --sae`). Prints a short
     summary; writes report.md, report.json and PNG figures to --out.
     """
+    require("sae", "atlas demo (its SAE sections)")
+    if real_weights:
+        require("semantic", "atlas demo --real-weights")
     from engine.demo.report import format_summary, result_json
     from engine.demo.run import run_demo
 

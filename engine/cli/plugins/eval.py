@@ -29,6 +29,7 @@ from engine.cli.common import (
     world_options,
 )
 from engine.errors import BadValueError
+from engine.extras import require
 from engine.util import to_plain
 
 if TYPE_CHECKING:
@@ -175,6 +176,8 @@ def eval_labelling(store_dir: Path, db_url: str | None, as_json: bool, **options
     every method x criterion and activation matching, for the SAE latents (--features sae) or
     the native directions (native), with per-token explanation quality (features=explain rows).
     """
+    if options["features"] in ("all", "sae"):
+        require("sae", "atlas eval labelling --features sae")
     from engine.world.eval.labelling import evaluate_world_labelling
     from engine.world.eval.sae_labelling import evaluate_sae_labelling
 
@@ -287,7 +290,7 @@ class LabellingOptions:
 @click.option("--sae/--no-sae", "with_sae", default=False, show_default=True,
               help="Also steer with SAE latents: each concept's topic latent of the foundation SAE (its decoder "
                    "row) through the inverse of a map onto world-<size>-sae, beside topic means through the same "
-                   "maps (the SAE table; trains or reuses the world's SAEs; needs the sae extra).")
+                   "maps (the SAE table; trains or reuses the world's SAEs with eai-sparsify).")
 @click.option("--against-topic/--no-against-topic", default=True, show_default=True,
               help="Also steer prompts that have a topic towards another (the against-topic table).")
 @click.option("--modes", multiple=True, callback=comma_list(), help="Against-topic table: steering modes to compare "
@@ -328,6 +331,8 @@ def eval_steering(store_dir: Path, db_url: str | None, as_json: bool, **options:
     (mean-<map method>) sent through the same maps onto the SAE atlas, with the unsteered and
     native rows of that run.
     """
+    if options["with_sae"]:
+        require("sae", "atlas eval steering --sae")
     from engine.steering.against import DEFAULT_STRENGTHS, check_options
     from engine.world.eval.against_topic import evaluate_world_against_topic
     from engine.world.eval.steering import evaluate_world_steering

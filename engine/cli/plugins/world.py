@@ -9,6 +9,7 @@ import click
 
 import engine.world  # noqa: F401  (installs ConceptWorld's plug-in into the core's registries)
 from engine.cli.common import json_option, print_json, print_table, quiet_option, store_options, world_options
+from engine.extras import require
 
 if TYPE_CHECKING:
     from engine.store.store import Store
@@ -42,7 +43,7 @@ def _open_or_init(store_dir: Path, db_url: str | None) -> tuple[Store, bool]:
 @click.option("--replace-atlas", is_flag=True, help="Re-register the world atlas even if the store has one.")
 @click.option("--sae/--no-sae", "with_sae", default=True, show_default=True,
               help="Also train (or reuse) the world's sparse autoencoders, label their latents with ground truth "
-                   "and register the foundation's as atlas world-<size>-sae (needs the sae extra: eai-sparsify).")
+                   "and register the foundation's as atlas world-<size>-sae (with eai-sparsify, a core dependency).")
 @store_options
 @json_option
 @quiet_option
@@ -59,6 +60,8 @@ def build(size: str, seed: int, replace_atlas: bool, with_sae: bool, store_dir: 
     with the same configuration (by fingerprint) is reused, and so are its SAEs. The store is
     created if it does not exist.
     """
+    if with_sae:
+        require("sae", "atlas world build (its SAEs; --no-sae skips them)")
     from engine.store import layout
     from engine.world import build_world, register_world
 
