@@ -160,3 +160,25 @@ def test_read_corpus_formats_and_heldout_split(tmp_path):
     train, held = split_heldout(texts)
     assert 60 < len(held) < 140 and set(train).isdisjoint(held) and len(train) + len(held) == 1000
     assert split_heldout(texts[::-1])[1] == held[::-1]  # by content, not position
+
+
+@pytest.mark.parametrize("method", ["whiten", "rcsls"])
+def test_every_method_that_needs_only_pairs_fits_through_atlas_align(setup, folders, method):
+    """rcsls trains on a sample of the training pairs: the pass keeps one because the method asks for it."""
+    store, corpus = setup
+    res = run("align", str(folders["subj"]), "--layer", "1", "--atlas", "atl", "--corpus", str(corpus), "--method",
+              method, "--json", "-q", "--store", str(store.path))
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output)
+    assert info["method"] == method and np.isfinite(info["metrics"]["heldout_r2"])
+    if method == "rcsls":
+        assert info["params"]["loss_last"] < info["params"]["loss_first"]
+
+
+def test_self_learning_from_atlas_align_says_what_it_needs(setup, folders):
+    store, corpus = setup
+    res = CliRunner().invoke(cli, ["align", str(folders["subj"]), "--layer", "1", "--atlas", "atl", "--corpus",
+                                   str(corpus), "--method", "self_learning", "--store", str(store.path)])
+    lines = res.output.strip().splitlines()
+    assert res.exit_code == 1 and len(lines) == 1, res.output
+    assert "subject_vectors and atlas_vectors" in lines[0] and "--features sae" in lines[0]

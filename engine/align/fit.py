@@ -87,7 +87,8 @@ def accumulate_pairs(
     ``config`` and every layer of ``subject_site`` (the foundation site has one layer).
 
     ``config.max_pairs`` caps the training pairs of each pairing (the pass stops once every
-    pairing has them); held-out texts are used whole. ``threads="auto"`` runs narrow models on one
+    pairing has them); held-out texts are used whole. ``config.train_sample`` keeps that many
+    training pairs as a reservoir sample (`method_config` sets it for a method that trains on pairs). ``threads="auto"`` runs narrow models on one
     torch thread (see `engine.models.activations.torch_threads`).
     """
     threads = config.threads
@@ -111,8 +112,8 @@ def _accumulate_pairs(subject: tuple[torch.nn.Module, Any], foundation: tuple[to
         for p in config.pairings:
             for L in s_site.layers:
                 target[(p, L)] = SufficientStats(d_s, d_f, normalize=config.normalize,
-                                                 sample_size=COSINE_SAMPLE if split == "heldout" else 0,
-                                                 gemm_dtype=getattr(torch, config.stats_dtype))
+                                                 sample_size=COSINE_SAMPLE if split == "heldout" else config.train_sample,
+                                                 gemm_dtype=config.stats_dtype)
         if not texts:
             continue
         counts = dict.fromkeys(config.pairings, 0)
@@ -239,7 +240,8 @@ def align_layers(store: Store, request: AlignRequest, *, quiet: bool = False) ->
     """
     method, pairing, site, kind = request.method, request.pairing, request.site, request.kind
     params = request.method_params()  # an unknown method fails now, not after the pass over the corpus
-    config = request.config or PairingConfig()
+    check_method_params(method, params)
+    config = method_config(request.config or PairingConfig(), [method])
     ainfo = store.atlas(request.atlas)
     s_name, sm, stok = resolve_model(store, request.subject, kind=kind, dtype=config.dtype,
                                      layer_module=site.layer_module if site else None, device=config.device)
@@ -278,6 +280,23 @@ def align_layers(store: Store, request: AlignRequest, *, quiet: bool = False) ->
     return out
 
 
+def method_config(config: PairingConfig, methods: Sequence[str]) -> PairingConfig:
+    """``config`` with the training sample the largest of ``methods`` asks for (rcsls trains on pairs)."""
+    need = max((get_method(m).train_sample for m in methods), default=0)
+    return dataclasses.replace(config, train_sample=need) if need > config.train_sample else config
+
+
+def check_method_params(method: str, params: dict[str, Any]) -> None:
+    """A one-line `BadValueError` when ``method`` needs parameters only its caller can give
+    (self_learning: the subject's and the atlas's feature dictionaries), before any pass."""
+    missing = get_method(method).missing(params)
+    if missing:
+        raise BadValueError(
+            f"method {method!r} needs {' and '.join(missing)} (the subject's and the atlas's feature dictionaries), "
+            "which atlas align does not have: fit it from Python (fit_map(..., subject_vectors=..., "
+            "atlas_vectors=...)) or through atlas eval labelling --world --features sae")
+
+
 def _layer_name(name: str | None, layer: int, n_layers: int) -> str | None:
     if name is None:
         return None
@@ -313,6 +332,7 @@ def fit_map(
     the mean cosine between mapped and true atlas activations.
     """
     m = get_method(method)
+    check_method_params(method, params)
     n, d_x, d_y = stats.count, stats.d_x, stats.d_y
     if n < max(d_x, d_y):
         raise CorpusTooSmallError(

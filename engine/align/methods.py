@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from engine.align.stats import SufficientStats
 from engine.errors import BadValueError
@@ -56,18 +55,28 @@ class AlignMethod:
     needs_heldout: bool = False
     # the method's parameters from the user's settings (only those that differ from its defaults)
     params: Callable[[MethodOptions], dict[str, Any]] = _no_params
+    # training pairs the statistics must keep as a reservoir sample (`SufficientStats.sample`); 0: none
+    train_sample: int = 0
+    # keyword parameters the caller must supply (the two feature dictionaries, for self_learning)
+    needs: tuple[str, ...] = ()
+
+    def missing(self, params: dict[str, Any]) -> list[str]:
+        """The parameters of `needs` that ``params`` lacks (None counts as absent)."""
+        return [n for n in self.needs if params.get(n) is None]
 
 
 METHODS: Registry[AlignMethod] = Registry("alignment method")
 
 
 def register_method(name: str, description: str, needs_heldout: bool = False,
-                    params: Callable[[MethodOptions], dict[str, Any]] = _no_params) -> Callable[[FitFn], FitFn]:
+                    params: Callable[[MethodOptions], dict[str, Any]] = _no_params, *, train_sample: int = 0,
+                    needs: tuple[str, ...] = ()) -> Callable[[FitFn], FitFn]:
     """Register ``fn(train, heldout, **params) -> LinearFit`` under ``name`` (once); ``params`` turns
-    the user's `MethodOptions` into the method's keyword parameters."""
+    the user's `MethodOptions` into the method's keyword parameters; ``train_sample``: the training
+    pairs the statistics keep for it; ``needs``: parameters only the caller can give."""
 
     def deco(fn: FitFn) -> FitFn:
-        METHODS.add(name, AlignMethod(name, fn, description, needs_heldout, params))
+        METHODS.add(name, AlignMethod(name, fn, description, needs_heldout, params, train_sample, needs))
         return fn
 
     return deco
@@ -184,6 +193,8 @@ def fit_correlation(train: SufficientStats, heldout: SufficientStats | None = No
     A = np.zeros_like(C)
     B = np.zeros_like(C.T)
     if matching == "hungarian":
+        from scipy.optimize import linear_sum_assignment
+
         rows, cols = linear_sum_assignment(-np.abs(C))
         A[rows, cols] = C[rows, cols] * sy[cols] / sx[rows]
         B[cols, rows] = C[rows, cols] * sx[rows] / sy[cols]
@@ -257,8 +268,12 @@ def fit_whiten(train: SufficientStats, heldout: SufficientStats | None = None, *
                      params={"reweight": reweight, "eps": eps, "heldout_sse": scores, "normalize": train.normalize})
 
 
+RCSLS_SAMPLE = 20000  # training pairs the statistics keep for rcsls (a uniform reservoir sample)
+
+
 @register_method("rcsls", "a map trained for retrieval (Joulin et al. 2018): the RCSLS loss on a sample of "
-                 "training pairs, from Procrustes, spectral norm kept <= 1 (needs the training sample)")
+                 "training pairs, from Procrustes, spectral norm kept <= 1 (needs the training sample)",
+                 train_sample=RCSLS_SAMPLE)
 def fit_rcsls(train: SufficientStats, heldout: SufficientStats | None = None, *, k: int = 10, steps: int = 100,
               lr: float = 1.0, batch: int = 1024, seed: int = 0, **_: Any) -> LinearFit:
     """Minimise RCSLS over ``W`` on unit, centred sample pairs ``(x_i, y_i)``::
@@ -333,7 +348,8 @@ def mutual_nn_pairs(P: np.ndarray, Q: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 @register_method("self_learning", "Procrustes refined on mutual-nearest-neighbour pairs between the subject's "
-                 "and the atlas's feature directions (needs subject_vectors and atlas_vectors), iterated")
+                 "and the atlas's feature directions (needs subject_vectors and atlas_vectors), iterated",
+                 needs=("subject_vectors", "atlas_vectors"))
 def fit_self_learning(train: SufficientStats, heldout: SufficientStats | None = None, *,
                       subject_vectors: np.ndarray | None = None, atlas_vectors: np.ndarray | None = None,
                       iterations: int = 5, weight: float = 0.5, **_: Any) -> LinearFit:

@@ -192,6 +192,7 @@ class PairingConfig:
     cache_dir: Path | None = None  # cache both models' activations as shards here
     threads: int | str | None = "auto"  # torch threads; auto: one for narrow models (faster on small d)
     stats_dtype: str = "float32"  # the statistics' products; float64: ~1e-15 relative error, half the speed
+    train_sample: int = 0  # training pairs kept as a reservoir sample (a method that trains on pairs: rcsls)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pairings", (self.pairings,) if isinstance(self.pairings, str)
@@ -207,6 +208,8 @@ class PairingConfig:
             raise BadValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_pairs is not None and self.max_pairs < 1:
             raise BadValueError(f"max_pairs must be >= 1, got {self.max_pairs}")
+        if self.train_sample < 0:
+            raise BadValueError(f"train_sample must be >= 0, got {self.train_sample}")
         if self.stats_dtype not in ("float32", "float64"):
             raise BadValueError(f"stats_dtype must be float32 or float64, got {self.stats_dtype!r}")
 

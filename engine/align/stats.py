@@ -25,20 +25,29 @@ numpy's BLAS (all threads) on the buffer itself.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
-import torch
 
 from engine.errors import ShapeError
 
+if TYPE_CHECKING:  # torch is imported only where tensors arrive (the method registry stays light to import)
+    import torch
+
 DEFAULT_CHUNK_ROWS = 8192  # rows per syrk: large enough for the BLAS's full rate, 50 MB at d_x = d_y = 768
 
-_NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+_NP_DTYPES = {"float32": np.float32, "float64": np.float64}
+
+
+def _dtype_name(dtype: Any) -> str:
+    """``torch.float32`` / ``"float32"`` / ``np.float32`` -> ``"float32"``."""
+    return str(np.dtype(dtype)) if isinstance(dtype, type) else str(dtype).removeprefix("torch.")
 
 
 def _as_array(a: np.ndarray | torch.Tensor, dtype: type) -> np.ndarray:
-    if isinstance(a, torch.Tensor):
+    if not isinstance(a, np.ndarray) and hasattr(a, "detach"):  # a torch tensor
         a = a.detach().cpu()
-        if a.dtype not in _NP_DTYPES:  # bfloat16 / float16 have no numpy twin here
+        if _dtype_name(a.dtype) not in _NP_DTYPES:  # bfloat16 / float16 have no numpy twin here
             a = a.float()
         a = a.numpy()
     return np.asarray(a, dtype=dtype)
@@ -70,15 +79,15 @@ class SufficientStats:
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
         sample_size: int = 0,
         seed: int = 0,
-        gemm_dtype: torch.dtype = torch.float32,
+        gemm_dtype: torch.dtype | str = "float32",
     ) -> None:
         if d_x < 1 or d_y < 1:
             raise ShapeError(f"dimensions must be positive, got d_x={d_x}, d_y={d_y}")
-        if gemm_dtype not in _NP_DTYPES:
+        if _dtype_name(gemm_dtype) not in _NP_DTYPES:
             raise ValueError(f"gemm_dtype must be torch.float32 or torch.float64, got {gemm_dtype}")
         self.d_x, self.d_y, self.normalize, self.chunk_rows = d_x, d_y, normalize, max(1, chunk_rows)
         self.gemm_dtype = gemm_dtype
-        self._dt = _NP_DTYPES[gemm_dtype]
+        self._dt = _NP_DTYPES[_dtype_name(gemm_dtype)]
         D = d_x + d_y + 1
         self._n = 0
         self._shift: np.ndarray | None = None  # (d_x + d_y,) K in the buffer's dtype, fixed at the first rows

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from engine.align.methods import METHODS
 from engine.extras import checked_db_url, require
 from engine.util import to_plain
 
@@ -26,8 +27,8 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 
 DEFAULT_STORE = "./atlas-store"
-# The registered alignment methods, for help texts (the engine checks names; a test keeps this in step).
-METHOD_NAMES = ("procrustes", "ridge", "correlation")
+# The registered alignment methods, for help texts (the engine checks names).
+METHOD_NAMES = tuple(METHODS)
 
 
 def store_options(f: Callable) -> Callable:

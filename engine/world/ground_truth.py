@@ -125,3 +125,20 @@ def description(entry: dict) -> str | None:
         return (f"fires on the word '{entry['top_word']}' ({entry['word_share']:.0%} of its activation, "
                 f"in documents of {entry['word_topics']} topics)")
     return None
+
+
+def relaxed_matches(subject: Sequence[dict], atlas: Sequence[dict], first: np.ndarray) -> np.ndarray:
+    """The *relaxed* score of first hits (an alternative beside the strict key, never instead of
+    it): subject latent i (labelled ones only, in order) matches atlas latent ``first[i]`` when
+    their strict keys are equal, or when both put at least ``MIN_SHARE`` of their mass in
+    documents of the same concept. It forgives the one artifact of the strict key seen on the
+    worlds: a latent firing on a function word ("the") inside one topic's documents is
+    ``word:the`` on one side and ``topic:X`` on the other."""
+    out = []
+    for i, e in enumerate(subject):
+        if e["key"] is None:
+            continue
+        a = atlas[int(first[i])] if first[i] >= 0 else None
+        out.append(a is not None and (a["key"] == e["key"] or (
+            e["topic_share"] >= MIN_SHARE and a["topic_share"] >= MIN_SHARE and a["top_concept"] == e["top_concept"])))
+    return np.asarray(out, dtype=bool)

@@ -51,6 +51,9 @@ def register(cli: click.Group) -> None:
 on_world = click.option("--world", "use_world", is_flag=True, required=True,
                         help="Evaluate on ConceptWorld (the only ground truth the engine ships).")
 
+# retrieval fits from the pair statistics alone: the methods that need nothing more (self_learning needs
+# feature dictionaries; rcsls can be asked for by name)
+RETRIEVAL_METHODS = ("procrustes", "ridge", "correlation")
 RETRIEVAL_COLUMNS = ["subject", "pairing", "layer", "method", "mrr", "mpp", "top1", "top5", "n_queries", "n_pairs"]
 
 
@@ -58,7 +61,8 @@ RETRIEVAL_COLUMNS = ["subject", "pairing", "layer", "method", "mrr", "mpp", "top
 @on_world
 @world_options("tiny")
 @click.option("--methods", "-m", multiple=True, callback=comma_list(),
-              help=f"Methods to compare, e.g. procrustes,ridge (default: {','.join(METHOD_NAMES)}).")
+              help=f"Methods to compare, of {', '.join(m for m in METHOD_NAMES if m != 'self_learning')} "
+                   f"(default: {','.join(RETRIEVAL_METHODS)}).")
 @layers_option("Subject layers (default: all).")
 @click.option("--pairings", multiple=True, callback=comma_list(),
               help="Pairings (default: token for subject A; span and text for subject B, whose tokenizer differs).")
@@ -84,7 +88,7 @@ def eval_retrieval(store_dir: Path, db_url: str | None, as_json: bool, **options
     from engine.world.eval.retrieval import evaluate_model_retrieval, evaluate_world_retrieval
 
     o = RetrievalOptions(**options)
-    methods = o.methods or list(METHOD_NAMES)
+    methods = o.methods or list(RETRIEVAL_METHODS)
     quiet_transformers()
     rows: Sequence[RetrievalRow]
     if o.subject_model:
@@ -138,6 +142,14 @@ class RetrievalOptions:
               help="Training documents the SAE table's maps are fitted on.")
 @layers_option("Subject layers of the SAE table, e.g. 0,1 (default: every layer of each subject). An SAE at a "
                "layer the world was built without is trained on first use and cached.")
+@click.option("--compare", is_flag=True,
+              help="Measure in memory instead of through stored runs, at each subject's SAE layer: every method x "
+                   "criterion (nn, csls, isf) and activation matching (co-activation with the atlas SAE's encoder, "
+                   "or projections on its directions), the oracle ceiling on every row, ECE and precision at 50%/80% "
+                   "coverage of the label confidence, and per-token explanation quality on held-out documents.")
+@click.option("--confidence", "confidence_file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="With --compare: the confidence models JSON (default: engine/labelling/confidence_default.json "
+                   "where shipped; without one, no ECE columns).")
 @device_options
 @store_options
 @json_option
@@ -159,6 +171,10 @@ def eval_labelling(store_dir: Path, db_url: str | None, as_json: bool, **options
     labelled subject latents, with the top-1 of a random atlas latent (chance) and, for
     retrieval, the MRR of a concept's atlas topic latents queried with the subject's mapped
     concept direction (concept_mrr).
+
+    --compare: the in-memory table of engine/world/eval/label_methods.py (docs/label-quality.md):
+    every method x criterion and activation matching, for the SAE latents (--features sae) or
+    the native directions (native), with per-token explanation quality (features=explain rows).
     """
     if options["features"] in ("all", "sae"):
         require("sae", "atlas eval labelling --features sae")
@@ -181,6 +197,11 @@ def eval_labelling(store_dir: Path, db_url: str | None, as_json: bool, **options
         raise BadValueError("--layers selects the SAE table's layers; the native table uses the maps of --map "
                             "(use --features sae or all)")
     store = open_store(store_dir, db_url)
+    if o.compare:
+        _compare_labelling(store, o, method_list if methods else None, as_json)
+        return
+    if o.confidence_file:
+        raise BadValueError("--confidence applies to --compare")
     rows: list[dict[str, Any]] = []
     if features in ("all", "native"):
         rows += [{"features": "native", **dataclasses.asdict(r)} for r in evaluate_world_labelling(
@@ -206,6 +227,37 @@ def eval_labelling(store_dir: Path, db_url: str | None, as_json: bool, **options
                    "latents found from the subject's mapped concept direction.")
 
 
+COMPARE_COLUMNS = {
+    "sae": ["subject", "method", "n", "top1", "top5", "ceiling", "p_at_50", "p_at_80", "ece"],
+    "native": ["subject", "method", "n", "top1", "ceiling"],
+    "explain": ["subject", "method", "n", "token_top1", "text_top1"],
+}
+
+
+def _compare_labelling(store: Any, o: LabellingOptions, methods: list[str] | None, as_json: bool) -> None:
+    """`atlas eval labelling --compare`: the rows of `engine.world.eval.label_methods.measure_world`."""
+    from engine.world.eval.label_methods import load_confidence, measure_world
+    from engine.world.locate import ensure_registered
+
+    if o.map_names or o.layers:
+        raise BadValueError("--compare fits its own maps at each subject's SAE layer: drop --map and --layers")
+    features = {"sae": ("sae", "explain"), "native": ("native", "explain")}.get(o.features, ("sae", "native", "explain"))
+    world = ensure_registered(store, o.size, o.seed)
+    rows, _ = measure_world(world, o.max_docs, methods, features, load_confidence(o.confidence_file))
+    if as_json:
+        print_json(rows)
+        return
+    for i, f in enumerate(f for f in ("sae", "native", "explain") if f in features):
+        if i:
+            click.echo("")
+        click.echo({"sae": "SAE latents (top-1 over labelled latents; ceiling: their label exists in the atlas):",
+                    "native": "native concept directions (top-1 over the concepts):",
+                    "explain": "per-token explanation on held-out documents (token_top1: member words whose top "
+                               "concept is theirs; text_top1: documents whose by-max summary ranks their concept "
+                               "first):"}[f])
+        emit([r for r in rows if r["features"] == f], False, COMPARE_COLUMNS[f])
+
+
 @dataclass(frozen=True)
 class LabellingOptions:
     """The options of `atlas eval labelling`, as click passes them."""
@@ -218,6 +270,8 @@ class LabellingOptions:
     methods: list[str] | None
     max_docs: int
     layers: list[int] | None
+    compare: bool
+    confidence_file: Path | None
     device: str
     dtype: str
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from engine.align.evaluate import RetrievalRow, evaluate_maps
-from engine.align.fit import accumulate_pairs
+from engine.align.fit import accumulate_pairs, method_config
 from engine.align.methods import get_method
 from engine.align.pairing import PairingConfig
 from engine.models.hooks import Site, resolve_blocks, resolve_layer
@@ -70,7 +70,8 @@ def evaluate_world_retrieval(
             continue
         ls = [resolve_layer(sub[0], L) for L in (layers if layers is not None else range(spec.n_layers))]
         stats = accumulate_pairs(sub, foundation, train, val, Site(tuple(ls)), Site((atlas_layer,)),
-                                 PairingConfig(tuple(ps), max_pairs=max_pairs, batch_size=batch_size), quiet=quiet)
+                                 method_config(PairingConfig(tuple(ps), max_pairs=max_pairs, batch_size=batch_size),
+                                               methods), quiet=quiet)
         queries = {L: np.asarray(world.concept_directions(key, L)) for L in ls}
         rows += evaluate_maps(stats, queries, targets, true_index, methods, subject=spec.name)
     return rows
@@ -116,6 +117,7 @@ def evaluate_model_retrieval(
     ls = [resolve_layer(sm, L) for L in (layers if layers is not None else range(len(resolve_blocks(sm))))]
     train, val = world_texts(world)
     stats = accumulate_pairs((sm, stok), foundation, train, val, Site(tuple(ls)), Site((atlas_layer,)),
-                             PairingConfig(tuple(ps), max_pairs=max_pairs, batch_size=batch_size), quiet=quiet)
+                             method_config(PairingConfig(tuple(ps), max_pairs=max_pairs, batch_size=batch_size), methods),
+                             quiet=quiet)
     queries = concept_directions(sm, stok, world.heldout_docs, len(world.concepts), ls)
     return evaluate_maps(stats, queries, targets, np.arange(targets.shape[0]), methods, subject=name)

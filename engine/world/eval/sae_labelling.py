@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.align.fit import accumulate_pairs
+from engine.align.fit import accumulate_pairs, method_config
 from engine.align.map import AlignmentMap, MapSites, load_map, save_map
 from engine.align.methods import get_method
 from engine.align.pairing import PairingConfig
@@ -189,7 +189,7 @@ def sae_maps(store: Store, world: Any, saes: Any, key: str, pairings: Sequence[s
     ``eval-sae.<subject>.L<layer>.<pairing>.<method>`` (replacing earlier ones). Returns
     ``(pairing, method, stored map)``, by layer, pairing, method."""
     from engine.models.loading import load_model
-    from engine.world.sae import sae_atlas_name
+    from engine.world.sae import ensure_sae, sae_atlas_name
 
     atlas = store.atlas(sae_atlas_name(world))
     wm = world.model(key)
@@ -203,13 +203,17 @@ def sae_maps(store: Store, world: Any, saes: Any, key: str, pairings: Sequence[s
     train, val = world_texts(world)
     train = train[:max_docs] if max_docs else train
     stats = accumulate_pairs(sub, foundation, train, val, Site(tuple(Ls)), Site((atlas.layer,)),
-                             PairingConfig(tuple(ps), max_pairs=max_pairs), quiet=quiet)
+                             method_config(PairingConfig(tuple(ps), max_pairs=max_pairs), methods), quiet=quiet)
     out = []
     for L in Ls:
+        # the two feature dictionaries, for a method that needs them (self_learning)
+        vectors = {"subject_vectors": ensure_sae(world, saes, key, L, progress=not quiet).decoder(),
+                   "atlas_vectors": saes.get("foundation").decoder()}
         for p in ps:
             for method in methods:
                 sites = MapSites(wm.name, L, atlas.name, atlas.model, atlas.layer)
-                info = save_map(store, stats.fit(p, L, method, sites), f"{RUN_PREFIX}{wm.name}.L{L}.{p}.{method}",
-                                      overwrite=True)
+                params = {n: vectors[n] for n in get_method(method).needs}
+                info = save_map(store, stats.fit(p, L, method, sites, **params),
+                                f"{RUN_PREFIX}{wm.name}.L{L}.{p}.{method}", overwrite=True)
                 out.append((p, method, load_map(store, info.name)))
     return out
