@@ -160,10 +160,8 @@ TOO_MANY_PARAMETERS_ALLOWED = {
     # not reduced yet (issue 21 "no function over ~10 parameters"):
     "engine/align/pairing.py:iter_batch_pairs",
     "engine/atlas/importers.py:import_atlas",
-    "engine/cli/store_cmds.py:import_sae",
     "engine/models/activations.py:collect",
     "engine/models/activations.py:_collect",
-    "engine/models/class_means.py:import_means",
     "engine/steering/against.py:evaluate_against_topic",
     "engine/steering/faithfulness.py:evaluate_steering",
     "engine/steering/generate.py:generate",
