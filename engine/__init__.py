@@ -12,7 +12,8 @@ owns; see docs/design.md §2 and the README's architecture section):
 - labelling: `label_features`, `run_labelling`, `export_run`, `register_feature_source`,
   `register_label_format`;
 - steering: `SteeringEdit`, `SteeringPlan`, `PlanConcept`, `run_plan`, `generate_pair`,
-  `register_mode`, `register_native_directions`, `export_steering`, `register_steering_format`.
+  `GenerationSettings`, `register_mode`, `register_native_directions`, `export_steering`,
+  `register_steering_format`.
 
 ConceptWorld is a plug-in, not part of the core: ``from engine.world import build_world``.
 Names are imported on first use, so ``import engine`` (and ``atlas --help``) stays fast.
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
     from engine.search import explain, search
     from engine.steering.edits import SteeringEdit, register_mode
     from engine.steering.export import export_steering, register_steering_format
-    from engine.steering.generate import generate_pair
+    from engine.steering.generate import GenerationSettings, generate_pair
     from engine.steering.native import register_native_directions
     from engine.steering.plan import PlanConcept, SteeringPlan, run_plan
     from engine.store.store import Store
@@ -76,6 +77,7 @@ _EXPORTS = {
     "export_steering": "engine.steering.export",
     "register_steering_format": "engine.steering.export",
     "generate_pair": "engine.steering.generate",
+    "GenerationSettings": "engine.steering.generate",
     "register_native_directions": "engine.steering.native",
     "SteeringPlan": "engine.steering.plan",
     "PlanConcept": "engine.steering.plan",
@@ -83,7 +85,7 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "AlignRequest", "AlignmentMap", "AtlasError", "PairingConfig", "PlanConcept", "Site", "SteeringEdit", "SteeringPlan",
+    "AlignRequest", "AlignmentMap", "AtlasError", "GenerationSettings", "PairingConfig", "PlanConcept", "Site", "SteeringEdit", "SteeringPlan",
     "Store", "__version__", "accumulate_pairs", "align_layers", "align_subject", "explain", "export_run", "export_steering",
     "fit_map", "generate_pair", "import_atlas", "label_features", "load_model", "load_registered", "lookup",
     "register_feature_source", "register_format", "register_label_format", "register_method",

@@ -164,7 +164,6 @@ TOO_MANY_PARAMETERS_ALLOWED = {
     "engine/models/activations.py:_collect",
     "engine/steering/against.py:evaluate_against_topic",
     "engine/steering/faithfulness.py:evaluate_steering",
-    "engine/steering/generate.py:generate",
     "engine/world/eval/against_topic.py:evaluate_world_against_topic",
     "engine/world/eval/retrieval.py:evaluate_world_retrieval",
     "engine/world/eval/retrieval.py:evaluate_model_retrieval",

@@ -50,7 +50,7 @@ from engine.steering.faithfulness import (
     choose_site,
     shortlist,
 )
-from engine.steering.generate import continuation_nll, generate, special_token_ids
+from engine.steering.generate import GenerationSettings, continuation_nll, generate, special_token_ids
 
 # x each edited layer's typical residual norm; on tiny 2 always broke the text (perplexity > 1,000x)
 DEFAULT_STRENGTHS: tuple[float, ...] = (0.125, 0.25, 0.35, 0.5, 0.7, 1.0)
@@ -139,7 +139,7 @@ def run_layers_cell(model: Any, tokenizer: Any, trials: Trials, scorer: Scorer, 
     edits = [SteeringEdit(s.layer, np.asarray(s.directions)[trials.targets], strength, s.norm, mode, s.kind)
              for s in sites]  # one (n_trials, d) edit per layer
     gens = generate(model, tokenizer, trials.prompts, edits, positions=positions,  # type: ignore[arg-type]
-                    max_new_tokens=max_new_tokens, blocked=blocked)
+                    settings=GenerationSettings(max_new_tokens), blocked=blocked)
     conts = [g.token_ids for g in gens]
     nll, n = continuation_nll(model, tokenizer, trials.prompts, conts)
     return AgainstTopicRow(sites[0].kind, split, mode, positions, tuple(s.layer for s in sites), float(strength),
@@ -161,7 +161,8 @@ def _unsteered(model: Any, tokenizer: Any, trials: Trials, scorer: Scorer, max_n
                split: str) -> AgainstTopicRow:
     """The floor: each distinct prompt continued once, unedited, and scored against each of its targets."""
     uniq = list(dict.fromkeys(trials.prompts))
-    gens = generate(model, tokenizer, uniq, (), max_new_tokens=max_new_tokens, blocked=special_token_ids(tokenizer))
+    gens = generate(model, tokenizer, uniq, (), settings=GenerationSettings(max_new_tokens),
+                    blocked=special_token_ids(tokenizer))
     by_prompt = {g.prompt: g for g in gens}
     nll, n = continuation_nll(model, tokenizer, uniq, [g.token_ids for g in gens])
     return AgainstTopicRow("unsteered", split, None, None, (), 0.0,

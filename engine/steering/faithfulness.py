@@ -27,7 +27,7 @@ import numpy as np
 
 from engine.errors import ShapeError
 from engine.steering.edits import SteeringEdit
-from engine.steering.generate import continuation_nll, generate, special_token_ids
+from engine.steering.generate import GenerationSettings, continuation_nll, generate, special_token_ids
 
 Scorer = Callable[[str], "int | None"]  # text -> index of its plurality concept (None: no strict plurality)
 
@@ -123,7 +123,7 @@ def run_cell(
     blocked = special_token_ids(tokenizer)
     if site is None:
         uniq = list(dict.fromkeys(trials.prompts))
-        gens = generate(model, tokenizer, uniq, (), max_new_tokens=max_new_tokens, blocked=blocked)
+        gens = generate(model, tokenizer, uniq, (), settings=GenerationSettings(max_new_tokens), blocked=blocked)
         by_prompt = {g.prompt: g for g in gens}
         texts = [by_prompt[p].text for p in trials.prompts]
         nll, n = continuation_nll(model, tokenizer, uniq, [g.token_ids for g in gens])
@@ -131,7 +131,8 @@ def run_cell(
                                _ppl(nll, n), len(trials.prompts))
     rows = np.asarray(site.directions)[trials.targets]  # (n_trials, d)
     edit = SteeringEdit(site.layer, rows, strength, site.norm, mode, site.kind)
-    gens = generate(model, tokenizer, trials.prompts, [edit], max_new_tokens=max_new_tokens, blocked=blocked)
+    gens = generate(model, tokenizer, trials.prompts, [edit], settings=GenerationSettings(max_new_tokens),
+                    blocked=blocked)
     nll, n = continuation_nll(model, tokenizer, trials.prompts, [g.token_ids for g in gens])
     return FaithfulnessRow(site.kind, prompts_name, site.layer, float(strength),
                            _faithful([g.text for g in gens], trials.targets, scorer), _ppl(nll, n), len(gens),
