@@ -161,7 +161,6 @@ TOO_MANY_PARAMETERS_ALLOWED = {
     "engine/align/pairing.py:iter_batch_pairs",
     "engine/atlas/importers.py:import_atlas",
     "engine/models/activations.py:collect",
-    "engine/models/activations.py:_collect",
     "engine/steering/against.py:evaluate_against_topic",
     "engine/steering/faithfulness.py:evaluate_steering",
     "engine/world/eval/against_topic.py:evaluate_world_against_topic",
