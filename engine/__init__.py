@@ -4,7 +4,7 @@ The public API, importable from ``engine`` directly (each name lives in the modu
 owns; see docs/design.md §2 and the README's architecture section):
 
 - the store: `Store` (models, atlases and concepts, alignment maps, labelling runs), `AtlasError`;
-- atlases: `import_atlas`, `register_format`, `lookup`;
+- atlases: `import_atlas`, `SaeRelease`, `register_format`, `lookup`;
 - models: `load_model`, `load_registered`, `Site`;
 - alignment: `AlignmentMap`, `PairingConfig`, `accumulate_pairs`, `fit_map`, `AlignRequest`,
   `align_subject`, `align_layers`, `register_method`;
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from engine.align.methods import register_method
     from engine.align.pairing import PairingConfig
     from engine.align.request import AlignRequest
+    from engine.atlas.formats.releases import SaeRelease
     from engine.atlas.importers import import_atlas, register_format
     from engine.atlas.lookup import lookup
     from engine.labelling.export import export_run, register_label_format
@@ -52,6 +53,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Store": "engine.store.store",
     "import_atlas": "engine.atlas.importers",
+    "SaeRelease": "engine.atlas.formats.releases",
     "register_format": "engine.atlas.importers",
     "lookup": "engine.atlas.lookup",
     "load_model": "engine.models.loading",
@@ -85,7 +87,7 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "AlignRequest", "AlignmentMap", "AtlasError", "GenerationSettings", "PairingConfig", "PlanConcept", "Site", "SteeringEdit", "SteeringPlan",
+    "AlignRequest", "AlignmentMap", "AtlasError", "GenerationSettings", "PairingConfig", "PlanConcept", "SaeRelease", "Site", "SteeringEdit", "SteeringPlan",
     "Store", "__version__", "accumulate_pairs", "align_layers", "align_subject", "explain", "export_run", "export_steering",
     "fit_map", "generate_pair", "import_atlas", "label_features", "load_model", "load_registered", "lookup",
     "register_feature_source", "register_format", "register_label_format", "register_method",

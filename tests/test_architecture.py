@@ -159,7 +159,6 @@ TOO_MANY_PARAMETERS_ALLOWED = {
     "engine/world/eval/sae_labelling.py:sae_maps",
     # not reduced yet (issue 21 "no function over ~10 parameters"):
     "engine/align/pairing.py:iter_batch_pairs",
-    "engine/atlas/importers.py:import_atlas",
     "engine/models/activations.py:collect",
     "engine/steering/against.py:evaluate_against_topic",
     "engine/steering/faithfulness.py:evaluate_steering",

@@ -239,6 +239,7 @@ def import_sae(source: Path | None, name: str, store_dir: Path, db_url: str | No
     The import is one transaction: a failure leaves no atlas.
     """
     from engine.atlas.formats.base import FormatWarning
+    from engine.atlas.formats.releases import SaeRelease
     from engine.atlas.importers import import_atlas
     from engine.models.registry import ensure_model
     from engine.store.store import AtlasSource, IndexPlacement
@@ -255,7 +256,7 @@ def import_sae(source: Path | None, name: str, store_dir: Path, db_url: str | No
         info = import_atlas(store, name, source, labels=o.labels,
                             site=AtlasSource(model=model, layer=o.layer, hook=o.hook, revision=o.revision),
                             index=IndexPlacement(o.index_spec, o.index_uri), key=o.key, fmt=o.fmt,
-                            release=o.release, sae_id=o.sae_id)
+                            release=SaeRelease(o.release, o.sae_id) if o.release or o.sae_id else None)
     for w in caught:
         if issubclass(w.category, FormatWarning):
             click.echo(f"warning: {w.message}", err=True)
