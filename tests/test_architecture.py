@@ -160,13 +160,8 @@ TOO_MANY_PARAMETERS_ALLOWED = {
     # not reduced yet (issue 21 "no function over ~10 parameters"):
     "engine/align/pairing.py:iter_batch_pairs",
     "engine/models/activations.py:collect",
-    "engine/steering/against.py:evaluate_against_topic",
-    "engine/steering/faithfulness.py:evaluate_steering",
-    "engine/world/eval/against_topic.py:evaluate_world_against_topic",
     "engine/world/eval/retrieval.py:evaluate_world_retrieval",
     "engine/world/eval/retrieval.py:evaluate_model_retrieval",
-    "engine/world/eval/sae_steering.py:evaluate_sae_steering",
-    "engine/world/eval/steering.py:evaluate_world_steering",
 }
 
 

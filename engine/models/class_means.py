@@ -80,7 +80,7 @@ def import_means(store: Store, name: str, request: MeansRequest, texts: Sequence
     from engine.models.registry import resolve_model
 
     r = request
-    m_name, m, tok = resolve_model(store, r.model, kind=r.kind, dtype=r.dtype, device=r.device)  # type: ignore[arg-type]
+    m_name, m, tok = resolve_model(store, r.model, kind=r.kind, dtype=r.dtype, device=r.device)
     L = resolve_layer(m, r.layer)
     order, means = class_means(m, tok, texts, labels, [L], hook=r.hook, batch_size=r.batch_size, quiet=quiet)
     d = descriptions or {}

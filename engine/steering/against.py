@@ -44,6 +44,7 @@ from engine.steering.faithfulness import (
     DirectionSet,
     FaithfulnessRow,
     Scorer,
+    SteeringGrid,
     Trials,
     _faithful,
     _ppl,
@@ -54,6 +55,7 @@ from engine.steering.generate import GenerationSettings, continuation_nll, gener
 
 # x each edited layer's typical residual norm; on tiny 2 always broke the text (perplexity > 1,000x)
 DEFAULT_STRENGTHS: tuple[float, ...] = (0.125, 0.25, 0.35, 0.5, 0.7, 1.0)
+DEFAULT_GRID = SteeringGrid(DEFAULT_STRENGTHS, ("add", "clamp"), POSITIONS)
 GUARDS: tuple[str, ...] = ("prompt", "alone")
 GUARD_NAMES = {"prompt": "of the continuation after its prompt", "alone": "of the continuation on its own"}
 
@@ -189,9 +191,8 @@ def default_layer_sets(layers: Sequence[int]) -> list[tuple[int, ...]]:
 
 def evaluate_against_topic(
     model: Any, tokenizer: Any, scorer: Scorer, sites: Sequence[DirectionSet], prompts: Sequence[tuple[str, int]], *,
-    n_concepts: int, strengths: Sequence[float] = DEFAULT_STRENGTHS, modes: Sequence[str] = ("add", "clamp"),
-    positions: Sequence[str] = POSITIONS, layer_sets: Sequence[Sequence[int]] | None = None,
-    max_ppl_ratio: float = 2.0, max_new_tokens: int = 20, per_prompt: int = 2, quiet: bool = False,
+    n_concepts: int, grid: SteeringGrid = DEFAULT_GRID, layer_sets: Sequence[Sequence[int]] | None = None,
+    per_prompt: int = 2, quiet: bool = False,
 ) -> AgainstTopicReport:
     """Faithfulness of steering prompts about concept A towards other concepts (docs above).
 
@@ -201,6 +202,8 @@ def evaluate_against_topic(
     """
     from engine.progress import progress
 
+    strengths, modes, positions = grid.strengths, grid.modes, grid.positions
+    max_ppl_ratio, max_new_tokens = grid.max_ppl_ratio, grid.max_new_tokens
     check_options(modes, positions, strengths)
     val_prompts, test_prompts = split_prompts(prompts)
     if not val_prompts or not test_prompts:

@@ -280,7 +280,9 @@ def eval_steering(store_dir: Path, db_url: str | None, as_json: bool, **options:
     if options["with_sae"]:
         require("sae", "atlas eval steering --sae")
     from engine.steering.against import DEFAULT_STRENGTHS, check_options
+    from engine.steering.faithfulness import SteeringGrid
     from engine.world.eval.against_topic import evaluate_world_against_topic
+    from engine.world.eval.steering import DEFAULT_STRENGTHS as WORLD_STRENGTHS
     from engine.world.eval.steering import evaluate_world_steering
 
     o = SteeringEvalOptions(**options)
@@ -291,22 +293,22 @@ def eval_steering(store_dir: Path, db_url: str | None, as_json: bool, **options:
     check_options(modes, positions_, against_strengths)
     quiet_transformers()
     store = open_store(store_dir, db_url)
-    report = evaluate_world_steering(store, size=size, seed=seed, subject=subject,
-                                     strengths=strengths, layers=layers, map_name=o.map_name,
-                                     max_new_tokens=max_new_tokens, device=device, dtype=dtype)
+    grid = SteeringGrid(tuple(strengths or WORLD_STRENGTHS), max_new_tokens=max_new_tokens)
+    report = evaluate_world_steering(store, size=size, seed=seed, subject=subject, grid=grid, layers=layers,
+                                     map_name=o.map_name, device=device, dtype=dtype)
     against = None
     if o.against_topic:
-        against = evaluate_world_against_topic(store, size=size, seed=seed, subject=subject, strengths=against_strengths,
-                                               layers=layers, modes=modes, positions=positions_,
-                                               prompts_per_concept=o.against_prompts, max_new_tokens=max_new_tokens,
+        against_grid = SteeringGrid(tuple(against_strengths), tuple(modes), tuple(positions_),
+                                    max_new_tokens=max_new_tokens)
+        against = evaluate_world_against_topic(store, size=size, seed=seed, subject=subject, grid=against_grid,
+                                               layers=layers, prompts_per_concept=o.against_prompts,
                                                device=device, dtype=dtype)
     sae_rows: list[dict[str, Any]] = []
     sae_info: dict[str, Any] = {}
     if o.with_sae:
         from engine.world.eval.sae_steering import evaluate_sae_steering
 
-        sae_report, sae_info = evaluate_sae_steering(store, size=size, seed=seed, subject=subject,
-                                                     strengths=strengths or None, max_new_tokens=max_new_tokens,
+        sae_report, sae_info = evaluate_sae_steering(store, size=size, seed=seed, subject=subject, grid=grid,
                                                      quiet=True, device=device, dtype=dtype)
         sae_rows = [{**to_plain(r), "table": "sae"} for r in sae_report.rows]
     if as_json:
