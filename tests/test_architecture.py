@@ -160,8 +160,6 @@ TOO_MANY_PARAMETERS_ALLOWED = {
     # not reduced yet (issue 21 "no function over ~10 parameters"):
     "engine/align/pairing.py:iter_batch_pairs",
     "engine/models/activations.py:collect",
-    "engine/world/eval/retrieval.py:evaluate_world_retrieval",
-    "engine/world/eval/retrieval.py:evaluate_model_retrieval",
 }
 
 

@@ -81,22 +81,23 @@ def eval_retrieval(store_dir: Path, db_url: str | None, as_json: bool, **options
     concepts by cosine (ties count against). MRR = mean 1/rank; MPP = mean (rank-1)/(N-1), 0 is
     perfect and 0.5 chance; top-1/top-5 = share ranked first / in the first five.
     """
+    from engine.align.pairing import PairingConfig
     from engine.world.eval.retrieval import evaluate_model_retrieval, evaluate_world_retrieval
 
     o = RetrievalOptions(**options)
     methods = o.methods or list(METHOD_NAMES)
+    config = PairingConfig(max_pairs=o.max_tokens, device=o.device, dtype=o.dtype)
     quiet_transformers()
     rows: Sequence[RetrievalRow]
     if o.subject_model:
         if o.subjects:
             raise click.UsageError("give --subjects (world subjects) or --subject-model, not both")
         rows = evaluate_model_retrieval(open_store(store_dir, db_url), o.subject_model, size=o.size, seed=o.seed,
-                                        methods=methods, layers=o.layers, pairings=o.pairings, max_pairs=o.max_tokens,
-                                        kind=o.kind, device=o.device, dtype=o.dtype)
+                                        methods=methods, layers=o.layers, pairings=o.pairings, config=config,
+                                        kind=o.kind)
     else:
         rows = evaluate_world_retrieval(open_store(store_dir, db_url), size=o.size, seed=o.seed, methods=methods,
-                                        layers=o.layers, pairings=o.pairings, subjects=o.subjects,
-                                        max_pairs=o.max_tokens, device=o.device, dtype=o.dtype)
+                                        layers=o.layers, pairings=o.pairings, subjects=o.subjects, config=config)
     if as_json:
         print_json([{"subject": r.subject, "method": r.method, "pairing": r.pairing, "layer": r.layer,
                      "mrr": r.mrr, "mpp": r.mpp, "top1": r.top1, "top5": r.top5, "n_queries": r.n_queries,
