@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--json", dest="json_out")
     args = ap.parse_args()
 
+    from engine.steering.faithfulness import SteeringGrid
     from engine.store import layout
     from engine.store.store import Store
     from engine.util import to_plain
@@ -34,8 +35,8 @@ def main() -> None:
     path = Path(args.store)
     store = Store.open(path) if (path / layout.DB_FILE).is_file() else Store.init(path)
     t = time.perf_counter()
-    report, info = evaluate_sae_steering(store, args.size, args.seed, subject=args.subject,
-                                         strengths=[float(s) for s in args.strengths.split(",")], quiet=True)
+    grid = SteeringGrid(tuple(float(s) for s in args.strengths.split(",")))
+    report, info = evaluate_sae_steering(store, args.size, args.seed, subject=args.subject, grid=grid, quiet=True)
     print(f"{time.perf_counter() - t:.0f} s; coverage {info['coverage']} of {info['n_concepts']} concepts")
     for line in report.summary:
         print(line)

@@ -22,7 +22,7 @@ import torch
 
 from engine.models.loading import load_model
 from engine.steering.edits import SteeringEdit
-from engine.steering.generate import generate, special_token_ids
+from engine.steering.generate import GenerationSettings, generate, special_token_ids
 
 WORDS = "the a and then there was it is in with of we i think but so".split()
 
@@ -79,11 +79,12 @@ def main() -> None:
     }
     times: dict[str, list[float]] = {name: [] for name in cases}
     for e, pos in cases.values():  # warm-up
-        generate(model, tok, prompts[:1], e, positions=pos, max_new_tokens=4, blocked=blocked)
+        generate(model, tok, prompts[:1], e, positions=pos, settings=GenerationSettings(4), blocked=blocked)
     for _ in range(args.reps):
         for name, (e, pos) in cases.items():
             t0 = time.perf_counter()
-            out = generate(model, tok, prompts, e, positions=pos, max_new_tokens=args.new, blocked=blocked)
+            out = generate(model, tok, prompts, e, positions=pos, settings=GenerationSettings(args.new),
+                           blocked=blocked)
             times[name].append(time.perf_counter() - t0)
             assert all(len(g.token_ids) == args.new for g in out)
     base = statistics.median(times["unsteered"])

@@ -4,7 +4,7 @@ The public API, importable from ``engine`` directly (each name lives in the modu
 owns; see docs/design.md §2 and the README's architecture section):
 
 - the store: `Store` (models, atlases and concepts, alignment maps, labelling runs), `AtlasError`;
-- atlases: `import_atlas`, `register_format`, `lookup`;
+- atlases: `import_atlas`, `SaeRelease`, `register_format`, `lookup`;
 - models: `load_model`, `load_registered`, `Site`;
 - alignment: `AlignmentMap`, `PairingConfig`, `accumulate_pairs`, `fit_map`, `AlignRequest`,
   `align_subject`, `align_layers`, `register_method`;
@@ -12,7 +12,8 @@ owns; see docs/design.md §2 and the README's architecture section):
 - labelling: `label_features`, `run_labelling`, `export_run`, `register_feature_source`,
   `register_label_format`;
 - steering: `SteeringEdit`, `SteeringPlan`, `PlanConcept`, `run_plan`, `generate_pair`,
-  `register_mode`, `register_native_directions`, `export_steering`, `register_steering_format`.
+  `GenerationSettings`, `register_mode`, `register_native_directions`, `export_steering`,
+  `register_steering_format`.
 
 ConceptWorld is a plug-in, not part of the core: ``from engine.world import build_world``.
 Names are imported on first use, so ``import engine`` (and ``atlas --help``) stays fast.
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from engine.align.methods import register_method
     from engine.align.pairing import PairingConfig
     from engine.align.request import AlignRequest
+    from engine.atlas.formats.releases import SaeRelease
     from engine.atlas.importers import import_atlas, register_format
     from engine.atlas.lookup import lookup
     from engine.labelling.export import export_run, register_label_format
@@ -41,7 +43,7 @@ if TYPE_CHECKING:
     from engine.search import explain, search
     from engine.steering.edits import SteeringEdit, register_mode
     from engine.steering.export import export_steering, register_steering_format
-    from engine.steering.generate import generate_pair
+    from engine.steering.generate import GenerationSettings, generate_pair
     from engine.steering.native import register_native_directions
     from engine.steering.plan import PlanConcept, SteeringPlan, run_plan
     from engine.store.store import Store
@@ -51,6 +53,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Store": "engine.store.store",
     "import_atlas": "engine.atlas.importers",
+    "SaeRelease": "engine.atlas.formats.releases",
     "register_format": "engine.atlas.importers",
     "lookup": "engine.atlas.lookup",
     "load_model": "engine.models.loading",
@@ -76,6 +79,7 @@ _EXPORTS = {
     "export_steering": "engine.steering.export",
     "register_steering_format": "engine.steering.export",
     "generate_pair": "engine.steering.generate",
+    "GenerationSettings": "engine.steering.generate",
     "register_native_directions": "engine.steering.native",
     "SteeringPlan": "engine.steering.plan",
     "PlanConcept": "engine.steering.plan",
@@ -83,7 +87,7 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "AlignRequest", "AlignmentMap", "AtlasError", "PairingConfig", "PlanConcept", "Site", "SteeringEdit", "SteeringPlan",
+    "AlignRequest", "AlignmentMap", "AtlasError", "GenerationSettings", "PairingConfig", "PlanConcept", "SaeRelease", "Site", "SteeringEdit", "SteeringPlan",
     "Store", "__version__", "accumulate_pairs", "align_layers", "align_subject", "explain", "export_run", "export_steering",
     "fit_map", "generate_pair", "import_atlas", "label_features", "load_model", "load_registered", "lookup",
     "register_feature_source", "register_format", "register_label_format", "register_method",

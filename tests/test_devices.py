@@ -148,7 +148,7 @@ def test_bfloat16_on_cpu_gives_float32_activations_and_a_map(folder, tmp_path, s
 @needs_cuda
 def test_gpu_activations_match_cpu_and_generation_runs(folder):
     from engine.steering.edits import SteeringEdit
-    from engine.steering.generate import generate_pair
+    from engine.steering.generate import GenerationSettings, generate_pair
 
     cpu = _batches(*load_model(folder))
     model, tok = load_model(folder, device="cuda", dtype="bfloat16")
@@ -158,7 +158,8 @@ def test_gpu_activations_match_cpu_and_generation_runs(folder):
         cos = torch.nn.functional.cosine_similarity(c.acts[2], g.acts[2], dim=1)
         assert cos.mean() > 0.98
     u = np.random.default_rng(0).normal(size=32).astype(np.float32)
-    pairs = generate_pair(model, tok, ["the red"], [SteeringEdit(1, u, 2.0, 1.0)], max_new_tokens=5)
+    pairs = generate_pair(model, tok, ["the red"], [SteeringEdit(1, u, 2.0, 1.0)],
+                          settings=GenerationSettings(5))
     assert pairs[0].steered is not None
 
 

@@ -16,6 +16,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from engine.atlas.encoder import AtlasEncoder
+from engine.atlas.formats.releases import SaeRelease
 from engine.atlas.importers import FORMATS, import_atlas, read_directions, register_format
 from engine.errors import BadValueError, FormatError, NotFoundError
 from engine.store.store import AtlasSource
@@ -366,24 +367,25 @@ def test_release_ids_resolve_in_a_local_hub_cache(store, tmp_path, monkeypatch):
     assert info["source_ref"] == f"gemma-scope-2b-pt-res:layer_12/width_16k/average_l0_82 (google/gemma-scope-2b-pt-res@{rev})"
     np.testing.assert_array_equal(store.atlas_vectors("g"), w_dec)
     # the canonical alias of the same SAE
-    info = import_atlas(store, "gc", release="gemma-scope-2b-pt-res-canonical", sae_id="layer_12/width_16k/canonical")
+    info = import_atlas(store, "gc",
+                        release=SaeRelease("gemma-scope-2b-pt-res-canonical", "layer_12/width_16k/canonical"))
     assert info.n_concepts == 20
 
     ls = tmp_path / "ls" / "Llama3_1-8B-Base-L15R-8x"
     write_llama_scope(ls, "jumprelu")
     for f in ("hyperparams.json", "checkpoints/final.safetensors"):
         fake_hub_file(cache, "fnlp/Llama3_1-8B-Base-LXR-8x", rev, f"Llama3_1-8B-Base-L15R-8x/{f}", (ls / f).read_bytes())
-    info = import_atlas(store, "l15", release="llama_scope_lxr_8x", sae_id="l15r_8x", hf_cache=cache)
+    info = import_atlas(store, "l15", release=SaeRelease("llama_scope_lxr_8x", "l15r_8x", cache))
     assert (info.model, info.layer, info.source_kind) == ("meta-llama/Llama-3.1-8B", 15, "llama-scope")
 
     with pytest.raises(BadValueError, match="unknown release 'nope'"):
-        import_atlas(store, "x", release="nope", sae_id="a")
+        import_atlas(store, "x", release=SaeRelease("nope", "a"))
     with pytest.raises(BadValueError, match="not an SAE id of gemma-scope-2b-pt-res"):
-        import_atlas(store, "x", release="gemma-scope-2b-pt-res", sae_id="l12r_8x")
+        import_atlas(store, "x", release=SaeRelease("gemma-scope-2b-pt-res", "l12r_8x"))
     with pytest.raises(NotFoundError, match="has no layer_3/width_16k/average_l0_59"):
-        import_atlas(store, "x", release="gemma-scope-2b-pt-res", sae_id="layer_3/width_16k/average_l0_59")
+        import_atlas(store, "x", release=SaeRelease("gemma-scope-2b-pt-res", "layer_3/width_16k/average_l0_59"))
     with pytest.raises(NotFoundError, match="not in the Hugging Face cache"):
-        import_atlas(store, "x", release="llama_scope_lxm_8x", sae_id="l3m_8x")
+        import_atlas(store, "x", release=SaeRelease("llama_scope_lxm_8x", "l3m_8x"))
     r = CliRunner().invoke(cli, ["import-sae", "--release", "gemma-scope-2b-pt-res", "--name", "y",
                                  "--store", str(store.path)])
     assert r.exit_code == 1 and "--release and --sae-id" in r.output

@@ -132,7 +132,7 @@ def test_import_means_makes_an_atlas_of_class_means(store, folders, tmp_path):
     import json
 
     from engine.align.corpus import read_labelled_corpus
-    from engine.models.class_means import import_means
+    from engine.models.class_means import MeansRequest, import_means
 
     rows = [{"text": t, "label": lab, "description": f"about {lab}"}
             for lab, words in (("weather", "rain snow wind sky"), ("music", "violin piano song drums"))
@@ -141,7 +141,7 @@ def test_import_means_makes_an_atlas_of_class_means(store, folders, tmp_path):
     p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     texts, labels, desc = read_labelled_corpus(p)
     assert len(texts) == 32 and labels[0] == "weather" and desc["music"] == "about music"
-    info = import_means(store, "means", str(folders["llama"]), -1, texts, labels, desc)
+    info = import_means(store, "means", MeansRequest(str(folders["llama"]), -1), texts, labels, desc)
     assert (info.n_concepts, info.dim, info.layer, info.model) == (2, 32, 2, "llama")
     v = store.atlas_vectors("means")
     np.testing.assert_allclose(v[0], -v[1], atol=1e-5)  # two centred means are opposite

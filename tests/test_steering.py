@@ -19,7 +19,14 @@ from engine.errors import ShapeError, SiteMismatchError
 from engine.models.hooks import read_residuals, resolve_blocks
 from engine.models.loading import load_model
 from engine.steering.edits import STEERING_MODES, SteeringEdit, steer
-from engine.steering.generate import generate, generate_pair, perplexity, special_token_ids, typical_norm
+from engine.steering.generate import (
+    GenerationSettings,
+    generate,
+    generate_pair,
+    perplexity,
+    special_token_ids,
+    typical_norm,
+)
 
 WORDS = ("the a and then there was it is in with of we i think but so red blue green lion tiger bear "
          "rain snow wind guitar piano drum apple pear plum . ,").split()
@@ -208,19 +215,19 @@ def test_cache_on_and_off_give_identical_tokens(tiny, positions, mode):
     _, model, tok = tiny
     prompts = ["the", "there was a", "and then the", "it is a"]
     edits = [SteeringEdit(1, unit(6), 2.0, 5.0, mode=mode)]
-    kw = dict(positions=positions, max_new_tokens=10, blocked=special_token_ids(tok))
-    cached = generate(model, tok, prompts, edits, use_cache=True, **kw)
-    plain = generate(model, tok, prompts, edits, use_cache=False, **kw)
+    kw = dict(positions=positions, blocked=special_token_ids(tok))
+    cached = generate(model, tok, prompts, edits, settings=GenerationSettings(10, use_cache=True), **kw)
+    plain = generate(model, tok, prompts, edits, settings=GenerationSettings(10, use_cache=False), **kw)
     assert [g.token_ids for g in cached] == [g.token_ids for g in plain]
     assert all(len(g.token_ids) == 10 for g in cached)
-    unsteered = generate(model, tok, prompts, (), **kw)
+    unsteered = generate(model, tok, prompts, (), settings=GenerationSettings(10), **kw)
     assert [g.token_ids for g in unsteered] != [g.token_ids for g in cached]
 
 
 def test_sampling_is_seeded_and_leaves_global_rng_alone(tiny):
     _, model, tok = tiny
     edits = [SteeringEdit(1, unit(7), 1.0, 5.0)]
-    kw = dict(max_new_tokens=10, do_sample=True, seed=3, blocked=special_token_ids(tok))
+    kw = dict(settings=GenerationSettings(10, seed=3, do_sample=True), blocked=special_token_ids(tok))
     state = torch.random.get_rng_state()
     a = generate(model, tok, ["the", "we"], edits, **kw)
     b = generate(model, tok, ["the", "we"], edits, **kw)
@@ -231,7 +238,7 @@ def test_sampling_is_seeded_and_leaves_global_rng_alone(tiny):
 def test_pair_and_perplexity(tiny):
     _, model, tok = tiny
     pairs = generate_pair(model, tok, ["the", "in the"], [SteeringEdit(2, unit(8), 3.0, 5.0)],
-                          max_new_tokens=8, blocked=special_token_ids(tok))
+                          settings=GenerationSettings(8), blocked=special_token_ids(tok))
     assert [p.prompt for p in pairs] == ["the", "in the"]
     assert any(p.steered_ids != p.unsteered_ids for p in pairs)
     ppl = perplexity(model, tok, [p.prompt for p in pairs], [p.unsteered_ids for p in pairs])
@@ -278,7 +285,7 @@ def test_per_row_edits_match_one_edit_per_prompt(tiny, mode):
     _, model, tok = tiny
     prompts = ["the", "there was a", "the", "and then the"]
     dirs = np.stack([unit(10 + i) for i in range(len(prompts))])  # (4, d)
-    kw = dict(max_new_tokens=6, blocked=special_token_ids(tok))
+    kw = dict(settings=GenerationSettings(6), blocked=special_token_ids(tok))
     batched = generate(model, tok, prompts, [SteeringEdit(1, dirs, 2.0, 5.0, mode)], **kw)
     single = [generate(model, tok, [p], [SteeringEdit(1, d, 2.0, 5.0, mode)], **kw)[0] for p, d in zip(prompts, dirs)]
     assert [g.token_ids for g in batched] == [g.token_ids for g in single]

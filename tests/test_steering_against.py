@@ -29,7 +29,7 @@ from engine.steering.against import (
     split_prompts,
 )
 from engine.steering.edits import SteeringEdit, steer
-from engine.steering.faithfulness import DirectionSet
+from engine.steering.faithfulness import DirectionSet, SteeringGrid
 from engine.steering.generate import typical_norm
 from engine.world.config import config_for
 from engine.world.corpus import make_corpus, other_topic_prompts, plurality_concept
@@ -119,8 +119,8 @@ def test_table_structure_and_rules(subject):
     prompts = other_topic_prompts(world.heldout_docs, per_concept=2)
     sets = [(2,), (1, 2)]
     rep = evaluate_against_topic(model, tok, world.plurality_concept, sites, prompts, n_concepts=len(world.concepts),
-                                 strengths=(0.25, 1.0), modes=("add", "clamp"), positions=("all", "new"),
-                                 layer_sets=sets, max_new_tokens=6, per_prompt=1, quiet=True)
+                                 grid=SteeringGrid((0.25, 1.0), ("add", "clamp"), ("all", "new"), max_new_tokens=6),
+                                 layer_sets=sets, per_prompt=1, quiet=True)
     val, test = rep.table("validation"), rep.table("test")
     n_val, n_test = rep.settings["n_validation_prompts"], rep.settings["n_test_prompts"]
     assert n_val + n_test == len({t for t, _ in prompts}) and n_val == n_test == len(world.concepts)

@@ -95,9 +95,10 @@ def test_eval_steering_table_and_json(store, monkeypatch):
     r = invoke(store, "eval", "steering", "--world", "--size", "tiny", "--strengths", "0.5,1", "-l", "2",
                "--modes", "clamp", "--positions", "new", "--against-strengths", "0.5,2")
     assert r.exit_code == 0, r.output
-    assert seen["strengths"] == [0.5, 1.0] and seen["layers"] == [2] and seen["size"] == "tiny"
-    assert seen_against["modes"] == ["clamp"] and seen_against["positions"] == ["new"]
-    assert seen_against["strengths"] == [0.5, 2.0] and seen_against["layers"] == [2]
+    assert seen["grid"].strengths == (0.5, 1.0) and seen["layers"] == [2] and seen["size"] == "tiny"
+    assert seen["grid"].modes == ("add",) and seen["grid"].positions == ("all",)
+    assert seen_against["grid"].modes == ("clamp",) and seen_against["grid"].positions == ("new",)
+    assert seen_against["grid"].strengths == (0.5, 2.0) and seen_against["layers"] == [2]
     assert "chosen on held-out prompts: m2 (layer 2), strength 0.5" in r.output and "0.8800" in r.output
     assert "against-topic prompts (test half" in r.output and "0.5500" in r.output
     assert "0.6000" not in r.output  # validation rows are in --json only

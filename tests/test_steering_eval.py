@@ -18,6 +18,7 @@ from engine.models.loading import load_model
 from engine.steering.faithfulness import (
     DirectionSet,
     FaithfulnessRow,
+    SteeringGrid,
     Trials,
     choose_site,
     evaluate_steering,
@@ -88,7 +89,8 @@ def test_evaluate_steering(word_world):
     model, tok, scorer, sites = word_world
     other = [("the red red", 0), ("a lion", 1), ("the rain", 2)]
     rep = evaluate_steering(model, tok, scorer, sites, neutral_prompts=NEUTRAL, heldout_prompts=HELDOUT,
-                            other_topic_prompts=other, strengths=(0.5, 2.0, 8.0), max_new_tokens=6, quiet=True)
+                            other_topic_prompts=other, grid=SteeringGrid((0.5, 2.0, 8.0), max_new_tokens=6),
+                            quiet=True)
     neutral = [r for r in rep.rows if r.prompts == "neutral"]
     assert len(neutral) == 1 + len(sites) * 3 and all(r.n in (9,) for r in neutral)
     assert {r.prompts for r in rep.calibration} == {"heldout"}

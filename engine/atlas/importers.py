@@ -24,7 +24,7 @@ import numpy as np
 
 from engine.atlas.formats import dictionary_learning, llama_scope, sparsify
 from engine.atlas.formats.base import SAEWeights
-from engine.atlas.formats.releases import resolve_release
+from engine.atlas.formats.releases import SaeRelease, resolve_release
 from engine.atlas.formats.saelens import with_activation
 from engine.atlas.labels import read_labels
 from engine.errors import AtlasError, BadValueError, FormatError
@@ -288,26 +288,24 @@ def import_atlas(
     index: IndexPlacement = IndexPlacement(),
     key: str | None = None,
     fmt: str | None = None,
-    release: str | None = None,
-    sae_id: str | None = None,
-    hf_cache: str | Path | None = None,
+    release: SaeRelease | None = None,
 ) -> AtlasInfo:
     """Import directions from ``source`` (any registered format; ``fmt`` forces one) as an atlas.
 
-    Instead of ``source``, ``release`` + ``sae_id`` name an SAE of a SAELens release, read offline
-    from the local Hugging Face cache (``hf_cache``, default: HF_HUB_CACHE / HF_HOME).
+    Instead of ``source``, ``release`` names an SAE of a SAELens release (`SaeRelease`), read offline
+    from the local Hugging Face cache (its ``cache``, default: HF_HUB_CACHE / HF_HOME).
     ``site`` gives the model, layer, hook and revision where the file does not record them (or to
     override it); ``index`` how and where the index is built (`Store.add_atlas`; default a Flat FAISS file).
     The SAE's encoder and activation (ReLU, JumpReLU threshold, TopK k) are kept with the atlas.
     """
     source_ref = str(source)
-    if release is not None or sae_id is not None:
-        if source is not None or release is None or sae_id is None:
+    if release is not None:
+        if source is not None or release.release is None or release.sae_id is None:
             raise BadValueError("give either SOURCE or both --release and --sae-id")
-        found = resolve_release(release, sae_id, cache=hf_cache)
+        found = resolve_release(release.release, release.sae_id, cache=release.cache)
         source, fmt = found.path, fmt or found.format
         site = dataclasses.replace(site, model=site.model or found.model or None)
-        source_ref = f"{release}:{sae_id} ({found.repo_id}@{found.revision})"
+        source_ref = f"{release.release}:{release.sae_id} ({found.repo_id}@{found.revision})"
     if source is None:
         raise BadValueError("give SOURCE (an SAE folder or file) or --release and --sae-id")
     sae = read_matrix(source, key) if key else read_directions(source, fmt)

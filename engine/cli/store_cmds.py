@@ -226,8 +226,8 @@ def _held_by(info: AtlasInfo) -> str:
 @click.option("--key", help="Tensor name inside a .safetensors matrix holding several.")
 @store_options
 @json_option
-def import_sae(source: Path | None, name: str, fmt, release, sae_id, model, layer, hook, revision, labels, index_spec,
-               index_uri, key, store_dir: Path, db_url: str | None, as_json: bool) -> None:
+def import_sae(source: Path | None, name: str, store_dir: Path, db_url: str | None, as_json: bool,
+               **options: Any) -> None:
     """Import concept directions from SOURCE (or --release/--sae-id) as a new atlas.
 
     SOURCE is a SAELens SAE folder (cfg.json + sae_weights.safetensors), an EleutherAI sparsify
@@ -239,21 +239,24 @@ def import_sae(source: Path | None, name: str, fmt, release, sae_id, model, laye
     The import is one transaction: a failure leaves no atlas.
     """
     from engine.atlas.formats.base import FormatWarning
+    from engine.atlas.formats.releases import SaeRelease
     from engine.atlas.importers import import_atlas
     from engine.models.registry import ensure_model
     from engine.store.store import AtlasSource, IndexPlacement
 
+    o = SaeOptions(**options)
     store = open_store(store_dir, db_url)
-    check_index_uri(store, index_uri)
+    check_index_uri(store, o.index_uri)
     note = None
+    model = o.model
     if model:
-        model, note = ensure_model(store, model, revision=revision, required=False)
+        model, note = ensure_model(store, model, revision=o.revision, required=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FormatWarning)
-        info = import_atlas(store, name, source, labels=labels,
-                            site=AtlasSource(model=model, layer=layer, hook=hook, revision=revision),
-                            index=IndexPlacement(index_spec, index_uri), key=key, fmt=fmt, release=release,
-                            sae_id=sae_id)
+        info = import_atlas(store, name, source, labels=o.labels,
+                            site=AtlasSource(model=model, layer=o.layer, hook=o.hook, revision=o.revision),
+                            index=IndexPlacement(o.index_spec, o.index_uri), key=o.key, fmt=o.fmt,
+                            release=SaeRelease(o.release, o.sae_id) if o.release or o.sae_id else None)
     for w in caught:
         if issubclass(w.category, FormatWarning):
             click.echo(f"warning: {w.message}", err=True)
@@ -266,6 +269,23 @@ def import_sae(source: Path | None, name: str, fmt, release, sae_id, model, laye
     else:
         click.echo(f"imported atlas {info.name}: {info.n_concepts} concepts ({info.n_labelled} labelled), "
                    f"d={info.dim}, site {info.site}, index {info.index_spec}{_held_by(info)}")
+
+
+@dataclass(frozen=True)
+class SaeOptions:
+    """The options of `atlas import-sae` besides SOURCE, --name and the store, as click passes them."""
+
+    fmt: str | None
+    release: str | None
+    sae_id: str | None
+    model: str | None
+    layer: int | None
+    hook: str | None
+    revision: str | None
+    labels: Path | None
+    index_spec: str
+    index_uri: str | None
+    key: str | None
 
 
 @click.command()
@@ -333,16 +353,17 @@ def import_means(corpus: Path, name: str, store_dir: Path, db_url: str | None, a
     an atlas site this way, without an SAE.
     """
     from engine.align.corpus import read_labelled_corpus
+    from engine.models.class_means import MeansRequest
     from engine.models.class_means import import_means as run_import
+    from engine.store.index_location import IndexPlacement
 
-    o = MeansOptions(**options)
+    index = IndexPlacement(options.pop("index_spec"), options.pop("index_uri"))
+    request = MeansRequest(index=index, **options)
     quiet_transformers()
     store = open_store(store_dir, db_url)
-    check_index_uri(store, o.index_uri)
+    check_index_uri(store, index.uri)
     texts, labels, descriptions = read_labelled_corpus(corpus)
-    info = run_import(store, name, o.model, o.layer, texts, labels, descriptions, hook=o.hook, kind=o.kind,
-                      batch_size=o.batch_size, index_spec=o.index_spec, device=o.device, dtype=o.dtype,
-                      index_uri=o.index_uri)
+    info = run_import(store, name, request, texts, labels, descriptions)
     if as_json:
         print_json(info)
     else:
@@ -351,20 +372,6 @@ def import_means(corpus: Path, name: str, store_dir: Path, db_url: str | None, a
 
 
 
-
-@dataclass(frozen=True)
-class MeansOptions:
-    """The options of `atlas import-means` besides CORPUS, --name and the store, as click passes them."""
-
-    model: str
-    layer: int
-    hook: str
-    kind: ModelKind | None
-    batch_size: int
-    index_spec: str
-    index_uri: str | None
-    device: str
-    dtype: str
 
 # ---------------------------------------------------------------------- lookup
 

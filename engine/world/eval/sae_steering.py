@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.steering.faithfulness import DirectionSet, SteeringReport, evaluate_steering
+from engine.steering.faithfulness import DirectionSet, SteeringGrid, SteeringReport, evaluate_steering
 from engine.store.store import Store
 from engine.world.locate import ensure_registered, subject_key
 
@@ -42,10 +42,11 @@ def sae_concept_latents(ground_truth: Sequence[dict], concept_names: Sequence[st
 
 
 def evaluate_sae_steering(store: Store, size: str = "small", seed: int = 0, *, subject: str = "a",
-                          methods: Sequence[str] = ("procrustes", "ridge"), strengths: Sequence[float] | None = None,
-                          max_new_tokens: int = 20, max_docs: int | None = None, quiet: bool = False,
+                          methods: Sequence[str] = ("procrustes", "ridge"), grid: SteeringGrid | None = None,
+                          max_docs: int | None = None, quiet: bool = False,
                           device: str = "cpu", dtype: str = "float32") -> tuple[SteeringReport, dict[str, Any]]:
-    """Steering faithfulness with SAE-latent directions and with topic means, through the same maps.
+    """Steering faithfulness with SAE-latent directions and with topic means, through the same maps
+    (``grid`` None: the world steering evaluation's strengths, added at every position).
 
     Returns the report and ``{"coverage", "n_concepts", "latents", "maps"}``.
     """
@@ -83,7 +84,7 @@ def evaluate_sae_steering(store: Store, size: str = "small", seed: int = 0, *, s
         report = evaluate_steering(
             model, tok, world.plurality_concept, sites, neutral_prompts=world.neutral_prompts,
             heldout_prompts=template_prompts(world.neutral_prompts), other_topic_prompts=world.other_topic_prompts,
-            strengths=tuple(strengths or DEFAULT_STRENGTHS), max_new_tokens=max_new_tokens, quiet=quiet,
+            grid=grid or SteeringGrid(DEFAULT_STRENGTHS), quiet=quiet,
         )
     report.settings.update(world=world.name, subject=wm.name, atlas=f"{world.name}-sae")
     info = {"coverage": covered, "n_concepts": len(world.concepts), "latents": latents,

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import ShapeError
-from engine.steering.faithfulness import DirectionSet, SteeringReport, evaluate_steering
+from engine.steering.faithfulness import DirectionSet, SteeringGrid, SteeringReport, evaluate_steering
 from engine.store.store import Store
 from engine.world.locate import ensure_registered, subject_key, world_texts
 from engine.world.register import concept_ordinals
@@ -110,16 +110,17 @@ def world_sites(store: Store, world: Any, key: str, maps: Sequence[Any]) -> list
 
 
 def evaluate_world_steering(
-    store: Store, size: str = "small", seed: int = 0, *, subject: str = "a", strengths: Sequence[float] | None = None,
-    layers: Sequence[int] | None = None, map_name: str | None = None, max_new_tokens: int = 20,
-    mode: str = "add", quiet: bool = False, device: str = "cpu", dtype: str = "float32",
+    store: Store, size: str = "small", seed: int = 0, *, subject: str = "a", grid: SteeringGrid | None = None,
+    layers: Sequence[int] | None = None, map_name: str | None = None, quiet: bool = False, device: str = "cpu",
+    dtype: str = "float32",
 ) -> SteeringReport:
     """Steering faithfulness on ConceptWorld (`atlas eval steering --world`).
 
     The world is built (or reused) and registered; maps of the subject onto the world atlas are
     found or fitted (Procrustes and ridge at every layer); evaluation prompts are the world's
     neutral prompts, site choice uses `template_prompts` (never the evaluation prompts), and the
-    world's other-topic prompts are reported at the chosen cells.
+    world's other-topic prompts are reported at the chosen cells. ``grid`` None: `DEFAULT_STRENGTHS`
+    added at every position.
     """
     from engine.models.activations import auto_threads, torch_threads
     from engine.models.loading import load_model
@@ -132,8 +133,7 @@ def evaluate_world_steering(
         report = evaluate_steering(
             model, tok, world.plurality_concept, world_sites(store, world, key, maps),
             neutral_prompts=world.neutral_prompts, heldout_prompts=template_prompts(world.neutral_prompts),
-            other_topic_prompts=world.other_topic_prompts, strengths=tuple(strengths or DEFAULT_STRENGTHS),
-            max_new_tokens=max_new_tokens, mode=mode, quiet=quiet,
+            other_topic_prompts=world.other_topic_prompts, grid=grid or SteeringGrid(DEFAULT_STRENGTHS), quiet=quiet,
         )
     report.settings.update(world=world.name, subject=world.model(key).name, atlas=world.atlas_name)
     return report
