@@ -22,6 +22,7 @@ import transformers as T
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 
 from engine.models.activations import collect
+from engine.models.hooks import Site
 from engine.models.loading import load_model
 from engine.steering.edits import SteeringEdit
 from engine.steering.generate import generate_pair
@@ -56,10 +57,10 @@ def measure(folder: Path, device: str, dtype: str, n_texts: int, layers: int) ->
     model, tok = load_model(folder, device=device, dtype=dtype)
     rng = np.random.default_rng(1)
     texts = [" ".join(rng.choice(WORDS, 120)) for _ in range(n_texts)]
-    list(collect(model, tok, texts[:16], range(layers), batch_size=16, desc=None))  # warm-up
+    list(collect(model, tok, texts[:16], Site(tuple(range(layers))), batch_size=16, desc=None))  # warm-up
     sync(device)
     t = time.perf_counter()
-    n = sum(b.n_tokens for b in collect(model, tok, texts, range(layers), batch_size=32, desc=None))
+    n = sum(b.n_tokens for b in collect(model, tok, texts, Site(tuple(range(layers))), batch_size=32, desc=None))
     sync(device)
     collect_s = time.perf_counter() - t
     u = np.random.default_rng(2).normal(size=model.config.n_embd).astype(np.float32)

@@ -132,12 +132,13 @@ def explain(
     import torch
 
     from engine.models.activations import collect
+    from engine.models.hooks import Site
     from engine.models.loading import load_registered
 
     check_k(k)  # before the model loads: a bad k is said at once
     if model is None or tokenizer is None:
         model, tokenizer = load_registered(store, amap.subject_model, device=device, dtype=dtype)
-    batches = list(collect(model, tokenizer, [text], [amap.subject_layer], site=amap.subject_hook,
+    batches = list(collect(model, tokenizer, [text], Site((amap.subject_layer,), amap.subject_hook),
                            batch_size=1, desc=None, dtype=torch.float32))
     if not batches or batches[0].n_tokens == 0:
         return []

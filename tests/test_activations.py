@@ -37,8 +37,8 @@ def _all(gen):
 
 def test_padding_never_changes_a_texts_activations(models):
     model, tok = models["a"]
-    batched = _all(collect(model, tok, CORPUS, [0, 2], batch_size=4, quiet=True))
-    single = _all(collect(model, tok, CORPUS, [0, 2], batch_size=1, quiet=True))
+    batched = _all(collect(model, tok, CORPUS, Site((0, 2)), batch_size=4, desc=None))
+    single = _all(collect(model, tok, CORPUS, Site((0, 2)), batch_size=1, desc=None))
     for L in (0, 2):
         a = torch.cat([b.acts[L] for b in batched])
         s = torch.cat([b.acts[L] for b in single])
@@ -51,7 +51,7 @@ def test_padding_never_changes_a_texts_activations(models):
 
 def test_special_tokens_of_an_encoder_never_come_out(tmp_path):
     model, tok = load_model(save_tiny(tmp_path / "bert", "bert"), kind="encoder")
-    batches = _all(collect(model, tok, CORPUS[:3], [1], batch_size=2, quiet=True))
+    batches = _all(collect(model, tok, CORPUS[:3], Site((1,)), batch_size=2, desc=None))
     ids = np.concatenate([b.token_id for b in batches])
     assert not set(ids) & {tok.cls_token_id, tok.sep_token_id, tok.pad_token_id}
     assert batches[0].acts[1].shape[1] == 32
@@ -59,16 +59,16 @@ def test_special_tokens_of_an_encoder_never_come_out(tmp_path):
 
 def test_resid_pre_and_post_agree_and_max_tokens_stops(models):
     model, tok = models["a"]
-    post = _all(collect(model, tok, CORPUS, [0], "resid_post", batch_size=2, quiet=True))
-    pre = _all(collect(model, tok, CORPUS, [1], "resid_pre", batch_size=2, quiet=True))
+    post = _all(collect(model, tok, CORPUS, Site((0,), "resid_post"), batch_size=2, desc=None))
+    pre = _all(collect(model, tok, CORPUS, Site((1,), "resid_pre"), batch_size=2, desc=None))
     torch.testing.assert_close(torch.cat([b.acts[0] for b in post]), torch.cat([b.acts[1] for b in pre]))
-    few = _all(collect(model, tok, CORPUS, [0], batch_size=2, max_tokens=5, quiet=True))
+    few = _all(collect(model, tok, CORPUS, Site((0,)), batch_size=2, max_tokens=5, desc=None))
     assert len(few) == 1 and few[0].n_tokens >= 5
 
 
 def test_dtype_control(models):
     model, tok = models["a"]
-    (b, *_) = _all(collect(model, tok, CORPUS[:2], [1], batch_size=2, dtype="float16", quiet=True))
+    (b, *_) = _all(collect(model, tok, CORPUS[:2], Site((1,)), batch_size=2, dtype="float16", desc=None))
     assert b.acts[1].dtype == torch.float16
 
 
@@ -77,7 +77,7 @@ def test_early_stop_skips_the_rest_of_the_model(models):
     calls = []
     h = model.lm_head.register_forward_hook(lambda *a: calls.append(1))
     try:
-        _all(collect(model, tok, CORPUS[:2], [0], batch_size=2, quiet=True))
+        _all(collect(model, tok, CORPUS[:2], Site((0,)), batch_size=2, desc=None))
     finally:
         h.remove()
     assert calls == []
@@ -85,19 +85,19 @@ def test_early_stop_skips_the_rest_of_the_model(models):
 
 def test_shards_are_written_and_reused(models, tmp_path, monkeypatch):
     model, tok = models["a"]
-    first = _all(collect(model, tok, CORPUS, [1], batch_size=3, shard_dir=tmp_path / "c", quiet=True))
+    first = _all(collect(model, tok, CORPUS, Site((1,)), batch_size=3, shard_dir=tmp_path / "c", desc=None))
     (folder,) = (tmp_path / "c").iterdir()
     assert (folder / "manifest.json").is_file()
     assert len(list(folder.glob("shard-*.safetensors"))) == len(first)
     # other settings: another cache beside it
-    _all(collect(model, tok, CORPUS, [0], batch_size=3, shard_dir=tmp_path / "c", quiet=True))
+    _all(collect(model, tok, CORPUS, Site((0,)), batch_size=3, shard_dir=tmp_path / "c", desc=None))
     assert len(list((tmp_path / "c").iterdir())) == 2
 
     def boom(*a, **k):
         raise AssertionError("the model ran although the shards were complete")
 
     monkeypatch.setattr(model, "forward", boom)
-    again = _all(collect(model, tok, CORPUS, [1], batch_size=3, shard_dir=tmp_path / "c", quiet=True))
+    again = _all(collect(model, tok, CORPUS, Site((1,)), batch_size=3, shard_dir=tmp_path / "c", desc=None))
     monkeypatch.undo()
     for x, y in zip(first, again, strict=True):
         torch.testing.assert_close(x.acts[1], y.acts[1])
@@ -107,7 +107,7 @@ def test_shards_are_written_and_reused(models, tmp_path, monkeypatch):
 
 def test_an_abandoned_pass_leaves_no_manifest(models, tmp_path):
     model, tok = models["a"]
-    gen = collect(model, tok, CORPUS, [1], batch_size=2, shard_dir=tmp_path / "c", quiet=True)
+    gen = collect(model, tok, CORPUS, Site((1,)), batch_size=2, shard_dir=tmp_path / "c", desc=None)
     next(gen)
     gen.close()
     assert not list((tmp_path / "c").glob("*/manifest.json"))
@@ -141,11 +141,11 @@ def test_prepend_reads_before_an_edit_and_append_after(models):
 
 
 def test_token_pairing_one_pair_per_token(models):
-    chunks = _all(iter_pairs(models["a"], models["f"], CORPUS, Site((0, 2)), Site((-1,)), "token", batch_size=3, quiet=True))
+    chunks = _all(iter_pairs(models["a"], models["f"], CORPUS, Site((0, 2)), Site((-1,)), "token", batch_size=3, desc=None))
     n = sum(c.n for c in chunks)
-    assert n == sum(b.n_tokens for b in collect(*models["a"], CORPUS, [0], quiet=True))
+    assert n == sum(b.n_tokens for b in collect(*models["a"], CORPUS, Site((0,)), desc=None))
     assert chunks[0].x[2].shape[1] == 32 and chunks[0].y.shape[1] == 48
-    capped = _all(iter_pairs(models["a"], models["f"], CORPUS, Site((0,)), Site((1,)), "token", max_pairs=10, quiet=True))
+    capped = _all(iter_pairs(models["a"], models["f"], CORPUS, Site((0,)), Site((1,)), "token", max_pairs=10, desc=None))
     assert sum(c.n for c in capped) == 10
 
 
@@ -156,7 +156,7 @@ def test_token_pairing_refuses_different_tokenizers(models):
 
 def test_span_pairing_across_tokenizers(models):
     (sb, fb), *_ = _all(iter_batch_pairs(models["b"], models["f"], CORPUS, Site((1,)), Site((1,)), batch_size=len(CORPUS),
-                                          quiet=True))
+                                          desc=None))
     n_words = sum(len(word_spans(t)) for t in CORPUS)
     # BPE pieces really do split words here, so this is a cross-tokenizer test
     assert sb.n_tokens > fb.n_tokens - sum(t.count(".") + t.count("!") for t in CORPUS)
@@ -179,7 +179,7 @@ def test_span_pairing_across_tokenizers(models):
 
 def test_text_pairing_pools_each_text(models):
     (sb, fb), *_ = _all(iter_batch_pairs(models["b"], models["f"], CORPUS, Site((1,)), Site((1,)), batch_size=len(CORPUS),
-                                          quiet=True))
+                                          desc=None))
     mean = pair_batches(sb, fb, CORPUS, "text", [1], 1, pool="mean")
     mx = pair_batches(sb, fb, CORPUS, "text", [1], 1, pool="max")
     assert mean.n == mx.n == len(CORPUS)

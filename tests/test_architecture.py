@@ -157,10 +157,6 @@ TOO_MANY_PARAMETERS_ALLOWED = {
     "engine/labelling/run.py:label_features",
     "engine/world/eval/sae_labelling.py:evaluate_sae_labelling",
     "engine/world/eval/sae_labelling.py:sae_maps",
-    # their callers live in those files: engine/align/fit.py passes quiet= to iter_batch_pairs and
-    # engine/labelling/contexts.py calls collect(..., [layer], site=hook, ...); reduce them with the callers
-    "engine/align/pairing.py:iter_batch_pairs",
-    "engine/models/activations.py:collect",
 }
 
 

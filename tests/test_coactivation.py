@@ -125,7 +125,7 @@ def test_one_pass_over_a_world_is_the_brute_force_correlation(tiny_world, key, p
     enc_y = _random_topk(rng, fnd[0].config.hidden_size, 16, 3)
     got = accumulate_coactivation(sub, fnd, texts, (Site((Ls,)), Site((Lf,))), (enc_x, enc_y),
                                   PairingConfig((pairing,), batch_size=5), quiet=True)
-    chunks = list(iter_pairs(sub, fnd, texts, Site((Ls,)), Site((Lf,)), pairing=pairing, batch_size=24, quiet=True))
+    chunks = list(iter_pairs(sub, fnd, texts, Site((Ls,)), Site((Lf,)), pairing=pairing, batch_size=24, desc=None))
     x = np.concatenate([c.x[Ls].float().numpy() for c in chunks])
     y = np.concatenate([c.y.float().numpy() for c in chunks])
     ax, ay = enc_x.encode(x), enc_y.encode(y)

@@ -75,11 +75,12 @@ def brute_force(store: Store, source: str, texts: list[str], top: int, window: i
 
     from engine.atlas.encoder import AtlasEncoder
     from engine.models.activations import collect
+    from engine.models.hooks import Site
     from engine.models.loading import load_registered
 
     src = resolve_source(store, source)
     model, tok = load_registered(store, src.model)
-    batches = list(collect(model, tok, texts, [src.layer], site=src.hook, batch_size=BATCH, desc=None,
+    batches = list(collect(model, tok, texts, Site((src.layer,), src.hook), batch_size=BATCH, desc=None,
                            dtype=torch.float32))
     x = np.concatenate([next(iter(b.acts.values())).numpy() for b in batches])
     text_index = np.concatenate([b.text_index for b in batches])

@@ -23,6 +23,7 @@ import engine.models.devices as devices
 from engine.errors import AtlasError, BadValueError
 from engine.models.activations import collect
 from engine.models.devices import Placement, choose_placement, device_map_kwargs, is_oom, resolve_device
+from engine.models.hooks import Site
 from engine.models.loading import load_model
 from engine.store.store import AtlasSource
 
@@ -82,7 +83,7 @@ def test_oom_exception_types():
 
 
 def _batches(model, tok, **kw):
-    return list(collect(model, tok, CORPUS * 3, [0, 2], batch_size=8, desc=None, **kw))
+    return list(collect(model, tok, CORPUS * 3, Site((0, 2)), batch_size=8, desc=None, **kw))
 
 
 def test_an_out_of_memory_batch_is_halved_and_retried(folder, monkeypatch):

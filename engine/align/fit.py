@@ -119,8 +119,8 @@ def _accumulate_pairs(subject: tuple[torch.nn.Module, Any], foundation: tuple[to
         counts = dict.fromkeys(config.pairings, 0)
         for sb, fb in iter_batch_pairs(
             subject, foundation, texts, s_site, f_site, batch_size=config.batch_size,
-            cache_dir=config.cache_dir if cap is None else None, dtype=ACTIVATION_DTYPE, desc=f"pairs ({split})",
-            quiet=quiet,
+            cache_dir=config.cache_dir if cap is None else None, dtype=ACTIVATION_DTYPE,
+            desc=None if quiet else f"pairs ({split})",
         ):
             for p in config.pairings:
                 if cap is not None and counts[p] >= cap:

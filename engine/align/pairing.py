@@ -226,7 +226,6 @@ def iter_batch_pairs(
     dtype: torch.dtype | str = torch.float32,
     cache_dir: str | Path | None = None,
     desc: str | None = "pairs",
-    quiet: bool = False,
 ) -> Iterator[tuple[TokenBatch, TokenBatch]]:
     """Run both models over the same batches of texts, yielding their token records in step.
 
@@ -237,10 +236,9 @@ def iter_batch_pairs(
     (sm, stok), (fm, ftok) = subject, foundation
     if max_length is None:
         max_length = min(default_max_length(sm, stok), default_max_length(fm, ftok))
-    gen_s = collect(sm, stok, texts, subject_site.layers, subject_site.hook, batch_size, max_length=max_length,
-                    dtype=dtype, layer_module=subject_site.layer_module, shard_dir=cache_dir, desc=desc, quiet=quiet)
-    gen_f = collect(fm, ftok, texts, foundation_site.layers, foundation_site.hook, batch_size,
-                    max_length=max_length, dtype=dtype, layer_module=foundation_site.layer_module,
+    gen_s = collect(sm, stok, texts, subject_site, batch_size, max_length=max_length, dtype=dtype,
+                    shard_dir=cache_dir, desc=desc)
+    gen_f = collect(fm, ftok, texts, foundation_site, batch_size, max_length=max_length, dtype=dtype,
                     shard_dir=cache_dir, desc=None)
     yield from zip(gen_s, gen_f, strict=True)
 

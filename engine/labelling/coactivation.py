@@ -304,7 +304,7 @@ def accumulate_coactivation(subject: tuple[torch.nn.Module, Any], foundation: tu
     n = 0
     for chunk in iter_pairs(subject, foundation, texts, sites[0], sites[1], pairing=pairing,
                             pool=config.pools.get(pairing), max_pairs=config.max_pairs, batch_size=config.batch_size,
-                            quiet=quiet, desc="co-activation"):
+                            desc=None if quiet else "co-activation"):
         x = chunk.x[next(iter(chunk.x))].float().numpy()
         y = chunk.y.float().numpy()
         ax = sparse_codes(subject_encoder.encode(x))

@@ -232,6 +232,7 @@ def run_contexts(store: Store, run: ContextRun, texts: Sequence[str], *, quiet: 
     import torch
 
     from engine.models.activations import collect
+    from engine.models.hooks import Site
     from engine.models.loading import load_registered, model_fingerprint
 
     if run.status == "done":
@@ -277,7 +278,7 @@ def run_contexts(store: Store, run: ContextRun, texts: Sequence[str], *, quiet: 
                 if max_chunks is not None and i >= max_chunks:
                     break
                 changed = np.zeros(info.n_concepts, dtype=bool)
-                for b in collect(model, tokenizer, texts[lo:hi], [layer], site=hook, batch_size=batch_size,
+                for b in collect(model, tokenizer, texts[lo:hi], Site((layer,), hook), batch_size=batch_size,
                                  desc=None, dtype=torch.float32):
                     bar.update(b.texts[1] - b.texts[0])
                     if b.n_tokens == 0:

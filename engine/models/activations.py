@@ -124,19 +124,16 @@ def collect(
     model: torch.nn.Module,
     tokenizer: Any,
     texts: Sequence[str],
-    layers: Sequence[int],
-    site: str = "resid_post",
+    site: Site,
     batch_size: int = 16,
     max_tokens: int | None = None,
     *,
     max_length: int | None = None,
     dtype: torch.dtype | str = torch.float32,
-    layer_module: str | None = None,
     shard_dir: str | Path | None = None,
     desc: str | None = "activations",
-    quiet: bool = False,
 ) -> Iterator[TokenBatch]:
-    """Stream the residuals at ``site`` of ``layers`` over ``texts``, batch by batch.
+    """Stream the residuals at ``site`` (its layers, hook point and block list) over ``texts``, batch by batch.
 
     Texts are right-padded per batch (positions start at 0 for every text, which absolute
     position embeddings need); only real, non-special tokens come out. ``max_tokens`` stops after
@@ -148,19 +145,19 @@ def collect(
     if batch_size < 1:
         raise BadValueError(f"batch_size must be >= 1, got {batch_size}")
     out_dtype = as_dtype(dtype) or torch.float32
-    layer_idx = sorted({resolve_layer(model, layer, layer_module) for layer in layers})
+    layer_idx = sorted({resolve_layer(model, layer, site.layer_module) for layer in site.layers})
     max_length = max_length or default_max_length(model, tokenizer)
     cache = None
     if shard_dir is not None:
-        key = _cache_key(model, tokenizer, texts, layer_idx, site, out_dtype, batch_size, max_length, max_tokens)
+        key = _cache_key(model, tokenizer, texts, layer_idx, site.hook, out_dtype, batch_size, max_length, max_tokens)
         cache = _ShardCache(Path(shard_dir) / key[:32], key)
         if cache.complete():
             yield from cache.read()
             return
         cache.start()
     yield from _collect(
-        model, tokenizer, texts, Site(tuple(layer_idx), site, layer_module), batch_size, max_tokens, max_length,
-        out_dtype, None if quiet else desc, cache,
+        model, tokenizer, texts, Site(tuple(layer_idx), site.hook, site.layer_module), batch_size, max_tokens, max_length,
+        out_dtype, desc, cache,
     )
     if cache is not None:  # reached only when the consumer read every batch
         cache.mark_done()

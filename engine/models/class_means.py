@@ -17,6 +17,7 @@ import torch
 
 from engine.errors import ShapeError
 from engine.models.activations import collect
+from engine.models.hooks import Site
 from engine.store.atlases import AtlasSource
 from engine.store.index_location import IndexPlacement
 
@@ -39,7 +40,7 @@ def class_means(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], la
     y = np.asarray([index[lab] for lab in labels], dtype=np.int64)
     sums: dict[int, np.ndarray] = {}
     counts = np.zeros(len(order))
-    for b in collect(model, tokenizer, texts, layers, hook, batch_size, desc="class means", quiet=quiet):
+    for b in collect(model, tokenizer, texts, Site(tuple(layers), hook), batch_size, desc=None if quiet else "class means"):
         cls = torch.from_numpy(y[b.text_index])
         counts += np.bincount(cls.numpy(), minlength=len(order))
         for L, a in b.acts.items():

@@ -16,6 +16,7 @@ import torch
 
 from engine.errors import BadValueError, ShapeError
 from engine.models.activations import collect
+from engine.models.hooks import Site
 from engine.steering.edits import Positions, SteeringEdit, steer
 
 
@@ -183,8 +184,8 @@ def typical_norm(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], l
     """
 
     total, n = 0.0, 0
-    for batch in collect(model, tokenizer, list(texts), [layer], batch_size=batch_size, desc=None,
-                         layer_module=layer_module):
+    for batch in collect(model, tokenizer, list(texts), Site((layer,), layer_module=layer_module),
+                         batch_size=batch_size, desc=None):
         a = next(iter(batch.acts.values()))  # (n_tokens, d)
         total += float(torch.linalg.vector_norm(a.double(), dim=-1).sum())
         n += batch.n_tokens

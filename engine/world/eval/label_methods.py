@@ -112,11 +112,12 @@ def explanation_quality(model: Any, tok: Any, layer: int, docs: Sequence[tuple[s
 
     from engine.labelling.criteria import label_topk, unit_rows
     from engine.models.activations import collect
+    from engine.models.hooks import Site
 
     member = {w.lower(): c for c, con in enumerate(concepts) for w in con.members}
     texts = [t for t, _ in docs]
     acts, tindex, word_concept = [], [], []
-    for b in collect(model, tok, texts, [layer], batch_size=16, desc=None, dtype=torch.float32):
+    for b in collect(model, tok, texts, Site((layer,)), batch_size=16, desc=None, dtype=torch.float32):
         acts.append(next(iter(b.acts.values())).numpy())
         tindex.append(b.text_index)
         for ti, (s, e) in zip(b.text_index, b.offsets):
@@ -203,7 +204,7 @@ def measure_world(world: Any, docs: int = 1500, methods: Sequence[str] | None = 
     def pairs(sub: Any, L: int, texts: list[str], pairing: str) -> tuple[np.ndarray, np.ndarray]:
         xs, ys = [], []
         for sb, fb in iter_batch_pairs(sub, fnd, texts, Site((L,)).resolved(sub[0]), Site((Lf,)).resolved(fnd[0]),
-                                       batch_size=32, quiet=True):
+                                       batch_size=32, desc=None):
             ch = pair_batches(sb, fb, texts, pairing, [L], Lf)
             xs.append(ch.x[L].float().numpy())
             ys.append(ch.y.float().numpy())
