@@ -208,7 +208,7 @@ def test_a_pair_cap_is_refused_on_ray(store):
     from engine.models.hooks import Site
 
     with pytest.raises(BadValueError, match="corpus order"):
-        accumulate_pairs_on_ray(store, "s", "f", ["a"], [], Site((0,)), Site((0,)), PairingConfig(max_pairs=10),
+        accumulate_pairs_on_ray(store, "s", "f", ["a"], [], (Site((0,)), Site((0,))), PairingConfig(max_pairs=10),
                                 CONFIG)
 
 

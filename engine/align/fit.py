@@ -145,8 +145,7 @@ def accumulate_pairs_on_ray(
     foundation: str,
     train_texts: Sequence[str],
     heldout_texts: Sequence[str],
-    subject_site: Site,
-    foundation_site: Site,
+    sites: tuple[Site, Site],
     config: PairingConfig,
     ray: RayConfig,
     *,
@@ -162,6 +161,7 @@ def accumulate_pairs_on_ray(
     `PairedStats`; the driver merges them (sums: the same map to float rounding). Sites must be
     resolved (absolute layers). ``config.max_pairs`` is refused: it caps pairs in corpus order.
     """
+    subject_site, foundation_site = sites
     if config.max_pairs is not None:
         raise BadValueError("a pair cap (--max-tokens) takes pairs in corpus order and cannot be sharded; "
                             "with Ray give a shorter corpus instead")
@@ -267,8 +267,9 @@ def align_layers(store: Store, request: AlignRequest, *, quiet: bool = False) ->
         stats = accumulate_pairs((sm, stok), (fm, ftok), texts, heldout_texts, site, f_site, config, quiet=quiet)
     else:
         check_pairing(pairing, stok, ftok)
-        stats = accumulate_pairs_on_ray(store, s_name, ainfo.model, texts, heldout_texts, site.resolved(sm),
-                                        f_site.resolved(fm), config, request.ray, kind=kind, quiet=quiet)
+        stats = accumulate_pairs_on_ray(store, s_name, ainfo.model, texts, heldout_texts,
+                                        (site.resolved(sm), f_site.resolved(fm)), config, request.ray, kind=kind,
+                                        quiet=quiet)
     out = []
     for L in layers:
         sites = MapSites(s_name, L, ainfo.name, ainfo.model, ainfo.layer, site.hook, ainfo.hook)
