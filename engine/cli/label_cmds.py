@@ -53,6 +53,16 @@ def register(cli: click.Group) -> None:
               help="Ranking: nn (cosine), csls (hub-corrected: 2cos - r_S - r_T) or isf (inverted softmax). "
                    "csls/isf first stream all features once for the atlas-side statistic, saved with the run.")
 @click.option("--csls-k", type=int, default=None, help="CSLS neighbourhood size [default: 10].")
+@click.option("--match", type=click.Choice(["map", "activations"]), default="map", show_default=True,
+              help="map: the SAE's decoder directions through MAP. activations: the SAE's latents matched to "
+                   "the atlas's features by how they fire on the same text (--corpus); needs the SAE's encoder; "
+                   "an atlas without an encoder is read by projection on its directions.")
+@click.option("--corpus", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="--match activations: the text both models read (a .txt, one text per line, or .jsonl).")
+@click.option("--pairing", type=click.Choice(["token", "span"]),
+              help="--match activations: token (same tokenizer) or span (each word's last piece, across "
+                   "tokenizers) [default: the map's pairing, else token].")
+@click.option("--max-pairs", type=int, help="--match activations: paired tokens / words used at most.")
 @click.option("--no-confidence", is_flag=True,
               help="Store no confidence (default: each label's probability of being right, from the shipped "
                    "model fitted on development worlds).")
@@ -63,8 +73,9 @@ def register(cli: click.Group) -> None:
 @store_options
 @json_option
 @quiet_option
-def label(map_name, features, k, name, batch_size, resume, overwrite, no_site_check, criterion, csls_k,
-          no_confidence, min_confidence, ray, store_dir: Path, db_url, as_json: bool) -> None:
+def label(map_name, features, k, name, batch_size, resume, overwrite, no_site_check, criterion, csls_k, match,
+          corpus, pairing, max_pairs, no_confidence, min_confidence, ray, store_dir: Path, db_url,
+          as_json: bool) -> None:
     """Label many subject features through MAP: the top-k atlas concepts of each, stored as a run.
 
     Rows are committed batch by batch; a run stopped by Ctrl-C or a kill is continued with
@@ -83,8 +94,9 @@ def label(map_name, features, k, name, batch_size, resume, overwrite, no_site_ch
     if resume:
         if map_name or features:
             raise click.UsageError("--resume RUN takes no MAP or --features: the run records them")
-        if criterion != "nn" or csls_k is not None or no_confidence:
-            raise click.UsageError("--resume RUN takes no --criterion, --csls-k or --no-confidence: the run records them")
+        if criterion != "nn" or csls_k is not None or no_confidence or match != "map" or corpus or pairing:
+            raise click.UsageError("--resume RUN takes no --criterion, --csls-k, --match, --corpus, --pairing or "
+                                   "--no-confidence: the run records them")
         run_name, prepared = resume, None
     else:
         if not map_name or not features:
@@ -92,7 +104,8 @@ def label(map_name, features, k, name, batch_size, resume, overwrite, no_site_ch
         prepared = labelling.prepare_run(
             store, map_name, features, k=k, name=name, batch_size=batch_size, site_check=not no_site_check,
             overwrite=overwrite, criterion=criterion, csls_k=DEFAULT_CSLS_K if csls_k is None else csls_k,
-            confidence="none" if no_confidence else "default",
+            confidence="none" if no_confidence else "default", match=match, corpus=corpus, pairing=pairing,
+            max_pairs=max_pairs,
         )
         run_name = prepared.run.name
     try:

@@ -33,6 +33,11 @@ the one shipped in ``confidence_default.json`` (fitted on development worlds, se
 given; the model is recorded in the run's params, so a resume scores with the same numbers. An
 ``nn`` run computes no atlas-side statistic (its speed is unchanged), so its confidence reads the
 score and margin only (the ``map.nn`` model); ``csls`` / ``isf`` runs use all four signals.
+
+Activation matching (``match="activations"``, `engine.labelling.matching`): the run's candidates
+are the subject SAE latents' best-correlated atlas features over a corpus both models read, not
+the index's cosines; the co-activation pass is saved as the run's files before its first batch
+commits, and everything after (criteria, confidence, commits, resume, Ray) is the same.
 """
 
 from __future__ import annotations
@@ -193,7 +198,8 @@ def prepare_run(
     store: Store, map_name: str, features: str, *, k: int = DEFAULT_K, name: str | None = None,
     batch_size: int = DEFAULT_BATCH, key: str | None = None, site_check: bool = True, overwrite: bool = False,
     criterion: str = DEFAULT_CRITERION, csls_k: int = DEFAULT_CSLS_K,
-    confidence: ConfidenceModel | str | None = "default",
+    confidence: ConfidenceModel | str | None = "default", match: str = "map", corpus: str | None = None,
+    pairing: str | None = None, max_pairs: int | None = None,
 ) -> PreparedRun:
     """Record a new run labelling ``features`` (see `engine.labelling.sources`) through map ``map_name``.
 
@@ -201,24 +207,39 @@ def prepare_run(
     (SAELens ``cfg.json``) the model and layer must be the map's too, unless ``site_check=False``.
     ``criterion`` (``nn``, ``csls``, ``isf``) ranks the atlas concepts (``csls_k``: CSLS's
     neighbourhood); ``confidence`` is the `ConfidenceModel` each label's confidence comes from
-    (``"default"``: the shipped one; ``"none"``: no confidence).
+    (``"default"``: the shipped one; ``"none"``: no confidence). ``match="activations"`` labels an
+    SAE's latents by co-activation over ``corpus`` (``pairing`` token / span, default the map's;
+    ``max_pairs`` pairs at most; `engine.labelling.matching`) instead of through the map's directions.
     """
+    from engine.labelling.matching import check_match
+
     check_k(k)
     check_criterion(criterion)
     if batch_size < 1:
         raise AtlasError(f"--batch must be >= 1, got {batch_size}")
     if not isinstance(csls_k, int) or csls_k < 1:
         raise BadValueError(f"--csls-k must be a whole number >= 1, got {csls_k!r}")
+    check_match(match)
+    if match == "activations" and confidence == "default":
+        confidence = default_confidence("activations")
     ranking = Ranking(criterion, csls_k, None, _confidence_model(criterion, confidence))
     amap = load_map(store, map_name)
     source = open_feature_source(features, key=key, store=store, amap=amap)
     check_source_site(store, amap, source, site_check)
+    extra: dict[str, Any] = {}
+    if match == "activations":
+        from engine.labelling.matching import match_spec
+
+        extra["match"] = match_spec(amap, source, corpus, pairing, max_pairs).params()
+    elif corpus is not None or pairing is not None or max_pairs is not None:
+        raise BadValueError("--corpus, --pairing and --max-pairs apply to --match activations only")
     n_concepts = store.atlas(amap.atlas).n_concepts
     run = store.add_run(
-        name or default_run_name(map_name, source.spec, k), map_name, feature_source=source.spec,
-        fingerprint=source.fingerprint, n_features=source.n_features, k=min(k, n_concepts), batch_size=batch_size,
-        params={"source_kind": source.kind, "site_check": site_check, "k_requested": k, "method": "map",
-                **ranking.params()}, overwrite=overwrite,
+        name or default_run_name(map_name if match == "map" else f"{map_name}.act", source.spec, k), map_name,
+        feature_source=source.spec, fingerprint=source.fingerprint, n_features=source.n_features,
+        k=min(k, n_concepts), batch_size=batch_size,
+        params={"source_kind": source.kind, "site_check": site_check, "k_requested": k, "method": match,
+                **ranking.params(), **extra}, overwrite=overwrite,
     )
     return PreparedRun(run, amap, source)
 
@@ -227,12 +248,13 @@ def create_run(
     store: Store, map_name: str, features: str, *, k: int = DEFAULT_K, name: str | None = None,
     batch_size: int = DEFAULT_BATCH, key: str | None = None, site_check: bool = True, overwrite: bool = False,
     criterion: str = DEFAULT_CRITERION, csls_k: int = DEFAULT_CSLS_K,
-    confidence: ConfidenceModel | str | None = "default",
+    confidence: ConfidenceModel | str | None = "default", match: str = "map", corpus: str | None = None,
+    pairing: str | None = None, max_pairs: int | None = None,
 ) -> LabellingRun:
     """`prepare_run`, for the run only."""
     return prepare_run(store, map_name, features, k=k, name=name, batch_size=batch_size, key=key,
                        site_check=site_check, overwrite=overwrite, criterion=criterion, csls_k=csls_k,
-                       confidence=confidence).run
+                       confidence=confidence, match=match, corpus=corpus, pairing=pairing, max_pairs=max_pairs).run
 
 
 def check_source_site(store: Store, amap: AlignmentMap, source: FeatureSource, site_check: bool = True) -> None:
@@ -256,12 +278,13 @@ def label_features(
     batch_size: int = DEFAULT_BATCH, key: str | None = None, site_check: bool = True,
     overwrite: bool = False, quiet: bool = False, ray: RayConfig | None = None,
     criterion: str = DEFAULT_CRITERION, csls_k: int = DEFAULT_CSLS_K,
-    confidence: ConfidenceModel | str | None = "default",
+    confidence: ConfidenceModel | str | None = "default", match: str = "map", corpus: str | None = None,
+    pairing: str | None = None, max_pairs: int | None = None,
 ) -> LabellingRun:
     """Create a run and carry it out to the end (see `prepare_run` and `run_labelling`)."""
     prepared = prepare_run(store, map_name, features, k=k, name=name, batch_size=batch_size, key=key,
                            site_check=site_check, overwrite=overwrite, criterion=criterion, csls_k=csls_k,
-                           confidence=confidence)
+                           confidence=confidence, match=match, corpus=corpus, pairing=pairing, max_pairs=max_pairs)
     return run_labelling(store, prepared.run.name, quiet=quiet, ray=ray, prepared=prepared)
 
 
@@ -284,6 +307,7 @@ class _RunInputs:
     index: VectorIndex
     job: LabelPass
     ranking: Ranking
+    coact: Any = None  # an activation run's CoactivationStats (None: a map run, or before its pass)
 
 
 def _open_inputs(store: Store, run: LabellingRun, prepared: PreparedRun | None = None) -> _RunInputs:
@@ -309,7 +333,12 @@ def _open_inputs(store: Store, run: LabellingRun, prepared: PreparedRun | None =
     job = store.label_pass(name)
     if job.atlas_vector_sha256 != run.params.get("atlas_vector_sha256"):
         raise SourceChangedError(f"atlas {run.atlas!r} was re-imported since run {name!r} started")
-    return _RunInputs(amap, source, store.index(run.atlas), job, recorded_ranking(store, run))
+    coact = None
+    if run.params.get("method") == "activations":
+        from engine.labelling.matching import load_pass
+
+        coact = load_pass(store, name)
+    return _RunInputs(amap, source, store.index(run.atlas), job, recorded_ranking(store, run), coact)
 
 
 def recorded_ranking(store: Store, run: LabellingRun) -> Ranking:
@@ -325,6 +354,23 @@ def recorded_ranking(store: Store, run: LabellingRun) -> Ranking:
 
 def _needs_stat(ranking: Ranking) -> bool:
     return ranking.criterion != "nn"
+
+
+def _activations(run: LabellingRun) -> bool:
+    return run.params.get("method") == "activations"
+
+
+def _save_coactivation(store: Store, run: LabellingRun, inputs: _RunInputs, quiet: bool) -> dict[str, Any]:
+    """The co-activation pass of an activation run and its atlas-side statistic, saved as the run's
+    files; returns the run's params with their records (recorded before the first batch commits)."""
+    from engine.labelling.matching import coactivation_pass, save_pass
+
+    stats = coactivation_pass(store, run.params, inputs.amap, inputs.source, quiet=quiet)
+    if stats.n_x != run.n_features:
+        raise SourceChangedError(f"the SAE's encoder has {stats.n_x} latents, its decoder {run.n_features}")
+    files = save_pass(store, run.name, stats, inputs.ranking.csls_k)
+    failpoint("label.stat_saved")
+    return {**run.params, "files": {**(run.params.get("files") or {}), **files}}
 
 
 def _save_stat(store: Store, run: LabellingRun, inputs: _RunInputs, quiet: bool) -> dict[str, Any]:
@@ -372,11 +418,17 @@ def run_labelling(store: Store, name: str, *, quiet: bool = False, max_batches: 
     inputs = _open_inputs(store, run, prepared)
     job = inputs.job
     params = run.params
-    if _needs_stat(inputs.ranking) and inputs.ranking.stat is None:
-        params = _save_stat(store, run, inputs, quiet)  # recorded by `start`, before the first commit
+    if _activations(run):
+        fresh = inputs.coact is None
+        if fresh:
+            params = _save_coactivation(store, run, inputs, quiet)  # recorded by `start`, before the first commit
+    else:
+        fresh = _needs_stat(inputs.ranking) and inputs.ranking.stat is None
+        if fresh:
+            params = _save_stat(store, run, inputs, quiet)
     job.start(params)
-    if _needs_stat(inputs.ranking) and inputs.ranking.stat is None:
-        inputs.ranking = recorded_ranking(store, store.run(name))  # read back: what a resume reads
+    if fresh:  # read back what a resume reads
+        inputs = _open_inputs(store, store.run(name), prepared)
     stop = None if max_batches is None else run.n_done + max_batches * run.batch_size
     bar = progress(total=run.n_features, initial=run.n_done, desc=f"labelling {name}", unit="feat", quiet=quiet)
     try:
@@ -398,7 +450,11 @@ Batch = tuple[int, int, np.ndarray, np.ndarray, "np.ndarray | None"]
 def _batches_here(inputs: _RunInputs, k: int, steps: Iterable[tuple[int, int]]) -> Iterator[Batch]:
     """The run's batches ``steps`` (``(lo, hi)`` each), computed in this process one at a time."""
     for lo, hi in steps:
-        scores, ids, conf = label_batch(inputs.amap, inputs.index, inputs.source.vectors[lo:hi], k, inputs.ranking)
+        if inputs.coact is not None:  # activation matching: the latents' best correlations are the candidates
+            cand_s, cand_i = inputs.coact.top_matches(inputs.ranking.candidates(k, inputs.coact.n_y), lo, hi)
+            scores, ids, conf = inputs.ranking.rank(cand_s, cand_i, k)
+        else:
+            scores, ids, conf = label_batch(inputs.amap, inputs.index, inputs.source.vectors[lo:hi], k, inputs.ranking)
         yield lo, hi, scores, ids, conf
 
 
