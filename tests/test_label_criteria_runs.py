@@ -28,19 +28,11 @@ from engine.labelling.criteria import AtlasSideStats, AtlasStat, candidate_k, cr
 from engine.labelling.export import export_run, iter_labels, label_page
 from engine.search import project
 from engine.store.schema import FeatureLabelRow, LabelRunRow
-from tests.test_search import D_SUBJECT, make_mapped_store
+from tests.test_labelling import mapped  # noqa: F401 - the fixture: 230 features through map m
 
 REPO = Path(__file__).resolve().parents[1]
+N = 230  # the features of `mapped`
 CRITERIA = ("nn", "csls", "isf")
-
-
-@pytest.fixture
-def mapped(store, tmp_path):
-    atlas, amap = make_mapped_store(store)
-    feats = np.random.default_rng(3).normal(size=(300, D_SUBJECT)).astype(np.float32)
-    path = tmp_path / "feats.npy"
-    np.save(path, feats)
-    return store, atlas, amap, feats, path
 
 
 def rows_of(store, name):
@@ -64,7 +56,7 @@ def brute_stat(q: np.ndarray, atlas: np.ndarray, k: int = 10, beta: float = 30.0
 
 
 @pytest.mark.parametrize("criterion", CRITERIA)
-def test_rows_are_the_brute_force_criterion(mapped, criterion):
+def test_rows_are_the_brute_force_criterion(mapped, criterion):  # noqa: F811
     store, atlas, amap, feats, path = mapped
     run = labelling.label_features(store, "m", str(path), k=4, batch_size=64, criterion=criterion, quiet=True)
     assert run.status == "done" and run.params["criterion"] == criterion
@@ -95,7 +87,7 @@ def test_rows_are_the_brute_force_criterion(mapped, criterion):
 
 
 @pytest.mark.parametrize("criterion", ["csls", "isf"])
-def test_resume_reads_the_recorded_statistic_and_gives_the_same_rows(mapped, criterion, monkeypatch):
+def test_resume_reads_the_recorded_statistic_and_gives_the_same_rows(mapped, criterion, monkeypatch):  # noqa: F811
     store, _, _, _, path = mapped
     clean = labelling.label_features(store, "m", str(path), k=3, batch_size=50, name="clean", criterion=criterion,
                                      quiet=True)
@@ -132,7 +124,7 @@ def _label_cmd(store, path, criterion, name):
 
 @pytest.mark.parametrize("criterion", CRITERIA)
 @pytest.mark.parametrize("point", ["label.stat_saved", "label.batch_committed"])
-def test_sigkilled_run_resumes_to_the_uninterrupted_rows(mapped, criterion, point):
+def test_sigkilled_run_resumes_to_the_uninterrupted_rows(mapped, criterion, point):  # noqa: F811
     """A real `atlas label` process killed (SIGKILL) after its statistic is saved or after a batch
     commits, then resumed: the rows are those of a clean run, under each criterion."""
     store, _, _, _, path = mapped
@@ -161,7 +153,7 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_rows(mapped, criterion, poin
 
 
 @pytest.mark.parametrize("criterion", ["nn", "csls"])
-def test_confidence_is_the_models_prediction_on_the_signals(mapped, criterion):
+def test_confidence_is_the_models_prediction_on_the_signals(mapped, criterion):  # noqa: F811
     store, atlas, amap, feats, path = mapped
     run = labelling.label_features(store, "m", str(path), k=3, batch_size=64, criterion=criterion, quiet=True)
     model = labelling.default_confidence("map.nn" if criterion == "nn" else "map.stat")
@@ -189,7 +181,7 @@ def test_confidence_is_the_models_prediction_on_the_signals(mapped, criterion):
     assert 0 < conf.min() < conf.max() < 1
 
 
-def test_export_with_min_confidence_writes_no_match(mapped, tmp_path):
+def test_export_with_min_confidence_writes_no_match(mapped, tmp_path):  # noqa: F811
     store, _, _, _, path = mapped
     run = labelling.label_features(store, "m", str(path), k=2, batch_size=64, name="r", quiet=True)
     conf = np.array([fl.confidence for fl in iter_labels(store, run.name)])
@@ -197,7 +189,7 @@ def test_export_with_min_confidence_writes_no_match(mapped, tmp_path):
     below = int((conf < p).sum())
     assert 0 < below < len(conf)
     buf = io.StringIO()
-    assert export_run(store, "r", buf, "jsonl", min_confidence=p) == 300  # nothing dropped
+    assert export_run(store, "r", buf, "jsonl", min_confidence=p) == N  # nothing dropped
     lines = [json.loads(x) for x in buf.getvalue().splitlines()]
     misses = [d for d in lines if d["label"] == NO_MATCH]
     assert len(misses) == below and all(d["concept"] is None and d["confidence"] < p for d in misses)
@@ -205,7 +197,7 @@ def test_export_with_min_confidence_writes_no_match(mapped, tmp_path):
     buf = io.StringIO()
     export_run(store, "r", buf, "csv", min_confidence=p)
     rows = list(csv.DictReader(io.StringIO(buf.getvalue())))
-    assert sum(r["label"] == NO_MATCH for r in rows) == below and len(rows) == below + 2 * (300 - below)
+    assert sum(r["label"] == NO_MATCH for r in rows) == below and len(rows) == below + 2 * (N - below)
     # the CLI: the same file, and --help says what happens below the threshold
     st = ["--store", str(store.path)]
     out = CliRunner().invoke(cli, ["export", "r", "--min-confidence", str(p), *st])
@@ -219,7 +211,7 @@ def test_export_with_min_confidence_writes_no_match(mapped, tmp_path):
         export_run(store, "plain", io.StringIO(), min_confidence=0.5)
 
 
-def test_cli_label_criterion_and_min_confidence(mapped):
+def test_cli_label_criterion_and_min_confidence(mapped):  # noqa: F811
     store, _, _, _, path = mapped
     st = ["--store", str(store.path)]
     r = CliRunner().invoke(cli, ["label", "m", "--features", str(path), "--criterion", "csls", "--csls-k", "5",
@@ -238,7 +230,7 @@ def test_cli_label_criterion_and_min_confidence(mapped):
     assert r.exit_code == 2
 
 
-def test_run_page_marks_labels_below_min_confidence(mapped):
+def test_run_page_marks_labels_below_min_confidence(mapped):  # noqa: F811
     import httpx
 
     from engine.serve.app import create_app
@@ -246,7 +238,7 @@ def test_run_page_marks_labels_below_min_confidence(mapped):
 
     store, _, _, _, path = mapped
     labelling.label_features(store, "m", str(path), k=2, batch_size=64, name="r", quiet=True)
-    page = label_page(store, "r", "confidence", descending=True, limit=300)
+    page = label_page(store, "r", "confidence", descending=True, limit=N)
     conf = [fl.confidence for fl in page]
     assert conf == sorted(conf, reverse=True)
     p = float(np.median(conf))
@@ -257,7 +249,7 @@ def test_run_page_marks_labels_below_min_confidence(mapped):
 
 
 def _check_page(client, conf, p):
-    body = client.get("/api/runs/r/rows", params={"order": "confidence", "desc": True, "min_confidence": p, "limit": 300}).json()
+    body = client.get("/api/runs/r/rows", params={"order": "confidence", "desc": True, "min_confidence": p, "limit": N}).json()
     rows = body["rows"]
     assert body["min_confidence"] == p and [r["confidence"] for r in rows] == pytest.approx(conf)
     assert all((r["label"] == NO_MATCH) == (r["confidence"] < p) for r in rows)
