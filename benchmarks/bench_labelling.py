@@ -38,6 +38,7 @@ time window and so under the same load.
 
     python benchmarks/bench_labelling.py                       # the full 100k x 100k run
     python benchmarks/bench_labelling.py --features 10000 --concepts 10000   # quick check
+    python benchmarks/bench_labelling.py --features 10000 --concepts 10000 --criterion csls  # its cost vs nn
 """
 
 from __future__ import annotations
@@ -157,6 +158,8 @@ def main() -> None:
     ap.add_argument("--ef", type=int, help="the efSearch / nprobe of the run (default: with --sweep, the smallest "
                     "swept value reaching --target-recall on the validation features; else the spec's own)")
     ap.add_argument("--target-recall", type=float, default=0.95, help="what --sweep chooses for")
+    ap.add_argument("--criterion", default="nn", choices=["nn", "csls", "isf"],
+                    help="the run's criterion (csls/isf add the atlas-side statistic's pre-pass and a re-rank)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
 
@@ -252,7 +255,8 @@ def main() -> None:
             if args.ef:  # the value chosen on validation features, for the index the run opens
                 clock.params = {"efSearch" if "HNSW" in args.spec else "nprobe": args.ef}
             run = labelling.label_features(fresh, map_name, str(root / "features.npy"), k=args.k,
-                                           batch_size=args.batch, name=run_name, quiet=True)
+                                           batch_size=args.batch, name=run_name, quiet=True,
+                                           criterion=args.criterion)
             assert run.status == "done" and run.n_done == args.features
             t_label, cpu_label = time.perf_counter() - t0, time.process_time() - c0
             n_rows = fresh.count_run_labels(run_name)
@@ -278,7 +282,7 @@ def main() -> None:
     print(f"search inside the run: {clock.seconds:.1f}s, the rest: {t_label - clock.seconds:.1f}s", flush=True)
     out = {
         "features": args.features, "concepts": args.concepts, "d_subject": args.d_subject,
-        "d_atlas": args.d_atlas, "k": args.k, "batch": args.batch, "rows": n_rows,
+        "d_atlas": args.d_atlas, "k": args.k, "batch": args.batch, "rows": n_rows, "criterion": args.criterion,
         "bare_search_s": t_bare, "bare_search_runs_s": [t_bare_1, t_bare_2], "labelling_s": t_label,
         "ratio": t_label / t_bare, "projection_s": t_project,
         # the same run seen from inside, one time window: search vs everything else

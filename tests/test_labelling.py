@@ -177,7 +177,8 @@ def test_export_jsonl_and_csv_with_margins(mapped):
     buf = io.StringIO()
     labelling_export.export_run(store, "r", buf, "csv")
     rows = list(csv.DictReader(io.StringIO(buf.getvalue())))
-    assert len(rows) == 230 * 3 and rows[0].keys() == {"feature", "rank", "concept", "label", "score", "margin"}
+    assert len(rows) == 230 * 3 and rows[0].keys() == {"feature", "rank", "concept", "label", "score", "margin",
+                                                         "confidence"}
     assert float(rows[0]["score"]) == first["score"] and float(rows[2]["margin"]) == pytest.approx(first["margin"])
 
 

@@ -155,7 +155,8 @@ def test_downgrade_and_upgrade_keep_the_rows(tmp_path, db_url):
                                 "procrustes", subject_model="subj", subject_layer=1, atlas="a", atlas_model="x",
                                 atlas_layer=1, metrics={"subject_resid_norm": 1.0, "atlas_resid_norm": 1.0}), "m")
     np.save(tmp_path / "f.npy", rng.normal(size=(20, 8)).astype(np.float32))
-    label_features(store, "m", str(tmp_path / "f.npy"), k=3, name="r1", quiet=True)
+    # no confidence: a downgrade below 0009 drops that column (test_label_criteria_runs checks what it keeps)
+    label_features(store, "m", str(tmp_path / "f.npy"), k=3, name="r1", quiet=True, confidence="none")
     before = _contents(store)
     store.close()
     for target in ("0002", "0001"):

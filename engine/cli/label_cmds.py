@@ -49,34 +49,63 @@ def register(cli: click.Group) -> None:
 @click.option("--no-site-check", is_flag=True,
               help="Do not compare the model and layer the features record with the map's subject site "
                    "(their width is always checked).")
+@click.option("--criterion", type=click.Choice(["nn", "csls", "isf"]), default="nn", show_default=True,
+              help="Ranking: nn (cosine), csls (hub-corrected: 2cos - r_S - r_T) or isf (inverted softmax). "
+                   "csls/isf first stream all features once for the atlas-side statistic, saved with the run.")
+@click.option("--csls-k", type=int, default=None, help="CSLS neighbourhood size [default: 10].")
+@click.option("--match", type=click.Choice(["map", "activations"]), default="map", show_default=True,
+              help="map: the SAE's decoder directions through MAP. activations: the SAE's latents matched to "
+                   "the atlas's features by how they fire on the same text (--corpus); needs the SAE's encoder; "
+                   "an atlas without an encoder is read by projection on its directions.")
+@click.option("--corpus", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="--match activations: the text both models read (a .txt, one text per line, or .jsonl).")
+@click.option("--pairing", type=click.Choice(["token", "span"]),
+              help="--match activations: token (same tokenizer) or span (each word's last piece, across "
+                   "tokenizers) [default: the map's pairing, else token].")
+@click.option("--max-pairs", type=int, help="--match activations: paired tokens / words used at most.")
+@click.option("--no-confidence", is_flag=True,
+              help="Store no confidence (default: each label's probability of being right, from the shipped "
+                   "model fitted on development worlds).")
+@click.option("--min-confidence", type=click.FloatRange(0, 1), metavar="P",
+              help="Report how many labels reach confidence P (the rest export as 'no match' with "
+                   "`atlas export --min-confidence P`); stored rows are the same whatever P.")
 @ray_options
 @store_options
 @json_option
 @quiet_option
-def label(map_name, features, k, name, batch_size, resume, overwrite, no_site_check, ray, store_dir: Path,
-          db_url, as_json: bool) -> None:
+def label(map_name, features, k, name, batch_size, resume, overwrite, no_site_check, criterion, csls_k, match,
+          corpus, pairing, max_pairs, no_confidence, min_confidence, ray, store_dir: Path, db_url,
+          as_json: bool) -> None:
     """Label many subject features through MAP: the top-k atlas concepts of each, stored as a run.
 
     Rows are committed batch by batch; a run stopped by Ctrl-C or a kill is continued with
-    `atlas label --resume RUN` and ends with exactly the rows of an uninterrupted run.
+    `atlas label --resume RUN` and ends with exactly the rows of an uninterrupted run (under every
+    criterion: the statistic csls/isf rank with is saved before the first batch and read back).
+    Every label gets a confidence, the probability that its first hit is right.
     `atlas runs` lists runs, `atlas export RUN` writes their labels.
 
     With --ray (or --ray-address) Ray workers compute the batches and this process commits them
     in order through the same run: the same rows, resumable the same way.
     """
     from engine.labelling import run as labelling
+    from engine.labelling.criteria import DEFAULT_CSLS_K
 
     store = open_store(store_dir, db_url)
     if resume:
         if map_name or features:
             raise click.UsageError("--resume RUN takes no MAP or --features: the run records them")
+        if criterion != "nn" or csls_k is not None or no_confidence or match != "map" or corpus or pairing:
+            raise click.UsageError("--resume RUN takes no --criterion, --csls-k, --match, --corpus, --pairing or "
+                                   "--no-confidence: the run records them")
         run_name, prepared = resume, None
     else:
         if not map_name or not features:
             raise click.UsageError("give MAP and --features SOURCE (or --resume RUN)")
         prepared = labelling.prepare_run(
             store, map_name, features, k=k, name=name, batch_size=batch_size, site_check=not no_site_check,
-            overwrite=overwrite,
+            overwrite=overwrite, criterion=criterion, csls_k=DEFAULT_CSLS_K if csls_k is None else csls_k,
+            confidence="none" if no_confidence else "default", match=match, corpus=corpus, pairing=pairing,
+            max_pairs=max_pairs,
         )
         run_name = prepared.run.name
     try:
@@ -86,11 +115,24 @@ def label(map_name, features, k, name, batch_size, resume, overwrite, no_site_ch
         click.echo(f"interrupted at {run.n_done}/{run.n_features} features; "
                    f"`atlas label --resume {run_name}` continues", err=True)
         sys.exit(130)
+    from engine.labelling.export import check_confidence_recorded
+
+    check_confidence_recorded(run, min_confidence)
+    conf = store.run_confidence(run.name, min_confidence)
     if as_json:
-        print_json(run)
-    else:
-        click.echo(f"run {run.name}: {run.n_done}/{run.n_features} features labelled with top-{run.k} "
-                   f"concepts of {run.atlas} through {run.map} ({run.status})")
+        from engine.util import to_plain
+
+        print_json({**to_plain(run), "confidence": conf})
+        return
+    crit = run.params.get("criterion", "nn")
+    click.echo(f"run {run.name}: {run.n_done}/{run.n_features} features labelled with top-{run.k} "
+               f"concepts of {run.atlas} through {run.map} by {crit} ({run.status})")
+    if conf["mean"] is not None:
+        line = f"mean confidence {conf['mean']:.3f}"
+        if min_confidence is not None:
+            line += (f"; {conf['n_matched']}/{conf['n_features']} labels at confidence >= {min_confidence:g} "
+                     f"(`atlas export {run.name} --min-confidence {min_confidence:g}` writes the rest as 'no match')")
+        click.echo(line)
 
 
 @click.command()
@@ -113,15 +155,21 @@ def runs(store_dir: Path, db_url: str | None, as_json: bool) -> None:
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
               help="File (default: stdout); a name ending in .gz is gzip-compressed.")
 @click.option("--partial", is_flag=True, help="Export the finished part of an unfinished run.")
+@click.option("--min-confidence", type=click.FloatRange(0, 1), metavar="P",
+              help="Write features whose label confidence is below P as an explicit 'no match' (label "
+                   "\"no match\", no concept; jsonl keeps their hits, csv writes one rank-0 row). "
+                   "Nothing is dropped: every feature is written.")
 @store_options
-def export(run_name: str, fmt: ExportFormat, output: Path | None, partial: bool, store_dir: Path,
-           db_url: str | None) -> None:
-    """Write the labels of RUN with their scores and the margin between the top two hits.
+def export(run_name: str, fmt: ExportFormat, output: Path | None, partial: bool, min_confidence: float | None,
+           store_dir: Path, db_url: str | None) -> None:
+    """Write the labels of RUN with their scores, the margin between the top two hits and the
+    label's confidence (the probability that the first hit is right).
 
-    jsonl: one object per feature (label, concept, score, margin, hits). csv: one row per
-    (feature, rank). neuronpedia: rows shaped like a Neuronpedia explanations export (modelId,
+    jsonl: one object per feature (label, concept, score, margin, confidence, hits). csv: one row
+    per (feature, rank). neuronpedia: rows shaped like a Neuronpedia explanations export (modelId,
     layer, index, description, explanationModelName "concept-atlas:MAP", score), which
-    `atlas import-sae --labels` reads back. A small margin means the transferred label is uncertain.
+    `atlas import-sae --labels` reads back. A small margin or a low confidence means the
+    transferred label is uncertain; --min-confidence P marks those below P as "no match".
     """
     import gzip
     import io
@@ -130,7 +178,7 @@ def export(run_name: str, fmt: ExportFormat, output: Path | None, partial: bool,
 
     store = open_store(store_dir, db_url)
     if output is None:
-        export_run(store, run_name, sys.stdout, fmt, partial=partial)
+        export_run(store, run_name, sys.stdout, fmt, partial=partial, min_confidence=min_confidence)
         return
     from engine.errors import BadValueError
 
@@ -139,7 +187,7 @@ def export(run_name: str, fmt: ExportFormat, output: Path | None, partial: bool,
     try:
         with (io.TextIOWrapper(gzip.open(tmp, "wb"), encoding="utf-8", newline="") if output.suffix == ".gz"
               else open(tmp, "w", encoding="utf-8", newline="")) as f:
-            n = export_run(store, run_name, f, fmt, partial=partial)
+            n = export_run(store, run_name, f, fmt, partial=partial, min_confidence=min_confidence)
         tmp.replace(output)
     except OSError as e:
         raise BadValueError(f"cannot write --output {output} ({e.strerror or e}); pick a writable file") from None

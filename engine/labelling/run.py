@@ -17,21 +17,58 @@ they are and a retried task never writes a row twice.
 Throughput: one float32 GEMM per batch projects the features (`engine.search.project`), the
 atlas index is searched with the whole batch, and the rows go in with one ``executemany``; on a
 100k-concept Flat atlas the search is nearly all of the time (benchmarks/bench_labelling.py).
+
+Criteria (`engine.labelling.criteria`): ``nn`` ranks by cosine, as the index returns it. ``csls``
+and ``isf`` need one statistic per atlas concept over *all* the run's features, so the run first
+streams every batch through `project` into `AtlasSideStats` (O(n_atlas · csls_k) memory), saves
+the result as a file of the store (`Store.save_run_file`, its sha256 in ``params["files"]``)
+*before its first batch commits*, and then each batch fetches `candidate_k` cosine neighbours and
+re-ranks them (`rerank`). A resumed run reads the recorded file back (never recomputes it), so
+its rows are those of an uninterrupted run.
+
+Confidence (`engine.labelling.confidence`): every feature's rank-1 row gets the probability that
+its first hit is right, from `label_signals` of the cosine candidates (score, margin; CSLS gap and
+mutual nearest neighbour where the run has the atlas-side statistic) through a `ConfidenceModel`:
+the one shipped in ``confidence_default.json`` (fitted on development worlds, see its meta) or one
+given; the model is recorded in the run's params, so a resume scores with the same numbers. An
+``nn`` run computes no atlas-side statistic (its speed is unchanged), so its confidence reads the
+score and margin only (the ``map.nn`` model); ``csls`` / ``isf`` runs use all four signals.
+
+Activation matching (``match="activations"``, `engine.labelling.matching`): the run's candidates
+are the subject SAE latents' best-correlated atlas features over a corpus both models read, not
+the index's cosines; the co-activation pass is saved as the run's files before its first batch
+commits, and everything after (criteria, confidence, commits, resume, Ray) is the same.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
+import io
+import json
 import re
 import socket
 from collections.abc import Iterable, Iterator
+from importlib import resources
+from typing import Any
 
 import numpy as np
 
 from engine.align.map import AlignmentMap, load_map
 from engine.distributed.ray_exec import RayConfig, StoreLocation, cluster_cpus, map_ordered, ray_session
-from engine.errors import AtlasError, NotFoundError, SourceChangedError
+from engine.errors import AtlasError, BadValueError, NotFoundError, SourceChangedError
+from engine.labelling.confidence import SIGNALS, ConfidenceModel, label_signals, mutual_nearest
+from engine.labelling.criteria import (
+    DEFAULT_CRITERION,
+    DEFAULT_CSLS_K,
+    DEFAULT_ISF_BETA,
+    AtlasSideStats,
+    AtlasStat,
+    candidate_k,
+    check_criterion,
+    rerank,
+)
 from engine.labelling.sources import FeatureSource, open_feature_source, source_plugins
 from engine.progress import progress
 from engine.search import project
@@ -42,14 +79,97 @@ from indexes.base import VectorIndex
 from indexes.faiss_backend import search_threads, set_search_threads
 
 __all__ = [
-    "DEFAULT_BATCH", "DEFAULT_K", "LabellingRun", "PreparedRun", "RunConflictError", "SourceChangedError",
-    "check_source_site", "create_run", "default_run_name", "label_batch", "label_features", "label_shard",
-    "prepare_run", "run_labelling",
+    "DEFAULT_BATCH", "DEFAULT_K", "LabellingRun", "PreparedRun", "Ranking", "RunConflictError", "SourceChangedError",
+    "check_source_site", "create_run", "default_confidence", "default_run_name", "label_batch", "label_features",
+    "label_shard", "prepare_run", "run_labelling",
 ]
 
 DEFAULT_K = 5
 DEFAULT_BATCH = 4096  # features per transaction: a few seconds of search on a 100k atlas
 RAY_SHARD_BATCHES = 8  # batches per Ray task at most: a killed worker recomputes that much
+STAT_FILE = "stat"  # the kind of a run's atlas-side statistic file (`Store.save_run_file`)
+
+
+# ---------------------------------------------------------------------- ranking and confidence
+
+
+@functools.lru_cache(maxsize=1)
+def _default_models() -> dict[str, Any]:
+    text = resources.files("engine.labelling").joinpath("confidence_default.json").read_text(encoding="utf-8")
+    return dict(json.loads(text))
+
+
+def default_confidence(key: str) -> ConfidenceModel:
+    """The shipped confidence model for ``key``: ``map.nn`` (score, margin: a run without the
+    atlas-side statistic), ``map.stat`` (all four signals), ``activations`` (co-activation runs).
+    Fitted on development worlds only; the file's ``meta`` says which."""
+    models = _default_models()["models"]
+    if key not in models:
+        raise BadValueError(f"no default confidence model {key!r}; known: {', '.join(sorted(models))}")
+    return ConfidenceModel.from_json(json.dumps(models[key]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Ranking:
+    """How a run turns a batch's cosine (or correlation) candidates into its rows: the criterion,
+    the atlas-side statistic it needs (and the confidence reads, where present) and the confidence model."""
+
+    criterion: str = DEFAULT_CRITERION
+    csls_k: int = DEFAULT_CSLS_K
+    stat: AtlasStat | None = None
+    confidence: ConfidenceModel | None = None
+
+    def candidates(self, k: int, n_atlas: int) -> int:
+        """How many candidates a batch fetches: ``k`` for ``nn`` (2 at least where a confidence
+        needs the margin), else `candidate_k`."""
+        if self.criterion == "nn":
+            return min(n_atlas, max(k, 2 if self.confidence is not None else 1))
+        return candidate_k(k, n_atlas, self.csls_k)
+
+    def rank(self, cand_scores: np.ndarray, cand_ids: np.ndarray, k: int
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The rows of a batch from its candidates (b, k') in descending score: ``(scores (b, k),
+        ids (b, k), confidence (b,) or None)``."""
+        scores, ids = rerank(cand_scores, cand_ids, self.criterion, self.stat, k)
+        if self.confidence is None:
+            return scores, ids, None
+        return scores, ids, self.confidence.predict(self.signals(cand_scores, cand_ids)[:, self._columns()])
+
+    def signals(self, cand_scores: np.ndarray, cand_ids: np.ndarray) -> np.ndarray:
+        """`label_signals` of the candidates' cosine ranking (as the default models were fitted):
+        score and margin; the CSLS gap and mutual nearest neighbour where the run has the statistic."""
+        s = np.asarray(cand_scores, dtype=np.float32)
+        i = np.asarray(cand_ids, dtype=np.int64)
+        if s.shape[1] < 2:  # a one-concept atlas: no runner-up
+            s = np.concatenate([s, np.full_like(s[:, :1], np.nan)], 1)
+            i = np.concatenate([i, np.full_like(i[:, :1], -1)], 1)
+        csls = mutual = None
+        if self.stat is not None:
+            csls = rerank(s, i, "csls", self.stat, 2)[0]
+            if self.stat.best is not None:
+                mutual = mutual_nearest(i[:, 0], s[:, 0], self.stat.best)
+        return label_signals(s[:, :2], i[:, :2], csls_scores=csls, mutual=mutual)
+
+    def _columns(self) -> list[int]:
+        assert self.confidence is not None
+        return [SIGNALS.index(name) for name in self.confidence.signals]
+
+    def params(self) -> dict[str, Any]:
+        """What a run records of it (the statistic is a file of its own)."""
+        return {"criterion": self.criterion, "csls_k": self.csls_k,
+                "confidence": None if self.confidence is None else json.loads(self.confidence.to_json())}
+
+
+def _confidence_model(criterion: str, confidence: ConfidenceModel | str | None) -> ConfidenceModel | None:
+    """The model a new map run records: ``"default"`` picks the shipped one for the criterion
+    (``map.nn`` for nn, ``map.stat`` otherwise), ``"none"`` / None records none."""
+    if confidence is None or confidence == "none":
+        return None
+    if isinstance(confidence, ConfidenceModel):
+        return confidence
+    if confidence != "default":
+        raise BadValueError(f"confidence must be a ConfidenceModel, 'default' or 'none', got {confidence!r}")
+    return default_confidence("map.nn" if criterion == "nn" else "map.stat")
 
 
 # ---------------------------------------------------------------------- runs
@@ -77,23 +197,49 @@ class PreparedRun:
 def prepare_run(
     store: Store, map_name: str, features: str, *, k: int = DEFAULT_K, name: str | None = None,
     batch_size: int = DEFAULT_BATCH, key: str | None = None, site_check: bool = True, overwrite: bool = False,
+    criterion: str = DEFAULT_CRITERION, csls_k: int = DEFAULT_CSLS_K,
+    confidence: ConfidenceModel | str | None = "default", match: str = "map", corpus: str | None = None,
+    pairing: str | None = None, max_pairs: int | None = None,
 ) -> PreparedRun:
     """Record a new run labelling ``features`` (see `engine.labelling.sources`) through map ``map_name``.
 
     The features' width must be the map's subject width; where the source records its site
     (SAELens ``cfg.json``) the model and layer must be the map's too, unless ``site_check=False``.
+    ``criterion`` (``nn``, ``csls``, ``isf``) ranks the atlas concepts (``csls_k``: CSLS's
+    neighbourhood); ``confidence`` is the `ConfidenceModel` each label's confidence comes from
+    (``"default"``: the shipped one; ``"none"``: no confidence). ``match="activations"`` labels an
+    SAE's latents by co-activation over ``corpus`` (``pairing`` token / span, default the map's;
+    ``max_pairs`` pairs at most; `engine.labelling.matching`) instead of through the map's directions.
     """
+    from engine.labelling.matching import check_match
+
     check_k(k)
+    check_criterion(criterion)
     if batch_size < 1:
         raise AtlasError(f"--batch must be >= 1, got {batch_size}")
+    if not isinstance(csls_k, int) or csls_k < 1:
+        raise BadValueError(f"--csls-k must be a whole number >= 1, got {csls_k!r}")
+    check_match(match)
+    if match == "activations" and confidence == "default":
+        confidence = default_confidence("activations")
+    ranking = Ranking(criterion, csls_k, None, _confidence_model(criterion, confidence))
     amap = load_map(store, map_name)
     source = open_feature_source(features, key=key, store=store, amap=amap)
     check_source_site(store, amap, source, site_check)
+    extra: dict[str, Any] = {}
+    if match == "activations":
+        from engine.labelling.matching import match_spec
+
+        extra["match"] = match_spec(amap, source, corpus, pairing, max_pairs).params()
+    elif corpus is not None or pairing is not None or max_pairs is not None:
+        raise BadValueError("--corpus, --pairing and --max-pairs apply to --match activations only")
     n_concepts = store.atlas(amap.atlas).n_concepts
     run = store.add_run(
-        name or default_run_name(map_name, source.spec, k), map_name, feature_source=source.spec,
-        fingerprint=source.fingerprint, n_features=source.n_features, k=min(k, n_concepts), batch_size=batch_size,
-        params={"source_kind": source.kind, "site_check": site_check, "k_requested": k}, overwrite=overwrite,
+        name or default_run_name(map_name if match == "map" else f"{map_name}.act", source.spec, k), map_name,
+        feature_source=source.spec, fingerprint=source.fingerprint, n_features=source.n_features,
+        k=min(k, n_concepts), batch_size=batch_size,
+        params={"source_kind": source.kind, "site_check": site_check, "k_requested": k, "method": match,
+                **ranking.params(), **extra}, overwrite=overwrite,
     )
     return PreparedRun(run, amap, source)
 
@@ -101,10 +247,14 @@ def prepare_run(
 def create_run(
     store: Store, map_name: str, features: str, *, k: int = DEFAULT_K, name: str | None = None,
     batch_size: int = DEFAULT_BATCH, key: str | None = None, site_check: bool = True, overwrite: bool = False,
+    criterion: str = DEFAULT_CRITERION, csls_k: int = DEFAULT_CSLS_K,
+    confidence: ConfidenceModel | str | None = "default", match: str = "map", corpus: str | None = None,
+    pairing: str | None = None, max_pairs: int | None = None,
 ) -> LabellingRun:
     """`prepare_run`, for the run only."""
     return prepare_run(store, map_name, features, k=k, name=name, batch_size=batch_size, key=key,
-                       site_check=site_check, overwrite=overwrite).run
+                       site_check=site_check, overwrite=overwrite, criterion=criterion, csls_k=csls_k,
+                       confidence=confidence, match=match, corpus=corpus, pairing=pairing, max_pairs=max_pairs).run
 
 
 def check_source_site(store: Store, amap: AlignmentMap, source: FeatureSource, site_check: bool = True) -> None:
@@ -127,17 +277,25 @@ def label_features(
     store: Store, map_name: str, features: str, *, k: int = DEFAULT_K, name: str | None = None,
     batch_size: int = DEFAULT_BATCH, key: str | None = None, site_check: bool = True,
     overwrite: bool = False, quiet: bool = False, ray: RayConfig | None = None,
+    criterion: str = DEFAULT_CRITERION, csls_k: int = DEFAULT_CSLS_K,
+    confidence: ConfidenceModel | str | None = "default", match: str = "map", corpus: str | None = None,
+    pairing: str | None = None, max_pairs: int | None = None,
 ) -> LabellingRun:
-    """Create a run and carry it out to the end (see `create_run` and `run_labelling`)."""
+    """Create a run and carry it out to the end (see `prepare_run` and `run_labelling`)."""
     prepared = prepare_run(store, map_name, features, k=k, name=name, batch_size=batch_size, key=key,
-                           site_check=site_check, overwrite=overwrite)
+                           site_check=site_check, overwrite=overwrite, criterion=criterion, csls_k=csls_k,
+                           confidence=confidence, match=match, corpus=corpus, pairing=pairing, max_pairs=max_pairs)
     return run_labelling(store, prepared.run.name, quiet=quiet, ray=ray, prepared=prepared)
 
 
-def label_batch(amap: AlignmentMap, index: VectorIndex, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def label_batch(amap: AlignmentMap, index: VectorIndex, vectors: np.ndarray, k: int, ranking: Ranking | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """The label rows of one batch of features: scores and atlas ordinals of the top ``k``
-    concepts of each, (b, k) each (-1 where an ANN index returned fewer)."""
-    return index.search(project(amap, vectors), k)
+    concepts of each, (b, k) each (-1 where an ANN index returned fewer), and each feature's
+    confidence (None without a model). ``ranking``: plain nearest neighbour, no confidence, if None."""
+    ranking = ranking or Ranking()
+    cand_s, cand_i = index.search(project(amap, vectors), ranking.candidates(k, index.count()))
+    return ranking.rank(cand_s, cand_i, k)
 
 
 @dataclasses.dataclass
@@ -148,6 +306,8 @@ class _RunInputs:
     source: FeatureSource
     index: VectorIndex
     job: LabelPass
+    ranking: Ranking
+    coact: Any = None  # an activation run's CoactivationStats (None: a map run, or before its pass)
 
 
 def _open_inputs(store: Store, run: LabellingRun, prepared: PreparedRun | None = None) -> _RunInputs:
@@ -173,7 +333,65 @@ def _open_inputs(store: Store, run: LabellingRun, prepared: PreparedRun | None =
     job = store.label_pass(name)
     if job.atlas_vector_sha256 != run.params.get("atlas_vector_sha256"):
         raise SourceChangedError(f"atlas {run.atlas!r} was re-imported since run {name!r} started")
-    return _RunInputs(amap, source, store.index(run.atlas), job)
+    coact = None
+    if run.params.get("method") == "activations":
+        from engine.labelling.matching import load_pass
+
+        coact = load_pass(store, name)
+    return _RunInputs(amap, source, store.index(run.atlas), job, recorded_ranking(store, run), coact)
+
+
+def recorded_ranking(store: Store, run: LabellingRun) -> Ranking:
+    """The ranking a run recorded: its criterion, its statistic file (read back and checked against
+    its sha256; None until the driver saved it) and its confidence model."""
+    p = run.params
+    conf = p.get("confidence")
+    data = store.read_run_file(run.name, STAT_FILE)
+    stat = None if data is None else AtlasStat.load(io.BytesIO(data))
+    return Ranking(p.get("criterion", DEFAULT_CRITERION), int(p.get("csls_k", DEFAULT_CSLS_K)), stat,
+                   None if not conf else ConfidenceModel.from_json(json.dumps(conf)))
+
+
+def _needs_stat(ranking: Ranking) -> bool:
+    return ranking.criterion != "nn"
+
+
+def _activations(run: LabellingRun) -> bool:
+    return run.params.get("method") == "activations"
+
+
+def _save_coactivation(store: Store, run: LabellingRun, inputs: _RunInputs, quiet: bool) -> dict[str, Any]:
+    """The co-activation pass of an activation run and its atlas-side statistic, saved as the run's
+    files; returns the run's params with their records (recorded before the first batch commits)."""
+    from engine.labelling.matching import coactivation_pass, save_pass
+
+    stats = coactivation_pass(store, run.params, inputs.amap, inputs.source, quiet=quiet)
+    if stats.n_x != run.n_features:
+        raise SourceChangedError(f"the SAE's encoder has {stats.n_x} latents, its decoder {run.n_features}")
+    files = save_pass(store, run.name, stats, inputs.ranking.csls_k)
+    failpoint("label.stat_saved")
+    return {**run.params, "files": {**(run.params.get("files") or {}), **files}}
+
+
+def _save_stat(store: Store, run: LabellingRun, inputs: _RunInputs, quiet: bool) -> dict[str, Any]:
+    """The pre-pass of a csls / isf run: every batch of its features through `project` into the
+    atlas-side statistic, saved as the run's file; returns the run's params with its record.
+    Runs in the driver before the first batch commits (a worker only reads it back)."""
+    atlas = store.atlas_vectors(run.atlas, normalized=True)
+    acc = AtlasSideStats(np.asarray(atlas), k=inputs.ranking.csls_k, beta=DEFAULT_ISF_BETA,
+                         log_partition=inputs.ranking.criterion == "isf")
+    bar = progress(total=run.n_features, desc=f"statistic {run.name}", unit="feat", quiet=quiet)
+    try:
+        for lo, hi in inputs.job.steps(start=0):
+            acc.update(project(inputs.amap, inputs.source.vectors[lo:hi]))
+            bar.update(hi - lo)
+    finally:
+        bar.close()
+    buf = io.BytesIO()
+    AtlasStat.of(acc).save(buf)
+    rec = store.save_run_file(run.name, STAT_FILE, buf.getvalue())
+    failpoint("label.stat_saved")
+    return {**run.params, "files": {**(run.params.get("files") or {}), STAT_FILE: rec}}
 
 
 def run_labelling(store: Store, name: str, *, quiet: bool = False, max_batches: int | None = None,
@@ -199,29 +417,45 @@ def run_labelling(store: Store, name: str, *, quiet: bool = False, max_batches: 
         )
     inputs = _open_inputs(store, run, prepared)
     job = inputs.job
-    job.start(run.params)
+    params = run.params
+    if _activations(run):
+        fresh = inputs.coact is None
+        if fresh:
+            params = _save_coactivation(store, run, inputs, quiet)  # recorded by `start`, before the first commit
+    else:
+        fresh = _needs_stat(inputs.ranking) and inputs.ranking.stat is None
+        if fresh:
+            params = _save_stat(store, run, inputs, quiet)
+    job.start(params)
+    if fresh:  # read back what a resume reads
+        inputs = _open_inputs(store, store.run(name), prepared)
     stop = None if max_batches is None else run.n_done + max_batches * run.batch_size
     bar = progress(total=run.n_features, initial=run.n_done, desc=f"labelling {name}", unit="feat", quiet=quiet)
     try:
         with job.running():
             steps = list(job.steps(stop))
             batches = _batches_here(inputs, run.k, steps) if ray is None else _batches_on_ray(store, run, steps, ray)
-            for lo, hi, scores, ids in batches:
-                job.commit_batch(lo, hi, scores, ids)
+            for lo, hi, scores, ids, conf in batches:
+                job.commit_batch(lo, hi, scores, ids, conf)
                 bar.update(hi - lo)
     finally:
         bar.close()
     return job.status()
 
 
-Batch = tuple[int, int, np.ndarray, np.ndarray]  # (lo, hi, scores (b, k), ordinals (b, k)) of features [lo, hi)
+# (lo, hi, scores (b, k), ordinals (b, k), confidence (b,) or None) of features [lo, hi)
+Batch = tuple[int, int, np.ndarray, np.ndarray, "np.ndarray | None"]
 
 
 def _batches_here(inputs: _RunInputs, k: int, steps: Iterable[tuple[int, int]]) -> Iterator[Batch]:
     """The run's batches ``steps`` (``(lo, hi)`` each), computed in this process one at a time."""
     for lo, hi in steps:
-        scores, ids = label_batch(inputs.amap, inputs.index, inputs.source.vectors[lo:hi], k)  # (b, k) each
-        yield lo, hi, scores, ids
+        if inputs.coact is not None:  # activation matching: the latents' best correlations are the candidates
+            cand_s, cand_i = inputs.coact.top_matches(inputs.ranking.candidates(k, inputs.coact.n_y), lo, hi)
+            scores, ids, conf = inputs.ranking.rank(cand_s, cand_i, k)
+        else:
+            scores, ids, conf = label_batch(inputs.amap, inputs.index, inputs.source.vectors[lo:hi], k, inputs.ranking)
+        yield lo, hi, scores, ids, conf
 
 
 def _batches_on_ray(store: Store, run: LabellingRun, steps: list[tuple[int, int]], config: RayConfig

@@ -42,7 +42,7 @@ from engine.store.base import StoreBase
 from engine.store.index_location import FAISS, MILVUS, IndexLocation
 from engine.store.maps import MapsMixin
 from engine.store.passes import process_alive
-from engine.store.schema import AlignmentMapRow, AtlasRow
+from engine.store.schema import AlignmentMapRow, AtlasRow, LabelRunRow
 from engine.util import sha256_bytes
 from indexes.milvus import collections, drop_collection
 
@@ -107,6 +107,8 @@ class FilesMixin(AtlasesMixin, MapsMixin, StoreBase):
             ):
                 out.update([vec, *([idx] if backend in (None, FAISS) else []), *layout.label_index_files(name, extra)])
             out.update(s.scalars(select(AlignmentMapRow.file)))
+            for params in s.scalars(select(LabelRunRow.params)):
+                out.update(layout.run_files(params))
         return out
 
     def claimed_collections(self) -> set[tuple[str, str]]:
@@ -147,7 +149,7 @@ class FilesMixin(AtlasesMixin, MapsMixin, StoreBase):
         return out
 
     def leftovers(self, grace_s: float = GC_GRACE_S) -> list[Leftover]:
-        """Files of ``vectors/``, ``indexes/`` and ``maps/`` that no row claims (see the module doc),
+        """Files of ``vectors/``, ``indexes/``, ``maps/`` and ``runs/`` that no row claims (see the module doc),
         and leftover Milvus collections."""
         now = time.time()
         seen = []

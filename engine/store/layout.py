@@ -38,9 +38,10 @@ INDEXES_DIR = "indexes"  # <atlas>@<token>.faiss (derived, rebuildable), <atlas>
 MAPS_DIR = "maps"  # <map>@<token>.safetensors: alignment-map tensors
 MODELS_DIR = "models"  # models the store built itself (ConceptWorld)
 ACTIVATIONS_DIR = "activations"  # optional activation caches
-STORE_DIRS = (VECTORS_DIR, INDEXES_DIR, MAPS_DIR, MODELS_DIR, ACTIVATIONS_DIR)
+RUNS_DIR = "runs"  # <run>@<token>.<kind>.npz: what a labelling run ranks with (its atlas-side statistic, ...)
+STORE_DIRS = (VECTORS_DIR, INDEXES_DIR, MAPS_DIR, MODELS_DIR, ACTIVATIONS_DIR, RUNS_DIR)
 # Folders whose files are all claimed by database rows (`Store.gc` looks for leftovers there).
-OWNED_DIRS = (VECTORS_DIR, INDEXES_DIR, MAPS_DIR)
+OWNED_DIRS = (VECTORS_DIR, INDEXES_DIR, MAPS_DIR, RUNS_DIR)
 
 # Tensor names inside an atlas vector file.
 DIRECTIONS_KEY = "directions"  # (n_concepts, d): decoder rows / concept directions, as imported
@@ -70,12 +71,22 @@ def map_file(name: str, token: str) -> str:
     return f"{MAPS_DIR}/{name}{OWNER_SEP}{token}.safetensors"
 
 
+def run_file(name: str, token: str, kind: str) -> str:
+    """A file of labelling run ``name`` (``kind``: ``stat``, ``coact``; letters only)."""
+    return f"{RUNS_DIR}/{name}{OWNER_SEP}{token}.{kind}.npz"
+
+
+def run_files(params: dict[str, Any] | None) -> list[str]:
+    """The files a labelling run's ``params`` claim (``params["files"]``: kind -> {file, sha256})."""
+    return [rec["file"] for rec in ((params or {}).get("files") or {}).values() if rec.get("file")]
+
+
 def legacy_label_index_file(name: str) -> str:
     """Where stores written before owned file names kept an atlas's label index (read, never written)."""
     return f"{INDEXES_DIR}/{name}.labels.faiss"
 
 
-_OWNED = re.compile(r"^(?P<name>[^@/]+)@(?P<pid>\d+)-[0-9a-f]{12}(\.labels)?\.(faiss|safetensors)$")
+_OWNED = re.compile(r"^(?P<name>[^@/]+)@(?P<pid>\d+)-[0-9a-f]{12}((\.labels)?\.(faiss|safetensors)|\.[a-z]+\.npz)$")
 _TEMP = re.compile(r"^\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp$")
 
 

@@ -15,6 +15,10 @@ the database goes through the methods here, and these are the guarantees it buil
 - A run records, when created, the checksums of its map and of its atlas's vectors and the
   fingerprint of its features, so a resume can refuse inputs that changed since.
 - A run left ``running`` by a process that is gone (killed) reads as ``interrupted``.
+- What a run ranks with besides the map and the atlas (its atlas-side statistic, its co-activation
+  statistics) is a file of the store's ``runs/`` folder (`save_run_file`), written before the
+  run's first batch commits and recorded, with its sha256, in ``params["files"]``: a resume reads
+  the same bytes back (`read_run_file`) or refuses, so its rows are those of an uninterrupted run.
 
 Rows are inserted with the driver's ``executemany`` on plain tuples (hundreds of thousands of
 rows in seconds, where ORM objects take tens).
@@ -27,18 +31,19 @@ import datetime as dt
 from typing import Any, cast
 
 import numpy as np
-from sqlalchemy import Table, and_, delete, func, select
+from sqlalchemy import Table, and_, case, delete, func, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased
 
-from engine.errors import AtlasError, BadValueError, DuplicateError, NotFoundError
+from engine.errors import AtlasError, BadValueError, DuplicateError, NotFoundError, SourceChangedError
+from engine.store import layout
 from engine.store.base import StoreBase
 from engine.store.passes import ResumablePass, worker_status
 from engine.store.schema import AlignmentMapRow, AtlasRow, ConceptRow, FeatureLabelRow, LabelRunRow
-from engine.util import check_name
+from engine.util import check_name, sha256_bytes, write_store_file
 
-RUN_ORDERS: tuple[str, ...] = ("feature", "score", "margin")  # orders of `RunsMixin.run_label_page`
+RUN_ORDERS: tuple[str, ...] = ("feature", "score", "margin", "confidence")  # orders of `RunsMixin.run_label_page`
 _RUNS = cast(Table, LabelRunRow.__table__)  # Core UPDATEs on the run row (the batch commit, status)
 
 
@@ -92,8 +97,36 @@ class RunsMixin(StoreBase):
             run_id = s.scalar(select(LabelRunRow.id).where(LabelRunRow.name == name))
             if run_id is None:
                 raise NotFoundError(f"no labelling run named {name!r}; `atlas runs` lists them")
+            params = s.scalar(select(LabelRunRow.params).where(LabelRunRow.id == run_id))
             s.execute(delete(FeatureLabelRow).where(FeatureLabelRow.run_id == run_id))
             s.execute(delete(LabelRunRow).where(LabelRunRow.id == run_id))
+        for rel in layout.run_files(params):  # after the commit: a kill before this leaves a leftover for gc
+            (self.path / rel).unlink(missing_ok=True)
+
+    def save_run_file(self, name: str, kind: str, data: bytes) -> dict[str, str]:
+        """Write ``data`` as a new file of run ``name`` (``runs/<name>@<token>.<kind>.npz``, atomically)
+        and return its record ``{"file", "sha256"}``; the caller records it in the run's
+        ``params["files"][kind]`` (until then `gc` sees a leftover, removed once its writer is gone)."""
+        self.check_writable()
+        rel = layout.run_file(name, layout.new_token(), kind)
+        write_store_file(self.path / rel, data)
+        return {"file": rel, "sha256": sha256_bytes(data)}
+
+    def read_run_file(self, name: str, kind: str) -> bytes | None:
+        """The bytes of run ``name``'s file ``kind`` as recorded (None where the run records none);
+        a missing or changed file is a `SourceChangedError` (its rows could not be reproduced)."""
+        rec = (self.run(name).params.get("files") or {}).get(kind)
+        if not rec:
+            return None
+        try:
+            data = (self.path / rec["file"]).read_bytes()
+        except FileNotFoundError:
+            raise SourceChangedError(f"the {kind} file of run {name!r} ({rec['file']}) is gone; "
+                                     f"start the run again with --overwrite") from None
+        if sha256_bytes(data) != rec["sha256"]:
+            raise SourceChangedError(f"the {kind} file of run {name!r} ({rec['file']}) changed since the run "
+                                     f"started; start the run again with --overwrite")
+        return data
 
     def add_run(
         self, name: str, map_name: str, *, feature_source: str, fingerprint: str, n_features: int, k: int,
@@ -143,10 +176,11 @@ class RunsMixin(StoreBase):
 
     def run_label_rows(self, name: str, start: int, stop: int) -> list[tuple[Any, ...]]:
         """The labels of features ``[start, stop)`` of a run, in order of feature then rank, as
-        ``(feature, rank, score, concept ordinal, concept label, labelled)``."""
+        ``(feature, rank, score, concept ordinal, concept label, labelled, confidence)`` (confidence: on
+        rank 1, None elsewhere and on runs written without one)."""
         q = (
             select(FeatureLabelRow.feature_index, FeatureLabelRow.rank, FeatureLabelRow.score,
-                   ConceptRow.ordinal, ConceptRow.label, ConceptRow.labelled)
+                   ConceptRow.ordinal, ConceptRow.label, ConceptRow.labelled, FeatureLabelRow.confidence)
             .join(ConceptRow, FeatureLabelRow.concept_id == ConceptRow.id)
             .join(LabelRunRow, FeatureLabelRow.run_id == LabelRunRow.id)
             .where(LabelRunRow.name == name, FeatureLabelRow.feature_index >= start,
@@ -161,8 +195,9 @@ class RunsMixin(StoreBase):
         """One page of a run's features, ordered by ``order``: the rows of `run_label_rows` for the
         features ``offset .. offset+limit`` of that order.
 
-        ``order`` is ``feature`` (index), ``score`` (the top hit's) or ``margin`` (top score minus the
-        second; a feature with one hit has none and sorts last). The order is computed in the
+        ``order`` is ``feature`` (index), ``score`` (the top hit's), ``margin`` (top score minus the
+        second; a feature with one hit has none and sorts last) or ``confidence`` (the label's; none
+        sorts last). The order is computed in the
         database over the rank-1 and rank-2 rows, so a page of a million-feature run reads one page.
         """
         if order not in RUN_ORDERS:
@@ -173,7 +208,7 @@ class RunsMixin(StoreBase):
         top = aliased(FeatureLabelRow)
         second = aliased(FeatureLabelRow)
         margin = top.score - second.score
-        key = {"feature": top.feature_index, "score": top.score, "margin": margin}[order]
+        key = {"feature": top.feature_index, "score": top.score, "margin": margin, "confidence": top.confidence}[order]
         q = (select(top.feature_index)
              .outerjoin(second, and_(second.run_id == top.run_id, second.feature_index == top.feature_index,
                                      second.rank == 2))
@@ -186,7 +221,7 @@ class RunsMixin(StoreBase):
                 return []
             rows = s.execute(
                 select(FeatureLabelRow.feature_index, FeatureLabelRow.rank, FeatureLabelRow.score,
-                       ConceptRow.ordinal, ConceptRow.label, ConceptRow.labelled)
+                       ConceptRow.ordinal, ConceptRow.label, ConceptRow.labelled, FeatureLabelRow.confidence)
                 .join(ConceptRow, FeatureLabelRow.concept_id == ConceptRow.id)
                 .where(FeatureLabelRow.run_id == run_id, FeatureLabelRow.feature_index.in_(features))
             ).all()
@@ -211,6 +246,21 @@ class RunsMixin(StoreBase):
                  .order_by(FeatureLabelRow.score.desc(), LabelRunRow.name, FeatureLabelRow.feature_index)
                  .limit(limit))
             return [tuple(r) for r in s.execute(q)]
+
+    def run_confidence(self, name: str, min_confidence: float | None = None) -> dict[str, Any]:
+        """A run's label confidence in one query over its rank-1 rows: ``{"n_features", "n_with"
+        (features with a confidence), "mean", "min_confidence", "n_matched" (at or above it)}``."""
+        run_id = self._run_id(name)
+        conf = FeatureLabelRow.confidence
+        passed = func.sum(case((conf >= min_confidence, 1), else_=0)) if min_confidence is not None else None
+        cols = [func.count(), func.count(conf), func.avg(conf), *([passed] if passed is not None else [])]
+        with self.read_session() as s:
+            row = s.execute(select(*cols).where(FeatureLabelRow.run_id == run_id, FeatureLabelRow.rank == 1)).one()
+        out = {"n_features": int(row[0]), "n_with": int(row[1]), "mean": None if row[2] is None else float(row[2]),
+               "min_confidence": min_confidence}
+        if passed is not None:
+            out["n_matched"] = int(row[3] or 0)
+        return out
 
     def _run_id(self, name: str) -> int:
         with self.read_session() as s:
@@ -266,17 +316,24 @@ class LabelPass(ResumablePass):
         """The run as the store records it now."""
         return self.store.run(self.name)
 
-    def commit_batch(self, lo: int, hi: int, scores: np.ndarray, ids: np.ndarray) -> None:
+    def commit_batch(self, lo: int, hi: int, scores: np.ndarray, ids: np.ndarray,
+                     confidence: np.ndarray | None = None) -> None:
         """Advance n_done lo → hi and insert the label rows of features [lo, hi) (``ids``: atlas
-        ordinals (b, k), -1 where an ANN index returned fewer; ``scores`` alike), in one transaction."""
+        ordinals (b, k), -1 where an ANN index returned fewer; ``scores`` alike; ``confidence`` (b,)
+        on each feature's rank-1 row), in one transaction."""
         if self._concept_ids is None:
             self._concept_ids = self.store.concept_ids(self.atlas_id)  # ordinal -> concepts.id
         b, k = ids.shape
         valid = ids >= 0  # (b, k): an ANN index may return fewer than k
         feature = np.broadcast_to(np.arange(lo, hi, dtype=np.int64)[:, None], (b, k))[valid]
         rank = np.broadcast_to(np.arange(1, k + 1, dtype=np.int64)[None, :], (b, k))[valid]
+        conf: list[float | None] = [None] * len(feature)
+        if confidence is not None:
+            c = np.full((b, k), np.nan)
+            c[:, 0] = np.asarray(confidence, dtype=np.float64).reshape(b)
+            conf = [None if v != v else v for v in c[valid].tolist()]  # NaN (ranks > 1) -> NULL
         rows = list(zip([self.run_id] * len(feature), feature.tolist(), rank.tolist(),
-                        self._concept_ids[ids[valid]].tolist(), scores[valid].astype(np.float64).tolist()))
+                        self._concept_ids[ids[valid]].tolist(), scores[valid].astype(np.float64).tolist(), conf))
 
         def write(conn: Connection) -> None:
             if rows:
@@ -306,7 +363,7 @@ def _info(row: LabelRunRow, map_name: str, atlas: str) -> LabellingRun:
     )
 
 
-_LABEL_COLUMNS = ("run_id", "feature_index", "rank", "concept_id", "score")
+_LABEL_COLUMNS = ("run_id", "feature_index", "rank", "concept_id", "score", "confidence")
 
 
 def _insert_sql(paramstyle: str) -> str:

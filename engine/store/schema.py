@@ -186,6 +186,8 @@ class FeatureLabelRow(Base):
     # indexed: removing concepts cascades here, and "which features carry this concept" reads it
     concept_id: Mapped[int] = mapped_column(ForeignKey("concepts.id", ondelete="CASCADE"), index=True)
     score: Mapped[float] = mapped_column(Float)
+    # the probability that the feature's first hit is right (rank-1 rows; null elsewhere and on older runs)
+    confidence: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class ContextRunRow(Base):

@@ -195,32 +195,47 @@ async function runPage(name) {
   const order = p.get("order") || "feature";
   const desc = p.get("desc") === "true";
   const offset = Math.max(0, parseInt(p.get("offset") || "0", 10) || 0);
+  const minConf = p.get("min_confidence") || "";
   const limit = 100;
-  const page = await api(`/api/runs/${enc(name)}/rows?` + new URLSearchParams({ order, desc, offset, limit }));
+  const query = { order, desc, offset, limit };
+  if (minConf !== "") query.min_confidence = minConf;
+  const page = await api(`/api/runs/${enc(name)}/rows?` + new URLSearchParams(query));
   const r = page.run;
-  const go = (o, d, off) => navigate(`/runs/${enc(name)}?` + new URLSearchParams({ order: o, desc: d, offset: off }));
+  const hasConf = !!(r.params && r.params.confidence);
+  const go = (o, d, off, mc = minConf) => navigate(`/runs/${enc(name)}?` + new URLSearchParams(
+    Object.assign({ order: o, desc: d, offset: off }, mc !== "" ? { min_confidence: mc } : {})));
   const sortHead = (label, key) => el("th", { class: "sortable", "data-sort": key, title: "sort",
     onclick: () => go(key, order === key ? !desc : key !== "feature", 0) }, label + (order === key ? (desc ? " ▼" : " ▲") : ""));
   const exportLinks = ["jsonl", "csv", "neuronpedia"].map((f) =>
-    el("a", { href: `/api/runs/${enc(name)}/export?format=${f}${r.status === "done" ? "" : "&partial=true"}`, download: "", text: f }));
+    el("a", { href: `/api/runs/${enc(name)}/export?format=${f}${r.status === "done" ? "" : "&partial=true"}` +
+      (minConf !== "" ? `&min_confidence=${enc(minConf)}` : ""), download: "", text: f }));
   const last = Math.min(page.total, offset + page.rows.length);
+  const confInput = el("input", { id: "min-confidence", type: "number", min: "0", max: "1", step: "0.05",
+    value: minConf, placeholder: "0–1", title: "labels below this confidence show as “no match”" });
+  const confControl = hasConf ? el("form", { class: "inline", onsubmit: (e) => { e.preventDefault(); go(order, desc, 0, confInput.value); } },
+    el("label", { for: "min-confidence", text: "Min confidence " }), confInput, " ", el("button", { class: "plain", text: "apply" })) : null;
   show(
     el("h1", { text: `Run ${r.name}` }),
-    el("p", {}, `${r.feature_source} through map ${r.map} into ${r.atlas}: ${r.n_done}/${r.n_features} features, top-${r.k}, `,
+    el("p", {}, `${r.feature_source} through map ${r.map} into ${r.atlas}: ${r.n_done}/${r.n_features} features, top-${r.k}` +
+      `${r.params && r.params.criterion ? ", " + r.params.criterion : ""}, `,
       el("span", { class: "pill", text: r.status })),
     el("p", {}, "Export: ", exportLinks.flatMap((a, i) => (i ? [" · ", a] : [a]))),
+    ...(confControl ? [confControl] : []),
     el("div", { class: "pager" },
       el("button", { class: "plain", disabled: offset <= 0, onclick: () => go(order, desc, Math.max(0, offset - limit)), text: "← previous" }),
       el("span", { id: "range", text: `features ${page.total ? offset + 1 : 0}–${last} of ${page.total}` }),
       el("button", { class: "plain", disabled: offset + limit >= page.total, onclick: () => go(order, desc, offset + limit), text: "next →" })),
     table([sortHead("feature", "feature"), el("th", { text: "top concept" }), sortHead("score", "score"),
-      sortHead("margin", "margin"), el("th", { text: "runners-up" })],
-    page.rows.map((row) => el("tr", { class: "run-row" },
+      sortHead("margin", "margin"), sortHead("confidence", "confidence"), el("th", { text: "runners-up" })],
+    page.rows.map((row) => el("tr", { class: row.matched === false ? "run-row no-match" : "run-row" },
       el("td", { class: "num", text: row.feature }),
-      el("td", {}, el("a", { href: conceptHref(row.hits[0].atlas, row.hits[0].ordinal), text: row.hits[0].label })),
+      el("td", {}, row.matched === false
+        ? el("span", { class: "muted", title: `best: ${row.hits[0].label}`, text: row.label })
+        : el("a", { href: conceptHref(row.hits[0].atlas, row.hits[0].ordinal), text: row.hits[0].label })),
       el("td", { class: "num", text: fmt(row.hits[0].score, 4) }),
       el("td", { class: "num", text: fmt(row.margin, 4) }),
-      el("td", { class: "muted" }, row.hits.slice(1).flatMap((h, i) => [i ? ", " : "",
+      el("td", { class: "num", text: row.confidence == null ? "–" : fmt(row.confidence, 3) }),
+      el("td", { class: "muted" }, row.hits.slice(row.matched === false ? 0 : 1).flatMap((h, i) => [i ? ", " : "",
         el("a", { href: conceptHref(h.atlas, h.ordinal), text: h.label }), ` ${fmt(h.score, 2)}`])))), { id: "rows" }),
   );
 }
