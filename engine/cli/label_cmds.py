@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -32,6 +33,29 @@ def register(cli: click.Group) -> None:
 
 
 # ---------------------------------------------------------------------- label
+
+
+@dataclass(frozen=True)
+class LabelOptions:
+    """The options of `atlas label` besides the store and --json, as click passes them."""
+
+    map_name: str | None
+    features: str | None
+    k: int
+    name: str | None
+    batch_size: int
+    resume: str | None
+    overwrite: bool
+    no_site_check: bool
+    criterion: str
+    csls_k: int | None
+    match: str
+    corpus: str | None
+    pairing: str | None
+    max_pairs: int | None
+    no_confidence: bool
+    min_confidence: float | None
+    ray: Any
 
 
 @click.command()
@@ -73,9 +97,7 @@ def register(cli: click.Group) -> None:
 @store_options
 @json_option
 @quiet_option
-def label(map_name, features, k, name, batch_size, resume, overwrite, no_site_check, criterion, csls_k, match,
-          corpus, pairing, max_pairs, no_confidence, min_confidence, ray, store_dir: Path, db_url,
-          as_json: bool) -> None:
+def label(store_dir: Path, db_url: str | None, as_json: bool, **options: Any) -> None:
     """Label many subject features through MAP: the top-k atlas concepts of each, stored as a run.
 
     Rows are committed batch by batch; a run stopped by Ctrl-C or a kill is continued with
@@ -90,6 +112,9 @@ def label(map_name, features, k, name, batch_size, resume, overwrite, no_site_ch
     from engine.labelling import run as labelling
     from engine.labelling.criteria import DEFAULT_CSLS_K
 
+    o = LabelOptions(**options)
+    map_name, features, resume, criterion, csls_k = o.map_name, o.features, o.resume, o.criterion, o.csls_k
+    no_confidence, match, corpus, pairing, min_confidence = o.no_confidence, o.match, o.corpus, o.pairing, o.min_confidence
     store = open_store(store_dir, db_url)
     if resume:
         if map_name or features:
@@ -101,15 +126,15 @@ def label(map_name, features, k, name, batch_size, resume, overwrite, no_site_ch
     else:
         if not map_name or not features:
             raise click.UsageError("give MAP and --features SOURCE (or --resume RUN)")
-        prepared = labelling.prepare_run(
-            store, map_name, features, k=k, name=name, batch_size=batch_size, site_check=not no_site_check,
-            overwrite=overwrite, criterion=criterion, csls_k=DEFAULT_CSLS_K if csls_k is None else csls_k,
+        prepared = labelling.prepare_run(store, labelling.LabelRequest(
+            map_name, features, k=o.k, name=o.name, batch_size=o.batch_size, site_check=not o.no_site_check,
+            overwrite=o.overwrite, criterion=criterion, csls_k=DEFAULT_CSLS_K if csls_k is None else csls_k,
             confidence="none" if no_confidence else "default", match=match, corpus=corpus, pairing=pairing,
-            max_pairs=max_pairs,
-        )
+            max_pairs=o.max_pairs,
+        ))
         run_name = prepared.run.name
     try:
-        run = labelling.run_labelling(store, run_name, ray=ray, prepared=prepared)
+        run = labelling.run_labelling(store, run_name, ray=o.ray, prepared=prepared)
     except KeyboardInterrupt:
         run = store.run(run_name)
         click.echo(f"interrupted at {run.n_done}/{run.n_features} features; "

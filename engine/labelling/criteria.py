@@ -42,6 +42,7 @@ CRITERIA: tuple[str, ...] = ("nn", "csls", "isf")
 DEFAULT_CRITERION = "nn"
 DEFAULT_CSLS_K = 10  # MUSE's k
 DEFAULT_ISF_BETA = 30.0  # Smith et al.'s inverse temperature range (10-30) for unit vectors
+STAT_FILE = "stat"  # the kind of a run's atlas-side statistic file (`Store.save_run_file`)
 CANDIDATE_FACTOR = 4  # k' = max(CANDIDATE_FACTOR * k, k + csls_k, MIN_CANDIDATES)
 MIN_CANDIDATES = 32
 ATLAS_BLOCK = 4096  # atlas rows per block of the streaming pass: a block x batch similarity matrix (64 MB at a 4096 batch)

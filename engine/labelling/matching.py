@@ -23,7 +23,7 @@ from typing import Any, cast
 
 from engine.errors import BadValueError
 from engine.labelling.coactivation import CoactivationStats, ProjectionEncoder, accumulate_coactivation
-from engine.labelling.criteria import DEFAULT_ISF_BETA
+from engine.labelling.criteria import DEFAULT_ISF_BETA, STAT_FILE
 from engine.labelling.sources import FeatureSource
 from engine.store.store import Store
 
@@ -118,7 +118,6 @@ def coactivation_pass(store: Store, run_params: dict[str, Any], amap: Any, sourc
 
 def save_pass(store: Store, name: str, stats: CoactivationStats, csls_k: int) -> dict[str, dict[str, str]]:
     """Save the statistics and their atlas-side statistic as run ``name``'s files; their records."""
-    from engine.labelling.run import STAT_FILE
 
     buf = io.BytesIO()
     stats.save(cast(Any, buf))  # np.savez writes to a file object too

@@ -63,6 +63,7 @@ from engine.labelling.criteria import (
     DEFAULT_CRITERION,
     DEFAULT_CSLS_K,
     DEFAULT_ISF_BETA,
+    STAT_FILE,
     AtlasSideStats,
     AtlasStat,
     candidate_k,
@@ -79,7 +80,7 @@ from indexes.base import VectorIndex
 from indexes.faiss_backend import search_threads, set_search_threads
 
 __all__ = [
-    "DEFAULT_BATCH", "DEFAULT_K", "LabellingRun", "PreparedRun", "Ranking", "RunConflictError", "SourceChangedError",
+    "DEFAULT_BATCH", "DEFAULT_K", "LabelRequest", "LabellingRun", "PreparedRun", "Ranking", "RunConflictError", "SourceChangedError",
     "check_source_site", "create_run", "default_confidence", "default_run_name", "label_batch", "label_features",
     "label_shard", "prepare_run", "run_labelling",
 ]
@@ -87,7 +88,6 @@ __all__ = [
 DEFAULT_K = 5
 DEFAULT_BATCH = 4096  # features per transaction: a few seconds of search on a 100k atlas
 RAY_SHARD_BATCHES = 8  # batches per Ray task at most: a killed worker recomputes that much
-STAT_FILE = "stat"  # the kind of a run's atlas-side statistic file (`Store.save_run_file`)
 
 
 # ---------------------------------------------------------------------- ranking and confidence
@@ -194,24 +194,49 @@ class PreparedRun:
     source: FeatureSource
 
 
-def prepare_run(
-    store: Store, map_name: str, features: str, *, k: int = DEFAULT_K, name: str | None = None,
-    batch_size: int = DEFAULT_BATCH, key: str | None = None, site_check: bool = True, overwrite: bool = False,
-    criterion: str = DEFAULT_CRITERION, csls_k: int = DEFAULT_CSLS_K,
-    confidence: ConfidenceModel | str | None = "default", match: str = "map", corpus: str | None = None,
-    pairing: str | None = None, max_pairs: int | None = None,
-) -> PreparedRun:
-    """Record a new run labelling ``features`` (see `engine.labelling.sources`) through map ``map_name``.
+@dataclasses.dataclass(frozen=True)
+class LabelRequest:
+    """What a labelling run is asked for: `atlas label`'s options, the Python API's keywords.
+
+    ``features`` are labelled (see `engine.labelling.sources`) through map ``map_name``, top ``k``
+    concepts each, ``batch_size`` features per committed batch, under run ``name`` (default
+    `default_run_name`). ``criterion`` (``nn``, ``csls``, ``isf``) ranks the atlas concepts
+    (``csls_k``: CSLS's neighbourhood); ``confidence`` is the `ConfidenceModel` each label's
+    confidence comes from (``"default"``: the shipped one; ``"none"``: no confidence).
+    ``match="activations"`` labels an SAE's latents by co-activation over ``corpus`` (``pairing``
+    token / span, default the map's; ``max_pairs`` pairs at most; `engine.labelling.matching`)
+    instead of through the map's directions.
+    """
+
+    map_name: str
+    features: str
+    k: int = DEFAULT_K
+    name: str | None = None
+    batch_size: int = DEFAULT_BATCH
+    key: str | None = None  # the matrix's key inside an .npz / .safetensors feature file
+    site_check: bool = True
+    overwrite: bool = False
+    criterion: str = DEFAULT_CRITERION
+    csls_k: int = DEFAULT_CSLS_K
+    confidence: ConfidenceModel | str | None = "default"
+    match: str = "map"
+    corpus: str | None = None
+    pairing: str | None = None
+    max_pairs: int | None = None
+
+
+def prepare_run(store: Store, request: LabelRequest) -> PreparedRun:
+    """Record a new run of ``request`` (a `LabelRequest`).
 
     The features' width must be the map's subject width; where the source records its site
     (SAELens ``cfg.json``) the model and layer must be the map's too, unless ``site_check=False``.
-    ``criterion`` (``nn``, ``csls``, ``isf``) ranks the atlas concepts (``csls_k``: CSLS's
-    neighbourhood); ``confidence`` is the `ConfidenceModel` each label's confidence comes from
-    (``"default"``: the shipped one; ``"none"``: no confidence). ``match="activations"`` labels an
-    SAE's latents by co-activation over ``corpus`` (``pairing`` token / span, default the map's;
-    ``max_pairs`` pairs at most; `engine.labelling.matching`) instead of through the map's directions.
     """
     from engine.labelling.matching import check_match
+
+    r = request
+    map_name, features, k, name, batch_size = r.map_name, r.features, r.k, r.name, r.batch_size
+    criterion, csls_k, confidence, match = r.criterion, r.csls_k, r.confidence, r.match
+    corpus, pairing, max_pairs, site_check = r.corpus, r.pairing, r.max_pairs, r.site_check
 
     check_k(k)
     check_criterion(criterion)
@@ -224,7 +249,7 @@ def prepare_run(
         confidence = default_confidence("activations")
     ranking = Ranking(criterion, csls_k, None, _confidence_model(criterion, confidence))
     amap = load_map(store, map_name)
-    source = open_feature_source(features, key=key, store=store, amap=amap)
+    source = open_feature_source(features, key=r.key, store=store, amap=amap)
     check_source_site(store, amap, source, site_check)
     extra: dict[str, Any] = {}
     if match == "activations":
@@ -239,22 +264,14 @@ def prepare_run(
         feature_source=source.spec, fingerprint=source.fingerprint, n_features=source.n_features,
         k=min(k, n_concepts), batch_size=batch_size,
         params={"source_kind": source.kind, "site_check": site_check, "k_requested": k, "method": match,
-                **ranking.params(), **extra}, overwrite=overwrite,
+                **ranking.params(), **extra}, overwrite=r.overwrite,
     )
     return PreparedRun(run, amap, source)
 
 
-def create_run(
-    store: Store, map_name: str, features: str, *, k: int = DEFAULT_K, name: str | None = None,
-    batch_size: int = DEFAULT_BATCH, key: str | None = None, site_check: bool = True, overwrite: bool = False,
-    criterion: str = DEFAULT_CRITERION, csls_k: int = DEFAULT_CSLS_K,
-    confidence: ConfidenceModel | str | None = "default", match: str = "map", corpus: str | None = None,
-    pairing: str | None = None, max_pairs: int | None = None,
-) -> LabellingRun:
-    """`prepare_run`, for the run only."""
-    return prepare_run(store, map_name, features, k=k, name=name, batch_size=batch_size, key=key,
-                       site_check=site_check, overwrite=overwrite, criterion=criterion, csls_k=csls_k,
-                       confidence=confidence, match=match, corpus=corpus, pairing=pairing, max_pairs=max_pairs).run
+def create_run(store: Store, map_name: str, features: str, **options: Any) -> LabellingRun:
+    """`prepare_run` of ``LabelRequest(map_name, features, **options)``, for the run only."""
+    return prepare_run(store, LabelRequest(map_name, features, **options)).run
 
 
 def check_source_site(store: Store, amap: AlignmentMap, source: FeatureSource, site_check: bool = True) -> None:
@@ -273,18 +290,11 @@ def check_source_site(store: Store, amap: AlignmentMap, source: FeatureSource, s
         amap.check_site(None, None, source.dim, None)
 
 
-def label_features(
-    store: Store, map_name: str, features: str, *, k: int = DEFAULT_K, name: str | None = None,
-    batch_size: int = DEFAULT_BATCH, key: str | None = None, site_check: bool = True,
-    overwrite: bool = False, quiet: bool = False, ray: RayConfig | None = None,
-    criterion: str = DEFAULT_CRITERION, csls_k: int = DEFAULT_CSLS_K,
-    confidence: ConfidenceModel | str | None = "default", match: str = "map", corpus: str | None = None,
-    pairing: str | None = None, max_pairs: int | None = None,
-) -> LabellingRun:
-    """Create a run and carry it out to the end (see `prepare_run` and `run_labelling`)."""
-    prepared = prepare_run(store, map_name, features, k=k, name=name, batch_size=batch_size, key=key,
-                           site_check=site_check, overwrite=overwrite, criterion=criterion, csls_k=csls_k,
-                           confidence=confidence, match=match, corpus=corpus, pairing=pairing, max_pairs=max_pairs)
+def label_features(store: Store, map_name: str, features: str, *, quiet: bool = False,
+                   ray: RayConfig | None = None, **options: Any) -> LabellingRun:
+    """Create a run of ``LabelRequest(map_name, features, **options)`` and carry it out to the end
+    (see `prepare_run` and `run_labelling`)."""
+    prepared = prepare_run(store, LabelRequest(map_name, features, **options))
     return run_labelling(store, prepared.run.name, quiet=quiet, ray=ray, prepared=prepared)
 
 
