@@ -10,5 +10,5 @@ import torch
 print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}"
       + (f", {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""))
 PY
-python -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_devices.py
+python -m pytest -q -p no:cacheprovider -m gpu -rs tests/models/test_devices.py
 python benchmarks/bench_devices.py "$@"

@@ -110,9 +110,9 @@ FAILPOINT_ONCE_ENV = "ATLAS_FAILPOINT_ONCE"  # a marker file: kill only the firs
 def failpoint(name: str) -> None:
     """Kill this process (SIGKILL: no cleanup, like a power cut) when ``$ATLAS_FAILPOINT`` is
     ``name``. Writers call it between the steps of their write order, so the fault-injection tests
-    (tests/test_faults.py) can stop a write at every step boundary; unset, it costs one lookup.
+    (tests/store/test_faults.py) can stop a write at every step boundary; unset, it costs one lookup.
     With ``$ATLAS_FAILPOINT_ONCE`` set to a file path, only the process that creates that file is
-    killed (a retried task then runs through: tests/test_ray.py kills a Ray worker once)."""
+    killed (a retried task then runs through: tests/distributed/test_ray.py kills a Ray worker once)."""
     if os.environ.get(FAILPOINT_ENV) == name:
         import signal
 

@@ -21,11 +21,10 @@ def build_serve_store(root: Path, subject_folder: Path) -> Store:
     """Atlas ``fdn`` (five concepts) and ``other``; the tiny subject ``subj`` with maps ``m1`` (layer 1) and
     ``m2`` (layer 2) into ``fdn``; a finished labelling run ``r1`` of 300 subject features through ``m1``;
     the top 5 contexts of every ``fdn`` concept through ``m1`` over 24 texts."""
-    from test_steering import D
-    from test_steering_plan import D_ATLAS, DESCRIPTIONS, LABELS, _map
-
     from engine.labelling import run as labelling
     from engine.labelling.contexts import ContextSettings, top_contexts
+    from tests.steering.test_steering import D
+    from tests.steering.test_steering_plan import D_ATLAS, DESCRIPTIONS, LABELS, _map
 
     store = Store.init(root / "store")
     rng = np.random.default_rng(0)
@@ -50,7 +49,7 @@ def build_serve_store(root: Path, subject_folder: Path) -> Store:
 
 def write_context_corpus(path: Path, n: int = 24) -> Path:
     """``n`` short texts of the tiny subject's words, one per line (the corpus of ``m1``'s top contexts)."""
-    from test_steering import WORDS
+    from tests.steering.test_steering import WORDS
 
     rng = np.random.default_rng(7)
     words = [w for w in WORDS if w not in (".", ",")]

@@ -1,7 +1,7 @@
 """The CLI reference page of the docs, generated from the commands' own ``--help``.
 
 ``python -m engine.cli.reference --write docs/reference/cli.md`` rewrites the part of that page
-between the two markers; a test (tests/test_readme.py) fails when the page and ``--help``
+between the two markers; a test (tests/cli/test_readme.py) fails when the page and ``--help``
 disagree, so the reference never drifts.
 """
 

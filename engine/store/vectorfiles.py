@@ -6,7 +6,7 @@ its bytes, the load reads them), so a 1M × 768 atlas (3 GB) costs 3 GB twice ov
 a JSON header with each tensor's dtype, shape and byte range, then the raw little-endian data), so
 the file is written here one chunk of rows at a time, hashed while it is written, and read back
 as `numpy.memmap` views: a process reads the pages it touches. Files stay readable by
-``safetensors`` (tests/test_scale.py reads one back with it).
+``safetensors`` (tests/search/test_scale.py reads one back with it).
 
 The checks an atlas's vectors and encoder tensors pass before they are written (`check_matrix`,
 `check_rows`, `check_encoder`) live here too, with `write_vectors`, which checks each chunk of

@@ -121,7 +121,7 @@ _CODAS = ("", "", "", "n", "r", "l", "s", "k")
 
 def _reserved_words() -> set[str]:
     """Words no generated member may be: every hand-written member (that none is a template word
-    of the corpus is checked by tests/test_world_medium.py: the stream is fixed)."""
+    of the corpus is checked by tests/world/test_world_medium.py: the stream is fixed)."""
     return {w for c in CONCEPTS for w in c.members}
 
 
