@@ -34,7 +34,7 @@ def sae_world(tmp_path_factory, tiny_world):
 
     from engine.store.store import Store
     from engine.world import register_world
-    from engine.world.eval.sae_labelling import sae_maps
+    from engine.world.eval.sae_labelling import MapFitting, sae_maps
     from engine.world.sae import build_saes, register_sae_atlas
 
     torch.set_num_threads(1)
@@ -45,7 +45,7 @@ def sae_world(tmp_path_factory, tiny_world):
     register_sae_atlas(store, tiny_world, saes)
     maps = {}
     for key, pairing in (("subject_a", "token"), ("subject_b", "span")):
-        [(_, _, amap)] = sae_maps(store, tiny_world, saes, key, [pairing], ["procrustes"], max_docs=200, quiet=True)
+        [(_, _, amap)] = sae_maps(store, tiny_world, saes, key, ["procrustes"], MapFitting(pairings=[pairing], max_docs=200), quiet=True)
         maps[key] = amap
     c = saes.config
     held = {t for t, _ in tiny_world.train_docs[c.n_train_docs + c.n_val_docs:

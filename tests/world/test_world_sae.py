@@ -178,12 +178,12 @@ def sae_eval(layered_world, tmp_path_factory):
     have no SAE from the world's build, so they are trained here."""
     from engine.store.store import Store
     from engine.world import register_world
-    from engine.world.eval.sae_labelling import evaluate_sae_labelling
+    from engine.world.eval.sae_labelling import MapFitting, evaluate_sae_labelling
 
     store = Store.init(tmp_path_factory.mktemp("sae-store"))
     register_world(store, layered_world)
-    rows = evaluate_sae_labelling(store, size="tiny", seed=0, methods=("procrustes", "ridge"), max_docs=800,
-                                  quiet=True)
+    rows = evaluate_sae_labelling(store, size="tiny", seed=0, methods=("procrustes", "ridge"),
+                                  fitting=MapFitting(max_docs=800), quiet=True)
     return store, rows
 
 
@@ -292,15 +292,15 @@ def test_an_sae_trained_on_demand_is_the_one_a_build_of_every_layer_trains(layer
 
 @pytest.mark.slow
 def test_saes_trained_on_demand_are_reused_on_a_second_call(layered_world, sae_eval):
-    from engine.world.eval.sae_labelling import evaluate_sae_labelling
+    from engine.world.eval.sae_labelling import MapFitting, evaluate_sae_labelling
     from engine.world.sae import build_saes, ensure_sae
 
     store, rows = sae_eval
     saes = build_saes(layered_world, progress=False)
     s = ensure_sae(layered_world, saes, "subject_b", 0, progress=False)
     stamp = [(f.name, f.stat().st_mtime_ns, f.stat().st_ino) for f in sorted(s.path.iterdir())]
-    again = evaluate_sae_labelling(store, size="tiny", seed=0, methods=("procrustes", "ridge"), max_docs=800,
-                                   quiet=True, subjects=("subject_b",), layers=[0])
+    again = evaluate_sae_labelling(store, size="tiny", seed=0, methods=("procrustes", "ridge"),
+                                   fitting=MapFitting(max_docs=800), quiet=True, subjects=("subject_b",), layers=[0])
     # nothing retrained or rewritten, no temporary folder left, and the same scores
     assert [(f.name, f.stat().st_mtime_ns, f.stat().st_ino) for f in sorted(s.path.iterdir())] == stamp
     assert not list(saes.path.glob(".*tmp*"))
@@ -388,12 +388,12 @@ def test_cli_eval_steering_sae_table(tiny_world, sae_eval, monkeypatch):
 def test_sae_labelling_fits_the_methods_that_need_a_sample_or_the_dictionaries(layered_world, sae_eval):
     """rcsls trains on a sample of the pass's pairs, self_learning on the two SAEs' decoders: the
     SAE evaluation gives each what it needs, and the maps are stored like any other."""
-    from engine.world.eval.sae_labelling import evaluate_sae_labelling
+    from engine.world.eval.sae_labelling import MapFitting, evaluate_sae_labelling
 
     store, _ = sae_eval
     a = layered_world.subject_a
-    rows = evaluate_sae_labelling(store, size="tiny", seed=0, methods=("rcsls", "self_learning"), max_docs=300,
-                                  subjects=("subject_a",), layers=[a.default_layer], quiet=True)
+    rows = evaluate_sae_labelling(store, size="tiny", seed=0, methods=("rcsls", "self_learning"),
+                                  fitting=MapFitting(max_docs=300), subjects=("subject_a",), layers=[a.default_layer], quiet=True)
     assert {(r.method, r.layer) for r in rows} == {("rcsls", a.default_layer), ("self_learning", a.default_layer)}
     for r in rows:
         params = load_map(store, r.map).params

@@ -180,7 +180,7 @@ def eval_labelling(store_dir: Path, db_url: str | None, as_json: bool, **options
     if options["features"] in ("all", "sae"):
         require("sae", "atlas eval labelling --features sae")
     from engine.world.eval.labelling import evaluate_world_labelling
-    from engine.world.eval.sae_labelling import evaluate_sae_labelling
+    from engine.world.eval.sae_labelling import MapFitting, evaluate_sae_labelling
 
     quiet_transformers()
     from engine.align.methods import get_method
@@ -210,8 +210,8 @@ def eval_labelling(store_dir: Path, db_url: str | None, as_json: bool, **options
     sae_rows = []
     if features in ("all", "sae"):
         sae_rows = [dataclasses.asdict(r) for r in evaluate_sae_labelling(
-            store, size=size, seed=seed, methods=method_list, max_docs=o.max_docs, device=device, dtype=dtype,
-            layers=list(layers) if layers else None)]
+            store, size=size, seed=seed, methods=method_list,
+            fitting=MapFitting(max_docs=o.max_docs, device=device, dtype=dtype), layers=list(layers) if layers else None)]
     if as_json:
         print_json(rows + sae_rows)
         return

@@ -114,12 +114,23 @@ def concept_retrieval_mrr(mapped: np.ndarray, atlas_vectors: np.ndarray, atlas_k
     return float(np.mean(rrs)) if rrs else None
 
 
+@dataclasses.dataclass(frozen=True)
+class MapFitting:
+    """How the SAE evaluation fits its maps: the pairings (None: the ones the tokenizers allow), the
+    first ``max_docs`` map-fitting texts (None: all), ``max_pairs`` pairs at most, and where the
+    models run."""
+
+    pairings: Sequence[str] | None = None
+    max_docs: int | None = MAX_DOCS
+    max_pairs: int | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
 def evaluate_sae_labelling(store: Store, size: str = "small", seed: int = 0,
                            methods: Sequence[str] = ("procrustes", "ridge", "correlation"),
-                           pairings: Sequence[str] | None = None, subjects: Sequence[str] = SUBJECT_KEYS,
-                           max_pairs: int | None = None, max_docs: int | None = MAX_DOCS, quiet: bool = False,
-                           device: str = "cpu", dtype: str = "float32",
-                           layers: Sequence[int] | None = None) -> list[SAELabellingRow]:
+                           subjects: Sequence[str] = SUBJECT_KEYS, *, fitting: MapFitting = MapFitting(),
+                           quiet: bool = False, layers: Sequence[int] | None = None) -> list[SAELabellingRow]:
     """Score labelling each subject SAE through maps onto ``world-<size>-sae``; see the module docstring.
 
     ``layers``: the subject blocks whose SAEs are scored, the same for every subject (default:
@@ -143,7 +154,7 @@ def evaluate_sae_labelling(store: Store, size: str = "small", seed: int = 0,
     atlas_sae = saes.get("foundation")
     atlas_keys = [e["key"] for e in atlas_sae.ground_truth()]
     atlas_vectors = atlas_sae.decoder()
-    foundation = load_model(world.foundation.path, device=device, dtype=dtype)
+    foundation = load_model(world.foundation.path, device=fitting.device, dtype=fitting.dtype)
     names = [c.name for c in world.concepts]
     rows: list[SAELabellingRow] = []
     for key in subjects:
@@ -151,8 +162,8 @@ def evaluate_sae_labelling(store: Store, size: str = "small", seed: int = 0,
         sub_saes = {L: ensure_sae(world, saes, key, L, progress=not quiet) for L in wanted[key]}
         sub_keys = {L: [e["key"] for e in s.ground_truth()] for L, s in sub_saes.items()}
         natives = {L: np.asarray(world.concept_directions(key, L)) for L in sub_saes}
-        for p, method, amap in sae_maps(store, world, saes, key, pairings, methods, max_docs, quiet, device, dtype,
-                                        foundation=foundation, max_pairs=max_pairs, layers=wanted[key]):
+        for p, method, amap in sae_maps(store, world, saes, key, methods, fitting, quiet=quiet,
+                                        foundation=foundation, layers=wanted[key]):
             assert amap.name is not None  # a stored map
             L = amap.subject_layer
             sub_sae = sub_saes[L]
@@ -179,13 +190,12 @@ def subject_layers(world: Any, key: str, layers: Sequence[int] | None) -> list[i
     return list(range(wm.n_layers)) if layers is None else check_layers(wm, layers)
 
 
-def sae_maps(store: Store, world: Any, saes: Any, key: str, pairings: Sequence[str] | None, methods: Sequence[str],
-             max_docs: int | None = MAX_DOCS, quiet: bool = False, device: str = "cpu", dtype: str = "float32",
-             foundation: Any = None, max_pairs: int | None = None,
+def sae_maps(store: Store, world: Any, saes: Any, key: str, methods: Sequence[str],
+             fitting: MapFitting = MapFitting(), *, quiet: bool = False, foundation: Any = None,
              layers: Sequence[int] | None = None) -> list[tuple[str, str, AlignmentMap]]:
     """Maps of subject ``key`` at ``layers`` (default: its SAE's layer, the default one) onto
-    ``world-<size>-sae``, one per layer, pairing the tokenizers allow (or of ``pairings``) and
-    method, fitted from one pass over the first ``max_docs`` map-fitting texts and stored as
+    ``world-<size>-sae``, one per layer, pairing the tokenizers allow (or of ``fitting.pairings``) and
+    method, fitted from one pass over the first ``fitting.max_docs`` map-fitting texts and stored as
     ``eval-sae.<subject>.L<layer>.<pairing>.<method>`` (replacing earlier ones). Returns
     ``(pairing, method, stored map)``, by layer, pairing, method."""
     from engine.models.loading import load_model
@@ -194,16 +204,17 @@ def sae_maps(store: Store, world: Any, saes: Any, key: str, pairings: Sequence[s
     atlas = store.atlas(sae_atlas_name(world))
     wm = world.model(key)
     Ls = [saes.get(key, wm.default_layer).layer] if layers is None else subject_layers(world, key, layers)
+    device, dtype, max_docs = fitting.device, fitting.dtype, fitting.max_docs
     foundation = foundation or load_model(world.foundation.path, device=device, dtype=dtype)
     sub = load_model(wm.path, device=device, dtype=dtype)
     same_tok = tokenizer_fingerprint(sub[1]) == tokenizer_fingerprint(foundation[1])
-    ps = [p for p in (pairings or (("token",) if same_tok else ("span", "text"))) if same_tok or p != "token"]
+    ps = [p for p in (fitting.pairings or (("token",) if same_tok else ("span", "text"))) if same_tok or p != "token"]
     if not ps:
         return []
     train, val = world_texts(world)
     train = train[:max_docs] if max_docs else train
     stats = accumulate_pairs(sub, foundation, train, val, Site(tuple(Ls)), Site((atlas.layer,)),
-                             method_config(PairingConfig(tuple(ps), max_pairs=max_pairs), methods), quiet=quiet)
+                             method_config(PairingConfig(tuple(ps), max_pairs=fitting.max_pairs), methods), quiet=quiet)
     out = []
     for L in Ls:
         # the two feature dictionaries, for a method that needs them (self_learning)

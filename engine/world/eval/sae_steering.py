@@ -52,7 +52,7 @@ def evaluate_sae_steering(store: Store, size: str = "small", seed: int = 0, *, s
     """
     from engine.models.activations import auto_threads, torch_threads
     from engine.models.loading import load_model
-    from engine.world.eval.sae_labelling import MAX_DOCS, sae_maps
+    from engine.world.eval.sae_labelling import MAX_DOCS, MapFitting, sae_maps
     from engine.world.eval.steering import DEFAULT_STRENGTHS, template_prompts
     from engine.world.register import concept_ordinals
     from engine.world.sae import build_saes, register_sae_atlas
@@ -62,7 +62,8 @@ def evaluate_sae_steering(store: Store, size: str = "small", seed: int = 0, *, s
     saes = build_saes(world, progress=not quiet)
     register_sae_atlas(store, world, saes)
     wm = world.model(key)
-    maps = sae_maps(store, world, saes, key, None, methods, max_docs or MAX_DOCS, quiet, device, dtype)
+    maps = sae_maps(store, world, saes, key, methods,
+                    MapFitting(max_docs=max_docs or MAX_DOCS, device=device, dtype=dtype), quiet=quiet)
     maps = [(p, m, amap) for p, m, amap in maps if p in ("token", "span")]  # one pairing: the usual one
     decoder = saes.get("foundation").decoder()
     latents, covered = sae_concept_latents(saes.get("foundation").ground_truth(), [c.name for c in world.concepts])
