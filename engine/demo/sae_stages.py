@@ -50,14 +50,14 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     from engine.demo.clock import StageClock
     from engine.progress import set_quiet
     from engine.store.store import Store
-    from engine.world.eval.sae_labelling import evaluate_sae_labelling
+    from engine.world.eval.sae_labelling import MapFitting, evaluate_sae_labelling
 
     set_quiet(True)  # the parent's bars own the terminal
     store = Store.open(job["store"])
     size, seed, device, dtype = job["size"], job["seed"], job["device"], job["dtype"]
     clock = StageClock()
-    rows = clock("eval_sae_labelling", evaluate_sae_labelling, store, size, seed, quiet=True, device=device,
-                 dtype=dtype)
+    rows = clock("eval_sae_labelling", evaluate_sae_labelling, store, size, seed, quiet=True,
+                 fitting=MapFitting(device=device, dtype=dtype))
     steering = clock("eval_sae_steering", _sae_steering, store, size, seed, True, device, dtype)
     return {"sae_labelling": to_plain(rows), "sae_steering": steering, "timings": clock.wall, "cpu_timings": clock.cpu}
 
