@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import BadValueError, ShapeError
+from engine.util import unit_rows
 
 CRITERIA: tuple[str, ...] = ("nn", "csls", "isf")
 DEFAULT_CRITERION = "nn"
@@ -52,12 +53,6 @@ def check_criterion(criterion: str) -> str:
     if criterion not in CRITERIA:
         raise BadValueError(f"criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
     return criterion
-
-
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (zero rows stay zero), float32."""
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def candidate_k(k: int, n_atlas: int, csls_k: int = DEFAULT_CSLS_K) -> int:

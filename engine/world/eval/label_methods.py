@@ -110,9 +110,10 @@ def explanation_quality(model: Any, tok: Any, layer: int, docs: Sequence[tuple[s
     last token) and ``text_top1`` over documents with a concept; see the module docstring."""
     import torch
 
-    from engine.labelling.criteria import label_topk, unit_rows
+    from engine.labelling.criteria import label_topk
     from engine.models.activations import collect
     from engine.models.hooks import Site
+    from engine.util import unit_rows
 
     member = {w.lower(): c for c, con in enumerate(concepts) for w in con.members}
     texts = [t for t, _ in docs]
@@ -170,8 +171,9 @@ def measure_world(world: Any, docs: int = 1500, methods: Sequence[str] | None = 
         sparse_codes,
         weighted_mean_scores,
     )
-    from engine.labelling.criteria import label_topk, rerank, top_k, unit_rows
+    from engine.labelling.criteria import label_topk, rerank, top_k
     from engine.models.hooks import Site
+    from engine.util import unit_rows
     from engine.world.eval.sae_labelling import score_hits
     from engine.world.ground_truth import relaxed_matches
     from engine.world.locate import world_texts
