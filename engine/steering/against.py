@@ -51,7 +51,14 @@ from engine.steering.faithfulness import (
     choose_site,
     shortlist,
 )
-from engine.steering.generate import GenerationSettings, continuation_nll, generate, special_token_ids
+from engine.steering.generate import (
+    GenerationSettings,
+    continuation_nll,
+    continuation_nll_rows,
+    eval_batch_rows,
+    generate,
+    special_token_ids,
+)
 
 # x each edited layer's typical residual norm; on tiny 2 always broke the text (perplexity > 1,000x)
 DEFAULT_STRENGTHS: tuple[float, ...] = (0.125, 0.25, 0.35, 0.5, 0.7, 1.0)
@@ -135,38 +142,66 @@ def run_layers_cell(model: Any, tokenizer: Any, trials: Trials, scorer: Scorer, 
 
     Strength is in units of each layer's own typical residual norm; each trial's edit at every
     layer is its target concept's row of that layer's directions."""
+    return run_layers_cells(model, tokenizer, trials, scorer, sites, [strength], mode=mode, positions=positions,
+                            max_new_tokens=max_new_tokens, split=split)[0]
+
+
+def run_layers_cells(model: Any, tokenizer: Any, trials: Trials, scorer: Scorer, sites: Sequence[DirectionSet],
+                     strengths: Sequence[float], *, mode: str = "add", positions: str = "all",
+                     max_new_tokens: int = 20, split: str = "validation") -> list[AgainstTopicRow]:
+    """`run_layers_cell` at each of ``strengths``, every trial of every strength in shared batches
+    (per-row edits, one strength per row); one row per strength, in order."""
     if len({s.layer for s in sites}) != len(sites) or not sites:
         raise ShapeError("give one direction set per edited layer")
-    blocked = special_token_ids(tokenizer)
-    edits = [SteeringEdit(s.layer, np.asarray(s.directions)[trials.targets], strength, s.norm, mode, s.kind)
-             for s in sites]  # one (n_trials, d) edit per layer
-    gens = generate(model, tokenizer, trials.prompts, edits, positions=positions,  # type: ignore[arg-type]
-                    settings=GenerationSettings(max_new_tokens), blocked=blocked)
+    m, strengths = len(trials.prompts), [float(s) for s in strengths]
+    prompts = list(trials.prompts) * len(strengths)
+    per_row = np.repeat(np.asarray(strengths), m)
+    edits = [SteeringEdit(s.layer, np.tile(np.asarray(s.directions)[trials.targets], (len(strengths), 1)), per_row,
+                          s.norm, mode, s.kind) for s in sites]  # one (m x strengths, d) edit per layer
+    batch = eval_batch_rows(model)
+    gens = generate(model, tokenizer, prompts, edits, positions=positions,  # type: ignore[arg-type]
+                    settings=GenerationSettings(max_new_tokens), blocked=special_token_ids(tokenizer),
+                    batch_size=batch)
     conts = [g.token_ids for g in gens]
-    nll, n = continuation_nll(model, tokenizer, trials.prompts, conts)
-    return AgainstTopicRow(sites[0].kind, split, mode, positions, tuple(s.layer for s in sites), float(strength),
-                           _faithful([g.text for g in gens], trials.targets, scorer), _ppl(nll, n),
-                           perplexity_alone(model, tokenizer, conts), len(gens),
-                           maps=tuple(s.map for s in sites if s.map))
+    nll, n = continuation_nll_rows(model, tokenizer, prompts, conts, batch_size=batch)
+    alone = _alone_rows(model, tokenizer, conts, batch)
+    out = []
+    for j, strength in enumerate(strengths):
+        part = slice(j * m, (j + 1) * m)
+        out.append(AgainstTopicRow(
+            sites[0].kind, split, mode, positions, tuple(s.layer for s in sites), strength,
+            _faithful([g.text for g in gens[part]], trials.targets, scorer),
+            _ppl(float(nll[part].sum()), int(n[part].sum())),
+            _ppl(float(alone[0][part].sum()), int(alone[1][part].sum())) if alone is not None else float("nan"),
+            m, maps=tuple(s.map for s in sites if s.map)))
+    return out
+
+
+def _alone_rows(model: Any, tokenizer: Any, continuations: Sequence[Sequence[int]],
+                batch: int = 64) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per continuation: NLL and tokens scored on its own, after the tokenizer's start token (the
+    encoding of ""); None for a tokenizer that has none."""
+    if not tokenizer("")["input_ids"]:
+        return None
+    return continuation_nll_rows(model, tokenizer, [""] * len(continuations), continuations, batch_size=batch)
 
 
 def perplexity_alone(model: Any, tokenizer: Any, continuations: Sequence[Sequence[int]]) -> float:
     """Perplexity of token-id continuations on their own: after the tokenizer's start token (the
     encoding of ""), NaN for a tokenizer that has none."""
-    if not tokenizer("")["input_ids"]:
-        return float("nan")
-    nll, n = continuation_nll(model, tokenizer, [""] * len(continuations), continuations)
-    return _ppl(nll, n)
+    alone = _alone_rows(model, tokenizer, continuations, eval_batch_rows(model))
+    return float("nan") if alone is None else _ppl(float(alone[0].sum()), int(alone[1].sum()))
 
 
 def _unsteered(model: Any, tokenizer: Any, trials: Trials, scorer: Scorer, max_new_tokens: int,
                split: str) -> AgainstTopicRow:
     """The floor: each distinct prompt continued once, unedited, and scored against each of its targets."""
     uniq = list(dict.fromkeys(trials.prompts))
+    batch = eval_batch_rows(model)
     gens = generate(model, tokenizer, uniq, (), settings=GenerationSettings(max_new_tokens),
-                    blocked=special_token_ids(tokenizer))
+                    blocked=special_token_ids(tokenizer), batch_size=batch)
     by_prompt = {g.prompt: g for g in gens}
-    nll, n = continuation_nll(model, tokenizer, uniq, [g.token_ids for g in gens])
+    nll, n = continuation_nll(model, tokenizer, uniq, [g.token_ids for g in gens], batch_size=batch)
     return AgainstTopicRow("unsteered", split, None, None, (), 0.0,
                            _faithful([by_prompt[p].text for p in trials.prompts], trials.targets, scorer),
                            _ppl(nll, n), perplexity_alone(model, tokenizer, [g.token_ids for g in gens]),
@@ -234,11 +269,9 @@ def evaluate_against_topic(
                 for pos in positions:
                     cells: list[AgainstTopicRow] = []
                     for layers in ss:
-                        for s in strengths:
-                            cells.append(run_layers_cell(model, tokenizer, val, scorer,
-                                                         [by_kind[kind][v] for v in layers], s, mode=mode,
-                                                         positions=pos, max_new_tokens=max_new_tokens))
-                            bar.update(1)
+                        cells += run_layers_cells(model, tokenizer, val, scorer, [by_kind[kind][v] for v in layers],
+                                                  strengths, mode=mode, positions=pos, max_new_tokens=max_new_tokens)
+                        bar.update(len(strengths))
                     rows += cells
                     for many in ("1", "several"):
                         group = [c for c in cells if (c.n_layers > 1) == (many == "several")]

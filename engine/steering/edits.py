@@ -37,8 +37,9 @@ from engine.models.loading import d_model_of
 from engine.registry import Registry
 
 Mode = str  # a name in STEERING_MODES: "add", "clamp", or one registered with `register_mode`
-# fn(h (B, t, d), u (d,) or (B, 1, d) unit, target) -> edited h, out of place
-ModeFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+# fn(h (B, t, d), u (d,) or (B, 1, d) unit, target (a number, or (B, 1, 1) per row)) -> edited h, out of place
+Target = float | torch.Tensor
+ModeFn = Callable[[torch.Tensor, torch.Tensor, Target], torch.Tensor]
 STEERING_MODES: Registry[ModeFn] = Registry("steering mode")
 Positions = Literal["all", "new"]
 POSITIONS: tuple[str, ...] = ("all", "new")
@@ -50,13 +51,13 @@ def register_mode(name: str) -> Callable[[ModeFn], ModeFn]:
 
 
 @register_mode("add")
-def _add(h: torch.Tensor, u: torch.Tensor, target: float) -> torch.Tensor:
+def _add(h: torch.Tensor, u: torch.Tensor, target: Target) -> torch.Tensor:
     """h + target·u at every edited position."""
     return h + target * u
 
 
 @register_mode("clamp")
-def _clamp(h: torch.Tensor, u: torch.Tensor, target: float) -> torch.Tensor:
+def _clamp(h: torch.Tensor, u: torch.Tensor, target: Target) -> torch.Tensor:
     """Set the projection of h on u to ``target``; the rest of h is unchanged."""
     proj = (h * u).sum(-1, keepdim=True)  # (B, t, 1)
     return h + (target - proj) * u
@@ -69,12 +70,13 @@ class SteeringEdit:
     ``direction`` is one vector ``(d,)`` for every sequence, or one per batch row ``(n_rows, d)``
     (row ``i`` steers prompt ``i`` of a `generate` call: many trials, one batch). ``norm`` is the
     site's typical residual norm (mean L2 norm of residuals at the layer), so ``strength=1`` adds
-    (or clamps the projection to) one typical residual's length.
+    (or clamps the projection to) one typical residual's length. A per-row edit may also take one
+    strength per row (``(n_rows,)``), so cells of several strengths share one batch.
     """
 
     layer: int
     direction: np.ndarray  # (d_subject,) or (n_rows, d_subject), unit rows
-    strength: float
+    strength: float | np.ndarray  # a number, or (n_rows,) for a per-row edit
     norm: float
     mode: Mode = "add"
     label: str = ""
@@ -91,6 +93,14 @@ class SteeringEdit:
         if not (math.isfinite(self.norm) and self.norm > 0):
             raise BadValueError(f"norm must be a positive number (the site's typical residual norm), got {self.norm}")
         object.__setattr__(self, "direction", (u / n).astype(np.float32))
+        if np.ndim(self.strength):
+            st = np.asarray(self.strength, dtype=np.float64)
+            if st.ndim != 1 or u.ndim != 2 or len(st) != len(u):
+                raise ShapeError(f"per-row strengths need a per-row direction with as many rows; got strengths of "
+                                 f"shape {st.shape} for directions of shape {u.shape}")
+            if not np.all(np.isfinite(st)):
+                raise BadValueError("strengths must be finite numbers")
+            object.__setattr__(self, "strength", st)
 
     @property
     def dim(self) -> int:
@@ -102,26 +112,30 @@ class SteeringEdit:
         return int(self.direction.shape[0]) if self.direction.ndim == 2 else None
 
     @property
-    def target(self) -> float:
-        """Length added (``add``) or projection set (``clamp``): ``strength × norm``."""
+    def target(self) -> float | np.ndarray:
+        """Length added (``add``) or projection set (``clamp``): ``strength × norm`` (per row: ``(n_rows,)``)."""
+        if isinstance(self.strength, np.ndarray):
+            return self.strength * self.norm
         return float(self.strength * self.norm)
 
     def rows(self, index: Sequence[int]) -> SteeringEdit:
         """The edit for a subset of rows (itself when it is not per-row)."""
         if self.n_rows is None:
             return self
-        return dataclasses.replace(self, direction=self.direction[list(index)])
+        pick = list(index)
+        strength = self.strength[pick] if isinstance(self.strength, np.ndarray) else self.strength
+        return dataclasses.replace(self, direction=self.direction[pick], strength=strength)
 
 
 @dataclass
 class _LayerEdit:
     """The edits of one layer, ready for the hot path: (mode function, direction, target) in
     order, directions cast once per dtype and device. Per-row directions are stored as
-    ``(n_rows, 1, d)`` so they broadcast over positions."""
+    ``(n_rows, 1, d)`` so they broadcast over positions, per-row targets as ``(n_rows, 1, 1)``."""
 
-    edits: list[tuple[ModeFn, torch.Tensor, float]]  # [(fn, u (d,) or (n_rows, 1, d), target)]
+    edits: list[tuple[ModeFn, torch.Tensor, Target]]  # [(fn, u (d,) or (n_rows, 1, d), target)]
     n_rows: int | None = None
-    _cast: dict[tuple[torch.dtype, torch.device], list[tuple[ModeFn, torch.Tensor, float]]] = field(
+    _cast: dict[tuple[torch.dtype, torch.device], list[tuple[ModeFn, torch.Tensor, Target]]] = field(
         default_factory=dict)
 
     @classmethod
@@ -134,7 +148,10 @@ class _LayerEdit:
             t = torch.from_numpy(np.ascontiguousarray(u, dtype=np.float32))
             return t.unsqueeze(1) if t.ndim == 2 else t  # (n_rows, 1, d) or (d,)
 
-        return cls([(STEERING_MODES[e.mode], as_tensor(e.direction), e.target) for e in edits],
+        def as_target(t: float | np.ndarray) -> Target:
+            return torch.from_numpy(np.asarray(t, dtype=np.float32)).view(-1, 1, 1) if isinstance(t, np.ndarray) else t
+
+        return cls([(STEERING_MODES[e.mode], as_tensor(e.direction), as_target(e.target)) for e in edits],
                    rows.pop() if rows else None)
 
     def apply(self, h: torch.Tensor) -> torch.Tensor:
@@ -143,7 +160,8 @@ class _LayerEdit:
             raise ShapeError(f"a per-row edit has {self.n_rows} rows, the batch has {h.shape[0]}")
         key = (h.dtype, h.device)
         if key not in self._cast:
-            self._cast[key] = [(fn, u.to(h.device, h.dtype), t) for fn, u, t in self.edits]
+            self._cast[key] = [(fn, u.to(h.device, h.dtype), t.to(h.device, h.dtype) if isinstance(t, torch.Tensor) else t)
+                               for fn, u, t in self.edits]
         for fn, u, target in self._cast[key]:
             h = fn(h, u, target)
         return h

@@ -27,7 +27,14 @@ import numpy as np
 
 from engine.errors import BadValueError, ShapeError
 from engine.steering.edits import SteeringEdit
-from engine.steering.generate import GenerationSettings, continuation_nll, generate, special_token_ids
+from engine.steering.generate import (
+    GenerationSettings,
+    continuation_nll,
+    continuation_nll_rows,
+    eval_batch_rows,
+    generate,
+    special_token_ids,
+)
 
 Scorer = Callable[[str], "int | None"]  # text -> index of its plurality concept (None: no strict plurality)
 
@@ -138,23 +145,44 @@ def run_cell(
 
     ``site`` None is the unsteered floor: each distinct prompt is generated once and scored
     against every target."""
-    blocked = special_token_ids(tokenizer)
-    if site is None:
-        uniq = list(dict.fromkeys(trials.prompts))
-        gens = generate(model, tokenizer, uniq, (), settings=GenerationSettings(max_new_tokens), blocked=blocked)
-        by_prompt = {g.prompt: g for g in gens}
-        texts = [by_prompt[p].text for p in trials.prompts]
-        nll, n = continuation_nll(model, tokenizer, uniq, [g.token_ids for g in gens])
-        return FaithfulnessRow("unsteered", prompts_name, None, 0.0, _faithful(texts, trials.targets, scorer),
-                               _ppl(nll, n), len(trials.prompts))
-    rows = np.asarray(site.directions)[trials.targets]  # (n_trials, d)
-    edit = SteeringEdit(site.layer, rows, strength, site.norm, mode, site.kind)
-    gens = generate(model, tokenizer, trials.prompts, [edit], settings=GenerationSettings(max_new_tokens),
-                    blocked=blocked)
-    nll, n = continuation_nll(model, tokenizer, trials.prompts, [g.token_ids for g in gens])
-    return FaithfulnessRow(site.kind, prompts_name, site.layer, float(strength),
-                           _faithful([g.text for g in gens], trials.targets, scorer), _ppl(nll, n), len(gens),
-                           map=site.map, method=site.method)
+    if site is not None:
+        return run_cells(model, tokenizer, trials, scorer, site, [strength], mode=mode, max_new_tokens=max_new_tokens,
+                         prompts_name=prompts_name)[0]
+    batch = eval_batch_rows(model)
+    uniq = list(dict.fromkeys(trials.prompts))
+    gens = generate(model, tokenizer, uniq, (), settings=GenerationSettings(max_new_tokens),
+                    blocked=special_token_ids(tokenizer), batch_size=batch)
+    by_prompt = {g.prompt: g for g in gens}
+    texts = [by_prompt[p].text for p in trials.prompts]
+    nll, n = continuation_nll(model, tokenizer, uniq, [g.token_ids for g in gens], batch_size=batch)
+    return FaithfulnessRow("unsteered", prompts_name, None, 0.0, _faithful(texts, trials.targets, scorer),
+                           _ppl(nll, n), len(trials.prompts))
+
+
+def run_cells(
+    model: Any, tokenizer: Any, trials: Trials, scorer: Scorer, site: DirectionSet, strengths: Sequence[float], *,
+    mode: str = "add", max_new_tokens: int = 20, prompts_name: str = "neutral",
+) -> list[FaithfulnessRow]:
+    """`run_cell` at each of ``strengths``: every trial of every strength in shared batches (one
+    per-row edit, one strength per row), one row per strength in order. A strength's rows are
+    those of `run_cell` at that strength: batching changes how many rows run at once, not what
+    each row computes."""
+    m, strengths = len(trials.prompts), [float(s) for s in strengths]
+    prompts = list(trials.prompts) * len(strengths)
+    rows = np.tile(np.asarray(site.directions)[trials.targets], (len(strengths), 1))  # (m x strengths, d)
+    edit = SteeringEdit(site.layer, rows, np.repeat(np.asarray(strengths), m), site.norm, mode, site.kind)
+    batch = eval_batch_rows(model)
+    gens = generate(model, tokenizer, prompts, [edit], settings=GenerationSettings(max_new_tokens),
+                    blocked=special_token_ids(tokenizer), batch_size=batch)
+    nll, n = continuation_nll_rows(model, tokenizer, prompts, [g.token_ids for g in gens], batch_size=batch)
+    out = []
+    for j, strength in enumerate(strengths):
+        part = slice(j * m, (j + 1) * m)
+        out.append(FaithfulnessRow(site.kind, prompts_name, site.layer, strength,
+                                   _faithful([g.text for g in gens[part]], trials.targets, scorer),
+                                   _ppl(float(nll[part].sum()), int(n[part].sum())), m,
+                                   map=site.map, method=site.method))
+    return out
 
 
 def shortlist(sites: Sequence[DirectionSet], n: int = 2) -> list[DirectionSet]:
@@ -233,17 +261,22 @@ def evaluate_steering(
     bar = progress(total=n_cells, desc="steering eval", unit="cell", quiet=quiet)
     kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, mode=mode)
 
-    def cell(trials: Trials, site: DirectionSet | None, s: float, name: str) -> FaithfulnessRow:
-        row = run_cell(model, tokenizer, trials, scorer, site, s, prompts_name=name, **kw)
+    def floor(trials: Trials, name: str) -> FaithfulnessRow:
+        row = run_cell(model, tokenizer, trials, scorer, None, prompts_name=name, **kw)
         bar.update(1)
         return row
 
+    def cells_at(trials: Trials, site: DirectionSet, ss: Sequence[float], name: str) -> list[FaithfulnessRow]:
+        out = run_cells(model, tokenizer, trials, scorer, site, ss, prompts_name=name, **kw)
+        bar.update(len(ss))
+        return out
+
     try:
-        base_heldout = cell(heldout, None, 0.0, "heldout")
+        base_heldout = floor(heldout, "heldout")
         calibration = [base_heldout]
         picks: dict[tuple[str, str | None], tuple[DirectionSet, FaithfulnessRow]] = {}
         for group, cands in groups.items():
-            cells = [(site, cell(heldout, site, s, "heldout")) for site in cands for s in strengths]
+            cells = [(site, c) for site in cands for c in cells_at(heldout, site, strengths, "heldout")]
             calibration += [c for _, c in cells]
             best = choose_site([c for _, c in cells], base_heldout.perplexity, max_ppl_ratio)
             picks[group] = next((site, c) for site, c in cells if c is best)
@@ -255,12 +288,13 @@ def evaluate_steering(
             mine = site.key == p_site.key and row.strength == p_row.strength
             return dataclasses.replace(row, chosen_for_method=mine, chosen=mine and p_row is headline[site.kind])
 
-        rows = [cell(neutral, None, 0.0, "neutral")]
+        rows = [floor(neutral, "neutral")]
         for site in sorted(sites, key=lambda x: (x.kind != "transferred", x.method or "", x.layer)):
-            rows += [mark(cell(neutral, site, s, "neutral"), site) for s in strengths]
+            rows += [mark(c, site) for c in cells_at(neutral, site, strengths, "neutral")]
         if other is not None:
-            rows.append(cell(other, None, 0.0, "other_topic"))
-            rows += [mark(cell(other, p_site, p_row.strength, "other_topic"), p_site) for p_site, p_row in picks.values()]
+            rows.append(floor(other, "other_topic"))
+            rows += [mark(cells_at(other, p_site, [p_row.strength], "other_topic")[0], p_site)
+                     for p_site, p_row in picks.values()]
     finally:
         bar.close()
     (t_site, t_row), (n_site, n_row) = (next(picks[g] for g in picks if picks[g][1] is headline[kind])

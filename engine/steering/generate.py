@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
+import numpy as np
 import torch
 
 from engine.errors import BadValueError, ShapeError
@@ -42,6 +43,20 @@ def _group_by_length(tokenizer: Any, prompts: Sequence[str]) -> tuple[list[list[
             raise ShapeError(f"prompt {prompts[i]!r} tokenises to nothing; give a non-empty prompt")
         groups.setdefault(len(ids), []).append(i)
     return enc, groups
+
+
+EVAL_BATCH_ELEMENTS = 1 << 20  # rows x d_model x layers per evaluation batch (a bound on the key/value cache)
+
+
+def eval_batch_rows(model: torch.nn.Module) -> int:
+    """Rows per batch for an evaluation's many trials: a small model's step costs about the same
+    for 16 rows as for 512 (fixed per-call overhead), so it gets large batches; a large model gets
+    fewer rows, so its key/value cache stays small. The rows are the same either way."""
+    from engine.models.hooks import resolve_blocks
+    from engine.models.loading import d_model_of
+
+    per_row = d_model_of(model) * max(1, len(resolve_blocks(model)))
+    return max(16, min(512, EVAL_BATCH_ELEMENTS // per_row))
 
 
 @dataclass(frozen=True)
@@ -142,29 +157,41 @@ def generate_pair(
 
 
 @torch.no_grad()
-def continuation_nll(
+def continuation_nll_rows(
     model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], continuations: Sequence[Sequence[int]],
     batch_size: int = 64,
-) -> tuple[float, int]:
-    """Summed negative log-likelihood of ``continuations`` (token ids) after their prompts, under
-    ``model`` as it is (no edits), and the number of tokens scored. Sequences of equal prompt
-    and continuation lengths are scored in one batch (no padding)."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per continuation: the negative log-likelihood of its token ids after its prompt, under
+    ``model`` as it is (no edits), and the number of tokens scored; two ``(n,)`` arrays.
+    Sequences of equal prompt and continuation lengths are scored in one batch (no padding)."""
     enc = [list(ids) for ids in tokenizer(list(prompts))["input_ids"]]
     device = next(model.parameters()).device
     groups: dict[tuple[int, int], list[int]] = {}
     for i, cont in enumerate(continuations):
         if len(cont):
             groups.setdefault((len(enc[i]), len(cont)), []).append(i)
-    nll, n = 0.0, 0
+    nll = np.zeros(len(continuations), dtype=np.float64)
+    n = np.zeros(len(continuations), dtype=np.int64)
     for (n_prompt, n_cont), idx in groups.items():
         for start in range(0, len(idx), batch_size):
             chunk = idx[start : start + batch_size]
             seq = torch.tensor([enc[i] + list(continuations[i]) for i in chunk], device=device)  # (B, T)
             logits = model(input_ids=seq, use_cache=False).logits[:, n_prompt - 1 : -1].float()  # (B, n_cont, V)
             target = seq[:, n_prompt:]  # (B, n_cont)
-            nll -= float(torch.log_softmax(logits, -1).gather(-1, target.unsqueeze(-1)).sum())
-            n += len(chunk) * n_cont
+            ll = torch.log_softmax(logits, -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, n_cont)
+            nll[chunk] = -ll.double().sum(-1).cpu().numpy()
+            n[chunk] = n_cont
     return nll, n
+
+
+def continuation_nll(
+    model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], continuations: Sequence[Sequence[int]],
+    batch_size: int = 64,
+) -> tuple[float, int]:
+    """Summed negative log-likelihood of ``continuations`` (token ids) after their prompts, under
+    ``model`` as it is (no edits), and the number of tokens scored (`continuation_nll_rows`, summed)."""
+    nll, n = continuation_nll_rows(model, tokenizer, prompts, continuations, batch_size)
+    return float(nll.sum()), int(n.sum())
 
 
 def perplexity(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str],

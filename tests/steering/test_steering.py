@@ -291,3 +291,26 @@ def test_per_row_edits_match_one_edit_per_prompt(tiny, mode):
     assert [g.token_ids for g in batched] == [g.token_ids for g in single]
     with pytest.raises(ShapeError, match="3 rows for 4 prompts"):
         generate(model, tok, prompts, [SteeringEdit(1, dirs[:3], 2.0, 5.0)], **kw)
+
+
+@pytest.mark.parametrize("mode", sorted(STEERING_MODES))
+def test_per_row_strengths_match_one_strength_per_call(tiny, mode):
+    _, model, tok = tiny
+    prompts = ["the", "there was a", "and then the"]
+    dirs = np.stack([unit(20 + i) for i in range(len(prompts))])
+    strengths = (0.1, 40.0)
+    kw = dict(settings=GenerationSettings(6), blocked=special_token_ids(tok))
+    both = generate(model, tok, prompts * 2, [SteeringEdit(1, np.tile(dirs, (2, 1)), np.repeat(strengths, 3), 5.0,
+                                                           mode)], **kw)
+    each = [g for s in strengths for g in generate(model, tok, prompts, [SteeringEdit(1, dirs, s, 5.0, mode)], **kw)]
+    assert [g.token_ids for g in both] == [g.token_ids for g in each]
+    assert [g.token_ids for g in both[:3]] != [g.token_ids for g in both[3:]]  # the strengths did differ
+
+
+def test_per_row_strengths_need_a_per_row_direction():
+    with pytest.raises(ShapeError, match="per-row strengths"):
+        SteeringEdit(1, unit(1), np.array([1.0, 2.0]), 5.0)
+    with pytest.raises(ShapeError, match="per-row strengths"):
+        SteeringEdit(1, np.stack([unit(1), unit(2)]), np.array([1.0, 2.0, 3.0]), 5.0)
+    e = SteeringEdit(1, np.stack([unit(1), unit(2), unit(3)]), np.array([1.0, 2.0, 3.0]), 5.0)
+    assert list(e.rows([2, 0]).target) == [15.0, 5.0]

@@ -25,10 +25,12 @@ from engine.steering.against import (
     default_layer_sets,
     evaluate_against_topic,
     guard_perplexity,
+    run_layers_cell,
+    run_layers_cells,
     split_prompts,
 )
 from engine.steering.edits import SteeringEdit, steer
-from engine.steering.faithfulness import DirectionSet, SteeringGrid
+from engine.steering.faithfulness import DirectionSet, SteeringGrid, Trials
 from engine.steering.generate import typical_norm
 from engine.world.config import config_for
 from engine.world.corpus import make_corpus, other_topic_prompts, plurality_concept
@@ -165,3 +167,22 @@ def test_bad_options():
             check_options(*args)
     with pytest.raises(ShapeError, match="two distinct prompts"):
         evaluate_against_topic(None, None, lambda t: None, [], [("a", 0)], n_concepts=2)
+
+
+@pytest.mark.parametrize("positions", ["all", "new"])
+def test_cells_of_several_strengths_equal_one_cell_per_strength(subject, positions):
+    """`run_layers_cells` batches every strength's trials together (per-row strengths at each
+    edited layer); each row equals `run_layers_cell` at that strength."""
+    world, model, tok, sites = subject
+    val, _ = split_prompts(other_topic_prompts(world.heldout_docs, per_concept=2))
+    trials = Trials.towards_others(val, len(world.concepts), per_prompt=1)
+    at = [s for s in sites if s.kind == "native" and s.layer in (1, 2)]
+    together = run_layers_cells(model, tok, trials, world.plurality_concept, at, (0.25, 1.0), mode="clamp",
+                                positions=positions, max_new_tokens=5)
+    apart = [run_layers_cell(model, tok, trials, world.plurality_concept, at, s, mode="clamp", positions=positions,
+                             max_new_tokens=5) for s in (0.25, 1.0)]
+    for a, b in zip(together, apart):
+        assert (a.strength, a.faithfulness, a.n, a.layers) == (b.strength, b.faithfulness, b.n, b.layers)
+        assert a.perplexity == pytest.approx(b.perplexity, rel=1e-5)
+        assert a.perplexity_alone == pytest.approx(b.perplexity_alone, rel=1e-5)
+    assert together[0].perplexity != together[1].perplexity

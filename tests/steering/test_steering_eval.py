@@ -125,3 +125,18 @@ def test_unsteered_cell_is_independent_of_the_sites(word_world):
     with torch.no_grad():
         b = run_cell(model, tok, trials, scorer, None, max_new_tokens=5)
     assert a == b
+
+
+def test_cells_of_several_strengths_equal_one_cell_per_strength(word_world):
+    """`run_cells` batches every strength's trials together; each row equals `run_cell` at that strength."""
+    from engine.steering.faithfulness import run_cell, run_cells
+
+    model, tok, scorer, sites = word_world
+    trials = Trials.every_concept(NEUTRAL, 3)
+    together = run_cells(model, tok, trials, scorer, sites[0], (0.5, 2.0, 8.0), max_new_tokens=5)
+    apart = [run_cell(model, tok, trials, scorer, sites[0], s, max_new_tokens=5) for s in (0.5, 2.0, 8.0)]
+    assert [r.strength for r in together] == [0.5, 2.0, 8.0]
+    for a, b in zip(together, apart):
+        assert (a.faithfulness, a.n, a.layer) == (b.faithfulness, b.n, b.layer)
+        assert a.perplexity == pytest.approx(b.perplexity, rel=1e-5)
+    assert len({r.perplexity for r in together}) > 1  # the strengths did differ
