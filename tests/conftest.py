@@ -26,6 +26,16 @@ PG_URL_ENV = "ATLAS_TEST_PG_URL"
 BACKENDS = ("sqlite", "postgresql")
 
 
+def pytest_configure(config):
+    """Under pytest-xdist, each worker's torch gets its share of the CPUs (``-n auto``: one each), so
+    two workers on two cores do not each start a thread per core and fight over them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 def pytest_generate_tests(metafunc):
     marker = metafunc.definition.get_closest_marker("backends")
     if marker is not None and "db_url" in metafunc.fixturenames:
