@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import os
 import socket
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -106,15 +107,18 @@ def ray_session(config: RayConfig) -> Iterator[Any]:
             kwargs["object_store_memory"] = config.object_store_mb * 1024 * 1024
     if config.address is not None:
         _probe(config.address)
-    try:
-        ray.init(address=config.address, **kwargs)
-    except (ConnectionError, ValueError, RuntimeError) as e:
-        where = f"the Ray cluster at {config.address!r}" if config.address else "a local Ray"
-        raise RayUnavailableError(f"could not start or join {where}: {str(e).splitlines()[0]}") from None
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
+    # Ray prints what the cluster reports to a driver (a node lost, a worker killed) on stdout, from
+    # a thread of its own: to stderr instead, so that stdout stays the command's (`--json`)
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            ray.init(address=config.address, **kwargs)
+        except (ConnectionError, ValueError, RuntimeError) as e:
+            where = f"the Ray cluster at {config.address!r}" if config.address else "a local Ray"
+            raise RayUnavailableError(f"could not start or join {where}: {str(e).splitlines()[0]}") from None
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
 
 
 def _probe(address: str, timeout: float = 5.0) -> None:
