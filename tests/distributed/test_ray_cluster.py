@@ -1,0 +1,191 @@
+"""Work on a real Ray cluster under faults: a head and a second node, each started by `ray start` on
+loopback with one CPU, and the driver `atlas ... --ray-address`, a separate process, as a user runs
+it. The second node is killed (every process of it at once, SIGKILL: a machine lost) while a task of
+the run is running on it; the run must end with exactly the rows (the maps) of an in-process run,
+either at once (Ray runs the lost tasks again on the head) or after it stopped with a one-line
+error and was resumed.
+
+When a task runs on the node is read from the node's processes: a Ray worker's process title is
+``ray::_call`` while it runs one of the engine's tasks (`engine.distributed.ray_exec._call`).
+Each node is a session of its own (`ray start --block` in a new session; Ray's workers keep it),
+so the node's processes are the session's. The cluster has its own temporary folder and token
+(token authentication, Ray's default for `ray start` where a token exists), so it never meets
+another Ray on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.align.map import load_map
+from engine.labelling import run as labelling
+from tests.labelling.test_labelling import rows_of
+from tests.search.test_search import D_SUBJECT, make_mapped_store
+
+pytest.importorskip("ray")
+
+REPO = Path(__file__).resolve().parents[2]
+RAY = shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which("ray")
+pytestmark = pytest.mark.skipif(RAY is None, reason="no `ray` command next to this Python")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Node:
+    """One `ray start --block` (head or not) in a new session: its processes are the session's."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path):
+        self.log = log
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen([RAY, "start", "--block", "--num-cpus=1", "--node-ip-address=127.0.0.1",
+                                          "--object-store-memory=80000000", "--disable-usage-stats", *args],
+                                         env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def pids(self) -> list[int]:
+        out = []
+        for p in Path("/proc").iterdir():
+            if p.name.isdigit():
+                try:
+                    stat = (p / "stat").read_text()
+                except OSError:
+                    continue
+                if int(stat.rsplit(")", 1)[1].split()[3]) == self.proc.pid:  # field 6: the session id
+                    out.append(int(p.name))
+        return out
+
+    def running_task(self) -> bool:
+        """Whether one of this node's workers runs an engine task now."""
+        for pid in self.pids():
+            try:
+                if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::_call"):
+                    return True
+            except OSError:
+                pass
+        return False
+
+    def wait_started(self, timeout: float = 120) -> None:
+        end = time.monotonic() + timeout
+        while b"Ray runtime started" not in self.log.read_bytes():
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            assert time.monotonic() < end, f"the Ray node did not start in {timeout:.0f} s"
+            time.sleep(0.2)
+
+    def kill(self) -> None:
+        """SIGKILL every process of the node at once (its raylet, object store, workers)."""
+        for _ in range(3):  # a process forked while the list was read is caught by the next pass
+            for pid in self.pids():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.1)
+        self.proc.wait(timeout=30)
+
+
+class Cluster:
+    """A head node on loopback, and second nodes added and killed by the tests."""
+
+    def __init__(self) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="rc-", dir="/tmp"))  # short: Ray's socket paths must fit
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+            "RAY_USAGE_STATS_ENABLED": "0", "ATLAS_QUIET": "1",
+            # a lost node is declared dead after ~1.5 s (Ray's default: ~15 s)
+            "RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "3",
+        }
+        self.nodes: list[Node] = []
+        head = self._node(["--head", f"--port={self.port}", f"--temp-dir={self.tmp}", "--include-dashboard=false"])
+        head.wait_started()
+
+    def _node(self, args: list[str]) -> Node:
+        node = Node(args, self.env, self.tmp / f"node{len(self.nodes)}.log")
+        self.nodes.append(node)
+        return node
+
+    def add_node(self) -> Node:
+        node = self._node([f"--address={self.address}"])
+        node.wait_started()
+        return node
+
+    def atlas(self, *args: str) -> subprocess.Popen:
+        """`atlas ARGS` in a new process (the driver), on this cluster's environment."""
+        return subprocess.Popen([sys.executable, "-m", "engine.cli", *args], env=self.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    def close(self) -> None:
+        for node in reversed(self.nodes):
+            if node.proc.poll() is None:
+                node.kill()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster()
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def run_killing(cluster: Cluster, node: Node, args: list[str], timeout: float = 300) -> tuple[bool, subprocess.CompletedProcess]:
+    """Run `atlas ARGS` on the cluster and kill ``node`` as soon as a task of it runs there.
+    Returns (whether the node was killed mid-run, the finished driver)."""
+    driver = cluster.atlas(*args)
+    killed = False
+    end = time.monotonic() + timeout
+    while driver.poll() is None and time.monotonic() < end:
+        if not killed and node.running_task():
+            node.kill()
+            killed = True
+        time.sleep(0.02)
+    out, err = driver.communicate(timeout=max(1.0, end - time.monotonic()))
+    return killed, subprocess.CompletedProcess(args, driver.returncode, out, err)
+
+
+def _one_line_error(r: subprocess.CompletedProcess) -> bool:
+    err = r.stderr.strip()
+    return r.returncode == 1 and err.startswith("Error: ") and len(err.splitlines()) == 1
+
+
+def test_a_node_lost_while_labelling_leaves_exactly_the_in_process_rows(cluster, store, tmp_path):
+    make_mapped_store(store)
+    feats = np.random.default_rng(3).normal(size=(2000, D_SUBJECT)).astype(np.float32)
+    np.save(tmp_path / "f.npy", feats)
+    labelling.label_features(store, "m", str(tmp_path / "f.npy"), k=3, batch_size=25, name="here", quiet=True)
+
+    node = cluster.add_node()
+    args = ["--store", str(store.path), "--ray-address", cluster.address, "--json"]
+    killed, r = run_killing(cluster, node, ["label", "m", "--features", str(tmp_path / "f.npy"), "-k", "3",
+                                            "--batch", "25", "--name", "there", *args])
+    assert killed, "no task ran on the second node"
+    if r.returncode != 0:  # stopped: a one-line error, and the run resumes (on the head alone)
+        assert _one_line_error(r), r.stderr[-3000:]
+        r = subprocess.run([sys.executable, "-m", "engine.cli", "label", "--resume", "there", *args],
+                           env=cluster.env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["status"] == "done"
+    rows = rows_of(store, "there")
+    assert len(rows) == len({row[:2] for row in rows}) == 2000 * 3  # each (feature, rank) once
+    assert rows == rows_of(store, "here")
