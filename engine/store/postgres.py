@@ -52,6 +52,8 @@ def safe_url(url: str | URL) -> str:
 
 def translate_error(ctx: Any, timeout_s: float) -> AtlasError | None:
     """A `handle_error` listener's answer for PostgreSQL: the store-state errors as `AtlasError`s."""
+    if ctx.is_pre_ping:  # a pooled connection the server dropped (a restart): SQLAlchemy opens a new one
+        return None
     orig = ctx.original_exception
     code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None) or ""
     first = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
