@@ -114,11 +114,23 @@ def ray_session(config: RayConfig) -> Iterator[Any]:
             ray.init(address=config.address, **kwargs)
         except (ConnectionError, ValueError, RuntimeError) as e:
             where = f"the Ray cluster at {config.address!r}" if config.address else "a local Ray"
-            raise RayUnavailableError(f"could not start or join {where}: {str(e).splitlines()[0]}") from None
+            raise RayUnavailableError(f"could not start or join {where}: {str(e).splitlines()[0]}{_hint(e)}") from None
         try:
             yield ray
         finally:
             ray.shutdown()
+
+
+def _hint(e: BaseException) -> str:
+    """What to do about a refused join, where Ray's own message buries it in its causes."""
+    chain = []
+    while e is not None and len(chain) < 8:
+        chain.append(e)
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    if any(type(c).__name__ == "AuthenticationError" or "InvalidAuthToken" in str(c) for c in chain):
+        return ("; the cluster wants its token: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or "
+                "~/.ray/auth_token) as on the cluster's nodes")
+    return ""
 
 
 def _probe(address: str, timeout: float = 5.0) -> None:
