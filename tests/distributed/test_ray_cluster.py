@@ -1,6 +1,7 @@
 """Work on a real Ray cluster under faults: a head and a second node, each started by `ray start` on
-loopback with one CPU, and the driver `atlas ... --ray-address`, a separate process, as a user runs
-it. The second node is killed (every process of it at once, SIGKILL: a machine lost) while a task of
+this machine with one CPU, and the driver `atlas ... --ray-address 127.0.0.1:PORT`, a separate
+process, as a user runs it (Ray registers the nodes under the host's own address: it refuses a
+multi-node cluster on loopback alone). The second node is killed (every process of it at once, SIGKILL: a machine lost) while a task of
 the run is running on it; the run must end with exactly the rows (the maps) of an in-process run,
 either at once (Ray runs the lost tasks again on the head) or after it stopped with a one-line
 error and was resumed.
