@@ -123,10 +123,11 @@ def ray_session(config: RayConfig) -> Iterator[Any]:
 
 def _hint(e: BaseException) -> str:
     """What to do about a refused join, where Ray's own message buries it in its causes."""
-    chain = []
-    while e is not None and len(chain) < 8:
-        chain.append(e)
-        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    chain: list[BaseException] = []
+    cause: BaseException | None = e
+    while cause is not None and len(chain) < 8:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
     if any(type(c).__name__ == "AuthenticationError" or "InvalidAuthToken" in str(c) for c in chain):
         return ("; the cluster wants its token: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or "
                 "~/.ray/auth_token) as on the cluster's nodes")

@@ -34,7 +34,6 @@ from sqlalchemy.engine import Connection, Engine
 from engine.errors import AtlasError, ConnectionLostError
 from engine.util import failpoint, utcnow
 
-
 COMMIT_RETRIES = 3  # times a step's transaction cut off by the database server is run again
 
 
@@ -100,7 +99,7 @@ class ResumablePass:
 
     def _n_done(self) -> int:
         with self.engine.connect() as conn:
-            return int(conn.scalar(select(self.table.c.n_done).where(self.table.c.id == self.run_id)))
+            return int(conn.execute(select(self.table.c.n_done).where(self.table.c.id == self.run_id)).scalar_one())
 
     def _commit_once(self, lo: int, hi: int, write: Callable[[Connection], None]) -> None:
         with self.engine.begin() as conn:

@@ -28,7 +28,13 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError
 
-from engine.errors import AtlasError, ConnectionLostError, ReadOnlyStoreError, StoreBusyError, StoreNotFoundError
+from engine.errors import (
+    AtlasError,
+    ConnectionLostError,
+    ReadOnlyStoreError,
+    StoreBusyError,
+    StoreNotFoundError,
+)
 
 # The advisory lock key of a store's write transactions (any constant: one store per database).
 WRITE_LOCK = 0x41544C53  # "ATLS"
