@@ -40,7 +40,10 @@ pytest.importorskip("ray")
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which("ray")
-pytestmark = pytest.mark.skipif(RAY is None, reason="no `ray` command next to this Python")
+pytestmark = [
+    pytest.mark.skipif(RAY is None, reason="no `ray` command next to this Python"),
+    pytest.mark.slow,  # a cluster of `ray start` processes and a driver process: `-m "not slow"` stays quick; CI runs it
+]
 
 
 def _free_port() -> int:

@@ -61,9 +61,10 @@ while not os.path.exists(stop):
 
 
 def _pg_bin() -> str | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: [int(x) for x in Path(p).parent.name.split(".") if x.isdigit()])
+    """The folder of PostgreSQL's server binaries, as .ci/postgres.sh finds it (None: not installed)."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name.split(".")[0]))
     b = os.environ.get("ATLAS_PG_BIN") or (found[-1] if found else None)
-    return b if b and os.access(os.path.join(b, "pg_ctl"), os.X_OK) and os.access(os.path.join(b, "initdb"), os.X_OK) else None
+    return b if b and all(os.access(os.path.join(b, x), os.X_OK) for x in ("initdb", "pg_ctl")) else None
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +129,7 @@ def _mapped_store(root: Path, url: str, tmp_path: Path) -> Store:
     return store
 
 
+@pytest.mark.slow  # two CLI processes and a labelling run of 200 batches: `-m "not slow"` stays quick; CI runs it
 def test_two_writers_through_a_server_restart_end_exact(pg_server, tmp_path):
     url, restart = pg_server
     xs = [clustered_directions(500, 16, seed=10 + i) for i in range(3)]
