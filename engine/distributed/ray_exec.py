@@ -109,7 +109,8 @@ def ray_session(config: RayConfig) -> Iterator[Any]:
         _probe(config.address)
     # Ray prints what the cluster reports to a driver (a node lost, a worker killed) on stdout, from
     # a thread of its own: to stderr instead, so that stdout stays the command's (`--json`)
-    with contextlib.redirect_stdout(sys.stderr):
+    out, sys.stdout = sys.stdout, sys.stderr
+    try:
         try:
             ray.init(address=config.address, **kwargs)
         except (ConnectionError, ValueError, RuntimeError) as e:
@@ -119,6 +120,9 @@ def ray_session(config: RayConfig) -> Iterator[Any]:
             yield ray
         finally:
             ray.shutdown()
+    finally:
+        if sys.stdout is sys.stderr:  # not where someone else has set it since (a session closed late)
+            sys.stdout = out
 
 
 def _hint(e: BaseException) -> str:
