@@ -235,3 +235,18 @@ def test_a_node_lost_during_a_fit_leaves_the_in_process_map(cluster, store, tmp_
     # the same map to float32 rounding: the shards' statistics are summed in another order
     for x, y in ((a.weight, b.weight), (a.subject_mean, b.subject_mean), (a.atlas_mean, b.atlas_mean)):
         assert np.linalg.norm(x.astype(np.float64) - y) <= 1e-5 * np.linalg.norm(x)
+
+
+def test_a_driver_without_the_cluster_token_is_told_so(cluster, store, tmp_path):
+    """The cluster uses token authentication: a driver without the token fails in one line that says
+    what to set (Ray's own message is only 'Failed to connect to Ray cluster')."""
+    make_mapped_store(store)
+    np.save(tmp_path / "f.npy", np.zeros((3, D_SUBJECT), dtype=np.float32) + 1)
+    env = {k: v for k, v in cluster.env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    env["RAY_AUTH_TOKEN_PATH"] = str(tmp_path / "no-token")  # not ~/.ray/auth_token either
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "label", "m", "--features", str(tmp_path / "f.npy"),
+                        "--store", str(store.path), "--ray-address", cluster.address], env=env, capture_output=True,
+                       text=True, timeout=300)
+    last = r.stderr.strip().splitlines()[-1]  # Ray logs its retries above the command's own line
+    assert r.returncode == 1 and last.startswith("Error: could not start or join the Ray cluster"), r.stderr[-3000:]
+    assert "RAY_AUTH_TOKEN" in last and "Traceback" not in r.stderr
