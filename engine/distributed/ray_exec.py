@@ -5,7 +5,8 @@ committed batch after batch through the run's guard), so a shard that finishes e
 memory until the shards before it are in; at most ``window`` shards are in flight, which bounds
 that memory. Why a killed worker costs nothing: a Ray task whose worker process dies is run again
 (``max_retries``), and a task only *returns* data: nothing it computes is written until the driver
-has it, so a retried shard is simply computed twice and used once.
+has it, so a retried shard is simply computed twice and used once. The same holds for a lost node
+(its tasks run again on the nodes left: tests/distributed/test_ray_cluster.py kills one mid-run).
 
 Workers find the store by its folder and database URL (`StoreLocation`): on one machine that is
 always true; on a cluster (``address``) the store folder must be reachable at the same path from
