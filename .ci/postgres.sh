@@ -5,6 +5,8 @@
 #   eval "$(.ci/postgres.sh start)"   # starts it; prints `export ATLAS_PG_PORT=... ATLAS_TEST_PG_URL=...`
 #   .ci/postgres.sh stop              # stops the one this shell started ($ATLAS_PG_STARTED; else the one
 #                                     # recorded for $ATLAS_PG_PORT) and removes its data directory
+#   .ci/postgres.sh restart           # restarts that one (`pg_ctl restart -m fast`: every connection is
+#                                     # dropped; tests/store/test_pg_restart.py does it mid-run)
 #
 # Environment: ATLAS_PG_PORT (default: the first free port from 55432), ATLAS_PG_BIN (default: the
 # newest /usr/lib/postgresql/*/bin), ATLAS_PG_DIR (the data folder; default a new mktemp folder,
@@ -62,6 +64,13 @@ start)
         >/dev/null || { cat "$DIR/server.log" >&2; rm -rf "$DIR" "$STATE"; exit 1; }
     echo "export ATLAS_PG_PORT=$PORT ATLAS_PG_STARTED=$DIR ATLAS_TEST_PG_URL=postgresql+psycopg://atlas@127.0.0.1:$PORT/postgres"
     ;;
+restart)
+    # the cluster this shell started, or the one recorded for the port; with the options it started with
+    DIR="${ATLAS_PG_STARTED:-$(cat "$STATE" 2>/dev/null || true)}"
+    [ -d "$DIR/data" ] || { echo "no cluster of this shell or recorded for port $PORT to restart" >&2; exit 1; }
+    as_owner "$BIN/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -m fast -w -t 60 restart >/dev/null \
+        || { tail -20 "$DIR/server.log" >&2; exit 1; }
+    ;;
 stop)
     # the cluster this shell started (start exported its folder), never another run's that took the
     # same port after it; without it, the one recorded for the port
@@ -79,7 +88,7 @@ stop)
     [ "$STATE" = /dev/null ] || rm -f "$STATE"
     ;;
 *)
-    echo "usage: $0 start|stop" >&2
+    echo "usage: $0 start|stop|restart" >&2
     exit 2
     ;;
 esac

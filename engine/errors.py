@@ -16,6 +16,11 @@ class StoreNotFoundError(AtlasError):
     """The store directory or its database does not exist or is not initialised."""
 
 
+class ConnectionLostError(StoreNotFoundError):
+    """The database server closed this process's open connection (a restart, a failover): the
+    transaction in flight was rolled back, unless the connection was lost while it committed."""
+
+
 class StoreOutdatedError(AtlasError):
     """The store's database is at an older schema revision than this code expects."""
 

@@ -5,7 +5,8 @@ committed batch after batch through the run's guard), so a shard that finishes e
 memory until the shards before it are in; at most ``window`` shards are in flight, which bounds
 that memory. Why a killed worker costs nothing: a Ray task whose worker process dies is run again
 (``max_retries``), and a task only *returns* data: nothing it computes is written until the driver
-has it, so a retried shard is simply computed twice and used once.
+has it, so a retried shard is simply computed twice and used once. The same holds for a lost node
+(its tasks run again on the nodes left: tests/distributed/test_ray_cluster.py kills one mid-run).
 
 Workers find the store by its folder and database URL (`StoreLocation`): on one machine that is
 always true; on a cluster (``address``) the store folder must be reachable at the same path from
@@ -21,6 +22,7 @@ import contextlib
 import dataclasses
 import os
 import socket
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -106,15 +108,35 @@ def ray_session(config: RayConfig) -> Iterator[Any]:
             kwargs["object_store_memory"] = config.object_store_mb * 1024 * 1024
     if config.address is not None:
         _probe(config.address)
+    # Ray prints what the cluster reports to a driver (a node lost, a worker killed) on stdout, from
+    # a thread of its own: to stderr instead, so that stdout stays the command's (`--json`)
+    out, sys.stdout = sys.stdout, sys.stderr
     try:
-        ray.init(address=config.address, **kwargs)
-    except (ConnectionError, ValueError, RuntimeError) as e:
-        where = f"the Ray cluster at {config.address!r}" if config.address else "a local Ray"
-        raise RayUnavailableError(f"could not start or join {where}: {str(e).splitlines()[0]}") from None
-    try:
-        yield ray
+        try:
+            ray.init(address=config.address, **kwargs)
+        except (ConnectionError, ValueError, RuntimeError) as e:
+            where = f"the Ray cluster at {config.address!r}" if config.address else "a local Ray"
+            raise RayUnavailableError(f"could not start or join {where}: {str(e).splitlines()[0]}{_hint(e)}") from None
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
     finally:
-        ray.shutdown()
+        if sys.stdout is sys.stderr:  # not where someone else has set it since (a session closed late)
+            sys.stdout = out
+
+
+def _hint(e: BaseException) -> str:
+    """What to do about a refused join, where Ray's own message buries it in its causes."""
+    chain: list[BaseException] = []
+    cause: BaseException | None = e
+    while cause is not None and len(chain) < 8:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    if any(type(c).__name__ == "AuthenticationError" or "InvalidAuthToken" in str(c) for c in chain):
+        return ("; the cluster wants its token: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or "
+                "~/.ray/auth_token) as on the cluster's nodes")
+    return ""
 
 
 def _probe(address: str, timeout: float = 5.0) -> None:

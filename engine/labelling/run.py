@@ -42,6 +42,7 @@ commits, and everything after (criteria, confidence, commits, resume, Ray) is th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -49,7 +50,7 @@ import io
 import json
 import re
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable
 from importlib import resources
 from typing import Any
 
@@ -445,9 +446,10 @@ def run_labelling(store: Store, name: str, *, quiet: bool = False, max_batches: 
         with job.running():
             steps = list(job.steps(stop))
             batches = _batches_here(inputs, run.k, steps) if ray is None else _batches_on_ray(store, run, steps, ray)
-            for lo, hi, scores, ids, conf in batches:
-                job.commit_batch(lo, hi, scores, ids, conf)
-                bar.update(hi - lo)
+            with contextlib.closing(batches):  # on an error too, Ray's session ends here, not when collected
+                for lo, hi, scores, ids, conf in batches:
+                    job.commit_batch(lo, hi, scores, ids, conf)
+                    bar.update(hi - lo)
     finally:
         bar.close()
     return job.status()
@@ -457,7 +459,7 @@ def run_labelling(store: Store, name: str, *, quiet: bool = False, max_batches: 
 Batch = tuple[int, int, np.ndarray, np.ndarray, "np.ndarray | None"]
 
 
-def _batches_here(inputs: _RunInputs, k: int, steps: Iterable[tuple[int, int]]) -> Iterator[Batch]:
+def _batches_here(inputs: _RunInputs, k: int, steps: Iterable[tuple[int, int]]) -> Generator[Batch, None, None]:
     """The run's batches ``steps`` (``(lo, hi)`` each), computed in this process one at a time."""
     for lo, hi in steps:
         if inputs.coact is not None:  # activation matching: the latents' best correlations are the candidates
@@ -469,7 +471,7 @@ def _batches_here(inputs: _RunInputs, k: int, steps: Iterable[tuple[int, int]]) 
 
 
 def _batches_on_ray(store: Store, run: LabellingRun, steps: list[tuple[int, int]], config: RayConfig
-                    ) -> Iterator[Batch]:
+                    ) -> Generator[Batch, None, None]:
     """The same batches, from Ray tasks of up to `RAY_SHARD_BATCHES` batches each, in order."""
     bs = run.batch_size
     lo, stop = (steps[0][0], steps[-1][1]) if steps else (run.n_done, run.n_done)

@@ -153,6 +153,7 @@ def make_engine(url: str, readonly: bool = False) -> Engine:
     if engine.dialect.name == "postgresql":
         event.listen(engine, "begin", _postgres_begin)
         event.listen(engine, "handle_error", _postgres_errors)
+        postgres.wait_for_restarts(engine)
     return engine
 
 

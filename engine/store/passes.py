@@ -28,11 +28,13 @@ import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from sqlalchemy import Table, update
+from sqlalchemy import Table, select, update
 from sqlalchemy.engine import Connection, Engine
 
-from engine.errors import AtlasError
+from engine.errors import AtlasError, ConnectionLostError
 from engine.util import failpoint, utcnow
+
+COMMIT_RETRIES = 3  # times a step's transaction cut off by the database server is run again
 
 
 def worker_params() -> dict[str, Any]:
@@ -77,7 +79,29 @@ class ResumablePass:
 
     def commit(self, lo: int, hi: int, write: Callable[[Connection], None]) -> None:
         """Advance ``n_done`` from ``lo`` to ``hi`` and run ``write(connection)`` (the step's rows) in one
-        transaction; the guarded advance comes first. Another worker's advance is the pass's ``conflict``."""
+        transaction; the guarded advance comes first. Another worker's advance is the pass's ``conflict``.
+
+        A transaction cut off by the database server (`ConnectionLostError`: a PostgreSQL restart)
+        is retried: ``n_done``, read again, says whether it committed (``hi``: only the answer was
+        lost) or left nothing (``lo``: run it again)."""
+        for attempt in range(COMMIT_RETRIES + 1):
+            try:
+                self._commit_once(lo, hi, write)
+                break
+            except ConnectionLostError:
+                done = self._n_done()
+                if done == hi:
+                    break
+                if done != lo or attempt == COMMIT_RETRIES:
+                    raise
+        failpoint(f"{self.failpoints}_committed")
+        self.done = hi
+
+    def _n_done(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(self.table.c.n_done).where(self.table.c.id == self.run_id)).scalar_one())
+
+    def _commit_once(self, lo: int, hi: int, write: Callable[[Connection], None]) -> None:
         with self.engine.begin() as conn:
             res = conn.execute(
                 update(self.table).where(self.table.c.id == self.run_id, self.table.c.n_done == lo)
@@ -87,8 +111,6 @@ class ResumablePass:
                 raise self.conflict(f"another process advanced this {self.what} past {self.unit} {lo}; stopped")
             write(conn)
             failpoint(f"{self.failpoints}_before_commit")
-        failpoint(f"{self.failpoints}_committed")
-        self.done = hi
 
     @contextlib.contextmanager
     def running(self) -> Iterator[ResumablePass]:
