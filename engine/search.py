@@ -13,25 +13,50 @@ so labelling and scripts reuse them and a distributed runner can call them per s
 searched by the store's one search (`Store.search_arrays`), and `search` joins labels from the
 database into `Hit` lists. Which index structure an atlas gets is the
 index-spec policy of ``indexes.policy``.
+
+Criteria (``criterion``: ``nn``, ``csls``, ``isf``; `engine.labelling.criteria`) re-rank each
+query's cosine candidates with an atlas-side statistic over a *population* of queries, which
+depends on the kind of vector:
+
+- ``directions``: the queries given, as a labelling run does (one exact pass gives the statistic
+  and the candidates; with a handful of queries csls and isf rank as nn does);
+- ``activations`` (and so `explain`): the map's token population, `activation_stat`: the mapped
+  residuals of a corpus sample, computed once per (map, atlas, centring) from ``stat_corpus``
+  texts and cached in the store's activation cache, keyed by the checksums of the map and of the
+  atlas's vectors (a refitted map or re-imported atlas is a new key; one file serves csls and isf).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
+import json
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
 
 from engine.errors import BadValueError, ShapeError
+from engine.labelling.criteria import (
+    DEFAULT_CSLS_K,
+    DEFAULT_ISF_BETA,
+    AtlasSideStats,
+    AtlasStat,
+    candidate_k,
+    check_criterion,
+    rerank,
+)
+from engine.store import layout
 from engine.store.concept_search import SEARCH_BATCH
 from engine.store.store import Hit, Store
-from engine.util import check_k, unit_rows
+from engine.util import check_k, unit_rows, write_store_file
 
 VectorKind = Literal["directions", "activations"]
 VECTOR_KINDS: tuple[str, ...] = ("directions", "activations")
 
 DEFAULT_SEARCH_BATCH = SEARCH_BATCH  # queries per index call (`Store.search_arrays`)
+STAT_MAX_TOKENS = 50_000  # tokens of ``stat_corpus`` that `activation_stat` reads at most
 
 
 # ---------------------------------------------------------------------- projection
@@ -76,28 +101,107 @@ def _as_matrix(vectors: np.ndarray, amap: Any, what: str) -> np.ndarray:
 
 def search_arrays(
     store: Store, amap: Any, vectors: np.ndarray, k: int = 10, *, kind: VectorKind = "directions",
-    centre: bool = True, batch_size: int = DEFAULT_SEARCH_BATCH,
+    centre: bool = True, batch_size: int = DEFAULT_SEARCH_BATCH, criterion: str = "nn",
+    stat: AtlasStat | None = None, csls_k: int = DEFAULT_CSLS_K,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` atlas concepts of each subject vector: (scores (n, k) float32, ordinals (n, k) int64).
 
-    Ordinals are ``-1`` (score ``-inf``) where the index returns fewer than ``k``. Each batch is
-    projected through the map (`project`) and searched by the store (`Store.search_arrays`).
+    Ordinals are ``-1`` (score ``-inf``; NaN under csls / isf) where the index returns fewer than
+    ``k``. Each batch is projected through the map (`project`) and searched by the store
+    (`Store.search_arrays`). Under ``criterion`` csls / isf the scores are the criterion's, from
+    ``stat`` or else the kind's population (see the module docstring).
     """
     check_k(k)
+    check_criterion(criterion)
     info = store.atlas(amap.atlas)
     amap.check_atlas(info.name, info.dim)
     x = _as_matrix(vectors, amap, "subject vectors")
-    return store.search_arrays(info.name, x, k, batch_size=batch_size,
-                               to_atlas=lambda b: project(amap, b, kind, centre))
+
+    def to_atlas(b: np.ndarray) -> np.ndarray:
+        return project(amap, b, kind, centre)
+
+    if criterion == "nn":
+        return store.search_arrays(info.name, x, k, batch_size=batch_size, to_atlas=to_atlas)
+    kc = candidate_k(k, info.n_concepts, stat.k if stat is not None else csls_k)
+    if stat is None and kind == "activations":
+        stat = activation_stat(store, amap, centre=centre, csls_k=csls_k)
+    if stat is None:  # directions: the queries given are the population (one pass: statistic and candidates)
+        acc = AtlasSideStats(np.asarray(store.atlas_vectors(info.name, normalized=True)), k=csls_k,
+                             log_partition=criterion == "isf")
+        cands = [acc.update(to_atlas(x[i:i + batch_size]), kc) for i in range(0, len(x), batch_size)]
+        cs, ci = np.concatenate([c[0] for c in cands]), np.concatenate([c[1] for c in cands])
+        stat = AtlasStat.of(acc)
+    else:
+        cs, ci = store.search_arrays(info.name, x, kc, batch_size=batch_size, to_atlas=to_atlas)
+    return rerank(cs, ci, criterion, stat, k)
 
 
 def search(
     store: Store, amap: Any, vectors: np.ndarray, k: int = 10, *, kind: VectorKind = "directions",
-    centre: bool = True, batch_size: int = DEFAULT_SEARCH_BATCH,
+    centre: bool = True, batch_size: int = DEFAULT_SEARCH_BATCH, criterion: str = "nn",
+    stat: AtlasStat | None = None, csls_k: int = DEFAULT_CSLS_K,
 ) -> list[list[Hit]]:
-    """Top-``k`` hits (labels joined from the database) of each subject vector, through ``amap``."""
-    scores, ids = search_arrays(store, amap, vectors, k, kind=kind, centre=centre, batch_size=batch_size)
+    """Top-``k`` hits (labels joined from the database) of each subject vector, through ``amap``
+    (``criterion``, ``stat``, ``csls_k``: see `search_arrays`)."""
+    scores, ids = search_arrays(store, amap, vectors, k, kind=kind, centre=centre, batch_size=batch_size,
+                                criterion=criterion, stat=stat, csls_k=csls_k)
     return store.hits(amap.atlas, scores, ids)
+
+
+# ---------------------------------------------------------------------- the activation statistic
+
+
+def _stat_file(store: Store, amap: Any, centre: bool, csls_k: int, beta: float) -> Any:
+    """Where the activation statistic of a saved map is cached: named by a checksum of what it
+    depends on (the map's and the atlas vectors' checksums, centring, k, beta), never by a name."""
+    if not getattr(amap, "name", None):
+        raise BadValueError("a criterion over activations needs a map saved in the store (or give stat=)")
+    key = json.dumps({"map": store.map_info(amap.name).sha256, "atlas": store.atlas(amap.atlas).vector_sha256,
+                      "centre": bool(centre), "k": int(csls_k), "beta": float(beta)}, sort_keys=True)
+    return store.path / layout.ACTIVATIONS_DIR / f"stat-{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz"
+
+
+def activation_stat(store: Store, amap: Any, stat_corpus: Sequence[str] | None = None, *, centre: bool = True,
+                    csls_k: int = DEFAULT_CSLS_K, beta: float = DEFAULT_ISF_BETA, model: Any = None,
+                    tokenizer: Any = None, device: str = "cpu", dtype: str = "float32",
+                    max_tokens: int = STAT_MAX_TOKENS) -> AtlasStat:
+    """The atlas-side statistic (csls's ``r_T``, isf's ``log Z``) of map ``amap``'s token population.
+
+    With ``stat_corpus`` (texts the subject model reads): their residuals at the map's subject
+    site (``max_tokens`` at most), mapped and centred as `explain` maps them, streamed through
+    `AtlasSideStats`, and cached in the store (replacing an earlier corpus's). Without: the cached
+    one, or a `BadValueError` saying how to make it.
+    """
+    path = _stat_file(store, amap, centre, csls_k, beta)
+    if stat_corpus is None:
+        if not path.is_file():
+            raise BadValueError(f"criterion csls / isf over map {amap.name!r}'s activations needs its token "
+                                f"statistic: give a corpus of texts once (--stat-corpus FILE); it is cached in the store")
+        return AtlasStat.load(path)
+    import torch
+
+    from engine.models.activations import collect
+    from engine.models.hooks import Site
+    from engine.models.loading import load_registered
+
+    texts = [t for t in stat_corpus if t.strip()]
+    if not texts:
+        raise BadValueError("the statistic's corpus has no texts")
+    if model is None or tokenizer is None:
+        model, tokenizer = load_registered(store, amap.subject_model, device=device, dtype=dtype)
+    acc = AtlasSideStats(np.asarray(store.atlas_vectors(amap.atlas, normalized=True)), k=csls_k, beta=beta)
+    for b in collect(model, tokenizer, texts, Site((amap.subject_layer,), amap.subject_hook), batch_size=16,
+                     desc=None, dtype=torch.float32):
+        acts = next(iter(b.acts.values())).numpy()[: max_tokens - acc.n_queries]
+        acc.update(project(amap, acts, "activations", centre))
+        if acc.n_queries >= max_tokens:
+            break
+    stat = AtlasStat.of(acc)
+    buf = io.BytesIO()
+    stat.save(buf)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_store_file(path, buf.getvalue())
+    return stat
 
 
 # ---------------------------------------------------------------------- explain
@@ -118,7 +222,8 @@ class TokenHits:
 
 def explain(
     store: Store, amap: Any, text: str, k: int = 5, *, centre: bool = True, model: Any = None,
-    tokenizer: Any = None, device: str = "cpu", dtype: str = "float32",
+    tokenizer: Any = None, device: str = "cpu", dtype: str = "float32", criterion: str = "nn",
+    stat_corpus: Sequence[str] | None = None, stat: AtlasStat | None = None,
 ) -> list[TokenHits]:
     """Per token of ``text`` in the map's subject model: the top-``k`` atlas concepts.
 
@@ -127,7 +232,8 @@ def explain(
     feature's activation: the mapped residual (``map_activations``, an atlas-site residual, not
     re-centred) through the encoder (`feature_activations`). ``model``/``tokenizer`` default to the
     subject model registered in the store, loaded on ``device`` in ``dtype`` (activations are read
-    back as float32 whatever the dtype).
+    back as float32 whatever the dtype). ``criterion`` csls / isf re-ranks with the map's token
+    statistic: ``stat``, else `activation_stat` (from ``stat_corpus`` once, then the cached one).
     """
     import torch
 
@@ -135,9 +241,14 @@ def explain(
     from engine.models.hooks import Site
     from engine.models.loading import load_registered
 
-    check_k(k)  # before the model loads: a bad k is said at once
+    check_k(k)  # before the model loads: a bad k or criterion is said at once
+    check_criterion(criterion)
+    if criterion != "nn" and stat is None and stat_corpus is None:
+        stat = activation_stat(store, amap, centre=centre)  # the cached one, or say how to make it
     if model is None or tokenizer is None:
         model, tokenizer = load_registered(store, amap.subject_model, device=device, dtype=dtype)
+    if criterion != "nn" and stat is None:
+        stat = activation_stat(store, amap, stat_corpus, centre=centre, model=model, tokenizer=tokenizer)
     batches = list(collect(model, tokenizer, [text], Site((amap.subject_layer,), amap.subject_hook),
                            batch_size=1, desc=None, dtype=torch.float32))
     if not batches or batches[0].n_tokens == 0:
@@ -145,7 +256,7 @@ def explain(
     b = batches[0]
     acts = next(iter(b.acts.values())).numpy()  # (n_tokens, d_subject)
     amap.check_site(None, None, acts.shape[1])  # the loaded model has the map's width
-    hits = search(store, amap, acts, k, kind="activations", centre=centre)
+    hits = search(store, amap, acts, k, kind="activations", centre=centre, criterion=criterion, stat=stat)
     feats = feature_activations(store, amap, acts)
     out = []
     for j, row in enumerate(hits):
