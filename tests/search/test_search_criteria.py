@@ -53,15 +53,13 @@ def _token_queries(folder, amap, texts):
     from engine.models.loading import load_model
 
     model, tok = load_model(folder)
-    out = []
+    out: list[np.ndarray] = []
+    h = model.model.layers[amap.subject_layer].register_forward_hook(
+        lambda m, a, o: out.append((o[0] if isinstance(o, tuple) else o)[0].numpy()))
     for t in texts:
-        seen = {}
-        h = model.model.layers[amap.subject_layer].register_forward_hook(
-            lambda m, a, o: seen.update(h=o[0] if isinstance(o, tuple) else o))
         with torch.no_grad():
             model(**tok(t, return_tensors="pt"))
-        h.remove()
-        out.append(seen["h"][0].numpy())
+    h.remove()
     return project(amap, np.concatenate(out), "activations")
 
 
