@@ -233,13 +233,16 @@ def export(run_name: str, fmt: ExportFormat, output: Path | None, partial: bool,
               help="Ranking: nn (cosine), csls or isf (hub-corrected over the map's token statistic; see --stat-corpus).")
 @click.option("--stat-corpus", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Texts (JSONL 'text' or one per line) whose tokens make the map's statistic for --criterion "
-                   "csls/isf; computed once and cached in the store (later calls need no corpus).")
+                   "csls/isf and --whiten; computed once and cached in the store (later calls need no corpus).")
+@click.option("--whiten", is_flag=True,
+              help="Whiten each mapped residual with the map's token statistic (see --stat-corpus) before the cosine, "
+                   "instead of centring it: evens out the directions every token varies along.")
 @device_options
 @store_options
 @json_option
 @quiet_option
-def explain(map_name: str, text: str, k: int, raw: bool, criterion: str, stat_corpus: Path | None, device: str,
-            dtype: str, store_dir: Path, db_url: str | None, as_json: bool) -> None:
+def explain(map_name: str, text: str, k: int, raw: bool, criterion: str, stat_corpus: Path | None, whiten: bool,
+            device: str, dtype: str, store_dir: Path, db_url: str | None, as_json: bool) -> None:
     """Per token of TEXT in MAP's subject model: the top atlas concepts, with cosine scores
     (csls / isf scores under --criterion).
 
@@ -253,10 +256,13 @@ def explain(map_name: str, text: str, k: int, raw: bool, criterion: str, stat_co
 
     quiet_transformers()
     store = open_store(store_dir, db_url)
-    if stat_corpus is not None and criterion == "nn":
-        raise click.UsageError("--stat-corpus is for --criterion csls or isf")
+    if stat_corpus is not None and criterion == "nn" and not whiten:
+        raise click.UsageError("--stat-corpus is for --criterion csls or isf, or --whiten")
+    if whiten and raw:
+        raise click.UsageError("--whiten replaces the centring: it excludes --raw")
     tokens = run_explain(store, load_map(store, map_name), text, k, centre=not raw, device=device, dtype=dtype,
-                         criterion=criterion, stat_corpus=None if stat_corpus is None else read_corpus(stat_corpus))
+                         criterion=criterion, stat_corpus=None if stat_corpus is None else read_corpus(stat_corpus),
+                         whiten=whiten)
     if as_json:
         print_json(tokens)
         return

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from engine.cli import cli
 from engine.errors import BadValueError
 from engine.labelling.criteria import AtlasSideStats, AtlasStat, criterion_scores, top_k
-from engine.search import activation_stat, explain, project, search, search_arrays
+from engine.search import explain, project, search, search_arrays, token_stat
 from engine.util import unit_rows
 from tests.search.test_search import N_CONCEPTS, make_mapped_store, tiny_subject  # noqa: F401 - a fixture
 
@@ -72,7 +72,7 @@ def test_explain_ranks_by_the_formula_over_the_maps_cached_token_statistic(store
     text = "rain falls on the mat"
     tokens = explain(store, amap, text, 100, criterion=criterion, stat_corpus=CORPUS)
     stat = brute_stat(_token_queries(tiny_subject, amap, CORPUS), atlas)
-    cached = activation_stat(store, amap)
+    cached = token_stat(store, amap).plain
     np.testing.assert_allclose(cached.r_atlas, stat.r_atlas, atol=1e-5)
     np.testing.assert_allclose(cached.log_z, stat.log_z, atol=1e-5)  # float32 residuals (batched vs one by one)
     assert cached.n_queries == len(_token_queries(tiny_subject, amap, CORPUS))
@@ -109,7 +109,7 @@ def test_criterion_values_are_checked_with_one_line_errors(store, tiny_subject):
     corpus = store.path.parent / "corpus.txt"
     corpus.write_text("\n".join(CORPUS))
     r = CliRunner().invoke(cli, ["explain", "m", "the cat", "--stat-corpus", str(corpus), *st])
-    assert r.exit_code == 2 and "--stat-corpus is for --criterion csls or isf" in r.output
+    assert r.exit_code == 2 and "--stat-corpus is for --criterion csls or isf, or --whiten" in r.output
     r = CliRunner().invoke(cli, ["explain", "m", "the cat", "--criterion", "csls", "--stat-corpus", str(corpus),
                                  "--json", *st])
     assert r.exit_code == 0, r.output
@@ -124,3 +124,46 @@ def test_criterion_values_are_checked_with_one_line_errors(store, tiny_subject):
     r = CliRunner().invoke(cli, ["search", "m", "--vectors", str(vec), "--criterion", "mnn", *st])
     assert r.exit_code == 2 and "mnn" in r.output
     assert N_CONCEPTS == 400
+
+
+def test_whitening_is_the_zca_of_the_maps_token_population(store, tiny_subject):  # noqa: F811
+    atlas, amap = make_mapped_store(store, subject_layer=1, subject_source=str(tiny_subject))
+    with pytest.raises(BadValueError, match="no token statistic"):
+        explain(store, amap, "the cat", 3, whiten=True)
+    text = "rain falls on the mat"
+    tokens = explain(store, amap, text, 5, whiten=True, stat_corpus=CORPUS)
+    # brute force: the population's mapped residuals, their covariance's ZCA with the ridge
+    import torch
+
+    from engine.models.loading import load_model
+    from engine.search import WHITEN_RIDGE
+
+    model, tok = load_model(tiny_subject)
+    res: list[np.ndarray] = []
+    h = model.model.layers[1].register_forward_hook(lambda m, a, o: res.append((o[0] if isinstance(o, tuple) else o)[0].numpy()))
+    for t in [*CORPUS, text]:
+        with torch.no_grad():
+            model(**tok(t, return_tensors="pt"))
+    h.remove()
+    y = amap.map_activations(np.concatenate(res[:-1])).astype(np.float64)
+    mu = y.mean(0)
+    ev, v = np.linalg.eigh(np.cov((y - mu).T))
+    zca = v @ np.diag((np.clip(ev, 0, None) + WHITEN_RIDGE * np.clip(ev, 0, None).mean()) ** -0.5) @ v.T
+    q = unit_rows((amap.map_activations(res[-1]) - mu) @ zca)
+    ws, wi = top_k(q @ unit_rows(atlas).T, 5)
+    np.testing.assert_allclose([[h.score for h in t.hits] for t in tokens], ws, atol=1e-3)
+    assert [t.hits[0].ordinal for t in tokens] == wi[:, 0].tolist()
+    cached = token_stat(store, amap)
+    np.testing.assert_allclose(cached.mean, mu, atol=1e-4)
+    # whitening with csls: the whitened population's statistic
+    wst = brute_stat(unit_rows((y - mu) @ zca), atlas)
+    np.testing.assert_allclose(cached.whitened.r_atlas, wst.r_atlas, atol=1e-3)
+    both = explain(store, amap, text, 100, whiten=True, criterion="csls")
+    want = top_k(criterion_scores(q, atlas, "csls", wst), 100)[1]
+    assert [t.hits[0].ordinal for t in both] == want[:, 0].tolist()
+    with pytest.raises(BadValueError, match="exclude"):
+        explain(store, amap, text, 3, whiten=True, centre=False)
+    r = CliRunner().invoke(cli, ["explain", "m", "the cat", "--whiten", "--raw", "--store", str(store.path)])
+    assert r.exit_code == 2 and "--whiten replaces the centring" in r.output
+    r = CliRunner().invoke(cli, ["explain", "m", "the cat", "--whiten", "--json", "--store", str(store.path)])
+    assert r.exit_code == 0, r.output

@@ -22,6 +22,8 @@ class ExplainRequest(BaseModel):
     criterion: Literal["nn", "csls", "isf"] = Field(
         "nn", description="Ranking: nn (cosine), csls or isf (hub-corrected over the map's cached token statistic, "
                           "made once by `atlas explain --criterion csls --stat-corpus FILE`).")
+    whiten: bool = Field(False, description="Whiten each mapped residual with the map's cached token statistic "
+                                            "instead of centring it (not with raw).")
 
     _check_text = field_validator("text", "map")(encodable)
 
@@ -37,8 +39,9 @@ def explain(store: StoreDep, models: ModelsDep, req: Annotated[ExplainRequest, B
     model, tokenizer, lock = models.get(amap.subject_model)
     with lock:
         tokens = run_explain(store, amap, req.text, req.k, centre=not req.raw, model=model, tokenizer=tokenizer,
-                             criterion=req.criterion)
+                             criterion=req.criterion, whiten=req.whiten)
     return {"map": req.map, "subject_model": amap.subject_model, "atlas": amap.atlas, "criterion": req.criterion,
+            "whiten": req.whiten,
             "tokens": to_plain(tokens),
             "summary": {"max": to_plain(explain_summary(tokens, "max")[: req.summary]),
                         "mean": to_plain(explain_summary(tokens, "mean")[: req.summary])}}
