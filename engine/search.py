@@ -104,21 +104,37 @@ def _as_matrix(vectors: np.ndarray, amap: Any, what: str) -> np.ndarray:
 # ---------------------------------------------------------------------- search
 
 
+@dataclasses.dataclass(frozen=True)
+class Scoring:
+    """How `search_arrays`, `search` and `explain` rank: ``criterion`` (``nn``, ``csls``, ``isf``),
+    CSLS's ``csls_k``, and ``whiten`` (activations: whiten with the map's `TokenStat` instead of
+    centring). The default is plain cosine."""
+
+    criterion: str = "nn"
+    whiten: bool = False
+    csls_k: int = DEFAULT_CSLS_K
+
+    def __post_init__(self) -> None:
+        check_criterion(self.criterion)
+        if not isinstance(self.csls_k, int) or self.csls_k < 1:
+            raise BadValueError(f"csls k must be a whole number >= 1, got {self.csls_k!r}")
+
+
 def search_arrays(
     store: Store, amap: Any, vectors: np.ndarray, k: int = 10, *, kind: VectorKind = "directions",
-    centre: bool = True, batch_size: int = DEFAULT_SEARCH_BATCH, criterion: str = "nn",
-    stat: AtlasStat | None = None, csls_k: int = DEFAULT_CSLS_K, whiten: bool = False,
+    centre: bool = True, batch_size: int = DEFAULT_SEARCH_BATCH, scoring: Scoring | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` atlas concepts of each subject vector: (scores (n, k) float32, ordinals (n, k) int64).
 
     Ordinals are ``-1`` (score ``-inf``; NaN under csls / isf) where the index returns fewer than
     ``k``. Each batch is projected through the map (`project`) and searched by the store
-    (`Store.search_arrays`). Under ``criterion`` csls / isf the scores are the criterion's, from
-    ``stat`` or else the kind's population (see the module docstring). ``whiten`` (activations
-    only): whiten with the map's cached `TokenStat` instead of centring.
+    (`Store.search_arrays`). Under ``scoring.criterion`` csls / isf the scores are the criterion's
+    over the kind's population (see the module docstring); ``scoring.whiten`` (activations only):
+    whiten with the map's cached `TokenStat` instead of centring.
     """
     check_k(k)
-    check_criterion(criterion)
+    scoring = scoring or Scoring()
+    criterion, csls_k, whiten = scoring.criterion, scoring.csls_k, scoring.whiten
     info = store.atlas(amap.atlas)
     amap.check_atlas(info.name, info.dim)
     x = _as_matrix(vectors, amap, "subject vectors")
@@ -133,8 +149,9 @@ def search_arrays(
 
     if criterion == "nn":
         return store.search_arrays(info.name, x, k, batch_size=batch_size, to_atlas=to_atlas)
-    kc = candidate_k(k, info.n_concepts, stat.k if stat is not None else csls_k)
-    if stat is None and kind == "activations":
+    kc = candidate_k(k, info.n_concepts, csls_k)
+    stat = None
+    if kind == "activations":
         stat = (tokens or token_stat(store, amap, centre=centre, csls_k=csls_k)).stat(whiten)
     if stat is None:  # directions: the queries given are the population (one pass: statistic and candidates)
         acc = AtlasSideStats(np.asarray(store.atlas_vectors(info.name, normalized=True)), k=csls_k,
@@ -149,13 +166,12 @@ def search_arrays(
 
 def search(
     store: Store, amap: Any, vectors: np.ndarray, k: int = 10, *, kind: VectorKind = "directions",
-    centre: bool = True, batch_size: int = DEFAULT_SEARCH_BATCH, criterion: str = "nn",
-    stat: AtlasStat | None = None, csls_k: int = DEFAULT_CSLS_K, whiten: bool = False,
+    centre: bool = True, batch_size: int = DEFAULT_SEARCH_BATCH, scoring: Scoring | None = None,
 ) -> list[list[Hit]]:
     """Top-``k`` hits (labels joined from the database) of each subject vector, through ``amap``
-    (``criterion``, ``stat``, ``csls_k``, ``whiten``: see `search_arrays`)."""
+    (``scoring``: see `search_arrays`)."""
     scores, ids = search_arrays(store, amap, vectors, k, kind=kind, centre=centre, batch_size=batch_size,
-                                criterion=criterion, stat=stat, csls_k=csls_k, whiten=whiten)
+                                scoring=scoring)
     return store.hits(amap.atlas, scores, ids)
 
 
@@ -237,9 +253,8 @@ def _stat_file(store: Store, amap: Any, centre: bool, csls_k: int, beta: float) 
 
 
 def token_stat(store: Store, amap: Any, stat_corpus: Sequence[str] | None = None, *, centre: bool = True,
-               csls_k: int = DEFAULT_CSLS_K, beta: float = DEFAULT_ISF_BETA, model: Any = None,
-               tokenizer: Any = None, device: str = "cpu", dtype: str = "float32",
-               max_tokens: int = STAT_MAX_TOKENS) -> TokenStat:
+               csls_k: int = DEFAULT_CSLS_K, model: Any = None, tokenizer: Any = None, device: str = "cpu",
+               dtype: str = "float32", max_tokens: int = STAT_MAX_TOKENS) -> TokenStat:
     """Map ``amap``'s `TokenStat`: its whitening and the atlas-side statistics csls / isf rank with.
 
     With ``stat_corpus`` (texts the subject model reads): their residuals at the map's subject
@@ -247,7 +262,7 @@ def token_stat(store: Store, amap: Any, stat_corpus: Sequence[str] | None = None
     cached in the store (replacing an earlier corpus's). Without: the cached one, or a
     `BadValueError` saying how to make it.
     """
-    path = _stat_file(store, amap, centre, csls_k, beta)
+    path = _stat_file(store, amap, centre, csls_k, DEFAULT_ISF_BETA)
     if stat_corpus is None:
         if not path.is_file():
             raise BadValueError(f"map {amap.name!r} has no token statistic (csls / isf / whitening over its "
@@ -273,7 +288,7 @@ def token_stat(store: Store, amap: Any, stat_corpus: Sequence[str] | None = None
         if n >= max_tokens:
             break
     out = TokenStat.fit(amap, np.concatenate(parts), store.atlas_vectors(amap.atlas, normalized=True),
-                        centre=centre, csls_k=csls_k, beta=beta)
+                        centre=centre, csls_k=csls_k)
     buf = io.BytesIO()
     out.save(buf)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -299,8 +314,7 @@ class TokenHits:
 
 def explain(
     store: Store, amap: Any, text: str, k: int = 5, *, centre: bool = True, model: Any = None,
-    tokenizer: Any = None, device: str = "cpu", dtype: str = "float32", criterion: str = "nn",
-    stat_corpus: Sequence[str] | None = None, whiten: bool = False,
+    tokenizer: Any = None, device: str = "cpu", dtype: str = "float32", scoring: Scoring | None = None,
 ) -> list[TokenHits]:
     """Per token of ``text`` in the map's subject model: the top-``k`` atlas concepts.
 
@@ -309,8 +323,8 @@ def explain(
     feature's activation: the mapped residual (``map_activations``, an atlas-site residual, not
     re-centred) through the encoder (`feature_activations`). ``model``/``tokenizer`` default to the
     subject model registered in the store, loaded on ``device`` in ``dtype`` (activations are read
-    back as float32 whatever the dtype). ``criterion`` csls / isf re-ranks, and ``whiten``
-    whitens, with the map's `TokenStat` (`token_stat`: from ``stat_corpus`` once, then cached).
+    back as float32 whatever the dtype). ``scoring`` (`Scoring`): criterion csls / isf re-ranks,
+    and ``whiten`` whitens, with the map's cached `TokenStat` (made once by `token_stat` from a corpus).
     """
     import torch
 
@@ -319,16 +333,13 @@ def explain(
     from engine.models.loading import load_registered
 
     check_k(k)  # before the model loads: a bad k or criterion is said at once
-    check_criterion(criterion)
-    if whiten and not centre:
+    scoring = scoring or Scoring()
+    if scoring.whiten and not centre:
         raise BadValueError("whitening replaces the centring: --whiten and --raw exclude each other")
-    needs = criterion != "nn" or whiten
-    if needs and stat_corpus is None:
-        token_stat(store, amap, centre=centre)  # the cached one, or say how to make it, before the model loads
+    if scoring.criterion != "nn" or scoring.whiten:
+        token_stat(store, amap, centre=centre, csls_k=scoring.csls_k)  # cached, or say how to make it, before the model loads
     if model is None or tokenizer is None:
         model, tokenizer = load_registered(store, amap.subject_model, device=device, dtype=dtype)
-    if needs and stat_corpus is not None:
-        token_stat(store, amap, stat_corpus, centre=centre, model=model, tokenizer=tokenizer)
     batches = list(collect(model, tokenizer, [text], Site((amap.subject_layer,), amap.subject_hook),
                            batch_size=1, desc=None, dtype=torch.float32))
     if not batches or batches[0].n_tokens == 0:
@@ -336,7 +347,7 @@ def explain(
     b = batches[0]
     acts = next(iter(b.acts.values())).numpy()  # (n_tokens, d_subject)
     amap.check_site(None, None, acts.shape[1])  # the loaded model has the map's width
-    hits = search(store, amap, acts, k, kind="activations", centre=centre, criterion=criterion, whiten=whiten)
+    hits = search(store, amap, acts, k, kind="activations", centre=centre, scoring=scoring)
     feats = feature_activations(store, amap, acts)
     out = []
     for j, row in enumerate(hits):

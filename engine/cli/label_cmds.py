@@ -241,8 +241,8 @@ def export(run_name: str, fmt: ExportFormat, output: Path | None, partial: bool,
 @store_options
 @json_option
 @quiet_option
-def explain(map_name: str, text: str, k: int, raw: bool, criterion: str, stat_corpus: Path | None, whiten: bool,
-            device: str, dtype: str, store_dir: Path, db_url: str | None, as_json: bool) -> None:
+def explain(map_name: str, text: str, k: int, raw: bool, device: str, dtype: str, store_dir: Path,
+            db_url: str | None, as_json: bool, **scoring: Any) -> None:
     """Per token of TEXT in MAP's subject model: the top atlas concepts, with cosine scores
     (csls / isf scores under --criterion).
 
@@ -252,17 +252,21 @@ def explain(map_name: str, text: str, k: int, raw: bool, criterion: str, stat_co
     """
     from engine.align.corpus import read_corpus
     from engine.align.map import load_map
+    from engine.search import Scoring, token_stat
     from engine.search import explain as run_explain
 
-    quiet_transformers()
-    store = open_store(store_dir, db_url)
+    criterion, whiten, stat_corpus = scoring["criterion"], scoring["whiten"], scoring["stat_corpus"]
     if stat_corpus is not None and criterion == "nn" and not whiten:
         raise click.UsageError("--stat-corpus is for --criterion csls or isf, or --whiten")
     if whiten and raw:
         raise click.UsageError("--whiten replaces the centring: it excludes --raw")
-    tokens = run_explain(store, load_map(store, map_name), text, k, centre=not raw, device=device, dtype=dtype,
-                         criterion=criterion, stat_corpus=None if stat_corpus is None else read_corpus(stat_corpus),
-                         whiten=whiten)
+    quiet_transformers()
+    store = open_store(store_dir, db_url)
+    amap = load_map(store, map_name)
+    if stat_corpus is not None:
+        token_stat(store, amap, read_corpus(stat_corpus), centre=not raw, device=device, dtype=dtype)
+    tokens = run_explain(store, amap, text, k, centre=not raw, device=device, dtype=dtype,
+                         scoring=Scoring(criterion, whiten))
     if as_json:
         print_json(tokens)
         return
@@ -294,12 +298,12 @@ def search(map_name: str, vectors: Path, key: str | None, k: int, kind: VectorKi
     (scores: cosines, or the criterion's)."""
     from engine.align.map import load_map
     from engine.atlas.importers import read_matrix
-    from engine.search import hits_table
+    from engine.search import Scoring, hits_table
     from engine.search import search as run_search
 
     store = open_store(store_dir, db_url)
     x = read_matrix(vectors, key).W_dec
-    emit(hits_table(run_search(store, load_map(store, map_name), x, k, kind=kind, criterion=criterion, csls_k=csls_k)),
+    emit(hits_table(run_search(store, load_map(store, map_name), x, k, kind=kind, scoring=Scoring(criterion, csls_k=csls_k))),
          as_json,
          ["query", "rank", "ref", "label", "score"])
 

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from engine.cli import cli
 from engine.errors import BadValueError
 from engine.labelling.criteria import AtlasSideStats, AtlasStat, criterion_scores, top_k
-from engine.search import explain, project, search, search_arrays, token_stat
+from engine.search import Scoring, explain, project, search, search_arrays, token_stat
 from engine.util import unit_rows
 from tests.search.test_search import N_CONCEPTS, make_mapped_store, tiny_subject  # noqa: F401 - a fixture
 
@@ -35,14 +35,14 @@ def test_search_directions_rank_by_the_formula_over_the_queries_given(store, cri
     v = np.random.default_rng(3).normal(size=(150, amap.d_subject)).astype(np.float32)
     q = project(amap, v)
     k = 100  # candidate_k(100, 400) is every concept: the re-rank is the full ranking
-    scores, ids = search_arrays(store, amap, v, k, criterion=criterion, batch_size=64)
+    scores, ids = search_arrays(store, amap, v, k, scoring=Scoring(criterion), batch_size=64)
     want = criterion_scores(q, atlas, criterion, None if criterion == "nn" else brute_stat(q, atlas))
     ws, wi = top_k(want, k)
     np.testing.assert_allclose(scores, ws, atol=2e-4)
     assert (ids[:, 0] == wi[:, 0]).mean() > 0.99
     if criterion != "nn":
         assert (ids[:, 0] != top_k(criterion_scores(q, atlas, "nn"), 1)[1][:, 0]).any()  # it does re-rank
-    hits = search(store, amap, v, k, criterion=criterion)[:3]  # the same population: the same hits
+    hits = search(store, amap, v, k, scoring=Scoring(criterion))[:3]  # the same population: the same hits
     assert [[h.ordinal for h in row] for row in hits] == ids[:3].tolist()
 
 
@@ -68,9 +68,10 @@ def test_explain_ranks_by_the_formula_over_the_maps_cached_token_statistic(store
                                                                            monkeypatch):
     atlas, amap = make_mapped_store(store, subject_layer=1, subject_source=str(tiny_subject))
     with pytest.raises(BadValueError, match="--stat-corpus"):  # nothing cached yet: says how to make it
-        explain(store, amap, "the cat", 3, criterion=criterion)
+        explain(store, amap, "the cat", 3, scoring=Scoring(criterion))
     text = "rain falls on the mat"
-    tokens = explain(store, amap, text, 100, criterion=criterion, stat_corpus=CORPUS)
+    token_stat(store, amap, CORPUS)
+    tokens = explain(store, amap, text, 100, scoring=Scoring(criterion))
     stat = brute_stat(_token_queries(tiny_subject, amap, CORPUS), atlas)
     cached = token_stat(store, amap).plain
     np.testing.assert_allclose(cached.r_atlas, stat.r_atlas, atol=1e-5)
@@ -84,23 +85,25 @@ def test_explain_ranks_by_the_formula_over_the_maps_cached_token_statistic(store
         raise AssertionError("the map's statistic is cached: explain must not compute it again")
 
     monkeypatch.setattr(AtlasSideStats, "update", no_recompute)
-    again = explain(store, amap, text, 100, criterion=criterion)
+    again = explain(store, amap, text, 100, scoring=Scoring(criterion))
     assert [[h.ordinal for h in t.hits] for t in again] == [[h.ordinal for h in t.hits] for t in tokens]
     # search over activations reads the same cached statistic
     s, i = search_arrays(store, amap, np.zeros((2, amap.d_subject), np.float32) + 1, 5, kind="activations",
-                         criterion=criterion)
+                         scoring=Scoring(criterion))
     assert s.shape == (2, 5) and (i >= 0).all()
 
 
 def test_criterion_values_are_checked_with_one_line_errors(store, tiny_subject):  # noqa: F811
     _, amap = make_mapped_store(store, subject_layer=1, subject_source=str(tiny_subject))
     v = np.ones((2, amap.d_subject), np.float32)
-    for call in (lambda: search_arrays(store, amap, v, 3, criterion="bogus"),
-                 lambda: explain(store, amap, "the cat", 3, criterion="bogus")):
-        with pytest.raises(BadValueError, match="criterion must be one of nn, csls, isf, got 'bogus'"):
-            call()
+    with pytest.raises(BadValueError, match="criterion must be one of nn, csls, isf, got 'bogus'"):
+        Scoring("bogus")
+    with pytest.raises(BadValueError, match="csls k must be"):
+        Scoring("csls", csls_k=0)
     with pytest.raises(BadValueError, match="--stat-corpus"):
-        search_arrays(store, amap, v, 3, kind="activations", criterion="csls")
+        search_arrays(store, amap, v, 3, kind="activations", scoring=Scoring("csls"))
+    with pytest.raises(BadValueError, match="whitening applies to activations"):
+        search_arrays(store, amap, v, 3, scoring=Scoring(whiten=True))
     st = ["--store", str(store.path)]
     r = CliRunner().invoke(cli, ["explain", "m", "the cat", "--criterion", "bogus", *st])
     assert r.exit_code == 2 and "bogus" in r.output
@@ -129,9 +132,10 @@ def test_criterion_values_are_checked_with_one_line_errors(store, tiny_subject):
 def test_whitening_is_the_zca_of_the_maps_token_population(store, tiny_subject):  # noqa: F811
     atlas, amap = make_mapped_store(store, subject_layer=1, subject_source=str(tiny_subject))
     with pytest.raises(BadValueError, match="no token statistic"):
-        explain(store, amap, "the cat", 3, whiten=True)
+        explain(store, amap, "the cat", 3, scoring=Scoring(whiten=True))
     text = "rain falls on the mat"
-    tokens = explain(store, amap, text, 5, whiten=True, stat_corpus=CORPUS)
+    token_stat(store, amap, CORPUS)
+    tokens = explain(store, amap, text, 5, scoring=Scoring(whiten=True))
     # brute force: the population's mapped residuals, their covariance's ZCA with the ridge
     import torch
 
@@ -158,11 +162,11 @@ def test_whitening_is_the_zca_of_the_maps_token_population(store, tiny_subject):
     # whitening with csls: the whitened population's statistic
     wst = brute_stat(unit_rows((y - mu) @ zca), atlas)
     np.testing.assert_allclose(cached.whitened.r_atlas, wst.r_atlas, atol=1e-3)
-    both = explain(store, amap, text, 100, whiten=True, criterion="csls")
+    both = explain(store, amap, text, 100, scoring=Scoring("csls", whiten=True))
     want = top_k(criterion_scores(q, atlas, "csls", wst), 100)[1]
     assert [t.hits[0].ordinal for t in both] == want[:, 0].tolist()
     with pytest.raises(BadValueError, match="exclude"):
-        explain(store, amap, text, 3, whiten=True, centre=False)
+        explain(store, amap, text, 3, scoring=Scoring(whiten=True), centre=False)
     r = CliRunner().invoke(cli, ["explain", "m", "the cat", "--whiten", "--raw", "--store", str(store.path)])
     assert r.exit_code == 2 and "--whiten replaces the centring" in r.output
     r = CliRunner().invoke(cli, ["explain", "m", "the cat", "--whiten", "--json", "--store", str(store.path)])

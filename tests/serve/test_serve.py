@@ -175,11 +175,12 @@ def test_explain_takes_a_criterion_and_whitening(client, serve_store):
     r = client.post("/api/explain", json=body | {"criterion": "csls"})  # no token statistic cached yet
     assert r.status_code == 400 and "--stat-corpus" in r.json()["detail"] and "\n" not in r.json()["detail"]
     from engine.align.map import load_map
+    from engine.search import Scoring, token_stat
     from engine.search import explain as run_explain
 
-    texts = ["the red lion and the blue bear", "the rain and the sun", "a lion, a bear"]
-    plain = run_explain(serve_store, load_map(serve_store, "m1"), "the red lion", 3, criterion="csls",
-                        stat_corpus=texts)  # computes and caches the map's token statistic
+    amap = load_map(serve_store, "m1")
+    token_stat(serve_store, amap, ["the red lion and the blue bear", "the rain and the sun", "a lion, a bear"])
+    plain = run_explain(serve_store, amap, "the red lion", 3, scoring=Scoring("csls"))
     out = client.post("/api/explain", json=body | {"criterion": "csls"}).json()
     assert out["criterion"] == "csls" and out["whiten"] is False
     assert [[h["ref"] for h in t["hits"]] for t in out["tokens"]] == [[h.ref for h in t.hits] for t in plain]

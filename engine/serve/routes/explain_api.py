@@ -32,14 +32,14 @@ class ExplainRequest(BaseModel):
              summary="Per token: the top atlas concepts through a map; the text's concepts by max / mean (`atlas explain`)")
 def explain(store: StoreDep, models: ModelsDep, req: Annotated[ExplainRequest, Body()]) -> dict[str, Any]:
     from engine.align.map import load_map
+    from engine.search import Scoring, explain_summary
     from engine.search import explain as run_explain
-    from engine.search import explain_summary
 
     amap = load_map(store, req.map)
     model, tokenizer, lock = models.get(amap.subject_model)
     with lock:
         tokens = run_explain(store, amap, req.text, req.k, centre=not req.raw, model=model, tokenizer=tokenizer,
-                             criterion=req.criterion, whiten=req.whiten)
+                             scoring=Scoring(req.criterion, req.whiten))
     return {"map": req.map, "subject_model": amap.subject_model, "atlas": amap.atlas, "criterion": req.criterion,
             "whiten": req.whiten,
             "tokens": to_plain(tokens),
