@@ -39,6 +39,13 @@ time window and so under the same load.
     python benchmarks/bench_labelling.py                       # the full 100k x 100k run
     python benchmarks/bench_labelling.py --features 10000 --concepts 10000   # quick check
     python benchmarks/bench_labelling.py --features 10000 --concepts 10000 --criterion csls  # its cost vs nn
+
+A comma list of criteria (``--criterion nn,csls``) times whole runs of each on the same store,
+alternated ``--reps`` times (nn, csls, nn, csls, ...) so each pair sees the same machine load, and
+reports per criterion the median wall and CPU seconds and each later criterion's median ratio to
+the first (pair by pair; issue 25's target: csls within 1.5x of nn)::
+
+    python benchmarks/bench_labelling.py --features 20000 --concepts 20000 --criterion nn,csls,isf --reps 5 --no-bare
 """
 
 from __future__ import annotations
@@ -137,6 +144,39 @@ def bare_search(index, queries: np.ndarray, k: int, batch: int) -> float:
     return time.perf_counter() - t0
 
 
+def compare_criteria(store_dir: Path, map_name: str, features: Path, criteria: list[str], args) -> None:
+    """Whole runs under each criterion, alternated ``args.reps`` times on one store: medians and
+    each criterion's median ratio to the first, pair by pair (the same machine load in each pair)."""
+    import statistics
+
+    wall: dict[str, list[float]] = {c: [] for c in criteria}
+    cpu: dict[str, list[float]] = {c: [] for c in criteria}
+    for rep in range(args.reps):
+        for c in criteria:
+            t0, c0 = time.perf_counter(), time.process_time()
+            with Store.open(store_dir) as fresh:
+                run = labelling.label_features(fresh, map_name, str(features), k=args.k, batch_size=args.batch,
+                                               name=f"cmp-{c}-{rep}", quiet=True, criterion=c)
+                assert run.status == "done" and run.n_done == args.features
+            wall[c].append(time.perf_counter() - t0)
+            cpu[c].append(time.process_time() - c0)
+            print(f"rep {rep} {c}: {wall[c][-1]:.2f}s wall, {cpu[c][-1]:.2f}s CPU", flush=True)
+            with Store.open(store_dir) as fresh:
+                fresh.remove_run(run.name)
+    base = criteria[0]
+    out = {"features": args.features, "concepts": args.concepts, "d_subject": args.d_subject,
+           "d_atlas": args.d_atlas, "k": args.k, "batch": args.batch, "spec": args.spec, "reps": args.reps,
+           "wall_s": {c: wall[c] for c in criteria}, "cpu_s": {c: cpu[c] for c in criteria},
+           "median_wall_s": {c: statistics.median(wall[c]) for c in criteria},
+           "median_cpu_s": {c: statistics.median(cpu[c]) for c in criteria},
+           "ratio_to_" + base: {c: {"wall": statistics.median([a / b for a, b in zip(wall[c], wall[base])]),
+                                    "cpu": statistics.median([a / b for a, b in zip(cpu[c], cpu[base])])}
+                                for c in criteria[1:]}}
+    print(json.dumps(out, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--features", type=int, default=100_000)
@@ -158,10 +198,16 @@ def main() -> None:
     ap.add_argument("--ef", type=int, help="the efSearch / nprobe of the run (default: with --sweep, the smallest "
                     "swept value reaching --target-recall on the validation features; else the spec's own)")
     ap.add_argument("--target-recall", type=float, default=0.95, help="what --sweep chooses for")
-    ap.add_argument("--criterion", default="nn", choices=["nn", "csls", "isf"],
-                    help="the run's criterion (csls/isf add the atlas-side statistic's pre-pass and a re-rank)")
+    ap.add_argument("--criterion", default="nn",
+                    help="the run's criterion: nn, csls or isf (csls/isf: the atlas-side statistic's pre-pass, "
+                         "then a re-rank), or a comma list of them to compare (see the doc)")
+    ap.add_argument("--reps", type=int, default=3, help="with a list of criteria: alternated runs of each")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
+    criteria = [c.strip() for c in args.criterion.split(",") if c.strip()]
+    if not criteria or any(c not in ("nn", "csls", "isf") for c in criteria):
+        ap.error(f"--criterion: nn, csls, isf or a comma list of them, got {args.criterion!r}")
+    args.criterion = criteria[0]
 
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(prefix="bench-labelling-") as tmp:
@@ -249,6 +295,9 @@ def main() -> None:
         t_bare_1 = float("nan") if args.no_bare else bare_search(index, queries, args.k, args.batch)
         print(f"bare search: {t_bare_1:.1f}s", flush=True)
         store.close()
+        if len(criteria) > 1:
+            compare_criteria(store_dir, map_name, root / "features.npy", criteria, args)
+            return
 
         t0, c0 = time.perf_counter(), time.process_time()
         with SearchClock() as clock, Store.open(store_dir) as fresh:

@@ -8,7 +8,7 @@ owns; see docs/design.md §2 and the README's architecture section):
 - models: `load_model`, `load_registered`, `Site`;
 - alignment: `AlignmentMap`, `PairingConfig`, `accumulate_pairs`, `fit_map`, `AlignRequest`,
   `align_subject`, `align_layers`, `register_method`;
-- search: `search`, `explain`;
+- search: `search`, `explain`, `token_stat` (a map's token statistic: criteria and whitening over activations);
 - labelling: `label_features`, `run_labelling`, `export_run`, `register_feature_source`,
   `register_label_format`;
 - steering: `SteeringEdit`, `SteeringPlan`, `PlanConcept`, `run_plan`, `generate_pair`,
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from engine.labelling.sources import register_feature_source
     from engine.models.hooks import Site
     from engine.models.loading import load_model, load_registered
-    from engine.search import explain, search
+    from engine.search import explain, search, token_stat
     from engine.steering.edits import SteeringEdit, register_mode
     from engine.steering.export import export_steering, register_steering_format
     from engine.steering.generate import GenerationSettings, generate_pair
@@ -69,6 +69,7 @@ _EXPORTS = {
     "register_method": "engine.align.methods",
     "search": "engine.search",
     "explain": "engine.search",
+    "token_stat": "engine.search",
     "label_features": "engine.labelling.run",
     "run_labelling": "engine.labelling.run",
     "export_run": "engine.labelling.export",
@@ -92,7 +93,7 @@ __all__ = [
     "fit_map", "generate_pair", "import_atlas", "label_features", "load_model", "load_registered", "lookup",
     "register_feature_source", "register_format", "register_label_format", "register_method",
     "register_mode", "register_native_directions", "register_steering_format", "run_labelling", "run_plan",
-    "search",
+    "search", "token_stat",
 ]
 
 

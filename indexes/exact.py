@@ -7,7 +7,9 @@ to its AVX2 "Zen" kernels, and it pushes every score of every tile through a hea
 products go through numpy's BLAS (a newer OpenBLAS with AVX-512 kernels, the rate torch's matmul
 reaches) in larger tiles, and the top-k costs one comparison per score: a tile's scores are
 compared with each query's current k-th best, and only the few that beat it (after the first tile
-of a query block, a handful per query) are merged, with one sort over the survivors.
+of a query block, a handful per query) are merged, with one sort over the survivors. A tile is
+compared in column chunks no wider than the columns already seen, so each chunk leaves about ``k``
+survivors a query even while the k-th best is still young (a large ``k``, a query block's first tile).
 
 Results are those of exact search; where two concepts have the same score the order between
 them (and which one makes the cut at rank k) may differ from FAISS's.
@@ -16,6 +18,8 @@ Names inside the kernels: ``q`` queries (nq, d), ``xb`` base vectors (n, d), ``s
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
@@ -58,13 +62,21 @@ def _first_tile(s: np.ndarray, k: int, offset: int) -> tuple[np.ndarray, np.ndar
     return best_s, best_i
 
 
+# called with each score tile (m, b), its first query row and its first base row, before the
+# tile's top-k selection (the tile's buffer is reused for the next one)
+TileHook = Callable[[np.ndarray, int, int], None]
+
+
 def topk_inner_product(q: np.ndarray, xb: np.ndarray, k: int, ids: np.ndarray | None = None,
-                       query_block: int = QUERY_BLOCK, base_block: int = BASE_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+                       query_block: int = QUERY_BLOCK, base_block: int = BASE_BLOCK,
+                       on_tile: TileHook | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` of ``q @ xb.T`` per query: (scores (nq, k) float32, ids (nq, k) int64).
 
     ``xb`` may be a memory map or a view of an index's storage (it is read tile by tile, never
     copied whole); ``ids`` maps row numbers to the caller's ids (row numbers when ``None``).
-    Rows with fewer than ``k`` base vectors get -inf / -1 in the missing places.
+    Rows with fewer than ``k`` base vectors get -inf / -1 in the missing places. ``on_tile``
+    sees every score tile once, so a caller can fold a column-wise statistic of the same products
+    in (the CSLS pre-pass, `engine.labelling.criteria.AtlasSideStats`) without a second GEMM.
     """
     q = np.ascontiguousarray(q, dtype=np.float32)  # (nq, d)
     nq, n = len(q), len(xb)
@@ -81,16 +93,23 @@ def topk_inner_product(q: np.ndarray, xb: np.ndarray, k: int, ids: np.ndarray | 
         for blo in range(0, n, base_block):
             xt = np.asarray(xb[blo : blo + base_block], dtype=np.float32)  # (b, d)
             s = np.matmul(qb, xt.T, out=tile[:m, : len(xt)])  # (m, b)
+            if on_tile is not None:
+                on_tile(s, qlo, blo)
             start = 0
             if best_s is None or best_i is None:
                 start = min(len(xt), max(SEED_COLUMNS, k))
                 best_s, best_i = _first_tile(s[:, :start], k, blo)
                 s = s[:, start:]
-            mask = np.greater(s, best_s[:, -1:], out=above[:m, : s.shape[1]])  # beats the row's k-th best
-            flat = np.flatnonzero(mask)  # (cheaper than a 2-D nonzero)
-            if len(flat):
-                rows, cols = np.divmod(flat, s.shape[1])
-                merge_topk(best_s, best_i, rows, s[rows, cols], cols.astype(np.int64) + (blo + start))
+            pos = 0
+            while pos < s.shape[1]:  # column chunks no wider than the columns seen so far: ~k survivors a row each
+                width = min(s.shape[1] - pos, max(blo + start + pos, SEED_COLUMNS))
+                part = s[:, pos : pos + width]
+                mask = np.greater(part, best_s[:, -1:], out=above[:m, :width])  # beats the row's k-th best
+                flat = np.flatnonzero(mask)  # (cheaper than a 2-D nonzero)
+                if len(flat):
+                    rows, cols = np.divmod(flat, width)
+                    merge_topk(best_s, best_i, rows, part[rows, cols], cols.astype(np.int64) + (blo + start + pos))
+                pos += width
         assert best_s is not None and best_i is not None
         out_s[qlo : qlo + m], out_i[qlo : qlo + m] = best_s, best_i
     if ids is not None:

@@ -229,24 +229,44 @@ def export(run_name: str, fmt: ExportFormat, output: Path | None, partial: bool,
 @click.argument("text")
 @click.option("-k", default=3, show_default=True, help="Concepts per token.")
 @click.option("--raw", is_flag=True, help="Search the mapped activation as is (default: minus the atlas centre).")
+@click.option("--criterion", type=click.Choice(["nn", "csls", "isf"]), default="nn", show_default=True,
+              help="Ranking: nn (cosine), csls or isf (hub-corrected over the map's token statistic; see --stat-corpus).")
+@click.option("--stat-corpus", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Texts (JSONL 'text' or one per line) whose tokens make the map's statistic for --criterion "
+                   "csls/isf and --whiten; computed once and cached in the store (later calls need no corpus).")
+@click.option("--whiten", is_flag=True,
+              help="Whiten each mapped residual with the map's token statistic (see --stat-corpus) before the cosine, "
+                   "instead of centring it: evens out the directions every token varies along.")
 @device_options
 @store_options
 @json_option
 @quiet_option
 def explain(map_name: str, text: str, k: int, raw: bool, device: str, dtype: str, store_dir: Path,
-            db_url: str | None, as_json: bool) -> None:
-    """Per token of TEXT in MAP's subject model: the top atlas concepts, with cosine scores.
+            db_url: str | None, as_json: bool, **scoring: Any) -> None:
+    """Per token of TEXT in MAP's subject model: the top atlas concepts, with cosine scores
+    (csls / isf scores under --criterion).
 
     Where the atlas keeps its SAE's encoder (SAE imports do), each concept also shows its
     activation ("act"): the token's residual mapped to the atlas site and put through the SAE's
     encoder (ReLU, JumpReLU threshold or TopK k, as the SAE was trained).
     """
+    from engine.align.corpus import read_corpus
     from engine.align.map import load_map
+    from engine.search import Scoring, token_stat
     from engine.search import explain as run_explain
 
+    criterion, whiten, stat_corpus = scoring["criterion"], scoring["whiten"], scoring["stat_corpus"]
+    if stat_corpus is not None and criterion == "nn" and not whiten:
+        raise click.UsageError("--stat-corpus is for --criterion csls or isf, or --whiten")
+    if whiten and raw:
+        raise click.UsageError("--whiten replaces the centring: it excludes --raw")
     quiet_transformers()
     store = open_store(store_dir, db_url)
-    tokens = run_explain(store, load_map(store, map_name), text, k, centre=not raw, device=device, dtype=dtype)
+    amap = load_map(store, map_name)
+    if stat_corpus is not None:
+        token_stat(store, amap, read_corpus(stat_corpus), centre=not raw, device=device, dtype=dtype)
+    tokens = run_explain(store, amap, text, k, centre=not raw, device=device, dtype=dtype,
+                         scoring=Scoring(criterion, whiten))
     if as_json:
         print_json(tokens)
         return
@@ -266,19 +286,25 @@ def explain(map_name: str, text: str, k: int, raw: bool, device: str, dtype: str
 @click.option("-k", default=10, show_default=True, help="Concepts per vector.")
 @click.option("--kind", type=click.Choice(["directions", "activations"]), default="directions", show_default=True,
               help="directions: linear part of the map; activations: the affine map, minus the atlas centre.")
+@click.option("--criterion", type=click.Choice(["nn", "csls", "isf"]), default="nn", show_default=True,
+              help="Ranking: nn (cosine), csls or isf (hub-corrected). Directions: over the vectors in FILE; "
+                   "activations: over the map's cached token statistic (`atlas explain --stat-corpus`).")
+@click.option("--csls-k", type=click.IntRange(min=1), default=10, show_default=True, help="CSLS neighbourhood size.")
 @store_options
 @json_option
-def search(map_name: str, vectors: Path, key: str | None, k: int, kind: VectorKind, store_dir: Path, db_url: str | None,
-           as_json: bool) -> None:
-    """Raw vector search through MAP: the top-k atlas concepts of each subject vector in FILE."""
+def search(map_name: str, vectors: Path, key: str | None, k: int, kind: VectorKind, criterion: str, csls_k: int,
+           store_dir: Path, db_url: str | None, as_json: bool) -> None:
+    """Raw vector search through MAP: the top-k atlas concepts of each subject vector in FILE
+    (scores: cosines, or the criterion's)."""
     from engine.align.map import load_map
     from engine.atlas.importers import read_matrix
-    from engine.search import hits_table
+    from engine.search import Scoring, hits_table
     from engine.search import search as run_search
 
     store = open_store(store_dir, db_url)
     x = read_matrix(vectors, key).W_dec
-    emit(hits_table(run_search(store, load_map(store, map_name), x, k, kind=kind)), as_json,
+    emit(hits_table(run_search(store, load_map(store, map_name), x, k, kind=kind, scoring=Scoring(criterion, csls_k=csls_k))),
+         as_json,
          ["query", "rank", "ref", "label", "score"])
 
 

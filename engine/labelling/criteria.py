@@ -20,11 +20,13 @@ induction re-weight each atlas concept by how close it sits to the queries as a 
 
 Both need one statistic per atlas concept over *all* queries (``r_T``, or the log-partition
 ``log Z``), so a run computes it first in a streaming pass over the feature batches
-(`AtlasSideStats`: a blocked top-k merge and a running log-sum-exp, O(n_atlas · k) memory) and
-records it; a resumed run reads the recorded vector, so its rows are those of an uninterrupted run.
-Ranking then re-scores candidates: the index returns ``k'`` > ``k`` nearest concepts by cosine
-(`candidate_k`), the criterion re-ranks them (`rerank`); ``r_S(x)`` is read off the same
-candidates, so the only extra cost is the larger ``k'`` of one search and O(n_atlas) memory.
+(`AtlasSideStats`: a threshold top-k merge per atlas concept and a running log-sum-exp, O(n_atlas ·
+k) memory) and records it; a resumed run reads the recorded vector, so its rows are those of an
+uninterrupted run. The same pass keeps each query's ``k'`` > ``k`` nearest concepts by cosine
+(`candidate_k`), read off the same matrix products (one exact search, the statistic folded in
+per score tile), and a run records them too (`CANDIDATE_FILE`, O(n_features · k') memory); the
+criterion then re-ranks them (`rerank`) with no second search. ``r_S(x)`` is read off the same
+candidates.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ import numpy as np
 
 from engine.errors import BadValueError, ShapeError
 from engine.util import unit_rows
+from indexes.exact import BASE_BLOCK, topk_inner_product
+from indexes.exact import merge_topk as exact_merge_topk
 
 CRITERIA: tuple[str, ...] = ("nn", "csls", "isf")
 DEFAULT_CRITERION = "nn"
@@ -46,7 +50,8 @@ DEFAULT_ISF_BETA = 30.0  # Smith et al.'s inverse temperature range (10-30) for 
 STAT_FILE = "stat"  # the kind of a run's atlas-side statistic file (`Store.save_run_file`)
 CANDIDATE_FACTOR = 4  # k' = max(CANDIDATE_FACTOR * k, k + csls_k, MIN_CANDIDATES)
 MIN_CANDIDATES = 32
-ATLAS_BLOCK = 4096  # atlas rows per block of the streaming pass: a block x batch similarity matrix (64 MB at a 4096 batch)
+SEED_ROWS = 64  # an atlas block's column-wise top-k starts from this many queries densely, then by threshold
+CANDIDATE_FILE = "cand"  # the kind of a run's candidates file: each feature's `candidate_k` cosine neighbours
 
 
 def check_criterion(criterion: str) -> str:
@@ -68,9 +73,13 @@ class AtlasSideStats:
     """Per atlas concept, over all queries seen so far: the ``k`` largest cosines (for ``r_T``)
     and the log-partition ``log Σ_x exp(β cos(x, y))`` (for ``isf``). Streamed batch by batch.
 
-    ``update(queries)`` takes unit query rows (mapped subject features) against the unit atlas
-    rows given at construction; it is exact whatever the batch boundaries (a top-k merge and a
-    log-sum-exp both merge exactly; float rounding aside).
+    ``update(queries, candidates)`` takes unit query rows (mapped subject features) against the
+    unit atlas rows given at construction and returns each query's ``candidates`` nearest atlas
+    concepts by cosine, from the *same* matrix products (`indexes.exact.topk_inner_product` with a
+    tile hook): a run's pre-pass is one exact search, not a search and a statistic. The statistic
+    is exact whatever the batch boundaries (top-k merges and a log-sum-exp both merge exactly;
+    float rounding aside). The column-wise top-k costs one comparison a score after an atlas
+    block's first `SEED_ROWS` queries, as the row-wise one does in `indexes.exact`.
     """
 
     atlas: np.ndarray  # (n_atlas, d) unit rows
@@ -78,6 +87,7 @@ class AtlasSideStats:
     beta: float = DEFAULT_ISF_BETA
     log_partition: bool = True  # also the isf log-partition (a float64 exp per similarity: most of the pass's time)
     top: np.ndarray = dataclasses.field(init=False)  # (n_atlas, k) descending; -inf where fewer seen
+    top_ids: np.ndarray = dataclasses.field(init=False)  # (n_atlas, k) the queries' ordinals; -1 where fewer seen
     log_z: np.ndarray = dataclasses.field(init=False)  # (n_atlas,) float64
     n_queries: int = 0
 
@@ -86,31 +96,58 @@ class AtlasSideStats:
             raise BadValueError(f"csls k must be >= 1, got {self.k}")
         self.atlas = unit_rows(self.atlas)
         self.top = np.full((self.atlas.shape[0], self.k), -np.inf, dtype=np.float32)
+        self.top_ids = np.full((self.atlas.shape[0], self.k), -1, dtype=np.int64)
         self.log_z = np.full(self.atlas.shape[0], -np.inf, dtype=np.float64)
 
-    def update(self, queries: np.ndarray, block: int = ATLAS_BLOCK) -> None:
-        """Fold a batch of unit query rows (b, d) in; memory ``block x b`` at a time."""
+    def update(self, queries: np.ndarray, candidates: int = 1, block: int = BASE_BLOCK
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Fold a batch of unit query rows (b, d) in; returns their top ``candidates`` atlas
+        concepts by cosine ``(scores (b, c) float32, ids (b, c) int64)``, descending (-inf / -1
+        past the atlas's size). ``block``: atlas rows per score tile."""
         q = np.asarray(queries, dtype=np.float32)
         if q.ndim != 2 or q.shape[1] != self.atlas.shape[1]:
             raise ShapeError(f"queries must be (n, {self.atlas.shape[1]}), got {q.shape}")
-        if len(q) == 0:
-            return
-        for lo in range(0, self.atlas.shape[0], block):
-            hi = min(lo + block, self.atlas.shape[0])
-            sims = self.atlas[lo:hi] @ q.T  # (c, b)
-            self.top[lo:hi] = merge_topk(self.top[lo:hi], sims, self.k)
-            if not self.log_partition:
-                continue
-            z = self.beta * sims.astype(np.float64)
-            m = np.maximum(self.log_z[lo:hi], z.max(1))
-            self.log_z[lo:hi] = m + np.log(np.exp(self.log_z[lo:hi] - m) + np.exp(z - m[:, None]).sum(1))
+        if candidates < 1:
+            raise BadValueError(f"candidates must be >= 1, got {candidates}")
+        first = self.n_queries
+        out = topk_inner_product(q, self.atlas, candidates, base_block=block,
+                                 on_tile=lambda s, qlo, blo: self._fold(s, first + qlo, blo))
         self.n_queries += len(q)
+        return out
+
+    def _fold(self, s: np.ndarray, q0: int, a0: int) -> None:
+        """One score tile ``s`` (m queries from ordinal ``q0``, b atlas rows from ``a0``) into the
+        column-wise top-k and log-partition of those atlas rows."""
+        m, b = s.shape
+        top_s, top_i = self.top[a0:a0 + b], self.top_ids[a0:a0 + b]  # views: written in place
+        start = 0
+        if not np.isfinite(top_s[:, -1]).all():  # some concept has seen fewer than k queries: seed densely
+            start = min(m, max(SEED_ROWS, self.k))
+            ids = np.broadcast_to(np.arange(q0, q0 + start, dtype=np.int64), (b, start))
+            top_s[:], top_i[:] = _dense_merge(top_s, top_i, s[:start].T, ids)
+        while start < m:  # row chunks no taller than the queries seen so far: ~k survivors a concept each
+            rest = s[start:start + max(q0 + start, SEED_ROWS)]
+            flat = np.flatnonzero(rest > top_s[:, -1][None, :])  # beats the concept's k-th best
+            if len(flat):
+                rows, cols = np.divmod(flat, b)
+                touched, where = np.unique(cols, return_inverse=True)
+                sub_s, sub_i = top_s[touched], top_i[touched]
+                exact_merge_topk(sub_s, sub_i, where, rest[rows, cols], rows.astype(np.int64) + (q0 + start))
+                top_s[touched], top_i[touched] = sub_s, sub_i
+            start += len(rest)
+        if self.log_partition:
+            z = self.beta * s.astype(np.float64)
+            lz = self.log_z[a0:a0 + b]
+            mx = np.maximum(lz, z.max(0))
+            self.log_z[a0:a0 + b] = mx + np.log(np.exp(lz - mx) + np.exp(z - mx[None, :]).sum(0))
 
     def merge(self, other: AtlasSideStats) -> None:
-        """Fold the statistics of another set of queries over the same atlas in."""
+        """Fold the statistics of another set of queries over the same atlas in (its queries
+        numbered after this one's)."""
         if other.atlas.shape != self.atlas.shape or other.k != self.k or other.beta != self.beta:
             raise ShapeError("cannot merge atlas-side statistics of different atlases, k or beta")
-        self.top = merge_topk(self.top, other.top, self.k)
+        shifted = np.where(other.top_ids >= 0, other.top_ids + self.n_queries, -1)
+        self.top, self.top_ids = _dense_merge(self.top, self.top_ids, other.top, shifted)
         self.log_z = np.logaddexp(self.log_z, other.log_z)
         self.n_queries += other.n_queries
 
@@ -126,6 +163,20 @@ class AtlasSideStats:
         """What a run records: plain JSON-able data (`from_record` gives back the same ranking)."""
         return {"k": self.k, "beta": self.beta, "n_queries": self.n_queries,
                 "r_atlas": self.r_atlas.tolist(), "log_z": self.log_z.tolist(), "best": self.top[:, 0].tolist()}
+
+
+def _dense_merge(top_s: np.ndarray, top_i: np.ndarray, new_s: np.ndarray, new_i: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise the ``k`` best of ``[top | new]`` (k = top's width) with their ids, descending,
+    ties by lower id."""
+    k = top_s.shape[1]
+    both_s = np.concatenate([top_s, np.asarray(new_s, dtype=top_s.dtype)], axis=1)
+    both_i = np.concatenate([top_i, np.asarray(new_i, dtype=top_i.dtype)], axis=1)
+    if both_s.shape[1] > k:
+        part = np.argpartition(-both_s, k - 1, axis=1)[:, :k]
+        both_s, both_i = np.take_along_axis(both_s, part, 1), np.take_along_axis(both_i, part, 1)
+    order = np.lexsort((both_i, -both_s), axis=1)
+    return np.take_along_axis(both_s, order, 1), np.take_along_axis(both_i, order, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,7 +231,7 @@ def atlas_side_stats(queries: Iterable[np.ndarray], atlas: np.ndarray, k: int = 
     (``log_partition=False``: no isf log-partition, ``log_z`` stays -inf; enough for csls and nn)."""
     acc = AtlasSideStats(atlas, k=k, beta=beta, log_partition=log_partition)
     for q in queries:
-        acc.update(q)
+        acc.update(q)  # its top-1 candidates are not kept
     return AtlasStat.of(acc)
 
 
@@ -246,19 +297,18 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 def label_topk(queries: np.ndarray, atlas: np.ndarray, k: int, criterion: str = "nn",
                csls_k: int = DEFAULT_CSLS_K, beta: float = DEFAULT_ISF_BETA, batch: int = 4096,
                stat: AtlasStat | None = None) -> tuple[np.ndarray, np.ndarray, AtlasStat | None]:
-    """In-memory labelling under a criterion, the way a run does it: the atlas-side statistic
-    from a streaming pass over query batches (unless given), then each batch's cosine candidates
-    re-ranked. Returns ``(scores (n, k), ids (n, k), stat)``."""
+    """In-memory labelling under a criterion, the way a run does it: one streaming pass over
+    query batches gives the atlas-side statistic (unless given) and each query's cosine
+    candidates, which are then re-ranked. Returns ``(scores (n, k), ids (n, k), stat)``."""
     check_criterion(criterion)
     q, a = unit_rows(queries), unit_rows(atlas)
-    if criterion != "nn" and stat is None:
-        stat = atlas_side_stats((q[i:i + batch] for i in range(0, len(q), batch)), a, k=csls_k, beta=beta,
-                                log_partition=criterion == "isf")
     kc = k if criterion == "nn" else candidate_k(k, len(a), csls_k)
-    out_s, out_i = [], []
-    for i in range(0, len(q), batch):
-        cs, ci = top_k(q[i:i + batch] @ a.T, kc)
-        s, ids = rerank(cs, ci, criterion, stat, k)
-        out_s.append(s)
-        out_i.append(ids)
-    return np.concatenate(out_s), np.concatenate(out_i), stat
+    batches = [q[i:i + batch] for i in range(0, len(q), batch)]
+    if criterion != "nn" and stat is None:
+        acc = AtlasSideStats(a, k=csls_k, beta=beta, log_partition=criterion == "isf")
+        cands = [acc.update(b, kc) for b in batches]
+        stat = AtlasStat.of(acc)
+    else:
+        cands = [top_k(b @ a.T, kc) for b in batches]
+    ranked = [rerank(cs, ci, criterion, stat, k) for cs, ci in cands]
+    return np.concatenate([r[0] for r in ranked]), np.concatenate([r[1] for r in ranked]), stat

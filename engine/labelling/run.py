@@ -20,11 +20,14 @@ atlas index is searched with the whole batch, and the rows go in with one ``exec
 
 Criteria (`engine.labelling.criteria`): ``nn`` ranks by cosine, as the index returns it. ``csls``
 and ``isf`` need one statistic per atlas concept over *all* the run's features, so the run first
-streams every batch through `project` into `AtlasSideStats` (O(n_atlas · csls_k) memory), saves
-the result as a file of the store (`Store.save_run_file`, its sha256 in ``params["files"]``)
-*before its first batch commits*, and then each batch fetches `candidate_k` cosine neighbours and
-re-ranks them (`rerank`). A resumed run reads the recorded file back (never recomputes it), so
-its rows are those of an uninterrupted run.
+streams every batch through `project` into `AtlasSideStats` (O(n_atlas · csls_k) memory), which
+from the same exact matrix products also gives each feature's `candidate_k` nearest concepts by
+cosine (O(n_features · k') memory). Both are saved as files of the store (`Store.save_run_file`,
+their sha256 in ``params["files"]``: ``stat`` and ``cand``) *before the first batch commits*; each
+batch then re-ranks its recorded candidates (`rerank`) without searching again, so a csls run
+costs one exact search, as an nn run does. A resumed run reads the recorded files back (never
+recomputes them), so its rows are those of an uninterrupted run. (A run recorded before the
+candidates file searches the index for its candidates, as it did then.)
 
 Confidence (`engine.labelling.confidence`): every feature's rank-1 row gets the probability that
 its first hit is right, from `label_signals` of the cosine candidates (score, margin; CSLS gap and
@@ -61,6 +64,7 @@ from engine.distributed.ray_exec import RayConfig, StoreLocation, cluster_cpus, 
 from engine.errors import AtlasError, BadValueError, NotFoundError, SourceChangedError
 from engine.labelling.confidence import SIGNALS, ConfidenceModel, label_signals, mutual_nearest
 from engine.labelling.criteria import (
+    CANDIDATE_FILE,
     DEFAULT_CRITERION,
     DEFAULT_CSLS_K,
     DEFAULT_ISF_BETA,
@@ -319,6 +323,8 @@ class _RunInputs:
     job: LabelPass
     ranking: Ranking
     coact: Any = None  # an activation run's CoactivationStats (None: a map run, or before its pass)
+    # a csls / isf run's recorded candidates (scores (n, k') float32, ordinals (n, k')); None: search the index
+    cands: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def _open_inputs(store: Store, run: LabellingRun, prepared: PreparedRun | None = None) -> _RunInputs:
@@ -349,7 +355,12 @@ def _open_inputs(store: Store, run: LabellingRun, prepared: PreparedRun | None =
         from engine.labelling.matching import load_pass
 
         coact = load_pass(store, name)
-    return _RunInputs(amap, source, store.index(run.atlas), job, recorded_ranking(store, run), coact)
+    data = store.read_run_file(name, CANDIDATE_FILE)
+    cands = None
+    if data is not None:
+        with np.load(io.BytesIO(data)) as z:
+            cands = (z["scores"], z["ids"])
+    return _RunInputs(amap, source, store.index(run.atlas), job, recorded_ranking(store, run), coact, cands)
 
 
 def recorded_ranking(store: Store, run: LabellingRun) -> Ranking:
@@ -386,23 +397,30 @@ def _save_coactivation(store: Store, run: LabellingRun, inputs: _RunInputs, quie
 
 def _save_stat(store: Store, run: LabellingRun, inputs: _RunInputs, quiet: bool) -> dict[str, Any]:
     """The pre-pass of a csls / isf run: every batch of its features through `project` into the
-    atlas-side statistic, saved as the run's file; returns the run's params with its record.
-    Runs in the driver before the first batch commits (a worker only reads it back)."""
+    atlas-side statistic, which also yields each feature's cosine candidates from the same
+    products; both saved as the run's files. Returns the run's params with their records. Runs in
+    the driver before the first batch commits (a worker only reads them back)."""
     atlas = store.atlas_vectors(run.atlas, normalized=True)
     acc = AtlasSideStats(np.asarray(atlas), k=inputs.ranking.csls_k, beta=DEFAULT_ISF_BETA,
                          log_partition=inputs.ranking.criterion == "isf")
+    kc = inputs.ranking.candidates(run.k, len(atlas))
+    cand_s = np.empty((run.n_features, kc), dtype=np.float32)
+    cand_i = np.empty((run.n_features, kc), dtype=np.int32 if len(atlas) < 2**31 else np.int64)
     bar = progress(total=run.n_features, desc=f"statistic {run.name}", unit="feat", quiet=quiet)
     try:
         for lo, hi in inputs.job.steps(start=0):
-            acc.update(project(inputs.amap, inputs.source.vectors[lo:hi]))
+            cand_s[lo:hi], cand_i[lo:hi] = acc.update(project(inputs.amap, inputs.source.vectors[lo:hi]), kc)
             bar.update(hi - lo)
     finally:
         bar.close()
     buf = io.BytesIO()
     AtlasStat.of(acc).save(buf)
-    rec = store.save_run_file(run.name, STAT_FILE, buf.getvalue())
+    files = {STAT_FILE: store.save_run_file(run.name, STAT_FILE, buf.getvalue())}
+    buf = io.BytesIO()
+    np.savez(buf, scores=cand_s, ids=cand_i)
+    files[CANDIDATE_FILE] = store.save_run_file(run.name, CANDIDATE_FILE, buf.getvalue())
     failpoint("label.stat_saved")
-    return {**run.params, "files": {**(run.params.get("files") or {}), STAT_FILE: rec}}
+    return {**run.params, "files": {**(run.params.get("files") or {}), **files}}
 
 
 def run_labelling(store: Store, name: str, *, quiet: bool = False, max_batches: int | None = None,
@@ -465,6 +483,8 @@ def _batches_here(inputs: _RunInputs, k: int, steps: Iterable[tuple[int, int]]) 
         if inputs.coact is not None:  # activation matching: the latents' best correlations are the candidates
             cand_s, cand_i = inputs.coact.top_matches(inputs.ranking.candidates(k, inputs.coact.n_y), lo, hi)
             scores, ids, conf = inputs.ranking.rank(cand_s, cand_i, k)
+        elif inputs.cands is not None:  # csls / isf: the pre-pass's recorded cosine candidates
+            scores, ids, conf = inputs.ranking.rank(inputs.cands[0][lo:hi], inputs.cands[1][lo:hi], k)
         else:
             scores, ids, conf = label_batch(inputs.amap, inputs.index, inputs.source.vectors[lo:hi], k, inputs.ranking)
         yield lo, hi, scores, ids, conf

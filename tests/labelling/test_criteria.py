@@ -46,6 +46,28 @@ def test_streamed_atlas_side_statistic_is_the_formula_whatever_the_batches(batch
     assert stat.n_queries == len(q)
 
 
+@pytest.mark.parametrize("batch,block", [(500, 16384), (97, 7), (1, 64)])
+def test_one_pass_gives_the_statistic_and_each_querys_candidates(batch, block):
+    """Enough queries that an atlas block's column-wise top-k goes past its dense seed
+    (`SEED_ROWS`) onto the threshold merge; the candidates are the exact cosine top-k'."""
+    q, a = _data(9, n=500, m=40, d=6)
+    k, beta, kc = 7, 8.0, 12
+    cos, r_t, _, _ = _brute(q, a, k, beta)
+    acc = AtlasSideStats(a, k=k, beta=beta)
+    got = [acc.update(q[i:i + batch], kc, block=block) for i in range(0, len(q), batch)]
+    cs, ci = np.concatenate([g[0] for g in got]), np.concatenate([g[1] for g in got])
+    ws, wi = top_k(cos, kc)
+    np.testing.assert_allclose(cs, ws, atol=1e-5)
+    assert (ci == wi).mean() > 0.999  # float ties aside
+    np.testing.assert_allclose(acc.r_atlas, r_t, atol=1e-5)
+    np.testing.assert_allclose(acc.top, -np.sort(-cos, axis=0)[:k].T, atol=1e-5)
+    np.testing.assert_array_equal(acc.top_ids[:, 0], cos.argmax(0))  # which query is each concept's best
+    np.testing.assert_allclose(acc.log_z, np.log(np.exp(beta * cos).sum(0)), rtol=1e-6)
+    assert acc.n_queries == len(q)
+    with pytest.raises(BadValueError, match="candidates"):
+        acc.update(q[:2], 0)
+
+
 def test_atlas_blocks_and_merge_give_the_same_statistic():
     q, a = _data(1)
     one = AtlasSideStats(a, k=4)

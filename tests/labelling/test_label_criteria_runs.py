@@ -20,6 +20,7 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import select
 
+import indexes
 from engine.cli import cli
 from engine.errors import BadValueError, SourceChangedError
 from engine.labelling import run as labelling
@@ -84,6 +85,12 @@ def test_rows_are_the_brute_force_criterion(mapped, criterion):  # noqa: F811
         np.testing.assert_allclose(saved.r_atlas, stat.r_atlas, atol=1e-5)
         if criterion == "isf":
             np.testing.assert_allclose(saved.log_z, stat.log_z, rtol=1e-6)
+        # the candidates the rows were re-ranked from: each feature's exact cosine top-k'
+        with np.load(store.path / run.params["files"]["cand"]["file"]) as z:
+            cs, ci = z["scores"], z["ids"]
+        ws, wi = top_k(criterion_scores(q, atlas, "nn"), candidate_k(4, len(atlas)))
+        np.testing.assert_allclose(cs, ws, atol=1e-5)
+        assert cs.shape == (N, candidate_k(4, len(atlas))) and (ci == wi).mean() > 0.99
 
 
 @pytest.mark.parametrize("criterion", ["csls", "isf"])
@@ -99,22 +106,26 @@ def test_resume_reads_the_recorded_statistic_and_gives_the_same_rows(mapped, cri
         raise AssertionError("a resumed run must read its statistic back, not stream it again")
 
     monkeypatch.setattr(AtlasSideStats, "update", no_recompute)
+    monkeypatch.setattr(indexes.FaissIndex, "search", no_recompute)  # nor search: the candidates are recorded
     done = labelling.run_labelling(store, "cut", quiet=True)
     assert done.status == "done" and done.params["files"] == part.params["files"]
+    assert set(done.params["files"]) == {"stat", "cand"}
     assert [r[1:] for r in rows_of(store, "cut")] == [r[1:] for r in rows_of(store, clean.name)]
     # a statistic file that changed cannot be resumed from
     labelling.create_run(store, "m", str(path), k=3, batch_size=50, name="bad", criterion=criterion)
     monkeypatch.undo()
     labelling.run_labelling(store, "bad", max_batches=1, quiet=True)
-    f = store.path / store.run("bad").params["files"]["stat"]["file"]
-    data = bytearray(f.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    f.write_bytes(bytes(data))
-    with pytest.raises(SourceChangedError, match="changed"):
-        labelling.run_labelling(store, "bad", quiet=True)
-    # removing the run removes its file; gc claims nothing left
+    for kind in ("stat", "cand"):
+        f = store.path / store.run("bad").params["files"][kind]["file"]
+        data = f.read_bytes()
+        f.write_bytes(data[: len(data) // 2] + bytes([data[len(data) // 2] ^ 0xFF]) + data[len(data) // 2 + 1:])
+        with pytest.raises(SourceChangedError, match=f"the {kind} file .* changed"):
+            labelling.run_labelling(store, "bad", quiet=True)
+        f.write_bytes(data)
+    # removing the run removes its files; gc claims nothing left
+    files = [store.path / rec["file"] for rec in store.run("bad").params["files"].values()]
     store.remove_run("bad")
-    assert not f.exists() and store.leftovers() == []
+    assert not any(f.exists() for f in files) and store.leftovers() == []
 
 
 def _label_cmd(store, path, criterion, name):
@@ -139,7 +150,8 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_rows(mapped, criterion, poin
     # killed before the run recorded its statistic (and started): still pending; after a batch: interrupted
     assert (cut.status, cut.n_done) == (("pending", 0) if point == "label.stat_saved" else ("interrupted", 40))
     if point == "label.stat_saved":  # the file was written, its record not: a leftover gc removes
-        assert "files" not in cut.params and [x.state for x in store.leftovers()] == ["orphan"]
+        # (the statistic and the candidates)
+        assert "files" not in cut.params and [x.state for x in store.leftovers()] == ["orphan", "orphan"]
         store.gc()
     env.pop("ATLAS_FAILPOINT")
     r = subprocess.run([sys.executable, "-m", "engine.cli", "label", "--resume", "killed", "--store", str(store.path),

@@ -167,6 +167,27 @@ def test_explain_colours_tokens_and_summarises(client, app):
     assert list(app.state.models._models) == [("subj", "causal")]  # loaded once, shared by both maps
 
 
+def test_explain_takes_a_criterion_and_whitening(client, serve_store):
+    body = {"map": "m1", "text": "the red lion", "k": 3}
+    for extra in ({"criterion": "bogus"}, {"whiten": "maybe"}):
+        r = client.post("/api/explain", json=body | extra)
+        assert r.status_code == 422 and "\n" not in r.json()["detail"]
+    r = client.post("/api/explain", json=body | {"criterion": "csls"})  # no token statistic cached yet
+    assert r.status_code == 400 and "--stat-corpus" in r.json()["detail"] and "\n" not in r.json()["detail"]
+    from engine.align.map import load_map
+    from engine.search import Scoring, token_stat
+    from engine.search import explain as run_explain
+
+    amap = load_map(serve_store, "m1")
+    token_stat(serve_store, amap, ["the red lion and the blue bear", "the rain and the sun", "a lion, a bear"])
+    plain = run_explain(serve_store, amap, "the red lion", 3, scoring=Scoring("csls"))
+    out = client.post("/api/explain", json=body | {"criterion": "csls"}).json()
+    assert out["criterion"] == "csls" and out["whiten"] is False
+    assert [[h["ref"] for h in t["hits"]] for t in out["tokens"]] == [[h.ref for h in t.hits] for t in plain]
+    out = client.post("/api/explain", json=body | {"whiten": True, "criterion": "isf"}).json()
+    assert out["whiten"] is True and len(out["tokens"]) == 3 and out["summary"]["max"]
+
+
 def test_steer_side_by_side_with_the_plan(client):
     body = {"map": "m1", "concepts": ["weather"], "prompts": ["the", "it was the"], "strength": 3,
             "max_new_tokens": 5}

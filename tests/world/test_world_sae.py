@@ -431,8 +431,8 @@ def test_cli_eval_labelling_compare_reports_every_method_criterion_and_activatio
         for m in ("procrustes+nn", "coact[enc]+nn"):
             assert 0 <= nn[m]["ece"] <= 1 and 0 <= nn[m]["p_at_80"] <= 1 and 0 <= nn[m]["p_at_50"] <= 1
     explain = [row for row in rows if row["features"] == "explain"]
-    assert {row["method"] for row in explain} == {f"{m}+{c}" for m in ("procrustes", "self_learning")
-                                                  for c in ("nn", "csls", "isf")}
+    assert {row["method"] for row in explain} == {f"{m}{w}+{c}" for m in ("procrustes", "self_learning")
+                                                  for w in ("", "+whiten") for c in ("nn", "csls", "isf")}
     assert all(row["n"] > 0 and 0 <= row["token_top1"] <= 1 and 0 <= row["text_top1"] <= 1 for row in explain)
 
 

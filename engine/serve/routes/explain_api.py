@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body
 from pydantic import BaseModel, Field, field_validator
@@ -19,6 +19,11 @@ class ExplainRequest(BaseModel):
     k: int = Field(5, ge=1, le=20, description="Concepts per token.")
     raw: bool = Field(False, description="Search the mapped activation as is (default: minus the atlas centre).")
     summary: int = Field(20, ge=0, le=MAX_K, description="Concepts in the text-level summary.")
+    criterion: Literal["nn", "csls", "isf"] = Field(
+        "nn", description="Ranking: nn (cosine), csls or isf (hub-corrected over the map's cached token statistic, "
+                          "made once by `atlas explain --criterion csls --stat-corpus FILE`).")
+    whiten: bool = Field(False, description="Whiten each mapped residual with the map's cached token statistic "
+                                            "instead of centring it (not with raw).")
 
     _check_text = field_validator("text", "map")(encodable)
 
@@ -27,13 +32,16 @@ class ExplainRequest(BaseModel):
              summary="Per token: the top atlas concepts through a map; the text's concepts by max / mean (`atlas explain`)")
 def explain(store: StoreDep, models: ModelsDep, req: Annotated[ExplainRequest, Body()]) -> dict[str, Any]:
     from engine.align.map import load_map
+    from engine.search import Scoring, explain_summary
     from engine.search import explain as run_explain
-    from engine.search import explain_summary
 
     amap = load_map(store, req.map)
     model, tokenizer, lock = models.get(amap.subject_model)
     with lock:
-        tokens = run_explain(store, amap, req.text, req.k, centre=not req.raw, model=model, tokenizer=tokenizer)
-    return {"map": req.map, "subject_model": amap.subject_model, "atlas": amap.atlas, "tokens": to_plain(tokens),
+        tokens = run_explain(store, amap, req.text, req.k, centre=not req.raw, model=model, tokenizer=tokenizer,
+                             scoring=Scoring(req.criterion, req.whiten))
+    return {"map": req.map, "subject_model": amap.subject_model, "atlas": amap.atlas, "criterion": req.criterion,
+            "whiten": req.whiten,
+            "tokens": to_plain(tokens),
             "summary": {"max": to_plain(explain_summary(tokens, "max")[: req.summary]),
                         "mean": to_plain(explain_summary(tokens, "mean")[: req.summary])}}
