@@ -25,7 +25,7 @@ import numpy as np
 
 from engine.errors import BadValueError, ShapeError
 from engine.store.concept_search import SEARCH_BATCH
-from engine.store.store import Hit, Store
+from engine.store.store import Hit, Store, parse_concept_ref
 from engine.util import check_k, unit_rows
 
 VectorKind = Literal["directions", "activations"]
@@ -178,13 +178,12 @@ def concept_on_texts(
     from engine.models.activations import collect
     from engine.models.hooks import Site
     from engine.models.loading import load_registered
-    from engine.store.store import parse_concept_ref
 
     atlas, ordinal = parse_concept_ref(ref, amap.atlas)
     if atlas != amap.atlas:
         raise BadValueError(f"concept {ref!r} is not in atlas {amap.atlas!r}, where map {amap.name!r} maps")
-    store.concept(ordinal, atlas)  # NotFoundError past the atlas
-    direction = unit_rows(store.atlas_vectors(atlas)[ordinal][None, :])[0]
+    store.concept(ordinal, amap.atlas)  # NotFoundError past the atlas
+    direction = unit_rows(store.atlas_vectors(amap.atlas)[ordinal][None, :])[0]
     if model is None or tokenizer is None:
         model, tokenizer = load_registered(store, amap.subject_model)
     out: list[list[TokenScore]] = [[] for _ in texts]
