@@ -1,8 +1,9 @@
 """The explorer in headless Chromium (Playwright driving the system's /usr/bin/chromium; never a
 downloaded browser): search → concept → its labelled subject features; explain; steer; a run page.
 
-Screenshots go to the test's temporary folder, or to ``$ATLAS_SCREENSHOTS`` (the README's come
-from ``ATLAS_SCREENSHOTS=docs/img``). Skips, saying why, where Chromium or Playwright is missing.
+Screenshots go to the test's temporary folder, or to ``$ATLAS_SCREENSHOTS`` (of this random store; the
+docs' come from the tiny world's store: tests/serve/shoot_explorer.py). Skips, saying why, where Chromium
+or Playwright is missing.
 """
 
 from __future__ import annotations
