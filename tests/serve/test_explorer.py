@@ -164,7 +164,7 @@ def test_searches_are_history_entries(page):
         page.fill("#q", q)
         page.press("#q", "Enter")
         page.wait_for_url(f"**/?q={q}")
-        expect(page.locator("#hits td.concept").first).to_have_text(q)  # the page drawn anew
+        expect(page.locator("#hits td.concept").get_by_text(q, exact=True)).to_be_visible()  # drawn anew
     page.go_back()
     page.wait_for_url("**/?q=weather")
     expect(page.locator("#q")).to_have_value("weather")

@@ -193,6 +193,14 @@ async function runSearch(q, atlas, where) {
 
 // ------------------------------------------------------------------ not found
 
+// A page's data, or null after showing "not found" when the API says 404 (an unknown atlas, concept, map…).
+async function pageData(path) {
+  try { return await api(path); } catch (e) {
+    if (e.status === 404) { notFound(e.message); return null; }
+    throw e;
+  }
+}
+
 function notFound(message) {
   document.title = "Not found · Concept Atlas";
   show(el("h1", { id: "not-found", text: "Page not found" }),
@@ -203,11 +211,8 @@ function notFound(message) {
 // ------------------------------------------------------------------ concept (the hub)
 
 async function conceptPage(atlas, ordinal) {
-  let c;
-  try { c = await api(`/api/concepts/${enc(atlas)}/${ordinal}`); } catch (e) {
-    if (e.status === 404) { notFound(e.message); return; }
-    throw e;
-  }
+  const c = await pageData(`/api/concepts/${enc(atlas)}/${ordinal}`);
+  if (!c) return;
   const [neigh, feats, ctxs] = await Promise.all([
     api(`/api/concepts/${enc(atlas)}/${ordinal}/neighbors?k=10`),
     api(`/api/concepts/${enc(atlas)}/${ordinal}/features?limit=200`),
@@ -395,11 +400,8 @@ function testYourText(ref, best) {
 // ------------------------------------------------------------------ atlas, map, model
 
 async function atlasPage(atlas) {
-  let a;
-  try { a = await api(`/api/atlases/${enc(atlas)}`); } catch (e) {
-    if (e.status === 404) { notFound(e.message); return; }
-    throw e;
-  }
+  const a = await pageData(`/api/atlases/${enc(atlas)}`);
+  if (!a) return;
   const p = paramsNow();
   const q = p.get("q") || "", labelled = p.get("labelled") || "", offset = Math.max(0, parseInt(p.get("offset") || "0", 10) || 0);
   const limit = 50;
@@ -430,11 +432,8 @@ async function atlasPage(atlas) {
 }
 
 async function mapPage(name) {
-  let r;
-  try { r = await api(`/api/maps/${enc(name)}`); } catch (e) {
-    if (e.status === 404) { notFound(e.message); return; }
-    throw e;
-  }
+  const r = await pageData(`/api/maps/${enc(name)}`);
+  if (!r) return;
   const m = r.map;
   document.title = `${name} · Concept Atlas`;
   show(el("h1", { text: `Map ${m.name}` }),
@@ -457,11 +456,8 @@ async function mapPage(name) {
 }
 
 async function modelPage(name) {
-  let r;
-  try { r = await api(`/api/models/${enc(name)}`); } catch (e) {
-    if (e.status === 404) { notFound(e.message); return; }
-    throw e;
-  }
+  const r = await pageData(`/api/models/${enc(name)}`);
+  if (!r) return;
   const m = r.model;
   document.title = `${name} · Concept Atlas`;
   show(el("h1", { text: `Model ${m.name}` }),
@@ -489,11 +485,8 @@ async function runPage(name) {
   const limit = 100;
   const query = { order, desc, offset, limit };
   if (minConf !== "") query.min_confidence = minConf;
-  let page;
-  try { page = await api(`/api/runs/${enc(name)}/rows?` + new URLSearchParams(query)); } catch (e) {
-    if (e.status === 404) { notFound(e.message); return; }
-    throw e;
-  }
+  const page = await pageData(`/api/runs/${enc(name)}/rows?` + new URLSearchParams(query));
+  if (!page) return;
   const r = page.run;
   document.title = `Run ${name} · Concept Atlas`;
   const hasConf = !!(r.params && r.params.confidence);
