@@ -149,3 +149,31 @@ def direction_logits(store: Store, map_name: str, ref: str, model: Any, tokenize
 
     return {"map": map_name, "subject_model": amap.subject_model, "subject_layer": amap.subject_layer,
             "top": rows(order[:k]), "bottom": rows(order[::-1][:k])}
+
+
+def corpus_density(store: Store, map_name: str, ref: str, model: Any, tokenizer: Any, *, max_texts: int = 200,
+                   bins: int = 24) -> dict[str, Any]:
+    """A concept's score (`engine.search.concept_on_texts`: the cosine `explain` ranks by) on every token
+    of the first ``max_texts`` texts of the corpus its top contexts through ``map_name`` were read from:
+    ``{"histogram", "n_tokens", "n_texts", "positive" (share of tokens scoring above 0), "corpus"}``.
+    A map without a top-contexts run, or whose corpus file is gone, is a `NotFoundError`."""
+    from engine.align.corpus import read_corpus
+    from engine.align.map import load_map
+    from engine.search import concept_on_texts
+
+    if not 1 <= max_texts <= 1000:
+        raise BadValueError(f"max_texts must be between 1 and 1000, got {max_texts}")
+    amap = load_map(store, map_name)
+    run = store.context_run(amap.atlas, map_name)
+    if run is None:
+        raise NotFoundError(f"map {map_name!r} has no top contexts, so no corpus; "
+                            f"`atlas contexts {map_name} --corpus FILE` makes them")
+    try:
+        texts = read_corpus(run.corpus)[:max_texts]
+    except (OSError, ValueError) as e:
+        raise NotFoundError(f"the corpus of {map_name!r}'s top contexts cannot be read ({run.corpus}): {e}") from None
+    scores = [t.score for text in concept_on_texts(store, amap, texts, ref, model=model, tokenizer=tokenizer)
+              for t in text]
+    return {"map": map_name, "corpus": run.corpus, "n_texts": len(texts), "n_tokens": len(scores),
+            "positive": float(np.mean(np.asarray(scores) > 0)) if scores else None,
+            "histogram": histogram(scores, bins)}

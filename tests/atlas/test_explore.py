@@ -105,3 +105,23 @@ def test_concept_scores_per_token_match_explain(served):
     tokens = explain(store, amap, "the red lion", k=5, model=model, tokenizer=tok)  # k = the atlas: every concept
     assert [t.score for t in scored] == pytest.approx([next(h.score for h in t.hits if h.ref == "fdn/2") for t in tokens],
                                                       abs=1e-5)
+
+
+def test_corpus_density_scores_every_token_of_the_contexts_corpus(served):
+    from engine.align.corpus import read_corpus
+    from engine.align.map import load_map
+    from engine.atlas.explore import corpus_density
+    from engine.search import concept_on_texts
+
+    store, folder = served
+    model, tok = load_model(folder)
+    d = corpus_density(store, "m1", "fdn/2", model, tok, max_texts=10)
+    texts = read_corpus(store.context_run("fdn", "m1").corpus)[:10]
+    scores = [t.score for x in concept_on_texts(store, load_map(store, "m1"), texts, "fdn/2", model=model,
+                                                tokenizer=tok) for t in x]
+    assert (d["n_texts"], d["n_tokens"], sum(d["histogram"]["counts"])) == (10, len(scores), len(scores))
+    assert d["positive"] == pytest.approx(np.mean(np.asarray(scores) > 0))
+    with pytest.raises(NotFoundError, match="no top contexts"):
+        corpus_density(store, "m2", "fdn/2", model, tok)
+    with pytest.raises(BadValueError):
+        corpus_density(store, "m1", "fdn/2", model, tok, max_texts=0)

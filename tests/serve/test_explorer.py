@@ -268,3 +268,21 @@ def test_concept_page_links_to_steer_and_explain_with_it(page):
     page.goto("/c/fdn/0")
     page.click("a#explain-with")
     expect(page.locator("#explain-map")).to_have_value("m1")
+
+
+def test_concept_page_histogram_density_logits_and_test_your_text(page):
+    page.goto("/c/fdn/2")
+    block = page.locator("details.contexts[data-source='map:m1']")
+    expect(block.locator("figure.hist-fig svg rect")).not_to_have_count(0)
+    page.wait_for_selector("details.contexts[data-shaded] .tok-max")  # every window token shaded, the max outlined
+    assert block.locator("li.ctx").first.locator(".tok").count() > 1
+    block.locator("div.density button").click()
+    expect(block.locator("div.density figcaption")).to_contain_text("tokens of 24 texts")
+    page.wait_for_selector("#logits .logits[data-map=m1] .top-logits li")
+    assert page.locator("#logits .top-logits li").count() == 10
+    page.fill("#try-text", "the red lion and zorblat")
+    page.click("#try-go")
+    page.wait_for_selector("#try-tokens .tok")
+    assert page.locator("#try-tokens .tok").count() == 4 and page.locator("#try-tokens .tok-max").count() == 1
+    expect(page.locator("#cs-map")).to_have_value("m1")
+    expect(page.locator("#cs-concepts")).to_have_value("fdn/2")

@@ -138,3 +138,18 @@ def concept_scores(store: StoreDep, models: ModelsDep, atlas: Name, ordinal: Ord
     with lock:
         scored = concept_on_texts(store, amap, req.texts, f"{atlas}/{ordinal}", model=model, tokenizer=tokenizer)
     return {"map": req.map, "subject_model": amap.subject_model, "texts": to_plain(scored)}
+
+
+@router.get("/api/concepts/{atlas}/{ordinal}/density",
+            summary="The concept's score on every token of the first texts of a map's top-contexts corpus: "
+                    "histogram and share above 0")
+def concept_density(store: StoreDep, models: ModelsDep, atlas: Name, ordinal: Ordinal,
+                    map: Annotated[str, Query(min_length=1, max_length=200, description="A map with top contexts.")],
+                    texts: Annotated[int, Query(ge=1, le=1000, description="Texts of the corpus read.")] = 200,
+                    ) -> dict[str, Any]:
+    from engine.atlas.explore import corpus_density
+
+    subject = store.map_info(map).subject_model
+    model, tokenizer, lock = models.get(subject)
+    with lock:
+        return corpus_density(store, map, f"{atlas}/{ordinal}", model, tokenizer, max_texts=texts)

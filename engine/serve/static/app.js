@@ -301,6 +301,7 @@ function contextsBlock(runs, atlas, ref) {
     el("summary", { title: r.corpus, text: `${r.map ? `Through map ${r.map}: ` : ""}${r.model} layer ${r.layer}, ${r.corpus.split(/[\\/]/).pop()} `
       + `(${r.n_done}/${r.n_texts} texts, ${r.status}), by ${r.scoring === "encoder" ? "SAE activation" : "projection"}` }),
     r.contexts.length ? histogramSvg(r.histogram, `Activations of the top ${r.contexts.length} windows`) : null,
+    r.map ? densityBlock(ref, r.map) : null,
     r.contexts.length ? el("ol", { class: "ctx-list" }, r.contexts.map((c) => {
       const cps = Array.from(c.window);
       const marked = c.token_start >= 0 && c.token_end > c.token_start;
@@ -311,6 +312,22 @@ function contextsBlock(runs, atlas, ref) {
         el("span", { class: "num ctx-act", text: fmt(c.activation) }),
         el("span", { class: "ctx-text" }, c.window_start > 0 ? "…" : "", text));
     })) : el("p", { class: "muted", text: "No text of the corpus activates it." })));
+}
+
+// The concept's score over every token of the first texts of the corpus (a forward pass: on demand).
+function densityBlock(ref, map) {
+  const where = el("div", { class: "density-out", "aria-live": "polite" });
+  const go = el("button", { type: "button", class: "plain", text: "Density over the corpus (200 texts)", onclick: async () => {
+    go.disabled = true;
+    where.replaceChildren(el("p", { class: "muted", text: "Reading the corpus…" }));
+    try {
+      const [atlas, ordinal] = [ref.split("/").slice(0, -1).join("/"), ref.split("/").pop()];
+      const d = await api(`/api/concepts/${enc(atlas)}/${ordinal}/density?` + new URLSearchParams({ map, texts: "200" }));
+      where.replaceChildren(histogramSvg(d.histogram, `Score on all ${d.n_tokens} tokens of ${d.n_texts} texts; above 0 on ${fmt(100 * d.positive, 1)}% of them`));
+    } catch (e) { fail(where, e); }
+    go.disabled = false;
+  } });
+  return el("div", { class: "density", "data-map": map }, go, where);
 }
 
 // Every token of each top window (of a run through a map) shaded by the concept's score on it, the maximum outlined.
@@ -329,7 +346,7 @@ async function shadeWindows(runs, ref, best) {
       span.replaceChildren(c.window_start > 0 ? "…" : "", ...shadedTokens(c.window, toks, "ctx", [c.token_start, c.token_end]));
     });
     block.setAttribute("data-shaded", "");
-    block.querySelector("summary").after(el("p", { class: "muted", text: "Each token shaded by the concept's score on it (the window read on its own), the highest outlined; the stored activating token is marked." }));
+    block.querySelector("summary").after(el("p", { class: "muted", text: "Each token shaded by the concept's score on it (the window read on its own), the highest outlined; the stored activating token is bold and underlined in amber." }));
   }
 }
 
