@@ -32,6 +32,8 @@ def shoot(store_dir: str, out: str, concept: str = "world-tiny/2") -> list[Path]
             page.goto(f"/c/{concept}")
             page.wait_for_selector("details.contexts[data-shaded]", timeout=120_000)
             page.wait_for_selector("#logits .logits", timeout=120_000)
+            page.locator("div.density button").first.click()
+            page.wait_for_selector("div.density figcaption", timeout=120_000)
             page.fill("#try-text", "the rain fell on the roof and the wind came over the hills")
             page.click("#try-go")
             page.wait_for_selector("#try-tokens")
