@@ -54,7 +54,7 @@ from engine.labelling.criteria import (
 )
 from engine.store import layout
 from engine.store.concept_search import SEARCH_BATCH
-from engine.store.store import Hit, Store
+from engine.store.store import Hit, Store, parse_concept_ref
 from engine.util import check_k, unit_rows, write_store_file
 
 VectorKind = Literal["directions", "activations"]
@@ -355,6 +355,51 @@ def explain(
         piece = text[s:e] if 0 <= s < e else tokenizer.decode([int(b.token_id[j])])
         fa = None if feats is None else [float(feats[j, h.ordinal]) for h in row]
         out.append(TokenHits(int(b.position[j]), piece, s, e, row, fa))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenScore:
+    """One token of a text and one concept's score on it (the cosine `explain` ranks by)."""
+
+    token: str
+    start: int  # character span in the text; -1 when unknown
+    end: int
+    score: float
+
+
+def concept_on_texts(
+    store: Store, amap: Any, texts: Sequence[str], ref: str, *, centre: bool = True, model: Any = None,
+    tokenizer: Any = None,
+) -> list[list[TokenScore]]:
+    """Per text, per token: one concept's score, the cosine of the token's mapped residual (as `explain`:
+    the affine map, minus the atlas centre unless ``centre=False``) with the concept's direction. What
+    the concept page shades its top windows and a reader's own text by; a text of no token gives []."""
+    import torch
+
+    from engine.models.activations import collect
+    from engine.models.hooks import Site
+    from engine.models.loading import load_registered
+
+    atlas, ordinal = parse_concept_ref(ref, amap.atlas)
+    if atlas != amap.atlas:
+        raise BadValueError(f"concept {ref!r} is not in atlas {amap.atlas!r}, where map {amap.name!r} maps")
+    store.concept(ordinal, amap.atlas)  # NotFoundError past the atlas
+    direction = unit_rows(store.atlas_vectors(amap.atlas)[ordinal][None, :])[0]
+    if model is None or tokenizer is None:
+        model, tokenizer = load_registered(store, amap.subject_model)
+    out: list[list[TokenScore]] = [[] for _ in texts]
+    for b in collect(model, tokenizer, list(texts), Site((amap.subject_layer,), amap.subject_hook),
+                     batch_size=16, desc=None, dtype=torch.float32):
+        if b.n_tokens == 0:
+            continue
+        acts = next(iter(b.acts.values())).numpy()
+        scores = project(amap, acts, "activations", centre=centre) @ direction
+        for j in range(b.n_tokens):
+            t = int(b.text_index[j])
+            st, e = (int(v) for v in b.offsets[j])
+            piece = texts[t][st:e] if 0 <= st < e else tokenizer.decode([int(b.token_id[j])])
+            out[t].append(TokenScore(piece, st, e, float(scores[j])))
     return out
 
 

@@ -18,9 +18,12 @@ OTHER_LABELS = ["weather forecast", "stringed instruments", "mammals"]
 
 
 def build_serve_store(root: Path, subject_folder: Path) -> Store:
-    """Atlas ``fdn`` (five concepts) and ``other``; the tiny subject ``subj`` with maps ``m1`` (layer 1) and
-    ``m2`` (layer 2) into ``fdn``; a finished labelling run ``r1`` of 300 subject features through ``m1``;
-    the top 5 contexts of every ``fdn`` concept through ``m1`` over 24 texts."""
+    """Atlas ``fdn`` (five concepts), ``other`` and ``sae`` (six unlabelled latents); the tiny subject ``subj``
+    with maps ``m1`` (layer 1) and ``m2`` (layer 2) into ``fdn`` and ``eval-sae.subj`` (layer 1, a better
+    held-out R²) into ``sae``; a finished labelling run ``r1`` of 300 subject features through ``m1``; the
+    top 8 contexts of every ``fdn`` concept through ``m1`` over 24 texts (more than the atlas has concepts);
+    label-embedding indexes of ``fdn`` and ``other`` where the semantic extra is installed."""
+    from engine.atlas.lookup import build_label_index, semantic_available
     from engine.labelling import run as labelling
     from engine.labelling.contexts import ContextSettings, top_contexts
     from tests.steering.test_steering import D
@@ -36,14 +39,22 @@ def build_serve_store(root: Path, subject_folder: Path) -> Store:
         "other", rng.normal(size=(3, 16)).astype(np.float32), OTHER_LABELS,
         source=AtlasSource(model="foundation", layer=2),
     )
+    store.add_atlas("sae", rng.normal(size=(6, D_ATLAS)).astype(np.float32), [None] * 6,
+                    source=AtlasSource(model="foundation", layer=1, kind="saelens", ref="sae-folder"))
     store.add_model("subj", source=str(subject_folder), d_model=D, n_layers=3)
     save_map(store, _map(1, 1), "m1")
     save_map(store, _map(2, 2), "m2")
+    sae_map = _map(3, 1)
+    sae_map.atlas, sae_map.metrics = "sae", sae_map.metrics | {"heldout_r2": 0.9}
+    save_map(store, sae_map, "eval-sae.subj")
     feats = root / "feats.npy"
     np.save(feats, np.random.default_rng(5).normal(size=(300, D)).astype(np.float32))
     labelling.label_features(store, "m1", str(feats), k=3, name="r1", batch_size=100, quiet=True)
-    top_contexts(store, "m1", write_context_corpus(root / "corpus.txt"), ContextSettings(top=5, chunk=8, batch_size=4),
+    top_contexts(store, "m1", write_context_corpus(root / "corpus.txt"), ContextSettings(top=8, chunk=8, batch_size=4),
                  quiet=True)
+    if semantic_available():
+        for atlas in ("fdn", "other"):
+            build_label_index(store, atlas, quiet=True)
     return store
 
 

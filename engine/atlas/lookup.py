@@ -29,6 +29,17 @@ from engine.util import check_k, sha256_bytes, write_store_file
 COMMON_FRACTION = 0.05
 COMMON_MIN_DOCS = 500
 RRF_K = 60  # reciprocal-rank-fusion constant (Cormack et al. 2009)
+# A semantic hit counts only at SEMANTIC_MIN_COSINE (all-MiniLM-L6-v2, "label. description") and
+# within SEMANTIC_MARGIN of the best hit. Measured on the tiny world's labels and the tests' labels:
+# a query near no label reaches 0.11-0.24 against the closest ("zzzqqq" 0.16, "hello world" 0.20,
+# "table" 0.24), a paraphrase 0.32-0.73 ("lion" ~ "Wild animals. Wild mammals ...": 0.32, "downpour"
+# ~ "Weather. Rain, wind, storms ...": 0.41, "doctor" ~ "Medicine ...": 0.61); the runner-up of a
+# clear match sits 0.06 or more below it ("cats": Wild animals 0.37, Outer space 0.31). Without
+# the floor every query ranked every concept.
+SEMANTIC_MIN_COSINE = 0.3
+SEMANTIC_MARGIN = 0.05
+# how a semantic match reads, by cosine: (floor, words), best first
+SIMILARITY_WORDS = ((0.6, "very close in meaning"), (0.45, "close in meaning"), (0.0, "related in meaning"))
 SEMANTIC_MODEL = "all-MiniLM-L6-v2"
 _WORD = re.compile(r"\w+", re.UNICODE)
 # Function words carry no concept; dropped from full-text queries unless nothing else is left.
@@ -49,6 +60,24 @@ class LookupHit:
     rank: int
     text_rank: int | None = None  # rank in the full-text ranking, if found there
     semantic_rank: int | None = None  # rank in the embedding ranking, if used
+    similarity: float | None = None  # cosine of the query and the label's embedding, if ranked there
+    match: str = ""  # why it matched, in words: "label word", "description word", "close in meaning", ...
+
+
+def match_words(hit_words: str | None, similarity: float | None) -> str:
+    """How a hit matched, in words a reader understands: its full-text match and its semantic closeness."""
+    parts = [hit_words] if hit_words else []
+    if similarity is not None:
+        parts.append(next(words for floor, words in SIMILARITY_WORDS if similarity >= floor))
+    return "; ".join(parts)
+
+
+def _text_match(words: list[str], label: str, description: str | None) -> str | None:
+    """Where the query's words occur: the label, else the description (None: neither, e.g. a stemmed match)."""
+    found = set(_WORD.findall(label.lower()))
+    if any(w in found for w in words):
+        return "every word in the label" if all(w in found for w in words) and len(words) > 1 else "word in the label"
+    return "word in the description" if description and set(words) & set(_WORD.findall(description.lower())) else None
 
 
 def _query_words(query: str) -> list[str]:
@@ -244,8 +273,10 @@ def _label_index(store: Store, atlas: str) -> indexes.VectorIndex:
                                   f"`atlas index embed {atlas}` rebuilds it") from None
 
 
-def semantic_search(store: Store, query: str, k: int, atlas: str | None = None) -> list[tuple[str, int]]:
-    """Embedding ranking over atlases that have a label index: [(atlas, ordinal)] best first."""
+def semantic_search(store: Store, query: str, k: int, atlas: str | None = None) -> list[tuple[str, int, float]]:
+    """Embedding ranking over atlases that have a label index: [(atlas, ordinal, cosine)] best first, only
+    those at `SEMANTIC_MIN_COSINE` or more and within `SEMANTIC_MARGIN` of the best (a query near no
+    label finds nothing)."""
     with store.read_session() as s:
         q = select(AtlasRow.name, AtlasRow.extra)
         rows = s.execute(q.where(AtlasRow.name == atlas) if atlas else q).all()
@@ -258,11 +289,14 @@ def semantic_search(store: Store, query: str, k: int, atlas: str | None = None) 
         scores, ids = _label_index(store, name).search(qvec, k)
         found += [(float(sc), name, int(i)) for sc, i in zip(scores[0], ids[0]) if i >= 0]
     found.sort(key=lambda t: -t[0])
-    return [(name, i) for _, name, i in found[:k]]
+    floor = max(SEMANTIC_MIN_COSINE, found[0][0] - SEMANTIC_MARGIN) if found else 0.0
+    return [(name, i, sc) for sc, name, i in found[:k] if sc >= floor]
 
 
 def lookup(store: Store, query: str, k: int = 10, atlas: str | None = None, semantic: bool | None = None) -> list[LookupHit]:
-    """Concepts matching a text query, best first (full-text, fused with semantic where available).
+    """Concepts matching a text query, best first (full-text, fused with semantic where available);
+    none when no label or description has a query word and no label is close in meaning
+    (`SEMANTIC_MIN_COSINE`). Each hit says how it matched (``match``, in words).
 
     A query without a word (empty, blanks, punctuation) is a `BadValueError`: it matches nothing,
     and an embedding of it would rank arbitrary concepts first.
@@ -274,7 +308,9 @@ def lookup(store: Store, query: str, k: int = 10, atlas: str | None = None, sema
         store.atlas(atlas)  # raises a clear error for an unknown atlas
     depth = max(k * 5, 50)
     text_ranked = text_search(store, query, depth, atlas)
-    sem_ranked = semantic_search(store, query, depth, atlas) if semantic is not False else []
+    sem_found = semantic_search(store, query, depth, atlas) if semantic is not False else []
+    sem_ranked = [(name, i) for name, i, _ in sem_found]
+    cosine = {(name, i): sc for name, i, sc in sem_found}
     if semantic and not semantic_available():
         raise AtlasError(install_message("semantic", "semantic lookup"))
     fused: dict[tuple[str, int], float] = {}
@@ -293,6 +329,8 @@ def lookup(store: Store, query: str, k: int = 10, atlas: str | None = None, sema
     }
     for rank, (key, score) in enumerate(best, start=1):
         c = concepts[key]
+        why = match_words(_text_match(_query_words(query), c.label, c.description) if key in t_rank else None,
+                          cosine.get(key))
         out.append(LookupHit(c.ref, c.atlas, c.ordinal, c.label, c.description, score, rank,
-                             t_rank.get(key), s_rank.get(key)))
+                             t_rank.get(key), s_rank.get(key), cosine.get(key), why or "word match"))
     return out

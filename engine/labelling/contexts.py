@@ -197,7 +197,6 @@ def top_contexts(
     fingerprint = corpus_fingerprint(texts)
     info = store.atlas(src.atlas)
     scoring = "encoder" if info.has_encoder else "projection"
-    top = min(top, info.n_concepts)
     wanted: dict[str, Any] = {"top": top, "window": window, "scoring": scoring}
     run = store.context_run(src.atlas, src.map)
     if run is not None and not overwrite:

@@ -28,22 +28,20 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
-from fastapi.staticfiles import StaticFiles
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine import __version__
 from engine.errors import AtlasError, NotFoundError
+from engine.serve import pages
 from engine.serve.deps import MAX_BODY, MAX_TEXT, ModelPool
 from engine.serve.routes import ROUTERS
 from engine.store.store import Store
 
 __all__ = ["MAX_BODY", "MAX_TEXT", "create_app"]
 
-STATIC = Path(__file__).parent / "static"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 TOKEN_COOKIE = "atlas_token"
-PAGES = ("/", "/c/{atlas}/{ordinal}", "/runs/{name}", "/explain", "/steer")  # the page's own routes
 
 
 def _one_line(text: str) -> str:
@@ -118,11 +116,6 @@ async def overflow(_request: Request, _exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": "a number in the request is out of range"}, status_code=400)
 
 
-def index() -> FileResponse:
-    """The page (one HTML file; its script routes by the URL)."""
-    return FileResponse(STATIC / "index.html", media_type="text/html")
-
-
 # ---------------------------------------------------------------------- the app
 
 
@@ -136,7 +129,7 @@ def create_app(store: Store | str | Path, *, db_url: str | None = None, token: s
     if not isinstance(store, Store):
         store = Store.open(store, db_url=db_url)
     app = FastAPI(
-        title="Concept Atlas", version=__version__,
+        title="Concept Atlas", version=__version__, docs_url=None, redoc_url=None,  # offline docs: pages.mount
         description="The store's atlases, concepts, alignment maps and labelling runs; text lookup, explain and "
                     "steering, over the same engine functions as the `atlas` command line.",
     )
@@ -151,7 +144,5 @@ def create_app(store: Store | str | Path, *, db_url: str | None = None, token: s
     app.add_exception_handler(OverflowError, overflow)
     for router in ROUTERS:
         app.include_router(router)
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    for route in PAGES:
-        app.add_api_route(route, index, methods=["GET"], include_in_schema=False, response_class=FileResponse)
+    pages.mount(app, app.title)  # static files, offline API docs, the pages, a 404 page for any other path
     return app

@@ -31,7 +31,7 @@ import datetime as dt
 from typing import Any, cast
 
 import numpy as np
-from sqlalchemy import Table, and_, case, delete, func, select
+from sqlalchemy import Table, and_, case, delete, func, or_, select, true
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased
@@ -228,9 +228,12 @@ class RunsMixin(StoreBase):
         place = {f: i for i, f in enumerate(features)}
         return sorted((tuple(r) for r in rows), key=lambda r: (place[r[0]], r[1]))
 
-    def concept_labels(self, atlas: str, ordinal: int, limit: int = 50) -> list[tuple[Any, ...]]:
+    def concept_labels(self, atlas: str, ordinal: int, limit: int = 50, *, top_only: bool = False,
+                       min_confidence: float | None = None) -> list[tuple[Any, ...]]:
         """Which subject features carry a concept: ``(run, map, feature, rank, score)`` rows of every
-        labelling run that named it, best score first (at most ``limit``)."""
+        labelling run that named it, best score first (at most ``limit``). ``top_only``: only the
+        features whose label it is (rank 1); ``min_confidence``: only labels of at least that confidence
+        (rows of runs that recorded none are kept)."""
         if limit < 1:
             raise BadValueError(f"limit must be >= 1, got {limit}")
         with self.session() as s:
@@ -243,6 +246,9 @@ class RunsMixin(StoreBase):
                  .join(LabelRunRow, FeatureLabelRow.run_id == LabelRunRow.id)
                  .join(AlignmentMapRow, LabelRunRow.map_id == AlignmentMapRow.id)
                  .where(FeatureLabelRow.concept_id == concept_id)
+                 .where(FeatureLabelRow.rank == 1 if top_only else true())
+                 .where(or_(FeatureLabelRow.confidence.is_(None), FeatureLabelRow.confidence >= min_confidence)
+                        if min_confidence is not None else true())
                  .order_by(FeatureLabelRow.score.desc(), LabelRunRow.name, FeatureLabelRow.feature_index)
                  .limit(limit))
             return [tuple(r) for r in s.execute(q)]

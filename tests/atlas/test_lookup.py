@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.atlas.lookup import build_label_index, lookup, semantic_available
+from engine.atlas.lookup import SEMANTIC_MIN_COSINE, build_label_index, lookup, semantic_available
 from engine.errors import BadValueError
 from engine.store.store import AtlasSource
 
@@ -60,6 +60,19 @@ def test_semantic_lookup_finds_paraphrase(labelled):
     assert hits[0].label == "cats" and hits[0].semantic_rank == 1 and hits[0].text_rank is None
     both = lookup(labelled, "rain", k=3)
     assert both[0].text_rank is not None and both[0].semantic_rank is not None
+
+
+@pytest.mark.skipif(not semantic_available(), reason="the `semantic` extra is not installed")
+def test_semantic_lookup_can_find_nothing_and_says_how_each_hit_matched(labelled):
+    build_label_index(labelled, "t", quiet=True)
+    assert lookup(labelled, "zzzqqq") == [] and lookup(labelled, "quantum chromodynamics") == []
+    weather = lookup(labelled, "weather", k=6)
+    assert {h.label for h in weather} <= {"weather and rain", "rain gear"} and weather[0].label == "weather and rain"
+    assert all(h.similarity is None or h.similarity >= SEMANTIC_MIN_COSINE for h in weather)
+    assert "word in the label" in weather[0].match and "meaning" in weather[0].match
+    cat = lookup(labelled, "a feline pet", k=3)[0]
+    assert cat.text_rank is None and cat.match.endswith("in meaning")
+    assert lookup(labelled, "kittens", k=3, semantic=False)[0].match == "word in the description"
 
 
 # More labels, with words shared across concepts, stems ("rains", "raining") and long descriptions.

@@ -75,10 +75,11 @@ def test_cli_refuses_a_public_bind_without_a_token(serve_store):
 
 def test_store_listings(client, serve_store):
     info = client.get("/api/info").json()
-    assert (info["atlases"], info["maps"], info["runs"]) == (2, 2, 1)
+    assert (info["atlases"], info["maps"], info["runs"]) == (3, 3, 1)
+    assert info["default_map"] == "m1"  # into the labelled atlas, though eval-sae.subj has the better R²
     atlases = client.get("/api/atlases").json()
-    assert [a["name"] for a in atlases] == ["fdn", "other"] and atlases[0]["site"] == "foundation@1/resid_post"
-    assert [m["name"] for m in client.get("/api/maps").json()] == ["m1", "m2"]
+    assert [a["name"] for a in atlases] == ["fdn", "other", "sae"] and atlases[0]["site"] == "foundation@1/resid_post"
+    assert [m["name"] for m in client.get("/api/maps").json()] == ["eval-sae.subj", "m1", "m2"]
     runs = client.get("/api/runs").json()
     assert [(r["name"], r["status"], r["n_done"]) for r in runs] == [("r1", "done", 300)]
     assert client.get("/api/runs/r1").json()["map"] == "m1"
@@ -106,9 +107,13 @@ def test_concept_provenance_neighbours_and_labelled_features(client, serve_store
     assert "fdn/2" not in [h["ref"] for h in neigh]
     by_map = {m["map"]: m for m in client.get("/api/concepts/fdn/2/features", params={"limit": 1000}).json()}
     assert set(by_map) == {"m1", "m2"} and by_map["m2"]["features"] == []
-    expected = [(f, rank) for _, _, f, rank, _ in serve_store.concept_labels("fdn", 2, limit=1000)]
+    expected = [(f, rank) for _, _, f, rank, _ in serve_store.concept_labels("fdn", 2, limit=1000, top_only=True,
+                                                                             min_confidence=0.5)]
     got = by_map["m1"]["features"]
-    assert [(f["feature"], f["rank"]) for f in got] == expected and expected
+    assert [(f["feature"], f["rank"]) for f in got] == expected and expected and {r for _, r in expected} == {1}
+    every = client.get("/api/concepts/fdn/2/features", params={"limit": 1000, "any_rank": True}).json()
+    ranks = [f["rank"] for m in every if m["map"] == "m1" for f in m["features"]]
+    assert len(ranks) > len(got) and max(ranks) > 1  # runners-up only when asked for
     assert all(f["run"] == "r1" for f in got) and [f["score"] for f in got] == sorted((f["score"] for f in got),
                                                                                       reverse=True)
     assert client.get("/api/concepts/other/1/features").json() == []  # no map into that atlas
@@ -121,7 +126,7 @@ def test_concept_contexts_with_the_token_marked(client, serve_store):
         ("m1", "subj", 1, "done", 24, "projection")
     assert [(c["rank"], c["text_index"], c["window"], c["token_start"], c["token_end"]) for c in got["contexts"]] == \
         [(c.rank, c.text_index, c.window, c.token_start, c.token_end) for c in expected]
-    assert len(expected) == 5 and all(c["window"][c["token_start"]:c["token_end"]] == c["token"] != ""
+    assert len(expected) == 8 and all(c["window"][c["token_start"]:c["token_end"]] == c["token"] != ""
                                       for c in got["contexts"])
     assert [c["activation"] for c in got["contexts"]] == pytest.approx([c.activation for c in expected])
     assert len(client.get("/api/concepts/fdn/2/contexts", params={"limit": 2}).json()[0]["contexts"]) == 2
@@ -250,7 +255,7 @@ def test_a_1mb_text_is_refused_before_it_is_read(client):
 
 
 def test_pages_static_files_and_openapi(client):
-    for path in ("/", "/c/fdn/0", "/runs/r1", "/explain", "/steer"):
+    for path in ("/", "/c/fdn/0", "/runs/r1", "/explain", "/steer", "/a/fdn", "/m/m1", "/models/subj"):
         r = client.get(path)
         assert r.status_code == 200 and "/static/app.js" in r.text and r.headers["content-type"].startswith("text/html")
     assert "function route" in client.get("/static/app.js").text
@@ -259,7 +264,9 @@ def test_pages_static_files_and_openapi(client):
         "/api/lookup", "/api/atlases", "/api/maps", "/api/concepts/{atlas}/{ordinal}",
         "/api/concepts/{atlas}/{ordinal}/neighbors", "/api/concepts/{atlas}/{ordinal}/features",
         "/api/concepts/{atlas}/{ordinal}/contexts", "/api/runs",
-        "/api/runs/{name}", "/api/runs/{name}/rows", "/api/runs/{name}/export", "/api/explain", "/api/steer"}
+        "/api/runs/{name}", "/api/runs/{name}/rows", "/api/runs/{name}/export", "/api/explain", "/api/steer",
+        "/api/atlases/{atlas}", "/api/atlases/{atlas}/concepts", "/api/maps/{name}", "/api/models/{name}",
+        "/api/concepts/{atlas}/{ordinal}/logits", "/api/concepts/{atlas}/{ordinal}/scores"}
     assert "/" not in schema["paths"]
 
 
@@ -279,4 +286,4 @@ def test_a_token_is_checked_on_every_request(serve_store):
         with httpx.Client(base_url=url) as browser:  # ?token= once, then the cookie
             assert browser.get("/", params={"token": "s3cret-token"}).status_code == 200
             assert browser.get("/static/app.js").status_code == 200
-            assert json.loads(browser.get("/api/maps").text)[0]["name"] == "m1"
+            assert json.loads(browser.get("/api/maps").text)[1]["name"] == "m1"

@@ -1,14 +1,13 @@
 """The explorer in headless Chromium (Playwright driving the system's /usr/bin/chromium; never a
 downloaded browser): search → concept → its labelled subject features; explain; steer; a run page.
 
-Screenshots go to the test's temporary folder, or to ``$ATLAS_SCREENSHOTS`` (the README's come
-from ``ATLAS_SCREENSHOTS=docs/img``). Skips, saying why, where Chromium or Playwright is missing.
+Screenshots go to the test's temporary folder, or to ``$ATLAS_SCREENSHOTS`` (of this random store; the
+docs' come from the tiny world's store: tests/serve/shoot_explorer.py). Skips, saying why, where Chromium
+or Playwright is missing.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,57 +15,9 @@ import pytest
 pytest.importorskip("fastapi", reason="the server's tests need the serve extra: pip install 'concept-atlas[serve]'")
 sync_api = pytest.importorskip("playwright.sync_api", reason="browser tests need Playwright: pip install playwright")
 
-from engine.serve.app import create_app  # noqa: E402
-from tests.serve_helpers import build_serve_store, running  # noqa: E402
-from tests.steering.test_steering import save_tiny_model  # noqa: E402
+from tests.serve.conftest import CHROMIUM, NO_CHROMIUM  # noqa: E402
 
-CHROMIUM = os.environ.get("ATLAS_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
-
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                                reason=f"no Chromium at {CHROMIUM}: `apt-get install -y chromium` (Debian) to run "
-                                       "the browser tests")
-
-
-@pytest.fixture(scope="module")
-def base_url(tmp_path_factory):
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("serve-browser")
-    store = build_serve_store(root, save_tiny_model("llama", root / "subject"))
-    with running(create_app(store)) as url:
-        yield url
-    store.close()
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        yield b
-        b.close()
-
-
-@pytest.fixture
-def page(browser, base_url):
-    context = browser.new_context(base_url=base_url, viewport={"width": 1200, "height": 820}, accept_downloads=True)
-    p = context.new_page()
-    errors: list[str] = []
-    p.on("pageerror", lambda e: errors.append(str(e)))
-    yield p
-    context.close()
-    assert errors == []  # no uncaught script error on any page
-
-
-@pytest.fixture
-def shots(tmp_path) -> Path:
-    folder = Path(os.environ.get("ATLAS_SCREENSHOTS") or tmp_path)
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=NO_CHROMIUM)
 
 
 def test_search_then_concept_then_its_labelled_features(page, shots):
@@ -98,7 +49,7 @@ def test_concept_page_shows_top_contexts_with_the_token_highlighted(page, base_u
     block = page.locator("details.contexts[data-source='map:m1']")
     block.locator("li.ctx mark.ctx-tok").first.wait_for()
     items = block.locator("li.ctx")
-    assert items.count() == len(api["contexts"]) == 5
+    assert items.count() == len(api["contexts"]) == 8
     assert block.locator("mark.ctx-tok").all_inner_texts() == [c["token"] for c in api["contexts"]]
     first = api["contexts"][0]
     assert items.first.locator(".ctx-text").inner_text() == ("…" if first["window_start"] > 0 else "") + first["window"]

@@ -74,7 +74,7 @@ def export(store: StoreDep, name: Name, format: Literal["jsonl", "csv", "neuronp
         finally:
             spool.close()
 
-    ext = "csv" if format == "csv" else "jsonl"
+    filename = {"jsonl": f"{name}.jsonl", "csv": f"{name}.csv", "neuronpedia": f"{name}.neuronpedia.jsonl"}[format]
     media = "text/csv" if format == "csv" else "application/x-ndjson"
     return StreamingResponse(chunks(), media_type=media,
-                             headers={"Content-Disposition": f'attachment; filename="{name}.{format}.{ext}"'})
+                             headers={"Content-Disposition": f'attachment; filename="{filename.replace(chr(34), "_")}"'})
