@@ -100,7 +100,7 @@ def run_demo(store_dir: str | Path, size: str = "small", seed: int = 0, out: str
     ``quick`` runs the against-topic table on a small grid (`QUICK_AGAINST_TOPIC`): the same report,
     that table with fewer cells."""
     from engine.align.pairing import PairingConfig
-    from engine.demo import sae_stages
+    from engine.demo import side
     from engine.steering.faithfulness import SteeringGrid
     from engine.world.eval.against_topic import evaluate_world_against_topic
     from engine.world.eval.labelling import evaluate_world_labelling
@@ -118,7 +118,7 @@ def run_demo(store_dir: str | Path, size: str = "small", seed: int = 0, out: str
     for key in ("subject_a", "subject_b"):  # the maps a user would use: every layer, Procrustes and ridge
         timed(f"align_{key}", world_maps, store, world, key, quiet=quiet, device=device, dtype=dtype)
     # The SAE stages (SAE labelling, steering with SAE latents) run in a second process meanwhile.
-    sae_proc = sae_stages.start(str(store_dir), size, seed, device, dtype)
+    sae_proc = side.start(str(store_dir), size, seed, device, dtype)
     try:
         retrieval = timed("eval_retrieval", evaluate_world_retrieval, store, size, seed, world=world, quiet=quiet,
                           config=PairingConfig(device=device, dtype=dtype))
@@ -136,7 +136,7 @@ def run_demo(store_dir: str | Path, size: str = "small", seed: int = 0, out: str
         sae_proc.communicate()
         raise
     t_wait = time.perf_counter()
-    sae = sae_stages.finish(sae_proc)
+    sae = side.finish(sae_proc)
     timed.wall["wait_sae_stages"] = round(time.perf_counter() - t_wait, 1)
     timed.wall.update(sae["timings"])
     timed.cpu.update(sae["cpu_timings"])  # the child's own CPU (not counted in the parent's stages)

@@ -1,4 +1,4 @@
-"""The demo's SAE stages in a second process, beside the others: ``python -m engine.demo.sae_stages JOB``.
+"""The demo's SAE stages in a second process, beside the others: ``python -m engine.demo.side JOB``.
 
 SAE labelling (`atlas eval labelling --world --features sae`) and steering with SAE latents
 (`atlas eval steering --world --sae`) share nothing with the demo's other stages but the store
@@ -29,7 +29,7 @@ def start(store_dir: str, size: str, seed: int, device: str, dtype: str) -> subp
     """Start the SAE stages on the store at ``store_dir`` (a SQLite store: the demo's own)."""
     job = {"store": os.path.abspath(store_dir), "size": size, "seed": seed, "device": device, "dtype": dtype}
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    return subprocess.Popen([sys.executable, "-m", "engine.demo.sae_stages", json.dumps(job)],
+    return subprocess.Popen([sys.executable, "-m", "engine.demo.side", json.dumps(job)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
