@@ -102,7 +102,6 @@ def run_demo(store_dir: str | Path, size: str = "small", seed: int = 0, out: str
     from engine.align.pairing import PairingConfig
     from engine.demo import side
     from engine.steering.faithfulness import SteeringGrid
-    from engine.world.eval.against_topic import evaluate_world_against_topic
     from engine.world.eval.labelling import evaluate_world_labelling
     from engine.world.eval.retrieval import evaluate_world_retrieval
     from engine.world.eval.steering import evaluate_world_steering, world_maps
@@ -115,11 +114,16 @@ def run_demo(store_dir: str | Path, size: str = "small", seed: int = 0, out: str
     t_start = time.perf_counter()
 
     world = timed("world", ensure_registered, store, size, seed)
-    for key in ("subject_a", "subject_b"):  # the maps a user would use: every layer, Procrustes and ridge
-        timed(f"align_{key}", world_maps, store, world, key, quiet=quiet, device=device, dtype=dtype)
-    # The SAE stages (SAE labelling, steering with SAE latents) run in a second process meanwhile.
-    sae_proc = side.start(str(store_dir), size, seed, device, dtype)
+    job = {"size": size, "seed": seed, "device": device, "dtype": dtype}
+    # Stages in other processes, beside the demo's own (engine.demo.side): the SAE stages fit maps of
+    # their own, so they start now; the against-topic table reads the maps fitted below.
+    children = [side.start(str(store_dir), "sae", job)]
     try:
+        for key in ("subject_a", "subject_b"):  # the maps a user would use: every layer, Procrustes and ridge
+            timed(f"align_{key}", world_maps, store, world, key, quiet=quiet, device=device, dtype=dtype)
+        children.append(side.start(str(store_dir), "against_topic",
+                                   {**job, "grid": dataclasses.asdict(SteeringGrid(**QUICK_AGAINST_TOPIC))
+                                    if quick else None}))
         retrieval = timed("eval_retrieval", evaluate_world_retrieval, store, size, seed, world=world, quiet=quiet,
                           config=PairingConfig(device=device, dtype=dtype))
         labelling = timed("eval_labelling", evaluate_world_labelling, store, size, seed, quiet=quiet, device=device,
@@ -128,18 +132,15 @@ def run_demo(store_dir: str | Path, size: str = "small", seed: int = 0, out: str
         steering = timed("eval_steering", evaluate_world_steering, store, size, seed, subject="a", quiet=quiet,
                          device=device, dtype=dtype)
         examples = timed("steer_examples", _steer_examples, store, world, steering.chosen)
-        against = timed("eval_against_topic", evaluate_world_against_topic, store, size, seed, subject="a",
-                        quiet=quiet, device=device, dtype=dtype,
-                        **({"grid": SteeringGrid(**QUICK_AGAINST_TOPIC)} if quick else {}))
+        t_wait = time.perf_counter()
+        sae, against = (side.finish(proc) for proc in children)
     except BaseException:
-        sae_proc.kill()
-        sae_proc.communicate()
+        side.stop(children)
         raise
-    t_wait = time.perf_counter()
-    sae = side.finish(sae_proc)
-    timed.wall["wait_sae_stages"] = round(time.perf_counter() - t_wait, 1)
-    timed.wall.update(sae["timings"])
-    timed.cpu.update(sae["cpu_timings"])  # the child's own CPU (not counted in the parent's stages)
+    timed.wall["wait_other_processes"] = round(time.perf_counter() - t_wait, 1)
+    for part in (sae, against):
+        timed.wall.update(part["timings"])
+        timed.cpu.update(part["cpu_timings"])  # the children's own CPU (not counted in the parent's stages)
     real = timed("real_weights", _real_weights, store, size, seed, quiet, device, dtype) if real_weights else None
     timed.wall["total"] = round(time.perf_counter() - t_start, 1)
     sae_labelling, sae_steering = sae["sae_labelling"], sae["sae_steering"]
@@ -149,8 +150,7 @@ def run_demo(store_dir: str | Path, size: str = "small", seed: int = 0, out: str
         retrieval=to_plain(retrieval), labelling=to_plain(labelling), lookups=lookups,
         steering=_steering_summary(steering), examples=examples, timings=timed.wall, files=[], real_weights=real,
         sae_labelling=to_plain(sae_labelling),
-        against_topic={"rows": to_plain(against.rows), "chosen": against.chosen, "summary": against.summary,
-                       "settings": against.settings},
+        against_topic=against["against_topic"],
         sae_steering=sae_steering, quick=quick, cpu_timings=timed.cpu,
     )
     from engine.demo.report import write_report
