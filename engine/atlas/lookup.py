@@ -201,10 +201,11 @@ def build_label_index(store: Store, atlas: str, quiet: bool = False) -> int:
     index = indexes.create_index(vecs.shape[1], "Flat")
     index.add(vecs, np.array([c.ordinal for c in concepts], dtype=np.int64))
     data = index.to_bytes()
-    rel = layout.label_index_file(atlas, layout.new_token())
-    write_store_file(store.path / rel, data)
+    token = store.claim_token()  # before the file: `Store.gc` keeps it until the row claims it
+    rel = layout.label_index_file(atlas, token)
     old: list[str] = []
     try:
+        write_store_file(store.path / rel, data)
         with store.session() as s:
             row = s.scalar(select(AtlasRow).where(AtlasRow.name == atlas))
             if row is None:
@@ -219,6 +220,8 @@ def build_label_index(store: Store, atlas: str, quiet: bool = False) -> int:
     except BaseException:
         (store.path / rel).unlink(missing_ok=True)
         raise
+    finally:
+        store.release_claim(token)
     for f in old:
         if f != rel:
             (store.path / f).unlink(missing_ok=True)

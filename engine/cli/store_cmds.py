@@ -309,8 +309,8 @@ def remove(atlas: str, cascade: bool, store_dir: Path, db_url: str | None, as_js
 
 @click.command()
 @click.option("--grace", type=click.FloatRange(min=0), default=24 * 3600, show_default=True,
-              help="Seconds a leftover file whose writer is unknown is kept (files of running writers are "
-                   "always kept).")
+              help="Seconds a leftover file whose writer is unknown, or alive but not writing it, is kept "
+                   "(files a running write has claimed are always kept, whatever the grace).")
 @click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
 @store_options
 @json_option

@@ -144,7 +144,7 @@ class AtlasesMixin(StoreBase):
             if s.scalar(select(AtlasRow.id).where(AtlasRow.name == name)) is not None:
                 raise DuplicateError(f"an atlas named {name!r} exists; pick another --name or remove it first")
         loc.check_spec(d, index_spec)  # a spec the backend does not understand writes no file
-        token = layout.new_token()
+        token = self.claim_token()  # before the first file: `Store.gc` keeps this write's files
         vec_rel, placed = layout.vector_file(name, token), None
         hook = source.hook or "resid_post"
         try:
@@ -198,6 +198,8 @@ class AtlasesMixin(StoreBase):
             if placed is not None:
                 loc.discard(self.path, placed.ref)
             raise
+        finally:
+            self.release_claim(token)
         if self.engine.dialect.name == "postgresql" and n >= ANALYZE_MIN_ROWS:
             postgres.analyze(self.engine, "concepts")
         return self.atlas(name)
@@ -422,7 +424,12 @@ class AtlasesMixin(StoreBase):
         except FileNotFoundError:
             self.atlas_tensors(name)  # its one message for a missing vector file
         # a chunk at a time from the mapped file
-        placed = loc.place(self.atlas_vectors(name), spec, self.path, name, layout.new_token())
+        token = self.claim_token()  # before the file: `Store.gc` keeps it until the row claims it
+        try:
+            placed = loc.place(self.atlas_vectors(name), spec, self.path, name, token)
+        except BaseException:
+            self.release_claim(token)
+            raise
         index, ref, sha = placed.index, placed.ref, placed.sha256
         try:
             failpoint("rebuild.file_written")
@@ -438,6 +445,8 @@ class AtlasesMixin(StoreBase):
         except BaseException:
             loc.discard(self.path, ref)
             raise
+        finally:
+            self.release_claim(token)
         failpoint("rebuild.committed")
         if (old_loc, old_ref) != (loc, ref):
             old_loc.discard(self.path, old_ref)

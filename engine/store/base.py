@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, delete, event
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
@@ -33,6 +33,7 @@ from engine.errors import (
     StoreOutdatedError,
 )
 from engine.store import layout, migrate, postgres
+from engine.store.schema import WriteClaimRow
 from engine.util import write_store_file
 
 S = TypeVar("S", bound="StoreBase")
@@ -221,6 +222,7 @@ class StoreBase:
                                            expire_on_commit=False)
         # Loaded atlas indexes by (atlas, index checksum): see `engine.store.atlases`.
         self._indexes: dict[tuple[str, str], indexes.VectorIndex] = {}
+        self._held_claims: set[str] = set()  # tokens `claim_token` took with ``hold``: released on close
 
     @classmethod
     def init(cls: type[S], path: str | Path, db_url: str | None = None) -> S:
@@ -286,9 +288,44 @@ class StoreBase:
             raise ReadOnlyStoreError(f"the store at {self.path} is read-only for this user (its database or "
                                      "folders cannot be written); writing needs write access")
 
+    def claim_token(self, hold: bool = False) -> str:
+        """A new file token (`layout.new_token`) claimed by this process before any file is named with
+        it: a committed ``write_claims`` row, so `Store.gc` keeps the token's files while this process
+        lives, whatever its grace. Release it with `release_claim` once the files are committed (or
+        removed); with ``hold`` it is released when the store closes (files a later commit claims)."""
+        self.check_writable()
+        token = layout.new_token()
+        with self.session() as s:
+            s.add(WriteClaimRow(token=token, host=layout.host_tag(), pid=os.getpid()))
+        if hold:
+            self._held_claims.add(token)
+        return token
+
+    def release_claim(self, *tokens: str) -> None:
+        """Delete claims of this process, best effort: a row left behind (the database gone away) is
+        removed by `Store.gc` once this process has ended."""
+        if not tokens:
+            return
+        try:
+            with self.session() as s:
+                s.execute(delete(WriteClaimRow).where(WriteClaimRow.token.in_(tokens)))
+        except Exception:  # noqa: BLE001 - cleanup after a commit or a failure must not raise
+            pass
+
+    @contextlib.contextmanager
+    def claimed_token(self) -> Iterator[str]:
+        """`claim_token`, released when the block ends (after its commit, or after its failure's cleanup)."""
+        token = self.claim_token()
+        try:
+            yield token
+        finally:
+            self.release_claim(token)
+
     def close(self) -> None:
-        """Release the database and the Milvus Lite folders inside the store (another process may
-        then open them; Lite serves one process at a time)."""
+        """Release held claims, the database and the Milvus Lite folders inside the store (another
+        process may then open them; Lite serves one process at a time)."""
+        held, self._held_claims = self._held_claims, set()
+        self.release_claim(*held)
         self.engine.dispose()
         root = self.path.resolve()
         for uri in indexes.milvus.open_uris():

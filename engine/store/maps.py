@@ -117,7 +117,8 @@ class MapsMixin(StoreBase):
         p = {**p, "name": name}
         data = MapRecord(record.tensors, p).to_bytes()
         sha = hashlib.sha256(data).hexdigest()
-        rel = layout.map_file(name, layout.new_token())  # this write's own file
+        token = self.claim_token()  # before the file: `Store.gc` keeps it until the row claims it
+        rel = layout.map_file(name, token)  # this write's own file
         path = self.path / rel
         old_file = None
         try:
@@ -143,6 +144,8 @@ class MapsMixin(StoreBase):
         except BaseException:
             path.unlink(missing_ok=True)
             raise
+        finally:
+            self.release_claim(token)
         failpoint("save_map.committed")
         if old_file is not None and old_file != rel:
             (self.path / old_file).unlink(missing_ok=True)

@@ -106,9 +106,10 @@ class RunsMixin(StoreBase):
     def save_run_file(self, name: str, kind: str, data: bytes) -> dict[str, str]:
         """Write ``data`` as a new file of run ``name`` (``runs/<name>@<token>.<kind>.npz``, atomically)
         and return its record ``{"file", "sha256"}``; the caller records it in the run's
-        ``params["files"][kind]`` (until then `gc` sees a leftover, removed once its writer is gone)."""
+        ``params["files"][kind]``. Until this store closes, the file's token stays claimed (`claim_token`):
+        `gc` keeps it while this process lives, and removes it once its writer is gone unrecorded."""
         self.check_writable()
-        rel = layout.run_file(name, layout.new_token(), kind)
+        rel = layout.run_file(name, self.claim_token(hold=True), kind)
         write_store_file(self.path / rel, data)
         return {"file": rel, "sha256": sha256_bytes(data)}
 

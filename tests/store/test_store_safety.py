@@ -210,3 +210,56 @@ def test_verify_checks_map_files(labelled_store):
     assert not report.ok and any("map m" in p and "checksum" in p for p in report.problems)
     path.unlink()
     assert any("missing" in p for p in s.verify().problems)
+
+
+@pytest.mark.parametrize("point", ["add_atlas.vectors_written", "add_atlas.index_written", "rebuild.file_written",
+                                   "save_map.file_written"])
+def test_gc_with_no_grace_keeps_the_files_of_a_write_in_progress(store, monkeypatch, point):
+    """`gc --grace 0` run by another opener while a write is between its files and its commit:
+    the writer has claimed its files (a claim row, before the first one), so gc keeps them and the
+    write commits whole."""
+    import engine.store.atlases as atlases_mod
+    import engine.store.maps as maps_mod
+
+    store.add_model("subj", d_model=8)
+    store.add_atlas("a", clustered_directions(40, 16), source=AtlasSource(model="x", layer=1))
+    removed: list[str] = []
+
+    def gc_now(name: str) -> None:
+        if name == point:
+            with Store.open(store.path, db_url=store.engine.url.render_as_string(hide_password=False)) as other:
+                time.sleep(0.01)  # the files are older than the grace
+                removed.extend(x.file for x in other.gc(grace_s=0))
+
+    monkeypatch.setattr(atlases_mod, "failpoint", gc_now)
+    monkeypatch.setattr(maps_mod, "failpoint", gc_now)
+    if point.startswith("add_atlas"):
+        store.add_atlas("b", clustered_directions(40, 16, seed=3), source=AtlasSource(model="x", layer=1))
+    elif point.startswith("rebuild"):
+        store.rebuild_index("a", "HNSW16")
+    else:
+        _map(store, atlas="a")
+    assert removed == []
+    fresh = Store.open(store.path, db_url=store.engine.url.render_as_string(hide_password=False))
+    try:
+        assert fresh.verify().ok, fresh.verify().problems
+    finally:
+        fresh.close()
+    # once committed, the claim is gone: nothing is left for gc, and the files stay claimed by rows
+    assert store.gc(grace_s=0) == [] and store.verify().ok
+
+
+def test_gc_drops_the_claims_of_writers_that_are_gone_and_keeps_other_hosts_claims(store):
+    from engine.store import layout
+    from engine.store.schema import WriteClaimRow
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    with store.session() as s:
+        s.add(WriteClaimRow(token=f"{dead}-0123456789ab", host=layout.host_tag(), pid=dead))
+        s.add(WriteClaimRow(token=f"{dead}-ba9876543210", host="0000abcd", pid=dead))  # a writer elsewhere
+    (store.path / f"vectors/a@{dead}-0123456789ab.safetensors").write_bytes(b"x")  # killed while writing
+    (store.path / f"vectors/b@{dead}-ba9876543210.safetensors").write_bytes(b"x")  # still running elsewhere
+    assert {x.file for x in store.gc(grace_s=0)} == {f"vectors/a@{dead}-0123456789ab.safetensors"}
+    assert set(store.write_claims()) == {f"{dead}-ba9876543210"}
+    assert [x.state for x in store.leftovers(grace_s=0)] == ["in progress"]
