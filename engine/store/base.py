@@ -237,7 +237,7 @@ class StoreBase:
                                      "you can write") from None
         url = store_db_url(root, db_url)
         engine = make_engine(url)
-        _check_known_revision(engine, root)
+        check_known_revision(engine, root)
         migrate.upgrade(engine, root=root)
         _record_db_url(root, url)
         return cls(root, engine)
@@ -255,7 +255,7 @@ class StoreBase:
         readonly = not store_is_writable(root, sqlite_path(url))
         engine = make_engine(url, readonly=readonly)
         if check_revision:
-            current = _check_known_revision(engine, root)
+            current = check_known_revision(engine, root)
             head = migrate.head_revision()
             if current is None:
                 raise StoreNotFoundError(f"{root} is not an initialised store; {hint}")
@@ -351,7 +351,7 @@ def _committing(factory: sessionmaker) -> Iterator[Session]:
             raise
 
 
-def _check_known_revision(engine: Engine, root: Path) -> str | None:
+def check_known_revision(engine: Engine, root: Path) -> str | None:
     """The database's schema revision; a revision this version does not know is an error."""
     try:
         current = migrate.current_revision(engine)

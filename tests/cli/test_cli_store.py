@@ -86,11 +86,26 @@ def test_corrupt_index_error_then_rebuild_restores(env, saelens_folder, tmp_path
 
 def test_db_downgrade_and_upgrade(env):
     _ok(env, "init")
-    _ok(env, "db", "downgrade", "base")
+    _ok(env, "db", "downgrade", "base", "--yes")
     r = env.invoke(cli, ["atlases"])
     assert r.exit_code == 1 and "not an initialised store" in r.output
     _ok(env, "db", "upgrade")
     assert json.loads(_ok(env, "atlases", "--json")) == []
+
+
+def test_db_downgrade_asks_for_yes_and_gc_after_it_removes_nothing(env, saelens_folder, tmp_path):
+    _ok(env, "init")
+    _ok(env, "import-sae", str(saelens_folder), "--name", "g12")
+    files = sorted(p.name for d in ("vectors", "indexes") for p in (tmp_path / "st" / d).iterdir())
+    r = env.invoke(cli, ["db", "downgrade", "base"])
+    assert r.exit_code == 1 and "--yes" in r.output and "1 atlas" in r.output and "Traceback" not in r.output
+    assert json.loads(_ok(env, "atlases", "--json"))[0]["name"] == "g12"  # nothing was dropped
+    _ok(env, "db", "downgrade", "0005", "--yes")
+    r = env.invoke(cli, ["gc", "--grace", "0"])
+    assert r.exit_code == 1 and "atlas db upgrade" in r.output
+    assert sorted(p.name for d in ("vectors", "indexes") for p in (tmp_path / "st" / d).iterdir()) == files
+    _ok(env, "db", "upgrade")
+    assert "ok" in _ok(env, "index", "verify")
 
 
 @pytest.mark.parametrize(
