@@ -263,3 +263,16 @@ def test_gc_drops_the_claims_of_writers_that_are_gone_and_keeps_other_hosts_clai
     assert {x.file for x in store.gc(grace_s=0)} == {f"vectors/a@{dead}-0123456789ab.safetensors"}
     assert set(store.write_claims()) == {f"{dead}-ba9876543210"}
     assert [x.state for x in store.leftovers(grace_s=0)] == ["in progress"]
+
+
+def test_a_map_saved_over_another_is_created_when_it_was_saved(store):
+    store.add_model("subj", d_model=8)
+    store.add_atlas("a", clustered_directions(20, 16), source=AtlasSource(model="x", layer=1))
+    first = _map(store, atlas="a").created_at
+    time.sleep(0.05)
+    rng = np.random.default_rng(5)
+    amap = AlignmentMap(rng.normal(size=(8, 16)), rng.normal(size=(16, 8)), np.zeros(8), np.zeros(16), "procrustes",
+                        subject_model="subj", subject_layer=1, atlas="a", atlas_model="x", atlas_layer=1,
+                        metrics={"subject_resid_norm": 1.0, "atlas_resid_norm": 1.0})
+    second = save_map(store, amap, "m", overwrite=True)
+    assert second.created_at > first and store.map_info("m").created_at == second.created_at
