@@ -258,7 +258,8 @@ def semantic_search(store: Store, query: str, k: int, atlas: str | None = None) 
     qvec = embed_texts([query], quiet=True)
     found: list[tuple[float, str, int]] = []
     for name in names:
-        scores, ids = _label_index(store, name).search(qvec, k)
+        index = _label_index(store, name)
+        scores, ids = index.search(qvec, min(k, max(index.count(), 1)))  # never more columns than it holds
         found += [(float(sc), name, int(i)) for sc, i in zip(scores[0], ids[0]) if i >= 0]
     found.sort(key=lambda t: -t[0])
     return [(name, i) for _, name, i in found[:k]]

@@ -106,8 +106,8 @@ class ConceptsMixin(AtlasesMixin):
         to_atlas: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The search of an atlas's index: the top ``k`` concepts of each vector, ``batch_size`` vectors
-        a call, as (scores (n, k) float32, ordinals (n, k) int64), ``-1`` (score ``-inf``) where the
-        index returns fewer.
+        a call, as (scores (n, k') float32, ordinals (n, k') int64), ``-1`` (score ``-inf``) where the
+        index returns fewer; ``k'`` is ``k`` or the atlas's size where that is smaller.
 
         ``vectors`` (n, d) are in atlas coordinates (scaled to unit norm here), or, with ``to_atlas``,
         whatever it turns a batch of into unit atlas-space queries (a map's projection: `engine.search`).
@@ -122,7 +122,7 @@ class ConceptsMixin(AtlasesMixin):
                 f"query vectors have shape {tuple(np.shape(vectors))}; atlas {info.name!r} needs (n, {info.dim})"
             )
         index = self.index(info.name)
-        n = x.shape[0]
+        n, k = x.shape[0], min(k, max(info.n_concepts, 1))  # never more columns than the atlas has rows
         scores = np.full((n, k), -np.inf, dtype=np.float32)
         ids = np.full((n, k), -1, dtype=np.int64)
         for lo in range(0, n, batch_size):
