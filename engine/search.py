@@ -26,6 +26,7 @@ import numpy as np
 from engine.errors import BadValueError, ShapeError
 from engine.store.concept_search import SEARCH_BATCH
 from engine.store.store import Hit, Store
+from engine.store.vectorfiles import check_query_rows
 from engine.util import check_k, unit_rows
 
 VectorKind = Literal["directions", "activations"]
@@ -86,7 +87,7 @@ def search_arrays(
     check_k(k)
     info = store.atlas(amap.atlas)
     amap.check_atlas(info.name, info.dim)
-    x = _as_matrix(vectors, amap, "subject vectors")
+    x = check_query_rows(_as_matrix(vectors, amap, "subject vectors"), kind, "subject vectors")
     return store.search_arrays(info.name, x, k, batch_size=batch_size,
                                to_atlas=lambda b: project(amap, b, kind, centre))
 
