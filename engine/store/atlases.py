@@ -39,6 +39,7 @@ from engine.errors import (
     IndexUnavailableError,
     NotFoundError,
     ShapeError,
+    SiteMismatchError,
 )
 from engine.store import layout, postgres
 from engine.store.base import StoreBase
@@ -49,6 +50,9 @@ from engine.store.vectorfiles import check_encoder, check_matrix, open_tensors, 
 from engine.util import FileStamp, check_name, failpoint, file_stamp, sha256_file, unit_rows, utcnow
 from indexes.milvus import MilvusIndex, MilvusUnavailableError
 
+# The hook points an atlas's directions can live at (the sites SAE releases name: SAELens, Llama Scope,
+# dictionary_learning, sparsify); a hook is one of these words, never a path.
+ATLAS_HOOKS = ("resid_post", "resid_pre", "resid_mid", "mlp_out", "attn_out")
 ANALYZE_MIN_ROWS = 1000  # PostgreSQL: an import of this many concepts refreshes the planner's statistics
 CONCEPT_BATCH = 50_000  # concept rows per INSERT on import: ~50 MB of row dicts at a time
 
@@ -143,6 +147,7 @@ class AtlasesMixin(StoreBase):
         with self.read_session() as s:  # early, friendly; checked again under the write lock
             if s.scalar(select(AtlasRow.id).where(AtlasRow.name == name)) is not None:
                 raise DuplicateError(f"an atlas named {name!r} exists; pick another --name or remove it first")
+            check_site(s.scalar(select(ModelRow).where(ModelRow.name == source.model)), source, d)
         loc.check_spec(d, index_spec)  # a spec the backend does not understand writes no file
         token = self.claim_token()  # before the first file: `Store.gc` keeps this write's files
         vec_rel, placed = layout.vector_file(name, token), None
@@ -454,6 +459,25 @@ class AtlasesMixin(StoreBase):
         self._attach_raw(name, index)
         self._indexes[loc.cache_key(name, ref, sha)] = index
         return self.verify_index(name)
+
+
+def check_site(model: ModelRow | None, source: AtlasSource, d: int) -> None:
+    """Refuse an atlas site its model cannot have: a hook not in `ATLAS_HOOKS`, a negative layer, and,
+    where the model is registered, a layer past its last or a width other than its ``d_model``."""
+    hook, layer = source.hook or "resid_post", source.layer
+    if hook not in ATLAS_HOOKS:
+        raise BadValueError(f"hook {str(hook)[:60]!r} is not a site an atlas can live at; use one of "
+                            f"{', '.join(ATLAS_HOOKS)}")
+    if layer is None or isinstance(layer, bool) or int(layer) != layer or layer < 0:
+        raise BadValueError(f"layer {layer!r} is not a block index; layers count from 0")
+    if model is None:
+        return
+    if model.n_layers is not None and layer >= model.n_layers:
+        raise SiteMismatchError(f"model {model.name!r} has {model.n_layers} layers (0-{model.n_layers - 1}); "
+                                f"--layer {layer} is not one of them")
+    if model.d_model is not None and d != model.d_model:
+        raise SiteMismatchError(f"these directions have d={d}, model {model.name!r} has d_model={model.d_model}; "
+                                "they were not read from this model's residual stream")
 
 
 def row_location(row: AtlasRow) -> IndexLocation:
