@@ -151,3 +151,19 @@ def test_init_records_the_database_in_the_store_folder(tmp_path, db_url, saelens
         r = runner.invoke(cli, [*args, "--store", st])
         assert r.exit_code == 1 and "keeps its metadata in" in r.output, r.output
         assert len(r.output.strip().splitlines()) == 1
+
+
+def test_source_ref_is_recorded_absolute_and_shown_so_from_any_folder(env, saelens_folder, neuronpedia_export,
+                                                                        tmp_path, monkeypatch):
+    _ok(env, "init")
+    monkeypatch.chdir(saelens_folder.parent)
+    _ok(env, "import-sae", saelens_folder.name, "--labels", neuronpedia_export.name if
+        neuronpedia_export.parent == saelens_folder.parent else str(neuronpedia_export), "--name", "g12")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    shown = json.loads(_ok(env, "show", "g12/0", "--json"))
+    assert shown["source"] == str(saelens_folder.resolve())
+    with __import__("engine.store.store", fromlist=["Store"]).Store.open(tmp_path / "st") as s:
+        assert s.atlas("g12").source_ref == str(saelens_folder.resolve())
+        assert s.concept("g12/0").source_ref == str(saelens_folder.resolve())
