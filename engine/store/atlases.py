@@ -463,14 +463,16 @@ class AtlasesMixin(StoreBase):
 
 def check_site(model: ModelRow | None, source: AtlasSource, d: int) -> None:
     """Refuse an atlas site its model cannot have: a hook not in `ATLAS_HOOKS`, a negative layer, and,
-    where the model is registered, a layer past its last or a width other than its ``d_model``."""
+    where the model is registered (`atlas models add`: its source, architecture or depth recorded), a
+    layer past its last or a width other than its ``d_model``. A model row an earlier import created
+    (only its width, taken from that atlas) is not checked against: it says nothing the import did not."""
     hook, layer = source.hook or "resid_post", source.layer
     if hook not in ATLAS_HOOKS:
         raise BadValueError(f"hook {str(hook)[:60]!r} is not a site an atlas can live at; use one of "
                             f"{', '.join(ATLAS_HOOKS)}")
     if layer is None or isinstance(layer, bool) or int(layer) != layer or layer < 0:
         raise BadValueError(f"layer {layer!r} is not a block index; layers count from 0")
-    if model is None:
+    if model is None or (model.source is None and model.architecture is None and model.n_layers is None):
         return
     if model.n_layers is not None and layer >= model.n_layers:
         raise SiteMismatchError(f"model {model.name!r} has {model.n_layers} layers (0-{model.n_layers - 1}); "
