@@ -261,6 +261,13 @@ class AtlasesMixin(StoreBase):
                 out["labels"] = label_files[0]
             return out
 
+    def index_identity(self, name: str) -> dict[str, Any]:
+        """What identifies an atlas's index now: its backend, spec, and its file's checksum (a FAISS
+        file: equal bytes answer equally) or, for a Milvus collection, its name. A labelling run
+        records it and refuses to resume on another (`engine.labelling.run`)."""
+        with self.read_session() as s:
+            return index_identity(self._atlas_row(s, name))
+
     def atlas_tensors(self, name: str) -> dict[str, np.ndarray]:
         """All tensors of the atlas vector file as read-only memory maps, after the file's cheap
         integrity check (`check_file`: its stamp, or its full checksum when the stamp changed)."""
@@ -480,6 +487,13 @@ def check_site(model: ModelRow | None, source: AtlasSource, d: int) -> None:
     if model.d_model is not None and d != model.d_model:
         raise SiteMismatchError(f"these directions have d={d}, model {model.name!r} has d_model={model.d_model}; "
                                 "they were not read from this model's residual stream")
+
+
+def index_identity(row: AtlasRow) -> dict[str, Any]:
+    """`AtlasesMixin.index_identity` of an atlas row."""
+    backend = row.index_backend or FAISS
+    return {"backend": backend, "spec": row.index_spec,
+            **({"sha256": row.index_sha256} if backend == FAISS else {"collection": row.index_file})}
 
 
 def row_location(row: AtlasRow) -> IndexLocation:
