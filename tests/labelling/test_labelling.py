@@ -122,6 +122,21 @@ def test_resume_refuses_changed_features_or_map(mapped):
         labelling.run_labelling(store, "r")
 
 
+def test_resume_refuses_a_rebuilt_index_and_allows_an_identical_one(mapped):
+    """An index rebuilt between kill and resume (another spec: other candidates) would mix two indexes'
+    answers in one run; a Flat rebuild writes the same bytes and changes nothing."""
+    store, _, _, _, path = mapped
+    labelling.create_run(store, "m", str(path), k=2, batch_size=100, name="r")
+    labelling.run_labelling(store, "r", max_batches=1, quiet=True)
+    store.rebuild_index("at", "Flat")  # the same index again: same bytes
+    labelling.run_labelling(store, "r", max_batches=1, quiet=True)
+    store.rebuild_index("at", "HNSW16")
+    with pytest.raises(SourceChangedError, match="index of atlas .* was rebuilt"):
+        labelling.run_labelling(store, "r")
+    store.rebuild_index("at", "Flat")
+    assert labelling.run_labelling(store, "r", quiet=True).status == "done"
+
+
 def test_two_workers_cannot_both_advance_a_run(mapped):
     store, _, _, _, path = mapped
     labelling.create_run(store, "m", str(path), k=2, batch_size=100, name="r")
