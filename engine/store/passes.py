@@ -28,10 +28,10 @@ import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from sqlalchemy import Table, update
+from sqlalchemy import Table, select, update
 from sqlalchemy.engine import Connection, Engine
 
-from engine.errors import AtlasError
+from engine.errors import AtlasError, NotFoundError
 from engine.util import failpoint, utcnow
 
 
@@ -84,6 +84,9 @@ class ResumablePass:
                 .values(n_done=hi, status="done" if hi >= self.n else "running", updated_at=utcnow())
             )
             if res.rowcount != 1:
+                if conn.execute(select(self.table.c.id).where(self.table.c.id == self.run_id)).first() is None:
+                    raise NotFoundError(f"this {self.what} was removed while it ran (`atlas remove --cascade`, "
+                                        f"`atlas map remove --cascade` or a run removal); stopped at {self.unit} {lo}")
                 raise self.conflict(f"another process advanced this {self.what} past {self.unit} {lo}; stopped")
             write(conn)
             failpoint(f"{self.failpoints}_before_commit")
@@ -100,7 +103,7 @@ class ResumablePass:
         except KeyboardInterrupt:
             self.set_status("interrupted")
             raise
-        except self.conflict:
+        except (self.conflict, NotFoundError):  # another worker owns the status, or there is no run any more
             raise
         except BaseException as e:
             self.set_status("failed", error=f"{type(e).__name__}: {e}")
