@@ -128,19 +128,32 @@ def store_is_writable(root: Path, db_file: Path | None) -> bool:
     return all(os.access(f, os.W_OK) for f in folders)
 
 
+def _readonly_mode(db_file: Path) -> str:
+    """How a read-only store's SQLite file is opened: ``mode=ro``; or, where its folder cannot be written
+    and it was closed cleanly (no ``-wal`` holding commits), ``immutable=1``: SQLite then reads the file
+    as it is, without the ``-shm`` file that ``mode=ro`` would need to create and cannot there. (It
+    assumes nobody writes the store meanwhile: a writer, of another user, would need that folder for its
+    ``-wal``; a store handed out read-only is not being written.)"""
+    wal = Path(f"{db_file}-wal")
+    has_wal = wal.exists() and wal.stat().st_size > 0
+    if not os.access(db_file.parent, os.W_OK) and not has_wal and not Path(f"{db_file}-shm").exists():
+        return "immutable=1"
+    return "mode=ro"
+
+
 def make_engine(url: str, readonly: bool = False) -> Engine:
     """The SQLAlchemy engine of a store database.
 
     On SQLite: WAL journal, foreign keys on, a busy timeout of `BUSY_TIMEOUT_S`, transactions begun
     ``IMMEDIATE`` (see `BEGIN_OPTION`) and driver errors that are store states (locked, read-only,
-    not a database) raised as `AtlasError`s. ``readonly`` opens the file with ``mode=ro``: no
-    journal-mode change, every write refused with `ReadOnlyStoreError`.
+    not a database) raised as `AtlasError`s. ``readonly`` opens the file with ``mode=ro`` (or
+    ``immutable=1``: `_readonly_mode`): no journal-mode change, every write refused with `ReadOnlyStoreError`.
     """
     path = sqlite_path(url)
     if path is not None:
         kwargs: dict[str, Any] = {"connect_args": {"timeout": BUSY_TIMEOUT_S}}
         if readonly:
-            url = f"sqlite:///file:{path.resolve()}?mode=ro&uri=true"
+            url = f"sqlite:///file:{path.resolve()}?{_readonly_mode(path)}&uri=true"
         engine = create_engine(url, **kwargs)
         event.listen(engine, "connect", _sqlite_connect(readonly))
         event.listen(engine, "begin", _sqlite_begin(readonly))

@@ -383,6 +383,24 @@ def test_a_read_only_store_reads_and_refuses_writes_in_one_line(env):
         assert [a.name for a in s.atlases()] == expected and [r.name for r in s.runs()] == ["r1"]
 
 
+def test_a_cleanly_closed_store_reads_from_a_read_only_folder(env, store):
+    """Closed cleanly, a WAL database has no -wal or -shm file, and ``mode=ro`` cannot create the -shm
+    in a folder it cannot write: such a store is opened immutable, and reads."""
+    root, _ = env
+    from engine.store.store import Store
+
+    with Store.open(root) as s:
+        neighbours = [h.ref for h in s.neighbors("g/1", k=3)]
+    store.engine.dispose()  # the last connection: SQLite checkpoints and removes -wal and -shm
+    assert not (root / "atlas.db-shm").exists() and not (root / "atlas.db-wal").exists()
+    reads = [("atlases", "--json"), ("neighbors", "g/1", "-k", "3", "--json")]
+    results = _run_cli_readonly(root, reads)
+    for args, r in zip(reads, results):
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (args, r.stdout, r.stderr)
+    assert [a["name"] for a in json.loads(results[0].stdout)] == ["g"]
+    assert [h["ref"] for h in json.loads(results[1].stdout)] == neighbours
+
+
 @pytest.mark.slow  # many CLI subprocesses: `-m "not slow"` stays a quick loop; CI runs it
 @pytest.mark.parametrize("folder", ["vectors", "indexes"])
 def test_a_read_only_store_folder_refuses_writes_in_one_line(env, folder):
