@@ -236,6 +236,7 @@ class StoreBase:
         # Loaded atlas indexes by (atlas, index checksum): see `engine.store.atlases`.
         self._indexes: dict[tuple[str, str], indexes.VectorIndex] = {}
         self._held_claims: set[str] = set()  # tokens `claim_token` took with ``hold``: released on close
+        self._integrity_checked = False  # `check_integrity` ran (before this store's first write)
 
     @classmethod
     def init(cls: type[S], path: str | Path, db_url: str | None = None) -> S:
@@ -296,10 +297,28 @@ class StoreBase:
             yield s
 
     def check_writable(self) -> None:
-        """Raise `ReadOnlyStoreError` before a write on a store opened read-only."""
+        """Raise `ReadOnlyStoreError` before a write on a store opened read-only, and `StoreCorruptError`
+        on a SQLite database with damaged pages (`check_integrity`: once per opened store)."""
         if self.readonly:
             raise ReadOnlyStoreError(f"the store at {self.path} is read-only for this user (its database or "
                                      "folders cannot be written); writing needs write access")
+        if not self._integrity_checked:
+            self.check_integrity()
+            self._integrity_checked = True
+
+    def check_integrity(self) -> None:
+        """SQLite's ``PRAGMA quick_check`` (every page and row read once, no index cross-check: about a
+        read of the file), so a database whose pages are damaged refuses writes as its reads fail, instead
+        of adding rows to it. A no-op on PostgreSQL, which checks its own pages."""
+        if self.engine.dialect.name != "sqlite":
+            return
+        with self.engine.execution_options(**{BEGIN_OPTION: "DEFERRED"}).connect() as conn:  # a reader: no lock
+            found = [r[0] for r in conn.exec_driver_sql("PRAGMA quick_check(3)")]
+        if found != ["ok"]:
+            problem = " ".join(" ".join(found).split())[:200]
+            raise StoreCorruptError(f"{sqlite_path(str(self.engine.url)) or 'the database'} is not a readable store "
+                                    f"database (damaged pages: {problem}); restore it from a backup, or move it "
+                                    "away and `atlas init` a new store")
 
     def claim_token(self, hold: bool = False) -> str:
         """A new file token (`layout.new_token`) claimed by this process before any file is named with

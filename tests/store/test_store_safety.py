@@ -276,3 +276,28 @@ def test_a_map_saved_over_another_is_created_when_it_was_saved(store):
                         metrics={"subject_resid_norm": 1.0, "atlas_resid_norm": 1.0})
     second = save_map(store, amap, "m", overwrite=True)
     assert second.created_at > first and store.map_info("m").created_at == second.created_at
+
+
+def test_a_database_with_corrupted_pages_refuses_writes_as_it_refuses_reads(tmp_path):
+    s = Store.init(tmp_path / "st")
+    s.add_atlas("a", clustered_directions(3000, 16), [f"label {i}" for i in range(3000)],
+                source=AtlasSource(model="m", layer=0))
+    s.close()
+    db = tmp_path / "st" / "atlas.db"
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    page = con.execute("PRAGMA page_size").fetchone()[0]
+    leaves = [p for (p,) in con.execute("SELECT pageno FROM dbstat WHERE name = 'concepts' AND pagetype = 'leaf'")]
+    con.close()
+    data = bytearray(db.read_bytes())
+    for p in leaves[len(leaves) // 2 : len(leaves) // 2 + 3]:  # three pages of concept rows, as bit rot would
+        data[(p - 1) * page + 200 : (p - 1) * page + 1200] = os.urandom(1000)
+    db.write_bytes(bytes(data))
+    r = CliRunner().invoke(cli, ["atlases", "--store", str(tmp_path / "st")])
+    assert r.exit_code == 1 and "not a readable store database" in r.output, r.output
+    np.save(tmp_path / "new.npy", clustered_directions(10, 16, seed=4))
+    r = CliRunner().invoke(cli, ["import-sae", str(tmp_path / "new.npy"), "--model", "m", "--layer", "0", "--name",
+                                 "b", "--store", str(tmp_path / "st")])
+    assert r.exit_code == 1 and "not a readable store database" in r.output and "Traceback" not in r.output, r.output
+    assert not list((tmp_path / "st" / "vectors").glob("b@*"))
