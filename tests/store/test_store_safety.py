@@ -301,3 +301,29 @@ def test_a_database_with_corrupted_pages_refuses_writes_as_it_refuses_reads(tmp_
                                  "b", "--store", str(tmp_path / "st")])
     assert r.exit_code == 1 and "not a readable store database" in r.output and "Traceback" not in r.output, r.output
     assert not list((tmp_path / "st" / "vectors").glob("b@*"))
+
+
+def test_a_flipped_exponent_mid_index_is_refused_at_search_time_not_shown(store):
+    """Bit rot inside an index file, its size and mtime kept (the cheap open check cannot see it): a hit
+    whose score no unit vectors can give is refused, with the command that checks the files."""
+    from engine.errors import IndexIntegrityError
+
+    x = clustered_directions(3000, 256, seed=2)
+    store.add_atlas("big", x, source=AtlasSource(model="m", layer=0))
+    ordinary = [h.ordinal for h in store.neighbors("big/5", k=3)]
+    store._indexes.clear()
+    path = store.path / store.atlas_files("big")["index"]
+    st = path.stat()
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    row = path.read_bytes().find(unit[1500].astype(np.float32).tobytes())  # mid-file: past the stamp's head
+    assert row > 1 << 20 and row + (1 << 20) < st.st_size
+    j = int(np.argmax(unit[5]))  # the query's largest component: the damaged row scores 1e35 times it
+    with open(path, "r+b") as f:
+        f.seek(row + 4 * j)
+        f.write(np.float32(1e35).tobytes())  # one float's exponent bits: what a few flipped bits give
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(IndexIntegrityError, match="impossible for unit vectors.*atlas index verify big"):
+        store.neighbors("big/5", k=3)
+    assert not store.verify_index("big").ok  # the full check names it
+    store.rebuild_index("big")
+    assert [h.ordinal for h in store.neighbors("big/5", k=3)] == ordinary
