@@ -327,3 +327,28 @@ def test_a_flipped_exponent_mid_index_is_refused_at_search_time_not_shown(store)
     assert not store.verify_index("big").ok  # the full check names it
     store.rebuild_index("big")
     assert [h.ordinal for h in store.neighbors("big/5", k=3)] == ordinary
+
+
+def test_an_index_build_out_of_memory_is_a_one_line_error_and_leaves_no_file(tmp_path):
+    """A spec that passes the memory estimate but not the memory the process may have (a limit here):
+    the build's MemoryError is the user's one-line `BadValueError`, and the write leaves nothing."""
+    script = f"""
+import resource, sys, numpy as np
+from pathlib import Path
+from engine.errors import BadValueError
+from engine.store.index_location import IndexPlacement
+from engine.store.store import AtlasSource, Store
+s = Store.init(Path({str(tmp_path / "st")!r}))
+x = np.random.default_rng(0).normal(size=(20000, 8)).astype(np.float32)
+vm = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (vm + (60 << 20), resource.RLIM_INFINITY))
+try:
+    s.add_atlas("h", x, source=AtlasSource(model="m", layer=0), index=IndexPlacement(spec="HNSW512"))
+except BadValueError as e:
+    print("refused:", e)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert r.returncode == 0 and "refused: index spec 'HNSW512' ran out of memory" in r.stdout, (r.stdout, r.stderr[-800:])
+    with Store.open(tmp_path / "st") as s:
+        assert s.atlases() == [] and s.verify().ok
