@@ -55,6 +55,7 @@ from engine.labelling.criteria import (
 from engine.store import layout
 from engine.store.concept_search import SEARCH_BATCH
 from engine.store.store import Hit, Store, parse_concept_ref
+from engine.store.vectorfiles import check_query_rows
 from engine.util import check_k, unit_rows, write_store_file
 
 VectorKind = Literal["directions", "activations"]
@@ -137,7 +138,7 @@ def search_arrays(
     criterion, csls_k, whiten = scoring.criterion, scoring.csls_k, scoring.whiten
     info = store.atlas(amap.atlas)
     amap.check_atlas(info.name, info.dim)
-    x = _as_matrix(vectors, amap, "subject vectors")
+    x = check_query_rows(_as_matrix(vectors, amap, "subject vectors"), kind, "subject vectors")
     tokens = None
     if whiten:
         if kind != "activations" or not centre:

@@ -137,10 +137,16 @@ def unit_rows(x: np.ndarray, dtype: type[np.floating] = np.float32) -> np.ndarra
     return x / np.where(norms > 0, norms, 1.0)
 
 
+MAX_K = 1_000_000  # results per query: searches return at most the atlas, and this bounds their arrays
+
+
 def check_k(k: int) -> int:
-    """``k`` (results per query) if it is at least 1, else a `BadValueError` saying so."""
-    if not isinstance(k, int) or k < 1:
+    """``k`` (results per query) if it is a whole number from 1 to `MAX_K`, else a `BadValueError`
+    saying so (searches return at most the atlas's size: a larger k gives the whole atlas)."""
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise BadValueError(f"k must be a whole number >= 1 (results per query), got {k!r}")
+    if k > MAX_K:
+        raise BadValueError(f"k must be at most {MAX_K:,} (results per query), got {str(k)[:30]}")
     return k
 
 

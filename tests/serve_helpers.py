@@ -69,7 +69,7 @@ def write_context_corpus(path: Path, n: int = 24) -> Path:
 
 
 @contextlib.contextmanager
-def running(app) -> Iterator[str]:
+def running(app, log_level: str = "warning") -> Iterator[str]:
     """Serve ``app`` with uvicorn on 127.0.0.1 (a free port) in a thread; yields its base URL."""
     import uvicorn
 
@@ -77,7 +77,7 @@ def running(app) -> Iterator[str]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -298,7 +298,9 @@ def import_atlas(
     override it); ``index`` how and where the index is built (`Store.add_atlas`; default a Flat FAISS file).
     The SAE's encoder and activation (ReLU, JumpReLU threshold, TopK k) are kept with the atlas.
     """
-    source_ref = str(source)
+    # where the directions came from, meaningful from any folder: a path absolute (as typed it was relative
+    # to wherever the command ran), a release as its id and the revision it resolved to
+    source_ref = str(Path(source).expanduser().resolve()) if source is not None else None
     if release is not None:
         if source is not None or release.release is None or release.sae_id is None:
             raise BadValueError("give either SOURCE or both --release and --sae-id")
@@ -324,5 +326,5 @@ def import_atlas(
                                    kind=sae.source_kind, ref=source_ref),
         index=index, encoder=sae.encoder(),
         densities=None if sae.density is None else [float(v) for v in sae.density],
-        extra={"labels_file": str(labels) if labels else None, "activation": sae.activation, "k": sae.k},
+        extra={"labels_file": str(Path(labels).expanduser().resolve()) if labels else None, "activation": sae.activation, "k": sae.k},
     )

@@ -76,7 +76,8 @@ def read_labels(path: str | Path) -> LabelTable:
     """Labels from CSV (``index,label,description``), JSONL, or a Neuronpedia export (JSONL[.gz]).
 
     Neuronpedia rows carry ``index`` and ``description`` (the explanation); the description is the
-    label. Where a feature has several explanations, the first is kept.
+    label. Where a feature has several explanations (JSONL), the first is kept; a CSV with an index
+    twice is refused.
     """
     path = Path(path)
     if not path.is_file():
@@ -94,9 +95,15 @@ def read_labels(path: str | Path) -> LabelTable:
                     raise FormatError.at(path, "a label CSV needs a header with index,label[,description]")
                 if "label" not in reader.fieldnames and "description" not in reader.fieldnames:
                     raise FormatError.at(path, "a label CSV needs a label or description column")
+                first_line: dict[int, int] = {}
                 for row in reader:
                     where = f"line {reader.line_num}"
-                    _add_label(labels, descriptions, _index_of(row.get("index"), path, where),
+                    i = _index_of(row.get("index"), path, where)
+                    if i in first_line:  # a CSV is one row per feature: a second one is a mistake, not an alternative
+                        raise FormatError.at(path, f"{where}: index {i} appears twice (first on line {first_line[i]}); "
+                                                   "a label CSV has one row per feature")
+                    first_line[i] = reader.line_num
+                    _add_label(labels, descriptions, i,
                                _text(row.get("label"), path, where, "label"),
                                _text(row.get("description"), path, where, "description"))
             elif name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")):

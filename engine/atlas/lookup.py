@@ -230,10 +230,11 @@ def build_label_index(store: Store, atlas: str, quiet: bool = False) -> int:
     index = indexes.create_index(vecs.shape[1], "Flat")
     index.add(vecs, np.array([c.ordinal for c in concepts], dtype=np.int64))
     data = index.to_bytes()
-    rel = layout.label_index_file(atlas, layout.new_token())
-    write_store_file(store.path / rel, data)
+    token = store.claim_token()  # before the file: `Store.gc` keeps it until the row claims it
+    rel = layout.label_index_file(atlas, token)
     old: list[str] = []
     try:
+        write_store_file(store.path / rel, data)
         with store.session() as s:
             row = s.scalar(select(AtlasRow).where(AtlasRow.name == atlas))
             if row is None:
@@ -248,6 +249,8 @@ def build_label_index(store: Store, atlas: str, quiet: bool = False) -> int:
     except BaseException:
         (store.path / rel).unlink(missing_ok=True)
         raise
+    finally:
+        store.release_claim(token)
     for f in old:
         if f != rel:
             (store.path / f).unlink(missing_ok=True)
@@ -286,7 +289,8 @@ def semantic_search(store: Store, query: str, k: int, atlas: str | None = None) 
     qvec = embed_texts([query], quiet=True)
     found: list[tuple[float, str, int]] = []
     for name in names:
-        scores, ids = _label_index(store, name).search(qvec, k)
+        index = _label_index(store, name)
+        scores, ids = index.search(qvec, min(k, max(index.count(), 1)))  # never more columns than it holds
         found += [(float(sc), name, int(i)) for sc, i in zip(scores[0], ids[0]) if i >= 0]
     found.sort(key=lambda t: -t[0])
     floor = max(SEMANTIC_MIN_COSINE, found[0][0] - SEMANTIC_MARGIN) if found else 0.0

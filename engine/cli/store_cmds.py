@@ -20,6 +20,7 @@ from engine.cli.common import (
     quiet_transformers,
     store_options,
 )
+from engine.errors import BadValueError
 from engine.extras import checked_index_uri
 from engine.store.index_location import parse_index_uri
 
@@ -87,12 +88,20 @@ def db_upgrade(revision: str, store_dir: Path, db_url: str | None) -> None:
 
 @db.command("downgrade")
 @click.argument("revision")
+@click.option("--yes", is_flag=True, help="Downgrade: without it the command only says what it would drop.")
 @store_options
-def db_downgrade(revision: str, store_dir: Path, db_url: str | None) -> None:
-    """Downgrade the store database to REVISION (`base` removes every table)."""
+def db_downgrade(revision: str, yes: bool, store_dir: Path, db_url: str | None) -> None:
+    """Downgrade the store database to REVISION, dropping the tables and columns newer than it with
+    their data (`base` removes every table: every atlas, map and run). Asks for --yes."""
     from engine.store import migrate
+    from engine.store.base import check_known_revision
 
     engine = _raw_engine(store_dir, db_url)
+    check_known_revision(engine, store_dir)
+    if not yes:
+        held = ", ".join(f"{n} {what}" for what, n in migrate.stored_objects(engine).items() if n) or "no data yet"
+        raise BadValueError(f"a downgrade to {revision} drops the schema newer than it and that data (this store "
+                            f"holds {held}); run it again with --yes to downgrade")
     migrate.downgrade(engine, revision, root=store_dir)
     click.echo(f"database at revision {migrate.current_revision(engine) or 'base'}")
 
@@ -309,8 +318,8 @@ def remove(atlas: str, cascade: bool, store_dir: Path, db_url: str | None, as_js
 
 @click.command()
 @click.option("--grace", type=click.FloatRange(min=0), default=24 * 3600, show_default=True,
-              help="Seconds a leftover file whose writer is unknown is kept (files of running writers are "
-                   "always kept).")
+              help="Seconds a leftover file whose writer is unknown, or alive but not writing it, is kept "
+                   "(files a running write has claimed are always kept, whatever the grace).")
 @click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
 @store_options
 @json_option

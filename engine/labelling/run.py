@@ -350,6 +350,11 @@ def _open_inputs(store: Store, run: LabellingRun, prepared: PreparedRun | None =
     job = store.label_pass(name)
     if job.atlas_vector_sha256 != run.params.get("atlas_vector_sha256"):
         raise SourceChangedError(f"atlas {run.atlas!r} was re-imported since run {name!r} started")
+    recorded = run.params.get("index")  # runs created before the index was recorded carry none
+    if recorded is not None and store.index_identity(run.atlas) != recorded:
+        raise SourceChangedError(
+            f"the index of atlas {run.atlas!r} was rebuilt since run {name!r} started (it was {recorded['spec']}); "
+            f"its labels would mix two indexes' answers. Rebuild it as it was, or start a new run with --overwrite")
     coact = None
     if run.params.get("method") == "activations":
         from engine.labelling.matching import load_pass

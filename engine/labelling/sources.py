@@ -26,6 +26,7 @@ import numpy as np
 from engine.atlas.importers import read_directions, read_matrix
 from engine.errors import FormatError, ShapeError
 from engine.registry import Registry
+from engine.store.vectorfiles import check_query_rows
 
 if TYPE_CHECKING:
     from engine.align.map import AlignmentMap
@@ -123,11 +124,11 @@ def open_feature_source(source: str | Path, *, key: str | None = None, store: St
 
 def make_source(spec: str, kind: str, vectors: np.ndarray, model: str | None = None, layer: int | None = None,
                 hook: str | None = None) -> FeatureSource:
-    """A checked `FeatureSource`: a non-empty finite (n_features, d) float32 matrix and its fingerprint."""
+    """A checked `FeatureSource`: a non-empty (n_features, d) float32 matrix of directions, each by the
+    rule import and search apply (`check_query_rows`: finite, non-zero, a norm float32 holds), and its
+    fingerprint."""
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     if x.ndim != 2 or 0 in x.shape:
         raise ShapeError(f"{spec}: features must be a non-empty (n_features, d) matrix, got {x.shape}")
-    if not np.isfinite(x).all():
-        bad = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
-        raise FormatError(f"{spec}: feature {bad} has NaN or infinite values")
+    check_query_rows(x, "directions", f"{spec}: features")
     return FeatureSource(spec, kind, x, fingerprint(x), model, None if layer is None else int(layer), hook)

@@ -72,8 +72,57 @@ def _is_loopback_host(host_header: str | None) -> bool:
 # ---------------------------------------------------------------------- guards and errors
 
 
+_TOO_LARGE = f"request body over {MAX_BODY // 1024} KiB; texts are limited to {MAX_TEXT} characters"
+
+
+class BodyLimit:
+    """The body size limit (`MAX_BODY`), as plain ASGI around the app: a ``Content-Length`` over it is
+    refused before anything is read, and every body (a chunked one has no length) is counted as its
+    pieces arrive: the piece that passes the limit ends the request with 413, so a 200 MiB chunked
+    upload costs at most the limit in memory, never the whole body (uvicorn discards the rest of a body
+    once the response is sent; the connection is kept, so the client reads its 413 and no reset)."""
+
+    def __init__(self, app: Any, limit: int = MAX_BODY) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or ()).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            await JSONResponse({"detail": _TOO_LARGE}, status_code=413)(scope, receive, send)
+            return
+        received, started = 0, False
+
+        async def counted() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _BodyTooLarge(413, _TOO_LARGE)
+            return message
+
+        async def tracked(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except _BodyTooLarge:
+            if not started:
+                await JSONResponse({"detail": _TOO_LARGE}, status_code=413)(scope, receive, send)
+
+
+class _BodyTooLarge(StarletteHTTPException):
+    """Raised from a request's ``receive`` once its body has passed the limit (`BodyLimit`): an HTTP
+    413, so the route's body parsing passes it on and the app answers it like any HTTP error."""
+
+
 async def guard(request: Request, call_next: Any) -> Response:
-    """The token (when the app has one), else the loopback Host rule; the body size limit."""
+    """The token (when the app has one), else the loopback Host rule (the body size limit: `BodyLimit`)."""
     token: str | None = request.app.state.token
     given_query = request.query_params.get("token")
     if token is not None:
@@ -87,10 +136,6 @@ async def guard(request: Request, call_next: Any) -> Response:
     elif request.app.state.loopback_only and not _is_loopback_host(request.headers.get("host")):
         return JSONResponse({"detail": "this server answers only requests addressed to 127.0.0.1 or localhost"},
                             status_code=403)
-    length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-        return JSONResponse({"detail": f"request body over {MAX_BODY // 1024} KiB; texts are limited to "
-                                       f"{MAX_TEXT} characters"}, status_code=413)
     response: Response = await call_next(request)
     if token is not None and given_query:
         response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
@@ -137,6 +182,9 @@ def create_app(store: Store | str | Path, *, db_url: str | None = None, token: s
     app.state.models = ModelPool(store)
     app.state.token = token
     app.state.loopback_only = loopback_only
+    # innermost first: the route reads the body through BodyLimit's counting (an HTTP 413 from it reaches
+    # the app's error handler as any HTTP error), and the guard decides before anything is read
+    app.add_middleware(BodyLimit)
     app.middleware("http")(guard)
     app.add_exception_handler(AtlasError, atlas_error)
     app.add_exception_handler(RequestValidationError, bad_request)

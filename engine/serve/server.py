@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +35,28 @@ def check_bind(host: str, token: str | None) -> None:
         raise BadValueError("the token must be at least 8 characters")
 
 
+_TOKEN_IN_QUERY = re.compile(r"(?i)([?&]token=)[^&#\s]*")
+
+
+class RedactToken(logging.Filter):
+    """Rewrites a ``token=`` query parameter to ``token=***`` in uvicorn's access-log lines (its
+    record's arguments: client, method, path with query, version, status)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_TOKEN_IN_QUERY.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args)
+        elif isinstance(record.msg, str):
+            record.msg = _TOKEN_IN_QUERY.sub(r"\1***", record.msg)
+        return True
+
+
+def redact_access_log() -> None:
+    """Keep tokens out of uvicorn's access log (`RedactToken`; added once)."""
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactToken) for f in access.filters):
+        access.addFilter(RedactToken())
+
+
 def serve(store_dir: str | Path, *, db_url: str | None = None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
           token: str | None = None, log_level: str = "info", announce: Callable[[str], None] | None = None) -> None:
     """Check the bind rule, open the store and serve it until interrupted; ``announce`` receives a
@@ -52,4 +76,5 @@ def serve(store_dir: str | Path, *, db_url: str | None = None, host: str = DEFAU
     if announce is not None:
         shown = DEFAULT_HOST if host in ("0.0.0.0", "::") else host
         announce(f"serving {store_dir} at http://{shown}:{port}/" + ("  (token required)" if token else ""))
+    redact_access_log()
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -39,6 +39,7 @@ from engine.errors import (
     IndexUnavailableError,
     NotFoundError,
     ShapeError,
+    SiteMismatchError,
 )
 from engine.store import layout, postgres
 from engine.store.base import StoreBase
@@ -49,6 +50,9 @@ from engine.store.vectorfiles import check_encoder, check_matrix, open_tensors, 
 from engine.util import FileStamp, check_name, failpoint, file_stamp, sha256_file, unit_rows, utcnow
 from indexes.milvus import MilvusIndex, MilvusUnavailableError
 
+# The hook points an atlas's directions can live at (the sites SAE releases name: SAELens, Llama Scope,
+# dictionary_learning, sparsify); a hook is one of these words, never a path.
+ATLAS_HOOKS = ("resid_post", "resid_pre", "resid_mid", "mlp_out", "attn_out")
 ANALYZE_MIN_ROWS = 1000  # PostgreSQL: an import of this many concepts refreshes the planner's statistics
 CONCEPT_BATCH = 50_000  # concept rows per INSERT on import: ~50 MB of row dicts at a time
 
@@ -143,8 +147,9 @@ class AtlasesMixin(StoreBase):
         with self.read_session() as s:  # early, friendly; checked again under the write lock
             if s.scalar(select(AtlasRow.id).where(AtlasRow.name == name)) is not None:
                 raise DuplicateError(f"an atlas named {name!r} exists; pick another --name or remove it first")
+            check_site(s.scalar(select(ModelRow).where(ModelRow.name == source.model)), source, d)
         loc.check_spec(d, index_spec)  # a spec the backend does not understand writes no file
-        token = layout.new_token()
+        token = self.claim_token()  # before the first file: `Store.gc` keeps this write's files
         vec_rel, placed = layout.vector_file(name, token), None
         hook = source.hook or "resid_post"
         try:
@@ -198,6 +203,8 @@ class AtlasesMixin(StoreBase):
             if placed is not None:
                 loc.discard(self.path, placed.ref)
             raise
+        finally:
+            self.release_claim(token)
         if self.engine.dialect.name == "postgresql" and n >= ANALYZE_MIN_ROWS:
             postgres.analyze(self.engine, "concepts")
         return self.atlas(name)
@@ -253,6 +260,13 @@ class AtlasesMixin(StoreBase):
             if label_files:
                 out["labels"] = label_files[0]
             return out
+
+    def index_identity(self, name: str) -> dict[str, Any]:
+        """What identifies an atlas's index now: its backend, spec, and its file's checksum (a FAISS
+        file: equal bytes answer equally) or, for a Milvus collection, its name. A labelling run
+        records it and refuses to resume on another (`engine.labelling.run`)."""
+        with self.read_session() as s:
+            return index_identity(self._atlas_row(s, name))
 
     def atlas_tensors(self, name: str) -> dict[str, np.ndarray]:
         """All tensors of the atlas vector file as read-only memory maps, after the file's cheap
@@ -422,7 +436,12 @@ class AtlasesMixin(StoreBase):
         except FileNotFoundError:
             self.atlas_tensors(name)  # its one message for a missing vector file
         # a chunk at a time from the mapped file
-        placed = loc.place(self.atlas_vectors(name), spec, self.path, name, layout.new_token())
+        token = self.claim_token()  # before the file: `Store.gc` keeps it until the row claims it
+        try:
+            placed = loc.place(self.atlas_vectors(name), spec, self.path, name, token)
+        except BaseException:
+            self.release_claim(token)
+            raise
         index, ref, sha = placed.index, placed.ref, placed.sha256
         try:
             failpoint("rebuild.file_written")
@@ -438,6 +457,8 @@ class AtlasesMixin(StoreBase):
         except BaseException:
             loc.discard(self.path, ref)
             raise
+        finally:
+            self.release_claim(token)
         failpoint("rebuild.committed")
         if (old_loc, old_ref) != (loc, ref):
             old_loc.discard(self.path, old_ref)
@@ -445,6 +466,34 @@ class AtlasesMixin(StoreBase):
         self._attach_raw(name, index)
         self._indexes[loc.cache_key(name, ref, sha)] = index
         return self.verify_index(name)
+
+
+def check_site(model: ModelRow | None, source: AtlasSource, d: int) -> None:
+    """Refuse an atlas site its model cannot have: a hook not in `ATLAS_HOOKS`, a negative layer, and,
+    where the model is registered (`atlas models add`: its source, architecture or depth recorded), a
+    layer past its last or a width other than its ``d_model``. A model row an earlier import created
+    (only its width, taken from that atlas) is not checked against: it says nothing the import did not."""
+    hook, layer = source.hook or "resid_post", source.layer
+    if hook not in ATLAS_HOOKS:
+        raise BadValueError(f"hook {str(hook)[:60]!r} is not a site an atlas can live at; use one of "
+                            f"{', '.join(ATLAS_HOOKS)}")
+    if layer is None or isinstance(layer, bool) or int(layer) != layer or layer < 0:
+        raise BadValueError(f"layer {layer!r} is not a block index; layers count from 0")
+    if model is None or (model.source is None and model.architecture is None and model.n_layers is None):
+        return
+    if model.n_layers is not None and layer >= model.n_layers:
+        raise SiteMismatchError(f"model {model.name!r} has {model.n_layers} layers (0-{model.n_layers - 1}); "
+                                f"--layer {layer} is not one of them")
+    if model.d_model is not None and d != model.d_model:
+        raise SiteMismatchError(f"these directions have d={d}, model {model.name!r} has d_model={model.d_model}; "
+                                "they were not read from this model's residual stream")
+
+
+def index_identity(row: AtlasRow) -> dict[str, Any]:
+    """`AtlasesMixin.index_identity` of an atlas row."""
+    backend = row.index_backend or FAISS
+    return {"backend": backend, "spec": row.index_spec,
+            **({"sha256": row.index_sha256} if backend == FAISS else {"collection": row.index_file})}
 
 
 def row_location(row: AtlasRow) -> IndexLocation:

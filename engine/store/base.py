@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, delete, event
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
@@ -33,6 +33,7 @@ from engine.errors import (
     StoreOutdatedError,
 )
 from engine.store import layout, migrate, postgres
+from engine.store.schema import WriteClaimRow
 from engine.util import write_store_file
 
 S = TypeVar("S", bound="StoreBase")
@@ -127,19 +128,32 @@ def store_is_writable(root: Path, db_file: Path | None) -> bool:
     return all(os.access(f, os.W_OK) for f in folders)
 
 
+def _readonly_mode(db_file: Path) -> str:
+    """How a read-only store's SQLite file is opened: ``mode=ro``; or, where its folder cannot be written
+    and it was closed cleanly (no ``-wal`` holding commits), ``immutable=1``: SQLite then reads the file
+    as it is, without the ``-shm`` file that ``mode=ro`` would need to create and cannot there. (It
+    assumes nobody writes the store meanwhile: a writer, of another user, would need that folder for its
+    ``-wal``; a store handed out read-only is not being written.)"""
+    wal = Path(f"{db_file}-wal")
+    has_wal = wal.exists() and wal.stat().st_size > 0
+    if not os.access(db_file.parent, os.W_OK) and not has_wal and not Path(f"{db_file}-shm").exists():
+        return "immutable=1"
+    return "mode=ro"
+
+
 def make_engine(url: str, readonly: bool = False) -> Engine:
     """The SQLAlchemy engine of a store database.
 
     On SQLite: WAL journal, foreign keys on, a busy timeout of `BUSY_TIMEOUT_S`, transactions begun
     ``IMMEDIATE`` (see `BEGIN_OPTION`) and driver errors that are store states (locked, read-only,
-    not a database) raised as `AtlasError`s. ``readonly`` opens the file with ``mode=ro``: no
-    journal-mode change, every write refused with `ReadOnlyStoreError`.
+    not a database) raised as `AtlasError`s. ``readonly`` opens the file with ``mode=ro`` (or
+    ``immutable=1``: `_readonly_mode`): no journal-mode change, every write refused with `ReadOnlyStoreError`.
     """
     path = sqlite_path(url)
     if path is not None:
         kwargs: dict[str, Any] = {"connect_args": {"timeout": BUSY_TIMEOUT_S}}
         if readonly:
-            url = f"sqlite:///file:{path.resolve()}?mode=ro&uri=true"
+            url = f"sqlite:///file:{path.resolve()}?{_readonly_mode(path)}&uri=true"
         engine = create_engine(url, **kwargs)
         event.listen(engine, "connect", _sqlite_connect(readonly))
         event.listen(engine, "begin", _sqlite_begin(readonly))
@@ -222,6 +236,8 @@ class StoreBase:
                                            expire_on_commit=False)
         # Loaded atlas indexes by (atlas, index checksum): see `engine.store.atlases`.
         self._indexes: dict[tuple[str, str], indexes.VectorIndex] = {}
+        self._held_claims: set[str] = set()  # tokens `claim_token` took with ``hold``: released on close
+        self._integrity_checked = False  # `check_integrity` ran (before this store's first write)
 
     @classmethod
     def init(cls: type[S], path: str | Path, db_url: str | None = None) -> S:
@@ -236,7 +252,7 @@ class StoreBase:
                                      "you can write") from None
         url = store_db_url(root, db_url)
         engine = make_engine(url)
-        _check_known_revision(engine, root)
+        check_known_revision(engine, root)
         migrate.upgrade(engine, root=root)
         _record_db_url(root, url)
         return cls(root, engine)
@@ -254,7 +270,7 @@ class StoreBase:
         readonly = not store_is_writable(root, sqlite_path(url))
         engine = make_engine(url, readonly=readonly)
         if check_revision:
-            current = _check_known_revision(engine, root)
+            current = check_known_revision(engine, root)
             head = migrate.head_revision()
             if current is None:
                 raise StoreNotFoundError(f"{root} is not an initialised store; {hint}")
@@ -282,14 +298,67 @@ class StoreBase:
             yield s
 
     def check_writable(self) -> None:
-        """Raise `ReadOnlyStoreError` before a write on a store opened read-only."""
+        """Raise `ReadOnlyStoreError` before a write on a store opened read-only, and `StoreCorruptError`
+        on a SQLite database with damaged pages (`check_integrity`: once per opened store)."""
         if self.readonly:
             raise ReadOnlyStoreError(f"the store at {self.path} is read-only for this user (its database or "
                                      "folders cannot be written); writing needs write access")
+        if not self._integrity_checked:
+            self.check_integrity()
+            self._integrity_checked = True
+
+    def check_integrity(self) -> None:
+        """SQLite's ``PRAGMA quick_check`` (every page and row read once, no index cross-check: about a
+        read of the file), so a database whose pages are damaged refuses writes as its reads fail, instead
+        of adding rows to it. A no-op on PostgreSQL, which checks its own pages."""
+        if self.engine.dialect.name != "sqlite":
+            return
+        with self.engine.execution_options(**{BEGIN_OPTION: "DEFERRED"}).connect() as conn:  # a reader: no lock
+            found = [r[0] for r in conn.exec_driver_sql("PRAGMA quick_check(3)")]
+        if found != ["ok"]:
+            problem = " ".join(" ".join(found).split())[:200]
+            raise StoreCorruptError(f"{sqlite_path(str(self.engine.url)) or 'the database'} is not a readable store "
+                                    f"database (damaged pages: {problem}); restore it from a backup, or move it "
+                                    "away and `atlas init` a new store")
+
+    def claim_token(self, hold: bool = False) -> str:
+        """A new file token (`layout.new_token`) claimed by this process before any file is named with
+        it: a committed ``write_claims`` row, so `Store.gc` keeps the token's files while this process
+        lives, whatever its grace. Release it with `release_claim` once the files are committed (or
+        removed); with ``hold`` it is released when the store closes (files a later commit claims)."""
+        self.check_writable()
+        token = layout.new_token()
+        with self.session() as s:
+            s.add(WriteClaimRow(token=token, host=layout.host_tag(), pid=os.getpid()))
+        if hold:
+            self._held_claims.add(token)
+        return token
+
+    def release_claim(self, *tokens: str) -> None:
+        """Delete claims of this process, best effort: a row left behind (the database gone away) is
+        removed by `Store.gc` once this process has ended."""
+        if not tokens:
+            return
+        try:
+            with self.session() as s:
+                s.execute(delete(WriteClaimRow).where(WriteClaimRow.token.in_(tokens)))
+        except Exception:  # noqa: BLE001 - cleanup after a commit or a failure must not raise
+            pass
+
+    @contextlib.contextmanager
+    def claimed_token(self) -> Iterator[str]:
+        """`claim_token`, released when the block ends (after its commit, or after its failure's cleanup)."""
+        token = self.claim_token()
+        try:
+            yield token
+        finally:
+            self.release_claim(token)
 
     def close(self) -> None:
-        """Release the database and the Milvus Lite folders inside the store (another process may
-        then open them; Lite serves one process at a time)."""
+        """Release held claims, the database and the Milvus Lite folders inside the store (another
+        process may then open them; Lite serves one process at a time)."""
+        held, self._held_claims = self._held_claims, set()
+        self.release_claim(*held)
         self.engine.dispose()
         root = self.path.resolve()
         for uri in indexes.milvus.open_uris():
@@ -315,7 +384,7 @@ def _committing(factory: sessionmaker) -> Iterator[Session]:
             raise
 
 
-def _check_known_revision(engine: Engine, root: Path) -> str | None:
+def check_known_revision(engine: Engine, root: Path) -> str | None:
     """The database's schema revision; a revision this version does not know is an error."""
     try:
         current = migrate.current_revision(engine)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
-from engine.errors import NotFoundError, ShapeError
+from engine.errors import IndexIntegrityError, NotFoundError, ShapeError
 from engine.store.atlases import AtlasesMixin
 from engine.store.schema import ConceptRow
 from engine.util import check_k, unit_rows
@@ -106,8 +106,8 @@ class ConceptsMixin(AtlasesMixin):
         to_atlas: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The search of an atlas's index: the top ``k`` concepts of each vector, ``batch_size`` vectors
-        a call, as (scores (n, k) float32, ordinals (n, k) int64), ``-1`` (score ``-inf``) where the
-        index returns fewer.
+        a call, as (scores (n, k') float32, ordinals (n, k') int64), ``-1`` (score ``-inf``) where the
+        index returns fewer; ``k'`` is ``k`` or the atlas's size where that is smaller.
 
         ``vectors`` (n, d) are in atlas coordinates (scaled to unit norm here), or, with ``to_atlas``,
         whatever it turns a batch of into unit atlas-space queries (a map's projection: `engine.search`).
@@ -122,13 +122,14 @@ class ConceptsMixin(AtlasesMixin):
                 f"query vectors have shape {tuple(np.shape(vectors))}; atlas {info.name!r} needs (n, {info.dim})"
             )
         index = self.index(info.name)
-        n = x.shape[0]
+        n, k = x.shape[0], min(k, max(info.n_concepts, 1))  # never more columns than the atlas has rows
         scores = np.full((n, k), -np.inf, dtype=np.float32)
         ids = np.full((n, k), -1, dtype=np.int64)
         for lo in range(0, n, batch_size):
             hi = min(n, lo + batch_size)
             q = unit_rows(x[lo:hi]) if to_atlas is None else to_atlas(x[lo:hi])
             s, i = index.search(q, k)
+            check_scores(info.name, s, i)
             scores[lo:hi, : s.shape[1]], ids[lo:hi, : i.shape[1]] = s, i
         return scores, ids
 
@@ -153,6 +154,23 @@ class ConceptsMixin(AtlasesMixin):
         hits = self.search_vectors(c.atlas, vec, k + 1)[0]
         hits = [h for h in hits if h.ordinal != c.ordinal][:k]
         return [dataclasses.replace(h, rank=r) for r, h in enumerate(hits, start=1)]
+
+
+# The largest |score| a hit can have: queries and atlas vectors are unit rows, so cosines lie in [-1, 1];
+# a quantised index (PQ, SQ8) approximates them, never by this much. A hit beyond it (or NaN) was read
+# from damaged bytes (a flipped exponent bit gives 1e35): the answer is refused, not shown.
+MAX_SCORE = 2.0
+
+
+def check_scores(atlas: str, scores: np.ndarray, ids: np.ndarray) -> None:
+    """Refuse, as `IndexIntegrityError`, a search whose hits have scores no unit vectors can give."""
+    bad = (np.asarray(ids) >= 0) & ~(np.abs(np.asarray(scores, dtype=np.float64)) <= MAX_SCORE)  # NaN: bad
+    if bad.any():
+        row, col = (int(v[0]) for v in np.nonzero(bad))
+        raise IndexIntegrityError(
+            f"the index of atlas {atlas!r} gave concept {int(ids[row, col])} the score {float(scores[row, col]):.3g}, "
+            f"impossible for unit vectors: its index or vector file is damaged; `atlas index verify {atlas}` "
+            f"checks them, `atlas index rebuild {atlas}` restores the index from the vectors")
 
 
 def parse_concept_ref(ref: str | int, atlas: str | None = None) -> tuple[str | None, int]:

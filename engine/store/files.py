@@ -6,18 +6,24 @@ failed before its commit, or an old file a replacement was killed before removin
 which process wrote them (`engine.store.layout`), so a leftover can be told from a file a running
 writer has not committed yet:
 
-- *in progress*: its writer is alive on this host and the file is younger than the grace period
-  (24 hours by default); never removed (the write may still commit);
+- *in progress*: its write has claimed it (a ``write_claims`` row on the file's token, committed
+  before the file was written and deleted after the write's commit: `Store.claim_token`) and that
+  writer is alive on this host or runs on another host; or its writer is alive on this host and the
+  file is younger than the grace period (24 hours by default). Never removed, whatever the grace
+  (the write may still commit). A temporary file is in progress while its process holds a live claim;
 - *orphan*: its writer is gone, so nothing can claim it any more; removed by `gc`;
-- *stale*: its writer is alive but the file is older than the grace period (an old file a
-  long-lived process wrote and a later replacement, killed, did not remove); removed by `gc`;
+- *stale*: its writer is alive but has no claim on it and the file is older than the grace period
+  (an old file a long-lived process wrote and a later replacement, killed, did not remove); removed
+  by `gc`;
 - *unknown*: the name does not say (older stores, foreign files); removed by `gc` once it is
   older than the grace period.
 
 Why the order in `leftovers` matters: the folders are listed and each writer's liveness read
-*before* the database's claims are read. A writer found dead cannot commit afterwards, and a file
-committed before the claims are read is claimed; so a file is never called an orphan while a
-commit could still claim it.
+*before* the database's claims are read, and the write claims are read before the rows. A writer
+found dead cannot commit afterwards; a file listed was claimed by its write before it existed, and
+that claim is deleted only after the row that claims the file is committed; so a file is never
+called an orphan or stale while a commit could still claim it (on PostgreSQL too, where each
+statement reads its own snapshot). `gc` also deletes the claims of this host's writers that are gone.
 
 Milvus collections are owned the same way (`layout.collection_name`): at each Milvus URI the
 atlases use, and each Milvus Lite folder (``*.db``) in the store root, a collection named like an
@@ -34,7 +40,7 @@ import dataclasses
 import os
 import time
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from engine.store import layout
 from engine.store.atlases import AtlasesMixin, IndexStatus
@@ -42,7 +48,7 @@ from engine.store.base import StoreBase
 from engine.store.index_location import FAISS, MILVUS, IndexLocation
 from engine.store.maps import MapsMixin
 from engine.store.passes import process_alive
-from engine.store.schema import AlignmentMapRow, AtlasRow, LabelRunRow
+from engine.store.schema import AlignmentMapRow, AtlasRow, LabelRunRow, WriteClaimRow
 from engine.util import sha256_bytes
 from indexes.milvus import collections, drop_collection
 
@@ -111,6 +117,12 @@ class FilesMixin(AtlasesMixin, MapsMixin, StoreBase):
                 out.update(layout.run_files(params))
         return out
 
+    def write_claims(self) -> dict[str, tuple[str, int]]:
+        """Each claimed token of a write in progress: (its writer's host tag, pid)."""
+        with self.read_session() as s:
+            return {t: (h, p) for t, h, p in s.execute(select(WriteClaimRow.token, WriteClaimRow.host,
+                                                              WriteClaimRow.pid))}
+
     def claimed_collections(self) -> set[tuple[str, str]]:
         """Every (Milvus URI as recorded, collection) an atlas row claims."""
         with self.read_session() as s:
@@ -167,13 +179,20 @@ class FilesMixin(AtlasesMixin, MapsMixin, StoreBase):
                     continue
                 owner = layout.file_owner(e.name)
                 alive = owner.pid is not None and process_alive(owner.pid)
-                seen.append((f"{folder}/{e.name}", st.st_size, now - st.st_mtime, owner.pid, alive))
-        claimed = self.claimed_files()  # after the listing and the liveness checks: see the module doc
+                seen.append((f"{folder}/{e.name}", st.st_size, now - st.st_mtime, owner, alive))
+        writes = self.write_claims()  # after the listing, before the rows: see the module doc
+        claimed = self.claimed_files()
+        here = layout.host_tag()
+        live = {t for t, (host, pid) in writes.items() if host != here or process_alive(pid)}
+        live_pids = {writes[t][1] for t in live if writes[t][0] == here}
         out = []
-        for rel, size, age, pid, alive in seen:
+        for rel, size, age, owner, alive in seen:
             if rel in claimed:
                 continue
-            if alive:
+            pid = owner.pid
+            if owner.token in live or (owner.temporary and alive and pid in live_pids):
+                state, removable = "in progress", False
+            elif alive:
                 state, removable = ("stale", True) if age > grace_s else ("in progress", False)
             elif pid is not None:
                 state, removable = "orphan", True
@@ -191,6 +210,11 @@ class FilesMixin(AtlasesMixin, MapsMixin, StoreBase):
             self.check_writable()
         gone = [x for x in self.leftovers(grace_s) if x.removable]
         if not dry_run:
+            here = layout.host_tag()
+            dead = [t for t, (host, pid) in self.write_claims().items() if host == here and not process_alive(pid)]
+            if dead:  # claims of killed writers of this host: their files are orphans (removed below)
+                with self.session() as s:
+                    s.execute(delete(WriteClaimRow).where(WriteClaimRow.token.in_(dead)))
             for x in gone:
                 if x.collection is not None and x.uri is not None:
                     drop_collection(IndexLocation(MILVUS, x.uri).connect_uri(self.path), x.collection)

@@ -213,6 +213,9 @@ def build_index(x: np.ndarray, spec: str, backend: str = FAISS, **location: str)
         except (RuntimeError, ValueError) as e:
             raise BadValueError(f"index spec {spec!r} does not work on {n} vectors of dim {d} "
                                 f"({faiss_reason(e)}); {SPEC_HINT}") from None
+        except MemoryError:  # past the spec's memory estimate (indexes.policy): a line, not a traceback
+            raise BadValueError(f"index spec {spec!r} ran out of memory building {n:,} vectors of dim {d}; use a "
+                                f"smaller graph degree (e.g. HNSW32) or Flat") from None
         if index.count() != n or (ids < 0).all(axis=1).any():
             raise BadValueError(f"index spec {spec!r} built an index that does not find the atlas's own vectors; "
                                 f"{SPEC_HINT}")

@@ -86,7 +86,7 @@ def legacy_label_index_file(name: str) -> str:
     return f"{INDEXES_DIR}/{name}.labels.faiss"
 
 
-_OWNED = re.compile(r"^(?P<name>[^@/]+)@(?P<pid>\d+)-[0-9a-f]{12}((\.labels)?\.(faiss|safetensors)|\.[a-z]+\.npz)$")
+_OWNED = re.compile(r"^(?P<name>[^@/]+)@(?P<token>(?P<pid>\d+)-[0-9a-f]{12})((\.labels)?\.(faiss|safetensors)|\.[a-z]+\.npz)$")
 _TEMP = re.compile(r"^\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp$")
 
 
@@ -106,6 +106,7 @@ class FileOwner:
     name: str | None  # the atlas or map name (None for temporary and unknown files)
     pid: int | None  # the writing process (None where the name does not say)
     temporary: bool
+    token: str | None = None  # the write's token (`new_token`; None for temporary and unknown files)
 
 
 COLLECTION_PREFIX = "atlas_"
@@ -154,7 +155,7 @@ def file_owner(filename: str) -> FileOwner:
     """Parse a file name of a store folder (see the module docstring)."""
     m = _OWNED.match(filename)
     if m:
-        return FileOwner(m.group("name"), int(m.group("pid")), False)
+        return FileOwner(m.group("name"), int(m.group("pid")), False, m.group("token"))
     m = _TEMP.match(filename)
     if m:
         return FileOwner(None, int(m.group("pid")), True)

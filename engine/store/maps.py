@@ -31,7 +31,7 @@ from engine.errors import DuplicateError, FormatError, NotFoundError, SiteMismat
 from engine.store import layout
 from engine.store.base import StoreBase
 from engine.store.schema import AlignmentMapRow, AtlasRow, ModelRow
-from engine.util import check_name, failpoint, write_store_file
+from engine.util import check_name, failpoint, utcnow, write_store_file
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,8 @@ class MapsMixin(StoreBase):
         p = {**p, "name": name}
         data = MapRecord(record.tensors, p).to_bytes()
         sha = hashlib.sha256(data).hexdigest()
-        rel = layout.map_file(name, layout.new_token())  # this write's own file
+        token = self.claim_token()  # before the file: `Store.gc` keeps it until the row claims it
+        rel = layout.map_file(name, token)  # this write's own file
         path = self.path / rel
         old_file = None
         try:
@@ -128,8 +129,8 @@ class MapsMixin(StoreBase):
                 if row is None:
                     row = AlignmentMapRow(name=name)
                     s.add(row)
-                else:
-                    old_file = row.file
+                else:  # a replacement is a new map: it is created now
+                    old_file, row.created_at = row.file, utcnow()
                 row.subject_model_id, row.subject_layer = model.id, p["subject_layer"]
                 row.subject_hook = p["subject_hook"]
                 row.atlas_id, row.method, row.pairing = atlas.id, p["method"], p.get("pairing")
@@ -143,6 +144,8 @@ class MapsMixin(StoreBase):
         except BaseException:
             path.unlink(missing_ok=True)
             raise
+        finally:
+            self.release_claim(token)
         failpoint("save_map.committed")
         if old_file is not None and old_file != rel:
             (self.path / old_file).unlink(missing_ok=True)

@@ -86,7 +86,25 @@ def upgrade(engine: Engine, revision: str = "head", root: Path | None = None) ->
     _run(command.upgrade, engine, revision, root)
 
 
+# Tables whose rows a downgrade can lose (to `base`: all of them), and how `stored_objects` names them.
+_COUNTED = {"atlases": "atlas(es)", "alignment_maps": "map(s)", "label_runs": "labelling run(s)",
+            "context_runs": "context run(s)", "models": "model(s)"}
+
+
+def stored_objects(engine: Engine) -> dict[str, int]:
+    """How many atlases, maps, runs and models the database holds (tables it lacks are left out)."""
+    out = {}
+    with engine.connect() as conn:
+        tables = set(inspect(conn).get_table_names())
+        for table, what in _COUNTED.items():
+            if table in tables:
+                out[what] = int(conn.execute(text(f"SELECT count(*) FROM {table}")).scalar() or 0)
+    return out
+
+
 def downgrade(engine: Engine, revision: str, root: Path | None = None) -> None:
+    """Take the database back to ``revision``: tables and columns newer than it are dropped, with
+    their data (`base`: every table). Callers ask first (`atlas db downgrade` needs ``--yes``)."""
     from alembic import command
 
     _run(command.downgrade, engine, revision, root)

@@ -31,7 +31,7 @@ from typing import Any
 from sqlalchemy import Table, select, update
 from sqlalchemy.engine import Connection, Engine
 
-from engine.errors import AtlasError, ConnectionLostError
+from engine.errors import AtlasError, ConnectionLostError, NotFoundError
 from engine.util import failpoint, utcnow
 
 COMMIT_RETRIES = 3  # times a step's transaction cut off by the database server is run again
@@ -108,6 +108,9 @@ class ResumablePass:
                 .values(n_done=hi, status="done" if hi >= self.n else "running", updated_at=utcnow())
             )
             if res.rowcount != 1:
+                if conn.execute(select(self.table.c.id).where(self.table.c.id == self.run_id)).first() is None:
+                    raise NotFoundError(f"this {self.what} was removed while it ran (`atlas remove --cascade`, "
+                                        f"`atlas map remove --cascade` or a run removal); stopped at {self.unit} {lo}")
                 raise self.conflict(f"another process advanced this {self.what} past {self.unit} {lo}; stopped")
             write(conn)
             failpoint(f"{self.failpoints}_before_commit")
@@ -122,7 +125,7 @@ class ResumablePass:
         except KeyboardInterrupt:
             self.set_status("interrupted")
             raise
-        except self.conflict:
+        except (self.conflict, NotFoundError):  # another worker owns the status, or there is no run any more
             raise
         except BaseException as e:
             self.set_status("failed", error=f"{type(e).__name__}: {e}")

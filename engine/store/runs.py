@@ -38,6 +38,7 @@ from sqlalchemy.orm import aliased
 
 from engine.errors import AtlasError, BadValueError, DuplicateError, NotFoundError, SourceChangedError
 from engine.store import layout
+from engine.store.atlases import index_identity
 from engine.store.base import StoreBase
 from engine.store.passes import ResumablePass, worker_status
 from engine.store.schema import AlignmentMapRow, AtlasRow, ConceptRow, FeatureLabelRow, LabelRunRow
@@ -106,9 +107,10 @@ class RunsMixin(StoreBase):
     def save_run_file(self, name: str, kind: str, data: bytes) -> dict[str, str]:
         """Write ``data`` as a new file of run ``name`` (``runs/<name>@<token>.<kind>.npz``, atomically)
         and return its record ``{"file", "sha256"}``; the caller records it in the run's
-        ``params["files"][kind]`` (until then `gc` sees a leftover, removed once its writer is gone)."""
+        ``params["files"][kind]``. Until this store closes, the file's token stays claimed (`claim_token`):
+        `gc` keeps it while this process lives, and removes it once its writer is gone unrecorded."""
         self.check_writable()
-        rel = layout.run_file(name, layout.new_token(), kind)
+        rel = layout.run_file(name, self.claim_token(hold=True), kind)
         write_store_file(self.path / rel, data)
         return {"file": rel, "sha256": sha256_bytes(data)}
 
@@ -135,7 +137,7 @@ class RunsMixin(StoreBase):
         """Record a new, pending run of ``n_features`` features through map ``map_name``.
 
         Its ``params`` get the checksums of the map and of the atlas's vectors and the atlas's
-        index spec, which a resume checks. An existing run of that name is an error, unless
+        index spec and identity (`index_identity`), which a resume checks. An existing run of that name is an error, unless
         ``overwrite`` (then it and its labels are removed first).
         """
         self.check_writable()
@@ -167,7 +169,8 @@ class RunsMixin(StoreBase):
                     name=name, map_id=map_row.id, feature_source=feature_source, feature_fingerprint=fingerprint,
                     n_features=n_features, k=k, batch_size=batch_size, status="pending", n_done=0,
                     params={**(params or {}), "map_sha256": map_row.sha256,
-                            "atlas_vector_sha256": atlas_row.vector_sha256, "index_spec": atlas_row.index_spec},
+                            "atlas_vector_sha256": atlas_row.vector_sha256, "index_spec": atlas_row.index_spec,
+                            "index": index_identity(atlas_row)},
                 ))
         except IntegrityError:  # another database than SQLite: the unique name decides
             raise DuplicateError(f"a labelling run named {name!r} was created while this one was; "

@@ -229,3 +229,16 @@ class ConceptContextRow(Base):
     window_start: Mapped[int] = mapped_column(Integer)  # character offset of the window in the text
     token_start: Mapped[int] = mapped_column(Integer)  # the token's character span in the window (-1: unknown)
     token_end: Mapped[int] = mapped_column(Integer)
+
+
+class WriteClaimRow(Base):
+    """A write in progress: the files named with ``token`` (`engine.store.layout.new_token`) belong
+    to it until it commits or fails. Written (committed) before its first file, deleted after its
+    commit; `Store.gc` keeps the files of a claim whose writer is alive, or of another host."""
+
+    __tablename__ = "write_claims"
+
+    token: Mapped[str] = mapped_column(String(40), primary_key=True)
+    host: Mapped[str] = mapped_column(String(8))  # `layout.host_tag` of the writer's host
+    pid: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)

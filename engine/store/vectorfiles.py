@@ -209,6 +209,22 @@ def check_rows(x: np.ndarray, what: str = "atlas vectors", first_row: int = 0) -
     return x
 
 
+def check_query_rows(x: np.ndarray, kind: str = "directions", what: str = "query vectors") -> np.ndarray:
+    """Query rows by the rule import applies to directions (`check_rows`, a chunk at a time): directions
+    must be finite, non-zero and of a norm float32 holds (a zero or overflowing row has no direction
+    and would get arbitrary hits at score 0); activations (``kind="activations"``) must be finite."""
+    if kind != "directions":
+        for lo, chunk in row_chunks(x):
+            with np.errstate(over="ignore", invalid="ignore"):
+                finite = np.isfinite(np.asarray(chunk, dtype=np.float32)).all(axis=1)
+            if not finite.all():
+                raise ShapeError(f"{what}: row {lo + int(np.flatnonzero(~finite)[0])} has NaN or infinite values")
+        return x
+    for lo, chunk in row_chunks(x):
+        check_rows(chunk, what, first_row=lo)
+    return x
+
+
 def check_encoder(encoder: dict[str, np.ndarray] | None, n: int, d: int) -> dict[str, np.ndarray]:
     """The SAE encoder tensors kept with an atlas, each checked against d_in = ``d``, d_sae = ``n``."""
     # k: a TopK SAE's number of active latents, kept as a one-element tensor (engine.atlas.encoder)

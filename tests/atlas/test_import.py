@@ -107,6 +107,7 @@ def test_labels_beyond_the_vectors_are_a_dimension_error(store, tmp_path, saelen
         ("badidx.csv", "index,label\nseven,x\n", "not an integer"),
         ("labels.txt", "x", "unknown label format"),
         ("bad.jsonl.gz", "not gzip", "cannot be read"),
+        ("dup.csv", "index,label\n3,rain\n4,cats\n3,storms\n", "line 4: index 3 appears twice .first on line 2"),
     ],
 )
 def test_malformed_label_files(tmp_path, name, content, match):

@@ -172,6 +172,52 @@ def _cases(tmp):
     ]
 
 
+def _probe_cases(tmp):
+    """The adversarial probe's round-3 findings: each a traceback, or an answer that was wrong, before."""
+    rng = np.random.default_rng(4)
+    feats, ok100 = str(tmp / "feats.npy"), str(tmp / "ok100.npy")
+    for name, row in (("nan", np.nan), ("zero", 0.0), ("huge", 1e38)):
+        x = rng.normal(size=(5, 8)).astype(np.float32)
+        x[3] = row
+        np.save(tmp / f"{name}8.npy", x)
+    np.save(tmp / "d7.npy", rng.normal(size=(20, 7)).astype(np.float32))
+    return [
+        *[(cmd, *args, "-k", k) for k in ("1000000000000", "99999999999999999999")
+          for cmd, *args in [("search", "m", "--vectors", feats), ("lookup", "rain", "--no-semantic"),
+                             ("neighbors", "g/1"), ("label", "m", "--features", feats, "--name", "kbig"),
+                             ("explain", "m", "some text")]],
+        # NaN, all-zero and overflowing rows: refused alike by search, label and import
+        *[(cmd, *args, str(tmp / f"{bad}8.npy"), *more) for bad in ("nan", "zero", "huge")
+          for cmd, *args, more in [("search", "m", "--vectors", ()), ("label", "m", "--features", ("--name", "bad")),
+                                    ("import-sae", ("--model", "x", "--layer", "1", "--name", "bad"))]],
+        # the registered model's width, layers and hooks
+        ("import-sae", str(tmp / "d7.npy"), "--model", "subj2", "--layer", "1", "--name", "d7"),
+        ("import-sae", ok100, "--model", "subj2", "--layer", "99", "--name", "l99"),
+        ("import-sae", ok100, "--model", "subj2", "--layer", "-99", "--name", "lneg"),
+        ("import-sae", ok100, "--model", "subj2", "--layer", "1", "--hook", "evil/../x", "--name", "hk"),
+    ]
+
+
+def test_the_probes_round_3_findings_are_one_line_errors(env):
+    root, tmp = env
+    from engine.store.store import Store
+
+    with Store.open(root) as s:
+        s.add_model("subj2", d_model=8, n_layers=2)
+    failures = []
+    for args in _probe_cases(tmp):
+        r = CliRunner().invoke(cli, [*args, "--store", str(root)])
+        text = r.output.strip()
+        if r.exit_code != 1 or "Traceback" in text or not text.startswith("Error: ") or len(text.splitlines()) != 1:
+            failures.append((shlex.join(args)[-90:], r.exit_code, text[-300:], repr(r.exception)[:200]))
+    assert not failures, "\n".join(map(str, failures))
+    with Store.open(root) as s:
+        assert [a.name for a in s.atlases()] == ["g"]  # nothing was imported
+    # a k beyond the atlas gives the whole atlas
+    r = CliRunner().invoke(cli, ["neighbors", "g/1", "-k", "1000", "--json", "--store", str(root)])
+    assert r.exit_code == 0 and len(json.loads(r.output)) == 199
+
+
 def test_usage_errors_keep_clicks_exit_code(env):
     root, tmp = env
     for args in [("import-sae", str(tmp / "missing"), "--name", "a2"), ("align", "subj", "--layer", "x"),
@@ -335,6 +381,24 @@ def test_a_read_only_store_reads_and_refuses_writes_in_one_line(env):
         assert "read-only" in err or "Read-only" in err, (args, err)
     with Store.open(root) as s:  # nothing changed
         assert [a.name for a in s.atlases()] == expected and [r.name for r in s.runs()] == ["r1"]
+
+
+def test_a_cleanly_closed_store_reads_from_a_read_only_folder(env, store):
+    """Closed cleanly, a WAL database has no -wal or -shm file, and ``mode=ro`` cannot create the -shm
+    in a folder it cannot write: such a store is opened immutable, and reads."""
+    root, _ = env
+    from engine.store.store import Store
+
+    with Store.open(root) as s:
+        neighbours = [h.ref for h in s.neighbors("g/1", k=3)]
+    store.engine.dispose()  # the last connection: SQLite checkpoints and removes -wal and -shm
+    assert not (root / "atlas.db-shm").exists() and not (root / "atlas.db-wal").exists()
+    reads = [("atlases", "--json"), ("neighbors", "g/1", "-k", "3", "--json")]
+    results = _run_cli_readonly(root, reads)
+    for args, r in zip(reads, results):
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (args, r.stdout, r.stderr)
+    assert [a["name"] for a in json.loads(results[0].stdout)] == ["g"]
+    assert [h["ref"] for h in json.loads(results[1].stdout)] == neighbours
 
 
 @pytest.mark.slow  # many CLI subprocesses: `-m "not slow"` stays a quick loop; CI runs it

@@ -86,11 +86,26 @@ def test_corrupt_index_error_then_rebuild_restores(env, saelens_folder, tmp_path
 
 def test_db_downgrade_and_upgrade(env):
     _ok(env, "init")
-    _ok(env, "db", "downgrade", "base")
+    _ok(env, "db", "downgrade", "base", "--yes")
     r = env.invoke(cli, ["atlases"])
     assert r.exit_code == 1 and "not an initialised store" in r.output
     _ok(env, "db", "upgrade")
     assert json.loads(_ok(env, "atlases", "--json")) == []
+
+
+def test_db_downgrade_asks_for_yes_and_gc_after_it_removes_nothing(env, saelens_folder, tmp_path):
+    _ok(env, "init")
+    _ok(env, "import-sae", str(saelens_folder), "--name", "g12")
+    files = sorted(p.name for d in ("vectors", "indexes") for p in (tmp_path / "st" / d).iterdir())
+    r = env.invoke(cli, ["db", "downgrade", "base"])
+    assert r.exit_code == 1 and "--yes" in r.output and "1 atlas" in r.output and "Traceback" not in r.output
+    assert json.loads(_ok(env, "atlases", "--json"))[0]["name"] == "g12"  # nothing was dropped
+    _ok(env, "db", "downgrade", "0005", "--yes")
+    r = env.invoke(cli, ["gc", "--grace", "0"])
+    assert r.exit_code == 1 and "atlas db upgrade" in r.output
+    assert sorted(p.name for d in ("vectors", "indexes") for p in (tmp_path / "st" / d).iterdir()) == files
+    _ok(env, "db", "upgrade")
+    assert "ok" in _ok(env, "index", "verify")
 
 
 @pytest.mark.parametrize(
@@ -136,3 +151,19 @@ def test_init_records_the_database_in_the_store_folder(tmp_path, db_url, saelens
         r = runner.invoke(cli, [*args, "--store", st])
         assert r.exit_code == 1 and "keeps its metadata in" in r.output, r.output
         assert len(r.output.strip().splitlines()) == 1
+
+
+def test_source_ref_is_recorded_absolute_and_shown_so_from_any_folder(env, saelens_folder, neuronpedia_export,
+                                                                        tmp_path, monkeypatch):
+    _ok(env, "init")
+    monkeypatch.chdir(saelens_folder.parent)
+    _ok(env, "import-sae", saelens_folder.name, "--labels", neuronpedia_export.name if
+        neuronpedia_export.parent == saelens_folder.parent else str(neuronpedia_export), "--name", "g12")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    shown = json.loads(_ok(env, "show", "g12/0", "--json"))
+    assert shown["source"] == str(saelens_folder.resolve())
+    with __import__("engine.store.store", fromlist=["Store"]).Store.open(tmp_path / "st") as s:
+        assert s.atlas("g12").source_ref == str(saelens_folder.resolve())
+        assert s.concept("g12/0").source_ref == str(saelens_folder.resolve())

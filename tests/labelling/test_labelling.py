@@ -19,7 +19,7 @@ from sqlalchemy import select
 
 from engine.align.map import save_map
 from engine.cli import cli
-from engine.errors import AtlasError, BadNameError, DuplicateError, SiteMismatchError
+from engine.errors import AtlasError, BadNameError, DuplicateError, NotFoundError, SiteMismatchError
 from engine.labelling import export as labelling_export
 from engine.labelling import run as labelling
 from engine.labelling.run import RunConflictError, SourceChangedError
@@ -120,6 +120,32 @@ def test_resume_refuses_changed_features_or_map(mapped):
              overwrite=True)
     with pytest.raises(SourceChangedError, match="refitted"):
         labelling.run_labelling(store, "r")
+
+
+def test_resume_refuses_a_rebuilt_index_and_allows_an_identical_one(mapped):
+    """An index rebuilt between kill and resume (another spec: other candidates) would mix two indexes'
+    answers in one run; a Flat rebuild writes the same bytes and changes nothing."""
+    store, _, _, _, path = mapped
+    labelling.create_run(store, "m", str(path), k=2, batch_size=100, name="r")
+    labelling.run_labelling(store, "r", max_batches=1, quiet=True)
+    store.rebuild_index("at", "Flat")  # the same index again: same bytes
+    labelling.run_labelling(store, "r", max_batches=1, quiet=True)
+    store.rebuild_index("at", "HNSW16")
+    with pytest.raises(SourceChangedError, match="index of atlas .* was rebuilt"):
+        labelling.run_labelling(store, "r")
+    store.rebuild_index("at", "Flat")
+    assert labelling.run_labelling(store, "r", quiet=True).status == "done"
+
+
+def test_a_run_removed_while_it_labels_is_reported_as_removed(mapped):
+    store, _, _, _, path = mapped
+    labelling.create_run(store, "m", str(path), k=2, batch_size=100, name="r")
+    worker = store.label_pass("r")  # the labelling process: its first batch, then another process removes
+    worker.commit_batch(0, 100, np.zeros((100, 2), np.float32), np.zeros((100, 2), np.int64))
+    store.remove_atlas("at", cascade=True)  # the atlas, its map and the run
+    with pytest.raises(NotFoundError, match="was removed while it ran") as e:
+        worker.commit_batch(100, 200, np.zeros((100, 2), np.float32), np.zeros((100, 2), np.int64))
+    assert "another process advanced" not in str(e.value)
 
 
 def test_two_workers_cannot_both_advance_a_run(mapped):

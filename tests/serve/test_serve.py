@@ -254,6 +254,71 @@ def test_a_1mb_text_is_refused_before_it_is_read(client):
     assert "over 256 KiB" in one_line_error(r, 413)
 
 
+def test_a_chunked_body_is_counted_as_it_streams(client, serve_store):
+    """No Content-Length (Transfer-Encoding: chunked): the limit counts the bytes as they arrive, and
+    the request is refused once they pass it, never read whole."""
+    import socket
+    from urllib.parse import urlsplit
+
+    def chunks(total: int, size: int = 64 * 1024):
+        piece = (b'{"map": "m1", "text": "' + b"r" * size)[:size]
+        sent = 0
+        while sent < total:
+            yield piece
+            sent += len(piece)
+
+    r = client.post("/api/explain", content=chunks(1 << 20), headers={"content-type": "application/json"})
+    assert "transfer-encoding" not in r.request.headers or r.request.headers["transfer-encoding"] == "chunked"
+    assert "over 256 KiB" in one_line_error(r, 413)
+    # by hand on a socket: 200 MiB in chunks; the server (this process) answers 413 and keeps none of it
+    import resource
+
+    host, port = urlsplit(str(client.base_url)).hostname, urlsplit(str(client.base_url)).port
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    with socket.create_connection((host, port), timeout=60) as sock:
+        sock.sendall(b"POST /api/explain HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        chunk = b"%x\r\n" % (64 * 1024) + b"r" * (64 * 1024) + b"\r\n"
+        for _ in range(200 * 16):
+            sock.sendall(chunk)
+        sock.sendall(b"0\r\n\r\n")
+        head = sock.recv(4096)
+    assert head.startswith(b"HTTP/1.1 413"), head[:200]
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak
+    assert grown < 64 * 1024, f"the server's peak memory grew by {grown // 1024} MiB"  # the whole body: > 200
+    assert client.get("/api/atlases").status_code == 200  # the server is fine
+
+
+def test_the_token_in_a_query_string_never_reaches_the_access_log(serve_store):
+    import logging
+
+    from engine.serve.server import redact_access_log
+
+    class Lines(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.lines: list[str] = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    app = create_app(serve_store, token="s3cret-token", loopback_only=False)
+    seen = Lines()
+    access = logging.getLogger("uvicorn.access")
+    redact_access_log()  # as `atlas serve` does, before uvicorn sets up its logging
+    with running(app, log_level="info") as url:
+        access.addHandler(seen)
+        try:
+            assert httpx.get(url + "/api/atlases", params={"token": "s3cret-token", "x": "1"}).status_code == 200
+            assert httpx.get(url + "/api/atlases?token=wrong-secret&x=1").status_code == 401
+        finally:
+            access.removeHandler(seen)
+    lines = seen.lines
+    assert len(lines) == 2, lines
+    assert all("s3cret-token" not in x and "wrong-secret" not in x for x in lines), lines
+    assert all("token=***" in x and "x=1" in x for x in lines), lines
+
+
 def test_pages_static_files_and_openapi(client):
     for path in ("/", "/c/fdn/0", "/runs/r1", "/explain", "/steer", "/a/fdn", "/m/m1", "/models/subj"):
         r = client.get(path)

@@ -210,3 +210,145 @@ def test_verify_checks_map_files(labelled_store):
     assert not report.ok and any("map m" in p and "checksum" in p for p in report.problems)
     path.unlink()
     assert any("missing" in p for p in s.verify().problems)
+
+
+@pytest.mark.parametrize("point", ["add_atlas.vectors_written", "add_atlas.index_written", "rebuild.file_written",
+                                   "save_map.file_written"])
+def test_gc_with_no_grace_keeps_the_files_of_a_write_in_progress(store, monkeypatch, point):
+    """`gc --grace 0` run by another opener while a write is between its files and its commit:
+    the writer has claimed its files (a claim row, before the first one), so gc keeps them and the
+    write commits whole."""
+    import engine.store.atlases as atlases_mod
+    import engine.store.maps as maps_mod
+
+    store.add_model("subj", d_model=8)
+    store.add_atlas("a", clustered_directions(40, 16), source=AtlasSource(model="x", layer=1))
+    removed: list[str] = []
+
+    def gc_now(name: str) -> None:
+        if name == point:
+            with Store.open(store.path, db_url=store.engine.url.render_as_string(hide_password=False)) as other:
+                time.sleep(0.01)  # the files are older than the grace
+                removed.extend(x.file for x in other.gc(grace_s=0))
+
+    monkeypatch.setattr(atlases_mod, "failpoint", gc_now)
+    monkeypatch.setattr(maps_mod, "failpoint", gc_now)
+    if point.startswith("add_atlas"):
+        store.add_atlas("b", clustered_directions(40, 16, seed=3), source=AtlasSource(model="x", layer=1))
+    elif point.startswith("rebuild"):
+        store.rebuild_index("a", "HNSW16")
+    else:
+        _map(store, atlas="a")
+    assert removed == []
+    fresh = Store.open(store.path, db_url=store.engine.url.render_as_string(hide_password=False))
+    try:
+        assert fresh.verify().ok, fresh.verify().problems
+    finally:
+        fresh.close()
+    # once committed, the claim is gone: nothing is left for gc, and the files stay claimed by rows
+    assert store.gc(grace_s=0) == [] and store.verify().ok
+
+
+def test_gc_drops_the_claims_of_writers_that_are_gone_and_keeps_other_hosts_claims(store):
+    from engine.store import layout
+    from engine.store.schema import WriteClaimRow
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    with store.session() as s:
+        s.add(WriteClaimRow(token=f"{dead}-0123456789ab", host=layout.host_tag(), pid=dead))
+        s.add(WriteClaimRow(token=f"{dead}-ba9876543210", host="0000abcd", pid=dead))  # a writer elsewhere
+    (store.path / f"vectors/a@{dead}-0123456789ab.safetensors").write_bytes(b"x")  # killed while writing
+    (store.path / f"vectors/b@{dead}-ba9876543210.safetensors").write_bytes(b"x")  # still running elsewhere
+    assert {x.file for x in store.gc(grace_s=0)} == {f"vectors/a@{dead}-0123456789ab.safetensors"}
+    assert set(store.write_claims()) == {f"{dead}-ba9876543210"}
+    assert [x.state for x in store.leftovers(grace_s=0)] == ["in progress"]
+
+
+def test_a_map_saved_over_another_is_created_when_it_was_saved(store):
+    store.add_model("subj", d_model=8)
+    store.add_atlas("a", clustered_directions(20, 16), source=AtlasSource(model="x", layer=1))
+    first = _map(store, atlas="a").created_at
+    time.sleep(0.05)
+    rng = np.random.default_rng(5)
+    amap = AlignmentMap(rng.normal(size=(8, 16)), rng.normal(size=(16, 8)), np.zeros(8), np.zeros(16), "procrustes",
+                        subject_model="subj", subject_layer=1, atlas="a", atlas_model="x", atlas_layer=1,
+                        metrics={"subject_resid_norm": 1.0, "atlas_resid_norm": 1.0})
+    second = save_map(store, amap, "m", overwrite=True)
+    assert second.created_at > first and store.map_info("m").created_at == second.created_at
+
+
+def test_a_database_with_corrupted_pages_refuses_writes_as_it_refuses_reads(tmp_path):
+    s = Store.init(tmp_path / "st")
+    s.add_atlas("a", clustered_directions(3000, 16), [f"label {i}" for i in range(3000)],
+                source=AtlasSource(model="m", layer=0))
+    s.close()
+    db = tmp_path / "st" / "atlas.db"
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    page = con.execute("PRAGMA page_size").fetchone()[0]
+    leaves = [p for (p,) in con.execute("SELECT pageno FROM dbstat WHERE name = 'concepts' AND pagetype = 'leaf'")]
+    con.close()
+    data = bytearray(db.read_bytes())
+    for p in leaves[len(leaves) // 2 : len(leaves) // 2 + 3]:  # three pages of concept rows, as bit rot would
+        data[(p - 1) * page + 200 : (p - 1) * page + 1200] = os.urandom(1000)
+    db.write_bytes(bytes(data))
+    r = CliRunner().invoke(cli, ["atlases", "--store", str(tmp_path / "st")])
+    assert r.exit_code == 1 and "not a readable store database" in r.output, r.output
+    np.save(tmp_path / "new.npy", clustered_directions(10, 16, seed=4))
+    r = CliRunner().invoke(cli, ["import-sae", str(tmp_path / "new.npy"), "--model", "m", "--layer", "0", "--name",
+                                 "b", "--store", str(tmp_path / "st")])
+    assert r.exit_code == 1 and "not a readable store database" in r.output and "Traceback" not in r.output, r.output
+    assert not list((tmp_path / "st" / "vectors").glob("b@*"))
+
+
+def test_a_flipped_exponent_mid_index_is_refused_at_search_time_not_shown(store):
+    """Bit rot inside an index file, its size and mtime kept (the cheap open check cannot see it): a hit
+    whose score no unit vectors can give is refused, with the command that checks the files."""
+    from engine.errors import IndexIntegrityError
+
+    x = clustered_directions(3000, 256, seed=2)
+    store.add_atlas("big", x, source=AtlasSource(model="m", layer=0))
+    ordinary = [h.ordinal for h in store.neighbors("big/5", k=3)]
+    store._indexes.clear()
+    path = store.path / store.atlas_files("big")["index"]
+    st = path.stat()
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    row = path.read_bytes().find(unit[1500].astype(np.float32).tobytes())  # mid-file: past the stamp's head
+    assert row > 1 << 20 and row + (1 << 20) < st.st_size
+    j = int(np.argmax(unit[5]))  # the query's largest component: the damaged row scores 1e35 times it
+    with open(path, "r+b") as f:
+        f.seek(row + 4 * j)
+        f.write(np.float32(1e35).tobytes())  # one float's exponent bits: what a few flipped bits give
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(IndexIntegrityError, match="impossible for unit vectors.*atlas index verify big"):
+        store.neighbors("big/5", k=3)
+    assert not store.verify_index("big").ok  # the full check names it
+    store.rebuild_index("big")
+    assert [h.ordinal for h in store.neighbors("big/5", k=3)] == ordinary
+
+
+def test_an_index_build_out_of_memory_is_a_one_line_error_and_leaves_no_file(tmp_path):
+    """A spec that passes the memory estimate but not the memory the process may have (a limit here):
+    the build's MemoryError is the user's one-line `BadValueError`, and the write leaves nothing."""
+    script = f"""
+import resource, sys, numpy as np
+from pathlib import Path
+from engine.errors import BadValueError
+from engine.store.index_location import IndexPlacement
+from engine.store.store import AtlasSource, Store
+s = Store.init(Path({str(tmp_path / "st")!r}))
+x = np.random.default_rng(0).normal(size=(20000, 8)).astype(np.float32)
+vm = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (vm + (60 << 20), resource.RLIM_INFINITY))
+try:
+    s.add_atlas("h", x, source=AtlasSource(model="m", layer=0), index=IndexPlacement(spec="HNSW512"))
+except BadValueError as e:
+    print("refused:", e)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert r.returncode == 0 and "refused: index spec 'HNSW512' ran out of memory" in r.stdout, (r.stdout, r.stderr[-800:])
+    with Store.open(tmp_path / "st") as s:
+        assert s.atlases() == [] and s.verify().ok
