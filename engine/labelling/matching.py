@@ -94,24 +94,34 @@ def match_spec(amap: Any, source: FeatureSource, corpus: str | Path | None, pair
     return MatchSpec(str(path), corpus_fingerprint(read_corpus(path)), pairing, max_pairs, binary=DEFAULT_BINARY)
 
 
-def coactivation_pass(store: Store, run_params: dict[str, Any], amap: Any, source: FeatureSource,
-                      quiet: bool = False) -> CoactivationStats:
-    """Both models over the run's corpus: the co-activation statistics of the SAE's latents with
-    the atlas's features (checks the corpus is the one the run was created with)."""
+def check_corpus(spec: MatchSpec) -> list[str]:
+    """The run's corpus, read; a `SourceChangedError` when it is not the text the run was created with."""
     from engine.align.corpus import read_corpus
-    from engine.align.pairing import PairingConfig
-    from engine.atlas.encoder import AtlasEncoder
     from engine.errors import SourceChangedError
-    from engine.models.hooks import Site
-    from engine.models.loading import load_registered
-    from engine.search import atlas_centre
     from engine.util import corpus_fingerprint
 
-    spec = MatchSpec(**run_params["match"])
+    if not Path(spec.corpus).is_file():
+        raise SourceChangedError(f"the corpus {spec.corpus} of this activation run is gone; restore it or start "
+                                 "the run again with --overwrite")
     texts = read_corpus(spec.corpus)
     if corpus_fingerprint(texts) != spec.corpus_sha256:
         raise SourceChangedError(f"the corpus {spec.corpus} changed since the run was created; restore it or "
                                  "start the run again with --overwrite")
+    return texts
+
+
+def coactivation_pass(store: Store, run_params: dict[str, Any], amap: Any, source: FeatureSource,
+                      quiet: bool = False) -> CoactivationStats:
+    """Both models over the run's corpus: the co-activation statistics of the SAE's latents with
+    the atlas's features (checks the corpus is the one the run was created with)."""
+    from engine.align.pairing import PairingConfig
+    from engine.atlas.encoder import AtlasEncoder
+    from engine.models.hooks import Site
+    from engine.models.loading import load_registered
+    from engine.search import atlas_centre
+
+    spec = MatchSpec(**run_params["match"])
+    texts = check_corpus(spec)
     info = store.atlas(amap.atlas)
     atlas_enc: Any = AtlasEncoder.from_tensors(store.atlas_tensors(info.name)) if info.has_encoder else None
     if atlas_enc is None:
@@ -139,10 +149,15 @@ def save_pass(store: Store, name: str, stats: CoactivationStats, csls_k: int) ->
 
 
 def load_pass(store: Store, name: str) -> CoactivationStats | None:
-    """The recorded statistics of run ``name`` (None until saved)."""
+    """The recorded statistics of run ``name`` (None until saved). Its corpus must still be the
+    text it was computed from (`check_corpus`), as a run's map, features and atlas must: a resume
+    refuses rather than carry labels of one corpus under another's name."""
     data = store.read_run_file(name, COACT_FILE)
-    return None if data is None else CoactivationStats.load(cast(Any, io.BytesIO(data)))
+    if data is None:
+        return None
+    check_corpus(MatchSpec(**store.run(name).params["match"]))
+    return CoactivationStats.load(cast(Any, io.BytesIO(data)))
 
 
-__all__ = ["COACT_FILE", "MATCHES", "MatchSpec", "check_match", "coactivation_pass", "load_pass",
+__all__ = ["COACT_FILE", "MATCHES", "MatchSpec", "check_corpus", "check_match", "coactivation_pass", "load_pass",
            "match_spec", "save_pass", "subject_encoder"]
