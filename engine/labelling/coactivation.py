@@ -4,8 +4,10 @@ Lan et al. 2024 ("Sparse autoencoders reveal universal feature spaces across LLM
 latents of two SAEs by the correlation of their activations on the same tokens. Here the two
 sides are the subject SAE's latents on the subject's residuals and the atlas's features on the
 foundation's residuals of the same content, paired as the alignment maps pair them
-(`engine.align.pairing`: ``token`` pairing for one tokenizer, ``span`` pairing, each word's last
-piece on both sides, across tokenizers). The atlas side's activations are its encoder's
+(`engine.align.pairing`: ``token`` pairing for one tokenizer, ``span`` pairing across tokenizers:
+each word or punctuation mark, every piece encoded and the codes pooled over it, by default the
+last piece's). The correlation reads the codes' values, or (``binary``, an activation run's
+default) whether each latent fires: the phi coefficient. The atlas side's activations are its encoder's
 (`engine.atlas.encoder.AtlasEncoder`), or, for an atlas without an encoder, the projections of
 the residual on the atlas directions (`ProjectionEncoder`).
 
