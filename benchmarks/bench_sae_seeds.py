@@ -105,6 +105,7 @@ def main() -> None:
     ap.add_argument("--out-dir", default="/tmp/label-quality", help="Per-seed row files (reused when present).")
     ap.add_argument("--docs", type=int, default=1500, help="Map-fitting documents per subject.")
     ap.add_argument("--methods", default="", help="Map methods (default: every registered one).")
+    ap.add_argument("--features", default="sae,native,explain", help="Tables: sae, native, explain.")
     ap.add_argument("--confidence", help="Confidence models JSON (default: engine/labelling/confidence_default.json).")
     ap.add_argument("--json", dest="json_out")
     ap.add_argument("--markdown", help="Also write the tables as markdown to this file.")
@@ -131,7 +132,7 @@ def main() -> None:
                 continue
             t = time.perf_counter()
             r, _ = measure_world(load_world(folder), args.docs, [m for m in args.methods.split(",") if m] or None,
-                                 confidence=conf)
+                                 features=args.features.split(","), confidence=conf)
             cached.write_text(json.dumps(r, indent=1))
             rows += r
             print(f"# {size} seed {seed}: {len(r)} rows in {time.perf_counter() - t:.0f} s", flush=True)

@@ -4,9 +4,14 @@ Pairs are drawn from two `TokenBatch` records of the same texts, so pairing is a
 arrays and several pairings can share one forward pass:
 
 - ``token``: one pair per token; needs the same tokenizer (checked by fingerprint and per batch).
-- ``span``: one pair per word (run of word characters) that both tokenizations cover, each side
+- ``span``: one pair per word (a run of word characters, or one punctuation mark: a "." or "," is
+  paired like a word, so latents that fire on punctuation have a twin to co-fire with) that both
+  tokenizations cover, each side
   pooled over its pieces of that word by character offsets — ``last`` piece (default: in a causal
-  model the last piece has read the whole word) or ``mean``. Works across tokenizers.
+  model the last piece has read the whole word), ``mean`` or ``max`` (elementwise; for SAE codes
+  encoded before pooling, ``transform``: a latent fires on a word when it fires on any of its
+  pieces). Works across tokenizers; each side reads up to its own model's length
+  (``own_lengths``), so a tokenizer that splits words finely does not cut the other side short.
 - ``text``: one pair per text, ``mean``- or ``max``-pooled over its tokens.
 
 Special tokens and padding never reach this module: `engine.models.activations.collect` drops them.
@@ -15,7 +20,7 @@ Special tokens and padding never reach this module: `engine.models.activations.c
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,9 +35,9 @@ from engine.models.loading import tokenizer_fingerprint
 
 PAIRINGS: tuple[str, ...] = ("token", "span", "text")
 # How a span (word) or a text is pooled into one vector.
-SPAN_POOLS: tuple[str, ...] = ("last", "mean")
+SPAN_POOLS: tuple[str, ...] = ("last", "mean", "max")
 TEXT_POOLS: tuple[str, ...] = ("mean", "max")
-WORD_PATTERN = re.compile(r"\w+")  # a "span" is a run of word characters
+WORD_PATTERN = re.compile(r"\w+|[^\w\s]")  # a "span": a run of word characters, or one punctuation mark
 
 @dataclass
 class PairChunk:
@@ -51,7 +56,8 @@ class PairChunk:
 
 
 def word_spans(text: str) -> np.ndarray:
-    """Character spans ``(n_words, 2)`` of the words (runs of word characters) of a text."""
+    """Character spans ``(n_words, 2)`` of the words (runs of word characters) and punctuation
+    marks (one character each) of a text."""
     spans = [m.span() for m in WORD_PATTERN.finditer(text)]
     return np.asarray(spans, dtype=np.int64).reshape(-1, 2)
 
@@ -111,6 +117,9 @@ def _pool(acts: dict[int, torch.Tensor], keys: np.ndarray, pool: str) -> tuple[n
     return uniq, out
 
 
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
 def default_pool(pairing: str) -> str | None:
     return {"token": None, "span": "last", "text": "mean"}[pairing]
 
@@ -123,20 +132,25 @@ def pair_batches(
     subject_layers: Sequence[int],
     foundation_layer: int,
     pool: str | None = None,
+    transform: tuple[Transform | None, Transform | None] = (None, None),
 ) -> PairChunk:
     """Pair the subject's and the foundation's tokens of the same texts (docs/design.md §5).
 
     ``token``: one pair per token (the tokenizers must agree token for token). ``span``: one pair
-    per word present in both, each side pooled over its pieces of the word (``last`` piece or
-    ``mean``). ``text``: one pair per text, pooled over its tokens (``mean`` or ``max``).
+    per word present in both, each side pooled over its pieces of the word (``last`` piece,
+    ``mean`` or ``max``). ``text``: one pair per text, pooled over its tokens (``mean`` or
+    ``max``). ``transform`` (subject, foundation): applied to each side's token activations
+    before pooling (e.g. an SAE encoder, so a word's codes are pooled rather than encoded from a
+    pooled residual).
     """
     if sub.texts != fnd.texts:
         raise ShapeError(f"batches cover different texts: {sub.texts} vs {fnd.texts}")
     if pairing not in PAIRINGS:
         raise BadValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
     pool = pool or default_pool(pairing)
-    xs = {L: sub.acts[L] for L in subject_layers}
-    y = fnd.acts[foundation_layer]
+    tx, ty = transform
+    xs = {L: tx(sub.acts[L]) if tx else sub.acts[L] for L in subject_layers}
+    y = ty(fnd.acts[foundation_layer]) if ty else fnd.acts[foundation_layer]
     if pairing == "token":
         if sub.n_tokens != fnd.n_tokens or not np.array_equal(sub.token_id, fnd.token_id):
             raise SiteMismatchError(
@@ -223,6 +237,7 @@ def iter_batch_pairs(
     *,
     batch_size: int = 16,
     max_length: int | None = None,
+    own_lengths: bool = False,
     dtype: torch.dtype | str = torch.float32,
     cache_dir: str | Path | None = None,
     desc: str | None = "pairs",
@@ -230,17 +245,28 @@ def iter_batch_pairs(
     """Run both models over the same batches of texts, yielding their token records in step.
 
     Both sides truncate at the same ``max_length`` (the smaller of the two models' limits by
-    default), so ``token`` pairing sees the same tokens on both sides. With ``cache_dir`` each
-    side's activations are cached as shards there (see `engine.models.activations.collect`).
+    default), so ``token`` pairing sees the same tokens on both sides; with ``own_lengths`` (span
+    and text pairing, `own_lengths`) and no ``max_length`` each side reads up to its own model's
+    limit instead. With ``cache_dir`` each side's activations are cached as shards there (see
+    `engine.models.activations.collect`).
     """
     (sm, stok), (fm, ftok) = subject, foundation
-    if max_length is None:
-        max_length = min(default_max_length(sm, stok), default_max_length(fm, ftok))
-    gen_s = collect(sm, stok, texts, subject_site, batch_size, max_length=max_length, dtype=dtype,
+    lengths = (default_max_length(sm, stok), default_max_length(fm, ftok))
+    if max_length is not None:
+        lengths = (max_length, max_length)
+    elif not own_lengths:
+        lengths = (min(lengths), min(lengths))
+    gen_s = collect(sm, stok, texts, subject_site, batch_size, max_length=lengths[0], dtype=dtype,
                     shard_dir=cache_dir, desc=desc)
-    gen_f = collect(fm, ftok, texts, foundation_site, batch_size, max_length=max_length, dtype=dtype,
+    gen_f = collect(fm, ftok, texts, foundation_site, batch_size, max_length=lengths[1], dtype=dtype,
                     shard_dir=cache_dir, desc=None)
     yield from zip(gen_s, gen_f, strict=True)
+
+
+def own_lengths(pairings: Sequence[str]) -> bool:
+    """Whether a pass of these pairings may let each model read up to its own length: yes unless
+    one is ``token`` pairing (which needs the same tokens on both sides)."""
+    return "token" not in pairings
 
 
 def iter_pairs(
@@ -257,14 +283,17 @@ def iter_pairs(
     """Stream paired (subject, foundation) activations, ``max_pairs`` at most.
 
     ``subject`` and ``foundation`` are ``(model, tokenizer)``; the foundation site has one layer;
-    other keyword arguments go to `iter_batch_pairs`. ``token`` pairing checks up front that the
-    tokenizers are the same.
+    ``transform`` goes to `pair_batches`, other keyword arguments to `iter_batch_pairs` (span and
+    text pairing: each side at its own length unless ``own_lengths=False`` or ``max_length``).
+    ``token`` pairing checks up front that the tokenizers are the same.
     """
     check_pairing(pairing, subject[1], foundation[1])
     s_site, f_site = subject_site.resolved(subject[0]), foundation_site.resolved(foundation[0])
     n = 0
+    kwargs.setdefault("own_lengths", own_lengths((pairing,)))
+    transform = kwargs.pop("transform", (None, None))
     for sb, fb in iter_batch_pairs(subject, foundation, texts, s_site, f_site, **kwargs):
-        chunk = pair_batches(sb, fb, texts, pairing, s_site.layers, f_site.layer, pool)
+        chunk = pair_batches(sb, fb, texts, pairing, s_site.layers, f_site.layer, pool, transform)
         if max_pairs is not None and n + chunk.n >= max_pairs:
             yield chunk.head(max_pairs - n)
             return

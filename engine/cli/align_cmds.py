@@ -53,7 +53,8 @@ def register(cli: click.Group) -> None:
 @click.option("--pairing", type=click.Choice(["auto", "token", "span", "text"]), default="auto", show_default=True,
               help="How subject and foundation activations are paired; auto = token with one tokenizer, else span.")
 @click.option("--pool", type=click.Choice(["last", "mean", "max"]),
-              help="Pooling of a span (last | mean, default last) or a text (mean | max, default mean).")
+              help="Pooling of a span, a word or punctuation mark over its pieces (last | mean | max, default "
+                   "last), or of a text (mean | max, default mean).")
 @click.option("--max-tokens", type=int, help="Stop after this many training pairs.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Texts per forward pass.")
 @click.option("--hook", type=click.Choice(["resid_post", "resid_pre"]), default="resid_post", show_default=True,

@@ -4,8 +4,10 @@ Lan et al. 2024 ("Sparse autoencoders reveal universal feature spaces across LLM
 latents of two SAEs by the correlation of their activations on the same tokens. Here the two
 sides are the subject SAE's latents on the subject's residuals and the atlas's features on the
 foundation's residuals of the same content, paired as the alignment maps pair them
-(`engine.align.pairing`: ``token`` pairing for one tokenizer, ``span`` pairing, each word's last
-piece on both sides, across tokenizers). The atlas side's activations are its encoder's
+(`engine.align.pairing`: ``token`` pairing for one tokenizer, ``span`` pairing across tokenizers:
+each word or punctuation mark, every piece encoded and the codes pooled over it, by default the
+last piece's). The correlation reads the codes' values, or (``binary``, an activation run's
+default) whether each latent fires: the phi coefficient. The atlas side's activations are its encoder's
 (`engine.atlas.encoder.AtlasEncoder`), or, for an atlas without an encoder, the projections of
 the residual on the atlas directions (`ProjectionEncoder`).
 
@@ -36,7 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
@@ -51,6 +53,7 @@ from engine.models.hooks import Site
 if TYPE_CHECKING:
     from engine.labelling.criteria import AtlasStat
 
+SPAN_CODE_POOL = "last"  # how span pairing pools a word's codes over its pieces (engine.align.pairing.SPAN_POOLS)
 Activations: TypeAlias = Any  # (rows, latents): a numpy array or a scipy sparse matrix
 
 
@@ -273,6 +276,13 @@ def sparse_codes(acts: np.ndarray) -> sp.csr_matrix:
     return sp.csr_matrix(np.asarray(acts, dtype=np.float32))
 
 
+def binary_codes(acts: Activations) -> Activations:
+    """Whether each code fires (> 0), as 0/1 of the same kind (CSR stays CSR)."""
+    if sp.issparse(acts):
+        return (sp.csr_matrix(acts) > 0).astype(np.float32)
+    return (np.asarray(acts) > 0).astype(np.float32)
+
+
 @dataclasses.dataclass
 class CoactivationPass:
     """What one pass over paired text accumulated (per subject layer)."""
@@ -282,41 +292,64 @@ class CoactivationPass:
     n_pairs: int = 0
 
 
+def _encoding(encoder: Encoder) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda a: torch.from_numpy(np.asarray(encoder.encode(a.float().numpy()), dtype=np.float32))
+
+
 def accumulate_coactivation(subject: tuple[torch.nn.Module, Any], foundation: tuple[torch.nn.Module, Any],
                             texts: Sequence[str], sites: tuple[Site, Site], encoders: tuple[Encoder, Encoder],
                             config: PairingConfig | None = None, *, sparse: bool = False,
-                            weighted_means: bool = True, quiet: bool = False) -> CoactivationPass:
+                            weighted_means: bool = True, binary: bool = False, quiet: bool = False) -> CoactivationPass:
     """One pass of both models over ``texts``: pair their residuals at ``sites`` (subject site of
-    one layer, foundation site) as ``config`` says (its first pairing, ``token`` or ``span``; the
-    span pairing reads each word's last piece on both sides; ``max_pairs`` in corpus order,
-    ``batch_size``), encode each side (``encoders``: the subject SAE's, the atlas's or a
-    `ProjectionEncoder`) and accumulate the correlation statistics and (``weighted_means``) the
-    subject latents' weighted-mean foundation residuals. Deterministic for the same inputs."""
-    from engine.align.pairing import iter_pairs
+    one layer, foundation site) as ``config`` says (its first pairing, ``token`` or ``span``;
+    ``max_pairs`` in corpus order, ``batch_size``), encode each side (``encoders``: the subject
+    SAE's, the atlas's or a `ProjectionEncoder`) and accumulate the correlation statistics and
+    (``weighted_means``) the subject latents' weighted-mean foundation residuals. Deterministic
+    for the same inputs.
+
+    Span pairing encodes every piece of a word and pools the *codes* over the word's pieces
+    (``config.pools["span"]``, default `SPAN_CODE_POOL`; ``last``: the last piece's codes, as
+    encoding the last piece's residual), each side reading up to its own model's length; the
+    weighted means pair the pooled subject codes with the foundation's word residual pooled the
+    same way.
+
+    ``binary``: correlate whether each latent fires (code > 0) rather than how strongly, on the
+    sides that are SAE codes (not a `ProjectionEncoder`'s projections, which are dense): the
+    Pearson correlation of two indicators, the phi coefficient (`binary_codes`). The weighted
+    means always read the codes' values."""
+    from engine.align.pairing import check_pairing, iter_batch_pairs, own_lengths, pair_batches
 
     config = config or PairingConfig()
     pairing = config.pairings[0]
     if pairing not in ("token", "span"):
         raise BadValueError(f"co-activation pairs tokens or words: pairing must be token or span, got {pairing!r}")
-    subject_encoder, atlas_encoder = encoders
+    pool = config.pools.get(pairing) or (SPAN_CODE_POOL if pairing == "span" else None)
+    check_pairing(pairing, subject[1], foundation[1])
+    s_site, f_site = sites[0].resolved(subject[0]), sites[1].resolved(foundation[0])
+    L = s_site.layers[0]
+    enc_x, enc_y = _encoding(encoders[0]), _encoding(encoders[1])
     stats: CoactivationStats | None = None
     means: WeightedMeans | None = None
     n = 0
-    for chunk in iter_pairs(subject, foundation, texts, sites[0], sites[1], pairing=pairing,
-                            pool=config.pools.get(pairing), max_pairs=config.max_pairs, batch_size=config.batch_size,
-                            desc=None if quiet else "co-activation"):
-        x = chunk.x[next(iter(chunk.x))].float().numpy()
-        y = chunk.y.float().numpy()
-        ax = sparse_codes(subject_encoder.encode(x))
-        ay_dense = atlas_encoder.encode(y)
+    for sb, fb in iter_batch_pairs(subject, foundation, texts, s_site, f_site, batch_size=config.batch_size,
+                                   own_lengths=own_lengths((pairing,)), desc=None if quiet else "co-activation"):
+        codes = pair_batches(sb, fb, texts, pairing, [L], f_site.layer, pool, (enc_x, enc_y))
+        take = codes.n if config.max_pairs is None else min(codes.n, config.max_pairs - n)
+        ax = sparse_codes(codes.x[L][:take].numpy())
+        ay_dense = codes.y[:take].numpy()
         ay = sparse_codes(ay_dense) if sparse else ay_dense
+        if binary and not isinstance(encoders[1], ProjectionEncoder):
+            ay = binary_codes(ay)
         if stats is None:
             stats = CoactivationStats(ax.shape[1], ay.shape[1], sparse=sparse)
-            means = WeightedMeans(ax.shape[1], y.shape[1]) if weighted_means else None
-        stats.update(ax, ay)
+            means = WeightedMeans(ax.shape[1], fb.acts[f_site.layer].shape[1]) if weighted_means else None
+        stats.update(binary_codes(ax) if binary else ax, ay)
         if means is not None:
-            means.update(ax, y)
-        n += chunk.n
+            y = pair_batches(sb, fb, texts, pairing, [L], f_site.layer, pool, (enc_x, None)).y[:take]
+            means.update(ax, y.float().numpy())
+        n += take
+        if config.max_pairs is not None and n >= config.max_pairs:
+            break
     if stats is None:
         raise BadValueError("no paired activations: the texts gave no pairs")
     return CoactivationPass(stats, means, n)

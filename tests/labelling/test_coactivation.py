@@ -13,6 +13,7 @@ from engine.labelling.coactivation import (
     ProjectionEncoder,
     WeightedMeans,
     accumulate_coactivation,
+    binary_codes,
     sparse_codes,
     weighted_mean_scores,
 )
@@ -107,6 +108,35 @@ def test_projection_encoder_projects_on_unit_directions():
 
 def _random_topk(rng, d, n, k):
     return AtlasEncoder(rng.normal(size=(d, n)).astype(np.float32), rng.normal(size=n).astype(np.float32) * 0.1, k=k)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_firing_correlation_is_the_phi_coefficient_of_the_contingency_table(sparse):
+    """``binary`` matching correlates whether latents fire: streamed over batches, it equals the
+    phi coefficient (n11 n00 - n10 n01) / sqrt(n1. n0. n.1 n.0) counted by hand."""
+    rng = np.random.default_rng(11)
+    ax, ay = _codes(rng, 300, 9, 3), _codes(rng, 300, 7, 2)
+    st = CoactivationStats(9, 7, sparse=sparse)
+    for lo in range(0, 300, 70):
+        st.update(binary_codes(sp.csr_matrix(ax[lo:lo + 70])), binary_codes(ay[lo:lo + 70]))
+    fx, fy = ax > 0, ay > 0
+    want = np.zeros((9, 7))
+    for i in range(9):
+        for j in range(7):
+            n11 = np.sum(fx[:, i] & fy[:, j])
+            n10 = np.sum(fx[:, i] & ~fy[:, j])
+            n01 = np.sum(~fx[:, i] & fy[:, j])
+            n00 = np.sum(~fx[:, i] & ~fy[:, j])
+            want[i, j] = (n11 * n00 - n10 * n01) / np.sqrt(float((n11 + n10) * (n01 + n00) * (n11 + n01) * (n10 + n00)))
+    np.testing.assert_allclose(st.correlation(), want, atol=1e-9)
+    assert sp.issparse(binary_codes(sp.csr_matrix(ax))) and set(np.unique(binary_codes(ax))) == {0.0, 1.0}
+
+
+def test_runs_recorded_before_firing_matching_read_code_values():
+    from engine.labelling.matching import DEFAULT_BINARY, MatchSpec
+
+    old = MatchSpec(corpus="/c.txt", corpus_sha256="0" * 64, pairing="span")  # a run's params from before
+    assert old.binary is False and old.pool is None and DEFAULT_BINARY is True
 
 
 @pytest.mark.slow

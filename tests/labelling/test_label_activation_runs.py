@@ -86,8 +86,10 @@ def test_activation_run_is_the_coactivation_top_k_and_beats_the_map(sae_world, k
     fnd = world.foundation.load()
     enc_x = AtlasEncoder.from_tensors(read_directions(sae.path).encoder())
     enc_y = AtlasEncoder.from_tensors(read_directions(saes.get("foundation").path).encoder())
+    assert run.params["match"]["binary"] is True  # new runs correlate firing (the phi coefficient)
     got = accumulate_coactivation(sub, fnd, texts, (Site((amap.subject_layer,)), Site((amap.atlas_layer,))),
-                                  (enc_x, enc_y), PairingConfig((pairing,)), weighted_means=False, quiet=True)
+                                  (enc_x, enc_y), PairingConfig((pairing,)), weighted_means=False, binary=True,
+                                  quiet=True)
     corr = got.stats.correlation()
     hits = _hits(store, run.name, 5)
     scores = np.array([[h.score for h in fl.hits] for fl in iter_labels(store, run.name)])
@@ -123,3 +125,68 @@ def test_killed_activation_run_resumes_to_the_uninterrupted_rows(sae_world):
                                      corpus=str(corpus), criterion="csls", name="clean", quiet=True)
     rows = {n: store.run_label_rows(n, 0, clean.n_features) for n in ("killed", clean.name)}
     assert rows["killed"] == rows[clean.name] and len(rows["killed"]) == 3 * clean.n_features
+
+
+def test_activation_run_on_an_atlas_without_encoder_correlates_projections(sae_world):
+    """The world's concept atlas has directions only: the atlas side is the projection of each
+    foundation residual, minus the map's atlas-side centre, on each unit direction; the run's
+    scores are the brute-force Pearson correlations of the subject SAE's firing with those
+    projections (token pairing, subject A)."""
+    from engine.align.fit import align_subject
+    from engine.align.pairing import iter_pairs
+    from engine.align.request import AlignRequest
+    from engine.atlas.encoder import AtlasEncoder
+    from engine.atlas.importers import read_directions
+    from engine.models.hooks import Site
+    from engine.search import atlas_centre
+
+    store, world, saes, maps, corpus, texts = sae_world
+    sae = saes.get("subject_a")
+    info = store.atlas(world.atlas_name)
+    assert not info.has_encoder
+    [m] = [align_subject(store, AlignRequest(world.model("subject_a").name, info.name, texts[:200],
+                                             site=Site((sae.layer,)), name="to-concepts"), quiet=True)]
+    from engine.align.map import load_map
+
+    amap = load_map(store, m.name)
+    run = labelling.label_features(store, amap.name, str(sae.path), k=3, match="activations", corpus=str(corpus),
+                                   name="act-proj", quiet=True)
+    assert run.status == "done"
+    # brute force: pairs by hand, SAE codes (fires or not) against projections on the unit directions
+    sub, fnd = world.model("subject_a").load(), world.foundation.load()
+    chunks = list(iter_pairs(sub, fnd, texts, Site((amap.subject_layer,)), Site((amap.atlas_layer,)), desc=None))
+    x = np.concatenate([c.x[amap.subject_layer].float().numpy() for c in chunks])
+    y = np.concatenate([c.y.float().numpy() for c in chunks])
+    ax = (AtlasEncoder.from_tensors(read_directions(sae.path).encoder()).encode(x) > 0).astype(np.float64)
+    d = store.atlas_vectors(info.name).astype(np.float64)
+    ay = (y - atlas_centre(amap)) @ (d / np.linalg.norm(d, axis=1, keepdims=True)).T
+    axc, ayc = ax - ax.mean(0), ay - ay.mean(0)
+    den = np.outer(np.sqrt((axc ** 2).sum(0)), np.sqrt((ayc ** 2).sum(0)))
+    corr = np.where(den > 0, axc.T @ ayc / np.where(den > 0, den, 1), 0.0)
+    scores = np.array([[h.score for h in fl.hits] for fl in iter_labels(store, run.name)])
+    np.testing.assert_allclose(scores, -np.sort(-corr, axis=1)[:, :3], atol=1e-4)
+
+
+def test_resumed_activation_run_refuses_a_changed_corpus(sae_world, tmp_path):
+    """A run killed after its pass was saved resumes from the saved statistics; if its corpus was
+    edited meanwhile, the resume refuses (one line, exit 1) rather than label under the wrong name."""
+    store, world, saes, maps, corpus, texts = sae_world
+    amap, sae = maps["subject_a"], saes.get("subject_a")
+    mine = tmp_path / "corpus.txt"
+    mine.write_text("\n".join(texts[:60]) + "\n", encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ATLAS_QUIET": "1", "ATLAS_FAILPOINT": "label.batch_committed"}
+    cmd = [sys.executable, "-m", "engine.cli", "label", amap.name, "--features", str(sae.path), "--match",
+           "activations", "--corpus", str(mine), "-k", "3", "--batch", "32", "--name", "changed",
+           "--store", str(store.path), "--quiet"]
+    assert subprocess.run(cmd, env=env, capture_output=True, timeout=600).returncode == -9
+    assert store.run("changed").status == "interrupted" and "coact" in store.run("changed").params["files"]
+    env.pop("ATLAS_FAILPOINT")
+    resume = [sys.executable, "-m", "engine.cli", "label", "--resume", "changed", "--store", str(store.path), "--quiet"]
+    mine.write_text("\n".join(texts[:59]) + "\n", encoding="utf-8")
+    r = subprocess.run(resume, env=env, capture_output=True, timeout=600)
+    assert r.returncode == 1 and "changed since the run was created" in r.stderr.decode(), r.stderr.decode()
+    assert store.run("changed").n_done == 32
+    mine.write_text("\n".join(texts[:60]) + "\n", encoding="utf-8")  # restored: the resume finishes
+    r = subprocess.run(resume, env=env, capture_output=True, timeout=600)
+    assert r.returncode == 0, r.stderr.decode()
+    assert store.run("changed").status == "done"

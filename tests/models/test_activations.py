@@ -186,3 +186,53 @@ def test_text_pairing_pools_each_text(models):
     rows = np.nonzero(fb.text_index == 2)[0]
     torch.testing.assert_close(mean.y[2], fb.acts[1][rows].mean(0), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(mx.y[2], fb.acts[1][rows].max(0).values)
+
+
+def test_span_pairing_pairs_punctuation_marks_like_words(models):
+    assert word_spans("Rain fell, then stopped.").tolist() == [[0, 4], [5, 9], [9, 10], [11, 15], [16, 23], [23, 24]]
+    (sb, fb), *_ = _all(iter_batch_pairs(models["b"], models["f"], CORPUS, Site((1,)), Site((1,)), batch_size=len(CORPUS),
+                                          desc=None))
+    chunk = pair_batches(sb, fb, CORPUS, "span", [1], 1)
+    # every text ends in "." or "!": its last pair is that mark, the foundation's last token of the text
+    last_rows = [int(np.nonzero(fb.text_index == t)[0][-1]) for t in range(len(CORPUS))]
+    keys = sorted({int(k) for k in token_words(fb, CORPUS) if k >= 0})
+    ends = [keys.index((t << 32) | (len(word_spans(CORPUS[t])) - 1)) for t in range(len(CORPUS))]
+    torch.testing.assert_close(chunk.y[ends], fb.acts[1][last_rows])
+
+
+def test_span_pooling_of_transformed_pieces_is_the_brute_force(models):
+    """``transform`` runs before pooling: ``max`` pools each word's transformed pieces (SAE codes
+    of every piece), the same as transforming the tokens by hand and taking the max per word."""
+    (sb, fb), *_ = _all(iter_batch_pairs(models["b"], models["f"], CORPUS, Site((1,)), Site((1,)), batch_size=len(CORPUS),
+                                          desc=None))
+    w = torch.randn(32, 7, generator=torch.Generator().manual_seed(0))
+
+    def relu(a):
+        return torch.relu(a @ w)
+
+    got = pair_batches(sb, fb, CORPUS, "span", [1], 1, pool="max", transform=(relu, None))
+    keys = token_words(sb, CORPUS)
+    order = sorted({int(k) for k in keys if k >= 0})
+    want = torch.stack([relu(sb.acts[1][np.nonzero(keys == k)[0]]).max(0).values for k in order])
+    assert (np.bincount(np.unique(keys[keys >= 0], return_inverse=True)[1]) > 1).any()  # some words have pieces
+    torch.testing.assert_close(got.x[1], want)
+    torch.testing.assert_close(got.y, pair_batches(sb, fb, CORPUS, "span", [1], 1, pool="max").y)
+
+
+def test_span_pairing_lets_each_model_read_its_own_length(models):
+    import copy
+
+    fm, ftok = models["f"]
+    short = copy.deepcopy(ftok)
+    short.model_max_length = 4  # the foundation reads 4 tokens of each text, the subject all of its own
+    own = _all(iter_batch_pairs(models["b"], (fm, short), CORPUS, Site((1,)), Site((1,)), batch_size=len(CORPUS),
+                                own_lengths=True, desc=None))[0]
+    same = _all(iter_batch_pairs(models["b"], (fm, short), CORPUS, Site((1,)), Site((1,)), batch_size=len(CORPUS),
+                                 desc=None))[0]
+    full = _all(collect(*models["b"], CORPUS, Site((1,)), batch_size=len(CORPUS), desc=None))[0]
+    n_short = own[1].n_tokens  # the first few words of each text (the limit counts the <bos> too)
+    assert n_short == same[1].n_tokens == same[0].n_tokens and 0 < n_short <= 4 * len(CORPUS)
+    assert own[0].n_tokens == full.n_tokens > n_short
+    # span pairing: every foundation word, each covered whole by the subject's side
+    assert pair_batches(*own, CORPUS, "span", [1], 1).n == n_short
+    assert pair_batches(*same, CORPUS, "span", [1], 1).n < n_short  # the BPE side's cut splits words off

@@ -2,7 +2,8 @@
 `atlas eval labelling --world --compare`, `benchmarks/bench_label_methods.py` and
 `benchmarks/bench_sae_seeds.py`.
 
-For each subject (A: token pairing; B: span pairing, each word's last piece) one pass pairs the
+For each subject (A: token pairing; B: span pairing, each word's and punctuation mark's last
+piece, each model at its own length) one pass pairs the
 subject's SAE layer with the foundation's atlas layer over ``docs`` training documents outside
 the SAEs' labelling slice; then, against ground truth:
 
@@ -10,7 +11,10 @@ the SAEs' labelling slice; then, against ground truth:
   every registered map method (``--methods``) x criterion (``nn``, ``csls``, ``isf``) on the
   decoder rows, and by activation matching (`engine.labelling.coactivation`): correlation of the
   two SAEs' activations (``coact[enc]``) or of the subject SAE with projections on the atlas
-  directions (``coact[proj]``, an atlas without an encoder), each under ``nn`` and ``csls``; the
+  directions (``coact[proj]``, an atlas without an encoder), each under ``nn`` and ``csls``, as an
+  activation run computes it (`engine.labelling.matching.DEFAULT_BINARY`: whether each latent
+  fires, the phi coefficient), and the other way beside it (``coact[enc,values]``: Pearson of the
+  code values; ``coact[enc,phi]`` when values are the default); the
   weighted-mean residual read by the atlas encoder (``wmean[enc]``) or by cosine with the
   directions (``wmean[dirs]``). Every row carries the **oracle ceiling** (``ceiling``: the share of
   labelled subject latents whose label some atlas latent carries) and, where a confidence model
@@ -169,7 +173,7 @@ def measure_world(world: Any, docs: int = 1500, methods: Sequence[str] | None = 
 
     from engine.align.fit import fit_map
     from engine.align.methods import get_method
-    from engine.align.pairing import iter_batch_pairs, pair_batches
+    from engine.align.pairing import iter_batch_pairs, own_lengths, pair_batches
     from engine.align.stats import SufficientStats
     from engine.atlas.encoder import AtlasEncoder
     from engine.atlas.importers import read_directions
@@ -177,10 +181,12 @@ def measure_world(world: Any, docs: int = 1500, methods: Sequence[str] | None = 
         CoactivationStats,
         ProjectionEncoder,
         WeightedMeans,
+        binary_codes,
         sparse_codes,
         weighted_mean_scores,
     )
     from engine.labelling.criteria import label_topk, rerank, top_k
+    from engine.labelling.matching import DEFAULT_BINARY
     from engine.models.hooks import Site
     from engine.util import unit_rows
     from engine.world.eval.sae_labelling import score_hits
@@ -215,7 +221,7 @@ def measure_world(world: Any, docs: int = 1500, methods: Sequence[str] | None = 
     def pairs(sub: Any, L: int, texts: list[str], pairing: str) -> tuple[np.ndarray, np.ndarray]:
         xs, ys = [], []
         for sb, fb in iter_batch_pairs(sub, fnd, texts, Site((L,)).resolved(sub[0]), Site((Lf,)).resolved(fnd[0]),
-                                       batch_size=32, desc=None):
+                                       batch_size=32, own_lengths=own_lengths((pairing,)), desc=None):
             ch = pair_batches(sb, fb, texts, pairing, [L], Lf)
             xs.append(ch.x[L].float().numpy())
             ys.append(ch.y.float().numpy())
@@ -292,15 +298,19 @@ def measure_world(world: Any, docs: int = 1500, methods: Sequence[str] | None = 
             encoders: tuple[tuple[str, Any], ...] = (("enc", atlas_enc),
                                                      ("proj", ProjectionEncoder(atlas_dec, centre=y.mean(0))))
             for name, enc in encoders:
-                st = CoactivationStats(sub_dec.shape[0], atlas_dec.shape[0])
                 ay = enc.encode(y)
-                st.update(ax, sparse_codes(ay) if name == "enc" else ay)
-                corr = st.correlation()
-                add(f"coact[{name}]+nn", st.top_matches(5)[1], corr, "activations")
-                cs, ci = st.top_matches(32)
-                add(f"coact[{name}]+csls", rerank(cs, ci, "csls", st.atlas_side(k=10), 5)[1])
-                if name == "enc":
-                    mats[(key, "coact")] = corr
+                ay = sparse_codes(ay) if name == "enc" else ay
+                # an activation run's default: whether each latent fires (phi); "values": Pearson of the codes
+                for binary in (True, False):
+                    st = CoactivationStats(sub_dec.shape[0], atlas_dec.shape[0])
+                    st.update(binary_codes(ax) if binary else ax, binary_codes(ay) if binary and name == "enc" else ay)
+                    tag = name if binary == DEFAULT_BINARY else f"{name},{'phi' if binary else 'values'}"
+                    corr = st.correlation()
+                    add(f"coact[{tag}]+nn", st.top_matches(5)[1], corr, "activations")
+                    cs, ci = st.top_matches(32)
+                    add(f"coact[{tag}]+csls", rerank(cs, ci, "csls", st.atlas_side(k=10), 5)[1])
+                    if name == "enc" and binary == DEFAULT_BINARY:
+                        mats[(key, "coact")] = corr
             wm = WeightedMeans(sub_dec.shape[0], y.shape[1])
             wm.update(ax, y)
             add("wmean[enc]+nn", top_k(weighted_mean_scores(wm.means(), atlas_enc), 5)[1])
