@@ -7,7 +7,13 @@ machine is shared), each figure the median over the repetitions, as GFLOP/s (2·
 - ``gemm``: the bare matrix products of the same tiles, nothing else (the bound);
 - ``faiss``: FAISS's own ``IndexFlatIP.search`` (its bundled OpenBLAS, heap top-k);
 - ``engine``: the engine's Flat index (`indexes.FaissIndex.search` → `indexes.exact`: blocked
-  GEMM through numpy's BLAS + threshold top-k).
+  GEMM through numpy's BLAS + threshold top-k);
+- ``previous``: `indexes.exact` as it was at git revision ``--previous`` (default the base of
+  issue 26), loaded from git into this process, so the gain is measured in the same run.
+
+The bare GEMM uses numpy's BLAS on all cores over (1024 × 16384) tiles, the fastest tiling
+measured for one multi-threaded GEMM; it does not follow the engine's tile sizes, so the bound
+stays put when they change.
 
 It also prints which BLAS core each library picked (the cause found for FAISS's rate) and checks
 that the engine's results equal FAISS's (same top-1 on every query, scores within 1e-5).
@@ -31,8 +37,10 @@ import glob
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +48,23 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import indexes  # noqa: E402
-from indexes.exact import BASE_BLOCK, QUERY_BLOCK  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+GEMM_TILE = (1024, 16384)  # the bare GEMM's (queries, base rows) per product
+PREVIOUS = "01ebf20"  # the base of issue 26
+
+
+def previous_module(rev: str, path: str = "indexes/exact.py") -> types.ModuleType | None:
+    """``path`` as it was at git revision ``rev``, loaded as a module (None outside a git checkout)."""
+    try:
+        src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], capture_output=True, text=True,
+                             check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    mod = types.ModuleType(f"previous_{path.replace('/', '_').removesuffix('.py')}")
+    sys.modules[mod.__name__] = mod  # dataclasses and annotations look the module up
+    exec(compile(src, f"{rev}:{path}", "exec"), mod.__dict__)
+    return mod
 
 
 def blas_cores() -> dict[str, str]:
@@ -76,6 +100,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--ivf", type=int, help="measure the IVF-Flat path with this many lists")
     ap.add_argument("--nprobe", default="8,32,128", help="with --ivf: the nprobe values to measure")
+    ap.add_argument("--previous", default=PREVIOUS, help="git revision of the previous code to time against ('' skips it)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -94,16 +119,19 @@ def main() -> None:
     bare_faiss.add(x)
     engine = indexes.create_index(args.d, "Flat")
     engine.add(x, np.arange(args.n))
-    tile = np.empty((QUERY_BLOCK, BASE_BLOCK), dtype=np.float32)
+    tile = np.empty(GEMM_TILE, dtype=np.float32)
 
     def gemm():
-        for a in range(0, args.queries, QUERY_BLOCK):
-            for b in range(0, args.n, BASE_BLOCK):
-                qa, xb = q[a : a + QUERY_BLOCK], x[b : b + BASE_BLOCK]
+        for a in range(0, args.queries, GEMM_TILE[0]):
+            for b in range(0, args.n, GEMM_TILE[1]):
+                qa, xb = q[a : a + GEMM_TILE[0]], x[b : b + GEMM_TILE[1]]
                 np.matmul(qa, xb.T, out=tile[: len(qa), : len(xb)])
 
     results: dict[str, object] = {}
     runs = {"gemm": gemm, "faiss": lambda: bare_faiss.search(q, args.k), "engine": lambda: engine.search(q, args.k)}
+    old = previous_module(args.previous) if args.previous else None
+    if old is not None:
+        runs["previous"] = lambda: old.topk_inner_product(q, x, args.k)
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.reps):
         for name, fn in runs.items():
@@ -118,6 +146,8 @@ def main() -> None:
         "gflops": {k: round(v, 1) for k, v in rate.items()},
         "engine_over_gemm": round(rate["engine"] / rate["gemm"], 3),
         "faiss_over_gemm": round(rate["faiss"] / rate["gemm"], 3),
+        "engine_over_faiss": round(rate["engine"] / rate["faiss"], 3),
+        **({"previous_over_gemm": round(rate["previous"] / rate["gemm"], 3)} if "previous" in rate else {}),
         "same_top1": float(np.mean(fi[:, 0] == ei[:, 0])),
         "max_score_diff": float(np.abs(fs - es).max()),
         "blas": blas_cores(), "threads": {"faiss_omp": faiss.omp_get_max_threads()},

@@ -39,8 +39,9 @@ def _same_up_to_ties(q, x, got_s, got_i, want_s, ids=None):
     assert all(len(set(r)) == len(r) for r in got_i.tolist())  # no id twice in a row
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("blocks", [(7, 33), (64, 1000), (1024, 16384)])
-def test_blocked_gemm_topk_equals_faiss_with_ties(blocks):
+def test_blocked_gemm_topk_equals_faiss_with_ties(blocks, threads):
     rng = np.random.default_rng(0)
     x = _unit(clustered_directions(900, 32, seed=1))
     x[450:500] = x[400:450]  # exact duplicates: ties across tiles
@@ -48,7 +49,7 @@ def test_blocked_gemm_topk_equals_faiss_with_ties(blocks):
     flat = faiss_backend.faiss.IndexFlatIP(32)
     flat.add(x)
     want_s, _ = flat.search(q, 10)
-    got_s, got_i = topk_inner_product(q, x, 10, query_block=blocks[0], base_block=blocks[1])
+    got_s, got_i = topk_inner_product(q, x, 10, query_block=blocks[0], base_block=blocks[1], threads=threads)
     _same_up_to_ties(q, x, got_s, got_i, want_s)
 
 
