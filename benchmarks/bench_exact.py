@@ -24,7 +24,9 @@ that the engine's results equal FAISS's (same top-1 on every query, scores withi
 With ``--ivf NLIST`` it measures the IVF-Flat path instead (`indexes.ivf`: the queries that probe
 a list scored against it in one GEMM) on SAE-like vectors (`bench_ann_scale.sae_like`): FAISS's own
 ``IndexIVFFlat.search`` against the engine's search of the same index, for each ``--nprobe``,
-alternated as above, with the share of returned ids the two agree on::
+alternated as above, with the share of returned ids the two agree on, the scoring rate (the
+flops of the scores an IVF search computes, 2·d per probed list vector, over its time) against a
+bare GEMM of as many flops, and the previous code (``--previous``)::
 
     python benchmarks/bench_exact.py --ivf 1024 --nprobe 8,32,128 --queries 16384 -k 10
 """
@@ -164,6 +166,8 @@ def ivf_main(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_ann_scale import perturb, sae_like
 
+    from indexes.exact import topk_inner_product
+
     rng = np.random.default_rng(0)
     base = rng.normal(size=(4096, args.d)).astype(np.float32)
     x = sae_like(args.n, base, 3, 0.3, rng)
@@ -172,10 +176,26 @@ def ivf_main(args: argparse.Namespace) -> None:
     engine = indexes.create_index(args.d, f"IVF{args.ivf},Flat")
     engine.train(x[: min(args.n, 64 * args.ivf)])
     engine.add(x, np.arange(args.n))
+    centroids, lists = engine._ivf_lists()  # type: ignore[attr-defined, misc]
+    sizes = np.array([len(v) for v, _ in lists])
+    old = previous_module(args.previous, "indexes/ivf.py") if args.previous else None
+    tile = np.empty(GEMM_TILE, dtype=np.float32)
+    xg, qg = x[: GEMM_TILE[1]], q[: GEMM_TILE[0]]
     rows = []
     for nprobe in [int(v) for v in args.nprobe.split(",")]:
-        faiss.extract_index_ivf(engine._index).nprobe = nprobe
-        runs = {"faiss": lambda: engine._index.search(q, args.k), "engine": lambda: engine.search(q, args.k)}
+        faiss.extract_index_ivf(engine._index).nprobe = nprobe  # type: ignore[attr-defined]
+        probe = topk_inner_product(q, centroids, nprobe)[1]
+        gflop = 2 * args.d * float(sizes[probe].sum()) / 1e9  # the scores an IVF search computes
+        gemm_reps = max(1, round(gflop / (2 * args.d * GEMM_TILE[0] * len(xg) / 1e9)))
+
+        def gemm(reps: int = gemm_reps) -> None:  # bare GEMM of as many flops, the bound
+            for _ in range(reps):
+                np.matmul(qg, xg.T, out=tile[: len(qg), : len(xg)])
+
+        runs = {"gemm": gemm, "faiss": lambda: engine._index.search(q, args.k),  # type: ignore[attr-defined]
+                "engine": lambda: engine.search(q, args.k)}
+        if old is not None:
+            runs["previous"] = lambda p=nprobe: old.ivf_topk(q, centroids, lists, args.k, p)
         times: dict[str, list[float]] = {name: [] for name in runs}
         results = {}
         for _ in range(args.reps):
@@ -184,10 +204,17 @@ def ivf_main(args: argparse.Namespace) -> None:
                 results[name] = fn()
                 times[name].append(time.perf_counter() - t0)
         med = {name: statistics.median(ts) for name, ts in times.items()}
+        gemm_rate = gemm_reps * 2 * args.d * len(qg) * len(xg) / 1e9 / med["gemm"]
         fi, ei = results["faiss"][1], results["engine"][1]
-        rows.append({"nprobe": nprobe, "faiss_s": round(med["faiss"], 3), "engine_s": round(med["engine"], 3),
-                     "speedup": round(med["faiss"] / med["engine"], 2),
-                     "same_ids": float(np.mean([len(set(a) & set(b)) / args.k for a, b in zip(fi, ei)]))})
+        row = {"nprobe": nprobe, "gflop": round(gflop, 1), "faiss_s": round(med["faiss"], 3),
+               "engine_s": round(med["engine"], 3), "speedup": round(med["faiss"] / med["engine"], 2),
+               "engine_over_gemm": round(gflop / med["engine"] / gemm_rate, 3),
+               "gemm_gflops": round(gemm_rate, 1),
+               "same_ids": float(np.mean([len(set(a) & set(b)) / args.k for a, b in zip(fi, ei)]))}
+        if "previous" in med:
+            row["previous_s"] = round(med["previous"], 3)
+            row["previous_over_gemm"] = round(gflop / med["previous"] / gemm_rate, 3)
+        rows.append(row)
         print(rows[-1], flush=True)
     out = {"n": args.n, "d": args.d, "lists": args.ivf, "queries": args.queries, "k": args.k, "reps": args.reps,
            "rows": rows, "threads": {"faiss_omp": faiss.omp_get_max_threads()}, "load_avg_1min": os.getloadavg()[0]}

@@ -95,6 +95,8 @@ def test_ivf_gemm_search_equals_faiss_ivf_search_with_ties(tmp_path, nprobe):
     assert all(len(set(r) - {-1}) == (r >= 0).sum() for r in got_i)  # no id twice in a row
     centroids, lists = ix._ivf_lists()
     small_s, small_i = ivf_topk(q, centroids, lists, 10, nprobe, query_block=97)  # blocks split the batch
+    one_s, _ = ivf_topk(q, centroids, lists, 10, nprobe, threads=1)  # one worker, not one per core
+    np.testing.assert_allclose(one_s[found], got_s[found], atol=1e-5)
     np.testing.assert_allclose(small_s[found], got_s[found], atol=1e-5)
     np.testing.assert_array_equal(small_i >= 0, found)
     all_s, _ = ivf_topk(q[:50], centroids, lists, 10, nprobe=99)  # nprobe > lists: exact search
