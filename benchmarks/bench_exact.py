@@ -102,6 +102,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--ivf", type=int, help="measure the IVF-Flat path with this many lists")
     ap.add_argument("--nprobe", default="8,32,128", help="with --ivf: the nprobe values to measure")
+    ap.add_argument("--device", help="measure the torch path (indexes.torch_search) on this device instead")
+    ap.add_argument("--dtype", default=None, help="with --device: the GEMM's precision (default float16 on CUDA)")
     ap.add_argument("--previous", default=PREVIOUS, help="git revision of the previous code to time against ('' skips it)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -110,6 +112,8 @@ def main() -> None:
 
     if args.ivf:
         return ivf_main(args)
+    if args.device:
+        return device_main(args)
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.n, args.d)).astype(np.float32)
@@ -218,6 +222,40 @@ def ivf_main(args: argparse.Namespace) -> None:
         print(rows[-1], flush=True)
     out = {"n": args.n, "d": args.d, "lists": args.ivf, "queries": args.queries, "k": args.k, "reps": args.reps,
            "rows": rows, "threads": {"faiss_omp": faiss.omp_get_max_threads()}, "load_avg_1min": os.getloadavg()[0]}
+    print(json.dumps(out, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+
+
+def device_main(args: argparse.Namespace) -> None:
+    """1M x 1M on one GPU (``--device cuda --n 1000000 --queries 1000000``): the torch path's time,
+    its rate, and its top-k checked on a sample of queries against a float32 GEMM on the same device."""
+    import torch
+
+    from indexes.torch_search import topk_inner_product_torch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(args.n, args.d, generator=g), dim=1).numpy()
+    q = torch.nn.functional.normalize(torch.randn(args.queries, args.d, generator=g), dim=1).numpy()
+    dev = torch.device(args.device)
+    gflop = 2 * args.n * args.d * args.queries / 1e9
+    times = []
+    for _ in range(args.reps):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        s, i = topk_inner_product_torch(q, x, args.k, device=args.device, dtype=args.dtype)
+        times.append(time.perf_counter() - t0)
+    sample = np.random.default_rng(1).choice(args.queries, min(1024, args.queries), replace=False)
+    with torch.inference_mode():
+        full = torch.from_numpy(q[sample]).to(dev) @ torch.from_numpy(x).to(dev).T  # float32 reference
+        want_s, want_i = (t.cpu().numpy() for t in torch.topk(full, args.k, dim=1))
+    recall = float(np.mean([len(set(a) & set(b)) / args.k for a, b in zip(i[sample], want_i)]))
+    out = {"device": args.device, "name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+           "dtype": args.dtype or ("float16" if dev.type == "cuda" else "float32"), "n": args.n, "d": args.d,
+           "queries": args.queries, "k": args.k, "seconds": [round(t, 2) for t in times],
+           "gflops": round(gflop / min(times), 1), f"recall@{args.k}_vs_fp32": recall,
+           "max_score_diff": float(np.abs(s[sample] - want_s).max()), "load_avg_1min": os.getloadavg()[0]}
     print(json.dumps(out, indent=2))
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
