@@ -7,21 +7,28 @@ third-party package's) are plug-ins: entry points of the group ``concept_atlas.c
 is a ``register(cli)`` function (`load_plugins`). The core CLI imports no world module.
 Errors the engine raises for user mistakes (`engine.errors.AtlasError`) become one-line messages
 with exit code 1, never tracebacks.
+
+Command modules load on demand (`LazyCommands`, issue 26): ``atlas show`` imports the modules in
+`_COMMAND_MODULES` order until one registers ``show`` (the store commands, the first), and no
+plug-in, so a one-shot read pays for the imports it needs; listing the commands (``--help``,
+``cli.commands`` iterated) loads them all.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import pkgutil
 import sys
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from engine import __version__
 from engine.errors import AtlasError
+
+if TYPE_CHECKING:
+    import importlib.metadata
 
 
 class AtlasGroup(click.Group):
@@ -71,6 +78,8 @@ BUILTIN_PLUGINS = "engine.cli.plugins"  # the package of the built-in plug-ins
 
 def plugin_entry_points() -> list[importlib.metadata.EntryPoint]:
     """The installed distributions' entry points of `PLUGIN_GROUP`."""
+    import importlib.metadata  # ~0.1 s: only where a plug-in is looked for
+
     return list(importlib.metadata.entry_points(group=PLUGIN_GROUP))
 
 
@@ -106,9 +115,61 @@ def load_plugins(group: click.Group, entry_points: Iterable[importlib.metadata.E
     return loaded
 
 
-for _name in _COMMAND_MODULES:
-    importlib.import_module(_name).register(cli)
-load_plugins(cli)
+
+
+class LazyCommands(dict):
+    """A group's ``commands`` that imports command modules when a name is looked up: the modules of
+    `_COMMAND_MODULES` in order until one registers it, then the plug-ins; all of them when the
+    names are listed (iteration, ``len``, ``keys``/``values``/``items``). Adding a command does not load."""
+
+    def __init__(self, group: click.Group, modules: list[str]) -> None:
+        super().__init__()
+        self._group, self._pending, self._plugins = group, list(modules), True
+
+    def _load_until(self, name: str | None) -> None:
+        while name is None or not dict.__contains__(self, name):
+            if self._pending:
+                importlib.import_module(self._pending.pop(0)).register(self._group)
+            elif self._plugins:
+                self._plugins = False
+                load_plugins(self._group)
+            else:
+                return
+
+    def get(self, name: str, default: Any = None) -> Any:
+        self._load_until(name)
+        return dict.get(self, name, default)
+
+    def __getitem__(self, name: str) -> click.Command:
+        self._load_until(name)
+        return dict.__getitem__(self, name)
+
+    def __contains__(self, name: object) -> bool:
+        self._load_until(str(name))
+        return dict.__contains__(self, name)
+
+    def __iter__(self) -> Any:
+        self._load_until(None)
+        return dict.__iter__(self)
+
+    def __len__(self) -> int:
+        self._load_until(None)
+        return dict.__len__(self)
+
+    def keys(self) -> Any:
+        self._load_until(None)
+        return dict.keys(self)
+
+    def values(self) -> Any:
+        self._load_until(None)
+        return dict.values(self)
+
+    def items(self) -> Any:
+        self._load_until(None)
+        return dict.items(self)
+
+
+cli.commands = LazyCommands(cli, _COMMAND_MODULES)
 
 
 def main() -> None:
