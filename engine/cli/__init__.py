@@ -115,8 +115,6 @@ def load_plugins(group: click.Group, entry_points: Iterable[importlib.metadata.E
     return loaded
 
 
-
-
 class LazyCommands(dict):
     """A group's ``commands`` that imports command modules when a name is looked up: the modules of
     `_COMMAND_MODULES` in order until one registers it, then the plug-ins; all of them when the
@@ -148,25 +146,18 @@ class LazyCommands(dict):
         self._load_until(str(name))
         return dict.__contains__(self, name)
 
-    def __iter__(self) -> Any:
-        self._load_until(None)
-        return dict.__iter__(self)
 
-    def __len__(self) -> int:
+def _listing(name: str) -> Callable[..., Any]:
+    """``dict.<name>`` after every command module and plug-in is loaded (the names are listed)."""
+    def method(self: LazyCommands, *args: Any) -> Any:
         self._load_until(None)
-        return dict.__len__(self)
+        return getattr(dict, name)(self, *args)
 
-    def keys(self) -> Any:
-        self._load_until(None)
-        return dict.keys(self)
+    return method
 
-    def values(self) -> Any:
-        self._load_until(None)
-        return dict.values(self)
 
-    def items(self) -> Any:
-        self._load_until(None)
-        return dict.items(self)
+for _method in ("__iter__", "__len__", "keys", "values", "items"):
+    setattr(LazyCommands, _method, _listing(_method))
 
 
 cli.commands = LazyCommands(cli, _COMMAND_MODULES)
