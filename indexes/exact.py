@@ -13,8 +13,8 @@ What the first version lost against the bare GEMM (issue 26), and what is done i
 
 - the filter (a comparison and a scan per score) ran on one core while the GEMM used all: now
   each worker thread (`workers`, one per core) takes whole query blocks — its own single-threaded
-  GEMM, filter and merge — so every step runs on every core (`blas_threads` pins numpy's BLAS to
-  one thread meanwhile);
+  GEMM, filter and merge — so every step runs on every core (`one_blas_thread` pins numpy's BLAS
+  to one thread meanwhile);
 - the score tile (1024 × 16384, 64 MiB) did not fit the cache, so the filter read it back from
   memory: a (512 × 4096) tile per worker, 8 MiB, stays in the 32 MiB L3 between the GEMM that
   writes it and the comparison that reads it;
@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
@@ -50,18 +52,31 @@ def workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-@contextlib.contextmanager
-def blas_threads(n: int) -> Iterator[None]:
-    """numpy's BLAS limited to ``n`` threads inside the block (a no-op without threadpoolctl).
+_BLAS_LOCK = threading.Lock()
+_BLAS_HELD: list[Any] = []  # the limit in force while searches run, one entry per search (the first's object)
 
-    The limit is the process's: a BLAS call another thread makes meanwhile runs with ``n`` too."""
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """numpy's BLAS at one thread inside the block (a no-op without threadpoolctl).
+
+    The limit is the process's: the first search to enter sets it, the last to leave restores
+    the original, so searches in several threads (a server) never leave it set behind them; a
+    BLAS call another thread makes meanwhile runs on one thread too."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
         yield
         return
-    with threadpool_limits(limits=n, user_api="blas"):
+    with _BLAS_LOCK:
+        _BLAS_HELD.append(_BLAS_HELD[0] if _BLAS_HELD else threadpool_limits(limits=1, user_api="blas"))
+    try:
         yield
+    finally:
+        with _BLAS_LOCK:
+            limit = _BLAS_HELD.pop()
+            if not _BLAS_HELD:
+                limit.restore_original_limits()
 
 
 def merge_topk(best_s: np.ndarray, best_i: np.ndarray, rows: np.ndarray, cand_s: np.ndarray,
@@ -145,7 +160,7 @@ def topk_inner_product(q: np.ndarray, xb: np.ndarray, k: int, ids: np.ndarray | 
     if n_threads == 1:
         run(starts)
     else:
-        with blas_threads(1), ThreadPoolExecutor(n_threads) as pool:
+        with one_blas_thread(), ThreadPoolExecutor(n_threads) as pool:
             for f in [pool.submit(run, starts[t::n_threads]) for t in range(n_threads)]:
                 f.result()
     if ids is not None:

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from indexes.exact import blas_threads, kth_best, topk_inner_product, workers
+from indexes.exact import kth_best, one_blas_thread, topk_inner_product, workers
 
 QUERY_BLOCK = 32768  # queries per pass: with nprobe 32 over 4,096 lists, ~256 queries share a list
 
@@ -54,7 +54,7 @@ def _score_lists(work: Sequence[int], score: Callable[[int], Found | None], n_th
     if n_threads <= 1 or len(work) < 2:
         return run(work)
     # interleaved: neighbouring lists (similar sizes after k-means) go to different workers
-    with blas_threads(1), ThreadPoolExecutor(n_threads) as pool:
+    with one_blas_thread(), ThreadPoolExecutor(n_threads) as pool:
         parts = [pool.submit(run, work[t::n_threads]) for t in range(n_threads)]
         return [f for p in parts for f in p.result()]
 

@@ -265,3 +265,25 @@ def test_quantised_spec_reranks_its_candidates_from_the_vector_file(tmp_path):
     np.testing.assert_allclose(np.take_along_axis(q @ _unit(x).T, rr_i, 1), rr_s, atol=1e-5)
     assert not np.allclose(np.take_along_axis(q @ _unit(x).T, plain_i, 1), plain_s, atol=1e-5)
     assert fresh.verify_index("rr").ok
+
+
+def test_searches_in_several_threads_leave_the_blas_threads_as_they_were():
+    """Each search holds numpy's BLAS at one thread while its workers run; searches that overlap in
+    a server's threads restore the original count when the last one ends, whatever the order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_info
+
+    def blas() -> list[int]:
+        return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+    before = blas()
+    rng = np.random.default_rng(9)
+    x = _unit(rng.normal(size=(4000, 16)).astype(np.float32))
+    q = _unit(rng.normal(size=(300, 16)).astype(np.float32))
+    want = topk_inner_product(q, x, 5, threads=1)[0]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda b: topk_inner_product(q, x, 5, query_block=b, threads=2)[0], [7, 50, 64, 128] * 3))
+    assert blas() == before
+    for s in got:
+        np.testing.assert_allclose(s, want, atol=1e-5)
