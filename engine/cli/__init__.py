@@ -8,10 +8,13 @@ is a ``register(cli)`` function (`load_plugins`). The core CLI imports no world 
 Errors the engine raises for user mistakes (`engine.errors.AtlasError`) become one-line messages
 with exit code 1, never tracebacks.
 
-Command modules load on demand (`LazyCommands`, issue 26): ``atlas show`` imports the modules in
-`_COMMAND_MODULES` order until one registers ``show`` (the store commands, the first), and no
-plug-in, so a one-shot read pays for the imports it needs; listing the commands (``--help``,
-``cli.commands`` iterated) loads them all.
+The core's command modules load on demand (`LazyCommands`, issue 26): ``atlas show`` imports the
+modules in `_COMMAND_MODULES` order until one registers ``show`` (the store commands, the first),
+so a one-shot read does not import the alignment, labelling or steering commands; listing the
+commands (``--help``, ``cli.commands`` iterated) loads them all. The plug-ins load with this
+module, as before: they also install ConceptWorld into the core's registries (the ``native:``
+feature source, its model loader), which commands of other modules use; loading them costs
+~20 ms once the store is imported (they import no torch).
 """
 
 from __future__ import annotations
@@ -117,22 +120,16 @@ def load_plugins(group: click.Group, entry_points: Iterable[importlib.metadata.E
 
 class LazyCommands(dict):
     """A group's ``commands`` that imports command modules when a name is looked up: the modules of
-    `_COMMAND_MODULES` in order until one registers it, then the plug-ins; all of them when the
-    names are listed (iteration, ``len``, ``keys``/``values``/``items``). Adding a command does not load."""
+    ``modules`` in order until one registers it; all of them when the names are listed (iteration,
+    ``len``, ``keys``/``values``/``items``). Adding a command does not load."""
 
     def __init__(self, group: click.Group, modules: list[str]) -> None:
         super().__init__()
-        self._group, self._pending, self._plugins = group, list(modules), True
+        self._group, self._pending = group, list(modules)
 
     def _load_until(self, name: str | None) -> None:
-        while name is None or not dict.__contains__(self, name):
-            if self._pending:
-                importlib.import_module(self._pending.pop(0)).register(self._group)
-            elif self._plugins:
-                self._plugins = False
-                load_plugins(self._group)
-            else:
-                return
+        while self._pending and (name is None or not dict.__contains__(self, name)):
+            importlib.import_module(self._pending.pop(0)).register(self._group)
 
     def get(self, name: str, default: Any = None) -> Any:
         self._load_until(name)
@@ -161,6 +158,7 @@ for _method in ("__iter__", "__len__", "keys", "values", "items"):
 
 
 cli.commands = LazyCommands(cli, _COMMAND_MODULES)
+load_plugins(cli)
 
 
 def main() -> None:
