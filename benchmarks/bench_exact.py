@@ -7,7 +7,13 @@ machine is shared), each figure the median over the repetitions, as GFLOP/s (2·
 - ``gemm``: the bare matrix products of the same tiles, nothing else (the bound);
 - ``faiss``: FAISS's own ``IndexFlatIP.search`` (its bundled OpenBLAS, heap top-k);
 - ``engine``: the engine's Flat index (`indexes.FaissIndex.search` → `indexes.exact`: blocked
-  GEMM through numpy's BLAS + threshold top-k).
+  GEMM through numpy's BLAS + threshold top-k);
+- ``previous``: `indexes.exact` as it was at git revision ``--previous`` (default the base of
+  issue 26), loaded from git into this process, so the gain is measured in the same run.
+
+The bare GEMM uses numpy's BLAS on all cores over (1024 × 16384) tiles, the fastest tiling
+measured for one multi-threaded GEMM; it does not follow the engine's tile sizes, so the bound
+stays put when they change.
 
 It also prints which BLAS core each library picked (the cause found for FAISS's rate) and checks
 that the engine's results equal FAISS's (same top-1 on every query, scores within 1e-5).
@@ -18,7 +24,9 @@ that the engine's results equal FAISS's (same top-1 on every query, scores withi
 With ``--ivf NLIST`` it measures the IVF-Flat path instead (`indexes.ivf`: the queries that probe
 a list scored against it in one GEMM) on SAE-like vectors (`bench_ann_scale.sae_like`): FAISS's own
 ``IndexIVFFlat.search`` against the engine's search of the same index, for each ``--nprobe``,
-alternated as above, with the share of returned ids the two agree on::
+alternated as above, with the share of returned ids the two agree on, the scoring rate (the
+flops of the scores an IVF search computes, 2·d per probed list vector, over its time) against a
+bare GEMM of as many flops, and the previous code (``--previous``)::
 
     python benchmarks/bench_exact.py --ivf 1024 --nprobe 8,32,128 --queries 16384 -k 10
 """
@@ -31,8 +39,10 @@ import glob
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +50,23 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import indexes  # noqa: E402
-from indexes.exact import BASE_BLOCK, QUERY_BLOCK  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+GEMM_TILE = (1024, 16384)  # the bare GEMM's (queries, base rows) per product
+PREVIOUS = "01ebf20"  # the base of issue 26
+
+
+def previous_module(rev: str, path: str = "indexes/exact.py") -> types.ModuleType | None:
+    """``path`` as it was at git revision ``rev``, loaded as a module (None outside a git checkout)."""
+    try:
+        src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], capture_output=True, text=True,
+                             check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    mod = types.ModuleType(f"previous_{path.replace('/', '_').removesuffix('.py')}")
+    sys.modules[mod.__name__] = mod  # dataclasses and annotations look the module up
+    exec(compile(src, f"{rev}:{path}", "exec"), mod.__dict__)
+    return mod
 
 
 def blas_cores() -> dict[str, str]:
@@ -76,6 +102,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--ivf", type=int, help="measure the IVF-Flat path with this many lists")
     ap.add_argument("--nprobe", default="8,32,128", help="with --ivf: the nprobe values to measure")
+    ap.add_argument("--device", help="measure the torch path (indexes.torch_search) on this device instead")
+    ap.add_argument("--dtype", default=None, help="with --device: the GEMM's precision (default float16 on CUDA)")
+    ap.add_argument("--previous", default=PREVIOUS, help="git revision of the previous code to time against ('' skips it)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -83,6 +112,8 @@ def main() -> None:
 
     if args.ivf:
         return ivf_main(args)
+    if args.device:
+        return device_main(args)
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.n, args.d)).astype(np.float32)
@@ -94,16 +125,19 @@ def main() -> None:
     bare_faiss.add(x)
     engine = indexes.create_index(args.d, "Flat")
     engine.add(x, np.arange(args.n))
-    tile = np.empty((QUERY_BLOCK, BASE_BLOCK), dtype=np.float32)
+    tile = np.empty(GEMM_TILE, dtype=np.float32)
 
     def gemm():
-        for a in range(0, args.queries, QUERY_BLOCK):
-            for b in range(0, args.n, BASE_BLOCK):
-                qa, xb = q[a : a + QUERY_BLOCK], x[b : b + BASE_BLOCK]
+        for a in range(0, args.queries, GEMM_TILE[0]):
+            for b in range(0, args.n, GEMM_TILE[1]):
+                qa, xb = q[a : a + GEMM_TILE[0]], x[b : b + GEMM_TILE[1]]
                 np.matmul(qa, xb.T, out=tile[: len(qa), : len(xb)])
 
     results: dict[str, object] = {}
     runs = {"gemm": gemm, "faiss": lambda: bare_faiss.search(q, args.k), "engine": lambda: engine.search(q, args.k)}
+    old = previous_module(args.previous) if args.previous else None
+    if old is not None:
+        runs["previous"] = lambda: old.topk_inner_product(q, x, args.k)
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.reps):
         for name, fn in runs.items():
@@ -118,6 +152,8 @@ def main() -> None:
         "gflops": {k: round(v, 1) for k, v in rate.items()},
         "engine_over_gemm": round(rate["engine"] / rate["gemm"], 3),
         "faiss_over_gemm": round(rate["faiss"] / rate["gemm"], 3),
+        "engine_over_faiss": round(rate["engine"] / rate["faiss"], 3),
+        **({"previous_over_gemm": round(rate["previous"] / rate["gemm"], 3)} if "previous" in rate else {}),
         "same_top1": float(np.mean(fi[:, 0] == ei[:, 0])),
         "max_score_diff": float(np.abs(fs - es).max()),
         "blas": blas_cores(), "threads": {"faiss_omp": faiss.omp_get_max_threads()},
@@ -134,6 +170,8 @@ def ivf_main(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_ann_scale import perturb, sae_like
 
+    from indexes.exact import topk_inner_product
+
     rng = np.random.default_rng(0)
     base = rng.normal(size=(4096, args.d)).astype(np.float32)
     x = sae_like(args.n, base, 3, 0.3, rng)
@@ -142,10 +180,26 @@ def ivf_main(args: argparse.Namespace) -> None:
     engine = indexes.create_index(args.d, f"IVF{args.ivf},Flat")
     engine.train(x[: min(args.n, 64 * args.ivf)])
     engine.add(x, np.arange(args.n))
+    centroids, lists = engine._ivf_lists()  # type: ignore[attr-defined, misc]
+    sizes = np.array([len(v) for v, _ in lists])
+    old = previous_module(args.previous, "indexes/ivf.py") if args.previous else None
+    tile = np.empty(GEMM_TILE, dtype=np.float32)
+    xg, qg = x[: GEMM_TILE[1]], q[: GEMM_TILE[0]]
     rows = []
     for nprobe in [int(v) for v in args.nprobe.split(",")]:
-        faiss.extract_index_ivf(engine._index).nprobe = nprobe
-        runs = {"faiss": lambda: engine._index.search(q, args.k), "engine": lambda: engine.search(q, args.k)}
+        faiss.extract_index_ivf(engine._index).nprobe = nprobe  # type: ignore[attr-defined]
+        probe = topk_inner_product(q, centroids, nprobe)[1]
+        gflop = 2 * args.d * float(sizes[probe].sum()) / 1e9  # the scores an IVF search computes
+        gemm_reps = max(1, round(gflop / (2 * args.d * GEMM_TILE[0] * len(xg) / 1e9)))
+
+        def gemm(reps: int = gemm_reps) -> None:  # bare GEMM of as many flops, the bound
+            for _ in range(reps):
+                np.matmul(qg, xg.T, out=tile[: len(qg), : len(xg)])
+
+        runs = {"gemm": gemm, "faiss": lambda: engine._index.search(q, args.k),  # type: ignore[attr-defined]
+                "engine": lambda: engine.search(q, args.k)}
+        if old is not None:
+            runs["previous"] = lambda p=nprobe: old.ivf_topk(q, centroids, lists, args.k, p)
         times: dict[str, list[float]] = {name: [] for name in runs}
         results = {}
         for _ in range(args.reps):
@@ -154,13 +208,54 @@ def ivf_main(args: argparse.Namespace) -> None:
                 results[name] = fn()
                 times[name].append(time.perf_counter() - t0)
         med = {name: statistics.median(ts) for name, ts in times.items()}
+        gemm_rate = gemm_reps * 2 * args.d * len(qg) * len(xg) / 1e9 / med["gemm"]
         fi, ei = results["faiss"][1], results["engine"][1]
-        rows.append({"nprobe": nprobe, "faiss_s": round(med["faiss"], 3), "engine_s": round(med["engine"], 3),
-                     "speedup": round(med["faiss"] / med["engine"], 2),
-                     "same_ids": float(np.mean([len(set(a) & set(b)) / args.k for a, b in zip(fi, ei)]))})
+        row = {"nprobe": nprobe, "gflop": round(gflop, 1), "faiss_s": round(med["faiss"], 3),
+               "engine_s": round(med["engine"], 3), "speedup": round(med["faiss"] / med["engine"], 2),
+               "engine_over_gemm": round(gflop / med["engine"] / gemm_rate, 3),
+               "gemm_gflops": round(gemm_rate, 1),
+               "same_ids": float(np.mean([len(set(a) & set(b)) / args.k for a, b in zip(fi, ei)]))}
+        if "previous" in med:
+            row["previous_s"] = round(med["previous"], 3)
+            row["previous_over_gemm"] = round(gflop / med["previous"] / gemm_rate, 3)
+        rows.append(row)
         print(rows[-1], flush=True)
     out = {"n": args.n, "d": args.d, "lists": args.ivf, "queries": args.queries, "k": args.k, "reps": args.reps,
            "rows": rows, "threads": {"faiss_omp": faiss.omp_get_max_threads()}, "load_avg_1min": os.getloadavg()[0]}
+    print(json.dumps(out, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+
+
+def device_main(args: argparse.Namespace) -> None:
+    """1M x 1M on one GPU (``--device cuda --n 1000000 --queries 1000000``): the torch path's time,
+    its rate, and its top-k checked on a sample of queries against a float32 GEMM on the same device."""
+    import torch
+
+    from indexes.torch_search import topk_inner_product_torch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(args.n, args.d, generator=g), dim=1).numpy()
+    q = torch.nn.functional.normalize(torch.randn(args.queries, args.d, generator=g), dim=1).numpy()
+    dev = torch.device(args.device)
+    gflop = 2 * args.n * args.d * args.queries / 1e9
+    times = []
+    for _ in range(args.reps):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        s, i = topk_inner_product_torch(q, x, args.k, device=args.device, dtype=args.dtype)
+        times.append(time.perf_counter() - t0)
+    sample = np.random.default_rng(1).choice(args.queries, min(1024, args.queries), replace=False)
+    with torch.inference_mode():
+        full = torch.from_numpy(q[sample]).to(dev) @ torch.from_numpy(x).to(dev).T  # float32 reference
+        want_s, want_i = (t.cpu().numpy() for t in torch.topk(full, args.k, dim=1))
+    recall = float(np.mean([len(set(a) & set(b)) / args.k for a, b in zip(i[sample], want_i)]))
+    out = {"device": args.device, "name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+           "dtype": args.dtype or ("float16" if dev.type == "cuda" else "float32"), "n": args.n, "d": args.d,
+           "queries": args.queries, "k": args.k, "seconds": [round(t, 2) for t in times],
+           "gflops": round(gflop / min(times), 1), f"recall@{args.k}_vs_fp32": recall,
+           "max_score_diff": float(np.abs(s[sample] - want_s).max()), "load_avg_1min": os.getloadavg()[0]}
     print(json.dumps(out, indent=2))
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))

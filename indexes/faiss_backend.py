@@ -18,6 +18,7 @@ import numpy as np
 from indexes.base import IndexCorruptError, IndexSpecError, VectorIndex, register_backend, write_atomic_with
 from indexes.exact import topk_inner_product
 from indexes.ivf import ivf_topk
+from indexes.torch_search import search_device, topk_inner_product_torch
 
 # Search-time defaults: chosen for recall >= 0.95 on structured (clustered) vectors.
 DEFAULT_SEARCH_PARAMS = {"HNSW": {"efSearch": 128}, "IVF": {"nprobe": 32}}
@@ -187,6 +188,8 @@ class FaissIndex(VectorIndex):
         k = max(1, min(int(k), max(self.count(), 1)))
         if len(q) >= GEMM_MIN_QUERIES:
             flat = self._flat_vectors()
+            if flat is not None and search_device() is not None:  # `indexes.torch_search.set_search_device`
+                return topk_inner_product_torch(q, flat, k, ids=self._flat_ids(), device=str(search_device()))
             if flat is not None:
                 return topk_inner_product(q, flat, k, ids=self._flat_ids())
         if len(q) >= IVF_GEMM_MIN_QUERIES:

@@ -7,21 +7,31 @@ third-party package's) are plug-ins: entry points of the group ``concept_atlas.c
 is a ``register(cli)`` function (`load_plugins`). The core CLI imports no world module.
 Errors the engine raises for user mistakes (`engine.errors.AtlasError`) become one-line messages
 with exit code 1, never tracebacks.
+
+The core's command modules load on demand (`LazyCommands`, issue 26): ``atlas show`` imports the
+modules in `_COMMAND_MODULES` order until one registers ``show`` (the store commands, the first),
+so a one-shot read does not import the alignment, labelling or steering commands; listing the
+commands (``--help``, ``cli.commands`` iterated) loads them all. The plug-ins load with this
+module, as before: they also install ConceptWorld into the core's registries (the ``native:``
+feature source, its model loader), which commands of other modules use; loading them costs
+~20 ms once the store is imported (they import no torch).
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import pkgutil
 import sys
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from engine import __version__
 from engine.errors import AtlasError
+
+if TYPE_CHECKING:
+    import importlib.metadata
 
 
 class AtlasGroup(click.Group):
@@ -71,6 +81,8 @@ BUILTIN_PLUGINS = "engine.cli.plugins"  # the package of the built-in plug-ins
 
 def plugin_entry_points() -> list[importlib.metadata.EntryPoint]:
     """The installed distributions' entry points of `PLUGIN_GROUP`."""
+    import importlib.metadata  # ~0.1 s: only where a plug-in is looked for
+
     return list(importlib.metadata.entry_points(group=PLUGIN_GROUP))
 
 
@@ -106,8 +118,46 @@ def load_plugins(group: click.Group, entry_points: Iterable[importlib.metadata.E
     return loaded
 
 
-for _name in _COMMAND_MODULES:
-    importlib.import_module(_name).register(cli)
+class LazyCommands(dict):
+    """A group's ``commands`` that imports command modules when a name is looked up: the modules of
+    ``modules`` in order until one registers it; all of them when the names are listed (iteration,
+    ``len``, ``keys``/``values``/``items``). Adding a command does not load."""
+
+    def __init__(self, group: click.Group, modules: list[str]) -> None:
+        super().__init__()
+        self._group, self._pending = group, list(modules)
+
+    def _load_until(self, name: str | None) -> None:
+        while self._pending and (name is None or not dict.__contains__(self, name)):
+            importlib.import_module(self._pending.pop(0)).register(self._group)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        self._load_until(name)
+        return dict.get(self, name, default)
+
+    def __getitem__(self, name: str) -> click.Command:
+        self._load_until(name)
+        return dict.__getitem__(self, name)
+
+    def __contains__(self, name: object) -> bool:
+        self._load_until(str(name))
+        return dict.__contains__(self, name)
+
+
+def _listing(name: str) -> Callable[..., Any]:
+    """``dict.<name>`` after every command module and plug-in is loaded (the names are listed)."""
+    def method(self: LazyCommands, *args: Any) -> Any:
+        self._load_until(None)
+        return getattr(dict, name)(self, *args)
+
+    return method
+
+
+for _method in ("__iter__", "__len__", "keys", "values", "items"):
+    setattr(LazyCommands, _method, _listing(_method))
+
+
+cli.commands = LazyCommands(cli, _COMMAND_MODULES)
 load_plugins(cli)
 
 

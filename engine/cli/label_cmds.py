@@ -55,6 +55,7 @@ class LabelOptions:
     max_pairs: int | None
     no_confidence: bool
     min_confidence: float | None
+    device: str
     ray: Any
 
 
@@ -93,6 +94,9 @@ class LabelOptions:
 @click.option("--min-confidence", type=click.FloatRange(0, 1), metavar="P",
               help="Report how many labels reach confidence P (the rest export as 'no match' with "
                    "`atlas export --min-confidence P`); stored rows are the same whatever P.")
+@click.option("--device", default="numpy", show_default=True, metavar="numpy|cpu|cuda[:N]",
+              help="Where the search of a Flat atlas runs: numpy (the engine's BLAS path, fastest on a CPU), "
+                   "or torch on cpu / cuda[:N] (float16 GEMM, float32 re-score: the same rows up to ties).")
 @ray_options
 @store_options
 @json_option
@@ -115,6 +119,15 @@ def label(store_dir: Path, db_url: str | None, as_json: bool, **options: Any) ->
     o = LabelOptions(**options)
     map_name, features, resume, criterion, csls_k = o.map_name, o.features, o.resume, o.criterion, o.csls_k
     no_confidence, match, corpus, pairing, min_confidence = o.no_confidence, o.match, o.corpus, o.pairing, o.min_confidence
+    if o.device != "numpy":
+        if o.ray is not None:
+            raise click.UsageError("--device searches in this process: give it without --ray / --ray-address")
+        from indexes.torch_search import set_search_device
+
+        try:
+            set_search_device(o.device)
+        except (ValueError, RuntimeError) as e:
+            raise click.BadParameter(str(e), param_hint="--device") from None
     store = open_store(store_dir, db_url)
     if resume:
         if map_name or features:

@@ -39,8 +39,9 @@ def _same_up_to_ties(q, x, got_s, got_i, want_s, ids=None):
     assert all(len(set(r)) == len(r) for r in got_i.tolist())  # no id twice in a row
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("blocks", [(7, 33), (64, 1000), (1024, 16384)])
-def test_blocked_gemm_topk_equals_faiss_with_ties(blocks):
+def test_blocked_gemm_topk_equals_faiss_with_ties(blocks, threads):
     rng = np.random.default_rng(0)
     x = _unit(clustered_directions(900, 32, seed=1))
     x[450:500] = x[400:450]  # exact duplicates: ties across tiles
@@ -48,7 +49,7 @@ def test_blocked_gemm_topk_equals_faiss_with_ties(blocks):
     flat = faiss_backend.faiss.IndexFlatIP(32)
     flat.add(x)
     want_s, _ = flat.search(q, 10)
-    got_s, got_i = topk_inner_product(q, x, 10, query_block=blocks[0], base_block=blocks[1])
+    got_s, got_i = topk_inner_product(q, x, 10, query_block=blocks[0], base_block=blocks[1], threads=threads)
     _same_up_to_ties(q, x, got_s, got_i, want_s)
 
 
@@ -94,6 +95,8 @@ def test_ivf_gemm_search_equals_faiss_ivf_search_with_ties(tmp_path, nprobe):
     assert all(len(set(r) - {-1}) == (r >= 0).sum() for r in got_i)  # no id twice in a row
     centroids, lists = ix._ivf_lists()
     small_s, small_i = ivf_topk(q, centroids, lists, 10, nprobe, query_block=97)  # blocks split the batch
+    one_s, _ = ivf_topk(q, centroids, lists, 10, nprobe, threads=1)  # one worker, not one per core
+    np.testing.assert_allclose(one_s[found], got_s[found], atol=1e-5)
     np.testing.assert_allclose(small_s[found], got_s[found], atol=1e-5)
     np.testing.assert_array_equal(small_i >= 0, found)
     all_s, _ = ivf_topk(q[:50], centroids, lists, 10, nprobe=99)  # nprobe > lists: exact search
@@ -262,3 +265,25 @@ def test_quantised_spec_reranks_its_candidates_from_the_vector_file(tmp_path):
     np.testing.assert_allclose(np.take_along_axis(q @ _unit(x).T, rr_i, 1), rr_s, atol=1e-5)
     assert not np.allclose(np.take_along_axis(q @ _unit(x).T, plain_i, 1), plain_s, atol=1e-5)
     assert fresh.verify_index("rr").ok
+
+
+def test_searches_in_several_threads_leave_the_blas_threads_as_they_were():
+    """Each search holds numpy's BLAS at one thread while its workers run; searches that overlap in
+    a server's threads restore the original count when the last one ends, whatever the order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_info
+
+    def blas() -> list[int]:
+        return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+    before = blas()
+    rng = np.random.default_rng(9)
+    x = _unit(rng.normal(size=(4000, 16)).astype(np.float32))
+    q = _unit(rng.normal(size=(300, 16)).astype(np.float32))
+    want = topk_inner_product(q, x, 5, threads=1)[0]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda b: topk_inner_product(q, x, 5, query_block=b, threads=2)[0], [7, 50, 64, 128] * 3))
+    assert blas() == before
+    for s in got:
+        np.testing.assert_allclose(s, want, atol=1e-5)
