@@ -20,7 +20,7 @@ import torch
 from engine.align.corpus import split_heldout
 from engine.align.map import AlignmentMap, MapSites, plain_json, save_map
 from engine.align.methods import LinearFit, get_method, heldout_r2
-from engine.align.pairing import PairingConfig, check_pairing, iter_batch_pairs, own_lengths, pair_batches
+from engine.align.pairing import PairingConfig, check_pairing, iter_batch_pairs, pair_batches, pass_lengths
 from engine.align.request import AlignRequest
 from engine.align.stats import SufficientStats
 from engine.distributed.ray_exec import RayConfig, StoreLocation, cluster_cpus, map_ordered, ray_session
@@ -119,7 +119,7 @@ def _accumulate_pairs(subject: tuple[torch.nn.Module, Any], foundation: tuple[to
         counts = dict.fromkeys(config.pairings, 0)
         for sb, fb in iter_batch_pairs(
             subject, foundation, texts, s_site, f_site, batch_size=config.batch_size,
-            own_lengths=own_lengths(config.pairings), cache_dir=config.cache_dir if cap is None else None, dtype=ACTIVATION_DTYPE,
+            lengths=pass_lengths(config.pairings), cache_dir=config.cache_dir if cap is None else None, dtype=ACTIVATION_DTYPE,
             desc=None if quiet else f"pairs ({split})",
         ):
             for p in config.pairings:

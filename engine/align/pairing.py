@@ -11,7 +11,7 @@ arrays and several pairings can share one forward pass:
   model the last piece has read the whole word), ``mean`` or ``max`` (elementwise; for SAE codes
   encoded before pooling, ``transform``: a latent fires on a word when it fires on any of its
   pieces). Works across tokenizers; each side reads up to its own model's length
-  (``own_lengths``), so a tokenizer that splits words finely does not cut the other side short.
+  (``lengths="own"``, `pass_lengths`), so a tokenizer that splits words finely does not cut the other side short.
 - ``text``: one pair per text, ``mean``- or ``max``-pooled over its tokens.
 
 Special tokens and padding never reach this module: `engine.models.activations.collect` drops them.
@@ -23,7 +23,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from engine.errors import AtlasError, BadValueError, ShapeError, SiteMismatchErr
 from engine.models.activations import TokenBatch, collect, default_max_length
 from engine.models.hooks import Site
 from engine.models.loading import tokenizer_fingerprint
+
+# where `iter_batch_pairs` cuts texts: both at the smaller model limit, each at its own, or both at N tokens
+Lengths = Literal["shared", "own"] | int
 
 PAIRINGS: tuple[str, ...] = ("token", "span", "text")
 # How a span (word) or a text is pooled into one vector.
@@ -236,37 +239,39 @@ def iter_batch_pairs(
     foundation_site: Site,
     *,
     batch_size: int = 16,
-    max_length: int | None = None,
-    own_lengths: bool = False,
+    lengths: Lengths = "shared",
     dtype: torch.dtype | str = torch.float32,
     cache_dir: str | Path | None = None,
     desc: str | None = "pairs",
 ) -> Iterator[tuple[TokenBatch, TokenBatch]]:
     """Run both models over the same batches of texts, yielding their token records in step.
 
-    Both sides truncate at the same ``max_length`` (the smaller of the two models' limits by
-    default), so ``token`` pairing sees the same tokens on both sides; with ``own_lengths`` (span
-    and text pairing, `own_lengths`) and no ``max_length`` each side reads up to its own model's
-    limit instead. With ``cache_dir`` each side's activations are cached as shards there (see
+    ``lengths`` says where each side's texts are cut: ``"shared"`` (default) at the smaller of
+    the two models' limits, so ``token`` pairing sees the same tokens on both sides; ``"own"``
+    (span and text pairing, `pass_lengths`) each side at its own model's limit; a number, both
+    sides at that many tokens. With ``cache_dir`` each side's activations are cached as shards there (see
     `engine.models.activations.collect`).
     """
     (sm, stok), (fm, ftok) = subject, foundation
-    lengths = (default_max_length(sm, stok), default_max_length(fm, ftok))
-    if max_length is not None:
-        lengths = (max_length, max_length)
-    elif not own_lengths:
-        lengths = (min(lengths), min(lengths))
-    gen_s = collect(sm, stok, texts, subject_site, batch_size, max_length=lengths[0], dtype=dtype,
+    if isinstance(lengths, int):
+        cut = (lengths, lengths)
+    elif lengths in ("own", "shared"):
+        cut = (default_max_length(sm, stok), default_max_length(fm, ftok))
+        if lengths == "shared":
+            cut = (min(cut), min(cut))
+    else:
+        raise BadValueError(f"lengths must be 'shared', 'own' or a number of tokens, got {lengths!r}")
+    gen_s = collect(sm, stok, texts, subject_site, batch_size, max_length=cut[0], dtype=dtype,
                     shard_dir=cache_dir, desc=desc)
-    gen_f = collect(fm, ftok, texts, foundation_site, batch_size, max_length=lengths[1], dtype=dtype,
+    gen_f = collect(fm, ftok, texts, foundation_site, batch_size, max_length=cut[1], dtype=dtype,
                     shard_dir=cache_dir, desc=None)
     yield from zip(gen_s, gen_f, strict=True)
 
 
-def own_lengths(pairings: Sequence[str]) -> bool:
-    """Whether a pass of these pairings may let each model read up to its own length: yes unless
-    one is ``token`` pairing (which needs the same tokens on both sides)."""
-    return "token" not in pairings
+def pass_lengths(pairings: Sequence[str]) -> Lengths:
+    """Where a pass of these pairings cuts texts: each model at its own length (``"own"``) unless
+    one is ``token`` pairing, which needs the same tokens on both sides (``"shared"``)."""
+    return "shared" if "token" in pairings else "own"
 
 
 def iter_pairs(
@@ -284,13 +289,13 @@ def iter_pairs(
 
     ``subject`` and ``foundation`` are ``(model, tokenizer)``; the foundation site has one layer;
     ``transform`` goes to `pair_batches`, other keyword arguments to `iter_batch_pairs` (span and
-    text pairing: each side at its own length unless ``own_lengths=False`` or ``max_length``).
+    text pairing: each side at its own length unless ``lengths`` says otherwise).
     ``token`` pairing checks up front that the tokenizers are the same.
     """
     check_pairing(pairing, subject[1], foundation[1])
     s_site, f_site = subject_site.resolved(subject[0]), foundation_site.resolved(foundation[0])
     n = 0
-    kwargs.setdefault("own_lengths", own_lengths((pairing,)))
+    kwargs.setdefault("lengths", pass_lengths((pairing,)))
     transform = kwargs.pop("transform", (None, None))
     for sb, fb in iter_batch_pairs(subject, foundation, texts, s_site, f_site, **kwargs):
         chunk = pair_batches(sb, fb, texts, pairing, s_site.layers, f_site.layer, pool, transform)

@@ -317,7 +317,7 @@ def accumulate_coactivation(subject: tuple[torch.nn.Module, Any], foundation: tu
     sides that are SAE codes (not a `ProjectionEncoder`'s projections, which are dense): the
     Pearson correlation of two indicators, the phi coefficient (`binary_codes`). The weighted
     means always read the codes' values."""
-    from engine.align.pairing import check_pairing, iter_batch_pairs, own_lengths, pair_batches
+    from engine.align.pairing import check_pairing, iter_batch_pairs, pair_batches, pass_lengths
 
     config = config or PairingConfig()
     pairing = config.pairings[0]
@@ -332,7 +332,7 @@ def accumulate_coactivation(subject: tuple[torch.nn.Module, Any], foundation: tu
     means: WeightedMeans | None = None
     n = 0
     for sb, fb in iter_batch_pairs(subject, foundation, texts, s_site, f_site, batch_size=config.batch_size,
-                                   own_lengths=own_lengths((pairing,)), desc=None if quiet else "co-activation"):
+                                   lengths=pass_lengths((pairing,)), desc=None if quiet else "co-activation"):
         codes = pair_batches(sb, fb, texts, pairing, [L], f_site.layer, pool, (enc_x, enc_y))
         take = codes.n if config.max_pairs is None else min(codes.n, config.max_pairs - n)
         ax = sparse_codes(codes.x[L][:take].numpy())

@@ -226,7 +226,7 @@ def test_span_pairing_lets_each_model_read_its_own_length(models):
     short = copy.deepcopy(ftok)
     short.model_max_length = 4  # the foundation reads 4 tokens of each text, the subject all of its own
     own = _all(iter_batch_pairs(models["b"], (fm, short), CORPUS, Site((1,)), Site((1,)), batch_size=len(CORPUS),
-                                own_lengths=True, desc=None))[0]
+                                lengths="own", desc=None))[0]
     same = _all(iter_batch_pairs(models["b"], (fm, short), CORPUS, Site((1,)), Site((1,)), batch_size=len(CORPUS),
                                  desc=None))[0]
     full = _all(collect(*models["b"], CORPUS, Site((1,)), batch_size=len(CORPUS), desc=None))[0]

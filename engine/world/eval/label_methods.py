@@ -173,7 +173,7 @@ def measure_world(world: Any, docs: int = 1500, methods: Sequence[str] | None = 
 
     from engine.align.fit import fit_map
     from engine.align.methods import get_method
-    from engine.align.pairing import iter_batch_pairs, own_lengths, pair_batches
+    from engine.align.pairing import iter_batch_pairs, pair_batches, pass_lengths
     from engine.align.stats import SufficientStats
     from engine.atlas.encoder import AtlasEncoder
     from engine.atlas.importers import read_directions
@@ -221,7 +221,7 @@ def measure_world(world: Any, docs: int = 1500, methods: Sequence[str] | None = 
     def pairs(sub: Any, L: int, texts: list[str], pairing: str) -> tuple[np.ndarray, np.ndarray]:
         xs, ys = [], []
         for sb, fb in iter_batch_pairs(sub, fnd, texts, Site((L,)).resolved(sub[0]), Site((Lf,)).resolved(fnd[0]),
-                                       batch_size=32, own_lengths=own_lengths((pairing,)), desc=None):
+                                       batch_size=32, lengths=pass_lengths((pairing,)), desc=None):
             ch = pair_batches(sb, fb, texts, pairing, [L], Lf)
             xs.append(ch.x[L].float().numpy())
             ys.append(ch.y.float().numpy())
