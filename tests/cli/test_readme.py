@@ -64,7 +64,7 @@ def test_the_two_commands_install_then_run_the_demo_and_the_tests():
     main_job, tests = readme_block("two-commands")
     assert main_job.startswith("pip install torch==2.13.0 && pip install -e . && ")
     assert main_job.endswith("atlas demo --size tiny --out demo-out")
-    assert tests == 'pip install -e ".[dev]" && python -m pytest -q -n auto --dist loadfile'
+    assert tests == 'pip install -e ".[dev]" && python -m pytest -q -n auto --dist worksteal'
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert "<!-- two-commands:start -->" in ci and "readme_line 1" in ci  # CI runs these lines, read from this file
 
