@@ -48,8 +48,12 @@ case "${1:-}" in
 start)
     [ -x "$BIN/initdb" ] || { echo "no PostgreSQL binaries in '$BIN' (set ATLAS_PG_BIN)" >&2; exit 1; }
     if [ -f "$STATE" ]; then
-        echo "a cluster on port $PORT is already recorded in $STATE; run '$0 stop' first" >&2
-        exit 1
+        OLD="$(cat "$STATE")"
+        if [ -d "$OLD/data" ] && as_owner "$BIN/pg_ctl" -D "$OLD/data" status >/dev/null 2>&1; then
+            echo "a cluster on port $PORT is already recorded in $STATE; run '$0 stop' first" >&2
+            exit 1
+        fi
+        rm -rf "$OLD" "$STATE"  # its server is gone (killed without `stop`, a reboot): the record is stale
     fi
     DIR="${ATLAS_PG_DIR:-$(mktemp -d /tmp/atlas-pg.XXXXXX)}"
     mkdir -p "$DIR"
