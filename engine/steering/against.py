@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import BadValueError, ShapeError
-from engine.steering.edits import POSITIONS, STEERING_MODES, SteeringEdit
+from engine.steering.edits import POSITIONS, STEERING_MODES
 from engine.steering.faithfulness import (
     DirectionSet,
     FaithfulnessRow,
@@ -50,6 +50,7 @@ from engine.steering.faithfulness import (
     _ppl,
     choose_site,
     shortlist,
+    steer_at_strengths,
 )
 from engine.steering.generate import (
     GenerationSettings,
@@ -149,31 +150,21 @@ def run_layers_cell(model: Any, tokenizer: Any, trials: Trials, scorer: Scorer, 
 def run_layers_cells(model: Any, tokenizer: Any, trials: Trials, scorer: Scorer, sites: Sequence[DirectionSet],
                      strengths: Sequence[float], *, mode: str = "add", positions: str = "all",
                      max_new_tokens: int = 20, split: str = "validation") -> list[AgainstTopicRow]:
-    """`run_layers_cell` at each of ``strengths``, every trial of every strength in shared batches
-    (per-row edits, one strength per row); one row per strength, in order."""
+    """`run_layers_cell` at each of ``strengths`` (`steer_at_strengths`: shared batches), one row
+    per strength, in order."""
     if len({s.layer for s in sites}) != len(sites) or not sites:
         raise ShapeError("give one direction set per edited layer")
-    m, strengths = len(trials.prompts), [float(s) for s in strengths]
-    prompts = list(trials.prompts) * len(strengths)
-    per_row = np.repeat(np.asarray(strengths), m)
-    edits = [SteeringEdit(s.layer, np.tile(np.asarray(s.directions)[trials.targets], (len(strengths), 1)), per_row,
-                          s.norm, mode, s.kind) for s in sites]  # one (m x strengths, d) edit per layer
-    batch = eval_batch_rows(model)
-    gens = generate(model, tokenizer, prompts, edits, positions=positions,  # type: ignore[arg-type]
-                    settings=GenerationSettings(max_new_tokens), blocked=special_token_ids(tokenizer),
-                    batch_size=batch)
-    conts = [g.token_ids for g in gens]
-    nll, n = continuation_nll_rows(model, tokenizer, prompts, conts, batch_size=batch)
-    alone = _alone_rows(model, tokenizer, conts, batch)
+    runs = steer_at_strengths(model, tokenizer, trials, sites, strengths, mode=mode, positions=positions,
+                              max_new_tokens=max_new_tokens)
+    alone = _alone_rows(model, tokenizer, [g.token_ids for g in runs.gens], runs.batch)
     out = []
-    for j, strength in enumerate(strengths):
-        part = slice(j * m, (j + 1) * m)
+    for j, strength in enumerate(runs.strengths):
+        part = runs.part(j)
         out.append(AgainstTopicRow(
             sites[0].kind, split, mode, positions, tuple(s.layer for s in sites), strength,
-            _faithful([g.text for g in gens[part]], trials.targets, scorer),
-            _ppl(float(nll[part].sum()), int(n[part].sum())),
+            _faithful([g.text for g in runs.gens[part]], trials.targets, scorer), runs.perplexity(j),
             _ppl(float(alone[0][part].sum()), int(alone[1][part].sum())) if alone is not None else float("nan"),
-            m, maps=tuple(s.map for s in sites if s.map)))
+            runs.m, maps=tuple(s.map for s in sites if s.map)))
     return out
 
 

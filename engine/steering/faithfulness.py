@@ -28,6 +28,7 @@ import numpy as np
 from engine.errors import BadValueError, ShapeError
 from engine.steering.edits import SteeringEdit
 from engine.steering.generate import (
+    Generation,
     GenerationSettings,
     continuation_nll,
     continuation_nll_rows,
@@ -159,30 +160,57 @@ def run_cell(
                            _ppl(nll, n), len(trials.prompts))
 
 
+@dataclass
+class StrengthRuns:
+    """Every trial generated at each of several strengths in shared batches (`steer_at_strengths`):
+    ``gens`` strength by strength (``m`` trials each), each continuation's NLL after its prompt and
+    its token count; `part` picks one strength's rows."""
+
+    strengths: list[float]
+    m: int
+    gens: list[Generation]
+    nll: np.ndarray
+    n: np.ndarray
+    batch: int
+
+    def part(self, j: int) -> slice:
+        return slice(j * self.m, (j + 1) * self.m)
+
+    def perplexity(self, j: int) -> float:
+        part = self.part(j)
+        return _ppl(float(self.nll[part].sum()), int(self.n[part].sum()))
+
+
+def steer_at_strengths(model: Any, tokenizer: Any, trials: Trials, sites: Sequence[DirectionSet],
+                       strengths: Sequence[float], *, mode: str = "add", positions: str = "all",
+                       max_new_tokens: int = 20) -> StrengthRuns:
+    """Generate every trial at each of ``strengths`` with one edit per site (each trial's edit is its
+    target concept's row), all strengths in shared batches: one per-row edit per site, one strength
+    per row. Batching changes how many rows run at once, not what each row computes."""
+    m, strengths = len(trials.prompts), [float(s) for s in strengths]
+    prompts = list(trials.prompts) * len(strengths)
+    per_row = np.repeat(np.asarray(strengths), m)
+    edits = [SteeringEdit(s.layer, np.tile(np.asarray(s.directions)[trials.targets], (len(strengths), 1)), per_row,
+                          s.norm, mode, s.kind) for s in sites]  # one (m x strengths, d) edit per site
+    batch = eval_batch_rows(model)
+    gens = generate(model, tokenizer, prompts, edits, positions=positions,  # type: ignore[arg-type]
+                    settings=GenerationSettings(max_new_tokens), blocked=special_token_ids(tokenizer),
+                    batch_size=batch)
+    nll, n = continuation_nll_rows(model, tokenizer, prompts, [g.token_ids for g in gens], batch_size=batch)
+    return StrengthRuns(strengths, m, gens, nll, n, batch)
+
+
 def run_cells(
     model: Any, tokenizer: Any, trials: Trials, scorer: Scorer, site: DirectionSet, strengths: Sequence[float], *,
     mode: str = "add", max_new_tokens: int = 20, prompts_name: str = "neutral",
 ) -> list[FaithfulnessRow]:
-    """`run_cell` at each of ``strengths``: every trial of every strength in shared batches (one
-    per-row edit, one strength per row), one row per strength in order. A strength's rows are
-    those of `run_cell` at that strength: batching changes how many rows run at once, not what
-    each row computes."""
-    m, strengths = len(trials.prompts), [float(s) for s in strengths]
-    prompts = list(trials.prompts) * len(strengths)
-    rows = np.tile(np.asarray(site.directions)[trials.targets], (len(strengths), 1))  # (m x strengths, d)
-    edit = SteeringEdit(site.layer, rows, np.repeat(np.asarray(strengths), m), site.norm, mode, site.kind)
-    batch = eval_batch_rows(model)
-    gens = generate(model, tokenizer, prompts, [edit], settings=GenerationSettings(max_new_tokens),
-                    blocked=special_token_ids(tokenizer), batch_size=batch)
-    nll, n = continuation_nll_rows(model, tokenizer, prompts, [g.token_ids for g in gens], batch_size=batch)
-    out = []
-    for j, strength in enumerate(strengths):
-        part = slice(j * m, (j + 1) * m)
-        out.append(FaithfulnessRow(site.kind, prompts_name, site.layer, strength,
-                                   _faithful([g.text for g in gens[part]], trials.targets, scorer),
-                                   _ppl(float(nll[part].sum()), int(n[part].sum())), m,
-                                   map=site.map, method=site.method))
-    return out
+    """`run_cell` at each of ``strengths`` (`steer_at_strengths`: shared batches), one row per
+    strength in order; a strength's row is `run_cell`'s at that strength."""
+    runs = steer_at_strengths(model, tokenizer, trials, [site], strengths, mode=mode, max_new_tokens=max_new_tokens)
+    return [FaithfulnessRow(site.kind, prompts_name, site.layer, strength,
+                            _faithful([g.text for g in runs.gens[runs.part(j)]], trials.targets, scorer),
+                            runs.perplexity(j), runs.m, map=site.map, method=site.method)
+            for j, strength in enumerate(runs.strengths)]
 
 
 def shortlist(sites: Sequence[DirectionSet], n: int = 2) -> list[DirectionSet]:
