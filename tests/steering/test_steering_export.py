@@ -20,9 +20,8 @@ from engine.models.loading import load_model
 from engine.steering.edits import steer
 from engine.steering.export import export_steering, steering_vectors
 from engine.steering.plan import PlanConcept, SteeringPlan, resolve_plan
-from engine.store.store import AtlasSource
 from tests.steering.test_steering import D, one_thread, save_tiny_model  # noqa: F401  (one_thread: autouse fixture)
-from tests.steering.test_steering_plan import D_ATLAS, DESCRIPTIONS, LABELS, _map
+from tests.steering.test_steering_plan import _map, add_atlas_and_subject
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +31,7 @@ def subject_folder(tmp_path_factory):
 
 @pytest.fixture
 def steer_store(store, subject_folder):
-    rng = np.random.default_rng(0)
-    store.add_atlas(
-        "fdn", rng.normal(size=(len(LABELS), D_ATLAS)).astype(np.float32), LABELS, DESCRIPTIONS,
-        source=AtlasSource(model="foundation", layer=1),
-    )
-    store.add_model("subj", source=str(subject_folder), d_model=D, n_layers=3)
+    add_atlas_and_subject(store, subject_folder)
     for L in (0, 1, 2):
         save_map(store, _map(L + 1, L), f"m{L}")
     return store

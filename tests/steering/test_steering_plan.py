@@ -35,14 +35,19 @@ def subject_folder(tmp_path_factory):
     return save_tiny_model("llama", tmp_path_factory.mktemp("subject"))
 
 
-@pytest.fixture
-def steer_store(store, subject_folder):
+def add_atlas_and_subject(store, subject_folder) -> None:
+    """The foundation atlas ``fdn`` (random directions, the labels above) and the subject ``subj``."""
     rng = np.random.default_rng(0)
     store.add_atlas(
         "fdn", rng.normal(size=(len(LABELS), D_ATLAS)).astype(np.float32), LABELS, DESCRIPTIONS,
         source=AtlasSource(model="foundation", layer=1),
     )
     store.add_model("subj", source=str(subject_folder), d_model=D, n_layers=3)
+
+
+@pytest.fixture
+def steer_store(store, subject_folder):
+    add_atlas_and_subject(store, subject_folder)
     save_map(store, _map(1, 1), "m1")
     save_map(store, _map(2, 2), "m2")
     return store
