@@ -105,10 +105,12 @@ def _default_models() -> dict[str, Any]:
     return dict(json.loads(text))
 
 
-def default_confidence(key: str) -> ConfidenceModel:
+def default_confidence(key: str, labelled_only: bool = False) -> ConfidenceModel:
     """The shipped confidence model for ``key``: ``map.nn`` (score, margin: a run without the
-    atlas-side statistic), ``map.stat`` (all four signals), ``activations`` (co-activation runs).
+    atlas-side statistic), ``map.stat`` (all four signals), ``activations`` (co-activation runs);
+    with ``labelled_only`` its twin fitted on the labelled concepts' scores (``<key>.labelled``).
     Fitted on development worlds only; the file's ``meta`` says which."""
+    key = f"{key}.labelled" if labelled_only else key
     models = _default_models()["models"]
     if key not in models:
         raise BadValueError(f"no default confidence model {key!r}; known: {', '.join(sorted(models))}")
@@ -166,16 +168,18 @@ class Ranking:
                 "confidence": None if self.confidence is None else json.loads(self.confidence.to_json())}
 
 
-def _confidence_model(criterion: str, confidence: ConfidenceModel | str | None) -> ConfidenceModel | None:
+def _confidence_model(criterion: str, confidence: ConfidenceModel | str | None, labelled_only: bool = False
+                      ) -> ConfidenceModel | None:
     """The model a new map run records: ``"default"`` picks the shipped one for the criterion
-    (``map.nn`` for nn, ``map.stat`` otherwise), ``"none"`` / None records none."""
+    (``map.nn`` for nn, ``map.stat`` otherwise; their ``.labelled`` twins for a labelled-only
+    run), ``"none"`` / None records none."""
     if confidence is None or confidence == "none":
         return None
     if isinstance(confidence, ConfidenceModel):
         return confidence
     if confidence != "default":
         raise BadValueError(f"confidence must be a ConfidenceModel, 'default' or 'none', got {confidence!r}")
-    return default_confidence("map.nn" if criterion == "nn" else "map.stat")
+    return default_confidence("map.nn" if criterion == "nn" else "map.stat", labelled_only)
 
 
 # ---------------------------------------------------------------------- runs
@@ -254,8 +258,8 @@ def prepare_run(store: Store, request: LabelRequest) -> PreparedRun:
         raise BadValueError(f"--csls-k must be a whole number >= 1, got {csls_k!r}")
     check_match(match)
     if match == "activations" and confidence == "default":
-        confidence = default_confidence("activations")
-    ranking = Ranking(criterion, csls_k, None, _confidence_model(criterion, confidence))
+        confidence = default_confidence("activations", r.labelled_only)
+    ranking = Ranking(criterion, csls_k, None, _confidence_model(criterion, confidence, r.labelled_only))
     amap = load_map(store, map_name)
     source = open_feature_source(features, key=r.key, store=store, amap=amap)
     check_source_site(store, amap, source, site_check)

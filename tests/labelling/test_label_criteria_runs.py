@@ -28,8 +28,10 @@ from engine.labelling.confidence import NO_MATCH
 from engine.labelling.criteria import AtlasSideStats, AtlasStat, candidate_k, criterion_scores, rerank, top_k
 from engine.labelling.export import export_run, iter_labels, label_page
 from engine.search import project
-from engine.store.schema import FeatureLabelRow, LabelRunRow
+from engine.store.schema import ConceptRow, FeatureLabelRow, LabelRunRow
+from engine.store.store import Store
 from tests.labelling.test_labelling import mapped  # noqa: F401 - the fixture: 230 features through map m
+from tests.search.test_search import N_CONCEPTS, make_mapped_store
 
 REPO = Path(__file__).resolve().parents[2]
 N = 230  # the features of `mapped`
@@ -277,8 +279,6 @@ def _check_page(client, conf, p):
 @pytest.fixture
 def partly_labelled(store, tmp_path):
     """`mapped`'s store with every third atlas concept unlabelled (an SAE atlas with explanations for some latents)."""
-    from tests.search.test_search import N_CONCEPTS, make_mapped_store
-
     labels = [None if i % 3 == 0 else f"concept {i}" for i in range(N_CONCEPTS)]
     atlas, amap = make_mapped_store(store, labels=labels)
     feats = np.random.default_rng(7).normal(size=(N, amap.d_subject)).astype(np.float32)
@@ -325,17 +325,11 @@ def test_labelled_only_needs_a_labelled_concept_and_records_its_concepts(partly_
     assert (part.status, part.n_done) == ("interrupted", 100)
     # relabelling the atlas after the run started does not change what the run ranks: it reads its file
     with store.session() as s:
-        from engine.store.schema import ConceptRow
-
         for row in s.scalars(select(ConceptRow)):
             row.labelled = True
     done = labelling.run_labelling(store, "cut", quiet=True)
     assert done.status == "done"
     assert {h.ordinal for fl in iter_labels(store, "cut") for h in fl.hits} <= set(cols.tolist())
-    from tests.search.test_search import make_mapped_store
-
-    from engine.store.store import Store
-
     bare = Store.init(tmp_path / "bare")
     make_mapped_store(bare, labels=[None] * 400)
     with pytest.raises(BadValueError, match="no labelled concepts"):

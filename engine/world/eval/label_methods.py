@@ -257,6 +257,8 @@ def measure_world(world: Any, docs: int = 1500, methods: Sequence[str] | None = 
                 cols = np.flatnonzero(atlas_labelled)
                 S, ak = S[:, cols], ak[cols]
                 ids = cols[top_k(S, 5)[1]]
+                model = f"{model}.labelled" if f"{model}.labelled" in confidence else model  # as such a run picks it
+            assert ids is not None
             s = score_hits(sub_keys, atlas_keys, ids)
             relaxed = relaxed_matches(sub_gt, atlas_gt, ids[:, 0])
             row = {**base, "features": "sae", "method": method, "n": s["n"], "top1": round(float(s["top1"] or 0), 4),
