@@ -41,6 +41,12 @@ Activation matching (``match="activations"``, `engine.labelling.matching`): the 
 are the subject SAE latents' best-correlated atlas features over a corpus both models read, not
 the index's cosines; the co-activation pass is saved as the run's files before its first batch
 commits, and everything after (criteria, confidence, commits, resume, Ray) is the same.
+
+Labelled concepts only (``labelled_only``): a run ranks only the atlas concepts that carry a label.
+The ordinals it ranks are saved as its file (``labelled``) before the first batch commits, so a
+relabelled atlas does not change a resumed run's rows; an activation run reads those columns of
+its correlation table, a map run streams its features first (as csls / isf do) through an exact
+search of those concepts' vectors, whose candidates and statistic it records.
 """
 
 from __future__ import annotations
