@@ -11,7 +11,11 @@ prediction on exactly the numbers it was fitted on. Three models:
 
 - ``map.nn``: score and margin (an nn run has no atlas-side statistic);
 - ``map.stat``: score, margin, CSLS gap, mutual nearest neighbour (csls / isf runs);
-- ``activations``: the same four on correlations (co-activation runs).
+- ``activations``: the same four on correlations (co-activation runs);
+- ``map.nn.labelled``, ``map.stat.labelled``, ``activations.labelled``: the same for runs that
+  rank only the atlas's labelled concepts (``--labelled-only``): the signals of the score matrix's
+  labelled columns (on ConceptWorld an atlas latent carries a label exactly when it has a
+  ground-truth key, `engine.world.sae.write_labels`).
 
     PYTHONPATH=$PWD python benchmarks/fit_confidence_default.py \\
         --world small:7=/work/lq/resU-small7.json --world tiny:7=/work/lq/resU-tiny7.json \\
@@ -48,10 +52,12 @@ def signals_of(S: np.ndarray) -> np.ndarray:
     return Ranking("csls", DEFAULT_CSLS_K, stat).signals(cs, ci)
 
 
-def load(prefix: str, subject: str, kind: str) -> tuple[np.ndarray, np.ndarray]:
+def load(prefix: str, subject: str, kind: str, labelled_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
     S = np.load(f"{prefix}.{subject}.{kind}.npy")
     z = np.load(f"{prefix}.{subject}.keys.npz")
     sub, atl = z["sub_keys"], z["atlas_keys"]
+    if labelled_only:  # the atlas latents with a label (on the world: those with a key)
+        S, atl = S[:, atl != ""], atl[atl != ""]
     sig = signals_of(S)
     first = np.argmax(S, axis=1)
     lab = sub != ""
@@ -72,9 +78,10 @@ def main() -> None:
         worlds.append((size, int(seed), prefix))
     models, report = {}, []
     for key, kind, cols in (("map.nn", "procrustes_cos", SIGNALS[:2]), ("map.stat", "procrustes_cos", SIGNALS),
-                            ("activations", "corr", SIGNALS)):
+                            ("activations", "corr", SIGNALS), ("map.nn.labelled", "procrustes_cos", SIGNALS[:2]),
+                            ("map.stat.labelled", "procrustes_cos", SIGNALS), ("activations.labelled", "corr", SIGNALS)):
         idx = [SIGNALS.index(c) for c in cols]
-        data = {(size, seed, subj): load(prefix, subj, kind) for size, seed, prefix in worlds
+        data = {(size, seed, subj): load(prefix, subj, kind, key.endswith(".labelled")) for size, seed, prefix in worlds
                 for subj in ("subject_a", "subject_b")}
         for held in data:  # leave one (world, subject) out: how well the model does on unseen data
             X = np.concatenate([v[0] for k2, v in data.items() if k2 != held])[:, idx]
@@ -89,7 +96,7 @@ def main() -> None:
         X = np.concatenate([v[0] for v in data.values()])[:, idx]
         y = np.concatenate([v[1] for v in data.values()])
         meta = {"fitted_on": [{"size": s, "seed": d, "subjects": ["subject_a", "subject_b"]} for s, d, _ in worlds],
-                "scores": kind, "n": len(y), "note": "development seeds only; never the reported seeds 0-2",
+                "scores": kind, "labelled_only": key.endswith(".labelled"), "n": len(y), "note": "development seeds only; never the reported seeds 0-2",
                 "command": "PYTHONPATH=$PWD python benchmarks/fit_confidence_default.py " + " ".join(
                     f"--world {w}" for w in args.world)}
         models[key] = json.loads(fit_confidence(X, y, meta=meta).to_json())

@@ -53,6 +53,7 @@ class LabelOptions:
     corpus: str | None
     pairing: str | None
     max_pairs: int | None
+    labelled_only: bool
     no_confidence: bool
     min_confidence: float | None
     device: str
@@ -88,6 +89,9 @@ class LabelOptions:
               help="--match activations: token (same tokenizer) or span (each word's last piece, across "
                    "tokenizers) [default: the map's pairing, else token].")
 @click.option("--max-pairs", type=int, help="--match activations: paired tokens / words used at most.")
+@click.option("--labelled-only", is_flag=True,
+              help="Rank only the atlas concepts that carry a label (a hit on an unlabelled SAE latent names "
+                   "nothing); the run records which concepts those were.")
 @click.option("--no-confidence", is_flag=True,
               help="Store no confidence (default: each label's probability of being right, from the shipped "
                    "model fitted on development worlds).")
@@ -132,9 +136,10 @@ def label(store_dir: Path, db_url: str | None, as_json: bool, **options: Any) ->
     if resume:
         if map_name or features:
             raise click.UsageError("--resume RUN takes no MAP or --features: the run records them")
-        if criterion != "nn" or csls_k is not None or no_confidence or match != "map" or corpus or pairing:
-            raise click.UsageError("--resume RUN takes no --criterion, --csls-k, --match, --corpus, --pairing or "
-                                   "--no-confidence: the run records them")
+        if (criterion != "nn" or csls_k is not None or no_confidence or match != "map" or corpus or pairing
+                or o.labelled_only):
+            raise click.UsageError("--resume RUN takes no --criterion, --csls-k, --match, --corpus, --pairing, "
+                                   "--labelled-only or --no-confidence: the run records them")
         run_name, prepared = resume, None
     else:
         if not map_name or not features:
@@ -143,7 +148,7 @@ def label(store_dir: Path, db_url: str | None, as_json: bool, **options: Any) ->
             map_name, features, k=o.k, name=o.name, batch_size=o.batch_size, site_check=not o.no_site_check,
             overwrite=o.overwrite, criterion=criterion, csls_k=DEFAULT_CSLS_K if csls_k is None else csls_k,
             confidence="none" if no_confidence else "default", match=match, corpus=corpus, pairing=pairing,
-            max_pairs=o.max_pairs,
+            max_pairs=o.max_pairs, labelled_only=o.labelled_only,
         ))
         run_name = prepared.run.name
     try:

@@ -153,18 +153,22 @@ class CoactivationStats:
         den = np.outer(sx[lo:hi], sy)
         return np.where(den > 0, cov / np.where(den > 0, den, 1.0), 0.0)
 
-    def top_matches(self, k: int, lo: int = 0, hi: int | None = None, block: int = 1024
-                    ) -> tuple[np.ndarray, np.ndarray]:
+    def top_matches(self, k: int, lo: int = 0, hi: int | None = None, block: int = 1024,
+                    columns: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` atlas features best correlated with each subject latent of ``[lo, hi)``:
         ``(scores (m, k) float32, ids (m, k) int64)``, descending, ties by lower id; computed in
-        blocks of ``block`` latents."""
+        blocks of ``block`` latents. ``columns`` (ascending atlas ordinals): rank those only (a
+        ``labelled_only`` run's labelled concepts); ids stay atlas ordinals."""
         hi = self.n_x if hi is None else hi
+        cols = None if columns is None else np.asarray(columns, dtype=np.int64)
         out_s, out_i = [], []
         for a in range(lo, hi, block):
             corr = self.correlation(a, min(hi, a + block))
+            if cols is not None:
+                corr = corr[:, cols]
             ids = np.argsort(-corr, axis=1, kind="stable")[:, :k]
             out_s.append(np.take_along_axis(corr, ids, 1).astype(np.float32))
-            out_i.append(ids.astype(np.int64))
+            out_i.append((ids if cols is None else cols[ids]).astype(np.int64))
         if not out_s:
             return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
         return np.concatenate(out_s), np.concatenate(out_i)

@@ -197,6 +197,21 @@ class AtlasStat:
                    np.asarray(rec["log_z"], dtype=np.float64), int(rec.get("n_queries", 0)),
                    None if best is None else np.asarray(best, dtype=np.float32))
 
+    def scattered(self, columns: np.ndarray, n_atlas: int) -> AtlasStat:
+        """This statistic of the atlas rows ``columns`` (ascending ordinals) as one over all
+        ``n_atlas`` rows: the others (never ranked: a ``labelled_only`` run's unlabelled concepts)
+        get ``r_T`` 0, ``log Z`` 0 and a best score of +inf (never a mutual nearest neighbour)."""
+        cols = np.asarray(columns, dtype=np.int64)
+        r = np.zeros(n_atlas, dtype=np.float32)
+        r[cols] = self.r_atlas
+        log_z = np.zeros(n_atlas, dtype=np.float64)
+        log_z[cols] = self.log_z
+        best = None
+        if self.best is not None:
+            best = np.full(n_atlas, np.inf, dtype=np.float32)
+            best[cols] = self.best
+        return AtlasStat(self.k, self.beta, r, log_z, self.n_queries, best)
+
     @classmethod
     def of(cls, stats: AtlasSideStats) -> AtlasStat:
         return cls.from_record(json.loads(json.dumps(stats.record())))  # exactly what a record holds

@@ -41,6 +41,12 @@ Activation matching (``match="activations"``, `engine.labelling.matching`): the 
 are the subject SAE latents' best-correlated atlas features over a corpus both models read, not
 the index's cosines; the co-activation pass is saved as the run's files before its first batch
 commits, and everything after (criteria, confidence, commits, resume, Ray) is the same.
+
+Labelled concepts only (``labelled_only``): a run ranks only the atlas concepts that carry a label.
+The ordinals it ranks are saved as its file (``labelled``) before the first batch commits, so a
+relabelled atlas does not change a resumed run's rows; an activation run reads those columns of
+its correlation table, a map run streams its features first (as csls / isf do) through an exact
+search of those concepts' vectors, whose candidates and statistic it records.
 """
 
 from __future__ import annotations
@@ -91,6 +97,7 @@ __all__ = [
 ]
 
 DEFAULT_K = 5
+LABELLED_FILE = "labelled"  # the kind of a labelled_only run's file: the ordinals of the concepts it ranks
 DEFAULT_BATCH = 4096  # features per transaction: a few seconds of search on a 100k atlas
 RAY_SHARD_BATCHES = 8  # batches per Ray task at most: a killed worker recomputes that much
 
@@ -104,10 +111,12 @@ def _default_models() -> dict[str, Any]:
     return dict(json.loads(text))
 
 
-def default_confidence(key: str) -> ConfidenceModel:
+def default_confidence(key: str, labelled_only: bool = False) -> ConfidenceModel:
     """The shipped confidence model for ``key``: ``map.nn`` (score, margin: a run without the
-    atlas-side statistic), ``map.stat`` (all four signals), ``activations`` (co-activation runs).
+    atlas-side statistic), ``map.stat`` (all four signals), ``activations`` (co-activation runs);
+    with ``labelled_only`` its twin fitted on the labelled concepts' scores (``<key>.labelled``).
     Fitted on development worlds only; the file's ``meta`` says which."""
+    key = f"{key}.labelled" if labelled_only else key
     models = _default_models()["models"]
     if key not in models:
         raise BadValueError(f"no default confidence model {key!r}; known: {', '.join(sorted(models))}")
@@ -165,16 +174,18 @@ class Ranking:
                 "confidence": None if self.confidence is None else json.loads(self.confidence.to_json())}
 
 
-def _confidence_model(criterion: str, confidence: ConfidenceModel | str | None) -> ConfidenceModel | None:
+def _confidence_model(criterion: str, confidence: ConfidenceModel | str | None, labelled_only: bool = False
+                      ) -> ConfidenceModel | None:
     """The model a new map run records: ``"default"`` picks the shipped one for the criterion
-    (``map.nn`` for nn, ``map.stat`` otherwise), ``"none"`` / None records none."""
+    (``map.nn`` for nn, ``map.stat`` otherwise; their ``.labelled`` twins for a labelled-only
+    run), ``"none"`` / None records none."""
     if confidence is None or confidence == "none":
         return None
     if isinstance(confidence, ConfidenceModel):
         return confidence
     if confidence != "default":
         raise BadValueError(f"confidence must be a ConfidenceModel, 'default' or 'none', got {confidence!r}")
-    return default_confidence("map.nn" if criterion == "nn" else "map.stat")
+    return default_confidence("map.nn" if criterion == "nn" else "map.stat", labelled_only)
 
 
 # ---------------------------------------------------------------------- runs
@@ -210,7 +221,8 @@ class LabelRequest:
     confidence comes from (``"default"``: the shipped one; ``"none"``: no confidence).
     ``match="activations"`` labels an SAE's latents by co-activation over ``corpus`` (``pairing``
     token / span, default the map's; ``max_pairs`` pairs at most; `engine.labelling.matching`)
-    instead of through the map's directions.
+    instead of through the map's directions. ``labelled_only`` ranks only the atlas concepts that
+    carry a label (a hit on an unlabelled one names nothing); the run records which they were.
     """
 
     map_name: str
@@ -228,6 +240,7 @@ class LabelRequest:
     corpus: str | None = None
     pairing: str | None = None
     max_pairs: int | None = None
+    labelled_only: bool = False
 
 
 def prepare_run(store: Store, request: LabelRequest) -> PreparedRun:
@@ -251,8 +264,8 @@ def prepare_run(store: Store, request: LabelRequest) -> PreparedRun:
         raise BadValueError(f"--csls-k must be a whole number >= 1, got {csls_k!r}")
     check_match(match)
     if match == "activations" and confidence == "default":
-        confidence = default_confidence("activations")
-    ranking = Ranking(criterion, csls_k, None, _confidence_model(criterion, confidence))
+        confidence = default_confidence("activations", r.labelled_only)
+    ranking = Ranking(criterion, csls_k, None, _confidence_model(criterion, confidence, r.labelled_only))
     amap = load_map(store, map_name)
     source = open_feature_source(features, key=r.key, store=store, amap=amap)
     check_source_site(store, amap, source, site_check)
@@ -263,7 +276,13 @@ def prepare_run(store: Store, request: LabelRequest) -> PreparedRun:
         extra["match"] = match_spec(amap, source, corpus, pairing, max_pairs).params()
     elif corpus is not None or pairing is not None or max_pairs is not None:
         raise BadValueError("--corpus, --pairing and --max-pairs apply to --match activations only")
-    n_concepts = store.atlas(amap.atlas).n_concepts
+    info = store.atlas(amap.atlas)
+    n_concepts = info.n_concepts
+    if r.labelled_only:
+        if not info.n_labelled:
+            raise BadValueError(f"--labelled-only: atlas {info.name!r} has no labelled concepts")
+        n_concepts = info.n_labelled
+        extra["labelled_only"] = True
     run = store.add_run(
         name or default_run_name(map_name if match == "map" else f"{map_name}.act", source.spec, k), map_name,
         feature_source=source.spec, fingerprint=source.fingerprint, n_features=source.n_features,
@@ -325,6 +344,7 @@ class _RunInputs:
     coact: Any = None  # an activation run's CoactivationStats (None: a map run, or before its pass)
     # a csls / isf run's recorded candidates (scores (n, k') float32, ordinals (n, k')); None: search the index
     cands: tuple[np.ndarray, np.ndarray] | None = None
+    columns: np.ndarray | None = None  # a labelled_only run's recorded concept ordinals (None: all concepts)
 
 
 def _open_inputs(store: Store, run: LabellingRun, prepared: PreparedRun | None = None) -> _RunInputs:
@@ -365,7 +385,12 @@ def _open_inputs(store: Store, run: LabellingRun, prepared: PreparedRun | None =
     if data is not None:
         with np.load(io.BytesIO(data)) as z:
             cands = (z["scores"], z["ids"])
-    return _RunInputs(amap, source, store.index(run.atlas), job, recorded_ranking(store, run), coact, cands)
+    data = store.read_run_file(name, LABELLED_FILE)
+    columns = None
+    if data is not None:
+        with np.load(io.BytesIO(data)) as z:
+            columns = z["ordinals"]
+    return _RunInputs(amap, source, store.index(run.atlas), job, recorded_ranking(store, run), coact, cands, columns)
 
 
 def recorded_ranking(store: Store, run: LabellingRun) -> Ranking:
@@ -379,8 +404,32 @@ def recorded_ranking(store: Store, run: LabellingRun) -> Ranking:
                    None if not conf else ConfidenceModel.from_json(json.dumps(conf)))
 
 
-def _needs_stat(ranking: Ranking) -> bool:
-    return ranking.criterion != "nn"
+def _needs_stat(run: LabellingRun, ranking: Ranking) -> bool:
+    """Whether a map run streams its features first: csls / isf (the statistic), or a
+    ``labelled_only`` run (its candidates come from an exact search of the labelled concepts)."""
+    return ranking.criterion != "nn" or _labelled_only(run)
+
+
+def _labelled_only(run: LabellingRun) -> bool:
+    return bool(run.params.get("labelled_only"))
+
+
+def _save_columns(store: Store, run: LabellingRun) -> dict[str, dict[str, str]]:
+    """A ``labelled_only`` run's concepts (the atlas's labelled ordinals now) saved as its file."""
+    if not _labelled_only(run):
+        return {}
+    ordinals = np.asarray([c.ordinal for c in store.concepts(run.atlas) if c.labelled], dtype=np.int64)
+    buf = io.BytesIO()
+    np.savez(buf, ordinals=ordinals)
+    return {LABELLED_FILE: store.save_run_file(run.name, LABELLED_FILE, buf.getvalue())}
+
+
+def _columns(store: Store, files: dict[str, dict[str, str]]) -> np.ndarray | None:
+    rec = files.get(LABELLED_FILE)
+    if rec is None:
+        return None
+    with np.load(io.BytesIO((store.path / rec["file"]).read_bytes())) as z:
+        return np.asarray(z["ordinals"])
 
 
 def _activations(run: LabellingRun) -> bool:
@@ -395,7 +444,7 @@ def _save_coactivation(store: Store, run: LabellingRun, inputs: _RunInputs, quie
     stats = coactivation_pass(store, run.params, inputs.amap, inputs.source, quiet=quiet)
     if stats.n_x != run.n_features:
         raise SourceChangedError(f"the SAE's encoder has {stats.n_x} latents, its decoder {run.n_features}")
-    files = save_pass(store, run.name, stats, inputs.ranking.csls_k)
+    files = {**save_pass(store, run.name, stats, inputs.ranking.csls_k), **_save_columns(store, run)}
     failpoint("label.stat_saved")
     return {**run.params, "files": {**(run.params.get("files") or {}), **files}}
 
@@ -405,22 +454,26 @@ def _save_stat(store: Store, run: LabellingRun, inputs: _RunInputs, quiet: bool)
     atlas-side statistic, which also yields each feature's cosine candidates from the same
     products; both saved as the run's files. Returns the run's params with their records. Runs in
     the driver before the first batch commits (a worker only reads them back)."""
-    atlas = store.atlas_vectors(run.atlas, normalized=True)
-    acc = AtlasSideStats(np.asarray(atlas), k=inputs.ranking.csls_k, beta=DEFAULT_ISF_BETA,
+    atlas = np.asarray(store.atlas_vectors(run.atlas, normalized=True))
+    files = _save_columns(store, run)
+    cols = _columns(store, files)  # labelled_only: an exact search of those concepts, ordinals mapped back
+    acc = AtlasSideStats(atlas if cols is None else atlas[cols], k=inputs.ranking.csls_k, beta=DEFAULT_ISF_BETA,
                          log_partition=inputs.ranking.criterion == "isf")
-    kc = inputs.ranking.candidates(run.k, len(atlas))
+    kc = inputs.ranking.candidates(run.k, len(atlas) if cols is None else len(cols))
     cand_s = np.empty((run.n_features, kc), dtype=np.float32)
     cand_i = np.empty((run.n_features, kc), dtype=np.int32 if len(atlas) < 2**31 else np.int64)
     bar = progress(total=run.n_features, desc=f"statistic {run.name}", unit="feat", quiet=quiet)
     try:
         for lo, hi in inputs.job.steps(start=0):
-            cand_s[lo:hi], cand_i[lo:hi] = acc.update(project(inputs.amap, inputs.source.vectors[lo:hi]), kc)
+            cand_s[lo:hi], ids = acc.update(project(inputs.amap, inputs.source.vectors[lo:hi]), kc)
+            cand_i[lo:hi] = ids if cols is None else np.where(ids >= 0, cols[np.maximum(ids, 0)], -1)
             bar.update(hi - lo)
     finally:
         bar.close()
     buf = io.BytesIO()
-    AtlasStat.of(acc).save(buf)
-    files = {STAT_FILE: store.save_run_file(run.name, STAT_FILE, buf.getvalue())}
+    stat = AtlasStat.of(acc)
+    (stat if cols is None else stat.scattered(cols, len(atlas))).save(buf)
+    files[STAT_FILE] = store.save_run_file(run.name, STAT_FILE, buf.getvalue())
     buf = io.BytesIO()
     np.savez(buf, scores=cand_s, ids=cand_i)
     files[CANDIDATE_FILE] = store.save_run_file(run.name, CANDIDATE_FILE, buf.getvalue())
@@ -457,7 +510,7 @@ def run_labelling(store: Store, name: str, *, quiet: bool = False, max_batches: 
         if fresh:
             params = _save_coactivation(store, run, inputs, quiet)  # recorded by `start`, before the first commit
     else:
-        fresh = _needs_stat(inputs.ranking) and inputs.ranking.stat is None
+        fresh = _needs_stat(run, inputs.ranking) and inputs.ranking.stat is None
         if fresh:
             params = _save_stat(store, run, inputs, quiet)
     job.start(params)
@@ -486,7 +539,9 @@ def _batches_here(inputs: _RunInputs, k: int, steps: Iterable[tuple[int, int]]) 
     """The run's batches ``steps`` (``(lo, hi)`` each), computed in this process one at a time."""
     for lo, hi in steps:
         if inputs.coact is not None:  # activation matching: the latents' best correlations are the candidates
-            cand_s, cand_i = inputs.coact.top_matches(inputs.ranking.candidates(k, inputs.coact.n_y), lo, hi)
+            n_y = inputs.coact.n_y if inputs.columns is None else len(inputs.columns)
+            cand_s, cand_i = inputs.coact.top_matches(inputs.ranking.candidates(k, n_y), lo, hi,
+                                                      columns=inputs.columns)
             scores, ids, conf = inputs.ranking.rank(cand_s, cand_i, k)
         elif inputs.cands is not None:  # csls / isf: the pre-pass's recorded cosine candidates
             scores, ids, conf = inputs.ranking.rank(inputs.cands[0][lo:hi], inputs.cands[1][lo:hi], k)

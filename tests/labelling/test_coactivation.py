@@ -183,3 +183,30 @@ def test_atlas_side_of_the_correlation_table_is_the_column_formula():
     r_s = np.sort(C, 1)[:, -4:].mean(1)
     want = 2 * C - r_s[:, None] - stat.r_atlas[None, :]
     np.testing.assert_array_equal(rerank(cs, ci, "csls", stat, 3)[1], np.argsort(-want, 1, kind="stable")[:, :3])
+
+
+def test_top_matches_over_some_columns_is_the_masked_table():
+    """A labelled-only run's ranking: the correlation table's columns ``cols`` only, ids the atlas's."""
+    from engine.labelling.criteria import AtlasStat
+
+    rng = np.random.default_rng(6)
+    ax, ay = _codes(rng, 300, 14, 3), _codes(rng, 300, 10, 2)
+    st = CoactivationStats(14, 10)
+    st.update(binary_codes(ax), binary_codes(ay))
+    C = st.correlation()  # the phi coefficients (== _pearson of the indicators; ties ranked as the run does)
+    np.testing.assert_allclose(C, _pearson(ax > 0, ay > 0), atol=1e-10)
+    cols = np.array([1, 2, 4, 7, 8])
+    masked = np.where(np.isin(np.arange(10), cols), C, -np.inf)
+    want = np.argsort(-masked, axis=1, kind="stable")[:, :3]
+    s, ids = st.top_matches(3, block=4, columns=cols)
+    np.testing.assert_array_equal(ids, want)
+    np.testing.assert_allclose(s, np.take_along_axis(C, want, 1), atol=1e-6)
+    assert set(ids.ravel()) <= set(cols.tolist())
+    np.testing.assert_array_equal(st.top_matches(3, lo=3, hi=9, columns=cols)[1], ids[3:9])
+    # a statistic of those columns, scattered onto all ten: theirs in place, the others inert
+    sub = AtlasStat(4, 5.0, np.arange(5, dtype=np.float32), np.arange(5.0), 14, np.ones(5, np.float32))
+    full = sub.scattered(cols, 10)
+    np.testing.assert_array_equal(full.r_atlas[cols], sub.r_atlas)
+    np.testing.assert_array_equal(full.log_z[cols], sub.log_z)
+    rest = np.setdiff1d(np.arange(10), cols)
+    assert not full.r_atlas[rest].any() and np.isfinite(full.log_z).all() and np.isinf(full.best[rest]).all()

@@ -106,25 +106,45 @@ def test_activation_run_is_the_coactivation_top_k_and_beats_the_map(sae_world, k
     assert act_top1 > map_top1, (act_top1, map_top1)
 
 
-def test_killed_activation_run_resumes_to_the_uninterrupted_rows(sae_world):
+@pytest.mark.parametrize("labelled_only", [False, True])
+def test_killed_activation_run_resumes_to_the_uninterrupted_rows(sae_world, labelled_only):
     store, world, saes, maps, corpus, _ = sae_world
     amap, sae = maps["subject_b"], saes.get("subject_b")
+    name, clean_name = f"killed{int(labelled_only)}", f"clean{int(labelled_only)}"
     cmd = [sys.executable, "-m", "engine.cli", "label", amap.name, "--features", str(sae.path), "--match",
            "activations", "--corpus", str(corpus), "--criterion", "csls", "-k", "3", "--batch", "32",
-           "--name", "killed", "--store", str(store.path), "--quiet"]
+           "--name", name, "--store", str(store.path), "--quiet", *(["--labelled-only"] if labelled_only else [])]
     env = {**os.environ, "PYTHONPATH": str(REPO), "ATLAS_QUIET": "1", "ATLAS_FAILPOINT": "label.batch_committed"}
     r = subprocess.run(cmd, env=env, capture_output=True, timeout=600)
     assert r.returncode == -9, r.stderr.decode()
-    cut = store.run("killed")
-    assert (cut.status, cut.n_done) == ("interrupted", 32) and set(cut.params["files"]) == {"coact", "stat"}
+    cut = store.run(name)
+    files = {"coact", "stat", "labelled"} if labelled_only else {"coact", "stat"}
+    assert (cut.status, cut.n_done) == ("interrupted", 32) and set(cut.params["files"]) == files
     env.pop("ATLAS_FAILPOINT")
-    r = subprocess.run([sys.executable, "-m", "engine.cli", "label", "--resume", "killed", "--store",
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "label", "--resume", name, "--store",
                         str(store.path), "--quiet"], env=env, capture_output=True, timeout=600)
     assert r.returncode == 0, r.stderr.decode()
     clean = labelling.label_features(store, amap.name, str(sae.path), k=3, batch_size=32, match="activations",
-                                     corpus=str(corpus), criterion="csls", name="clean", quiet=True)
-    rows = {n: store.run_label_rows(n, 0, clean.n_features) for n in ("killed", clean.name)}
-    assert rows["killed"] == rows[clean.name] and len(rows["killed"]) == 3 * clean.n_features
+                                     corpus=str(corpus), criterion="csls", name=clean_name, labelled_only=labelled_only,
+                                     quiet=True)
+    rows = {n: store.run_label_rows(n, 0, clean.n_features) for n in (name, clean.name)}
+    assert rows[name] == rows[clean.name] and len(rows[name]) == 3 * clean.n_features
+    if labelled_only:  # the run's own correlation table, its unlabelled columns never ranked
+        from engine.labelling.coactivation import CoactivationStats
+        from engine.labelling.criteria import rerank
+
+        labelled = np.array([c.labelled for c in store.concepts(amap.atlas)])
+        assert 0 < labelled.sum() < len(labelled)
+        st = CoactivationStats.load(store.path / clean.params["files"]["coact"]["file"])
+        stat = labelling.recorded_ranking(store, store.run(clean.name)).stat
+        corr = np.where(labelled[None, :], st.correlation(), -np.inf)
+        order = np.argsort(-corr, axis=1, kind="stable")[:, :32]
+        want = rerank(np.take_along_axis(corr, order, 1), order, "csls", stat, 3)[1]
+        hits = _hits(store, clean.name, 3)
+        assert labelled[hits].all() and (hits[:, 0] == want[:, 0]).mean() > 0.99
+        plain = _hits(store, "clean0", 3) if store.runs() and "clean0" in {x.name for x in store.runs()} else None
+        assert plain is None or not labelled[plain[:, 0]].all()  # without the option some first hits are unlabelled
+        assert clean.params["confidence"]["coef"] == list(labelling.default_confidence("activations", True).coef)
 
 
 def test_activation_run_on_an_atlas_without_encoder_correlates_projections(sae_world):

@@ -28,8 +28,10 @@ from engine.labelling.confidence import NO_MATCH
 from engine.labelling.criteria import AtlasSideStats, AtlasStat, candidate_k, criterion_scores, rerank, top_k
 from engine.labelling.export import export_run, iter_labels, label_page
 from engine.search import project
-from engine.store.schema import FeatureLabelRow, LabelRunRow
+from engine.store.schema import ConceptRow, FeatureLabelRow, LabelRunRow
+from engine.store.store import Store
 from tests.labelling.test_labelling import mapped  # noqa: F401 - the fixture: 230 features through map m
+from tests.search.test_search import N_CONCEPTS, make_mapped_store
 
 REPO = Path(__file__).resolve().parents[2]
 N = 230  # the features of `mapped`
@@ -269,3 +271,97 @@ def _check_page(client, conf, p):
     text = client.get("/api/runs/r/export", params={"min_confidence": p}).text
     assert sum(json.loads(x)["label"] == NO_MATCH for x in text.splitlines()) == sum(c < p for c in conf)
     assert client.get("/api/runs/r/rows", params={"min_confidence": 2}).status_code == 422
+
+
+# ---------------------------------------------------------------------- labelled concepts only
+
+
+@pytest.fixture
+def partly_labelled(store, tmp_path):
+    """`mapped`'s store with every third atlas concept unlabelled (an SAE atlas with explanations for some latents)."""
+    labels = [None if i % 3 == 0 else f"concept {i}" for i in range(N_CONCEPTS)]
+    atlas, amap = make_mapped_store(store, labels=labels)
+    feats = np.random.default_rng(7).normal(size=(N, amap.d_subject)).astype(np.float32)
+    path = tmp_path / "feats.npy"
+    np.save(path, feats)
+    return store, atlas, amap, feats, path, np.array([i for i in range(N_CONCEPTS) if i % 3])
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_labelled_only_rows_are_the_brute_force_over_labelled_concepts(partly_labelled, criterion):
+    """A labelled-only run ranks the labelled concepts only, as the criterion over that sub-atlas
+    (its statistic over those concepts' queries) ranks them, ordinals the atlas's."""
+    store, atlas, amap, feats, path, cols = partly_labelled
+    run = labelling.label_features(store, "m", str(path), k=4, batch_size=64, criterion=criterion,
+                                   labelled_only=True, quiet=True)
+    assert run.status == "done" and run.params["labelled_only"] is True
+    assert {"labelled", "stat", "cand"} <= set(run.params["files"])
+    with np.load(store.path / run.params["files"]["labelled"]["file"]) as z:
+        assert z["ordinals"].tolist() == cols.tolist()
+    q = project(amap, feats)
+    sub = atlas[cols]
+    stat = brute_stat(q, sub)
+    cs, ci = top_k(criterion_scores(q, sub, "nn"), candidate_k(4, len(sub)))
+    exact_s, exact_i = rerank(cs, ci, criterion, stat if criterion != "nn" else None, 4)
+    labels = list(iter_labels(store, run.name))
+    ids = np.array([[h.ordinal for h in fl.hits] for fl in labels])
+    scores = np.array([[h.score for h in fl.hits] for fl in labels])
+    assert all(h.labelled for fl in labels for h in fl.hits) and set(ids.ravel()) <= set(cols.tolist())
+    np.testing.assert_allclose(scores, exact_s, rtol=1e-4, atol=1e-4)
+    assert (ids[:, 0] == cols[exact_i[:, 0]]).mean() > 0.99  # float ties aside
+    # the recorded statistic is the sub-atlas's, scattered onto the atlas's ordinals
+    saved = AtlasStat.load(store.path / run.params["files"]["stat"]["file"])
+    np.testing.assert_allclose(saved.r_atlas[cols], stat.r_atlas, atol=1e-5)
+    assert not saved.r_atlas[np.setdiff1d(np.arange(len(atlas)), cols)].any()
+    # without the option the same features hit unlabelled concepts too
+    plain = labelling.label_features(store, "m", str(path), k=4, criterion=criterion, name="all", quiet=True)
+    assert not all(h.labelled for fl in iter_labels(store, plain.name) for h in fl.hits)
+
+
+def test_labelled_only_needs_a_labelled_concept_and_records_its_concepts(partly_labelled, store, tmp_path):
+    store, atlas, amap, feats, path, cols = partly_labelled
+    labelling.create_run(store, "m", str(path), k=3, batch_size=50, name="cut", labelled_only=True)
+    part = labelling.run_labelling(store, "cut", max_batches=2, quiet=True)
+    assert (part.status, part.n_done) == ("interrupted", 100)
+    # relabelling the atlas after the run started does not change what the run ranks: it reads its file
+    with store.session() as s:
+        for row in s.scalars(select(ConceptRow)):
+            row.labelled = True
+    done = labelling.run_labelling(store, "cut", quiet=True)
+    assert done.status == "done"
+    assert {h.ordinal for fl in iter_labels(store, "cut") for h in fl.hits} <= set(cols.tolist())
+    bare = Store.init(tmp_path / "bare")
+    make_mapped_store(bare, labels=[None] * 400)
+    with pytest.raises(BadValueError, match="no labelled concepts"):
+        labelling.create_run(bare, "m", str(path), labelled_only=True)
+    bare.close()
+
+
+@pytest.mark.parametrize("criterion", ["nn", "csls"])
+@pytest.mark.parametrize("point", ["label.stat_saved", "label.batch_committed"])
+def test_sigkilled_labelled_only_run_resumes_to_the_uninterrupted_rows(partly_labelled, criterion, point):
+    """`atlas label --labelled-only` killed (SIGKILL) after its pre-pass is saved or after a batch,
+    then resumed: the rows of a clean run."""
+    store, _, _, _, path, _ = partly_labelled
+    env = {**{k: v for k, v in __import__("os").environ.items()}, "PYTHONPATH": str(REPO), "ATLAS_QUIET": "1",
+           "ATLAS_FAILPOINT": point}
+    r = subprocess.run([*_label_cmd(store, path, criterion, "killed"), "--labelled-only"], env=env,
+                       capture_output=True, timeout=300)
+    assert r.returncode == -9, r.stderr.decode()
+    cut = store.run("killed")
+    assert (cut.status, cut.n_done) == (("pending", 0) if point == "label.stat_saved" else ("interrupted", 40))
+    if point == "label.stat_saved":  # the concepts, the statistic and the candidates: written, not recorded
+        assert "files" not in cut.params and [x.state for x in store.leftovers()] == ["orphan"] * 3
+        store.gc()
+    env.pop("ATLAS_FAILPOINT")
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "label", "--resume", "killed", "--store", str(store.path),
+                        "--quiet"], env=env, capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr.decode()
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "label", "--resume", "killed", "--labelled-only",
+                        "--store", str(store.path)], env=env, capture_output=True, timeout=300)
+    assert r.returncode == 2 and b"run records them" in r.stderr
+    clean = labelling.label_features(store, "m", str(path), k=3, batch_size=40, name="clean", criterion=criterion,
+                                     labelled_only=True, quiet=True)
+    assert store.run("killed").status == "done" and store.run("killed").params["labelled_only"] is True
+    assert [r[1:] for r in rows_of(store, "killed")] == [r[1:] for r in rows_of(store, clean.name)]
+    assert store.leftovers() == []

@@ -17,15 +17,17 @@ D_SUBJECT, D_ATLAS, N_CONCEPTS = 32, 48, 400
 
 
 def make_mapped_store(store, n=N_CONCEPTS, d_s=D_SUBJECT, d_a=D_ATLAS, seed=0, map_name="m", subject_layer=2,
-                      subject_source="/nonexistent/subj"):
+                      subject_source="/nonexistent/subj", labels=None):
     """An atlas ``at`` (clustered directions), a subject model ``subj`` and an affine map ``m`` between them.
 
     The map's linear part is a random (d_s, d_a) matrix, its means are non-zero: every term of the
-    affine map matters in the checks. Returns (atlas vectors, map).
+    affine map matters in the checks. ``labels``: the concepts' labels (None: unlabelled; default
+    "concept i" each). Returns (atlas vectors, map).
     """
     rng = np.random.default_rng(seed)
     x = clustered_directions(n, d_a, seed=seed)
-    store.add_atlas("at", x, [f"concept {i}" for i in range(n)], source=AtlasSource(model="found", layer=3))
+    store.add_atlas("at", x, [f"concept {i}" for i in range(n)] if labels is None else labels,
+                    source=AtlasSource(model="found", layer=3))
     store.add_model("subj", d_model=d_s, source=subject_source)
     w = rng.normal(size=(d_s, d_a)) / np.sqrt(d_s)
     amap = AlignmentMap(w, np.linalg.pinv(w), rng.normal(size=d_s), rng.normal(size=d_a), "procrustes",

@@ -421,6 +421,7 @@ def test_cli_eval_labelling_compare_reports_every_method_criterion_and_activatio
     methods = {row["method"] for row in sae}
     assert {f"{m}+{c}" for m in ("procrustes", "self_learning") for c in ("nn", "csls", "isf")} <= methods
     assert {"coact[enc]+nn", "coact[enc]+csls", "coact[proj]+nn", "wmean[enc]+nn", "oracle"} <= methods
+    assert {"procrustes[labelled]+nn", "coact[enc,labelled]+nn"} <= methods  # --labelled-only's rows
     for subject in ("subject_a", "subject_b"):
         mine = [row for row in sae if row["subject"] == subject]
         ceiling = {row["ceiling"] for row in mine}
@@ -428,7 +429,7 @@ def test_cli_eval_labelling_compare_reports_every_method_criterion_and_activatio
         # a latent is right only if its label exists in the atlas: no row beats the ceiling
         assert all(0 <= row["top1"] <= row["top5"] <= row["ceiling"] + 1e-9 for row in mine)
         nn = {row["method"]: row for row in mine if row["method"].endswith("+nn")}
-        for m in ("procrustes+nn", "coact[enc]+nn"):
+        for m in ("procrustes+nn", "coact[enc]+nn", "procrustes[labelled]+nn", "coact[enc,labelled]+nn"):
             assert 0 <= nn[m]["ece"] <= 1 and 0 <= nn[m]["p_at_80"] <= 1 and 0 <= nn[m]["p_at_50"] <= 1
     explain = [row for row in rows if row["features"] == "explain"]
     assert {row["method"] for row in explain} == {f"{m}{w}+{c}" for m in ("procrustes", "self_learning")

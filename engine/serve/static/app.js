@@ -525,7 +525,8 @@ async function runPage(name) {
     el("h1", { text: `Run ${r.name}` }),
     el("p", {}, `${r.feature_source} through map `, el("a", { href: `/m/${enc(r.map)}`, text: r.map }), " into ",
       el("a", { href: `/a/${enc(r.atlas)}`, text: r.atlas }), `: ${r.n_done}/${r.n_features} features, top-${r.k}` +
-      `${r.params && r.params.criterion ? ", " + r.params.criterion : ""}, `,
+      `${r.params && r.params.criterion ? ", " + r.params.criterion : ""}` +
+      `${r.params && r.params.labelled_only ? ", labelled concepts only" : ""}, `,
       el("span", { class: "pill", text: r.status })),
     el("p", { id: "export" }, "Export: ", exportLinks.flatMap((a, i) => (i ? [" · ", a] : [a]))),
     ...(confControl ? [confControl] : []),

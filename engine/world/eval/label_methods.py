@@ -203,6 +203,8 @@ def measure_world(world: Any, docs: int = 1500, methods: Sequence[str] | None = 
     fsae = saes.get("foundation")
     atlas_gt = fsae.ground_truth()
     atlas_keys = [e["key"] for e in atlas_gt]
+    # the atlas concepts that carry a label, as the world's SAE atlas is imported (`write_labels`)
+    atlas_labelled = np.asarray([bool(e["label"]) for e in atlas_gt])
     aw = read_directions(fsae.path)
     atlas_dec = aw.W_dec.astype(np.float32)
     atlas_enc = AtlasEncoder.from_tensors(aw.encoder())
@@ -248,9 +250,15 @@ def measure_world(world: Any, docs: int = 1500, methods: Sequence[str] | None = 
         carried = {k for k in atlas_keys if k}
         oracle = round(float(np.mean([k in carried for k in labelled])) if labelled else 0.0, 4)
 
-        def add(method: str, ids: np.ndarray, S: np.ndarray | None = None, model: str | None = None,
+        def add(method: str, ids: np.ndarray | None, S: np.ndarray | None = None, model: str | None = None,
                 base: dict = base, sub_keys: list = sub_keys, oracle: float = oracle, sk: np.ndarray = sk,
                 ak: np.ndarray = ak, sub_gt: list = sub_gt) -> None:
+            if S is not None and ids is None:  # rank S's labelled columns only (a `labelled_only` run)
+                cols = np.flatnonzero(atlas_labelled)
+                S, ak = S[:, cols], ak[cols]
+                ids = cols[top_k(S, 5)[1]]
+                model = f"{model}.labelled" if f"{model}.labelled" in confidence else model  # as such a run picks it
+            assert ids is not None
             s = score_hits(sub_keys, atlas_keys, ids)
             relaxed = relaxed_matches(sub_gt, atlas_gt, ids[:, 0])
             row = {**base, "features": "sae", "method": method, "n": s["n"], "top1": round(float(s["top1"] or 0), 4),
@@ -279,6 +287,8 @@ def measure_world(world: Any, docs: int = 1500, methods: Sequence[str] | None = 
             S = unit_rows(mapped) @ unit_rows(atlas_dec).T
             if m == "procrustes":
                 mats[(key, "procrustes")] = S
+                if "sae" in features:
+                    add(f"{m}[labelled]+nn", None, S, map_model)
             for crit in CRITERIA:
                 if "sae" in features:
                     _, ids, _ = label_topk(mapped, atlas_dec, 5, crit)
@@ -311,6 +321,7 @@ def measure_world(world: Any, docs: int = 1500, methods: Sequence[str] | None = 
                     add(f"coact[{tag}]+csls", rerank(cs, ci, "csls", st.atlas_side(k=10), 5)[1])
                     if name == "enc" and binary == DEFAULT_BINARY:
                         mats[(key, "coact")] = corr
+                        add(f"coact[{tag},labelled]+nn", None, corr, "activations")
             wm = WeightedMeans(sub_dec.shape[0], y.shape[1])
             wm.update(ax, y)
             add("wmean[enc]+nn", top_k(weighted_mean_scores(wm.means(), atlas_enc), 5)[1])
