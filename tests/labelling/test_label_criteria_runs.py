@@ -23,6 +23,7 @@ from sqlalchemy import select
 import indexes
 from engine.cli import cli
 from engine.errors import BadValueError, SourceChangedError
+from engine.labelling import request
 from engine.labelling import run as labelling
 from engine.labelling.confidence import NO_MATCH
 from engine.labelling.criteria import AtlasSideStats, AtlasStat, candidate_k, criterion_scores, rerank, top_k
@@ -172,7 +173,7 @@ def test_confidence_is_the_models_prediction_on_the_signals(mapped, criterion): 
     run = labelling.label_features(store, "m", str(path), k=3, batch_size=64, criterion=criterion, quiet=True)
     model = labelling.default_confidence("map.nn" if criterion == "nn" else "map.stat")
     assert run.params["confidence"]["coef"] == list(model.coef)
-    assert {"worlds", "reported_seeds_excluded"} <= set(labelling._default_models()["meta"])
+    assert {"worlds", "reported_seeds_excluded"} <= set(request._default_models()["meta"])
     assert not {0, 1, 2} & {w["seed"] for w in model.meta["fitted_on"]}  # development seeds only
     q = project(amap, feats)
     cos = criterion_scores(q, atlas, "nn")
