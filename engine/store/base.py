@@ -382,7 +382,10 @@ def _committing(factory: sessionmaker) -> Iterator[Session]:
             yield s
             s.commit()
         except BaseException:
-            s.rollback()
+            try:
+                s.rollback()
+            except Exception:  # noqa: BLE001 - a session the failure left unable to roll back (its
+                pass  # connection gone, its commit done): the failure is the error to report
             raise
 
 
