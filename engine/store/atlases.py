@@ -301,7 +301,7 @@ class AtlasesMixin(StoreBase):
         path, name, sums = self._vector_file(name)
         try:
             if whole and sums is not None:
-                self.check_blocks(name, "vector", path, sums, range(len(sums.crcs)))
+                self.check_blocks(name, "vector", path, sums, range(len(sums.hashes)))
             return open_tensors(path)
         except FileNotFoundError:
             self._vector_file(name)  # its one message for a missing vector file
@@ -344,7 +344,7 @@ class AtlasesMixin(StoreBase):
 
     def check_blocks(self, name: str, kind: str, path: Path, sums: BlockSums, blocks: Iterable[int]) -> None:
         """Check ``blocks`` of an atlas's ``kind`` file (``"vector"`` or ``"index"``) against their
-        recorded CRC-32s, each block once per opened store (`engine.store.blocksums`); a damaged one
+        recorded hashes, each block once per opened store (`engine.store.blocksums`); a damaged one
         is an `IndexIntegrityError` naming the file, the block and the repair."""
         bad = self._blocks.first_damaged(path, sums, blocks)
         if bad is None:
@@ -410,7 +410,7 @@ class AtlasesMixin(StoreBase):
             try:
                 self.check_file(atlas_name, "index", path, key[1], cached)
                 if sums is not None:  # a search may read any block of the file: every one, once
-                    self.check_blocks(atlas_name, "index", path, sums, range(len(sums.crcs)))
+                    self.check_blocks(atlas_name, "index", path, sums, range(len(sums.hashes)))
                 index = indexes.open_index(path, spec)
             except FileNotFoundError:
                 if attempt < 2 and self._index_file_moved(atlas_name, path):

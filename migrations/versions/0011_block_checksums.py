@@ -1,4 +1,4 @@
-"""block checksums: the CRC-32 of each 1 MiB block of each atlas's vector and index files
+"""block checksums: the XXH3-64 hash of each 1 MiB block of each atlas's vector and index files
 
 Reads check the blocks they use against these (`engine.store.blocksums`), so a byte that flips in
 the middle of a file (its size, mtime, head and tail unchanged) is refused instead of read. Null on

@@ -2,7 +2,7 @@
 
 A byte that flips in the middle of a vector or index file, its size and mtime kept, passes the
 open-time stamp (size, mtime, first and last MiB). Every read checks the blocks it uses against the
-CRC-32s recorded when the file was written: a concept's row (`atlas show`, `neighbors`,
+hashes recorded when the file was written: a concept's row (`atlas show`, `neighbors`,
 `export-steering`) checks the blocks of its rows, a search every block of the index once per
 opened store. A damaged block is refused with a one-line error naming the file, the block and
 `atlas index verify`; an undamaged file reads as before; a file written before block checksums

@@ -98,10 +98,9 @@ def test_a_rebuild_whose_commit_landed_keeps_its_new_index(store):
     assert fresh.verify().ok and [h.ordinal for h in fresh.neighbors("a/3", k=5)] == before
 
 
+@pytest.mark.backends("postgresql")  # a server-side termination
 def test_postgres_connection_dropped_before_commit_removes_the_import(store):
     """A real drop: the server terminates the import's connection just before its COMMIT."""
-    if store.engine.dialect.name != "postgresql":
-        pytest.skip("a server-side termination needs PostgreSQL")
     flushed: set[int] = set()
 
     @event.listens_for(store._sessions, "after_flush")
