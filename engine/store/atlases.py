@@ -293,14 +293,14 @@ class AtlasesMixin(StoreBase):
         with self.read_session() as s:
             return index_identity(self._atlas_row(s, name))
 
-    def atlas_tensors(self, name: str, whole: bool = True) -> dict[str, np.ndarray]:
+    def atlas_tensors(self, name: str) -> dict[str, np.ndarray]:
         """All tensors of the atlas vector file as read-only memory maps, after the file's cheap
-        integrity check (`check_file`: its stamp, or its full checksum when the stamp changed) and,
-        with ``whole``, the check of every block (`check_blocks`: once per opened store). Without
-        ``whole`` the caller checks the blocks it reads (`atlas_rows`, `CheckedRows`)."""
+        integrity check (`check_file`: its stamp, or its full checksum when the stamp changed) and
+        the check of every block (`check_blocks`: once per opened store). A reader of a few rows
+        checks only theirs (`atlas_rows`, `checked_rows`)."""
         path, name, sums = self._vector_file(name)
         try:
-            if whole and sums is not None:
+            if sums is not None:
                 self.check_blocks(name, "vector", path, sums, range(len(sums.hashes)))
             return open_tensors(path)
         except FileNotFoundError:

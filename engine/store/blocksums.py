@@ -62,12 +62,6 @@ class BlockSums:
             return None
         return cls(int(size), tuple(int(digits[i : i + _DIGITS], 16) for i in range(0, len(digits), _DIGITS)))
 
-    def blocks_of(self, lo: int, hi: int) -> range:
-        """The blocks that hold bytes ``[lo, hi)`` of the file."""
-        if hi <= lo:
-            return range(0)
-        return range(lo // self.block_bytes, (hi - 1) // self.block_bytes + 1)
-
 
 class BlockHasher:
     """The sha256 and `BlockSums` of bytes fed in pieces of any size (a file as it is written)."""
