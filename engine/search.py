@@ -386,7 +386,7 @@ def concept_on_texts(
     if atlas != amap.atlas:
         raise BadValueError(f"concept {ref!r} is not in atlas {amap.atlas!r}, where map {amap.name!r} maps")
     store.concept(ordinal, amap.atlas)  # NotFoundError past the atlas
-    direction = unit_rows(store.atlas_vectors(amap.atlas)[ordinal][None, :])[0]
+    direction = unit_rows(store.atlas_rows(amap.atlas, [ordinal]))[0]
     if model is None or tokenizer is None:
         model, tokenizer = load_registered(store, amap.subject_model)
     out: list[list[TokenScore]] = [[] for _ in texts]

@@ -131,7 +131,7 @@ def direction_logits(store: Store, map_name: str, ref: str, model: Any, tokenize
     if atlas != amap.atlas:
         raise BadValueError(f"concept {ref!r} is not in atlas {amap.atlas!r} of map {map_name!r}")
     store.concept(ordinal, atlas)  # NotFoundError for an ordinal past the atlas
-    v = store.atlas_vectors(atlas)[ordinal]
+    v = store.atlas_rows(atlas, [ordinal])[0]
     u = np.asarray(amap.inverse_directions(v), dtype=np.float32)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:

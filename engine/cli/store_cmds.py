@@ -432,7 +432,7 @@ def show(concept: str, atlas: str | None, store_dir: Path, db_url: str | None, a
     store = open_store(store_dir, db_url)
     c = store.concept(concept, atlas)
     info = store.atlas(c.atlas)
-    vec = store.atlas_vectors(c.atlas)[c.ordinal]
+    vec = store.atlas_rows(c.atlas, [c.ordinal])[0]
     out = {
         "ref": c.ref, **dataclasses.asdict(c), "site": info.site, "model": info.model,
         "layer": info.layer, "hook": info.hook, "dim": info.dim, "source": info.source_ref,
@@ -451,15 +451,22 @@ def index() -> None:
 
 @index.command("verify")
 @click.argument("atlas", required=False)
+@click.option("--fix", is_flag=True, help="Record block checksums for files written before they were kept "
+                                          "(each only once its full sha256 matches the one recorded at import).")
 @store_options
 @json_option
-def index_verify(atlas: str | None, store_dir: Path, db_url: str | None, as_json: bool) -> None:
+def index_verify(atlas: str | None, fix: bool, store_dir: Path, db_url: str | None, as_json: bool) -> None:
     """Check ATLAS's (or every atlas's) vectors and index against their checksums; exit 1 on a problem.
+
+    Each file is read whole: its sha256 and its per-block checksums (which reads check the blocks
+    they use against) are compared with those recorded when it was written. Files written before
+    block checksums were kept are reported "unchecked": reads check only their size, mtime, head
+    and tail until --fix records their block checksums.
 
     Without ATLAS, map files are checked too, and leftover files of interrupted writes (claimed by
     no database row) are reported with the command that removes them (`atlas gc`).
     """
-    report = open_store(store_dir, db_url).verify(atlas)
+    report = open_store(store_dir, db_url).verify(atlas, fix=fix)
     if as_json:
         print_json({"ok": report.ok, "problems": report.problems, "atlases": report.atlases,
                     "maps": report.maps, "leftovers": report.leftovers})
@@ -468,6 +475,12 @@ def index_verify(atlas: str | None, store_dir: Path, db_url: str | None, as_json
             click.echo(f"{r.atlas}: {'ok' if r.ok else 'PROBLEM'} ({r.backend} {r.spec}, "
                        f"{r.index_count}/{r.expected_count})"
                        + (f" - {r.problem}" if r.problem else ""))
+            if r.unchecked:
+                click.echo(f"{r.atlas}: unchecked - its {' and '.join(f'{k} file' for k in r.unchecked)} "
+                           "has no block checksums (written before they were kept): reads check only its size, "
+                           f"mtime, head and tail; `atlas index verify {r.atlas} --fix` records them")
+            if r.fixed:
+                click.echo(f"{r.atlas}: block checksums recorded for its {' and '.join(f'{k} file' for k in r.fixed)}")
         for m in report.maps:
             click.echo(f"map {m.map}: {'ok' if m.ok else 'PROBLEM - ' + str(m.problem)}")
         for x in report.leftovers:

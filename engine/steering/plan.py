@@ -208,15 +208,15 @@ def layer_maps(store: Store, map_name: str, layers: Sequence[int] | None) -> dic
     return out
 
 
-def _concept_vector(store: Store, vectors: np.ndarray, ref: str, combine: int) -> tuple[np.ndarray, list[str]]:
-    """Unit atlas direction of ``ref`` (a row of ``vectors``), or the mean with its ``combine``
-    nearest neighbours."""
+def _concept_vector(store: Store, atlas: str, ref: str, combine: int) -> tuple[np.ndarray, list[str]]:
+    """Unit atlas direction of ``ref`` (a row of ``atlas``), or the mean with its ``combine``
+    nearest neighbours: only their rows' blocks of the vector file are read and checked."""
     from engine.util import unit_rows
 
     ordinal = int(ref.rsplit("/", 1)[1])
     neighbours = store.neighbors(ref, k=combine) if combine else []
     rows = [ordinal] + [h.ordinal for h in neighbours]
-    v = unit_rows(vectors[rows]).mean(0)  # (d_atlas,)
+    v = unit_rows(store.atlas_rows(atlas, rows)).mean(0)  # (d_atlas,)
     return v, [h.ref for h in neighbours]
 
 
@@ -258,13 +258,12 @@ def resolve_plan(store: Store, plan: SteeringPlan, native: NativeSource | None =
     base = next(iter(maps.values()))  # every map of the plan maps into the same atlas
     atlas = base.atlas
     plan.provenance = _check_provenance(store, plan, maps)
-    atlas_vectors = store.atlas_vectors(atlas)  # (n_concepts, d_atlas): read and checked once
     concepts: list[ResolvedConcept] = []
     vectors: list[np.ndarray] = []
     for c in plan.concepts:
         ref, label = resolve_concept(store, atlas, c.ref or c.query)
         c.ref = ref  # a saved plan names the concept it steered, whatever the query matches later
-        v, neigh = _concept_vector(store, atlas_vectors, ref, plan.combine)
+        v, neigh = _concept_vector(store, atlas, ref, plan.combine)
         concepts.append(ResolvedConcept(c.query, ref, label,
                                         plan.strength if c.strength is None else float(c.strength), neigh))
         vectors.append(v)

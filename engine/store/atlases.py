@@ -22,7 +22,7 @@ checks its count, and `verify_index` also compares a few stored vectors with the
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +43,12 @@ from engine.errors import (
 )
 from engine.store import layout, postgres
 from engine.store.base import StoreBase
+from engine.store.blocksums import BlockSums, file_sums
 from engine.store.index_location import FAISS, IndexLocation, IndexPlacement, parse_index_uri, resolve_spec
 from engine.store.models import get_or_create_model
 from engine.store.schema import AtlasRow, ConceptRow, ModelRow
 from engine.store.vectorfiles import check_encoder, check_matrix, open_tensors, write_vectors
-from engine.util import FileStamp, check_name, failpoint, file_stamp, sha256_file, unit_rows, utcnow
+from engine.util import FileStamp, check_name, failpoint, file_stamp, unit_rows, utcnow
 from indexes.milvus import MilvusIndex, MilvusUnavailableError
 
 # The hook points an atlas's directions can live at (the sites SAE releases name: SAELens, Llama Scope,
@@ -105,6 +106,10 @@ class IndexStatus:
     expected_count: int
     index_count: int | None
     backend: str = FAISS
+    # files ("vector", "index") without block checksums (written before they were kept): read unchecked
+    # by block (`engine.store.blocksums`); ``fixed``: those `verify_index(fix=True)` recorded them for
+    unchecked: tuple[str, ...] = ()
+    fixed: tuple[str, ...] = ()
 
 
 class AtlasesMixin(StoreBase):
@@ -150,11 +155,11 @@ class AtlasesMixin(StoreBase):
             check_site(s.scalar(select(ModelRow).where(ModelRow.name == source.model)), source, d)
         loc.check_spec(d, index_spec)  # a spec the backend does not understand writes no file
         token = self.claim_token()  # before the first file: `Store.gc` keeps this write's files
-        vec_rel, placed = layout.vector_file(name, token), None
+        vec_rel, placed, committing = layout.vector_file(name, token), None, False
         hook = source.hook or "resid_post"
         try:
-            vec_sha = write_vectors(self.path / vec_rel, x, enc,
-                                    {"atlas": name, "model": source.model, "layer": str(source.layer), "hook": hook})
+            vec_sha, vec_blocks = write_vectors(self.path / vec_rel, x, enc, {
+                "atlas": name, "model": source.model, "layer": str(source.layer), "hook": hook})
             failpoint("add_atlas.vectors_written")
             vec_stamp = file_stamp(self.path / vec_rel)
             # built from the file just written, a chunk at a time, under this write's own file or
@@ -162,6 +167,7 @@ class AtlasesMixin(StoreBase):
             placed = loc.place(open_tensors(self.path / vec_rel)[layout.DIRECTIONS_KEY], index_spec, self.path,
                                name, token)
             failpoint("add_atlas.index_written")
+            committing = True  # a failure from here on may come after a commit that landed: read back
             try:
                 with self.session() as s:  # the write lock is held from here to the commit only
                     if s.scalar(select(AtlasRow.id).where(AtlasRow.name == name)) is not None:
@@ -177,6 +183,7 @@ class AtlasesMixin(StoreBase):
                         index_file=placed.ref, index_spec=index_spec, index_backend=loc.backend, index_uri=loc.uri,
                         index_sha256=placed.sha256, index_count=placed.index.count(),
                         **_stamp_columns("vector", vec_stamp), **_stamp_columns("index", placed.stamp),
+                        vector_blocks=vec_blocks.text(), index_blocks=placed.blocks.text() if placed.blocks else None,
                         extra={**(extra or {}), "revision": source.revision, "has_encoder": bool(enc)},
                     )
                     s.add(atlas)
@@ -198,16 +205,34 @@ class AtlasesMixin(StoreBase):
                                      "pick another --name or remove it first") from None
             self._attach_raw(name, placed.index)
             self._indexes[loc.cache_key(name, placed.ref, placed.sha256)] = placed.index
-        except BaseException:
-            (self.path / vec_rel).unlink(missing_ok=True)
-            if placed is not None:
-                loc.discard(self.path, placed.ref)
-            raise
+        except BaseException as e:
+            # After the commit began, whether it landed is read back (the error may be a connection
+            # dropped as the commit returned): a committed row owns these files, so they are kept; an
+            # answer that cannot be read (the database still away) keeps them too (`Store.gc` removes
+            # them once this process is gone, if no row claims them).
+            committed = self._committed(AtlasRow.vector_file, vec_rel) if committing else False
+            if committed is False:
+                (self.path / vec_rel).unlink(missing_ok=True)
+                if placed is not None:
+                    loc.discard(self.path, placed.ref)
+            if not committed or not isinstance(e, Exception):
+                raise
+            # committed: the import is done; only its answer was lost
         finally:
             self.release_claim(token)
         if self.engine.dialect.name == "postgresql" and n >= ANALYZE_MIN_ROWS:
             postgres.analyze(self.engine, "concepts")
         return self.atlas(name)
+
+    def _committed(self, column: Any, value: str) -> bool | None:
+        """Whether an atlas row with ``column == value`` (a file a write named with its own token)
+        is committed: read back after a write's commit failed, since a connection that drops as the
+        commit returns leaves it unknown (`ConnectionLostError`). ``None``: the database cannot say now."""
+        try:
+            with self.read_session() as s:
+                return s.scalar(select(AtlasRow.id).where(column == value)) is not None
+        except Exception:  # noqa: BLE001 - the database still away: unknown, never "not committed"
+            return None
 
     def atlases(self) -> list[AtlasInfo]:
         with self.read_session() as s:
@@ -270,29 +295,73 @@ class AtlasesMixin(StoreBase):
 
     def atlas_tensors(self, name: str) -> dict[str, np.ndarray]:
         """All tensors of the atlas vector file as read-only memory maps, after the file's cheap
-        integrity check (`check_file`: its stamp, or its full checksum when the stamp changed)."""
+        integrity check (`check_file`: its stamp, or its full checksum when the stamp changed) and
+        the check of every block (`check_blocks`: once per opened store). A reader of a few rows
+        checks only theirs (`atlas_rows`, `checked_rows`)."""
+        path, name, sums = self._vector_file(name)
+        try:
+            if sums is not None:
+                self.check_blocks(name, "vector", path, sums, range(len(sums.hashes)))
+            return open_tensors(path)
+        except FileNotFoundError:
+            self._vector_file(name)  # its one message for a missing vector file
+            raise
+
+    def _vector_file(self, name: str) -> tuple[Path, str, BlockSums | None]:
+        """An atlas's vector file after its cheap check (`check_file`), its name and its block sums."""
         with self.read_session() as s:
             row = self._atlas_row(s, name)
             path, sha, cached = self.path / row.vector_file, row.vector_sha256, _cached_stamp(row, "vector")
-            name = row.name
+            name, sums = row.name, BlockSums.parse(row.vector_blocks)
         try:
             self.check_file(name, "vector", path, sha, cached)
-            return open_tensors(path)
         except FileNotFoundError:
             raise IndexIntegrityError(
                 f"the vector file of atlas {name!r} is missing ({path}); it is the source of truth "
                 "and cannot be rebuilt: re-import the atlas"
             ) from None
+        return path, name, sums
 
     def atlas_vectors(self, name: str, normalized: bool = False) -> np.ndarray:
         """The atlas directions (n_concepts, d) as imported (a read-only memory map: rows are read
-        when used), or unit-norm with ``normalized`` (in memory)."""
+        when used; every block of the file checked first), or unit-norm with ``normalized`` (in memory).
+        A read of a few rows is `atlas_rows`, which checks only their blocks."""
         x = self.atlas_tensors(name)[layout.DIRECTIONS_KEY]
         return unit_rows(x) if normalized else x
 
+    def atlas_rows(self, name: str, ordinals: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Rows ``ordinals`` of the atlas directions as imported, (len, d) float32 in memory, after
+        the check of the blocks that hold them only (`CheckedRows`)."""
+        return self.checked_rows(name)[np.asarray(ordinals, dtype=np.int64)]
+
+    def checked_rows(self, name: str) -> CheckedRows:
+        """The atlas directions as a `CheckedRows`: each read checks the blocks of the rows it reads."""
+        path, name, sums = self._vector_file(name)
+        x = open_tensors(path)[layout.DIRECTIONS_KEY]
+        if sums is None:  # a file written before block checksums: its stamp is all there is to check
+            return CheckedRows(x, None)
+        return CheckedRows(x, (sums.block_bytes, lambda blocks: self.check_blocks(name, "vector", path, sums, blocks)))
+
+    def check_blocks(self, name: str, kind: str, path: Path, sums: BlockSums, blocks: Iterable[int]) -> None:
+        """Check ``blocks`` of an atlas's ``kind`` file (``"vector"`` or ``"index"``) against their
+        recorded hashes, each block once per opened store (`engine.store.blocksums`); a damaged one
+        is an `IndexIntegrityError` naming the file, the block and the repair."""
+        bad = self._blocks.first_damaged(path, sums, blocks)
+        if bad is None:
+            return
+        what = "vector file" if kind == "vector" else "index"
+        fix = ("re-import the atlas (its vectors are the source of truth; a copy from a backup with the same "
+               "sha256 also does)" if kind == "vector" else f"`atlas index rebuild {name}` restores it from the vectors")
+        lo = bad * sums.block_bytes
+        raise IndexIntegrityError(
+            f"the {what} of atlas {name!r} ({path}) is damaged: block {bad} (bytes {lo}-{lo + sums.block_bytes - 1}) "
+            f"does not match the checksum recorded when it was written; `atlas index verify {name}` checks the "
+            f"whole atlas; {fix}")
+
     def check_file(self, name: str, kind: str, path: Path, sha: str | None, cached: FileStamp | None,
-                   full: bool = False) -> None:
-        """Check an atlas's ``kind`` file (``"vector"`` or ``"index"``) before it is used.
+                   full: bool = False) -> BlockSums | None:
+        """Check an atlas's ``kind`` file (``"vector"`` or ``"index"``) before it is used; returns the
+        file's block sums where its full sha256 was computed (the same pass), else ``None``.
 
         The cheap check: the file's `FileStamp` (size, mtime, checksum of head and tail) equals
         the one cached in the row. A different size or head is a mismatch at once; a different
@@ -305,11 +374,12 @@ class AtlasesMixin(StoreBase):
                else f"`atlas index rebuild {name}` restores it from the vectors")
         stamp = file_stamp(path)
         if not full and stamp == cached:
-            return
+            return None
         if cached is not None and (stamp.size != cached.size or stamp.head_sha256 != cached.head_sha256):
             raise IndexIntegrityError(f"the {what} of atlas {name!r} ({path}) is corrupt or stale "
                                       f"(its size or header changed); {fix}")
-        if sha256_file(path) != sha:
+        digest, sums = file_sums(path)
+        if digest != sha:
             raise IndexIntegrityError(f"the {what} of atlas {name!r} ({path}) is corrupt or stale "
                                       f"(checksum mismatch); {fix}")
         if stamp != cached and not self.readonly:
@@ -318,6 +388,7 @@ class AtlasesMixin(StoreBase):
                 if row is not None and self.path / getattr(row, f"{kind}_file") == path:
                     for key, value in _stamp_columns(kind, stamp).items():
                         setattr(row, key, value)
+        return sums
 
     def index(self, name: str | None = None) -> indexes.VectorIndex:
         """The atlas's vector index, opened from its file (memory-mapped) after the cheap integrity
@@ -331,12 +402,15 @@ class AtlasesMixin(StoreBase):
                     return self._indexes[key]
                 path, spec, expected = self.path / row.index_file, row.index_spec, row.n_concepts
                 atlas_name, ref, cached = row.name, row.index_file, _cached_stamp(row, "index")
+                sums = BlockSums.parse(row.index_blocks) if loc.backend == FAISS else None
             fix = f"`atlas index rebuild {atlas_name}` restores it from the vectors"
             if loc.backend != FAISS:
                 self._indexes[key] = self._open_milvus_index(atlas_name, loc, ref, spec, expected, fix)
                 return self._indexes[key]
             try:
                 self.check_file(atlas_name, "index", path, key[1], cached)
+                if sums is not None:  # a search may read any block of the file: every one, once
+                    self.check_blocks(atlas_name, "index", path, sums, range(len(sums.hashes)))
                 index = indexes.open_index(path, spec)
             except FileNotFoundError:
                 if attempt < 2 and self._index_file_moved(atlas_name, path):
@@ -372,30 +446,48 @@ class AtlasesMixin(StoreBase):
         """A spec with ``rerank=R`` (a quantised index) re-scores its candidates from the atlas's
         vector file, memory-mapped: only the candidates' rows are read."""
         if "rerank" in index.spec.partition("|")[2] and hasattr(index, "rerank_from"):
-            index.rerank_from(self.atlas_vectors(name))
+            index.rerank_from(self.checked_rows(name))  # only the candidates' rows (and blocks) are read
 
     def _index_file_moved(self, name: str, path: Path) -> bool:
         with self.read_session() as s:
             return self.path / self._atlas_row(s, name).index_file != path
 
-    def verify_index(self, name: str) -> IndexStatus:
-        """Check an atlas's vector file and index without raising; says what is wrong."""
+    def verify_index(self, name: str, fix: bool = False) -> IndexStatus:
+        """Check an atlas's vector file and index without raising; says what is wrong.
+
+        Each file's full sha256 and its block checksums are computed in one pass. A file without
+        recorded block checksums (written before they were kept) is listed in ``unchecked``; with
+        ``fix`` its checksums are recorded (the ones of the file as it is, which its full sha256 has
+        just shown to be the file as written) and it is listed in ``fixed`` instead."""
         info = self.atlas(name)
         count = None
         with self.read_session() as s:
             row = self._atlas_row(s, name)
             files = [(kind, self.path / getattr(row, f"{kind}_file"), getattr(row, f"{kind}_sha256"),
-                      _cached_stamp(row, kind)) for kind in ("vector", "index")]
+                      _cached_stamp(row, kind), BlockSums.parse(getattr(row, f"{kind}_blocks")))
+                     for kind in ("vector", "index")]
+        unchecked: list[str] = []
+        fixed: list[str] = []
         try:
-            for kind, path, sha, cached in files:  # the full sha256 of each file, read in chunks
+            for kind, path, sha, cached, recorded in files:  # the full sha256 of each file, read in chunks
                 if kind == "index" and info.index_backend not in (None, FAISS):
                     continue  # a collection: its count and stored vectors are checked below
                 try:
-                    self.check_file(name, kind, path, sha, cached, full=True)
+                    sums = self.check_file(name, kind, path, sha, cached, full=True)
                 except FileNotFoundError:
                     if kind == "vector":
                         self.atlas_tensors(name)  # its one message for a missing vector file
                     break  # a missing index: `index` says so (or finds the file a rebuild switched to)
+                if recorded == sums or sums is None:
+                    continue
+                if fix and self._record_blocks(name, kind, path, sha, sums):
+                    fixed.append(kind)
+                elif recorded is None:
+                    unchecked.append(kind)
+                else:
+                    raise IndexIntegrityError(
+                        f"the block checksums recorded for the {kind} file of atlas {name!r} do not match the file, "
+                        f"whose full sha256 does: the record is damaged; `atlas index verify {name} --fix` rewrites it")
             x = self.atlas_tensors(name)[layout.DIRECTIONS_KEY]
             self._indexes = {k: v for k, v in self._indexes.items() if k[0] != name}
             index = self.index(name)
@@ -412,8 +504,21 @@ class AtlasesMixin(StoreBase):
                         f"the index of atlas {name!r} (Milvus collection {index.collection}) holds other vectors "
                         f"than its vector file (stale); `atlas index rebuild {name}` restores it")
         except (IndexIntegrityError, IndexUnavailableError) as e:
-            return IndexStatus(name, False, str(e), info.index_spec, info.n_concepts, count, info.index_backend)
-        return IndexStatus(name, True, None, info.index_spec, info.n_concepts, count, info.index_backend)
+            return IndexStatus(name, False, str(e), info.index_spec, info.n_concepts, count, info.index_backend,
+                               tuple(unchecked), tuple(fixed))
+        return IndexStatus(name, True, None, info.index_spec, info.n_concepts, count, info.index_backend,
+                           tuple(unchecked), tuple(fixed))
+
+    def _record_blocks(self, name: str, kind: str, path: Path, sha: str, sums: BlockSums) -> bool:
+        """Record ``sums`` as the block checksums of an atlas's ``kind`` file, if its row still names
+        that file with that sha256 (a rebuild or re-import meanwhile wrote its own); whether it did."""
+        self.check_writable()
+        with self.session() as s:
+            row = s.scalar(select(AtlasRow).where(AtlasRow.name == name))
+            if row is None or self.path / getattr(row, f"{kind}_file") != path or getattr(row, f"{kind}_sha256") != sha:
+                return False
+            setattr(row, f"{kind}_blocks", sums.text())
+        return True
 
     def rebuild_index(self, name: str, spec: str | None = None, index_uri: str | None = None) -> IndexStatus:
         """Rebuild the index from the vector file (optionally with another spec, or in another place:
@@ -452,11 +557,15 @@ class AtlasesMixin(StoreBase):
                 old_loc, old_ref = row_location(row), row.index_file
                 row.index_file, row.index_spec, row.index_backend, row.index_uri = ref, spec, loc.backend, loc.uri
                 row.index_sha256, row.index_count = sha, index.count()
+                row.index_blocks = placed.blocks.text() if placed.blocks else None
                 for key, value in _stamp_columns("index", placed.stamp).items():
                     setattr(row, key, value)
-        except BaseException:
-            loc.discard(self.path, ref)
-            raise
+        except BaseException as e:
+            committed = self._committed(AtlasRow.index_file, ref)  # read back, as `add_atlas` does
+            if committed is False:
+                loc.discard(self.path, ref)
+            if not committed or not isinstance(e, Exception):
+                raise
         finally:
             self.release_claim(token)
         failpoint("rebuild.committed")
@@ -487,6 +596,37 @@ def check_site(model: ModelRow | None, source: AtlasSource, d: int) -> None:
     if model.d_model is not None and d != model.d_model:
         raise SiteMismatchError(f"these directions have d={d}, model {model.name!r} has d_model={model.d_model}; "
                                 "they were not read from this model's residual stream")
+
+
+class CheckedRows:
+    """Rows of a memory-mapped (n, d) matrix whose reads check first the blocks of the file that
+    hold the rows read: what a reader of a few rows (a concept's direction, a quantised index's
+    rerank candidates) gets instead of the bare map. ``check`` is (block bytes, a function checking
+    blocks by number), or ``None`` (nothing to check against)."""
+
+    def __init__(self, x: np.ndarray, check: tuple[int, Callable[[Iterable[int]], None]] | None) -> None:
+        self._x, self._check = x, check
+        self.shape, self.ndim, self.dtype = x.shape, x.ndim, x.dtype
+        self._offset = int(getattr(x, "offset", 0))  # of the matrix in its file
+        self._row_bytes = int(x.strides[0])
+
+    def __len__(self) -> int:
+        return len(self._x)
+
+    def __getitem__(self, rows: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
+        """Rows as numpy indexes them (an int, a slice, ordinals), float32 in memory."""
+        n = len(self._x)
+        r = np.arange(*rows.indices(n)) if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64).ravel()
+        r = np.where(r < 0, r + n, r)
+        if len(r) and (r.min() < 0 or r.max() >= n):
+            raise IndexError(f"row {int(r[(r < 0) | (r >= n)][0])} is out of range for {n} rows")
+        if self._check is not None and len(r):
+            block, check = self._check
+            first = (self._offset + r * self._row_bytes) // block
+            last = (self._offset + (r + 1) * self._row_bytes - 1) // block
+            blocks = first[:, None] + np.arange(self._row_bytes // block + 2)[None, :]  # a row's blocks, and more
+            check(np.unique(blocks[blocks <= last[:, None]]).tolist())
+        return np.array(self._x[rows], dtype=np.float32)
 
 
 def index_identity(row: AtlasRow) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from engine.errors import (
     StoreOutdatedError,
 )
 from engine.store import layout, migrate, postgres
+from engine.store.blocksums import BlockCheck
 from engine.store.schema import WriteClaimRow
 from engine.util import write_store_file
 
@@ -238,6 +239,7 @@ class StoreBase:
         self._indexes: dict[tuple[str, str], indexes.VectorIndex] = {}
         self._held_claims: set[str] = set()  # tokens `claim_token` took with ``hold``: released on close
         self._integrity_checked = False  # `check_integrity` ran (before this store's first write)
+        self._blocks = BlockCheck()  # blocks of atlas files found intact (`engine.store.blocksums`)
 
     @classmethod
     def init(cls: type[S], path: str | Path, db_url: str | None = None) -> S:
@@ -380,7 +382,10 @@ def _committing(factory: sessionmaker) -> Iterator[Session]:
             yield s
             s.commit()
         except BaseException:
-            s.rollback()
+            try:
+                s.rollback()
+            except Exception:  # noqa: BLE001 - a session the failure left unable to roll back (its
+                pass  # connection gone, its commit done): the failure is the error to report
             raise
 
 

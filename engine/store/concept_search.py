@@ -150,7 +150,7 @@ class ConceptsMixin(AtlasesMixin):
         """The ``k`` concepts nearest to a concept's direction (itself excluded)."""
         check_k(k)
         c = self.concept(ref, atlas)
-        vec = self.atlas_vectors(c.atlas)[c.ordinal]
+        vec = self.atlas_rows(c.atlas, [c.ordinal])[0]  # only its block of the vector file is checked
         hits = self.search_vectors(c.atlas, vec, k + 1)[0]
         hits = [h for h in hits if h.ordinal != c.ordinal][:k]
         return [dataclasses.replace(h, rank=r) for r, h in enumerate(hits, start=1)]

@@ -222,18 +222,21 @@ class FilesMixin(AtlasesMixin, MapsMixin, StoreBase):
                     (self.path / x.file).unlink(missing_ok=True)
         return gone
 
-    def verify(self, atlas: str | None = None, grace_s: float = GC_GRACE_S) -> StoreReport:
-        """Check atlases' vector files and indexes, map files, and look for leftover files."""
+    def verify(self, atlas: str | None = None, grace_s: float = GC_GRACE_S, fix: bool = False) -> StoreReport:
+        """Check atlases' vector files and indexes, map files, and look for leftover files; with ``fix``,
+        record the block checksums of atlas files written before they were kept (`verify_index`)."""
+        if fix:
+            self.check_writable()
         names = [atlas] if atlas else [a.name for a in self.atlases()]
-        statuses = [self.verify_index(n) for n in names]
+        statuses = [self.verify_index(n, fix=fix) for n in names]
         maps: list[MapFileStatus] = []
         if atlas is None:  # map files against their checksums (without loading them: no torch)
             for m in self.maps():
-                fix = "refit it with `atlas align`, or `atlas map remove` it"
+                repair = "refit it with `atlas align`, or `atlas map remove` it"
                 try:
                     ok = sha256_bytes((self.path / m.file).read_bytes()) == m.sha256
-                    problem = None if ok else f"the file of map {m.name!r} ({m.file}) does not match its checksum; {fix}"
+                    problem = None if ok else f"the file of map {m.name!r} ({m.file}) does not match its checksum; {repair}"
                 except FileNotFoundError:
-                    problem = f"the file of map {m.name!r} is missing ({m.file}); {fix}"
+                    problem = f"the file of map {m.name!r} is missing ({m.file}); {repair}"
                 maps.append(MapFileStatus(m.name, problem is None, problem))
         return StoreReport(statuses, maps, self.leftovers(grace_s) if atlas is None else [])

@@ -29,8 +29,9 @@ import numpy as np
 import indexes
 from engine.errors import BadValueError, IndexUnavailableError
 from engine.store import layout
+from engine.store.blocksums import BlockSums, file_sums
 from engine.store.vectorfiles import row_chunks
-from engine.util import FileStamp, file_stamp, sha256_file, unit_rows, write_store_file_with
+from engine.util import FileStamp, file_stamp, unit_rows, write_store_file_with
 from indexes.faiss_backend import faiss_reason
 from indexes.milvus import MilvusIndex, MilvusUnavailableError, drop_collection
 
@@ -59,12 +60,13 @@ class IndexPlacement:
 @dataclasses.dataclass(frozen=True)
 class PlacedIndex:
     """An index built where its location says: its file (relative to the store root) or collection
-    name, and, for a file, its checksum and stamp (``None`` for a collection)."""
+    name, and, for a file, its checksum, block checksums and stamp (``None`` for a collection)."""
 
     index: indexes.VectorIndex
     ref: str
     sha256: str | None = None
     stamp: FileStamp | None = None
+    blocks: BlockSums | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +108,8 @@ class IndexLocation:
         index, ref = build_index(x, spec), layout.index_file(name, token)
         try:
             write_index(index, root / ref)
-            return PlacedIndex(index, ref, sha256_file(root / ref), file_stamp(root / ref))
+            sha, blocks = file_sums(root / ref)  # one pass over the file just written
+            return PlacedIndex(index, ref, sha, file_stamp(root / ref), blocks)
         except BaseException:
             self.discard(root, ref)
             raise

@@ -106,6 +106,11 @@ class AtlasRow(Base):
     index_size: Mapped[int | None] = mapped_column(BigInteger)
     index_mtime_ns: Mapped[int | None] = mapped_column(BigInteger)
     index_head_sha256: Mapped[str | None] = mapped_column(String(64))
+    # the XXH3-64 hash of each 1 MiB block of each file (migration 0011: `engine.store.blocksums`), checked
+    # by reads before they use a block; null on rows written before (`atlas index verify --fix` adds them).
+    # Deferred: loaded only by the reads that check blocks (a 3 GB file has 24 KB of them).
+    vector_blocks: Mapped[str | None] = mapped_column(Text, deferred=True)
+    index_blocks: Mapped[str | None] = mapped_column(Text, deferred=True)
     extra: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 

@@ -19,7 +19,6 @@ pass over a mapped file costs one chunk of resident memory, not the file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import mmap
@@ -32,6 +31,7 @@ import numpy as np
 
 from engine.errors import IndexIntegrityError, ShapeError
 from engine.store import layout
+from engine.store.blocksums import BlockHasher, BlockSums
 from engine.util import write_store_file_with
 
 CHUNK_ROWS = 16384  # rows per chunk when streaming a matrix: 48 MiB at d=768, float32 (a few copies live)
@@ -40,8 +40,10 @@ _CODES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 
 def write_tensor_file(path: Path, shapes: dict[str, tuple[tuple[int, ...], np.dtype]],
-                      chunks: Iterable[tuple[str, np.ndarray]], metadata: dict[str, str] | None = None) -> str:
-    """Write a safetensors file atomically from ``chunks`` and return its sha256.
+                      chunks: Iterable[tuple[str, np.ndarray]],
+                      metadata: dict[str, str] | None = None) -> tuple[str, BlockSums]:
+    """Write a safetensors file atomically from ``chunks`` and return its sha256 and block checksums
+    (`engine.store.blocksums`), both computed from the bytes as they are written.
 
     ``shapes`` gives each tensor's shape and dtype, in file order; ``chunks`` yields
     ``(key, array)`` pieces in the same order, each a run of leading-axis rows (C order), that
@@ -55,7 +57,7 @@ def write_tensor_file(path: Path, shapes: dict[str, tuple[tuple[int, ...], np.dt
         offset += size
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
-    digest = hashlib.sha256()
+    digest = BlockHasher()
 
     def fill(tmp: Path) -> None:
         with open(tmp, "wb") as f:
@@ -72,7 +74,7 @@ def write_tensor_file(path: Path, shapes: dict[str, tuple[tuple[int, ...], np.dt
                 raise ValueError(f"{path.name}: chunks filled {written} bytes of {offset}")
 
     write_store_file_with(path, fill)
-    return digest.hexdigest()
+    return digest.sha.hexdigest(), digest.sums()
 
 
 def read_header(path: Path) -> tuple[int, dict[str, dict]]:
@@ -151,9 +153,10 @@ def release(x: np.ndarray, lo: int, hi: int) -> None:
             pass
 
 
-def write_vectors(path: Path, x: np.ndarray, encoder: dict[str, np.ndarray], metadata: dict[str, str]) -> str:
+def write_vectors(path: Path, x: np.ndarray, encoder: dict[str, np.ndarray],
+                  metadata: dict[str, str]) -> tuple[str, BlockSums]:
     """Write an atlas's vector file (directions, then encoder tensors) a chunk of rows at a time,
-    checking each chunk of directions (`check_rows`); returns the file's sha256."""
+    checking each chunk of directions (`check_rows`); returns the file's sha256 and block checksums."""
     shapes = {layout.DIRECTIONS_KEY: (x.shape, np.dtype(np.float32)),
               **{k: (v.shape, np.dtype(np.float32)) for k, v in encoder.items()}}
 

@@ -303,13 +303,22 @@ def test_a_database_with_corrupted_pages_refuses_writes_as_it_refuses_reads(tmp_
     assert not list((tmp_path / "st" / "vectors").glob("b@*"))
 
 
-def test_a_flipped_exponent_mid_index_is_refused_at_search_time_not_shown(store):
-    """Bit rot inside an index file, its size and mtime kept (the cheap open check cannot see it): a hit
-    whose score no unit vectors can give is refused, with the command that checks the files."""
+@pytest.mark.parametrize("blocks", ["recorded", "none"])
+def test_a_flipped_exponent_mid_index_is_refused_at_search_time_not_shown(store, blocks):
+    """Bit rot inside an index file, its size and mtime kept (the cheap open check cannot see it): the
+    index's block checksums refuse it when it is opened (tests/store/test_block_checksums.py); on a row
+    written before block checksums, a hit whose score no unit vectors can give is refused. Both name the
+    command that checks the files."""
+    from sqlalchemy import update
+
     from engine.errors import IndexIntegrityError
+    from engine.store.schema import AtlasRow
 
     x = clustered_directions(3000, 256, seed=2)
     store.add_atlas("big", x, source=AtlasSource(model="m", layer=0))
+    if blocks == "none":
+        with store.session() as s:
+            s.execute(update(AtlasRow).where(AtlasRow.name == "big").values(index_blocks=None))
     ordinary = [h.ordinal for h in store.neighbors("big/5", k=3)]
     store._indexes.clear()
     path = store.path / store.atlas_files("big")["index"]
@@ -322,7 +331,8 @@ def test_a_flipped_exponent_mid_index_is_refused_at_search_time_not_shown(store)
         f.seek(row + 4 * j)
         f.write(np.float32(1e35).tobytes())  # one float's exponent bits: what a few flipped bits give
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    with pytest.raises(IndexIntegrityError, match="impossible for unit vectors.*atlas index verify big"):
+    refusal = "impossible for unit vectors" if blocks == "none" else "is damaged: block 1 "
+    with pytest.raises(IndexIntegrityError, match=f"{refusal}.*atlas index verify big"):
         store.neighbors("big/5", k=3)
     assert not store.verify_index("big").ok  # the full check names it
     store.rebuild_index("big")
