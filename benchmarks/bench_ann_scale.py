@@ -25,6 +25,7 @@ import json
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,54 @@ def sae_like(n: int, base: np.ndarray, k_active: int, noise: float, rng: np.rand
         x = unit_rows(x) + (noise / np.sqrt(d)) * rng.normal(size=(m, d)).astype(np.float32)
         out[lo : lo + m] = unit_rows(x)
     return out
+
+
+HARD_BASE = 20_000  # atoms of the hard generator: far more than, and no multiple of, any list count
+
+
+def sae_hard(n: int, base: np.ndarray, rng: np.random.Generator, mean_active: float = 4.0, noise: float = 0.3,
+             zipf: float = 0.8, norm_sigma: float = 1.0, chunk: int = 50_000) -> np.ndarray:
+    """``n`` directions k-means cannot align lists with (issue 26's second generator), like SAE decoders:
+
+    - ``base`` holds many more atoms (`HARD_BASE`) than an index has lists, so lists cannot be atoms;
+    - each direction mixes 1 + Poisson(``mean_active`` - 1) atoms (a variable number), picked with
+      Zipf-like popularity (rank^-``zipf``: a few atoms in many directions, most in few), with
+      Student-t (2 dof) weights, heavy-tailed: often one atom dominates, sometimes several compete;
+    - isotropic noise of norm ``noise`` on the unit mixture;
+    - rows scaled by log-normal norms (sigma ``norm_sigma``): heavy-tailed, as decoder norms are;
+      the engine searches cosines, so the store's normalisation must take them out.
+    """
+    n_base, d = base.shape
+    pop = 1.0 / np.arange(1, n_base + 1) ** zipf
+    pop = (pop / pop.sum())[rng.permutation(n_base)]
+    cdf = np.cumsum(pop)
+    out = np.empty((n, d), dtype=np.float32)
+    for lo in range(0, n, chunk):
+        m = min(chunk, n - lo)
+        n_act = 1 + rng.poisson(mean_active - 1, size=m)
+        width = int(n_act.max())
+        idx = np.minimum(np.searchsorted(cdf, rng.random(size=(m, width))), n_base - 1)
+        w = rng.standard_t(2, size=(m, width)).astype(np.float32) * (np.arange(width) < n_act[:, None])
+        x = np.zeros((m, d), dtype=np.float32)
+        for j in range(width):
+            x += w[:, j : j + 1] * base[idx[:, j]]
+        x = unit_rows(x) + (noise / np.sqrt(d)) * rng.normal(size=(m, d)).astype(np.float32)
+        norms = np.exp(norm_sigma * rng.normal(size=(m, 1))).astype(np.float32)
+        out[lo : lo + m] = unit_rows(x) * norms
+    return out
+
+
+def generate(kind: str, n: int, d: int, rng: np.random.Generator) -> tuple[np.ndarray, Callable[[int, np.random.Generator], np.ndarray]]:
+    """The atlas of generator ``kind`` (``structured``: `sae_like` over 4,096 atoms, unit rows;
+    ``hard``: `sae_hard`, heavy-tailed norms) and a function drawing ``m`` fresh unit directions
+    from the same process (the base is the first draw of ``rng``)."""
+    if kind == "structured":
+        base = rng.normal(size=(4096, d)).astype(np.float32)
+        return sae_like(n, base, 3, 0.3, rng), lambda m, r: sae_like(m, base, 3, 0.3, r)
+    if kind == "hard":
+        base = unit_rows(rng.normal(size=(HARD_BASE, d)).astype(np.float32))
+        return sae_hard(n, base, rng), lambda m, r: unit_rows(sae_hard(m, base, r))
+    raise ValueError(f"generator {kind!r}: structured or hard")
 
 
 def perturb(x: np.ndarray, cosine: float, rng: np.random.Generator) -> np.ndarray:
