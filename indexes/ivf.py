@@ -12,7 +12,7 @@ Two passes per block of queries, so that the top-k costs a comparison per score,
 2. every other probed list is scored; only the scores at or above the query's bound survive (a
    few per query), and one sort over the survivors of both passes gives the top k. The lists of
    probe ranks 2 to ``EARLY_LISTS + 1`` go first; the k-th best found by then is a higher bound
-   for the rest (at 100k, nprobe 64: 6 survivors per query instead of 50).
+   for the rest (at 100k, nprobe 64: 6 survivors per query instead of 50), with ``low`` only.
 
 How each pass runs at the GEMM rate (issue 26): the probes come from one product with the
 centroids and a ``partition`` of each query's centroid scores (the nprobe-th best is a threshold;
@@ -263,7 +263,9 @@ def ivf_topk(q: np.ndarray, centroids: np.ndarray, lists: Lists, k: int, nprobe:
     out_i = np.full((nq, k), -1, dtype=np.int64)
     for lo in range(0, nq, query_block):
         qb = q[lo : lo + query_block]
-        first, sets = probes(qb, centroids, nprobe, n_threads, early=EARLY_LISTS)  # FAISS's lists
+        # the early set only for bfloat16, where each survivor costs a float32 re-score (in float32 a
+        # third set of small products costs more than the survivors it saves: measured at 100k)
+        first, sets = probes(qb, centroids, nprobe, n_threads, early=EARLY_LISTS if low is not None else 0)
         bound = np.full((len(qb), 1), -np.inf, dtype=np.float32)
         found = _first_pass(qb, lists, first, bound, k, n_threads)  # sets the bounds
         for rows_by_list, starts in sets:

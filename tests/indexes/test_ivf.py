@@ -123,7 +123,7 @@ def test_staged_bounds_and_blocks_keep_the_answers(monkeypatch):
     centroids, lists = ivf_lists
     want_s, _ = ix.search(q, 10)
     low = bf16_lists(lists)
-    for early in (0, 1, 7, 20):
+    for early in (0, 1, 7, 20):  # used with low only; the float32 runs check they do not depend on it
         monkeypatch.setattr(ivf, "EARLY_LISTS", early)
         for kw in ({"query_block": 97}, {"threads": 1}, {"low": low, "query_block": 300}):
             s, _ = ivf_topk(q, centroids, lists, 10, 8, **kw)
