@@ -25,6 +25,7 @@ import json
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,54 @@ def sae_like(n: int, base: np.ndarray, k_active: int, noise: float, rng: np.rand
     return out
 
 
+HARD_BASE = 20_000  # atoms of the hard generator: far more than, and no multiple of, any list count
+
+
+def sae_hard(n: int, base: np.ndarray, rng: np.random.Generator, mean_active: float = 4.0, noise: float = 0.3,
+             zipf: float = 0.8, norm_sigma: float = 1.0, chunk: int = 50_000) -> np.ndarray:
+    """``n`` directions k-means cannot align lists with (issue 26's second generator), like SAE decoders:
+
+    - ``base`` holds many more atoms (`HARD_BASE`) than an index has lists, so lists cannot be atoms;
+    - each direction mixes 1 + Poisson(``mean_active`` - 1) atoms (a variable number), picked with
+      Zipf-like popularity (rank^-``zipf``: a few atoms in many directions, most in few), with
+      Student-t (2 dof) weights, heavy-tailed: often one atom dominates, sometimes several compete;
+    - isotropic noise of norm ``noise`` on the unit mixture;
+    - rows scaled by log-normal norms (sigma ``norm_sigma``): heavy-tailed, as decoder norms are;
+      the engine searches cosines, so the store's normalisation must take them out.
+    """
+    n_base, d = base.shape
+    pop = 1.0 / np.arange(1, n_base + 1) ** zipf
+    pop = (pop / pop.sum())[rng.permutation(n_base)]
+    cdf = np.cumsum(pop)
+    out = np.empty((n, d), dtype=np.float32)
+    for lo in range(0, n, chunk):
+        m = min(chunk, n - lo)
+        n_act = 1 + rng.poisson(mean_active - 1, size=m)
+        width = int(n_act.max())
+        idx = np.minimum(np.searchsorted(cdf, rng.random(size=(m, width))), n_base - 1)
+        w = rng.standard_t(2, size=(m, width)).astype(np.float32) * (np.arange(width) < n_act[:, None])
+        x = np.zeros((m, d), dtype=np.float32)
+        for j in range(width):
+            x += w[:, j : j + 1] * base[idx[:, j]]
+        x = unit_rows(x) + (noise / np.sqrt(d)) * rng.normal(size=(m, d)).astype(np.float32)
+        norms = np.exp(norm_sigma * rng.normal(size=(m, 1))).astype(np.float32)
+        out[lo : lo + m] = unit_rows(x) * norms
+    return out
+
+
+def generate(kind: str, n: int, d: int, rng: np.random.Generator) -> tuple[np.ndarray, Callable[[int, np.random.Generator], np.ndarray]]:
+    """The atlas of generator ``kind`` (``structured``: `sae_like` over 4,096 atoms, unit rows;
+    ``hard``: `sae_hard`, heavy-tailed norms) and a function drawing ``m`` fresh unit directions
+    from the same process (the base is the first draw of ``rng``)."""
+    if kind == "structured":
+        base = rng.normal(size=(4096, d)).astype(np.float32)
+        return sae_like(n, base, 3, 0.3, rng), lambda m, r: sae_like(m, base, 3, 0.3, r)
+    if kind == "hard":
+        base = unit_rows(rng.normal(size=(HARD_BASE, d)).astype(np.float32))
+        return sae_hard(n, base, rng), lambda m, r: unit_rows(sae_hard(m, base, r))
+    raise ValueError(f"generator {kind!r}: structured or hard")
+
+
 def perturb(x: np.ndarray, cosine: float, rng: np.random.Generator) -> np.ndarray:
     """Unit vectors at roughly ``cosine`` to the rows of ``x`` (random orthogonal noise)."""
     e = unit_rows(rng.normal(size=x.shape).astype(np.float32))
@@ -60,13 +109,13 @@ def perturb(x: np.ndarray, cosine: float, rng: np.random.Generator) -> np.ndarra
     return unit_rows(cosine * x + np.sqrt(1 - cosine**2) * e)
 
 
-def held_out_queries(x: np.ndarray, base: np.ndarray, args, seed: int) -> np.ndarray:
-    """Half indexed directions perturbed to cosine 0.9, half fresh sparse combinations."""
+def held_out_queries(x: np.ndarray, fresh: Callable[[int, np.random.Generator], np.ndarray], n: int,
+                     seed: int) -> np.ndarray:
+    """Half indexed directions perturbed to cosine 0.9, half fresh sparse combinations (``fresh``)."""
     rng = np.random.default_rng(1000 + seed)
-    n_pert = args.queries // 2
-    pert = perturb(x[rng.choice(len(x), n_pert, replace=False)], 0.9, rng)
-    fresh = sae_like(args.queries - n_pert, base, args.k_active, args.noise, rng)
-    return np.concatenate([pert, fresh])
+    n_pert = n // 2
+    pert = perturb(unit_rows(x[rng.choice(len(x), n_pert, replace=False)]), 0.9, rng)
+    return np.concatenate([pert, fresh(n - n_pert, rng)])
 
 
 def timed_search(index, q: np.ndarray, k: int, batch: int = 1000) -> tuple[np.ndarray, np.ndarray, float]:
@@ -102,6 +151,8 @@ def build_or_load(args, spec: str, x: np.ndarray, ids: np.ndarray):
     build_params = sorted(p for p in params.split(",") if p.startswith("efConstruction"))  # shape the index
     name = "_".join([factory, *build_params]).replace(",", "_").replace("=", "")
     key = f"ann-{name}-{args.n}x{args.d}-b{args.n_base}-k{args.k_active}-z{args.noise}"
+    if args.generator != "structured":
+        key += f"-{args.generator}"
     cache = args.index_cache / f"{key}.faiss" if args.index_cache else None
     if cache is not None and cache.exists():
         index = indexes.FaissIndex(args.d, spec, _index=faiss.read_index(str(cache)))
@@ -122,6 +173,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=100_000, help="concepts in the atlas (default: a quick check)")
     ap.add_argument("--d", type=int, default=768)
+    ap.add_argument("--generator", default="structured", choices=["structured", "hard"],
+                    help="structured: sae_like over --n-base atoms; hard: sae_hard (lists cannot align with atoms)")
     ap.add_argument("--n-base", type=int, default=4096, help="base directions the atlas is built from")
     ap.add_argument("--k-active", type=int, default=3, help="base directions per concept")
     ap.add_argument("--noise", type=float, default=0.3, help="norm of the isotropic noise (direction has norm 1)")
@@ -139,14 +192,21 @@ def main() -> None:
     if spec == "auto":
         spec = choose_index_spec(max(args.n, FLAT_MAX_CONCEPTS + 1), args.d)
     rng = np.random.default_rng(0)
-    base = rng.normal(size=(args.n_base, args.d)).astype(np.float32)
     t0 = time.perf_counter()
-    x = sae_like(args.n, base, args.k_active, args.noise, rng)
+    if args.generator == "hard":
+        x, fresh = generate("hard", args.n, args.d, rng)
+        x = unit_rows(x)  # the store indexes unit rows: the heavy-tailed norms go here
+    else:
+        base = rng.normal(size=(args.n_base, args.d)).astype(np.float32)
+        x = sae_like(args.n, base, args.k_active, args.noise, rng)
+
+        def fresh(m: int, r: np.random.Generator) -> np.ndarray:
+            return sae_like(m, base, args.k_active, args.noise, r)
     t_gen = time.perf_counter() - t0
     n_pert = args.queries // 2
-    q = held_out_queries(x, base, args, args.query_seed)
+    q = held_out_queries(x, fresh, args.queries, args.query_seed)
     sweep = [int(v) for v in args.sweep.split(",") if v.strip()]
-    q_val = held_out_queries(x, base, args, 1) if sweep else None
+    q_val = held_out_queries(x, fresh, args.queries, 1) if sweep else None
     print(f"atlas {args.n}x{args.d} generated in {t_gen:.1f}s; spec {spec}", flush=True)
 
     ids = np.arange(args.n, dtype=np.int64)
@@ -186,7 +246,7 @@ def main() -> None:
     print(f"exact {len(q) / t_flat:.0f} q/s, {spec} {len(q) / t_ann:.0f} q/s", flush=True)
 
     out = {
-        "n": args.n, "d": args.d, "n_base": args.n_base, "k_active": args.k_active, "noise": args.noise,
+        "n": args.n, "d": args.d, "generator": args.generator, "n_base": args.n_base, "k_active": args.k_active, "noise": args.noise,
         "queries": len(q), "query_seed": args.query_seed, "spec": spec,
         "recall_at_10": recall_at(ann_ids, exact_ids),
         "recall_at_10_perturbed": recall_at(ann_ids[:n_pert], exact_ids[:n_pert]),

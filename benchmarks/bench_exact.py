@@ -26,9 +26,19 @@ a list scored against it in one GEMM) on SAE-like vectors (`bench_ann_scale.sae_
 ``IndexIVFFlat.search`` against the engine's search of the same index, for each ``--nprobe``,
 alternated as above, with the share of returned ids the two agree on, the scoring rate (the
 flops of the scores an IVF search computes, 2·d per probed list vector, over its time) against a
-bare GEMM of as many flops, and the previous code (``--previous``)::
+bare GEMM of as many flops, and the previous code (``--previous``); ``--bf16`` adds the bfloat16
+list scoring (spec ``bf16=1``, checked to return the float32 path's scores), ``--generator hard``
+the atlas k-means cannot align lists with (`bench_ann_scale.sae_hard`); CPU seconds per method
+are printed too (the robust figure on a shared machine)::
 
     python benchmarks/bench_exact.py --ivf 1024 --nprobe 8,32,128 --queries 16384 -k 10
+    python benchmarks/bench_exact.py --ivf 1024 --n 100000 --nprobe 16,64 --queries 8192 -k 10 --reps 2 --bf16
+
+At the moonshot's scale (a measured fraction: 32,768 of the 1M features against the whole 1M
+atlas, its IVF4096 lists, the nprobe that reached recall 0.95)::
+
+    nice -n 10 python benchmarks/bench_exact.py --ivf 4096 --n 1000000 --nprobe 256 --queries 32768 -k 10 \
+        --reps 1 --bf16 --no-faiss --previous '' --recall-sample 1000
 """
 
 from __future__ import annotations
@@ -102,6 +112,12 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--ivf", type=int, help="measure the IVF-Flat path with this many lists")
     ap.add_argument("--nprobe", default="8,32,128", help="with --ivf: the nprobe values to measure")
+    ap.add_argument("--generator", default="structured", choices=["structured", "hard"],
+                    help="with --ivf: the atlas's generator (bench_ann_scale.generate)")
+    ap.add_argument("--recall-sample", type=int, default=0, help="with --ivf: queries whose recall@k against "
+                    "exact search is measured")
+    ap.add_argument("--no-faiss", action="store_true", help="with --ivf: skip FAISS's own search (slow at scale)")
+    ap.add_argument("--bf16", action="store_true", help="with --ivf: also time the bfloat16 list scoring (bf16=1)")
     ap.add_argument("--device", help="measure the torch path (indexes.torch_search) on this device instead")
     ap.add_argument("--dtype", default=None, help="with --device: the GEMM's precision (default float16 on CUDA)")
     ap.add_argument("--previous", default=PREVIOUS, help="git revision of the previous code to time against ('' skips it)")
@@ -168,19 +184,24 @@ def ivf_main(args: argparse.Namespace) -> None:
     import faiss
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_ann_scale import perturb, sae_like
+    from bench_ann_scale import generate, perturb
 
+    from engine.util import unit_rows
     from indexes.exact import topk_inner_product
+    from indexes.ivf import bf16_lists, ivf_topk
 
     rng = np.random.default_rng(0)
-    base = rng.normal(size=(4096, args.d)).astype(np.float32)
-    x = sae_like(args.n, base, 3, 0.3, rng)
+    x, fresh = generate(args.generator, args.n, args.d, rng)
+    x = unit_rows(x)  # as the store indexes them
     half = args.queries // 2
-    q = np.concatenate([perturb(x[rng.choice(args.n, half)], 0.9, rng), sae_like(args.queries - half, base, 3, 0.3, rng)])
+    q = np.concatenate([perturb(x[rng.choice(args.n, half)], 0.9, rng), fresh(args.queries - half, rng)])
     engine = indexes.create_index(args.d, f"IVF{args.ivf},Flat")
     engine.train(x[: min(args.n, 64 * args.ivf)])
     engine.add(x, np.arange(args.n))
     centroids, lists = engine._ivf_lists()  # type: ignore[attr-defined, misc]
+    low = bf16_lists(lists) if args.bf16 else None
+    sample = np.random.default_rng(3).choice(len(q), min(args.recall_sample, len(q)), replace=False)
+    exact_sample = topk_inner_product(q[sample], x, args.k)[1] if len(sample) else None
     sizes = np.array([len(v) for v, _ in lists])
     old = previous_module(args.previous, "indexes/ivf.py") if args.previous else None
     tile = np.empty(GEMM_TILE, dtype=np.float32)
@@ -198,29 +219,43 @@ def ivf_main(args: argparse.Namespace) -> None:
 
         runs = {"gemm": gemm, "faiss": lambda: engine._index.search(q, args.k),  # type: ignore[attr-defined]
                 "engine": lambda: engine.search(q, args.k)}
+        if args.no_faiss:
+            del runs["faiss"]
+        if low is not None:
+            runs["engine_bf16"] = lambda p=nprobe: ivf_topk(q, centroids, lists, args.k, p, low=low)
         if old is not None:
             runs["previous"] = lambda p=nprobe: old.ivf_topk(q, centroids, lists, args.k, p)
         times: dict[str, list[float]] = {name: [] for name in runs}
+        cpu: dict[str, list[float]] = {name: [] for name in runs}
         results = {}
         for _ in range(args.reps):
             for name, fn in runs.items():
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 results[name] = fn()
                 times[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
         med = {name: statistics.median(ts) for name, ts in times.items()}
         gemm_rate = gemm_reps * 2 * args.d * len(qg) * len(xg) / 1e9 / med["gemm"]
-        fi, ei = results["faiss"][1], results["engine"][1]
-        row = {"nprobe": nprobe, "gflop": round(gflop, 1), "faiss_s": round(med["faiss"], 3),
-               "engine_s": round(med["engine"], 3), "speedup": round(med["faiss"] / med["engine"], 2),
-               "engine_over_gemm": round(gflop / med["engine"] / gemm_rate, 3),
-               "gemm_gflops": round(gemm_rate, 1),
-               "same_ids": float(np.mean([len(set(a) & set(b)) / args.k for a, b in zip(fi, ei)]))}
+        row = {"nprobe": nprobe, "gflop": round(gflop, 1), "engine_s": round(med["engine"], 3),
+               "engine_over_gemm": round(gflop / med["engine"] / gemm_rate, 3), "gemm_gflops": round(gemm_rate, 1)}
+        if "faiss" in results:
+            fi, ei = results["faiss"][1], results["engine"][1]
+            row.update({"faiss_s": round(med["faiss"], 3), "speedup": round(med["faiss"] / med["engine"], 2),
+                        "same_ids": float(np.mean([len(set(a) & set(b)) / args.k for a, b in zip(fi, ei)]))})
         if "previous" in med:
             row["previous_s"] = round(med["previous"], 3)
             row["previous_over_gemm"] = round(gflop / med["previous"] / gemm_rate, 3)
+        if "engine_bf16" in med:
+            row["engine_bf16_s"] = round(med["engine_bf16"], 3)
+            row["engine_bf16_over_gemm"] = round(gflop / med["engine_bf16"] / gemm_rate, 3)
+            row["bf16_same_scores"] = bool(np.allclose(results["engine_bf16"][0], results["engine"][0], atol=1e-5))
+        row["cpu_s"] = {name: round(statistics.median(c), 2) for name, c in cpu.items()}
+        if exact_sample is not None:  # recall@k of the IVF answer (the engine's) against exact search
+            got = results["engine"][1][sample]
+            row[f"recall_at_{args.k}"] = float(np.mean([len(set(a) & set(b)) / args.k for a, b in zip(got, exact_sample)]))
         rows.append(row)
         print(rows[-1], flush=True)
-    out = {"n": args.n, "d": args.d, "lists": args.ivf, "queries": args.queries, "k": args.k, "reps": args.reps,
+    out = {"n": args.n, "d": args.d, "lists": args.ivf, "generator": args.generator, "queries": args.queries, "k": args.k, "reps": args.reps,
            "rows": rows, "threads": {"faiss_omp": faiss.omp_get_max_threads()}, "load_avg_1min": os.getloadavg()[0]}
     print(json.dumps(out, indent=2))
     if args.json:

@@ -55,6 +55,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -62,34 +63,44 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_ann_scale import perturb, recall_at, sae_like  # noqa: E402
+from bench_ann_scale import HARD_BASE, perturb, recall_at, sae_hard, sae_like  # noqa: E402
 
 import indexes  # noqa: E402
 from engine.align.map import AlignmentMap, save_map  # noqa: E402
 from engine.labelling import run as labelling  # noqa: E402
 from engine.search import project  # noqa: E402
 from engine.store.store import AtlasSource, IndexPlacement, Store  # noqa: E402
+from engine.util import unit_rows  # noqa: E402
 from indexes.exact import topk_inner_product  # noqa: E402
 
+Fresh = Callable[[int, np.random.Generator], np.ndarray]  # m fresh unit directions of the atlas's process
 
-def structured_atlas(path: Path, n: int, d: int, rng: np.random.Generator, n_base: int = 4096,
-                     chunk: int = 50_000) -> np.ndarray:
-    """SAE-like atlas directions written to a ``.npy`` a chunk at a time; returns the base."""
-    base = rng.normal(size=(n_base, d)).astype(np.float32)
+
+def structured_atlas(path: Path, n: int, d: int, rng: np.random.Generator, generator: str = "structured",
+                     chunk: int = 50_000) -> Fresh:
+    """Atlas directions of ``generator`` (`bench_ann_scale.generate`: ``structured``, SAE-like over
+    4,096 atoms; ``hard``, `bench_ann_scale.sae_hard` with heavy-tailed norms) written to a ``.npy``
+    a chunk at a time; returns the process's fresh directions."""
+    base = rng.normal(size=(4096, d)).astype(np.float32)
+    if generator == "hard":
+        base = unit_rows(rng.normal(size=(HARD_BASE, d)).astype(np.float32))
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, d))
     for lo in range(0, n, chunk):
-        out[lo : lo + chunk] = sae_like(min(chunk, n - lo), base, 3, 0.3, rng)
+        m = min(chunk, n - lo)
+        out[lo : lo + m] = sae_hard(m, base, rng) if generator == "hard" else sae_like(m, base, 3, 0.3, rng)
     out.flush()
-    return base
+    if generator == "hard":
+        return lambda m, r: unit_rows(sae_hard(m, base, r))
+    return lambda m, r: sae_like(m, base, 3, 0.3, r)
 
 
-def structured_features(atlas: np.ndarray, base: np.ndarray, w: np.ndarray, n: int, seed: int) -> np.ndarray:
+def structured_features(atlas: np.ndarray, fresh: Fresh, w: np.ndarray, n: int, seed: int) -> np.ndarray:
     """Subject features: half mapped atlas directions perturbed to cosine 0.9, half fresh sparse
     combinations, taken into the subject space through the map's transpose (d_subject)."""
     rng = np.random.default_rng(1000 + seed)
     n_pert = n // 2
     rows = np.sort(rng.choice(len(atlas), n_pert, replace=False))
-    a = np.concatenate([perturb(np.asarray(atlas[rows]), 0.9, rng), sae_like(n - n_pert, base, 3, 0.3, rng)])
+    a = np.concatenate([perturb(unit_rows(np.asarray(atlas[rows])), 0.9, rng), fresh(n - n_pert, rng)])
     return (a @ w.T).astype(np.float32)  # (n, d_subject): x ↦ x @ w takes them back to the atlas
 
 
@@ -187,6 +198,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=labelling.DEFAULT_BATCH)
     ap.add_argument("--spec", default="Flat", help="index spec of the atlas (an ANN spec for the moonshot)")
     ap.add_argument("--structured", action="store_true", help="SAE-like atlas and features (see the doc)")
+    ap.add_argument("--generator", choices=["structured", "hard"], help="the structured atlas's generator "
+                    "(implies --structured; hard: bench_ann_scale.sae_hard, which k-means lists cannot align with)")
     ap.add_argument("--recall-sample", type=int, default=2000, help="features whose labels are checked "
                     "against exact search (recall@k)")
     ap.add_argument("--no-bare", action="store_true", help="skip the two bare searches (the moonshot: at 1M "
@@ -208,6 +221,12 @@ def main() -> None:
     if not criteria or any(c not in ("nn", "csls", "isf") for c in criteria):
         ap.error(f"--criterion: nn, csls, isf or a comma list of them, got {args.criterion!r}")
     args.criterion = criteria[0]
+    if args.generator:
+        args.structured = True
+    elif args.structured:
+        args.generator = "structured"
+    if args.store and args.generator == "hard":
+        ap.error("--generator hard builds its own atlas (no --store)")
 
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(prefix="bench-labelling-") as tmp:
@@ -223,6 +242,7 @@ def main() -> None:
             args.spec = store.atlas(atlas_name).index_spec
             # bench_import_scale.write_matrix's base: the first draw of default_rng(0)
             base = np.random.default_rng(0).normal(size=(4096, args.d_atlas)).astype(np.float32)
+            fresh_dirs: Fresh = lambda m, r: sae_like(m, base, 3, 0.3, r)  # noqa: E731
             if w.shape[1] != args.d_atlas:  # the atlas's width, not --d-atlas
                 q, _ = np.linalg.qr(rng.normal(size=(args.d_atlas, args.d_subject)))
                 w = q.T.astype(np.float32)
@@ -234,7 +254,7 @@ def main() -> None:
             store_dir, atlas_name = root / "store", "atlas"
             store = Store.init(store_dir)
             if args.structured:
-                base = structured_atlas(root / "atlas.npy", args.concepts, args.d_atlas, rng)
+                fresh_dirs = structured_atlas(root / "atlas.npy", args.concepts, args.d_atlas, rng, args.generator)
                 atlas = np.load(root / "atlas.npy", mmap_mode="r")
             else:
                 atlas = rng.normal(size=(args.concepts, args.d_atlas)).astype(np.float32)
@@ -255,8 +275,8 @@ def main() -> None:
                             subject_model=subject, subject_layer=20, atlas=atlas_name)
         save_map(store, amap, map_name)
         if args.structured:
-            feats = structured_features(atlas, base, w, args.features, seed=2)
-            val = structured_features(atlas, base, w, min(args.recall_sample, args.features), seed=1)
+            feats = structured_features(atlas, fresh_dirs, w, args.features, seed=2)
+            val = structured_features(atlas, fresh_dirs, w, min(args.recall_sample, args.features), seed=1)
         else:
             feats = rng.normal(size=(args.features, args.d_subject)).astype(np.float32)
             val = None
@@ -265,7 +285,8 @@ def main() -> None:
         print(f"setup {t_setup:.0f}s: map, {args.features} features d={args.d_subject}", flush=True)
         atlas_unit = None
         if args.recall_sample:  # exact search's rows: unit already when SAE-like (no 3 GB copy at 1M)
-            atlas_unit = atlas if args.structured else store.atlas_vectors(atlas_name, normalized=True)
+            unit_already = args.structured and args.generator != "hard"
+            atlas_unit = atlas if unit_already else store.atlas_vectors(atlas_name, normalized=True)
 
         swept = []
         if args.sweep and val is not None and atlas_unit is not None:
@@ -339,7 +360,7 @@ def main() -> None:
         "ratio_in_run": t_label / clock.seconds, "labelling_cpu_s": cpu_label,
         "features_per_s": args.features / t_label,
         "spec": args.spec, "run_search_param": args.ef, "store": str(args.store) if args.store else None,
-        "structured": args.structured, f"recall_at_{args.k}": recall,
+        "structured": args.structured, "generator": args.generator, f"recall_at_{args.k}": recall,
         "recall_sample": args.recall_sample, "validation_sweep": swept,
         "index_build_s": t_build, "index_build_peak_rss_gb": build_rss, "index_file_gb": index_gb,
     }

@@ -62,7 +62,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     base = rng.normal(size=(args.n_base, args.d)).astype(np.float32)
     x = sae_like(args.n, base, args.k_active, args.noise, rng)
-    q = held_out_queries(x, base, args, args.query_seed)
+    q = held_out_queries(x, lambda m, r: sae_like(m, base, args.k_active, args.noise, r), args.queries, args.query_seed)
     ids = np.arange(args.n, dtype=np.int64)
     exact = indexes.create_index(args.d, "Flat")
     exact.add(x, ids)
