@@ -184,8 +184,6 @@ def prepare_run(store: Store, request: LabelRequest) -> PreparedRun:
     The features' width must be the map's subject width; where the source records its site
     (SAELens ``cfg.json``) the model and layer must be the map's too, unless ``site_check=False``.
     """
-    from engine.labelling.matching import check_match
-
     r = request
     map_name, features, k, name, batch_size = r.map_name, r.features, r.k, r.name, r.batch_size
     criterion, csls_k, confidence, match = r.criterion, r.csls_k, r.confidence, r.match
@@ -197,7 +195,10 @@ def prepare_run(store: Store, request: LabelRequest) -> PreparedRun:
         raise AtlasError(f"--batch must be >= 1, got {batch_size}")
     if not isinstance(csls_k, int) or csls_k < 1:
         raise BadValueError(f"--csls-k must be a whole number >= 1, got {csls_k!r}")
-    check_match(match)
+    if match != "map":  # activation matching (engine.labelling.matching) needs torch: a map run never loads it
+        from engine.labelling.matching import check_match
+
+        check_match(match)
     if match == "activations" and confidence == "default":
         confidence = default_confidence("activations", r.labelled_only)
     ranking = Ranking(criterion, csls_k, None, _confidence_model(criterion, confidence, r.labelled_only))

@@ -55,3 +55,25 @@ def test_listing_the_commands_loads_every_module_and_plugin():
     out, mods = _run("--help")
     assert {"engine.cli.steer_cmds", "engine.cli.plugins.world"} <= mods
     assert all(name in out for name in ("show", "neighbors", "world", "eval", "demo", "serve"))
+
+
+@pytest.mark.parametrize("command", ["label", "search"])
+def test_labelling_and_searching_a_feature_matrix_on_the_cpu_import_no_torch(store, tmp_path, command):
+    """A map applied to numpy arrays stays numpy (`engine.align.map`): `atlas label` and `atlas search`
+    of a feature matrix never pay torch's import (~1.5 s of a one-shot run)."""
+    from engine.align.map import AlignmentMap, save_map
+
+    rng = np.random.default_rng(1)
+    store.add_atlas("at", rng.normal(size=(30, 8)).astype(np.float32), [f"concept {i}" for i in range(30)],
+                    source=AtlasSource(model="found", layer=1))
+    store.add_model("subj", d_model=6)
+    amap = AlignmentMap(rng.normal(size=(6, 8)), rng.normal(size=(8, 6)), np.zeros(6), np.zeros(8), "procrustes",
+                        subject_model="subj", subject_layer=1, atlas="at", atlas_model="found", atlas_layer=1,
+                        metrics={"subject_resid_norm": 1.0, "atlas_resid_norm": 1.0})
+    save_map(store, amap, "m")
+    np.save(tmp_path / "feats.npy", rng.normal(size=(12, 6)).astype(np.float32))
+    args = (["label", "m", "--features", str(tmp_path / "feats.npy"), "-k", "2", "--json"] if command == "label"
+            else ["search", "m", "--vectors", str(tmp_path / "feats.npy"), "-k", "2", "--json"])
+    out, mods = _run(*args, "--store", str(store.path))
+    assert ('"status": "done"' if command == "label" else "concept") in out, out
+    assert not {m for m in mods if m == "torch" or m.startswith("torch.")}, f"atlas {command} imported torch"
