@@ -7,7 +7,9 @@ criterion and activation matching for SAE latents, native concept directions, pe
 explanation quality, the oracle ceiling, and ECE / precision at 50% and 80% coverage of the
 confidence model), each seed's rows cached as ``<out-dir>/<size><seed>.json`` (reused when
 present). Then, per (size, features, subject, method), the mean, sample sd and min-max over seeds
-of every figure, printed as a table and written with ``--json``.
+of every figure, printed as a table and written with ``--json``. A world that failed its build's
+learnability gates is named in a warning and under ``gate_failures`` of the JSON (each of its rows
+carries ``gates_passed`` and ``gate_failures``): its figures are suspect.
 
     PYTHONPATH=$PWD nice python benchmarks/bench_sae_seeds.py --sizes tiny,small --seeds 0,1,2 \\
         --store-pattern /work/eval/store-{size}{seed} --out-dir /work/eval/label-quality \\
@@ -27,7 +29,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-FIGURES = ("top1", "top1_relaxed", "top5", "ceiling", "ece", "p_at_50", "p_at_80", "token_top1", "text_top1")
+FIGURES = ("top1", "top1_relaxed", "top5", "ceiling", "ece", "p_at_50", "p_at_80", "conf_mean", "token_top1",
+           "text_top1")
 
 
 def world_folder(store: Path, size: str) -> Path | None:
@@ -63,6 +66,16 @@ def spread(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def gate_failures(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """World name -> the gates it failed, for every measured world whose build failed a gate
+    (rows written before the gate status was recorded carry none and are not listed)."""
+    out: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("gates_passed") is False:
+            out[f"{r['size']} seed {r['seed']} ({r['world']})"] = list(r.get("gate_failures") or [])
+    return out
+
+
 def fmt(cell: dict[str, float] | None) -> str:
     return "" if cell is None else f"{cell['mean']:.3f} ± {cell['sd']:.3f} ({cell['min']:.3f}-{cell['max']:.3f})"
 
@@ -70,7 +83,7 @@ def fmt(cell: dict[str, float] | None) -> str:
 MARKDOWN_TABLES = (  # (title, features, figures); a table lists the methods that have its first figure
     ("SAE latents", "sae", ("top1", "top5", "ceiling")),
     ("SAE latents, relaxed ground truth (not the headline)", "sae", ("top1_relaxed", "top1")),
-    ("SAE latents, label confidence", "sae", ("p_at_50", "p_at_80", "ece")),
+    ("SAE latents, label confidence", "sae", ("p_at_50", "p_at_80", "ece", "conf_mean")),
     ("native concept directions", "native", ("top1",)),
     ("per-token explanation", "explain", ("token_top1", "text_top1")),
 )
@@ -136,8 +149,11 @@ def main() -> None:
             cached.write_text(json.dumps(r, indent=1))
             rows += r
             print(f"# {size} seed {seed}: {len(r)} rows in {time.perf_counter() - t:.0f} s", flush=True)
+    failed = gate_failures(rows)
+    for world, lines in failed.items():
+        print(f"# WARNING: {world} failed its learnability gates ({'; '.join(lines)}): its figures are suspect", flush=True)
     table = spread(rows)
-    for features, cols in (("sae", ("top1", "ceiling", "top5", "p_at_50", "p_at_80", "ece")), ("native", ("top1",)),
+    for features, cols in (("sae", ("top1", "ceiling", "top5", "p_at_50", "p_at_80", "ece", "conf_mean")), ("native", ("top1",)),
                            ("explain", ("token_top1", "text_top1"))):
         print(f"\n{features}:")
         for r in table:
@@ -147,7 +163,8 @@ def main() -> None:
     if args.markdown:
         Path(args.markdown).write_text(markdown(table))
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"missing": missing, "summary": table, "rows": rows}, indent=1))
+        Path(args.json_out).write_text(json.dumps({"missing": missing, "gate_failures": failed, "summary": table,
+                                                   "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

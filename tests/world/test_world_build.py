@@ -159,6 +159,32 @@ def test_cli_world_build_reuses_the_world(tiny_world, tmp_path):
     assert "reused world-tiny" in res.output and "already registered" in res.output and "all pass" in res.output
 
 
+def test_cli_world_build_fails_on_a_failed_gate(tiny_world, tmp_path):
+    """A world that misses a learnability gate fails `atlas world build` (exit 1, after its report)
+    unless --allow-failed-gates; the world stays in the store (issue 25)."""
+    from engine.cli import cli
+    from engine.world.build import load_world
+
+    store_dir = tmp_path / "store"
+    folder = store_dir / "models" / tiny_world.path.name
+    shutil.copytree(tiny_world.path, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["report"]["thresholds"]["min_probe_accuracy"] = 1.01  # no model can reach it
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    res = CliRunner().invoke(cli, ["world", "build", "--size", "tiny", "--store", str(store_dir), "--no-sae"])
+    assert res.exit_code == 1, res.output
+    assert "FAILED" in res.output and "probe accuracy" in res.output and "--allow-failed-gates" in res.output
+    res = CliRunner().invoke(cli, ["world", "build", "--size", "tiny", "--store", str(store_dir), "--no-sae", "--json",
+                                   "-q"])
+    assert res.exit_code == 1 and "--allow-failed-gates" in res.output
+    res = CliRunner().invoke(cli, ["world", "build", "--size", "tiny", "--store", str(store_dir), "--no-sae", "--json",
+                                   "-q", "--allow-failed-gates"])
+    assert res.exit_code == 0, res.output
+    assert len(json.loads(res.output)["gate_failures"]) == 3  # the three models' probes
+    world = load_world(folder)
+    assert world.report is not None and not world.report.passed
+
+
 def test_same_weights_in_parallel_and_in_one_process(tmp_path):
     """Training in three processes or one after another gives identical weights (one thread each)."""
     import dataclasses

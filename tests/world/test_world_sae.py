@@ -417,6 +417,7 @@ def test_cli_eval_labelling_compare_reports_every_method_criterion_and_activatio
                                  "--json", "--quiet", "--store", str(store.path)])
     assert r.exit_code == 0, r.output
     rows = json.loads(r.stdout)
+    assert all(row["gates_passed"] is True and row["gate_failures"] == [] for row in rows)  # the tiny world passes
     sae = [row for row in rows if row["features"] == "sae"]
     methods = {row["method"] for row in sae}
     assert {f"{m}+{c}" for m in ("procrustes", "self_learning") for c in ("nn", "csls", "isf")} <= methods
@@ -431,6 +432,7 @@ def test_cli_eval_labelling_compare_reports_every_method_criterion_and_activatio
         nn = {row["method"]: row for row in mine if row["method"].endswith("+nn")}
         for m in ("procrustes+nn", "coact[enc]+nn", "procrustes[labelled]+nn", "coact[enc,labelled]+nn"):
             assert 0 <= nn[m]["ece"] <= 1 and 0 <= nn[m]["p_at_80"] <= 1 and 0 <= nn[m]["p_at_50"] <= 1
+            assert 0 < nn[m]["conf_mean"] < 1
     explain = [row for row in rows if row["features"] == "explain"]
     assert {row["method"] for row in explain} == {f"{m}{w}+{c}" for m in ("procrustes", "self_learning")
                                                   for w in ("", "+whiten") for c in ("nn", "csls", "isf")}

@@ -229,7 +229,7 @@ def eval_labelling(store_dir: Path, db_url: str | None, as_json: bool, **options
 
 
 COMPARE_COLUMNS = {
-    "sae": ["subject", "method", "n", "top1", "top5", "ceiling", "p_at_50", "p_at_80", "ece"],
+    "sae": ["subject", "method", "n", "top1", "top5", "ceiling", "p_at_50", "p_at_80", "ece", "conf_mean"],
     "native": ["subject", "method", "n", "top1", "ceiling"],
     "explain": ["subject", "method", "n", "token_top1", "text_top1"],
 }
@@ -245,6 +245,9 @@ def _compare_labelling(store: Any, o: LabellingOptions, methods: list[str] | Non
     features = {"sae": ("sae", "explain"), "native": ("native", "explain")}.get(o.features, ("sae", "native", "explain"))
     world = ensure_registered(store, o.size, o.seed)
     rows, _ = measure_world(world, o.max_docs, methods, features, load_confidence(o.confidence_file))
+    if world.report is not None and not world.report.passed:  # every row also carries gates_passed: False
+        click.echo(f"warning: world {world.name} failed its learnability gates ({'; '.join(world.report.failures())}): "
+                   "these figures are suspect", err=True)
     if as_json:
         print_json(rows)
         return

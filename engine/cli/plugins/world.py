@@ -44,11 +44,14 @@ def _open_or_init(store_dir: Path, db_url: str | None) -> tuple[Store, bool]:
 @click.option("--sae/--no-sae", "with_sae", default=True, show_default=True,
               help="Also train (or reuse) the world's sparse autoencoders, label their latents with ground truth "
                    "and register the foundation's as atlas world-<size>-sae (with eai-sparsify, a core dependency).")
+@click.option("--allow-failed-gates", is_flag=True,
+              help="Exit 0 even when a model misses a learnability gate (the world is kept either way; "
+                   "without this flag a failed gate fails the command with exit code 1).")
 @store_options
 @json_option
 @quiet_option
-def build(size: str, seed: int, replace_atlas: bool, with_sae: bool, store_dir: Path, db_url: str | None,
-          as_json: bool) -> None:
+def build(size: str, seed: int, replace_atlas: bool, with_sae: bool, allow_failed_gates: bool, store_dir: Path,
+          db_url: str | None, as_json: bool) -> None:
     """Build (or reuse) a ConceptWorld in the store and register its models and atlas.
 
     Generates the corpus, trains two tokenizers and three models (GPT-2 foundation, Llama
@@ -58,7 +61,8 @@ def build(size: str, seed: int, replace_atlas: bool, with_sae: bool, store_dir: 
     and each subject's default layer, gives every latent a ground-truth label (a topic, a word
     or none) and registers the foundation SAE as atlas world-<size>-sae. A world already built
     with the same configuration (by fingerprint) is reused, and so are its SAEs. The store is
-    created if it does not exist.
+    created if it does not exist. A model that misses a gate fails the command (exit code 1,
+    after the report; the world stays in the store) unless --allow-failed-gates.
     """
     if with_sae:
         require("sae", "atlas world build (its SAEs; --no-sae skips them)")
@@ -96,6 +100,7 @@ def build(size: str, seed: int, replace_atlas: bool, with_sae: bool, store_dir: 
     }
     if as_json:
         print_json(result)
+        _check_gates(w, allow_failed_gates)
         return
     verb = "reused" if w.reused else "built"
     click.echo(f"{verb} {w.name} ({len(w.concepts)} concepts, seed {w.seed}, fingerprint {w.fingerprint})")
@@ -129,6 +134,18 @@ def build(size: str, seed: int, replace_atlas: bool, with_sae: bool, store_dir: 
                    + ("all pass" if report.passed else "FAILED"))
         for line in report.failures():
             click.echo(f"  {line}")
+    _check_gates(w, allow_failed_gates)
+
+
+def _check_gates(w: World, allow_failed: bool) -> None:
+    """A world that misses a learnability gate fails the command, unless ``--allow-failed-gates``:
+    figures measured on it mean little (issue 25), so a script must not take it for a good build."""
+    from engine.errors import AtlasError
+
+    if w.report is not None and not w.report.passed and not allow_failed:
+        raise AtlasError(f"world {w.name} failed its learnability gates ({'; '.join(w.report.failures())}); it is "
+                         "kept in the store, but figures measured on it are suspect: pass --allow-failed-gates "
+                         "to accept it")
 
 
 def _build_saes(store: Store, w: World, replace: bool) -> dict[str, Any]:

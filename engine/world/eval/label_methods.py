@@ -94,7 +94,8 @@ def signals_of(S: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
 
 
 def confidence_columns(model: Any, S: np.ndarray, sub_keys: np.ndarray, atlas_keys: np.ndarray) -> dict[str, float]:
-    """ECE and precision at 50% / 80% coverage of ``model``'s confidence on the labelled rows of ``S``."""
+    """ECE, precision at 50% / 80% coverage and the mean confidence (``conf_mean``: beside top-1, which
+    way a badly calibrated model errs) of ``model``'s confidence on the labelled rows of ``S``."""
     from engine.labelling.confidence import expected_calibration_error, precision_at_coverage
 
     first, sig = signals_of(S)
@@ -103,7 +104,7 @@ def confidence_columns(model: Any, S: np.ndarray, sub_keys: np.ndarray, atlas_ke
     p = model.predict(sig[lab][:, : len(model.signals)])
     return {"ece": round(expected_calibration_error(p, y), 4),
             "p_at_50": round(precision_at_coverage(p, y, 0.5), 4),
-            "p_at_80": round(precision_at_coverage(p, y, 0.8), 4)}
+            "p_at_80": round(precision_at_coverage(p, y, 0.8), 4), "conf_mean": round(float(p.mean()), 4)}
 
 
 _WORD = re.compile(r"[A-Za-z']+")
@@ -218,7 +219,11 @@ def measure_world(world: Any, docs: int = 1500, methods: Sequence[str] | None = 
     val = val[:400]
     rows: list[dict[str, Any]] = []
     mats: dict[Any, Any] = {}
-    world_info = {"world": world.name, "size": world.size, "seed": world.seed}
+    # every row says whether the world passed its learnability gates (a figure on a failed world is suspect)
+    report = world.report
+    world_info = {"world": world.name, "size": world.size, "seed": world.seed,
+                  "gates_passed": None if report is None else report.passed,
+                  "gate_failures": None if report is None else report.failures()}
 
     def pairs(sub: Any, L: int, texts: list[str], pairing: str) -> tuple[np.ndarray, np.ndarray]:
         xs, ys = [], []
