@@ -13,17 +13,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+from typing import TYPE_CHECKING
 
 import numpy as np
-from sqlalchemy import select, text
 
 import indexes
 from engine.errors import AtlasError, BadValueError, IndexIntegrityError
 from engine.extras import install_message
 from engine.store import layout
-from engine.store.schema import AtlasRow
-from engine.store.store import Store
+from engine.store.concept_search import StoreReads, json_value
 from engine.util import check_k, sha256_bytes, write_store_file
+
+if TYPE_CHECKING:
+    from engine.store.store import Store
 
 # A word in more than this share of concepts (and at least COMMON_MIN_DOCS) is "common".
 COMMON_FRACTION = 0.05
@@ -86,7 +88,7 @@ def _query_words(query: str) -> list[str]:
     return content or words
 
 
-def text_search(store: Store, query: str, k: int = 10, atlas: str | None = None) -> list[tuple[str, int]]:
+def text_search(store: StoreReads, query: str, k: int = 10, atlas: str | None = None) -> list[tuple[str, int]]:
     """Full-text ranking: [(atlas, ordinal)] best first.
 
     Concepts matching every query word come first (ranked), then those matching some. Why the
@@ -103,24 +105,20 @@ def text_search(store: Store, query: str, k: int = 10, atlas: str | None = None)
     words = _query_words(query)
     if not words:
         return []
-    dialect = store.engine.dialect.name
-    if dialect not in _FULL_TEXT:
+    if store.dialect not in _FULL_TEXT:
         return _like_search(store, words, k, atlas)
-    ft = _FULL_TEXT[dialect]
+    ft = _FULL_TEXT[store.dialect]
     found: list[tuple[str, int]] = []
-    with store.read_session() as s:
-        n_total = s.execute(text(ft.count)).scalar() or 0
-        cap = max(COMMON_MIN_DOCS, int(n_total * COMMON_FRACTION))
-        probe = text(ft.probe)
-        rare = [w for w in words if s.scalar(probe, {**ft.bind([w], True), "cap": cap}) < cap]
-        words = rare or words
-        for every in ([True, False] if len(words) > 1 else [True]):  # all words, then any word
-            if len(found) >= k:
-                break
-            seen = set(found)
-            sql = text(ft.search(len(words), every, bool(atlas)))
-            rows = s.execute(sql, {**ft.bind(words, every), "atlas": atlas, "k": k}).all()
-            found += [key for key in ((r[0], int(r[1])) for r in rows) if key not in seen]
+    n_total = store.read(ft.count)[0][0] or 0
+    cap = max(COMMON_MIN_DOCS, int(n_total * COMMON_FRACTION))
+    rare = [w for w in words if store.read(ft.probe, {**ft.bind([w], True), "cap": cap})[0][0] < cap]
+    words = rare or words
+    for every in ([True, False] if len(words) > 1 else [True]):  # all words, then any word
+        if len(found) >= k:
+            break
+        seen = set(found)
+        rows = store.read(ft.search(len(words), every, bool(atlas)), {**ft.bind(words, every), "atlas": atlas, "k": k})
+        found += [key for key in ((r[0], int(r[1])) for r in rows) if key not in seen]
     return found[:k]
 
 
@@ -173,7 +171,7 @@ _FULL_TEXT: dict[str, type[_SqliteFullText] | type[_PostgresFullText]] = {
 }
 
 
-def _like_search(store: Store, words: list[str], k: int, atlas: str | None) -> list[tuple[str, int]]:
+def _like_search(store: StoreReads, words: list[str], k: int, atlas: str | None) -> list[tuple[str, int]]:
     """Portable fallback for databases without full-text search: count matching words."""
     score = " + ".join(
         f"(CASE WHEN lower(c.label) LIKE :w{i} THEN 4 ELSE 0 END"
@@ -186,9 +184,7 @@ def _like_search(store: Store, words: list[str], k: int, atlas: str | None) -> l
         + f"ORDER BY ({score}) DESC, c.id LIMIT :k"
     )
     params = {f"w{i}": f"%{w}%" for i, w in enumerate(words)}
-    with store.read_session() as s:
-        rows = s.execute(text(sql), {**params, "atlas": atlas, "k": k}).all()
-    return [(r[0], int(r[1])) for r in rows]
+    return [(r[0], int(r[1])) for r in store.read(sql, {**params, "atlas": atlas, "k": k})]
 
 
 @functools.lru_cache(maxsize=1)
@@ -222,6 +218,10 @@ def build_label_index(store: Store, atlas: str, quiet: bool = False) -> int:
     The index is written under a file name this call owns (`engine.store.layout.label_index_file`),
     the atlas row switched to it in one transaction, and only then the previous one removed.
     """
+    from sqlalchemy import select
+
+    from engine.store.schema import AtlasRow
+
     store.check_writable()
     concepts = [c for c in store.concepts(atlas) if c.labelled]
     if not concepts:
@@ -257,11 +257,8 @@ def build_label_index(store: Store, atlas: str, quiet: bool = False) -> int:
     return index.count()
 
 
-def _label_index(store: Store, atlas: str) -> indexes.VectorIndex:
-    with store.read_session() as s:
-        row = s.scalar(select(AtlasRow).where(AtlasRow.name == atlas))
-        assert row is not None  # called only with the names of atlases that have a label index
-        meta = (row.extra or {})["label_index"]
+def _label_index(store: StoreReads, atlas: str) -> indexes.VectorIndex:
+    meta = store.atlas_record(atlas).extra["label_index"]  # called only for atlases that have one
     path = store.path / (meta.get("file") or layout.legacy_label_index_file(atlas))
     data = path.read_bytes() if path.is_file() else b""
     if sha256_bytes(data) != meta["sha256"]:
@@ -276,14 +273,12 @@ def _label_index(store: Store, atlas: str) -> indexes.VectorIndex:
                                   f"`atlas index embed {atlas}` rebuilds it") from None
 
 
-def semantic_search(store: Store, query: str, k: int, atlas: str | None = None) -> list[tuple[str, int, float]]:
+def semantic_search(store: StoreReads, query: str, k: int, atlas: str | None = None) -> list[tuple[str, int, float]]:
     """Embedding ranking over atlases that have a label index: [(atlas, ordinal, cosine)] best first, only
     those at `SEMANTIC_MIN_COSINE` or more and within `SEMANTIC_MARGIN` of the best (a query near no
     label finds nothing)."""
-    with store.read_session() as s:
-        q = select(AtlasRow.name, AtlasRow.extra)
-        rows = s.execute(q.where(AtlasRow.name == atlas) if atlas else q).all()
-    names = [name for name, extra in rows if (extra or {}).get("label_index")]
+    sql = "SELECT name, extra FROM atlases" + (" WHERE name = :atlas" if atlas else "")
+    names = [name for name, extra in store.read(sql, {"atlas": atlas}) if json_value(extra).get("label_index")]
     if not names or not semantic_available():  # nothing embedded: never load the model
         return []
     qvec = embed_texts([query], quiet=True)
@@ -297,7 +292,7 @@ def semantic_search(store: Store, query: str, k: int, atlas: str | None = None) 
     return [(name, i, sc) for sc, name, i in found[:k] if sc >= floor]
 
 
-def lookup(store: Store, query: str, k: int = 10, atlas: str | None = None, semantic: bool | None = None) -> list[LookupHit]:
+def lookup(store: StoreReads, query: str, k: int = 10, atlas: str | None = None, semantic: bool | None = None) -> list[LookupHit]:
     """Concepts matching a text query, best first (full-text, fused with semantic where available);
     none when no label or description has a query word and no label is close in meaning
     (`SEMANTIC_MIN_COSINE`). Each hit says how it matched (``match``, in words).
@@ -309,7 +304,7 @@ def lookup(store: Store, query: str, k: int = 10, atlas: str | None = None, sema
     if not isinstance(query, str) or not _WORD.search(query):
         raise BadValueError(f"the query {str(query)[:40]!r} has no word to look up; give one or more words")
     if atlas is not None:
-        store.atlas(atlas)  # raises a clear error for an unknown atlas
+        store.atlas_record(atlas)  # raises a clear error for an unknown atlas
     depth = max(k * 5, 50)
     text_ranked = text_search(store, query, depth, atlas)
     sem_found = semantic_search(store, query, depth, atlas) if semantic is not False else []

@@ -12,11 +12,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import create_engine, delete, event
+from sqlalchemy import create_engine, delete, event, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
@@ -31,6 +31,7 @@ from engine.errors import (
     StoreOutdatedError,
 )
 from engine.store import layout, migrate, postgres
+from engine.store.concept_search import StoreReads
 from engine.store.schema import WriteClaimRow
 from engine.store.sqlite_file import (  # noqa: F401 - re-exported: BUSY_TIMEOUT_S, store_is_writable
     BUSY_TIMEOUT_S,
@@ -180,8 +181,11 @@ def _record_db_url(root: Path, url: str) -> None:
         write_store_file(root / layout.DB_URL_FILE, data.encode())
 
 
-class StoreBase:
-    """An opened store's folder and database. Use `init` to create one and `open` to open one."""
+class StoreBase(StoreReads):
+    """An opened store's folder and database. Use `init` to create one and `open` to open one.
+
+    Its reads of atlases and concepts and the search of their indexes (`StoreReads`) run their SQL
+    through `read`."""
 
     def __init__(self, path: Path, engine: Engine, readonly: bool = False) -> None:
         self.path = Path(path)
@@ -252,6 +256,15 @@ class StoreBase:
         """A session for reads: it never waits for writers (WAL) and never takes the write lock."""
         with _committing(self._read_sessions) as s:
             yield s
+
+    @property
+    def dialect(self) -> str:
+        return str(self.engine.dialect.name)
+
+    def read(self, sql: str, params: Mapping[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        """The rows of one read-only statement (``:name`` parameters) in a read session."""
+        with self.read_session() as s:
+            return [tuple(r) for r in s.execute(text(sql), dict(params or {})).all()]
 
     def check_writable(self) -> None:
         """Raise `ReadOnlyStoreError` before a write on a store opened read-only, and `StoreCorruptError`
