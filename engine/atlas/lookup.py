@@ -124,17 +124,25 @@ def text_search(store: StoreReads, query: str, k: int = 10, atlas: str | None = 
 
 class _SqliteFullText:
     """FTS5 (migration 0001): one MATCH string, each word quoted so that operators and quotes in a
-    query stay words; bm25 over label and description weighted 4:1."""
+    query stay words; bm25 over label and description weighted 4:1, ties in concept order.
 
-    count = "SELECT count(*) FROM concepts"
+    The count is the atlases' sizes (an atlas's concepts are its rows; ``count(*)`` would read a
+    million index entries). Over all atlases the best ``k`` rows are picked in the full-text index
+    first and only they are joined with their concepts; with an atlas every match is joined (to
+    test its atlas) before the sort."""
+
+    count = "SELECT coalesce(sum(n_concepts), 0) FROM atlases"
     probe = "SELECT count(*) FROM (SELECT rowid FROM concepts_fts WHERE concepts_fts MATCH :q LIMIT :cap)"
 
     @staticmethod
     def search(n_words: int, every: bool, by_atlas: bool) -> str:
-        return ("SELECT a.name, c.ordinal FROM concepts_fts f JOIN concepts c ON c.id = f.rowid "
-                "JOIN atlases a ON a.id = c.atlas_id WHERE concepts_fts MATCH :q "
-                + ("AND a.name = :atlas " if by_atlas else "")
-                + "ORDER BY bm25(concepts_fts, 4.0, 1.0) LIMIT :k")
+        if by_atlas:
+            return ("SELECT a.name, c.ordinal FROM concepts_fts f JOIN concepts c ON c.id = f.rowid "
+                    "JOIN atlases a ON a.id = c.atlas_id WHERE concepts_fts MATCH :q AND a.name = :atlas "
+                    "ORDER BY bm25(concepts_fts, 4.0, 1.0), f.rowid LIMIT :k")
+        return ("SELECT a.name, c.ordinal FROM (SELECT rowid AS id, bm25(concepts_fts, 4.0, 1.0) AS score "
+                "FROM concepts_fts WHERE concepts_fts MATCH :q ORDER BY score, rowid LIMIT :k) t "
+                "JOIN concepts c ON c.id = t.id JOIN atlases a ON a.id = c.atlas_id ORDER BY t.score, t.id")
 
     @staticmethod
     def bind(words: list[str], every: bool) -> dict[str, str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sqlite3
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -262,9 +263,22 @@ class StoreBase(StoreReads):
         return str(self.engine.dialect.name)
 
     def read(self, sql: str, params: Mapping[str, Any] | None = None) -> list[tuple[Any, ...]]:
-        """The rows of one read-only statement (``:name`` parameters) in a read session."""
-        with self.read_session() as s:
-            return [tuple(r) for r in s.execute(text(sql), dict(params or {})).all()]
+        """The rows of one read-only statement (``:name`` parameters): on SQLite on a pooled driver
+        connection (its own implicit read transaction; SQLAlchemy's statement and result layers cost
+        more than a short indexed query), elsewhere in a read session."""
+        if self.engine.dialect.name != "sqlite":
+            with self.read_session() as s:
+                return [tuple(r) for r in s.execute(text(sql), dict(params or {})).all()]
+        raw = self.engine.raw_connection()
+        try:
+            return list(raw.driver_connection.execute(sql, dict(params or {})).fetchall())  # type: ignore[union-attr]
+        except sqlite3.Error as e:
+            error = sqlite_error(e, str(sqlite_path(str(self.engine.url)) or "the database"), BUSY_TIMEOUT_S)
+            if error is None:
+                raise
+            raise error from None
+        finally:
+            raw.close()
 
     def check_writable(self) -> None:
         """Raise `ReadOnlyStoreError` before a write on a store opened read-only, and `StoreCorruptError`
