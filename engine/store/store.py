@@ -9,7 +9,9 @@ are written:
 - `engine.store.atlases`: atlases, their vector files and indexes (why files are written first
   and the database committed last); `engine.store.vectorfiles` checks and writes the vectors,
   `engine.store.index_location` builds and places an index (a FAISS file or a Milvus collection);
-- `engine.store.concept_search`: concepts and the search of an atlas's index;
+- `engine.store.concept_search`: the reads of atlases and concepts and the search of an atlas's index,
+  in plain SQL (`StoreReads`, which `StoreBase` runs through its sessions and the plain ``sqlite3``
+  reader of the one-shot commands, `engine.store.reader`, through its connection);
 - `engine.store.removal`: removing atlases and maps (and what depends on them);
 - `engine.store.maps`: alignment maps, their rows and files (how a map is replaced safely);
 - `engine.store.passes`: the run API of resumable passes (the guarded step transaction that makes a
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 from engine.store.atlases import AtlasInfo, AtlasSource, IndexStatus
 from engine.store.base import StoreBase, make_engine
-from engine.store.concept_search import Concept, ConceptsMixin, Hit, parse_concept_ref
+from engine.store.concept_search import Concept, Hit, parse_concept_ref
 from engine.store.contexts import ConceptContext, ContextRun, ContextsMixin
 from engine.store.files import FilesMixin, Leftover, MapFileStatus, StoreReport
 from engine.store.index_location import IndexPlacement
@@ -42,5 +44,5 @@ __all__ = [
 ]
 
 
-class Store(ModelsMixin, FilesMixin, RemovalMixin, ConceptsMixin, MapsMixin, RunsMixin, ContextsMixin, StoreBase):
+class Store(ModelsMixin, FilesMixin, RemovalMixin, MapsMixin, RunsMixin, ContextsMixin, StoreBase):
     """An opened store. Use `Store.init` to create one and `Store.open` to open an existing one."""
