@@ -21,7 +21,8 @@ import indexes
 from engine.errors import AtlasError, BadValueError, IndexIntegrityError
 from engine.extras import install_message
 from engine.store import layout
-from engine.store.concept_search import StoreReads, json_value
+from engine.store.reads import StoreReads
+from engine.store.records import json_value
 from engine.util import check_k, sha256_bytes, write_store_file
 
 if TYPE_CHECKING:

@@ -22,7 +22,7 @@ from engine.util import to_plain
 
 if TYPE_CHECKING:
     from engine.distributed import RayConfig
-    from engine.store.concept_search import StoreReads
+    from engine.store.reads import StoreReads
     from engine.store.store import Store
 
 F = TypeVar("F", bound=Callable[..., Any])

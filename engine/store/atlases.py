@@ -10,7 +10,7 @@ database holds the checksum and count of every file, so a stale or corrupt index
 it is opened, and `Store.rebuild_index` restores it from the vectors (a new file, the row switched
 to it, then the old file removed). The vectors are checked and written by `engine.store.vectorfiles`;
 removal is `engine.store.removal`; the reads (atlases, concepts, opening the files, search) are
-`engine.store.concept_search`.
+`engine.store.reads`.
 
 An atlas's index is a FAISS file or a Milvus collection (`engine.store.index_location`, which owns
 what differs between them: the code here never asks which one an atlas has to write it): the same
@@ -45,9 +45,9 @@ from engine.errors import (
 from engine.store import layout, postgres
 from engine.store.base import StoreBase
 from engine.store.blocksums import BlockSums
-from engine.store.concept_search import AtlasInfo, cached_stamp, row_location
 from engine.store.index_location import FAISS, IndexPlacement, parse_index_uri, resolve_spec
 from engine.store.models import get_or_create_model
+from engine.store.records import AtlasInfo, cached_stamp, row_location
 from engine.store.schema import AtlasRow, ConceptRow, ModelRow
 from engine.store.vectorfiles import check_encoder, check_matrix, open_tensors, write_vectors
 from engine.util import FileStamp, check_name, failpoint, file_stamp, unit_rows, utcnow

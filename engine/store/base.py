@@ -33,7 +33,7 @@ from engine.errors import (
 )
 from engine.store import layout, migrate, postgres
 from engine.store.blocksums import BlockCheck
-from engine.store.concept_search import StoreReads
+from engine.store.reads import StoreReads
 from engine.store.schema import WriteClaimRow
 from engine.store.sqlite_file import (  # noqa: F401 - re-exported: BUSY_TIMEOUT_S, store_is_writable
     BUSY_TIMEOUT_S,

@@ -20,7 +20,7 @@ A row's text is ``xxh3:<block bytes>:<16 hex digits per block>``; ``None`` on ro
 block checksums (their reads are checked by the stamp only, and `atlas index verify --fix` adds
 them once the full file matches its recorded sha256).
 
-The reads that check them are `engine.store.concept_search.StoreReads` (the full store's and the
+The reads that check them are `engine.store.reads.StoreReads` (the full store's and the
 one-shot commands' plain ``sqlite3`` reader's alike); `CheckedRows` is what a reader of a few rows gets.
 """
 

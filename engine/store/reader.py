@@ -3,7 +3,7 @@
 Why: ``atlas show``, ``neighbors`` and ``lookup`` run as whole processes, and on a store of a
 million concepts most of such a run was Python importing SQLAlchemy (~0.2 s) and setting up its
 engine, for a few SELECTs (issue 26). `StoreReader` holds the store's reads
-(`engine.store.concept_search.StoreReads`: the same queries the `Store` runs, written once) over a
+(`engine.store.reads.StoreReads`: the same queries the `Store` runs, written once) over a
 ``sqlite3`` connection, and imports neither SQLAlchemy nor the ORM schema.
 
 It opens the store folder's own SQLite database only (`open_reader`): a store whose metadata lives
@@ -25,7 +25,7 @@ from urllib.parse import quote
 
 from engine.store import layout
 from engine.store.blocksums import BlockCheck
-from engine.store.concept_search import StoreReads
+from engine.store.reads import StoreReads
 from engine.store.revisions import VERSION_TABLE, head_revision
 from engine.store.sqlite_file import BUSY_TIMEOUT_S, readonly_mode, sqlite_error, store_is_writable
 from engine.util import FileStamp

@@ -16,13 +16,13 @@ A concept is a row of its atlas (``<atlas>/<ordinal>``). `StoreReads.search_arra
 search of an atlas's index: vectors in atlas coordinates scaled to unit norm (or subject vectors
 turned into them batch by batch: `engine.search` projects them through a map), ``batch_size`` a
 call; `search_vectors` and `engine.search.search` join its results with the concepts' labels into
-`Hit` lists (`hits`). Text queries of the labels are `engine.atlas.lookup`.
+`Hit` lists (`hits`). Text queries of the labels are `engine.atlas.lookup`; the records the reads
+return are `engine.store.records`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,43 +34,22 @@ from engine.errors import IndexIntegrityError, IndexUnavailableError, NotFoundEr
 from engine.store import layout
 from engine.store.blocksums import BlockCheck, BlockSums, CheckedRows, file_sums
 from engine.store.index_location import FAISS, IndexLocation
+from engine.store.records import (
+    AtlasInfo,
+    AtlasRecord,
+    Concept,
+    Hit,
+    cached_stamp,
+    json_value,
+    parse_concept_ref,
+    row_location,
+)
 from engine.store.vectorfiles import open_tensors
 from engine.util import FileStamp, check_k, file_stamp, unit_rows
 from indexes.milvus import MilvusIndex, MilvusUnavailableError
 
-MAX_ORDINAL = 2**63 - 1  # concept ordinals are SQLite INTEGERs
 SEARCH_BATCH = 8192  # queries per index call: large enough to run at GEMM speed, ~25 MB at d=768
 IN_CHUNK = 900  # ordinals per ``IN (...)``: under SQLite's bound-parameter limit
-
-
-@dataclasses.dataclass(frozen=True)
-class AtlasInfo:
-    name: str
-    model: str
-    layer: int
-    hook: str
-    dim: int
-    n_concepts: int
-    n_labelled: int
-    metric: str
-    source_kind: str
-    source_ref: str | None
-    index_spec: str
-    raw_residuals: bool
-    revision: str | None = None
-    has_encoder: bool = False
-    vector_sha256: str = ""  # checksum of the vector file: what a run or a plan pins
-    index_backend: str = FAISS  # "faiss" (a file in the store) or "milvus" (a collection at index_uri)
-    index_uri: str | None = None
-
-    @property
-    def site(self) -> str:
-        return site_name(self.model, self.layer, self.hook)
-
-
-def site_name(model: str, layer: int, hook: str) -> str:
-    """How a site reads: ``<model>@<layer>/<hook>``."""
-    return f"{model}@{layer}/{hook}"
 
 
 # The columns of an atlas row the reads use, in `AtlasRecord`'s order (the model's name joined in).
@@ -82,99 +61,6 @@ _ATLAS_COLUMNS = ("a.id", "a.name", "m.name", "a.layer", "a.hook", "a.dim", "a.n
 _ATLAS_SELECT = f"SELECT {', '.join(_ATLAS_COLUMNS)} FROM atlases a LEFT JOIN models m ON m.id = a.model_id"
 _CONCEPT_SELECT = ("SELECT ordinal, label, description, labelled, source_kind, source_ref, density, extra "
                    "FROM concepts WHERE atlas_id = :atlas_id")
-
-
-@dataclasses.dataclass(frozen=True)
-class AtlasRecord:
-    """An atlas's row as the reads use it: the columns of ``atlases`` under their names (so the
-    helpers that take a row, `cached_stamp` and `row_location`, take either) and its model's name."""
-
-    id: int
-    name: str
-    model: str  # "?" where the row's model is gone
-    layer: int
-    hook: str
-    dim: int
-    n_concepts: int
-    metric: str
-    source_kind: str
-    source_ref: str | None
-    index_spec: str
-    raw_residuals: bool
-    vector_file: str
-    vector_sha256: str
-    index_file: str
-    index_backend: str | None
-    index_uri: str | None
-    index_sha256: str | None
-    index_count: int | None
-    vector_size: int | None
-    vector_mtime_ns: int | None
-    vector_head_sha256: str | None
-    index_size: int | None
-    index_mtime_ns: int | None
-    index_head_sha256: str | None
-    extra: dict[str, Any]
-
-    @classmethod
-    def from_row(cls, row: Sequence[Any]) -> AtlasRecord:
-        values = list(row)
-        values[2] = values[2] or "?"
-        values[11] = bool(values[11])
-        values[-1] = json_value(values[-1])
-        return cls(*values)
-
-    @property
-    def site(self) -> str:
-        return site_name(self.model, self.layer, self.hook)
-
-    def info(self, n_labelled: int) -> AtlasInfo:
-        extra = self.extra or {}
-        return AtlasInfo(
-            name=self.name, model=self.model, layer=self.layer, hook=self.hook, dim=self.dim,
-            n_concepts=self.n_concepts, n_labelled=n_labelled, metric=self.metric, source_kind=self.source_kind,
-            source_ref=self.source_ref, index_spec=self.index_spec, raw_residuals=self.raw_residuals,
-            revision=extra.get("revision"), has_encoder=bool(extra.get("has_encoder")),
-            vector_sha256=self.vector_sha256, index_backend=self.index_backend or FAISS, index_uri=self.index_uri,
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class Concept:
-    atlas: str
-    ordinal: int
-    label: str
-    description: str | None
-    labelled: bool
-    source_kind: str | None = None
-    source_ref: str | None = None
-    density: float | None = None
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    @property
-    def ref(self) -> str:
-        """The concept's id on the command line: ``<atlas>/<ordinal>``."""
-        return f"{self.atlas}/{self.ordinal}"
-
-
-@dataclasses.dataclass(frozen=True)
-class Hit:
-    """A search result: a concept, its cosine score and its 1-based rank."""
-
-    ref: str
-    atlas: str
-    ordinal: int
-    label: str
-    score: float
-    rank: int
-    labelled: bool = True
-
-
-def json_value(value: Any) -> dict[str, Any]:
-    """A JSON column as read by a plain query: text on SQLite, already decoded on PostgreSQL."""
-    if value is None or value == "":
-        return {}
-    return value if isinstance(value, dict) else json.loads(value)
 
 
 class StoreReads:
@@ -498,17 +384,6 @@ class StoreReads:
         return [dataclasses.replace(h, rank=r) for r, h in enumerate(hits, start=1)]
 
 
-def row_location(row: Any) -> IndexLocation:
-    """Where an atlas row's (or `AtlasRecord`'s) index lives."""
-    return IndexLocation(row.index_backend or FAISS, row.index_uri)
-
-
-def cached_stamp(row: Any, kind: str) -> FileStamp | None:
-    """The stamp an atlas row (or `AtlasRecord`) caches for its ``kind`` file (None: none cached)."""
-    size, mtime, head = (getattr(row, f"{kind}_{c}") for c in ("size", "mtime_ns", "head_sha256"))
-    return None if size is None or mtime is None or head is None else FileStamp(size, mtime, head)
-
-
 # The largest |score| a hit can have: queries and atlas vectors are unit rows, so cosines lie in [-1, 1];
 # a quantised index (PQ, SQ8) approximates them, never by this much. A hit beyond it (or NaN) was read
 # from damaged bytes (a flipped exponent bit gives 1e35): the answer is refused, not shown.
@@ -524,20 +399,6 @@ def check_scores(atlas: str, scores: np.ndarray, ids: np.ndarray) -> None:
             f"the index of atlas {atlas!r} gave concept {int(ids[row, col])} the score {float(scores[row, col]):.3g}, "
             f"impossible for unit vectors: its index or vector file is damaged; `atlas index verify {atlas}` "
             f"checks them, `atlas index rebuild {atlas}` restores the index from the vectors")
-
-
-def parse_concept_ref(ref: str | int, atlas: str | None = None) -> tuple[str | None, int]:
-    """``"atlas/12"`` → ("atlas", 12); ``"12"`` or ``12`` → (atlas, 12)."""
-    text = str(ref).strip()
-    head, sep, ordinal = text.rpartition("/")
-    name = head if sep else atlas
-    if not ordinal.isascii() or not ordinal.lstrip("-").isdigit():
-        raise NotFoundError(f"bad concept id {text[:80]!r}; use <atlas>/<ordinal>, e.g. my-atlas/12")
-    value = int(ordinal)
-    if not 0 <= value <= MAX_ORDINAL:
-        raise NotFoundError(f"bad concept id {text[:80]!r}: an ordinal is a row number from 0 "
-                            "(`atlas atlases` shows each atlas's size)")
-    return (name or atlas), value
 
 
 def _concept(atlas: str, row: Sequence[Any]) -> Concept:
