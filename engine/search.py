@@ -53,7 +53,7 @@ from engine.labelling.criteria import (
     rerank,
 )
 from engine.store import layout
-from engine.store.concept_search import SEARCH_BATCH
+from engine.store.reads import SEARCH_BATCH
 from engine.store.store import Hit, Store, parse_concept_ref
 from engine.store.vectorfiles import check_query_rows
 from engine.util import check_k, unit_rows, write_store_file

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from engine.errors import BadValueError, NotFoundError
-from engine.store.concept_search import Concept
 from engine.store.maps import MapInfo
+from engine.store.records import Concept
 from engine.store.store import Store, parse_concept_ref
 
 MAX_LIST = 500  # concepts per page of an atlas's list

@@ -13,17 +13,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+from typing import TYPE_CHECKING
 
 import numpy as np
-from sqlalchemy import select, text
 
 import indexes
 from engine.errors import AtlasError, BadValueError, IndexIntegrityError
 from engine.extras import install_message
 from engine.store import layout
-from engine.store.schema import AtlasRow
-from engine.store.store import Store
+from engine.store.reads import StoreReads
+from engine.store.records import json_value
 from engine.util import check_k, sha256_bytes, write_store_file
+
+if TYPE_CHECKING:
+    from engine.store.store import Store
 
 # A word in more than this share of concepts (and at least COMMON_MIN_DOCS) is "common".
 COMMON_FRACTION = 0.05
@@ -86,7 +89,7 @@ def _query_words(query: str) -> list[str]:
     return content or words
 
 
-def text_search(store: Store, query: str, k: int = 10, atlas: str | None = None) -> list[tuple[str, int]]:
+def text_search(store: StoreReads, query: str, k: int = 10, atlas: str | None = None) -> list[tuple[str, int]]:
     """Full-text ranking: [(atlas, ordinal)] best first.
 
     Concepts matching every query word come first (ranked), then those matching some. Why the
@@ -103,40 +106,44 @@ def text_search(store: Store, query: str, k: int = 10, atlas: str | None = None)
     words = _query_words(query)
     if not words:
         return []
-    dialect = store.engine.dialect.name
-    if dialect not in _FULL_TEXT:
+    if store.dialect not in _FULL_TEXT:
         return _like_search(store, words, k, atlas)
-    ft = _FULL_TEXT[dialect]
+    ft = _FULL_TEXT[store.dialect]
     found: list[tuple[str, int]] = []
-    with store.read_session() as s:
-        n_total = s.execute(text(ft.count)).scalar() or 0
-        cap = max(COMMON_MIN_DOCS, int(n_total * COMMON_FRACTION))
-        probe = text(ft.probe)
-        rare = [w for w in words if s.scalar(probe, {**ft.bind([w], True), "cap": cap}) < cap]
-        words = rare or words
-        for every in ([True, False] if len(words) > 1 else [True]):  # all words, then any word
-            if len(found) >= k:
-                break
-            seen = set(found)
-            sql = text(ft.search(len(words), every, bool(atlas)))
-            rows = s.execute(sql, {**ft.bind(words, every), "atlas": atlas, "k": k}).all()
-            found += [key for key in ((r[0], int(r[1])) for r in rows) if key not in seen]
+    n_total = store.read(ft.count)[0][0] or 0
+    cap = max(COMMON_MIN_DOCS, int(n_total * COMMON_FRACTION))
+    rare = [w for w in words if store.read(ft.probe, {**ft.bind([w], True), "cap": cap})[0][0] < cap]
+    words = rare or words
+    for every in ([True, False] if len(words) > 1 else [True]):  # all words, then any word
+        if len(found) >= k:
+            break
+        seen = set(found)
+        rows = store.read(ft.search(len(words), every, bool(atlas)), {**ft.bind(words, every), "atlas": atlas, "k": k})
+        found += [key for key in ((r[0], int(r[1])) for r in rows) if key not in seen]
     return found[:k]
 
 
 class _SqliteFullText:
     """FTS5 (migration 0001): one MATCH string, each word quoted so that operators and quotes in a
-    query stay words; bm25 over label and description weighted 4:1."""
+    query stay words; bm25 over label and description weighted 4:1, ties in concept order.
 
-    count = "SELECT count(*) FROM concepts"
+    The count is the atlases' sizes (an atlas's concepts are its rows; ``count(*)`` would read a
+    million index entries). Over all atlases the best ``k`` rows are picked in the full-text index
+    first and only they are joined with their concepts; with an atlas every match is joined (to
+    test its atlas) before the sort."""
+
+    count = "SELECT coalesce(sum(n_concepts), 0) FROM atlases"
     probe = "SELECT count(*) FROM (SELECT rowid FROM concepts_fts WHERE concepts_fts MATCH :q LIMIT :cap)"
 
     @staticmethod
     def search(n_words: int, every: bool, by_atlas: bool) -> str:
-        return ("SELECT a.name, c.ordinal FROM concepts_fts f JOIN concepts c ON c.id = f.rowid "
-                "JOIN atlases a ON a.id = c.atlas_id WHERE concepts_fts MATCH :q "
-                + ("AND a.name = :atlas " if by_atlas else "")
-                + "ORDER BY bm25(concepts_fts, 4.0, 1.0) LIMIT :k")
+        if by_atlas:
+            return ("SELECT a.name, c.ordinal FROM concepts_fts f JOIN concepts c ON c.id = f.rowid "
+                    "JOIN atlases a ON a.id = c.atlas_id WHERE concepts_fts MATCH :q AND a.name = :atlas "
+                    "ORDER BY bm25(concepts_fts, 4.0, 1.0), f.rowid LIMIT :k")
+        return ("SELECT a.name, c.ordinal FROM (SELECT rowid AS id, bm25(concepts_fts, 4.0, 1.0) AS score "
+                "FROM concepts_fts WHERE concepts_fts MATCH :q ORDER BY score, rowid LIMIT :k) t "
+                "JOIN concepts c ON c.id = t.id JOIN atlases a ON a.id = c.atlas_id ORDER BY t.score, t.id")
 
     @staticmethod
     def bind(words: list[str], every: bool) -> dict[str, str]:
@@ -173,7 +180,7 @@ _FULL_TEXT: dict[str, type[_SqliteFullText] | type[_PostgresFullText]] = {
 }
 
 
-def _like_search(store: Store, words: list[str], k: int, atlas: str | None) -> list[tuple[str, int]]:
+def _like_search(store: StoreReads, words: list[str], k: int, atlas: str | None) -> list[tuple[str, int]]:
     """Portable fallback for databases without full-text search: count matching words."""
     score = " + ".join(
         f"(CASE WHEN lower(c.label) LIKE :w{i} THEN 4 ELSE 0 END"
@@ -186,9 +193,7 @@ def _like_search(store: Store, words: list[str], k: int, atlas: str | None) -> l
         + f"ORDER BY ({score}) DESC, c.id LIMIT :k"
     )
     params = {f"w{i}": f"%{w}%" for i, w in enumerate(words)}
-    with store.read_session() as s:
-        rows = s.execute(text(sql), {**params, "atlas": atlas, "k": k}).all()
-    return [(r[0], int(r[1])) for r in rows]
+    return [(r[0], int(r[1])) for r in store.read(sql, {**params, "atlas": atlas, "k": k})]
 
 
 @functools.lru_cache(maxsize=1)
@@ -222,6 +227,10 @@ def build_label_index(store: Store, atlas: str, quiet: bool = False) -> int:
     The index is written under a file name this call owns (`engine.store.layout.label_index_file`),
     the atlas row switched to it in one transaction, and only then the previous one removed.
     """
+    from sqlalchemy import select
+
+    from engine.store.schema import AtlasRow
+
     store.check_writable()
     concepts = [c for c in store.concepts(atlas) if c.labelled]
     if not concepts:
@@ -257,11 +266,8 @@ def build_label_index(store: Store, atlas: str, quiet: bool = False) -> int:
     return index.count()
 
 
-def _label_index(store: Store, atlas: str) -> indexes.VectorIndex:
-    with store.read_session() as s:
-        row = s.scalar(select(AtlasRow).where(AtlasRow.name == atlas))
-        assert row is not None  # called only with the names of atlases that have a label index
-        meta = (row.extra or {})["label_index"]
+def _label_index(store: StoreReads, atlas: str) -> indexes.VectorIndex:
+    meta = store.atlas_record(atlas).extra["label_index"]  # called only for atlases that have one
     path = store.path / (meta.get("file") or layout.legacy_label_index_file(atlas))
     data = path.read_bytes() if path.is_file() else b""
     if sha256_bytes(data) != meta["sha256"]:
@@ -276,14 +282,12 @@ def _label_index(store: Store, atlas: str) -> indexes.VectorIndex:
                                   f"`atlas index embed {atlas}` rebuilds it") from None
 
 
-def semantic_search(store: Store, query: str, k: int, atlas: str | None = None) -> list[tuple[str, int, float]]:
+def semantic_search(store: StoreReads, query: str, k: int, atlas: str | None = None) -> list[tuple[str, int, float]]:
     """Embedding ranking over atlases that have a label index: [(atlas, ordinal, cosine)] best first, only
     those at `SEMANTIC_MIN_COSINE` or more and within `SEMANTIC_MARGIN` of the best (a query near no
     label finds nothing)."""
-    with store.read_session() as s:
-        q = select(AtlasRow.name, AtlasRow.extra)
-        rows = s.execute(q.where(AtlasRow.name == atlas) if atlas else q).all()
-    names = [name for name, extra in rows if (extra or {}).get("label_index")]
+    sql = "SELECT name, extra FROM atlases" + (" WHERE name = :atlas" if atlas else "")
+    names = [name for name, extra in store.read(sql, {"atlas": atlas}) if json_value(extra).get("label_index")]
     if not names or not semantic_available():  # nothing embedded: never load the model
         return []
     qvec = embed_texts([query], quiet=True)
@@ -297,7 +301,7 @@ def semantic_search(store: Store, query: str, k: int, atlas: str | None = None) 
     return [(name, i, sc) for sc, name, i in found[:k] if sc >= floor]
 
 
-def lookup(store: Store, query: str, k: int = 10, atlas: str | None = None, semantic: bool | None = None) -> list[LookupHit]:
+def lookup(store: StoreReads, query: str, k: int = 10, atlas: str | None = None, semantic: bool | None = None) -> list[LookupHit]:
     """Concepts matching a text query, best first (full-text, fused with semantic where available);
     none when no label or description has a query word and no label is close in meaning
     (`SEMANTIC_MIN_COSINE`). Each hit says how it matched (``match``, in words).
@@ -309,7 +313,7 @@ def lookup(store: Store, query: str, k: int = 10, atlas: str | None = None, sema
     if not isinstance(query, str) or not _WORD.search(query):
         raise BadValueError(f"the query {str(query)[:40]!r} has no word to look up; give one or more words")
     if atlas is not None:
-        store.atlas(atlas)  # raises a clear error for an unknown atlas
+        store.atlas_record(atlas)  # raises a clear error for an unknown atlas
     depth = max(k * 5, 50)
     text_ranked = text_search(store, query, depth, atlas)
     sem_found = semantic_search(store, query, depth, atlas) if semantic is not False else []

@@ -11,10 +11,11 @@ with exit code 1, never tracebacks.
 The core's command modules load on demand (`LazyCommands`, issue 26): ``atlas show`` imports the
 modules in `_COMMAND_MODULES` order until one registers ``show`` (the store commands, the first),
 so a one-shot read does not import the alignment, labelling or steering commands; listing the
-commands (``--help``, ``cli.commands`` iterated) loads them all. The plug-ins load with this
-module, as before: they also install ConceptWorld into the core's registries (the ``native:``
-feature source, its model loader), which commands of other modules use; loading them costs
-~20 ms once the store is imported (they import no torch).
+commands (``--help``, ``cli.commands`` iterated) loads them all. The plug-ins load when any command
+other than the one-shot reads of `PLUGIN_FREE_COMMANDS` is looked up (and when the commands are
+listed): they install ConceptWorld into the core's registries (the ``native:`` feature source, its
+model loader), which commands of other modules use, and importing them imports the whole store
+(SQLAlchemy), which those reads do without (`engine.store.reader`).
 """
 
 from __future__ import annotations
@@ -118,18 +119,26 @@ def load_plugins(group: click.Group, entry_points: Iterable[importlib.metadata.E
     return loaded
 
 
+# The one-shot reads: they use nothing a plug-in installs, so looking them up loads no plug-in.
+PLUGIN_FREE_COMMANDS = frozenset({"show", "neighbors", "lookup"})
+
+
 class LazyCommands(dict):
     """A group's ``commands`` that imports command modules when a name is looked up: the modules of
-    ``modules`` in order until one registers it; all of them when the names are listed (iteration,
+    ``modules`` in order until one registers it, then the plug-ins (``plugins``, called once) unless
+    the name is one of `PLUGIN_FREE_COMMANDS`; everything when the names are listed (iteration,
     ``len``, ``keys``/``values``/``items``). Adding a command does not load."""
 
-    def __init__(self, group: click.Group, modules: list[str]) -> None:
+    def __init__(self, group: click.Group, modules: list[str], plugins: Callable[[], object] | None = None) -> None:
         super().__init__()
-        self._group, self._pending = group, list(modules)
+        self._group, self._pending, self._plugins = group, list(modules), plugins
 
     def _load_until(self, name: str | None) -> None:
         while self._pending and (name is None or not dict.__contains__(self, name)):
             importlib.import_module(self._pending.pop(0)).register(self._group)
+        if self._plugins is not None and (name is None or name not in PLUGIN_FREE_COMMANDS):
+            load, self._plugins = self._plugins, None
+            load()
 
     def get(self, name: str, default: Any = None) -> Any:
         self._load_until(name)
@@ -157,8 +166,7 @@ for _method in ("__iter__", "__len__", "keys", "values", "items"):
     setattr(LazyCommands, _method, _listing(_method))
 
 
-cli.commands = LazyCommands(cli, _COMMAND_MODULES)
-load_plugins(cli)
+cli.commands = LazyCommands(cli, _COMMAND_MODULES, plugins=lambda: load_plugins(cli))
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from engine.util import to_plain
 
 if TYPE_CHECKING:
     from engine.distributed import RayConfig
+    from engine.store.reads import StoreReads
     from engine.store.store import Store
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -79,6 +80,19 @@ def open_store(store_dir: Path, db_url: str | None) -> Store:
     from engine.store.store import Store
 
     return Store.open(store_dir, db_url=db_url)
+
+
+def open_read_store(store_dir: Path, db_url: str | None) -> StoreReads:
+    """Open a store for a one-shot read (``atlas show``, ``neighbors``, ``lookup``): the plain
+    ``sqlite3`` reader where the store keeps its metadata in its own SQLite file and no --db-url is
+    given (`engine.store.reader`: no SQLAlchemy import), else the full store. Both answer alike."""
+    if db_url is None:
+        from engine.store.reader import open_reader
+
+        reader = open_reader(store_dir)
+        if reader is not None:
+            return reader
+    return open_store(store_dir, db_url)
 
 
 def print_json(obj: Any) -> None:

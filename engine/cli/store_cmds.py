@@ -14,6 +14,7 @@ from engine.cli.common import (
     device_options,
     emit,
     json_option,
+    open_read_store,
     open_store,
     print_json,
     quiet_option,
@@ -402,7 +403,7 @@ def lookup(query: str, k: int, atlas: str | None, semantic: bool | None, store_d
     """
     from engine.atlas.lookup import lookup as run_lookup
 
-    hits = run_lookup(open_store(store_dir, db_url), query, k=k, atlas=atlas, semantic=semantic)
+    hits = run_lookup(open_read_store(store_dir, db_url), query, k=k, atlas=atlas, semantic=semantic)
     emit(hits, as_json, ["rank", "ref", "label", "score", "text_rank", "semantic_rank"])
 
 
@@ -414,7 +415,7 @@ def lookup(query: str, k: int, atlas: str | None, semantic: bool | None, store_d
 @json_option
 def neighbors(concept: str, k: int, atlas: str | None, store_dir: Path, db_url: str | None, as_json: bool) -> None:
     """The concepts nearest to CONCEPT (<atlas>/<ordinal>) by direction (cosine)."""
-    hits = open_store(store_dir, db_url).neighbors(concept, k=k, atlas=atlas)
+    hits = open_read_store(store_dir, db_url).neighbors(concept, k=k, atlas=atlas)
     emit(hits, as_json, ["rank", "ref", "label", "score"])
 
 
@@ -429,10 +430,10 @@ def show(concept: str, atlas: str | None, store_dir: Path, db_url: str | None, a
 
     import numpy as np
 
-    store = open_store(store_dir, db_url)
+    store = open_read_store(store_dir, db_url)
     c = store.concept(concept, atlas)
-    info = store.atlas(c.atlas)
-    vec = store.atlas_rows(c.atlas, [c.ordinal])[0]
+    info = store.atlas_record(c.atlas)
+    vec = store.atlas_rows(c.atlas, [c.ordinal])[0]  # only its block of the vector file is checked
     out = {
         "ref": c.ref, **dataclasses.asdict(c), "site": info.site, "model": info.model,
         "layer": info.layer, "hook": info.hook, "dim": info.dim, "source": info.source_ref,

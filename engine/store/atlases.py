@@ -9,7 +9,8 @@ claims the files. A crash at any point leaves either no atlas (and unclaimed fil
 database holds the checksum and count of every file, so a stale or corrupt index is detected when
 it is opened, and `Store.rebuild_index` restores it from the vectors (a new file, the row switched
 to it, then the old file removed). The vectors are checked and written by `engine.store.vectorfiles`;
-removal is `engine.store.removal`, concepts and search `engine.store.concept_search`.
+removal is `engine.store.removal`; the reads (atlases, concepts, opening the files, search) are
+`engine.store.reads`.
 
 An atlas's index is a FAISS file or a Milvus collection (`engine.store.index_location`, which owns
 what differs between them: the code here never asks which one an atlas has to write it): the same
@@ -22,12 +23,12 @@ checks its count, and `verify_index` also compares a few stored vectors with the
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, insert, select
+from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -43,13 +44,14 @@ from engine.errors import (
 )
 from engine.store import layout, postgres
 from engine.store.base import StoreBase
-from engine.store.blocksums import BlockSums, file_sums
-from engine.store.index_location import FAISS, IndexLocation, IndexPlacement, parse_index_uri, resolve_spec
+from engine.store.blocksums import BlockSums
+from engine.store.index_location import FAISS, IndexPlacement, parse_index_uri, resolve_spec
 from engine.store.models import get_or_create_model
+from engine.store.records import AtlasInfo, cached_stamp, row_location
 from engine.store.schema import AtlasRow, ConceptRow, ModelRow
 from engine.store.vectorfiles import check_encoder, check_matrix, open_tensors, write_vectors
 from engine.util import FileStamp, check_name, failpoint, file_stamp, unit_rows, utcnow
-from indexes.milvus import MilvusIndex, MilvusUnavailableError
+from indexes.milvus import MilvusIndex
 
 # The hook points an atlas's directions can live at (the sites SAE releases name: SAELens, Llama Scope,
 # dictionary_learning, sparsify); a hook is one of these words, never a path.
@@ -70,31 +72,6 @@ class AtlasSource:
     revision: str | None = None
     kind: str = "matrix"
     ref: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class AtlasInfo:
-    name: str
-    model: str
-    layer: int
-    hook: str
-    dim: int
-    n_concepts: int
-    n_labelled: int
-    metric: str
-    source_kind: str
-    source_ref: str | None
-    index_spec: str
-    raw_residuals: bool
-    revision: str | None = None
-    has_encoder: bool = False
-    vector_sha256: str = ""  # checksum of the vector file: what a run or a plan pins
-    index_backend: str = FAISS  # "faiss" (a file in the store) or "milvus" (a collection at index_uri)
-    index_uri: str | None = None
-
-    @property
-    def site(self) -> str:
-        return f"{self.model}@{self.layer}/{self.hook}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,15 +211,6 @@ class AtlasesMixin(StoreBase):
         except Exception:  # noqa: BLE001 - the database still away: unknown, never "not committed"
             return None
 
-    def atlases(self) -> list[AtlasInfo]:
-        with self.read_session() as s:
-            return [self._atlas_info(s, r) for r in s.scalars(select(AtlasRow).order_by(AtlasRow.name))]
-
-    def atlas(self, name: str | None = None) -> AtlasInfo:
-        """The named atlas; with ``None``, the only atlas of the store."""
-        with self.read_session() as s:
-            return self._atlas_info(s, self._atlas_row(s, name))
-
     def _atlas_row(self, s: Session, name: str | None) -> AtlasRow:
         if name is None:
             rows = list(s.scalars(select(AtlasRow).limit(2)))
@@ -255,21 +223,6 @@ class AtlasesMixin(StoreBase):
         if row is None:
             raise NotFoundError(f"no atlas named {name!r}; `atlas atlases` lists them")
         return row
-
-    def _atlas_info(self, s: Session, row: AtlasRow) -> AtlasInfo:
-        n_labelled = s.scalar(
-            select(func.count()).select_from(ConceptRow).where(ConceptRow.atlas_id == row.id, ConceptRow.labelled)
-        )
-        model = s.get(ModelRow, row.model_id)
-        extra = row.extra or {}
-        return AtlasInfo(
-            name=row.name, model=model.name if model else "?", layer=row.layer, hook=row.hook, dim=row.dim,
-            n_concepts=row.n_concepts, n_labelled=int(n_labelled or 0), metric=row.metric,
-            source_kind=row.source_kind, source_ref=row.source_ref, index_spec=row.index_spec,
-            raw_residuals=row.raw_residuals, revision=extra.get("revision"),
-            has_encoder=bool(extra.get("has_encoder")), vector_sha256=row.vector_sha256,
-            index_backend=row.index_backend or FAISS, index_uri=row.index_uri,
-        )
 
     # ------------------------------------------------------------------ vectors and index
 
@@ -293,164 +246,12 @@ class AtlasesMixin(StoreBase):
         with self.read_session() as s:
             return index_identity(self._atlas_row(s, name))
 
-    def atlas_tensors(self, name: str) -> dict[str, np.ndarray]:
-        """All tensors of the atlas vector file as read-only memory maps, after the file's cheap
-        integrity check (`check_file`: its stamp, or its full checksum when the stamp changed) and
-        the check of every block (`check_blocks`: once per opened store). A reader of a few rows
-        checks only theirs (`atlas_rows`, `checked_rows`)."""
-        path, name, sums = self._vector_file(name)
-        try:
-            if sums is not None:
-                self.check_blocks(name, "vector", path, sums, range(len(sums.hashes)))
-            return open_tensors(path)
-        except FileNotFoundError:
-            self._vector_file(name)  # its one message for a missing vector file
-            raise
-
-    def _vector_file(self, name: str) -> tuple[Path, str, BlockSums | None]:
-        """An atlas's vector file after its cheap check (`check_file`), its name and its block sums."""
-        with self.read_session() as s:
-            row = self._atlas_row(s, name)
-            path, sha, cached = self.path / row.vector_file, row.vector_sha256, _cached_stamp(row, "vector")
-            name, sums = row.name, BlockSums.parse(row.vector_blocks)
-        try:
-            self.check_file(name, "vector", path, sha, cached)
-        except FileNotFoundError:
-            raise IndexIntegrityError(
-                f"the vector file of atlas {name!r} is missing ({path}); it is the source of truth "
-                "and cannot be rebuilt: re-import the atlas"
-            ) from None
-        return path, name, sums
-
-    def atlas_vectors(self, name: str, normalized: bool = False) -> np.ndarray:
-        """The atlas directions (n_concepts, d) as imported (a read-only memory map: rows are read
-        when used; every block of the file checked first), or unit-norm with ``normalized`` (in memory).
-        A read of a few rows is `atlas_rows`, which checks only their blocks."""
-        x = self.atlas_tensors(name)[layout.DIRECTIONS_KEY]
-        return unit_rows(x) if normalized else x
-
-    def atlas_rows(self, name: str, ordinals: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Rows ``ordinals`` of the atlas directions as imported, (len, d) float32 in memory, after
-        the check of the blocks that hold them only (`CheckedRows`)."""
-        return self.checked_rows(name)[np.asarray(ordinals, dtype=np.int64)]
-
-    def checked_rows(self, name: str) -> CheckedRows:
-        """The atlas directions as a `CheckedRows`: each read checks the blocks of the rows it reads."""
-        path, name, sums = self._vector_file(name)
-        x = open_tensors(path)[layout.DIRECTIONS_KEY]
-        if sums is None:  # a file written before block checksums: its stamp is all there is to check
-            return CheckedRows(x, None)
-        return CheckedRows(x, (sums.block_bytes, lambda blocks: self.check_blocks(name, "vector", path, sums, blocks)))
-
-    def check_blocks(self, name: str, kind: str, path: Path, sums: BlockSums, blocks: Iterable[int]) -> None:
-        """Check ``blocks`` of an atlas's ``kind`` file (``"vector"`` or ``"index"``) against their
-        recorded hashes, each block once per opened store (`engine.store.blocksums`); a damaged one
-        is an `IndexIntegrityError` naming the file, the block and the repair."""
-        bad = self._blocks.first_damaged(path, sums, blocks)
-        if bad is None:
-            return
-        what = "vector file" if kind == "vector" else "index"
-        fix = ("re-import the atlas (its vectors are the source of truth; a copy from a backup with the same "
-               "sha256 also does)" if kind == "vector" else f"`atlas index rebuild {name}` restores it from the vectors")
-        lo = bad * sums.block_bytes
-        raise IndexIntegrityError(
-            f"the {what} of atlas {name!r} ({path}) is damaged: block {bad} (bytes {lo}-{lo + sums.block_bytes - 1}) "
-            f"does not match the checksum recorded when it was written; `atlas index verify {name}` checks the "
-            f"whole atlas; {fix}")
-
-    def check_file(self, name: str, kind: str, path: Path, sha: str | None, cached: FileStamp | None,
-                   full: bool = False) -> BlockSums | None:
-        """Check an atlas's ``kind`` file (``"vector"`` or ``"index"``) before it is used; returns the
-        file's block sums where its full sha256 was computed (the same pass), else ``None``.
-
-        The cheap check: the file's `FileStamp` (size, mtime, checksum of head and tail) equals
-        the one cached in the row. A different size or head is a mismatch at once; a different
-        mtime alone (a copied or moved store), no cached stamp (a row older than migration 0006)
-        or ``full`` runs the full sha256, streamed, and on a match caches the new stamp (on a
-        writable store). Raises `IndexIntegrityError` on a mismatch, `FileNotFoundError` when the
-        file is missing."""
-        what = "vector file" if kind == "vector" else "index"
-        fix = ("re-import the atlas" if kind == "vector"
-               else f"`atlas index rebuild {name}` restores it from the vectors")
-        stamp = file_stamp(path)
-        if not full and stamp == cached:
-            return None
-        if cached is not None and (stamp.size != cached.size or stamp.head_sha256 != cached.head_sha256):
-            raise IndexIntegrityError(f"the {what} of atlas {name!r} ({path}) is corrupt or stale "
-                                      f"(its size or header changed); {fix}")
-        digest, sums = file_sums(path)
-        if digest != sha:
-            raise IndexIntegrityError(f"the {what} of atlas {name!r} ({path}) is corrupt or stale "
-                                      f"(checksum mismatch); {fix}")
-        if stamp != cached and not self.readonly:
-            with self.session() as s:  # the file is right: remember its stamp (only if still this file)
-                row = s.scalar(select(AtlasRow).where(AtlasRow.name == name))
-                if row is not None and self.path / getattr(row, f"{kind}_file") == path:
-                    for key, value in _stamp_columns(kind, stamp).items():
-                        setattr(row, key, value)
-        return sums
-
-    def index(self, name: str | None = None) -> indexes.VectorIndex:
-        """The atlas's vector index, opened from its file (memory-mapped) after the cheap integrity
-        check (`check_file`) and checked against the atlas's count."""
-        for attempt in range(3):
-            with self.read_session() as s:
-                row = self._atlas_row(s, name)
-                loc = row_location(row)
-                key = loc.cache_key(row.name, row.index_file, row.index_sha256)
-                if key in self._indexes:
-                    return self._indexes[key]
-                path, spec, expected = self.path / row.index_file, row.index_spec, row.n_concepts
-                atlas_name, ref, cached = row.name, row.index_file, _cached_stamp(row, "index")
-                sums = BlockSums.parse(row.index_blocks) if loc.backend == FAISS else None
-            fix = f"`atlas index rebuild {atlas_name}` restores it from the vectors"
-            if loc.backend != FAISS:
-                self._indexes[key] = self._open_milvus_index(atlas_name, loc, ref, spec, expected, fix)
-                return self._indexes[key]
-            try:
-                self.check_file(atlas_name, "index", path, key[1], cached)
-                if sums is not None:  # a search may read any block of the file: every one, once
-                    self.check_blocks(atlas_name, "index", path, sums, range(len(sums.hashes)))
-                index = indexes.open_index(path, spec)
-            except FileNotFoundError:
-                if attempt < 2 and self._index_file_moved(atlas_name, path):
-                    continue  # a rebuild switched the row to a new file (and removed this one): read again
-                raise IndexIntegrityError(f"the index of atlas {atlas_name!r} is missing ({path}); {fix}") from None
-            except (indexes.IndexCorruptError, indexes.IndexSpecError) as e:
-                raise IndexIntegrityError(f"the index of atlas {atlas_name!r} cannot be read ({e}); {fix}") from None
-            break
-        if index.count() != expected:
-            raise IndexIntegrityError(
-                f"the index of atlas {atlas_name!r} holds {index.count()} vectors, the atlas has {expected}; {fix}"
-            )
-        self._attach_raw(atlas_name, index)
-        self._indexes[key] = index
-        return index
-
-    def _open_milvus_index(self, name: str, loc: IndexLocation, collection: str, spec: str, expected: int,
-                           fix: str) -> MilvusIndex:
-        try:
-            index = MilvusIndex.attach(loc.connect_uri(self.path), collection, spec)
-            count = index.count()
-        except MilvusUnavailableError as e:
-            raise IndexUnavailableError(f"the index of atlas {name!r} is out of reach: {e}") from None
-        except (indexes.IndexCorruptError, indexes.IndexSpecError) as e:
-            raise IndexIntegrityError(f"the index of atlas {name!r} is missing or unreadable ({e}); {fix}") from None
-        if count != expected:
-            raise IndexIntegrityError(
-                f"the index of atlas {name!r} (Milvus collection {collection}) holds {count} vectors, "
-                f"the atlas has {expected}; {fix}")
-        return index
-
-    def _attach_raw(self, name: str, index: indexes.VectorIndex) -> None:
-        """A spec with ``rerank=R`` (a quantised index) re-scores its candidates from the atlas's
-        vector file, memory-mapped: only the candidates' rows are read."""
-        if "rerank" in index.spec.partition("|")[2] and hasattr(index, "rerank_from"):
-            index.rerank_from(self.checked_rows(name))  # only the candidates' rows (and blocks) are read
-
-    def _index_file_moved(self, name: str, path: Path) -> bool:
-        with self.read_session() as s:
-            return self.path / self._atlas_row(s, name).index_file != path
+    def _remember_stamp(self, name: str, kind: str, path: Path, stamp: FileStamp) -> None:
+        with self.session() as s:  # only if the row still names this file
+            row = s.scalar(select(AtlasRow).where(AtlasRow.name == name))
+            if row is not None and self.path / getattr(row, f"{kind}_file") == path:
+                for key, value in _stamp_columns(kind, stamp).items():
+                    setattr(row, key, value)
 
     def verify_index(self, name: str, fix: bool = False) -> IndexStatus:
         """Check an atlas's vector file and index without raising; says what is wrong.
@@ -464,7 +265,7 @@ class AtlasesMixin(StoreBase):
         with self.read_session() as s:
             row = self._atlas_row(s, name)
             files = [(kind, self.path / getattr(row, f"{kind}_file"), getattr(row, f"{kind}_sha256"),
-                      _cached_stamp(row, kind), BlockSums.parse(getattr(row, f"{kind}_blocks")))
+                      cached_stamp(row, kind), BlockSums.parse(getattr(row, f"{kind}_blocks")))
                      for kind in ("vector", "index")]
         unchecked: list[str] = []
         fixed: list[str] = []
@@ -533,7 +334,7 @@ class AtlasesMixin(StoreBase):
         spec = resolve_spec(info.index_spec if spec is None else spec, info.n_concepts, info.dim)
         with self.read_session() as s:
             row = self._atlas_row(s, name)
-            vec_sha, vec_path, cached = row.vector_sha256, self.path / row.vector_file, _cached_stamp(row, "vector")
+            vec_sha, vec_path, cached = row.vector_sha256, self.path / row.vector_file, cached_stamp(row, "vector")
             old_loc, old_ref = row_location(row), row.index_file
         loc = old_loc if index_uri is None else parse_index_uri(index_uri, self.path)
         try:  # the source of the new index: its full checksum first
@@ -598,37 +399,6 @@ def check_site(model: ModelRow | None, source: AtlasSource, d: int) -> None:
                                 "they were not read from this model's residual stream")
 
 
-class CheckedRows:
-    """Rows of a memory-mapped (n, d) matrix whose reads check first the blocks of the file that
-    hold the rows read: what a reader of a few rows (a concept's direction, a quantised index's
-    rerank candidates) gets instead of the bare map. ``check`` is (block bytes, a function checking
-    blocks by number), or ``None`` (nothing to check against)."""
-
-    def __init__(self, x: np.ndarray, check: tuple[int, Callable[[Iterable[int]], None]] | None) -> None:
-        self._x, self._check = x, check
-        self.shape, self.ndim, self.dtype = x.shape, x.ndim, x.dtype
-        self._offset = int(getattr(x, "offset", 0))  # of the matrix in its file
-        self._row_bytes = int(x.strides[0])
-
-    def __len__(self) -> int:
-        return len(self._x)
-
-    def __getitem__(self, rows: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
-        """Rows as numpy indexes them (an int, a slice, ordinals), float32 in memory."""
-        n = len(self._x)
-        r = np.arange(*rows.indices(n)) if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64).ravel()
-        r = np.where(r < 0, r + n, r)
-        if len(r) and (r.min() < 0 or r.max() >= n):
-            raise IndexError(f"row {int(r[(r < 0) | (r >= n)][0])} is out of range for {n} rows")
-        if self._check is not None and len(r):
-            block, check = self._check
-            first = (self._offset + r * self._row_bytes) // block
-            last = (self._offset + (r + 1) * self._row_bytes - 1) // block
-            blocks = first[:, None] + np.arange(self._row_bytes // block + 2)[None, :]  # a row's blocks, and more
-            check(np.unique(blocks[blocks <= last[:, None]]).tolist())
-        return np.array(self._x[rows], dtype=np.float32)
-
-
 def index_identity(row: AtlasRow) -> dict[str, Any]:
     """`AtlasesMixin.index_identity` of an atlas row."""
     backend = row.index_backend or FAISS
@@ -636,21 +406,11 @@ def index_identity(row: AtlasRow) -> dict[str, Any]:
             **({"sha256": row.index_sha256} if backend == FAISS else {"collection": row.index_file})}
 
 
-def row_location(row: AtlasRow) -> IndexLocation:
-    """Where an atlas row's index lives."""
-    return IndexLocation(row.index_backend or FAISS, row.index_uri)
-
-
 def _stamp_columns(kind: str, stamp: FileStamp | None) -> dict[str, Any]:
     """The row's cached stamp columns of its ``kind`` file (all ``None``: no file, a Milvus collection)."""
     if stamp is None:
         return {f"{kind}_size": None, f"{kind}_mtime_ns": None, f"{kind}_head_sha256": None}
     return {f"{kind}_size": stamp.size, f"{kind}_mtime_ns": stamp.mtime_ns, f"{kind}_head_sha256": stamp.head_sha256}
-
-
-def _cached_stamp(row: AtlasRow, kind: str) -> FileStamp | None:
-    size, mtime, head = (getattr(row, f"{kind}_{c}") for c in ("size", "mtime_ns", "head_sha256"))
-    return None if size is None or mtime is None or head is None else FileStamp(size, mtime, head)
 
 
 def ensure_model(s: Session, name: str) -> ModelRow:

@@ -13,11 +13,11 @@ import contextlib
 import json
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import create_engine, delete, event
+from sqlalchemy import create_engine, delete, event, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,21 +27,24 @@ from engine.errors import (
     AtlasError,
     BadValueError,
     ReadOnlyStoreError,
-    StoreBusyError,
     StoreCorruptError,
     StoreNotFoundError,
     StoreOutdatedError,
 )
 from engine.store import layout, migrate, postgres
 from engine.store.blocksums import BlockCheck
+from engine.store.reads import StoreReads
 from engine.store.schema import WriteClaimRow
+from engine.store.sqlite_file import (  # noqa: F401 - re-exported: BUSY_TIMEOUT_S, store_is_writable
+    BUSY_TIMEOUT_S,
+    readonly_mode,
+    sqlite_error,
+    store_is_writable,
+)
 from engine.util import write_store_file
 
 S = TypeVar("S", bound="StoreBase")
 
-# How long a writer waits for another's write lock before giving up with `StoreBusyError`. Write
-# transactions are short (files are written before them), so a wait this long means a stuck writer.
-BUSY_TIMEOUT_S = 60.0
 # Execution option naming how a transaction begins on SQLite: "IMMEDIATE" (the default on a writable
 # store: the write lock is taken at BEGIN, so a read-then-write transaction can neither deadlock nor
 # fail on a stale snapshot) or "DEFERRED" (read-only transactions: never wait for writers).
@@ -71,30 +74,9 @@ def _sqlite_begin(readonly: bool):
 
 
 def _sqlite_error(ctx) -> AtlasError | None:
-    """Driver errors that are states of the store, not bugs: one-line `AtlasError`s saying what to do."""
-    orig = ctx.original_exception
-    if not isinstance(orig, sqlite3.Error) or isinstance(orig, sqlite3.IntegrityError):
-        return None
-    code = getattr(orig, "sqlite_errorname", "") or ""
-    msg = str(orig)
     url = ctx.engine.url if ctx.engine is not None else None
     db = (url.database or "the database") if url is not None else "the database"
-    db = db.removeprefix("file:").split("?")[0]
-    if code.startswith("SQLITE_BUSY") or code.startswith("SQLITE_LOCKED") or "is locked" in msg:
-        return StoreBusyError(f"{db} stayed locked by another writer for {BUSY_TIMEOUT_S:.0f} s ({msg}); "
-                              "try again when it has finished")
-    if code.startswith("SQLITE_READONLY") or "readonly database" in msg:
-        return ReadOnlyStoreError(f"{db} is read-only ({msg}); writing needs write access to it and its folder")
-    if code in ("SQLITE_NOTADB", "SQLITE_CORRUPT") or "not a database" in msg or "malformed" in msg:
-        return StoreCorruptError(f"{db} is not a readable store database ({msg}); restore it from a backup, "
-                                 "or move it away and `atlas init` a new store")
-    if code.startswith("SQLITE_CANTOPEN") or "unable to open" in msg:
-        return StoreNotFoundError(f"cannot open {db} ({msg}); check that it exists and its folder is readable")
-    if code.startswith("SQLITE_FULL") or "disk is full" in msg:
-        return AtlasError(f"cannot write {db}: the disk is full; free space and retry")
-    if code.startswith("SQLITE_IOERR") or "disk I/O error" in msg:
-        return StoreCorruptError(f"cannot read or write {db} ({msg}); check the disk and the file")
-    return None
+    return sqlite_error(ctx.original_exception, db.removeprefix("file:").split("?")[0], BUSY_TIMEOUT_S)
 
 
 def _translate_errors(ctx) -> AtlasError | None:
@@ -118,43 +100,19 @@ def sqlite_path(url: str) -> Path | None:
     return Path(u.database.removeprefix("file:").split("?")[0])
 
 
-def store_is_writable(root: Path, db_file: Path | None) -> bool:
-    """Whether this process can write the store's database and create files next to it (SQLite's
-    WAL and lock files). A store that is not writable is opened read-only."""
-    folders = [root / d for d in layout.STORE_DIRS if (root / d).is_dir()]
-    if db_file is not None:
-        if db_file.exists() and not os.access(db_file, os.W_OK):
-            return False
-        folders.append(db_file.parent)
-    return all(os.access(f, os.W_OK) for f in folders)
-
-
-def _readonly_mode(db_file: Path) -> str:
-    """How a read-only store's SQLite file is opened: ``mode=ro``; or, where its folder cannot be written
-    and it was closed cleanly (no ``-wal`` holding commits), ``immutable=1``: SQLite then reads the file
-    as it is, without the ``-shm`` file that ``mode=ro`` would need to create and cannot there. (It
-    assumes nobody writes the store meanwhile: a writer, of another user, would need that folder for its
-    ``-wal``; a store handed out read-only is not being written.)"""
-    wal = Path(f"{db_file}-wal")
-    has_wal = wal.exists() and wal.stat().st_size > 0
-    if not os.access(db_file.parent, os.W_OK) and not has_wal and not Path(f"{db_file}-shm").exists():
-        return "immutable=1"
-    return "mode=ro"
-
-
 def make_engine(url: str, readonly: bool = False) -> Engine:
     """The SQLAlchemy engine of a store database.
 
     On SQLite: WAL journal, foreign keys on, a busy timeout of `BUSY_TIMEOUT_S`, transactions begun
     ``IMMEDIATE`` (see `BEGIN_OPTION`) and driver errors that are store states (locked, read-only,
     not a database) raised as `AtlasError`s. ``readonly`` opens the file with ``mode=ro`` (or
-    ``immutable=1``: `_readonly_mode`): no journal-mode change, every write refused with `ReadOnlyStoreError`.
+    ``immutable=1``: `readonly_mode`): no journal-mode change, every write refused with `ReadOnlyStoreError`.
     """
     path = sqlite_path(url)
     if path is not None:
         kwargs: dict[str, Any] = {"connect_args": {"timeout": BUSY_TIMEOUT_S}}
         if readonly:
-            url = f"sqlite:///file:{path.resolve()}?{_readonly_mode(path)}&uri=true"
+            url = f"sqlite:///file:{path.resolve()}?{readonly_mode(path)}&uri=true"
         engine = create_engine(url, **kwargs)
         event.listen(engine, "connect", _sqlite_connect(readonly))
         event.listen(engine, "begin", _sqlite_begin(readonly))
@@ -225,8 +183,11 @@ def _record_db_url(root: Path, url: str) -> None:
         write_store_file(root / layout.DB_URL_FILE, data.encode())
 
 
-class StoreBase:
-    """An opened store's folder and database. Use `init` to create one and `open` to open one."""
+class StoreBase(StoreReads):
+    """An opened store's folder and database. Use `init` to create one and `open` to open one.
+
+    Its reads of atlases and concepts and the search of their indexes (`StoreReads`) run their SQL
+    through `read`."""
 
     def __init__(self, path: Path, engine: Engine, readonly: bool = False) -> None:
         self.path = Path(path)
@@ -298,6 +259,28 @@ class StoreBase:
         """A session for reads: it never waits for writers (WAL) and never takes the write lock."""
         with _committing(self._read_sessions) as s:
             yield s
+
+    @property
+    def dialect(self) -> str:
+        return str(self.engine.dialect.name)
+
+    def read(self, sql: str, params: Mapping[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        """The rows of one read-only statement (``:name`` parameters): on SQLite on a pooled driver
+        connection (its own implicit read transaction; SQLAlchemy's statement and result layers cost
+        more than a short indexed query), elsewhere in a read session."""
+        if self.engine.dialect.name != "sqlite":
+            with self.read_session() as s:
+                return [tuple(r) for r in s.execute(text(sql), dict(params or {})).all()]
+        raw = self.engine.raw_connection()
+        try:
+            return list(raw.driver_connection.execute(sql, dict(params or {})).fetchall())  # type: ignore[union-attr]
+        except sqlite3.Error as e:
+            error = sqlite_error(e, str(sqlite_path(str(self.engine.url)) or "the database"), BUSY_TIMEOUT_S)
+            if error is None:
+                raise
+            raise error from None
+        finally:
+            raw.close()
 
     def check_writable(self) -> None:
         """Raise `ReadOnlyStoreError` before a write on a store opened read-only, and `StoreCorruptError`

@@ -19,6 +19,9 @@ zlib, is 4-5 times slower; sha256 10 times). A damaged block goes unnoticed with
 A row's text is ``xxh3:<block bytes>:<16 hex digits per block>``; ``None`` on rows written before
 block checksums (their reads are checked by the stamp only, and `atlas index verify --fix` adds
 them once the full file matches its recorded sha256).
+
+The reads that check them are `engine.store.reads.StoreReads` (the full store's and the
+one-shot commands' plain ``sqlite3`` reader's alike); `CheckedRows` is what a reader of a few rows gets.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ import dataclasses
 import hashlib
 import mmap
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import xxhash
 
 from engine.util import HASH_CHUNK
@@ -131,3 +135,34 @@ class BlockCheck:
                 finally:
                     view.release()
         return None
+
+
+class CheckedRows:
+    """Rows of a memory-mapped (n, d) matrix whose reads check first the blocks of the file that
+    hold the rows read: what a reader of a few rows (a concept's direction, a quantised index's
+    rerank candidates) gets instead of the bare map. ``check`` is (block bytes, a function checking
+    blocks by number), or ``None`` (nothing to check against)."""
+
+    def __init__(self, x: np.ndarray, check: tuple[int, Callable[[Iterable[int]], None]] | None) -> None:
+        self._x, self._check = x, check
+        self.shape, self.ndim, self.dtype = x.shape, x.ndim, x.dtype
+        self._offset = int(getattr(x, "offset", 0))  # of the matrix in its file
+        self._row_bytes = int(x.strides[0])
+
+    def __len__(self) -> int:
+        return len(self._x)
+
+    def __getitem__(self, rows: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
+        """Rows as numpy indexes them (an int, a slice, ordinals), float32 in memory."""
+        n = len(self._x)
+        r = np.arange(*rows.indices(n)) if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64).ravel()
+        r = np.where(r < 0, r + n, r)
+        if len(r) and (r.min() < 0 or r.max() >= n):
+            raise IndexError(f"row {int(r[(r < 0) | (r >= n)][0])} is out of range for {n} rows")
+        if self._check is not None and len(r):
+            block, check = self._check
+            first = (self._offset + r * self._row_bytes) // block
+            last = (self._offset + (r + 1) * self._row_bytes - 1) // block
+            blocks = first[:, None] + np.arange(self._row_bytes // block + 2)[None, :]  # a row's blocks, and more
+            check(np.unique(blocks[blocks <= last[:, None]]).tolist())
+        return np.array(self._x[rows], dtype=np.float32)

@@ -12,8 +12,6 @@ to change a schema (`upgrade`, `downgrade`); a test checks both readings agree w
 
 from __future__ import annotations
 
-import functools
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,15 +19,17 @@ from typing import TYPE_CHECKING
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Engine
 
-import migrations
 from engine.errors import BadValueError
+from engine.store.revisions import (  # noqa: F401 - re-exported: callers ask migrate
+    SCRIPT_LOCATION,
+    VERSION_TABLE,
+    head_revision,
+    known_revisions,
+    revision_graph,
+)
 
 if TYPE_CHECKING:
     from alembic.config import Config
-
-SCRIPT_LOCATION = str(Path(migrations.__file__).parent)
-VERSION_TABLE = "alembic_version"  # Alembic's default; env.py keeps it
-_HEADER = re.compile(r"""^(down_revision|revision)\b[^=]*=\s*(?:['"]([^'"]+)['"]|None)""", re.M)
 
 
 def _config(engine: Engine | None = None) -> Config:
@@ -40,31 +40,6 @@ def _config(engine: Engine | None = None) -> Config:
     if engine is not None:
         cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
     return cfg
-
-
-@functools.lru_cache(maxsize=1)
-def revision_graph() -> dict[str, str | None]:
-    """Each known revision and the one it follows (None for the first), read from the headers of
-    ``migrations/versions/*.py``."""
-    graph: dict[str, str | None] = {}
-    for path in sorted((Path(SCRIPT_LOCATION) / "versions").glob("*.py")):
-        fields = {m.group(1): m.group(2) for m in _HEADER.finditer(path.read_text(encoding="utf-8"))}
-        if "revision" in fields and fields["revision"]:
-            graph[fields["revision"]] = fields.get("down_revision")
-    return graph
-
-
-def head_revision() -> str:
-    """The newest revision: the one no other revision follows."""
-    graph = revision_graph()
-    heads = set(graph) - {down for down in graph.values() if down}
-    if len(heads) != 1:
-        raise RuntimeError(f"the migrations must form one chain; heads: {sorted(heads)}")
-    return heads.pop()
-
-
-def known_revisions() -> set[str]:
-    return set(revision_graph())
 
 
 def current_revision(engine: Engine) -> str | None:

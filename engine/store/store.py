@@ -9,7 +9,10 @@ are written:
 - `engine.store.atlases`: atlases, their vector files and indexes (why files are written first
   and the database committed last); `engine.store.vectorfiles` checks and writes the vectors,
   `engine.store.index_location` builds and places an index (a FAISS file or a Milvus collection);
-- `engine.store.concept_search`: concepts and the search of an atlas's index;
+- `engine.store.reads`: the reads of atlases and concepts and the search of an atlas's index,
+  in plain SQL (`StoreReads`, which `StoreBase` runs through its sessions and the plain ``sqlite3``
+  reader of the one-shot commands, `engine.store.reader`, through its connection); the records they
+  return (`AtlasInfo`, `Concept`, `Hit`) are `engine.store.records`;
 - `engine.store.removal`: removing atlases and maps (and what depends on them);
 - `engine.store.maps`: alignment maps, their rows and files (how a map is replaced safely);
 - `engine.store.passes`: the run API of resumable passes (the guarded step transaction that makes a
@@ -26,12 +29,12 @@ from __future__ import annotations
 
 from engine.store.atlases import AtlasInfo, AtlasSource, IndexStatus
 from engine.store.base import StoreBase, make_engine
-from engine.store.concept_search import Concept, ConceptsMixin, Hit, parse_concept_ref
 from engine.store.contexts import ConceptContext, ContextRun, ContextsMixin
 from engine.store.files import FilesMixin, Leftover, MapFileStatus, StoreReport
 from engine.store.index_location import IndexPlacement
 from engine.store.maps import MapInfo, MapsMixin
 from engine.store.models import ModelInfo, ModelsMixin
+from engine.store.records import Concept, Hit, parse_concept_ref
 from engine.store.removal import Dependents, Removal, RemovalMixin
 from engine.store.runs import LabellingRun, RunsMixin
 
@@ -42,5 +45,5 @@ __all__ = [
 ]
 
 
-class Store(ModelsMixin, FilesMixin, RemovalMixin, ConceptsMixin, MapsMixin, RunsMixin, ContextsMixin, StoreBase):
+class Store(ModelsMixin, FilesMixin, RemovalMixin, MapsMixin, RunsMixin, ContextsMixin, StoreBase):
     """An opened store. Use `Store.init` to create one and `Store.open` to open an existing one."""

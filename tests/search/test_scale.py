@@ -17,8 +17,7 @@ from safetensors.numpy import load_file
 
 import indexes
 from engine.errors import IndexIntegrityError, ShapeError
-from engine.store import atlases as atlases_mod
-from engine.store import vectorfiles
+from engine.store import blocksums, reads, vectorfiles
 from engine.store.store import AtlasSource, IndexPlacement, Store
 from engine.util import sha256_file
 from indexes import faiss_backend
@@ -150,9 +149,9 @@ def _count_full_hashes(monkeypatch) -> list[str]:
 
     def counting(path, *a, **kw):
         calls.append(str(path))
-        return sha256_file(path, *a, **kw)
+        return blocksums.file_sums(path, *a, **kw)
 
-    monkeypatch.setattr(atlases_mod, "sha256_file", counting)
+    monkeypatch.setattr(reads, "file_sums", counting)  # the full check: sha256 and block sums in one pass
     return calls
 
 
@@ -189,8 +188,10 @@ def test_verify_runs_the_full_streamed_checksum_the_cheap_check_cannot(tmp_path,
     data[len(data) // 2] ^= 0x01
     idx.write_bytes(bytes(data))
     os.utime(idx, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime restored: the stamp cannot tell
-    Store.open(store.path).index("a")  # the cheap check passes (what `atlas index verify` is for)
-    monkeypatch.setattr("engine.util.HASH_CHUNK", 1 << 16)
+    # the stamp cannot tell; the index's block checksums can (`engine.store.blocksums`)
+    with pytest.raises(IndexIntegrityError, match=rf"is damaged: block {len(data) // 2 >> 20} "):
+        Store.open(store.path).index("a")
+    monkeypatch.setattr(blocksums, "HASH_CHUNK", 1 << 16)
     reads = []
     real_open = open
 

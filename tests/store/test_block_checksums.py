@@ -7,7 +7,8 @@ hashes recorded when the file was written: a concept's row (`atlas show`, `neigh
 opened store. A damaged block is refused with a one-line error naming the file, the block and
 `atlas index verify`; an undamaged file reads as before; a file written before block checksums
 opens unchecked, `atlas index verify` says so, and `--fix` records them once the file matches its
-recorded sha256.
+recorded sha256. The one-shot commands' plain ``sqlite3`` reader (`engine.store.reader`) runs the
+same checks as the full store (`StoreReads`), without importing SQLAlchemy.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from engine.align.map import AlignmentMap, save_map
 from engine.cli import cli
 from engine.errors import IndexIntegrityError
 from engine.store.index_location import IndexPlacement
+from engine.store.reader import StoreReader, open_reader
 from engine.store.schema import AtlasRow
 from engine.store.store import AtlasSource, Store
+from tests.cli.test_cli_read_imports import _run
 from tests.conftest import clustered_directions
 from tests.steering.test_steering import D, one_thread, save_tiny_model  # noqa: F401  (one_thread: autouse fixture)
 
@@ -212,3 +215,39 @@ def test_verify_fix_records_nothing_for_a_file_that_no_longer_matches(big):
     with store.read_session() as s:
         row = s.query(AtlasRow).filter(AtlasRow.name == "big").one()
         assert row.vector_blocks is None
+
+
+@pytest.mark.parametrize("damage", ["vector", "index"])
+def test_the_plain_sqlite3_reader_refuses_damage_as_the_full_store_does(big, damage):
+    """`atlas show` and `neighbors` on a store's own SQLite file read through `StoreReader` (no SQLAlchemy
+    import): a flipped bit in the vector file (the concept's row) or the index file (opened by the
+    search) is refused there with the same one-line error as through the full store (the same command
+    with --db-url naming the file); in one process too, the reader refuses what the store refuses."""
+    store, x = big
+    if store.dialect != "sqlite":
+        pytest.skip("the plain reader serves the store's own SQLite file")
+    query = x[ROW] / np.linalg.norm(x[ROW])
+    rel = _damage_vector_row(store, x, ROW) if damage == "vector" else _damage_index_row(store, x, ROW, query)
+    commands = [["show", f"big/{ROW}"], ["neighbors", f"big/{ROW}"]] if damage == "vector" else \
+        [["neighbors", f"big/{QUERY}", "-k", "3"]]
+    for command in commands:
+        plain, plain_mods = _run(*command, "--store", str(store.path), ok=False)
+        full, full_mods = _run(*command, "--store", str(store.path), "--db-url",
+                               f"sqlite:///{store.path / 'atlas.db'}", ok=False)
+        assert "engine.store.reader" in plain_mods and "sqlalchemy" not in plain_mods
+        assert "sqlalchemy" in full_mods and "engine.store.reader" not in full_mods
+        line = plain.strip().splitlines()[-1]
+        assert line == full.strip().splitlines()[-1], (plain, full)
+        assert rel in line and "is damaged: block " in line and "`atlas index verify big`" in line, line
+    reader = open_reader(store.path)
+    assert isinstance(reader, StoreReader)
+    with reader:
+        if damage == "vector":
+            with pytest.raises(IndexIntegrityError, match=r"vector file of atlas 'big'.*is damaged: block 1 "):
+                reader.atlas_rows("big", [ROW])
+            with pytest.raises(IndexIntegrityError, match="vector file of atlas 'big'.*is damaged: block"):
+                reader.atlas_vectors("big")
+            assert np.array_equal(reader.atlas_rows("big", [QUERY]), x[[QUERY]])  # block 0 is intact
+        else:
+            with pytest.raises(IndexIntegrityError, match="index of atlas 'big'.*is damaged: block"):
+                reader.search_vectors("big", query, k=3)

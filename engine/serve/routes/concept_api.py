@@ -34,7 +34,7 @@ def lookup(store: StoreDep,
 
     encodable(q)
     hits = run_lookup(store, q, k=k, atlas=atlas or None)
-    sites = {a.name: a.site for a in store.atlases()} if hits else {}
+    sites = {a.name: a.site for a in store.atlas_records()} if hits else {}  # rows only: no counts
     return {"query": q, "hits": [to_plain(h) | {"site": sites.get(h.atlas)} for h in hits]}
 
 
