@@ -439,6 +439,27 @@ def test_cli_eval_labelling_compare_reports_every_method_criterion_and_activatio
     assert all(row["n"] > 0 and 0 <= row["token_top1"] <= 1 and 0 <= row["text_top1"] <= 1 for row in explain)
 
 
+@pytest.mark.slow
+def test_cli_eval_labelling_compare_maps_native_directions_through_word_and_text_pairs(tiny_world, sae_eval):
+    store, _ = sae_eval
+    r = CliRunner().invoke(cli, ["eval", "labelling", "--world", "--size", "tiny", "--features", "native", "--compare",
+                                 "-m", "procrustes,self_learning", "--max-docs", "300", "--json", "--quiet",
+                                 "--store", str(store.path)])
+    assert r.exit_code == 0, r.output
+    native = [row for row in json.loads(r.stdout) if row["features"] == "native"]
+    n_docs = len(tiny_world.train_docs)
+    for subject, word_pairing in (("subject_a", "token"), ("subject_b", "span")):
+        mine = {row["method"]: row for row in native if row["subject"] == subject}
+        # word-level maps of every method, text-paired maps of those that need no feature dictionaries
+        assert {f"{m}+{c}" for m in ("procrustes", "self_learning") for c in ("nn", "csls", "isf")} <= set(mine)
+        text = {m for m in mine if "[text]" in m}
+        assert text == {f"procrustes[text]+{c}" for c in ("nn", "csls", "isf")}
+        assert all(mine[m]["pairing"] == "text" and 0 < mine[m]["n_pairs"] <= n_docs for m in text)
+        assert mine["procrustes+nn"]["pairing"] == word_pairing
+        assert mine["procrustes+nn"]["n_pairs"] > mine["procrustes[text]+nn"]["n_pairs"]  # words outnumber documents
+        assert all(0 <= row["top1"] <= 1 and row["n"] == len(tiny_world.concepts) for row in mine.values())
+
+
 def test_relaxed_matches_forgive_a_function_word_latent_inside_one_topic_only():
     from engine.world.ground_truth import relaxed_matches
 

@@ -230,7 +230,7 @@ def eval_labelling(store_dir: Path, db_url: str | None, as_json: bool, **options
 
 COMPARE_COLUMNS = {
     "sae": ["subject", "method", "n", "top1", "top5", "ceiling", "p_at_50", "p_at_80", "ece", "conf_mean"],
-    "native": ["subject", "method", "n", "top1", "ceiling"],
+    "native": ["subject", "method", "pairing", "n", "top1", "ceiling"],
     "explain": ["subject", "method", "n", "token_top1", "text_top1"],
 }
 

@@ -23,7 +23,12 @@ the SAEs' labelling slice; then, against ground truth:
   ``top1_relaxed`` beside the strict ``top1`` (`engine.world.ground_truth.relaxed_matches`: a
   second, forgiving score; the strict one is the headline);
 - ``features="native"``: the subject's concept directions mapped onto the foundation's (top-1 over
-  the concepts), by every method x criterion, and ``coact[proj]``: correlation of the projections
+  the concepts), by every method x criterion, through the word-level maps above and through maps
+  fitted on **text pairs** (``<method>[text]+<criterion>``: each document's mean residual on both
+  sides, ``text_docs`` training documents; every method but those that match feature
+  dictionaries). Concept directions are document-level (centred topic means): on `medium`,
+  subject B's word-level maps do not carry them, whatever the piece pooling, while text-paired maps
+  do (docs/label-quality.md, round 5). And ``coact[proj]``: correlation of the projections
   on the two models' concept directions over the same paired tokens;
 - ``features="explain"``: per-token explanation quality (issue part 5) on the world's held-out
   documents, per method x criterion: residuals mapped as activations and centred as
@@ -51,6 +56,10 @@ import numpy as np
 CRITERIA: tuple[str, ...] = ("nn", "csls", "isf")
 FEATURES: tuple[str, ...] = ("sae", "native", "explain")
 EXPLAIN_DOCS = 300  # held-out documents of the explanation measure
+# training documents of the text-paired maps of the native table (one pair per document; at least
+# ``docs``): more is better there, 8,000 chosen on the development world medium 7 (4,000: B 0.586 /
+# 0.836 procrustes / ridge; 8,000: 0.625 / 0.852)
+NATIVE_TEXT_DOCS = 8000
 EXPLAIN_K = 5  # hits per token that the text-level summary reads (`atlas explain`'s default)
 DEFAULT_CONFIDENCE = "confidence_default.json"  # in engine/labelling, when shipped
 
@@ -168,7 +177,7 @@ def explanation_quality(model: Any, tok: Any, layer: int, docs: Sequence[tuple[s
 def measure_world(world: Any, docs: int = 1500, methods: Sequence[str] | None = None,
                   features: Sequence[str] = FEATURES, confidence: dict[str, Any] | None = None,
                   explain_docs: int = EXPLAIN_DOCS, subjects: Sequence[str] = ("subject_a", "subject_b"),
-                  quiet: bool = True) -> tuple[list[dict[str, Any]], dict[Any, Any]]:
+                  quiet: bool = True, text_docs: int = NATIVE_TEXT_DOCS) -> tuple[list[dict[str, Any]], dict[Any, Any]]:
     """Rows of one world (a `World`; see the module docstring), and its score matrices (for `calibrate`)."""
     import torch
 
@@ -216,6 +225,7 @@ def measure_world(world: Any, docs: int = 1500, methods: Sequence[str] | None = 
                                                    c.n_train_docs + c.n_val_docs + c.n_label_docs]}
     train_all, val = world_texts(world)
     train = [t for t in train_all if t not in label_slice][:docs]
+    train_text = [t for t in train_all if t not in label_slice][:max(docs, text_docs)]
     val = val[:400]
     rows: list[dict[str, Any]] = []
     mats: dict[Any, Any] = {}
@@ -308,6 +318,22 @@ def measure_world(world: Any, docs: int = 1500, methods: Sequence[str] | None = 
             nid = st.top_matches(1)[1]
             rows.append({**base, "features": "native", "method": "coact[proj]+nn", "n": len(nat),
                          "top1": round(float((nid[:, 0] == np.arange(len(nat))).mean()), 4), "ceiling": 1.0})
+            # the same directions through maps fitted on text pairs (each document's mean on both sides)
+            xt, yt = pairs(sub, L, train_text, "text")
+            xtv, ytv = pairs(sub, L, val, "text")
+            tt = SufficientStats(xt.shape[1], yt.shape[1], sample_size=max(get_method(m).train_sample for m in methods))
+            tt.update(xt, yt)
+            ht = SufficientStats(xt.shape[1], yt.shape[1], sample_size=2000)
+            ht.update(xtv, ytv)
+            for m in methods:
+                if get_method(m).needs:  # self_learning matches feature dictionaries, not text pairs
+                    continue
+                tmap = fit_map(tt, m, heldout=ht)
+                for crit in CRITERIA:
+                    _, nid, _ = label_topk(tmap.map_directions(nat), nat_f, 1, crit, csls_k=3)
+                    rows.append({**base, "pairing": "text", "n_pairs": len(xt), "features": "native",
+                                 "method": f"{m}[text]+{crit}", "n": len(nat),
+                                 "top1": round(float((nid[:, 0] == np.arange(len(nat))).mean()), 4), "ceiling": 1.0})
         if "sae" in features:
             ax = sparse_codes(sub_enc.encode(x))
             encoders: tuple[tuple[str, Any], ...] = (("enc", atlas_enc),
