@@ -51,7 +51,9 @@ def register(cli: click.Group) -> None:
 @world_options(size_help="World size (with --world).", seed_help="World seed (with --world).")
 @click.option("--method", default="procrustes", show_default=True, help=f"Alignment method: {', '.join(METHOD_NAMES)}.")
 @click.option("--pairing", type=click.Choice(["auto", "token", "span", "text"]), default="auto", show_default=True,
-              help="How subject and foundation activations are paired; auto = token with one tokenizer, else span.")
+              help="How subject and foundation activations are paired; auto = token with one tokenizer, else span "
+                   "(word-level features such as SAE latents); text = one pair per document, for document-level "
+                   "features such as concept directions (docs/label-quality.md, round 5).")
 @click.option("--pool", type=click.Choice(["last", "mean", "max"]),
               help="Pooling of a span, a word or punctuation mark over its pieces (last | mean | max, default "
                    "last), or of a text (mean | max, default mean).")
