@@ -15,7 +15,8 @@ httpx = pytest.importorskip("httpx", reason="the server's tests need httpx (the 
 from engine.atlas.lookup import semantic_available  # noqa: E402
 from tests.serve.conftest import CHROMIUM, NO_CHROMIUM  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=NO_CHROMIUM)
+# a real browser per test: slow (CI runs them; `-m "not slow"` skips them)
+pytestmark = [pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=NO_CHROMIUM), pytest.mark.slow]
 expect = sync_api.expect
 
 

@@ -14,7 +14,8 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="browser tests need
 
 from tests.serve.conftest import CHROMIUM, NO_CHROMIUM, new_page  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=NO_CHROMIUM)
+# a real browser per test: slow (CI runs them; `-m "not slow"` skips them)
+pytestmark = [pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=NO_CHROMIUM), pytest.mark.slow]
 AXE = Path(__file__).parent / "data" / "axe.min.js"
 PAGES = ["/", "/?q=weather", "/c/fdn/2", "/c/sae/3", "/a/fdn", "/a/sae?labelled=false", "/m/m1", "/models/subj",
          "/runs/r1", "/explain", "/steer", "/nosuchpage"]

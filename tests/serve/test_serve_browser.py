@@ -17,7 +17,8 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="browser tests need
 
 from tests.serve.conftest import CHROMIUM, NO_CHROMIUM  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=NO_CHROMIUM)
+# a real browser per test: slow (CI runs them; `-m "not slow"` skips them)
+pytestmark = [pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=NO_CHROMIUM), pytest.mark.slow]
 
 
 def test_search_then_concept_then_its_labelled_features(page, shots):

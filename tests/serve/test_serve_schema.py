@@ -37,6 +37,7 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 _URL: list[str] = []  # the running server's address, for the model-path tests below
 
 
+@pytest.mark.slow  # 25 generated cases per operation against a live server
 @schema.parametrize()
 @settings(max_examples=25, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture])
