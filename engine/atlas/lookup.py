@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 import indexes
+from engine.atlas import textindex
 from engine.errors import AtlasError, BadValueError, IndexIntegrityError
 from engine.extras import install_message
 from engine.store import layout
@@ -89,7 +90,8 @@ def _query_words(query: str) -> list[str]:
     return content or words
 
 
-def text_search(store: StoreReads, query: str, k: int = 10, atlas: str | None = None) -> list[tuple[str, int]]:
+def text_search(store: StoreReads, query: str, k: int = 10, atlas: str | None = None,
+                indexed: bool = True) -> list[tuple[str, int]]:
     """Full-text ranking: [(atlas, ordinal)] best first.
 
     Concepts matching every query word come first (ranked), then those matching some. Why the
@@ -101,7 +103,9 @@ def text_search(store: StoreReads, query: str, k: int = 10, atlas: str | None = 
     The same steps run on SQLite (FTS5, bm25 over label and description weighted 4:1) and on
     PostgreSQL (the tsvector column and GIN index of migration 0008, ``ts_rank`` at the same 4:1
     weights, normalised by document length); other databases fall back to counting matching words
-    (`_like_search`).
+    (`_like_search`). On SQLite the ranking is computed by `engine.atlas.textindex` (the same bm25,
+    score-bounded: it stops when no unscored concept can reach the k-th score); ``indexed=False``
+    asks FTS5 itself (the reference the tests and benchmarks compare with).
     """
     words = _query_words(query)
     if not words:
@@ -109,9 +113,13 @@ def text_search(store: StoreReads, query: str, k: int = 10, atlas: str | None = 
     if store.dialect not in _FULL_TEXT:
         return _like_search(store, words, k, atlas)
     ft = _FULL_TEXT[store.dialect]
-    found: list[tuple[str, int]] = []
     n_total = store.read(ft.count)[0][0] or 0
     cap = max(COMMON_MIN_DOCS, int(n_total * COMMON_FRACTION))
+    terms = [textindex.fts_terms(w) for w in words] if indexed and store.dialect == "sqlite" else []
+    ix = textindex.current_index(store) if terms and all(len(t) == 1 for t in terms) else None
+    if ix is not None:  # a word of several FTS5 tokens ("a_b") is a phrase: FTS5 answers it
+        return _indexed_search(store, ix, [t[0] for t in terms], k, atlas, cap)
+    found: list[tuple[str, int]] = []
     rare = [w for w in words if store.read(ft.probe, {**ft.bind([w], True), "cap": cap})[0][0] < cap]
     words = rare or words
     for every in ([True, False] if len(words) > 1 else [True]):  # all words, then any word
@@ -121,6 +129,27 @@ def text_search(store: StoreReads, query: str, k: int = 10, atlas: str | None = 
         rows = store.read(ft.search(len(words), every, bool(atlas)), {**ft.bind(words, every), "atlas": atlas, "k": k})
         found += [key for key in ((r[0], int(r[1])) for r in rows) if key not in seen]
     return found[:k]
+
+
+def _indexed_search(store: StoreReads, ix: textindex.TextIndex, terms: list[str], k: int, atlas: str | None,
+                    cap: int) -> list[tuple[str, int]]:
+    """`text_search`'s steps over the score-bounded index (`engine.atlas.textindex`): the same ranking as FTS5's."""
+    atlas_id = int(store.read("SELECT id FROM atlases WHERE name = :atlas", {"atlas": atlas})[0][0]) if atlas else None
+    terms = [t for t in terms if ix.doc_count(t) < cap] or terms
+    found: list[int] = []
+    for every in ([True, False] if len(terms) > 1 else [True]):  # all words, then any word
+        if len(found) >= k:
+            break
+        seen = set(found)
+        found += [d for _, d in ix.top_k(terms, every, k, atlas_id) if d not in seen]
+    found = found[:k]
+    if not found:
+        return []
+    marks = ", ".join(f":c{i}" for i in range(len(found)))
+    rows = store.read(f"SELECT c.id, a.name, c.ordinal FROM concepts c JOIN atlases a ON a.id = c.atlas_id "
+                      f"WHERE c.id IN ({marks})", {f"c{i}": d for i, d in enumerate(found)})
+    key = {int(r[0]): (r[1], int(r[2])) for r in rows}
+    return [key[d] for d in found if d in key]
 
 
 class _SqliteFullText:
