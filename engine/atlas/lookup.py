@@ -330,11 +330,13 @@ def semantic_search(store: StoreReads, query: str, k: int, atlas: str | None = N
     return [(name, i, sc) for sc, name, i in found[:k] if sc >= floor]
 
 
-def lookup(store: StoreReads, query: str, k: int = 10, atlas: str | None = None, semantic: bool | None = None) -> list[LookupHit]:
+def lookup(store: StoreReads, query: str, k: int = 10, atlas: str | None = None, semantic: bool | None = None,
+           indexed: bool = True) -> list[LookupHit]:
     """Concepts matching a text query, best first (full-text, fused with semantic where available);
     none when no label or description has a query word and no label is close in meaning
     (`SEMANTIC_MIN_COSINE`). Each hit says how it matched (``match``, in words).
 
+    ``indexed=False`` ranks the full text with FTS5 itself (`text_search`): the benchmarks' baseline.
     A query without a word (empty, blanks, punctuation) is a `BadValueError`: it matches nothing,
     and an embedding of it would rank arbitrary concepts first.
     """
@@ -344,7 +346,7 @@ def lookup(store: StoreReads, query: str, k: int = 10, atlas: str | None = None,
     if atlas is not None:
         store.atlas_record(atlas)  # raises a clear error for an unknown atlas
     depth = max(k * 5, 50)
-    text_ranked = text_search(store, query, depth, atlas)
+    text_ranked = text_search(store, query, depth, atlas, indexed)
     sem_found = semantic_search(store, query, depth, atlas) if semantic is not False else []
     sem_ranked = [(name, i) for name, i, _ in sem_found]
     cosine = {(name, i): sc for name, i, sc in sem_found}

@@ -55,9 +55,9 @@ class TextIndex:
     avgdl: float
     terms: dict[str, int]
     start: np.ndarray  # int64, n_terms + 1
-    by_impact: np.ndarray  # int64 concept ids, each term's best tf-part first (ties: smaller id first)
+    by_impact: np.ndarray  # int32 concept ids, each term's best tf-part first (ties: smaller id first)
     impact_tf: np.ndarray  # float64, the tf-part f*(k1+1)/(f + k1*(1 - b + b*D/avgdl)) of by_impact
-    by_id: np.ndarray  # int64 concept ids, ascending within each term
+    by_id: np.ndarray  # int32 concept ids, ascending within each term
     id_tf: np.ndarray  # float64, the tf-part of by_id
     atlas_of: np.ndarray  # int64, concept id -> atlas id (-1: none)
 
@@ -71,43 +71,53 @@ class TextIndex:
         return idf if idf > 0.0 else 1e-6
 
     def top_k(self, terms: list[str], every: bool, k: int, atlas_id: int | None = None) -> list[tuple[float, int]]:
-        """The best ``k`` concepts for the terms (all of them with ``every``, else any): [(score, id)], best first."""
+        """The best ``k`` concepts for the terms (all of them with ``every``, else any): [(score, id)], best first.
+
+        Sorted access runs on the rarest term's list with ``every`` (each match is in it), else on every
+        term's list; each concept met there is scored in full. What an unmet concept can score is
+        bounded, in query order, by the lists' next impacts (a list not read: its best impact)."""
         lists = [self._list(t) for t in terms]
         if every and any(len(lst[0]) == 0 for lst in lists):
             return []
-        lists_alive = [lst for lst in lists if len(lst[0])]
-        if not lists_alive:
+        unique = {t: j for j, t in reversed(list(enumerate(terms)))}  # a repeated word reads one list
+        scan = ([min(unique.values(), key=lambda j: len(lists[j][0]))] if every
+                else [j for j in unique.values() if len(lists[j][0])])
+        if not scan:
             return []
-        same = len(set(terms)) == 1  # one list: its impact order is the final order, ties included
-        seen: set[int] = set()
-        found: list[tuple[float, int]] = []
-        pos = [0] * len(lists)
-        block = max(_FIRST_BLOCK, k)
+        pos = dict.fromkeys(scan, 0)
+        seen = np.zeros(len(self.atlas_of), dtype=bool) if len(scan) > 1 else None
+        top_s, top_d = np.zeros(0), np.zeros(0, dtype=np.int64)
+        block = max(_FIRST_BLOCK, 2 * k)
         while True:
-            for j, (imp_ids, _, _, _, _) in enumerate(lists):
-                ids = imp_ids[pos[j]:pos[j] + block]
+            for j in scan:
+                ids = lists[j][0][pos[j]:pos[j] + block].astype(np.int64)
                 pos[j] += len(ids)
-                fresh = np.array([d for d in ids.tolist() if d not in seen], dtype=np.int64)
-                if not len(fresh):
-                    continue
-                seen.update(fresh.tolist())
+                if seen is not None:
+                    ids = ids[~seen[ids]]
+                    seen[ids] = True
                 if atlas_id is not None:
-                    fresh = fresh[self.atlas_of[fresh] == atlas_id]
-                scores, present = self._scores(lists, fresh)
-                keep = present if every else np.ones(len(fresh), dtype=bool)
-                found += zip(scores[keep].tolist(), fresh[keep].tolist())
-            found.sort(key=lambda sd: (-sd[0], sd[1]))
-            del found[k:]
-            done = [pos[j] >= len(lst[0]) for j, lst in enumerate(lists)]
-            if all(done) or (every and any(done)):  # every match of the rarest word was scored
-                return found
-            bound = 0.0  # the most an unseen concept can score, summed as a score is (query order)
-            for j, (imp_ids, imp_tf, _, _, idf) in enumerate(lists):
-                if not done[j]:
-                    bound += idf * float(imp_tf[pos[j]])
-            if len(found) >= k and (found[-1][0] > bound or (same and found[-1][0] >= bound)):
-                return found
+                    ids = ids[self.atlas_of[ids] == atlas_id]
+                if not len(ids):
+                    continue
+                scores, present = self._scores(lists, ids)
+                if every:
+                    scores, ids = scores[present], ids[present]
+                top_s, top_d = np.concatenate([top_s, scores]), np.concatenate([top_d, ids])
+                best = np.lexsort((top_d, -top_s))[:k]
+                top_s, top_d = top_s[best], top_d[best]
+            if all(pos[j] >= len(lists[j][0]) for j in scan):  # every match was met
+                break
+            bound = 0.0  # summed as a score is, in query order
+            for t in terms:
+                j = unique[t]
+                imp_tf, idf = lists[j][1], lists[j][4]
+                at = pos[j] if j in pos else 0
+                if at < len(imp_tf):
+                    bound += idf * float(imp_tf[at])
+            if len(top_s) >= k and (top_s[-1] > bound or (len(unique) == 1 and top_s[-1] >= bound)):
+                break  # one list: its impact order is the final order, ties (smaller id first) included
             block = min(block * 2, _MAX_BLOCK)
+        return list(zip(top_s.tolist(), top_d.tolist()))
 
     def _list(self, term: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
         t = self.terms.get(term)
@@ -202,8 +212,9 @@ def build_index(db: Path) -> TextIndex:
     dl = np.bincount(doc, minlength=max_id + 1).astype(np.float64)
     if int(dl.sum()) != n_tokens:
         raise RuntimeError(f"FTS5's token count {n_tokens} differs from its postings' {int(dl.sum())}")
-    first = np.flatnonzero(np.r_[True, (term_of[1:] != term_of[:-1]) | (doc[1:] != doc[:-1])])
-    f = np.add.reduceat(np.where(is_label, WEIGHTS["label"], WEIGHTS["description"]), first)
+    first = np.flatnonzero(np.r_[True, (term_of[1:] != term_of[:-1]) | (doc[1:] != doc[:-1])])[:len(doc)]
+    weight = np.where(is_label, WEIGHTS["label"], WEIGHTS["description"])
+    f = np.add.reduceat(weight, first) if len(doc) else weight
     p_doc, p_term = doc[first], term_of[first]
     avgdl = float(n_tokens) / float(n_rows) if n_rows else 1.0
     tf = (f * (K1 + 1.0)) / (f + K1 * (1 - B + B * dl[p_doc] / avgdl))
@@ -213,7 +224,7 @@ def build_index(db: Path) -> TextIndex:
     if len(atlas_rows):
         atlas_of[atlas_rows[:, 0]] = atlas_rows[:, 1]
     return TextIndex(key, n_rows, avgdl, {t: i for i, (t, _) in enumerate(vocab)}, start.astype(np.int64),
-                     p_doc[order], tf[order], p_doc, tf, atlas_of)
+                     p_doc[order].astype(np.int32), tf[order], p_doc.astype(np.int32), tf, atlas_of)
 
 
 @functools.lru_cache(maxsize=65536)
