@@ -41,14 +41,21 @@ QUERIES = ["rain", "cats storm", "the moon and the sea", "dog rain sun tree", "r
            "river cat zzz", "the", "storm storm dog"]
 
 
+@pytest.fixture(params=["sorted access", "whole lists"])
+def strategy(request, monkeypatch):
+    """Both of `TextIndex.top_k`'s ways: rounds of sorted access (the bound stops them), or whole lists."""
+    monkeypatch.setattr(textindex, "EXHAUSTIVE_MAX", 0 if request.param == "sorted access" else 10**9)
+    return request.param
+
+
 @pytest.mark.parametrize("k", [1, 7, 50])
-def test_same_ranking_as_fts5(random_store, k):
+def test_same_ranking_as_fts5(random_store, k, strategy):
     for q in QUERIES:
         for atlas in (None, "a", "b"):
             assert text_search(random_store, q, k, atlas) == text_search(random_store, q, k, atlas, indexed=False), q
 
 
-def test_top_k_equals_exhaustive_scoring(random_store):
+def test_top_k_equals_exhaustive_scoring(random_store, strategy):
     ix = textindex.current_index(random_store)
     assert ix is not None
     rng = np.random.default_rng(3)
@@ -76,7 +83,7 @@ def test_tf_part_is_bm25_of_the_texts(store):
     assert ix.idf("rain") == 1e-6  # in all 3 rows: log(0.5 / 3.5) < 0, FTS5's floor
 
 
-def test_common_word_is_left_out_like_fts5(store):
+def test_common_word_is_left_out_like_fts5(store, strategy):
     n = 1200  # "common" in every concept: over COMMON_MIN_DOCS (500) and 5 % of them
     labels = [f"common {'rare' if i % 97 == 0 else 'other'}" for i in range(n)]
     store.add_atlas("c", np.ones((n, 2), dtype=np.float32), labels, source=AtlasSource(model="m", layer=0))
@@ -85,7 +92,7 @@ def test_common_word_is_left_out_like_fts5(store):
     assert {o % 97 for _, o in text_search(store, "common rare", 20)} == {0}
 
 
-def test_label_edits_and_atlas_removal_show_at_once(random_store):
+def test_label_edits_and_atlas_removal_show_at_once(random_store, strategy):
     before = textindex.current_index(random_store)
     assert text_search(random_store, "zebra", 5) == []
     with random_store.session() as s:
