@@ -211,7 +211,7 @@ def time_oneshot(root: Path, runs: int, previous: str, query: str) -> dict[str, 
     return out
 
 
-def timed_over_http(root: Path, queries: list[str]) -> tuple[np.ndarray, float]:
+def timed_over_http(root: Path, queries: list[str]) -> tuple[np.ndarray, float, np.ndarray]:
     """`timed` of ``GET /api/lookup?q=...&k=10`` against ``atlas serve`` on ``root`` (its own process)."""
     import httpx
 

@@ -251,7 +251,8 @@ def embed_texts(texts: list[str], batch_size: int = 128, quiet: bool = False) ->
 
 
 def build_label_index(store: Store, atlas: str, quiet: bool = False) -> int:
-    """Embed every labelled concept's label + description into the atlas's label-embedding index.
+    """Embed every labelled concept's label + description into the atlas's label-embedding index
+    (the index spec the policy gives an atlas of that size: `indexes.policy.choose_index_spec`).
 
     The index is written under a file name this call owns (`engine.store.layout.label_index_file`),
     the atlas row switched to it in one transaction, and only then the previous one removed.
@@ -264,8 +265,13 @@ def build_label_index(store: Store, atlas: str, quiet: bool = False) -> int:
     concepts = [c for c in store.concepts(atlas) if c.labelled]
     if not concepts:
         raise AtlasError(f"atlas {atlas!r} has no labelled concepts to embed")
+    from indexes.policy import choose_index_spec
+
     vecs = embed_texts([f"{c.label}. {c.description or ''}".strip() for c in concepts], quiet=quiet)
-    index = indexes.create_index(vecs.shape[1], "Flat")
+    spec = choose_index_spec(len(concepts), vecs.shape[1])  # Flat up to 200,000 labels, HNSW above: as atlases
+    index = indexes.create_index(vecs.shape[1], spec)
+    if index.needs_training:
+        index.train(vecs)
     index.add(vecs, np.array([c.ordinal for c in concepts], dtype=np.int64))
     data = index.to_bytes()
     token = store.claim_token()  # before the file: `Store.gc` keeps it until the row claims it
@@ -282,7 +288,7 @@ def build_label_index(store: Store, atlas: str, quiet: bool = False) -> int:
             row.extra = {
                 **(row.extra or {}),
                 "label_index": {"sha256": sha256_bytes(data), "count": index.count(), "model": SEMANTIC_MODEL,
-                                "file": rel},
+                                "file": rel, "spec": spec},
             }
     except BaseException:
         (store.path / rel).unlink(missing_ok=True)

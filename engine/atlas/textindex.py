@@ -165,7 +165,7 @@ class TextIndex:
 
     def _scratch(self) -> tuple[np.ndarray, np.ndarray]:
         """A zeroed score per concept id and a cleared mask, reused (callers hold ``_lock`` and clear them)."""
-        if self._acc is None:
+        if self._acc is None or self._mask is None:
             self._acc = np.zeros(len(self.atlas_of), dtype=np.float64)
             self._mask = np.zeros(len(self.atlas_of), dtype=bool)
         return self._acc, self._mask
