@@ -136,13 +136,7 @@ def _indexed_search(store: StoreReads, ix: textindex.TextIndex, terms: list[str]
     """`text_search`'s steps over the score-bounded index (`engine.atlas.textindex`): the same ranking as FTS5's."""
     atlas_id = int(store.read("SELECT id FROM atlases WHERE name = :atlas", {"atlas": atlas})[0][0]) if atlas else None
     terms = [t for t in terms if ix.doc_count(t) < cap] or terms
-    found: list[int] = []
-    for every in ([True, False] if len(terms) > 1 else [True]):  # all words, then any word
-        if len(found) >= k:
-            break
-        seen = set(found)
-        found += [d for _, d in ix.top_k(terms, every, k, atlas_id) if d not in seen]
-    found = found[:k]
+    found = ix.search(terms, k, atlas_id)
     if not found:
         return []
     marks = ", ".join(f":c{i}" for i in range(len(found)))

@@ -90,8 +90,6 @@ class TextIndex:
                 else [j for j in unique.values() if len(lists[j][0])])
         if not scan:
             return []
-        if sum(len(lists[j][0]) for j in scan) <= EXHAUSTIVE_MAX:
-            return self._exhaustive(lists, terms, unique, scan if not every else None, k, atlas_id)
         pos = dict.fromkeys(scan, 0)
         seen = np.zeros(len(self.atlas_of), dtype=bool) if len(scan) > 1 else None
         top_s, top_d = np.zeros(0), np.zeros(0, dtype=np.int64)
@@ -127,41 +125,64 @@ class TextIndex:
             block = min(block * 4, _MAX_BLOCK)
         return list(zip(top_s.tolist(), top_d.tolist()))
 
-    def _exhaustive(self, lists, terms: list[str], unique: dict[str, int], scan: list[int] | None, k: int,
-                    atlas_id: int | None) -> list[tuple[float, int]]:
-        """`top_k` by scoring every concept of the lists at once (``scan``: the lists of any word; None: every word) (dense, in query order: the same
-        doubles as FTS5), for lists short enough that reading them whole beats the rounds of sorted access."""
-        with self._lock:
-            acc, mask = self._scratch()
-            for t in terms:  # query order, a repeated word twice: FTS5's sum
-                _, _, by_id, id_tf, idf = lists[unique[t]]
-                acc[by_id] += idf * id_tf
-            if scan is None:  # every word: the rarest word's concepts that have all the others
-                cand = min((lists[j][2] for j in unique.values()), key=len)
-                if len(unique) > 1:
-                    for j in unique.values():
+    def search(self, terms: list[str], k: int, atlas_id: int | None = None) -> list[int]:
+        """`engine.atlas.lookup.text_search`'s order: the best ``k`` concepts with every term, then of the best
+        ``k`` with any term those not found yet (one word: its best ``k``); concept ids, at most ``k``."""
+        found: list[int] = []
+        lists = [self._list(t) for t in terms]
+        unique = {t: j for j, t in reversed(list(enumerate(terms)))}
+        if sum(len(lists[j][0]) for j in unique.values()) <= EXHAUSTIVE_MAX:
+            with self._lock:
+                return self._exhaustive(lists, terms, unique, k, atlas_id)
+        for every in ([True, False] if len(terms) > 1 else [True]):
+            if len(found) >= k:
+                break
+            seen = set(found)
+            found += [d for _, d in self.top_k(terms, every, k, atlas_id) if d not in seen]
+        return found[:k]
+
+    def _exhaustive(self, lists, terms: list[str], unique: dict[str, int], k: int, atlas_id: int | None) -> list[int]:
+        """`search` by scoring every concept of the lists at once (dense, in query order: the same doubles as
+        FTS5), for lists short enough that reading them whole beats rounds of sorted access. Holds ``_lock``."""
+        acc, mask = self._scratch()
+        for t in terms:  # query order, a repeated word twice: FTS5's sum
+            _, _, by_id, id_tf, idf = lists[unique[t]]
+            acc[by_id] += idf * id_tf
+        found: list[int] = []
+        try:
+            for every in ([True, False] if len(terms) > 1 else [True]):
+                if len(found) >= k:
+                    break
+                if every:  # the rarest word's concepts that have all the others
+                    cand = min((lists[j][2] for j in unique.values()), key=len)
+                    for j in unique.values() if len(unique) > 1 else ():
                         mask[lists[j][2]] = True
                         cand = cand[mask[cand]]
                         mask[lists[j][2]] = False
-            else:  # any word: each concept once
-                parts = []
-                for j in scan:
-                    ids = lists[j][2]
-                    parts.append(ids[~mask[ids]])
-                    mask[ids] = True
-                cand = np.concatenate(parts)
-                mask[cand] = False
-            if atlas_id is not None:
-                cand = cand[self.atlas_of[cand] == atlas_id]
-            scores = acc[cand]
-            if len(cand) > k:  # the k best, and everything tied with the k-th (broken by id below)
-                scores_k = scores[np.argpartition(-scores, k - 1)[:k]].min()
-                cand = cand[scores >= scores_k]
-                scores = acc[cand]
+                else:  # any word: each concept once
+                    parts = []
+                    for j in unique.values():
+                        ids = lists[j][2]
+                        parts.append(ids[~mask[ids]])
+                        mask[ids] = True
+                    cand = np.concatenate(parts)
+                    mask[cand] = False
+                seen = set(found)
+                found += [d for d in self._best(acc, cand, k, atlas_id) if d not in seen]
+        finally:
             for j in unique.values():
                 acc[lists[j][2]] = 0.0
-        best = np.lexsort((cand, -scores))[:k]
-        return list(zip(scores[best].tolist(), cand[best].astype(np.int64).tolist()))
+        return found[:k]
+
+    def _best(self, acc: np.ndarray, cand: np.ndarray, k: int, atlas_id: int | None) -> list[int]:
+        """The ``k`` best of ``cand`` by ``acc`` (ties: smaller id first)."""
+        if atlas_id is not None:
+            cand = cand[self.atlas_of[cand] == atlas_id]
+        scores = acc[cand]
+        if len(cand) > k:  # the k best, and everything tied with the k-th (broken by id below)
+            cand = cand[scores >= scores[np.argpartition(-scores, k - 1)[:k]].min()]
+            scores = acc[cand]
+        return cand[np.lexsort((cand, -scores))[:k]].astype(np.int64).tolist()
 
     def _scratch(self) -> tuple[np.ndarray, np.ndarray]:
         """A zeroed score per concept id and a cleared mask, reused (callers hold ``_lock`` and clear them)."""
