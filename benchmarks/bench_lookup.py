@@ -247,6 +247,33 @@ def timed_over_http(root: Path, queries: list[str]) -> tuple[np.ndarray, float, 
         server.wait(timeout=30)
 
 
+def semantic_bound(n: int, queries: list[str]) -> None:
+    """What bounds a fused lookup without embedding ``n`` labels: one query's embedding (warm model, one
+    thread) and one search of a label index (HNSW, the policy's above 200,000 labels, and Flat), over
+    ``n`` random unit vectors of the model's width (for HNSW a harder case than real labels, which cluster)."""
+    import torch
+
+    import indexes
+    from engine.atlas.lookup import embed_texts
+    from indexes.policy import ANN_SPEC
+
+    torch.set_num_threads(1)
+    embed_texts(queries[:2], quiet=True)
+    report("query embedding", *timed(lambda q: len(embed_texts([q], quiet=True)), queries))
+    qv = embed_texts(queries, quiet=True)
+    rng = np.random.default_rng(2)
+    for spec in (ANN_SPEC, "Flat"):  # the policy's above 200,000 labels, and up to it
+        x = rng.normal(size=(n, qv.shape[1])).astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        index = indexes.create_index(qv.shape[1], spec)
+        t0 = time.perf_counter()
+        index.add(x, np.arange(n, dtype=np.int64))
+        print(f"label index {spec} over {n:,} random vectors built in {time.perf_counter() - t0:.0f} s", flush=True)
+        by_query = dict(zip(queries, qv))
+        report(f"{spec.split('|')[0]} search",
+               *timed(lambda q, index=index: len(index.search(by_query[q][None], 50)[1]), queries))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=100_000)
@@ -261,6 +288,9 @@ def main() -> None:
                                                          "('' skips it)")
     ap.add_argument("--pg-url", default=None, help="also run on PostgreSQL: a server URL whose user may create "
                                                    "databases (e.g. $ATLAS_TEST_PG_URL of .ci/postgres.sh)")
+    ap.add_argument("--semantic-bound", type=int, default=0, metavar="N",
+                    help="only time a query's embedding (one thread) and a search of the label index the "
+                         "policy gives N labels (random vectors: no labels embedded), then stop")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     vocab, p, labels, descriptions = make_labels(args.n, rng)
@@ -268,6 +298,9 @@ def main() -> None:
     for i in range(args.queries):
         words = list(rng.choice(vocab, size=rng.integers(1, 5), p=p if i % 2 else None))
         queries.append(" ".join(words))
+    if args.semantic_bound:
+        semantic_bound(args.semantic_bound, queries)
+        return
     results = {"sqlite": run("sqlite", None, args, labels, descriptions, queries)}
     if args.pg_url:
         with scratch_database(args.pg_url) as url:
