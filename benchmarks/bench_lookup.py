@@ -262,6 +262,7 @@ def semantic_bound(n: int, queries: list[str]) -> None:
     report("query embedding", *timed(lambda q: len(embed_texts([q], quiet=True)), queries))
     qv = embed_texts(queries, quiet=True)
     rng = np.random.default_rng(2)
+    by_query = dict(zip(queries, qv))
     for spec in (ANN_SPEC, "Flat"):  # the policy's above 200,000 labels, and up to it
         x = rng.normal(size=(n, qv.shape[1])).astype(np.float32)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
@@ -269,7 +270,6 @@ def semantic_bound(n: int, queries: list[str]) -> None:
         t0 = time.perf_counter()
         index.add(x, np.arange(n, dtype=np.int64))
         print(f"label index {spec} over {n:,} random vectors built in {time.perf_counter() - t0:.0f} s", flush=True)
-        by_query = dict(zip(queries, qv))
         report(f"{spec.split('|')[0]} search",
                *timed(lambda q, index=index: len(index.search(by_query[q][None], 50)[1]), queries))
 
