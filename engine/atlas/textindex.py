@@ -21,7 +21,8 @@ and 1), which every write to the full-text index changes in the same transaction
 write (triggers of migration 0001: imports, label edits, atlas removal). Each lookup reads the key
 (one indexed row) and rebuilds the index from one read snapshot when it differs: never stale, and
 a crash leaves nothing half-written (the index lives in memory only). The rebuild is the cost of
-a write: ~20 s at 1.5M concepts, on the first lookup after it.
+a write: 20-30 s at 1.5M concepts (more under load), on the first lookup after it; lookups of the
+process wait for it. The indexes of the last few stores a process looked up are kept.
 """
 
 from __future__ import annotations
@@ -214,6 +215,7 @@ class TextIndex:
 
 _lock = threading.Lock()
 _cache: dict[str, TextIndex] = {}
+_CACHED_STORES = 4
 
 
 def current_index(store: StoreReads) -> TextIndex | None:
@@ -228,6 +230,9 @@ def current_index(store: StoreReads) -> TextIndex | None:
     with _lock:
         ix = _cache.get(str(db))
         if ix is None or ix.key != key:
+            _cache.pop(str(db), None)
+            while len(_cache) >= _CACHED_STORES:  # the oldest store's index goes first
+                _cache.pop(next(iter(_cache)))
             ix = _cache[str(db)] = build_index(db)
         return ix
 
