@@ -22,7 +22,8 @@ write (triggers of migration 0001: imports, label edits, atlas removal). Each lo
 (one indexed row) and rebuilds the index from one read snapshot when it differs: never stale, and
 a crash leaves nothing half-written (the index lives in memory only). The rebuild is the cost of
 a write: 20-30 s at 1.5M concepts (more under load), on the first lookup after it; lookups of the
-process wait for it. The indexes of the last few stores a process looked up are kept.
+process wait for it. The indexes of the last few stores a process looked up are kept. A one-shot
+``atlas lookup`` does not build it (one query: FTS5 answers it faster than the build).
 """
 
 from __future__ import annotations
