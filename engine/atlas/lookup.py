@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 import indexes
+from engine.atlas import textindex
 from engine.errors import AtlasError, BadValueError, IndexIntegrityError
 from engine.extras import install_message
 from engine.store import layout
@@ -89,7 +90,8 @@ def _query_words(query: str) -> list[str]:
     return content or words
 
 
-def text_search(store: StoreReads, query: str, k: int = 10, atlas: str | None = None) -> list[tuple[str, int]]:
+def text_search(store: StoreReads, query: str, k: int = 10, atlas: str | None = None,
+                indexed: bool = True) -> list[tuple[str, int]]:
     """Full-text ranking: [(atlas, ordinal)] best first.
 
     Concepts matching every query word come first (ranked), then those matching some. Why the
@@ -101,7 +103,9 @@ def text_search(store: StoreReads, query: str, k: int = 10, atlas: str | None = 
     The same steps run on SQLite (FTS5, bm25 over label and description weighted 4:1) and on
     PostgreSQL (the tsvector column and GIN index of migration 0008, ``ts_rank`` at the same 4:1
     weights, normalised by document length); other databases fall back to counting matching words
-    (`_like_search`).
+    (`_like_search`). On SQLite the ranking is computed by `engine.atlas.textindex` (the same bm25,
+    score-bounded: it stops when no unscored concept can reach the k-th score); ``indexed=False``
+    asks FTS5 itself (the reference the tests and benchmarks compare with).
     """
     words = _query_words(query)
     if not words:
@@ -109,9 +113,13 @@ def text_search(store: StoreReads, query: str, k: int = 10, atlas: str | None = 
     if store.dialect not in _FULL_TEXT:
         return _like_search(store, words, k, atlas)
     ft = _FULL_TEXT[store.dialect]
-    found: list[tuple[str, int]] = []
     n_total = store.read(ft.count)[0][0] or 0
     cap = max(COMMON_MIN_DOCS, int(n_total * COMMON_FRACTION))
+    terms = [textindex.fts_terms(w) for w in words] if indexed and store.dialect == "sqlite" else []
+    ix = textindex.current_index(store) if terms and all(len(t) == 1 for t in terms) else None
+    if ix is not None:  # a word of several FTS5 tokens ("a_b") is a phrase: FTS5 answers it
+        return _indexed_search(store, ix, [t[0] for t in terms], k, atlas, cap)
+    found: list[tuple[str, int]] = []
     rare = [w for w in words if store.read(ft.probe, {**ft.bind([w], True), "cap": cap})[0][0] < cap]
     words = rare or words
     for every in ([True, False] if len(words) > 1 else [True]):  # all words, then any word
@@ -121,6 +129,21 @@ def text_search(store: StoreReads, query: str, k: int = 10, atlas: str | None = 
         rows = store.read(ft.search(len(words), every, bool(atlas)), {**ft.bind(words, every), "atlas": atlas, "k": k})
         found += [key for key in ((r[0], int(r[1])) for r in rows) if key not in seen]
     return found[:k]
+
+
+def _indexed_search(store: StoreReads, ix: textindex.TextIndex, terms: list[str], k: int, atlas: str | None,
+                    cap: int) -> list[tuple[str, int]]:
+    """`text_search`'s steps over the score-bounded index (`engine.atlas.textindex`): the same ranking as FTS5's."""
+    atlas_id = int(store.read("SELECT id FROM atlases WHERE name = :atlas", {"atlas": atlas})[0][0]) if atlas else None
+    terms = [t for t in terms if ix.doc_count(t) < cap] or terms
+    found = ix.search(terms, k, atlas_id)
+    if not found:
+        return []
+    marks = ", ".join(f":c{i}" for i in range(len(found)))
+    rows = store.read(f"SELECT c.id, a.name, c.ordinal FROM concepts c JOIN atlases a ON a.id = c.atlas_id "
+                      f"WHERE c.id IN ({marks})", {f"c{i}": d for i, d in enumerate(found)})
+    key = {int(r[0]): (r[1], int(r[2])) for r in rows}
+    return [key[d] for d in found if d in key]
 
 
 class _SqliteFullText:
@@ -222,7 +245,8 @@ def embed_texts(texts: list[str], batch_size: int = 128, quiet: bool = False) ->
 
 
 def build_label_index(store: Store, atlas: str, quiet: bool = False) -> int:
-    """Embed every labelled concept's label + description into the atlas's label-embedding index.
+    """Embed every labelled concept's label + description into the atlas's label-embedding index
+    (the index spec the policy gives an atlas of that size: `indexes.policy.choose_index_spec`).
 
     The index is written under a file name this call owns (`engine.store.layout.label_index_file`),
     the atlas row switched to it in one transaction, and only then the previous one removed.
@@ -235,8 +259,13 @@ def build_label_index(store: Store, atlas: str, quiet: bool = False) -> int:
     concepts = [c for c in store.concepts(atlas) if c.labelled]
     if not concepts:
         raise AtlasError(f"atlas {atlas!r} has no labelled concepts to embed")
+    from indexes.policy import choose_index_spec
+
     vecs = embed_texts([f"{c.label}. {c.description or ''}".strip() for c in concepts], quiet=quiet)
-    index = indexes.create_index(vecs.shape[1], "Flat")
+    spec = choose_index_spec(len(concepts), vecs.shape[1])  # Flat up to 200,000 labels, HNSW above: as atlases
+    index = indexes.create_index(vecs.shape[1], spec)
+    if index.needs_training:
+        index.train(vecs)
     index.add(vecs, np.array([c.ordinal for c in concepts], dtype=np.int64))
     data = index.to_bytes()
     token = store.claim_token()  # before the file: `Store.gc` keeps it until the row claims it
@@ -253,7 +282,7 @@ def build_label_index(store: Store, atlas: str, quiet: bool = False) -> int:
             row.extra = {
                 **(row.extra or {}),
                 "label_index": {"sha256": sha256_bytes(data), "count": index.count(), "model": SEMANTIC_MODEL,
-                                "file": rel},
+                                "file": rel, "spec": spec},
             }
     except BaseException:
         (store.path / rel).unlink(missing_ok=True)
@@ -301,11 +330,13 @@ def semantic_search(store: StoreReads, query: str, k: int, atlas: str | None = N
     return [(name, i, sc) for sc, name, i in found[:k] if sc >= floor]
 
 
-def lookup(store: StoreReads, query: str, k: int = 10, atlas: str | None = None, semantic: bool | None = None) -> list[LookupHit]:
+def lookup(store: StoreReads, query: str, k: int = 10, atlas: str | None = None, semantic: bool | None = None,
+           indexed: bool = True) -> list[LookupHit]:
     """Concepts matching a text query, best first (full-text, fused with semantic where available);
     none when no label or description has a query word and no label is close in meaning
     (`SEMANTIC_MIN_COSINE`). Each hit says how it matched (``match``, in words).
 
+    ``indexed=False`` ranks the full text with FTS5 itself (`text_search`): the benchmarks' baseline.
     A query without a word (empty, blanks, punctuation) is a `BadValueError`: it matches nothing,
     and an embedding of it would rank arbitrary concepts first.
     """
@@ -315,7 +346,7 @@ def lookup(store: StoreReads, query: str, k: int = 10, atlas: str | None = None,
     if atlas is not None:
         store.atlas_record(atlas)  # raises a clear error for an unknown atlas
     depth = max(k * 5, 50)
-    text_ranked = text_search(store, query, depth, atlas)
+    text_ranked = text_search(store, query, depth, atlas, indexed)
     sem_found = semantic_search(store, query, depth, atlas) if semantic is not False else []
     sem_ranked = [(name, i) for name, i, _ in sem_found]
     cosine = {(name, i): sc for name, i, sc in sem_found}
