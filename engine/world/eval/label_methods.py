@@ -291,6 +291,12 @@ def measure_world(world: Any, docs: int = 1500, methods: Sequence[str] | None = 
         he.update(xv, yv)
         nat = np.asarray(world.concept_directions(key, L))
         nat_f = np.asarray(world.concept_directions("foundation", Lf))
+
+        def native(method: str, nid: np.ndarray, base: dict = base, n: int = len(nat), **where: Any) -> None:
+            """A native-table row: top-1 of the concept directions whose first hit (``nid[:, 0]``) is their own."""
+            rows.append({**base, **where, "features": "native", "method": method, "n": n,
+                         "top1": round(float((nid[:, 0] == np.arange(n)).mean()), 4), "ceiling": 1.0})
+
         maps = {}
         map_model = "map.stat" if "map.stat" in confidence else "map.nn"
         for m in methods:
@@ -309,15 +315,11 @@ def measure_world(world: Any, docs: int = 1500, methods: Sequence[str] | None = 
                     _, ids, _ = label_topk(mapped, atlas_dec, 5, crit)
                     add(f"{m}+{crit}", ids, S if crit == "nn" else None, map_model)
                 if "native" in features:
-                    _, nid, _ = label_topk(amap.map_directions(nat), nat_f, 1, crit, csls_k=3)
-                    rows.append({**base, "features": "native", "method": f"{m}+{crit}", "n": len(nat),
-                                 "top1": round(float((nid[:, 0] == np.arange(len(nat))).mean()), 4), "ceiling": 1.0})
+                    native(f"{m}+{crit}", label_topk(amap.map_directions(nat), nat_f, 1, crit, csls_k=3)[1])
         if "native" in features:  # activation matching of concept directions: correlated projections
             st = CoactivationStats(len(nat), len(nat_f))
             st.update(ProjectionEncoder(nat, centre=x.mean(0)).encode(x), ProjectionEncoder(nat_f, centre=y.mean(0)).encode(y))
-            nid = st.top_matches(1)[1]
-            rows.append({**base, "features": "native", "method": "coact[proj]+nn", "n": len(nat),
-                         "top1": round(float((nid[:, 0] == np.arange(len(nat))).mean()), 4), "ceiling": 1.0})
+            native("coact[proj]+nn", st.top_matches(1)[1])
             # the same directions through maps fitted on text pairs (each document's mean on both sides)
             xt, yt = pairs(sub, L, train_text, "text")
             xtv, ytv = pairs(sub, L, val, "text")
@@ -330,10 +332,8 @@ def measure_world(world: Any, docs: int = 1500, methods: Sequence[str] | None = 
                     continue
                 tmap = fit_map(tt, m, heldout=ht)
                 for crit in CRITERIA:
-                    _, nid, _ = label_topk(tmap.map_directions(nat), nat_f, 1, crit, csls_k=3)
-                    rows.append({**base, "pairing": "text", "n_pairs": len(xt), "features": "native",
-                                 "method": f"{m}[text]+{crit}", "n": len(nat),
-                                 "top1": round(float((nid[:, 0] == np.arange(len(nat))).mean()), 4), "ceiling": 1.0})
+                    native(f"{m}[text]+{crit}", label_topk(tmap.map_directions(nat), nat_f, 1, crit, csls_k=3)[1],
+                           pairing="text", n_pairs=len(xt))
         if "sae" in features:
             ax = sparse_codes(sub_enc.encode(x))
             encoders: tuple[tuple[str, Any], ...] = (("enc", atlas_enc),
