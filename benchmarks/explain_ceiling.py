@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ def main() -> None:
     from engine.models.activations import collect
     from engine.models.hooks import Site
     from engine.world.build import load_world
+    from engine.world.eval.label_methods import token_concepts
     from engine.world.locate import world_texts
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -40,17 +40,10 @@ def main() -> None:
     docs = world.heldout_docs[: args.docs]
     texts = [t for t, _ in docs]
     member = {w.lower(): c for c, con in enumerate(world.concepts) for w in con.members}
-    word = re.compile(r"[A-Za-z']+")
     acts, concept_of = [], []
     for b in collect(fm, ftok, texts, Site((layer,)), 32, desc=None, dtype=torch.float32):
         acts.append(b.acts[layer].numpy())
-        for ti, (s, e) in zip(b.text_index, b.offsets):
-            text, c = texts[int(ti)], -1
-            for m in word.finditer(text, max(0, int(s) - 40), min(len(text), int(e) + 40)):
-                if m.start() < e and m.end() == e:  # the word this token ends
-                    c = member.get(m.group().lower(), -1)
-                    break
-            concept_of.append(c)
+        concept_of += token_concepts(b, texts, member)  # the concept of the word each token ends, else -1
     x = np.concatenate(acts)
     wc = np.asarray(concept_of)
     words = wc >= 0

@@ -119,6 +119,22 @@ def confidence_columns(model: Any, S: np.ndarray, sub_keys: np.ndarray, atlas_ke
 _WORD = re.compile(r"[A-Za-z']+")
 
 
+def token_concepts(batch: Any, texts: Sequence[str], member: dict[str, int]) -> list[int]:
+    """Per token of a `TokenBatch`: the concept (``member``: lower-cased word -> concept) of the word
+    the token ends (each word's last token stands for it), else -1."""
+    out = []
+    for ti, (s, e) in zip(batch.text_index, batch.offsets):
+        text = texts[int(ti)]
+        c = -1
+        if 0 <= s < e:
+            for m in _WORD.finditer(text, max(0, int(s) - 40), min(len(text), int(e) + 40)):
+                if m.start() < e and m.end() == e:
+                    c = member.get(m.group().lower(), -1)
+                    break
+        out.append(c)
+    return out
+
+
 def explanation_quality(model: Any, tok: Any, layer: int, docs: Sequence[tuple[str, int]], concepts: Sequence[Any],
                         maps: dict[str, Any], concept_vectors: np.ndarray,
                         criteria: Sequence[str] = CRITERIA, population: np.ndarray | None = None) -> list[dict[str, Any]]:
@@ -139,15 +155,7 @@ def explanation_quality(model: Any, tok: Any, layer: int, docs: Sequence[tuple[s
     for b in collect(model, tok, texts, Site((layer,)), batch_size=16, desc=None, dtype=torch.float32):
         acts.append(next(iter(b.acts.values())).numpy())
         tindex.append(b.text_index)
-        for ti, (s, e) in zip(b.text_index, b.offsets):
-            text = texts[int(ti)]
-            c = -1
-            if 0 <= s < e:  # the word this token ends (each word's last token stands for it)
-                for m in _WORD.finditer(text, max(0, int(s) - 40), min(len(text), int(e) + 40)):
-                    if m.start() < e and m.end() == e:
-                        c = member.get(m.group().lower(), -1)
-                        break
-            word_concept.append(c)
+        word_concept += token_concepts(b, texts, member)
     x = np.concatenate(acts)
     ti_all = np.concatenate(tindex)
     wc = np.asarray(word_concept)
