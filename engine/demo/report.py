@@ -360,20 +360,24 @@ def render_markdown(result: Any) -> str:
             f"- steered: {ex['steered']}  — topic: {ex['steered_topic'] or 'none'}",
             "",
         ]
-    rw = getattr(result, "real_weights", None)
-    if rw:
-        lines += ["## Real weights (`atlas eval retrieval --world --subject-model`)", ""]
-        if rw.get("skipped"):
-            lines += [f"{rw['model']}: skipped ({rw['skipped']}).", ""]
-        else:
-            lines += [f"{rw['model']} (a BERT encoder with its own WordPiece tokenizer, real weights, loaded offline) "
-                      f"as a subject of the world atlas: its topic directions (centred topic means over the held-out "
-                      f"documents) at each layer, mapped through maps fitted on {rw['pairs']:,} span pairs.", "",
-                      *_table(rw["rows"], ["layer", "method", "pairing", "mrr", "mpp", "top1", "top5", "n_pairs"]), ""]
+    lines += real_weights_section(getattr(result, "real_weights", None))
     lines += ["## Definitions", "", *[f"- **{k}**: {v}" for k, v in METRIC_DEFINITIONS.items()], "",
               "## Timings (s)", "", *_timings_table(result), ""]
     return "\n".join(lines)
 
+
+
+def real_weights_section(rw: dict[str, Any] | None) -> list[str]:
+    """The report's "Real weights" section (its lines), from the demo's real-weights stage (none without it)."""
+    if not rw:
+        return []
+    lines = ["## Real weights (`atlas eval retrieval --world --subject-model`)", ""]
+    if rw.get("skipped"):
+        return lines + [f"{rw['model']}: skipped ({rw['skipped']}).", ""]
+    return lines + [f"{rw['model']} (a BERT encoder with its own WordPiece tokenizer, real weights, loaded offline) "
+                    f"as a subject of the world atlas: its topic directions (centred topic means over the held-out "
+                    f"documents) at each layer, mapped through maps fitted on {rw['pairs']:,} span pairs.", "",
+                    *_table(rw["rows"], ["layer", "method", "pairing", "mrr", "mpp", "top1", "top5", "n_pairs"]), ""]
 
 def result_json(result: Any) -> str:
     return json.dumps(to_plain(result), indent=2, ensure_ascii=False)

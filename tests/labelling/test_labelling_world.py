@@ -21,12 +21,17 @@ from engine.world.eval.labelling import evaluate_world_labelling
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def world_store(store, tiny_world):
+@pytest.fixture(scope="module")
+def world_store(tiny_world, tmp_path_factory):
+    """One store for the module: the evaluation fits its maps once, and later evaluations reuse them
+    (which the first test checks)."""
+    from engine.store.store import Store
     from engine.world import register_world
 
+    store = Store.init(tmp_path_factory.mktemp("labelling-world") / "store")
     register_world(store, tiny_world)
-    return store, tiny_world
+    yield store, tiny_world
+    store.close()
 
 
 def test_eval_labelling_fits_maps_and_reads_the_runs_it_wrote(world_store):
