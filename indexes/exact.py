@@ -62,13 +62,18 @@ def one_blas_thread() -> Iterator[None]:
 
     The limit is the process's: the first search to enter sets it, the last to leave restores
     the original, so searches in several threads (a server) never leave it set behind them; a
-    BLAS call another thread makes meanwhile runs on one thread too."""
+    BLAS call another thread makes meanwhile runs on one thread too. threadpoolctl (>= 3.6) lets
+    only the thread that first set a pthreads OpenBLAS's limit change it again and silently ignores
+    the others; the last search out is often another thread than the first, so each change here
+    first hands control to the thread making it (`_take_blas_control`)."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
         yield
         return
     with _BLAS_LOCK:
+        if not _BLAS_HELD:
+            _take_blas_control()
         _BLAS_HELD.append(_BLAS_HELD[0] if _BLAS_HELD else threadpool_limits(limits=1, user_api="blas"))
     try:
         yield
@@ -76,7 +81,21 @@ def one_blas_thread() -> Iterator[None]:
         with _BLAS_LOCK:
             limit = _BLAS_HELD.pop()
             if not _BLAS_HELD:
+                _take_blas_control()
                 limit.restore_original_limits()
+                _take_blas_control()  # and leave no thread in control, as `with threadpool_limits()` does
+
+
+def _take_blas_control() -> None:
+    """Clear threadpoolctl's controlling thread of pthreads OpenBLAS, so that the calling thread's
+    next limit takes effect (called under `_BLAS_LOCK`; older threadpoolctl have none: nothing to do)."""
+    try:
+        from threadpoolctl import OpenBLASController
+    except ImportError:
+        return
+    clear = getattr(OpenBLASController, "clear_controlling_thread", None)
+    if clear is not None:
+        clear(force=True)
 
 
 def merge_topk(best_s: np.ndarray, best_i: np.ndarray, rows: np.ndarray, cand_s: np.ndarray,
