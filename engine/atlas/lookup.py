@@ -113,12 +113,13 @@ def text_search(store: StoreReads, query: str, k: int = 10, atlas: str | None = 
     if store.dialect not in _FULL_TEXT:
         return _like_search(store, words, k, atlas)
     ft = _FULL_TEXT[store.dialect]
+    terms = [textindex.fts_terms(w) for w in words] if indexed and store.dialect == "sqlite" else []
+    if terms and all(len(t) == 1 for t in terms):  # a word of several FTS5 tokens ("a_b") is a phrase: FTS5 answers it
+        hits = _indexed_search(store, [t[0] for t in terms], k, atlas)
+        if hits is not None:
+            return hits
     n_total = store.read(ft.count)[0][0] or 0
     cap = max(COMMON_MIN_DOCS, int(n_total * COMMON_FRACTION))
-    terms = [textindex.fts_terms(w) for w in words] if indexed and store.dialect == "sqlite" else []
-    ix = textindex.current_index(store) if terms and all(len(t) == 1 for t in terms) else None
-    if ix is not None:  # a word of several FTS5 tokens ("a_b") is a phrase: FTS5 answers it
-        return _indexed_search(store, ix, [t[0] for t in terms], k, atlas, cap)
     found: list[tuple[str, int]] = []
     rare = [w for w in words if store.read(ft.probe, {**ft.bind([w], True), "cap": cap})[0][0] < cap]
     words = rare or words
@@ -131,19 +132,22 @@ def text_search(store: StoreReads, query: str, k: int = 10, atlas: str | None = 
     return found[:k]
 
 
-def _indexed_search(store: StoreReads, ix: textindex.TextIndex, terms: list[str], k: int, atlas: str | None,
-                    cap: int) -> list[tuple[str, int]]:
-    """`text_search`'s steps over the score-bounded index (`engine.atlas.textindex`): the same ranking as FTS5's."""
-    atlas_id = int(store.read("SELECT id FROM atlases WHERE name = :atlas", {"atlas": atlas})[0][0]) if atlas else None
-    terms = [t for t in terms if ix.doc_count(t) < cap] or terms
-    found = ix.search(terms, k, atlas_id)
-    if not found:
-        return []
-    marks = ", ".join(f":c{i}" for i in range(len(found)))
-    rows = store.read(f"SELECT c.id, a.name, c.ordinal FROM concepts c JOIN atlases a ON a.id = c.atlas_id "
-                      f"WHERE c.id IN ({marks})", {f"c{i}": d for i, d in enumerate(found)})
-    key = {int(r[0]): (r[1], int(r[2])) for r in rows}
-    return [key[d] for d in found if d in key]
+def _indexed_search(store: StoreReads, terms: list[str], k: int, atlas: str | None) -> list[tuple[str, int]] | None:
+    """`text_search`'s steps over the score-bounded index (`engine.atlas.textindex`): the same ranking as FTS5's;
+    None where no index is at the state of the store's rows (none built yet, or a write since): FTS5 answers
+    while it is built. The total and the atlas's id are the index's, checked with the hits' rows."""
+    ix = textindex.latest(store)
+    for _ in range(2):  # a small store's index is rebuilt in `refresh`: tried once more
+        if ix is None:
+            return None
+        cap = max(COMMON_MIN_DOCS, int(ix.n_total * COMMON_FRACTION))
+        use = [t for t in terms if ix.doc_count(t) < cap] or terms
+        found = ix.search(use, k, ix.atlas_ids.get(atlas, -2) if atlas else None)  # -2: no concept's atlas
+        key, hits = textindex.hit_rows(store, ix, found, atlas)
+        if hits is not None:
+            return hits
+        ix = textindex.refresh(store, ix, key)
+    return None
 
 
 class _SqliteFullText:
