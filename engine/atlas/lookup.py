@@ -364,12 +364,7 @@ def lookup(store: StoreReads, query: str, k: int = 10, atlas: str | None = None,
             fused[key] = fused.get(key, 0.0) + 1.0 / (RRF_K + r)
     best = sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
     out = []
-    by_atlas: dict[str, list[int]] = {}
-    for (name, ordinal), _ in best:
-        by_atlas.setdefault(name, []).append(ordinal)
-    concepts = {
-        (c.atlas, c.ordinal): c for name, ords in by_atlas.items() for c in store.concepts(name, ords)
-    }
+    concepts = store.concepts_at(key for key, _ in best)
     for rank, (key, score) in enumerate(best, start=1):
         c = concepts[key]
         why = match_words(_text_match(_query_words(query), c.label, c.description) if key in t_rank else None,

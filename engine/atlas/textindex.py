@@ -414,7 +414,7 @@ def hit_rows(store: StoreReads, ix: TextIndex, found: list[int], atlas: str | No
     """The store's key (`key_of`) and, where it is ``ix``'s (and so is ``atlas``'s id), the (atlas, ordinal) of
     the concepts ``found`` in that order, read in one statement: one read snapshot, so hits from an index that
     is not at the rows' state are never returned (None then)."""
-    marks = ", ".join(f":c{i}" for i in range(len(found)))
+    marks = ", ".join(f":c{i}" for i in range(len(found))) or "NULL"  # `IN ()` would scan every concept
     rows = store.read(f"SELECT k.*, c.id, a.name, c.ordinal FROM (SELECT {_KEY_COLUMNS}, "
                       "(SELECT id FROM atlases WHERE name = :atlas)) k "
                       f"LEFT JOIN concepts c ON c.id IN ({marks}) LEFT JOIN atlases a ON a.id = c.atlas_id",
