@@ -104,8 +104,9 @@ def text_search(store: StoreReads, query: str, k: int = 10, atlas: str | None = 
     PostgreSQL (the tsvector column and GIN index of migration 0008, ``ts_rank`` at the same 4:1
     weights, normalised by document length); other databases fall back to counting matching words
     (`_like_search`). On SQLite the ranking is computed by `engine.atlas.textindex` (the same bm25,
-    score-bounded: it stops when no unscored concept can reach the k-th score); ``indexed=False``
-    asks FTS5 itself (the reference the tests and benchmarks compare with).
+    score-bounded: it stops when no unscored concept can reach the k-th score), and by FTS5 itself
+    while that index is built or rebuilt after a write; ``indexed=False`` always asks FTS5 (the
+    reference the tests and benchmarks compare with).
     """
     words = _query_words(query)
     if not words:

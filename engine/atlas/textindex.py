@@ -18,11 +18,19 @@ rowid``. The postings are read from FTS5 itself (``fts5vocab``), so the tokens a
 
 In sync: the index is keyed by FTS5's structure and averages records (``concepts_fts_data`` rows 10
 and 1), which every write to the full-text index changes in the same transaction as the concept
-write (triggers of migration 0001: imports, label edits, atlas removal). Each lookup reads the key
-(one indexed row) and rebuilds the index from one read snapshot when it differs: never stale, and
-a crash leaves nothing half-written (the index lives in memory only). The rebuild is the cost of
-a write: 20-30 s at 1.5M concepts (more under load), on the first lookup after it; lookups of the
-process wait for it. The indexes of the last few stores a process looked up are kept. A one-shot
+write (triggers of migration 0001: imports, label edits, atlas removal), and by the atlases' total
+of concepts (the common-word rule's). A lookup never waits for the index: it searches the latest one
+built and reads the hits' rows in one statement with the store's key and the atlas's id (`hit_rows`:
+one read snapshot), so it uses the index's hits only where the index is at the state of those rows;
+otherwise, and while none is built, FTS5 itself answers (`engine.atlas.lookup.text_search`, the same
+ranking) and a rebuild is asked for (`refresh`). The rebuild runs in a background thread, one per
+store at a time, reading one snapshot; it is swapped in whole, and built again if a write came
+during it; one that fails is logged and recorded (`build_state`), and FTS5 answers until the next
+write. At 1M concepts (+500,000) a rebuild takes ~20 s alone, ~50 s with lookups back to back
+beside it, which then cost about twice FTS5's own time (`bench_lookup.py --after-write`). Nothing
+is written to disk (a crash leaves nothing half-written); the indexes of the last few stores a
+process looked up are kept (~350 MB at 1.5M concepts). No store builds in the lookup that needs the
+index (`SYNC_BUILD_MAX`: a build never costs less than the FTS5 lookup it would spare). A one-shot
 ``atlas lookup`` does not build it (one query: FTS5 answers it faster than the build).
 """
 

@@ -280,3 +280,6 @@ def test_a_fast_lookup_reads_the_store_once(random_store, monkeypatch):
         statements.clear()
         assert text_search(random_store, "rain storm", 10, atlas)
         assert len(statements) == 1, statements
+    statements.clear()
+    hits = lookup(random_store, "rain storm", k=10, semantic=False)  # the ranking, then the hits' concepts
+    assert {h.atlas for h in hits} == {"a", "b"} and len(statements) == 2, statements
