@@ -261,6 +261,10 @@ class _Slot:
     builds: int = 0
     build_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
+    def building(self) -> bool:
+        """Whether its build thread runs (one left behind by a fork does not)."""
+        return self.thread is not None and self.thread.is_alive()
+
 
 _lock = threading.Lock()  # guards _cache and every _Slot's fields but build_lock
 _cache: dict[str, _Slot] = {}
@@ -295,7 +299,7 @@ def latest(store: StoreReads) -> TextIndex | None:
         return None
     with _lock:
         slot = _slot(db)
-        if slot.index is not None or slot.thread is not None:
+        if slot.index is not None or slot.building():
             return slot.index
     return refresh(store, None, key_of(store.read(KEY_SQL)[0]))
 
@@ -314,7 +318,7 @@ def refresh(store: StoreReads, used: TextIndex | None, key: Key) -> TextIndex | 
             return slot.index
         if slot.index is used:
             slot.index = None
-        if slot.thread is not None:
+        if slot.building():
             slot.again = True
             return None
         if key == slot.failed:  # this state's build failed: FTS5 answers until the next write
@@ -399,7 +403,7 @@ def build_state(store: StoreReads) -> dict[str, object]:
         slot = _cache.get(str(db)) if db is not None else None
         if slot is None:
             return {"built": False, "building": False, "error": None, "builds": 0}
-        return {"built": slot.index is not None, "building": slot.thread is not None, "error": slot.error,
+        return {"built": slot.index is not None, "building": slot.building(), "error": slot.error,
                 "builds": slot.builds}
 
 
