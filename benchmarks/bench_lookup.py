@@ -17,12 +17,20 @@ semantic model (the labels embedded once: `atlas index embed`, slow at 1M); ``--
 the same queries through ``atlas serve`` (its own process, uvicorn on loopback; one keep-alive
 client, one request at a time), against ``/api/lookup``.
 
+``--after-write S`` times instead what a write costs the lookups of a warm process (`atlas serve`'s
+case): in a child process per code (this code, then that of git revision ``--write-previous``), the
+index built, the steady state timed, then one label edit, then lookups back to back for up to S
+seconds until the score-bounded index is back, then the queries once more: the first lookup after the write, all
+of those until the index is back (p50 / p95 / max), and the time until it is back. The edited label
+is restored after.
+
 ``--oneshot R`` also times ``atlas show``, ``neighbors`` and ``lookup`` on the store as whole
 processes (`/usr/bin/time`), R runs each, in turn with the same commands run by the code of git
 revision ``--previous`` (extracted with ``git archive``), and prints the median wall and CPU seconds.
 
     python benchmarks/bench_lookup.py [--n 100000] [--queries 200]
     python benchmarks/bench_lookup.py --n 1000000 --store /tmp/lookup-1m --serve --oneshot 7
+    python benchmarks/bench_lookup.py --n 1000000 --store /tmp/lookup-1m --after-write 300
     eval "$(.ci/postgres.sh start)"
     python benchmarks/bench_lookup.py --n 100000 --pg-url "$ATLAS_TEST_PG_URL"
     .ci/postgres.sh stop
@@ -32,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -176,6 +185,84 @@ def run(backend: str, db_url: str | None, args, labels, descriptions, queries) -
 
 
 PREVIOUS = "272f0ec"  # the base of issue 26's one-shot work
+WRITE_PREVIOUS = "f3f1a84"  # the score-bounded index rebuilt in the first lookup after a write
+WRITTEN = "zzwritten"  # the word the timed write puts into a label
+
+
+def time_after_write(root: Path, previous: str, queries: list[str], window: float) -> dict[str, float]:
+    """`after_write` in a child process per code (this, then ``previous``: `git archive`); prints a line each."""
+    repo = Path(__file__).resolve().parents[1]
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as old:
+        trees = {"this": repo}
+        if previous:
+            archive = subprocess.run(["git", "-C", str(repo), "archive", previous], capture_output=True, check=True)
+            subprocess.run(["tar", "-x", "-C", old], input=archive.stdout, check=True)
+            trees[f"previous ({previous})"] = Path(old)
+        for tree, path in trees.items():
+            env = {**os.environ, "PYTHONPATH": str(path), "ATLAS_QUIET": "1"}
+            res = subprocess.run([sys.executable, __file__, "--write-child", str(root), "--after-write", str(window)],
+                                 input=json.dumps(queries), env=env, capture_output=True, text=True, cwd=path)
+            if res.returncode != 0:
+                raise SystemExit(f"{tree}: the after-write run failed: {res.stderr[-2000:]}")
+            fig = json.loads(res.stdout.strip().splitlines()[-1])
+            print(f"[{tree}] index built in {fig['build s']:.1f} s; steady state p50 {fig['steady p50 ms']:.2f}  "
+                  f"p95 {fig['steady p95 ms']:.2f}  max {fig['steady max ms']:.2f} ms (FTS5 itself: p50 "
+                  f"{fig['fts5 p50 ms']:.2f}  p95 {fig['fts5 p95 ms']:.2f}  max {fig['fts5 max ms']:.1f} ms)\n"
+                  f"[{tree}] after one label edit: first lookup {fig['first ms']:.1f} ms (its hits right: "
+                  f"{bool(fig['first right'])}); the index back after {fig['back s']:.1f} s; the {fig['n']:.0f} "
+                  f"lookups until then: p50 {fig['p50 ms']:.2f}  p95 {fig['p95 ms']:.2f}  max {fig['max ms']:.1f} ms; "
+                  f"after it p50 {fig['after p50 ms']:.2f}  p95 {fig['after p95 ms']:.2f}  max "
+                  f"{fig['after max ms']:.2f} ms", flush=True)
+            out |= {f"{tree} {key}": value for key, value in fig.items()}
+    return out
+
+
+def after_write(root: Path, queries: list[str], window: float) -> dict[str, float]:
+    """Run by the child process of `time_after_write` (with the code under test on its path): the figures."""
+    from sqlalchemy import update
+
+    from engine.store.schema import ConceptRow
+
+    store = Store.open(root)
+    t0 = time.perf_counter()
+    textindex.current_index(store)
+    fig = {"build s": time.perf_counter() - t0}
+    ms = timed(lambda q: len(lookup(store, q, k=10, semantic=False)), queries)[0]
+    fts = timed(lambda q: len(lookup(store, q, k=10, semantic=False, indexed=False)), queries)[0]
+    fig |= {"steady p50 ms": float(np.median(ms)), "steady p95 ms": float(np.percentile(ms, 95)),
+            "steady max ms": float(ms.max()), "fts5 p50 ms": float(np.median(fts)),
+            "fts5 p95 ms": float(np.percentile(fts, 95)), "fts5 max ms": float(fts.max())}
+    state = getattr(textindex, "build_state", None)  # this code's; the previous rebuilt in the first lookup
+    builds = state(store)["builds"] if state else 0
+    (cid, label), = store.read("SELECT c.id, c.label FROM concepts c JOIN atlases a ON a.id = c.atlas_id "
+                               "WHERE a.name = 'big' AND c.ordinal = 5")
+    try:
+        with store.session() as s:
+            s.execute(update(ConceptRow).where(ConceptRow.id == cid).values(label=f"{WRITTEN} {label}"))
+        start, times, back = time.perf_counter(), [], None
+        first = lookup(store, WRITTEN, k=10, semantic=False)
+        times.append(time.perf_counter() - start)
+        fig["first right"] = float([h.ref for h in first] == ["big/5"])
+        if state is None:
+            back = time.perf_counter() - start
+        i = 0
+        while back is None and time.perf_counter() - start < window:
+            t = time.perf_counter()
+            lookup(store, queries[i % len(queries)], k=10, semantic=False)
+            times.append(time.perf_counter() - t)
+            i += 1
+            if state is not None and state(store)["builds"] > builds:
+                back = time.perf_counter() - start
+        after = timed(lambda q: len(lookup(store, q, k=10, semantic=False)), queries)[0] / 1000
+    finally:
+        with store.session() as s:
+            s.execute(update(ConceptRow).where(ConceptRow.id == cid).values(label=label))
+    w, a = np.array(times) * 1000, np.array(after) * 1000
+    return fig | {"first ms": float(w[0]), "n": float(len(w)), "p50 ms": float(np.median(w)),
+                  "p95 ms": float(np.percentile(w, 95)), "max ms": float(w.max()),
+                  "back s": float("nan") if back is None else back, "after p50 ms": float(np.median(a)),
+                  "after p95 ms": float(np.percentile(a, 95)), "after max ms": float(a.max())}
 
 
 def time_oneshot(root: Path, runs: int, previous: str, query: str) -> dict[str, float]:
@@ -288,10 +375,19 @@ def main() -> None:
                                                          "('' skips it)")
     ap.add_argument("--pg-url", default=None, help="also run on PostgreSQL: a server URL whose user may create "
                                                    "databases (e.g. $ATLAS_TEST_PG_URL of .ci/postgres.sh)")
+    ap.add_argument("--after-write", type=float, default=0, metavar="S",
+                    help="only time the lookups right after a write (a label edit) until the index is back, at "
+                         "most S seconds, this code and --write-previous's, then stop")
+    ap.add_argument("--write-previous", default=WRITE_PREVIOUS,
+                    help="git revision --after-write compares with ('' skips it)")
+    ap.add_argument("--write-child", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--semantic-bound", type=int, default=0, metavar="N",
                     help="only time a query's embedding (one thread) and a search of the label index the "
                          "policy gives N labels (random vectors: no labels embedded), then stop")
     args = ap.parse_args()
+    if args.write_child:  # the queries come from the parent
+        print(json.dumps(after_write(args.write_child, json.loads(sys.stdin.read()), args.after_write)))
+        return
     rng = np.random.default_rng(0)
     vocab, p, labels, descriptions = make_labels(args.n, rng)
     queries = []
@@ -300,6 +396,13 @@ def main() -> None:
         queries.append(" ".join(words))
     if args.semantic_bound:
         semantic_bound(args.semantic_bound, queries)
+        return
+    if args.after_write:
+        with tempfile.TemporaryDirectory() as scratch:
+            root = args.store or Path(scratch) / "store"
+            with contextlib.closing(prepared_store(root, None, args, labels, descriptions)[0]):
+                pass  # built here unless an earlier run left it
+            time_after_write(root, args.write_previous, queries, args.after_write)
         return
     results = {"sqlite": run("sqlite", None, args, labels, descriptions, queries)}
     if args.pg_url:

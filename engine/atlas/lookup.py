@@ -104,8 +104,9 @@ def text_search(store: StoreReads, query: str, k: int = 10, atlas: str | None = 
     PostgreSQL (the tsvector column and GIN index of migration 0008, ``ts_rank`` at the same 4:1
     weights, normalised by document length); other databases fall back to counting matching words
     (`_like_search`). On SQLite the ranking is computed by `engine.atlas.textindex` (the same bm25,
-    score-bounded: it stops when no unscored concept can reach the k-th score); ``indexed=False``
-    asks FTS5 itself (the reference the tests and benchmarks compare with).
+    score-bounded: it stops when no unscored concept can reach the k-th score), and by FTS5 itself
+    while that index is built or rebuilt after a write; ``indexed=False`` always asks FTS5 (the
+    reference the tests and benchmarks compare with).
     """
     words = _query_words(query)
     if not words:
@@ -113,12 +114,13 @@ def text_search(store: StoreReads, query: str, k: int = 10, atlas: str | None = 
     if store.dialect not in _FULL_TEXT:
         return _like_search(store, words, k, atlas)
     ft = _FULL_TEXT[store.dialect]
+    terms = [textindex.fts_terms(w) for w in words] if indexed and store.dialect == "sqlite" else []
+    if terms and all(len(t) == 1 for t in terms):  # a word of several FTS5 tokens ("a_b") is a phrase: FTS5 answers it
+        hits = _indexed_search(store, [t[0] for t in terms], k, atlas)
+        if hits is not None:
+            return hits
     n_total = store.read(ft.count)[0][0] or 0
     cap = max(COMMON_MIN_DOCS, int(n_total * COMMON_FRACTION))
-    terms = [textindex.fts_terms(w) for w in words] if indexed and store.dialect == "sqlite" else []
-    ix = textindex.current_index(store) if terms and all(len(t) == 1 for t in terms) else None
-    if ix is not None:  # a word of several FTS5 tokens ("a_b") is a phrase: FTS5 answers it
-        return _indexed_search(store, ix, [t[0] for t in terms], k, atlas, cap)
     found: list[tuple[str, int]] = []
     rare = [w for w in words if store.read(ft.probe, {**ft.bind([w], True), "cap": cap})[0][0] < cap]
     words = rare or words
@@ -131,19 +133,22 @@ def text_search(store: StoreReads, query: str, k: int = 10, atlas: str | None = 
     return found[:k]
 
 
-def _indexed_search(store: StoreReads, ix: textindex.TextIndex, terms: list[str], k: int, atlas: str | None,
-                    cap: int) -> list[tuple[str, int]]:
-    """`text_search`'s steps over the score-bounded index (`engine.atlas.textindex`): the same ranking as FTS5's."""
-    atlas_id = int(store.read("SELECT id FROM atlases WHERE name = :atlas", {"atlas": atlas})[0][0]) if atlas else None
-    terms = [t for t in terms if ix.doc_count(t) < cap] or terms
-    found = ix.search(terms, k, atlas_id)
-    if not found:
-        return []
-    marks = ", ".join(f":c{i}" for i in range(len(found)))
-    rows = store.read(f"SELECT c.id, a.name, c.ordinal FROM concepts c JOIN atlases a ON a.id = c.atlas_id "
-                      f"WHERE c.id IN ({marks})", {f"c{i}": d for i, d in enumerate(found)})
-    key = {int(r[0]): (r[1], int(r[2])) for r in rows}
-    return [key[d] for d in found if d in key]
+def _indexed_search(store: StoreReads, terms: list[str], k: int, atlas: str | None) -> list[tuple[str, int]] | None:
+    """`text_search`'s steps over the score-bounded index (`engine.atlas.textindex`): the same ranking as FTS5's;
+    None where no index is at the state of the store's rows (none built yet, or a write since): FTS5 answers
+    while it is built. The total and the atlas's id are the index's, checked with the hits' rows."""
+    ix = textindex.latest(store)
+    for _ in range(2):  # a small store's index is rebuilt in `refresh`: tried once more
+        if ix is None:
+            return None
+        cap = max(COMMON_MIN_DOCS, int(ix.n_total * COMMON_FRACTION))
+        use = [t for t in terms if ix.doc_count(t) < cap] or terms
+        found = ix.search(use, k, ix.atlas_ids.get(atlas, -2) if atlas else None)  # -2: no concept's atlas
+        key, hits = textindex.hit_rows(store, ix, found, atlas)
+        if hits is not None:
+            return hits
+        ix = textindex.refresh(store, ix, key)
+    return None
 
 
 class _SqliteFullText:
@@ -360,12 +365,7 @@ def lookup(store: StoreReads, query: str, k: int = 10, atlas: str | None = None,
             fused[key] = fused.get(key, 0.0) + 1.0 / (RRF_K + r)
     best = sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
     out = []
-    by_atlas: dict[str, list[int]] = {}
-    for (name, ordinal), _ in best:
-        by_atlas.setdefault(name, []).append(ordinal)
-    concepts = {
-        (c.atlas, c.ordinal): c for name, ords in by_atlas.items() for c in store.concepts(name, ords)
-    }
+    concepts = store.concepts_at(key for key, _ in best)
     for rank, (key, score) in enumerate(best, start=1):
         c = concepts[key]
         why = match_words(_text_match(_query_words(query), c.label, c.description) if key in t_rank else None,

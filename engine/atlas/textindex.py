@@ -18,23 +18,36 @@ rowid``. The postings are read from FTS5 itself (``fts5vocab``), so the tokens a
 
 In sync: the index is keyed by FTS5's structure and averages records (``concepts_fts_data`` rows 10
 and 1), which every write to the full-text index changes in the same transaction as the concept
-write (triggers of migration 0001: imports, label edits, atlas removal). Each lookup reads the key
-(one indexed row) and rebuilds the index from one read snapshot when it differs: never stale, and
-a crash leaves nothing half-written (the index lives in memory only). The rebuild is the cost of
-a write: 20-30 s at 1.5M concepts (more under load), on the first lookup after it; lookups of the
-process wait for it. The indexes of the last few stores a process looked up are kept. A one-shot
+write (triggers of migration 0001: imports, label edits, atlas removal), and by the atlases' total
+of concepts (the common-word rule's). A lookup never waits for the index: it searches the latest one
+built and reads the hits' rows in one statement with the store's key and the atlas's id (`hit_rows`:
+one read snapshot), so it uses the index's hits only where the index is at the state of those rows;
+otherwise, and while none is built, FTS5 itself answers (`engine.atlas.lookup.text_search`, the same
+ranking) and a rebuild is asked for (`refresh`). The rebuild runs in a background thread, one per
+store at a time, reading one snapshot; it is swapped in whole, and built again if a write came
+during it; one that fails is logged and recorded (`build_state`), and FTS5 answers until the next
+write. At 1M concepts (+500,000) a rebuild takes ~20 s alone, ~50 s with lookups back to back
+beside it, which then cost about twice FTS5's own time (`bench_lookup.py --after-write`). Nothing
+is written to disk (a crash leaves nothing half-written); the indexes of the last few stores a
+process looked up are kept (~350 MB at 1.5M concepts). No store builds in the lookup that needs the
+index (`SYNC_BUILD_MAX`: a build never costs less than the FTS5 lookup it would spare). A one-shot
 ``atlas lookup`` does not build it (one query: FTS5 answers it faster than the build).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
+import logging
 import math
 import sqlite3
 import threading
+import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import numpy as np
@@ -44,7 +57,12 @@ from engine.store.reads import StoreReads
 
 K1, B = 1.2, 0.75  # FTS5's bm25 constants (fts5_aux.c)
 WEIGHTS = {"label": 4.0, "description": 1.0}  # the 4:1 of `lookup._SqliteFullText`
-_KEY_SQL = "SELECT id, block FROM concepts_fts_data WHERE id IN (1, 10) ORDER BY id"
+# FTS5's averages and structure records (``concepts_fts_data`` rows 1 and 10) and the common-word rule's
+# total (`engine.atlas.lookup._SqliteFullText.count`): the state an index is built from
+_KEY_COLUMNS = ("(SELECT block FROM concepts_fts_data WHERE id = 1), (SELECT block FROM concepts_fts_data WHERE id = 10), "
+                "(SELECT coalesce(sum(n_concepts), 0) FROM atlases)")
+KEY_SQL = f"SELECT {_KEY_COLUMNS}"
+Key = tuple[bytes, bytes, int]  # `key_of` those columns
 _FIRST_BLOCK, _MAX_BLOCK = 512, 1 << 17
 # Lists this long in all are scored whole (vectorised; ~1 ms per 100,000 postings), longer ones by
 # sorted access in blocks until the bound stops it.
@@ -55,7 +73,7 @@ EXHAUSTIVE_MAX = 200_000
 class TextIndex:
     """The postings of every FTS5 term, by impact and by concept id (CSR: term t's are [start[t], start[t+1]))."""
 
-    key: tuple[bytes, ...]
+    key: Key  # `key_of` the snapshot it was built from
     n_rows: int
     avgdl: float
     terms: dict[str, int]
@@ -65,9 +83,15 @@ class TextIndex:
     by_id: np.ndarray  # int32 concept ids, ascending within each term
     id_tf: np.ndarray  # float64, the tf-part of by_id
     atlas_of: np.ndarray  # int64, concept id -> atlas id (-1: none)
+    atlas_ids: dict[str, int]  # atlas name -> id
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
     _acc: np.ndarray | None = dataclasses.field(default=None, repr=False)
     _mask: np.ndarray | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def n_total(self) -> int:
+        """The atlases' total of concepts (the common-word rule's), in the snapshot it was built from."""
+        return self.key[2]
 
     def doc_count(self, term: str) -> int:
         t = self.terms.get(term)
@@ -214,37 +238,232 @@ class TextIndex:
         return score, present_all
 
 
-_lock = threading.Lock()
-_cache: dict[str, TextIndex] = {}
+log = logging.getLogger(__name__)
+
+# A store of at most this many concepts builds its index in the lookup that finds it missing or stale,
+# a larger one in a background thread while FTS5 answers. None does: a build never costs less than the
+# FTS5 lookup it would spare (measured, `bench_lookup.py`'s store at load ~4.5: 15 ms against 0.6 ms
+# at 1,000 concepts, 104 ms against 0.7 ms at 10,000, 1.1 s against 1.6 ms at 100,000; 20-30 s at 1.5M).
+# The tests set it to have the index answer at once.
+SYNC_BUILD_MAX = 0
+
+
+@dataclasses.dataclass
+class _Slot:
+    """One store's index: the latest built (``index``), the build running (``thread``: at most one), whether a
+    lookup saw a newer key during it (``again``), the key whose build failed (not retried until a write)."""
+
+    index: TextIndex | None = None
+    thread: threading.Thread | None = None
+    again: bool = False
+    failed: Key | None = None
+    error: str | None = None
+    builds: int = 0
+    build_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def building(self) -> bool:
+        """Whether its build thread runs (one left behind by a fork does not)."""
+        return self.thread is not None and self.thread.is_alive()
+
+
+_lock = threading.Lock()  # guards _cache and every _Slot's fields but build_lock
+_cache: dict[str, _Slot] = {}
 _CACHED_STORES = 4
 
 
-def current_index(store: StoreReads) -> TextIndex | None:
-    """The score-bounded index of a SQLite store, rebuilt if a write changed FTS5 since it was built;
-    None where the store is not a SQLite file with FTS5 (PostgreSQL keeps its tsvector path)."""
+def _db(store: StoreReads) -> Path | None:
+    """The SQLite file of a store with FTS5 (None: PostgreSQL keeps its tsvector path)."""
     if store.dialect != "sqlite":
         return None
     db = Path(store.path) / layout.DB_FILE
-    if not db.is_file():
+    return db if db.is_file() else None
+
+
+def _slot(db: Path) -> _Slot:
+    """The store's slot (callers hold ``_lock``); the last few stores' are kept, the oldest dropped first."""
+    slot = _cache.get(str(db))
+    if slot is None:
+        while len(_cache) >= _CACHED_STORES:
+            _cache.pop(next(iter(_cache)))
+        slot = _cache[str(db)] = _Slot()
+    return slot
+
+
+def latest(store: StoreReads) -> TextIndex | None:
+    """The store's latest built index, without waiting for a build: possibly stale (the caller compares its
+    key with the one read in the snapshot of its hits' rows: `hit_rows`); None where none is built yet,
+    after starting a build (in this call for a store of at most `SYNC_BUILD_MAX` concepts, else in the
+    background), or where the store is not a SQLite file with FTS5."""
+    db = _db(store)
+    if db is None:
         return None
-    key = tuple(bytes(b) for _, b in store.read(_KEY_SQL))
     with _lock:
-        ix = _cache.get(str(db))
-        if ix is None or ix.key != key:
-            _cache.pop(str(db), None)
-            while len(_cache) >= _CACHED_STORES:  # the oldest store's index goes first
-                _cache.pop(next(iter(_cache)))
-            ix = _cache[str(db)] = build_index(db)
+        slot = _slot(db)
+        if slot.index is not None or slot.building():
+            return slot.index
+    return refresh(store, None, key_of(store.read(KEY_SQL)[0]))
+
+
+def refresh(store: StoreReads, used: TextIndex | None, key: Key) -> TextIndex | None:
+    """A lookup read ``key`` (`key_of`) where its index ``used`` (or none) had another: the index for ``key``
+    if one is built (or this call builds it: a store of at most `SYNC_BUILD_MAX` concepts), else None after
+    asking for a build in the background (one at a time per store; one asked during a build runs after
+    it). ``used`` is forgotten: it can never again be served."""
+    db = _db(store)
+    if db is None:
+        return None
+    with _lock:
+        slot = _slot(db)
+        if slot.index is not None and slot.index.key == key:
+            return slot.index
+        if slot.index is used:
+            slot.index = None
+        if slot.building():
+            slot.again = True
+            return None
+        if key == slot.failed:  # this state's build failed: FTS5 answers until the next write
+            return None
+        if key[2] > SYNC_BUILD_MAX:
+            slot.thread = threading.Thread(target=_build_in_background, args=(db, slot), daemon=True,
+                                           name=f"textindex {db}")
+            slot.thread.start()
+            return None
+    return _build(db, slot, key)
+
+
+def _build(db: Path, slot: _Slot, wanted: Key | None = None) -> TextIndex | None:
+    """Build the index (one at a time per store) and swap it in; None, logged and recorded, if the build fails."""
+    with slot.build_lock:
+        with _lock:
+            if wanted is not None and slot.index is not None and slot.index.key == wanted:
+                return slot.index  # another lookup built it meanwhile
+        try:
+            ix = build_index(db)
+        except Exception as e:  # noqa: BLE001 - any failure leaves FTS5 answering, never fails a lookup
+            failed: Key | None = wanted
+            with contextlib.suppress(Exception):
+                failed = _read_key(db)
+            with _lock:
+                slot.failed, slot.error = failed, f"{type(e).__name__}: {e}"
+            log.warning("the full-text index of %s could not be built (FTS5 answers lookups until the next "
+                        "write): %s", db, slot.error, exc_info=True)
+            return None
+        with _lock:
+            slot.index, slot.error, slot.failed = ix, None, None
+            slot.builds += 1
         return ix
 
 
+def _build_in_background(db: Path, slot: _Slot) -> None:
+    """The build thread: build and swap in, then again while the store's key is no longer the one built
+    (a write during the build); it ends, under the lock a lookup asks for a build under, when it is."""
+    me = threading.current_thread()
+    try:
+        while True:
+            ix = _build(db, slot)
+            if ix is None:
+                return
+            while True:
+                current = _read_key(db)
+                with _lock:
+                    if current == ix.key and not slot.again:
+                        slot.thread = None
+                        return
+                    slot.again = False
+                if current != ix.key:
+                    break  # a write since the build's snapshot: build again
+    except Exception:  # noqa: BLE001 - e.g. the store's file removed meanwhile
+        log.warning("the full-text index thread of %s stopped", db, exc_info=True)
+    finally:
+        with _lock:
+            if slot.thread is me:
+                slot.thread = None
+
+
+def wait(store: StoreReads, timeout: float | None = None) -> bool:
+    """Wait for the store's background build, if one runs (and those it asks for after it); whether none runs."""
+    db = _db(store)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while db is not None:
+        with _lock:
+            thread = _cache[str(db)].thread if str(db) in _cache else None
+        if thread is None:
+            return True
+        thread.join(None if deadline is None else max(deadline - time.monotonic(), 0.0))
+        if thread.is_alive():
+            return False
+    return True
+
+
+def build_state(store: StoreReads) -> dict[str, object]:
+    """What the store's slot holds: ``built`` (an index is there; it may be stale), ``building``, ``error``
+    (of the last failed build, until one succeeds), ``builds`` (how many succeeded in this process)."""
+    db = _db(store)
+    with _lock:
+        slot = _cache.get(str(db)) if db is not None else None
+        if slot is None:
+            return {"built": False, "building": False, "error": None, "builds": 0}
+        return {"built": slot.index is not None, "building": slot.building(), "error": slot.error,
+                "builds": slot.builds}
+
+
+def current_index(store: StoreReads) -> TextIndex | None:
+    """The store's index at its current state, waiting for it (a build running first, then one if still
+    stale): the benchmarks' and tests' way to have it; lookups never wait (`latest`, `refresh`). None where
+    the store is not a SQLite file with FTS5, or the build failed."""
+    db = _db(store)
+    if db is None:
+        return None
+    wait(store)
+    key = key_of(store.read(KEY_SQL)[0])
+    with _lock:
+        slot = _slot(db)
+    return _build(db, slot, key)
+
+
+def hit_rows(store: StoreReads, ix: TextIndex, found: list[int], atlas: str | None
+             ) -> tuple[Key, list[tuple[str, int]] | None]:
+    """The store's key (`key_of`) and, where it is ``ix``'s (and so is ``atlas``'s id), the (atlas, ordinal) of
+    the concepts ``found`` in that order, read in one statement: one read snapshot, so hits from an index that
+    is not at the rows' state are never returned (None then)."""
+    marks = ", ".join(f":c{i}" for i in range(len(found))) or "NULL"  # `IN ()` would scan every concept
+    rows = store.read(f"SELECT k.*, c.id, a.name, c.ordinal FROM (SELECT {_KEY_COLUMNS}, "
+                      "(SELECT id FROM atlases WHERE name = :atlas)) k "
+                      f"LEFT JOIN concepts c ON c.id IN ({marks}) LEFT JOIN atlases a ON a.id = c.atlas_id",
+                      {"atlas": atlas, **{f"c{i}": d for i, d in enumerate(found)}})
+    key = key_of(rows[0])
+    if key != ix.key or rows[0][3] != (ix.atlas_ids.get(atlas) if atlas else None):
+        return key, None
+    where = {int(r[4]): (r[5], int(r[6])) for r in rows if r[4] is not None}
+    return key, [where[d] for d in found if d in where]
+
+
 def drop_cached(db: Path | None = None) -> None:
-    """Forget the built indexes (all, or one database's)."""
+    """Forget the built indexes (all, or one database's); a build running goes on, for no one."""
     with _lock:
         if db is None:
             _cache.clear()
         else:
             _cache.pop(str(db), None)
+
+
+def key_of(row: Sequence[Any]) -> Key:
+    """The key of a store's full-text state from `KEY_SQL`'s columns: FTS5's averages and structure records
+    and the atlases' total of concepts (the common-word rule's total)."""
+    avg, struct, total = row[:3]
+    return bytes(avg or b""), bytes(struct or b""), int(total or 0)
+
+
+def _read_key(db: Path) -> Key:
+    conn = _connect(db)
+    try:
+        return key_of(conn.execute(KEY_SQL).fetchone())
+    finally:
+        conn.close()
+
+
+def _connect(db: Path) -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{quote(str(db.resolve()))}?mode=ro", uri=True, timeout=30)
 
 
 def _varints(blob: bytes) -> list[int]:
@@ -265,14 +484,29 @@ def _varints(blob: bytes) -> list[int]:
     return out
 
 
+def _repeat_each(counts: np.ndarray, chunk: int = 1 << 18) -> np.ndarray:
+    """``np.repeat(arange(len(counts)), counts)`` a few hundred thousand elements at a time: `np.repeat` holds
+    the GIL throughout (0.9 s for 14M), which would stall the lookups of the process during a build."""
+    ends = np.cumsum(counts)
+    out = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.int64)
+    t = 0
+    while t < len(counts):
+        lo = int(ends[t - 1]) if t else 0
+        u = max(t + 1, int(np.searchsorted(ends, lo + chunk, side="right")))
+        out[lo:int(ends[u - 1])] = np.repeat(np.arange(t, u, dtype=np.int64), counts[t:u])
+        t = u
+    return out
+
+
 def build_index(db: Path) -> TextIndex:
     """Read FTS5's postings of ``db`` (one read snapshot) into a `TextIndex`."""
-    conn = sqlite3.connect(f"file:{quote(str(db.resolve()))}?mode=ro", uri=True, timeout=30)
+    conn = _connect(db)
     try:
         conn.execute("BEGIN")
-        key = tuple(bytes(b) for _, b in conn.execute(_KEY_SQL))
+        key = key_of(conn.execute(KEY_SQL).fetchone())
         averages = _varints(key[0])
-        n_rows, n_tokens = averages[0], sum(averages[1:])
+        n_rows, n_tokens = (averages[0], sum(averages[1:])) if averages else (0, 0)
+        atlas_ids = {str(name): int(i) for name, i in conn.execute("SELECT name, id FROM atlases")}
         conn.execute("CREATE VIRTUAL TABLE IF NOT EXISTS temp.atlas_fts_row USING fts5vocab(main, concepts_fts, row)")
         conn.execute("CREATE VIRTUAL TABLE IF NOT EXISTS temp.atlas_fts_inst "
                      "USING fts5vocab(main, concepts_fts, instance)")
@@ -280,12 +514,13 @@ def build_index(db: Path) -> TextIndex:
         cur = conn.execute("SELECT doc, col = 'label' FROM temp.atlas_fts_inst")
         n_inst = sum(c for _, c in vocab)
         flat = np.fromiter(itertools.chain.from_iterable(cur), dtype=np.int64, count=2 * n_inst)
-        atlas_rows = np.array(conn.execute("SELECT id, atlas_id FROM concepts").fetchall(), dtype=np.int64)
+        atlas_rows = np.fromiter(itertools.chain.from_iterable(conn.execute("SELECT id, atlas_id FROM concepts")),
+                                 dtype=np.int64).reshape(-1, 2)
         conn.rollback()
     finally:
         conn.close()
     doc, is_label = flat[0::2], flat[1::2].astype(bool)
-    term_of = np.repeat(np.arange(len(vocab), dtype=np.int64), [c for _, c in vocab])
+    term_of = _repeat_each(np.array([c for _, c in vocab], dtype=np.int64))
     max_id = int(max(doc.max(initial=0), atlas_rows[:, 0].max(initial=0) if len(atlas_rows) else 0))
     dl = np.bincount(doc, minlength=max_id + 1).astype(np.float64)
     if int(dl.sum()) != n_tokens:
@@ -302,7 +537,7 @@ def build_index(db: Path) -> TextIndex:
     if len(atlas_rows):
         atlas_of[atlas_rows[:, 0]] = atlas_rows[:, 1]
     return TextIndex(key, n_rows, avgdl, {t: i for i, (t, _) in enumerate(vocab)}, start.astype(np.int64),
-                     p_doc[order].astype(np.int32), tf[order], p_doc.astype(np.int32), tf, atlas_of)
+                     p_doc[order].astype(np.int32), tf[order], p_doc.astype(np.int32), tf, atlas_of, atlas_ids)
 
 
 @functools.lru_cache(maxsize=65536)

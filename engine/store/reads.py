@@ -59,8 +59,8 @@ _ATLAS_COLUMNS = ("a.id", "a.name", "m.name", "a.layer", "a.hook", "a.dim", "a.n
                   "a.index_count", "a.vector_size", "a.vector_mtime_ns", "a.vector_head_sha256", "a.index_size",
                   "a.index_mtime_ns", "a.index_head_sha256", "a.extra")
 _ATLAS_SELECT = f"SELECT {', '.join(_ATLAS_COLUMNS)} FROM atlases a LEFT JOIN models m ON m.id = a.model_id"
-_CONCEPT_SELECT = ("SELECT ordinal, label, description, labelled, source_kind, source_ref, density, extra "
-                   "FROM concepts WHERE atlas_id = :atlas_id")
+_CONCEPT_COLUMNS = ("ordinal", "label", "description", "labelled", "source_kind", "source_ref", "density", "extra")
+_CONCEPT_SELECT = f"SELECT {', '.join(_CONCEPT_COLUMNS)} FROM concepts WHERE atlas_id = :atlas_id"
 
 
 class StoreReads:
@@ -151,6 +151,28 @@ class StoreReads:
         if missing:
             raise NotFoundError(f"atlas {record.name!r} has no concepts {missing[:5]}")
         return [_concept(record.name, by_ord[o]) for o in wanted]
+
+    def concepts_at(self, refs: Iterable[tuple[str, int]]) -> dict[tuple[str, int], Concept]:
+        """Concepts of any atlases by (atlas name, ordinal), in one statement (`concepts` reads one atlas's, after
+        its row); a ref that names no concept is a `NotFoundError`."""
+        wanted = list(dict.fromkeys((str(a), int(o)) for a, o in refs))
+        columns = ", ".join(f"c.{col}" for col in _CONCEPT_COLUMNS)
+        found: dict[tuple[str, int], Concept] = {}
+        for chunk in range(0, len(wanted), IN_CHUNK):
+            by_atlas: dict[str, list[int]] = {}
+            for a, o in wanted[chunk : chunk + IN_CHUNK]:
+                by_atlas.setdefault(a, []).append(o)
+            parts: list[str] = []
+            params: dict[str, Any] = {}
+            for j, (a, ords) in enumerate(by_atlas.items()):
+                parts.append(f"SELECT a.name, {columns} FROM concepts c JOIN atlases a ON a.id = c.atlas_id "
+                             f"WHERE a.name = :a{j} AND c.ordinal IN ({', '.join(f':o{j}_{i}' for i in range(len(ords)))})")
+                params |= {f"a{j}": a, **{f"o{j}_{i}": o for i, o in enumerate(ords)}}
+            found.update(((r[0], int(r[1])), _concept(r[0], r[1:])) for r in self.read(" UNION ALL ".join(parts), params))
+        missing = [f"{a}/{o}" for a, o in wanted if (a, o) not in found]
+        if missing:
+            raise NotFoundError(f"no concepts {missing[:5]} in the store")
+        return found
 
     def labels(self, atlas: str | None = None) -> list[str]:
         """Labels of all concepts in ordinal order (cheap: no full rows)."""

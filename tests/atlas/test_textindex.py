@@ -1,14 +1,17 @@
 """The score-bounded full-text top-k (engine.atlas.textindex) against FTS5's own bm25 ranking and an
-exhaustive scoring, on real SQLite stores: ties, AND/OR, stopwords, the common-word rule, writes."""
+exhaustive scoring, on real SQLite stores: ties, AND/OR, stopwords, the common-word rule, writes; and
+its rebuild after a write, in the background while FTS5 answers (never stale, threads, a failed build)."""
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import pytest
 from sqlalchemy import delete, update
 
 from engine.atlas import textindex
-from engine.atlas.lookup import lookup, text_search
+from engine.atlas.lookup import _indexed_search, lookup, text_search
 from engine.store.schema import ConceptRow
 from engine.store.store import AtlasSource
 
@@ -28,6 +31,13 @@ def _random_atlas(store, name: str, n: int, seed: int) -> None:
     descriptions = [text(1, 7) if rng.random() < 0.8 else None for _ in range(n)]
     store.add_atlas(name, rng.normal(size=(n, 4)).astype(np.float32), labels, descriptions,
                     source=AtlasSource(model="m", layer=0))
+
+
+@pytest.fixture(autouse=True)
+def sync_builds(monkeypatch):
+    """The index built in the lookup that needs it (the store's size under the threshold): it answers every
+    lookup here; the tests of the background build set the threshold to 0 (`background`)."""
+    monkeypatch.setattr(textindex, "SYNC_BUILD_MAX", 10**9)
 
 
 @pytest.fixture
@@ -117,3 +127,159 @@ def test_phrase_words_and_lookup_hits_match_fts5(random_store):
     for q in ("sea_cat", "rain cats", "storm"):  # a word of two tokens is a phrase: FTS5 answers it
         assert lookup(random_store, q, k=10, semantic=False) == lookup(random_store, q, k=10, semantic=False,
                                                                         indexed=False)
+
+
+# ---------------------------------------------------------------- the rebuild after a write, in the background
+
+
+@pytest.fixture
+def background(monkeypatch, random_store):
+    """Every build in the background (as a large store's), and a gate that holds each one after it read its
+    snapshot until the test opens it (the real build, only delayed); the threads are waited for after."""
+    monkeypatch.setattr(textindex, "SYNC_BUILD_MAX", 0)
+    real, gate = textindex.build_index, threading.Event()
+    gate.set()
+    gate.snapshots = []  # the key each build read, as it reads it
+
+    def held(db):
+        ix = real(db)
+        gate.snapshots.append(ix.key)
+        assert gate.wait(30), "the test never opened the gate"
+        return ix
+
+    monkeypatch.setattr(textindex, "build_index", held)
+    yield gate
+    gate.set()
+    assert textindex.wait(random_store, 60)
+
+
+def _relabel(store, ordinal: int, label: str) -> None:
+    """A label edit of concept ``a/<ordinal>``: one write, which changes FTS5's records."""
+    (cid,), = store.read("SELECT c.id FROM concepts c JOIN atlases a ON a.id = c.atlas_id "
+                         "WHERE a.name = 'a' AND c.ordinal = :o", {"o": ordinal})
+    with store.session() as s:
+        s.execute(update(ConceptRow).where(ConceptRow.id == cid).values(label=label))
+
+
+def _fast(store, q: str, k: int = 10, atlas: str | None = None):
+    """The index's answer (None: no index at the store's state, FTS5 answers)."""
+    return _indexed_search(store, [textindex.fts_terms(w)[0] for w in q.split()], k, atlas)
+
+
+def test_first_lookup_after_a_write_is_answered_by_fts5_then_by_the_rebuilt_index(random_store, background):
+    assert text_search(random_store, "rain", 5) == text_search(random_store, "rain", 5, indexed=False)
+    assert textindex.wait(random_store, 30) and _fast(random_store, "rain") is not None  # the first build
+    before = textindex.build_state(random_store)["builds"]
+    background.clear()
+    _relabel(random_store, 17, "zebra crossing")
+    found = text_search(random_store, "zebra", 5)  # at once, from FTS5: the build is held
+    assert found == [("a", 17)] and found == text_search(random_store, "zebra", 5, indexed=False)
+    state = textindex.build_state(random_store)
+    assert state["building"] and not state["built"]  # the stale index was dropped, never served
+    assert _fast(random_store, "zebra") is None
+    for q in QUERIES:
+        assert text_search(random_store, q, 20) == text_search(random_store, q, 20, indexed=False), q
+    background.set()
+    assert textindex.wait(random_store, 30)
+    assert textindex.build_state(random_store)["builds"] == before + 1
+    assert _fast(random_store, "zebra", 5) == found
+    for q in ("zebra", "rain storm", "cats", "moon sea tree"):
+        for atlas in (None, "a", "b"):
+            assert _fast(random_store, q, 20, atlas) == text_search(random_store, q, 20, atlas, indexed=False), q
+
+
+def test_a_write_during_a_rebuild_is_never_served_stale_and_builds_again(random_store, background):
+    textindex.current_index(random_store)
+    background.clear()
+    _relabel(random_store, 17, "zebra")
+    assert text_search(random_store, "zebra", 5) == [("a", 17)]  # starts a build
+    while len(background.snapshots) < 2:  # it read its snapshot ("zebra" at 17) and is held
+        threading.Event().wait(0.005)
+    _relabel(random_store, 17, "rain")
+    _relabel(random_store, 23, "zebra")  # now only 23 has it
+    assert text_search(random_store, "zebra", 5) == [("a", 23)]  # the build held: FTS5
+    background.set()  # the stale index lands, the thread sees the writes since and builds again
+    assert textindex.wait(random_store, 30)
+    assert len(background.snapshots) == 3 and background.snapshots[1] != background.snapshots[2]
+    assert _fast(random_store, "zebra", 5) == [("a", 23)]
+    assert _fast(random_store, "rain", 50) == text_search(random_store, "rain", 50, indexed=False)
+
+
+def test_an_index_older_than_the_rows_is_never_served(random_store, background):
+    ix = textindex.current_index(random_store)
+    _relabel(random_store, 23, "zebra")  # no lookup: the index stays as it was
+    assert textindex.latest(random_store) is ix
+    key, hits = textindex.hit_rows(random_store, ix, ix.search(["zebra"], 5), None)
+    assert hits is None and key != ix.key
+    assert text_search(random_store, "zebra", 5) == [("a", 23)]  # FTS5, and a build asked for
+    assert textindex.latest(random_store) is not ix
+    assert textindex.wait(random_store, 30) and _fast(random_store, "zebra", 5) == [("a", 23)]
+
+
+def test_lookups_in_threads_during_a_rebuild_are_correct(random_store, background):
+    textindex.current_index(random_store)
+    _relabel(random_store, 5, "zebra storm")
+    queries = QUERIES + ["zebra", "zebra storm"]
+    want = {(q, atlas): text_search(random_store, q, 20, atlas, indexed=False)
+            for q in queries for atlas in (None, "a")}
+    background.clear()
+    errors: list[str] = []
+
+    def lookups() -> None:
+        for _ in range(3):
+            for (q, atlas), hits in want.items():
+                got = text_search(random_store, q, 20, atlas)
+                if got != hits:
+                    errors.append(f"{q!r} {atlas}: {got} != {hits}")
+
+    threads = [threading.Thread(target=lookups) for _ in range(4)]
+    for t in threads:
+        t.start()
+    threading.Event().wait(0.05)
+    background.set()  # the build lands while they run
+    for t in threads:
+        t.join(60)
+    assert not errors, errors[:3]
+    assert textindex.wait(random_store, 30)
+    assert all(_fast(random_store, q, 20, atlas) == hits for (q, atlas), hits in want.items())
+
+
+def test_a_failing_rebuild_leaves_fts5_answering(random_store, background, monkeypatch, caplog):
+    textindex.current_index(random_store)
+    real = textindex.build_index
+    calls = []
+
+    def broken(db):
+        calls.append(db)
+        raise MemoryError("injected")
+
+    monkeypatch.setattr(textindex, "build_index", broken)
+    _relabel(random_store, 17, "zebra")
+    for _ in range(2):  # the failed state is not built again until the next write
+        assert text_search(random_store, "zebra", 5) == [("a", 17)]
+        assert textindex.wait(random_store, 30)
+    state = textindex.build_state(random_store)
+    assert len(calls) == 1 and state["error"] == "MemoryError: injected" and not state["built"]
+    assert "could not be built" in caplog.text
+    assert all(text_search(random_store, q, 20) == text_search(random_store, q, 20, indexed=False) for q in QUERIES)
+    monkeypatch.setattr(textindex, "build_index", real)
+    _relabel(random_store, 17, "zebra crossing")
+    text_search(random_store, "zebra", 5)
+    assert textindex.wait(random_store, 30)
+    assert textindex.build_state(random_store)["error"] is None
+    assert _fast(random_store, "zebra crossing", 5) == text_search(random_store, "zebra crossing", 5, indexed=False)
+
+
+def test_a_fast_lookup_reads_the_store_once(random_store, monkeypatch):
+    textindex.current_index(random_store)
+    statements = []
+    read = type(random_store).read
+    monkeypatch.setattr(type(random_store), "read", lambda self, sql, params=None: statements.append(sql)
+                        or read(self, sql, params))
+    for atlas in (None, "a"):
+        statements.clear()
+        assert text_search(random_store, "rain storm", 10, atlas)
+        assert len(statements) == 1, statements
+    statements.clear()
+    hits = lookup(random_store, "rain storm", k=10, semantic=False)  # the ranking, then the hits' concepts
+    assert {h.atlas for h in hits} == {"a", "b"} and len(statements) == 2, statements

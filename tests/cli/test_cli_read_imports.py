@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from engine.atlas.lookup import lookup
+from engine.errors import NotFoundError
 from engine.store.reader import open_reader
 from engine.store.store import AtlasSource
 
@@ -139,6 +140,11 @@ def test_the_reader_answers_as_the_store(store):
         assert reader.atlas("other") == store.atlas("other") and reader.atlas("other").n_labelled == 3
         assert reader.concepts("at", [5, 1, 30]) == store.concepts("at", [5, 1, 30])
         assert reader.concepts("other") == store.concepts("other")
+        refs = [("at", 5), ("other", 2), ("at", 1)]  # several atlases in one read
+        assert reader.concepts_at(refs) == store.concepts_at(refs) == {
+            (c.atlas, c.ordinal): c for c in store.concepts("at", [5, 1]) + store.concepts("other", [2])}
+        with pytest.raises(NotFoundError, match="at/99"):
+            reader.concepts_at([("at", 1), ("at", 99)])
         assert reader.neighbors("at/4", k=6) == store.neighbors("at/4", k=6)
         assert lookup(reader, "storm", k=5) == lookup(store, "storm", k=5)
 
