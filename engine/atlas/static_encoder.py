@@ -193,10 +193,13 @@ def _read_table(path: Path, key: str | None = None) -> tuple[np.ndarray, dict[st
 
 @dataclasses.dataclass(frozen=True)
 class StaticEncoder:
-    """Embeds texts as the unit-length mean of their tokens' rows (no special tokens)."""
+    """Embeds texts as the unit-length mean of their tokens' rows (no special tokens), leaving out the
+    tokens ``skip`` marks (function words: alone they carry no concept, but their rows are as long as
+    any, so "the" would otherwise match a label as well as a paraphrase does)."""
 
     table: np.ndarray  # (V, dim) float16
     tokenizer: object  # tokenizers.Tokenizer
+    skip: np.ndarray  # (V,) bool
 
     @property
     def dim(self) -> int:
@@ -204,18 +207,23 @@ class StaticEncoder:
 
     def encode(self, texts: list[str]) -> np.ndarray:
         encodings = self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)  # type: ignore[attr-defined]
+        kept = [[i for i in e.ids if not self.skip[i]] for e in encodings]
+        lengths = np.array([len(k) for k in kept], dtype=np.int64)
+        ids = np.fromiter((i for k in kept for i in k), dtype=np.int64, count=int(lengths.sum()))
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for i, e in enumerate(encodings):
-            if e.ids:
-                out[i] = self.table[e.ids].astype(np.float32).mean(axis=0)
+        has = lengths > 0  # a text of no token (blank) stays zero: it matches nothing
+        if has.any():
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])[has]
+            out[has] = np.add.reduceat(self.table[ids].astype(np.float32), starts, axis=0) / lengths[has, None]
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         return out / np.where(norms > 0, norms, 1.0)
 
 
 @functools.lru_cache(maxsize=4)
-def load_static_encoder(path: Path, sha256: str) -> StaticEncoder:
-    """The encoder of the table at ``path``, checked against the ``sha256`` its label index recorded
-    (cached per process: a lookup pays the file's read and checksum once)."""
+def load_static_encoder(path: Path, sha256: str, skip_words: frozenset[str] = frozenset()) -> StaticEncoder:
+    """The encoder of the table at ``path``, checked against the ``sha256`` its label index recorded,
+    leaving out the tokens of ``skip_words`` (cached per process: a lookup pays the file's read and
+    checksum once)."""
     from tokenizers import Tokenizer
 
     data = path.read_bytes() if path.is_file() else b""
@@ -227,4 +235,10 @@ def load_static_encoder(path: Path, sha256: str) -> StaticEncoder:
     if sha256_file(tokenizer_file) != meta.get("tokenizer_sha256"):
         raise IndexIntegrityError(f"the static encoder table {path.name} was distilled with another tokenizer "
                                   "than the installed model's")
-    return StaticEncoder(table, Tokenizer.from_file(str(tokenizer_file)))
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    skip = np.zeros(len(table), dtype=bool)
+    for word in skip_words:
+        token = tokenizer.token_to_id(word)
+        if token is not None and token < len(skip):
+            skip[token] = True
+    return StaticEncoder(table, tokenizer, skip)
