@@ -191,7 +191,7 @@ def _read_table(path: Path, key: str | None = None) -> tuple[np.ndarray, dict[st
     return table, meta
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class StaticEncoder:
     """Embeds texts as the unit-length mean of their tokens' rows (no special tokens), leaving out the
     tokens ``skip`` marks (function words: alone they carry no concept, but their rows are as long as
@@ -207,16 +207,25 @@ class StaticEncoder:
 
     def encode(self, texts: list[str]) -> np.ndarray:
         encodings = self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)  # type: ignore[attr-defined]
-        kept = [[i for i in e.ids if not self.skip[i]] for e in encodings]
-        lengths = np.array([len(k) for k in kept], dtype=np.int64)
-        ids = np.fromiter((i for k in kept for i in k), dtype=np.int64, count=int(lengths.sum()))
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        has = lengths > 0  # a text of no token (blank) stays zero: it matches nothing
-        if has.any():
-            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])[has]
-            out[has] = np.add.reduceat(self.table[ids].astype(np.float32), starts, axis=0) / lengths[has, None]
-        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        if len(texts) == 1:  # a query: a gather of a few rows
+            ids = np.array([i for i in encodings[0].ids if not self.skip[i]], dtype=np.int64)
+            out = self.table[ids].sum(axis=0, dtype=np.float32)[None] if len(ids) else np.zeros((1, self.dim),
+                                                                                               np.float32)
+        else:  # labels: a (texts × tokens) count matrix times the table, never a gather of every token's row
+            from scipy.sparse import csr_matrix
+
+            lengths = np.array([len(e.ids) for e in encodings], dtype=np.int64)
+            ids = np.fromiter((i for e in encodings for i in e.ids), dtype=np.int64, count=int(lengths.sum()))
+            weights = (~self.skip[ids]).astype(np.float32)  # a left-out token counts 0
+            counts = csr_matrix((weights, ids, np.concatenate([[0], np.cumsum(lengths)])),
+                                shape=(len(texts), len(self.table)))
+            out = np.asarray(counts @ self.table32, dtype=np.float32)
+        norms = np.linalg.norm(out, axis=1, keepdims=True)  # a text of no token (blank) stays zero: matches nothing
         return out / np.where(norms > 0, norms, 1.0)
+
+    @functools.cached_property
+    def table32(self) -> np.ndarray:
+        return self.table.astype(np.float32)
 
 
 @functools.lru_cache(maxsize=4)
