@@ -125,10 +125,10 @@ def distil(quiet: bool = True) -> tuple[np.ndarray, dict[str, str]]:
     keep = np.zeros(max(vocab.values()) + 1, dtype=bool)
     for token, i in vocab.items():  # special and [unusedN] tokens: never produced by text
         keep[i] = not (token.startswith("[") and token.endswith("]"))
-    raw = token_outputs(np.arange(len(keep)), quiet=quiet)
+    table = finish_table(token_outputs(np.arange(len(keep)), quiet=quiet), keep)
     meta = {"key": static_table_key(), "model": MODEL_NAME, "recipe": json.dumps(RECIPE, sort_keys=True),
-            "tokenizer_sha256": sha256_file(folder / "tokenizer.json")}
-    return finish_table(raw, keep), meta
+            "tokenizer_sha256": sha256_file(folder / "tokenizer.json"), "table_sha256": sha256_bytes(table.tobytes())}
+    return table, meta
 
 
 def machine_cache_dir() -> Path:
@@ -174,7 +174,8 @@ def ensure_static_table(models_dir: Path, quiet: bool = True) -> tuple[Path, str
 
 
 def _read_table(path: Path, key: str | None = None) -> tuple[np.ndarray, dict[str, str]]:
-    """The table and its metadata; with ``key``, refused unless it was distilled for that key."""
+    """The table and its metadata; with ``key``, refused unless it was distilled for that key and its
+    numbers are those it was written with (``table_sha256``)."""
     from safetensors import safe_open
 
     if not path.is_file():
@@ -188,6 +189,8 @@ def _read_table(path: Path, key: str | None = None) -> tuple[np.ndarray, dict[st
     if (key is not None and meta.get("key") != key) or table.ndim != 2:
         raise IndexIntegrityError(f"the static encoder table {path} was distilled from another model, tokenizer "
                                   "or recipe")
+    if key is not None and sha256_bytes(table.tobytes()) != meta.get("table_sha256"):
+        raise IndexIntegrityError(f"the static encoder table {path} is corrupt (its numbers changed)")
     return table, meta
 
 
@@ -228,11 +231,20 @@ class StaticEncoder:
         return self.table.astype(np.float32)
 
 
-@functools.lru_cache(maxsize=4)
 def load_static_encoder(path: Path, sha256: str, skip_words: frozenset[str] = frozenset()) -> StaticEncoder:
     """The encoder of the table at ``path``, checked against the ``sha256`` its label index recorded,
-    leaving out the tokens of ``skip_words`` (cached per process: a lookup pays the file's read and
-    checksum once)."""
+    leaving out the tokens of ``skip_words``. Kept per process and file version (size, modification
+    time): a lookup pays the file's read and checksum once, and again only when the file changed."""
+    try:
+        st = path.stat()
+    except OSError:
+        raise IndexIntegrityError(f"the static encoder table {path.name} is missing") from None
+    return _load_static_encoder(path, sha256, skip_words, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_static_encoder(path: Path, sha256: str, skip_words: frozenset[str], size: int, mtime_ns: int
+                         ) -> StaticEncoder:
     from tokenizers import Tokenizer
 
     data = path.read_bytes() if path.is_file() else b""
