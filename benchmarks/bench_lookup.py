@@ -51,6 +51,7 @@ import numpy as np
 from engine.atlas import textindex
 from engine.atlas.lookup import ENCODERS, build_label_index, lookup
 from engine.store.store import AtlasSource, Store
+from indexes.policy import choose_label_index_spec
 
 TARGET_P95_MS, TARGET_MAX_MS = 5.0, 20.0  # issue 26, at 1M concepts in a warm process
 
@@ -155,7 +156,8 @@ def run(backend: str, db_url: str | None, args, labels, descriptions, queries) -
         print(f"the same hits as FTS5's ranking for {same} of {len(queries)} queries", flush=True)
         for encoder in args.encoders if args.semantic else []:
             meta = store.atlas_record("big").extra.get("label_index") or {}
-            if meta.get("encoder", "sentence") != encoder or not meta:
+            spec = choose_label_index_spec(store.atlas_record("big").n_concepts)
+            if not meta or meta.get("encoder", "sentence") != encoder or meta["spec"].split("|")[0] != spec:
                 t0, c0 = time.perf_counter(), time.process_time()
                 build_label_index(store, "big", quiet=True, encoder=encoder)
                 meta = store.atlas_record("big").extra["label_index"]

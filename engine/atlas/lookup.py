@@ -33,7 +33,7 @@ from engine.extras import install_message
 from engine.store import layout
 from engine.store.reads import StoreReads
 from engine.store.records import json_value
-from engine.util import check_k, sha256_bytes, sha256_file, write_store_file
+from engine.util import check_k, sha256_bytes, write_store_file
 
 if TYPE_CHECKING:
     from engine.store.store import Store
@@ -288,7 +288,8 @@ def build_label_index(store: Store, atlas: str, quiet: bool = False, encoder: st
     """Embed every labelled concept's label + description with ``encoder`` (`ENCODERS`) into the atlas's
     label-embedding index, whose spec the policy gives that many labels
     (`indexes.policy.choose_label_index_spec`: Flat, or IVF-Flat with nprobe chosen for recall@10
-    >= 0.95 on held-out queries, each label alone, against exact search: `choose_nprobe`).
+    >= 0.95 on held-out queries, each label alone, against exact search: `choose_nprobe`; its lists
+    in float16).
 
     The encoder is recorded with the index (and the static encoder's table, its file and sha256), so
     queries are embedded as the labels were. The index is written under a file name this call owns
@@ -385,10 +386,13 @@ def _label_index(store: StoreReads, atlas: str) -> indexes.VectorIndex:
 @functools.lru_cache(maxsize=16)
 def _open_label_index(path: Path, sha256: str, spec: str | None, size: int, mtime_ns: int) -> indexes.VectorIndex:
     """`_label_index`'s cache, keyed by the file's size and modification time as well (a file
-    replaced in place is read and checked again)."""
-    if sha256_file(path) != sha256:
+    replaced in place is read and checked again). Read into memory, not mapped: the checksum reads
+    every byte anyway, and a mapped index pays a page fault per page on a list's first search (at 1M
+    labels the first queries' worst cases were 100-300 ms)."""
+    data = path.read_bytes()
+    if sha256_bytes(data) != sha256:
         raise IndexIntegrityError(str(path))
-    return indexes.open_index(path, spec)
+    return indexes.load_index(data, spec)
 
 
 @contextlib.contextmanager
