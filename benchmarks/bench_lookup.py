@@ -324,9 +324,11 @@ def timed_over_http(root: Path, queries: list[str]) -> tuple[np.ndarray, float, 
 
 
 def semantic_bound(n: int, queries: list[str]) -> None:
-    """What bounds a fused lookup without embedding ``n`` labels: one query's embedding (warm model, one
-    thread) and one search of a label index (HNSW, the policy's above 200,000 labels, and Flat), over
-    ``n`` random unit vectors of the model's width (for HNSW a harder case than real labels, which cluster)."""
+    """What bounds a fused lookup without embedding ``n`` labels: one query's embedding (the sentence
+    model warm on one thread, and the static encoder) and one search of a label index (HNSW, the
+    label policy's before the static encoder, and Flat), over ``n`` random unit vectors of the
+    model's width (for HNSW a harder case than real labels, which cluster). ``--semantic`` times the
+    whole fused lookup with the label index the policy gives now."""
     import torch
 
     import indexes
@@ -344,7 +346,7 @@ def semantic_bound(n: int, queries: list[str]) -> None:
     qv = embed_texts(queries, quiet=True)
     rng = np.random.default_rng(2)
     by_query = dict(zip(queries, qv))
-    for spec in (ANN_SPEC, "Flat"):  # the policy's above 200,000 labels, and up to it
+    for spec in (ANN_SPEC, "Flat"):  # the label policy's above 200,000 labels before the static encoder, and Flat
         x = rng.normal(size=(n, qv.shape[1])).astype(np.float32)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         index = indexes.create_index(qv.shape[1], spec)
