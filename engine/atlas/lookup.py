@@ -21,7 +21,6 @@ import dataclasses
 import functools
 import re
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -424,30 +423,19 @@ def semantic_search(store: StoreReads, query: str, k: int, atlas: str | None = N
     """Embedding ranking over atlases that have a label index: [(atlas, ordinal, cosine)] best first, only
     those at the encoder's floor (`MIN_COSINE`) or more and within `SEMANTIC_MARGIN` of its best (a
     query near no label finds nothing). The query is embedded by each index's own encoder."""
-    return _semantic_rank(store.path, _label_indexes(store, atlas), query, k)
-
-
-def _label_indexes(store: StoreReads, atlas: str | None) -> list[tuple[str, dict[str, Any], indexes.VectorIndex]]:
-    """The atlases with a label index, their records and indexes: what `_semantic_rank` needs from the
-    store (read on the calling thread: a store's connection stays on its thread)."""
     sql = "SELECT name, extra FROM atlases" + (" WHERE name = :atlas" if atlas else "")
     metas = {name: meta for name, extra in store.read(sql, {"atlas": atlas})
              if (meta := json_value(extra).get("label_index"))}
     if not metas or not semantic_available():  # nothing embedded: never load the model
         return []
-    return [(name, meta, _label_index(store, name)) for name, meta in metas.items()]
-
-
-def _semantic_rank(root: Path, labelled: list[tuple[str, dict[str, Any], indexes.VectorIndex]], query: str,
-                   k: int) -> list[tuple[str, int, float]]:
-    """`semantic_search`'s ranking over `_label_indexes`: no store access, so it may run on another thread."""
     found: dict[str, list[tuple[float, str, int]]] = {}
-    for name, meta, index in labelled:
+    for name, meta in metas.items():
         kind = meta.get("encoder", SENTENCE)
         try:
-            qvec = _query_vector(root, kind, meta.get("encoder_file"), meta.get("encoder_sha256"), query)
+            qvec = _query_vector(store.path, kind, meta.get("encoder_file"), meta.get("encoder_sha256"), query)
         except IndexIntegrityError as e:
             raise IndexIntegrityError(f"atlas {name!r}: {e}; `atlas index embed {name}` embeds its labels again") from None
+        index = _label_index(store, name)
         with _one_search_thread():
             scores, ids = index.search(qvec, min(k, max(index.count(), 1)))  # never more columns than it holds
         found.setdefault(kind, []).extend((float(sc), name, int(i)) for sc, i in zip(scores[0], ids[0]) if i >= 0)
@@ -457,14 +445,6 @@ def _semantic_rank(root: Path, labelled: list[tuple[str, dict[str, Any], indexes
         kept += [h for h in hits if h[0] >= floor]
     kept.sort(key=lambda t: -t[0])
     return [(name, i, sc) for sc, name, i in kept[:k]]
-
-
-@functools.cache
-def _semantic_pool() -> ThreadPoolExecutor:
-    """The threads that rank by meaning while the calling thread ranks the full text (`lookup`)."""
-    from indexes.exact import workers
-
-    return ThreadPoolExecutor(max_workers=workers(), thread_name_prefix="atlas-semantic")
 
 
 def lookup(store: StoreReads, query: str, k: int = 10, atlas: str | None = None, semantic: bool | None = None,
@@ -483,11 +463,8 @@ def lookup(store: StoreReads, query: str, k: int = 10, atlas: str | None = None,
     if atlas is not None:
         store.atlas_record(atlas)  # raises a clear error for an unknown atlas
     depth = max(k * 5, 50)
-    labelled = _label_indexes(store, atlas) if semantic is not False else []
-    # the two rankings at once, on two cores: the wall time of the larger, not of both
-    pending = _semantic_pool().submit(_semantic_rank, store.path, labelled, query, depth) if labelled else None
     text_ranked = text_search(store, query, depth, atlas, indexed)
-    sem_found = pending.result() if pending is not None else []
+    sem_found = semantic_search(store, query, depth, atlas) if semantic is not False else []
     sem_ranked = [(name, i) for name, i, _ in sem_found]
     cosine = {(name, i): sc for name, i, sc in sem_found}
     if semantic and not semantic_available():
