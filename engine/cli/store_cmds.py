@@ -515,11 +515,15 @@ def index_rebuild(atlas: str, spec: str | None, index_uri: str | None, store_dir
 
 @index.command("embed")
 @click.argument("atlas")
+@click.option("--encoder", type=click.Choice(["static", "sentence"]), default="static", show_default=True,
+              help="static: a table of token vectors distilled from all-MiniLM-L6-v2 (a query embeds in "
+                   "microseconds; distilled once, ~1 min, kept in the store's models/ folder); sentence: the "
+                   "model itself (~20 ms of CPU per query). Lookups embed queries with the encoder recorded here.")
 @store_options
 @quiet_option
-def index_embed(atlas: str, store_dir: Path, db_url: str | None) -> None:
+def index_embed(atlas: str, encoder: str, store_dir: Path, db_url: str | None) -> None:
     """Embed ATLAS's labels for semantic lookup (needs the `semantic` extra)."""
     from engine.atlas.lookup import build_label_index
 
-    n = build_label_index(open_store(store_dir, db_url), atlas)
-    click.echo(f"embedded {n} labels of {atlas}")
+    n = build_label_index(open_store(store_dir, db_url), atlas, encoder=encoder)
+    click.echo(f"embedded {n} labels of {atlas} ({encoder} encoder)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.atlas.lookup import SEMANTIC_MIN_COSINE, build_label_index, lookup, semantic_available
+from engine.atlas.lookup import ENCODERS, MIN_COSINE, build_label_index, lookup, semantic_available
 from engine.errors import BadValueError
 from engine.store.store import AtlasSource
 
@@ -54,8 +54,9 @@ def test_lookup_is_updated_when_atlases_change(labelled):
 
 
 @pytest.mark.skipif(not semantic_available(), reason="the `semantic` extra is not installed")
-def test_semantic_lookup_finds_paraphrase(labelled):
-    assert build_label_index(labelled, "t", quiet=True) == len(LABELS)
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_semantic_lookup_finds_paraphrase(labelled, encoder):
+    assert build_label_index(labelled, "t", quiet=True, encoder=encoder) == len(LABELS)
     hits = lookup(labelled, "a feline pet", k=3)
     assert hits[0].label == "cats" and hits[0].semantic_rank == 1 and hits[0].text_rank is None
     both = lookup(labelled, "rain", k=3)
@@ -63,12 +64,13 @@ def test_semantic_lookup_finds_paraphrase(labelled):
 
 
 @pytest.mark.skipif(not semantic_available(), reason="the `semantic` extra is not installed")
-def test_semantic_lookup_can_find_nothing_and_says_how_each_hit_matched(labelled):
-    build_label_index(labelled, "t", quiet=True)
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_semantic_lookup_can_find_nothing_and_says_how_each_hit_matched(labelled, encoder):
+    build_label_index(labelled, "t", quiet=True, encoder=encoder)
     assert lookup(labelled, "zzzqqq") == [] and lookup(labelled, "quantum chromodynamics") == []
     weather = lookup(labelled, "weather", k=6)
     assert {h.label for h in weather} <= {"weather and rain", "rain gear"} and weather[0].label == "weather and rain"
-    assert all(h.similarity is None or h.similarity >= SEMANTIC_MIN_COSINE for h in weather)
+    assert all(h.similarity is None or h.similarity >= MIN_COSINE[encoder] for h in weather)
     assert "word in the label" in weather[0].match and "meaning" in weather[0].match
     cat = lookup(labelled, "a feline pet", k=3)[0]
     assert cat.text_rank is None and cat.match.endswith("in meaning")

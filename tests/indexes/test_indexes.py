@@ -205,3 +205,33 @@ def test_a_spec_beyond_the_machines_memory_is_refused_before_any_build(store):
     with pytest.raises(BadValueError, match=r"HNSW99999.*needs about [\d.]+ GiB of memory"):
         store.add_atlas("big", x, source=AtlasSource(model="m", layer=0), index=IndexPlacement(spec="HNSW99999"))
     assert store.atlases() == []
+
+
+def test_the_label_index_policy_and_its_nprobe_choice():
+    """Flat up to 20,000 labels, IVF (float16 lists) above with enough vectors per list to train; the
+    chosen nprobe is the smallest whose search finds the target share of the exact top 10."""
+    from indexes.exact import topk_inner_product
+    from indexes.policy import LABEL_FLAT_MAX, choose_label_index_spec, choose_nprobe
+
+    assert choose_label_index_spec(LABEL_FLAT_MAX) == "Flat"
+    assert choose_label_index_spec(LABEL_FLAT_MAX + 1) == "IVF512,SQfp16"
+    assert choose_label_index_spec(1_000_000) == "IVF4096,SQfp16"
+    for n in (20_001, 35_000, 39_935, 100_000, 3_000_000):
+        n_lists = int(choose_label_index_spec(n).split(",")[0][3:])
+        assert 39 * n_lists <= n and n_lists & (n_lists - 1) == 0, n
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4000, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q = x[:100] + 0.1 * rng.normal(size=(100, 16)).astype(np.float32)
+    index = indexes.create_index(16, "IVF64,Flat")
+    index.train(x)
+    index.add(x, np.arange(len(x), dtype=np.int64))
+    data = index.to_bytes()
+    _, exact = topk_inner_product(q, x, 10)
+    nprobe, recall = choose_nprobe(lambda n: indexes.load_index(data, f"IVF64,Flat|nprobe={n}"), q, exact,
+                                   target=0.9, candidates=(1, 2, 4, 8, 16, 64))
+    below = choose_nprobe(lambda n: indexes.load_index(data, f"IVF64,Flat|nprobe={n}"), q, exact, target=0.9,
+                          candidates=(nprobe // 2,))[1] if nprobe > 1 else 0.0
+    assert recall >= 0.9 > below and 1 < nprobe < 64
+    assert choose_nprobe(lambda n: indexes.load_index(data, f"IVF64,Flat|nprobe={n}"), q, exact,
+                         candidates=(64,)) == (64, 1.0)  # every list: exact
