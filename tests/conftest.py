@@ -27,8 +27,13 @@ BACKENDS = ("sqlite", "postgresql")
 
 
 def pytest_configure(config):
-    """Under pytest-xdist, each worker's torch gets its share of the CPUs (``-n auto``: one each), so
-    two workers on two cores do not each start a thread per core and fight over them."""
+    """The static encoder's machine cache under ``$ATLAS_TEST_CACHE``; under pytest-xdist, each
+    worker's torch gets its share of the CPUs (``-n auto``: one each), so two workers on two cores do
+    not each start a thread per core and fight over them."""
+    # The static encoder's table is distilled once per machine (engine.atlas.static_encoder): with
+    # ATLAS_TEST_CACHE, the suite keeps it there rather than in the user's cache.
+    if os.environ.get("ATLAS_TEST_CACHE") and not os.environ.get("ATLAS_CACHE_DIR"):
+        os.environ["ATLAS_CACHE_DIR"] = str(Path(os.environ["ATLAS_TEST_CACHE"]) / "machine-cache")
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
     if workers > 1:
         import torch

@@ -21,10 +21,12 @@ model's weights, its tokenizer and this recipe (`static_table_key`), written ato
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -146,11 +148,33 @@ def ensure_static_table(models_dir: Path, quiet: bool = True) -> tuple[Path, str
     from the machine's cache (`machine_cache_dir`) if that one is, else distilled (`distil`) and
     written to both (the machine's copy best effort). A corrupt file or one of another key is
     replaced; files are written atomically."""
-    from safetensors.numpy import save
-
     key = static_table_key()
     path = static_table_file(models_dir)
     shared = machine_cache_dir() / path.name
+    with _distil_lock(shared):  # processes that need the table at once distil it once
+        return _ensure_static_table(models_dir, path, shared, key, quiet)
+
+
+@contextlib.contextmanager
+def _distil_lock(shared: Path) -> Iterator[None]:
+    """An exclusive lock beside the machine's copy, held while the table is looked for and distilled;
+    best effort: without a writable cache folder (or fcntl) each process distils on its own."""
+    try:
+        import fcntl
+
+        shared.parent.mkdir(parents=True, exist_ok=True)
+        f = open(shared.with_suffix(".lock"), "a")
+    except (ImportError, OSError):
+        yield
+        return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _ensure_static_table(models_dir: Path, path: Path, shared: Path, key: str, quiet: bool) -> tuple[Path, str]:
+    from safetensors.numpy import save
+
     for source in (path, shared):
         try:
             _read_table(source, key)
