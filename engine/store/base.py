@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import create_engine, delete, event, text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -63,6 +63,28 @@ def _sqlite_connect(readonly: bool):
         cur.close()
 
     return on_connect
+
+
+# SQLite's page cache while a batch of label rows is written (KiB): feature_labels' concept_id index
+# takes rows in random order, and with the default 2 MiB every insert past a few million rows reads
+# its index pages back; 256 MiB keeps that index's pages in memory for the batch (10M rows into a
+# 1M-concept store in 31 batches: 169 s -> 102 s, `benchmarks/bench_row_writes.py`; 1 GiB no better).
+BULK_CACHE_KIB = 256 * 1024
+
+
+@contextlib.contextmanager
+def bulk_page_cache(conn: Connection) -> Iterator[None]:
+    """A larger SQLite page cache on ``conn`` for one bulk write, the connection's own size after it
+    (so a pooled connection does not keep the memory); a no-op on other databases."""
+    if conn.dialect.name != "sqlite":
+        yield
+        return
+    before = int(conn.exec_driver_sql("PRAGMA cache_size").scalar_one())
+    conn.exec_driver_sql(f"PRAGMA cache_size=-{BULK_CACHE_KIB}")
+    try:
+        yield
+    finally:
+        conn.exec_driver_sql(f"PRAGMA cache_size={before}")
 
 
 def _sqlite_begin(readonly: bool):

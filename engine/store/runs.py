@@ -39,7 +39,7 @@ from sqlalchemy.orm import aliased
 from engine.errors import AtlasError, BadValueError, DuplicateError, NotFoundError, SourceChangedError
 from engine.store import layout
 from engine.store.atlases import index_identity
-from engine.store.base import StoreBase
+from engine.store.base import StoreBase, bulk_page_cache
 from engine.store.passes import ResumablePass, worker_status
 from engine.store.schema import AlignmentMapRow, AtlasRow, ConceptRow, FeatureLabelRow, LabelRunRow
 from engine.util import check_name, sha256_bytes, write_store_file
@@ -347,7 +347,8 @@ class LabelPass(ResumablePass):
         def write(conn: Connection) -> None:
             if rows:
                 try:  # the driver's executemany on plain tuples: 500k rows in seconds, not tens
-                    conn.exec_driver_sql(_insert_sql(conn.dialect.paramstyle), rows)
+                    with bulk_page_cache(conn):
+                        conn.exec_driver_sql(_insert_sql(conn.dialect.paramstyle), rows)
                 except IntegrityError:
                     raise RunConflictError(f"another process wrote this run's features from {lo}; stopped") from None
 

@@ -212,3 +212,18 @@ def test_postgres_writers_queue_on_the_store_lock_and_say_busy(store, monkeypatc
     other.add_model("late", d_model=4)  # the lock went with the transaction
     assert [m.name for m in store.models()] == ["late"]
     other.close()
+
+
+def test_a_bulk_write_has_a_large_page_cache_and_gives_the_connection_its_own_back(tmp_path):
+    from engine.store.base import BULK_CACHE_KIB, bulk_page_cache
+
+    store = Store.init(tmp_path / "s")
+    with store.engine.connect() as conn:
+        conn.exec_driver_sql("PRAGMA cache_size=-1234")
+        with bulk_page_cache(conn):
+            assert conn.exec_driver_sql("PRAGMA cache_size").scalar_one() == -BULK_CACHE_KIB
+        assert conn.exec_driver_sql("PRAGMA cache_size").scalar_one() == -1234
+        with pytest.raises(RuntimeError), bulk_page_cache(conn):
+            raise RuntimeError("a failed write")
+        assert conn.exec_driver_sql("PRAGMA cache_size").scalar_one() == -1234
+    store.close()
