@@ -1,7 +1,7 @@
 """Writers at once, in real processes: every one succeeds, or fails with a one-line message.
 
-N >= 4 concurrent writers of each kind start at the same instant (a shared start time, after
-their imports): imports with a new model name, imports of one atlas name, imports beside
+N >= 4 concurrent writers of each kind start at the same instant (once every one has
+imported): imports with a new model name, imports of one atlas name, imports beside
 labelling runs, labelling runs on one map. Afterwards every row and file is checked: SQLite's
 integrity check, `Store.verify` (no leftover files), one model row, each run's labels equal to a
 run made alone. The imports run on PostgreSQL too (its write lock: `engine.store.postgres`).
@@ -14,6 +14,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,23 +28,35 @@ REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "ATLAS_QUIET": "1"}
 N = int(os.environ.get("ATLAS_CONCURRENCY_N", "4"))
 DRIVER = (
-    "import sys, time\n"
-    "import engine.labelling.run  # noqa: F401  (torch loaded before the start line, not after)\n"
+    "import os, sys, time\n"
+    "import engine.labelling.run  # noqa: F401  (torch loaded before the start, not after)\n"
     "from engine.cli import cli\n"
-    "time.sleep(max(0.0, float(sys.argv[1]) - time.time()))\n"
-    "cli.main(sys.argv[2:], prog_name='atlas')\n"
+    "open(sys.argv[1], 'w').close()  # imported: ready\n"
+    "while not os.path.exists(sys.argv[2]):  # the start, once every process is ready\n"
+    "    time.sleep(0.002)\n"
+    "cli.main(sys.argv[3:], prog_name='atlas')\n"
 )
 
 
 def _together(commands: list[list[str]], store: Path) -> list[subprocess.CompletedProcess]:
-    """Run CLI commands in separate processes that all start working at the same moment."""
-    start = time.time() + 6.0 + 0.5 * len(commands)  # after every process has imported (2 slow cores)
-    procs = [subprocess.Popen([sys.executable, "-c", DRIVER, str(start), *cmd, "--store", str(store)], env=ENV,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for cmd in commands]
-    out = []
-    for p, cmd in zip(procs, commands):
-        stdout, stderr = p.communicate(timeout=600)
-        out.append(subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr))
+    """Run CLI commands in separate processes that all start working at the same moment: each says
+    it is ready once it has imported, and all start when the last one is (a barrier of files)."""
+    with tempfile.TemporaryDirectory() as barrier:
+        ready = [Path(barrier) / f"ready{i}" for i in range(len(commands))]
+        go = Path(barrier) / "go"
+        procs = [subprocess.Popen([sys.executable, "-c", DRIVER, str(r), str(go), *cmd, "--store", str(store)],
+                                  env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for r, cmd in zip(ready, commands)]
+        deadline = time.monotonic() + 300
+        while not all(r.exists() for r in ready):
+            dead = [p.args for p in procs if p.poll() is not None]
+            assert not dead and time.monotonic() < deadline, f"not ready: {dead or 'timed out'}"
+            time.sleep(0.01)
+        go.touch()
+        out = []
+        for p, cmd in zip(procs, commands):
+            stdout, stderr = p.communicate(timeout=600)
+            out.append(subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr))
     return out
 
 
