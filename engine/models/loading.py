@@ -17,18 +17,17 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from engine.errors import ArchitectureError, BadValueError, NotFoundError
 from engine.models.hooks import resolve_blocks
+from engine.models.kinds import MODEL_KINDS, ModelKind  # noqa: F401 - ModelKind re-exported
 
 if TYPE_CHECKING:  # the store (SQLAlchemy, FAISS) is not needed to load a model, only to type one
     from engine.store.store import Store
 
-ModelKind = Literal["causal", "encoder"]
-MODEL_KINDS: tuple[str, ...] = ("causal", "encoder")
 
 
 # Config attributes that hold the residual width, by family (hidden_size: most; n_embd: GPT-2;

@@ -17,19 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from engine.errors import BadNameError, BadValueError, DuplicateError, NotFoundError
-from engine.models.hooks import resolve_blocks
-from engine.models.loading import (
-    MODEL_KINDS,
-    ModelKind,
-    d_model_of,
-    load_registered,
-    tokenizer_fingerprint,
-)
+from engine.models.kinds import MODEL_KINDS, ModelKind
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch, transformers and the loaders are imported where a model is read or loaded
+    import torch
+
     from engine.store.models import ModelInfo
     from engine.store.store import Store
 
@@ -82,9 +75,6 @@ def inspect_source(source: str | Path, kind: ModelKind = "causal", revision: str
     A source that cannot be read is `NotFoundError`; an architecture whose blocks cannot be found
     is `ArchitectureError` naming ``--layer-module``.
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-
-    from engine.models.loading import quiet_transformers
     from engine.store.models import looks_like_path
 
     if kind not in MODEL_KINDS:
@@ -93,6 +83,16 @@ def inspect_source(source: str | Path, kind: ModelKind = "causal", revision: str
     local = looks_like_path(src)
     if local and not Path(src).expanduser().is_dir():
         raise NotFoundError(f"no model folder at {src!r} (a folder with config.json and tokenizer files, or a hub id)")
+    if not local and _offline_and_not_cached(src, revision):  # known without importing transformers (~2 s)
+        raise NotFoundError(f"cannot read the config and tokenizer of {kind} model hub id (no internet here? pass a "
+                            f"local folder) {src!r}: the hub is offline (HF_HUB_OFFLINE) and it is not in the "
+                            "local hub cache")
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    from engine.models.hooks import resolve_blocks
+    from engine.models.loading import d_model_of, quiet_transformers, tokenizer_fingerprint
+
     path = str(Path(src).expanduser()) if local else src
     try:
         config = AutoConfig.from_pretrained(path, revision=revision, local_files_only=local)
@@ -110,6 +110,22 @@ def inspect_source(source: str | Path, kind: ModelKind = "causal", revision: str
         n_layers=len(resolve_blocks(skeleton, layer_module)), vocab_size=getattr(config, "vocab_size", None),
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), layer_module=layer_module,
     )
+
+
+def _offline_and_not_cached(repo_id: str, revision: str | None) -> bool:
+    """Whether a hub id cannot be read here: the hub is offline (``HF_HUB_OFFLINE`` /
+    ``TRANSFORMERS_OFFLINE``) and the local hub cache has no config.json for it."""
+    import os
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("TRANSFORMERS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if not offline:
+        return False
+    try:
+        return not isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
+    except ValueError:  # not a valid repo id: transformers says what is wrong with it
+        return False
 
 
 def _same_model(info: ModelInfo, card: ModelCard) -> list[str]:
@@ -220,7 +236,7 @@ def resolve_model(
     name_or_path: str,
     *,
     kind: ModelKind | None = None,
-    dtype: torch.dtype | str | None = torch.float32,
+    dtype: torch.dtype | str | None = "float32",
     revision: str | None = None,
     layer_module: str | None = None,
     device: str | torch.device = "cpu",
@@ -231,6 +247,8 @@ def resolve_model(
     name or hub id, from its config and tokenizer files), then every model loads the one way,
     `load_registered`. ``kind=None``: as registered (a new model registers as ``causal``).
     """
+    from engine.models.loading import load_registered
+
     name, _ = ensure_model(store, name_or_path, kind=kind or "causal", revision=revision, layer_module=layer_module)
     model, tok = load_registered(store, name, kind=kind, dtype=dtype, revision=revision, device=device)
     return name, model, tok

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,6 +96,28 @@ def test_ensure_model_takes_a_name_a_folder_or_an_unreachable_hub_id(store, fold
     assert name == "nobody/no-such-model" and "`atlas models add nobody/no-such-model --source" in note
     with pytest.raises(NotFoundError):
         ensure_model(store, "nobody/no-such-model")
+
+
+def test_an_unreadable_hub_id_offline_is_known_without_loading_transformers(tmp_path):
+    """Offline (HF_HUB_OFFLINE) and not in the hub cache, a hub id cannot be read: `import-sae` of a
+    matrix for a new model name says so without importing torch or transformers (~2 s a process)."""
+    import subprocess
+    import sys
+
+    np.save(tmp_path / "x.npy", np.ones((4, 8), np.float32))
+    script = ("import sys; from engine.cli import cli\n"
+              "try: cli.main(sys.argv[1:], prog_name='atlas')\n"
+              "except SystemExit as e: assert not e.code, e.code\n"
+              "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    env = {"HF_HUB_OFFLINE": "1", "ATLAS_QUIET": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    for args in (["init"], ["import-sae", str(tmp_path / "x.npy"), "--model", "nobody/no-such-model", "--layer", "1",
+                                   "--name", "x"]):
+        r = subprocess.run([sys.executable, "-c", script, *args, "--store", str(tmp_path / "st")], env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "[]"
+    assert "is not registered" in r.stderr and "offline (HF_HUB_OFFLINE)" in r.stderr
 
 
 def test_cli_models_add_show_remove_and_import_sae_with_a_folder(store, folders, saelens_folder):
