@@ -415,26 +415,15 @@ def _one_search_thread() -> Iterator[None]:
         set_search_threads(n)
 
 
-@contextlib.contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """One query's embedding by the sentence model on one torch thread: on two threads it took 51 ms
-    at the median and 490 ms at p95 here (10,000 labels, load ~2: the threads' spin-waits), on one
-    20.5 / 27.5 ms. torch's thread count is the process's: restored after."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 @functools.lru_cache(maxsize=QUERY_CACHE)
 def _query_vector(root: Path, encoder: str, table: str | None, table_sha256: str | None, query: str) -> np.ndarray:
     """A query's embedding by an encoder (`_encoder`), kept for repeated queries (read-only)."""
+    from engine.models.activations import torch_threads
+
     meta = {"encoder": encoder, "encoder_file": table, "encoder_sha256": table_sha256}
-    with _one_torch_thread() if encoder == SENTENCE else contextlib.nullcontext():
+    # the sentence model on one torch thread: on two it took 51 ms at the median and 490 ms at p95
+    # here (10,000 labels, load ~2: the threads' spin-waits), on one 20.5 / 27.5 ms
+    with torch_threads(1) if encoder == SENTENCE else contextlib.nullcontext():
         vec = _encoder(root, meta)([query])
     vec.setflags(write=False)
     return vec
