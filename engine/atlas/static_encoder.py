@@ -109,7 +109,8 @@ def finish_table(raw: np.ndarray, keep: np.ndarray) -> np.ndarray:
     _, vecs = np.linalg.eigh(xc[keep].T @ xc[keep])
     axes = vecs[:, ::-1][:, :PCA_DIMS]
     proj = xc @ axes
-    proj *= np.sign(proj[np.argmax(np.abs(proj[keep]), axis=0), np.arange(proj.shape[1])])  # a fixed sign per axis
+    kept = proj[keep]  # a fixed sign per axis: its largest coordinate among kept rows positive (before SIF)
+    proj *= np.sign(kept[np.argmax(np.abs(kept), axis=0), np.arange(kept.shape[1])])
     inv_rank = 1.0 / np.arange(2, len(raw) + 2)
     p = inv_rank / inv_rank.sum()
     table = proj * (SIF_COEFFICIENT / (SIF_COEFFICIENT + p))[:, None]
