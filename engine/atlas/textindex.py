@@ -54,6 +54,7 @@ import numpy as np
 
 from engine.store import layout
 from engine.store.reads import StoreReads
+from engine.store.sqlite_file import BUSY_TIMEOUT_S, readonly_mode
 
 K1, B = 1.2, 0.75  # FTS5's bm25 constants (fts5_aux.c)
 WEIGHTS = {"label": 4.0, "description": 1.0}  # the 4:1 of `lookup._SqliteFullText`
@@ -463,7 +464,9 @@ def _read_key(db: Path) -> Key:
 
 
 def _connect(db: Path) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{quote(str(db.resolve()))}?mode=ro", uri=True, timeout=30)
+    """A read-only connection, opened as the store's own read-only reader opens it (`readonly_mode`: ``mode=ro``,
+    or ``immutable=1`` in a folder it cannot write, where ``mode=ro`` cannot create the ``-shm``)."""
+    return sqlite3.connect(f"file:{quote(str(db.resolve()))}?{readonly_mode(db)}", uri=True, timeout=BUSY_TIMEOUT_S)
 
 
 def _varints(blob: bytes) -> list[int]:
