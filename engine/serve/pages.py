@@ -3,11 +3,14 @@
 Every page route answers the one HTML file (its script draws the page from the URL); a path that is
 no page, API route or asset gets the same file with status 404, and the script shows "not found".
 The API docs (/docs: Swagger UI, /redoc: ReDoc) load their scripts from the ``fastapi-offline``
-package's files under /static/docs, never from a CDN: they work on a machine without internet.
+package's files under /static/docs, never from a CDN: they work on a machine without internet. ReDoc's
+bundle draws one outside image (Redocly's logo in its footer); it is served with that address replaced
+by an empty image, so the docs make no request outside the server.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -22,6 +25,9 @@ DOCS_ASSETS = "/static/docs"
 PAGES = ("/", "/c/{atlas:path}/{ordinal:int}", "/runs/{name:path}", "/explain", "/steer", "/a/{atlas:path}",
          "/m/{name:path}", "/models/{name:path}")
 NOT_PAGES = ("/api/", "/static/", "/openapi.json")  # an unknown path under these is a JSON 404
+REDOC_JS = "redoc.standalone.js"
+REDOC_LOGO = "https://cdn.redoc.ly/redoc/logo-mini.svg"  # the bundle's only outside address
+EMPTY_IMAGE = "data:image/gif;base64,R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7"  # 1x1, clear
 
 
 def _docs_assets() -> Path | None:
@@ -30,6 +36,12 @@ def _docs_assets() -> Path | None:
         return None
     folder = Path(spec.origin).parent / "static"
     return folder if (folder / "swagger-ui-bundle.js").is_file() else None
+
+
+@functools.cache
+def _offline_redoc(path: Path) -> bytes:
+    """ReDoc's bundle with its footer logo's outside address replaced by an empty image."""
+    return path.read_bytes().replace(REDOC_LOGO.encode(), EMPTY_IMAGE.encode())
 
 
 def index() -> FileResponse:
@@ -54,6 +66,13 @@ def mount(app: FastAPI, title: str) -> None:
     last, the 404 page for every other GET."""
     assets = _docs_assets()
     if assets is not None:
+
+        def redoc_js() -> Response:
+            return Response(_offline_redoc(assets / REDOC_JS), media_type="text/javascript",
+                            headers={"Cache-Control": "public, max-age=3600"})
+
+        # before the mount below, which would otherwise answer this path with the file as it is
+        app.add_api_route(f"{DOCS_ASSETS}/{REDOC_JS}", redoc_js, methods=["GET"], include_in_schema=False)
         app.mount(DOCS_ASSETS, StaticFiles(directory=assets), name="docs-assets")
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -70,7 +89,7 @@ def mount(app: FastAPI, title: str) -> None:
         if assets is None:
             return swagger()
         return get_redoc_html(openapi_url="/openapi.json", title=f"{title} API",
-                              redoc_js_url=f"{DOCS_ASSETS}/redoc.standalone.js",
+                              redoc_js_url=f"{DOCS_ASSETS}/{REDOC_JS}",
                               redoc_favicon_url="/static/favicon.svg", with_google_fonts=False)
 
     app.add_api_route("/docs", swagger, methods=["GET"], include_in_schema=False, response_class=HTMLResponse)

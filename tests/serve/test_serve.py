@@ -352,3 +352,15 @@ def test_a_token_is_checked_on_every_request(serve_store):
             assert browser.get("/", params={"token": "s3cret-token"}).status_code == 200
             assert browser.get("/static/app.js").status_code == 200
             assert json.loads(browser.get("/api/maps").text)[1]["name"] == "m1"
+
+
+def test_api_docs_pages_name_no_outside_address(client):
+    """The API docs' pages and scripts come from the server, ReDoc's bundle with its footer logo's CDN
+    address replaced (the browser test checks the rendered pages make no outside request)."""
+    for page in ("/docs", "/redoc"):
+        html = client.get(page).text
+        assert "cdn." not in html and "googleapis" not in html
+    bundle = client.get("/static/docs/redoc.standalone.js")
+    assert bundle.status_code == 200 and bundle.headers["content-type"].startswith("text/javascript")
+    assert "https://cdn.redoc.ly" not in bundle.text and "data:image/gif;base64," in bundle.text
+    assert client.get("/static/docs/swagger-ui-bundle.js").status_code == 200
