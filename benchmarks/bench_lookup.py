@@ -57,7 +57,10 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.atlas import textindex
+try:
+    from engine.atlas import textindex_cache
+except ImportError:  # code before textindex_cache was split out of textindex (an A/B run against it)
+    from engine.atlas import textindex as textindex_cache  # type: ignore[no-redef]
 from engine.atlas.lookup import ENCODERS, build_label_index, lookup
 from engine.store.store import AtlasSource, Store
 from indexes.policy import choose_label_index_spec
@@ -155,7 +158,7 @@ def run(backend: str, db_url: str | None, args, labels, descriptions, queries) -
         print(f"[{backend}] {args.n:,} concepts (+ {args.n // 2:,} in 'common'), {len(queries)} queries, "
               + (f"import {build:.1f} s" if build is not None else f"store reused from {root}"), flush=True)
         t0 = time.perf_counter()
-        if textindex.current_index(store) is not None:
+        if textindex_cache.current_index(store) is not None:
             print(f"score-bounded index built in {time.perf_counter() - t0:.1f} s", flush=True)
         out = report("bm25", *timed(lambda q: len(lookup(store, q, k=10, semantic=False)), queries))
         out |= report("bm25, FTS5 (previous)",
@@ -302,14 +305,14 @@ def after_write(root: Path, queries: list[str], window: float) -> dict[str, floa
 
     store = Store.open(root)
     t0 = time.perf_counter()
-    textindex.current_index(store)
+    textindex_cache.current_index(store)
     fig = {"build s": time.perf_counter() - t0}
     ms = timed(lambda q: len(lookup(store, q, k=10, semantic=False)), queries)[0]
     fts = timed(lambda q: len(lookup(store, q, k=10, semantic=False, indexed=False)), queries)[0]
     fig |= {"steady p50 ms": float(np.median(ms)), "steady p95 ms": float(np.percentile(ms, 95)),
             "steady max ms": float(ms.max()), "fts5 p50 ms": float(np.median(fts)),
             "fts5 p95 ms": float(np.percentile(fts, 95)), "fts5 max ms": float(fts.max())}
-    state = getattr(textindex, "build_state", None)  # this code's; the previous rebuilt in the first lookup
+    state = getattr(textindex_cache, "build_state", None)  # this code's; the previous rebuilt in the first lookup
     builds = state(store)["builds"] if state else 0
     (cid, label), = store.read("SELECT c.id, c.label FROM concepts c JOIN atlases a ON a.id = c.atlas_id "
                                "WHERE a.name = 'big' AND c.ordinal = 5")

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import indexes
-from engine.atlas import static_encoder, textindex
+from engine.atlas import static_encoder, textindex, textindex_cache
 from engine.errors import AtlasError, BadValueError, IndexIntegrityError
 from engine.extras import install_message
 from engine.store import layout
@@ -157,20 +157,20 @@ def text_search(store: StoreReads, query: str, k: int = 10, atlas: str | None = 
 
 
 def _indexed_search(store: StoreReads, terms: list[str], k: int, atlas: str | None) -> list[tuple[str, int]] | None:
-    """`text_search`'s steps over the score-bounded index (`engine.atlas.textindex`): the same ranking as FTS5's;
-    None where no index is at the state of the store's rows (none built yet, or a write since): FTS5 answers
-    while it is built. The total and the atlas's id are the index's, checked with the hits' rows."""
-    ix = textindex.latest(store)
+    """`text_search`'s steps over the score-bounded index (`engine.atlas.textindex`, kept in sync by
+    `engine.atlas.textindex_cache`): the same ranking as FTS5's; None where no index is at the state of the
+    store's rows (none built yet, or a write since): FTS5 answers while it is built. The total and the atlas's id are the index's, checked with the hits' rows."""
+    ix = textindex_cache.latest(store)
     for _ in range(2):  # a small store's index is rebuilt in `refresh`: tried once more
         if ix is None:
             return None
         cap = max(COMMON_MIN_DOCS, int(ix.n_total * COMMON_FRACTION))
         use = [t for t in terms if ix.doc_count(t) < cap] or terms
         found = ix.search(use, k, ix.atlas_ids.get(atlas, -2) if atlas else None)  # -2: no concept's atlas
-        key, hits = textindex.hit_rows(store, ix, found, atlas)
+        key, hits = textindex_cache.hit_rows(store, ix, found, atlas)
         if hits is not None:
             return hits
-        ix = textindex.refresh(store, ix, key)
+        ix = textindex_cache.refresh(store, ix, key)
     return None
 
 

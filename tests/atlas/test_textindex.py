@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sqlalchemy import delete, update
 
-from engine.atlas import textindex
+from engine.atlas import textindex, textindex_cache
 from engine.atlas.lookup import _indexed_search, lookup, text_search
 from engine.store.schema import ConceptRow
 from engine.store.store import AtlasSource
@@ -37,7 +37,7 @@ def _random_atlas(store, name: str, n: int, seed: int) -> None:
 def sync_builds(monkeypatch):
     """The index built in the lookup that needs it (the store's size under the threshold): it answers every
     lookup here; the tests of the background build set the threshold to 0 (`background`)."""
-    monkeypatch.setattr(textindex, "SYNC_BUILD_MAX", 10**9)
+    monkeypatch.setattr(textindex_cache, "SYNC_BUILD_MAX", 10**9)
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def test_same_ranking_as_fts5(random_store, k, strategy):
 
 
 def test_top_k_equals_exhaustive_scoring(random_store, strategy):
-    ix = textindex.current_index(random_store)
+    ix = textindex_cache.current_index(random_store)
     assert ix is not None
     rng = np.random.default_rng(3)
     for _ in range(60):
@@ -83,7 +83,7 @@ def test_top_k_equals_exhaustive_scoring(random_store, strategy):
 def test_tf_part_is_bm25_of_the_texts(store):
     store.add_atlas("t", np.eye(3, dtype=np.float32), ["rain rain", "rain", "sun"], ["rain storm", None, "rain"],
                     source=AtlasSource(model="m", layer=0))
-    ix = textindex.current_index(store)
+    ix = textindex_cache.current_index(store)
     assert ix.n_rows == 3 and ix.avgdl == 7 / 3  # tokens: 4 + 1 + 2
     lo, hi = ix.start[ix.terms["rain"]], ix.start[ix.terms["rain"] + 1]
     tf = dict(zip(ix.by_id[lo:hi].tolist(), ix.id_tf[lo:hi].tolist()))
@@ -103,11 +103,11 @@ def test_common_word_is_left_out_like_fts5(store, strategy):
 
 
 def test_label_edits_and_atlas_removal_show_at_once(random_store, strategy):
-    before = textindex.current_index(random_store)
+    before = textindex_cache.current_index(random_store)
     assert text_search(random_store, "zebra", 5) == []
     with random_store.session() as s:
         s.execute(update(ConceptRow).where(ConceptRow.ordinal == 17).values(label="zebra crossing"))
-    assert textindex.current_index(random_store) is not before  # the write changed FTS5's records
+    assert textindex_cache.current_index(random_store) is not before  # the write changed FTS5's records
     found = text_search(random_store, "zebra", 5)
     assert found and {o for _, o in found} == {17}
     with random_store.session() as s:  # a rolled-back edit leaves the index as it was
@@ -136,7 +136,7 @@ def test_phrase_words_and_lookup_hits_match_fts5(random_store):
 def background(monkeypatch, random_store):
     """Every build in the background (as a large store's), and a gate that holds each one after it read its
     snapshot until the test opens it (the real build, only delayed); the threads are waited for after."""
-    monkeypatch.setattr(textindex, "SYNC_BUILD_MAX", 0)
+    monkeypatch.setattr(textindex_cache, "SYNC_BUILD_MAX", 0)
     real, gate = textindex.build_index, threading.Event()
     gate.set()
     gate.snapshots = []  # the key each build read, as it reads it
@@ -147,10 +147,10 @@ def background(monkeypatch, random_store):
         assert gate.wait(30), "the test never opened the gate"
         return ix
 
-    monkeypatch.setattr(textindex, "build_index", held)
+    monkeypatch.setattr(textindex_cache, "build_index", held)
     yield gate
     gate.set()
-    assert textindex.wait(random_store, 60)
+    assert textindex_cache.wait(random_store, 60)
 
 
 def _relabel(store, ordinal: int, label: str) -> None:
@@ -168,20 +168,20 @@ def _fast(store, q: str, k: int = 10, atlas: str | None = None):
 
 def test_first_lookup_after_a_write_is_answered_by_fts5_then_by_the_rebuilt_index(random_store, background):
     assert text_search(random_store, "rain", 5) == text_search(random_store, "rain", 5, indexed=False)
-    assert textindex.wait(random_store, 30) and _fast(random_store, "rain") is not None  # the first build
-    before = textindex.build_state(random_store)["builds"]
+    assert textindex_cache.wait(random_store, 30) and _fast(random_store, "rain") is not None  # the first build
+    before = textindex_cache.build_state(random_store)["builds"]
     background.clear()
     _relabel(random_store, 17, "zebra crossing")
     found = text_search(random_store, "zebra", 5)  # at once, from FTS5: the build is held
     assert found == [("a", 17)] and found == text_search(random_store, "zebra", 5, indexed=False)
-    state = textindex.build_state(random_store)
+    state = textindex_cache.build_state(random_store)
     assert state["building"] and not state["built"]  # the stale index was dropped, never served
     assert _fast(random_store, "zebra") is None
     for q in QUERIES:
         assert text_search(random_store, q, 20) == text_search(random_store, q, 20, indexed=False), q
     background.set()
-    assert textindex.wait(random_store, 30)
-    assert textindex.build_state(random_store)["builds"] == before + 1
+    assert textindex_cache.wait(random_store, 30)
+    assert textindex_cache.build_state(random_store)["builds"] == before + 1
     assert _fast(random_store, "zebra", 5) == found
     for q in ("zebra", "rain storm", "cats", "moon sea tree"):
         for atlas in (None, "a", "b"):
@@ -189,7 +189,7 @@ def test_first_lookup_after_a_write_is_answered_by_fts5_then_by_the_rebuilt_inde
 
 
 def test_a_write_during_a_rebuild_is_never_served_stale_and_builds_again(random_store, background):
-    textindex.current_index(random_store)
+    textindex_cache.current_index(random_store)
     background.clear()
     _relabel(random_store, 17, "zebra")
     assert text_search(random_store, "zebra", 5) == [("a", 17)]  # starts a build
@@ -199,25 +199,25 @@ def test_a_write_during_a_rebuild_is_never_served_stale_and_builds_again(random_
     _relabel(random_store, 23, "zebra")  # now only 23 has it
     assert text_search(random_store, "zebra", 5) == [("a", 23)]  # the build held: FTS5
     background.set()  # the stale index lands, the thread sees the writes since and builds again
-    assert textindex.wait(random_store, 30)
+    assert textindex_cache.wait(random_store, 30)
     assert len(background.snapshots) == 3 and background.snapshots[1] != background.snapshots[2]
     assert _fast(random_store, "zebra", 5) == [("a", 23)]
     assert _fast(random_store, "rain", 50) == text_search(random_store, "rain", 50, indexed=False)
 
 
 def test_an_index_older_than_the_rows_is_never_served(random_store, background):
-    ix = textindex.current_index(random_store)
+    ix = textindex_cache.current_index(random_store)
     _relabel(random_store, 23, "zebra")  # no lookup: the index stays as it was
-    assert textindex.latest(random_store) is ix
-    key, hits = textindex.hit_rows(random_store, ix, ix.search(["zebra"], 5), None)
+    assert textindex_cache.latest(random_store) is ix
+    key, hits = textindex_cache.hit_rows(random_store, ix, ix.search(["zebra"], 5), None)
     assert hits is None and key != ix.key
     assert text_search(random_store, "zebra", 5) == [("a", 23)]  # FTS5, and a build asked for
-    assert textindex.latest(random_store) is not ix
-    assert textindex.wait(random_store, 30) and _fast(random_store, "zebra", 5) == [("a", 23)]
+    assert textindex_cache.latest(random_store) is not ix
+    assert textindex_cache.wait(random_store, 30) and _fast(random_store, "zebra", 5) == [("a", 23)]
 
 
 def test_lookups_in_threads_during_a_rebuild_are_correct(random_store, background):
-    textindex.current_index(random_store)
+    textindex_cache.current_index(random_store)
     _relabel(random_store, 5, "zebra storm")
     queries = QUERIES + ["zebra", "zebra storm"]
     want = {(q, atlas): text_search(random_store, q, 20, atlas, indexed=False)
@@ -240,12 +240,12 @@ def test_lookups_in_threads_during_a_rebuild_are_correct(random_store, backgroun
     for t in threads:
         t.join(60)
     assert not errors, errors[:3]
-    assert textindex.wait(random_store, 30)
+    assert textindex_cache.wait(random_store, 30)
     assert all(_fast(random_store, q, 20, atlas) == hits for (q, atlas), hits in want.items())
 
 
 def test_a_failing_rebuild_leaves_fts5_answering(random_store, background, monkeypatch, caplog):
-    textindex.current_index(random_store)
+    textindex_cache.current_index(random_store)
     real = textindex.build_index
     calls = []
 
@@ -253,25 +253,25 @@ def test_a_failing_rebuild_leaves_fts5_answering(random_store, background, monke
         calls.append(db)
         raise MemoryError("injected")
 
-    monkeypatch.setattr(textindex, "build_index", broken)
+    monkeypatch.setattr(textindex_cache, "build_index", broken)
     _relabel(random_store, 17, "zebra")
     for _ in range(2):  # the failed state is not built again until the next write
         assert text_search(random_store, "zebra", 5) == [("a", 17)]
-        assert textindex.wait(random_store, 30)
-    state = textindex.build_state(random_store)
+        assert textindex_cache.wait(random_store, 30)
+    state = textindex_cache.build_state(random_store)
     assert len(calls) == 1 and state["error"] == "MemoryError: injected" and not state["built"]
     assert "could not be built" in caplog.text
     assert all(text_search(random_store, q, 20) == text_search(random_store, q, 20, indexed=False) for q in QUERIES)
-    monkeypatch.setattr(textindex, "build_index", real)
+    monkeypatch.setattr(textindex_cache, "build_index", real)
     _relabel(random_store, 17, "zebra crossing")
     text_search(random_store, "zebra", 5)
-    assert textindex.wait(random_store, 30)
-    assert textindex.build_state(random_store)["error"] is None
+    assert textindex_cache.wait(random_store, 30)
+    assert textindex_cache.build_state(random_store)["error"] is None
     assert _fast(random_store, "zebra crossing", 5) == text_search(random_store, "zebra crossing", 5, indexed=False)
 
 
 def test_a_fast_lookup_reads_the_store_once(random_store, monkeypatch):
-    textindex.current_index(random_store)
+    textindex_cache.current_index(random_store)
     statements = []
     read = type(random_store).read
     monkeypatch.setattr(type(random_store), "read", lambda self, sql, params=None: statements.append(sql)
