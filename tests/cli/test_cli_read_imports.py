@@ -22,6 +22,7 @@ from engine.atlas.lookup import lookup
 from engine.errors import NotFoundError
 from engine.store.reader import open_reader
 from engine.store.store import AtlasSource
+from tests.quick import some_quick
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ["torch", "alembic", "transformers", "sqlalchemy", "engine.demo", "engine.world"]
@@ -77,7 +78,7 @@ READS = [["show", "at/3"], ["show", "7", "--atlas", "at"], ["neighbors", "at/3",
          ["lookup", "rain storm", "--no-semantic", "-k", "7"], ["lookup", "weather", "--atlas", "at", "--no-semantic"]]
 
 
-@pytest.mark.parametrize("command", READS)
+@pytest.mark.parametrize("command", some_quick(READS, quick=[READS[0], READS[3]]))
 def test_a_read_command_prints_what_the_full_store_prints(store, command):
     if store.dialect != "sqlite":
         pytest.skip("the plain reader serves the store's own SQLite file")
@@ -90,8 +91,11 @@ def test_a_read_command_prints_what_the_full_store_prints(store, command):
     assert json.loads(plain) == json.loads(full) and json.loads(plain)
 
 
-@pytest.mark.parametrize("command", [["show", "at/99"], ["neighbors", "nope/1"], ["lookup", "rain", "--atlas", "nope"],
-                                     ["show", "at/x"], ["lookup", "!!"]])
+REFUSED = [["show", "at/99"], ["neighbors", "nope/1"], ["lookup", "rain", "--atlas", "nope"], ["show", "at/x"],
+           ["lookup", "!!"]]
+
+
+@pytest.mark.parametrize("command", some_quick(REFUSED, quick=[REFUSED[0], REFUSED[4]]))
 def test_a_read_command_refuses_what_the_full_store_refuses(store, command):
     if store.dialect != "sqlite":
         pytest.skip("the plain reader serves the store's own SQLite file")

@@ -80,6 +80,7 @@ def test_ray_labelling_writes_exactly_the_in_process_rows(ray_local, mapped):
     assert store.count_run_labels("there") == 230 * 3
 
 
+@pytest.mark.slow  # the quick loop keeps one Ray labelling run and the killed worker; CI runs it
 def test_ray_rows_are_bit_identical_where_the_search_threads_matter(ray_local, store, tmp_path):
     """An atlas large enough that FAISS's scores change in their last bits with its thread count
     (8000 x 384: 300 of 5000 rows differed while workers searched on one thread, the driver on two)."""
@@ -116,6 +117,7 @@ def test_a_killed_ray_worker_is_retried_and_no_row_is_duplicated(ray_local, mapp
     assert rows == rows_of(store, "here")
 
 
+@pytest.mark.slow  # the quick loop keeps one Ray labelling run and the killed worker; CI runs it
 def test_a_run_cut_in_process_resumes_on_ray_to_the_same_rows(ray_local, mapped):
     store, path = mapped
     labelling.label_features(store, "m", str(path), k=3, batch_size=20, name="here", quiet=True)
@@ -145,6 +147,7 @@ def _die(x: int) -> int:
     return x
 
 
+@pytest.mark.slow  # the quick loop keeps one Ray labelling run and the killed worker; CI runs it
 def test_map_ordered_keeps_order_and_raises_the_library_error(ray_local):
     assert list(map_ordered(ray_local, _square, [(i,) for i in range(7)], window=3)) == [i * i for i in range(7)]
     with pytest.raises(BadValueError, match="bad value 1"):  # the first shard's own exception, not a Ray wrapper
@@ -213,6 +216,7 @@ def test_a_pair_cap_is_refused_on_ray(store):
                                 CONFIG)
 
 
+@pytest.mark.slow  # the quick loop keeps one Ray labelling run and the killed worker; CI runs it
 def test_label_cli_with_ray_gives_the_in_process_rows(ray_local, mapped):
     from click.testing import CliRunner
 

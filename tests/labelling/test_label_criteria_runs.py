@@ -32,6 +32,7 @@ from engine.search import project
 from engine.store.schema import ConceptRow, FeatureLabelRow, LabelRunRow
 from engine.store.store import Store
 from tests.labelling.test_labelling import mapped  # noqa: F401 - the fixture: 230 features through map m
+from tests.quick import some_quick
 from tests.search.test_search import N_CONCEPTS, make_mapped_store
 
 REPO = Path(__file__).resolve().parents[2]
@@ -136,14 +137,16 @@ def _label_cmd(store, path, criterion, name):
             "--name", name, "--criterion", criterion, "--store", str(store.path), "--quiet"]
 
 
-@pytest.mark.parametrize("criterion", CRITERIA)
-@pytest.mark.parametrize("point", ["label.stat_saved", "label.batch_committed"])
+POINTS = ("label.stat_saved", "label.batch_committed")
+
+
+@pytest.mark.parametrize("point, criterion", some_quick(
+    [(p, c) for p in POINTS for c in CRITERIA if not (p == "label.stat_saved" and c == "nn")],  # nn has no statistic
+    quick=[("label.stat_saved", "csls"), ("label.batch_committed", "isf")]))
 def test_sigkilled_run_resumes_to_the_uninterrupted_rows(mapped, criterion, point):  # noqa: F811
     """A real `atlas label` process killed (SIGKILL) after its statistic is saved or after a batch
     commits, then resumed: the rows are those of a clean run, under each criterion."""
     store, _, _, _, path = mapped
-    if point == "label.stat_saved" and criterion == "nn":
-        pytest.skip("an nn run has no statistic")
     env = {"PYTHONPATH": str(REPO), "ATLAS_QUIET": "1", "ATLAS_FAILPOINT": point,
            **{k: v for k, v in __import__("os").environ.items() if k not in ("ATLAS_FAILPOINT",)}}
     env["ATLAS_FAILPOINT"] = point
@@ -338,8 +341,8 @@ def test_labelled_only_needs_a_labelled_concept_and_records_its_concepts(partly_
     bare.close()
 
 
-@pytest.mark.parametrize("criterion", ["nn", "csls"])
-@pytest.mark.parametrize("point", ["label.stat_saved", "label.batch_committed"])
+@pytest.mark.parametrize("point, criterion", some_quick([(p, c) for p in POINTS for c in ("nn", "csls")],
+                                                       quick=[("label.stat_saved", "csls")]))
 def test_sigkilled_labelled_only_run_resumes_to_the_uninterrupted_rows(partly_labelled, criterion, point):
     """`atlas label --labelled-only` killed (SIGKILL) after its pre-pass is saved or after a batch,
     then resumed: the rows of a clean run."""

@@ -151,6 +151,7 @@ def _cli(store: Path, *args: str, env: dict | None = None) -> subprocess.Complet
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # a writer process killed mid-import, then Milvus Lite reopened: CI runs it
 def test_killed_import_leaves_a_collection_gc_drops_and_the_store_moves(tmp_path, milvus_uri):
     """Milvus Lite inside the store (``milvus.db``, recorded relative to the root). The killed writer
     is another process (a Lite folder serves one process at a time; this one opens it after, and
