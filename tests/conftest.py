@@ -13,6 +13,7 @@ import contextlib
 import gzip
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 from sqlalchemy.engine import make_url
 
+from engine.store import layout
 from engine.store.store import Store
 
 PG_URL_ENV = "ATLAS_TEST_PG_URL"
@@ -100,11 +102,25 @@ def pg_database(admin, template: str | None = None):
 
 
 @pytest.fixture
-def store(tmp_path: Path, db_url: str | None) -> Store:
-    """An initialised store (real database at Alembic head: SQLite unless ``db_url`` says otherwise)."""
-    s = Store.init(tmp_path / "store", db_url=db_url)
+def store(tmp_path: Path, db_url: str | None, request) -> Store:
+    """An initialised store (real database at Alembic head: SQLite unless ``db_url`` says otherwise). A SQLite
+    store starts from a copy of `sqlite_template`'s file, as a PostgreSQL one from `pg_template`'s database."""
+    root = tmp_path / "store"
+    if db_url is None:
+        root.mkdir()
+        shutil.copyfile(request.getfixturevalue("sqlite_template"), root / layout.DB_FILE)
+    s = Store.init(root, db_url=db_url)
     yield s
     s.close()
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory) -> Path:
+    """An empty store's SQLite file at the newest revision, made once (by `Store.init`): `Store.init` on a copy
+    finds it at head (6 ms), where migrating a new file takes 50 ms, in hundreds of tests."""
+    root = tmp_path_factory.mktemp("sqlite-template") / "store"
+    Store.init(root).close()
+    return root / layout.DB_FILE
 
 
 @pytest.fixture(scope="session")
