@@ -68,6 +68,7 @@ def cli() -> None:
 # Modules that register commands on `cli` (each defines `register(cli)`).
 _COMMAND_MODULES = [
     "engine.cli.store_cmds",
+    "engine.cli.setup_cmds",
     "engine.cli.align_cmds",
     "engine.cli.label_cmds",
     "engine.cli.contexts_cmds",
