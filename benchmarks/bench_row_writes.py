@@ -3,7 +3,7 @@
 A labelling run commits its label rows in batches (`engine.store.runs.LabelPass.commit_batch`): k
 rows per feature into ``feature_labels``, whose index on ``concept_id`` takes them in random order.
 This benchmark writes the same rows the same way (the store's own schema, foreign keys on, the
-driver's executemany of `runs._insert_sql`, one transaction per batch) into two fresh stores of
+driver's executemany of `runs.label_insert_sql`, one transaction per batch) into two fresh stores of
 ``--concepts`` concepts, batch by batch alternately, one with `base.bulk_page_cache` and one with
 SQLite's default page cache (2 MiB), so both see the same machine load:
 
@@ -26,7 +26,7 @@ import numpy as np
 from sqlalchemy.engine import Connection
 
 from engine.store import base
-from engine.store.runs import _insert_sql
+from engine.store.runs import label_insert_sql
 from engine.store.store import Store
 
 
@@ -62,7 +62,7 @@ def write_batch(conn: Connection, rows: list[tuple], bulk: bool) -> float:
     t = time.perf_counter()
     with conn.begin():
         with base.bulk_page_cache(conn) if bulk else contextlib.nullcontext():
-            conn.exec_driver_sql(_insert_sql(conn.dialect.paramstyle), rows)
+            conn.exec_driver_sql(label_insert_sql(conn.dialect.paramstyle), rows)
     return time.perf_counter() - t
 
 

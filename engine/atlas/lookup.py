@@ -318,7 +318,8 @@ def build_label_index(store: Store, atlas: str, quiet: bool = False, encoder: st
     if encoder == STATIC:
         table, table_sha = static_encoder.ensure_static_table(store.path / layout.MODELS_DIR, quiet=quiet)
         enc_meta |= {"encoder_file": table.relative_to(store.path).as_posix(), "encoder_sha256": table_sha}
-        embed = _encoder(store.path, enc_meta)
+    embed = _encoder(store.path, enc_meta)  # as the queries will be embedded
+    if encoder == STATIC:
         vecs = np.concatenate([embed(texts[i:i + EMBED_BATCH]) for i in progress(
             range(0, len(texts), EMBED_BATCH), desc="embedding labels", unit="batch", quiet=quiet)])
     else:
@@ -341,7 +342,7 @@ def build_label_index(store: Store, atlas: str, quiet: bool = False, encoder: st
         write_store_file(store.path / rel, data)
         if spec != "Flat":  # nprobe: the smallest that finds 95 % of the exact top 10 of held-out queries
             pick = np.sort(rng.choice(len(concepts), size=min(len(concepts), LABEL_QUERIES), replace=False))
-            queries = _encoder(store.path, enc_meta)([concepts[i].label for i in pick])
+            queries = embed([concepts[i].label for i in pick])
             ids = np.array([c.ordinal for c in concepts], dtype=np.int64)
             _, exact = topk_inner_product(queries, vecs, 10, ids=ids)
             nprobe, recall = choose_nprobe(lambda n: indexes.open_index(store.path / rel, f"{spec}|nprobe={n}"),

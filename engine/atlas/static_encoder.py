@@ -178,10 +178,10 @@ def _ensure_static_table(models_dir: Path, path: Path, shared: Path, key: str, q
 
     for source in (path, shared):
         try:
-            _read_table(source, key)
-        except IndexIntegrityError:
-            continue  # missing, corrupt or another key's
-        data = source.read_bytes()
+            data = source.read_bytes()
+            _parse_table(data, source, key)
+        except (OSError, IndexIntegrityError):
+            continue  # missing, unreadable, corrupt or another key's
         if source != path:
             models_dir.mkdir(parents=True, exist_ok=True)
             write_store_file(path, data)
@@ -201,14 +201,23 @@ def _ensure_static_table(models_dir: Path, path: Path, shared: Path, key: str, q
 def _read_table(path: Path, key: str | None = None) -> tuple[np.ndarray, dict[str, str]]:
     """The table and its metadata; with ``key``, refused unless it was distilled for that key and its
     numbers are those it was written with (``table_sha256``)."""
-    from safetensors import safe_open
-
     if not path.is_file():
         raise IndexIntegrityError(f"the static encoder table {path} is missing")
     try:
-        with safe_open(str(path), framework="numpy") as f:
-            meta = dict(f.metadata() or {})
-            table = f.get_tensor(TABLE_KEY)
+        data = path.read_bytes()
+    except OSError as e:
+        raise IndexIntegrityError(f"the static encoder table {path} cannot be read ({e.strerror})") from None
+    return _parse_table(data, path, key)
+
+
+def _parse_table(data: bytes, path: Path, key: str | None = None) -> tuple[np.ndarray, dict[str, str]]:
+    """`_read_table` of the file's bytes ``data``."""
+    from safetensors.numpy import load
+
+    try:  # safetensors: an 8-byte little-endian header length, the JSON header (its metadata), the tensors
+        n = int.from_bytes(data[:8], "little")
+        meta = dict(json.loads(data[8:8 + n]).get("__metadata__") or {})
+        table = load(data)[TABLE_KEY]
     except Exception as e:  # safetensors raises its own errors for a truncated or garbled file
         raise IndexIntegrityError(f"the static encoder table {path} cannot be read ({e})") from None
     if (key is not None and meta.get("key") != key) or table.ndim != 2:
@@ -276,7 +285,7 @@ def _load_static_encoder(path: Path, sha256: str, skip_words: frozenset[str], si
     if sha256_bytes(data) != sha256:
         raise IndexIntegrityError(f"the static encoder table {path.name} is missing or changed since the labels "
                                   "were embedded with it")
-    table, meta = _read_table(path)
+    table, meta = _parse_table(data, path)  # the bytes checked above, not the file read again
     tokenizer_file = model_path() / "tokenizer.json"
     if sha256_file(tokenizer_file) != meta.get("tokenizer_sha256"):
         raise IndexIntegrityError(f"the static encoder table {path.name} was distilled with another tokenizer "

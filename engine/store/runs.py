@@ -348,7 +348,7 @@ class LabelPass(ResumablePass):
             if rows:
                 try:  # the driver's executemany on plain tuples: 500k rows in seconds, not tens
                     with bulk_page_cache(conn):
-                        conn.exec_driver_sql(_insert_sql(conn.dialect.paramstyle), rows)
+                        conn.exec_driver_sql(label_insert_sql(conn.dialect.paramstyle), rows)
                 except IntegrityError:
                     raise RunConflictError(f"another process wrote this run's features from {lo}; stopped") from None
 
@@ -376,7 +376,7 @@ def _info(row: LabelRunRow, map_name: str, atlas: str) -> LabellingRun:
 _LABEL_COLUMNS = ("run_id", "feature_index", "rank", "concept_id", "score", "confidence")
 
 
-def _insert_sql(paramstyle: str) -> str:
+def label_insert_sql(paramstyle: str) -> str:
     """INSERT of one feature_labels row with positional parameters in the driver's style."""
     n = len(_LABEL_COLUMNS)
     marks = {"qmark": ["?"] * n, "numeric": [f":{i + 1}" for i in range(n)],
