@@ -79,14 +79,12 @@ def token_outputs(token_ids: np.ndarray, quiet: bool = True) -> np.ndarray:
 
     Deterministic for a given torch build and thread count (no dropout: the model is in eval mode)."""
     import torch
-    from transformers import AutoModel, AutoTokenizer
 
+    from engine.models.loading import d_model_of, load_model
     from engine.progress import progress
 
-    folder = str(model_path())
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModel.from_pretrained(folder).eval()
-    out = np.zeros((len(token_ids), model.config.hidden_size), dtype=np.float32)
+    model, tok = load_model(model_path(), kind="encoder")
+    out = np.zeros((len(token_ids), d_model_of(model)), dtype=np.float32)
     cls, sep = tok.cls_token_id, tok.sep_token_id
     with torch.inference_mode(), progress(total=len(token_ids), desc="distilling tokens", unit="token",
                                           quiet=quiet) as bar:

@@ -68,7 +68,8 @@ def load_model(
     bare encoder (``AutoModel``, e.g. BERT). A local folder is read with ``local_files_only``.
     ``device`` is ``auto | cpu | cuda[:N] | mps`` and ``dtype`` may be ``"auto"``
     (`engine.models.devices`); with ``device="auto"`` a model larger than one of several GPUs is
-    spread over them (``device_map="auto"``).
+    spread over them (``device_map="auto"``). transformers' own loading bar stays off (`quiet_transformers`):
+    the engine's bars say what is going on, from the CLI and from Python alike.
     """
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -86,7 +87,8 @@ def load_model(
         if dtype is not None:
             pick = isinstance(dtype, str) and dtype.strip().lower() == "auto"
             kwargs["dtype"] = auto_dtype(placement.device) if pick else as_dtype(dtype)
-        model: torch.nn.Module = auto.from_pretrained(src, **kwargs)
+        with quiet_transformers():
+            model: torch.nn.Module = auto.from_pretrained(src, **kwargs)
     except (OSError, ValueError) as e:
         where = "folder" if local else "hub id (no internet here? pass a local folder)"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

