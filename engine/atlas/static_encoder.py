@@ -77,16 +77,19 @@ def static_table_file(models_dir: Path) -> Path:
 def token_outputs(token_ids: np.ndarray, quiet: bool = True) -> np.ndarray:
     """The model's mean-pooled output for each token alone (``[CLS] token [SEP]``), float32 (n, d).
 
-    Deterministic for a given torch build and thread count (no dropout: the model is in eval mode)."""
+    Run on every CPU the process may use (`usable_cpus`), whatever torch thread count the caller set (a
+    test worker's one thread took 34 s, two 23 s): so on a machine it is the same for every caller, for
+    a given torch build (no dropout: the model is in eval mode)."""
     import torch
 
+    from engine.models.activations import torch_threads
     from engine.models.loading import d_model_of, load_model
     from engine.progress import progress
 
     model, tok = load_model(model_path(), kind="encoder")
     out = np.zeros((len(token_ids), d_model_of(model)), dtype=np.float32)
     cls, sep = tok.cls_token_id, tok.sep_token_id
-    with torch.inference_mode(), progress(total=len(token_ids), desc="distilling tokens", unit="token",
+    with torch_threads(usable_cpus()), torch.inference_mode(), progress(total=len(token_ids), desc="distilling tokens", unit="token",
                                           quiet=quiet) as bar:
         for s in range(0, len(token_ids), BATCH):
             ids = torch.as_tensor(token_ids[s:s + BATCH], dtype=torch.long)
@@ -95,6 +98,14 @@ def token_outputs(token_ids: np.ndarray, quiet: bool = True) -> np.ndarray:
             out[s:s + len(ids)] = hidden.last_hidden_state.mean(dim=1).float().numpy()
             bar.update(len(ids))
     return out
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the system says; else the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def finish_table(raw: np.ndarray, keep: np.ndarray) -> np.ndarray:
