@@ -89,8 +89,8 @@ def token_outputs(token_ids: np.ndarray, quiet: bool = True) -> np.ndarray:
     model, tok = load_model(model_path(), kind="encoder")
     out = np.zeros((len(token_ids), d_model_of(model)), dtype=np.float32)
     cls, sep = tok.cls_token_id, tok.sep_token_id
-    with torch_threads(usable_cpus()), torch.inference_mode(), progress(total=len(token_ids), desc="distilling tokens", unit="token",
-                                          quiet=quiet) as bar:
+    bar = progress(total=len(token_ids), desc="distilling tokens", unit="token", quiet=quiet)
+    with torch_threads(usable_cpus()), torch.inference_mode(), bar:
         for s in range(0, len(token_ids), BATCH):
             ids = torch.as_tensor(token_ids[s:s + BATCH], dtype=torch.long)
             x = torch.stack([torch.full_like(ids, cls), ids, torch.full_like(ids, sep)], dim=1)
