@@ -77,12 +77,11 @@ def static_table_file(models_dir: Path) -> Path:
 def token_outputs(token_ids: np.ndarray, quiet: bool = True) -> np.ndarray:
     """The model's mean-pooled output for each token alone (``[CLS] token [SEP]``), float32 (n, d).
 
-    Run on every CPU the process may use (`usable_cpus`), whatever torch thread count the caller set (a
-    test worker's one thread took 34 s, two 23 s): so on a machine it is the same for every caller, for
-    a given torch build (no dropout: the model is in eval mode)."""
+    On the caller's torch threads (a process that shares its CPUs, as a test worker does, sets its
+    count). Deterministic for a given torch build and thread count (no dropout: the model is in eval
+    mode)."""
     import torch
 
-    from engine.models.activations import torch_threads
     from engine.models.loading import d_model_of, load_model
     from engine.progress import progress
 
@@ -90,7 +89,7 @@ def token_outputs(token_ids: np.ndarray, quiet: bool = True) -> np.ndarray:
     out = np.zeros((len(token_ids), d_model_of(model)), dtype=np.float32)
     cls, sep = tok.cls_token_id, tok.sep_token_id
     bar = progress(total=len(token_ids), desc="distilling tokens", unit="token", quiet=quiet)
-    with torch_threads(usable_cpus()), torch.inference_mode(), bar:
+    with torch.inference_mode(), bar:
         for s in range(0, len(token_ids), BATCH):
             ids = torch.as_tensor(token_ids[s:s + BATCH], dtype=torch.long)
             x = torch.stack([torch.full_like(ids, cls), ids, torch.full_like(ids, sep)], dim=1)
@@ -98,14 +97,6 @@ def token_outputs(token_ids: np.ndarray, quiet: bool = True) -> np.ndarray:
             out[s:s + len(ids)] = hidden.last_hidden_state.mean(dim=1).float().numpy()
             bar.update(len(ids))
     return out
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity where the system says; else the machine's)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def finish_table(raw: np.ndarray, keep: np.ndarray) -> np.ndarray:
