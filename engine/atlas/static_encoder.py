@@ -198,20 +198,10 @@ def _ensure_static_table(models_dir: Path, path: Path, shared: Path, key: str, q
     return path, sha256_bytes(data)
 
 
-def _read_table(path: Path, key: str | None = None) -> tuple[np.ndarray, dict[str, str]]:
-    """The table and its metadata; with ``key``, refused unless it was distilled for that key and its
-    numbers are those it was written with (``table_sha256``)."""
-    if not path.is_file():
-        raise IndexIntegrityError(f"the static encoder table {path} is missing")
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise IndexIntegrityError(f"the static encoder table {path} cannot be read ({e.strerror})") from None
-    return _parse_table(data, path, key)
-
-
 def _parse_table(data: bytes, path: Path, key: str | None = None) -> tuple[np.ndarray, dict[str, str]]:
-    """`_read_table` of the file's bytes ``data``."""
+    """The table and its metadata from the bytes ``data`` of the file ``path``; with ``key``, refused
+    unless it was distilled for that key and its numbers are those it was written with
+    (``table_sha256``)."""
     from safetensors.numpy import load
 
     try:  # safetensors: an 8-byte little-endian header length, the JSON header (its metadata), the tensors

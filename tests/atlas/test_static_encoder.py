@@ -81,7 +81,7 @@ def test_the_table_is_copied_from_the_machines_cache_kept_and_replaced_when_corr
 def test_a_table_of_another_model_or_recipe_is_refused_and_replaced(table, tmp_path):
     from safetensors.numpy import save
 
-    from engine.atlas.static_encoder import TABLE_KEY, _read_table, ensure_static_table, static_table_key
+    from engine.atlas.static_encoder import TABLE_KEY, _parse_table, ensure_static_table, static_table_key
 
     path, sha = table
     models = tmp_path / "models"
@@ -89,7 +89,7 @@ def test_a_table_of_another_model_or_recipe_is_refused_and_replaced(table, tmp_p
     foreign = models / path.name
     foreign.write_bytes(save({TABLE_KEY: np.ones((10, 4), np.float16)}, metadata={"key": "another"}))
     with pytest.raises(IndexIntegrityError, match="another model"):
-        _read_table(foreign, static_table_key())
+        _parse_table(foreign.read_bytes(), foreign, static_table_key())
     assert ensure_static_table(models) == (foreign, sha)
 
 
