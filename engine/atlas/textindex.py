@@ -42,7 +42,7 @@ WEIGHTS = {"label": 4.0, "description": 1.0}  # the 4:1 of `lookup._SqliteFullTe
 # FTS5's averages and structure records (``concepts_fts_data`` rows 1 and 10) and the common-word rule's
 # total (`engine.atlas.lookup._SqliteFullText.count`): the state an index is built from
 KEY_COLUMNS = ("(SELECT block FROM concepts_fts_data WHERE id = 1), (SELECT block FROM concepts_fts_data WHERE id = 10), "
-                "(SELECT coalesce(sum(n_concepts), 0) FROM atlases)")
+               "(SELECT coalesce(sum(n_concepts), 0) FROM atlases)")
 KEY_SQL = f"SELECT {KEY_COLUMNS}"
 Key = tuple[bytes, bytes, int]  # `key_of` those columns
 _FIRST_BLOCK, _MAX_BLOCK = 512, 1 << 17
